@@ -1,0 +1,24 @@
+//! longlink: a long-connection gateway.
+//!
+//! Map of the crate, following the design (DESIGN.md):
+//! - [`codec`]: 8-byte frame header + protobuf bodies ([`proto`]).
+//! - [`codes`]: the one table of error/disconnect codes.
+//! - [`token`]: HMAC-SHA256 connect tokens and the key ring.
+//! - [`config`]: TOML config with documented defaults and `validate()`.
+//! - [`session`]: the server's per-connection protocol state machine (no I/O, no clock).
+//! - [`wheel`]: the per-shard coarse timer wheel that drives every deadline.
+//! - [`shard`]: one executor's world: listener, sessions, indexes, mesh.
+//! - [`server`]: starts the shards and wires the mesh between them.
+//! - [`client`]: client session state machine and its glommio driver.
+
+pub mod client;
+pub mod codec;
+pub mod codes;
+pub mod config;
+pub mod ids;
+pub mod proto;
+pub mod server;
+pub mod session;
+pub mod shard;
+pub mod token;
+pub mod wheel;
