@@ -13,7 +13,6 @@
 //! against the caller's limit before anything is allocated.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use prost::Message as _;
 
 use crate::proto::{self, FrameKind};
 
@@ -69,10 +68,7 @@ pub enum CodecError {
     #[error("frame kind {0:?} must not carry a body")]
     UnexpectedBody(FrameKind),
     #[error("malformed {kind:?} body: {source}")]
-    BadBody {
-        kind: FrameKind,
-        source: prost::DecodeError,
-    },
+    BadBody { kind: FrameKind, source: prost::DecodeError },
     #[error("frame kind {0:?} is not valid here")]
     WrongKind(FrameKind),
 }
@@ -94,10 +90,10 @@ impl CodecError {
 pub fn decode_header(buf: &[u8], max_body: u32) -> Result<Option<Header>, CodecError> {
     let Some(raw) = buf.first_chunk::<HEADER_LEN>() else {
         // Reject garbage as early as the first byte, without waiting for 8.
-        if let Some(&b) = buf.first() {
-            if b != MAGIC {
-                return Err(CodecError::BadMagic(b));
-            }
+        if let Some(&b) = buf.first()
+            && b != MAGIC
+        {
+            return Err(CodecError::BadMagic(b));
         }
         return Ok(None);
     };
@@ -113,16 +109,9 @@ pub fn decode_header(buf: &[u8], max_body: u32) -> Result<Option<Header>, CodecE
     };
     let body_len = u32::from_be_bytes([raw[4], raw[5], raw[6], raw[7]]);
     if body_len > max_body {
-        return Err(CodecError::TooLarge {
-            len: body_len,
-            max: max_body,
-        });
+        return Err(CodecError::TooLarge { len: body_len, max: max_body });
     }
-    Ok(Some(Header {
-        kind,
-        flags: Flags(raw[3]),
-        body_len,
-    }))
+    Ok(Some(Header { kind, flags: Flags(raw[3]), body_len }))
 }
 
 /// Splits the first whole frame off `buf`: `Ok(None)` means "need more".
@@ -196,11 +185,7 @@ impl Frame {
         }
         let kind = header.kind;
         let empty = |f: Frame| {
-            if body.is_empty() {
-                Ok(f)
-            } else {
-                Err(CodecError::UnexpectedBody(kind))
-            }
+            if body.is_empty() { Ok(f) } else { Err(CodecError::UnexpectedBody(kind)) }
         };
         match kind {
             FrameKind::Auth => msg(kind, body).map(Frame::Auth),
@@ -266,14 +251,8 @@ mod tests {
             }),
             Frame::Ping,
             Frame::Pong,
-            Frame::Kicked(proto::Kicked {
-                code: proto::ErrorCode::Replaced as i32,
-                reason: "r".into(),
-            }),
-            Frame::GoAway(proto::GoAway {
-                endpoint: "127.0.0.1:1".into(),
-                reason: "drain".into(),
-            }),
+            Frame::Kicked(proto::Kicked { code: proto::ErrorCode::Replaced as i32, reason: "r".into() }),
+            Frame::GoAway(proto::GoAway { endpoint: "127.0.0.1:1".into(), reason: "drain".into() }),
         ]
     }
 
@@ -313,10 +292,7 @@ mod tests {
     fn bad_magic_version_kind_and_body() {
         assert_eq!(split_frame(b"GET / HTTP/1.1", 10), Err(CodecError::BadMagic(b'G')));
         assert_eq!(split_frame(b"G", 10), Err(CodecError::BadMagic(b'G')));
-        assert_eq!(
-            split_frame(&[MAGIC, 9, 4, 0, 0, 0, 0, 0], 10),
-            Err(CodecError::UnsupportedVersion(9))
-        );
+        assert_eq!(split_frame(&[MAGIC, 9, 4, 0, 0, 0, 0, 0], 10), Err(CodecError::UnsupportedVersion(9)));
         assert_eq!(split_frame(&[MAGIC, 1, 200, 0, 0, 0, 0, 0], 10), Err(CodecError::UnknownKind(200)));
         let ping_with_body = [MAGIC, 1, FrameKind::Ping as u8, 0, 0, 0, 0, 1, 0];
         let (h, body) = split_frame(&ping_with_body, 10).unwrap().unwrap();

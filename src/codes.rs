@@ -28,11 +28,7 @@ pub struct CodeInfo {
 use Disposition::{Reconnect, Terminal};
 
 const fn row(code: ErrorCode, disposition: Disposition, summary: &'static str) -> CodeInfo {
-    CodeInfo {
-        code,
-        disposition,
-        summary,
-    }
+    CodeInfo { code, disposition, summary }
 }
 
 /// Every code, in proto order.
@@ -59,10 +55,7 @@ pub const TABLE: &[CodeInfo] = &[
 
 /// The table row for `code`; `Unspecified` maps to SERVER_ERROR's row.
 pub fn info(code: ErrorCode) -> &'static CodeInfo {
-    TABLE
-        .iter()
-        .find(|r| r.code == code)
-        .unwrap_or(&TABLE[3])
+    TABLE.iter().find(|r| r.code == code).unwrap_or(&TABLE[3])
 }
 
 /// Whether a client may reconnect after `code`.
@@ -76,11 +69,7 @@ pub fn error_body(code: ErrorCode, reason: impl Into<String>) -> proto::Error {
     if reason.is_empty() {
         reason = info(code).summary.to_owned();
     }
-    proto::Error {
-        code: code as i32,
-        reason,
-        reconnect: reconnect_allowed(code),
-    }
+    proto::Error { code: code as i32, reason, reconnect: reconnect_allowed(code) }
 }
 
 /// Decodes a code number from the wire; unknown numbers are kept as

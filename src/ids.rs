@@ -24,7 +24,7 @@ impl fmt::Display for ShardId {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ConnKey {
     pub index: u32,
-    pub gen: u32,
+    pub generation: u32,
 }
 
 /// A connection id unique within the node while the node runs: the shard in
@@ -34,7 +34,7 @@ pub struct ConnId(pub u64);
 
 impl ConnId {
     pub fn new(shard: ShardId, key: ConnKey) -> ConnId {
-        ConnId(u64::from(shard.0) << 48 | u64::from(key.gen & 0xffff) << 32 | u64::from(key.index))
+        ConnId(u64::from(shard.0) << 48 | u64::from(key.generation & 0xffff) << 32 | u64::from(key.index))
     }
 
     pub fn shard(self) -> ShardId {
@@ -84,7 +84,7 @@ mod tests {
 
     #[test]
     fn conn_id_packs_and_unpacks() {
-        let id = ConnId::new(ShardId(3), ConnKey { index: 77, gen: 0x1_0005 });
+        let id = ConnId::new(ShardId(3), ConnKey { index: 77, generation: 0x1_0005 });
         assert_eq!(id.shard(), ShardId(3));
         assert_eq!(id.index(), 77);
         assert_eq!(id.gen16(), 5);

@@ -1,0 +1,406 @@
+//! The client side: a state machine with no I/O ([`ClientSession`]) and a
+//! glommio driver ([`Connection`]) that pumps it over TCP.
+//!
+//! The session sends `Auth`, waits for `AuthOk`, pings at the negotiated
+//! interval and treats a missing `Pong` as a dead link. Server errors and
+//! kicks come back as typed [`ClientError`]s carrying the code and whether
+//! reconnecting is allowed.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+
+use crate::codec::{self, CodecError, Flags, Frame};
+use crate::codes;
+use crate::proto::{self, ErrorCode};
+use crate::session::Millis;
+
+/// What the client tells the server in `Auth`.
+#[derive(Clone, Debug, Default)]
+pub struct ClientOptions {
+    pub token: String,
+    /// Optional; checked against the token's device.
+    pub device: String,
+    pub platform: String,
+    pub client_version: String,
+    pub capabilities: u32,
+    pub last_seq: u64,
+    /// Requested heartbeat interval in ms (0 = server default).
+    pub heartbeat_ms: u32,
+    /// How long to wait for `AuthOk` and for each `Pong`, in ms.
+    pub response_timeout_ms: u64,
+}
+
+impl ClientOptions {
+    pub fn new(token: impl Into<String>) -> ClientOptions {
+        ClientOptions {
+            token: token.into(),
+            client_version: env!("CARGO_PKG_VERSION").into(),
+            response_timeout_ms: 10_000,
+            ..Default::default()
+        }
+    }
+}
+
+/// Something the application should know about.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ClientEvent {
+    Connected(proto::AuthOk),
+    /// A heartbeat answer, with the measured round trip.
+    Pong {
+        rtt_ms: u64,
+    },
+    /// The node asks the client to reconnect elsewhere.
+    GoAway {
+        endpoint: String,
+        reason: String,
+    },
+}
+
+/// Why the connection ended (or could not start).
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+    #[error("bad frame from server: {0}")]
+    Codec(#[from] CodecError),
+    #[error("server closed the session: {code:?} ({reason})")]
+    Closed { code: ErrorCode, reason: String, reconnect: bool },
+    #[error("kicked: {code:?} ({reason})")]
+    Kicked { code: ErrorCode, reason: String },
+    #[error("no answer from the server within {0} ms")]
+    Timeout(u64),
+    #[error("connection closed by the server without an error frame")]
+    Eof,
+    #[error("unexpected {0:?} frame from the server")]
+    Unexpected(proto::FrameKind),
+}
+
+impl ClientError {
+    /// Whether a reconnect may succeed.
+    pub fn reconnect_allowed(&self) -> bool {
+        match self {
+            ClientError::Closed { reconnect, .. } => *reconnect,
+            ClientError::Kicked { code, .. } => codes::reconnect_allowed(*code),
+            ClientError::Io(_) | ClientError::Timeout(_) | ClientError::Eof => true,
+            ClientError::Codec(_) | ClientError::Unexpected(_) => false,
+        }
+    }
+
+    /// The server's code, when the server gave one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Closed { code, .. } | ClientError::Kicked { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientPhase {
+    Authenticating,
+    Active,
+}
+
+/// Client protocol state; time is passed in.
+#[derive(Debug)]
+pub struct ClientSession {
+    opts: ClientOptions,
+    phase: ClientPhase,
+    heartbeat_ms: u64,
+    /// When the next Ping is due (active only).
+    next_ping: Millis,
+    /// When the outstanding Ping (sent at `.0`) must be answered by (`.1`).
+    awaiting_pong: Option<(Millis, Millis)>,
+    /// Auth must be answered by then.
+    auth_deadline: Millis,
+}
+
+impl ClientSession {
+    /// Starts a session: returns it with the `Auth` frame to send first.
+    pub fn new(opts: ClientOptions, now: Millis) -> (ClientSession, Frame) {
+        let auth = Frame::Auth(proto::Auth {
+            token: opts.token.clone(),
+            device: opts.device.clone(),
+            platform: opts.platform.clone(),
+            client_version: opts.client_version.clone(),
+            capabilities: opts.capabilities,
+            last_seq: opts.last_seq,
+            heartbeat_ms: opts.heartbeat_ms,
+        });
+        let auth_deadline = now.add_ms(opts.response_timeout_ms);
+        (
+            ClientSession {
+                opts,
+                phase: ClientPhase::Authenticating,
+                heartbeat_ms: 0,
+                next_ping: Millis(u64::MAX),
+                awaiting_pong: None,
+                auth_deadline,
+            },
+            auth,
+        )
+    }
+
+    pub fn phase(&self) -> ClientPhase {
+        self.phase
+    }
+
+    pub fn handle_frame(&mut self, now: Millis, frame: Frame) -> Result<Option<ClientEvent>, ClientError> {
+        match (self.phase, frame) {
+            (ClientPhase::Authenticating, Frame::AuthOk(ok)) => {
+                self.phase = ClientPhase::Active;
+                self.heartbeat_ms = u64::from(ok.heartbeat_ms.max(1));
+                self.next_ping = now.add_ms(self.heartbeat_ms);
+                Ok(Some(ClientEvent::Connected(ok)))
+            }
+            (ClientPhase::Active, Frame::Pong) => {
+                let rtt_ms = self.awaiting_pong.take().map_or(0, |(sent, _)| now.0.saturating_sub(sent.0));
+                Ok(Some(ClientEvent::Pong { rtt_ms }))
+            }
+            (_, Frame::Error(e)) => {
+                Err(ClientError::Closed { code: codes::from_wire(e.code), reason: e.reason, reconnect: e.reconnect })
+            }
+            (_, Frame::Kicked(k)) => Err(ClientError::Kicked { code: codes::from_wire(k.code), reason: k.reason }),
+            (ClientPhase::Active, Frame::GoAway(g)) => {
+                Ok(Some(ClientEvent::GoAway { endpoint: g.endpoint, reason: g.reason }))
+            }
+            (_, other) => Err(ClientError::Unexpected(other.kind())),
+        }
+    }
+
+    /// The next time [`ClientSession::handle_timeout`] must run.
+    pub fn poll_timeout(&self) -> Millis {
+        match self.phase {
+            ClientPhase::Authenticating => self.auth_deadline,
+            ClientPhase::Active => match self.awaiting_pong {
+                Some((_, deadline)) => deadline.min(self.next_ping),
+                None => self.next_ping,
+            },
+        }
+    }
+
+    /// Fires due timers: returns a Ping to send, or the error that ends the
+    /// session.
+    pub fn handle_timeout(&mut self, now: Millis) -> Result<Option<Frame>, ClientError> {
+        match self.phase {
+            ClientPhase::Authenticating if now >= self.auth_deadline => {
+                Err(ClientError::Timeout(self.opts.response_timeout_ms))
+            }
+            ClientPhase::Authenticating => Ok(None),
+            ClientPhase::Active => {
+                if let Some((_, deadline)) = self.awaiting_pong
+                    && now >= deadline
+                {
+                    return Err(ClientError::Timeout(self.opts.response_timeout_ms));
+                }
+                if now >= self.next_ping {
+                    return Ok(Some(self.ping(now)));
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// Sends a heartbeat now (also used for an explicit ping).
+    pub fn ping(&mut self, now: Millis) -> Frame {
+        self.next_ping = now.add_ms(self.heartbeat_ms);
+        if self.awaiting_pong.is_none() {
+            self.awaiting_pong = Some((now, now.add_ms(self.opts.response_timeout_ms)));
+        }
+        Frame::Ping
+    }
+}
+
+/// A live client connection driven on a glommio executor.
+pub struct Connection {
+    stream: TcpStream,
+    session: ClientSession,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    events: VecDeque<ClientEvent>,
+    epoch: Instant,
+    max_frame_bytes: u32,
+}
+
+impl Connection {
+    /// Connects, authenticates and returns after `AuthOk`.
+    pub async fn connect(addr: SocketAddr, opts: ClientOptions) -> Result<(Connection, proto::AuthOk), ClientError> {
+        let stream = TcpStream::connect(addr).await.map_err(io::Error::from)?;
+        Self::handshake(stream, opts).await
+    }
+
+    /// Like [`Connection::connect`] but from a chosen source address (load
+    /// tests spread connections over many 127.x.y.z sources). The TCP
+    /// connect itself blocks for at most `connect_timeout`; on loopback it
+    /// completes at once.
+    pub async fn connect_from(
+        addr: SocketAddr,
+        source: IpAddr,
+        connect_timeout: Duration,
+        opts: ClientOptions,
+    ) -> Result<(Connection, proto::AuthOk), ClientError> {
+        let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM.cloexec(), None)?;
+        socket.set_nodelay(true)?;
+        socket.bind(&SocketAddr::new(source, 0).into())?;
+        socket.connect_timeout(&addr.into(), connect_timeout)?;
+        socket.set_nonblocking(true)?;
+        // SAFETY: a connected TCP socket whose ownership moves into the stream.
+        let stream = unsafe { TcpStream::from_raw_fd(socket.into_raw_fd()) };
+        Self::handshake(stream, opts).await
+    }
+
+    async fn handshake(stream: TcpStream, opts: ClientOptions) -> Result<(Connection, proto::AuthOk), ClientError> {
+        let epoch = Instant::now();
+        let (session, auth) = ClientSession::new(opts, Millis(0));
+        let mut conn = Connection {
+            stream,
+            session,
+            rbuf: BytesMut::with_capacity(4096),
+            wbuf: BytesMut::new(),
+            events: VecDeque::new(),
+            epoch,
+            max_frame_bytes: codec::DEFAULT_MAX_BODY,
+        };
+        conn.send(&auth).await?;
+        match conn.next_event().await? {
+            ClientEvent::Connected(ok) => Ok((conn, ok)),
+            other => Err(ClientError::Unexpected(match other {
+                ClientEvent::Pong { .. } => proto::FrameKind::Pong,
+                _ => proto::FrameKind::GoAway,
+            })),
+        }
+    }
+
+    fn now(&self) -> Millis {
+        Millis(self.epoch.elapsed().as_millis() as u64)
+    }
+
+    pub fn session(&self) -> &ClientSession {
+        &self.session
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.stream.local_addr().map_err(io::Error::from)
+    }
+
+    /// Sends one frame.
+    pub async fn send(&mut self, frame: &Frame) -> Result<(), ClientError> {
+        self.wbuf.clear();
+        frame.encode_into(&mut self.wbuf, Flags::default());
+        self.stream.write_all(&self.wbuf).await?;
+        Ok(())
+    }
+
+    /// Writes raw bytes (tests use this to send malformed input).
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
+        self.stream.write_all(bytes).await?;
+        Ok(())
+    }
+
+    /// Sends a Ping now; its Pong arrives through [`Connection::next_event`].
+    pub async fn ping(&mut self) -> Result<(), ClientError> {
+        let frame = self.session.ping(self.now());
+        self.send(&frame).await
+    }
+
+    /// Waits for the next event, sending heartbeats as they fall due.
+    /// Returns the error that ended the session.
+    pub async fn next_event(&mut self) -> Result<ClientEvent, ClientError> {
+        loop {
+            if let Some(ev) = self.events.pop_front() {
+                return Ok(ev);
+            }
+            if let Some((header, body)) = codec::split_frame(&self.rbuf, self.max_frame_bytes)? {
+                let len = header.frame_len();
+                let frame = Frame::decode(header, body)?;
+                let _ = self.rbuf.split_to(len);
+                let now = self.now();
+                if let Some(ev) = self.session.handle_frame(now, frame)? {
+                    self.events.push_back(ev);
+                }
+                continue;
+            }
+            let wake = self.session.poll_timeout();
+            let now = self.now();
+            if wake <= now {
+                if let Some(ping) = self.session.handle_timeout(now)? {
+                    self.send(&ping).await?;
+                }
+                continue;
+            }
+            let wait = Duration::from_millis(wake.0 - now.0);
+            let mut chunk = [0u8; 4096];
+            let read = futures_lite::future::or(async { Some(self.stream.read(&mut chunk).await) }, async {
+                glommio::timer::sleep(wait).await;
+                None
+            })
+            .await;
+            match read {
+                None => {}
+                Some(Ok(0)) => return Err(ClientError::Eof),
+                Some(Ok(n)) => self.rbuf.extend_from_slice(&chunk[..n]),
+                Some(Err(e)) => return Err(ClientError::Io(e)),
+            }
+        }
+    }
+
+    /// Closes the connection from the client side.
+    pub async fn close(self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn active(now: Millis, heartbeat_ms: u32) -> ClientSession {
+        let mut opts = ClientOptions::new("t");
+        opts.response_timeout_ms = 5_000;
+        let (mut s, auth) = ClientSession::new(opts, Millis(0));
+        assert!(matches!(auth, Frame::Auth(_)));
+        let ok = proto::AuthOk { heartbeat_ms, ..Default::default() };
+        assert!(matches!(s.handle_frame(now, Frame::AuthOk(ok)), Ok(Some(ClientEvent::Connected(_)))));
+        s
+    }
+
+    #[test]
+    fn pings_on_schedule_and_measures_rtt() {
+        let mut s = active(Millis(0), 1_000);
+        assert_eq!(s.poll_timeout(), Millis(1_000));
+        assert_eq!(s.handle_timeout(Millis(999)).unwrap(), None);
+        assert_eq!(s.handle_timeout(Millis(1_000)).unwrap(), Some(Frame::Ping));
+        let ev = s.handle_frame(Millis(1_040), Frame::Pong).unwrap();
+        assert_eq!(ev, Some(ClientEvent::Pong { rtt_ms: 40 }));
+        assert_eq!(s.poll_timeout(), Millis(2_000));
+    }
+
+    #[test]
+    fn missing_pong_is_a_timeout() {
+        let mut s = active(Millis(0), 10_000);
+        s.handle_timeout(Millis(10_000)).unwrap();
+        // Half-open link: nothing comes back.
+        assert!(s.handle_timeout(Millis(14_999)).is_ok());
+        assert!(matches!(s.handle_timeout(Millis(15_000)), Err(ClientError::Timeout(5_000))));
+    }
+
+    #[test]
+    fn auth_timeout_and_server_errors_are_typed() {
+        let (mut s, _) = ClientSession::new(ClientOptions::new("t"), Millis(0));
+        assert!(matches!(s.handle_timeout(Millis(10_000)), Err(ClientError::Timeout(_))));
+        let err = s.handle_frame(Millis(1), Frame::Error(codes::error_body(ErrorCode::TokenExpired, ""))).unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::TokenExpired));
+        assert!(err.reconnect_allowed());
+        let kicked = Frame::Kicked(proto::Kicked { code: ErrorCode::Replaced as i32, reason: String::new() });
+        let err = s.handle_frame(Millis(1), kicked).unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::Replaced));
+        assert!(!err.reconnect_allowed());
+    }
+}

@@ -1,0 +1,750 @@
+//! TOML configuration: every setting has a documented default (units in
+//! the name), [`Config::validate`] explains what is wrong and what is
+//! allowed, and [`Config::default_toml`] prints the whole file with comments
+//! for `longlink generate-config`.
+//!
+//! Fields are declared through `config_struct!`, which takes each field's
+//! doc comment and default once and derives the struct, its `Default` and
+//! the doc table `default_toml` prints. To add a setting, add one line to
+//! the right struct (and a check to `validate` if it has limits).
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use crate::codec;
+use crate::token::{self, Key, Keyring, TokenError};
+
+/// A field's name and doc comment lines, as printed by `default_toml`.
+struct FieldDoc {
+    name: &'static str,
+    doc: &'static [&'static str],
+}
+
+/// Declares a config struct whose fields carry `= default`. Generates the
+/// struct (serde: missing fields take their default, unknown fields are
+/// errors), its `Default`, and `FIELDS` for `default_toml`.
+macro_rules! config_struct {
+    (
+        $(#[doc = $struct_doc:literal])*
+        pub struct $name:ident {
+            $(
+                $(#[doc = $doc:literal])*
+                pub $field:ident: $ty:ty = $default:expr,
+            )*
+        }
+    ) => {
+        $(#[doc = $struct_doc])*
+        #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct $name {
+            $(
+                $(#[doc = $doc])*
+                pub $field: $ty,
+            )*
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self {
+                    $($field: $default,)*
+                }
+            }
+        }
+
+        impl $name {
+            const FIELDS: &'static [FieldDoc] = &[
+                $(FieldDoc {
+                    name: stringify!($field),
+                    doc: &[$($doc),*],
+                },)*
+            ];
+        }
+    };
+}
+
+config_struct! {
+    /// The whole config file.
+    pub struct Config {
+        /// Name of this node in AuthOk frames, logs and routes. Default: ""
+        /// (use the host name).
+        pub node_name: String = String::new(),
+        /// Directory for node-local state; holds the dev key when
+        /// `[auth] keys` is empty. Default: "./.longlink".
+        pub data_dir: PathBuf = PathBuf::from("./.longlink"),
+        /// Listeners and the per-core executors.
+        pub server: ServerConfig = ServerConfig::default(),
+        /// Client session timing and limits.
+        pub session: SessionConfig = SessionConfig::default(),
+        /// Connect token keys and checks.
+        pub auth: AuthConfig = AuthConfig::default(),
+    }
+}
+
+config_struct! {
+    /// `[server]`: listeners and the per-core executors.
+    pub struct ServerConfig {
+        /// Address clients connect to. Default: "0.0.0.0:7100".
+        pub client_listen: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 7100)),
+        /// Address backends push to. Default: "0.0.0.0:7101".
+        pub push_listen: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 7101)),
+        /// Number of shards (executors, one per core). Default: 0 (one per
+        /// CPU this process may run on).
+        pub shards: u16 = 0,
+        /// Accept queue length per listener. Default: 65535 (the kernel caps
+        /// it at net.core.somaxconn).
+        pub listen_backlog: u32 = 65535,
+        /// Largest frame body accepted, in bytes; checked from the header
+        /// before the body is read. Default: 65536 (64 KiB). Allowed: 64 to
+        /// 16777216 (16 MiB).
+        pub max_frame_bytes: u32 = codec::DEFAULT_MAX_BODY,
+        /// Memory each executor reserves for io_uring buffers, in bytes.
+        /// Default: 262144 (256 KiB; glommio's 10 MiB default is wasted on
+        /// TCP). Minimum: 65536.
+        pub io_memory_bytes: usize = 256 * 1024,
+        /// io_uring submission queue entries per executor. Default: 2048.
+        /// Allowed: 1 to 32768.
+        pub ring_depth: usize = 2048,
+        /// Size of each shard's scratch read buffer, in bytes. Default: 65536
+        /// (64 KiB). Minimum: 4096.
+        pub read_buffer_bytes: usize = 64 * 1024,
+        /// Connections one shard holds at most; more are refused. Default:
+        /// 1000000.
+        pub max_connections_per_shard: u32 = 1_000_000,
+        /// New connections one shard accepts per second; 0 = unlimited.
+        /// Default: 20000.
+        pub accept_rate_per_sec: u32 = 20_000,
+    }
+}
+
+config_struct! {
+    /// `[session]`: client session timing and limits.
+    pub struct SessionConfig {
+        /// Time a new connection has to send its Auth frame, in ms.
+        /// Default: 10000.
+        pub auth_timeout_ms: u64 = 10_000,
+        /// Shortest heartbeat interval a client may negotiate, in ms.
+        /// Default: 5000.
+        pub heartbeat_min_ms: u32 = 5_000,
+        /// Heartbeat interval for clients that ask for none, in ms.
+        /// Default: 30000.
+        pub heartbeat_default_ms: u32 = 30_000,
+        /// Longest heartbeat interval a client may negotiate, in ms.
+        /// Default: 270000 (4.5 min, under common mobile NAT timeouts).
+        pub heartbeat_max_ms: u32 = 270_000,
+        /// Idle timeout = this factor x the negotiated heartbeat interval.
+        /// Default: 3. Minimum: 2.
+        pub idle_timeout_factor: u32 = 3,
+        /// Bytes queued for one client before it counts as slow and is
+        /// closed. Default: 1048576 (1 MiB). Must hold one maximum frame.
+        pub outbound_queue_bytes: u32 = 1024 * 1024,
+        /// How long a closing session may flush its last frames, in ms.
+        /// Default: 2000.
+        pub close_linger_ms: u64 = 2_000,
+        /// Granularity of each shard's timer wheel, in ms; every timeout
+        /// fires up to one tick late. Default: 100. Allowed: 1 to 1000.
+        pub wheel_tick_ms: u64 = 100,
+    }
+}
+
+config_struct! {
+    /// `[auth]`: connect token keys and checks.
+    pub struct AuthConfig {
+        /// Clock skew tolerated on token times, in seconds. Default: 30.
+        /// Allowed: 0 to 3600.
+        pub clock_leeway_secs: u32 = 30,
+        /// Lifetime of tokens made by `longlink token`, in seconds.
+        /// Default: 3600. Allowed: 1 to 31622400 (366 days).
+        pub default_token_ttl_secs: u64 = 3_600,
+        /// Id of the key that signs new tokens. Default: "" (the first key).
+        pub signing_key: String = String::new(),
+        /// Keys that verify connect tokens; list old keys here while they
+        /// rotate out. Default: none, which means a dev key generated in
+        /// data_dir on first start (never use it in production). To set
+        /// keys, replace `keys = []` with one table per key:
+        ///   [[auth.keys]]
+        ///   id = "2025-01"            # 1-64 chars of A-Z a-z 0-9 . _ -
+        ///   secret_hex = "<64 hex chars, e.g. from `openssl rand -hex 32`>"
+        pub keys: Vec<KeyConfig> = Vec::new(),
+    }
+}
+
+/// One `[[auth.keys]]` entry.
+#[derive(Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// Key id carried in tokens: 1-64 chars of `A-Z a-z 0-9 . _ -`.
+    pub id: String,
+    /// The secret as hex; at least 16 bytes (32 hex chars), 32 recommended.
+    pub secret_hex: String,
+}
+
+impl std::fmt::Debug for KeyConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyConfig").field("id", &self.id).field("secret_hex", &"<redacted>").finish()
+    }
+}
+
+/// Where the key ring came from, so startup can warn about a dev key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// `[auth] keys` in the config.
+    Configured,
+    /// The generated key in `data_dir`; `created` on this start.
+    DevKey { path: PathBuf, created: bool },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot parse config{}: {message}", in_file(path.as_deref()))]
+    Parse { path: Option<PathBuf>, message: String },
+    #[error("invalid config `{field}`: {message}")]
+    Invalid { field: &'static str, message: String },
+    #[error("invalid key ring: {0}")]
+    Key(#[from] TokenError),
+    #[error("dev key {}: {source}", path.display())]
+    DevKey { path: PathBuf, source: std::io::Error },
+}
+
+fn in_file(path: Option<&Path>) -> String {
+    path.map(|p| format!(" file {}", p.display())).unwrap_or_default()
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field, message: message.into() }
+}
+
+/// `field`'s `value` must lie in `min..=max`; `why` says where the bounds come from.
+fn check_range<T: PartialOrd + std::fmt::Display>(
+    field: &'static str,
+    value: T,
+    min: T,
+    max: T,
+    why: &str,
+) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        return Err(invalid(field, format!("{value} is outside the allowed range {min}..={max}{why}")));
+    }
+    Ok(())
+}
+
+/// `field`'s `value` must be at least `min`; `why` names where `min` comes from.
+fn check_min<T: PartialOrd + std::fmt::Display>(
+    field: &'static str,
+    value: T,
+    min: T,
+    why: &str,
+) -> Result<(), ConfigError> {
+    if value < min {
+        return Err(invalid(field, format!("{value} is below the minimum {min}{why}")));
+    }
+    Ok(())
+}
+
+const MAX_FRAME_BYTES_LIMIT: u32 = 16 * 1024 * 1024;
+/// glommio rounds smaller io memory up to this anyway.
+const MIN_IO_MEMORY_BYTES: usize = 64 * 1024;
+/// IORING_MAX_ENTRIES.
+const MAX_RING_DEPTH: usize = 32_768;
+const MIN_READ_BUFFER_BYTES: usize = 4096;
+const MAX_CLOCK_LEEWAY_SECS: u32 = 3600;
+/// Tokens cannot be revoked, so their lifetime is bounded.
+const MAX_TOKEN_TTL_SECS: u64 = 366 * 24 * 3600;
+const MAX_NODE_NAME_BYTES: usize = 255;
+
+impl Config {
+    /// Reads and validates `path`, or the built-in defaults when `None`.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let config = match path {
+            None => Config::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+                parse(&text, Some(path))?
+            }
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses and validates config text.
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        let config = parse(text, None)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks limits and cross-field rules; the error names the field, its
+    /// value and what is allowed.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node_name.len() > MAX_NODE_NAME_BYTES
+            || self.node_name.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(invalid(
+                "node_name",
+                format!(
+                    "{:?} must be at most {MAX_NODE_NAME_BYTES} bytes without spaces or control characters",
+                    self.node_name
+                ),
+            ));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty (default \"./.longlink\")"));
+        }
+        self.server.validate()?;
+        self.session.validate(&self.server)?;
+        self.auth.configured_keyring()?;
+        check_range("auth.clock_leeway_secs", self.auth.clock_leeway_secs, 0, MAX_CLOCK_LEEWAY_SECS, "")?;
+        check_range(
+            "auth.default_token_ttl_secs",
+            self.auth.default_token_ttl_secs,
+            1,
+            MAX_TOKEN_TTL_SECS,
+            " (tokens cannot be revoked, so they must expire)",
+        )?;
+        Ok(())
+    }
+
+    /// The configured keys, or else the dev key in `data_dir` (created on
+    /// first use).
+    pub fn keyring(&self) -> Result<(Keyring, KeySource), ConfigError> {
+        if let Some(ring) = self.auth.configured_keyring()? {
+            return Ok((ring, KeySource::Configured));
+        }
+        let (key, path, created) = token::load_or_create_dev_key(&self.data_dir)
+            .map_err(|source| ConfigError::DevKey { path: self.data_dir.join(token::DEV_KEY_FILE), source })?;
+        Ok((Keyring::new(vec![key], None)?, KeySource::DevKey { path, created }))
+    }
+
+    /// The default config as TOML, every field preceded by its doc comment.
+    pub fn default_toml() -> String {
+        // Invariant: the defaults are plain strings and small integers, all
+        // representable in TOML (the round-trip test serializes them).
+        let table = toml::Table::try_from(Config::default()).expect("default config serializes to TOML");
+        let mut out = String::from(
+            "# longlink configuration, generated by `longlink generate-config`.\n\
+             # Every setting is shown at its default; delete the ones you do not change.\n",
+        );
+        let mut sections = Vec::new();
+        for field in Config::FIELDS {
+            match table.get(field.name) {
+                Some(toml::Value::Table(section)) => sections.push((field, section)),
+                Some(value) => write_field(&mut out, field, value),
+                None => {}
+            }
+        }
+        for (field, section) in sections {
+            out.push('\n');
+            write_doc(&mut out, field.doc);
+            let _ = writeln!(out, "[{}]", field.name);
+            for inner in section_fields(field.name) {
+                if let Some(value) = section.get(inner.name) {
+                    write_field(&mut out, inner, value);
+                }
+            }
+        }
+        out
+    }
+
+    /// `node_name`, or the host name when it is empty.
+    pub fn node_name(&self) -> String {
+        if self.node_name.is_empty() {
+            hostname().unwrap_or_else(|| "localhost".to_owned())
+        } else {
+            self.node_name.clone()
+        }
+    }
+
+    /// `server.shards`, with 0 resolved to the CPUs this process may use
+    /// (affinity and cgroup limits included).
+    pub fn shard_count(&self) -> u16 {
+        if self.server.shards != 0 {
+            return self.server.shards;
+        }
+        std::thread::available_parallelism().map_or(1, |n| u16::try_from(n.get()).unwrap_or(u16::MAX))
+    }
+}
+
+impl ServerConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if listeners_clash(self.client_listen, self.push_listen) {
+            return Err(invalid(
+                "server.push_listen",
+                format!(
+                    "{} clashes with server.client_listen {}; use another port",
+                    self.push_listen, self.client_listen
+                ),
+            ));
+        }
+        check_range("server.listen_backlog", self.listen_backlog, 1, i32::MAX as u32, "")?;
+        check_range("server.max_frame_bytes", self.max_frame_bytes, 64, MAX_FRAME_BYTES_LIMIT, "")?;
+        check_min(
+            "server.io_memory_bytes",
+            self.io_memory_bytes,
+            MIN_IO_MEMORY_BYTES,
+            " (glommio rounds smaller values up)",
+        )?;
+        check_range("server.ring_depth", self.ring_depth, 1, MAX_RING_DEPTH, " (io_uring limit)")?;
+        check_min("server.read_buffer_bytes", self.read_buffer_bytes, MIN_READ_BUFFER_BYTES, "")?;
+        check_min("server.max_connections_per_shard", self.max_connections_per_shard, 1, "")?;
+        Ok(())
+    }
+}
+
+/// Two listeners clash when they would bind the same port on overlapping
+/// addresses. Port 0 (pick any, used by tests) never clashes.
+fn listeners_clash(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+impl SessionConfig {
+    fn validate(&self, server: &ServerConfig) -> Result<(), ConfigError> {
+        check_range("session.wheel_tick_ms", self.wheel_tick_ms, 1, 1000, "")?;
+        let tick = " (session.wheel_tick_ms; shorter deadlines cannot be honoured)";
+        check_min("session.auth_timeout_ms", self.auth_timeout_ms, self.wheel_tick_ms, tick)?;
+        check_min("session.heartbeat_min_ms", u64::from(self.heartbeat_min_ms), self.wheel_tick_ms, tick)?;
+        check_min(
+            "session.heartbeat_max_ms",
+            self.heartbeat_max_ms,
+            self.heartbeat_min_ms,
+            " (session.heartbeat_min_ms)",
+        )?;
+        check_range(
+            "session.heartbeat_default_ms",
+            self.heartbeat_default_ms,
+            self.heartbeat_min_ms,
+            self.heartbeat_max_ms,
+            " (session.heartbeat_min_ms..=session.heartbeat_max_ms)",
+        )?;
+        // AuthOk carries the idle timeout as u32 milliseconds.
+        let max_factor = u32::MAX / self.heartbeat_max_ms;
+        check_range(
+            "session.idle_timeout_factor",
+            self.idle_timeout_factor,
+            2,
+            max_factor,
+            " (factor x session.heartbeat_max_ms must fit in u32 ms)",
+        )?;
+        // A queue that cannot hold one maximum frame would call every
+        // client that receives one slow.
+        let one_frame = server.max_frame_bytes.saturating_add(codec::HEADER_LEN as u32);
+        check_min(
+            "session.outbound_queue_bytes",
+            self.outbound_queue_bytes,
+            one_frame,
+            " (server.max_frame_bytes + the 8-byte header)",
+        )?;
+        Ok(())
+    }
+}
+
+impl AuthConfig {
+    /// The ring built from `keys`, or `None` when none are configured.
+    fn configured_keyring(&self) -> Result<Option<Keyring>, ConfigError> {
+        if self.keys.is_empty() {
+            if !self.signing_key.is_empty() {
+                return Err(invalid(
+                    "auth.signing_key",
+                    format!("{:?} is set but auth.keys is empty", self.signing_key),
+                ));
+            }
+            return Ok(None);
+        }
+        let mut keys = Vec::with_capacity(self.keys.len());
+        for (i, entry) in self.keys.iter().enumerate() {
+            let secret = token::decode_hex(&entry.secret_hex).ok_or_else(|| {
+                invalid("auth.keys.secret_hex", format!("key #{} (id {:?}) is not valid hex", i + 1, entry.id))
+            })?;
+            let key = Key::new(entry.id.as_str(), secret).map_err(|e| {
+                let why = match e {
+                    TokenError::InvalidKey(why) => why,
+                    other => other.to_string(),
+                };
+                invalid("auth.keys", format!("key #{}: {why}", i + 1))
+            })?;
+            keys.push(key);
+        }
+        let signing = (!self.signing_key.is_empty()).then_some(self.signing_key.as_str());
+        match Keyring::new(keys, signing) {
+            Ok(ring) => Ok(Some(ring)),
+            Err(e @ TokenError::DuplicateKeyId(_)) => Err(invalid("auth.keys.id", e.to_string())),
+            Err(e @ TokenError::UnknownSigningKey(_)) => {
+                Err(invalid("auth.signing_key", format!("{e}; it must be one of the auth.keys ids")))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+fn parse(text: &str, path: Option<&Path>) -> Result<Config, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.map(Path::to_owned), message: e.to_string() })
+}
+
+/// Field docs of the section stored under `name` in [`Config`].
+fn section_fields(name: &str) -> &'static [FieldDoc] {
+    match name {
+        "server" => ServerConfig::FIELDS,
+        "session" => SessionConfig::FIELDS,
+        "auth" => AuthConfig::FIELDS,
+        // A new section must be listed here; the round-trip test fails
+        // until it is.
+        _ => &[],
+    }
+}
+
+fn write_doc(out: &mut String, doc: &[&str]) {
+    for line in doc {
+        // Doc comments keep the space after `///`.
+        let _ = writeln!(out, "#{}", line.trim_end());
+    }
+}
+
+fn write_field(out: &mut String, field: &FieldDoc, value: &toml::Value) {
+    out.push('\n');
+    write_doc(out, field.doc);
+    let _ = writeln!(out, "{} = {value}", field.name);
+}
+
+/// The host name from gethostname(2), if it has one.
+fn hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes, which is the
+    // length passed; gethostname writes no more than that.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    // POSIX leaves a truncated name without a NUL, so take the whole buffer then.
+    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name = String::from_utf8_lossy(&buf[..len]).into_owned();
+    (!name.is_empty()).then_some(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::test_dir::TempDir;
+
+    const HEX_A: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+    const HEX_B: &str = "1f1e1d1c1b1a191817161514131211100f0e0d0c0b0a09080706050403020100";
+
+    fn invalid_field(text: &str) -> (&'static str, String) {
+        match Config::from_toml_str(text) {
+            Err(e @ ConfigError::Invalid { field, .. }) => (field, e.to_string()),
+            other => panic!("expected Invalid for {text:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_validate() {
+        Config::default().validate().unwrap();
+        assert_eq!(Config::load(None).unwrap(), Config::default());
+        assert_eq!(Config::from_toml_str("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn default_toml_round_trips() {
+        let text = Config::default_toml();
+        assert_eq!(Config::from_toml_str(&text).unwrap(), Config::default());
+        // Same keys and values as the serialized defaults: nothing was left
+        // out (a missing key would silently take its default above).
+        let parsed: toml::Table = text.parse().unwrap();
+        assert_eq!(parsed, toml::Table::try_from(Config::default()).unwrap());
+    }
+
+    #[test]
+    fn default_toml_documents_every_field() {
+        let text = Config::default_toml();
+        let lines: Vec<&str> = text.lines().collect();
+        let mut fields = 0;
+        for (i, line) in lines.iter().enumerate() {
+            if line.is_empty() || line.starts_with('#') || line.starts_with('[') {
+                continue;
+            }
+            fields += 1;
+            let doc: Vec<&str> = lines[..i].iter().rev().take_while(|l| l.starts_with('#')).copied().collect();
+            assert!(doc.iter().any(|l| l.contains("Default")), "`{line}` lacks a doc comment with its default");
+        }
+        let expected = Config::FIELDS.len() - 3
+            + ServerConfig::FIELDS.len()
+            + SessionConfig::FIELDS.len()
+            + AuthConfig::FIELDS.len();
+        assert_eq!(fields, expected);
+    }
+
+    #[test]
+    fn partial_sections_keep_other_defaults() {
+        let config = Config::from_toml_str("[server]\nshards = 4\n").unwrap();
+        assert_eq!(config.server.shards, 4);
+        assert_eq!(config.shard_count(), 4);
+        assert_eq!(config.server.max_frame_bytes, ServerConfig::default().max_frame_bytes);
+        assert_eq!(config.session, SessionConfig::default());
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        for text in ["colour = 1", "[server]\nshard = 4", "[sessions]", "[[auth.keys]]\nid = \"a\"\nsecret = \"00\""] {
+            let err = Config::from_toml_str(text).unwrap_err();
+            assert!(matches!(err, ConfigError::Parse { path: None, .. }), "{err:?}");
+            assert!(err.to_string().contains("unknown field"), "{err}");
+        }
+        let err = Config::from_toml_str("[server]\nshard = 4").unwrap_err().to_string();
+        assert!(err.contains("`shard`") && err.contains("shards"), "{err}");
+    }
+
+    #[test]
+    fn wrong_types_are_parse_errors() {
+        let err = Config::from_toml_str("[server]\nclient_listen = \"nowhere\"").unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn each_rule_names_its_field() {
+        let cases: &[(&str, &str)] = &[
+            ("node_name = \"has space\"", "node_name"),
+            ("data_dir = \"\"", "data_dir"),
+            ("[server]\npush_listen = \"127.0.0.1:7100\"", "server.push_listen"),
+            ("[server]\nlisten_backlog = 0", "server.listen_backlog"),
+            ("[server]\nmax_frame_bytes = 63", "server.max_frame_bytes"),
+            ("[server]\nmax_frame_bytes = 16777217", "server.max_frame_bytes"),
+            ("[server]\nio_memory_bytes = 4096", "server.io_memory_bytes"),
+            ("[server]\nring_depth = 0", "server.ring_depth"),
+            ("[server]\nring_depth = 65536", "server.ring_depth"),
+            ("[server]\nread_buffer_bytes = 4095", "server.read_buffer_bytes"),
+            ("[server]\nmax_connections_per_shard = 0", "server.max_connections_per_shard"),
+            ("[session]\nwheel_tick_ms = 0", "session.wheel_tick_ms"),
+            ("[session]\nwheel_tick_ms = 1001", "session.wheel_tick_ms"),
+            ("[session]\nauth_timeout_ms = 99", "session.auth_timeout_ms"),
+            ("[session]\nheartbeat_min_ms = 50", "session.heartbeat_min_ms"),
+            ("[session]\nheartbeat_min_ms = 300000", "session.heartbeat_max_ms"),
+            ("[session]\nheartbeat_default_ms = 4000", "session.heartbeat_default_ms"),
+            ("[session]\nheartbeat_default_ms = 280000", "session.heartbeat_default_ms"),
+            ("[session]\nidle_timeout_factor = 1", "session.idle_timeout_factor"),
+            ("[session]\nidle_timeout_factor = 100000", "session.idle_timeout_factor"),
+            ("[session]\noutbound_queue_bytes = 65543", "session.outbound_queue_bytes"),
+            ("[auth]\nclock_leeway_secs = 3601", "auth.clock_leeway_secs"),
+            ("[auth]\ndefault_token_ttl_secs = 0", "auth.default_token_ttl_secs"),
+            ("[auth]\nsigning_key = \"k1\"", "auth.signing_key"),
+            ("[[auth.keys]]\nid = \"k1\"\nsecret_hex = \"zz\"", "auth.keys.secret_hex"),
+            ("[[auth.keys]]\nid = \"k1\"\nsecret_hex = \"0011\"", "auth.keys"),
+            (&format!("[[auth.keys]]\nid = \"\"\nsecret_hex = \"{HEX_A}\""), "auth.keys"),
+            (
+                &format!(
+                    "[[auth.keys]]\nid = \"k1\"\nsecret_hex = \"{HEX_A}\"\n\
+                     [[auth.keys]]\nid = \"k1\"\nsecret_hex = \"{HEX_B}\""
+                ),
+                "auth.keys.id",
+            ),
+            (
+                &format!("[auth]\nsigning_key = \"k2\"\n[[auth.keys]]\nid = \"k1\"\nsecret_hex = \"{HEX_A}\""),
+                "auth.signing_key",
+            ),
+        ];
+        for (text, field) in cases {
+            let (got, message) = invalid_field(text);
+            assert_eq!(got, *field, "{text:?}: {message}");
+            assert!(message.contains(field), "{message}");
+        }
+        // The message shows the value and the allowed range.
+        let (_, message) = invalid_field("[server]\nmax_frame_bytes = 63");
+        assert!(message.contains("63") && message.contains("64..=16777216"), "{message}");
+        // A secret never appears in an error.
+        let (_, message) = invalid_field("[[auth.keys]]\nid = \"k1\"\nsecret_hex = \"0011\"");
+        assert!(!message.contains("0011"), "{message}");
+    }
+
+    #[test]
+    fn listeners_may_share_a_port_only_on_disjoint_addresses_or_port_0() {
+        let ok = |client: &str, push: &str| {
+            Config::from_toml_str(&format!("[server]\nclient_listen = \"{client}\"\npush_listen = \"{push}\"")).is_ok()
+        };
+        assert!(ok("127.0.0.1:0", "127.0.0.1:0"));
+        assert!(ok("127.0.0.1:7100", "127.0.0.2:7100"));
+        assert!(!ok("0.0.0.0:7100", "127.0.0.1:7100"));
+        assert!(!ok("[::1]:7100", "[::]:7100"));
+    }
+
+    #[test]
+    fn key_config_debug_is_redacted() {
+        let config = Config::from_toml_str(&format!("[[auth.keys]]\nid = \"k1\"\nsecret_hex = \"{HEX_A}\"")).unwrap();
+        let text = format!("{config:?}");
+        assert!(text.contains("k1") && text.contains("<redacted>"), "{text}");
+        assert!(!text.contains(HEX_A), "{text}");
+    }
+
+    #[test]
+    fn keyring_from_configured_keys_with_rotation() {
+        let old = Config::from_toml_str(&format!("[[auth.keys]]\nid = \"old\"\nsecret_hex = \"{HEX_A}\"")).unwrap();
+        let (old_ring, source) = old.keyring().unwrap();
+        assert_eq!(source, KeySource::Configured);
+        let now = token::now_unix_secs();
+        let token = old_ring.mint("u", "d", "a", now, now + 60);
+
+        let rotating = Config::from_toml_str(&format!(
+            "[auth]\nsigning_key = \"new\"\n\
+             [[auth.keys]]\nid = \"old\"\nsecret_hex = \"{HEX_A}\"\n\
+             [[auth.keys]]\nid = \"new\"\nsecret_hex = \"{HEX_B}\""
+        ))
+        .unwrap();
+        let (ring, _) = rotating.keyring().unwrap();
+        assert_eq!(ring.signing_key_id(), "new");
+        assert_eq!(ring.verify(&token, now, 30).unwrap().key_id, "old");
+
+        let rotated = Config::from_toml_str(&format!("[[auth.keys]]\nid = \"new\"\nsecret_hex = \"{HEX_B}\"")).unwrap();
+        let (ring, _) = rotated.keyring().unwrap();
+        assert_eq!(ring.verify(&token, now, 30), Err(TokenError::UnknownKey("old".into())));
+    }
+
+    #[test]
+    fn keyring_falls_back_to_the_dev_key() {
+        let tmp = TempDir::new("config-devkey");
+        let data_dir = tmp.path().join("data");
+        let config = Config { data_dir: data_dir.clone(), ..Config::default() };
+        let (ring, source) = config.keyring().unwrap();
+        let path = data_dir.join(token::DEV_KEY_FILE);
+        assert_eq!(source, KeySource::DevKey { path: path.clone(), created: true });
+        assert!(ring.signing_key_id().starts_with("dev-"));
+        let (again, source) = config.keyring().unwrap();
+        assert_eq!(source, KeySource::DevKey { path, created: false });
+        assert_eq!(again.signing_key_id(), ring.signing_key_id());
+    }
+
+    #[test]
+    fn dev_key_errors_name_the_file() {
+        let tmp = TempDir::new("config-devkey-bad");
+        // data_dir is a file, so the dev key cannot be created under it.
+        let data_dir = tmp.path().join("not-a-dir");
+        std::fs::write(&data_dir, b"").unwrap();
+        let config = Config { data_dir: data_dir.clone(), ..Config::default() };
+        let err = config.keyring().unwrap_err();
+        assert!(matches!(err, ConfigError::DevKey { .. }), "{err:?}");
+        assert!(err.to_string().contains("not-a-dir"), "{err}");
+    }
+
+    #[test]
+    fn load_reports_the_path() {
+        let tmp = TempDir::new("config-load");
+        let missing = tmp.path().join("missing.toml");
+        let err = Config::load(Some(&missing)).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }) && err.to_string().contains("missing.toml"), "{err}");
+
+        let bad = tmp.path().join("bad.toml");
+        std::fs::write(&bad, "[server]\nshard = 1\n").unwrap();
+        let err = Config::load(Some(&bad)).unwrap_err();
+        assert!(err.to_string().contains("bad.toml") && err.to_string().contains("line 2"), "{err}");
+
+        let good = tmp.path().join("good.toml");
+        std::fs::write(&good, Config::default_toml()).unwrap();
+        assert_eq!(Config::load(Some(&good)).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn node_name_falls_back_to_the_host_name() {
+        assert!(!Config::default().node_name().is_empty());
+        let config = Config::from_toml_str("node_name = \"edge-1\"").unwrap();
+        assert_eq!(config.node_name(), "edge-1");
+        assert!(Config::default().shard_count() >= 1);
+    }
+}

@@ -1,0 +1,214 @@
+//! Starts a node: one pinned glommio executor per shard, each with its own
+//! SO_REUSEPORT listener, joined by a full channel mesh.
+
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use glommio::channels::channel_mesh::MeshBuilder;
+use glommio::{LocalExecutorPoolBuilder, PoolPlacement, PoolThreadHandles};
+use socket2::{Domain, Protocol, Socket, Type};
+use tracing::info;
+
+use crate::config::Config;
+use crate::ids::ShardId;
+use crate::session::Params;
+use crate::shard::{MAX_ID_BYTES, Shard, ShardConfig, ShardCounters, ShardMsg};
+
+/// Messages queued per mesh channel (power of two; small ones are slow).
+const MESH_CAPACITY: usize = 1024;
+/// How long start-up may take before it is reported as failed.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot start executors: {0}")]
+    Executor(String),
+    #[error("shards did not start: {0}")]
+    Start(String),
+}
+
+/// A running node. Dropping it does not stop it; call [`Server::shutdown`].
+pub struct Server {
+    handles: Option<PoolThreadHandles<()>>,
+    stop: Arc<AtomicBool>,
+    client_addr: SocketAddr,
+    counters: Vec<Arc<ShardCounters>>,
+}
+
+impl Server {
+    /// Binds the listeners and starts every shard; returns once all of them
+    /// accept connections.
+    pub fn start(config: &Config) -> Result<Server, ServerError> {
+        config.validate()?;
+        let (keyring, _) = config.keyring()?;
+        let shards = config.shard_count();
+        let server = &config.server;
+        let session = &config.session;
+
+        let (client_addr, listeners) = bind_reuseport(server.client_listen, shards, server.listen_backlog)?;
+        let shard_cfg = ShardConfig {
+            params: Params {
+                keyring,
+                clock_leeway_secs: config.auth.clock_leeway_secs,
+                auth_timeout_ms: session.auth_timeout_ms,
+                heartbeat_min_ms: session.heartbeat_min_ms,
+                heartbeat_default_ms: session.heartbeat_default_ms,
+                heartbeat_max_ms: session.heartbeat_max_ms,
+                idle_timeout_factor: session.idle_timeout_factor,
+                close_linger_ms: session.close_linger_ms,
+                max_id_bytes: MAX_ID_BYTES,
+            },
+            max_frame_bytes: server.max_frame_bytes,
+            outbound_queue_bytes: session.outbound_queue_bytes,
+            read_buffer_bytes: server.read_buffer_bytes,
+            wheel_tick_ms: session.wheel_tick_ms,
+            max_connections: server.max_connections_per_shard,
+            accept_rate_per_sec: server.accept_rate_per_sec,
+            node: config.node_name(),
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let counters: Vec<Arc<ShardCounters>> = (0..shards).map(|_| Arc::default()).collect();
+        let (fd_tx, fd_rx) = crossbeam_channel::bounded::<OwnedFd>(listeners.len());
+        for fd in listeners {
+            let _ = fd_tx.send(fd);
+        }
+        let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<ShardId, String>>(usize::from(shards));
+        let mesh = MeshBuilder::<ShardMsg, _>::full(usize::from(shards), MESH_CAPACITY);
+        let grace = Duration::from_millis(session.close_linger_ms) + Duration::from_secs(1);
+
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let placement = if usize::from(shards) <= cores {
+            PoolPlacement::MaxSpread(usize::from(shards), None)
+        } else {
+            tracing::warn!(shards, cores, "more shards than cores: executors are not pinned");
+            PoolPlacement::Unbound(usize::from(shards))
+        };
+        let handles = LocalExecutorPoolBuilder::new(placement)
+            .name("longlink-shard")
+            .io_memory(server.io_memory_bytes)
+            .ring_depth(server.ring_depth)
+            .on_all_shards({
+                let stop = stop.clone();
+                let counters = counters.clone();
+                move || {
+                    let (fd_rx, ready_tx, mesh, cfg, stop, counters) = (
+                        fd_rx.clone(),
+                        ready_tx.clone(),
+                        mesh.clone(),
+                        shard_cfg.clone(),
+                        stop.clone(),
+                        counters.clone(),
+                    );
+                    async move {
+                        let Ok(fd) = fd_rx.try_recv() else {
+                            let _ = ready_tx.send(Err("no listener left for this executor".into()));
+                            return;
+                        };
+                        // SAFETY: a listening TCP socket built by `bind_reuseport`,
+                        // owned by this executor from here on.
+                        let listener = unsafe { glommio::net::TcpListener::from_raw_fd(fd.into_raw_fd()) };
+                        let Ok((senders, mut receivers)) = mesh.join().await else {
+                            let _ = ready_tx.send(Err("mesh join failed".into()));
+                            return;
+                        };
+                        let id = ShardId(senders.peer_id() as u16);
+                        let shard = Shard::new(id, shards, cfg, senders, counters[id.index()].clone());
+                        for (_peer, rx) in receivers.streams() {
+                            let shard = shard.clone();
+                            glommio::spawn_local(async move {
+                                while let Some(msg) = rx.recv().await {
+                                    shard.on_message(msg);
+                                }
+                            })
+                            .detach();
+                        }
+                        glommio::spawn_local(Rc::clone(&shard).accept_loop(listener)).detach();
+                        let _ = ready_tx.send(Ok(id));
+                        shard.timer_loop(stop, grace).await;
+                    }
+                }
+            })
+            .map_err(|e| ServerError::Executor(e.to_string()))?;
+
+        for _ in 0..shards {
+            match ready_rx.recv_timeout(START_TIMEOUT) {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(ServerError::Start(e)),
+                Err(e) => return Err(ServerError::Start(e.to_string())),
+            }
+        }
+        info!(%client_addr, shards, node = %config.node_name(), "longlink serving");
+        Ok(Server { handles: Some(handles), stop, client_addr, counters })
+    }
+
+    /// The bound client address (useful with port 0).
+    pub fn client_addr(&self) -> SocketAddr {
+        self.client_addr
+    }
+
+    /// Per-shard counters, indexed by shard id.
+    pub fn counters(&self) -> &[Arc<ShardCounters>] {
+        &self.counters
+    }
+
+    /// Asks every shard to stop: stop accepting, close sessions with
+    /// SHUTDOWN, exit once they are gone or the linger passes.
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// A flag that stops the server when set (for signal handlers).
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// Waits for every shard to exit.
+    pub fn join(mut self) {
+        if let Some(handles) = self.handles.take() {
+            for result in handles.join_all() {
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "shard exited with an error");
+                }
+            }
+        }
+    }
+
+    /// [`Server::request_stop`] then [`Server::join`].
+    pub fn shutdown(self) {
+        self.request_stop();
+        self.join();
+    }
+}
+
+/// Binds `count` listening sockets to one address with SO_REUSEPORT (the
+/// kernel spreads connections over them). With port 0 the first socket
+/// picks the port and the others join it.
+fn bind_reuseport(addr: SocketAddr, count: u16, backlog: u32) -> Result<(SocketAddr, Vec<OwnedFd>), ServerError> {
+    let err = |source| ServerError::Listen { addr, source };
+    let mut bound = addr;
+    let mut fds = Vec::with_capacity(usize::from(count));
+    for _ in 0..count {
+        let socket =
+            Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP)).map_err(err)?;
+        socket.set_reuse_address(true).map_err(err)?;
+        socket.set_reuse_port(true).map_err(err)?;
+        // Inherited by accepted sockets: frames are small and latency matters.
+        socket.set_nodelay(true).map_err(err)?;
+        socket.set_nonblocking(true).map_err(err)?;
+        socket.bind(&bound.into()).map_err(err)?;
+        socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX)).map_err(err)?;
+        if let Some(local) = socket.local_addr().map_err(err)?.as_socket() {
+            bound = local;
+        }
+        fds.push(OwnedFd::from(socket));
+    }
+    Ok((bound, fds))
+}

@@ -1,0 +1,492 @@
+//! The server side of one connection, as a state machine with no I/O and no
+//! clock: the driver (a shard) feeds it decoded frames and the current time,
+//! and carries out the [`Action`]s it emits.
+//!
+//! ```text
+//! Handshaking --Auth ok--> Authenticated --activate()--> Active
+//!      |                                                   |
+//!      +--- bad frame / bad token / auth deadline ---------+--> Closing --> Closed
+//! ```
+//!
+//! `Authenticated` is the short pause in which the shard decides where the
+//! session lives (it may hand the connection to the device's owner shard)
+//! and replaces an older login of the same device; `activate` then sends
+//! `AuthOk`. The struct is 16 bytes: every byte here is paid per connection.
+
+use crate::codec::{CodecError, Frame};
+use crate::codes;
+use crate::proto::{self, ErrorCode};
+use crate::token::{Keyring, TokenError};
+
+/// Milliseconds on the driver's monotonic clock.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Millis(pub u64);
+
+impl Millis {
+    pub fn add_ms(self, ms: u64) -> Millis {
+        Millis(self.0.saturating_add(ms))
+    }
+}
+
+/// The current time as the driver sees it: monotonic for deadlines, wall
+/// clock for token validity.
+#[derive(Clone, Copy, Debug)]
+pub struct Now {
+    pub mono: Millis,
+    pub unix_ms: i64,
+}
+
+impl Now {
+    pub fn unix_secs(&self) -> i64 {
+        self.unix_ms.div_euclid(1000)
+    }
+}
+
+/// Settings shared by every session of a shard (borrowed, never copied
+/// into a session).
+#[derive(Clone, Debug)]
+pub struct Params {
+    pub keyring: Keyring,
+    pub clock_leeway_secs: u32,
+    pub auth_timeout_ms: u64,
+    pub heartbeat_min_ms: u32,
+    pub heartbeat_default_ms: u32,
+    pub heartbeat_max_ms: u32,
+    pub idle_timeout_factor: u32,
+    pub close_linger_ms: u64,
+    /// Longest accepted user, device, app, platform or version string.
+    pub max_id_bytes: usize,
+}
+
+impl Params {
+    /// The client's heartbeat request (0 = default) clamped to the bounds.
+    pub fn negotiate_heartbeat(&self, requested_ms: u32) -> u32 {
+        if requested_ms == 0 {
+            self.heartbeat_default_ms
+        } else {
+            requested_ms.clamp(self.heartbeat_min_ms, self.heartbeat_max_ms)
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Handshaking,
+    /// Token verified; waiting for the shard to call [`Session::activate`].
+    Authenticated,
+    Active,
+    /// Last frames are being flushed; input is discarded.
+    Closing,
+    Closed,
+}
+
+/// Everything a verified `Auth` frame told us, for the shard to register.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Login {
+    pub user: String,
+    pub device: String,
+    pub app: String,
+    pub platform: String,
+    pub client_version: String,
+    pub capabilities: u32,
+    pub last_seq: u64,
+    pub heartbeat_ms: u32,
+}
+
+/// What the session asks its driver to do, in order.
+#[derive(Debug, PartialEq)]
+pub enum Action {
+    /// Encode and queue this frame.
+    Send(Frame),
+    /// A valid Auth arrived: register the login (possibly on another shard),
+    /// then call [`Session::activate`].
+    Authenticated(Box<Login>),
+    /// Stop reading; flush what is queued, then close. Sent after the
+    /// `Error`/`Kicked` frame that explains it.
+    Close(ErrorCode),
+}
+
+/// Per-connection protocol state. See the module docs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Session {
+    /// When the current phase times out: auth deadline, idle deadline or
+    /// end of the closing linger.
+    deadline: Millis,
+    /// Silence allowed once active, in ms (factor x negotiated heartbeat).
+    idle_timeout_ms: u32,
+    phase: Phase,
+}
+
+impl Session {
+    pub fn new(now: Millis, params: &Params) -> Session {
+        Session { deadline: now.add_ms(params.auth_timeout_ms), idle_timeout_ms: 0, phase: Phase::Handshaking }
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    pub fn deadline(&self) -> Millis {
+        self.deadline
+    }
+
+    pub fn idle_timeout_ms(&self) -> u32 {
+        self.idle_timeout_ms
+    }
+
+    /// Whether input should still be decoded and fed in.
+    pub fn wants_input(&self) -> bool {
+        matches!(self.phase, Phase::Handshaking | Phase::Active)
+    }
+
+    /// Feeds one decoded frame.
+    pub fn handle_frame(&mut self, now: Now, frame: Frame, params: &Params, out: &mut Vec<Action>) {
+        match (self.phase, frame) {
+            (Phase::Handshaking, Frame::Auth(auth)) => self.on_auth(now, auth, params, out),
+            (Phase::Handshaking, other) => self.fail(
+                now,
+                ErrorCode::BadFrame,
+                format!("first frame must be Auth, got {:?}", other.kind()),
+                params,
+                out,
+            ),
+            (Phase::Active, Frame::Ping) => {
+                self.touch(now.mono);
+                out.push(Action::Send(Frame::Pong));
+            }
+            (Phase::Active, other) => self.fail(
+                now,
+                ErrorCode::BadFrame,
+                format!("unexpected {:?} frame from a client", other.kind()),
+                params,
+                out,
+            ),
+            // Input after a close decision is dropped unread.
+            (Phase::Authenticated | Phase::Closing | Phase::Closed, _) => {}
+        }
+    }
+
+    /// Reports a framing error found by the driver's decoder.
+    pub fn handle_codec_error(&mut self, now: Now, err: &CodecError, params: &Params, out: &mut Vec<Action>) {
+        self.fail(now, err.code(), err.to_string(), params, out);
+    }
+
+    /// The shard registered the login: the session becomes Active and
+    /// answers with `AuthOk`.
+    pub fn activate(&mut self, now: Now, login: &Login, ok: proto::AuthOk, params: &Params, out: &mut Vec<Action>) {
+        if self.phase != Phase::Authenticated {
+            return;
+        }
+        let heartbeat = login.heartbeat_ms;
+        self.idle_timeout_ms = heartbeat.saturating_mul(params.idle_timeout_factor);
+        self.phase = Phase::Active;
+        self.touch(now.mono);
+        out.push(Action::Send(Frame::AuthOk(proto::AuthOk {
+            heartbeat_min_ms: params.heartbeat_min_ms,
+            heartbeat_max_ms: params.heartbeat_max_ms,
+            heartbeat_ms: heartbeat,
+            idle_timeout_ms: self.idle_timeout_ms,
+            server_time_ms: u64::try_from(now.unix_ms).unwrap_or(0),
+            ..ok
+        })));
+    }
+
+    /// Checks the deadline; call when the timer wheel says it may be due.
+    pub fn handle_timeout(&mut self, now: Now, params: &Params, out: &mut Vec<Action>) {
+        if now.mono < self.deadline {
+            return;
+        }
+        match self.phase {
+            Phase::Handshaking => self.fail(now, ErrorCode::AuthTimeout, String::new(), params, out),
+            Phase::Active => self.fail(now, ErrorCode::IdleTimeout, String::new(), params, out),
+            // A shard that never activates is a bug elsewhere; do not leak the
+            // connection because of it.
+            Phase::Authenticated => self.fail(now, ErrorCode::ServerError, String::new(), params, out),
+            Phase::Closing => self.phase = Phase::Closed,
+            Phase::Closed => {}
+        }
+    }
+
+    /// Ends the session from the server side with an `Error` frame.
+    pub fn close(&mut self, now: Now, code: ErrorCode, reason: String, params: &Params, out: &mut Vec<Action>) {
+        self.fail(now, code, reason, params, out);
+    }
+
+    /// Ends the session with a `Kicked` frame (replaced login, backend kick).
+    pub fn kick(&mut self, now: Now, code: ErrorCode, reason: String, params: &Params, out: &mut Vec<Action>) {
+        if !self.begin_close(now, params) {
+            return;
+        }
+        let reason = if reason.is_empty() { codes::info(code).summary.to_owned() } else { reason };
+        out.push(Action::Send(Frame::Kicked(proto::Kicked { code: code as i32, reason })));
+        out.push(Action::Close(code));
+    }
+
+    /// The peer went away or the socket failed: nothing more to send.
+    pub fn closed_by_peer(&mut self) {
+        self.phase = Phase::Closed;
+    }
+
+    fn touch(&mut self, now: Millis) {
+        self.deadline = now.add_ms(u64::from(self.idle_timeout_ms));
+    }
+
+    fn begin_close(&mut self, now: Now, params: &Params) -> bool {
+        if matches!(self.phase, Phase::Closing | Phase::Closed) {
+            return false;
+        }
+        self.phase = Phase::Closing;
+        self.deadline = now.mono.add_ms(params.close_linger_ms);
+        true
+    }
+
+    fn fail(&mut self, now: Now, code: ErrorCode, reason: String, params: &Params, out: &mut Vec<Action>) {
+        if !self.begin_close(now, params) {
+            return;
+        }
+        out.push(Action::Send(Frame::Error(codes::error_body(code, reason))));
+        out.push(Action::Close(code));
+    }
+
+    fn on_auth(&mut self, now: Now, auth: proto::Auth, params: &Params, out: &mut Vec<Action>) {
+        let claims = match params.keyring.verify(&auth.token, now.unix_secs(), params.clock_leeway_secs) {
+            Ok(claims) => claims,
+            Err(err) => return self.reject_token(now, &err, params, out),
+        };
+        if !auth.device.is_empty() && auth.device != claims.device {
+            return self.fail(
+                now,
+                ErrorCode::InvalidToken,
+                "Auth.device differs from the token's device".into(),
+                params,
+                out,
+            );
+        }
+        let fields = [&claims.user, &claims.device, &claims.app, &auth.platform, &auth.client_version];
+        if fields.iter().any(|f| f.len() > params.max_id_bytes || f.contains('\0')) {
+            return self.fail(
+                now,
+                ErrorCode::BadFrame,
+                format!("ids must be at most {} bytes without NUL", params.max_id_bytes),
+                params,
+                out,
+            );
+        }
+        self.phase = Phase::Authenticated;
+        out.push(Action::Authenticated(Box::new(Login {
+            user: claims.user,
+            device: claims.device,
+            app: claims.app,
+            platform: auth.platform,
+            client_version: auth.client_version,
+            capabilities: auth.capabilities,
+            last_seq: auth.last_seq,
+            heartbeat_ms: params.negotiate_heartbeat(auth.heartbeat_ms),
+        })));
+    }
+
+    fn reject_token(&mut self, now: Now, err: &TokenError, params: &Params, out: &mut Vec<Action>) {
+        self.fail(now, err.code(), err.to_string(), params, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::Key;
+
+    const T0_UNIX: i64 = 1_800_000_000;
+
+    fn params() -> Params {
+        let keyring = Keyring::new(vec![Key::new("k1", vec![7u8; 32]).unwrap()], None).unwrap();
+        Params {
+            keyring,
+            clock_leeway_secs: 30,
+            auth_timeout_ms: 10_000,
+            heartbeat_min_ms: 5_000,
+            heartbeat_default_ms: 30_000,
+            heartbeat_max_ms: 270_000,
+            idle_timeout_factor: 3,
+            close_linger_ms: 2_000,
+            max_id_bytes: 128,
+        }
+    }
+
+    /// Simulated clock: monotonic ms since start plus a fixed wall-clock origin.
+    fn at(ms: u64) -> Now {
+        Now { mono: Millis(ms), unix_ms: T0_UNIX * 1000 + ms as i64 }
+    }
+
+    fn auth_frame(token: String) -> Frame {
+        Frame::Auth(proto::Auth { token, heartbeat_ms: 20_000, client_version: "1.0".into(), ..Default::default() })
+    }
+
+    fn token(p: &Params, iat: i64, exp: i64) -> String {
+        p.keyring.mint("alice", "phone", "chat", iat, exp)
+    }
+
+    fn closed_with(out: &[Action]) -> Option<ErrorCode> {
+        out.iter().find_map(|a| match a {
+            Action::Close(code) => Some(*code),
+            _ => None,
+        })
+    }
+
+    fn authenticate(p: &Params, s: &mut Session, now: Now) -> Login {
+        let mut out = Vec::new();
+        s.handle_frame(now, auth_frame(token(p, T0_UNIX, T0_UNIX + 3600)), p, &mut out);
+        let [Action::Authenticated(login)] = &out[..] else { panic!("{out:?}") };
+        (**login).clone()
+    }
+
+    #[test]
+    fn valid_token_activates_with_negotiated_heartbeat() {
+        let p = params();
+        let mut s = Session::new(Millis(0), &p);
+        let login = authenticate(&p, &mut s, at(5));
+        assert_eq!((login.user.as_str(), login.device.as_str()), ("alice", "phone"));
+        assert_eq!(login.heartbeat_ms, 20_000);
+        assert_eq!(s.phase(), Phase::Authenticated);
+        let mut out = Vec::new();
+        s.activate(at(6), &login, proto::AuthOk { conn_id: 9, ..Default::default() }, &p, &mut out);
+        let [Action::Send(Frame::AuthOk(ok))] = &out[..] else { panic!("{out:?}") };
+        assert_eq!((ok.conn_id, ok.heartbeat_ms, ok.idle_timeout_ms), (9, 20_000, 60_000));
+        assert_eq!(ok.server_time_ms, (T0_UNIX * 1000 + 6) as u64);
+        assert_eq!(s.phase(), Phase::Active);
+    }
+
+    #[test]
+    fn bad_signature_is_invalid_token() {
+        let p = params();
+        let mut s = Session::new(Millis(0), &p);
+        let mut t = token(&p, T0_UNIX, T0_UNIX + 60);
+        let last = t.pop().unwrap();
+        t.push(if last == 'A' { 'B' } else { 'A' });
+        let mut out = Vec::new();
+        s.handle_frame(at(1), auth_frame(t), &p, &mut out);
+        assert_eq!(closed_with(&out), Some(ErrorCode::InvalidToken));
+        assert!(matches!(&out[0], Action::Send(Frame::Error(e)) if !e.reconnect));
+        assert_eq!(s.phase(), Phase::Closing);
+    }
+
+    #[test]
+    fn expiry_and_not_yet_valid_respect_the_leeway() {
+        let p = params();
+        let cases = [
+            // (issued_at, expires_at, expected close)
+            (T0_UNIX - 100, T0_UNIX - 10, None), // expired 10 s ago: within 30 s leeway
+            (T0_UNIX - 100, T0_UNIX - 31, Some(ErrorCode::TokenExpired)),
+            (T0_UNIX + 20, T0_UNIX + 100, None), // 20 s in the future: within leeway
+            (T0_UNIX + 31, T0_UNIX + 100, Some(ErrorCode::TokenNotYetValid)),
+        ];
+        for (iat, exp, want) in cases {
+            let mut s = Session::new(Millis(0), &p);
+            let mut out = Vec::new();
+            s.handle_frame(at(0), auth_frame(token(&p, iat, exp)), &p, &mut out);
+            assert_eq!(closed_with(&out), want, "iat {iat} exp {exp}");
+            if want.is_some() {
+                assert!(matches!(&out[0], Action::Send(Frame::Error(e)) if e.reconnect));
+            }
+        }
+    }
+
+    #[test]
+    fn frame_before_auth_is_bad_frame() {
+        let p = params();
+        let mut s = Session::new(Millis(0), &p);
+        let mut out = Vec::new();
+        s.handle_frame(at(1), Frame::Ping, &p, &mut out);
+        assert_eq!(closed_with(&out), Some(ErrorCode::BadFrame));
+        // Nothing after the close decision produces output.
+        out.clear();
+        s.handle_frame(at(2), auth_frame(token(&p, T0_UNIX, T0_UNIX + 60)), &p, &mut out);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn auth_deadline() {
+        let p = params();
+        let mut s = Session::new(Millis(0), &p);
+        let mut out = Vec::new();
+        s.handle_timeout(at(9_999), &p, &mut out);
+        assert!(out.is_empty());
+        s.handle_timeout(at(10_000), &p, &mut out);
+        assert_eq!(closed_with(&out), Some(ErrorCode::AuthTimeout));
+        // Linger then closed.
+        out.clear();
+        s.handle_timeout(at(12_000), &p, &mut out);
+        assert_eq!(s.phase(), Phase::Closed);
+    }
+
+    #[test]
+    fn idle_timeout_counts_from_the_last_frame() {
+        let p = params();
+        let mut s = Session::new(Millis(0), &p);
+        let login = authenticate(&p, &mut s, at(0));
+        let mut out = Vec::new();
+        s.activate(at(0), &login, proto::AuthOk::default(), &p, &mut out);
+        // Pings every 50 s keep a 60 s idle timeout alive.
+        for t in [50_000, 100_000, 150_000] {
+            out.clear();
+            s.handle_timeout(at(t), &p, &mut out);
+            s.handle_frame(at(t), Frame::Ping, &p, &mut out);
+            assert_eq!(out, vec![Action::Send(Frame::Pong)]);
+        }
+        out.clear();
+        s.handle_timeout(at(209_999), &p, &mut out);
+        assert!(out.is_empty());
+        s.handle_timeout(at(210_000), &p, &mut out);
+        assert_eq!(closed_with(&out), Some(ErrorCode::IdleTimeout));
+    }
+
+    #[test]
+    fn replaced_login_gets_kicked() {
+        let p = params();
+        let mut old = Session::new(Millis(0), &p);
+        let login = authenticate(&p, &mut old, at(0));
+        let mut out = Vec::new();
+        old.activate(at(0), &login, proto::AuthOk::default(), &p, &mut out);
+        out.clear();
+        old.kick(at(5), ErrorCode::Replaced, String::new(), &p, &mut out);
+        let [Action::Send(Frame::Kicked(k)), Action::Close(ErrorCode::Replaced)] = &out[..] else { panic!("{out:?}") };
+        assert_eq!(k.code, ErrorCode::Replaced as i32);
+        // A second kick is a no-op.
+        out.clear();
+        old.kick(at(6), ErrorCode::Replaced, String::new(), &p, &mut out);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn second_auth_and_device_mismatch_are_rejected() {
+        let p = params();
+        let mut s = Session::new(Millis(0), &p);
+        let mut out = Vec::new();
+        let mut f = auth_frame(token(&p, T0_UNIX, T0_UNIX + 60));
+        if let Frame::Auth(a) = &mut f {
+            a.device = "tablet".into();
+        }
+        s.handle_frame(at(0), f, &p, &mut out);
+        assert_eq!(closed_with(&out), Some(ErrorCode::InvalidToken));
+
+        let mut s = Session::new(Millis(0), &p);
+        let login = authenticate(&p, &mut s, at(0));
+        out.clear();
+        s.activate(at(0), &login, proto::AuthOk::default(), &p, &mut out);
+        out.clear();
+        s.handle_frame(at(1), auth_frame(token(&p, T0_UNIX, T0_UNIX + 60)), &p, &mut out);
+        assert_eq!(closed_with(&out), Some(ErrorCode::BadFrame));
+    }
+
+    #[test]
+    fn heartbeat_is_clamped() {
+        let p = params();
+        assert_eq!(p.negotiate_heartbeat(0), 30_000);
+        assert_eq!(p.negotiate_heartbeat(1), 5_000);
+        assert_eq!(p.negotiate_heartbeat(u32::MAX), 270_000);
+    }
+
+    #[test]
+    fn session_stays_small() {
+        assert!(std::mem::size_of::<Session>() <= 16);
+    }
+}
