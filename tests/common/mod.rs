@@ -1,0 +1,117 @@
+//! Shared test harness: a real node on port 0 and glommio clients.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use longlink::codec::{self, Frame};
+use longlink::config::Config;
+use longlink::server::Server;
+use longlink::token::Keyring;
+
+pub const KEY_HEX: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+
+/// A config for tests: loopback, port 0, a fixed key, short deadlines.
+pub fn test_config(shards: u16) -> Config {
+    let mut cfg = Config::from_toml_str(&format!(
+        r#"
+        node_name = "test"
+        data_dir = "/nonexistent-not-used"
+        [server]
+        client_listen = "127.0.0.1:0"
+        push_listen = "127.0.0.1:0"
+        shards = {shards}
+        io_memory_bytes = 65536
+        accept_rate_per_sec = 0
+        [session]
+        auth_timeout_ms = 600
+        heartbeat_min_ms = 100
+        heartbeat_default_ms = 10000
+        wheel_tick_ms = 20
+        close_linger_ms = 500
+        [auth]
+        clock_leeway_secs = 30
+        [[auth.keys]]
+        id = "k1"
+        secret_hex = "{KEY_HEX}"
+        "#
+    ))
+    .expect("test config is valid");
+    cfg.server.shards = shards;
+    cfg
+}
+
+pub fn keyring(cfg: &Config) -> Keyring {
+    cfg.keyring().expect("keyring").0
+}
+
+pub fn token(cfg: &Config, user: &str, device: &str) -> String {
+    let now = longlink::token::now_unix_secs();
+    keyring(cfg).mint(user, device, "test", now, now + 3600)
+}
+
+pub fn start(cfg: &Config) -> Server {
+    Server::start(cfg).expect("server starts")
+}
+
+/// Runs `fut` on a fresh glommio executor on this thread.
+pub fn run<T>(fut: impl Future<Output = T>) -> T {
+    glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .io_memory(64 * 1024)
+        .ring_depth(4096)
+        .make()
+        .expect("client executor")
+        .run(fut)
+}
+
+/// Writes `bytes`, then reads frames until the server closes the socket (or
+/// `limit` passes). Returns the frames in order.
+pub async fn exchange(addr: SocketAddr, bytes: &[u8], limit: Duration) -> Vec<Frame> {
+    let mut stream = glommio::net::TcpStream::connect(addr).await.expect("connect");
+    if !bytes.is_empty() {
+        stream.write_all(bytes).await.expect("write");
+    }
+    read_until_close(&mut stream, limit).await
+}
+
+pub async fn read_until_close(stream: &mut glommio::net::TcpStream, limit: Duration) -> Vec<Frame> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            panic!("server did not close within {limit:?}; got {:?}", decode_all(&buf));
+        }
+        let read = futures_lite::future::or(async { Some(stream.read(&mut chunk).await) }, async {
+            glommio::timer::sleep(left).await;
+            None
+        })
+        .await;
+        match read {
+            Some(Ok(0)) | Some(Err(_)) => return decode_all(&buf),
+            Some(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            None => {}
+        }
+    }
+}
+
+pub fn decode_all(mut buf: &[u8]) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    while let Ok(Some((h, body))) = codec::split_frame(buf, codec::DEFAULT_MAX_BODY) {
+        frames.push(Frame::decode(h, body).expect("server frames decode"));
+        buf = &buf[h.frame_len()..];
+    }
+    frames
+}
+
+/// The code of the last Error or Kicked frame.
+pub fn close_code(frames: &[Frame]) -> Option<longlink::proto::ErrorCode> {
+    frames.iter().rev().find_map(|f| match f {
+        Frame::Error(e) => Some(longlink::codes::from_wire(e.code)),
+        Frame::Kicked(k) => Some(longlink::codes::from_wire(k.code)),
+        _ => None,
+    })
+}
