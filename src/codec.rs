@@ -153,65 +153,75 @@ pub fn encode_empty(kind: FrameKind, flags: Flags) -> [u8; HEADER_LEN] {
     out
 }
 
-/// A decoded frame. Kinds without a body are unit variants.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Frame {
-    Auth(proto::Auth),
-    AuthOk(proto::AuthOk),
-    Error(proto::Error),
-    Ping,
-    Pong,
-    Kicked(proto::Kicked),
-    GoAway(proto::GoAway),
+/// Declares [`Frame`]: one variant per frame kind with a protobuf body,
+/// plus the header-only kinds, and the decode/encode/kind tables for them.
+macro_rules! frames {
+    (
+        bodies { $($kind:ident($body:ty)),* $(,)? }
+        empty { $($ekind:ident),* $(,)? }
+    ) => {
+        /// A decoded frame. Kinds without a body are unit variants.
+        #[derive(Clone, Debug, PartialEq)]
+        pub enum Frame {
+            $($kind($body),)*
+            $($ekind,)*
+        }
+
+        impl Frame {
+            pub fn kind(&self) -> FrameKind {
+                match self {
+                    $(Frame::$kind(_) => FrameKind::$kind,)*
+                    $(Frame::$ekind => FrameKind::$ekind,)*
+                }
+            }
+
+            /// Decodes the body that follows `header`.
+            pub fn decode(header: Header, body: &[u8]) -> Result<Frame, CodecError> {
+                let kind = header.kind;
+                match kind {
+                    $(FrameKind::$kind => <$body as prost::Message>::decode(body)
+                        .map(Frame::$kind)
+                        .map_err(|source| CodecError::BadBody { kind, source }),)*
+                    $(FrameKind::$ekind if body.is_empty() => Ok(Frame::$ekind),)*
+                    $(FrameKind::$ekind => Err(CodecError::UnexpectedBody(kind)),)*
+                    other => Err(CodecError::WrongKind(other)),
+                }
+            }
+
+            /// Appends this frame, header and body, to `dst`.
+            pub fn encode_into(&self, dst: &mut BytesMut, flags: Flags) {
+                match self {
+                    $(Frame::$kind(m) => encode_into(dst, FrameKind::$kind, flags, m),)*
+                    $(Frame::$ekind => dst.put_slice(&encode_empty(FrameKind::$ekind, flags)),)*
+                }
+            }
+        }
+    };
+}
+
+frames! {
+    bodies {
+        Auth(proto::Auth),
+        AuthOk(proto::AuthOk),
+        Error(proto::Error),
+        Kicked(proto::Kicked),
+        Message(proto::Message),
+        Join(proto::GroupMembership),
+        Leave(proto::GroupMembership),
+        GoAway(proto::GoAway),
+        PushRequest(proto::PushRequest),
+        PushReply(proto::PushReply),
+        GroupUpdate(proto::GroupUpdate),
+        KickRequest(proto::KickRequest),
+        PresenceQuery(proto::PresenceQuery),
+        PresenceReply(proto::PresenceReply),
+        AdminReply(proto::AdminReply),
+        RequestError(proto::RequestError),
+    }
+    empty { Ping, Pong }
 }
 
 impl Frame {
-    pub fn kind(&self) -> FrameKind {
-        match self {
-            Frame::Auth(_) => FrameKind::Auth,
-            Frame::AuthOk(_) => FrameKind::AuthOk,
-            Frame::Error(_) => FrameKind::Error,
-            Frame::Ping => FrameKind::Ping,
-            Frame::Pong => FrameKind::Pong,
-            Frame::Kicked(_) => FrameKind::Kicked,
-            Frame::GoAway(_) => FrameKind::GoAway,
-        }
-    }
-
-    /// Decodes the body that follows `header`.
-    pub fn decode(header: Header, body: &[u8]) -> Result<Frame, CodecError> {
-        fn msg<M: prost::Message + Default>(kind: FrameKind, body: &[u8]) -> Result<M, CodecError> {
-            M::decode(body).map_err(|source| CodecError::BadBody { kind, source })
-        }
-        let kind = header.kind;
-        let empty = |f: Frame| {
-            if body.is_empty() { Ok(f) } else { Err(CodecError::UnexpectedBody(kind)) }
-        };
-        match kind {
-            FrameKind::Auth => msg(kind, body).map(Frame::Auth),
-            FrameKind::AuthOk => msg(kind, body).map(Frame::AuthOk),
-            FrameKind::Error => msg(kind, body).map(Frame::Error),
-            FrameKind::Ping => empty(Frame::Ping),
-            FrameKind::Pong => empty(Frame::Pong),
-            FrameKind::Kicked => msg(kind, body).map(Frame::Kicked),
-            FrameKind::GoAway => msg(kind, body).map(Frame::GoAway),
-            other => Err(CodecError::WrongKind(other)),
-        }
-    }
-
-    /// Appends this frame, header and body, to `dst`.
-    pub fn encode_into(&self, dst: &mut BytesMut, flags: Flags) {
-        let kind = self.kind();
-        match self {
-            Frame::Auth(m) => encode_into(dst, kind, flags, m),
-            Frame::AuthOk(m) => encode_into(dst, kind, flags, m),
-            Frame::Error(m) => encode_into(dst, kind, flags, m),
-            Frame::Kicked(m) => encode_into(dst, kind, flags, m),
-            Frame::GoAway(m) => encode_into(dst, kind, flags, m),
-            Frame::Ping | Frame::Pong => dst.put_slice(&encode_empty(kind, flags)),
-        }
-    }
-
     pub fn to_bytes(&self) -> Bytes {
         let mut dst = BytesMut::new();
         self.encode_into(&mut dst, Flags::default());
@@ -253,6 +263,28 @@ mod tests {
             Frame::Pong,
             Frame::Kicked(proto::Kicked { code: proto::ErrorCode::Replaced as i32, reason: "r".into() }),
             Frame::GoAway(proto::GoAway { endpoint: "127.0.0.1:1".into(), reason: "drain".into() }),
+            Frame::Message(proto::Message {
+                payload: Bytes::from_static(b"hello"),
+                service_id: "chat".into(),
+                message_id: 1,
+                seq: 0,
+            }),
+            Frame::Join(proto::GroupMembership { group: "g".into() }),
+            Frame::Leave(proto::GroupMembership { group: "g".into() }),
+            Frame::PushRequest(proto::PushRequest {
+                request_id: 1,
+                targets: Some(proto::Targets { devices: vec!["d".into()], ..Default::default() }),
+                payload: Bytes::from_static(b"p"),
+                service_id: "s".into(),
+                ttl_ms: 5,
+            }),
+            Frame::PushReply(proto::PushReply { request_id: 1, delivered: 2, ..Default::default() }),
+            Frame::GroupUpdate(proto::GroupUpdate { request_id: 1, group: "g".into(), ..Default::default() }),
+            Frame::KickRequest(proto::KickRequest { request_id: 1, devices: vec!["d".into()], ..Default::default() }),
+            Frame::PresenceQuery(proto::PresenceQuery { request_id: 1, ..Default::default() }),
+            Frame::PresenceReply(proto::PresenceReply { request_id: 1, connections_total: 3, ..Default::default() }),
+            Frame::AdminReply(proto::AdminReply { request_id: 1, ..Default::default() }),
+            Frame::RequestError(proto::RequestError { request_id: 1, code: 2000, reason: "x".into() }),
         ]
     }
 
@@ -263,6 +295,19 @@ mod tests {
             let (header, body) = split_frame(&bytes, DEFAULT_MAX_BODY).unwrap().unwrap();
             assert_eq!(header.frame_len(), bytes.len());
             assert_eq!(Frame::decode(header, body).unwrap(), frame);
+        }
+    }
+
+    #[test]
+    fn every_kind_with_a_body_or_none_is_covered() {
+        let kinds: std::collections::HashSet<_> = all_frames().iter().map(Frame::kind).collect();
+        for n in 1..=u8::MAX {
+            if let Ok(kind) = FrameKind::try_from(i32::from(n)) {
+                let h = Header { kind, flags: Flags::default(), body_len: 0 };
+                if Frame::decode(h, &[]).is_ok() {
+                    assert!(kinds.contains(&kind), "{kind:?} decodes but is not round-tripped");
+                }
+            }
         }
     }
 

@@ -10,7 +10,9 @@
 //! - [`shard`]: one executor's world: listener, sessions, indexes, mesh.
 //! - [`server`]: starts the shards and wires the mesh between them.
 //! - [`client`]: client session state machine and its glommio driver.
+//! - [`backend`]: blocking client for the push port (backends, CLI, bench).
 
+pub mod backend;
 pub mod client;
 pub mod codec;
 pub mod codes;
