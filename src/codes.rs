@@ -51,6 +51,7 @@ pub const TABLE: &[CodeInfo] = &[
     row(ErrorCode::Replaced, Terminal, "the device logged in on another connection"),
     row(ErrorCode::Kicked, Terminal, "session ended by a backend"),
     row(ErrorCode::UnsupportedVersion, Terminal, "protocol version not supported"),
+    row(ErrorCode::LimitExceeded, Terminal, "a per-session limit was exceeded"),
 ];
 
 /// The table row for `code`; `Unspecified` maps to SERVER_ERROR's row.

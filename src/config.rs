@@ -78,6 +78,8 @@ config_struct! {
         pub session: SessionConfig = SessionConfig::default(),
         /// Connect token keys and checks.
         pub auth: AuthConfig = AuthConfig::default(),
+        /// The push port: backends, fan-out and broadcast limits.
+        pub push: PushConfig = PushConfig::default(),
     }
 }
 
@@ -144,6 +146,29 @@ config_struct! {
         /// Granularity of each shard's timer wheel, in ms; every timeout
         /// fires up to one tick late. Default: 100. Allowed: 1 to 1000.
         pub wheel_tick_ms: u64 = 100,
+        /// How long a client's outbound queue may stay blocked (socket full)
+        /// before it is closed as SLOW, in ms. Default: 10000.
+        pub write_timeout_ms: u64 = 10_000,
+        /// Groups one session may be a member of. Default: 64.
+        pub max_groups_per_session: u32 = 64,
+    }
+}
+
+config_struct! {
+    /// `[push]`: the push port (internal: bind it to a private address).
+    pub struct PushConfig {
+        /// Requests one backend connection may have in flight; beyond it the
+        /// node stops reading from that connection until replies go out.
+        /// Default: 1024.
+        pub max_inflight_per_backend: u32 = 1024,
+        /// Device or user targets in one request. Default: 10000.
+        pub max_targets_per_request: u32 = 10_000,
+        /// Largest push-port request frame body, in bytes (a request may
+        /// carry thousands of targets). Default: 4194304 (4 MiB).
+        pub max_request_bytes: u32 = 4 * 1024 * 1024,
+        /// Broadcast deliveries per second for the whole node, shared evenly
+        /// by its shards. Default: 200000.
+        pub broadcast_rate_per_sec: u32 = 200_000,
     }
 }
 
@@ -296,6 +321,12 @@ impl Config {
         self.server.validate()?;
         self.session.validate(&self.server)?;
         self.auth.configured_keyring()?;
+        check_range("session.write_timeout_ms", self.session.write_timeout_ms, 100, 3_600_000, "")?;
+        check_range("push.max_inflight_per_backend", self.push.max_inflight_per_backend, 1, 1 << 20, "")?;
+        check_range("push.max_targets_per_request", self.push.max_targets_per_request, 1, 1 << 20, "")?;
+        check_range("push.max_request_bytes", self.push.max_request_bytes, 1024, 64 << 20, "")?;
+        check_range("push.broadcast_rate_per_sec", self.push.broadcast_rate_per_sec, 1, u32::MAX, "")?;
+        check_range("server.shards", self.server.shards, 0, 64, " (the user directory keeps a 64-bit shard set)")?;
         check_range("auth.clock_leeway_secs", self.auth.clock_leeway_secs, 0, MAX_CLOCK_LEEWAY_SECS, "")?;
         check_range(
             "auth.default_token_ttl_secs",
@@ -488,6 +519,7 @@ fn section_fields(name: &str) -> &'static [FieldDoc] {
         "server" => ServerConfig::FIELDS,
         "session" => SessionConfig::FIELDS,
         "auth" => AuthConfig::FIELDS,
+        "push" => PushConfig::FIELDS,
         // A new section must be listed here; the round-trip test fails
         // until it is.
         _ => &[],
@@ -567,10 +599,11 @@ mod tests {
             let doc: Vec<&str> = lines[..i].iter().rev().take_while(|l| l.starts_with('#')).copied().collect();
             assert!(doc.iter().any(|l| l.contains("Default")), "`{line}` lacks a doc comment with its default");
         }
-        let expected = Config::FIELDS.len() - 3
+        let expected = Config::FIELDS.len() - 4
             + ServerConfig::FIELDS.len()
             + SessionConfig::FIELDS.len()
-            + AuthConfig::FIELDS.len();
+            + AuthConfig::FIELDS.len()
+            + PushConfig::FIELDS.len();
         assert_eq!(fields, expected);
     }
 

@@ -3,7 +3,7 @@
 use std::fmt;
 
 /// Index of a shard (one glommio executor, one core) within this node.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ShardId(pub u16);
 
 impl ShardId {

@@ -7,7 +7,10 @@
 //! - [`config`]: TOML config with documented defaults and `validate()`.
 //! - [`session`]: the server's per-connection protocol state machine (no I/O, no clock).
 //! - [`wheel`]: the per-shard coarse timer wheel that drives every deadline.
-//! - [`shard`]: one executor's world: listener, sessions, indexes, mesh.
+//! - [`shard`]: one executor's world: listener, sessions, indexes, delivery.
+//! - [`mesh`]: messages between shards; [`outq`]: bounded outbound queues.
+//! - [`push`]: the push port: backend requests split over shards and merged.
+//! - [`groups`]: per-shard group membership.
 //! - [`server`]: starts the shards and wires the mesh between them.
 //! - [`client`]: client session state machine and its glommio driver.
 //! - [`backend`]: blocking client for the push port (backends, CLI, bench).
@@ -17,8 +20,12 @@ pub mod client;
 pub mod codec;
 pub mod codes;
 pub mod config;
+pub mod groups;
 pub mod ids;
+pub mod mesh;
+pub mod outq;
 pub mod proto;
+pub mod push;
 pub mod server;
 pub mod session;
 pub mod shard;

@@ -15,8 +15,9 @@ use tracing::info;
 
 use crate::config::Config;
 use crate::ids::ShardId;
+use crate::mesh::{Outbox, ShardMsg};
 use crate::session::Params;
-use crate::shard::{MAX_ID_BYTES, Shard, ShardConfig, ShardCounters, ShardMsg};
+use crate::shard::{MAX_ID_BYTES, PushLimits, Shard, ShardConfig, ShardCounters};
 
 /// Messages queued per mesh channel (power of two; small ones are slow).
 const MESH_CAPACITY: usize = 1024;
@@ -40,6 +41,7 @@ pub struct Server {
     handles: Option<PoolThreadHandles<()>>,
     stop: Arc<AtomicBool>,
     client_addr: SocketAddr,
+    push_addr: SocketAddr,
     counters: Vec<Arc<ShardCounters>>,
 }
 
@@ -54,6 +56,7 @@ impl Server {
         let session = &config.session;
 
         let (client_addr, listeners) = bind_reuseport(server.client_listen, shards, server.listen_backlog)?;
+        let (push_addr, push_listeners) = bind_reuseport(server.push_listen, shards, server.listen_backlog)?;
         let shard_cfg = ShardConfig {
             params: Params {
                 keyring,
@@ -68,6 +71,14 @@ impl Server {
             },
             max_frame_bytes: server.max_frame_bytes,
             outbound_queue_bytes: session.outbound_queue_bytes,
+            write_timeout_ms: session.write_timeout_ms,
+            max_groups_per_session: session.max_groups_per_session,
+            push: PushLimits {
+                max_inflight_per_backend: config.push.max_inflight_per_backend,
+                max_targets_per_request: config.push.max_targets_per_request,
+                max_request_bytes: config.push.max_request_bytes,
+                broadcast_rate_per_sec: config.push.broadcast_rate_per_sec.div_ceil(u32::from(shards)),
+            },
             read_buffer_bytes: server.read_buffer_bytes,
             wheel_tick_ms: session.wheel_tick_ms,
             max_connections: server.max_connections_per_shard,
@@ -76,9 +87,10 @@ impl Server {
         };
         let stop = Arc::new(AtomicBool::new(false));
         let counters: Vec<Arc<ShardCounters>> = (0..shards).map(|_| Arc::default()).collect();
-        let (fd_tx, fd_rx) = crossbeam_channel::bounded::<OwnedFd>(listeners.len());
-        for fd in listeners {
-            let _ = fd_tx.send(fd);
+        // Each executor takes one (client, push) listener pair.
+        let (fd_tx, fd_rx) = crossbeam_channel::bounded::<(OwnedFd, OwnedFd)>(listeners.len());
+        for pair in listeners.into_iter().zip(push_listeners) {
+            let _ = fd_tx.send(pair);
         }
         let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<ShardId, String>>(usize::from(shards));
         let mesh = MeshBuilder::<ShardMsg, _>::full(usize::from(shards), MESH_CAPACITY);
@@ -108,19 +120,25 @@ impl Server {
                         counters.clone(),
                     );
                     async move {
-                        let Ok(fd) = fd_rx.try_recv() else {
+                        let Ok((client_fd, push_fd)) = fd_rx.try_recv() else {
                             let _ = ready_tx.send(Err("no listener left for this executor".into()));
                             return;
                         };
-                        // SAFETY: a listening TCP socket built by `bind_reuseport`,
+                        // SAFETY: listening TCP sockets built by `bind_reuseport`,
                         // owned by this executor from here on.
-                        let listener = unsafe { glommio::net::TcpListener::from_raw_fd(fd.into_raw_fd()) };
+                        let (listener, push_listener) = unsafe {
+                            (
+                                glommio::net::TcpListener::from_raw_fd(client_fd.into_raw_fd()),
+                                glommio::net::TcpListener::from_raw_fd(push_fd.into_raw_fd()),
+                            )
+                        };
                         let Ok((senders, mut receivers)) = mesh.join().await else {
                             let _ = ready_tx.send(Err("mesh join failed".into()));
                             return;
                         };
                         let id = ShardId(senders.peer_id() as u16);
-                        let shard = Shard::new(id, shards, cfg, senders, counters[id.index()].clone());
+                        let outbox = Outbox::new(senders);
+                        let shard = Shard::new(id, shards, cfg, outbox, counters[id.index()].clone());
                         for (_peer, rx) in receivers.streams() {
                             let shard = shard.clone();
                             glommio::spawn_local(async move {
@@ -131,6 +149,8 @@ impl Server {
                             .detach();
                         }
                         glommio::spawn_local(Rc::clone(&shard).accept_loop(listener)).detach();
+                        glommio::spawn_local(Rc::clone(&shard).push_accept_loop(push_listener)).detach();
+                        glommio::spawn_local(Rc::clone(&shard).pacer_loop()).detach();
                         let _ = ready_tx.send(Ok(id));
                         shard.timer_loop(stop, grace).await;
                     }
@@ -146,12 +166,17 @@ impl Server {
             }
         }
         info!(%client_addr, shards, node = %config.node_name(), "longlink serving");
-        Ok(Server { handles: Some(handles), stop, client_addr, counters })
+        Ok(Server { handles: Some(handles), stop, client_addr, push_addr, counters })
     }
 
     /// The bound client address (useful with port 0).
     pub fn client_addr(&self) -> SocketAddr {
         self.client_addr
+    }
+
+    /// The bound push-port address.
+    pub fn push_addr(&self) -> SocketAddr {
+        self.push_addr
     }
 
     /// Per-shard counters, indexed by shard id.

@@ -104,6 +104,10 @@ pub enum Action {
     /// Stop reading; flush what is queued, then close. Sent after the
     /// `Error`/`Kicked` frame that explains it.
     Close(ErrorCode),
+    /// The client asks to join a group.
+    Join(String),
+    /// The client asks to leave a group.
+    Leave(String),
 }
 
 /// Per-connection protocol state. See the module docs.
@@ -153,6 +157,25 @@ impl Session {
             (Phase::Active, Frame::Ping) => {
                 self.touch(now.mono);
                 out.push(Action::Send(Frame::Pong));
+            }
+            (Phase::Active, Frame::Join(m) | Frame::Leave(m))
+                if m.group.is_empty() || m.group.len() > params.max_id_bytes =>
+            {
+                self.fail(
+                    now,
+                    ErrorCode::BadFrame,
+                    format!("group name must be 1 to {} bytes", params.max_id_bytes),
+                    params,
+                    out,
+                )
+            }
+            (Phase::Active, Frame::Join(m)) => {
+                self.touch(now.mono);
+                out.push(Action::Join(m.group));
+            }
+            (Phase::Active, Frame::Leave(m)) => {
+                self.touch(now.mono);
+                out.push(Action::Leave(m.group));
             }
             (Phase::Active, other) => self.fail(
                 now,
@@ -474,6 +497,23 @@ mod tests {
         s.activate(at(0), &login, proto::AuthOk::default(), &p, &mut out);
         out.clear();
         s.handle_frame(at(1), auth_frame(token(&p, T0_UNIX, T0_UNIX + 60)), &p, &mut out);
+        assert_eq!(closed_with(&out), Some(ErrorCode::BadFrame));
+    }
+
+    #[test]
+    fn join_and_leave_become_actions_and_bad_names_close() {
+        let p = params();
+        let mut s = Session::new(Millis(0), &p);
+        let login = authenticate(&p, &mut s, at(0));
+        let mut out = Vec::new();
+        s.activate(at(0), &login, proto::AuthOk::default(), &p, &mut out);
+        out.clear();
+        let join = |g: &str| Frame::Join(proto::GroupMembership { group: g.into() });
+        s.handle_frame(at(1), join("room"), &p, &mut out);
+        s.handle_frame(at(1), Frame::Leave(proto::GroupMembership { group: "room".into() }), &p, &mut out);
+        assert_eq!(out, vec![Action::Join("room".into()), Action::Leave("room".into())]);
+        out.clear();
+        s.handle_frame(at(2), join(""), &p, &mut out);
         assert_eq!(closed_with(&out), Some(ErrorCode::BadFrame));
     }
 

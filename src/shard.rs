@@ -1,24 +1,27 @@
 //! One shard: everything a single glommio executor (one core) owns.
 //!
-//! A shard accepts on its own SO_REUSEPORT listener, keeps its sessions in a
-//! slab, indexes them by device and by user, and drives every deadline from
-//! one timer wheel. Nothing here is shared with other threads except rare
-//! counters; other shards reach it only through the channel mesh.
+//! A shard accepts on its own SO_REUSEPORT listeners (client and push
+//! ports), keeps its sessions in a slab, indexes them by device and by user,
+//! holds their group memberships, and drives every deadline from one timer
+//! wheel. Nothing here is shared with other threads except counters; other
+//! shards reach it only through the mesh ([`crate::mesh`]).
 //!
 //! Each connection is one task that waits in [`Shard::poll_conn`]. It reads
 //! into the shard's scratch buffer, so an idle connection holds no read
 //! buffer: only an incomplete frame is copied out and kept. Outbound frames
 //! wait in a per-connection queue bounded in bytes, allocated only while
-//! something is queued.
+//! something is queued; when nothing is queued a push is sent at once.
 //!
 //! Owner shard: a device lives on `owner_shard(device)`. A connection that
 //! authenticates on another shard is handed over (fd, session, login and any
 //! bytes already read) through the mesh, and the owner sends `AuthOk`.
+//! Users: the shard `home_shard(user)` keeps a directory of which shards
+//! hold sessions of the user, so a push to a user visits only those.
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -27,8 +30,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use futures_lite::AsyncWrite;
-use glommio::channels::channel_mesh::Senders;
+use glommio::channels::local_channel::{LocalReceiver, LocalSender};
 use glommio::net::TcpStream;
 use hashbrown::HashTable;
 use slab::Slab;
@@ -36,43 +38,30 @@ use tracing::{debug, info, warn};
 
 use crate::codec::{self, Frame};
 use crate::codes;
+use crate::groups::Groups;
 use crate::ids::{ConnId, ConnKey, ShardId, owner_shard, stable_hash};
+use crate::mesh::{Adoption, Origin, Outbox, Part, PresencePart, PresenceQuery, ShardMsg, UserAction};
+use crate::outq::{self, OutQueue};
 use crate::proto::{self, ErrorCode, FrameKind};
+use crate::push::{Backend, Pending};
 use crate::session::{Action, Login, Millis, Now, Params, Phase, Session};
 use crate::wheel::Wheel;
 
 /// Reads handled in one poll of a connection before yielding to others.
 const READS_PER_POLL: usize = 8;
-/// Buffers handed to one `writev`.
-const MAX_IOVECS: usize = 64;
 /// Sessions handled by the timer sweep before it yields.
 const SWEEP_BATCH: usize = 1024;
 /// Buckets in the timer wheel (span = slots x tick).
 const WHEEL_SLOTS: usize = 4096;
-/// Longest id string (user, device, app, platform, version) in bytes; the
-/// compact identity record stores lengths in one byte each.
+/// Longest id string (user, device, app, platform, version, group) in
+/// bytes; the compact identity record stores lengths in one byte each.
 pub const MAX_ID_BYTES: usize = 255;
 /// Sentinel for "no next session of the same user".
 const NO_CONN: u32 = u32::MAX;
+/// How often the broadcast pacer runs while broadcasts are queued.
+const PACER_TICK: Duration = Duration::from_millis(10);
 
-/// Messages between shards.
-pub enum ShardMsg {
-    /// A connection authenticated on the sending shard belongs to the
-    /// receiver (the device's owner shard).
-    Adopt(Box<Adoption>),
-}
-
-/// A connection in transit to its owner shard.
-pub struct Adoption {
-    fd: OwnedFd,
-    session: Session,
-    login: Login,
-    /// Bytes read after the Auth frame, not yet processed.
-    leftover: Vec<u8>,
-}
-
-/// Counters readable from other threads (tests, stats logs). Only rare
-/// events are counted here; nothing per frame.
+/// Counters readable from other threads (tests, stats logs, metrics).
 #[derive(Debug, Default)]
 pub struct ShardCounters {
     pub accepted: AtomicU64,
@@ -81,9 +70,31 @@ pub struct ShardCounters {
     pub adopted: AtomicU64,
     pub replaced: AtomicU64,
     pub closed: AtomicU64,
+    /// Sessions registered (authenticated, indexed) right now.
     pub active: AtomicU64,
-    /// Sessions closed because their outbound queue overflowed.
+    /// Sessions closed as SLOW (queue full or write deadline passed).
     pub slow_closed: AtomicU64,
+    /// Frames dropped from the queues of sessions closed as SLOW.
+    pub slow_dropped_frames: AtomicU64,
+    /// Messages queued or written to a session.
+    pub delivered: AtomicU64,
+    /// Broadcast deliveries dropped because their TTL passed while paced.
+    pub broadcast_expired: AtomicU64,
+    /// Push-port requests received.
+    pub push_requests: AtomicU64,
+    /// Groups with members on this shard, and sessions in any group.
+    pub groups: AtomicU64,
+    pub group_sessions: AtomicU64,
+}
+
+/// Push-port limits a shard enforces.
+#[derive(Clone, Debug)]
+pub struct PushLimits {
+    pub max_inflight_per_backend: u32,
+    pub max_targets_per_request: u32,
+    pub max_request_bytes: u32,
+    /// This shard's share of the node's broadcast rate, deliveries/s.
+    pub broadcast_rate_per_sec: u32,
 }
 
 /// Everything a shard needs to start, built on the main thread.
@@ -92,57 +103,22 @@ pub struct ShardConfig {
     pub params: Params,
     pub max_frame_bytes: u32,
     pub outbound_queue_bytes: u32,
+    pub write_timeout_ms: u64,
     pub read_buffer_bytes: usize,
     pub wheel_tick_ms: u64,
     pub max_connections: u32,
     pub accept_rate_per_sec: u32,
+    pub max_groups_per_session: u32,
+    pub push: PushLimits,
     pub node: String,
-}
-
-/// The identity of an authenticated session in one allocation: user,
-/// device, app, platform, then the client version, with the first four
-/// lengths in `lens`.
-struct Ident {
-    text: Box<str>,
-    lens: [u8; 4],
-}
-
-impl Ident {
-    fn new(login: &Login) -> Ident {
-        let parts = [&login.user, &login.device, &login.app, &login.platform];
-        let mut text = String::with_capacity(parts.iter().map(|p| p.len()).sum::<usize>() + login.client_version.len());
-        let mut lens = [0u8; 4];
-        for (len, part) in lens.iter_mut().zip(parts) {
-            // Session::on_auth rejects longer ids before we get here.
-            *len = u8::try_from(part.len()).unwrap_or(u8::MAX);
-            text.push_str(&part[..usize::from(*len)]);
-        }
-        text.push_str(&login.client_version);
-        Ident { text: text.into_boxed_str(), lens }
-    }
-
-    fn field(&self, i: usize) -> &str {
-        let start: usize = self.lens[..i].iter().map(|&l| usize::from(l)).sum();
-        let end = if i < 4 { start + usize::from(self.lens[i]) } else { self.text.len() };
-        &self.text[start..end]
-    }
-
-    pub fn user(&self) -> &str {
-        self.field(0)
-    }
-
-    pub fn device(&self) -> &str {
-        self.field(1)
-    }
 }
 
 /// Outbound queue and input leftovers: allocated only while in use.
 #[derive(Default)]
 struct ConnIo {
-    out: VecDeque<Bytes>,
-    out_bytes: usize,
-    /// Bytes of `out.front()` already written.
-    front_written: usize,
+    out: OutQueue,
+    /// When the socket stopped taking our writes (cleared when it drains).
+    stalled_since: Option<Millis>,
     /// An incomplete frame carried over to the next read.
     partial: Vec<u8>,
     /// Set when the session must move to another shard.
@@ -161,13 +137,21 @@ struct Conn {
     /// The connection task's waker, to wake it when another task queues
     /// frames or closes it.
     waker: Option<Waker>,
-    /// Set once authenticated (kept for logs after unindexing).
-    ident: Option<Ident>,
+    /// user, device, app, platform and client version, concatenated; the
+    /// first four lengths are in `lens`. Set once authenticated.
+    ident: Option<Box<str>>,
     io: Option<Box<ConnIo>>,
     generation: u32,
     /// Next session of the same user on this shard (intrusive list).
     next_of_user: u32,
-    /// Capability bits from Auth (all defined bits fit in a byte).
+    /// The socket, for writing to an idle session without waking its task.
+    /// Valid while the slot exists: the task removes the slot before it
+    /// drops the stream.
+    fd: RawFd,
+    /// Unix seconds when the session was accepted.
+    connected_at: u32,
+    lens: [u8; 4],
+    /// Capability bits from Auth (every defined bit fits in a byte).
     capabilities: u8,
     /// The write side has been shut down after the final flush.
     write_shut: bool,
@@ -189,21 +173,71 @@ impl Conn {
             w.wake_by_ref();
         }
     }
+
+    fn set_ident(&mut self, login: &Login) {
+        let parts = [&login.user, &login.device, &login.app, &login.platform];
+        let mut text = String::with_capacity(parts.iter().map(|p| p.len()).sum::<usize>() + login.client_version.len());
+        for (len, part) in self.lens.iter_mut().zip(parts) {
+            // Session::on_auth rejects ids longer than MAX_ID_BYTES.
+            *len = u8::try_from(part.len()).unwrap_or(u8::MAX);
+            text.push_str(&part[..usize::from(*len)]);
+        }
+        text.push_str(&login.client_version);
+        self.ident = Some(text.into_boxed_str());
+    }
+
+    /// Field `i` of the identity: 0 user, 1 device, 2 app, 3 platform, 4 version.
+    fn field(&self, i: usize) -> Option<&str> {
+        let text = self.ident.as_deref()?;
+        let start: usize = self.lens[..i].iter().map(|&l| usize::from(l)).sum();
+        let end = if i < 4 { start + usize::from(self.lens[i]) } else { text.len() };
+        text.get(start..end)
+    }
+
+    fn user(&self) -> Option<&str> {
+        self.field(0)
+    }
+
+    fn device(&self) -> Option<&str> {
+        self.field(1)
+    }
+
+    fn is_active(&self) -> bool {
+        self.session.phase() == Phase::Active
+    }
+}
+
+/// A broadcast being paced out over this shard's sessions.
+struct BroadcastJob {
+    frame: Bytes,
+    /// Next slab slot to visit.
+    cursor: usize,
+    /// After this the rest is dropped (and counted as expired).
+    expires_at: Option<Instant>,
 }
 
 /// The shard's mutable state, behind one `RefCell`. Never borrowed across
 /// an await.
-struct State {
+pub(crate) struct State {
     conns: Slab<Conn>,
     /// Slot index by device id (hash of the device string; equality checked
     /// against the slot's identity, so only 4 bytes per entry).
     devices: HashTable<u32>,
     /// Head slot of each user's list of sessions on this shard.
     users: HashTable<u32>,
+    /// Home-shard directory: user hash -> set of shards holding sessions.
+    user_dir: HashMap<u64, u64>,
+    groups: Groups,
     wheel: Wheel,
     next_gen: u32,
     /// Reused action buffer.
     actions: Vec<Action>,
+    broadcasts: VecDeque<BroadcastJob>,
+    pub(crate) backends: Slab<Backend>,
+    /// Requests from this shard's backends waiting for parts of their answer.
+    pub(crate) pending: HashMap<u64, Pending>,
+    next_token: u64,
+    next_message_id: u64,
 }
 
 impl State {
@@ -211,22 +245,50 @@ impl State {
         self.conns.get_mut(key.index as usize).filter(|c| c.generation == key.generation)
     }
 
+    fn key_of(&self, slot: u32) -> ConnKey {
+        ConnKey { index: slot, generation: self.conns.get(slot as usize).map_or(0, |c| c.generation) }
+    }
+
     fn device_slot(&self, device: &str) -> Option<u32> {
         let conns = &self.conns;
         self.devices.find(stable_hash(device), |&i| slot_device(conns, i) == Some(device)).copied()
     }
-}
 
-fn slot_ident(conns: &Slab<Conn>, i: u32) -> Option<&Ident> {
-    conns.get(i as usize).and_then(|c| c.ident.as_ref())
+    fn user_head(&self, user: &str) -> Option<u32> {
+        let conns = &self.conns;
+        self.users.find(stable_hash(user), |&i| slot_user(conns, i) == Some(user)).copied()
+    }
+
+    /// Slots of every session of `user` on this shard.
+    fn user_slots(&self, user: &str) -> Vec<u32> {
+        let mut out = Vec::new();
+        let mut cur = self.user_head(user).unwrap_or(NO_CONN);
+        while cur != NO_CONN {
+            out.push(cur);
+            cur = self.conns.get(cur as usize).map_or(NO_CONN, |c| c.next_of_user);
+        }
+        out
+    }
+
+    /// Whether another user with the same hash has sessions here (64-bit
+    /// collisions are possible in principle; the directory keys by hash).
+    fn hash_in_use(&self, hash: u64) -> bool {
+        let conns = &self.conns;
+        self.users.iter_hash(hash).any(|&i| slot_user(conns, i).is_some_and(|u| stable_hash(u) == hash))
+    }
+
+    pub(crate) fn next_token(&mut self) -> u64 {
+        self.next_token += 1;
+        self.next_token
+    }
 }
 
 fn slot_device(conns: &Slab<Conn>, i: u32) -> Option<&str> {
-    slot_ident(conns, i).map(Ident::device)
+    conns.get(i as usize).and_then(Conn::device)
 }
 
 fn slot_user(conns: &Slab<Conn>, i: u32) -> Option<&str> {
-    slot_ident(conns, i).map(Ident::user)
+    conns.get(i as usize).and_then(Conn::user)
 }
 
 /// How a connection task ended.
@@ -243,21 +305,31 @@ struct Transit {
     leftover: Vec<u8>,
 }
 
+/// The home shard of a user: it keeps the user's directory entry.
+pub fn home_shard(user: &str, shards: u16) -> ShardId {
+    owner_shard(user, shards)
+}
+
 /// One executor's shard.
 pub struct Shard {
-    id: ShardId,
+    pub(crate) id: ShardId,
     shards: u16,
-    cfg: ShardConfig,
-    state: RefCell<State>,
+    pub(crate) cfg: ShardConfig,
+    pub(crate) state: RefCell<State>,
     /// Read buffer shared by every connection of the shard.
     scratch: RefCell<Vec<u8>>,
-    mesh: Senders<ShardMsg>,
-    counters: Arc<ShardCounters>,
+    outbox: Rc<Outbox>,
+    pub(crate) counters: Arc<ShardCounters>,
     /// Monotonic origin of [`Millis`].
     epoch: Instant,
     /// Closed when the shard stops accepting.
     stop_accepting: Rc<glommio::sync::Semaphore>,
     stopping: Cell<bool>,
+    /// Set while the broadcast pacer is working through queued broadcasts.
+    pacing: Cell<bool>,
+    /// Wakes the pacer task when a broadcast is queued.
+    pacer_wake: LocalSender<()>,
+    pacer_rx: RefCell<Option<LocalReceiver<()>>>,
 }
 
 impl Shard {
@@ -265,10 +337,10 @@ impl Shard {
         id: ShardId,
         shards: u16,
         cfg: ShardConfig,
-        mesh: Senders<ShardMsg>,
+        outbox: Rc<Outbox>,
         counters: Arc<ShardCounters>,
     ) -> Rc<Shard> {
-        let epoch = Instant::now();
+        let (pacer_wake, pacer_rx) = glommio::channels::local_channel::new_bounded(1);
         Rc::new(Shard {
             id,
             shards,
@@ -276,17 +348,27 @@ impl Shard {
                 conns: Slab::new(),
                 devices: HashTable::new(),
                 users: HashTable::new(),
+                user_dir: HashMap::new(),
+                groups: Groups::default(),
                 wheel: Wheel::new(cfg.wheel_tick_ms, WHEEL_SLOTS, Millis(0)),
                 next_gen: 0,
                 actions: Vec::new(),
+                broadcasts: VecDeque::new(),
+                backends: Slab::new(),
+                pending: HashMap::new(),
+                next_token: 0,
+                next_message_id: 0,
             }),
             scratch: RefCell::new(vec![0; cfg.read_buffer_bytes]),
             cfg,
-            mesh,
+            outbox,
             counters,
-            epoch,
+            epoch: Instant::now(),
             stop_accepting: Rc::new(glommio::sync::Semaphore::new(0)),
             stopping: Cell::new(false),
+            pacing: Cell::new(false),
+            pacer_wake,
+            pacer_rx: RefCell::new(Some(pacer_rx)),
         })
     }
 
@@ -294,7 +376,11 @@ impl Shard {
         self.id
     }
 
-    fn now(&self) -> Now {
+    pub(crate) fn shards(&self) -> u16 {
+        self.shards
+    }
+
+    pub(crate) fn now(&self) -> Now {
         let mono = Millis(self.epoch.elapsed().as_millis() as u64);
         let unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
         Now { mono, unix_ms }
@@ -302,16 +388,10 @@ impl Shard {
 
     // ---- accepting ------------------------------------------------------
 
-    /// Accepts until [`Shard::begin_shutdown`].
+    /// Accepts client connections until [`Shard::begin_shutdown`].
     pub async fn accept_loop(self: Rc<Self>, listener: glommio::net::TcpListener) {
         let mut bucket = AcceptBucket::new(self.cfg.accept_rate_per_sec);
-        loop {
-            let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-                let _ = self.stop_accepting.acquire(1).await;
-                None
-            })
-            .await;
-            let Some(accepted) = accepted else { break };
+        while let Some(accepted) = self.accept_or_stop(&listener).await {
             match accepted {
                 Ok(stream) => self.on_accept(stream),
                 Err(err) => {
@@ -324,7 +404,19 @@ impl Shard {
                 glommio::timer::sleep(wait).await;
             }
         }
-        debug!(shard = %self.id, "stopped accepting");
+        debug!(shard = %self.id, "stopped accepting clients");
+    }
+
+    /// The next accepted connection, or `None` once the shard stops.
+    pub(crate) async fn accept_or_stop(
+        &self,
+        listener: &glommio::net::TcpListener,
+    ) -> Option<glommio::Result<TcpStream, ()>> {
+        futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            let _ = self.stop_accepting.acquire(1).await;
+            None
+        })
+        .await
     }
 
     fn on_accept(self: &Rc<Self>, stream: TcpStream) {
@@ -338,11 +430,11 @@ impl Shard {
                 // Best effort: the socket is fresh, a small frame fits.
                 let bytes =
                     Frame::Error(codes::error_body(ErrorCode::ServerError, "connection limit reached")).to_bytes();
-                let _ = nix_send(stream.as_raw_fd(), &bytes);
+                let _ = outq::send_now(stream.as_raw_fd(), &bytes);
                 return;
             }
             let session = Session::new(now.mono, &self.cfg.params);
-            insert_conn(&mut st, session, 0)
+            insert_conn(&mut st, session, stream.as_raw_fd(), now, 0)
         };
         let shard = self.clone();
         glommio::spawn_local(async move { shard.run_conn(key, stream).await }).detach();
@@ -352,28 +444,21 @@ impl Shard {
 
     async fn run_conn(self: Rc<Self>, key: ConnKey, mut stream: TcpStream) {
         let exit = std::future::poll_fn(|cx| self.poll_conn(key, &mut stream, cx)).await;
+        // The slot goes first: it holds the raw fd that deliveries write to.
+        self.remove_conn(key);
         match exit {
-            Exit::Closed => {
-                drop(stream);
-                self.remove_conn(key);
-            }
-            Exit::Handoff(owner, transit) => {
-                self.remove_conn(key);
-                match dup_fd(stream.as_raw_fd()) {
-                    Ok(fd) => {
-                        // Drop our stream (and its armed poll) before the
-                        // owner starts using the duplicate.
-                        drop(stream);
-                        let Transit { session, login, leftover } = *transit;
-                        let adoption = Box::new(Adoption { fd, session, login, leftover });
-                        self.counters.handed_off.fetch_add(1, Ordering::Relaxed);
-                        if self.mesh.send_to(owner.index(), ShardMsg::Adopt(adoption)).await.is_err() {
-                            warn!(shard = %self.id, to = %owner, "hand-off failed: owner shard gone");
-                        }
-                    }
-                    Err(err) => warn!(shard = %self.id, error = %err, "dup failed; dropping connection"),
+            Exit::Closed => drop(stream),
+            Exit::Handoff(owner, transit) => match dup_fd(stream.as_raw_fd()) {
+                Ok(fd) => {
+                    // Drop our stream (and its armed poll) before the owner
+                    // starts using the duplicate.
+                    drop(stream);
+                    let Transit { session, login, leftover } = *transit;
+                    self.counters.handed_off.fetch_add(1, Ordering::Relaxed);
+                    self.outbox.send(owner, ShardMsg::Adopt(Box::new(Adoption { fd, session, login, leftover })));
                 }
-            }
+                Err(err) => warn!(shard = %self.id, error = %err, "dup failed; dropping connection"),
+            },
         }
     }
 
@@ -381,13 +466,26 @@ impl Shard {
         for _ in 0..READS_PER_POLL {
             let draining = {
                 let mut st = self.state.borrow_mut();
+                let now = self.now().mono;
                 let Some(conn) = st.conn(key) else {
                     return Poll::Ready(Exit::Closed);
                 };
-                if let Err(err) = flush(conn, stream, cx) {
-                    debug!(shard = %self.id, error = %err, "write failed");
-                    conn.session.closed_by_peer();
-                    return Poll::Ready(Exit::Closed);
+                let mut stalled_now = false;
+                if let Some(io) = conn.io.as_mut() {
+                    match io.out.flush(stream, cx) {
+                        Err(err) => {
+                            debug!(shard = %self.id, error = %err, "write failed");
+                            conn.session.closed_by_peer();
+                            return Poll::Ready(Exit::Closed);
+                        }
+                        Ok(true) => io.stalled_since = None,
+                        Ok(false) if io.stalled_since.is_none() => {
+                            io.stalled_since = Some(now);
+                            stalled_now = true;
+                        }
+                        Ok(false) => {}
+                    }
+                    conn.release_io_if_idle();
                 }
                 match conn.session.phase() {
                     Phase::Closed => return Poll::Ready(Exit::Closed),
@@ -402,8 +500,8 @@ impl Shard {
                         }
                     }
                     Phase::Authenticated => {
-                        if let Some(adoption) = take_handoff(conn) {
-                            return Poll::Ready(Exit::Handoff(adoption.0, adoption.1));
+                        if let Some((owner, transit)) = take_handoff(conn) {
+                            return Poll::Ready(Exit::Handoff(owner, transit));
                         }
                     }
                     Phase::Handshaking | Phase::Active => {}
@@ -411,11 +509,17 @@ impl Shard {
                 if !conn.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                     conn.waker = Some(cx.waker().clone());
                 }
-                !conn.session.wants_input()
+                let draining = !conn.session.wants_input();
+                if stalled_now {
+                    // The sweep closes the session as SLOW if the socket is
+                    // still full by then.
+                    st.wheel.insert(key, now.add_ms(self.cfg.write_timeout_ms));
+                }
+                draining
             };
 
             let mut buf = std::mem::take(&mut *self.scratch.borrow_mut());
-            let read = Pin::new(&mut *stream).poll_read_into(cx, &mut buf);
+            let read = futures_lite::AsyncRead::poll_read(Pin::new(&mut *stream), cx, &mut buf);
             let result = match read {
                 Poll::Pending => None,
                 Poll::Ready(Ok(0)) => Some(Err(())),
@@ -475,19 +579,15 @@ impl Shard {
     fn handle_input(&self, st: &mut State, key: ConnKey, input: &[u8]) -> usize {
         let mut pos = 0;
         let now = self.now();
-        loop {
-            let Some(conn) = st.conn(key) else { return input.len() };
+        let mut actions = std::mem::take(&mut st.actions);
+        let consumed = loop {
+            let Some(conn) = st.conn(key) else { break input.len() };
             if !conn.session.wants_input() {
                 // Closing: discard the rest. Authenticated (hand-off): keep it.
-                return if conn.session.phase() == Phase::Authenticated { pos } else { input.len() };
+                break if conn.session.phase() == Phase::Authenticated { pos } else { input.len() };
             }
-            let mut actions = std::mem::take(&mut st.actions);
-            let conn = st.conn(key).expect("looked up above");
             match codec::split_frame(&input[pos..], self.cfg.max_frame_bytes) {
-                Ok(None) => {
-                    st.actions = actions;
-                    return pos;
-                }
+                Ok(None) => break pos,
                 Ok(Some((header, body))) => {
                     pos += header.frame_len();
                     match Frame::decode(header, body) {
@@ -501,8 +601,9 @@ impl Shard {
                 }
             }
             self.apply(st, key, now, &mut actions);
-            st.actions = actions;
-        }
+        };
+        st.actions = actions;
+        consumed
     }
 
     /// Carries out a session's actions for connection `key`.
@@ -510,17 +611,7 @@ impl Shard {
         for action in actions.drain(..) {
             match action {
                 Action::Send(frame) => self.queue_frame(st, key, &frame),
-                Action::Close(code) => {
-                    let Some(conn) = st.conn(key) else { continue };
-                    let deadline = conn.session.deadline();
-                    conn.wake();
-                    if let Some(ident) = &conn.ident {
-                        debug!(shard = %self.id, conn = %ConnId::new(self.id, key), device = ident.device(), ?code, "closing");
-                    } else {
-                        debug!(shard = %self.id, conn = %ConnId::new(self.id, key), ?code, "closing before auth");
-                    }
-                    st.wheel.insert(key, deadline);
-                }
+                Action::Close(code) => self.on_close(st, key, code),
                 Action::Authenticated(login) => {
                     self.counters.authenticated.fetch_add(1, Ordering::Relaxed);
                     let owner = owner_shard(&login.device, self.shards);
@@ -530,8 +621,35 @@ impl Shard {
                         conn.io().handoff = Some((owner, login));
                     }
                 }
+                Action::Join(group) => {
+                    let limit = self.cfg.max_groups_per_session as usize;
+                    if st.groups.join(key.index, &group, limit).is_err() {
+                        let mut more = Vec::new();
+                        if let Some(conn) = st.conn(key) {
+                            let reason = format!("at most {limit} groups per session");
+                            conn.session.close(now, ErrorCode::LimitExceeded, reason, &self.cfg.params, &mut more);
+                        }
+                        self.apply(st, key, now, &mut more);
+                    }
+                    self.publish_group_counts(st);
+                }
+                Action::Leave(group) => {
+                    st.groups.leave(key.index, &group);
+                    self.publish_group_counts(st);
+                }
             }
         }
+    }
+
+    fn on_close(&self, st: &mut State, key: ConnKey, code: ErrorCode) {
+        let Some(conn) = st.conn(key) else { return };
+        let deadline = conn.session.deadline();
+        conn.wake();
+        debug!(shard = %self.id, conn = %ConnId::new(self.id, key), device = conn.device().unwrap_or(""), ?code, "closing");
+        // A closing session leaves the indexes now: a new login of the same
+        // device must not see it, and pushes must not count it.
+        self.unindex(st, key.index);
+        st.wheel.insert(key, deadline);
     }
 
     fn queue_frame(&self, st: &mut State, key: ConnKey, frame: &Frame) {
@@ -543,34 +661,62 @@ impl Shard {
     }
 
     /// Queues an encoded frame; a full queue closes the session with SLOW.
-    fn queue_bytes(&self, st: &mut State, key: ConnKey, bytes: Bytes) {
+    /// Returns whether the frame was queued.
+    fn queue_bytes(&self, st: &mut State, key: ConnKey, bytes: Bytes) -> bool {
         let limit = self.cfg.outbound_queue_bytes as usize;
-        let Some(conn) = st.conn(key) else { return };
+        let Some(conn) = st.conn(key) else { return false };
         let io = conn.io();
-        if io.out_bytes + bytes.len() > limit && !io.out.is_empty() {
+        if io.out.bytes() + bytes.len() > limit && !io.out.is_empty() {
             // The client is not reading. Drop the backlog and tell it why,
             // in the room the dropped frames leave.
-            let dropped = io.out.len();
-            io.out.clear();
-            io.out_bytes = 0;
-            io.front_written = 0;
-            self.counters.slow_closed.fetch_add(1, Ordering::Relaxed);
-            debug!(shard = %self.id, conn = %ConnId::new(self.id, key), dropped, "outbound queue full");
-            let now = self.now();
-            let mut actions = Vec::new();
-            conn.session.close(
-                now,
-                ErrorCode::Slow,
-                format!("outbound queue above {limit} bytes"),
-                &self.cfg.params,
-                &mut actions,
-            );
-            // Re-enter with an empty queue: the Error frame fits.
-            self.apply(st, key, now, &mut actions);
-            return;
+            let dropped = io.out.clear();
+            self.close_slow(st, key, dropped, format!("outbound queue above {limit} bytes"));
+            return false;
         }
-        io.out_bytes += bytes.len();
-        io.out.push_back(bytes);
+        io.out.push(bytes);
+        conn.wake();
+        true
+    }
+
+    fn close_slow(&self, st: &mut State, key: ConnKey, dropped: usize, reason: String) {
+        self.counters.slow_closed.fetch_add(1, Ordering::Relaxed);
+        self.counters.slow_dropped_frames.fetch_add(dropped as u64, Ordering::Relaxed);
+        debug!(shard = %self.id, conn = %ConnId::new(self.id, key), dropped, %reason, "slow consumer");
+        let now = self.now();
+        let mut actions = Vec::new();
+        if let Some(conn) = st.conn(key) {
+            conn.session.close(now, ErrorCode::Slow, reason, &self.cfg.params, &mut actions);
+        }
+        self.apply(st, key, now, &mut actions);
+    }
+
+    /// Hands `frame` to an active session: written at once when nothing is
+    /// queued ahead of it, else queued. Returns whether it was accepted.
+    fn deliver(&self, st: &mut State, slot: u32, frame: &Bytes) -> bool {
+        let key = st.key_of(slot);
+        let Some(conn) = st.conn(key) else { return false };
+        if !conn.is_active() {
+            return false;
+        }
+        let idle = conn.io.as_ref().is_none_or(|io| io.out.is_empty());
+        let rest = if idle {
+            match outq::send_now(conn.fd, frame) {
+                Ok(n) if n == frame.len() => None,
+                Ok(n) => Some(frame.slice(n..)),
+                // Let the task find the error on its own write.
+                Err(_) => Some(frame.clone()),
+            }
+        } else {
+            Some(frame.clone())
+        };
+        let ok = match rest {
+            None => true,
+            Some(rest) => self.queue_bytes(st, key, rest),
+        };
+        if ok {
+            self.counters.delivered.fetch_add(1, Ordering::Relaxed);
+        }
+        ok
     }
 
     // ---- registration -----------------------------------------------------
@@ -579,21 +725,16 @@ impl Shard {
     /// login, indexes it, and activates it.
     fn register(&self, st: &mut State, key: ConnKey, now: Now, login: &Login) {
         if let Some(old) = st.device_slot(&login.device) {
-            let old_key = ConnKey { index: old, generation: st.conns[old as usize].generation };
-            self.unindex(st, old);
+            let old_key = st.key_of(old);
             self.counters.replaced.fetch_add(1, Ordering::Relaxed);
-            let mut actions = Vec::new();
-            if let Some(conn) = st.conn(old_key) {
-                conn.session.kick(now, ErrorCode::Replaced, String::new(), &self.cfg.params, &mut actions);
-            }
-            self.apply(st, old_key, now, &mut actions);
+            self.kick(st, old_key, now, ErrorCode::Replaced, String::new());
         }
         let Some(conn) = st.conn(key) else { return };
-        conn.ident = Some(Ident::new(login));
+        conn.set_ident(login);
         conn.capabilities = login.capabilities as u8;
-        let hash = stable_hash(&login.device);
         let conns = &st.conns;
-        st.devices.insert_unique(hash, key.index, |&i| slot_device(conns, i).map_or(0, stable_hash));
+        st.devices
+            .insert_unique(stable_hash(&login.device), key.index, |&i| slot_device(conns, i).map_or(0, stable_hash));
         self.link_user(st, key.index, &login.user);
         self.counters.active.fetch_add(1, Ordering::Relaxed);
 
@@ -614,58 +755,78 @@ impl Shard {
         st.actions = actions;
     }
 
+    /// Ends a session with a Kicked frame; it leaves the indexes at once.
+    fn kick(&self, st: &mut State, key: ConnKey, now: Now, code: ErrorCode, reason: String) {
+        let mut actions = Vec::new();
+        if let Some(conn) = st.conn(key) {
+            conn.session.kick(now, code, reason, &self.cfg.params, &mut actions);
+        }
+        self.apply(st, key, now, &mut actions);
+    }
+
     fn link_user(&self, st: &mut State, slot: u32, user: &str) {
         let hash = stable_hash(user);
         let conns = &st.conns;
-        match st.users.find_mut(hash, |&i| slot_user(conns, i) == Some(user)) {
-            Some(head) => {
-                let old_head = std::mem::replace(head, slot);
-                st.conns[slot as usize].next_of_user = old_head;
-            }
-            None => {
-                st.conns[slot as usize].next_of_user = NO_CONN;
-                let conns = &st.conns;
-                st.users.insert_unique(hash, slot, |&i| slot_user(conns, i).map_or(0, stable_hash));
-            }
+        if let Some(head) = st.users.find_mut(hash, |&i| slot_user(conns, i) == Some(user)) {
+            let old_head = std::mem::replace(head, slot);
+            st.conns[slot as usize].next_of_user = old_head;
+            return;
+        }
+        let first_of_hash = !st.hash_in_use(hash);
+        st.conns[slot as usize].next_of_user = NO_CONN;
+        let conns = &st.conns;
+        st.users.insert_unique(hash, slot, |&i| slot_user(conns, i).map_or(0, stable_hash));
+        if first_of_hash {
+            let home = home_shard(user, self.shards);
+            self.route(st, home, ShardMsg::UserDir { user_hash: hash, shard: self.id, present: true });
         }
     }
 
-    /// Removes slot `slot` from the device and user indexes.
+    /// Removes slot `slot` from the device, user and group indexes (the
+    /// identity stays on the slot for logs until the slot is removed).
     fn unindex(&self, st: &mut State, slot: u32) {
-        let Some(ident) = st.conns.get_mut(slot as usize).and_then(|c| c.ident.take()) else {
-            return;
+        let Some(conn) = st.conns.get(slot as usize) else { return };
+        let (Some(device), Some(user)) = (conn.device(), conn.user()) else { return };
+        let (device_hash, user_hash) = (stable_hash(device), stable_hash(user));
+        let Ok(entry) = st.devices.find_entry(device_hash, |&i| i == slot) else {
+            return; // not indexed (already unindexed, or replaced)
         };
-        let conns = &st.conns;
-        // The identity is detached above, so match on the slot number.
-        if let Ok(entry) = st.devices.find_entry(stable_hash(ident.device()), |&i| i == slot) {
-            entry.remove();
-        }
-        let user_hash = stable_hash(ident.user());
-        let next = conns[slot as usize].next_of_user;
+        entry.remove();
+        let home = home_shard(user, self.shards);
+        let next = conn.next_of_user;
+        let mut user_gone = false;
         match st.users.find_entry(user_hash, |&i| i == slot) {
             Ok(mut head) if next != NO_CONN => *head.get_mut() = next,
             Ok(head) => {
                 head.remove();
+                user_gone = true;
             }
             Err(_) => {
                 // Not the head: unlink from its predecessor.
-                if let Some(&head) = st.users.find(user_hash, |&i| slot_user(conns, i) == Some(ident.user())) {
-                    let mut cur = head;
-                    while cur != NO_CONN {
-                        let n = st.conns[cur as usize].next_of_user;
-                        if n == slot {
-                            st.conns[cur as usize].next_of_user = next;
-                            break;
-                        }
-                        cur = n;
+                let user = user.to_owned();
+                let mut cur = st.user_head(&user).unwrap_or(NO_CONN);
+                while cur != NO_CONN {
+                    let n = st.conns[cur as usize].next_of_user;
+                    if n == slot {
+                        st.conns[cur as usize].next_of_user = next;
+                        break;
                     }
+                    cur = n;
                 }
             }
         }
         st.conns[slot as usize].next_of_user = NO_CONN;
-        // Keep the identity on the slot for logs until it is removed.
-        st.conns[slot as usize].ident = Some(ident);
+        st.groups.leave_all(slot);
+        self.publish_group_counts(st);
         self.counters.active.fetch_sub(1, Ordering::Relaxed);
+        if user_gone && !st.hash_in_use(user_hash) {
+            self.route(st, home, ShardMsg::UserDir { user_hash, shard: self.id, present: false });
+        }
+    }
+
+    fn publish_group_counts(&self, st: &State) {
+        self.counters.groups.store(st.groups.group_count() as u64, Ordering::Relaxed);
+        self.counters.group_sessions.store(st.groups.session_count() as u64, Ordering::Relaxed);
     }
 
     fn remove_conn(&self, key: ConnKey) {
@@ -673,25 +834,215 @@ impl Shard {
         if st.conn(key).is_none() {
             return;
         }
-        let indexed = {
-            let conns = &st.conns;
-            slot_device(conns, key.index)
-                .is_some_and(|d| st.devices.find(stable_hash(d), |&i| i == key.index).is_some())
-        };
-        if indexed {
-            self.unindex(&mut st, key.index);
-        }
+        self.unindex(&mut st, key.index);
         st.conns.remove(key.index as usize);
         self.counters.closed.fetch_add(1, Ordering::Relaxed);
     }
 
-    // ---- mesh ---------------------------------------------------------------
+    // ---- mesh -------------------------------------------------------------
 
     /// Handles a message from another shard.
     pub fn on_message(self: &Rc<Self>, msg: ShardMsg) {
         match msg {
             ShardMsg::Adopt(adoption) => self.adopt(*adoption),
+            other => {
+                let mut st = self.state.borrow_mut();
+                self.handle(&mut st, other);
+            }
         }
+    }
+
+    /// Sends `msg` to shard `to`, or handles it right here when `to` is us.
+    pub(crate) fn route(&self, st: &mut State, to: ShardId, msg: ShardMsg) {
+        if to == self.id { self.handle(st, msg) } else { self.outbox.send(to, msg) }
+    }
+
+    /// Sends part of an answer back to the request's origin.
+    fn answer(&self, st: &mut State, origin: Origin, part: Part) {
+        if origin.shard == self.id {
+            self.merge_part(st, origin.token, part);
+        } else {
+            self.outbox.send(origin.shard, ShardMsg::Part { token: origin.token, part });
+        }
+    }
+
+    /// Every message but `Adopt` (which needs to spawn a task).
+    fn handle(&self, st: &mut State, msg: ShardMsg) {
+        let now = self.now();
+        match msg {
+            ShardMsg::Adopt(_) => {}
+            ShardMsg::Devices { origin, items, frame } => {
+                let reached = items
+                    .iter()
+                    .filter_map(|(idx, device)| {
+                        let slot = st.device_slot(device)?;
+                        self.deliver(st, slot, &frame).then_some((*idx, 1))
+                    })
+                    .collect();
+                self.answer(st, origin, Part::Sessions(reached));
+            }
+            ShardMsg::UserLookup { origin, items, action } => {
+                let mut per_shard: Vec<Vec<(u32, String)>> = vec![Vec::new(); usize::from(self.shards)];
+                for (idx, user) in items {
+                    let mask = st.user_dir.get(&stable_hash(&user)).copied().unwrap_or(0);
+                    for (shard, batch) in per_shard.iter_mut().enumerate() {
+                        if mask & (1 << shard) != 0 {
+                            batch.push((idx, user.clone()));
+                        }
+                    }
+                }
+                let parts = per_shard.iter().filter(|b| !b.is_empty()).count() as u32;
+                self.answer(st, origin, Part::Expect { parts });
+                for (shard, items) in per_shard.into_iter().enumerate() {
+                    if !items.is_empty() {
+                        let msg = ShardMsg::Users { origin, items, action: action.clone() };
+                        self.route(st, ShardId(shard as u16), msg);
+                    }
+                }
+            }
+            ShardMsg::Users { origin, items, action } => {
+                let mut reached = Vec::new();
+                for (idx, user) in items {
+                    let mut n = 0;
+                    for slot in st.user_slots(&user) {
+                        let ok = match &action {
+                            UserAction::Deliver(frame) => self.deliver(st, slot, frame),
+                            UserAction::Kick { code, reason } => {
+                                let key = st.key_of(slot);
+                                self.kick(st, key, now, *code, reason.clone());
+                                true
+                            }
+                        };
+                        n += u32::from(ok);
+                    }
+                    if n > 0 {
+                        reached.push((idx, n));
+                    }
+                }
+                self.answer(st, origin, Part::Sessions(reached));
+            }
+            ShardMsg::Group { origin, group, frame } => {
+                // A shard-local copy: the refcount of a shared buffer would
+                // bounce between cores on every member.
+                let frame = if origin.shard == self.id { frame } else { Bytes::copy_from_slice(&frame) };
+                let members: Vec<u32> = st.groups.members(&group).collect();
+                let reached = members.into_iter().filter(|&slot| self.deliver(st, slot, &frame)).count();
+                self.answer(st, origin, Part::Count(reached as u64));
+            }
+            ShardMsg::Broadcast { origin, frame, expires_at } => {
+                let frame = if origin.shard == self.id { frame } else { Bytes::copy_from_slice(&frame) };
+                let targeted = st.conns.iter().filter(|(_, c)| c.is_active()).count();
+                st.broadcasts.push_back(BroadcastJob { frame, cursor: 0, expires_at });
+                self.answer(st, origin, Part::Count(targeted as u64));
+                if !self.pacing.get() {
+                    let _ = self.pacer_wake.try_send(());
+                }
+            }
+            ShardMsg::GroupUpdate { origin, group, items, add } => {
+                let limit = self.cfg.max_groups_per_session as usize;
+                let mut reached = Vec::new();
+                for (idx, device) in items {
+                    let Some(slot) = st.device_slot(&device) else { continue };
+                    let ok =
+                        if add { st.groups.join(slot, &group, limit).is_ok() } else { st.groups.leave(slot, &group) };
+                    if ok {
+                        reached.push((idx, 1));
+                    }
+                }
+                self.publish_group_counts(st);
+                self.answer(st, origin, Part::Sessions(reached));
+            }
+            ShardMsg::KickDevices { origin, items, code, reason } => {
+                let mut reached = Vec::new();
+                for (idx, device) in items {
+                    if let Some(slot) = st.device_slot(&device) {
+                        let key = st.key_of(slot);
+                        self.kick(st, key, now, code, reason.clone());
+                        reached.push((idx, 1));
+                    }
+                }
+                self.answer(st, origin, Part::Sessions(reached));
+            }
+            ShardMsg::Presence { origin, query } => {
+                let part = self.presence(st, &query);
+                self.answer(st, origin, Part::Presence(Box::new(part)));
+            }
+            ShardMsg::UserDir { user_hash, shard, present } => {
+                let bit = 1u64 << shard.0;
+                if present {
+                    *st.user_dir.entry(user_hash).or_insert(0) |= bit;
+                } else if let Some(mask) = st.user_dir.get_mut(&user_hash) {
+                    *mask &= !bit;
+                    if *mask == 0 {
+                        st.user_dir.remove(&user_hash);
+                    }
+                }
+            }
+            ShardMsg::Part { token, part } => self.merge_part(st, token, part),
+        }
+    }
+
+    /// Merges part of an answer into a pending request; replies when whole.
+    pub(crate) fn merge_part(&self, st: &mut State, token: u64, part: Part) {
+        let Some(pending) = st.pending.get_mut(&token) else { return };
+        pending.merge(part);
+        self.finish_if_done(st, token);
+    }
+
+    pub(crate) fn finish_if_done(&self, st: &mut State, token: u64) {
+        if !st.pending.get(&token).is_some_and(Pending::is_done) {
+            return;
+        }
+        let Some(pending) = st.pending.remove(&token) else { return };
+        let (backend, frame) = pending.finish();
+        crate::push::reply(st, backend, frame.to_bytes());
+    }
+
+    fn presence(&self, st: &mut State, query: &PresenceQuery) -> PresencePart {
+        let describe = |conn: &Conn, slot: u32, generation: u32| proto::DevicePresence {
+            device: conn.device().unwrap_or_default().to_owned(),
+            online: true,
+            shard: u32::from(self.id.0),
+            connected_at_ms: u64::from(conn.connected_at) * 1000,
+            client_version: conn.field(4).unwrap_or_default().to_owned(),
+            platform: conn.field(3).unwrap_or_default().to_owned(),
+            user: conn.user().unwrap_or_default().to_owned(),
+            conn_id: ConnId::new(self.id, ConnKey { index: slot, generation }).0,
+        };
+        let mut part = PresencePart {
+            shard: self.id,
+            connections: st.conns.iter().filter(|(_, c)| c.is_active()).count() as u64,
+            ..Default::default()
+        };
+        for (i, device) in query.devices.iter().enumerate() {
+            if let Some(slot) = st.device_slot(device) {
+                let conn = &st.conns[slot as usize];
+                part.devices.push((i as u32, describe(conn, slot, conn.generation)));
+            }
+        }
+        for (i, user) in query.users.iter().enumerate() {
+            let sessions: Vec<_> = st
+                .user_slots(user)
+                .into_iter()
+                .map(|slot| {
+                    let conn = &st.conns[slot as usize];
+                    describe(conn, slot, conn.generation)
+                })
+                .collect();
+            if !sessions.is_empty() {
+                part.users.push((i as u32, sessions));
+            }
+        }
+        for (i, group) in query.groups.iter().enumerate() {
+            part.groups.push((i as u32, st.groups.count(group) as u64));
+        }
+        part
+    }
+
+    /// Allocates a node-unique message id.
+    pub(crate) fn next_message_id(&self, st: &mut State) -> u64 {
+        st.next_message_id += 1;
+        u64::from(self.id.0) << 48 | st.next_message_id
     }
 
     fn adopt(self: &Rc<Self>, adoption: Adoption) {
@@ -701,36 +1052,84 @@ impl Shard {
         }
         // SAFETY: `fd` is an owned, open TCP socket duplicated by the sending
         // shard, which closed its own copy; ownership moves into the stream.
-        let stream = unsafe { TcpStream::from_raw_fd(into_raw(fd)) };
+        let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
         self.counters.adopted.fetch_add(1, Ordering::Relaxed);
         let now = self.now();
         let key = {
             let mut st = self.state.borrow_mut();
-            let key = insert_conn(&mut st, session, login.capabilities);
-            if !leftover.is_empty() {
-                st.conn(key).expect("just inserted").io().partial = leftover;
-            }
+            let key = insert_conn(&mut st, session, stream.as_raw_fd(), now, login.capabilities);
             self.register(&mut st, key, now, &login);
             key
         };
         let shard = self.clone();
         glommio::spawn_local(async move {
             // Frames that arrived right behind Auth on the old shard.
-            shard.replay_partial(key);
+            if !leftover.is_empty() {
+                shard.on_bytes(key, &leftover);
+            }
             shard.run_conn(key, stream).await
         })
         .detach();
     }
 
-    fn replay_partial(&self, key: ConnKey) {
-        let partial = {
-            let mut st = self.state.borrow_mut();
-            match st.conn(key).and_then(|c| c.io.as_mut()) {
-                Some(io) if !io.partial.is_empty() => std::mem::take(&mut io.partial),
-                _ => return,
+    // ---- broadcast pacing ---------------------------------------------------
+
+    /// Delivers queued broadcasts at this shard's share of the node rate;
+    /// sleeps while none is queued.
+    pub async fn pacer_loop(self: Rc<Self>) {
+        let Some(wake) = self.pacer_rx.borrow_mut().take() else { return };
+        while wake.recv().await.is_some() {
+            self.pacing.set(true);
+            self.pace_broadcasts().await;
+            self.pacing.set(false);
+        }
+    }
+
+    async fn pace_broadcasts(&self) {
+        let rate = f64::from(self.cfg.push.broadcast_rate_per_sec.max(1));
+        let mut last = Instant::now();
+        let mut budget = 1.0f64;
+        loop {
+            let now = Instant::now();
+            // Never bank more than one tick's worth: a stall must not turn
+            // into a burst.
+            budget =
+                (budget + now.duration_since(last).as_secs_f64() * rate).min(rate * PACER_TICK.as_secs_f64() + 1.0);
+            last = now;
+            let done = {
+                let mut st = self.state.borrow_mut();
+                self.pace_step(&mut st, &mut budget)
+            };
+            if done {
+                break;
             }
-        };
-        self.on_bytes(key, &partial);
+            glommio::timer::sleep(PACER_TICK).await;
+        }
+    }
+
+    /// Spends `budget` deliveries on queued broadcasts; true when none is left.
+    fn pace_step(&self, st: &mut State, budget: &mut f64) -> bool {
+        let now = Instant::now();
+        while *budget >= 1.0 {
+            let Some(mut job) = st.broadcasts.pop_front() else { return true };
+            if job.expires_at.is_some_and(|t| now >= t) {
+                let left = st.conns.iter().filter(|(i, c)| *i >= job.cursor && c.is_active()).count();
+                self.counters.broadcast_expired.fetch_add(left as u64, Ordering::Relaxed);
+                continue;
+            }
+            let end = st.conns.capacity();
+            while job.cursor < end && *budget >= 1.0 {
+                let slot = job.cursor as u32;
+                job.cursor += 1;
+                if st.conns.get(slot as usize).is_some_and(Conn::is_active) && self.deliver(st, slot, &job.frame) {
+                    *budget -= 1.0;
+                }
+            }
+            if job.cursor < end {
+                st.broadcasts.push_front(job);
+            }
+        }
+        st.broadcasts.is_empty()
     }
 
     // ---- timers and shutdown -------------------------------------------------
@@ -747,6 +1146,10 @@ impl Shard {
                 shutdown_deadline = Some(Instant::now() + shutdown_grace);
             }
             self.state.borrow_mut().wheel.expire(self.now().mono, &mut due);
+            // A session may be filed more than once (its deadline moved
+            // earlier); visiting it once re-files it once, so copies merge.
+            due.sort_unstable_by_key(|k| (k.index, k.generation));
+            due.dedup();
             for chunk in due.chunks(SWEEP_BATCH) {
                 self.sweep(chunk);
                 glommio::yield_if_needed().await;
@@ -766,13 +1169,20 @@ impl Shard {
         let mut actions = std::mem::take(&mut st.actions);
         for &key in keys {
             let Some(conn) = st.conn(key) else { continue };
-            if conn.session.deadline() <= now.mono {
+            let stalled = conn.io.as_ref().and_then(|io| io.stalled_since);
+            if stalled.is_some_and(|t| now.mono.0 >= t.0 + self.cfg.write_timeout_ms) && conn.is_active() {
+                let dropped = conn.io().out.clear();
+                let reason = format!("socket blocked for {} ms", self.cfg.write_timeout_ms);
+                self.close_slow(&mut st, key, dropped, reason);
+            } else if conn.session.deadline() <= now.mono {
                 conn.session.handle_timeout(now, &self.cfg.params, &mut actions);
                 conn.wake();
                 self.apply(&mut st, key, now, &mut actions);
             }
             let Some(conn) = st.conn(key) else { continue };
-            if conn.session.phase() != Phase::Closed {
+            if conn.session.phase() == Phase::Closed {
+                conn.wake();
+            } else {
                 let deadline = conn.session.deadline();
                 st.wheel.insert(key, deadline);
             }
@@ -796,6 +1206,9 @@ impl Shard {
             }
             self.apply(&mut st, key, now, &mut actions);
         }
+        for (_, backend) in st.backends.iter_mut() {
+            backend.close();
+        }
     }
 
     pub fn is_stopping(&self) -> bool {
@@ -806,17 +1219,20 @@ impl Shard {
 /// Header-only Pong, shared by every session.
 static PONG: [u8; codec::HEADER_LEN] = [codec::MAGIC, codec::VERSION, FrameKind::Pong as u8, 0, 0, 0, 0, 0];
 
-fn insert_conn(st: &mut State, session: Session, capabilities: u32) -> ConnKey {
+fn insert_conn(st: &mut State, session: Session, fd: RawFd, now: Now, capabilities: u32) -> ConnKey {
     st.next_gen = st.next_gen.wrapping_add(1);
     let generation = st.next_gen;
     let deadline = session.deadline();
     let index = st.conns.insert(Conn {
         session,
-        generation,
+        waker: None,
         ident: None,
         io: None,
-        waker: None,
+        generation,
         next_of_user: NO_CONN,
+        fd,
+        connected_at: u32::try_from(now.unix_secs()).unwrap_or(0),
+        lens: [0; 4],
         capabilities: capabilities as u8,
         write_shut: false,
     }) as u32;
@@ -830,62 +1246,6 @@ fn take_handoff(conn: &mut Conn) -> Option<(ShardId, Box<Transit>)> {
     let (owner, login) = io.handoff.take()?;
     let leftover = std::mem::take(&mut io.partial);
     Some((owner, Box::new(Transit { session: conn.session, login: *login, leftover })))
-}
-
-/// Writes queued frames with `writev`; registers for writability when the
-/// socket is full.
-fn flush(conn: &mut Conn, stream: &mut TcpStream, cx: &mut Context<'_>) -> io::Result<()> {
-    let Some(io) = conn.io.as_mut() else { return Ok(()) };
-    while !io.out.is_empty() {
-        let mut iov: [libc::iovec; MAX_IOVECS] =
-            [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOVECS];
-        let mut n = 0;
-        for (i, buf) in io.out.iter().take(MAX_IOVECS).enumerate() {
-            let slice = if i == 0 { &buf[io.front_written..] } else { &buf[..] };
-            iov[i] = libc::iovec { iov_base: slice.as_ptr() as *mut libc::c_void, iov_len: slice.len() };
-            n += 1;
-        }
-        // SAFETY: every iovec points into a live `Bytes` held by `io.out`
-        // for the duration of the call; the fd is the stream's own socket.
-        let written = unsafe { libc::writev(stream.as_raw_fd(), iov.as_ptr(), n as libc::c_int) };
-        if written < 0 {
-            let err = io::Error::last_os_error();
-            match err.kind() {
-                io::ErrorKind::Interrupted => continue,
-                io::ErrorKind::WouldBlock => {
-                    // Arm write readiness through glommio (it retries the send
-                    // itself first; account for whatever it writes).
-                    let front = io.out.front().expect("non-empty").slice(io.front_written..);
-                    match Pin::new(&mut *stream).poll_write(cx, &front) {
-                        Poll::Pending => return Ok(()),
-                        Poll::Ready(Ok(w)) => advance(io, w),
-                        Poll::Ready(Err(e)) => return Err(e),
-                    }
-                    continue;
-                }
-                _ => return Err(err),
-            }
-        }
-        advance(io, written as usize);
-    }
-    conn.release_io_if_idle();
-    Ok(())
-}
-
-fn advance(io: &mut ConnIo, mut written: usize) {
-    io.out_bytes -= written.min(io.out_bytes);
-    while written > 0 {
-        let Some(front) = io.out.front() else { break };
-        let left = front.len() - io.front_written;
-        if written >= left {
-            written -= left;
-            io.front_written = 0;
-            io.out.pop_front();
-        } else {
-            io.front_written += written;
-            written = 0;
-        }
-    }
 }
 
 /// Token bucket capping accepts per second on one shard.
@@ -913,16 +1273,6 @@ impl AcceptBucket {
     }
 }
 
-trait PollReadInto {
-    fn poll_read_into(self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>>;
-}
-
-impl PollReadInto for Pin<&mut TcpStream> {
-    fn poll_read_into(self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-        futures_lite::AsyncRead::poll_read(self, cx, buf)
-    }
-}
-
 fn dup_fd(fd: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: F_DUPFD_CLOEXEC on a valid fd returns a new fd we own.
     let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
@@ -931,16 +1281,6 @@ fn dup_fd(fd: RawFd) -> io::Result<OwnedFd> {
     }
     // SAFETY: `new` was just returned by fcntl and is owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
-}
-
-fn into_raw(fd: OwnedFd) -> RawFd {
-    use std::os::fd::IntoRawFd;
-    fd.into_raw_fd()
-}
-
-fn nix_send(fd: RawFd, buf: &[u8]) -> isize {
-    // SAFETY: sends from a valid slice on a socket fd we hold.
-    unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) }
 }
 
 #[cfg(test)]
@@ -959,11 +1299,37 @@ mod tests {
             last_seq: 0,
             heartbeat_ms: 0,
         };
-        let id = Ident::new(&login);
-        assert_eq!(
-            (id.user(), id.device(), id.field(2), id.field(3), id.field(4)),
-            ("alice", "phone-1", "chat", "ios", "2.0.1")
-        );
+        let mut conn = Conn {
+            session: Session::new(Millis(0), &test_params()),
+            waker: None,
+            ident: None,
+            io: None,
+            generation: 0,
+            next_of_user: NO_CONN,
+            fd: -1,
+            connected_at: 0,
+            lens: [0; 4],
+            capabilities: 0,
+            write_shut: false,
+        };
+        conn.set_ident(&login);
+        let fields: Vec<_> = (0..5).map(|i| conn.field(i).unwrap()).collect();
+        assert_eq!(fields, ["alice", "phone-1", "chat", "ios", "2.0.1"]);
+    }
+
+    fn test_params() -> Params {
+        let key = crate::token::Key::new("k", vec![1; 32]).unwrap();
+        Params {
+            keyring: crate::token::Keyring::new(vec![key], None).unwrap(),
+            clock_leeway_secs: 0,
+            auth_timeout_ms: 1000,
+            heartbeat_min_ms: 1,
+            heartbeat_default_ms: 1,
+            heartbeat_max_ms: 1,
+            idle_timeout_factor: 2,
+            close_linger_ms: 1,
+            max_id_bytes: MAX_ID_BYTES,
+        }
     }
 
     #[test]

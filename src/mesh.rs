@@ -1,0 +1,182 @@
+//! Messages between the shards of one node, and the outbox that sends them
+//! without ever blocking the sender.
+//!
+//! glommio's mesh gives one SPSC channel per ordered pair of shards. Code
+//! that runs inside a poll (a session's input, a push request) cannot await
+//! a full channel, so each destination gets an [`Outbox`]: the message goes
+//! straight into the channel when nothing is queued ahead of it, otherwise
+//! into a local FIFO that a flusher task drains. Order per destination is
+//! kept either way.
+
+use std::cell::Cell;
+use std::os::fd::OwnedFd;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use glommio::channels::channel_mesh::Senders;
+use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
+
+use crate::ids::ShardId;
+use crate::proto;
+use crate::session::{Login, Session};
+
+/// Identifies a request waiting on its origin shard for parts of its answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Origin {
+    pub shard: ShardId,
+    pub token: u64,
+}
+
+/// Messages between shards.
+pub enum ShardMsg {
+    /// A connection authenticated on the sending shard belongs to the
+    /// receiver (the device's owner shard).
+    Adopt(Box<Adoption>),
+    /// Deliver `frame` to these devices (the receiver owns them); answer
+    /// with [`Part::Sessions`] indexed like `items`.
+    Devices { origin: Origin, items: Vec<(u32, String)>, frame: Bytes },
+    /// The receiver is the home shard of these users: find the shards
+    /// holding their sessions and forward [`ShardMsg::Users`] there; answer
+    /// with [`Part::Expect`].
+    UserLookup { origin: Origin, items: Vec<(u32, String)>, action: UserAction },
+    /// Deliver to (or kick) every session of these users on the receiver.
+    Users { origin: Origin, items: Vec<(u32, String)>, action: UserAction },
+    /// Deliver to every member of `group` on the receiver.
+    Group { origin: Origin, group: String, frame: Bytes },
+    /// Queue a paced broadcast on the receiver.
+    Broadcast { origin: Origin, frame: Bytes, expires_at: Option<std::time::Instant> },
+    /// Add or remove devices (owned by the receiver) to or from a group.
+    GroupUpdate { origin: Origin, group: String, items: Vec<(u32, String)>, add: bool },
+    /// Kick these devices (owned by the receiver).
+    KickDevices { origin: Origin, items: Vec<(u32, String)>, code: proto::ErrorCode, reason: String },
+    /// Report presence of devices, users, groups and connection counts.
+    Presence { origin: Origin, query: Arc<PresenceQuery> },
+    /// A user gained its first session on `shard` (or lost its last one).
+    /// Sent to the user's home shard, which keeps the user directory.
+    UserDir { user_hash: u64, shard: ShardId, present: bool },
+    /// Part of the answer to a request, sent back to its origin shard.
+    Part { token: u64, part: Part },
+}
+
+/// A presence query, shared by every shard that answers it.
+#[derive(Clone, Debug, Default)]
+pub struct PresenceQuery {
+    pub devices: Vec<String>,
+    pub users: Vec<String>,
+    pub groups: Vec<String>,
+}
+
+/// What to do with the sessions of a user.
+#[derive(Clone, Debug)]
+pub enum UserAction {
+    Deliver(Bytes),
+    Kick { code: proto::ErrorCode, reason: String },
+}
+
+/// A piece of an answer, merged into the pending request on its origin.
+#[derive(Debug)]
+pub enum Part {
+    /// Sessions reached per target index.
+    Sessions(Vec<(u32, u32)>),
+    /// Sessions reached by a group or broadcast push on one shard.
+    Count(u64),
+    /// A home shard forwarded a user lookup as `parts` further messages.
+    Expect { parts: u32 },
+    /// Presence answer of one shard.
+    Presence(Box<PresencePart>),
+}
+
+/// One shard's answer to a presence query.
+#[derive(Debug, Default)]
+pub struct PresencePart {
+    pub shard: ShardId,
+    pub connections: u64,
+    /// Index into the query's devices, and what the shard knows.
+    pub devices: Vec<(u32, proto::DevicePresence)>,
+    /// Index into the query's users, and that user's sessions here.
+    pub users: Vec<(u32, Vec<proto::DevicePresence>)>,
+    /// Index into the query's groups, and members online here.
+    pub groups: Vec<(u32, u64)>,
+}
+
+/// A connection in transit to its owner shard.
+pub struct Adoption {
+    pub fd: OwnedFd,
+    pub session: Session,
+    pub login: Login,
+    /// Bytes read after the Auth frame, not yet processed.
+    pub leftover: Vec<u8>,
+}
+
+/// The local FIFO for one destination and how many messages wait in it
+/// (including the one its flusher is sending).
+type Queue = (LocalSender<ShardMsg>, Rc<Cell<usize>>);
+
+/// Per-destination ordered, non-blocking sending over the mesh.
+pub struct Outbox {
+    mesh: Senders<ShardMsg>,
+    queues: Vec<Option<Queue>>,
+}
+
+impl Outbox {
+    /// Creates the outbox and spawns one flusher task per peer on the
+    /// current executor.
+    pub fn new(mesh: Senders<ShardMsg>) -> Rc<Outbox> {
+        let me = mesh.peer_id();
+        let peers = mesh.nr_consumers();
+        let mut receivers = Vec::new();
+        let queues = (0..peers)
+            .map(|peer| {
+                if peer == me {
+                    return None;
+                }
+                let (tx, rx) = local_channel::new_unbounded();
+                let queued = Rc::new(Cell::new(0usize));
+                receivers.push((peer, rx, queued.clone()));
+                Some((tx, queued))
+            })
+            .collect();
+        let outbox = Rc::new(Outbox { mesh, queues });
+        for (peer, rx, queued) in receivers {
+            glommio::spawn_local(flusher(outbox.clone(), peer, rx, queued)).detach();
+        }
+        outbox
+    }
+
+    pub fn me(&self) -> ShardId {
+        ShardId(self.mesh.peer_id() as u16)
+    }
+
+    /// Sends `msg` to shard `to` (never the current one) without waiting.
+    pub fn send(&self, to: ShardId, msg: ShardMsg) {
+        let Some(Some((tx, queued))) = self.queues.get(to.index()) else {
+            // Only a bug can get here: messages to self are handled inline.
+            tracing::error!(to = %to, "mesh message to self or unknown shard dropped");
+            return;
+        };
+        let msg = if queued.get() == 0 {
+            match self.mesh.try_send_to(to.index(), msg) {
+                Ok(()) => return,
+                Err(glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(msg))) => msg,
+                Err(_) => return, // peer gone: the node is shutting down
+            }
+        } else {
+            msg
+        };
+        queued.set(queued.get() + 1);
+        if tx.try_send(msg).is_err() {
+            queued.set(queued.get() - 1);
+        }
+    }
+}
+
+async fn flusher(outbox: Rc<Outbox>, peer: usize, rx: LocalReceiver<ShardMsg>, queued: Rc<Cell<usize>>) {
+    while let Some(msg) = rx.recv().await {
+        let sent = outbox.mesh.send_to(peer, msg).await;
+        queued.set(queued.get() - 1);
+        if sent.is_err() {
+            break; // peer gone
+        }
+    }
+}

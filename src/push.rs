@@ -1,0 +1,664 @@
+//! The push port: backends connect here (same framing as clients), send
+//! pipelined requests and get one reply per request.
+//!
+//! The shard that reads a request is its origin. It splits the request into
+//! parts per owner shard (devices), per home shard (users), or one per
+//! shard (groups, broadcast, presence), sends them over the mesh, and
+//! merges the answers in a [`Pending`] entry; the reply goes out when every
+//! part is in. A backend connection has a bounded number of requests in
+//! flight: at the bound the node stops reading from it (backpressure).
+
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use glommio::net::TcpStream;
+use prost::Message as _;
+use tracing::{debug, warn};
+
+use crate::codec::{self, CodecError, Flags, Frame};
+use crate::codes;
+use crate::ids::{ConnKey, ShardId, owner_shard};
+use crate::mesh::{Origin, Part, PresencePart, PresenceQuery, ShardMsg, UserAction};
+use crate::outq::OutQueue;
+use crate::proto::{self, ErrorCode, FrameKind, PushStatus};
+use crate::shard::{MAX_ID_BYTES, Shard, State, home_shard};
+
+/// Reads handled in one poll of a backend connection before yielding.
+const READS_PER_POLL: usize = 8;
+
+/// One backend connection's state on its shard.
+pub(crate) struct Backend {
+    generation: u32,
+    out: OutQueue,
+    /// Requests read and not yet answered.
+    inflight: u32,
+    waker: Option<Waker>,
+    /// Flush what is queued, then close.
+    closing: bool,
+}
+
+impl Backend {
+    pub(crate) fn close(&mut self) {
+        self.closing = true;
+        if let Some(w) = &self.waker {
+            w.wake_by_ref();
+        }
+    }
+}
+
+/// Queues the reply to a finished request on its backend connection.
+pub(crate) fn reply(st: &mut State, backend: ConnKey, frame: Bytes) {
+    let Some(b) = st.backends.get_mut(backend.index as usize).filter(|b| b.generation == backend.generation) else {
+        return; // the backend went away; its answer has nowhere to go
+    };
+    b.out.push(frame);
+    b.inflight = b.inflight.saturating_sub(1);
+    if let Some(w) = &b.waker {
+        w.wake_by_ref();
+    }
+}
+
+/// Answers that cannot wait for other shards (bad requests).
+fn reply_now(st: &mut State, backend: ConnKey, frame: Frame) {
+    if let Some(b) = st.backends.get_mut(backend.index as usize).filter(|b| b.generation == backend.generation) {
+        b.out.push(frame.to_bytes());
+    }
+}
+
+fn request_error(request_id: u64, code: ErrorCode, reason: impl Into<String>) -> proto::RequestError {
+    proto::RequestError { request_id, code: code as i32, reason: reason.into() }
+}
+
+/// A request waiting on its origin shard for the parts of its answer.
+pub(crate) struct Pending {
+    backend: ConnKey,
+    request_id: u64,
+    /// Answers still to come from home shards (user lookups), plus one while
+    /// the origin is still sending parts.
+    lookups: u32,
+    expected: u64,
+    done: u64,
+    kind: PendingKind,
+}
+
+enum PendingKind {
+    /// Per-target results (device/user pushes, group updates, kicks).
+    Targets {
+        results: Vec<proto::TargetResult>,
+        admin: bool,
+    },
+    /// Group push (`broadcast == false`) or broadcast: sessions reached.
+    Count {
+        broadcast: bool,
+        delivered: u64,
+    },
+    Presence {
+        query: Arc<PresenceQuery>,
+        shards: u16,
+        parts: Vec<PresencePart>,
+    },
+}
+
+impl Pending {
+    pub(crate) fn merge(&mut self, part: Part) {
+        match (part, &mut self.kind) {
+            (Part::Sessions(reached), PendingKind::Targets { results, .. }) => {
+                for (idx, n) in reached {
+                    if let Some(r) = results.get_mut(idx as usize) {
+                        r.sessions += n;
+                    }
+                }
+                self.done += 1;
+            }
+            (Part::Count(n), PendingKind::Count { delivered, .. }) => {
+                *delivered += n;
+                self.done += 1;
+            }
+            (Part::Presence(p), PendingKind::Presence { parts, .. }) => {
+                parts.push(*p);
+                self.done += 1;
+            }
+            (Part::Expect { parts }, _) => {
+                self.lookups = self.lookups.saturating_sub(1);
+                self.expected += u64::from(parts);
+            }
+            // A part of the wrong shape is a bug in the sender; count it so
+            // the request still completes.
+            (other, _) => {
+                warn!(?other, "mismatched answer part");
+                self.done += 1;
+            }
+        }
+    }
+
+    pub(crate) fn is_done(&self) -> bool {
+        self.lookups == 0 && self.done >= self.expected
+    }
+
+    /// The backend to answer and the reply frame.
+    pub(crate) fn finish(self) -> (ConnKey, Frame) {
+        let request_id = self.request_id;
+        let frame = match self.kind {
+            PendingKind::Targets { mut results, admin } => {
+                let (mut delivered, mut not_online) = (0u64, 0u64);
+                for r in &mut results {
+                    if r.status == PushStatus::Rejected as i32 {
+                        continue;
+                    }
+                    if r.sessions > 0 {
+                        r.status = PushStatus::Delivered as i32;
+                        delivered += u64::from(r.sessions);
+                    } else {
+                        r.status = PushStatus::NotOnline as i32;
+                        not_online += 1;
+                    }
+                }
+                if admin {
+                    Frame::AdminReply(proto::AdminReply { request_id, results })
+                } else {
+                    let status = if delivered > 0 { PushStatus::Delivered } else { PushStatus::NotOnline };
+                    Frame::PushReply(proto::PushReply {
+                        request_id,
+                        results,
+                        delivered,
+                        not_online,
+                        status: status as i32,
+                        reason: String::new(),
+                    })
+                }
+            }
+            PendingKind::Count { broadcast, delivered } => {
+                let status = match (broadcast, delivered) {
+                    (true, _) => PushStatus::Accepted,
+                    (false, 0) => PushStatus::NotOnline,
+                    (false, _) => PushStatus::Delivered,
+                };
+                Frame::PushReply(proto::PushReply {
+                    request_id,
+                    delivered,
+                    status: status as i32,
+                    ..Default::default()
+                })
+            }
+            PendingKind::Presence { query, shards, parts } => presence_reply(request_id, &query, shards, parts),
+        };
+        (self.backend, frame)
+    }
+}
+
+fn presence_reply(request_id: u64, query: &PresenceQuery, shards: u16, parts: Vec<PresencePart>) -> Frame {
+    let mut reply = proto::PresenceReply {
+        request_id,
+        devices: query
+            .devices
+            .iter()
+            .map(|d| proto::DevicePresence { device: d.clone(), ..Default::default() })
+            .collect(),
+        users: query.users.iter().map(|u| proto::UserPresence { user: u.clone(), devices: Vec::new() }).collect(),
+        groups: query.groups.iter().map(|g| proto::GroupCount { group: g.clone(), online: 0 }).collect(),
+        connections_per_shard: vec![0; usize::from(shards)],
+        connections_total: 0,
+    };
+    for part in parts {
+        if let Some(c) = reply.connections_per_shard.get_mut(part.shard.index()) {
+            *c = part.connections;
+        }
+        reply.connections_total += part.connections;
+        for (i, d) in part.devices {
+            if let Some(slot) = reply.devices.get_mut(i as usize) {
+                *slot = d;
+            }
+        }
+        for (i, sessions) in part.users {
+            if let Some(u) = reply.users.get_mut(i as usize) {
+                u.devices.extend(sessions);
+            }
+        }
+        for (i, n) in part.groups {
+            if let Some(g) = reply.groups.get_mut(i as usize) {
+                g.online += n;
+            }
+        }
+    }
+    Frame::PresenceReply(reply)
+}
+
+/// A target string is usable as an id.
+fn valid_id(id: &str) -> Result<(), &'static str> {
+    if id.is_empty() {
+        Err("empty id")
+    } else if id.len() > MAX_ID_BYTES {
+        Err("id longer than 255 bytes")
+    } else {
+        Ok(())
+    }
+}
+
+/// Per-target results for `ids`, with invalid ones already REJECTED.
+fn target_results<'a>(ids: impl Iterator<Item = &'a String>) -> Vec<proto::TargetResult> {
+    ids.map(|id| {
+        let mut r = proto::TargetResult { target: id.clone(), ..Default::default() };
+        if let Err(reason) = valid_id(id) {
+            r.status = PushStatus::Rejected as i32;
+            r.reason = reason.into();
+        }
+        r
+    })
+    .collect()
+}
+
+impl Shard {
+    /// Accepts backend connections on the push port until shutdown.
+    pub async fn push_accept_loop(self: Rc<Self>, listener: glommio::net::TcpListener) {
+        while let Some(accepted) = self.accept_or_stop(&listener).await {
+            match accepted {
+                Ok(stream) => {
+                    let key = {
+                        let mut st = self.state.borrow_mut();
+                        let generation = st.next_token() as u32;
+                        let index = st.backends.insert(Backend {
+                            generation,
+                            out: OutQueue::default(),
+                            inflight: 0,
+                            waker: None,
+                            closing: false,
+                        });
+                        ConnKey { index: index as u32, generation }
+                    };
+                    debug!(shard = %self.id, peer = ?stream.peer_addr().ok(), "backend connected");
+                    glommio::spawn_local(Rc::clone(&self).run_backend(key, stream)).detach();
+                }
+                Err(err) => {
+                    warn!(shard = %self.id, error = %err, "push accept failed; pausing 100 ms");
+                    glommio::timer::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    async fn run_backend(self: Rc<Self>, key: ConnKey, mut stream: TcpStream) {
+        let mut rbuf = BytesMut::new();
+        std::future::poll_fn(|cx| self.poll_backend(key, &mut stream, &mut rbuf, cx)).await;
+        let mut st = self.state.borrow_mut();
+        if st.backends.get(key.index as usize).is_some_and(|b| b.generation == key.generation) {
+            st.backends.remove(key.index as usize);
+        }
+        debug!(shard = %self.id, "backend disconnected");
+    }
+
+    fn poll_backend(
+        &self,
+        key: ConnKey,
+        stream: &mut TcpStream,
+        rbuf: &mut BytesMut,
+        cx: &mut Context<'_>,
+    ) -> Poll<()> {
+        let max_inflight = self.cfg.push.max_inflight_per_backend;
+        for _ in 0..READS_PER_POLL {
+            {
+                let mut st = self.state.borrow_mut();
+                let Some(b) = st.backends.get_mut(key.index as usize).filter(|b| b.generation == key.generation) else {
+                    return Poll::Ready(());
+                };
+                if b.out.flush(stream, cx).is_err() || (b.closing && b.out.is_empty()) {
+                    return Poll::Ready(());
+                }
+                if !b.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    b.waker = Some(cx.waker().clone());
+                }
+                if b.closing {
+                    return Poll::Pending;
+                }
+                // Handle every whole request already read, up to the bound.
+                loop {
+                    let Some(b) = st.backends.get_mut(key.index as usize) else { return Poll::Ready(()) };
+                    if b.inflight >= max_inflight {
+                        // Backpressure: a reply wakes us.
+                        return Poll::Pending;
+                    }
+                    match codec::split_frame(rbuf, self.cfg.push.max_request_bytes) {
+                        Ok(None) => break,
+                        Ok(Some((header, body))) => {
+                            let len = header.frame_len();
+                            let frame = Frame::decode(header, body);
+                            rbuf.advance(len);
+                            self.on_request(&mut st, key, frame);
+                        }
+                        Err(err) => {
+                            // The frame boundary is lost: say why and close.
+                            let error = Frame::Error(codes::error_body(err.code(), err.to_string()));
+                            b.out.push(error.to_bytes());
+                            b.closing = true;
+                            rbuf.clear();
+                            break;
+                        }
+                    }
+                }
+                if st.backends.get(key.index as usize).is_some_and(|b| b.closing || !b.out.is_empty()) {
+                    // Flush replies (or the error) before reading more.
+                    drop(st);
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            match futures_lite::AsyncRead::poll_read(Pin::new(&mut *stream), cx, &mut chunk) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Ready(Ok(n)) => rbuf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    fn on_request(&self, st: &mut State, backend: ConnKey, frame: Result<Frame, CodecError>) {
+        self.counters.push_requests.fetch_add(1, Ordering::Relaxed);
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(err) => {
+                return reply_now(st, backend, Frame::RequestError(request_error(0, err.code(), err.to_string())));
+            }
+        };
+        let accepted = match frame {
+            Frame::PushRequest(req) => self.start_push(st, backend, req),
+            Frame::GroupUpdate(req) => self.start_group_update(st, backend, req),
+            Frame::KickRequest(req) => self.start_kick(st, backend, req),
+            Frame::PresenceQuery(req) => self.start_presence(st, backend, req),
+            other => {
+                Err(request_error(0, ErrorCode::BadFrame, format!("{:?} is not a push-port request", other.kind())))
+            }
+        };
+        if let Err(error) = accepted {
+            reply_now(st, backend, Frame::RequestError(error));
+        }
+    }
+
+    /// Registers a pending request; the origin holds one "lookup" until it
+    /// has sent every part, so early answers cannot complete it.
+    fn begin(&self, st: &mut State, backend: ConnKey, request_id: u64, kind: PendingKind) -> Origin {
+        let token = st.next_token();
+        st.pending.insert(token, Pending { backend, request_id, lookups: 1, expected: 0, done: 0, kind });
+        if let Some(b) = st.backends.get_mut(backend.index as usize) {
+            b.inflight += 1;
+        }
+        Origin { shard: self.id, token }
+    }
+
+    /// Done sending parts: the request completes when its answers are in.
+    fn end(&self, st: &mut State, origin: Origin) {
+        if let Some(p) = st.pending.get_mut(&origin.token) {
+            p.lookups -= 1;
+        }
+        self.finish_if_done(st, origin.token);
+    }
+
+    /// Sends one part that will be answered with one [`Part`].
+    fn send_part(&self, st: &mut State, origin: Origin, to: ShardId, msg: ShardMsg) {
+        if let Some(p) = st.pending.get_mut(&origin.token) {
+            p.expected += 1;
+        }
+        self.route(st, to, msg);
+    }
+
+    /// Sends a user lookup, answered with `Part::Expect` by the home shard.
+    fn send_lookup(&self, st: &mut State, origin: Origin, to: ShardId, msg: ShardMsg) {
+        if let Some(p) = st.pending.get_mut(&origin.token) {
+            p.lookups += 1;
+        }
+        self.route(st, to, msg);
+    }
+
+    /// Splits `(index, id)` pairs by `shard_of(id)`, skipping rejected ones.
+    fn by_shard(
+        &self,
+        results: &[proto::TargetResult],
+        offset: usize,
+        ids: &[String],
+        shard_of: fn(&str, u16) -> ShardId,
+    ) -> Vec<Vec<(u32, String)>> {
+        let mut batches = vec![Vec::new(); usize::from(self.shards())];
+        for (i, id) in ids.iter().enumerate() {
+            let idx = offset + i;
+            if results[idx].status != PushStatus::Rejected as i32 {
+                batches[shard_of(id, self.shards()).index()].push((idx as u32, id.clone()));
+            }
+        }
+        batches
+    }
+
+    fn start_push(&self, st: &mut State, backend: ConnKey, req: proto::PushRequest) -> Result<(), proto::RequestError> {
+        let id = req.request_id;
+        let targets = req.targets.unwrap_or_default();
+        let kinds =
+            [!targets.devices.is_empty(), !targets.users.is_empty(), !targets.group.is_empty(), targets.broadcast];
+        if kinds.iter().filter(|&&k| k).count() != 1 {
+            return Err(request_error(
+                id,
+                ErrorCode::BadFrame,
+                "set exactly one of targets.devices, targets.users, targets.group, targets.broadcast",
+            ));
+        }
+        let max_targets = self.cfg.push.max_targets_per_request as usize;
+        if targets.devices.len() + targets.users.len() > max_targets {
+            return Err(request_error(id, ErrorCode::LimitExceeded, format!("more than {max_targets} targets")));
+        }
+        let message = proto::Message {
+            payload: req.payload,
+            service_id: req.service_id,
+            message_id: self.next_message_id(st),
+            seq: 0,
+        };
+        if message.encoded_len() > self.cfg.max_frame_bytes as usize {
+            return Err(request_error(
+                id,
+                ErrorCode::FrameTooLarge,
+                format!(
+                    "message of {} bytes exceeds the client frame limit of {}",
+                    message.encoded_len(),
+                    self.cfg.max_frame_bytes
+                ),
+            ));
+        }
+        if !targets.group.is_empty()
+            && let Err(reason) = valid_id(&targets.group)
+        {
+            return Err(request_error(id, ErrorCode::BadFrame, format!("group: {reason}")));
+        }
+        let frame = codec::encode(FrameKind::Message, Flags::default(), &message);
+
+        if targets.broadcast || !targets.group.is_empty() {
+            let broadcast = targets.broadcast;
+            let origin = self.begin(st, backend, id, PendingKind::Count { broadcast, delivered: 0 });
+            let expires_at = (req.ttl_ms > 0).then(|| Instant::now() + Duration::from_millis(u64::from(req.ttl_ms)));
+            for shard in 0..self.shards() {
+                let msg = if broadcast {
+                    ShardMsg::Broadcast { origin, frame: frame.clone(), expires_at }
+                } else {
+                    ShardMsg::Group { origin, group: targets.group.clone(), frame: frame.clone() }
+                };
+                self.send_part(st, origin, ShardId(shard), msg);
+            }
+            self.end(st, origin);
+            return Ok(());
+        }
+
+        let devices = !targets.devices.is_empty();
+        let ids = if devices { targets.devices } else { targets.users };
+        let results = target_results(ids.iter());
+        let batches = self.by_shard(&results, 0, &ids, if devices { owner_shard } else { home_shard });
+        let origin = self.begin(st, backend, id, PendingKind::Targets { results, admin: false });
+        for (shard, items) in batches.into_iter().enumerate() {
+            if items.is_empty() {
+                continue;
+            }
+            let to = ShardId(shard as u16);
+            if devices {
+                self.send_part(st, origin, to, ShardMsg::Devices { origin, items, frame: frame.clone() });
+            } else {
+                let action = UserAction::Deliver(frame.clone());
+                self.send_lookup(st, origin, to, ShardMsg::UserLookup { origin, items, action });
+            }
+        }
+        self.end(st, origin);
+        Ok(())
+    }
+
+    fn start_group_update(
+        &self,
+        st: &mut State,
+        backend: ConnKey,
+        req: proto::GroupUpdate,
+    ) -> Result<(), proto::RequestError> {
+        let id = req.request_id;
+        if let Err(reason) = valid_id(&req.group) {
+            return Err(request_error(id, ErrorCode::BadFrame, format!("group: {reason}")));
+        }
+        let max_targets = self.cfg.push.max_targets_per_request as usize;
+        if req.add_devices.len() + req.remove_devices.len() > max_targets {
+            return Err(request_error(id, ErrorCode::LimitExceeded, format!("more than {max_targets} devices")));
+        }
+        let results = target_results(req.add_devices.iter().chain(&req.remove_devices));
+        let adds = self.by_shard(&results, 0, &req.add_devices, owner_shard);
+        let removes = self.by_shard(&results, req.add_devices.len(), &req.remove_devices, owner_shard);
+        let origin = self.begin(st, backend, id, PendingKind::Targets { results, admin: true });
+        for (add, batches) in [(true, adds), (false, removes)] {
+            for (shard, items) in batches.into_iter().enumerate() {
+                if !items.is_empty() {
+                    let msg = ShardMsg::GroupUpdate { origin, group: req.group.clone(), items, add };
+                    self.send_part(st, origin, ShardId(shard as u16), msg);
+                }
+            }
+        }
+        self.end(st, origin);
+        Ok(())
+    }
+
+    fn start_kick(&self, st: &mut State, backend: ConnKey, req: proto::KickRequest) -> Result<(), proto::RequestError> {
+        let id = req.request_id;
+        let max_targets = self.cfg.push.max_targets_per_request as usize;
+        if req.devices.len() + req.users.len() > max_targets {
+            return Err(request_error(id, ErrorCode::LimitExceeded, format!("more than {max_targets} targets")));
+        }
+        let code = match codes::from_wire(req.code) {
+            ErrorCode::Unspecified => ErrorCode::Kicked,
+            code => code,
+        };
+        let results = target_results(req.devices.iter().chain(&req.users));
+        let devices = self.by_shard(&results, 0, &req.devices, owner_shard);
+        let users = self.by_shard(&results, req.devices.len(), &req.users, home_shard);
+        let origin = self.begin(st, backend, id, PendingKind::Targets { results, admin: true });
+        for (shard, items) in devices.into_iter().enumerate() {
+            if !items.is_empty() {
+                let msg = ShardMsg::KickDevices { origin, items, code, reason: req.reason.clone() };
+                self.send_part(st, origin, ShardId(shard as u16), msg);
+            }
+        }
+        for (shard, items) in users.into_iter().enumerate() {
+            if !items.is_empty() {
+                let action = UserAction::Kick { code, reason: req.reason.clone() };
+                self.send_lookup(st, origin, ShardId(shard as u16), ShardMsg::UserLookup { origin, items, action });
+            }
+        }
+        self.end(st, origin);
+        Ok(())
+    }
+
+    fn start_presence(
+        &self,
+        st: &mut State,
+        backend: ConnKey,
+        req: proto::PresenceQuery,
+    ) -> Result<(), proto::RequestError> {
+        let max_targets = self.cfg.push.max_targets_per_request as usize;
+        if req.devices.len() + req.users.len() + req.groups.len() > max_targets {
+            let reason = format!("more than {max_targets} targets");
+            return Err(request_error(req.request_id, ErrorCode::LimitExceeded, reason));
+        }
+        let query = Arc::new(PresenceQuery { devices: req.devices, users: req.users, groups: req.groups });
+        let kind = PendingKind::Presence { query: query.clone(), shards: self.shards(), parts: Vec::new() };
+        let origin = self.begin(st, backend, req.request_id, kind);
+        for shard in 0..self.shards() {
+            self.send_part(st, origin, ShardId(shard), ShardMsg::Presence { origin, query: query.clone() });
+        }
+        self.end(st, origin);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(kind: PendingKind) -> Pending {
+        Pending { backend: ConnKey { index: 0, generation: 0 }, request_id: 9, lookups: 1, expected: 0, done: 0, kind }
+    }
+
+    #[test]
+    fn early_answers_do_not_complete_a_request_still_being_sent() {
+        let results = target_results(["a".to_string(), "b".to_string(), String::new()].iter());
+        let mut p = pending(PendingKind::Targets { results, admin: false });
+        p.expected = 1;
+        p.merge(Part::Sessions(vec![(0, 1)]));
+        assert!(!p.is_done(), "the origin still holds its guard");
+        p.lookups -= 1;
+        assert!(p.is_done());
+        let (_, frame) = p.finish();
+        let Frame::PushReply(reply) = frame else { panic!() };
+        let statuses: Vec<_> = reply.results.iter().map(|r| r.status).collect();
+        assert_eq!(statuses, [PushStatus::Delivered as i32, PushStatus::NotOnline as i32, PushStatus::Rejected as i32]);
+        assert_eq!((reply.delivered, reply.not_online), (1, 1));
+    }
+
+    #[test]
+    fn user_parts_can_arrive_before_the_home_shard_says_how_many() {
+        let results = target_results(["u".to_string()].iter());
+        let mut p = pending(PendingKind::Targets { results, admin: false });
+        p.lookups += 1; // one home shard asked
+        p.lookups -= 1; // origin done sending
+        p.merge(Part::Sessions(vec![(0, 2)])); // holder answered first
+        assert!(!p.is_done());
+        p.merge(Part::Expect { parts: 2 });
+        assert!(!p.is_done());
+        p.merge(Part::Sessions(vec![(0, 1)]));
+        assert!(p.is_done());
+        let (_, Frame::PushReply(reply)) = p.finish() else { panic!() };
+        assert_eq!(reply.results[0].sessions, 3);
+    }
+
+    #[test]
+    fn presence_merges_shards() {
+        let query = Arc::new(PresenceQuery {
+            devices: vec!["d1".into(), "d2".into()],
+            users: vec![],
+            groups: vec!["g".into()],
+        });
+        let mut p = pending(PendingKind::Presence { query, shards: 2, parts: Vec::new() });
+        p.expected = 2;
+        p.lookups = 0;
+        let online = proto::DevicePresence { device: "d2".into(), online: true, shard: 1, ..Default::default() };
+        p.merge(Part::Presence(Box::new(PresencePart {
+            shard: ShardId(0),
+            connections: 3,
+            groups: vec![(0, 2)],
+            ..Default::default()
+        })));
+        p.merge(Part::Presence(Box::new(PresencePart {
+            shard: ShardId(1),
+            connections: 4,
+            devices: vec![(1, online)],
+            groups: vec![(0, 1)],
+            ..Default::default()
+        })));
+        let (_, Frame::PresenceReply(r)) = p.finish() else { panic!() };
+        assert_eq!(r.connections_per_shard, vec![3, 4]);
+        assert_eq!(r.connections_total, 7);
+        assert!(!r.devices[0].online && r.devices[1].online);
+        assert_eq!(r.groups[0].online, 3);
+    }
+}
