@@ -61,6 +61,8 @@ pub enum ClientEvent {
         endpoint: String,
         reason: String,
     },
+    /// A message pushed by a backend.
+    Message(proto::Message),
 }
 
 /// Why the connection ended (or could not start).
@@ -171,6 +173,7 @@ impl ClientSession {
             (ClientPhase::Active, Frame::GoAway(g)) => {
                 Ok(Some(ClientEvent::GoAway { endpoint: g.endpoint, reason: g.reason }))
             }
+            (ClientPhase::Active, Frame::Message(m)) => Ok(Some(ClientEvent::Message(m))),
             (_, other) => Err(ClientError::Unexpected(other.kind())),
         }
     }
@@ -273,6 +276,7 @@ impl Connection {
             ClientEvent::Connected(ok) => Ok((conn, ok)),
             other => Err(ClientError::Unexpected(match other {
                 ClientEvent::Pong { .. } => proto::FrameKind::Pong,
+                ClientEvent::Message(_) => proto::FrameKind::Message,
                 _ => proto::FrameKind::GoAway,
             })),
         }
@@ -302,6 +306,16 @@ impl Connection {
     pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
         self.stream.write_all(bytes).await?;
         Ok(())
+    }
+
+    /// Joins a group: the node delivers the group's pushes to this session.
+    pub async fn join(&mut self, group: &str) -> Result<(), ClientError> {
+        self.send(&Frame::Join(proto::GroupMembership { group: group.into() })).await
+    }
+
+    /// Leaves a group.
+    pub async fn leave(&mut self, group: &str) -> Result<(), ClientError> {
+        self.send(&Frame::Leave(proto::GroupMembership { group: group.into() })).await
     }
 
     /// Sends a Ping now; its Pong arrives through [`Connection::next_event`].

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use glommio::channels::channel_mesh::Senders;
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 
-use crate::ids::ShardId;
+use crate::ids::{ConnKey, ShardId};
 use crate::proto;
 use crate::session::{Login, Session};
 
@@ -53,8 +53,12 @@ pub enum ShardMsg {
     /// Report presence of devices, users, groups and connection counts.
     Presence { origin: Origin, query: Arc<PresenceQuery> },
     /// A user gained its first session on `shard` (or lost its last one).
-    /// Sent to the user's home shard, which keeps the user directory.
-    UserDir { user_hash: u64, shard: ShardId, present: bool },
+    /// Sent to the user's home shard, which keeps the user directory. With
+    /// `ack`, the home shard answers [`ShardMsg::UserDirAck`] so the new
+    /// session is activated only once user pushes can find it.
+    UserDir { user_hash: u64, shard: ShardId, present: bool, ack: Option<ConnKey> },
+    /// The home shard recorded the directory entry for session `key`.
+    UserDirAck { key: ConnKey },
     /// Part of the answer to a request, sent back to its origin shard.
     Part { token: u64, part: Part },
 }

@@ -1,4 +1,4 @@
-//! An outbound queue of encoded frames, written with `writev`.
+//! An outbound queue of encoded frames, written with one vectored `sendmsg`.
 //!
 //! Frames are `Bytes`, so a fan-out queues the same buffer for every
 //! recipient; a backlog of frames for one socket goes out in one syscall.
@@ -84,9 +84,15 @@ impl OutQueue {
             iov[i] = libc::iovec { iov_base: slice.as_ptr() as *mut libc::c_void, iov_len: slice.len() };
             n += 1;
         }
+        // SAFETY: an all-zero msghdr is valid (no name, no control data).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_mut_ptr();
+        msg.msg_iovlen = n;
+        // Accepted sockets are blocking (glommio passes MSG_DONTWAIT per
+        // call), so the flags matter: never block the shard, never SIGPIPE.
         // SAFETY: every iovec points into a live `Bytes` owned by `self.frames`
         // for the duration of the call; `fd` is an open socket.
-        let written = unsafe { libc::writev(fd, iov.as_ptr(), n) };
+        let written = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
         if written < 0 { Err(io::Error::last_os_error()) } else { Ok(written as usize) }
     }
 

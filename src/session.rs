@@ -296,6 +296,9 @@ impl Session {
             );
         }
         self.phase = Phase::Authenticated;
+        // The client has done its part; registration (a hand-off, the user
+        // directory) gets a fresh deadline of its own.
+        self.deadline = now.mono.add_ms(params.auth_timeout_ms);
         out.push(Action::Authenticated(Box::new(Login {
             user: claims.user,
             device: claims.device,

@@ -123,11 +123,14 @@ struct ConnIo {
     partial: Vec<u8>,
     /// Set when the session must move to another shard.
     handoff: Option<(ShardId, Box<Login>)>,
+    /// Registered, waiting for the user's home shard to record it before
+    /// `AuthOk` goes out.
+    awaiting_dir: Option<Box<Login>>,
 }
 
 impl ConnIo {
     fn is_idle(&self) -> bool {
-        self.out.is_empty() && self.partial.is_empty() && self.handoff.is_none()
+        self.out.is_empty() && self.partial.is_empty() && self.handoff.is_none() && self.awaiting_dir.is_none()
     }
 }
 
@@ -575,6 +578,20 @@ impl Shard {
         }
     }
 
+    /// Handles frames that arrived behind Auth and waited for activation.
+    fn resume_input(&self, st: &mut State, key: ConnKey) {
+        let Some(partial) = st.conn(key).and_then(|c| c.io.as_mut()).map(|io| std::mem::take(&mut io.partial)) else {
+            return;
+        };
+        let consumed = self.handle_input(st, key, &partial);
+        if let Some(conn) = st.conn(key) {
+            if consumed < partial.len() && conn.session.phase() != Phase::Closing {
+                conn.io().partial.extend_from_slice(&partial[consumed..]);
+            }
+            conn.release_io_if_idle();
+        }
+    }
+
     /// Returns how many bytes of `input` were consumed.
     fn handle_input(&self, st: &mut State, key: ConnKey, input: &[u8]) -> usize {
         let mut pos = 0;
@@ -735,9 +752,18 @@ impl Shard {
         let conns = &st.conns;
         st.devices
             .insert_unique(stable_hash(&login.device), key.index, |&i| slot_device(conns, i).map_or(0, stable_hash));
-        self.link_user(st, key.index, &login.user);
         self.counters.active.fetch_add(1, Ordering::Relaxed);
+        if self.link_user(st, key, &login.user) {
+            if let Some(conn) = st.conn(key) {
+                conn.io().awaiting_dir = Some(Box::new(login.clone()));
+            }
+        } else {
+            self.activate(st, key, now, login);
+        }
+    }
 
+    /// Sends `AuthOk`: the session is indexed and reachable.
+    fn activate(&self, st: &mut State, key: ConnKey, now: Now, login: &Login) {
         let ok = proto::AuthOk {
             conn_id: ConnId::new(self.id, key).0,
             shard: u32::from(self.id.0),
@@ -764,22 +790,30 @@ impl Shard {
         self.apply(st, key, now, &mut actions);
     }
 
-    fn link_user(&self, st: &mut State, slot: u32, user: &str) {
+    /// Links the session into its user's list. Returns true when the
+    /// user's home shard (another shard) must first record this shard in
+    /// its directory; it acknowledges with `UserDirAck`.
+    fn link_user(&self, st: &mut State, key: ConnKey, user: &str) -> bool {
+        let slot = key.index;
         let hash = stable_hash(user);
         let conns = &st.conns;
         if let Some(head) = st.users.find_mut(hash, |&i| slot_user(conns, i) == Some(user)) {
             let old_head = std::mem::replace(head, slot);
             st.conns[slot as usize].next_of_user = old_head;
-            return;
+            return false;
         }
         let first_of_hash = !st.hash_in_use(hash);
         st.conns[slot as usize].next_of_user = NO_CONN;
         let conns = &st.conns;
         st.users.insert_unique(hash, slot, |&i| slot_user(conns, i).map_or(0, stable_hash));
-        if first_of_hash {
-            let home = home_shard(user, self.shards);
-            self.route(st, home, ShardMsg::UserDir { user_hash: hash, shard: self.id, present: true });
+        if !first_of_hash {
+            return false;
         }
+        let home = home_shard(user, self.shards);
+        let remote = home != self.id;
+        let ack = remote.then_some(key);
+        self.route(st, home, ShardMsg::UserDir { user_hash: hash, shard: self.id, present: true, ack });
+        remote
     }
 
     /// Removes slot `slot` from the device, user and group indexes (the
@@ -820,7 +854,7 @@ impl Shard {
         self.publish_group_counts(st);
         self.counters.active.fetch_sub(1, Ordering::Relaxed);
         if user_gone && !st.hash_in_use(user_hash) {
-            self.route(st, home, ShardMsg::UserDir { user_hash, shard: self.id, present: false });
+            self.route(st, home, ShardMsg::UserDir { user_hash, shard: self.id, present: false, ack: None });
         }
     }
 
@@ -967,7 +1001,7 @@ impl Shard {
                 let part = self.presence(st, &query);
                 self.answer(st, origin, Part::Presence(Box::new(part)));
             }
-            ShardMsg::UserDir { user_hash, shard, present } => {
+            ShardMsg::UserDir { user_hash, shard, present, ack } => {
                 let bit = 1u64 << shard.0;
                 if present {
                     *st.user_dir.entry(user_hash).or_insert(0) |= bit;
@@ -976,6 +1010,19 @@ impl Shard {
                     if *mask == 0 {
                         st.user_dir.remove(&user_hash);
                     }
+                }
+                if let Some(key) = ack {
+                    self.route(st, shard, ShardMsg::UserDirAck { key });
+                }
+            }
+            ShardMsg::UserDirAck { key } => {
+                let login = st.conn(key).and_then(|c| c.io.as_mut()).and_then(|io| io.awaiting_dir.take());
+                // A session kicked or closed meanwhile has nothing to activate.
+                if let Some(login) = login
+                    && st.conn(key).is_some_and(|c| c.session.phase() == Phase::Authenticated)
+                {
+                    self.activate(st, key, now, &login);
+                    self.resume_input(st, key);
                 }
             }
             ShardMsg::Part { token, part } => self.merge_part(st, token, part),

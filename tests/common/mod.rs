@@ -115,3 +115,67 @@ pub fn close_code(frames: &[Frame]) -> Option<longlink::proto::ErrorCode> {
         _ => None,
     })
 }
+
+/// Connects and authenticates `devices` (user, device) pairs concurrently.
+pub async fn connect_all(
+    addr: SocketAddr,
+    cfg: &Config,
+    pairs: &[(String, String)],
+) -> Vec<longlink::client::Connection> {
+    let tasks: Vec<_> = pairs
+        .iter()
+        .map(|(user, device)| {
+            let opts = longlink::client::ClientOptions::new(token(cfg, user, device));
+            glommio::spawn_local(async move {
+                longlink::client::Connection::connect(addr, opts).await.expect("client authenticates").0
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await);
+    }
+    out
+}
+
+/// The next pushed message on `conn` (heartbeat events are skipped).
+pub async fn next_message(conn: &mut longlink::client::Connection) -> longlink::proto::Message {
+    loop {
+        match conn.next_event().await.expect("connection stays up") {
+            longlink::client::ClientEvent::Message(m) => return m,
+            _ => continue,
+        }
+    }
+}
+
+/// Proves nothing is queued for `conn`: a Ping is answered by a Pong with
+/// no Message ahead of it (the node writes in order).
+pub async fn assert_nothing_queued(conn: &mut longlink::client::Connection) {
+    conn.ping().await.expect("ping");
+    match conn.next_event().await.expect("pong") {
+        longlink::client::ClientEvent::Pong { .. } => {}
+        other => panic!("expected nothing before the Pong, got {other:?}"),
+    }
+}
+
+/// Resident set size of this process in bytes.
+pub fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Polls `cond` every 10 ms until it holds or `limit` passes.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cond()
+}
