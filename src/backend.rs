@@ -1,1 +1,1001 @@
-//! Blocking client for the push port (being written).
+//! Blocking client for the push port: what backends, the `longlink push`
+//! family of commands and the bench use to push messages, manage groups,
+//! kick sessions and ask who is online.
+//!
+//! It runs on `std::net::TcpStream`, so a backend needs no particular async
+//! runtime. Requests are pipelined: [`PushClient::send`] buffers a request
+//! and returns the id the client gave it, [`PushClient::recv`] returns the
+//! next reply in the order the node completes them. The convenience calls
+//! ([`PushClient::push`] and friends) send one request and wait for its
+//! reply, keeping replies to other requests for later `recv` calls.
+//! [`PushClient::split`] gives a sender and a receiver for two threads.
+//!
+//! ```no_run
+//! use longlink::backend::PushClient;
+//! # fn main() -> Result<(), longlink::backend::BackendError> {
+//! let mut client = PushClient::connect("127.0.0.1:7101", std::time::Duration::from_secs(5))?;
+//! let reply = client.push_devices(&["phone-1", "tablet-7"], "hello".into())?;
+//! for r in &reply.results {
+//!     println!("{} {:?}", r.target, r.status());
+//! }
+//! # Ok(()) }
+//! ```
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+
+use crate::codec::{self, CodecError, Flags, Frame};
+use crate::codes;
+use crate::proto::{self, ErrorCode, FrameKind};
+
+/// Default limit on a reply body. Presence replies for many targets are far
+/// larger than anything a client sends, hence more than the node's 64 KiB.
+pub const DEFAULT_MAX_REPLY_BYTES: u32 = 16 * 1024 * 1024;
+/// Default limit on a request body: the node's default `max_frame_bytes`.
+/// The node closes the whole connection on a larger frame, so the client
+/// refuses it up front instead.
+pub const DEFAULT_MAX_REQUEST_BYTES: u32 = codec::DEFAULT_MAX_BODY;
+/// Default bound on replies to other requests kept while a convenience call
+/// waits for its own.
+pub const DEFAULT_MAX_BUFFERED_REPLIES: usize = 16 * 1024;
+/// [`PushSender::send`] writes the buffer out once it holds this much.
+const FLUSH_AT_BYTES: usize = 64 * 1024;
+/// Bytes asked of the socket per read.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Why a push-port call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+    /// The node sent bytes that are not a frame (or a body that does not
+    /// decode). Nothing after it can be trusted.
+    #[error("bad frame from the node: {0}")]
+    Codec(#[from] CodecError),
+    /// A well-formed frame that has no place on the push port.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The node sent an `Error` frame and closed the connection.
+    #[error("node closed the connection: {} ({reason})", .code.as_str_name())]
+    Closed { code: ErrorCode, reason: String },
+    /// The node answered this request with a `RequestError`; the connection
+    /// stays usable.
+    #[error("node rejected the request: {} ({reason})", .code.as_str_name())]
+    Rejected { code: ErrorCode, reason: String },
+    #[error("connection closed by the node")]
+    Eof,
+    /// No byte arrived within the read timeout. Bytes already read are kept:
+    /// calling `recv` again resumes where the read stopped.
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    /// Not sent: the node would close the connection on a frame this large.
+    #[error("request body of {len} bytes exceeds the limit of {max} (the node's max_frame_bytes)")]
+    RequestTooLarge { len: usize, max: u32 },
+    /// A convenience call read more than this many replies to other
+    /// (pipelined) requests while waiting; drain them with `recv`.
+    #[error("more than {0} replies to other requests arrived while waiting for a reply")]
+    Backlog(usize),
+}
+
+/// A request to the node. The client fills in `request_id`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Request {
+    Push(proto::PushRequest),
+    Group(proto::GroupUpdate),
+    Kick(proto::KickRequest),
+    Presence(proto::PresenceQuery),
+}
+
+impl Request {
+    pub fn request_id(&self) -> u64 {
+        match self {
+            Request::Push(r) => r.request_id,
+            Request::Group(r) => r.request_id,
+            Request::Kick(r) => r.request_id,
+            Request::Presence(r) => r.request_id,
+        }
+    }
+
+    fn set_request_id(&mut self, id: u64) {
+        match self {
+            Request::Push(r) => r.request_id = id,
+            Request::Group(r) => r.request_id = id,
+            Request::Kick(r) => r.request_id = id,
+            Request::Presence(r) => r.request_id = id,
+        }
+    }
+
+    fn body_len(&self) -> usize {
+        use prost::Message as _;
+        match self {
+            Request::Push(r) => r.encoded_len(),
+            Request::Group(r) => r.encoded_len(),
+            Request::Kick(r) => r.encoded_len(),
+            Request::Presence(r) => r.encoded_len(),
+        }
+    }
+
+    /// The frame kind a successful answer has.
+    fn reply_kind(&self) -> FrameKind {
+        match self {
+            Request::Push(_) => FrameKind::PushReply,
+            Request::Group(_) | Request::Kick(_) => FrameKind::AdminReply,
+            Request::Presence(_) => FrameKind::PresenceReply,
+        }
+    }
+
+    fn into_frame(self) -> Frame {
+        match self {
+            Request::Push(r) => Frame::PushRequest(r),
+            Request::Group(r) => Frame::GroupUpdate(r),
+            Request::Kick(r) => Frame::KickRequest(r),
+            Request::Presence(r) => Frame::PresenceQuery(r),
+        }
+    }
+}
+
+/// A reply from the node, matched to its request by `request_id`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Reply {
+    Push(proto::PushReply),
+    /// Answers group updates and kicks.
+    Admin(proto::AdminReply),
+    Presence(proto::PresenceReply),
+    /// The node could not read the request; `request_id` 0 when even the id
+    /// was unreadable.
+    Error(proto::RequestError),
+}
+
+impl Reply {
+    pub fn request_id(&self) -> u64 {
+        match self {
+            Reply::Push(r) => r.request_id,
+            Reply::Admin(r) => r.request_id,
+            Reply::Presence(r) => r.request_id,
+            Reply::Error(r) => r.request_id,
+        }
+    }
+
+    pub fn kind(&self) -> FrameKind {
+        match self {
+            Reply::Push(_) => FrameKind::PushReply,
+            Reply::Admin(_) => FrameKind::AdminReply,
+            Reply::Presence(_) => FrameKind::PresenceReply,
+            Reply::Error(_) => FrameKind::RequestError,
+        }
+    }
+
+    fn from_frame(frame: Frame) -> Result<Reply, BackendError> {
+        match frame {
+            Frame::PushReply(r) => Ok(Reply::Push(r)),
+            Frame::AdminReply(r) => Ok(Reply::Admin(r)),
+            Frame::PresenceReply(r) => Ok(Reply::Presence(r)),
+            Frame::RequestError(r) => Ok(Reply::Error(r)),
+            Frame::Error(e) => Err(BackendError::Closed { code: codes::from_wire(e.code), reason: e.reason }),
+            other => Err(BackendError::Protocol(format!("unexpected {:?} frame on the push port", other.kind()))),
+        }
+    }
+}
+
+/// Request-side state, independent of the socket so that [`PushClient`] and
+/// [`PushSender`] share it.
+#[derive(Debug)]
+struct Writer {
+    /// Encoded requests not yet written to the socket.
+    wbuf: BytesMut,
+    /// Id for the next request. Starts at 1: the node uses 0 for "could not
+    /// read the id".
+    next_id: u64,
+    /// Larger request bodies are refused before they reach the node.
+    max_request_bytes: u32,
+}
+
+impl Writer {
+    fn new() -> Writer {
+        Writer {
+            wbuf: BytesMut::with_capacity(FLUSH_AT_BYTES),
+            next_id: 1,
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+        }
+    }
+
+    fn send(&mut self, stream: &mut TcpStream, mut req: Request) -> Result<u64, BackendError> {
+        let len = req.body_len();
+        if len > self.max_request_bytes as usize {
+            return Err(BackendError::RequestTooLarge { len, max: self.max_request_bytes });
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        req.set_request_id(id);
+        req.into_frame().encode_into(&mut self.wbuf, Flags::default());
+        if self.wbuf.len() >= FLUSH_AT_BYTES {
+            self.flush(stream)?;
+        }
+        Ok(id)
+    }
+
+    fn flush(&mut self, stream: &mut TcpStream) -> Result<(), BackendError> {
+        if !self.wbuf.is_empty() {
+            stream.write_all(&self.wbuf)?;
+            self.wbuf.clear();
+        }
+        Ok(())
+    }
+}
+
+/// Reply-side state, independent of the socket so that [`PushClient`] and
+/// [`PushReceiver`] share it.
+#[derive(Debug)]
+struct Reader {
+    /// Bytes read but not yet decoded (at most one partial frame after a
+    /// decode).
+    rbuf: BytesMut,
+    /// Replies read while a convenience call waited for another one; `recv`
+    /// returns them first, in arrival order.
+    backlog: VecDeque<Reply>,
+    max_backlog: usize,
+    /// Limit on one reply body, checked from the header before buffering it.
+    max_reply_bytes: u32,
+    /// Mirrors the socket's read timeout, for the error message.
+    read_timeout: Option<Duration>,
+}
+
+impl Reader {
+    fn new() -> Reader {
+        Reader {
+            rbuf: BytesMut::with_capacity(READ_CHUNK),
+            backlog: VecDeque::new(),
+            max_backlog: DEFAULT_MAX_BUFFERED_REPLIES,
+            max_reply_bytes: DEFAULT_MAX_REPLY_BYTES,
+            read_timeout: None,
+        }
+    }
+
+    fn recv(&mut self, stream: &mut TcpStream) -> Result<Reply, BackendError> {
+        match self.backlog.pop_front() {
+            Some(reply) => Ok(reply),
+            None => self.read_reply(stream),
+        }
+    }
+
+    /// Reads until the reply to `id` arrives, keeping the others.
+    fn wait_for(&mut self, stream: &mut TcpStream, id: u64) -> Result<Reply, BackendError> {
+        if let Some(pos) = self.backlog.iter().position(|r| r.request_id() == id)
+            && let Some(reply) = self.backlog.remove(pos)
+        {
+            return Ok(reply);
+        }
+        loop {
+            let reply = self.read_reply(stream)?;
+            if reply.request_id() == id {
+                return Ok(reply);
+            }
+            self.backlog.push_back(reply);
+            if self.backlog.len() > self.max_backlog {
+                return Err(BackendError::Backlog(self.max_backlog));
+            }
+        }
+    }
+
+    fn read_reply(&mut self, stream: &mut TcpStream) -> Result<Reply, BackendError> {
+        loop {
+            match codec::decode_header(&self.rbuf, self.max_reply_bytes)? {
+                Some(header) if self.rbuf.len() >= header.frame_len() => {
+                    let frame = Frame::decode(header, &self.rbuf[codec::HEADER_LEN..header.frame_len()]);
+                    // The frame was intact, so the stream stays in step even
+                    // when its body was bad.
+                    self.rbuf.advance(header.frame_len());
+                    return Reply::from_frame(frame?);
+                }
+                // Room for the whole frame at once: a 16 MiB presence reply
+                // must not be grown (and copied) chunk by chunk.
+                Some(header) => self.rbuf.reserve(header.frame_len() - self.rbuf.len()),
+                None => {}
+            }
+            self.fill(stream)?;
+        }
+    }
+
+    fn fill(&mut self, stream: &mut TcpStream) -> Result<(), BackendError> {
+        let start = self.rbuf.len();
+        self.rbuf.resize(start + READ_CHUNK, 0);
+        loop {
+            match stream.read(&mut self.rbuf[start..]) {
+                Ok(n) => {
+                    self.rbuf.truncate(start + n);
+                    return if n == 0 { Err(BackendError::Eof) } else { Ok(()) };
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.rbuf.truncate(start);
+                    return Err(match e.kind() {
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                            BackendError::Timeout(self.read_timeout.unwrap_or_default())
+                        }
+                        _ => BackendError::Io(e),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// A connection to a node's push port.
+pub struct PushClient {
+    stream: TcpStream,
+    writer: Writer,
+    reader: Reader,
+}
+
+impl PushClient {
+    /// Connects to the first address of `addr` that answers within `timeout`
+    /// (each). Name resolution itself is not bounded by `timeout`.
+    pub fn connect(addr: impl ToSocketAddrs, timeout: Duration) -> Result<PushClient, BackendError> {
+        let mut last_err = None;
+        for a in addr.to_socket_addrs()? {
+            match TcpStream::connect_timeout(&a, timeout) {
+                Ok(stream) => return PushClient::from_stream(stream),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err
+            .unwrap_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "address resolved to nothing"))
+            .into())
+    }
+
+    /// Wraps a connected stream (for callers that set up sockets themselves).
+    pub fn from_stream(stream: TcpStream) -> Result<PushClient, BackendError> {
+        // Requests are small and latency matters more than packet count;
+        // pipelined sends are batched by the write buffer instead.
+        stream.set_nodelay(true)?;
+        Ok(PushClient { stream, writer: Writer::new(), reader: Reader::new() })
+    }
+
+    /// How long one read may wait; `None` waits forever. A call that times
+    /// out returns [`BackendError::Timeout`] and can be retried.
+    pub fn set_read_timeout(&mut self, timeout: Option<Duration>) -> Result<(), BackendError> {
+        set_read_timeout(&self.stream, &mut self.reader, timeout)
+    }
+
+    /// Limit on one reply body (default [`DEFAULT_MAX_REPLY_BYTES`]).
+    pub fn set_max_reply_bytes(&mut self, max: u32) {
+        self.reader.max_reply_bytes = max;
+    }
+
+    /// Limit on one request body (default [`DEFAULT_MAX_REQUEST_BYTES`]);
+    /// raise it to the node's `max_frame_bytes` when that is larger.
+    pub fn set_max_request_bytes(&mut self, max: u32) {
+        self.writer.max_request_bytes = max;
+    }
+
+    /// Bound on replies kept for later while a convenience call waits
+    /// (default [`DEFAULT_MAX_BUFFERED_REPLIES`]).
+    pub fn set_max_buffered_replies(&mut self, max: usize) {
+        self.reader.max_backlog = max;
+    }
+
+    /// Buffers one request and returns its id. Requests go out when the
+    /// buffer passes 64 KiB, on [`PushClient::flush`], or with the next
+    /// convenience call. Do not pipeline without reading: the node stops
+    /// reading a backend whose replies pile up, so send and `recv` in turn,
+    /// or [`PushClient::split`] across two threads.
+    pub fn send(&mut self, req: Request) -> Result<u64, BackendError> {
+        self.writer.send(&mut self.stream, req)
+    }
+
+    /// Writes out every buffered request.
+    pub fn flush(&mut self) -> Result<(), BackendError> {
+        self.writer.flush(&mut self.stream)
+    }
+
+    /// The next reply, in the order the node completed them (replies kept
+    /// by a convenience call come first). Does not flush.
+    pub fn recv(&mut self) -> Result<Reply, BackendError> {
+        self.reader.recv(&mut self.stream)
+    }
+
+    /// A sender and a receiver on the same connection, for two threads. Any
+    /// buffered requests and kept replies move with them.
+    pub fn split(self) -> Result<(PushSender, PushReceiver), BackendError> {
+        let read_half = self.stream.try_clone()?;
+        Ok((
+            PushSender { stream: self.stream, writer: self.writer },
+            PushReceiver { stream: read_half, reader: self.reader },
+        ))
+    }
+
+    /// Pushes `payload` to `targets` and waits for the per-target results.
+    pub fn push(
+        &mut self,
+        targets: proto::Targets,
+        payload: Bytes,
+        service_id: &str,
+        ttl_ms: u32,
+    ) -> Result<proto::PushReply, BackendError> {
+        let req = proto::PushRequest {
+            request_id: 0,
+            targets: Some(targets),
+            payload,
+            service_id: service_id.to_owned(),
+            ttl_ms,
+        };
+        match self.call(Request::Push(req))? {
+            Reply::Push(r) => Ok(r),
+            other => Err(wrong_reply(FrameKind::PushReply, &other)),
+        }
+    }
+
+    /// Batch unicast: one result per device, in order.
+    pub fn push_devices<S: AsRef<str>>(
+        &mut self,
+        devices: &[S],
+        payload: Bytes,
+    ) -> Result<proto::PushReply, BackendError> {
+        self.push(proto::Targets { devices: strings(devices), ..Default::default() }, payload, "", 0)
+    }
+
+    /// Every online device of each user: one result per user, in order.
+    pub fn push_users<S: AsRef<str>>(&mut self, users: &[S], payload: Bytes) -> Result<proto::PushReply, BackendError> {
+        self.push(proto::Targets { users: strings(users), ..Default::default() }, payload, "", 0)
+    }
+
+    /// Every online member of `group`; the reply carries counts.
+    pub fn push_group(&mut self, group: &str, payload: Bytes) -> Result<proto::PushReply, BackendError> {
+        self.push(proto::Targets { group: group.to_owned(), ..Default::default() }, payload, "", 0)
+    }
+
+    /// Every session on the node, at the node's pace; the reply says
+    /// ACCEPTED and deliveries follow.
+    pub fn broadcast(&mut self, payload: Bytes) -> Result<proto::PushReply, BackendError> {
+        self.push(proto::Targets { broadcast: true, ..Default::default() }, payload, "", 0)
+    }
+
+    /// Adds `add` to `group` and removes `remove` from it: one result per
+    /// device, adds then removes.
+    pub fn group_update<S: AsRef<str>>(
+        &mut self,
+        group: &str,
+        add: &[S],
+        remove: &[S],
+    ) -> Result<proto::AdminReply, BackendError> {
+        let req = proto::GroupUpdate {
+            request_id: 0,
+            group: group.to_owned(),
+            add_devices: strings(add),
+            remove_devices: strings(remove),
+        };
+        self.admin(Request::Group(req))
+    }
+
+    /// Ends the sessions of `devices`; the clients get `Kicked{code, reason}`.
+    pub fn kick_devices<S: AsRef<str>>(
+        &mut self,
+        devices: &[S],
+        code: ErrorCode,
+        reason: &str,
+    ) -> Result<proto::AdminReply, BackendError> {
+        let req = proto::KickRequest {
+            devices: strings(devices),
+            code: code as i32,
+            reason: reason.to_owned(),
+            ..Default::default()
+        };
+        self.admin(Request::Kick(req))
+    }
+
+    /// Ends every session of each of `users`.
+    pub fn kick_users<S: AsRef<str>>(
+        &mut self,
+        users: &[S],
+        code: ErrorCode,
+        reason: &str,
+    ) -> Result<proto::AdminReply, BackendError> {
+        let req = proto::KickRequest {
+            users: strings(users),
+            code: code as i32,
+            reason: reason.to_owned(),
+            ..Default::default()
+        };
+        self.admin(Request::Kick(req))
+    }
+
+    /// Who of these is online, group member counts, and the node's
+    /// connection counts (always present, even for an empty query).
+    pub fn presence<S: AsRef<str>>(
+        &mut self,
+        devices: &[S],
+        users: &[S],
+        groups: &[S],
+    ) -> Result<proto::PresenceReply, BackendError> {
+        let req = proto::PresenceQuery {
+            request_id: 0,
+            devices: strings(devices),
+            users: strings(users),
+            groups: strings(groups),
+        };
+        match self.call(Request::Presence(req))? {
+            Reply::Presence(r) => Ok(r),
+            other => Err(wrong_reply(FrameKind::PresenceReply, &other)),
+        }
+    }
+
+    fn admin(&mut self, req: Request) -> Result<proto::AdminReply, BackendError> {
+        match self.call(req)? {
+            Reply::Admin(r) => Ok(r),
+            other => Err(wrong_reply(FrameKind::AdminReply, &other)),
+        }
+    }
+
+    /// Sends `req` (with anything buffered before it) and waits for its
+    /// reply, which is never [`Reply::Error`] and always of the kind that
+    /// answers `req`.
+    fn call(&mut self, req: Request) -> Result<Reply, BackendError> {
+        let expected = req.reply_kind();
+        let id = self.send(req)?;
+        self.flush()?;
+        match self.reader.wait_for(&mut self.stream, id)? {
+            Reply::Error(e) => Err(BackendError::Rejected { code: codes::from_wire(e.code), reason: e.reason }),
+            reply if reply.kind() == expected => Ok(reply),
+            other => Err(wrong_reply(expected, &other)),
+        }
+    }
+}
+
+impl fmt::Debug for PushClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PushClient")
+            .field("peer", &self.stream.peer_addr().ok())
+            .field("next_id", &self.writer.next_id)
+            .field("unsent_bytes", &self.writer.wbuf.len())
+            .field("kept_replies", &self.reader.backlog.len())
+            .finish()
+    }
+}
+
+/// The sending half of a split [`PushClient`].
+#[derive(Debug)]
+pub struct PushSender {
+    stream: TcpStream,
+    writer: Writer,
+}
+
+impl PushSender {
+    /// As [`PushClient::send`]: buffers one request and returns its id.
+    pub fn send(&mut self, req: Request) -> Result<u64, BackendError> {
+        self.writer.send(&mut self.stream, req)
+    }
+
+    /// Writes out every buffered request. Call it when a burst ends: a
+    /// dropped sender does not flush.
+    pub fn flush(&mut self) -> Result<(), BackendError> {
+        self.writer.flush(&mut self.stream)
+    }
+
+    /// See [`PushClient::set_max_request_bytes`].
+    pub fn set_max_request_bytes(&mut self, max: u32) {
+        self.writer.max_request_bytes = max;
+    }
+}
+
+/// The receiving half of a split [`PushClient`].
+#[derive(Debug)]
+pub struct PushReceiver {
+    stream: TcpStream,
+    reader: Reader,
+}
+
+impl PushReceiver {
+    /// As [`PushClient::recv`]: the next reply in completion order.
+    pub fn recv(&mut self) -> Result<Reply, BackendError> {
+        self.reader.recv(&mut self.stream)
+    }
+
+    /// See [`PushClient::set_read_timeout`]. The socket option is shared
+    /// with the sender's half, where it has no effect.
+    pub fn set_read_timeout(&mut self, timeout: Option<Duration>) -> Result<(), BackendError> {
+        set_read_timeout(&self.stream, &mut self.reader, timeout)
+    }
+
+    /// See [`PushClient::set_max_reply_bytes`].
+    pub fn set_max_reply_bytes(&mut self, max: u32) {
+        self.reader.max_reply_bytes = max;
+    }
+}
+
+fn set_read_timeout(stream: &TcpStream, reader: &mut Reader, timeout: Option<Duration>) -> Result<(), BackendError> {
+    stream.set_read_timeout(timeout)?;
+    reader.read_timeout = timeout;
+    Ok(())
+}
+
+fn strings<S: AsRef<str>>(items: &[S]) -> Vec<String> {
+    items.iter().map(|s| s.as_ref().to_owned()).collect()
+}
+
+fn wrong_reply(expected: FrameKind, got: &Reply) -> BackendError {
+    BackendError::Protocol(format!(
+        "request {} answered with {:?} instead of {expected:?}",
+        got.request_id(),
+        got.kind()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{SocketAddr, TcpListener};
+    use std::thread;
+
+    use super::*;
+
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// The test's peer: one accepted connection on a std listener, read and
+    /// answered by a script running on its own thread.
+    struct FakeNode {
+        stream: TcpStream,
+        rbuf: BytesMut,
+    }
+
+    impl FakeNode {
+        fn start(script: impl FnOnce(FakeNode) + Send + 'static) -> (SocketAddr, thread::JoinHandle<()>) {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let node = thread::spawn(move || {
+                let (stream, _) = listener.accept().unwrap();
+                script(FakeNode { stream, rbuf: BytesMut::new() });
+            });
+            (addr, node)
+        }
+
+        /// The next request frame; panics if the client closes first.
+        fn read(&mut self) -> Frame {
+            loop {
+                if let Some((h, body)) = codec::split_frame(&self.rbuf, codec::DEFAULT_MAX_BODY).unwrap() {
+                    let frame = Frame::decode(h, body).unwrap();
+                    self.rbuf.advance(h.frame_len());
+                    return frame;
+                }
+                let mut chunk = [0u8; 4096];
+                let n = self.stream.read(&mut chunk).unwrap();
+                assert!(n > 0, "client closed before sending a whole request");
+                self.rbuf.extend_from_slice(&chunk[..n]);
+            }
+        }
+
+        /// Blocks until the client closes its side.
+        fn wait_for_close(&mut self) {
+            let mut chunk = [0u8; 4096];
+            while self.stream.read(&mut chunk).unwrap_or(0) > 0 {}
+        }
+
+        fn write(&mut self, frames: &[Frame]) {
+            let mut buf = BytesMut::new();
+            for f in frames {
+                f.encode_into(&mut buf, Flags::default());
+            }
+            self.stream.write_all(&buf).unwrap();
+        }
+    }
+
+    fn id_of(frame: &Frame) -> u64 {
+        match frame {
+            Frame::PushRequest(r) => r.request_id,
+            Frame::GroupUpdate(r) => r.request_id,
+            Frame::KickRequest(r) => r.request_id,
+            Frame::PresenceQuery(r) => r.request_id,
+            other => panic!("not a request: {other:?}"),
+        }
+    }
+
+    fn push_reply(request_id: u64, delivered: u64) -> Frame {
+        Frame::PushReply(proto::PushReply { request_id, delivered, ..Default::default() })
+    }
+
+    fn push_req(device: &str) -> Request {
+        Request::Push(proto::PushRequest {
+            targets: Some(proto::Targets { devices: vec![device.into()], ..Default::default() }),
+            payload: Bytes::from_static(b"hi"),
+            ..Default::default()
+        })
+    }
+
+    fn connect(addr: SocketAddr) -> PushClient {
+        let mut client = PushClient::connect(addr, TIMEOUT).unwrap();
+        client.set_read_timeout(Some(TIMEOUT)).unwrap();
+        client
+    }
+
+    #[test]
+    fn pipelined_requests_get_replies_in_completion_order() {
+        let (addr, node) = FakeNode::start(|mut n| {
+            // All three requests arrive before any reply is written.
+            let reqs: Vec<Frame> = (0..3).map(|_| n.read()).collect();
+            let ids: Vec<u64> = reqs.iter().map(id_of).collect();
+            assert_eq!(ids, [1, 2, 3]);
+            n.write(&[push_reply(3, 30), push_reply(1, 10), push_reply(2, 20)]);
+            n.wait_for_close();
+        });
+        let mut client = connect(addr);
+        for (i, device) in ["a", "b", "c"].into_iter().enumerate() {
+            assert_eq!(client.send(push_req(device)).unwrap(), i as u64 + 1);
+        }
+        client.flush().unwrap();
+        let got: Vec<(u64, u64)> = (0..3)
+            .map(|_| match client.recv().unwrap() {
+                Reply::Push(r) => (r.request_id, r.delivered),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(got, [(3, 30), (1, 10), (2, 20)]);
+        drop(client);
+        node.join().unwrap();
+    }
+
+    #[test]
+    fn convenience_call_keeps_other_replies_for_recv() {
+        let (addr, node) = FakeNode::start(|mut n| {
+            let first = n.read();
+            let second = n.read();
+            assert!(matches!(first, Frame::PushRequest(_)));
+            let Frame::PresenceQuery(q) = second else { panic!("{second:?}") };
+            assert_eq!(q.devices, ["d1"]);
+            assert_eq!(q.groups, ["g"]);
+            // The pipelined push completes first.
+            n.write(&[
+                push_reply(1, 7),
+                Frame::PresenceReply(proto::PresenceReply {
+                    request_id: 2,
+                    connections_total: 5,
+                    connections_per_shard: vec![2, 3],
+                    ..Default::default()
+                }),
+            ]);
+            n.wait_for_close();
+        });
+        let mut client = connect(addr);
+        assert_eq!(client.send(push_req("x")).unwrap(), 1);
+        let presence = client.presence(&["d1"], &[], &["g"]).unwrap();
+        assert_eq!(presence.request_id, 2);
+        assert_eq!(presence.connections_per_shard, [2, 3]);
+        assert_eq!(
+            client.recv().unwrap(),
+            Reply::Push(proto::PushReply { request_id: 1, delivered: 7, ..Default::default() })
+        );
+        drop(client);
+        node.join().unwrap();
+    }
+
+    #[test]
+    fn convenience_calls_wait_for_their_own_id() {
+        // A reply to an id nobody waits for (as if from an earlier pipelined
+        // request) comes first; each call still gets its own.
+        let (addr, node) = FakeNode::start(|mut n| {
+            let kick = n.read();
+            let Frame::KickRequest(k) = &kick else { panic!("{kick:?}") };
+            assert_eq!(k.code, ErrorCode::Replaced as i32);
+            assert_eq!(k.users, ["u1"]);
+            n.write(&[
+                Frame::AdminReply(proto::AdminReply { request_id: 99, ..Default::default() }),
+                Frame::AdminReply(proto::AdminReply {
+                    request_id: 1,
+                    results: vec![proto::TargetResult {
+                        target: "u1".into(),
+                        status: proto::PushStatus::Delivered as i32,
+                        sessions: 2,
+                        reason: String::new(),
+                    }],
+                }),
+            ]);
+            let group = n.read();
+            let Frame::GroupUpdate(g) = &group else { panic!("{group:?}") };
+            assert_eq!((g.request_id, g.group.as_str()), (2, "g"));
+            assert_eq!((g.add_devices.len(), g.remove_devices.len()), (1, 0));
+            n.write(&[Frame::AdminReply(proto::AdminReply { request_id: 2, ..Default::default() })]);
+            n.wait_for_close();
+        });
+        let mut client = connect(addr);
+        let kicked = client.kick_users(&["u1"], ErrorCode::Replaced, "moved").unwrap();
+        assert_eq!(kicked.results[0].sessions, 2);
+        let updated = client.group_update("g", &["a"], &[]).unwrap();
+        assert_eq!(updated.request_id, 2);
+        assert_eq!(client.recv().unwrap().request_id(), 99);
+        drop(client);
+        node.join().unwrap();
+    }
+
+    #[test]
+    fn request_error_is_rejected_and_the_connection_stays_usable() {
+        let (addr, node) = FakeNode::start(|mut n| {
+            let id = id_of(&n.read());
+            n.write(&[Frame::RequestError(proto::RequestError {
+                request_id: id,
+                code: ErrorCode::BadFrame as i32,
+                reason: "no targets".into(),
+            })]);
+            let id = id_of(&n.read());
+            n.write(&[push_reply(id, 1)]);
+            n.wait_for_close();
+        });
+        let mut client = connect(addr);
+        let err = client.push_devices::<&str>(&[], Bytes::new()).unwrap_err();
+        assert!(
+            matches!(&err, BackendError::Rejected { code: ErrorCode::BadFrame, reason } if reason == "no targets"),
+            "{err:?}"
+        );
+        assert_eq!(client.push_devices(&["d"], Bytes::new()).unwrap().delivered, 1);
+        drop(client);
+        node.join().unwrap();
+    }
+
+    #[test]
+    fn error_frame_then_close_is_closed_with_the_nodes_code() {
+        let (addr, node) = FakeNode::start(|mut n| {
+            n.read();
+            n.write(&[Frame::Error(codes::error_body(ErrorCode::Shutdown, "bye"))]);
+        });
+        let mut client = connect(addr);
+        let err = client.broadcast(Bytes::from_static(b"x")).unwrap_err();
+        assert!(
+            matches!(&err, BackendError::Closed { code: ErrorCode::Shutdown, reason } if reason == "bye"),
+            "{err:?}"
+        );
+        assert_eq!(err.to_string(), "node closed the connection: SHUTDOWN (bye)");
+        node.join().unwrap();
+    }
+
+    #[test]
+    fn close_without_a_reply_is_eof() {
+        let (addr, node) = FakeNode::start(|mut n| {
+            n.read();
+        });
+        let mut client = connect(addr);
+        let err = client.push_group("g", Bytes::new()).unwrap_err();
+        assert!(matches!(err, BackendError::Eof), "{err:?}");
+        node.join().unwrap();
+    }
+
+    #[test]
+    fn client_port_frames_and_mismatched_replies_are_protocol_errors() {
+        let (addr, node) = FakeNode::start(|mut n| {
+            n.read();
+            n.write(&[Frame::Pong]);
+            let id = id_of(&n.read());
+            // A push answered with an admin reply.
+            n.write(&[Frame::AdminReply(proto::AdminReply { request_id: id, ..Default::default() })]);
+            n.wait_for_close();
+        });
+        let mut client = connect(addr);
+        let err = client.push_users(&["u"], Bytes::new()).unwrap_err();
+        assert!(matches!(&err, BackendError::Protocol(m) if m.contains("Pong")), "{err:?}");
+        let err = client.push_users(&["u"], Bytes::new()).unwrap_err();
+        assert!(matches!(&err, BackendError::Protocol(m) if m.contains("AdminReply")), "{err:?}");
+        drop(client);
+        node.join().unwrap();
+    }
+
+    #[test]
+    fn large_replies_are_read_and_the_limit_is_enforced() {
+        let devices: Vec<proto::DevicePresence> = (0..20_000)
+            .map(|i| proto::DevicePresence { device: format!("device-{i}"), online: true, ..Default::default() })
+            .collect();
+        let big = proto::PresenceReply { request_id: 1, devices, ..Default::default() };
+        let expected = big.clone();
+        let (addr, node) = FakeNode::start(move |mut n| {
+            n.read();
+            n.write(&[Frame::PresenceReply(big.clone())]);
+            let id = id_of(&n.read());
+            // The client stops reading at this frame's header and closes, so
+            // the write may fail part way.
+            let frame = Frame::PresenceReply(proto::PresenceReply { request_id: id, ..big });
+            let _ = n.stream.write_all(&frame.to_bytes());
+            n.wait_for_close();
+        });
+        let mut client = connect(addr);
+        let reply = client.presence::<&str>(&[], &[], &[]).unwrap();
+        assert!(prost::Message::encoded_len(&reply) > 256 * 1024);
+        assert_eq!(reply, expected);
+        client.set_max_reply_bytes(64 * 1024);
+        let err = client.presence::<&str>(&[], &[], &[]).unwrap_err();
+        assert!(matches!(err, BackendError::Codec(CodecError::TooLarge { max: 65_536, .. })), "{err:?}");
+        drop(client);
+        node.join().unwrap();
+    }
+
+    #[test]
+    fn oversized_request_is_refused_before_it_is_sent() {
+        let (addr, node) = FakeNode::start(|mut n| {
+            let Frame::PushRequest(r) = n.read() else { panic!() };
+            // The refused request used no id.
+            assert_eq!(r.request_id, 1);
+            n.write(&[push_reply(1, 1)]);
+            n.wait_for_close();
+        });
+        let mut client = connect(addr);
+        client.set_max_request_bytes(100);
+        let err = client.push_devices(&["d"], Bytes::from(vec![0u8; 200])).unwrap_err();
+        assert!(matches!(err, BackendError::RequestTooLarge { max: 100, .. }), "{err:?}");
+        assert_eq!(client.push_devices(&["d"], Bytes::from(vec![0u8; 50])).unwrap().delivered, 1);
+        drop(client);
+        node.join().unwrap();
+    }
+
+    #[test]
+    fn backlog_overflow_is_an_error() {
+        let (addr, node) = FakeNode::start(|mut n| {
+            for _ in 0..4 {
+                n.read();
+            }
+            n.write(&[push_reply(1, 0), push_reply(2, 0), push_reply(3, 0)]);
+            n.wait_for_close();
+        });
+        let mut client = connect(addr);
+        client.set_max_buffered_replies(2);
+        for _ in 0..3 {
+            client.send(push_req("d")).unwrap();
+        }
+        let err = client.push_devices(&["d"], Bytes::new()).unwrap_err();
+        assert!(matches!(err, BackendError::Backlog(2)), "{err:?}");
+        // Nothing was lost: the kept replies are still there.
+        let ids: Vec<u64> = (0..3).map(|_| client.recv().unwrap().request_id()).collect();
+        assert_eq!(ids, [1, 2, 3]);
+        drop(client);
+        node.join().unwrap();
+    }
+
+    #[test]
+    fn read_timeout_is_typed_and_recoverable() {
+        let (addr, node) = FakeNode::start(|mut n| {
+            let id = id_of(&n.read());
+            // The client has timed out once it sends its second request.
+            let second = id_of(&n.read());
+            n.write(&[push_reply(id, 4), push_reply(second, 5)]);
+            n.wait_for_close();
+        });
+        let mut client = connect(addr);
+        client.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        client.send(push_req("d")).unwrap();
+        client.flush().unwrap();
+        let err = client.recv().unwrap_err();
+        assert!(matches!(err, BackendError::Timeout(d) if d == Duration::from_millis(20)), "{err:?}");
+        client.set_read_timeout(Some(TIMEOUT)).unwrap();
+        assert_eq!(client.push_devices(&["d"], Bytes::new()).unwrap().delivered, 5);
+        assert_eq!(client.recv().unwrap().request_id(), 1);
+        drop(client);
+        node.join().unwrap();
+    }
+
+    #[test]
+    fn split_halves_pipeline_across_threads() {
+        const N: u64 = 5_000;
+        let (addr, node) = FakeNode::start(|mut n| {
+            for _ in 0..N {
+                let id = id_of(&n.read());
+                n.write(&[push_reply(id, id)]);
+            }
+            n.wait_for_close();
+        });
+        let (mut tx, mut rx) = connect(addr).split().unwrap();
+        let sender = thread::spawn(move || {
+            for _ in 0..N {
+                tx.send(push_req("device-with-a-longer-name")).unwrap();
+            }
+            tx.flush().unwrap();
+            tx
+        });
+        let mut seen = vec![false; N as usize + 1];
+        for _ in 0..N {
+            let Reply::Push(r) = rx.recv().unwrap() else { panic!() };
+            assert_eq!(r.request_id, r.delivered);
+            assert!(!std::mem::replace(&mut seen[r.request_id as usize], true), "duplicate {}", r.request_id);
+        }
+        assert!(seen[1..].iter().all(|&s| s));
+        drop(sender.join().unwrap());
+        drop(rx);
+        node.join().unwrap();
+    }
+}

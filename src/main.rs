@@ -7,13 +7,15 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::{Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 use serde_json::json;
 
+use longlink::backend::{BackendError, PushClient};
 use longlink::client::{ClientError, ClientEvent, ClientOptions, Connection};
 use longlink::config::{Config, KeySource};
+use longlink::proto::{self, ErrorCode};
 use longlink::server::Server;
-use longlink::token;
+use longlink::{codes, token};
 
 #[derive(Parser)]
 #[command(
@@ -74,6 +76,113 @@ enum Command {
     },
     /// Print the default configuration as commented TOML.
     GenerateConfig,
+    /// Push a message through a node's push port and print each target's
+    /// result as a JSON line (one summary line for --group and --all).
+    Push(PushArgs),
+    /// Add devices to a group or remove them from it, through the push port.
+    #[command(subcommand)]
+    Group(GroupCommand),
+    /// End the sessions of devices, or of every device of users, through the
+    /// push port; the clients receive a Kicked frame with the code.
+    Kick(KickArgs),
+    /// Ask a node which devices, users and groups are online, and how many
+    /// connections each shard holds; prints JSON lines.
+    Online(OnlineArgs),
+}
+
+/// Where the push-port commands connect.
+#[derive(Args)]
+struct PushPort {
+    /// host:port of a node's push port.
+    #[arg(long, default_value = "127.0.0.1:7101")]
+    server: String,
+}
+
+/// How long the push-port commands wait for the TCP connection.
+const PUSH_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long they wait for the node's reply.
+const PUSH_REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Args)]
+#[command(group(ArgGroup::new("target").required(true).args(["device", "user", "group", "all"])))]
+struct PushArgs {
+    #[command(flatten)]
+    port: PushPort,
+    /// Device id; repeat the flag or separate ids with commas for several.
+    #[arg(long, value_name = "DEVICE", value_delimiter = ',')]
+    device: Vec<String>,
+    /// User id (every online device of the user); repeatable, comma-separated.
+    #[arg(long, value_name = "USER", value_delimiter = ',')]
+    user: Vec<String>,
+    /// Group id: every online member of the group.
+    #[arg(long)]
+    group: Option<String>,
+    /// Broadcast to every session on the node (delivered at the node's pace).
+    #[arg(long)]
+    all: bool,
+    /// Service id the client sees on the message (which business sent it).
+    #[arg(long, value_name = "SERVICE")]
+    service: Option<String>,
+    /// How long the message stays deliverable, in ms; 0 means no limit.
+    #[arg(long, default_value_t = 0)]
+    ttl_ms: u32,
+    /// The message; its UTF-8 bytes are the payload.
+    message: String,
+}
+
+#[derive(Subcommand)]
+enum GroupCommand {
+    /// Add devices to a group; prints one JSON line per device.
+    Join(GroupArgs),
+    /// Remove devices from a group; prints one JSON line per device.
+    Leave(GroupArgs),
+}
+
+#[derive(Args)]
+struct GroupArgs {
+    #[command(flatten)]
+    port: PushPort,
+    /// Group id.
+    #[arg(long)]
+    group: String,
+    /// Device ids (also accepted comma-separated).
+    #[arg(required = true, value_delimiter = ',')]
+    devices: Vec<String>,
+}
+
+#[derive(Args)]
+#[command(group(ArgGroup::new("target").required(true).args(["device", "user"])))]
+struct KickArgs {
+    #[command(flatten)]
+    port: PushPort,
+    /// Device id; repeatable, comma-separated.
+    #[arg(long, value_name = "DEVICE", value_delimiter = ',')]
+    device: Vec<String>,
+    /// User id (every session of the user); repeatable, comma-separated.
+    #[arg(long, value_name = "USER", value_delimiter = ',')]
+    user: Vec<String>,
+    /// Code sent to the clients, by name: KICKED or REPLACED tell them not
+    /// to reconnect, SHUTDOWN or GOING_AWAY let them come back.
+    #[arg(long, default_value = "KICKED", value_parser = parse_error_code)]
+    code: ErrorCode,
+    /// Reason text sent to the clients.
+    #[arg(long, default_value = "", hide_default_value = true)]
+    reason: String,
+}
+
+#[derive(Args)]
+struct OnlineArgs {
+    #[command(flatten)]
+    port: PushPort,
+    /// Device id to look up; repeatable, comma-separated.
+    #[arg(long, value_name = "DEVICE", value_delimiter = ',')]
+    device: Vec<String>,
+    /// User id to look up (lists the user's online devices); repeatable, comma-separated.
+    #[arg(long, value_name = "USER", value_delimiter = ',')]
+    user: Vec<String>,
+    /// Group id to count online members of; repeatable, comma-separated.
+    #[arg(long, value_name = "GROUP", value_delimiter = ',')]
+    group: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -113,6 +222,136 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", Config::default_toml());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Push(args) => with_push_port(&args.port, |c| push(c, &args)),
+        Command::Group(GroupCommand::Join(args)) => with_push_port(&args.port, |c| {
+            let reply = c.group_update::<String>(&args.group, &args.devices, &[])?;
+            reply.results.iter().for_each(|r| emit(target_result_json(r)));
+            Ok(())
+        }),
+        Command::Group(GroupCommand::Leave(args)) => with_push_port(&args.port, |c| {
+            let reply = c.group_update::<String>(&args.group, &[], &args.devices)?;
+            reply.results.iter().for_each(|r| emit(target_result_json(r)));
+            Ok(())
+        }),
+        Command::Kick(args) => with_push_port(&args.port, |c| {
+            let reply = if args.device.is_empty() {
+                c.kick_users(&args.user, args.code, &args.reason)?
+            } else {
+                c.kick_devices(&args.device, args.code, &args.reason)?
+            };
+            reply.results.iter().for_each(|r| emit(target_result_json(r)));
+            Ok(())
+        }),
+        Command::Online(args) => with_push_port(&args.port, |c| {
+            let reply = c.presence(&args.device, &args.user, &args.group)?;
+            presence_lines(&reply).into_iter().for_each(emit);
+            Ok(())
+        }),
+    }
+}
+
+/// Connects to the push port, runs `call`, and turns a connection or
+/// protocol failure into exit status 1 (clap's usage errors exit with 2).
+fn with_push_port(
+    port: &PushPort,
+    call: impl FnOnce(&mut PushClient) -> Result<(), BackendError>,
+) -> anyhow::Result<ExitCode> {
+    let result = PushClient::connect(port.server.as_str(), PUSH_CONNECT_TIMEOUT).and_then(|mut client| {
+        client.set_read_timeout(Some(PUSH_REPLY_TIMEOUT))?;
+        call(&mut client)
+    });
+    match result {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(err) => {
+            eprintln!("error: push port {}: {err}", port.server);
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+fn push(client: &mut PushClient, args: &PushArgs) -> Result<(), BackendError> {
+    let per_target = !args.device.is_empty() || !args.user.is_empty();
+    let targets = proto::Targets {
+        devices: args.device.clone(),
+        users: args.user.clone(),
+        group: args.group.clone().unwrap_or_default(),
+        broadcast: args.all,
+    };
+    let service = args.service.as_deref().unwrap_or_default();
+    let payload = bytes::Bytes::copy_from_slice(args.message.as_bytes());
+    let reply = client.push(targets, payload, service, args.ttl_ms)?;
+    if per_target {
+        reply.results.iter().for_each(|r| emit(target_result_json(r)));
+    } else {
+        emit(json!({
+            "status": push_status_name(reply.status),
+            "delivered": reply.delivered,
+            "not_online": reply.not_online,
+            "reason": non_empty(&reply.reason),
+        }));
+    }
+    Ok(())
+}
+
+fn target_result_json(r: &proto::TargetResult) -> serde_json::Value {
+    json!({
+        "target": r.target,
+        "status": push_status_name(r.status),
+        "sessions": r.sessions,
+        "reason": non_empty(&r.reason),
+    })
+}
+
+/// One line per device, user and group, then the node's connection counts.
+fn presence_lines(reply: &proto::PresenceReply) -> Vec<serde_json::Value> {
+    let device = |d: &proto::DevicePresence| {
+        if d.online {
+            json!({
+                "device": d.device,
+                "online": true,
+                "user": d.user,
+                "shard": d.shard,
+                "conn_id": d.conn_id,
+                "connected_at_ms": d.connected_at_ms,
+                "client_version": d.client_version,
+                "platform": d.platform,
+            })
+        } else {
+            json!({"device": d.device, "online": false})
+        }
+    };
+    let mut lines: Vec<_> = reply.devices.iter().map(device).collect();
+    lines.extend(reply.users.iter().map(|u| {
+        json!({
+            "user": u.user,
+            "online": !u.devices.is_empty(),
+            "devices": u.devices.iter().map(device).collect::<Vec<_>>(),
+        })
+    }));
+    lines.extend(reply.groups.iter().map(|g| json!({"group": g.group, "online": g.online})));
+    lines.push(json!({
+        "connections_total": reply.connections_total,
+        "connections_per_shard": reply.connections_per_shard,
+    }));
+    lines
+}
+
+fn push_status_name(status: i32) -> &'static str {
+    proto::PushStatus::try_from(status).map_or("UNKNOWN", |s| s.as_str_name())
+}
+
+fn non_empty(text: &str) -> Option<&str> {
+    (!text.is_empty()).then_some(text)
+}
+
+/// Parses a code name such as `KICKED` (any case) for `longlink kick`.
+fn parse_error_code(name: &str) -> Result<ErrorCode, String> {
+    match ErrorCode::from_str_name(&name.trim().to_ascii_uppercase()) {
+        Some(code) if code != ErrorCode::Unspecified => Ok(code),
+        _ => {
+            let names: Vec<_> = codes::TABLE.iter().map(|row| row.code.as_str_name()).collect();
+            Err(format!("unknown code {name:?}; valid codes: {}", names.join(", ")))
+        }
     }
 }
 
@@ -141,6 +380,7 @@ fn serve(config: Option<PathBuf>, shards: Option<u16>, listen: Option<SocketAddr
     }
     // Print the address on stdout so scripts (and tests) can read it.
     println!("listening {}", server.client_addr());
+    println!("push {}", server.push_addr());
     server.join();
     tracing::info!(stopped = stop.load(Ordering::Relaxed), "longlink stopped");
     Ok(ExitCode::SUCCESS)
@@ -172,6 +412,13 @@ fn run_client(server: SocketAddr, token: String, platform: String, heartbeat_ms:
                         Ok(ClientEvent::GoAway { endpoint, reason }) => {
                             emit(json!({"event": "go_away", "endpoint": endpoint, "reason": reason}))
                         }
+                        Ok(ClientEvent::Message(m)) => emit(json!({
+                            "event": "message",
+                            "message_id": m.message_id,
+                            "seq": m.seq,
+                            "service_id": m.service_id,
+                            "payload": String::from_utf8_lossy(&m.payload),
+                        })),
                         Ok(ClientEvent::Connected(_)) => {}
                         Err(err) => break err,
                     }
@@ -228,5 +475,107 @@ mod tests {
         assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(604_800));
         assert!(parse_duration("1y").is_err());
         assert!(parse_duration("h").is_err());
+    }
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("longlink").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn push_takes_repeated_and_comma_separated_targets() {
+        let Command::Push(p) = parse(&["push", "--device", "a,b", "--device", "c", "hi"]).unwrap().command else {
+            panic!("not push")
+        };
+        assert_eq!(p.device, ["a", "b", "c"]);
+        assert_eq!(p.message, "hi");
+        assert_eq!(p.port.server, "127.0.0.1:7101");
+        let Command::Push(p) = parse(&["push", "--all", "--ttl-ms", "500", "--service", "live", "m"]).unwrap().command
+        else {
+            panic!("not push")
+        };
+        assert!(p.all && p.ttl_ms == 500 && p.service.as_deref() == Some("live"));
+    }
+
+    #[test]
+    fn push_needs_exactly_one_target_kind() {
+        use clap::error::ErrorKind;
+        assert_eq!(parse(&["push", "hi"]).err().map(|e| e.kind()), Some(ErrorKind::MissingRequiredArgument));
+        let both = parse(&["push", "--device", "a", "--user", "u", "hi"]);
+        assert_eq!(both.err().map(|e| e.kind()), Some(ErrorKind::ArgumentConflict));
+        let both = parse(&["push", "--group", "g", "--all", "hi"]);
+        assert_eq!(both.err().map(|e| e.kind()), Some(ErrorKind::ArgumentConflict));
+        assert!(parse(&["push", "--group", "g"]).is_err(), "the message is required");
+    }
+
+    #[test]
+    fn kick_codes_by_name() {
+        let Command::Kick(k) = parse(&["kick", "--user", "u1"]).unwrap().command else { panic!("not kick") };
+        assert_eq!(k.code, ErrorCode::Kicked);
+        let Command::Kick(k) = parse(&["kick", "--device", "d", "--code", "shutdown"]).unwrap().command else {
+            panic!("not kick")
+        };
+        assert_eq!(k.code, ErrorCode::Shutdown);
+        let err = parse(&["kick", "--device", "d", "--code", "NOPE"]).err().expect("bad code is refused").to_string();
+        assert!(err.contains("valid codes: SHUTDOWN, ") && err.contains("REPLACED"), "{err}");
+        assert!(parse(&["kick", "--device", "d", "--code", "ERROR_CODE_UNSPECIFIED"]).is_err());
+        assert!(parse(&["kick"]).is_err(), "a target is required");
+    }
+
+    #[test]
+    fn group_and_online_arguments() {
+        let Command::Group(GroupCommand::Leave(g)) =
+            parse(&["group", "leave", "--server", "h:1", "--group", "g", "d1", "d2,d3"]).unwrap().command
+        else {
+            panic!("not group leave")
+        };
+        assert_eq!((g.port.server.as_str(), g.group.as_str()), ("h:1", "g"));
+        assert_eq!(g.devices, ["d1", "d2", "d3"]);
+        assert!(parse(&["group", "join", "--group", "g"]).is_err(), "devices are required");
+        let Command::Online(o) = parse(&["online", "--user", "u", "--group", "g1,g2"]).unwrap().command else {
+            panic!("not online")
+        };
+        assert!(o.device.is_empty());
+        assert_eq!(o.group, ["g1", "g2"]);
+    }
+
+    #[test]
+    fn presence_prints_one_line_per_target_then_counts() {
+        let online = proto::DevicePresence {
+            device: "d1".into(),
+            online: true,
+            shard: 1,
+            user: "u1".into(),
+            client_version: "1.0".into(),
+            ..Default::default()
+        };
+        let reply = proto::PresenceReply {
+            devices: vec![online.clone(), proto::DevicePresence { device: "d2".into(), ..Default::default() }],
+            users: vec![proto::UserPresence { user: "u1".into(), devices: vec![online] }],
+            groups: vec![proto::GroupCount { group: "g".into(), online: 3 }],
+            connections_per_shard: vec![1, 2],
+            connections_total: 3,
+            ..Default::default()
+        };
+        let lines = presence_lines(&reply);
+        assert_eq!(lines.len(), 5);
+        assert_eq!(lines[0]["shard"], 1);
+        assert_eq!(lines[1], json!({"device": "d2", "online": false}));
+        assert_eq!(lines[2]["devices"][0]["client_version"], "1.0");
+        assert_eq!(lines[3], json!({"group": "g", "online": 3}));
+        assert_eq!(lines[4], json!({"connections_total": 3, "connections_per_shard": [1, 2]}));
+    }
+
+    #[test]
+    fn target_results_name_their_status() {
+        let r = proto::TargetResult {
+            target: "d".into(),
+            status: proto::PushStatus::NotOnline as i32,
+            sessions: 0,
+            reason: String::new(),
+        };
+        assert_eq!(
+            target_result_json(&r),
+            json!({"target": "d", "status": "NOT_ONLINE", "sessions": 0, "reason": null})
+        );
     }
 }

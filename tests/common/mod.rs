@@ -179,3 +179,73 @@ pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
     cond()
 }
+
+/// A `longlink serve` child process, killed on drop.
+pub struct NodeProcess {
+    pub child: std::process::Child,
+    pub client_addr: SocketAddr,
+    pub push_addr: SocketAddr,
+    _dir: TempDir,
+}
+
+impl NodeProcess {
+    /// Starts the real binary with `cfg`; returns once it prints its
+    /// addresses (readiness by its own signal, not by a sleep).
+    pub fn start(cfg: &Config) -> NodeProcess {
+        use std::io::BufRead;
+        let dir = TempDir::new("node");
+        let path = dir.0.join("longlink.toml");
+        std::fs::write(&path, toml::to_string(cfg).expect("config serializes")).expect("write config");
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_longlink"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn longlink");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let mut addr = |prefix: &str| -> SocketAddr {
+            let line = lines.next().expect("node prints its addresses").expect("read stdout");
+            line.strip_prefix(prefix).unwrap_or_else(|| panic!("unexpected line {line:?}")).parse().expect("addr")
+        };
+        let client_addr = addr("listening ");
+        let push_addr = addr("push ");
+        NodeProcess { child, client_addr, push_addr, _dir: dir }
+    }
+
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A directory removed on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("longlink-test-{tag}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

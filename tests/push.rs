@@ -1,0 +1,337 @@
+//! Downstream push through the push port, over real TCP with 2 shards.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use longlink::backend::{BackendError, PushClient};
+use longlink::ids::owner_shard;
+use longlink::proto::{ErrorCode, PushStatus};
+
+fn backend(server: &longlink::server::Server) -> PushClient {
+    let mut b = PushClient::connect(server.push_addr(), Duration::from_secs(5)).expect("push port");
+    b.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    b
+}
+
+fn pairs(user: impl Fn(usize) -> String, device: impl Fn(usize) -> String, n: usize) -> Vec<(String, String)> {
+    (0..n).map(|i| (user(i), device(i))).collect()
+}
+
+fn status(code: i32) -> PushStatus {
+    PushStatus::try_from(code).unwrap_or(PushStatus::Unspecified)
+}
+
+#[test]
+fn unicast_reaches_devices_on_both_shards_and_batch_results_are_per_target() {
+    let cfg = test_config(2);
+    let server = start(&cfg);
+    let addr = server.client_addr();
+    let mut push = backend(&server);
+    let devices = pairs(|i| format!("u{i}"), |i| format!("uni-{i}"), 8);
+    let owners: HashSet<_> = devices.iter().map(|(_, d)| owner_shard(d, 2)).collect();
+    assert_eq!(owners.len(), 2, "the devices must live on both shards");
+    run(async move {
+        let mut conns = connect_all(addr, &cfg, &devices).await;
+        // One request per device: whichever shard reads the request, half of
+        // these cross to the other shard.
+        for (i, (_, device)) in devices.iter().enumerate() {
+            let reply = push.push_devices(&[device.as_str()], Bytes::from(format!("to {device}"))).unwrap();
+            assert_eq!(status(reply.results[0].status), PushStatus::Delivered, "{device}");
+            let m = next_message(&mut conns[i]).await;
+            assert_eq!(m.payload, Bytes::from(format!("to {device}")));
+        }
+        // Batch: online, offline, online, invalid.
+        let batch = [devices[0].1.as_str(), "nobody-here", devices[5].1.as_str(), ""];
+        let reply = push.push_devices(&batch, Bytes::from_static(b"batch")).unwrap();
+        let got: Vec<_> = reply.results.iter().map(|r| (r.target.as_str(), status(r.status))).collect();
+        assert_eq!(
+            got,
+            [
+                (batch[0], PushStatus::Delivered),
+                ("nobody-here", PushStatus::NotOnline),
+                (batch[2], PushStatus::Delivered),
+                ("", PushStatus::Rejected),
+            ]
+        );
+        assert_eq!((reply.delivered, reply.not_online), (2, 1));
+        assert_eq!(next_message(&mut conns[0]).await.payload, Bytes::from_static(b"batch"));
+        assert_eq!(next_message(&mut conns[5]).await.payload, Bytes::from_static(b"batch"));
+        for c in &mut conns[1..5] {
+            assert_nothing_queued(c).await;
+        }
+    });
+    server.shutdown();
+}
+
+#[test]
+fn a_user_with_three_devices_on_different_shards_receives_on_all() {
+    let cfg = test_config(2);
+    let server = start(&cfg);
+    let addr = server.client_addr();
+    let mut push = backend(&server);
+    let devices = pairs(|_| "carol".into(), |i| format!("carol-dev-{i}"), 3);
+    let owners: HashSet<_> = devices.iter().map(|(_, d)| owner_shard(d, 2)).collect();
+    assert_eq!(owners.len(), 2);
+    run(async move {
+        let mut conns = connect_all(addr, &cfg, &devices).await;
+        let reply = push.push_users(&["carol", "dave"], Bytes::from_static(b"hi carol")).unwrap();
+        assert_eq!(reply.results[0].sessions, 3);
+        assert_eq!(status(reply.results[0].status), PushStatus::Delivered);
+        assert_eq!(status(reply.results[1].status), PushStatus::NotOnline);
+        for c in &mut conns {
+            assert_eq!(next_message(c).await.payload, Bytes::from_static(b"hi carol"));
+        }
+        // One device leaves: the user index follows.
+        let gone = conns.remove(1);
+        gone.close().await;
+        assert!(wait_until(Duration::from_secs(5), || {
+            push.push_users(&["carol"], Bytes::from_static(b"again")).unwrap().results[0].sessions == 2
+        }));
+    });
+    server.shutdown();
+}
+
+#[test]
+fn group_push_reaches_every_member_once_and_leavers_leave_no_residue() {
+    let cfg = test_config(2);
+    let server = start(&cfg);
+    let addr = server.client_addr();
+    let mut push = backend(&server);
+    let members = pairs(|i| format!("gu{i}"), |i| format!("gdev-{i}"), 20);
+    let outsider = pairs(|_| "out".into(), |_| "outsider".into(), 1);
+    let counters = server.counters().to_vec();
+    run(async move {
+        let mut conns = connect_all(addr, &cfg, &members).await;
+        let mut outsider = connect_all(addr, &cfg, &outsider).await.remove(0);
+        // Half join by their own frame, half are added by the backend.
+        for c in &mut conns[..10] {
+            c.join("room").await.unwrap();
+            assert_nothing_queued(c).await; // the Join is processed
+        }
+        let added: Vec<&str> = members[10..].iter().map(|(_, d)| d.as_str()).collect();
+        let reply = push.group_update("room", &added, &[]).unwrap();
+        assert!(reply.results.iter().all(|r| status(r.status) == PushStatus::Delivered), "{reply:?}");
+        let p = push.presence::<&str>(&[], &[], &["room"]).unwrap();
+        assert_eq!(p.groups[0].online, 20);
+
+        let mut ids = Vec::new();
+        for n in 0..10 {
+            let reply = push.push_group("room", Bytes::from(format!("g{n}"))).unwrap();
+            assert_eq!(reply.delivered, 20);
+            ids.push(n);
+        }
+        for c in &mut conns {
+            let mut seen = Vec::new();
+            for _ in 0..10 {
+                seen.push(next_message(c).await.payload);
+            }
+            let want: Vec<Bytes> = ids.iter().map(|n| Bytes::from(format!("g{n}"))).collect();
+            assert_eq!(seen, want, "each message once, in order");
+            assert_nothing_queued(c).await;
+        }
+        assert_nothing_queued(&mut outsider).await;
+
+        // Members leave: by frame, by backend, by disconnecting.
+        conns[0].leave("room").await.unwrap();
+        assert_nothing_queued(&mut conns[0]).await;
+        push.group_update::<&str>("room", &[], &[&members[10].1]).unwrap();
+        let dropped = conns.remove(19);
+        dropped.close().await;
+        assert!(wait_until(Duration::from_secs(5), || {
+            push.presence::<&str>(&[], &[], &["room"]).unwrap().groups[0].online == 17
+        }));
+        let reply = push.push_group("room", Bytes::from_static(b"after")).unwrap();
+        assert_eq!(reply.delivered, 17);
+        assert_nothing_queued(&mut conns[0]).await;
+        assert_nothing_queued(&mut conns[10]).await;
+        for c in conns.into_iter() {
+            c.close().await;
+        }
+    });
+    assert!(wait_until(Duration::from_secs(5), || {
+        counters.iter().all(|c| c.groups.load(Ordering::Relaxed) == 0 && c.group_sessions.load(Ordering::Relaxed) == 0)
+    }));
+    server.shutdown();
+}
+
+#[test]
+fn broadcast_to_5000_connections_arrives_once_each_at_the_configured_pace() {
+    let mut cfg = test_config(2);
+    cfg.push.broadcast_rate_per_sec = 10_000;
+    // 5,000 clients authenticate at once on a debug build.
+    cfg.session.auth_timeout_ms = 10_000;
+    let server = start(&cfg);
+    let addr = server.client_addr();
+    let mut push = backend(&server);
+    let all = pairs(|i| format!("b{i}"), |i| format!("bdev-{i}"), 5000);
+    let (first, last, per_conn) = run(async move {
+        let conns = connect_all(addr, &cfg, &all).await;
+        let start = Instant::now();
+        let reply = push.broadcast(Bytes::from_static(b"everyone")).unwrap();
+        assert_eq!(status(reply.status), PushStatus::Accepted);
+        assert_eq!(reply.delivered, 5000);
+        let tasks: Vec<_> = conns
+            .into_iter()
+            .map(|mut c| {
+                glommio::spawn_local(async move {
+                    let m = next_message(&mut c).await;
+                    let at = start.elapsed();
+                    assert_eq!(m.payload, Bytes::from_static(b"everyone"));
+                    assert_nothing_queued(&mut c).await; // exactly once
+                    at
+                })
+            })
+            .collect();
+        let mut times = Vec::new();
+        for t in tasks {
+            times.push(t.await);
+        }
+        times.sort();
+        (times[0], times[times.len() - 1], times.len())
+    });
+    assert_eq!(per_conn, 5000);
+    // 5,000 deliveries at 10,000/s take about 500 ms; without pacing they
+    // would take a few ms. Half the paced time is a safe lower bound.
+    assert!(last - first >= Duration::from_millis(250), "delivered in {:?}: not paced", last - first);
+    server.shutdown();
+}
+
+#[test]
+fn a_client_that_never_reads_is_closed_as_slow_without_growing_memory() {
+    // A node of its own, so its RSS is the server's alone.
+    let cfg = test_config(2);
+    let node = NodeProcess::start(&cfg);
+    let addr = node.client_addr;
+    let mut push = PushClient::connect(node.push_addr, Duration::from_secs(5)).unwrap();
+    push.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let devices = pairs(|i| format!("s{i}"), |i| format!("slowtest-{i}"), 2);
+    let (stuck, healthy) = (devices[0].1.clone(), devices[1].1.clone());
+    let node = run(async move {
+        let mut conns = connect_all(addr, &cfg, &devices).await;
+        // Warm up the path (first allocations) before taking the baseline.
+        for _ in 0..50 {
+            push.push_devices(&[healthy.as_str()], Bytes::from_static(b"warm")).unwrap();
+            next_message(&mut conns[1]).await;
+        }
+        let rss_before = node.rss_bytes();
+        let payload = Bytes::from(vec![b'x'; 2048]);
+        let (mut healthy_got, mut cut_off_at, mut peak) = (0, None, 0);
+        for n in 0..10_000u32 {
+            let reply = push.push_devices(&[stuck.as_str()], payload.clone()).unwrap();
+            if status(reply.results[0].status) != PushStatus::Delivered && cut_off_at.is_none() {
+                cut_off_at = Some(n);
+            }
+            if n % 500 == 0 {
+                // The healthy client keeps receiving throughout.
+                push.push_devices(&[healthy.as_str()], Bytes::from_static(b"ok")).unwrap();
+                assert_eq!(next_message(&mut conns[1]).await.payload, Bytes::from_static(b"ok"));
+                healthy_got += 1;
+                peak = peak.max(node.rss_bytes());
+            }
+        }
+        assert_eq!(healthy_got, 20);
+        assert!(cut_off_at.is_some(), "the stuck client was never cut off");
+        // 10,000 x 2 KiB = 20 MiB were pushed at it; its queue is bounded
+        // at 1 MiB, so the server grows by little more than that.
+        let growth = peak.saturating_sub(rss_before);
+        assert!(growth < 6 << 20, "server RSS grew by {growth} bytes");
+        let err = loop {
+            match conns[0].next_event().await {
+                Ok(_) => continue,
+                Err(e) => break e,
+            }
+        };
+        // Its socket buffers were full of messages; after them, the close
+        // (SLOW when the Error frame made it out before the linger ended).
+        assert!(matches!(err.code(), Some(ErrorCode::Slow) | None), "{err:?}");
+        let p = push.presence(&[stuck.as_str()], &[], &[]).unwrap();
+        assert!(!p.devices[0].online);
+        node
+    });
+    drop(node);
+}
+
+#[test]
+fn kick_presence_and_malformed_requests() {
+    let cfg = test_config(2);
+    let server = start(&cfg);
+    let addr = server.client_addr();
+    let mut push = backend(&server);
+    let devices = vec![
+        ("erin".to_string(), "erin-phone".to_string()),
+        ("erin".to_string(), "erin-tablet".to_string()),
+        ("frank".to_string(), "frank-phone".to_string()),
+    ];
+    let mut push = run(async move {
+        let mut conns = connect_all(addr, &cfg, &devices).await;
+        let p = push.presence(&["erin-phone", "ghost"], &["erin", "nobody"], &[]).unwrap();
+        assert!(p.devices[0].online && !p.devices[1].online);
+        assert_eq!(p.devices[0].user, "erin");
+        assert_eq!(p.devices[0].shard, u32::from(owner_shard("erin-phone", 2).0));
+        assert!(p.devices[0].connected_at_ms > 0);
+        assert_eq!(p.users[0].devices.len(), 2);
+        assert!(p.users[1].devices.is_empty());
+        assert_eq!(p.connections_total, 3);
+        assert_eq!(p.connections_per_shard.iter().sum::<u64>(), 3);
+
+        let r = push.kick_devices(&["frank-phone", "ghost"], ErrorCode::Kicked, "bye").unwrap();
+        let s: Vec<_> = r.results.iter().map(|r| status(r.status)).collect();
+        assert_eq!(s, [PushStatus::Delivered, PushStatus::NotOnline]);
+        let err = conns[2].next_event().await.unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::Kicked));
+        assert!(err.to_string().contains("bye"));
+
+        let r = push.kick_users(&["erin"], ErrorCode::Kicked, "all of erin").unwrap();
+        assert_eq!(r.results[0].sessions, 2);
+        for c in &mut conns[..2] {
+            assert_eq!(c.next_event().await.unwrap_err().code(), Some(ErrorCode::Kicked));
+        }
+        let p = push.presence::<&str>(&[], &["erin"], &[]).unwrap();
+        assert!(p.users[0].devices.is_empty());
+        push
+    });
+
+    // Malformed requests get a RequestError and the connection stays open.
+    let err = push.push(longlink::proto::Targets::default(), Bytes::from_static(b"x"), "", 0).unwrap_err();
+    assert!(matches!(err, BackendError::Rejected { code: ErrorCode::BadFrame, .. }), "{err:?}");
+    let both = longlink::proto::Targets { devices: vec!["a".into()], broadcast: true, ..Default::default() };
+    assert!(matches!(push.push(both, Bytes::new(), "", 0), Err(BackendError::Rejected { .. })));
+    push.set_max_request_bytes(1 << 20);
+    let too_big = push.push_devices(&["a"], Bytes::from(vec![0u8; 70_000])).unwrap_err();
+    assert!(matches!(too_big, BackendError::Rejected { code: ErrorCode::FrameTooLarge, .. }), "{too_big:?}");
+    // A garbage body inside an intact frame boundary.
+    let mut raw = std::net::TcpStream::connect(server.push_addr()).unwrap();
+    use std::io::{Read, Write};
+    let mut frame = vec![0x4C, 1, 32, 0, 0, 0, 0, 3, 0xff, 0xff, 0xff];
+    // ... followed by a valid presence query on the same connection.
+    let mut query = bytes::BytesMut::new();
+    longlink::codec::Frame::PresenceQuery(longlink::proto::PresenceQuery { request_id: 7, ..Default::default() })
+        .encode_into(&mut query, longlink::codec::Flags::default());
+    frame.extend_from_slice(&query);
+    raw.write_all(&frame).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while decode_all(&buf).len() < 2 {
+        let n = raw.read(&mut chunk).unwrap();
+        assert!(n > 0, "push connection closed: {:?}", decode_all(&buf));
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let frames = decode_all(&buf);
+    assert!(matches!(&frames[0], longlink::codec::Frame::RequestError(e) if e.code == ErrorCode::BadFrame as i32));
+    assert!(matches!(&frames[1], longlink::codec::Frame::PresenceReply(r) if r.request_id == 7));
+    // A broken frame boundary: an Error frame, then the node closes.
+    raw.write_all(b"GARBAGE!").unwrap();
+    let mut rest = Vec::new();
+    let _ = raw.read_to_end(&mut rest);
+    let frames = decode_all(&rest);
+    assert!(matches!(frames.last(), Some(longlink::codec::Frame::Error(e)) if e.code == ErrorCode::BadFrame as i32));
+    // Other backends are unaffected.
+    assert!(push.presence::<&str>(&[], &[], &[]).is_ok());
+    server.shutdown();
+}
