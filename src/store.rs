@@ -1,0 +1,399 @@
+//! Per-device timelines: where at-least-once messages wait until the
+//! device acknowledges them.
+//!
+//! One trait, two implementations: [`MemoryStore`] (embedded default, one
+//! per shard, holding the timelines of the devices the shard owns; lost on
+//! restart) and the Redis store (cluster mode, in `store_redis`). Calls are
+//! asynchronous so a shard never blocks on a store.
+//!
+//! Sequences are per device, start above every sequence an earlier run of
+//! the same store could have issued, and are never reused. A client that
+//! resumes from a sequence the store can no longer replay (retention, or a
+//! memory store that restarted) gets the missing range instead of silence.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::Bytes;
+
+/// A message to append.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewMessage {
+    pub message_id: u64,
+    pub service_id: String,
+    pub payload: Bytes,
+    /// Unix ms; the message is not replayed after this (0 = retention only).
+    pub expires_at_ms: u64,
+}
+
+/// A message in a timeline.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stored {
+    pub seq: u64,
+    pub message_id: u64,
+    pub service_id: String,
+    pub payload: Bytes,
+    pub stored_at_ms: u64,
+    pub expires_at_ms: u64,
+}
+
+/// What a resume finds.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Replay {
+    /// Messages after the requested sequence, in order (at most `limit`).
+    pub messages: Vec<Stored>,
+    /// Set when messages after the requested sequence are gone: the first
+    /// and last missing sequence (inclusive).
+    pub missing: Option<(u64, u64)>,
+}
+
+/// Where a message is in its life, for the delivery status query.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Status {
+    Stored { device: String, seq: u64, stored_at_ms: u64 },
+    Sent { device: String, seq: u64, stored_at_ms: u64, sent_at_ms: u64 },
+    Acked { device: String, seq: u64, stored_at_ms: u64, sent_at_ms: u64, acked_at_ms: u64 },
+    /// Dropped by retention or TTL before it was acknowledged.
+    Expired { device: String, seq: u64 },
+}
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("store overloaded: request shed")]
+    Overloaded,
+    #[error("store protocol error: {0}")]
+    Protocol(String),
+}
+
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + 'a>>;
+
+/// A timeline store. Implementations never block the calling shard.
+pub trait TimelineStore {
+    /// Appends to the device's timeline; returns the new sequence. The
+    /// message is durable (as far as the store is) when this resolves.
+    fn append<'a>(&'a self, device: &'a str, msg: NewMessage, now_ms: u64) -> StoreFuture<'a, u64>;
+    /// Messages after `after_seq`, oldest first, at most `limit`.
+    fn replay<'a>(&'a self, device: &'a str, after_seq: u64, limit: usize, now_ms: u64) -> StoreFuture<'a, Replay>;
+    /// The device processed everything up to `seq`: drop it from the timeline.
+    fn ack<'a>(&'a self, device: &'a str, seq: u64, now_ms: u64) -> StoreFuture<'a, ()>;
+    /// Records the first send of a message (for the status query).
+    fn mark_sent<'a>(&'a self, device: &'a str, seq: u64, now_ms: u64) -> StoreFuture<'a, ()>;
+    /// Where message `message_id` is, if the store still knows it.
+    fn status(&self, message_id: u64) -> StoreFuture<'_, Option<Status>>;
+}
+
+/// Retention limits of a timeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// Messages kept per device; older ones are dropped (and reported as
+    /// missing on resume).
+    pub max_messages: usize,
+    /// Age after which a message is dropped, in ms.
+    pub max_age_ms: u64,
+    /// Status records kept (acknowledged and expired messages), per store.
+    pub max_status_records: usize,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention { max_messages: 1_000, max_age_ms: 7 * 24 * 3600 * 1000, max_status_records: 100_000 }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Timeline {
+    /// Sequences below this are gone (acknowledged or dropped).
+    floor: u64,
+    /// The last sequence handed out.
+    last: u64,
+    /// Highest sequence the device acknowledged.
+    acked: u64,
+    messages: VecDeque<(Stored, Option<u64>)>,
+}
+
+/// The embedded store: timelines in this shard's memory, bounded by
+/// [`Retention`], lost on restart (the next run's sequences start higher, so
+/// resuming clients are told about the gap).
+#[derive(Debug)]
+pub struct MemoryStore {
+    /// Every sequence this run issues is above this.
+    base_seq: u64,
+    retention: Retention,
+    timelines: RefCell<HashMap<String, Timeline>>,
+    /// Status of messages that left their timeline, oldest first.
+    finished: RefCell<(HashMap<u64, Status>, VecDeque<u64>)>,
+    /// message id -> (device, seq) while the message is in a timeline.
+    live: RefCell<HashMap<u64, (String, u64)>>,
+}
+
+impl MemoryStore {
+    /// `boot_unix_ms`: the start time of this run; sequences start at
+    /// `boot_unix_ms * 1000`, above anything an earlier run issued (it
+    /// would take 1,000 messages per ms per device to catch up).
+    pub fn new(retention: Retention, boot_unix_ms: u64) -> MemoryStore {
+        MemoryStore {
+            base_seq: boot_unix_ms.saturating_mul(1000),
+            retention,
+            timelines: RefCell::default(),
+            finished: RefCell::default(),
+            live: RefCell::default(),
+        }
+    }
+
+    pub fn base_seq(&self) -> u64 {
+        self.base_seq
+    }
+
+    /// Devices with a timeline (for leak checks and metrics).
+    pub fn timelines(&self) -> usize {
+        self.timelines.borrow().len()
+    }
+
+    fn finish(&self, message_id: u64, status: Status) {
+        self.live.borrow_mut().remove(&message_id);
+        let (map, order) = &mut *self.finished.borrow_mut();
+        map.insert(message_id, status);
+        order.push_back(message_id);
+        while order.len() > self.retention.max_status_records {
+            if let Some(old) = order.pop_front() {
+                map.remove(&old);
+            }
+        }
+    }
+
+    /// Drops messages beyond the count or age limit.
+    fn trim(&self, device: &str, tl: &mut Timeline, now_ms: u64) {
+        while let Some((m, _)) = tl.messages.front() {
+            let too_many = tl.messages.len() > self.retention.max_messages;
+            let too_old = now_ms.saturating_sub(m.stored_at_ms) > self.retention.max_age_ms;
+            let expired = m.expires_at_ms != 0 && now_ms >= m.expires_at_ms;
+            if !(too_many || too_old || expired) {
+                break;
+            }
+            if let Some((m, _)) = tl.messages.pop_front() {
+                tl.floor = m.seq + 1;
+                self.finish(m.message_id, Status::Expired { device: device.to_owned(), seq: m.seq });
+            }
+        }
+    }
+
+    fn append_now(&self, device: &str, msg: NewMessage, now_ms: u64) -> u64 {
+        let mut timelines = self.timelines.borrow_mut();
+        let tl = timelines.entry(device.to_owned()).or_insert_with(|| Timeline {
+            floor: self.base_seq + 1,
+            last: self.base_seq,
+            acked: self.base_seq,
+            messages: VecDeque::new(),
+        });
+        tl.last += 1;
+        let seq = tl.last;
+        self.live.borrow_mut().insert(msg.message_id, (device.to_owned(), seq));
+        tl.messages.push_back((
+            Stored {
+                seq,
+                message_id: msg.message_id,
+                service_id: msg.service_id,
+                payload: msg.payload,
+                stored_at_ms: now_ms,
+                expires_at_ms: msg.expires_at_ms,
+            },
+            None,
+        ));
+        self.trim(device, tl, now_ms);
+        seq
+    }
+
+    fn replay_now(&self, device: &str, after_seq: u64, limit: usize, now_ms: u64) -> Replay {
+        let mut timelines = self.timelines.borrow_mut();
+        let Some(tl) = timelines.get_mut(device) else {
+            // Nothing stored for this device in this run. A client that
+            // processed a sequence from an earlier run may have missed
+            // messages that died with it.
+            let missing = (after_seq > 0 && after_seq < self.base_seq).then_some((after_seq + 1, self.base_seq));
+            return Replay { messages: Vec::new(), missing };
+        };
+        self.trim(device, tl, now_ms);
+        // Everything below the floor is gone; the client missed what lies
+        // between its sequence and the floor unless it acknowledged it.
+        let gone_up_to = tl.floor - 1;
+        let missing = (after_seq < gone_up_to && after_seq.max(tl.acked) < gone_up_to)
+            .then(|| (after_seq.max(tl.acked) + 1, gone_up_to))
+            .filter(|(a, b)| a <= b);
+        let live = |m: &Stored| m.seq > after_seq && (m.expires_at_ms == 0 || now_ms < m.expires_at_ms);
+        let messages = tl.messages.iter().filter(|(m, _)| live(m)).take(limit).map(|(m, _)| m.clone()).collect();
+        Replay { messages, missing }
+    }
+
+    fn ack_now(&self, device: &str, seq: u64, now_ms: u64) {
+        let mut timelines = self.timelines.borrow_mut();
+        let Some(tl) = timelines.get_mut(device) else { return };
+        tl.acked = tl.acked.max(seq.min(tl.last));
+        while tl.messages.front().is_some_and(|(m, _)| m.seq <= seq) {
+            if let Some((m, sent)) = tl.messages.pop_front() {
+                tl.floor = m.seq + 1;
+                let sent_at_ms = sent.unwrap_or(now_ms);
+                let status = Status::Acked {
+                    device: device.to_owned(),
+                    seq: m.seq,
+                    stored_at_ms: m.stored_at_ms,
+                    sent_at_ms,
+                    acked_at_ms: now_ms,
+                };
+                self.finish(m.message_id, status);
+            }
+        }
+        if tl.messages.is_empty() {
+            // Keep the counters (sequences are never reused) but nothing else.
+            tl.messages = VecDeque::new();
+        }
+    }
+
+    fn mark_sent_now(&self, device: &str, seq: u64, now_ms: u64) {
+        if let Some(tl) = self.timelines.borrow_mut().get_mut(device)
+            && let Some((_, sent)) = tl.messages.iter_mut().find(|(m, _)| m.seq == seq)
+        {
+            sent.get_or_insert(now_ms);
+        }
+    }
+
+    fn status_now(&self, message_id: u64) -> Option<Status> {
+        if let Some(s) = self.finished.borrow().0.get(&message_id) {
+            return Some(s.clone());
+        }
+        let (device, seq) = self.live.borrow().get(&message_id).cloned()?;
+        let timelines = self.timelines.borrow();
+        let (m, sent) = timelines.get(&device)?.messages.iter().find(|(m, _)| m.seq == seq)?;
+        Some(match sent {
+            Some(sent_at_ms) => Status::Sent { device, seq, stored_at_ms: m.stored_at_ms, sent_at_ms: *sent_at_ms },
+            None => Status::Stored { device, seq, stored_at_ms: m.stored_at_ms },
+        })
+    }
+}
+
+fn ready<'a, T: 'a>(value: T) -> StoreFuture<'a, T> {
+    Box::pin(std::future::ready(Ok(value)))
+}
+
+impl TimelineStore for MemoryStore {
+    fn append<'a>(&'a self, device: &'a str, msg: NewMessage, now_ms: u64) -> StoreFuture<'a, u64> {
+        ready(self.append_now(device, msg, now_ms))
+    }
+
+    fn replay<'a>(&'a self, device: &'a str, after_seq: u64, limit: usize, now_ms: u64) -> StoreFuture<'a, Replay> {
+        ready(self.replay_now(device, after_seq, limit, now_ms))
+    }
+
+    fn ack<'a>(&'a self, device: &'a str, seq: u64, now_ms: u64) -> StoreFuture<'a, ()> {
+        ready(self.ack_now(device, seq, now_ms))
+    }
+
+    fn mark_sent<'a>(&'a self, device: &'a str, seq: u64, now_ms: u64) -> StoreFuture<'a, ()> {
+        ready(self.mark_sent_now(device, seq, now_ms))
+    }
+
+    fn status(&self, message_id: u64) -> StoreFuture<'_, Option<Status>> {
+        ready(self.status_now(message_id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BOOT: u64 = 1_800_000_000_000;
+
+    fn msg(id: u64) -> NewMessage {
+        NewMessage { message_id: id, service_id: "chat".into(), payload: Bytes::from(format!("m{id}")), expires_at_ms: 0 }
+    }
+
+    fn block<T>(f: StoreFuture<'_, T>) -> T {
+        futures_lite::future::block_on(f).expect("memory store never fails")
+    }
+
+    #[test]
+    fn sequences_start_above_earlier_runs_and_increase() {
+        let s = MemoryStore::new(Retention::default(), BOOT);
+        let a = block(s.append("d", msg(1), BOOT));
+        let b = block(s.append("d", msg(2), BOOT));
+        assert_eq!((a, b), (BOOT * 1000 + 1, BOOT * 1000 + 2));
+        let later = MemoryStore::new(Retention::default(), BOOT + 1);
+        assert!(block(later.append("d", msg(3), BOOT + 1)) > b);
+    }
+
+    #[test]
+    fn replay_after_a_sequence_and_ack_trims() {
+        let s = MemoryStore::new(Retention::default(), BOOT);
+        let seqs: Vec<u64> = (1..=5).map(|i| block(s.append("d", msg(i), BOOT))).collect();
+        let r = block(s.replay("d", seqs[1], 10, BOOT));
+        assert_eq!(r.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), &seqs[2..]);
+        assert_eq!(r.missing, None);
+        block(s.ack("d", seqs[3], BOOT + 5));
+        let r = block(s.replay("d", seqs[3], 10, BOOT));
+        assert_eq!(r.messages.len(), 1);
+        assert_eq!(r.missing, None, "acknowledged messages are not missing");
+        assert!(matches!(block(s.status(2)), Some(Status::Acked { acked_at_ms, .. }) if acked_at_ms == BOOT + 5));
+    }
+
+    #[test]
+    fn retention_overflow_reports_the_missing_range() {
+        let retention = Retention { max_messages: 3, ..Default::default() };
+        let s = MemoryStore::new(retention, BOOT);
+        let seqs: Vec<u64> = (1..=6).map(|i| block(s.append("d", msg(i), BOOT))).collect();
+        // The client processed up to seqs[0]; seqs[1..3] were dropped.
+        let r = block(s.replay("d", seqs[0], 10, BOOT));
+        assert_eq!(r.missing, Some((seqs[1], seqs[2])));
+        assert_eq!(r.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), &seqs[3..]);
+        assert!(matches!(block(s.status(2)), Some(Status::Expired { .. })));
+    }
+
+    #[test]
+    fn a_store_that_restarted_reports_the_unknown_gap() {
+        let s = MemoryStore::new(Retention::default(), BOOT);
+        // The client processed sequence 42 of an earlier run.
+        let r = block(s.replay("d", 42, 10, BOOT));
+        assert_eq!(r.missing, Some((43, BOOT * 1000)));
+        // A fresh client (sequence 0) has nothing to miss.
+        assert_eq!(block(s.replay("d", 0, 10, BOOT)).missing, None);
+    }
+
+    #[test]
+    fn ttl_and_age_expire_messages() {
+        let retention = Retention { max_age_ms: 1_000, ..Default::default() };
+        let s = MemoryStore::new(retention, BOOT);
+        let mut m = msg(1);
+        m.expires_at_ms = BOOT + 100;
+        let first = block(s.append("d", m, BOOT));
+        block(s.append("d", msg(2), BOOT));
+        let r = block(s.replay("d", 0, 10, BOOT + 200));
+        assert_eq!(r.messages.len(), 1);
+        assert_eq!(r.missing, Some((first, first)));
+        let r = block(s.replay("d", 0, 10, BOOT + 5_000));
+        assert!(r.messages.is_empty());
+    }
+
+    #[test]
+    fn status_follows_the_message() {
+        let s = MemoryStore::new(Retention::default(), BOOT);
+        let seq = block(s.append("d", msg(7), BOOT));
+        assert_eq!(block(s.status(7)), Some(Status::Stored { device: "d".into(), seq, stored_at_ms: BOOT }));
+        block(s.mark_sent("d", seq, BOOT + 1));
+        assert!(matches!(block(s.status(7)), Some(Status::Sent { sent_at_ms, .. }) if sent_at_ms == BOOT + 1));
+        assert_eq!(block(s.status(8)), None);
+    }
+
+    #[test]
+    fn status_records_are_bounded() {
+        let retention = Retention { max_status_records: 2, ..Default::default() };
+        let s = MemoryStore::new(retention, BOOT);
+        for i in 1..=5 {
+            let seq = block(s.append("d", msg(i), BOOT));
+            block(s.ack("d", seq, BOOT));
+        }
+        assert_eq!(block(s.status(1)), None);
+        assert!(block(s.status(5)).is_some());
+    }
+}
