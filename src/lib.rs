@@ -31,5 +31,6 @@ pub mod server;
 pub mod session;
 pub mod shard;
 pub mod store;
+pub mod store_redis;
 pub mod token;
 pub mod wheel;

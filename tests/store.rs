@@ -1,0 +1,123 @@
+//! The timeline store contract, checked against both implementations: the
+//! embedded memory store and the Redis store (a real redis-server).
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::RedisServer;
+use futures_lite::future::block_on;
+use longlink::store::{MemoryStore, NewMessage, Retention, Status, TimelineStore};
+use longlink::store_redis::{RedisStore, RedisStoreConfig};
+
+const NOW: u64 = 1_800_000_000_000;
+
+fn msg(id: u64) -> NewMessage {
+    NewMessage { message_id: id, service_id: "chat".into(), payload: Bytes::from(format!("m{id}")), expires_at_ms: 0 }
+}
+
+fn redis_store(redis: &RedisServer, retention: Retention) -> RedisStore {
+    RedisStore::start(RedisStoreConfig {
+        url: redis.url(),
+        prefix: "lltest".into(),
+        retention,
+        idle_ttl_secs: 3600,
+        status_ttl_secs: 3600,
+        connect_timeout: Duration::from_secs(2),
+        io_timeout: Duration::from_secs(2),
+    })
+    .expect("sidecar starts")
+}
+
+/// Runs `check` against a fresh memory store and a fresh Redis store.
+fn both(retention: Retention, check: impl Fn(&dyn TimelineStore, &str)) {
+    check(&MemoryStore::new(retention, NOW), "memory");
+    let redis = RedisServer::start();
+    check(&redis_store(&redis, retention), "redis");
+}
+
+#[test]
+fn append_replay_ack_and_status() {
+    both(Retention::default(), |s, name| {
+        let seqs: Vec<u64> = (1..=5).map(|i| block_on(s.append("d", msg(i), NOW)).unwrap()).collect();
+        assert_eq!(seqs[0], NOW * 1000 + 1, "{name}: sequences start above earlier runs");
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{name}: {seqs:?}");
+        let r = block_on(s.replay("d", seqs[1], 10, NOW)).unwrap();
+        assert_eq!(r.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), &seqs[2..], "{name}");
+        assert_eq!(r.messages[0].payload, Bytes::from_static(b"m3"), "{name}");
+        assert_eq!(r.messages[0].service_id, "chat");
+        assert_eq!(r.missing, None, "{name}");
+
+        assert!(matches!(block_on(s.status(4)).unwrap(), Some(Status::Stored { .. })), "{name}");
+        block_on(s.mark_sent("d", seqs[3], NOW + 1)).unwrap();
+        assert!(
+            matches!(block_on(s.status(4)).unwrap(), Some(Status::Sent { sent_at_ms: 1_800_000_000_001, .. })),
+            "{name}"
+        );
+        block_on(s.ack("d", seqs[3], NOW + 2)).unwrap();
+        let r = block_on(s.replay("d", seqs[3], 10, NOW + 3)).unwrap();
+        assert_eq!(r.messages.len(), 1, "{name}");
+        assert_eq!(r.missing, None, "{name}: acknowledged messages are not missing");
+        assert!(
+            matches!(block_on(s.status(4)).unwrap(), Some(Status::Acked { acked_at_ms: 1_800_000_000_002, .. })),
+            "{name}"
+        );
+        assert_eq!(block_on(s.status(999)).unwrap(), None, "{name}");
+        // Other devices have their own sequences.
+        assert_eq!(block_on(s.append("e", msg(6), NOW)).unwrap(), NOW * 1000 + 1, "{name}");
+    });
+}
+
+#[test]
+fn retention_overflow_is_reported_as_a_missing_range() {
+    let retention = Retention { max_messages: 3, ..Default::default() };
+    both(retention, |s, name| {
+        let seqs: Vec<u64> = (1..=6).map(|i| block_on(s.append("d", msg(i), NOW)).unwrap()).collect();
+        let r = block_on(s.replay("d", seqs[0], 10, NOW)).unwrap();
+        assert_eq!(r.missing, Some((seqs[1], seqs[2])), "{name}");
+        assert_eq!(r.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), &seqs[3..], "{name}");
+        assert!(matches!(block_on(s.status(2)).unwrap(), Some(Status::Expired { .. })), "{name}");
+    });
+}
+
+#[test]
+fn unknown_history_is_reported_not_silently_skipped() {
+    both(Retention::default(), |s, name| {
+        // A client that processed sequence 42 of a timeline this store does
+        // not have (a restarted memory store, a flushed Redis).
+        let r = block_on(s.replay("d", 42, 10, NOW)).unwrap();
+        assert_eq!(r.missing, Some((43, NOW * 1000)), "{name}");
+        assert_eq!(block_on(s.replay("fresh", 0, 10, NOW)).unwrap().missing, None, "{name}");
+    });
+}
+
+#[test]
+fn message_ttl_and_age_expire() {
+    let retention = Retention { max_age_ms: 1_000, ..Default::default() };
+    both(retention, |s, name| {
+        let mut short = msg(1);
+        short.expires_at_ms = NOW + 100;
+        let first = block_on(s.append("d", short, NOW)).unwrap();
+        block_on(s.append("d", msg(2), NOW)).unwrap();
+        let r = block_on(s.replay("d", 0, 10, NOW + 200)).unwrap();
+        assert_eq!(r.messages.len(), 1, "{name}");
+        assert_eq!(r.missing, Some((first, first)), "{name}");
+        assert!(block_on(s.replay("d", 0, 10, NOW + 5_000)).unwrap().messages.is_empty(), "{name}");
+    });
+}
+
+#[test]
+fn redis_down_gives_retryable_errors_and_recovers() {
+    let redis = RedisServer::start();
+    let port = redis.port;
+    let store = redis_store(&redis, Retention::default());
+    assert!(block_on(store.append("d", msg(1), NOW)).is_ok());
+    drop(redis);
+    let err = block_on(store.append("d", msg(2), NOW)).unwrap_err();
+    assert!(matches!(err, longlink::store::StoreError::Unavailable(_)), "{err:?}");
+    // A new redis-server on the same port: the sidecar reconnects and
+    // reloads its scripts. (Data is gone, so sequences restart above NOW.)
+    let _again = RedisServer::start_on(port);
+    assert!(common::wait_until(Duration::from_secs(10), || block_on(store.append("d", msg(3), NOW + 5)).is_ok()));
+}
