@@ -52,11 +52,29 @@ pub struct Replay {
 /// Where a message is in its life, for the delivery status query.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Status {
-    Stored { device: String, seq: u64, stored_at_ms: u64 },
-    Sent { device: String, seq: u64, stored_at_ms: u64, sent_at_ms: u64 },
-    Acked { device: String, seq: u64, stored_at_ms: u64, sent_at_ms: u64, acked_at_ms: u64 },
+    Stored {
+        device: String,
+        seq: u64,
+        stored_at_ms: u64,
+    },
+    Sent {
+        device: String,
+        seq: u64,
+        stored_at_ms: u64,
+        sent_at_ms: u64,
+    },
+    Acked {
+        device: String,
+        seq: u64,
+        stored_at_ms: u64,
+        sent_at_ms: u64,
+        acked_at_ms: u64,
+    },
     /// Dropped by retention or TTL before it was acknowledged.
-    Expired { device: String, seq: u64 },
+    Expired {
+        device: String,
+        seq: u64,
+    },
 }
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -309,7 +327,12 @@ mod tests {
     const BOOT: u64 = 1_800_000_000_000;
 
     fn msg(id: u64) -> NewMessage {
-        NewMessage { message_id: id, service_id: "chat".into(), payload: Bytes::from(format!("m{id}")), expires_at_ms: 0 }
+        NewMessage {
+            message_id: id,
+            service_id: "chat".into(),
+            payload: Bytes::from(format!("m{id}")),
+            expires_at_ms: 0,
+        }
     }
 
     fn block<T>(f: StoreFuture<'_, T>) -> T {
