@@ -27,6 +27,7 @@ pub mod mesh;
 pub mod outq;
 pub mod proto;
 pub mod push;
+pub mod redis_link;
 pub mod sdk;
 pub mod server;
 pub mod session;

@@ -21,8 +21,8 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use futures_channel::oneshot;
 use redis::Value;
-use tracing::{info, warn};
 
+use crate::redis_link::{RedisLink, as_u64};
 use crate::store::{NewMessage, Replay, Retention, Status, StoreError, StoreFuture, Stored, TimelineStore};
 
 /// Requests sent to Redis in one pipeline at most.
@@ -216,35 +216,28 @@ end
 return 1
 "#;
 
-struct Scripts {
-    append: redis::Script,
-    replay: redis::Script,
-    ack: redis::Script,
-    mark_sent: redis::Script,
-}
+/// Indexes of the scripts in the link.
+const APPEND: usize = 0;
+const REPLAY: usize = 1;
+const ACK: usize = 2;
+const MARK_SENT: usize = 3;
 
 struct Sidecar {
     cfg: RedisStoreConfig,
-    scripts: Scripts,
-    conn: Option<redis::Connection>,
-    /// Consecutive connection failures, for the reconnect backoff.
-    failures: u32,
+    link: RedisLink,
 }
 
 impl Sidecar {
     fn new(cfg: RedisStoreConfig) -> Sidecar {
         let with_trim = |body: &str| redis::Script::new(&format!("{TRIM_LUA}\n{body}"));
-        Sidecar {
-            cfg,
-            scripts: Scripts {
-                append: with_trim(APPEND_LUA),
-                replay: with_trim(REPLAY_LUA),
-                ack: redis::Script::new(ACK_LUA),
-                mark_sent: redis::Script::new(MARK_SENT_LUA),
-            },
-            conn: None,
-            failures: 0,
-        }
+        let scripts = vec![
+            with_trim(APPEND_LUA),
+            with_trim(REPLAY_LUA),
+            redis::Script::new(ACK_LUA),
+            redis::Script::new(MARK_SENT_LUA),
+        ];
+        let link = RedisLink::new("timeline store", &cfg.url, cfg.connect_timeout, cfg.io_timeout, scripts);
+        Sidecar { cfg, link }
     }
 
     fn run(mut self, rx: Receiver<Job>) {
@@ -263,75 +256,16 @@ impl Sidecar {
         }
     }
 
-    fn connect(&mut self) -> Result<&mut redis::Connection, StoreError> {
-        if self.conn.is_none() {
-            if self.failures > 0 {
-                // Back off while Redis is down, without spinning; requests
-                // queued meanwhile fail fast below as Unavailable.
-                thread::sleep(Duration::from_millis(50u64 << self.failures.min(5)));
-            }
-            let unavailable = |e: redis::RedisError| StoreError::Unavailable(e.to_string());
-            let result = redis::Client::open(self.cfg.url.as_str())
-                .and_then(|c| c.get_connection_with_timeout(self.cfg.connect_timeout))
-                .and_then(|c| {
-                    c.set_read_timeout(Some(self.cfg.io_timeout))?;
-                    c.set_write_timeout(Some(self.cfg.io_timeout))?;
-                    Ok(c)
-                });
-            match result {
-                Ok(mut conn) => {
-                    let mut load = redis::pipe();
-                    for s in [&self.scripts.append, &self.scripts.replay, &self.scripts.ack, &self.scripts.mark_sent] {
-                        load.load_script(s);
-                    }
-                    load.query::<Vec<String>>(&mut conn).map_err(unavailable)?;
-                    if self.failures > 0 {
-                        info!(url = %self.cfg.url, "timeline store reconnected");
-                    }
-                    self.failures = 0;
-                    self.conn = Some(conn);
-                }
-                Err(e) => {
-                    if self.failures == 0 {
-                        warn!(url = %self.cfg.url, error = %e, "timeline store unavailable");
-                    }
-                    self.failures += 1;
-                    return Err(unavailable(e));
-                }
-            }
-        }
-        self.conn.as_mut().ok_or_else(|| StoreError::Unavailable("no connection".into()))
-    }
-
     fn execute(&mut self, batch: &[Job]) -> Vec<Result<Answer, StoreError>> {
         let pipe = self.pipeline(batch);
-        let outcome = self
-            .connect()
-            .and_then(|conn| pipe.query::<Vec<Value>>(conn).map_err(|e| StoreError::Unavailable(e.to_string())));
-        let values = match outcome {
-            Ok(values) if values.iter().any(is_noscript) => {
-                // Redis restarted and lost the scripts: nothing in this batch
-                // ran. Reload and run it once more.
-                self.conn = None;
-                match self
-                    .connect()
-                    .and_then(|c| pipe.query::<Vec<Value>>(c).map_err(|e| StoreError::Unavailable(e.to_string())))
-                {
-                    Ok(values) => values,
-                    Err(e) => return batch.iter().map(|_| Err(e.clone())).collect(),
-                }
-            }
-            Ok(values) => values,
-            Err(e) => {
-                self.conn = None;
-                return batch.iter().map(|_| Err(e.clone())).collect();
-            }
-        };
-        batch
-            .iter()
-            .zip(values.into_iter().chain(std::iter::repeat(Value::Nil)))
-            .map(|(job, v)| self.answer(&job.op, v))
-            .collect()
+        match self.link.query(&pipe) {
+            Ok(values) => batch
+                .iter()
+                .zip(values.into_iter().chain(std::iter::repeat(Value::Nil)))
+                .map(|(job, v)| self.answer(&job.op, v))
+                .collect(),
+            Err(e) => batch.iter().map(|_| Err(StoreError::Unavailable(e.0.clone()))).collect(),
+        }
     }
 
     fn keys(&self, device: &str) -> [String; 3] {
@@ -352,7 +286,7 @@ impl Sidecar {
             match &job.op {
                 Op::Append { device, msg, now_ms } => {
                     let [seq, tl, meta] = self.keys(device);
-                    let mut inv = self.scripts.append.prepare_invoke();
+                    let mut inv = self.link.script(APPEND).prepare_invoke();
                     inv.key(seq).key(tl).key(meta);
                     inv.arg(msg.message_id)
                         .arg(now_ms)
@@ -370,7 +304,7 @@ impl Sidecar {
                 }
                 Op::Replay { device, after, limit, now_ms } => {
                     let [seq, tl, meta] = self.keys(device);
-                    let mut inv = self.scripts.replay.prepare_invoke();
+                    let mut inv = self.link.script(REPLAY).prepare_invoke();
                     inv.key(seq).key(tl).key(meta);
                     inv.arg(after).arg(limit).arg(now_ms).arg(r.max_messages).arg(r.max_age_ms).arg(&msgp);
                     inv.arg(self.cfg.status_ttl_secs);
@@ -378,13 +312,13 @@ impl Sidecar {
                 }
                 Op::Ack { device, seq, now_ms } => {
                     let [_, tl, meta] = self.keys(device);
-                    let mut inv = self.scripts.ack.prepare_invoke();
+                    let mut inv = self.link.script(ACK).prepare_invoke();
                     inv.key(tl).key(meta).arg(seq).arg(now_ms).arg(&msgp).arg(self.cfg.status_ttl_secs);
                     pipe.invoke_script(&inv);
                 }
                 Op::MarkSent { device, seq, now_ms } => {
                     let [_, tl, _] = self.keys(device);
-                    let mut inv = self.scripts.mark_sent.prepare_invoke();
+                    let mut inv = self.link.script(MARK_SENT).prepare_invoke();
                     inv.key(tl).arg(seq).arg(now_ms).arg(&msgp);
                     pipe.invoke_script(&inv);
                 }
@@ -430,19 +364,6 @@ impl Sidecar {
             }
             Op::Status { .. } => Ok(Answer::Status(parse_status(&value))),
         }
-    }
-}
-
-fn is_noscript(v: &Value) -> bool {
-    matches!(v, Value::ServerError(e) if format!("{e:?}").contains("NOSCRIPT"))
-}
-
-fn as_u64(v: &Value) -> Option<u64> {
-    match v {
-        Value::Int(n) => u64::try_from(*n).ok(),
-        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
-        Value::SimpleString(s) => s.parse().ok(),
-        _ => None,
     }
 }
 

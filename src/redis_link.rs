@@ -1,0 +1,133 @@
+//! One sync Redis connection owned by a sidecar thread: connects lazily,
+//! loads the sidecar's Lua scripts, reconnects with a backoff after a
+//! failure, and reloads the scripts when Redis forgot them (a restart).
+//! Shared by the timeline store and the router sidecars.
+
+use std::thread;
+use std::time::Duration;
+
+use redis::Value;
+use tracing::{info, warn};
+
+pub struct RedisLink {
+    url: String,
+    connect_timeout: Duration,
+    io_timeout: Duration,
+    /// What the link is for, in logs.
+    role: &'static str,
+    scripts: Vec<redis::Script>,
+    conn: Option<redis::Connection>,
+    /// Consecutive connection failures, for the reconnect backoff.
+    failures: u32,
+}
+
+/// Why a round trip failed: Redis could not be reached or answered badly.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("redis unavailable: {0}")]
+pub struct Unavailable(pub String);
+
+impl RedisLink {
+    pub fn new(
+        role: &'static str,
+        url: &str,
+        connect_timeout: Duration,
+        io_timeout: Duration,
+        scripts: Vec<redis::Script>,
+    ) -> RedisLink {
+        RedisLink { url: url.to_owned(), connect_timeout, io_timeout, role, scripts, conn: None, failures: 0 }
+    }
+
+    pub fn script(&self, i: usize) -> &redis::Script {
+        &self.scripts[i]
+    }
+
+    fn connect(&mut self) -> Result<&mut redis::Connection, Unavailable> {
+        if self.conn.is_none() {
+            if self.failures > 0 {
+                // Back off while Redis is down, without spinning.
+                thread::sleep(Duration::from_millis(50u64 << self.failures.min(5)));
+            }
+            let unavailable = |e: redis::RedisError| Unavailable(e.to_string());
+            let connected = redis::Client::open(self.url.as_str())
+                .and_then(|c| c.get_connection_with_timeout(self.connect_timeout))
+                .and_then(|c| {
+                    c.set_read_timeout(Some(self.io_timeout))?;
+                    c.set_write_timeout(Some(self.io_timeout))?;
+                    Ok(c)
+                })
+                .and_then(|mut c| {
+                    if !self.scripts.is_empty() {
+                        let mut load = redis::pipe();
+                        for s in &self.scripts {
+                            load.load_script(s);
+                        }
+                        load.query::<Vec<String>>(&mut c)?;
+                    }
+                    Ok(c)
+                });
+            match connected {
+                Ok(conn) => {
+                    if self.failures > 0 {
+                        info!(role = self.role, url = %self.url, "redis reachable again");
+                    }
+                    self.failures = 0;
+                    self.conn = Some(conn);
+                }
+                Err(e) => {
+                    if self.failures == 0 {
+                        warn!(role = self.role, url = %self.url, error = %e, "redis unavailable");
+                    }
+                    self.failures += 1;
+                    return Err(unavailable(e));
+                }
+            }
+        }
+        self.conn.as_mut().ok_or_else(|| Unavailable("no connection".into()))
+    }
+
+    /// Sends `pipe` and returns one value per command (errors as
+    /// `Value::ServerError`, so one bad command does not fail the rest).
+    pub fn query(&mut self, pipe: &redis::Pipeline) -> Result<Vec<Value>, Unavailable> {
+        let run = |link: &mut RedisLink| {
+            let conn = link.connect()?;
+            pipe.query::<Vec<Value>>(conn).map_err(|e| Unavailable(e.to_string()))
+        };
+        match run(self) {
+            Ok(values) if values.iter().any(is_noscript) => {
+                // Redis restarted and lost the scripts: nothing that needed
+                // them ran. Reload and run the pipeline once more.
+                self.conn = None;
+                run(self).inspect_err(|_| self.conn = None)
+            }
+            Ok(values) => Ok(values),
+            Err(e) => {
+                self.conn = None;
+                Err(e)
+            }
+        }
+    }
+}
+
+fn is_noscript(v: &Value) -> bool {
+    matches!(v, Value::ServerError(e) if format!("{e:?}").contains("NOSCRIPT"))
+}
+
+/// A reply as an unsigned integer (integer or numeric string replies).
+pub fn as_u64(v: &Value) -> Option<u64> {
+    match v {
+        Value::Int(n) => u64::try_from(*n).ok(),
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        Value::SimpleString(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+/// A reply as a UTF-8 string.
+pub fn as_string(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
