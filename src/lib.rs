@@ -28,6 +28,7 @@ pub mod outq;
 pub mod proto;
 pub mod push;
 pub mod redis_link;
+pub mod router;
 pub mod sdk;
 pub mod server;
 pub mod session;

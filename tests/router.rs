@@ -1,0 +1,97 @@
+//! The Redis router against a real redis-server: epochs, compare-and-set,
+//! leases and route validity.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{RedisServer, wait_until};
+use futures_lite::future::block_on;
+use longlink::router::{Router, RouterConfig};
+
+fn router(redis: &RedisServer, node: &str, incarnation: u64, lease: Duration) -> Router {
+    let cfg = RouterConfig {
+        url: redis.url(),
+        prefix: "lltest".into(),
+        node: node.into(),
+        incarnation,
+        lease,
+        client_endpoint: format!("{node}:7100"),
+        node_endpoint: format!("{node}:7102"),
+        route_ttl: Duration::from_secs(3600),
+        connect_timeout: Duration::from_secs(2),
+        io_timeout: Duration::from_secs(2),
+    };
+    let r = Router::start(cfg, Box::new(|| {})).expect("router starts");
+    assert!(wait_until(Duration::from_secs(5), || r.state().is_live()), "{node} registers");
+    r
+}
+
+#[test]
+fn newest_login_wins_and_a_stale_node_can_neither_overwrite_nor_delete() {
+    let redis = RedisServer::start();
+    let a = router(&redis, "node-a", 11, Duration::from_secs(30));
+    let b = router(&redis, "node-b", 22, Duration::from_secs(30));
+
+    let first = block_on(a.claim("phone", 1, 100)).unwrap();
+    assert_eq!(first.previous, None);
+    let route = block_on(b.lookup(vec!["phone".into(), "nobody".into()])).unwrap();
+    assert_eq!(route[0].as_ref().map(|r| (r.node.as_str(), r.shard, r.conn_id)), Some(("node-a", 1, 100)));
+    assert_eq!(route[1], None);
+
+    // The device logs in on node B: a newer epoch, and B learns whom to kick.
+    let second = block_on(b.claim("phone", 0, 200)).unwrap();
+    assert!(second.epoch > first.epoch);
+    assert_eq!(second.previous.as_ref().map(|r| (r.node.as_str(), r.epoch)), Some(("node-a", first.epoch)));
+
+    // Node A, stale, re-asserts and deletes with its old epoch: both refused.
+    assert!(!block_on(a.reassert("phone", 1, 100, first.epoch)).unwrap());
+    assert!(!block_on(a.release("phone", first.epoch)).unwrap());
+    let route = block_on(a.lookup(vec!["phone".into()])).unwrap();
+    assert_eq!(route[0].as_ref().map(|r| (r.node.as_str(), r.epoch)), Some(("node-b", second.epoch)));
+
+    // The owner re-asserts and releases its own route.
+    assert!(block_on(b.reassert("phone", 0, 200, second.epoch)).unwrap());
+    assert!(block_on(b.release("phone", second.epoch)).unwrap());
+    assert_eq!(block_on(a.lookup(vec!["phone".into()])).unwrap()[0], None);
+
+    let nodes = block_on(a.nodes()).unwrap();
+    let names: Vec<_> = nodes.iter().map(|n| (n.name.as_str(), n.client_endpoint.as_str())).collect();
+    assert!(names.contains(&("node-a", "node-a:7100")) && names.contains(&("node-b", "node-b:7100")), "{names:?}");
+}
+
+#[test]
+fn routes_of_a_dead_node_expire_with_its_lease() {
+    let redis = RedisServer::start();
+    let watcher = router(&redis, "watcher", 1, Duration::from_secs(30));
+    let doomed = router(&redis, "doomed", 2, Duration::from_millis(900));
+    block_on(doomed.claim("tablet", 0, 5)).unwrap();
+    assert!(block_on(watcher.lookup(vec!["tablet".into()])).unwrap()[0].is_some());
+    // The node dies: its sidecar stops renewing.
+    drop(doomed);
+    assert!(wait_until(Duration::from_secs(10), || {
+        block_on(watcher.lookup(vec!["tablet".into()])).unwrap()[0].is_none()
+    }));
+    assert!(block_on(watcher.nodes()).unwrap().iter().all(|n| n.name != "doomed"));
+}
+
+#[test]
+fn a_second_process_with_the_same_node_name_is_fenced() {
+    let redis = RedisServer::start();
+    let _first = router(&redis, "twin", 1, Duration::from_secs(30));
+    let cfg = RouterConfig {
+        url: redis.url(),
+        prefix: "lltest".into(),
+        node: "twin".into(),
+        incarnation: 2,
+        lease: Duration::from_secs(30),
+        client_endpoint: String::new(),
+        node_endpoint: String::new(),
+        route_ttl: Duration::from_secs(60),
+        connect_timeout: Duration::from_secs(2),
+        io_timeout: Duration::from_secs(2),
+    };
+    let second = Router::start(cfg, Box::new(|| {})).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || second.state().is_fenced()));
+    assert!(block_on(second.claim("x", 0, 1)).is_err(), "a fenced node claims nothing");
+}
