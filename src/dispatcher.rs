@@ -1,0 +1,183 @@
+//! The dispatcher: `GET /v1/dispatch?uid=&device=&platform=&net=` tells a
+//! client where to connect (HttpDNS-like).
+//!
+//! Endpoints are ordered by rendezvous hashing of the uid over the healthy,
+//! non-draining nodes: the same user lands on the same node while the node
+//! set is stable, and when a node leaves only its users move. Several
+//! endpoints come back so the client can drift when one fails. The reply
+//! also carries a connect token bound to the uid and device of the request,
+//! and the heartbeat bounds.
+
+use std::sync::Arc;
+
+use serde_json::json;
+
+use crate::http::{Request, Response};
+use crate::ids::stable_hash;
+use crate::router::NodeInfo;
+use crate::token::Keyring;
+
+/// Where the dispatcher learns the node set.
+pub trait NodeSource: Send + Sync {
+    fn nodes(&self) -> Vec<NodeInfo>;
+}
+
+/// A fixed node list (embedded mode: this node only).
+pub struct StaticNodes(pub Vec<NodeInfo>);
+
+impl NodeSource for StaticNodes {
+    fn nodes(&self) -> Vec<NodeInfo> {
+        self.0.clone()
+    }
+}
+
+/// Dispatcher settings.
+#[derive(Clone, Debug)]
+pub struct DispatchConfig {
+    /// Endpoints per reply (the first is preferred, the rest for drift).
+    pub endpoints: usize,
+    pub token_ttl_secs: u64,
+    pub heartbeat_min_ms: u32,
+    pub heartbeat_default_ms: u32,
+    pub heartbeat_max_ms: u32,
+}
+
+pub struct Dispatcher {
+    cfg: DispatchConfig,
+    keyring: Keyring,
+    nodes: Arc<dyn NodeSource>,
+}
+
+/// Longest uid or device accepted.
+const MAX_ID: usize = 255;
+
+/// Nodes for `uid`, best first: highest rendezvous score among the healthy,
+/// non-draining nodes.
+pub fn rank(uid: &str, nodes: &[NodeInfo], k: usize) -> Vec<NodeInfo> {
+    let mut scored: Vec<(u64, &NodeInfo)> = nodes
+        .iter()
+        .filter(|n| !n.draining && !n.client_endpoint.is_empty())
+        .map(|n| (stable_hash(&format!("{}\u{0}{uid}", n.name)), n))
+        .collect();
+    scored.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.name.cmp(&b.1.name)));
+    scored.into_iter().take(k).map(|(_, n)| n.clone()).collect()
+}
+
+impl Dispatcher {
+    pub fn new(cfg: DispatchConfig, keyring: Keyring, nodes: Arc<dyn NodeSource>) -> Dispatcher {
+        Dispatcher { cfg, keyring, nodes }
+    }
+
+    /// Answers `GET /v1/dispatch`; other paths are the caller's.
+    pub fn dispatch(&self, req: &Request, now_unix_secs: i64) -> Response {
+        if req.method != "GET" {
+            return Response::json(405, &json!({"error": "use GET"}));
+        }
+        let param = |name: &str| req.query.get(name).map(String::as_str).unwrap_or("");
+        let (uid, device) = (param("uid"), param("device"));
+        for (name, value) in [("uid", uid), ("device", device)] {
+            if value.is_empty() || value.len() > MAX_ID {
+                return Response::json(400, &json!({"error": format!("{name} must be 1 to {MAX_ID} bytes")}));
+            }
+        }
+        let nodes = rank(uid, &self.nodes.nodes(), self.cfg.endpoints.max(1));
+        if nodes.is_empty() {
+            return Response::json(503, &json!({"error": "no healthy node", "retry_after_ms": 1000}));
+        }
+        let expires_at = now_unix_secs.saturating_add(i64::try_from(self.cfg.token_ttl_secs).unwrap_or(i64::MAX));
+        let token = self.keyring.mint(uid, device, param("app"), now_unix_secs, expires_at);
+        Response::json(
+            200,
+            &json!({
+                "endpoints": nodes.iter().map(|n| n.client_endpoint.as_str()).collect::<Vec<_>>(),
+                "nodes": nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(),
+                "token": token,
+                "expires_at": expires_at,
+                "heartbeat": {
+                    "min_ms": self.cfg.heartbeat_min_ms,
+                    "default_ms": self.cfg.heartbeat_default_ms,
+                    "max_ms": self.cfg.heartbeat_max_ms,
+                },
+                "platform": param("platform"),
+                "net": param("net"),
+            }),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::token::Key;
+
+    fn node(name: &str, draining: bool) -> NodeInfo {
+        NodeInfo {
+            name: name.into(),
+            incarnation: 1,
+            client_endpoint: format!("{name}:7100"),
+            node_endpoint: format!("{name}:7102"),
+            draining,
+            lease_expires_ms: u64::MAX,
+        }
+    }
+
+    fn dispatcher(nodes: Vec<NodeInfo>) -> Dispatcher {
+        let keyring = Keyring::new(vec![Key::new("k", vec![3; 32]).unwrap()], None).unwrap();
+        let cfg = DispatchConfig {
+            endpoints: 3,
+            token_ttl_secs: 600,
+            heartbeat_min_ms: 5_000,
+            heartbeat_default_ms: 30_000,
+            heartbeat_max_ms: 270_000,
+        };
+        Dispatcher::new(cfg, keyring, Arc::new(StaticNodes(nodes)))
+    }
+
+    fn get(d: &Dispatcher, query: &str) -> (u16, serde_json::Value) {
+        let req = Request {
+            method: "GET".into(),
+            path: "/v1/dispatch".into(),
+            query: crate::http::parse_query(query),
+            body: vec![],
+        };
+        let r = d.dispatch(&req, 1_800_000_000);
+        (r.status, serde_json::from_slice(&r.body).unwrap())
+    }
+
+    #[test]
+    fn ranking_is_stable_and_only_moves_the_users_of_a_leaving_node() {
+        let nodes: Vec<NodeInfo> = (0..5).map(|i| node(&format!("n{i}"), false)).collect();
+        let before: Vec<String> = (0..1000).map(|u| rank(&format!("u{u}"), &nodes, 1)[0].name.clone()).collect();
+        let fewer: Vec<NodeInfo> = nodes.iter().filter(|n| n.name != "n2").cloned().collect();
+        let after: Vec<String> = (0..1000).map(|u| rank(&format!("u{u}"), &fewer, 1)[0].name.clone()).collect();
+        for (b, a) in before.iter().zip(&after) {
+            if b != "n2" {
+                assert_eq!(a, b, "a user of a remaining node moved");
+            }
+        }
+        let on_n2 = before.iter().filter(|b| *b == "n2").count();
+        assert!((100..300).contains(&on_n2), "uneven spread: {on_n2}");
+    }
+
+    #[test]
+    fn draining_nodes_are_skipped_and_several_endpoints_come_back() {
+        let d = dispatcher(vec![node("a", false), node("b", true), node("c", false), node("d", false)]);
+        let (status, body) = get(&d, "uid=alice&device=phone&platform=ios&net=wifi");
+        assert_eq!(status, 200);
+        let endpoints: Vec<&str> = body["endpoints"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        assert_eq!(endpoints.len(), 3);
+        assert!(!endpoints.contains(&"b:7100"));
+        assert_eq!(body["heartbeat"]["max_ms"], 270_000);
+        let token = body["token"].as_str().unwrap();
+        let claims = d.keyring.verify(token, 1_800_000_000, 0).unwrap();
+        assert_eq!((claims.user.as_str(), claims.device.as_str()), ("alice", "phone"));
+    }
+
+    #[test]
+    fn bad_requests_and_no_nodes() {
+        let d = dispatcher(vec![node("a", true)]);
+        assert_eq!(get(&d, "uid=alice").0, 400);
+        assert_eq!(get(&d, "device=x").0, 400);
+        assert_eq!(get(&d, "uid=alice&device=x").0, 503);
+    }
+}
