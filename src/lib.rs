@@ -26,6 +26,7 @@ pub mod groups;
 pub mod http;
 pub mod ids;
 pub mod mesh;
+pub mod metrics;
 pub mod outq;
 pub mod proto;
 pub mod push;
