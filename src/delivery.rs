@@ -51,10 +51,12 @@ impl RetryPolicy {
     }
 }
 
-/// One sent, unacknowledged message.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct InFlight {
+/// One sent, unacknowledged message, with what the driver needs to send
+/// it again (`T`: e.g. the encoded frame).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InFlight<T> {
     pub seq: u64,
+    pub payload: T,
     /// When it was first sent (for the learned recovery time).
     pub first_sent: Millis,
     /// Resends so far.
@@ -82,20 +84,26 @@ pub struct Due {
 }
 
 /// The reliable-delivery state of one online device.
-#[derive(Debug, Default)]
-pub struct DeviceWindow {
+#[derive(Debug)]
+pub struct DeviceWindow<T = ()> {
     /// Sent and not acknowledged, in sequence order.
-    inflight: VecDeque<InFlight>,
+    inflight: VecDeque<InFlight<T>>,
     /// Highest sequence the client acknowledged.
     acked: u64,
     /// Learned recovery time in ms, replacing `N` while set.
     learned_ms: Option<u32>,
 }
 
-impl DeviceWindow {
+impl<T> Default for DeviceWindow<T> {
+    fn default() -> Self {
+        DeviceWindow { inflight: VecDeque::new(), acked: 0, learned_ms: None }
+    }
+}
+
+impl<T> DeviceWindow<T> {
     /// A window for a client that already processed everything up to
     /// `last_seq`.
-    pub fn new(last_seq: u64) -> DeviceWindow {
+    pub fn new(last_seq: u64) -> DeviceWindow<T> {
         DeviceWindow { acked: last_seq, ..Default::default() }
     }
 
@@ -121,10 +129,19 @@ impl DeviceWindow {
     }
 
     /// Records the first send of `seq` (sequences are sent in order).
-    pub fn on_sent(&mut self, seq: u64, now: Millis, policy: &RetryPolicy) {
+    pub fn on_sent(&mut self, seq: u64, payload: T, now: Millis, policy: &RetryPolicy) {
         let first = self.learned_ms.unwrap_or(policy.base_delay_ms);
         let next_retry = now.add_ms(u64::from(policy.delay_ms(1, first)));
-        self.inflight.push_back(InFlight { seq, first_sent: now, retries: 0, next_retry });
+        self.inflight.push_back(InFlight { seq, payload, first_sent: now, retries: 0, next_retry });
+    }
+
+    /// What was sent as `seq`, while it is in flight.
+    pub fn payload(&self, seq: u64) -> Option<&T> {
+        self.inflight.iter().find(|m| m.seq == seq).map(|m| &m.payload)
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.inflight.is_empty()
     }
 
     /// A cumulative ACK: everything up to `seq` was processed.
@@ -134,11 +151,8 @@ impl DeviceWindow {
         }
         self.acked = seq;
         let mut acked = Acked::default();
-        while let Some(m) = self.inflight.front().copied() {
-            if m.seq > seq {
-                break;
-            }
-            self.inflight.pop_front();
+        while self.inflight.front().is_some_and(|m| m.seq <= seq) {
+            let Some(m) = self.inflight.pop_front() else { break };
             acked.messages += 1;
             // The newest message this ACK covers tells how the link is now.
             if m.retries == 0 {
@@ -233,8 +247,8 @@ mod tests {
     #[test]
     fn resends_follow_the_schedule_in_simulated_time_then_give_up() {
         let p = policy();
-        let mut w = DeviceWindow::new(0);
-        w.on_sent(1, Millis(0), &p);
+        let mut w: DeviceWindow = DeviceWindow::new(0);
+        w.on_sent(1, (), Millis(0), &p);
         let mut resent_at = Vec::new();
         let mut now = 0;
         let mut given_up = None;
@@ -258,9 +272,9 @@ mod tests {
     #[test]
     fn cumulative_ack_clears_the_window_and_stale_acks_are_flagged() {
         let p = policy();
-        let mut w = DeviceWindow::new(10);
+        let mut w: DeviceWindow = DeviceWindow::new(10);
         for seq in 11..=15 {
-            w.on_sent(seq, Millis(0), &p);
+            w.on_sent(seq, (), Millis(0), &p);
         }
         assert!(!w.has_room(5) && w.has_room(6));
         assert_eq!(w.on_ack(13, Millis(5), &p), Acked { messages: 3, stale: false });
@@ -273,19 +287,19 @@ mod tests {
     #[test]
     fn learned_recovery_time_replaces_n_and_resets_when_the_link_recovers() {
         let p = policy();
-        let mut w = DeviceWindow::new(0);
-        w.on_sent(1, Millis(0), &p);
+        let mut w: DeviceWindow = DeviceWindow::new(0);
+        w.on_sent(1, (), Millis(0), &p);
         assert_eq!(w.due(Millis(1_000), &p).resend, [1]);
         assert_eq!(w.due(Millis(2_000), &p).resend, [1]);
         // Acknowledged 2.5 s after the first send: the link needs ~2.5 s.
         w.on_ack(1, Millis(2_500), &p);
         assert_eq!(w.learned_ms(), Some(2_500));
-        w.on_sent(2, Millis(10_000), &p);
+        w.on_sent(2, (), Millis(10_000), &p);
         assert!(w.due(Millis(11_000), &p).resend.is_empty(), "N no longer applies");
         assert_eq!(w.due(Millis(12_500), &p).resend, [2]);
         // Acknowledged on its first send: back to N.
         w.on_ack(2, Millis(13_000), &p);
-        w.on_sent(3, Millis(20_000), &p);
+        w.on_sent(3, (), Millis(20_000), &p);
         w.on_ack(3, Millis(20_010), &p);
         assert_eq!(w.learned_ms(), None);
     }
