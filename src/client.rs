@@ -63,6 +63,9 @@ pub enum ClientEvent {
     },
     /// A message pushed by a backend.
     Message(proto::Message),
+    /// The answer to a Request, when it arrives while the application waits
+    /// for something else (see [`Connection::request`]).
+    Response(proto::Response),
 }
 
 /// Why the connection ended (or could not start).
@@ -82,6 +85,11 @@ pub enum ClientError {
     Eof,
     #[error("unexpected {0:?} frame from the server")]
     Unexpected(proto::FrameKind),
+    /// No Response to request `request_id` within the caller's wait. The
+    /// connection stays usable; a late answer arrives as
+    /// [`ClientEvent::Response`].
+    #[error("no response to request {request_id} within {waited_ms} ms")]
+    NoResponse { request_id: u64, waited_ms: u64 },
 }
 
 impl ClientError {
@@ -90,7 +98,7 @@ impl ClientError {
         match self {
             ClientError::Closed { reconnect, .. } => *reconnect,
             ClientError::Kicked { code, .. } => codes::reconnect_allowed(*code),
-            ClientError::Io(_) | ClientError::Timeout(_) | ClientError::Eof => true,
+            ClientError::Io(_) | ClientError::Timeout(_) | ClientError::Eof | ClientError::NoResponse { .. } => true,
             ClientError::Codec(_) | ClientError::Unexpected(_) => false,
         }
     }
@@ -174,6 +182,7 @@ impl ClientSession {
                 Ok(Some(ClientEvent::GoAway { endpoint: g.endpoint, reason: g.reason }))
             }
             (ClientPhase::Active, Frame::Message(m)) => Ok(Some(ClientEvent::Message(m))),
+            (ClientPhase::Active, Frame::Response(r)) => Ok(Some(ClientEvent::Response(r))),
             (_, other) => Err(ClientError::Unexpected(other.kind())),
         }
     }
@@ -230,6 +239,8 @@ pub struct Connection {
     events: VecDeque<ClientEvent>,
     epoch: Instant,
     max_frame_bytes: u32,
+    /// Id for the next Request this connection sends.
+    next_request_id: u64,
 }
 
 impl Connection {
@@ -270,6 +281,7 @@ impl Connection {
             events: VecDeque::new(),
             epoch,
             max_frame_bytes: codec::DEFAULT_MAX_BODY,
+            next_request_id: 1,
         };
         conn.send(&auth).await?;
         match conn.next_event().await? {
@@ -277,6 +289,7 @@ impl Connection {
             other => Err(ClientError::Unexpected(match other {
                 ClientEvent::Pong { .. } => proto::FrameKind::Pong,
                 ClientEvent::Message(_) => proto::FrameKind::Message,
+                ClientEvent::Response(_) => proto::FrameKind::Response,
                 _ => proto::FrameKind::GoAway,
             })),
         }
@@ -296,10 +309,70 @@ impl Connection {
 
     /// Sends one frame.
     pub async fn send(&mut self, frame: &Frame) -> Result<(), ClientError> {
+        self.send_with_flags(frame, Flags::default()).await
+    }
+
+    /// Sends one frame with header flags (e.g. [`Flags::RETRANSMISSION`]).
+    pub async fn send_with_flags(&mut self, frame: &Frame, flags: Flags) -> Result<(), ClientError> {
         self.wbuf.clear();
-        frame.encode_into(&mut self.wbuf, Flags::default());
+        frame.encode_into(&mut self.wbuf, flags);
         self.stream.write_all(&self.wbuf).await?;
         Ok(())
+    }
+
+    /// A fresh request id for [`Connection::send_request`].
+    pub fn next_request_id(&mut self) -> u64 {
+        let id = self.next_request_id;
+        self.next_request_id += 1;
+        id
+    }
+
+    /// Sends a request to service `service` and waits up to `timeout` for
+    /// its Response. Events that arrive meanwhile (messages, other
+    /// responses) are kept for [`Connection::next_event`]. A Response with a
+    /// non-OK `status` (BUSY, TIMEOUT, ...) is returned as `Ok`: the node
+    /// answered and the connection is fine.
+    pub async fn request(
+        &mut self,
+        service: &str,
+        body: bytes::Bytes,
+        timeout: Duration,
+    ) -> Result<proto::Response, ClientError> {
+        let request_id = self.next_request_id();
+        let req = proto::Request { service_id: service.into(), request_id, client_msg_id: 0, body };
+        self.send_request(&req, false).await?;
+        self.wait_response(request_id, timeout).await
+    }
+
+    /// Sends `req` as is (pipelining: send several, then wait for each).
+    /// Give a retry the first attempt's `client_msg_id` and set
+    /// `retransmission`: the node answers it from its dedup window instead of
+    /// forwarding it again.
+    pub async fn send_request(&mut self, req: &proto::Request, retransmission: bool) -> Result<(), ClientError> {
+        let flags = if retransmission { Flags::RETRANSMISSION } else { Flags::default() };
+        self.send_with_flags(&Frame::Request(req.clone()), flags).await
+    }
+
+    /// Waits up to `timeout` for the Response to `request_id`, keeping other
+    /// events for [`Connection::next_event`].
+    pub async fn wait_response(&mut self, request_id: u64, timeout: Duration) -> Result<proto::Response, ClientError> {
+        let is_it = |ev: &ClientEvent| matches!(ev, ClientEvent::Response(r) if r.request_id == request_id);
+        if let Some(pos) = self.events.iter().position(is_it)
+            && let Some(ClientEvent::Response(r)) = self.events.remove(pos)
+        {
+            return Ok(r);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.read_event(Some(deadline)).await? {
+                None => {
+                    let waited_ms = timeout.as_millis() as u64;
+                    return Err(ClientError::NoResponse { request_id, waited_ms });
+                }
+                Some(ClientEvent::Response(r)) if r.request_id == request_id => return Ok(r),
+                Some(other) => self.events.push_back(other),
+            }
+        }
     }
 
     /// Writes raw bytes (tests use this to send malformed input).
@@ -327,17 +400,27 @@ impl Connection {
     /// Waits for the next event, sending heartbeats as they fall due.
     /// Returns the error that ended the session.
     pub async fn next_event(&mut self) -> Result<ClientEvent, ClientError> {
+        if let Some(ev) = self.events.pop_front() {
+            return Ok(ev);
+        }
         loop {
-            if let Some(ev) = self.events.pop_front() {
+            if let Some(ev) = self.read_event(None).await? {
                 return Ok(ev);
             }
+        }
+    }
+
+    /// Reads frames until one makes an event, sending heartbeats as they
+    /// fall due; `None` once `deadline` passes.
+    async fn read_event(&mut self, deadline: Option<Instant>) -> Result<Option<ClientEvent>, ClientError> {
+        loop {
             if let Some((header, body)) = codec::split_frame(&self.rbuf, self.max_frame_bytes)? {
                 let len = header.frame_len();
                 let frame = Frame::decode(header, body)?;
                 let _ = self.rbuf.split_to(len);
                 let now = self.now();
                 if let Some(ev) = self.session.handle_frame(now, frame)? {
-                    self.events.push_back(ev);
+                    return Ok(Some(ev));
                 }
                 continue;
             }
@@ -349,7 +432,14 @@ impl Connection {
                 }
                 continue;
             }
-            let wait = Duration::from_millis(wake.0 - now.0);
+            let mut wait = Duration::from_millis(wake.0 - now.0);
+            if let Some(deadline) = deadline {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Ok(None);
+                }
+                wait = wait.min(left);
+            }
             let mut chunk = [0u8; 4096];
             let read = futures_lite::future::or(async { Some(self.stream.read(&mut chunk).await) }, async {
                 glommio::timer::sleep(wait).await;

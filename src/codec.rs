@@ -139,6 +139,23 @@ pub fn encode_into<M: prost::Message>(dst: &mut BytesMut, kind: FrameKind, flags
     body.encode_raw(dst);
 }
 
+/// Appends one frame whose body `write` puts into `dst` by hand; it must
+/// write exactly `body_len` bytes (hot paths that splice pre-encoded parts).
+pub fn encode_with(
+    dst: &mut BytesMut,
+    kind: FrameKind,
+    flags: Flags,
+    body_len: usize,
+    write: impl FnOnce(&mut BytesMut),
+) {
+    dst.reserve(HEADER_LEN + body_len);
+    put_header(dst, kind, flags, body_len);
+    let start = dst.len();
+    write(dst);
+    // A mismatch would desynchronise the peer's framing: a bug, not input.
+    assert_eq!(dst.len() - start, body_len, "hand-encoded {kind:?} body length");
+}
+
 /// Encodes one frame into its own buffer, ready to be shared by many writers.
 pub fn encode<M: prost::Message>(kind: FrameKind, flags: Flags, body: &M) -> Bytes {
     let mut dst = BytesMut::with_capacity(HEADER_LEN + body.encoded_len());
@@ -217,6 +234,12 @@ frames! {
         PresenceReply(proto::PresenceReply),
         AdminReply(proto::AdminReply),
         RequestError(proto::RequestError),
+        Request(proto::Request),
+        Response(proto::Response),
+        UpstreamRequest(proto::UpstreamRequest),
+        UpstreamResponse(proto::UpstreamResponse),
+        ConnectionEvents(proto::ConnectionEvents),
+        EventsAck(proto::EventsAck),
     }
     empty { Ping, Pong }
 }
@@ -285,7 +308,57 @@ mod tests {
             Frame::PresenceReply(proto::PresenceReply { request_id: 1, connections_total: 3, ..Default::default() }),
             Frame::AdminReply(proto::AdminReply { request_id: 1, ..Default::default() }),
             Frame::RequestError(proto::RequestError { request_id: 1, code: 2000, reason: "x".into() }),
+            Frame::Request(proto::Request {
+                service_id: "chat".into(),
+                request_id: 3,
+                client_msg_id: 77,
+                body: Bytes::from_static(b"q"),
+            }),
+            Frame::Response(proto::Response {
+                request_id: 3,
+                status: proto::ErrorCode::Busy as i32,
+                body: Bytes::from_static(b"a"),
+                reason: "r".into(),
+            }),
+            Frame::UpstreamRequest(proto::UpstreamRequest {
+                id: 9,
+                service_id: "chat".into(),
+                conn: Some(conn_info()),
+                client_msg_id: 77,
+                body: Bytes::from_static(b"q"),
+                timeout_ms: 5000,
+            }),
+            Frame::UpstreamResponse(proto::UpstreamResponse {
+                id: 9,
+                status: 0,
+                body: Bytes::from_static(b"a"),
+                reason: String::new(),
+            }),
+            Frame::ConnectionEvents(proto::ConnectionEvents {
+                batch_id: 4,
+                service_id: "chat".into(),
+                events: vec![proto::ConnectionEvent {
+                    kind: proto::ConnectionEventKind::Online as i32,
+                    conn: Some(conn_info()),
+                    at_ms: 1,
+                    code: 0,
+                }],
+            }),
+            Frame::EventsAck(proto::EventsAck { batch_id: 4 }),
         ]
+    }
+
+    fn conn_info() -> proto::ConnInfo {
+        proto::ConnInfo {
+            user: "u".into(),
+            device: "d".into(),
+            app: "a".into(),
+            platform: "ios".into(),
+            client_version: "1".into(),
+            conn_id: 5,
+            node: "n".into(),
+            client_addr: "127.0.0.1:5".into(),
+        }
     }
 
     #[test]

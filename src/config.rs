@@ -80,6 +80,9 @@ config_struct! {
         pub auth: AuthConfig = AuthConfig::default(),
         /// The push port: backends, fan-out and broadcast limits.
         pub push: PushConfig = PushConfig::default(),
+        /// Upstream: client requests forwarded to service backends,
+        /// connection events, dedup of retries, per-connection rate limit.
+        pub upstream: UpstreamConfig = UpstreamConfig::default(),
     }
 }
 
@@ -169,6 +172,102 @@ config_struct! {
         /// Broadcast deliveries per second for the whole node, shared evenly
         /// by its shards. Default: 200000.
         pub broadcast_rate_per_sec: u32 = 200_000,
+    }
+}
+
+config_struct! {
+    /// `[upstream]`: client requests to service backends. Every shard keeps
+    /// its own persistent, pipelined connections to every backend, and its
+    /// own in-flight budget per service, so a slow service cannot hold up
+    /// another.
+    pub struct UpstreamConfig {
+        /// How long a connection attempt to a backend may take, in ms. The
+        /// node starts serving once every backend was tried once. Default:
+        /// 1000. Allowed: 10 to 60000.
+        pub connect_timeout_ms: u64 = 1_000,
+        /// First wait before reconnecting to a backend that is down, in ms;
+        /// doubles per failure up to reconnect_backoff_max_ms. Default: 100.
+        pub reconnect_backoff_min_ms: u64 = 100,
+        /// Longest wait between reconnect attempts, in ms. Default: 5000.
+        pub reconnect_backoff_max_ms: u64 = 5_000,
+        /// A retry with the same (device, client_msg_id) within this many ms
+        /// of the first attempt gets the first answer instead of being
+        /// forwarded again. Default: 120000 (2 min). Allowed: 0 (off) to
+        /// 3600000.
+        pub dedup_window_ms: u64 = 120_000,
+        /// Answers kept for dedup per shard; the oldest is evicted (and
+        /// counted) beyond it. Default: 100000.
+        pub dedup_max_entries_per_shard: u32 = 100_000,
+        /// Bytes of answers kept for dedup per shard (bodies, reasons, device
+        /// ids); the oldest are evicted beyond it. Default: 67108864 (64 MiB).
+        pub dedup_max_bytes_per_shard: u64 = 64 * 1024 * 1024,
+        /// Requests per second one connection may send (token bucket); a
+        /// connection over it is paused (the node stops reading it). 0 turns
+        /// the limit off. Default: 200.
+        pub rate_limit_per_sec: u32 = 200,
+        /// Requests a connection may send in a burst above the rate.
+        /// Default: 400. Minimum: 1.
+        pub rate_limit_burst: u32 = 400,
+        /// A connection paused for this many ms in total within
+        /// rate_limit_window_ms is closed with RATE_LIMITED. Default: 10000.
+        pub rate_limit_close_after_paused_ms: u64 = 10_000,
+        /// The window over which paused time adds up, in ms. Default: 60000.
+        pub rate_limit_window_ms: u64 = 60_000,
+        /// Connection events sent to a backend in one batch. Default: 512.
+        /// Allowed: 1 to 65536.
+        pub events_batch_max: u32 = 512,
+        /// Connection events queued per subscribed service per shard while
+        /// its backends are slow or down; beyond it the oldest are dropped
+        /// (and counted). Default: 50000.
+        pub events_queue_max: u32 = 50_000,
+        /// The services. Default: none; a Request to a service that is not
+        /// listed gets a Response with status UNAVAILABLE. To add one, replace
+        /// `services = []` with one table per service:
+        ///   [[upstream.services]]
+        ///   id = "chat"                      # Request.service_id, 1-255 bytes
+        ///   backends = ["10.0.0.5:7200", "chat-2.internal:7200"]
+        ///   timeout_ms = 5000                # then the client gets TIMEOUT
+        ///   max_inflight_per_shard = 1024    # then the client gets BUSY
+        ///   pool_size = 2                    # connections per backend per shard
+        ///   subscribe_events = false         # online/offline/replaced events
+        pub services: Vec<ServiceConfig> = Vec::new(),
+    }
+}
+
+/// One `[[upstream.services]]` entry (documented in `upstream.services`,
+/// so not through `config_struct!`, whose doc table only serves sections).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// The id clients put in Request.service_id. Required.
+    pub id: String,
+    /// Backend addresses, "host:port" (resolved at start). Requests are
+    /// spread over the backends that are up. Required.
+    pub backends: Vec<String>,
+    /// Time a backend has to answer, in ms. Default: 5000. Allowed: 1 to
+    /// 600000.
+    pub timeout_ms: u32,
+    /// Requests of this service in flight per shard; more get BUSY at once.
+    /// Default: 1024. Allowed: 1 to 1048576.
+    pub max_inflight_per_shard: u32,
+    /// Connections from each shard to each backend (requests are pipelined
+    /// on them). Default: 1. Allowed: 1 to 64.
+    pub pool_size: u32,
+    /// Send this service's backends online/offline/replaced events.
+    /// Default: false.
+    pub subscribe_events: bool,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            id: String::new(),
+            backends: Vec::new(),
+            timeout_ms: 5_000,
+            max_inflight_per_shard: 1_024,
+            pool_size: 1,
+            subscribe_events: false,
+        }
     }
 }
 
@@ -327,6 +426,7 @@ impl Config {
         check_range("push.max_request_bytes", self.push.max_request_bytes, 1024, 64 << 20, "")?;
         check_range("push.broadcast_rate_per_sec", self.push.broadcast_rate_per_sec, 1, u32::MAX, "")?;
         check_range("server.shards", self.server.shards, 0, 64, " (the user directory keeps a 64-bit shard set)")?;
+        self.upstream.validate()?;
         check_range("auth.clock_leeway_secs", self.auth.clock_leeway_secs, 0, MAX_CLOCK_LEEWAY_SECS, "")?;
         check_range(
             "auth.default_token_ttl_secs",
@@ -471,6 +571,97 @@ impl SessionConfig {
     }
 }
 
+const MAX_SERVICE_TIMEOUT_MS: u32 = 600_000;
+const MAX_DEDUP_WINDOW_MS: u64 = 3_600_000;
+
+impl UpstreamConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        check_range("upstream.connect_timeout_ms", self.connect_timeout_ms, 10, 60_000, "")?;
+        check_range("upstream.reconnect_backoff_min_ms", self.reconnect_backoff_min_ms, 1, 60_000, "")?;
+        check_range(
+            "upstream.reconnect_backoff_max_ms",
+            self.reconnect_backoff_max_ms,
+            self.reconnect_backoff_min_ms,
+            3_600_000,
+            " (upstream.reconnect_backoff_min_ms..=1 h)",
+        )?;
+        check_range("upstream.dedup_window_ms", self.dedup_window_ms, 0, MAX_DEDUP_WINDOW_MS, "")?;
+        check_min("upstream.dedup_max_entries_per_shard", self.dedup_max_entries_per_shard, 1, "")?;
+        check_min("upstream.dedup_max_bytes_per_shard", self.dedup_max_bytes_per_shard, 1024, "")?;
+        check_min("upstream.rate_limit_burst", self.rate_limit_burst, 1, "")?;
+        check_range("upstream.rate_limit_window_ms", self.rate_limit_window_ms, 100, 86_400_000, "")?;
+        check_range(
+            "upstream.rate_limit_close_after_paused_ms",
+            self.rate_limit_close_after_paused_ms,
+            1,
+            self.rate_limit_window_ms,
+            " (at most upstream.rate_limit_window_ms)",
+        )?;
+        check_range("upstream.events_batch_max", self.events_batch_max, 1, 65_536, "")?;
+        check_min("upstream.events_queue_max", self.events_queue_max, self.events_batch_max, " (events_batch_max)")?;
+        let mut ids = std::collections::HashSet::new();
+        for (i, service) in self.services.iter().enumerate() {
+            let n = i + 1;
+            if service.id.is_empty() || service.id.len() > crate::shard::MAX_ID_BYTES {
+                return Err(invalid(
+                    "upstream.services.id",
+                    format!("service #{n}: id {:?} must be 1 to 255 bytes", service.id),
+                ));
+            }
+            if !ids.insert(service.id.as_str()) {
+                return Err(invalid(
+                    "upstream.services.id",
+                    format!("service #{n}: id {:?} is listed twice", service.id),
+                ));
+            }
+            let id = &service.id;
+            if service.backends.is_empty() {
+                return Err(invalid(
+                    "upstream.services.backends",
+                    format!("service {id:?} lists no backends; give at least one \"host:port\""),
+                ));
+            }
+            for backend in &service.backends {
+                if !is_host_port(backend) {
+                    return Err(invalid(
+                        "upstream.services.backends",
+                        format!("service {id:?}: {backend:?} is not \"host:port\" (e.g. \"10.0.0.5:7200\")"),
+                    ));
+                }
+            }
+            let in_service = |field: &'static str, value: u32, min: u32, max: u32| {
+                if value < min || value > max {
+                    return Err(invalid(
+                        field,
+                        format!("service {id:?}: {value} is outside the allowed range {min}..={max}"),
+                    ));
+                }
+                Ok(())
+            };
+            in_service("upstream.services.timeout_ms", service.timeout_ms, 1, MAX_SERVICE_TIMEOUT_MS)?;
+            in_service("upstream.services.max_inflight_per_shard", service.max_inflight_per_shard, 1, 1 << 20)?;
+            in_service("upstream.services.pool_size", service.pool_size, 1, 64)?;
+        }
+        Ok(())
+    }
+}
+
+/// `host:port` with a non-empty host and a numeric port (IPv6 in brackets).
+fn is_host_port(text: &str) -> bool {
+    if text.parse::<SocketAddr>().is_ok() {
+        return true;
+    }
+    match text.rsplit_once(':') {
+        Some((host, port)) => {
+            !host.is_empty()
+                && !host.contains(':')
+                && !host.contains(char::is_whitespace)
+                && port.parse::<u16>().is_ok()
+        }
+        None => false,
+    }
+}
+
 impl AuthConfig {
     /// The ring built from `keys`, or `None` when none are configured.
     fn configured_keyring(&self) -> Result<Option<Keyring>, ConfigError> {
@@ -520,6 +711,7 @@ fn section_fields(name: &str) -> &'static [FieldDoc] {
         "session" => SessionConfig::FIELDS,
         "auth" => AuthConfig::FIELDS,
         "push" => PushConfig::FIELDS,
+        "upstream" => UpstreamConfig::FIELDS,
         // A new section must be listed here; the round-trip test fails
         // until it is.
         _ => &[],
@@ -599,11 +791,12 @@ mod tests {
             let doc: Vec<&str> = lines[..i].iter().rev().take_while(|l| l.starts_with('#')).copied().collect();
             assert!(doc.iter().any(|l| l.contains("Default")), "`{line}` lacks a doc comment with its default");
         }
-        let expected = Config::FIELDS.len() - 4
+        let expected = Config::FIELDS.len() - 5
             + ServerConfig::FIELDS.len()
             + SessionConfig::FIELDS.len()
             + AuthConfig::FIELDS.len()
-            + PushConfig::FIELDS.len();
+            + PushConfig::FIELDS.len()
+            + UpstreamConfig::FIELDS.len();
         assert_eq!(fields, expected);
     }
 
@@ -674,6 +867,37 @@ mod tests {
                 &format!("[auth]\nsigning_key = \"k2\"\n[[auth.keys]]\nid = \"k1\"\nsecret_hex = \"{HEX_A}\""),
                 "auth.signing_key",
             ),
+            ("[upstream]\nconnect_timeout_ms = 5", "upstream.connect_timeout_ms"),
+            (
+                "[upstream]\nreconnect_backoff_min_ms = 500\nreconnect_backoff_max_ms = 100",
+                "upstream.reconnect_backoff_max_ms",
+            ),
+            ("[upstream]\ndedup_window_ms = 3600001", "upstream.dedup_window_ms"),
+            ("[upstream]\ndedup_max_entries_per_shard = 0", "upstream.dedup_max_entries_per_shard"),
+            ("[upstream]\nrate_limit_burst = 0", "upstream.rate_limit_burst"),
+            ("[upstream]\nrate_limit_close_after_paused_ms = 70000", "upstream.rate_limit_close_after_paused_ms"),
+            ("[upstream]\nevents_batch_max = 0", "upstream.events_batch_max"),
+            ("[upstream]\nevents_batch_max = 10\nevents_queue_max = 5", "upstream.events_queue_max"),
+            ("[[upstream.services]]\nbackends = [\"127.0.0.1:1\"]", "upstream.services.id"),
+            (
+                "[[upstream.services]]\nid = \"a\"\nbackends = [\"h:1\"]\n[[upstream.services]]\nid = \"a\"\nbackends = [\"h:2\"]",
+                "upstream.services.id",
+            ),
+            ("[[upstream.services]]\nid = \"chat\"", "upstream.services.backends"),
+            ("[[upstream.services]]\nid = \"chat\"\nbackends = [\"nohost\"]", "upstream.services.backends"),
+            ("[[upstream.services]]\nid = \"chat\"\nbackends = [\"h:99999\"]", "upstream.services.backends"),
+            (
+                "[[upstream.services]]\nid = \"chat\"\nbackends = [\"h:1\"]\ntimeout_ms = 0",
+                "upstream.services.timeout_ms",
+            ),
+            (
+                "[[upstream.services]]\nid = \"chat\"\nbackends = [\"h:1\"]\nmax_inflight_per_shard = 0",
+                "upstream.services.max_inflight_per_shard",
+            ),
+            (
+                "[[upstream.services]]\nid = \"chat\"\nbackends = [\"h:1\"]\npool_size = 65",
+                "upstream.services.pool_size",
+            ),
         ];
         for (text, field) in cases {
             let (got, message) = invalid_field(text);
@@ -686,6 +910,21 @@ mod tests {
         // A secret never appears in an error.
         let (_, message) = invalid_field("[[auth.keys]]\nid = \"k1\"\nsecret_hex = \"0011\"");
         assert!(!message.contains("0011"), "{message}");
+    }
+
+    #[test]
+    fn services_parse_with_defaults_and_round_trip() {
+        let text = "[upstream]\nrate_limit_per_sec = 0\n\
+                    [[upstream.services]]\nid = \"chat\"\nbackends = [\"127.0.0.1:7200\", \"chat-2.internal:7200\", \"[::1]:7200\"]\n\
+                    [[upstream.services]]\nid = \"live\"\nbackends = [\"10.0.0.1:9\"]\ntimeout_ms = 50\nsubscribe_events = true\n";
+        let config = Config::from_toml_str(text).unwrap();
+        assert_eq!(config.upstream.rate_limit_per_sec, 0);
+        let chat = &config.upstream.services[0];
+        assert_eq!((chat.timeout_ms, chat.max_inflight_per_shard, chat.pool_size), (5_000, 1_024, 1));
+        assert!(!chat.subscribe_events && config.upstream.services[1].subscribe_events);
+        // Serialized (as the bench and tests do) and read back.
+        let again = Config::from_toml_str(&toml::to_string(&config).unwrap()).unwrap();
+        assert_eq!(again, config);
     }
 
     #[test]

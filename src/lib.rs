@@ -14,6 +14,9 @@
 //! - [`server`]: starts the shards and wires the mesh between them.
 //! - [`client`]: client session state machine and its glommio driver.
 //! - [`backend`]: blocking client for the push port (backends, CLI, bench).
+//! - [`upstream`]: client requests forwarded to service backends, connection
+//!   events, dedup of retries, per-connection rate limit.
+//! - [`echo`]: an example service backend (tests, bench, README).
 
 pub mod backend;
 pub mod client;
@@ -22,6 +25,7 @@ pub mod codes;
 pub mod config;
 pub mod delivery;
 pub mod dispatcher;
+pub mod echo;
 pub mod groups;
 pub mod http;
 pub mod ids;
@@ -39,4 +43,5 @@ pub mod shard;
 pub mod store;
 pub mod store_redis;
 pub mod token;
+pub mod upstream;
 pub mod wheel;

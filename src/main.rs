@@ -88,6 +88,31 @@ enum Command {
     /// Ask a node which devices, users and groups are online, and how many
     /// connections each shard holds; prints JSON lines.
     Online(OnlineArgs),
+    /// Connect as a client, send one upstream request to a service and print
+    /// the Response as a JSON line (exit status 1 unless its status is OK).
+    Request {
+        /// host:port of a node's client port.
+        #[arg(long)]
+        server: SocketAddr,
+        #[arg(long)]
+        token: String,
+        /// Service id (one of the node's `[[upstream.services]]`).
+        #[arg(long)]
+        service: String,
+        /// How long to wait for the Response, in ms.
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+        /// The request body; its UTF-8 bytes are sent.
+        body: String,
+    },
+    /// Run the example service backend: answers every upstream request with
+    /// its body and logs connection events. Prints `listening ADDR`, then
+    /// runs until SIGINT/SIGTERM and prints its counts as one JSON line.
+    EchoBackend {
+        /// Address to listen on (port 0 picks one).
+        #[arg(long, default_value = "127.0.0.1:7200")]
+        listen: SocketAddr,
+    },
 }
 
 /// Where the push-port commands connect.
@@ -247,7 +272,74 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             presence_lines(&reply).into_iter().for_each(emit);
             Ok(())
         }),
+        Command::Request { server, token, service, timeout_ms, body } => {
+            run_request(server, token, service, Duration::from_millis(timeout_ms), body)
+        }
+        Command::EchoBackend { listen } => echo_backend(listen),
     }
+}
+
+fn run_request(
+    server: SocketAddr,
+    token: String,
+    service: String,
+    timeout: Duration,
+    body: String,
+) -> anyhow::Result<ExitCode> {
+    let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .io_memory(64 * 1024)
+        .make()
+        .map_err(|e| anyhow::anyhow!("starting the client executor: {e}"))?;
+    ex.run(async move {
+        let answer = match Connection::connect(server, ClientOptions::new(token)).await {
+            Ok((mut conn, _)) => {
+                let answer = conn.request(&service, bytes::Bytes::from(body), timeout).await;
+                conn.close().await;
+                answer
+            }
+            Err(err) => Err(err),
+        };
+        match answer {
+            Ok(r) => {
+                emit(response_json(&r));
+                Ok(if r.status == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            }
+            Err(err) => {
+                emit(close_event(&err));
+                Ok(ExitCode::from(1))
+            }
+        }
+    })
+}
+
+fn response_json(r: &proto::Response) -> serde_json::Value {
+    json!({
+        "event": "response",
+        "request_id": r.request_id,
+        "status": if r.status == 0 { "OK" } else { codes::from_wire(r.status).as_str_name() },
+        "body": String::from_utf8_lossy(&r.body),
+        "reason": non_empty(&r.reason),
+    })
+}
+
+fn echo_backend(listen: SocketAddr) -> anyhow::Result<ExitCode> {
+    let backend = longlink::echo::EchoBackend::start(listen).with_context(|| format!("listening on {listen}"))?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
+    }
+    println!("listening {}", backend.addr());
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let stats = backend.stats();
+    emit(json!({
+        "requests": stats.requests,
+        "events": stats.events.len(),
+        "event_batches": stats.event_batches,
+        "connections": stats.connections,
+    }));
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Connects to the push port, runs `call`, and turns a connection or
@@ -419,6 +511,7 @@ fn run_client(server: SocketAddr, token: String, platform: String, heartbeat_ms:
                             "service_id": m.service_id,
                             "payload": String::from_utf8_lossy(&m.payload),
                         })),
+                        Ok(ClientEvent::Response(r)) => emit(response_json(&r)),
                         Ok(ClientEvent::Connected(_)) => {}
                         Err(err) => break err,
                     }
@@ -563,6 +656,27 @@ mod tests {
         assert_eq!(lines[2]["devices"][0]["client_version"], "1.0");
         assert_eq!(lines[3], json!({"group": "g", "online": 3}));
         assert_eq!(lines[4], json!({"connections_total": 3, "connections_per_shard": [1, 2]}));
+    }
+
+    #[test]
+    fn request_and_echo_backend_arguments() {
+        let Command::Request { service, body, timeout_ms, .. } =
+            parse(&["request", "--server", "127.0.0.1:7100", "--token", "t", "--service", "chat", "hi"])
+                .unwrap()
+                .command
+        else {
+            panic!("not request")
+        };
+        assert_eq!((service.as_str(), body.as_str(), timeout_ms), ("chat", "hi", 10_000));
+        let Command::EchoBackend { listen } = parse(&["echo-backend", "--listen", "127.0.0.1:0"]).unwrap().command
+        else {
+            panic!("not echo-backend")
+        };
+        assert_eq!(listen.port(), 0);
+        let ok = proto::Response { request_id: 1, body: "x".into(), ..Default::default() };
+        assert_eq!(response_json(&ok)["status"], "OK");
+        let busy = proto::Response { status: ErrorCode::Busy as i32, reason: "r".into(), ..Default::default() };
+        assert_eq!(response_json(&busy)["status"], "BUSY");
     }
 
     #[test]

@@ -76,6 +76,22 @@ impl OutQueue {
         Ok(true)
     }
 
+    /// Writes as much as the socket takes now, outside the owner's task:
+    /// `Ok(true)` when the queue is empty, `Ok(false)` when the socket is
+    /// full (the owner's task must then [`OutQueue::flush`] to arm write
+    /// readiness).
+    pub fn write_now(&mut self, fd: RawFd) -> io::Result<bool> {
+        while !self.frames.is_empty() {
+            match self.writev(fd) {
+                Ok(n) => self.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
     fn writev(&self, fd: RawFd) -> io::Result<usize> {
         let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOVECS];
         let mut n = 0;

@@ -18,6 +18,7 @@ use crate::ids::ShardId;
 use crate::mesh::{Outbox, ShardMsg};
 use crate::session::Params;
 use crate::shard::{MAX_ID_BYTES, PushLimits, Shard, ShardConfig, ShardCounters};
+use crate::upstream::{UpstreamError, UpstreamSettings};
 
 /// Messages queued per mesh channel (power of two; small ones are slow).
 const MESH_CAPACITY: usize = 1024;
@@ -28,6 +29,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum ServerError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error("cannot start executors: {0}")]
@@ -55,6 +58,7 @@ impl Server {
         let server = &config.server;
         let session = &config.session;
 
+        let upstream = UpstreamSettings::resolve(&config.upstream)?;
         let (client_addr, listeners) = bind_reuseport(server.client_listen, shards, server.listen_backlog)?;
         let (push_addr, push_listeners) = bind_reuseport(server.push_listen, shards, server.listen_backlog)?;
         let shard_cfg = ShardConfig {
@@ -84,6 +88,7 @@ impl Server {
             max_connections: server.max_connections_per_shard,
             accept_rate_per_sec: server.accept_rate_per_sec,
             node: config.node_name(),
+            upstream,
         };
         let stop = Arc::new(AtomicBool::new(false));
         let counters: Vec<Arc<ShardCounters>> = (0..shards).map(|_| Arc::default()).collect();
@@ -151,6 +156,8 @@ impl Server {
                         glommio::spawn_local(Rc::clone(&shard).accept_loop(listener)).detach();
                         glommio::spawn_local(Rc::clone(&shard).push_accept_loop(push_listener)).detach();
                         glommio::spawn_local(Rc::clone(&shard).pacer_loop()).detach();
+                        // Ready once every service backend was tried once.
+                        shard.start_upstream().await;
                         let _ = ready_tx.send(Ok(id));
                         shard.timer_loop(stop, grace).await;
                     }

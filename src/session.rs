@@ -108,6 +108,9 @@ pub enum Action {
     Join(String),
     /// The client asks to leave a group.
     Leave(String),
+    /// An upstream request for a service's backend (the shard forwards it
+    /// and queues the `Response`).
+    Request(proto::Request),
 }
 
 /// Per-connection protocol state. See the module docs.
@@ -136,6 +139,13 @@ impl Session {
 
     pub fn idle_timeout_ms(&self) -> u32 {
         self.idle_timeout_ms
+    }
+
+    /// Whether `activate` ran (AuthOk was sent), even if the session is
+    /// closing now. The idle timeout is set there and is never 0 (the
+    /// heartbeat and the factor are both at least 1).
+    pub fn was_activated(&self) -> bool {
+        self.idle_timeout_ms != 0
     }
 
     /// Whether input should still be decoded and fed in.
@@ -176,6 +186,21 @@ impl Session {
             (Phase::Active, Frame::Leave(m)) => {
                 self.touch(now.mono);
                 out.push(Action::Leave(m.group));
+            }
+            (Phase::Active, Frame::Request(r))
+                if r.service_id.is_empty() || r.service_id.len() > params.max_id_bytes =>
+            {
+                self.fail(
+                    now,
+                    ErrorCode::BadFrame,
+                    format!("Request.service_id must be 1 to {} bytes", params.max_id_bytes),
+                    params,
+                    out,
+                )
+            }
+            (Phase::Active, Frame::Request(r)) => {
+                self.touch(now.mono);
+                out.push(Action::Request(r));
             }
             (Phase::Active, other) => self.fail(
                 now,
@@ -517,6 +542,28 @@ mod tests {
         assert_eq!(out, vec![Action::Join("room".into()), Action::Leave("room".into())]);
         out.clear();
         s.handle_frame(at(2), join(""), &p, &mut out);
+        assert_eq!(closed_with(&out), Some(ErrorCode::BadFrame));
+    }
+
+    #[test]
+    fn requests_become_actions_touch_the_idle_deadline_and_need_a_service() {
+        let p = params();
+        let mut s = Session::new(Millis(0), &p);
+        let login = authenticate(&p, &mut s, at(0));
+        let mut out = Vec::new();
+        assert!(!s.was_activated());
+        s.activate(at(0), &login, proto::AuthOk::default(), &p, &mut out);
+        assert!(s.was_activated());
+        out.clear();
+        let req = proto::Request { service_id: "chat".into(), request_id: 1, ..Default::default() };
+        s.handle_frame(at(50_000), Frame::Request(req.clone()), &p, &mut out);
+        assert_eq!(out, vec![Action::Request(req)]);
+        // The idle timeout (60 s) now counts from 50 s.
+        out.clear();
+        s.handle_timeout(at(100_000), &p, &mut out);
+        assert!(out.is_empty());
+        let unnamed = proto::Request { request_id: 2, ..Default::default() };
+        s.handle_frame(at(100_001), Frame::Request(unnamed), &p, &mut out);
         assert_eq!(closed_with(&out), Some(ErrorCode::BadFrame));
     }
 

@@ -42,9 +42,10 @@ use crate::groups::Groups;
 use crate::ids::{ConnId, ConnKey, ShardId, owner_shard, stable_hash};
 use crate::mesh::{Adoption, Origin, Outbox, Part, PresencePart, PresenceQuery, ShardMsg, UserAction};
 use crate::outq::{self, OutQueue};
-use crate::proto::{self, ErrorCode, FrameKind};
+use crate::proto::{self, ConnectionEventKind, ErrorCode, FrameKind};
 use crate::push::{Backend, Pending};
 use crate::session::{Action, Login, Millis, Now, Params, Phase, Session};
+use crate::upstream::{Upstream, UpstreamCounters, UpstreamSettings};
 use crate::wheel::Wheel;
 
 /// Reads handled in one poll of a connection before yielding to others.
@@ -85,6 +86,8 @@ pub struct ShardCounters {
     /// Groups with members on this shard, and sessions in any group.
     pub groups: AtomicU64,
     pub group_sessions: AtomicU64,
+    /// Requests to service backends, events, dedup, rate limit.
+    pub upstream: UpstreamCounters,
 }
 
 /// Push-port limits a shard enforces.
@@ -111,6 +114,8 @@ pub struct ShardConfig {
     pub max_groups_per_session: u32,
     pub push: PushLimits,
     pub node: String,
+    /// Services and their backends, dedup and rate-limit settings.
+    pub upstream: UpstreamSettings,
 }
 
 /// Outbound queue and input leftovers: allocated only while in use.
@@ -241,6 +246,8 @@ pub(crate) struct State {
     pub(crate) pending: HashMap<u64, Pending>,
     next_token: u64,
     next_message_id: u64,
+    /// Requests to service backends and connection events ([`crate::upstream`]).
+    pub(crate) upstream: Upstream,
 }
 
 impl State {
@@ -283,6 +290,22 @@ impl State {
     pub(crate) fn next_token(&mut self) -> u64 {
         self.next_token += 1;
         self.next_token
+    }
+
+    fn conn_ref(&self, key: ConnKey) -> Option<&Conn> {
+        self.conns.get(key.index as usize).filter(|c| c.generation == key.generation)
+    }
+
+    /// The device id of session `key` (once authenticated).
+    pub(crate) fn device_of(&self, key: ConnKey) -> Option<&str> {
+        self.conn_ref(key).and_then(Conn::device)
+    }
+
+    /// Wakes the task of connection `key` (e.g. to read again).
+    pub(crate) fn wake_conn(&self, key: ConnKey) {
+        if let Some(conn) = self.conn_ref(key) {
+            conn.wake();
+        }
     }
 }
 
@@ -361,6 +384,7 @@ impl Shard {
                 pending: HashMap::new(),
                 next_token: 0,
                 next_message_id: 0,
+                upstream: Upstream::new(cfg.upstream.clone()),
             }),
             scratch: RefCell::new(vec![0; cfg.read_buffer_bytes]),
             cfg,
@@ -513,10 +537,19 @@ impl Shard {
                     conn.waker = Some(cx.waker().clone());
                 }
                 let draining = !conn.session.wants_input();
+                let awaiting_activation = conn.session.phase() == Phase::Authenticated;
                 if stalled_now {
                     // The sweep closes the session as SLOW if the socket is
                     // still full by then.
                     st.wheel.insert(key, now.add_ms(self.cfg.write_timeout_ms));
+                }
+                // Leave the bytes in the socket while the session waits for
+                // its activation (the user directory's ack: reading now would
+                // discard frames pipelined behind Auth; the AuthOk queued at
+                // activation wakes this task), or while the rate limit pauses
+                // it (the upstream task resumes and wakes it).
+                if awaiting_activation || (!draining && st.upstream.is_paused(key)) {
+                    return Poll::Pending;
                 }
                 draining
             };
@@ -576,10 +609,14 @@ impl Shard {
             }
             conn.release_io_if_idle();
         }
+        // Hook: upstream requests (and immediate answers) of this read go
+        // out together.
+        self.flush_upstream(&mut st);
     }
 
-    /// Handles frames that arrived behind Auth and waited for activation.
-    fn resume_input(&self, st: &mut State, key: ConnKey) {
+    /// Handles frames that waited in the input leftovers: behind Auth for
+    /// activation, or behind a rate-limited Request.
+    pub(crate) fn resume_input(&self, st: &mut State, key: ConnKey) {
         let Some(partial) = st.conn(key).and_then(|c| c.io.as_mut()).map(|io| std::mem::take(&mut io.partial)) else {
             return;
         };
@@ -590,6 +627,7 @@ impl Shard {
             }
             conn.release_io_if_idle();
         }
+        self.flush_upstream(st);
     }
 
     /// Returns how many bytes of `input` were consumed.
@@ -603,9 +641,16 @@ impl Shard {
                 // Closing: discard the rest. Authenticated (hand-off): keep it.
                 break if conn.session.phase() == Phase::Authenticated { pos } else { input.len() };
             }
+            let active = conn.is_active();
             match codec::split_frame(&input[pos..], self.cfg.max_frame_bytes) {
                 Ok(None) => break pos,
                 Ok(Some((header, body))) => {
+                    // Rate limit: a Request over the budget stays in the
+                    // leftovers, and reading pauses.
+                    if header.kind == FrameKind::Request && active && !self.admit_request(st, key, now.mono) {
+                        break pos;
+                    }
+                    let Some(conn) = st.conn(key) else { break input.len() };
                     pos += header.frame_len();
                     match Frame::decode(header, body) {
                         Ok(frame) => conn.session.handle_frame(now, frame, &self.cfg.params, &mut actions),
@@ -654,6 +699,7 @@ impl Shard {
                     st.groups.leave(key.index, &group);
                     self.publish_group_counts(st);
                 }
+                Action::Request(request) => self.on_client_request(st, key, now, request),
             }
         }
     }
@@ -665,7 +711,7 @@ impl Shard {
         debug!(shard = %self.id, conn = %ConnId::new(self.id, key), device = conn.device().unwrap_or(""), ?code, "closing");
         // A closing session leaves the indexes now: a new login of the same
         // device must not see it, and pushes must not count it.
-        self.unindex(st, key.index);
+        self.unindex(st, key.index, code);
         st.wheel.insert(key, deadline);
     }
 
@@ -680,6 +726,15 @@ impl Shard {
     /// Queues an encoded frame; a full queue closes the session with SLOW.
     /// Returns whether the frame was queued.
     fn queue_bytes(&self, st: &mut State, key: ConnKey, bytes: Bytes) -> bool {
+        let queued = self.enqueue(st, key, bytes);
+        if queued && let Some(conn) = st.conn(key) {
+            conn.wake();
+        }
+        queued
+    }
+
+    /// [`Shard::queue_bytes`] without waking the task.
+    fn enqueue(&self, st: &mut State, key: ConnKey, bytes: Bytes) -> bool {
         let limit = self.cfg.outbound_queue_bytes as usize;
         let Some(conn) = st.conn(key) else { return false };
         let io = conn.io();
@@ -691,7 +746,6 @@ impl Shard {
             return false;
         }
         io.out.push(bytes);
-        conn.wake();
         true
     }
 
@@ -734,6 +788,60 @@ impl Shard {
             self.counters.delivered.fetch_add(1, Ordering::Relaxed);
         }
         ok
+    }
+
+    /// Queues an upstream `Response` frame for session `key` (dropped if
+    /// the session is gone or closing) without waking its task: the
+    /// upstream code writes every answer of one pass with one `writev` per
+    /// session at the end of the pass ([`Shard::flush_responses`]).
+    pub(crate) fn respond(&self, st: &mut State, key: ConnKey, frame: Bytes) -> bool {
+        st.conn(key).is_some_and(|c| c.is_active()) && self.enqueue(st, key, frame)
+    }
+
+    /// Writes what [`Shard::respond`] queued for `keys`; a socket that is
+    /// full (or failed) is left to its task, which is woken.
+    pub(crate) fn flush_responses(&self, st: &mut State, keys: &[ConnKey]) {
+        for &key in keys {
+            let Some(conn) = st.conn(key) else { continue };
+            let fd = conn.fd;
+            let Some(io) = conn.io.as_mut() else { continue };
+            if io.out.is_empty() {
+                continue;
+            }
+            if let Ok(true) = io.out.write_now(fd) {
+                io.stalled_since = None;
+                conn.release_io_if_idle();
+            } else {
+                conn.wake();
+            }
+        }
+    }
+
+    /// Closes session `key` from the server side with an `Error` frame.
+    pub(crate) fn close_conn(&self, st: &mut State, key: ConnKey, now: Now, code: ErrorCode, reason: String) {
+        let mut actions = Vec::new();
+        if let Some(conn) = st.conn(key) {
+            conn.session.close(now, code, reason, &self.cfg.params, &mut actions);
+        }
+        self.apply(st, key, now, &mut actions);
+    }
+
+    /// The common parameters of session `key`, for upstream requests and
+    /// connection events. The client address comes from the socket (it is
+    /// not kept per connection).
+    pub(crate) fn conn_info(&self, st: &State, key: ConnKey) -> Option<proto::ConnInfo> {
+        let conn = st.conn_ref(key)?;
+        let field = |i| conn.field(i).unwrap_or_default().to_owned();
+        Some(proto::ConnInfo {
+            user: field(0),
+            device: field(1),
+            app: field(2),
+            platform: field(3),
+            client_version: field(4),
+            conn_id: ConnId::new(self.id, key).0,
+            node: self.cfg.node.clone(),
+            client_addr: peer_addr(conn.fd).map(|a| a.to_string()).unwrap_or_default(),
+        })
     }
 
     // ---- registration -----------------------------------------------------
@@ -779,6 +887,8 @@ impl Shard {
         debug!(shard = %self.id, conn = %ConnId::new(self.id, key), user = %login.user, device = %login.device, "authenticated");
         self.apply(st, key, now, &mut actions);
         st.actions = actions;
+        // Hook: subscribed backends learn the session is online.
+        self.conn_event(st, key, ConnectionEventKind::Online, ErrorCode::Unspecified);
     }
 
     /// Ends a session with a Kicked frame; it leaves the indexes at once.
@@ -818,7 +928,8 @@ impl Shard {
 
     /// Removes slot `slot` from the device, user and group indexes (the
     /// identity stays on the slot for logs until the slot is removed).
-    fn unindex(&self, st: &mut State, slot: u32) {
+    /// `code` says why the session ended (`Unspecified`: the peer left).
+    fn unindex(&self, st: &mut State, slot: u32, code: ErrorCode) {
         let Some(conn) = st.conns.get(slot as usize) else { return };
         let (Some(device), Some(user)) = (conn.device(), conn.user()) else { return };
         let (device_hash, user_hash) = (stable_hash(device), stable_hash(user));
@@ -856,6 +967,14 @@ impl Shard {
         if user_gone && !st.hash_in_use(user_hash) {
             self.route(st, home, ShardMsg::UserDir { user_hash, shard: self.id, present: false, ack: None });
         }
+        // Hook: this point is reached once per indexed session, so
+        // subscribed backends get exactly one end event for each ONLINE.
+        let key = st.key_of(slot);
+        if st.conn_ref(key).is_some_and(|c| c.session.was_activated()) {
+            let kind =
+                if code == ErrorCode::Replaced { ConnectionEventKind::Replaced } else { ConnectionEventKind::Offline };
+            self.conn_event(st, key, kind, code);
+        }
     }
 
     fn publish_group_counts(&self, st: &State) {
@@ -868,7 +987,8 @@ impl Shard {
         if st.conn(key).is_none() {
             return;
         }
-        self.unindex(&mut st, key.index);
+        self.unindex(&mut st, key.index, ErrorCode::Unspecified);
+        st.upstream.forget_conn(key);
         st.conns.remove(key.index as usize);
         self.counters.closed.fetch_add(1, Ordering::Relaxed);
     }
@@ -1256,6 +1376,7 @@ impl Shard {
         for (_, backend) in st.backends.iter_mut() {
             backend.close();
         }
+        st.upstream.stop();
     }
 
     pub fn is_stopping(&self) -> bool {
@@ -1318,6 +1439,15 @@ impl AcceptBucket {
         self.tokens -= 1.0;
         (self.tokens < 0.0).then(|| Duration::from_secs_f64(-self.tokens / rate))
     }
+}
+
+/// The peer address of a socket we hold, without taking ownership of it.
+fn peer_addr(fd: RawFd) -> Option<std::net::SocketAddr> {
+    // SAFETY: `fd` is the connection's open socket, valid while its slot
+    // exists (the task drops the stream only after removing the slot); the
+    // borrow ends within this call.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    socket2::SockRef::from(&fd).peer_addr().ok()?.as_socket()
 }
 
 fn dup_fd(fd: RawFd) -> io::Result<OwnedFd> {

@@ -101,6 +101,69 @@ fn frames_pipelined_behind_auth_survive_the_hand_off() {
 }
 
 #[test]
+fn frames_sent_right_after_auth_survive_the_wait_for_the_user_directory() {
+    // Devices whose user's home shard is not the device's owner shard: the
+    // session waits for the home shard's directory ack before AuthOk. Frames
+    // the client sends meanwhile must wait in the socket, not be dropped.
+    let cfg = test_config(2);
+    let server = start(&cfg);
+    let addr = server.client_addr();
+    let pairs: Vec<(String, String)> = (0..400)
+        .map(|i| (format!("dir-user-{i}"), format!("dir-dev-{i}")))
+        .filter(|(u, d)| longlink::shard::home_shard(u, 2) != owner_shard(d, 2))
+        .take(60)
+        .collect();
+    assert_eq!(pairs.len(), 60);
+    let inputs: Vec<(BytesMut, Vec<u8>)> = pairs
+        .iter()
+        .map(|(u, d)| {
+            let pings: Vec<u8> =
+                (0..200).flat_map(|_| codec::encode_empty(FrameKind::Ping, Flags::default())).collect();
+            (auth_bytes(token(&cfg, u, d)), pings)
+        })
+        .collect();
+    run(async move {
+        let tasks: Vec<_> = inputs
+            .into_iter()
+            .map(|(auth, pings)| {
+                glommio::spawn_local(async move {
+                    let mut stream = glommio::net::TcpStream::connect(addr).await.unwrap();
+                    // Two writes: the node may read the Auth alone, then the
+                    // Pings while the session waits for activation.
+                    futures_lite::AsyncWriteExt::write_all(&mut stream, &auth).await.unwrap();
+                    futures_lite::AsyncWriteExt::write_all(&mut stream, &pings).await.unwrap();
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                    while decode_all(&buf).len() < 201 {
+                        let left = deadline.saturating_duration_since(std::time::Instant::now());
+                        let read = futures_lite::future::or(
+                            async { Some(futures_lite::AsyncReadExt::read(&mut stream, &mut chunk).await) },
+                            async {
+                                glommio::timer::sleep(left).await;
+                                None
+                            },
+                        )
+                        .await;
+                        let n = read.unwrap_or_else(|| panic!("{} of 201 frames in 10 s", decode_all(&buf).len()));
+                        let n = n.unwrap();
+                        assert!(n > 0, "closed early: {:?}", decode_all(&buf).last());
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    let frames = decode_all(&buf);
+                    assert!(matches!(frames[0], Frame::AuthOk(_)), "{:?}", frames[0]);
+                    assert!(frames[1..].iter().all(|f| *f == Frame::Pong), "every Ping answered");
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await;
+        }
+    });
+    server.shutdown();
+}
+
+#[test]
 fn each_bad_input_gets_its_code_and_others_keep_being_served() {
     let cfg = test_config(2);
     let server = start(&cfg);

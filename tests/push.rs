@@ -318,7 +318,11 @@ fn kick_presence_and_malformed_requests() {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     while decode_all(&buf).len() < 2 {
-        let n = raw.read(&mut chunk).unwrap();
+        // std's read does not retry EINTR (signals reach this thread).
+        let n = match raw.read(&mut chunk) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => other.unwrap(),
+        };
         assert!(n > 0, "push connection closed: {:?}", decode_all(&buf));
         buf.extend_from_slice(&chunk[..n]);
     }
