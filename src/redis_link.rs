@@ -131,3 +131,75 @@ pub fn as_string(v: &Value) -> Option<String> {
         _ => None,
     }
 }
+
+/// A request to a sidecar thread and where its answer goes.
+pub struct Job<Op, Answer, E> {
+    pub op: Op,
+    pub reply: futures_channel::oneshot::Sender<Result<Answer, E>>,
+}
+
+/// Why a request never reached its sidecar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotSent {
+    /// The queue is full: the request is shed, never waited for.
+    Full,
+    /// The sidecar thread is gone.
+    Stopped,
+}
+
+/// The shards' side of a sidecar: a bounded queue (`try_send`, so a shard
+/// never blocks) and a oneshot per request.
+pub struct SidecarHandle<Op, Answer, E> {
+    tx: crossbeam_channel::Sender<Job<Op, Answer, E>>,
+}
+
+impl<Op, Answer, E> Clone for SidecarHandle<Op, Answer, E> {
+    fn clone(&self) -> Self {
+        SidecarHandle { tx: self.tx.clone() }
+    }
+}
+
+/// The sidecar thread's end of the queue.
+pub type JobReceiver<Op, Answer, E> = crossbeam_channel::Receiver<Job<Op, Answer, E>>;
+
+/// Requests waiting for a sidecar before new ones are shed.
+const SIDECAR_QUEUE: usize = 65_536;
+/// Requests a sidecar takes into one pipeline at most.
+const SIDECAR_BATCH: usize = 512;
+
+impl<Op: Send + 'static, Answer: Send + 'static, E: Send + 'static> SidecarHandle<Op, Answer, E> {
+    /// A handle and the receiving end for the sidecar thread.
+    pub fn channel() -> (Self, JobReceiver<Op, Answer, E>) {
+        let (tx, rx) = crossbeam_channel::bounded(SIDECAR_QUEUE);
+        (SidecarHandle { tx }, rx)
+    }
+
+    /// Queues `op`; the future resolves with the sidecar's answer.
+    pub fn call(
+        &self,
+        op: Op,
+        not_sent: fn(NotSent) -> E,
+    ) -> impl std::future::Future<Output = Result<Answer, E>> + 'static {
+        let (reply, answer) = futures_channel::oneshot::channel();
+        let sent = self.tx.try_send(Job { op, reply });
+        async move {
+            match sent {
+                Ok(()) => answer.await.unwrap_or_else(|_| Err(not_sent(NotSent::Stopped))),
+                Err(crossbeam_channel::TrySendError::Full(_)) => Err(not_sent(NotSent::Full)),
+                Err(crossbeam_channel::TrySendError::Disconnected(_)) => Err(not_sent(NotSent::Stopped)),
+            }
+        }
+    }
+}
+
+/// `first` and whatever else is queued right now, up to one pipeline's worth.
+pub fn take_batch<T>(rx: &crossbeam_channel::Receiver<T>, first: T) -> Vec<T> {
+    let mut batch = vec![first];
+    while batch.len() < SIDECAR_BATCH {
+        match rx.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
+    }
+    batch
+}

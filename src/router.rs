@@ -24,12 +24,11 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
-use futures_channel::oneshot;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use redis::Value;
 use tracing::{info, warn};
 
-use crate::redis_link::{RedisLink, Unavailable, as_string, as_u64};
+use crate::redis_link::{self, NotSent, RedisLink, SidecarHandle, Unavailable, as_string, as_u64, take_batch};
 
 /// Where a device is connected.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -235,20 +234,14 @@ enum Answer {
     Nodes(Vec<NodeInfo>),
 }
 
-struct Job {
-    op: Op,
-    reply: oneshot::Sender<Result<Answer, RouterError>>,
-}
+type Job = redis_link::Job<Op, Answer, RouterError>;
 
 /// A handle to the router sidecar, cheap to clone into every shard.
 #[derive(Clone)]
 pub struct Router {
-    tx: Sender<Job>,
+    sidecar: SidecarHandle<Op, Answer, RouterError>,
     state: Arc<NodeState>,
 }
-
-const QUEUE: usize = 65_536;
-const MAX_BATCH: usize = 512;
 
 /// Indexes of the scripts in the link.
 const CLAIM: usize = 0;
@@ -304,11 +297,11 @@ impl Router {
     /// answers route requests. `on_reregister` runs on the sidecar thread
     /// after a re-registration (the caller re-asserts its routes).
     pub fn start(cfg: RouterConfig, on_reregister: Box<dyn Fn() + Send>) -> std::io::Result<Router> {
-        let (tx, rx) = crossbeam_channel::bounded(QUEUE);
+        let (handle, rx) = SidecarHandle::channel();
         let state = Arc::new(NodeState::default());
         let sidecar = RouterSidecar::new(cfg, state.clone(), on_reregister);
         thread::Builder::new().name("longlink-router".into()).spawn(move || sidecar.run(rx))?;
-        Ok(Router { tx, state })
+        Ok(Router { sidecar: handle, state })
     }
 
     pub fn state(&self) -> &Arc<NodeState> {
@@ -316,15 +309,10 @@ impl Router {
     }
 
     fn call(&self, op: Op) -> impl std::future::Future<Output = Result<Answer, RouterError>> + 'static {
-        let (reply, answer) = oneshot::channel();
-        let sent = self.tx.try_send(Job { op, reply });
-        async move {
-            match sent {
-                Ok(()) => answer.await.unwrap_or(Err(RouterError::Unavailable("router stopped".into()))),
-                Err(TrySendError::Full(_)) => Err(RouterError::Overloaded),
-                Err(TrySendError::Disconnected(_)) => Err(RouterError::Unavailable("router stopped".into())),
-            }
-        }
+        self.sidecar.call(op, |e| match e {
+            NotSent::Full => RouterError::Overloaded,
+            NotSent::Stopped => RouterError::Unavailable("router stopped".into()),
+        })
     }
 
     /// A device logged in here: take a new epoch and point its route here.
@@ -411,13 +399,7 @@ impl RouterSidecar {
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => return,
             };
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
-                }
-            }
+            let batch = take_batch(&rx, first);
             let answers = self.execute(&batch);
             for (job, answer) in batch.into_iter().zip(answers) {
                 let _ = job.reply.send(answer);

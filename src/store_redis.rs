@@ -18,17 +18,11 @@ use std::thread;
 use std::time::Duration;
 
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, Sender, TrySendError};
-use futures_channel::oneshot;
+use crossbeam_channel::Receiver;
 use redis::Value;
 
-use crate::redis_link::{RedisLink, as_u64};
+use crate::redis_link::{self, NotSent, RedisLink, SidecarHandle, as_u64, take_batch};
 use crate::store::{NewMessage, Replay, Retention, Status, StoreError, StoreFuture, Stored, TimelineStore};
-
-/// Requests sent to Redis in one pipeline at most.
-const MAX_BATCH: usize = 512;
-/// Requests waiting for the sidecar before new ones are shed.
-const QUEUE: usize = 65_536;
 
 /// Settings of the Redis store.
 #[derive(Clone, Debug)]
@@ -60,36 +54,28 @@ enum Answer {
     Status(Option<Status>),
 }
 
-struct Job {
-    op: Op,
-    reply: oneshot::Sender<Result<Answer, StoreError>>,
-}
+type Job = redis_link::Job<Op, Answer, StoreError>;
 
 /// A handle to the sidecar; cheap to clone into every shard.
 #[derive(Clone)]
 pub struct RedisStore {
-    tx: Sender<Job>,
+    sidecar: SidecarHandle<Op, Answer, StoreError>,
 }
 
 impl RedisStore {
     /// Starts the sidecar thread. It connects lazily and reconnects on
     /// failure; requests made while Redis is down fail with `Unavailable`.
     pub fn start(cfg: RedisStoreConfig) -> std::io::Result<RedisStore> {
-        let (tx, rx) = crossbeam_channel::bounded(QUEUE);
+        let (sidecar, rx) = SidecarHandle::channel();
         thread::Builder::new().name("longlink-redis-store".into()).spawn(move || Sidecar::new(cfg).run(rx))?;
-        Ok(RedisStore { tx })
+        Ok(RedisStore { sidecar })
     }
 
     fn call(&self, op: Op) -> StoreFuture<'static, Answer> {
-        let (reply, answer) = oneshot::channel();
-        let sent = self.tx.try_send(Job { op, reply });
-        Box::pin(async move {
-            match sent {
-                Ok(()) => answer.await.unwrap_or(Err(StoreError::Unavailable("store sidecar stopped".into()))),
-                Err(TrySendError::Full(_)) => Err(StoreError::Overloaded),
-                Err(TrySendError::Disconnected(_)) => Err(StoreError::Unavailable("store sidecar stopped".into())),
-            }
-        })
+        Box::pin(self.sidecar.call(op, |e| match e {
+            NotSent::Full => StoreError::Overloaded,
+            NotSent::Stopped => StoreError::Unavailable("store sidecar stopped".into()),
+        }))
     }
 }
 
@@ -242,13 +228,7 @@ impl Sidecar {
 
     fn run(mut self, rx: Receiver<Job>) {
         while let Ok(first) = rx.recv() {
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
-                }
-            }
+            let batch = take_batch(&rx, first);
             let answers = self.execute(&batch);
             for (job, answer) in batch.into_iter().zip(answers) {
                 let _ = job.reply.send(answer);
