@@ -8,19 +8,37 @@
 //! - [`source`]: 127.x.y.z source addresses per worker.
 //! - [`record`]: JSON result records (stdout + appended to a JSON-lines file).
 //! - [`sys`]: /proc readers and resource limits.
-//! - scenarios: [`idle`].
+//! - [`loadworker`]: the load worker process (`longlink-bench load-worker`, hidden): clients that
+//!   time pushed messages, ping, churn.
+//! - [`drive`]: the parent's side of the push scenarios (server + load workers, queries, CPU).
+//! - [`pusher`]: open-loop push load over the push port (sender + reply thread per connection).
+//! - [`latency`]: CLOCK_MONOTONIC stamps and hdrhistogram helpers; [`rng`]: load-shape randomness.
+//! - scenarios: [`idle`], [`unicast`], [`fanout`], [`broadcast`], [`soak`], [`upstream`].
+//! - [`report`]: markdown report with SVG plots ([`svg`]) from result files.
 //!
 //! A new scenario is a module with its args, a record struct that flattens
 //! [`record::RunInfo`], and a `run` that starts a [`server::ServerProcess`],
 //! spawns a [`pool::WorkerPool`] and measures.
 
+mod broadcast;
+mod drive;
+mod fanout;
 mod harness;
 mod idle;
+mod latency;
+mod loadworker;
 mod pool;
+mod pusher;
 mod record;
+mod report;
+mod rng;
 mod server;
+mod soak;
 mod source;
+mod svg;
 mod sys;
+mod unicast;
+mod upstream;
 mod worker;
 
 use std::process::ExitCode;
@@ -42,16 +60,43 @@ enum Command {
     /// Idle capacity: hold N authenticated idle connections and report the
     /// server's user-space memory per connection and the connect rate.
     Idle(idle::IdleArgs),
+    /// Unicast latency: N clients, pushes to random single devices at an
+    /// open-loop rate; push-to-receive percentiles, losses, server CPU.
+    Unicast(unicast::UnicastArgs),
+    /// Group fan-out: M members of one group, K pushes at R/s; deliveries/s
+    /// and delivery latency.
+    Fanout(fanout::FanoutArgs),
+    /// Paced broadcast: achieved deliveries/s and completion time against
+    /// the configured rate limit.
+    Broadcast(broadcast::BroadcastArgs),
+    /// Soak: pings, pushes and churn for minutes; server RSS over time.
+    Soak(soak::SoakArgs),
+    /// Upstream round trip: client request -> longlink -> echo backend and
+    /// back, against the same requests sent straight to the echo backend,
+    /// at each rate (p50/p99/p999 and what longlink adds).
+    Upstream(upstream::UpstreamArgs),
+    /// Markdown report with SVG plots from one or more results files.
+    Report(report::ReportArgs),
     /// A client worker process (internal: started by the scenarios, reads
     /// its spec on stdin).
     #[command(hide = true)]
     Worker,
+    /// A load worker process (internal: started by the push scenarios).
+    #[command(hide = true)]
+    LoadWorker,
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Idle(args) => idle::run(&args),
+        Command::Unicast(args) => unicast::run(&args),
+        Command::Fanout(args) => fanout::run(&args),
+        Command::Broadcast(args) => broadcast::run(&args),
+        Command::Soak(args) => soak::run(&args),
+        Command::Upstream(args) => upstream::run(&args),
+        Command::Report(args) => report::run(&args),
         Command::Worker => worker::run(),
+        Command::LoadWorker => loadworker::run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

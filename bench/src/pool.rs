@@ -87,12 +87,21 @@ impl ConnectSummary {
 impl WorkerPool {
     /// Starts one worker per spec and hands each its spec.
     pub fn spawn(specs: &[WorkerSpec]) -> anyhow::Result<WorkerPool> {
+        WorkerPool::spawn_kind("worker", specs)
+    }
+
+    /// Starts one `longlink-bench <subcommand>` process per spec (another
+    /// kind of worker, e.g. `load-worker`) and hands each its spec. The
+    /// worker must speak [`WorkerMsg`] for the connect phase and release;
+    /// its other lines arrive as [`WorkerEvent::Garbage`] for the scenario
+    /// to parse.
+    pub fn spawn_kind<S: serde::Serialize>(subcommand: &str, specs: &[S]) -> anyhow::Result<WorkerPool> {
         let exe = std::env::current_exe().context("locating the bench binary to re-run as a worker")?;
         let (tx, events) = crossbeam_channel::unbounded();
         let mut pool = WorkerPool { workers: Vec::with_capacity(specs.len()), events };
         for (i, spec) in specs.iter().enumerate() {
             let mut cmd = Command::new(&exe);
-            cmd.arg("worker").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+            cmd.arg(subcommand).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
             crate::server::die_with_parent(&mut cmd);
             let mut child = cmd.spawn().with_context(|| format!("starting worker {i} ({})", exe.display()))?;
             let stdout = child.stdout.take().context("worker stdout")?;
@@ -123,6 +132,20 @@ impl WorkerPool {
                 .context("starting a worker reader thread")?;
         }
         Ok(pool)
+    }
+
+    /// Writes `line` (a command) to every worker's stdin.
+    pub fn send_all(&mut self, line: &str) -> anyhow::Result<()> {
+        for (i, w) in self.workers.iter_mut().enumerate() {
+            let stdin = w.stdin.as_mut().with_context(|| format!("worker {i} was already released"))?;
+            writeln!(stdin, "{line}").and_then(|()| stdin.flush()).with_context(|| format!("writing to worker {i}"))?;
+        }
+        Ok(())
+    }
+
+    /// Process ids of the workers (for CPU accounting).
+    pub fn pids(&self) -> Vec<u32> {
+        self.workers.iter().map(|w| w.child.id()).collect()
     }
 
     /// The next event from any worker, waiting at most `timeout`.

@@ -103,6 +103,55 @@ fn kib_field(text: &str, name: &str) -> Option<u64> {
     text.lines().find_map(|l| l.strip_prefix(name)).and_then(|rest| rest.split_whitespace().next()?.parse().ok())
 }
 
+/// CPU time process `pid` has used so far (user + system, all threads),
+/// in seconds: fields 14 and 15 of /proc/PID/stat.
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let path = Path::new("/proc").join(pid.to_string()).join("stat");
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let ticks = stat_cpu_ticks(&text).with_context(|| format!("no utime/stime in {}", path.display()))?;
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Ok(ticks as f64 / if hz > 0 { hz as f64 } else { 100.0 })
+}
+
+/// utime + stime (clock ticks) from a /proc/PID/stat line. The command
+/// name (field 2) may contain spaces and parentheses, so fields are
+/// counted after its last `)`.
+fn stat_cpu_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // After the name: state is field 3, utime 14, stime 15.
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// CPU time the whole host has spent busy (user, nice, system, irq,
+/// softirq, steal; all CPUs), in seconds, from the first line of /proc/stat.
+pub fn host_busy_seconds() -> anyhow::Result<f64> {
+    let text = fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let ticks = host_busy_ticks(&text).context("no cpu line in /proc/stat")?;
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Ok(ticks as f64 / if hz > 0 { hz as f64 } else { 100.0 })
+}
+
+fn host_busy_ticks(stat: &str) -> Option<u64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line.split_whitespace().skip(1).map(|f| f.parse().unwrap_or(0)).collect();
+    // user nice system idle iowait irq softirq steal
+    Some(v.first()? + v.get(1)? + v.get(2)? + v.get(5)? + v.get(6)? + v.get(7).copied().unwrap_or(0))
+}
+
+/// Lets the calling thread's timed sleeps wake within about a
+/// microsecond (the default slack is 50 µs): open-loop senders pace by
+/// sleeping.
+pub fn tight_timer_slack() {
+    // SAFETY: prctl(PR_SET_TIMERSLACK) only changes the calling thread's
+    // timer slack.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
+}
+
 /// Whether stderr is a terminal (progress is redrawn in place only then).
 pub fn stderr_is_tty() -> bool {
     // SAFETY: isatty only inspects the descriptor.
@@ -125,6 +174,20 @@ mod tests {
         assert!(open_fds(pid).unwrap() >= 3);
         let k = KernelMem::read().unwrap();
         assert!(k.slab_bytes > 0);
+    }
+
+    #[test]
+    fn parses_cpu_ticks_after_the_command_name() {
+        let stat = "1234 (a (b) c) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 3 0";
+        assert_eq!(stat_cpu_ticks(stat), Some(325));
+        assert!(cpu_seconds(std::process::id()).unwrap() >= 0.0);
+    }
+
+    #[test]
+    fn parses_host_busy_ticks() {
+        let stat = "cpu  100 5 50 1000 7 3 2 1 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n";
+        assert_eq!(host_busy_ticks(stat), Some(161));
+        assert!(host_busy_seconds().unwrap() > 0.0);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, anyhow};
 use glommio::{LocalExecutorBuilder, Placement};
-use longlink::client::{ClientOptions, Connection};
+use longlink::client::{ClientError, ClientOptions, Connection};
 use longlink::token::{self, Keyring};
 use serde::{Deserialize, Serialize};
 
@@ -173,13 +173,18 @@ impl Tally {
 
     fn fail(&mut self, reason: String) {
         self.failed += 1;
-        let reason = if self.failures.len() < MAX_REASONS || self.failures.contains_key(&reason) {
-            reason
-        } else {
-            "other".to_owned()
-        };
-        *self.failures.entry(reason).or_default() += 1;
+        count_reason(&mut self.failures, reason);
     }
+}
+
+/// Counts `reason` in `reasons`, keeping at most [`MAX_REASONS`] distinct
+/// ones (the rest count as "other").
+pub(crate) fn count_reason<N: Default + std::ops::AddAssign + From<u8>>(
+    reasons: &mut BTreeMap<String, N>,
+    reason: String,
+) {
+    let reason = if reasons.len() < MAX_REASONS || reasons.contains_key(&reason) { reason } else { "other".to_owned() };
+    *reasons.entry(reason).or_default() += N::from(1);
 }
 
 async fn connect_all(spec: &WorkerSpec, keyring: Keyring) -> Rc<RefCell<Tally>> {
@@ -215,29 +220,21 @@ async fn connect_all(spec: &WorkerSpec, keyring: Keyring) -> Rc<RefCell<Tally>> 
 
 /// Opens connections one after another, taking the next number from `next`.
 async fn connector(spec: WorkerSpec, keyring: Keyring, next: Rc<Cell<u32>>, tally: Rc<RefCell<Tally>>) {
-    let connect_timeout = Duration::from_millis(spec.connect_timeout_ms);
     loop {
         let n = next.get();
         if n >= spec.connections {
             return;
         }
         next.set(n + 1);
-        let id = format!("{}{}-{n}", spec.device_prefix, spec.index);
-        let now = token::now_unix_secs();
-        let mut opts = ClientOptions::new(keyring.mint(&id, &id, "bench", now, now + TOKEN_TTL_SECS));
-        opts.platform = "bench".into();
-        opts.heartbeat_ms = spec.heartbeat_ms;
-        opts.response_timeout_ms = spec.auth_timeout_ms;
-        let source = IpAddr::V4(spec.source.address(n));
         {
             let mut t = tally.borrow_mut();
             t.started.get_or_insert_with(Instant::now);
             t.first_connect_unix_us.get_or_insert_with(unix_us);
         }
-        let result = Connection::connect_from(spec.server, source, connect_timeout, opts).await;
+        let result = connect_one(&spec, &keyring, n).await;
         let mut t = tally.borrow_mut();
         match result {
-            Ok((conn, _ok)) => {
+            Ok(conn) => {
                 t.conns.push(conn);
                 t.last_auth_ok_unix_us = unix_us();
             }
@@ -246,11 +243,34 @@ async fn connector(spec: WorkerSpec, keyring: Keyring, next: Rc<Cell<u32>>, tall
     }
 }
 
-fn unix_us() -> u64 {
+/// The device (and user) id of the worker's `n`-th connection.
+pub(crate) fn device_id(spec: &WorkerSpec, n: u32) -> String {
+    format!("{}{}-{n}", spec.device_prefix, spec.index)
+}
+
+/// Connects and authenticates the worker's `n`-th client (device
+/// [`device_id`], source address from the spec's plan). Load workers call
+/// it again with the same `n` to reconnect the same device.
+pub(crate) async fn connect_one(spec: &WorkerSpec, keyring: &Keyring, n: u32) -> Result<Connection, ClientError> {
+    let id = device_id(spec, n);
+    let now = token::now_unix_secs();
+    let mut opts = ClientOptions::new(keyring.mint(&id, &id, "bench", now, now + TOKEN_TTL_SECS));
+    opts.platform = "bench".into();
+    opts.heartbeat_ms = spec.heartbeat_ms;
+    opts.response_timeout_ms = spec.auth_timeout_ms;
+    let source = IpAddr::V4(spec.source.address(n));
+    let connect_timeout = Duration::from_millis(spec.connect_timeout_ms);
+    let (conn, _ok) = Connection::connect_from(spec.server, source, connect_timeout, opts).await?;
+    Ok(conn)
+}
+
+pub(crate) fn unix_us() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
-fn emit(msg: &WorkerMsg) {
+/// Prints one JSON line on stdout (a [`WorkerMsg`], or a load worker's own
+/// message) and flushes it.
+pub(crate) fn emit(msg: &impl Serialize) {
     // A parent that went away closes the pipe; PDEATHSIG ends us soon after.
     if let Ok(line) = serde_json::to_string(msg) {
         let mut out = io::stdout().lock();
