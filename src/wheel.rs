@@ -47,7 +47,10 @@ impl Wheel {
         let end = now_tick.min(self.next_tick + span - 1);
         while self.next_tick <= end {
             let idx = (self.next_tick % span) as usize;
-            out.append(&mut self.buckets[idx]);
+            // Take the bucket's buffer too: `append` would leave every bucket
+            // holding its high-water capacity, which adds up over thousands
+            // of buckets as sessions are re-filed around the wheel.
+            out.extend(std::mem::take(&mut self.buckets[idx]));
             self.next_tick += 1;
         }
         self.next_tick = self.next_tick.max(now_tick + 1);
@@ -104,6 +107,18 @@ mod tests {
         assert!(out.is_empty());
         w.expire(Millis(700), &mut out);
         assert_eq!(out, vec![key(1)], "capped at the last bucket of the span");
+    }
+
+    #[test]
+    fn expired_buckets_release_their_memory() {
+        let mut w = Wheel::new(10, 16, Millis(0));
+        for i in 0..1000 {
+            w.insert(key(i), Millis(50));
+        }
+        let mut out = Vec::new();
+        w.expire(Millis(60), &mut out);
+        assert_eq!(out.len(), 1000);
+        assert!(w.buckets.iter().all(|b| b.capacity() == 0));
     }
 
     #[test]
