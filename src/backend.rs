@@ -89,6 +89,7 @@ pub enum Request {
     Group(proto::GroupUpdate),
     Kick(proto::KickRequest),
     Presence(proto::PresenceQuery),
+    Status(proto::DeliveryStatusQuery),
 }
 
 impl Request {
@@ -98,6 +99,7 @@ impl Request {
             Request::Group(r) => r.request_id,
             Request::Kick(r) => r.request_id,
             Request::Presence(r) => r.request_id,
+            Request::Status(r) => r.request_id,
         }
     }
 
@@ -107,6 +109,7 @@ impl Request {
             Request::Group(r) => r.request_id = id,
             Request::Kick(r) => r.request_id = id,
             Request::Presence(r) => r.request_id = id,
+            Request::Status(r) => r.request_id = id,
         }
     }
 
@@ -117,6 +120,7 @@ impl Request {
             Request::Group(r) => r.encoded_len(),
             Request::Kick(r) => r.encoded_len(),
             Request::Presence(r) => r.encoded_len(),
+            Request::Status(r) => r.encoded_len(),
         }
     }
 
@@ -126,6 +130,7 @@ impl Request {
             Request::Push(_) => FrameKind::PushReply,
             Request::Group(_) | Request::Kick(_) => FrameKind::AdminReply,
             Request::Presence(_) => FrameKind::PresenceReply,
+            Request::Status(_) => FrameKind::DeliveryStatusReply,
         }
     }
 
@@ -135,6 +140,7 @@ impl Request {
             Request::Group(r) => Frame::GroupUpdate(r),
             Request::Kick(r) => Frame::KickRequest(r),
             Request::Presence(r) => Frame::PresenceQuery(r),
+            Request::Status(r) => Frame::DeliveryStatusQuery(r),
         }
     }
 }
@@ -146,6 +152,7 @@ pub enum Reply {
     /// Answers group updates and kicks.
     Admin(proto::AdminReply),
     Presence(proto::PresenceReply),
+    Status(proto::DeliveryStatusReply),
     /// The node could not read the request; `request_id` 0 when even the id
     /// was unreadable.
     Error(proto::RequestError),
@@ -157,6 +164,7 @@ impl Reply {
             Reply::Push(r) => r.request_id,
             Reply::Admin(r) => r.request_id,
             Reply::Presence(r) => r.request_id,
+            Reply::Status(r) => r.request_id,
             Reply::Error(r) => r.request_id,
         }
     }
@@ -166,6 +174,7 @@ impl Reply {
             Reply::Push(_) => FrameKind::PushReply,
             Reply::Admin(_) => FrameKind::AdminReply,
             Reply::Presence(_) => FrameKind::PresenceReply,
+            Reply::Status(_) => FrameKind::DeliveryStatusReply,
             Reply::Error(_) => FrameKind::RequestError,
         }
     }
@@ -175,6 +184,7 @@ impl Reply {
             Frame::PushReply(r) => Ok(Reply::Push(r)),
             Frame::AdminReply(r) => Ok(Reply::Admin(r)),
             Frame::PresenceReply(r) => Ok(Reply::Presence(r)),
+            Frame::DeliveryStatusReply(r) => Ok(Reply::Status(r)),
             Frame::RequestError(r) => Ok(Reply::Error(r)),
             Frame::Error(e) => Err(BackendError::Closed { code: codes::from_wire(e.code), reason: e.reason }),
             other => Err(BackendError::Protocol(format!("unexpected {:?} frame on the push port", other.kind()))),
@@ -423,10 +433,44 @@ impl PushClient {
             payload,
             service_id: service_id.to_owned(),
             ttl_ms,
+            qos: proto::Qos::AtMostOnce as i32,
         };
+        self.push_request(req)
+    }
+
+    /// Sends a push request as given (any QoS, TTL, targets) and waits for
+    /// its reply.
+    pub fn push_request(&mut self, req: proto::PushRequest) -> Result<proto::PushReply, BackendError> {
         match self.call(Request::Push(req))? {
             Reply::Push(r) => Ok(r),
             other => Err(wrong_reply(FrameKind::PushReply, &other)),
+        }
+    }
+
+    /// At-least-once batch unicast: each device's copy is stored in its
+    /// timeline (result STORED with its `seq` and `message_id`), sent now
+    /// if the device is online, resent until acknowledged and replayed when
+    /// the device reconnects.
+    pub fn push_devices_at_least_once<S: AsRef<str>>(
+        &mut self,
+        devices: &[S],
+        payload: Bytes,
+    ) -> Result<proto::PushReply, BackendError> {
+        self.push_request(proto::PushRequest {
+            targets: Some(proto::Targets { devices: strings(devices), ..Default::default() }),
+            payload,
+            qos: proto::Qos::AtLeastOnce as i32,
+            ..Default::default()
+        })
+    }
+
+    /// Where at-least-once messages are (stored, sent, acknowledged with
+    /// times, expired, or unknown): one status per id, in order.
+    pub fn delivery_status(&mut self, message_ids: &[u64]) -> Result<proto::DeliveryStatusReply, BackendError> {
+        let req = proto::DeliveryStatusQuery { request_id: 0, message_ids: message_ids.to_vec() };
+        match self.call(Request::Status(req))? {
+            Reply::Status(r) => Ok(r),
+            other => Err(wrong_reply(FrameKind::DeliveryStatusReply, &other)),
         }
     }
 
@@ -688,6 +732,7 @@ mod tests {
             Frame::GroupUpdate(r) => r.request_id,
             Frame::KickRequest(r) => r.request_id,
             Frame::PresenceQuery(r) => r.request_id,
+            Frame::DeliveryStatusQuery(r) => r.request_id,
             other => panic!("not a request: {other:?}"),
         }
     }
@@ -787,7 +832,7 @@ mod tests {
                         target: "u1".into(),
                         status: proto::PushStatus::Delivered as i32,
                         sessions: 2,
-                        reason: String::new(),
+                        ..Default::default()
                     }],
                 }),
             ]);

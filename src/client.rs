@@ -5,6 +5,18 @@
 //! interval and treats a missing `Pong` as a dead link. Server errors and
 //! kicks come back as typed [`ClientError`]s carrying the code and whether
 //! reconnecting is allowed.
+//!
+//! At-least-once messages: the client declares ACK support in `Auth`
+//! (by default), drops messages whose sequence it has already seen
+//! (counted: [`ClientSession::duplicates`]), and acknowledges a message once
+//! the application has handled it, which [`Connection::next_event`] takes
+//! to be when the application asks for the next event (or calls
+//! [`Connection::ack_now`]). Acks are cumulative: one goes out before the
+//! connection waits for the network, or after `ack_every` messages handled
+//! in a burst. Nothing is persisted: [`Connection::last_seq`] is the last
+//! sequence handled; an application that stores it and passes it back in
+//! [`ClientOptions::last_seq`] resumes after it, across reconnects and
+//! restarts.
 
 use std::collections::VecDeque;
 use std::io;
@@ -29,12 +41,21 @@ pub struct ClientOptions {
     pub device: String,
     pub platform: String,
     pub client_version: String,
+    /// Bit set of `proto::Capability` values; [`ClientOptions::new`] sets
+    /// `CAPABILITY_ACK`. Without it the node sends stored messages once and
+    /// never resends them.
     pub capabilities: u32,
+    /// The last at-least-once sequence the application handled (0: none):
+    /// the node replays what follows it.
     pub last_seq: u64,
     /// Requested heartbeat interval in ms (0 = server default).
     pub heartbeat_ms: u32,
     /// How long to wait for `AuthOk` and for each `Pong`, in ms.
     pub response_timeout_ms: u64,
+    /// Acknowledge after this many handled messages even while more are
+    /// already buffered (an ACK also goes out whenever the connection is
+    /// about to wait for the network). 0 is taken as 1.
+    pub ack_every: u32,
 }
 
 impl ClientOptions {
@@ -43,6 +64,8 @@ impl ClientOptions {
             token: token.into(),
             client_version: env!("CARGO_PKG_VERSION").into(),
             response_timeout_ms: 10_000,
+            capabilities: proto::Capability::Ack as u32,
+            ack_every: 16,
             ..Default::default()
         }
     }
@@ -66,6 +89,14 @@ pub enum ClientEvent {
     /// The answer to a Request, when it arrives while the application waits
     /// for something else (see [`Connection::request`]).
     Response(proto::Response),
+    /// The node cannot replay the at-least-once messages `from_seq..=to_seq`
+    /// (retention exceeded, or its store lost them): fetch what was missed
+    /// from the business backend. Handling this event moves
+    /// [`Connection::last_seq`] to `to_seq`.
+    ResyncRequired {
+        from_seq: u64,
+        to_seq: u64,
+    },
 }
 
 /// Why the connection ended (or could not start).
@@ -130,6 +161,17 @@ pub struct ClientSession {
     awaiting_pong: Option<(Millis, Millis)>,
     /// Auth must be answered by then.
     auth_deadline: Millis,
+    /// Highest sequence accepted from the wire; anything at or below it is
+    /// a duplicate.
+    received_seq: u64,
+    /// Highest sequence the application handled ([`ClientSession::last_seq`]).
+    handled_seq: u64,
+    /// Highest sequence acknowledged to the node (Auth.last_seq counts).
+    acked_seq: u64,
+    /// Messages handled since the last Ack.
+    unacked: u32,
+    /// Duplicate messages dropped.
+    duplicates: u64,
 }
 
 impl ClientSession {
@@ -145,6 +187,7 @@ impl ClientSession {
             heartbeat_ms: opts.heartbeat_ms,
         });
         let auth_deadline = now.add_ms(opts.response_timeout_ms);
+        let last = opts.last_seq;
         (
             ClientSession {
                 opts,
@@ -153,6 +196,11 @@ impl ClientSession {
                 next_ping: Millis(u64::MAX),
                 awaiting_pong: None,
                 auth_deadline,
+                received_seq: last,
+                handled_seq: last,
+                acked_seq: last,
+                unacked: 0,
+                duplicates: 0,
             },
             auth,
         )
@@ -160,6 +208,43 @@ impl ClientSession {
 
     pub fn phase(&self) -> ClientPhase {
         self.phase
+    }
+
+    /// The last at-least-once sequence the application handled: persist it
+    /// and pass it in [`ClientOptions::last_seq`] to resume after it.
+    pub fn last_seq(&self) -> u64 {
+        self.handled_seq
+    }
+
+    /// Duplicate at-least-once messages received and dropped.
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates
+    }
+
+    fn acks(&self) -> bool {
+        self.opts.capabilities & proto::Capability::Ack as u32 != 0
+    }
+
+    /// The application handled everything up to `seq` (a message's seq, or
+    /// the end of a ResyncRequired range).
+    pub fn handled(&mut self, seq: u64) {
+        if seq > self.handled_seq {
+            self.handled_seq = seq;
+            self.unacked += 1;
+        }
+    }
+
+    /// The Ack to send: always when something handled is unacknowledged and
+    /// `now_or_batch` is true (the connection is about to wait), otherwise
+    /// only once `ack_every` messages are waiting for one.
+    pub fn poll_ack(&mut self, now_or_batch: bool) -> Option<Frame> {
+        let batch = self.unacked >= self.opts.ack_every.max(1);
+        if !self.acks() || self.handled_seq <= self.acked_seq || !(now_or_batch || batch) {
+            return None;
+        }
+        self.acked_seq = self.handled_seq;
+        self.unacked = 0;
+        Some(Frame::Ack(proto::Ack { seq: self.handled_seq }))
     }
 
     pub fn handle_frame(&mut self, now: Millis, frame: Frame) -> Result<Option<ClientEvent>, ClientError> {
@@ -181,7 +266,19 @@ impl ClientSession {
             (ClientPhase::Active, Frame::GoAway(g)) => {
                 Ok(Some(ClientEvent::GoAway { endpoint: g.endpoint, reason: g.reason }))
             }
-            (ClientPhase::Active, Frame::Message(m)) => Ok(Some(ClientEvent::Message(m))),
+            (ClientPhase::Active, Frame::Message(m)) if m.seq != 0 && m.seq <= self.received_seq => {
+                // Resent (or replayed) and already seen: drop it.
+                self.duplicates += 1;
+                Ok(None)
+            }
+            (ClientPhase::Active, Frame::Message(m)) => {
+                self.received_seq = self.received_seq.max(m.seq);
+                Ok(Some(ClientEvent::Message(m)))
+            }
+            (ClientPhase::Active, Frame::ResyncRequired(r)) => {
+                self.received_seq = self.received_seq.max(r.to_seq);
+                Ok(Some(ClientEvent::ResyncRequired { from_seq: r.from_seq, to_seq: r.to_seq }))
+            }
             (ClientPhase::Active, Frame::Response(r)) => Ok(Some(ClientEvent::Response(r))),
             (_, other) => Err(ClientError::Unexpected(other.kind())),
         }
@@ -241,6 +338,9 @@ pub struct Connection {
     max_frame_bytes: u32,
     /// Id for the next Request this connection sends.
     next_request_id: u64,
+    /// Sequence of the last event handed to the application (a Message, or
+    /// the end of a ResyncRequired range): handled once it asks for more.
+    in_app: Option<u64>,
 }
 
 impl Connection {
@@ -282,6 +382,7 @@ impl Connection {
             epoch,
             max_frame_bytes: codec::DEFAULT_MAX_BODY,
             next_request_id: 1,
+            in_app: None,
         };
         conn.send(&auth).await?;
         match conn.next_event().await? {
@@ -290,6 +391,7 @@ impl Connection {
                 ClientEvent::Pong { .. } => proto::FrameKind::Pong,
                 ClientEvent::Message(_) => proto::FrameKind::Message,
                 ClientEvent::Response(_) => proto::FrameKind::Response,
+                ClientEvent::ResyncRequired { .. } => proto::FrameKind::ResyncRequired,
                 _ => proto::FrameKind::GoAway,
             })),
         }
@@ -301,6 +403,44 @@ impl Connection {
 
     pub fn session(&self) -> &ClientSession {
         &self.session
+    }
+
+    /// The last at-least-once sequence the application handled (see
+    /// [`ClientSession::last_seq`]).
+    pub fn last_seq(&self) -> u64 {
+        self.session.last_seq()
+    }
+
+    /// Duplicate at-least-once messages received and dropped.
+    pub fn duplicates(&self) -> u64 {
+        self.session.duplicates()
+    }
+
+    /// Marks the event last returned by [`Connection::next_event`] as
+    /// handled and acknowledges everything handled, now, instead of when
+    /// the application next asks for an event.
+    pub async fn ack_now(&mut self) -> Result<(), ClientError> {
+        self.mark_handled();
+        match self.session.poll_ack(true) {
+            Some(ack) => self.send(&ack).await,
+            None => Ok(()),
+        }
+    }
+
+    fn mark_handled(&mut self) {
+        if let Some(seq) = self.in_app.take() {
+            self.session.handled(seq);
+        }
+    }
+
+    /// Hands `ev` to the application, remembering its sequence.
+    fn hand_to_app(&mut self, ev: ClientEvent) -> ClientEvent {
+        self.in_app = match &ev {
+            ClientEvent::Message(m) if m.seq != 0 => Some(m.seq),
+            ClientEvent::ResyncRequired { to_seq, .. } => Some(*to_seq),
+            _ => None,
+        };
+        ev
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -398,14 +538,20 @@ impl Connection {
     }
 
     /// Waits for the next event, sending heartbeats as they fall due.
-    /// Returns the error that ended the session.
+    /// Returns the error that ended the session. Calling it again means the
+    /// event it returned last was handled (at-least-once messages are
+    /// acknowledged from then on).
     pub async fn next_event(&mut self) -> Result<ClientEvent, ClientError> {
+        self.mark_handled();
+        if let Some(ack) = self.session.poll_ack(false) {
+            self.send(&ack).await?;
+        }
         if let Some(ev) = self.events.pop_front() {
-            return Ok(ev);
+            return Ok(self.hand_to_app(ev));
         }
         loop {
             if let Some(ev) = self.read_event(None).await? {
-                return Ok(ev);
+                return Ok(self.hand_to_app(ev));
             }
         }
     }
@@ -423,6 +569,10 @@ impl Connection {
                     return Ok(Some(ev));
                 }
                 continue;
+            }
+            // About to wait for the network: acknowledge what was handled.
+            if let Some(ack) = self.session.poll_ack(true) {
+                self.send(&ack).await?;
             }
             let wake = self.session.poll_timeout();
             let now = self.now();
@@ -484,6 +634,67 @@ mod tests {
         let ev = s.handle_frame(Millis(1_040), Frame::Pong).unwrap();
         assert_eq!(ev, Some(ClientEvent::Pong { rtt_ms: 40 }));
         assert_eq!(s.poll_timeout(), Millis(2_000));
+    }
+
+    fn message(seq: u64) -> Frame {
+        Frame::Message(proto::Message { seq, message_id: seq + 1000, ..Default::default() })
+    }
+
+    #[test]
+    fn duplicates_are_dropped_and_counted_and_acks_are_cumulative() {
+        let mut s = active(Millis(0), 10_000);
+        let mut got = Vec::new();
+        for seq in [11, 12, 12, 13, 11, 14] {
+            if let Some(ClientEvent::Message(m)) = s.handle_frame(Millis(1), message(seq)).unwrap() {
+                got.push(m.seq);
+            }
+        }
+        assert_eq!(got, [11, 12, 13, 14]);
+        assert_eq!(s.duplicates(), 2);
+        // At-most-once messages (seq 0) are never duplicates.
+        assert!(s.handle_frame(Millis(1), message(0)).unwrap().is_some());
+        assert!(s.handle_frame(Millis(1), message(0)).unwrap().is_some());
+        assert_eq!(s.poll_ack(true), None, "nothing handled yet");
+        s.handled(11);
+        s.handled(12);
+        assert_eq!(s.poll_ack(false), None, "below ack_every: waits for more");
+        assert_eq!(s.poll_ack(true), Some(Frame::Ack(proto::Ack { seq: 12 })));
+        assert_eq!(s.poll_ack(true), None);
+        assert_eq!(s.last_seq(), 12);
+    }
+
+    #[test]
+    fn ack_every_batches_and_resume_starts_from_last_seq() {
+        let mut opts = ClientOptions::new("t");
+        opts.last_seq = 100;
+        opts.ack_every = 3;
+        let (mut s, auth) = ClientSession::new(opts, Millis(0));
+        let Frame::Auth(a) = auth else { panic!() };
+        assert_eq!((a.last_seq, a.capabilities), (100, proto::Capability::Ack as u32));
+        s.handle_frame(Millis(0), Frame::AuthOk(proto::AuthOk { heartbeat_ms: 1000, ..Default::default() })).unwrap();
+        assert!(s.handle_frame(Millis(1), message(100)).unwrap().is_none(), "already handled before");
+        for seq in 101..=103 {
+            assert!(s.handle_frame(Millis(1), message(seq)).unwrap().is_some());
+            s.handled(seq);
+        }
+        assert_eq!(s.poll_ack(false), Some(Frame::Ack(proto::Ack { seq: 103 })));
+        // A gap the node cannot fill.
+        let resync = Frame::ResyncRequired(proto::ResyncRequired { from_seq: 104, to_seq: 110 });
+        let ev = s.handle_frame(Millis(2), resync).unwrap();
+        assert_eq!(ev, Some(ClientEvent::ResyncRequired { from_seq: 104, to_seq: 110 }));
+        s.handled(110);
+        assert_eq!(s.last_seq(), 110);
+    }
+
+    #[test]
+    fn a_client_without_ack_support_never_acks() {
+        let mut opts = ClientOptions::new("t");
+        opts.capabilities = 0;
+        let (mut s, _) = ClientSession::new(opts, Millis(0));
+        s.handle_frame(Millis(0), Frame::AuthOk(proto::AuthOk { heartbeat_ms: 1000, ..Default::default() })).unwrap();
+        s.handle_frame(Millis(1), message(5)).unwrap();
+        s.handled(5);
+        assert_eq!(s.poll_ack(true), None);
     }
 
     #[test]

@@ -83,6 +83,75 @@ config_struct! {
         /// Upstream: client requests forwarded to service backends,
         /// connection events, dedup of retries, per-connection rate limit.
         pub upstream: UpstreamConfig = UpstreamConfig::default(),
+        /// Reliable (at-least-once) delivery: timelines, ACK window,
+        /// retransmission, retention.
+        pub delivery: DeliveryConfig = DeliveryConfig::default(),
+    }
+}
+
+config_struct! {
+    /// `[delivery]`: at-least-once pushes. Each message gets a per-device
+    /// sequence and is appended to the device's timeline before the push is
+    /// answered STORED; it is sent through a bounded window of unacknowledged
+    /// messages, resent until the client ACKs it, and replayed when the
+    /// client resumes. The timeline store is in memory (default: per shard,
+    /// single node, lost on restart, so resuming clients are told about the
+    /// gap) or Redis (redis_url; survives node restarts, shared by nodes).
+    pub struct DeliveryConfig {
+        /// Messages sent to one device and not yet acknowledged; later ones
+        /// wait in the timeline. Default: 32. Allowed: 1 to 1024.
+        pub window: u32 = 32,
+        /// N: delay before each of the first retry_fast resends of an
+        /// unacknowledged message, in ms. A device whose messages needed
+        /// resends uses its measured recovery time instead, until a message
+        /// is acknowledged on its first send. Default: 2000. Allowed: 10 to
+        /// 600000.
+        pub retry_base_ms: u32 = 2_000,
+        /// Resends at the short delay N before the delay grows. Default: 4.
+        pub retry_fast: u8 = 4,
+        /// M: growth of the delay per further resend, in ms. Default: 5000.
+        pub retry_step_ms: u32 = 5_000,
+        /// MAX: the longest delay between resends, in ms. Default: 60000.
+        /// At least retry_base_ms.
+        pub retry_max_delay_ms: u32 = 60_000,
+        /// Resends before the node stops resending on this connection; the
+        /// message stays in the timeline and is replayed when the client
+        /// reconnects. Default: 10. Allowed: 1 to 255.
+        pub max_retries: u8 = 10,
+        /// Messages kept per device timeline; older unacknowledged ones are
+        /// dropped and reported to the client as a missing range
+        /// (ResyncRequired). Default: 1000. Minimum: 1.
+        pub retention_messages: u32 = 1_000,
+        /// Age after which an unacknowledged message is dropped, in ms.
+        /// Default: 604800000 (7 days).
+        pub retention_age_ms: u64 = 7 * 24 * 3600 * 1000,
+        /// Status records of acknowledged and expired messages kept for the
+        /// delivery status query (memory store: per shard). Default: 100000.
+        pub status_records: u32 = 100_000,
+        /// Redis URL of the timeline store, e.g. "redis://10.0.0.7:6379/".
+        /// Default: "" (the embedded memory store). `serve --redis URL`
+        /// overrides it.
+        pub redis_url: String = String::new(),
+        /// Prefix of every key the node writes to Redis: 1 to 64 of
+        /// A-Z a-z 0-9 _ . : -. Default: "ll".
+        pub redis_prefix: String = "ll".into(),
+        /// A timeline untouched this long is deleted from Redis (its
+        /// sequence counter stays), in seconds. Default: 604800 (7 days).
+        pub redis_idle_ttl_secs: u64 = 7 * 24 * 3600,
+        /// How long a message's status stays queryable in Redis after it was
+        /// acknowledged or dropped, in seconds. Default: 86400.
+        pub redis_status_ttl_secs: u64 = 86_400,
+        /// Connect and read/write timeout of the Redis connection, in ms.
+        /// Default: 2000.
+        pub redis_timeout_ms: u64 = 2_000,
+        /// Connections to Redis for the timeline store, each with its own
+        /// thread; a device always uses the same one (its calls stay in
+        /// order). Default: 2. Allowed: 1 to 16.
+        pub redis_connections: u32 = 2,
+        /// This node's number among the nodes sharing one Redis store; it is
+        /// part of every message id, so ids never collide. Default: 0.
+        /// Allowed: 0 to 15.
+        pub node_index: u16 = 0,
     }
 }
 
@@ -377,6 +446,9 @@ const MAX_CLOCK_LEEWAY_SECS: u32 = 3600;
 /// Tokens cannot be revoked, so their lifetime is bounded.
 const MAX_TOKEN_TTL_SECS: u64 = 366 * 24 * 3600;
 const MAX_NODE_NAME_BYTES: usize = 255;
+/// Message ids carry 10 worker bits: node_index (4) and shard (6, which
+/// the 64-shard limit of the user directory keeps within range).
+const MAX_NODE_INDEX: u16 = 15;
 
 impl Config {
     /// Reads and validates `path`, or the built-in defaults when `None`.
@@ -427,6 +499,7 @@ impl Config {
         check_range("push.broadcast_rate_per_sec", self.push.broadcast_rate_per_sec, 1, u32::MAX, "")?;
         check_range("server.shards", self.server.shards, 0, 64, " (the user directory keeps a 64-bit shard set)")?;
         self.upstream.validate()?;
+        self.delivery.validate()?;
         check_range("auth.clock_leeway_secs", self.auth.clock_leeway_secs, 0, MAX_CLOCK_LEEWAY_SECS, "")?;
         check_range(
             "auth.default_token_ttl_secs",
@@ -646,6 +719,64 @@ impl UpstreamConfig {
     }
 }
 
+impl DeliveryConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        check_range("delivery.window", self.window, 1, 1024, "")?;
+        check_range("delivery.retry_base_ms", self.retry_base_ms, 10, 600_000, "")?;
+        check_range("delivery.retry_step_ms", self.retry_step_ms, 0, 3_600_000, "")?;
+        check_range(
+            "delivery.retry_max_delay_ms",
+            self.retry_max_delay_ms,
+            self.retry_base_ms,
+            3_600_000,
+            " (delivery.retry_base_ms..=1 h)",
+        )?;
+        check_min("delivery.max_retries", self.max_retries, 1, "")?;
+        check_min("delivery.retention_messages", self.retention_messages, 1, "")?;
+        check_min("delivery.retention_age_ms", self.retention_age_ms, 1000, "")?;
+        check_min("delivery.status_records", self.status_records, 1, "")?;
+        if !self.redis_url.is_empty() && !self.redis_url.starts_with("redis://") {
+            return Err(invalid(
+                "delivery.redis_url",
+                format!("{:?} must start with redis:// (or be empty for the memory store)", self.redis_url),
+            ));
+        }
+        let prefix_ok = |c: char| c.is_ascii_alphanumeric() || "_.:-".contains(c);
+        if self.redis_prefix.is_empty() || self.redis_prefix.len() > 64 || !self.redis_prefix.chars().all(prefix_ok) {
+            return Err(invalid(
+                "delivery.redis_prefix",
+                format!("{:?} must be 1 to 64 of A-Z a-z 0-9 _ . : - (default \"ll\")", self.redis_prefix),
+            ));
+        }
+        check_min("delivery.redis_idle_ttl_secs", self.redis_idle_ttl_secs, 1, "")?;
+        check_min("delivery.redis_status_ttl_secs", self.redis_status_ttl_secs, 1, "")?;
+        check_range("delivery.redis_timeout_ms", self.redis_timeout_ms, 10, 60_000, "")?;
+        check_range("delivery.redis_connections", self.redis_connections, 1, 16, "")?;
+        check_range("delivery.node_index", self.node_index, 0, MAX_NODE_INDEX, " (4 bits of every message id)")?;
+        Ok(())
+    }
+
+    /// The retransmission schedule.
+    pub fn retry_policy(&self) -> crate::delivery::RetryPolicy {
+        crate::delivery::RetryPolicy {
+            base_delay_ms: self.retry_base_ms,
+            fast_retries: self.retry_fast,
+            step_ms: self.retry_step_ms,
+            max_delay_ms: self.retry_max_delay_ms,
+            max_retries: self.max_retries,
+        }
+    }
+
+    /// Timeline retention.
+    pub fn retention(&self) -> crate::store::Retention {
+        crate::store::Retention {
+            max_messages: self.retention_messages as usize,
+            max_age_ms: self.retention_age_ms,
+            max_status_records: self.status_records as usize,
+        }
+    }
+}
+
 /// `host:port` with a non-empty host and a numeric port (IPv6 in brackets).
 fn is_host_port(text: &str) -> bool {
     if text.parse::<SocketAddr>().is_ok() {
@@ -712,6 +843,7 @@ fn section_fields(name: &str) -> &'static [FieldDoc] {
         "auth" => AuthConfig::FIELDS,
         "push" => PushConfig::FIELDS,
         "upstream" => UpstreamConfig::FIELDS,
+        "delivery" => DeliveryConfig::FIELDS,
         // A new section must be listed here; the round-trip test fails
         // until it is.
         _ => &[],
@@ -791,12 +923,13 @@ mod tests {
             let doc: Vec<&str> = lines[..i].iter().rev().take_while(|l| l.starts_with('#')).copied().collect();
             assert!(doc.iter().any(|l| l.contains("Default")), "`{line}` lacks a doc comment with its default");
         }
-        let expected = Config::FIELDS.len() - 5
+        let expected = Config::FIELDS.len() - 6
             + ServerConfig::FIELDS.len()
             + SessionConfig::FIELDS.len()
             + AuthConfig::FIELDS.len()
             + PushConfig::FIELDS.len()
-            + UpstreamConfig::FIELDS.len();
+            + UpstreamConfig::FIELDS.len()
+            + DeliveryConfig::FIELDS.len();
         assert_eq!(fields, expected);
     }
 
@@ -898,6 +1031,14 @@ mod tests {
                 "[[upstream.services]]\nid = \"chat\"\nbackends = [\"h:1\"]\npool_size = 65",
                 "upstream.services.pool_size",
             ),
+            ("[delivery]\nwindow = 0", "delivery.window"),
+            ("[delivery]\nretry_base_ms = 5", "delivery.retry_base_ms"),
+            ("[delivery]\nretry_base_ms = 5000\nretry_max_delay_ms = 1000", "delivery.retry_max_delay_ms"),
+            ("[delivery]\nmax_retries = 0", "delivery.max_retries"),
+            ("[delivery]\nretention_messages = 0", "delivery.retention_messages"),
+            ("[delivery]\nredis_url = \"localhost:6379\"", "delivery.redis_url"),
+            ("[delivery]\nredis_prefix = \"\"", "delivery.redis_prefix"),
+            ("[delivery]\nnode_index = 16", "delivery.node_index"),
         ];
         for (text, field) in cases {
             let (got, message) = invalid_field(text);

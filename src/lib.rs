@@ -10,6 +10,9 @@
 //! - [`shard`]: one executor's world: listener, sessions, indexes, delivery.
 //! - [`mesh`]: messages between shards; [`outq`]: bounded outbound queues.
 //! - [`push`]: the push port: backend requests split over shards and merged.
+//! - [`delivery`], [`store`] (+ [`store_redis`]), [`reliable`]: at-least-once
+//!   delivery: per-device windows and resend schedule, timelines, and the
+//!   shard code that ties them to sessions (ACKs, resends, resume).
 //! - [`groups`]: per-shard group membership.
 //! - [`server`]: starts the shards and wires the mesh between them.
 //! - [`client`]: client session state machine and its glommio driver.
@@ -35,6 +38,7 @@ pub mod outq;
 pub mod proto;
 pub mod push;
 pub mod redis_link;
+pub mod reliable;
 pub mod router;
 pub mod sdk;
 pub mod server;

@@ -43,6 +43,11 @@ enum Command {
         /// Client listen address; overrides `server.client_listen`.
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// Keep at-least-once timelines in this Redis (e.g.
+        /// redis://127.0.0.1:6379/) instead of memory; overrides
+        /// `delivery.redis_url`.
+        #[arg(long, value_name = "URL")]
+        redis: Option<String>,
     },
     /// Mint a connect token signed with the node's key (the dev key in
     /// `data_dir` when no keys are configured).
@@ -73,6 +78,14 @@ enum Command {
         /// Requested heartbeat interval in ms (0 = the server's default).
         #[arg(long, default_value_t = 0)]
         heartbeat_ms: u32,
+        /// Resume after this at-least-once sequence (the `last_seq` a
+        /// previous run printed when it closed).
+        #[arg(long, default_value_t = 0)]
+        last_seq: u64,
+        /// Act as an old client without ACK support: stored messages arrive
+        /// once, never resent.
+        #[arg(long)]
+        no_ack: bool,
     },
     /// Print the default configuration as commented TOML.
     GenerateConfig,
@@ -88,6 +101,9 @@ enum Command {
     /// Ask a node which devices, users and groups are online, and how many
     /// connections each shard holds; prints JSON lines.
     Online(OnlineArgs),
+    /// Ask where at-least-once messages are (stored, sent, acked with times,
+    /// expired, unknown); prints one JSON line per message id.
+    Status(StatusArgs),
     /// Connect as a client, send one upstream request to a service and print
     /// the Response as a JSON line (exit status 1 unless its status is OK).
     Request {
@@ -151,8 +167,28 @@ struct PushArgs {
     /// How long the message stays deliverable, in ms; 0 means no limit.
     #[arg(long, default_value_t = 0)]
     ttl_ms: u32,
+    /// Delivery guarantee. at-least-once (devices and users only) stores the
+    /// message in each device's timeline first; the result says STORED with
+    /// the copy's seq and message_id.
+    #[arg(long, value_enum, default_value_t = QosArg::AtMostOnce)]
+    qos: QosArg,
     /// The message; its UTF-8 bytes are the payload.
     message: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum QosArg {
+    AtMostOnce,
+    AtLeastOnce,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    port: PushPort,
+    /// Message ids (from `longlink push --qos at-least-once`).
+    #[arg(required = true, value_delimiter = ',')]
+    message_ids: Vec<u64>,
 }
 
 #[derive(Subcommand)]
@@ -229,7 +265,7 @@ fn init_tracing() {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Serve { config, shards, listen } => serve(config, shards, listen),
+        Command::Serve { config, shards, listen, redis } => serve(config, shards, listen, redis),
         Command::Token { user, device, app, ttl, config } => {
             let cfg = Config::load(config.as_deref())?;
             let ttl_secs = match ttl {
@@ -242,12 +278,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", keyring.mint(&user, &device, &app, now, now + ttl));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Client { server, token, platform, heartbeat_ms } => run_client(server, token, platform, heartbeat_ms),
+        Command::Client { server, token, platform, heartbeat_ms, last_seq, no_ack } => {
+            let mut opts = ClientOptions::new(token);
+            opts.platform = platform;
+            opts.heartbeat_ms = heartbeat_ms;
+            opts.last_seq = last_seq;
+            if no_ack {
+                opts.capabilities = 0;
+            }
+            run_client(server, opts)
+        }
         Command::GenerateConfig => {
             print!("{}", Config::default_toml());
             Ok(ExitCode::SUCCESS)
         }
         Command::Push(args) => with_push_port(&args.port, |c| push(c, &args)),
+        Command::Status(args) => with_push_port(&args.port, |c| {
+            let reply = c.delivery_status(&args.message_ids)?;
+            reply.statuses.iter().for_each(|s| emit(status_json(s)));
+            Ok(())
+        }),
         Command::Group(GroupCommand::Join(args)) => with_push_port(&args.port, |c| {
             let reply = c.group_update::<String>(&args.group, &args.devices, &[])?;
             reply.results.iter().for_each(|r| emit(target_result_json(r)));
@@ -369,9 +419,18 @@ fn push(client: &mut PushClient, args: &PushArgs) -> Result<(), BackendError> {
         group: args.group.clone().unwrap_or_default(),
         broadcast: args.all,
     };
-    let service = args.service.as_deref().unwrap_or_default();
-    let payload = bytes::Bytes::copy_from_slice(args.message.as_bytes());
-    let reply = client.push(targets, payload, service, args.ttl_ms)?;
+    let qos = match args.qos {
+        QosArg::AtMostOnce => proto::Qos::AtMostOnce,
+        QosArg::AtLeastOnce => proto::Qos::AtLeastOnce,
+    };
+    let reply = client.push_request(proto::PushRequest {
+        request_id: 0,
+        targets: Some(targets),
+        payload: bytes::Bytes::copy_from_slice(args.message.as_bytes()),
+        service_id: args.service.clone().unwrap_or_default(),
+        ttl_ms: args.ttl_ms,
+        qos: qos as i32,
+    })?;
     if per_target {
         reply.results.iter().for_each(|r| emit(target_result_json(r)));
     } else {
@@ -379,6 +438,7 @@ fn push(client: &mut PushClient, args: &PushArgs) -> Result<(), BackendError> {
             "status": push_status_name(reply.status),
             "delivered": reply.delivered,
             "not_online": reply.not_online,
+            "message_id": reply.message_id,
             "reason": non_empty(&reply.reason),
         }));
     }
@@ -386,11 +446,35 @@ fn push(client: &mut PushClient, args: &PushArgs) -> Result<(), BackendError> {
 }
 
 fn target_result_json(r: &proto::TargetResult) -> serde_json::Value {
-    json!({
+    let mut line = json!({
         "target": r.target,
         "status": push_status_name(r.status),
         "sessions": r.sessions,
         "reason": non_empty(&r.reason),
+    });
+    if r.seq != 0 {
+        line["seq"] = json!(r.seq);
+        line["message_id"] = json!(r.message_id);
+    }
+    if !r.copies.is_empty() {
+        line["copies"] =
+            r.copies.iter().map(|c| json!({"device": c.device, "seq": c.seq, "message_id": c.message_id})).collect();
+    }
+    line
+}
+
+fn status_json(s: &proto::MessageStatus) -> serde_json::Value {
+    let state = proto::DeliveryState::try_from(s.state)
+        .map_or("UNKNOWN", |st| st.as_str_name().strip_prefix("DELIVERY_STATE_").unwrap_or(st.as_str_name()));
+    let ms = |v: u64| (v != 0).then_some(v);
+    json!({
+        "message_id": s.message_id,
+        "state": state,
+        "device": non_empty(&s.device),
+        "seq": (s.seq != 0).then_some(s.seq),
+        "stored_at_ms": ms(s.stored_at_ms),
+        "sent_at_ms": ms(s.sent_at_ms),
+        "acked_at_ms": ms(s.acked_at_ms),
     })
 }
 
@@ -447,13 +531,21 @@ fn parse_error_code(name: &str) -> Result<ErrorCode, String> {
     }
 }
 
-fn serve(config: Option<PathBuf>, shards: Option<u16>, listen: Option<SocketAddr>) -> anyhow::Result<ExitCode> {
+fn serve(
+    config: Option<PathBuf>,
+    shards: Option<u16>,
+    listen: Option<SocketAddr>,
+    redis: Option<String>,
+) -> anyhow::Result<ExitCode> {
     let mut cfg = Config::load(config.as_deref())?;
     if let Some(n) = shards {
         cfg.server.shards = n;
     }
     if let Some(addr) = listen {
         cfg.server.client_listen = addr;
+    }
+    if let Some(url) = redis {
+        cfg.delivery.redis_url = url;
     }
     cfg.validate()?;
     match cfg.keyring()?.1 {
@@ -478,15 +570,13 @@ fn serve(config: Option<PathBuf>, shards: Option<u16>, listen: Option<SocketAddr
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_client(server: SocketAddr, token: String, platform: String, heartbeat_ms: u32) -> anyhow::Result<ExitCode> {
+fn run_client(server: SocketAddr, opts: ClientOptions) -> anyhow::Result<ExitCode> {
     let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
         .io_memory(64 * 1024)
         .make()
         .map_err(|e| anyhow::anyhow!("starting the client executor: {e}"))?;
     ex.run(async move {
-        let mut opts = ClientOptions::new(token);
-        opts.platform = platform;
-        opts.heartbeat_ms = heartbeat_ms;
+        let mut last_seq = opts.last_seq;
         let result = match Connection::connect(server, opts).await {
             Ok((mut conn, ok)) => {
                 emit(json!({
@@ -512,14 +602,23 @@ fn run_client(server: SocketAddr, token: String, platform: String, heartbeat_ms:
                             "payload": String::from_utf8_lossy(&m.payload),
                         })),
                         Ok(ClientEvent::Response(r)) => emit(response_json(&r)),
+                        Ok(ClientEvent::ResyncRequired { from_seq, to_seq }) => {
+                            emit(json!({"event": "resync_required", "from_seq": from_seq, "to_seq": to_seq}))
+                        }
                         Ok(ClientEvent::Connected(_)) => {}
-                        Err(err) => break err,
+                        Err(err) => {
+                            last_seq = conn.last_seq();
+                            break err;
+                        }
                     }
                 }
             }
             Err(err) => err,
         };
-        emit(close_event(&result));
+        let mut close = close_event(&result);
+        // Printed so a later run can resume with --last-seq.
+        close["last_seq"] = json!(last_seq);
+        emit(close);
         if result.reconnect_allowed() { Ok(ExitCode::SUCCESS) } else { Ok(ExitCode::from(1)) }
     })
 }
@@ -587,6 +686,44 @@ mod tests {
             panic!("not push")
         };
         assert!(p.all && p.ttl_ms == 500 && p.service.as_deref() == Some("live"));
+        assert_eq!(p.qos, QosArg::AtMostOnce);
+        let Command::Push(p) = parse(&["push", "--device", "d", "--qos", "at-least-once", "m"]).unwrap().command else {
+            panic!("not push")
+        };
+        assert_eq!(p.qos, QosArg::AtLeastOnce);
+        let Command::Status(s) = parse(&["status", "--server", "h:1", "7", "8,9"]).unwrap().command else {
+            panic!("not status")
+        };
+        assert_eq!(s.message_ids, [7, 8, 9]);
+        assert!(parse(&["status"]).is_err(), "ids are required");
+    }
+
+    #[test]
+    fn stored_results_and_statuses_print_their_sequences() {
+        let r = proto::TargetResult {
+            target: "d".into(),
+            status: proto::PushStatus::Stored as i32,
+            sessions: 1,
+            seq: 42,
+            message_id: 7,
+            ..Default::default()
+        };
+        let line = target_result_json(&r);
+        assert_eq!(
+            (line["status"].as_str(), line["seq"].as_u64(), line["message_id"].as_u64()),
+            (Some("STORED"), Some(42), Some(7))
+        );
+        let s = proto::MessageStatus {
+            message_id: 7,
+            state: proto::DeliveryState::Acked as i32,
+            device: "d".into(),
+            seq: 42,
+            stored_at_ms: 1,
+            sent_at_ms: 2,
+            acked_at_ms: 3,
+        };
+        assert_eq!(status_json(&s)["state"], "ACKED");
+        assert_eq!(status_json(&proto::MessageStatus::default())["state"], "UNKNOWN");
     }
 
     #[test]
@@ -685,7 +822,7 @@ mod tests {
             target: "d".into(),
             status: proto::PushStatus::NotOnline as i32,
             sessions: 0,
-            reason: String::new(),
+            ..Default::default()
         };
         assert_eq!(
             target_result_json(&r),

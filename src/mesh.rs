@@ -36,6 +36,13 @@ pub enum ShardMsg {
     /// Deliver `frame` to these devices (the receiver owns them); answer
     /// with [`Part::Sessions`] indexed like `items`.
     Devices { origin: Origin, items: Vec<(u32, String)>, frame: Bytes },
+    /// At-least-once: append `msg` to these devices' timelines (the
+    /// receiver owns them), as `(target index, device, message id)`, then
+    /// send it to those online; answer with [`Part::Stored`].
+    StoreDevices { origin: Origin, items: Vec<(u32, String, u64)>, msg: Arc<Outgoing> },
+    /// Look these message ids up in the receiver's timeline store; answer
+    /// with [`Part::Status`].
+    DeliveryStatus { origin: Origin, ids: Arc<Vec<u64>> },
     /// The receiver is the home shard of these users: find the shards
     /// holding their sessions and forward [`ShardMsg::Users`] there; answer
     /// with [`Part::Expect`].
@@ -75,7 +82,35 @@ pub struct PresenceQuery {
 #[derive(Clone, Debug)]
 pub enum UserAction {
     Deliver(Bytes),
-    Kick { code: proto::ErrorCode, reason: String },
+    Kick {
+        code: proto::ErrorCode,
+        reason: String,
+    },
+    /// At-least-once: a stored copy per device (answered with [`Part::Stored`]).
+    Store(Arc<Outgoing>),
+}
+
+/// An at-least-once message, shared by all its copies.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub service_id: String,
+    pub payload: Bytes,
+    /// Unix ms after which it is dropped (0: retention only).
+    pub expires_at_ms: u64,
+}
+
+/// What happened to one device's copy of an at-least-once message.
+#[derive(Debug, Default)]
+pub struct CopyResult {
+    /// Index of the target (device or user) in the request.
+    pub idx: u32,
+    pub device: String,
+    pub seq: u64,
+    pub message_id: u64,
+    /// Sessions it was sent to at once (0 or 1).
+    pub sessions: u32,
+    /// Set when the store failed: the copy was not stored.
+    pub error: Option<String>,
 }
 
 /// A piece of an answer, merged into the pending request on its origin.
@@ -89,6 +124,10 @@ pub enum Part {
     Expect { parts: u32 },
     /// Presence answer of one shard.
     Presence(Box<PresencePart>),
+    /// At-least-once copies stored (or not) by one shard.
+    Stored(Vec<CopyResult>),
+    /// Delivery statuses one shard's store knows, by query index.
+    Status(Vec<(u32, proto::MessageStatus)>),
 }
 
 /// One shard's answer to a presence query.

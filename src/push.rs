@@ -23,7 +23,7 @@ use tracing::{debug, warn};
 use crate::codec::{self, CodecError, Flags, Frame};
 use crate::codes;
 use crate::ids::{ConnKey, ShardId, owner_shard};
-use crate::mesh::{Origin, Part, PresencePart, PresenceQuery, ShardMsg, UserAction};
+use crate::mesh::{Origin, Outgoing, Part, PresencePart, PresenceQuery, ShardMsg, UserAction};
 use crate::outq::OutQueue;
 use crate::proto::{self, ErrorCode, FrameKind, PushStatus};
 use crate::shard::{MAX_ID_BYTES, Shard, State, home_shard};
@@ -91,16 +91,26 @@ enum PendingKind {
     Targets {
         results: Vec<proto::TargetResult>,
         admin: bool,
+        /// User targets (stored copies are listed per device).
+        users: bool,
+        /// The message id of an at-most-once push (0: per target).
+        message_id: u64,
     },
     /// Group push (`broadcast == false`) or broadcast: sessions reached.
     Count {
         broadcast: bool,
         delivered: u64,
+        message_id: u64,
     },
     Presence {
         query: Arc<PresenceQuery>,
         shards: u16,
         parts: Vec<PresencePart>,
+    },
+    /// Delivery status query: one status per id, the first shard that
+    /// knows an id wins.
+    Status {
+        statuses: Vec<proto::MessageStatus>,
     },
 }
 
@@ -121,6 +131,39 @@ impl Pending {
             }
             (Part::Presence(p), PendingKind::Presence { parts, .. }) => {
                 parts.push(*p);
+                self.done += 1;
+            }
+            (Part::Stored(copies), PendingKind::Targets { results, users, .. }) => {
+                for c in copies {
+                    let Some(r) = results.get_mut(c.idx as usize) else { continue };
+                    if let Some(reason) = c.error {
+                        // One failed copy fails the target: the backend must
+                        // retry it (copies already stored are listed).
+                        r.status = PushStatus::Rejected as i32;
+                        r.reason = reason;
+                    } else {
+                        if r.status != PushStatus::Rejected as i32 {
+                            r.status = PushStatus::Stored as i32;
+                        }
+                        r.sessions += c.sessions;
+                        if *users {
+                            r.copies.push(proto::StoredCopy { device: c.device, seq: c.seq, message_id: c.message_id });
+                        } else {
+                            r.seq = c.seq;
+                            r.message_id = c.message_id;
+                        }
+                    }
+                }
+                self.done += 1;
+            }
+            (Part::Status(found), PendingKind::Status { statuses }) => {
+                for (idx, status) in found {
+                    if let Some(slot) = statuses.get_mut(idx as usize)
+                        && slot.state == proto::DeliveryState::Unknown as i32
+                    {
+                        *slot = status;
+                    }
+                }
                 self.done += 1;
             }
             (Part::Expect { parts }, _) => {
@@ -144,10 +187,16 @@ impl Pending {
     pub(crate) fn finish(self) -> (ConnKey, Frame) {
         let request_id = self.request_id;
         let frame = match self.kind {
-            PendingKind::Targets { mut results, admin } => {
-                let (mut delivered, mut not_online) = (0u64, 0u64);
+            PendingKind::Targets { mut results, admin, users, message_id } => {
+                let (mut delivered, mut not_online, mut stored) = (0u64, 0u64, 0u64);
                 for r in &mut results {
                     if r.status == PushStatus::Rejected as i32 {
+                        stored += r.copies.len() as u64;
+                        continue;
+                    }
+                    if r.status == PushStatus::Stored as i32 {
+                        stored += if users { r.copies.len() as u64 } else { 1 };
+                        delivered += u64::from(r.sessions);
                         continue;
                     }
                     if r.sessions > 0 {
@@ -161,7 +210,18 @@ impl Pending {
                 if admin {
                     Frame::AdminReply(proto::AdminReply { request_id, results })
                 } else {
-                    let status = if delivered > 0 { PushStatus::Delivered } else { PushStatus::NotOnline };
+                    let status = if stored > 0 {
+                        PushStatus::Stored
+                    } else if delivered > 0 {
+                        PushStatus::Delivered
+                    } else {
+                        PushStatus::NotOnline
+                    };
+                    // At-least-once ids are per copy; one device target has one.
+                    let message_id = match &results[..] {
+                        [only] if message_id == 0 && !users => only.message_id,
+                        _ => message_id,
+                    };
                     Frame::PushReply(proto::PushReply {
                         request_id,
                         results,
@@ -169,10 +229,12 @@ impl Pending {
                         not_online,
                         status: status as i32,
                         reason: String::new(),
+                        message_id,
+                        stored,
                     })
                 }
             }
-            PendingKind::Count { broadcast, delivered } => {
+            PendingKind::Count { broadcast, delivered, message_id } => {
                 let status = match (broadcast, delivered) {
                     (true, _) => PushStatus::Accepted,
                     (false, 0) => PushStatus::NotOnline,
@@ -182,10 +244,14 @@ impl Pending {
                     request_id,
                     delivered,
                     status: status as i32,
+                    message_id,
                     ..Default::default()
                 })
             }
             PendingKind::Presence { query, shards, parts } => presence_reply(request_id, &query, shards, parts),
+            PendingKind::Status { statuses } => {
+                Frame::DeliveryStatusReply(proto::DeliveryStatusReply { request_id, statuses })
+            }
         };
         (self.backend, frame)
     }
@@ -370,6 +436,7 @@ impl Shard {
             Frame::GroupUpdate(req) => self.start_group_update(st, backend, req),
             Frame::KickRequest(req) => self.start_kick(st, backend, req),
             Frame::PresenceQuery(req) => self.start_presence(st, backend, req),
+            Frame::DeliveryStatusQuery(req) => self.start_status(st, backend, req),
             other => {
                 Err(request_error(0, ErrorCode::BadFrame, format!("{:?} is not a push-port request", other.kind())))
             }
@@ -448,11 +515,24 @@ impl Shard {
         if targets.devices.len() + targets.users.len() > max_targets {
             return Err(request_error(id, ErrorCode::LimitExceeded, format!("more than {max_targets} targets")));
         }
+        let reliable = match proto::Qos::try_from(req.qos) {
+            Ok(proto::Qos::AtMostOnce) => false,
+            Ok(proto::Qos::AtLeastOnce) => true,
+            Err(_) => return Err(request_error(id, ErrorCode::BadFrame, format!("unknown qos {}", req.qos))),
+        };
+        if reliable && (targets.broadcast || !targets.group.is_empty()) {
+            return Err(request_error(
+                id,
+                ErrorCode::BadFrame,
+                "qos AT_LEAST_ONCE is for device and user targets; group and broadcast pushes are at-most-once",
+            ));
+        }
         let message = proto::Message {
             payload: req.payload,
             service_id: req.service_id,
             message_id: self.next_message_id(st),
-            seq: 0,
+            // At-least-once copies carry a sequence: count its largest size.
+            seq: if reliable { u64::MAX } else { 0 },
         };
         if message.encoded_len() > self.cfg.max_frame_bytes as usize {
             return Err(request_error(
@@ -470,11 +550,21 @@ impl Shard {
         {
             return Err(request_error(id, ErrorCode::BadFrame, format!("group: {reason}")));
         }
+        if reliable {
+            let expires_at_ms = match req.ttl_ms {
+                0 => 0,
+                ttl => self.now().unix_ms.max(0) as u64 + u64::from(ttl),
+            };
+            let msg = Arc::new(Outgoing { service_id: message.service_id, payload: message.payload, expires_at_ms });
+            self.start_reliable_push(st, backend, id, targets, msg);
+            return Ok(());
+        }
+        let message_id = message.message_id;
         let frame = codec::encode(FrameKind::Message, Flags::default(), &message);
 
         if targets.broadcast || !targets.group.is_empty() {
             let broadcast = targets.broadcast;
-            let origin = self.begin(st, backend, id, PendingKind::Count { broadcast, delivered: 0 });
+            let origin = self.begin(st, backend, id, PendingKind::Count { broadcast, delivered: 0, message_id });
             let expires_at = (req.ttl_ms > 0).then(|| Instant::now() + Duration::from_millis(u64::from(req.ttl_ms)));
             for shard in 0..self.shards() {
                 let msg = if broadcast {
@@ -492,7 +582,8 @@ impl Shard {
         let ids = if devices { targets.devices } else { targets.users };
         let results = target_results(ids.iter());
         let batches = self.by_shard(&results, 0, &ids, if devices { owner_shard } else { home_shard });
-        let origin = self.begin(st, backend, id, PendingKind::Targets { results, admin: false });
+        let kind = PendingKind::Targets { results, admin: false, users: !devices, message_id };
+        let origin = self.begin(st, backend, id, kind);
         for (shard, items) in batches.into_iter().enumerate() {
             if items.is_empty() {
                 continue;
@@ -504,6 +595,68 @@ impl Shard {
                 let action = UserAction::Deliver(frame.clone());
                 self.send_lookup(st, origin, to, ShardMsg::UserLookup { origin, items, action });
             }
+        }
+        self.end(st, origin);
+        Ok(())
+    }
+
+    /// At-least-once device or user push: every device copy is appended to
+    /// its timeline on the device's owner shard, which answers with the
+    /// sequences ([`Part::Stored`]).
+    fn start_reliable_push(
+        &self,
+        st: &mut State,
+        backend: ConnKey,
+        id: u64,
+        targets: proto::Targets,
+        msg: Arc<Outgoing>,
+    ) {
+        let devices = !targets.devices.is_empty();
+        let ids = if devices { targets.devices } else { targets.users };
+        let results = target_results(ids.iter());
+        let batches = self.by_shard(&results, 0, &ids, if devices { owner_shard } else { home_shard });
+        let kind = PendingKind::Targets { results, admin: false, users: !devices, message_id: 0 };
+        let origin = self.begin(st, backend, id, kind);
+        for (shard, items) in batches.into_iter().enumerate() {
+            if items.is_empty() {
+                continue;
+            }
+            let to = ShardId(shard as u16);
+            if devices {
+                // Each device's copy has its own id, so its status can be asked.
+                let items = items.into_iter().map(|(idx, device)| (idx, device, self.next_message_id(st))).collect();
+                self.send_part(st, origin, to, ShardMsg::StoreDevices { origin, items, msg: msg.clone() });
+            } else {
+                let action = UserAction::Store(msg.clone());
+                self.send_lookup(st, origin, to, ShardMsg::UserLookup { origin, items, action });
+            }
+        }
+        self.end(st, origin);
+    }
+
+    fn start_status(
+        &self,
+        st: &mut State,
+        backend: ConnKey,
+        req: proto::DeliveryStatusQuery,
+    ) -> Result<(), proto::RequestError> {
+        let max_targets = self.cfg.push.max_targets_per_request as usize;
+        if req.message_ids.len() > max_targets {
+            let reason = format!("more than {max_targets} message ids");
+            return Err(request_error(req.request_id, ErrorCode::LimitExceeded, reason));
+        }
+        let statuses = req
+            .message_ids
+            .iter()
+            .map(|&message_id| proto::MessageStatus { message_id, ..Default::default() })
+            .collect();
+        let origin = self.begin(st, backend, req.request_id, PendingKind::Status { statuses });
+        let ids = Arc::new(req.message_ids);
+        // A shared store (Redis) knows every id: one shard asks it. Memory
+        // stores know the devices of their own shard: ask them all.
+        let shards = if self.store_is_shared() { vec![self.id] } else { (0..self.shards()).map(ShardId).collect() };
+        for shard in shards {
+            self.send_part(st, origin, shard, ShardMsg::DeliveryStatus { origin, ids: ids.clone() });
         }
         self.end(st, origin);
         Ok(())
@@ -526,7 +679,8 @@ impl Shard {
         let results = target_results(req.add_devices.iter().chain(&req.remove_devices));
         let adds = self.by_shard(&results, 0, &req.add_devices, owner_shard);
         let removes = self.by_shard(&results, req.add_devices.len(), &req.remove_devices, owner_shard);
-        let origin = self.begin(st, backend, id, PendingKind::Targets { results, admin: true });
+        let kind = PendingKind::Targets { results, admin: true, users: false, message_id: 0 };
+        let origin = self.begin(st, backend, id, kind);
         for (add, batches) in [(true, adds), (false, removes)] {
             for (shard, items) in batches.into_iter().enumerate() {
                 if !items.is_empty() {
@@ -552,7 +706,8 @@ impl Shard {
         let results = target_results(req.devices.iter().chain(&req.users));
         let devices = self.by_shard(&results, 0, &req.devices, owner_shard);
         let users = self.by_shard(&results, req.devices.len(), &req.users, home_shard);
-        let origin = self.begin(st, backend, id, PendingKind::Targets { results, admin: true });
+        let kind = PendingKind::Targets { results, admin: true, users: false, message_id: 0 };
+        let origin = self.begin(st, backend, id, kind);
         for (shard, items) in devices.into_iter().enumerate() {
             if !items.is_empty() {
                 let msg = ShardMsg::KickDevices { origin, items, code, reason: req.reason.clone() };
@@ -602,7 +757,7 @@ mod tests {
     #[test]
     fn early_answers_do_not_complete_a_request_still_being_sent() {
         let results = target_results(["a".to_string(), "b".to_string(), String::new()].iter());
-        let mut p = pending(PendingKind::Targets { results, admin: false });
+        let mut p = pending(PendingKind::Targets { results, admin: false, users: false, message_id: 5 });
         p.expected = 1;
         p.merge(Part::Sessions(vec![(0, 1)]));
         assert!(!p.is_done(), "the origin still holds its guard");
@@ -618,7 +773,7 @@ mod tests {
     #[test]
     fn user_parts_can_arrive_before_the_home_shard_says_how_many() {
         let results = target_results(["u".to_string()].iter());
-        let mut p = pending(PendingKind::Targets { results, admin: false });
+        let mut p = pending(PendingKind::Targets { results, admin: false, users: true, message_id: 5 });
         p.lookups += 1; // one home shard asked
         p.lookups -= 1; // origin done sending
         p.merge(Part::Sessions(vec![(0, 2)])); // holder answered first
@@ -629,6 +784,67 @@ mod tests {
         assert!(p.is_done());
         let (_, Frame::PushReply(reply)) = p.finish() else { panic!() };
         assert_eq!(reply.results[0].sessions, 3);
+    }
+
+    #[test]
+    fn stored_copies_merge_per_device_and_per_user() {
+        use crate::mesh::CopyResult;
+        let copy = |idx, device: &str, seq, sessions| CopyResult {
+            idx,
+            device: device.into(),
+            seq,
+            message_id: seq + 100,
+            sessions,
+            error: None,
+        };
+        // Devices: online, offline, failed store.
+        let results = target_results(["a".to_string(), "b".to_string(), "c".to_string()].iter());
+        let mut p = pending(PendingKind::Targets { results, admin: false, users: false, message_id: 0 });
+        p.expected = 2;
+        p.lookups = 0;
+        p.merge(Part::Stored(vec![copy(0, "a", 7, 1), copy(1, "b", 3, 0)]));
+        let failed = CopyResult { error: Some("retryable: store overloaded".into()), ..copy(2, "c", 0, 0) };
+        p.merge(Part::Stored(vec![failed]));
+        let (_, Frame::PushReply(r)) = p.finish() else { panic!() };
+        let got: Vec<_> = r.results.iter().map(|r| (r.status, r.seq, r.message_id, r.sessions)).collect();
+        let stored = PushStatus::Stored as i32;
+        assert_eq!(got, [(stored, 7, 107, 1), (stored, 3, 103, 0), (PushStatus::Rejected as i32, 0, 0, 0)]);
+        assert!(r.results[2].reason.starts_with("retryable:"));
+        assert_eq!((r.status, r.stored, r.delivered, r.message_id), (stored, 2, 1, 0));
+
+        // A user with two devices on two shards; one device target alone
+        // reports its id for the whole request.
+        let results = target_results(["u".to_string()].iter());
+        let mut p = pending(PendingKind::Targets { results, admin: false, users: true, message_id: 0 });
+        p.expected = 2;
+        p.lookups = 0;
+        p.merge(Part::Stored(vec![copy(0, "u-phone", 4, 1)]));
+        p.merge(Part::Stored(vec![copy(0, "u-tablet", 9, 0)]));
+        let (_, Frame::PushReply(r)) = p.finish() else { panic!() };
+        assert_eq!(r.results[0].copies.len(), 2);
+        assert_eq!((r.results[0].sessions, r.stored, r.message_id), (1, 2, 0));
+        let results = target_results(["a".to_string()].iter());
+        let mut p = pending(PendingKind::Targets { results, admin: false, users: false, message_id: 0 });
+        p.expected = 1;
+        p.lookups = 0;
+        p.merge(Part::Stored(vec![copy(0, "a", 7, 1)]));
+        let (_, Frame::PushReply(r)) = p.finish() else { panic!() };
+        assert_eq!(r.message_id, 107);
+    }
+
+    #[test]
+    fn status_parts_fill_unknown_ids_first_come() {
+        let statuses = vec![proto::MessageStatus { message_id: 1, ..Default::default() }; 2];
+        let mut p = pending(PendingKind::Status { statuses });
+        p.expected = 2;
+        p.lookups = 0;
+        let acked =
+            proto::MessageStatus { message_id: 1, state: proto::DeliveryState::Acked as i32, ..Default::default() };
+        p.merge(Part::Status(vec![(1, acked.clone())]));
+        p.merge(Part::Status(vec![]));
+        let (_, Frame::DeliveryStatusReply(r)) = p.finish() else { panic!() };
+        assert_eq!(r.statuses[0].state, proto::DeliveryState::Unknown as i32);
+        assert_eq!(r.statuses[1], acked);
     }
 
     #[test]

@@ -614,7 +614,10 @@ impl RouterSidecar {
                     .collect(),
             )),
             Op::Nodes => {
-                let mut nodes: Vec<NodeInfo> = self.nodes.values().cloned().collect();
+                // The table may predate a lease running out: list live nodes only.
+                let now_ms = unix_ms();
+                let mut nodes: Vec<NodeInfo> =
+                    self.nodes.values().filter(|n| n.lease_expires_ms > now_ms).cloned().collect();
                 nodes.sort_by(|a, b| a.name.cmp(&b.name));
                 Ok(Answer::Nodes(nodes))
             }

@@ -16,8 +16,11 @@ use tracing::info;
 use crate::config::Config;
 use crate::ids::ShardId;
 use crate::mesh::{Outbox, ShardMsg};
+use crate::reliable::DeliverySettings;
 use crate::session::Params;
 use crate::shard::{MAX_ID_BYTES, PushLimits, Shard, ShardConfig, ShardCounters};
+use crate::store::{MemoryStore, TimelineStore};
+use crate::store_redis::{RedisStore, RedisStoreConfig};
 use crate::upstream::{UpstreamError, UpstreamSettings};
 
 /// Messages queued per mesh channel (power of two; small ones are slow).
@@ -35,6 +38,8 @@ pub enum ServerError {
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error("cannot start executors: {0}")]
     Executor(String),
+    #[error("cannot start the Redis timeline store: {0}")]
+    Store(std::io::Error),
     #[error("shards did not start: {0}")]
     Start(String),
 }
@@ -89,7 +94,38 @@ impl Server {
             accept_rate_per_sec: server.accept_rate_per_sec,
             node: config.node_name(),
             upstream,
+            delivery: DeliverySettings {
+                window: config.delivery.window as usize,
+                policy: config.delivery.retry_policy(),
+                shared_store: !config.delivery.redis_url.is_empty(),
+                unacked_replay_limit: config.delivery.retention_messages as usize,
+                node_index: config.delivery.node_index,
+            },
         };
+        // One Redis sidecar for the node, or a memory store per shard (each
+        // holds the timelines of the devices its shard owns).
+        let redis = match config.delivery.redis_url.as_str() {
+            "" => None,
+            url => {
+                let d = &config.delivery;
+                let store = RedisStore::start(RedisStoreConfig {
+                    url: url.to_owned(),
+                    prefix: d.redis_prefix.clone(),
+                    retention: d.retention(),
+                    idle_ttl_secs: d.redis_idle_ttl_secs,
+                    status_ttl_secs: d.redis_status_ttl_secs,
+                    connect_timeout: Duration::from_millis(d.redis_timeout_ms),
+                    io_timeout: Duration::from_millis(d.redis_timeout_ms),
+                    connections: d.redis_connections as usize,
+                })
+                .map_err(ServerError::Store)?;
+                Some(store)
+            }
+        };
+        let retention = config.delivery.retention();
+        // Sequences of this run's memory stores start above any earlier run's.
+        let boot_unix_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         let stop = Arc::new(AtomicBool::new(false));
         let counters: Vec<Arc<ShardCounters>> = (0..shards).map(|_| Arc::default()).collect();
         // Each executor takes one (client, push) listener pair.
@@ -116,13 +152,14 @@ impl Server {
                 let stop = stop.clone();
                 let counters = counters.clone();
                 move || {
-                    let (fd_rx, ready_tx, mesh, cfg, stop, counters) = (
+                    let (fd_rx, ready_tx, mesh, cfg, stop, counters, redis) = (
                         fd_rx.clone(),
                         ready_tx.clone(),
                         mesh.clone(),
                         shard_cfg.clone(),
                         stop.clone(),
                         counters.clone(),
+                        redis.clone(),
                     );
                     async move {
                         let Ok((client_fd, push_fd)) = fd_rx.try_recv() else {
@@ -143,7 +180,11 @@ impl Server {
                         };
                         let id = ShardId(senders.peer_id() as u16);
                         let outbox = Outbox::new(senders);
-                        let shard = Shard::new(id, shards, cfg, outbox, counters[id.index()].clone());
+                        let store: Rc<dyn TimelineStore> = match redis {
+                            Some(redis) => Rc::new(redis),
+                            None => Rc::new(MemoryStore::new(retention, boot_unix_ms)),
+                        };
+                        let shard = Shard::new(id, shards, cfg, outbox, counters[id.index()].clone(), store);
                         for (_peer, rx) in receivers.streams() {
                             let shard = shard.clone();
                             glommio::spawn_local(async move {

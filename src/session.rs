@@ -111,6 +111,9 @@ pub enum Action {
     /// An upstream request for a service's backend (the shard forwards it
     /// and queues the `Response`).
     Request(proto::Request),
+    /// The client processed every at-least-once message up to this
+    /// sequence (cumulative).
+    Ack(u64),
 }
 
 /// Per-connection protocol state. See the module docs.
@@ -201,6 +204,10 @@ impl Session {
             (Phase::Active, Frame::Request(r)) => {
                 self.touch(now.mono);
                 out.push(Action::Request(r));
+            }
+            (Phase::Active, Frame::Ack(a)) => {
+                self.touch(now.mono);
+                out.push(Action::Ack(a.seq));
             }
             (Phase::Active, other) => self.fail(
                 now,
@@ -565,6 +572,21 @@ mod tests {
         let unnamed = proto::Request { request_id: 2, ..Default::default() };
         s.handle_frame(at(100_001), Frame::Request(unnamed), &p, &mut out);
         assert_eq!(closed_with(&out), Some(ErrorCode::BadFrame));
+    }
+
+    #[test]
+    fn acks_become_actions_and_touch_the_idle_deadline() {
+        let p = params();
+        let mut s = Session::new(Millis(0), &p);
+        let login = authenticate(&p, &mut s, at(0));
+        let mut out = Vec::new();
+        s.activate(at(0), &login, proto::AuthOk::default(), &p, &mut out);
+        out.clear();
+        s.handle_frame(at(50_000), Frame::Ack(proto::Ack { seq: 42 }), &p, &mut out);
+        assert_eq!(out, vec![Action::Ack(42)]);
+        out.clear();
+        s.handle_timeout(at(100_000), &p, &mut out);
+        assert!(out.is_empty(), "the Ack moved the idle deadline to 110 s");
     }
 
     #[test]

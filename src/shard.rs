@@ -23,7 +23,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
@@ -38,13 +38,16 @@ use tracing::{debug, info, warn};
 
 use crate::codec::{self, Frame};
 use crate::codes;
+use crate::delivery::MessageIds;
 use crate::groups::Groups;
 use crate::ids::{ConnId, ConnKey, ShardId, owner_shard, stable_hash};
 use crate::mesh::{Adoption, Origin, Outbox, Part, PresencePart, PresenceQuery, ShardMsg, UserAction};
 use crate::outq::{self, OutQueue};
 use crate::proto::{self, ConnectionEventKind, ErrorCode, FrameKind};
 use crate::push::{Backend, Pending};
+use crate::reliable::{DeliverySettings, ReliableCounters, Tracked};
 use crate::session::{Action, Login, Millis, Now, Params, Phase, Session};
+use crate::store::TimelineStore;
 use crate::upstream::{Upstream, UpstreamCounters, UpstreamSettings};
 use crate::wheel::Wheel;
 
@@ -88,6 +91,8 @@ pub struct ShardCounters {
     pub group_sessions: AtomicU64,
     /// Requests to service backends, events, dedup, rate limit.
     pub upstream: UpstreamCounters,
+    /// At-least-once delivery: stored, sent, resent, acknowledged.
+    pub reliable: ReliableCounters,
 }
 
 /// Push-port limits a shard enforces.
@@ -116,6 +121,8 @@ pub struct ShardConfig {
     pub node: String,
     /// Services and their backends, dedup and rate-limit settings.
     pub upstream: UpstreamSettings,
+    /// At-least-once delivery: window, retransmission, store sharing.
+    pub delivery: DeliverySettings,
 }
 
 /// Outbound queue and input leftovers: allocated only while in use.
@@ -213,6 +220,11 @@ impl Conn {
     fn is_active(&self) -> bool {
         self.session.phase() == Phase::Active
     }
+
+    /// Whether the client declared it acknowledges messages.
+    fn acks(&self) -> bool {
+        u32::from(self.capabilities) & proto::Capability::Ack as u32 != 0
+    }
 }
 
 /// A broadcast being paced out over this shard's sessions.
@@ -245,7 +257,10 @@ pub(crate) struct State {
     /// Requests from this shard's backends waiting for parts of their answer.
     pub(crate) pending: HashMap<u64, Pending>,
     next_token: u64,
-    next_message_id: u64,
+    pub(crate) message_ids: MessageIds,
+    /// At-least-once delivery state of online devices, by slot: only while
+    /// a device has messages in flight or waiting ([`crate::reliable`]).
+    pub(crate) reliable: HashMap<u32, Tracked>,
     /// Requests to service backends and connection events ([`crate::upstream`]).
     pub(crate) upstream: Upstream,
 }
@@ -255,11 +270,24 @@ impl State {
         self.conns.get_mut(key.index as usize).filter(|c| c.generation == key.generation)
     }
 
-    fn key_of(&self, slot: u32) -> ConnKey {
+    pub(crate) fn key_of(&self, slot: u32) -> ConnKey {
         ConnKey { index: slot, generation: self.conns.get(slot as usize).map_or(0, |c| c.generation) }
     }
 
-    fn device_slot(&self, device: &str) -> Option<u32> {
+    /// What reliable delivery needs to know of session `key`: its device,
+    /// whether it is active (AuthOk sent, not closing) and whether it ACKs.
+    pub(crate) fn delivery_target(&self, key: ConnKey) -> Option<(&str, bool, bool)> {
+        let conn = self.conn_ref(key)?;
+        Some((conn.device()?, conn.is_active(), conn.acks()))
+    }
+
+    /// Files `key` in the timer wheel for `deadline` (another deadline than
+    /// the session's, e.g. a resend).
+    pub(crate) fn wake_at(&mut self, key: ConnKey, deadline: Millis) {
+        self.wheel.insert(key, deadline);
+    }
+
+    pub(crate) fn device_slot(&self, device: &str) -> Option<u32> {
         let conns = &self.conns;
         self.devices.find(stable_hash(device), |&i| slot_device(conns, i) == Some(device)).copied()
     }
@@ -270,7 +298,7 @@ impl State {
     }
 
     /// Slots of every session of `user` on this shard.
-    fn user_slots(&self, user: &str) -> Vec<u32> {
+    pub(crate) fn user_slots(&self, user: &str) -> Vec<u32> {
         let mut out = Vec::new();
         let mut cur = self.user_head(user).unwrap_or(NO_CONN);
         while cur != NO_CONN {
@@ -362,6 +390,8 @@ pub fn home_shard(user: &str, shards: u16) -> ShardId {
 
 /// One executor's shard.
 pub struct Shard {
+    /// Itself, for tasks spawned from `&self` methods (store answers).
+    pub(crate) me: Weak<Shard>,
     pub(crate) id: ShardId,
     shards: u16,
     pub(crate) cfg: ShardConfig,
@@ -380,6 +410,9 @@ pub struct Shard {
     /// Wakes the pacer task when a broadcast is queued.
     pacer_wake: LocalSender<()>,
     pacer_rx: RefCell<Option<LocalReceiver<()>>>,
+    /// Timelines of at-least-once messages: this shard's memory store, or a
+    /// handle to the node's Redis store.
+    pub(crate) store: Rc<dyn TimelineStore>,
 }
 
 impl Shard {
@@ -389,9 +422,13 @@ impl Shard {
         cfg: ShardConfig,
         outbox: Rc<Outbox>,
         counters: Arc<ShardCounters>,
+        store: Rc<dyn TimelineStore>,
     ) -> Rc<Shard> {
         let (pacer_wake, pacer_rx) = glommio::channels::local_channel::new_bounded(1);
-        Rc::new(Shard {
+        // Message ids: node index (4 bits) and shard (6 bits) as the worker.
+        let worker = cfg.delivery.node_index << 6 | (id.0 & 0x3f);
+        Rc::new_cyclic(|me| Shard {
+            me: me.clone(),
             id,
             shards,
             state: RefCell::new(State {
@@ -407,7 +444,8 @@ impl Shard {
                 backends: Slab::new(),
                 pending: HashMap::new(),
                 next_token: 0,
-                next_message_id: 0,
+                message_ids: MessageIds::new(worker),
+                reliable: HashMap::new(),
                 upstream: Upstream::new(cfg.upstream.clone()),
             }),
             scratch: RefCell::new(vec![0; cfg.read_buffer_bytes]),
@@ -420,6 +458,7 @@ impl Shard {
             pacing: Cell::new(false),
             pacer_wake,
             pacer_rx: RefCell::new(Some(pacer_rx)),
+            store,
         })
     }
 
@@ -725,6 +764,7 @@ impl Shard {
                     self.publish_group_counts(st);
                 }
                 Action::Request(request) => self.on_client_request(st, key, now, request),
+                Action::Ack(seq) => self.on_ack(st, key, now, seq),
             }
         }
     }
@@ -788,7 +828,17 @@ impl Shard {
 
     /// Hands `frame` to an active session: written at once when nothing is
     /// queued ahead of it, else queued. Returns whether it was accepted.
-    fn deliver(&self, st: &mut State, slot: u32, frame: &Bytes) -> bool {
+    /// Counted as a delivered message.
+    pub(crate) fn deliver(&self, st: &mut State, slot: u32, frame: &Bytes) -> bool {
+        let ok = self.send_to_slot(st, slot, frame);
+        if ok {
+            self.counters.delivered.fetch_add(1, Ordering::Relaxed);
+        }
+        ok
+    }
+
+    /// [`Shard::deliver`] without counting (resends, control frames).
+    pub(crate) fn send_to_slot(&self, st: &mut State, slot: u32, frame: &Bytes) -> bool {
         let key = st.key_of(slot);
         let Some(conn) = st.conn(key) else { return false };
         if !conn.is_active() {
@@ -805,14 +855,10 @@ impl Shard {
         } else {
             Some(frame.clone())
         };
-        let ok = match rest {
+        match rest {
             None => true,
             Some(rest) => self.queue_bytes(st, key, rest),
-        };
-        if ok {
-            self.counters.delivered.fetch_add(1, Ordering::Relaxed);
         }
-        ok
     }
 
     /// Queues an upstream `Response` frame for session `key` (dropped if
@@ -912,6 +958,8 @@ impl Shard {
         debug!(shard = %self.id, conn = %ConnId::new(self.id, key), user = %login.user, device = %login.device, "authenticated");
         self.apply(st, key, now, &mut actions);
         st.actions = actions;
+        // Hook: stored messages since the client's last sequence follow AuthOk.
+        self.resume_delivery(st, key, now, login);
         // Hook: subscribed backends learn the session is online.
         self.conn_event(st, key, ConnectionEventKind::Online, ErrorCode::Unspecified);
     }
@@ -987,6 +1035,8 @@ impl Shard {
         }
         st.conns[slot as usize].next_of_user = NO_CONN;
         st.groups.leave_all(slot);
+        // Offline: nothing is resent; the timeline keeps what was not acked.
+        self.forget_delivery(st, slot);
         self.publish_group_counts(st);
         self.counters.active.fetch_sub(1, Ordering::Relaxed);
         if user_gone && !st.hash_in_use(user_hash) {
@@ -1037,7 +1087,7 @@ impl Shard {
     }
 
     /// Sends part of an answer back to the request's origin.
-    fn answer(&self, st: &mut State, origin: Origin, part: Part) {
+    pub(crate) fn answer(&self, st: &mut State, origin: Origin, part: Part) {
         if origin.shard == self.id {
             self.merge_part(st, origin.token, part);
         } else {
@@ -1050,6 +1100,19 @@ impl Shard {
         let now = self.now();
         match msg {
             ShardMsg::Adopt(_) => {}
+            ShardMsg::StoreDevices { origin, items, msg } => self.store_copies(st, origin, items, msg),
+            ShardMsg::DeliveryStatus { origin, ids } => self.status_part(st, origin, ids),
+            ShardMsg::Users { origin, items, action: UserAction::Store(msg) } => {
+                let mut copies = Vec::new();
+                for (idx, user) in items {
+                    for slot in st.user_slots(&user) {
+                        let Some(device) = slot_device(&st.conns, slot).map(str::to_owned) else { continue };
+                        let message_id = self.next_message_id(st);
+                        copies.push((idx, device, message_id));
+                    }
+                }
+                self.store_copies(st, origin, copies, msg);
+            }
             ShardMsg::Devices { origin, items, frame } => {
                 let reached = items
                     .iter()
@@ -1091,6 +1154,8 @@ impl Shard {
                                 self.kick(st, key, now, *code, reason.clone());
                                 true
                             }
+                            // Handled above; nothing reaches here.
+                            UserAction::Store(_) => false,
                         };
                         n += u32::from(ok);
                     }
@@ -1231,10 +1296,11 @@ impl Shard {
         part
     }
 
-    /// Allocates a node-unique message id.
+    /// Allocates a message id, unique across shards, restarts and (with
+    /// distinct `delivery.node_index`) nodes.
     pub(crate) fn next_message_id(&self, st: &mut State) -> u64 {
-        st.next_message_id += 1;
-        u64::from(self.id.0) << 48 | st.next_message_id
+        let unix_ms = self.now().unix_ms.max(0) as u64;
+        st.message_ids.next(unix_ms)
     }
 
     fn adopt(self: &Rc<Self>, adoption: Adoption) {
@@ -1368,11 +1434,14 @@ impl Shard {
                 conn.wake();
                 self.apply(&mut st, key, now, &mut actions);
             }
+            // Resends due for the device's window, if it has one.
+            let resend_at = self.retransmit(&mut st, key, now);
             let Some(conn) = st.conn(key) else { continue };
             if conn.session.phase() == Phase::Closed {
                 conn.wake();
             } else {
                 let deadline = conn.session.deadline();
+                let deadline = resend_at.map_or(deadline, |r| r.min(deadline));
                 st.wheel.insert(key, deadline);
             }
         }

@@ -39,6 +39,17 @@ pub struct Stored {
     pub expires_at_ms: u64,
 }
 
+/// What an append did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Appended {
+    /// The new message's sequence.
+    pub seq: u64,
+    /// The oldest sequence still in the device's timeline after the append
+    /// (`== seq` when nothing older waits: the message may be sent at once
+    /// to a device with nothing in flight).
+    pub oldest: u64,
+}
+
 /// What a resume finds.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Replay {
@@ -93,13 +104,14 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>>
 pub trait TimelineStore {
     /// Appends to the device's timeline; returns the new sequence. The
     /// message is durable (as far as the store is) when this resolves.
-    fn append<'a>(&'a self, device: &'a str, msg: NewMessage, now_ms: u64) -> StoreFuture<'a, u64>;
+    fn append<'a>(&'a self, device: &'a str, msg: NewMessage, now_ms: u64) -> StoreFuture<'a, Appended>;
     /// Messages after `after_seq`, oldest first, at most `limit`.
     fn replay<'a>(&'a self, device: &'a str, after_seq: u64, limit: usize, now_ms: u64) -> StoreFuture<'a, Replay>;
     /// The device processed everything up to `seq`: drop it from the timeline.
     fn ack<'a>(&'a self, device: &'a str, seq: u64, now_ms: u64) -> StoreFuture<'a, ()>;
-    /// Records the first send of a message (for the status query).
-    fn mark_sent<'a>(&'a self, device: &'a str, seq: u64, now_ms: u64) -> StoreFuture<'a, ()>;
+    /// Records the first send of message `seq` (id `message_id`) for the
+    /// status query.
+    fn mark_sent<'a>(&'a self, device: &'a str, seq: u64, message_id: u64, now_ms: u64) -> StoreFuture<'a, ()>;
     /// Where message `message_id` is, if the store still knows it.
     fn status(&self, message_id: u64) -> StoreFuture<'_, Option<Status>>;
 }
@@ -199,7 +211,7 @@ impl MemoryStore {
         }
     }
 
-    fn append_now(&self, device: &str, msg: NewMessage, now_ms: u64) -> u64 {
+    fn append_now(&self, device: &str, msg: NewMessage, now_ms: u64) -> Appended {
         let mut timelines = self.timelines.borrow_mut();
         let tl = timelines.entry(device.to_owned()).or_insert_with(|| Timeline {
             floor: self.base_seq + 1,
@@ -222,7 +234,8 @@ impl MemoryStore {
             None,
         ));
         self.trim(device, tl, now_ms);
-        seq
+        let oldest = tl.messages.front().map_or(seq, |(m, _)| m.seq);
+        Appended { seq, oldest }
     }
 
     fn replay_now(&self, device: &str, after_seq: u64, limit: usize, now_ms: u64) -> Replay {
@@ -297,7 +310,7 @@ fn ready<'a, T: 'a>(value: T) -> StoreFuture<'a, T> {
 }
 
 impl TimelineStore for MemoryStore {
-    fn append<'a>(&'a self, device: &'a str, msg: NewMessage, now_ms: u64) -> StoreFuture<'a, u64> {
+    fn append<'a>(&'a self, device: &'a str, msg: NewMessage, now_ms: u64) -> StoreFuture<'a, Appended> {
         ready(self.append_now(device, msg, now_ms))
     }
 
@@ -310,7 +323,7 @@ impl TimelineStore for MemoryStore {
         ready(())
     }
 
-    fn mark_sent<'a>(&'a self, device: &'a str, seq: u64, now_ms: u64) -> StoreFuture<'a, ()> {
+    fn mark_sent<'a>(&'a self, device: &'a str, seq: u64, _message_id: u64, now_ms: u64) -> StoreFuture<'a, ()> {
         self.mark_sent_now(device, seq, now_ms);
         ready(())
     }
@@ -344,15 +357,19 @@ mod tests {
         let s = MemoryStore::new(Retention::default(), BOOT);
         let a = block(s.append("d", msg(1), BOOT));
         let b = block(s.append("d", msg(2), BOOT));
-        assert_eq!((a, b), (BOOT * 1000 + 1, BOOT * 1000 + 2));
+        assert_eq!((a.seq, b.seq), (BOOT * 1000 + 1, BOOT * 1000 + 2));
+        assert_eq!((a.oldest, b.oldest), (a.seq, a.seq), "the first is still pending");
+        block(s.ack("d", b.seq, BOOT));
+        let c = block(s.append("d", msg(4), BOOT));
+        assert_eq!(c.oldest, c.seq, "nothing older waits");
         let later = MemoryStore::new(Retention::default(), BOOT + 1);
-        assert!(block(later.append("d", msg(3), BOOT + 1)) > b);
+        assert!(block(later.append("d", msg(3), BOOT + 1)).seq > b.seq);
     }
 
     #[test]
     fn replay_after_a_sequence_and_ack_trims() {
         let s = MemoryStore::new(Retention::default(), BOOT);
-        let seqs: Vec<u64> = (1..=5).map(|i| block(s.append("d", msg(i), BOOT))).collect();
+        let seqs: Vec<u64> = (1..=5).map(|i| block(s.append("d", msg(i), BOOT)).seq).collect();
         let r = block(s.replay("d", seqs[1], 10, BOOT));
         assert_eq!(r.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), &seqs[2..]);
         assert_eq!(r.missing, None);
@@ -367,7 +384,7 @@ mod tests {
     fn retention_overflow_reports_the_missing_range() {
         let retention = Retention { max_messages: 3, ..Default::default() };
         let s = MemoryStore::new(retention, BOOT);
-        let seqs: Vec<u64> = (1..=6).map(|i| block(s.append("d", msg(i), BOOT))).collect();
+        let seqs: Vec<u64> = (1..=6).map(|i| block(s.append("d", msg(i), BOOT)).seq).collect();
         // The client processed up to seqs[0]; seqs[1..3] were dropped.
         let r = block(s.replay("d", seqs[0], 10, BOOT));
         assert_eq!(r.missing, Some((seqs[1], seqs[2])));
@@ -391,7 +408,7 @@ mod tests {
         let s = MemoryStore::new(retention, BOOT);
         let mut m = msg(1);
         m.expires_at_ms = BOOT + 100;
-        let first = block(s.append("d", m, BOOT));
+        let first = block(s.append("d", m, BOOT)).seq;
         block(s.append("d", msg(2), BOOT));
         let r = block(s.replay("d", 0, 10, BOOT + 200));
         assert_eq!(r.messages.len(), 1);
@@ -403,9 +420,9 @@ mod tests {
     #[test]
     fn status_follows_the_message() {
         let s = MemoryStore::new(Retention::default(), BOOT);
-        let seq = block(s.append("d", msg(7), BOOT));
+        let seq = block(s.append("d", msg(7), BOOT)).seq;
         assert_eq!(block(s.status(7)), Some(Status::Stored { device: "d".into(), seq, stored_at_ms: BOOT }));
-        block(s.mark_sent("d", seq, BOOT + 1));
+        block(s.mark_sent("d", seq, 7, BOOT + 1));
         assert!(matches!(block(s.status(7)), Some(Status::Sent { sent_at_ms, .. }) if sent_at_ms == BOOT + 1));
         assert_eq!(block(s.status(8)), None);
     }
@@ -415,7 +432,7 @@ mod tests {
         let retention = Retention { max_status_records: 2, ..Default::default() };
         let s = MemoryStore::new(retention, BOOT);
         for i in 1..=5 {
-            let seq = block(s.append("d", msg(i), BOOT));
+            let seq = block(s.append("d", msg(i), BOOT)).seq;
             block(s.ack("d", seq, BOOT));
         }
         assert_eq!(block(s.status(1)), None);

@@ -7,12 +7,19 @@
 //! pipeline of Lua scripts, so many requests share one round trip.
 //!
 //! Layout per device (`{device}` is a hash tag, so a device's keys share a
-//! slot): `P:seq:{device}` the last sequence (never expires: sequences are
-//! never reused; a missing counter starts at `now_ms * 1000`, above any
-//! earlier run), `P:tl:{device}` a sorted set scored by sequence, `P:meta:{device}`
-//! the floor (lowest retained sequence) and the acknowledged sequence; idle
-//! timelines expire. `P:msg:<id>` holds a message's status for the status
-//! query, with its own TTL.
+//! slot): `P:seq:{device}` a hash of the last sequence, the floor (lowest
+//! retained sequence) and the acknowledged sequence (never expires:
+//! sequences are never reused; a missing counter starts at `now_ms * 1000`,
+//! above any earlier run), `P:tl:{device}` a sorted set scored by sequence,
+//! which expires when idle. `P:msg:<id>` holds a message's status for the status
+//! query: it lives as long as the message may stay in its timeline, then
+//! `status_ttl_secs` once the message is acknowledged or dropped.
+//!
+//! Per message: one APPEND script, one plain `HSETNX` when it is first sent,
+//! and one ACK script (an ACK covers every message up to its sequence).
+//! Redis spends most of an EVALSHA in fixed overhead, so the scripts are
+//! short, take few arguments (settings are baked into their text), and the
+//! append trims by count only (age and TTL are trimmed on replay).
 
 use std::thread;
 use std::time::Duration;
@@ -21,8 +28,9 @@ use bytes::Bytes;
 use crossbeam_channel::Receiver;
 use redis::Value;
 
+use crate::ids::stable_hash;
 use crate::redis_link::{self, NotSent, RedisLink, SidecarHandle, as_u64, take_batch};
-use crate::store::{NewMessage, Replay, Retention, Status, StoreError, StoreFuture, Stored, TimelineStore};
+use crate::store::{Appended, NewMessage, Replay, Retention, Status, StoreError, StoreFuture, Stored, TimelineStore};
 
 /// Settings of the Redis store.
 #[derive(Clone, Debug)]
@@ -37,18 +45,22 @@ pub struct RedisStoreConfig {
     pub status_ttl_secs: u64,
     pub connect_timeout: Duration,
     pub io_timeout: Duration,
+    /// Connections (each with its own sidecar thread). A device's calls
+    /// always use the same one, so they stay in order; several let Redis
+    /// work on one pipeline while the next is being built.
+    pub connections: usize,
 }
 
 enum Op {
     Append { device: String, msg: NewMessage, now_ms: u64 },
     Replay { device: String, after: u64, limit: usize, now_ms: u64 },
     Ack { device: String, seq: u64, now_ms: u64 },
-    MarkSent { device: String, seq: u64, now_ms: u64 },
+    MarkSent { message_id: u64, now_ms: u64 },
     Status { message_id: u64 },
 }
 
 enum Answer {
-    Seq(u64),
+    Appended(Appended),
     Replay(Replay),
     Done,
     Status(Option<Status>),
@@ -56,23 +68,33 @@ enum Answer {
 
 type Job = redis_link::Job<Op, Answer, StoreError>;
 
-/// A handle to the sidecar; cheap to clone into every shard.
+/// Handles to the sidecars; cheap to clone into every shard.
 #[derive(Clone)]
 pub struct RedisStore {
-    sidecar: SidecarHandle<Op, Answer, StoreError>,
+    sidecars: Vec<SidecarHandle<Op, Answer, StoreError>>,
 }
 
 impl RedisStore {
-    /// Starts the sidecar thread. It connects lazily and reconnects on
+    /// Starts the sidecar threads. They connect lazily and reconnect on
     /// failure; requests made while Redis is down fail with `Unavailable`.
     pub fn start(cfg: RedisStoreConfig) -> std::io::Result<RedisStore> {
-        let (sidecar, rx) = SidecarHandle::channel();
-        thread::Builder::new().name("longlink-redis-store".into()).spawn(move || Sidecar::new(cfg).run(rx))?;
-        Ok(RedisStore { sidecar })
+        let mut sidecars = Vec::new();
+        for i in 0..cfg.connections.max(1) {
+            let (sidecar, rx) = SidecarHandle::channel();
+            let cfg = cfg.clone();
+            thread::Builder::new()
+                .name(format!("longlink-redis-store-{i}"))
+                .spawn(move || Sidecar::new(cfg).run(rx))?;
+            sidecars.push(sidecar);
+        }
+        Ok(RedisStore { sidecars })
     }
 
-    fn call(&self, op: Op) -> StoreFuture<'static, Answer> {
-        Box::pin(self.sidecar.call(op, |e| match e {
+    /// Queues `op` on the connection of `route` (a device: its calls stay
+    /// in order).
+    fn call(&self, route: u64, op: Op) -> StoreFuture<'static, Answer> {
+        let sidecar = &self.sidecars[(route % self.sidecars.len() as u64) as usize];
+        Box::pin(sidecar.call(op, |e| match e {
             NotSent::Full => StoreError::Overloaded,
             NotSent::Stopped => StoreError::Unavailable("store sidecar stopped".into()),
         }))
@@ -87,86 +109,110 @@ fn expect<T: 'static>(f: StoreFuture<'static, Answer>, pick: fn(Answer) -> Optio
 }
 
 impl TimelineStore for RedisStore {
-    fn append<'a>(&'a self, device: &'a str, msg: NewMessage, now_ms: u64) -> StoreFuture<'a, u64> {
-        let f = self.call(Op::Append { device: device.to_owned(), msg, now_ms });
-        expect(f, |a| if let Answer::Seq(s) = a { Some(s) } else { None })
+    fn append<'a>(&'a self, device: &'a str, msg: NewMessage, now_ms: u64) -> StoreFuture<'a, Appended> {
+        let f = self.call(stable_hash(device), Op::Append { device: device.to_owned(), msg, now_ms });
+        expect(f, |a| if let Answer::Appended(s) = a { Some(s) } else { None })
     }
 
     fn replay<'a>(&'a self, device: &'a str, after_seq: u64, limit: usize, now_ms: u64) -> StoreFuture<'a, Replay> {
-        let f = self.call(Op::Replay { device: device.to_owned(), after: after_seq, limit, now_ms });
+        let f =
+            self.call(stable_hash(device), Op::Replay { device: device.to_owned(), after: after_seq, limit, now_ms });
         expect(f, |a| if let Answer::Replay(r) = a { Some(r) } else { None })
     }
 
     fn ack<'a>(&'a self, device: &'a str, seq: u64, now_ms: u64) -> StoreFuture<'a, ()> {
-        let f = self.call(Op::Ack { device: device.to_owned(), seq, now_ms });
+        let f = self.call(stable_hash(device), Op::Ack { device: device.to_owned(), seq, now_ms });
         expect(f, |a| matches!(a, Answer::Done).then_some(()))
     }
 
-    fn mark_sent<'a>(&'a self, device: &'a str, seq: u64, now_ms: u64) -> StoreFuture<'a, ()> {
-        let f = self.call(Op::MarkSent { device: device.to_owned(), seq, now_ms });
+    fn mark_sent<'a>(&'a self, device: &'a str, _seq: u64, message_id: u64, now_ms: u64) -> StoreFuture<'a, ()> {
+        // On the device's connection: after its append, before its ACK.
+        let f = self.call(stable_hash(device), Op::MarkSent { message_id, now_ms });
         expect(f, |a| matches!(a, Answer::Done).then_some(()))
     }
 
     fn status(&self, message_id: u64) -> StoreFuture<'_, Option<Status>> {
-        let f = self.call(Op::Status { message_id });
+        let f = self.call(message_id, Op::Status { message_id });
         expect(f, |a| if let Answer::Status(s) = a { Some(s) } else { None })
     }
 }
 
-/// Drops timeline entries beyond the count or age limit, marking them
-/// expired. Shared by the scripts below.
-const TRIM_LUA: &str = r#"
-local function trim(tl, meta, now, maxn, maxage, msgp, status_ttl)
-  local function drop(m)
+/// Settings every script needs, baked into the script text when the
+/// sidecar starts (fewer arguments to pass and convert per call; Redis
+/// spends most of an EVALSHA in fixed overhead). `{MSGP}` and friends are
+/// replaced by [`Sidecar::new`]. MSG_TTL: how long a status record lives
+/// while its message may still be in a timeline.
+const PRELUDE_LUA: &str = r#"
+local MAXN, MAXAGE, STATUS_TTL, IDLE_TTL, MSG_TTL = {MAXN}, {MAXAGE}, {STATUS_TTL}, {IDLE_TTL}, {MSG_TTL}
+local MSGP = '{MSGP}'
+-- Drops the n oldest entries of a timeline, marking them expired.
+local function drop_oldest(tl, seqkey, n)
+  local gone = redis.call('ZRANGE', tl, 0, n - 1)
+  local last
+  for _, m in ipairs(gone) do
     local s, mid = string.match(m, '^(%d+):(%d+):')
-    redis.call('ZREMRANGEBYSCORE', tl, s, s)
-    redis.call('HSET', meta, 'floor', string.format('%.0f', tonumber(s) + 1))
-    redis.call('HSET', msgp .. mid, 'expired', 1)
-    redis.call('EXPIRE', msgp .. mid, status_ttl)
+    redis.call('HSET', MSGP .. mid, 'expired', 1)
+    redis.call('EXPIRE', MSGP .. mid, STATUS_TTL)
+    last = s
   end
-  while redis.call('ZCARD', tl) > maxn do
-    drop(redis.call('ZRANGE', tl, 0, 0)[1])
-  end
-  while true do
-    local first = redis.call('ZRANGE', tl, 0, 0)[1]
-    if not first then break end
-    local _, _, stored, exp = string.match(first, '^(%d+):(%d+):(%d+):(%d+):')
-    if now - tonumber(stored) > maxage or (tonumber(exp) ~= 0 and now >= tonumber(exp)) then
-      drop(first)
-    else
-      break
-    end
-  end
+  redis.call('ZREMRANGEBYRANK', tl, 0, n - 1)
+  if last then redis.call('HSET', seqkey, 'floor', string.format('%.0f', tonumber(last) + 1)) end
 end
 "#;
 
-/// KEYS: seq, tl, meta. ARGV: id, now, expires_at, service, payload, maxn,
-/// maxage, idle_ttl, msg prefix, status_ttl, device, base_seq.
+/// KEYS: seq, tl. ARGV: id, now, expires_at, service, payload, base_seq,
+/// device. Returns {seq, oldest sequence still in the timeline}. Trims by
+/// count only; age and TTL are trimmed when the timeline is read.
 const APPEND_LUA: &str = r#"
-local seqkey, tl, meta = KEYS[1], KEYS[2], KEYS[3]
-local now = tonumber(ARGV[2])
-if redis.call('EXISTS', seqkey) == 0 then
-  redis.call('SET', seqkey, ARGV[12])
-  redis.call('HSET', meta, 'floor', string.format('%.0f', tonumber(ARGV[12]) + 1), 'acked', ARGV[12])
+local seqkey, tl = KEYS[1], KEYS[2]
+local seq = redis.call('HINCRBY', seqkey, 'last', 1)
+if seq == 1 then
+  -- A new counter (or Redis lost it): start above every earlier run.
+  seq = tonumber(ARGV[6]) + 1
+  local s = string.format('%.0f', seq)
+  redis.call('HSET', seqkey, 'last', s, 'floor', s, 'acked', ARGV[6])
 end
-local seq = string.format('%.0f', redis.call('INCR', seqkey))
-local member = seq .. ':' .. ARGV[1] .. ':' .. ARGV[2] .. ':' .. ARGV[3] .. ':' .. #ARGV[4] .. ':' .. ARGV[4] .. ARGV[5]
-redis.call('ZADD', tl, seq, member)
-redis.call('HSET', ARGV[9] .. ARGV[1], 'device', ARGV[11], 'seq', seq, 'stored_at', ARGV[2])
-redis.call('EXPIRE', ARGV[9] .. ARGV[1], tonumber(ARGV[10]))
-trim(tl, meta, now, tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[9], tonumber(ARGV[10]))
-redis.call('EXPIRE', tl, tonumber(ARGV[8]))
-redis.call('EXPIRE', meta, tonumber(ARGV[8]))
-return seq
+local s = string.format('%.0f', seq)
+redis.call('ZADD', tl, s, s .. ':' .. ARGV[1] .. ':' .. ARGV[2] .. ':' .. ARGV[3] .. ':' .. #ARGV[4] .. ':' .. ARGV[4] .. ARGV[5])
+redis.call('HSET', MSGP .. ARGV[1], 'device', ARGV[7], 'seq', s, 'stored_at', ARGV[2])
+redis.call('EXPIRE', MSGP .. ARGV[1], MSG_TTL)
+local n = redis.call('ZCARD', tl)
+if n == 1 then
+  -- A new timeline key: everything before this message was acknowledged
+  -- (Redis deletes an empty sorted set) or expired with an idle timeline.
+  redis.call('EXPIRE', tl, IDLE_TTL)
+  redis.call('HSET', seqkey, 'floor', s)
+  return {s, s}
+end
+if n > MAXN then drop_oldest(tl, seqkey, n - MAXN) end
+-- Idle expiry: refreshed once a tenth of it has run down.
+if redis.call('TTL', tl) < IDLE_TTL - IDLE_TTL / 10 then redis.call('EXPIRE', tl, IDLE_TTL) end
+local first = redis.call('ZRANGE', tl, 0, 0, 'WITHSCORES')
+return {s, first[2] or s}
 "#;
 
-/// KEYS: seq, tl, meta. ARGV: after, limit, now, maxn, maxage, msg prefix,
-/// status_ttl. Returns {counter, floor, acked, members...} ('0' = absent).
+/// KEYS: seq, tl. ARGV: after, limit, now. Returns {counter, floor, acked,
+/// members...} ('0' = absent).
 const REPLAY_LUA: &str = r#"
-local seqkey, tl, meta = KEYS[1], KEYS[2], KEYS[3]
+local seqkey, tl = KEYS[1], KEYS[2]
 local now = tonumber(ARGV[3])
-trim(tl, meta, now, tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7]))
-local out = {redis.call('GET', seqkey) or '0', redis.call('HGET', meta, 'floor') or '0', redis.call('HGET', meta, 'acked') or '0'}
+local n = redis.call('ZCARD', tl)
+if n > MAXN then drop_oldest(tl, seqkey, n - MAXN) end
+while true do
+  local first = redis.call('ZRANGE', tl, 0, 0)[1]
+  if not first then break end
+  local _, _, stored, exp = string.match(first, '^(%d+):(%d+):(%d+):(%d+):')
+  if now - tonumber(stored) > MAXAGE or (tonumber(exp) ~= 0 and now >= tonumber(exp)) then
+    drop_oldest(tl, seqkey, 1)
+  else
+    break
+  end
+end
+local c = redis.call('HMGET', seqkey, 'last', 'floor', 'acked')
+local out = {c[1] or '0', c[2] or '0', c[3] or '0'}
+-- No timeline (all acknowledged, or expired when idle): nothing up to the
+-- counter can be replayed.
+if c[1] and redis.call('EXISTS', tl) == 0 then out[2] = string.format('%.0f', tonumber(c[1]) + 1) end
 local members = redis.call('ZRANGEBYSCORE', tl, '(' .. ARGV[1], '+inf', 'LIMIT', 0, tonumber(ARGV[2]))
 for _, m in ipairs(members) do
   local _, _, _, exp = string.match(m, '^(%d+):(%d+):(%d+):(%d+):')
@@ -175,29 +221,25 @@ end
 return out
 "#;
 
-/// KEYS: tl, meta. ARGV: seq, now, msg prefix, status_ttl.
+/// KEYS: seq, tl. ARGV: seq, now.
 const ACK_LUA: &str = r#"
-local tl, meta = KEYS[1], KEYS[2]
-local acked = redis.call('HGET', meta, 'acked')
-if not acked or tonumber(ARGV[1]) > tonumber(acked) then redis.call('HSET', meta, 'acked', ARGV[1]) end
+local seqkey, tl = KEYS[1], KEYS[2]
+local acked = redis.call('HGET', seqkey, 'acked')
+-- Everything up to an earlier, higher ACK is gone already; no counter: no
+-- timeline either.
+if not acked or tonumber(ARGV[1]) <= tonumber(acked) then return 1 end
 local gone = redis.call('ZRANGEBYSCORE', tl, '-inf', ARGV[1])
 for _, m in ipairs(gone) do
-  local s, mid = string.match(m, '^(%d+):(%d+):')
-  redis.call('HSET', ARGV[3] .. mid, 'acked_at', ARGV[2])
-  redis.call('HSETNX', ARGV[3] .. mid, 'sent_at', ARGV[2])
-  redis.call('EXPIRE', ARGV[3] .. mid, tonumber(ARGV[4]))
-  redis.call('HSET', meta, 'floor', string.format('%.0f', tonumber(s) + 1))
+  local mid = string.match(m, '^%d+:(%d+):')
+  redis.call('HSET', MSGP .. mid, 'acked_at', ARGV[2])
+  redis.call('EXPIRE', MSGP .. mid, STATUS_TTL)
 end
-redis.call('ZREMRANGEBYSCORE', tl, '-inf', ARGV[1])
-return 1
-"#;
-
-/// KEYS: tl. ARGV: seq, now, msg prefix.
-const MARK_SENT_LUA: &str = r#"
-local m = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], ARGV[1])[1]
-if m then
-  local _, mid = string.match(m, '^(%d+):(%d+):')
-  redis.call('HSETNX', ARGV[3] .. mid, 'sent_at', ARGV[2])
+if #gone > 0 then
+  redis.call('ZREMRANGEBYSCORE', tl, '-inf', ARGV[1])
+  local last = string.match(gone[#gone], '^(%d+):')
+  redis.call('HSET', seqkey, 'acked', ARGV[1], 'floor', string.format('%.0f', tonumber(last) + 1))
+else
+  redis.call('HSET', seqkey, 'acked', ARGV[1])
 end
 return 1
 "#;
@@ -206,24 +248,31 @@ return 1
 const APPEND: usize = 0;
 const REPLAY: usize = 1;
 const ACK: usize = 2;
-const MARK_SENT: usize = 3;
 
 struct Sidecar {
     cfg: RedisStoreConfig,
     link: RedisLink,
+    /// `P:msg:` (status records).
+    msg_prefix: String,
 }
 
 impl Sidecar {
     fn new(cfg: RedisStoreConfig) -> Sidecar {
-        let with_trim = |body: &str| redis::Script::new(&format!("{TRIM_LUA}\n{body}"));
-        let scripts = vec![
-            with_trim(APPEND_LUA),
-            with_trim(REPLAY_LUA),
-            redis::Script::new(ACK_LUA),
-            redis::Script::new(MARK_SENT_LUA),
-        ];
+        let msg_prefix = format!("{}:msg:", cfg.prefix);
+        let r = &cfg.retention;
+        // The prefix goes into a Lua string literal: keep it to safe bytes.
+        let quoted: String = msg_prefix.chars().filter(|c| c.is_ascii_graphic() && *c != '\'' && *c != '\\').collect();
+        let prelude = PRELUDE_LUA
+            .replace("{MAXN}", &r.max_messages.to_string())
+            .replace("{MAXAGE}", &r.max_age_ms.to_string())
+            .replace("{STATUS_TTL}", &cfg.status_ttl_secs.to_string())
+            .replace("{IDLE_TTL}", &cfg.idle_ttl_secs.to_string())
+            .replace("{MSG_TTL}", &(cfg.idle_ttl_secs.max(r.max_age_ms / 1000) + cfg.status_ttl_secs).to_string())
+            .replace("{MSGP}", &quoted);
+        let script = |body: &str| redis::Script::new(&format!("{prelude}\n{body}"));
+        let scripts = vec![script(APPEND_LUA), script(REPLAY_LUA), script(ACK_LUA)];
         let link = RedisLink::new("timeline store", &cfg.url, cfg.connect_timeout, cfg.io_timeout, scripts);
-        Sidecar { cfg, link }
+        Sidecar { cfg, link, msg_prefix: quoted }
     }
 
     fn run(mut self, rx: Receiver<Job>) {
@@ -248,62 +297,52 @@ impl Sidecar {
         }
     }
 
-    fn keys(&self, device: &str) -> [String; 3] {
+    /// The device's counter hash (last, floor, acked; never expires) and
+    /// its timeline.
+    fn keys(&self, device: &str) -> [String; 2] {
         let p = &self.cfg.prefix;
-        [format!("{p}:seq:{{{device}}}"), format!("{p}:tl:{{{device}}}"), format!("{p}:meta:{{{device}}}")]
+        [format!("{p}:seq:{{{device}}}"), format!("{p}:tl:{{{device}}}")]
     }
 
-    fn msg_prefix(&self) -> String {
-        format!("{}:msg:", self.cfg.prefix)
-    }
-
+    /// One command per job, in order.
     fn pipeline(&self, batch: &[Job]) -> redis::Pipeline {
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
-        let r = &self.cfg.retention;
-        let msgp = self.msg_prefix();
         for job in batch {
             match &job.op {
                 Op::Append { device, msg, now_ms } => {
-                    let [seq, tl, meta] = self.keys(device);
+                    let [seq, tl] = self.keys(device);
                     let mut inv = self.link.script(APPEND).prepare_invoke();
-                    inv.key(seq).key(tl).key(meta);
+                    inv.key(seq).key(tl);
                     inv.arg(msg.message_id)
                         .arg(now_ms)
                         .arg(msg.expires_at_ms)
                         .arg(&msg.service_id)
                         .arg(msg.payload.as_ref())
-                        .arg(r.max_messages)
-                        .arg(r.max_age_ms)
-                        .arg(self.cfg.idle_ttl_secs)
-                        .arg(&msgp)
-                        .arg(self.cfg.status_ttl_secs)
-                        .arg(device)
-                        .arg(now_ms.saturating_mul(1000));
+                        .arg(now_ms.saturating_mul(1000))
+                        .arg(device);
                     pipe.invoke_script(&inv);
                 }
                 Op::Replay { device, after, limit, now_ms } => {
-                    let [seq, tl, meta] = self.keys(device);
+                    let [seq, tl] = self.keys(device);
                     let mut inv = self.link.script(REPLAY).prepare_invoke();
-                    inv.key(seq).key(tl).key(meta);
-                    inv.arg(after).arg(limit).arg(now_ms).arg(r.max_messages).arg(r.max_age_ms).arg(&msgp);
-                    inv.arg(self.cfg.status_ttl_secs);
+                    inv.key(seq).key(tl);
+                    inv.arg(after).arg(limit).arg(now_ms);
                     pipe.invoke_script(&inv);
                 }
                 Op::Ack { device, seq, now_ms } => {
-                    let [_, tl, meta] = self.keys(device);
+                    let [seq_key, tl] = self.keys(device);
                     let mut inv = self.link.script(ACK).prepare_invoke();
-                    inv.key(tl).key(meta).arg(seq).arg(now_ms).arg(&msgp).arg(self.cfg.status_ttl_secs);
+                    inv.key(seq_key).key(tl).arg(seq).arg(now_ms);
                     pipe.invoke_script(&inv);
                 }
-                Op::MarkSent { device, seq, now_ms } => {
-                    let [_, tl, _] = self.keys(device);
-                    let mut inv = self.link.script(MARK_SENT).prepare_invoke();
-                    inv.key(tl).arg(seq).arg(now_ms).arg(&msgp);
-                    pipe.invoke_script(&inv);
+                Op::MarkSent { message_id, now_ms } => {
+                    // The record outlives the message (see APPEND_LUA), so
+                    // this never recreates one without its TTL.
+                    pipe.cmd("HSETNX").arg(format!("{}{message_id}", self.msg_prefix)).arg("sent_at").arg(now_ms);
                 }
                 Op::Status { message_id } => {
-                    pipe.cmd("HGETALL").arg(format!("{msgp}{message_id}"));
+                    pipe.cmd("HGETALL").arg(format!("{}{message_id}", self.msg_prefix));
                 }
             }
         }
@@ -316,7 +355,13 @@ impl Sidecar {
         }
         let bad = |what: &str| StoreError::Protocol(format!("unexpected reply to {what}: {value:?}"));
         match op {
-            Op::Append { .. } => as_u64(&value).map(Answer::Seq).ok_or_else(|| bad("append")),
+            Op::Append { .. } => match &value {
+                Value::Array(items) => match (items.first().and_then(as_u64), items.get(1).and_then(as_u64)) {
+                    (Some(seq), Some(oldest)) => Ok(Answer::Appended(Appended { seq, oldest })),
+                    _ => Err(bad("append")),
+                },
+                _ => Err(bad("append")),
+            },
             Op::Ack { .. } | Op::MarkSent { .. } => Ok(Answer::Done),
             Op::Replay { after, now_ms, .. } => {
                 let Value::Array(items) = &value else { return Err(bad("replay")) };
@@ -334,7 +379,7 @@ impl Sidecar {
                     // messages, or Redis lost them.
                     (*after > 0).then_some((after + 1, now_ms.saturating_mul(1000)))
                 } else {
-                    // An idle timeline expired with its meta: all of it is gone.
+                    // No floor recorded: all of the timeline is gone.
                     let floor = if floor == 0 { counter + 1 } else { floor };
                     let gone_up_to = floor.saturating_sub(1);
                     let from = (*after).max(acked) + 1;

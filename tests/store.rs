@@ -26,6 +26,7 @@ fn redis_store(redis: &RedisServer, retention: Retention) -> RedisStore {
         status_ttl_secs: 3600,
         connect_timeout: Duration::from_secs(2),
         io_timeout: Duration::from_secs(2),
+        connections: 2,
     })
     .expect("sidecar starts")
 }
@@ -40,7 +41,7 @@ fn both(retention: Retention, check: impl Fn(&dyn TimelineStore, &str)) {
 #[test]
 fn append_replay_ack_and_status() {
     both(Retention::default(), |s, name| {
-        let seqs: Vec<u64> = (1..=5).map(|i| block_on(s.append("d", msg(i), NOW)).unwrap()).collect();
+        let seqs: Vec<u64> = (1..=5).map(|i| block_on(s.append("d", msg(i), NOW)).unwrap().seq).collect();
         assert_eq!(seqs[0], NOW * 1000 + 1, "{name}: sequences start above earlier runs");
         assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{name}: {seqs:?}");
         let r = block_on(s.replay("d", seqs[1], 10, NOW)).unwrap();
@@ -50,7 +51,7 @@ fn append_replay_ack_and_status() {
         assert_eq!(r.missing, None, "{name}");
 
         assert!(matches!(block_on(s.status(4)).unwrap(), Some(Status::Stored { .. })), "{name}");
-        block_on(s.mark_sent("d", seqs[3], NOW + 1)).unwrap();
+        block_on(s.mark_sent("d", seqs[3], 4, NOW + 1)).unwrap();
         assert!(
             matches!(block_on(s.status(4)).unwrap(), Some(Status::Sent { sent_at_ms: 1_800_000_000_001, .. })),
             "{name}"
@@ -65,7 +66,11 @@ fn append_replay_ack_and_status() {
         );
         assert_eq!(block_on(s.status(999)).unwrap(), None, "{name}");
         // Other devices have their own sequences.
-        assert_eq!(block_on(s.append("e", msg(6), NOW)).unwrap(), NOW * 1000 + 1, "{name}");
+        let e = block_on(s.append("e", msg(6), NOW)).unwrap();
+        assert_eq!((e.seq, e.oldest), (NOW * 1000 + 1, NOW * 1000 + 1), "{name}");
+        // "d" still holds seqs[4]: a new message there is not the oldest.
+        let d = block_on(s.append("d", msg(7), NOW + 4)).unwrap();
+        assert_eq!((d.seq, d.oldest), (seqs[4] + 1, seqs[4]), "{name}");
     });
 }
 
@@ -73,7 +78,7 @@ fn append_replay_ack_and_status() {
 fn retention_overflow_is_reported_as_a_missing_range() {
     let retention = Retention { max_messages: 3, ..Default::default() };
     both(retention, |s, name| {
-        let seqs: Vec<u64> = (1..=6).map(|i| block_on(s.append("d", msg(i), NOW)).unwrap()).collect();
+        let seqs: Vec<u64> = (1..=6).map(|i| block_on(s.append("d", msg(i), NOW)).unwrap().seq).collect();
         let r = block_on(s.replay("d", seqs[0], 10, NOW)).unwrap();
         assert_eq!(r.missing, Some((seqs[1], seqs[2])), "{name}");
         assert_eq!(r.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), &seqs[3..], "{name}");
@@ -98,13 +103,44 @@ fn message_ttl_and_age_expire() {
     both(retention, |s, name| {
         let mut short = msg(1);
         short.expires_at_ms = NOW + 100;
-        let first = block_on(s.append("d", short, NOW)).unwrap();
+        let first = block_on(s.append("d", short, NOW)).unwrap().seq;
         block_on(s.append("d", msg(2), NOW)).unwrap();
         let r = block_on(s.replay("d", 0, 10, NOW + 200)).unwrap();
         assert_eq!(r.messages.len(), 1, "{name}");
         assert_eq!(r.missing, Some((first, first)), "{name}");
         assert!(block_on(s.replay("d", 0, 10, NOW + 5_000)).unwrap().messages.is_empty(), "{name}");
     });
+}
+
+#[test]
+fn an_idle_timeline_that_expired_is_reported_missing() {
+    let redis = RedisServer::start();
+    let store = RedisStore::start(RedisStoreConfig {
+        url: redis.url(),
+        prefix: "lltest".into(),
+        retention: Retention::default(),
+        idle_ttl_secs: 1,
+        status_ttl_secs: 3600,
+        connect_timeout: Duration::from_secs(2),
+        io_timeout: Duration::from_secs(2),
+        connections: 1,
+    })
+    .expect("sidecar starts");
+    let seqs: Vec<u64> = (1..=3).map(|i| block_on(store.append("d", msg(i), NOW)).unwrap().seq).collect();
+    block_on(store.ack("d", seqs[0], NOW)).unwrap();
+    // The timeline expires after a second untouched; its counter stays.
+    std::thread::sleep(Duration::from_millis(2100));
+    // A new message starts a new timeline before anyone reads the old one.
+    let next = block_on(store.append("d", msg(4), NOW)).unwrap();
+    assert_eq!((next.seq, next.oldest), (seqs[2] + 1, seqs[2] + 1), "sequences continue above the lost ones");
+    let r = block_on(store.replay("d", seqs[0], 10, NOW)).unwrap();
+    assert_eq!(r.missing, Some((seqs[1], seqs[2])));
+    assert_eq!(r.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [next.seq]);
+    // With nothing appended after the expiry, the gap is reported too.
+    let seqs: Vec<u64> = (5..=6).map(|i| block_on(store.append("e", msg(i), NOW)).unwrap().seq).collect();
+    std::thread::sleep(Duration::from_millis(2100));
+    let r = block_on(store.replay("e", 0, 10, NOW)).unwrap();
+    assert_eq!((r.messages.len(), r.missing), (0, Some((seqs[0], seqs[1]))));
 }
 
 #[test]

@@ -13,7 +13,7 @@
 //! - [`drive`]: the parent's side of the push scenarios (server + load workers, queries, CPU).
 //! - [`pusher`]: open-loop push load over the push port (sender + reply thread per connection).
 //! - [`latency`]: CLOCK_MONOTONIC stamps and hdrhistogram helpers; [`rng`]: load-shape randomness.
-//! - scenarios: [`idle`], [`unicast`], [`fanout`], [`broadcast`], [`soak`], [`upstream`].
+//! - scenarios: [`idle`], [`unicast`], [`fanout`], [`broadcast`], [`soak`], [`upstream`], [`reliable`].
 //! - [`report`]: markdown report with SVG plots ([`svg`]) from result files.
 //!
 //! A new scenario is a module with its args, a record struct that flattens
@@ -30,6 +30,7 @@ mod loadworker;
 mod pool;
 mod pusher;
 mod record;
+mod reliable;
 mod report;
 mod rng;
 mod server;
@@ -75,6 +76,9 @@ enum Command {
     /// back, against the same requests sent straight to the echo backend,
     /// at each rate (p50/p99/p999 and what longlink adds).
     Upstream(upstream::UpstreamArgs),
+    /// At-least-once unicast (memory and Redis store) against at-most-once in
+    /// the same run: push->receive and push->ACK percentiles, pushes/s.
+    Reliable(reliable::ReliableArgs),
     /// Markdown report with SVG plots from one or more results files.
     Report(report::ReportArgs),
     /// A client worker process (internal: started by the scenarios, reads
@@ -94,6 +98,7 @@ fn main() -> ExitCode {
         Command::Broadcast(args) => broadcast::run(&args),
         Command::Soak(args) => soak::run(&args),
         Command::Upstream(args) => upstream::run(&args),
+        Command::Reliable(args) => reliable::run(&args),
         Command::Report(args) => report::run(&args),
         Command::Worker => worker::run(),
         Command::LoadWorker => loadworker::run(),
