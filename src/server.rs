@@ -197,6 +197,7 @@ impl Server {
                         glommio::spawn_local(Rc::clone(&shard).accept_loop(listener)).detach();
                         glommio::spawn_local(Rc::clone(&shard).push_accept_loop(push_listener)).detach();
                         glommio::spawn_local(Rc::clone(&shard).pacer_loop()).detach();
+                        glommio::spawn_local(Rc::clone(&shard).flusher_loop()).detach();
                         // Ready once every service backend was tried once.
                         shard.start_upstream().await;
                         let _ = ready_tx.send(Ok(id));

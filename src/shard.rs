@@ -64,6 +64,10 @@ pub const MAX_ID_BYTES: usize = 255;
 const NO_CONN: u32 = u32::MAX;
 /// How often the broadcast pacer runs while broadcasts are queued.
 const PACER_TICK: Duration = Duration::from_millis(10);
+/// Sessions the flusher writes before letting the executor poll again.
+const FLUSH_CHUNK: usize = 256;
+/// Group members on a shard up to which a fan-out is written at once.
+const INLINE_FANOUT: usize = 64;
 
 /// Counters readable from other threads (tests, stats logs, metrics).
 #[derive(Debug, Default)]
@@ -82,6 +86,9 @@ pub struct ShardCounters {
     pub slow_dropped_frames: AtomicU64,
     /// Messages queued or written to a session.
     pub delivered: AtomicU64,
+    /// Session queues written by the fan-out flusher (each one `writev` of
+    /// every frame queued for it): deliveries per write show the batching.
+    pub fanout_writes: AtomicU64,
     /// Broadcast deliveries dropped because their TTL passed while paced.
     pub broadcast_expired: AtomicU64,
     /// Push-port requests received.
@@ -138,6 +145,8 @@ struct ConnIo {
     /// Registered, waiting for the user's home shard to record it before
     /// `AuthOk` goes out.
     awaiting_dir: Option<Box<Login>>,
+    /// Listed in the shard's flush list ([`Shard::deliver_batched`]).
+    in_flush: bool,
 }
 
 impl ConnIo {
@@ -256,6 +265,9 @@ pub(crate) struct State {
     pub(crate) backends: Slab<Backend>,
     /// Requests from this shard's backends waiting for parts of their answer.
     pub(crate) pending: HashMap<u64, Pending>,
+    /// Sessions with frames queued by a fan-out, in the order they were
+    /// queued, for the flusher task ([`Shard::deliver_batched`]).
+    flush: VecDeque<ConnKey>,
     next_token: u64,
     pub(crate) message_ids: MessageIds,
     /// At-least-once delivery state of online devices, by slot: only while
@@ -410,6 +422,11 @@ pub struct Shard {
     /// Wakes the pacer task when a broadcast is queued.
     pacer_wake: LocalSender<()>,
     pacer_rx: RefCell<Option<LocalReceiver<()>>>,
+    /// The flusher task is writing the flush list.
+    flushing: Cell<bool>,
+    /// Wakes the flusher task when the flush list fills.
+    flush_wake: LocalSender<()>,
+    flush_rx: RefCell<Option<LocalReceiver<()>>>,
     /// Timelines of at-least-once messages: this shard's memory store, or a
     /// handle to the node's Redis store.
     pub(crate) store: Rc<dyn TimelineStore>,
@@ -425,6 +442,7 @@ impl Shard {
         store: Rc<dyn TimelineStore>,
     ) -> Rc<Shard> {
         let (pacer_wake, pacer_rx) = glommio::channels::local_channel::new_bounded(1);
+        let (flush_wake, flush_rx) = glommio::channels::local_channel::new_bounded(1);
         // Message ids: node index (4 bits) and shard (6 bits) as the worker.
         let worker = cfg.delivery.node_index << 6 | (id.0 & 0x3f);
         Rc::new_cyclic(|me| Shard {
@@ -443,6 +461,7 @@ impl Shard {
                 broadcasts: VecDeque::new(),
                 backends: Slab::new(),
                 pending: HashMap::new(),
+                flush: VecDeque::new(),
                 next_token: 0,
                 message_ids: MessageIds::new(worker),
                 reliable: HashMap::new(),
@@ -458,6 +477,9 @@ impl Shard {
             pacing: Cell::new(false),
             pacer_wake,
             pacer_rx: RefCell::new(Some(pacer_rx)),
+            flushing: Cell::new(false),
+            flush_wake,
+            flush_rx: RefCell::new(Some(flush_rx)),
             store,
         })
     }
@@ -861,6 +883,65 @@ impl Shard {
         }
     }
 
+    /// Queues `frame` for an active session and lists the session for the
+    /// flusher task, which writes each listed session's whole queue with one
+    /// `writev` a chunk of sessions at a time, letting the executor poll
+    /// for new work in between. A fan-out costs a queue push per member;
+    /// when fan-outs arrive faster than the sockets are written, frames for
+    /// the same session pile up and go out together: fewer syscalls per
+    /// delivery exactly when the shard is behind. Counted as delivered.
+    pub(crate) fn deliver_batched(&self, st: &mut State, slot: u32, frame: &Bytes) -> bool {
+        let key = st.key_of(slot);
+        if !st.conn(key).is_some_and(|c| c.is_active()) || !self.enqueue(st, key, frame.clone()) {
+            return false;
+        }
+        if let Some(io) = st.conn(key).and_then(|c| c.io.as_mut())
+            && !io.in_flush
+        {
+            io.in_flush = true;
+            st.flush.push_back(key);
+        }
+        self.counters.delivered.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Starts the flusher task if sessions wait in the flush list.
+    fn kick_flusher(&self, st: &State) {
+        if !st.flush.is_empty() && !self.flushing.get() {
+            let _ = self.flush_wake.try_send(());
+        }
+    }
+
+    /// Writes the queues of listed sessions, a chunk at a time, until the
+    /// list is empty; then waits to be woken again.
+    pub async fn flusher_loop(self: Rc<Self>) {
+        let Some(wake) = self.flush_rx.borrow_mut().take() else { return };
+        let mut chunk = Vec::with_capacity(FLUSH_CHUNK);
+        while wake.recv().await.is_some() {
+            self.flushing.set(true);
+            loop {
+                {
+                    let mut st = self.state.borrow_mut();
+                    let n = st.flush.len().min(FLUSH_CHUNK);
+                    chunk.extend(st.flush.drain(..n));
+                    self.flush_responses(&mut st, &chunk);
+                    self.counters.fanout_writes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                }
+                if chunk.is_empty() {
+                    break;
+                }
+                chunk.clear();
+                // Other tasks run before the next chunk; fan-outs that arrive
+                // meanwhile (the executor polls its rings at the latest when
+                // its preemption timer fires) join the queues being written.
+                // Measured: a zero timer here instead polls more often and
+                // coalesces less (p99 ~710 ms instead of ~390 ms at 1M/s).
+                futures_lite::future::yield_now().await;
+            }
+            self.flushing.set(false);
+        }
+    }
+
     /// Queues an upstream `Response` frame for session `key` (dropped if
     /// the session is gone or closing) without waking its task: the
     /// upstream code writes every answer of one pass with one `writev` per
@@ -876,7 +957,9 @@ impl Shard {
             let Some(conn) = st.conn(key) else { continue };
             let fd = conn.fd;
             let Some(io) = conn.io.as_mut() else { continue };
+            io.in_flush = false;
             if io.out.is_empty() {
+                conn.release_io_if_idle();
                 continue;
             }
             if let Ok(true) = io.out.write_now(fd) {
@@ -1170,7 +1253,13 @@ impl Shard {
                 // bounce between cores on every member.
                 let frame = if origin.shard == self.id { frame } else { Bytes::copy_from_slice(&frame) };
                 let members: Vec<u32> = st.groups.members(&group).collect();
-                let reached = members.into_iter().filter(|&slot| self.deliver(st, slot, &frame)).count();
+                let reached = if members.len() <= INLINE_FANOUT && st.flush.is_empty() {
+                    members.into_iter().filter(|&slot| self.deliver(st, slot, &frame)).count()
+                } else {
+                    let n = members.into_iter().filter(|&slot| self.deliver_batched(st, slot, &frame)).count();
+                    self.kick_flusher(st);
+                    n
+                };
                 self.answer(st, origin, Part::Count(reached as u64));
             }
             ShardMsg::Broadcast { origin, frame, expires_at } => {

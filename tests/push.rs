@@ -160,6 +160,56 @@ fn group_push_reaches_every_member_once_and_leavers_leave_no_residue() {
 }
 
 #[test]
+fn a_large_group_is_written_in_batches_and_every_member_gets_every_message_once_in_order() {
+    // About 200 members per shard: above the size written inline, so each
+    // push is queued for the shard's flusher, and pushes sent while it is
+    // still writing join the same queues.
+    const MEMBERS: usize = 400;
+    const PUSHES: usize = 30;
+    let mut cfg = test_config(2);
+    cfg.session.auth_timeout_ms = 10_000;
+    let server = start(&cfg);
+    let addr = server.client_addr();
+    let mut push = backend(&server);
+    let members = pairs(|i| format!("lu{i}"), |i| format!("ldev-{i}"), MEMBERS);
+    let counters = server.counters().to_vec();
+    run(async move {
+        let conns = connect_all(addr, &cfg, &members).await;
+        let devices: Vec<&str> = members.iter().map(|(_, d)| d.as_str()).collect();
+        let reply = push.group_update("big", &devices, &[]).unwrap();
+        assert!(reply.results.iter().all(|r| status(r.status) == PushStatus::Delivered), "{reply:?}");
+        for n in 0..PUSHES {
+            let reply = push.push_group("big", Bytes::from(format!("m{n}"))).unwrap();
+            assert_eq!(reply.delivered, MEMBERS as u64);
+        }
+        let want: Vec<Bytes> = (0..PUSHES).map(|n| Bytes::from(format!("m{n}"))).collect();
+        let tasks: Vec<_> = conns
+            .into_iter()
+            .map(|mut c| {
+                let want = want.clone();
+                glommio::spawn_local(async move {
+                    let mut seen = Vec::with_capacity(want.len());
+                    for _ in 0..want.len() {
+                        seen.push(next_message(&mut c).await.payload);
+                    }
+                    assert_eq!(seen, want, "each message once, in order");
+                    assert_nothing_queued(&mut c).await;
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await;
+        }
+    });
+    let delivered: u64 = counters.iter().map(|c| c.delivered.load(Ordering::Relaxed)).sum();
+    assert_eq!(delivered, (MEMBERS * PUSHES) as u64);
+    // The flusher wrote them (a write carries every frame queued by then).
+    let writes: u64 = counters.iter().map(|c| c.fanout_writes.load(Ordering::Relaxed)).sum();
+    assert!((MEMBERS as u64..=delivered).contains(&writes), "{writes} flusher writes");
+    server.shutdown();
+}
+
+#[test]
 fn broadcast_to_5000_connections_arrives_once_each_at_the_configured_pace() {
     let mut cfg = test_config(2);
     cfg.push.broadcast_rate_per_sec = 10_000;
