@@ -12,6 +12,12 @@
 //!   foreground and background intervals (one heartbeat when returning to
 //!   the foreground).
 
+pub mod agent;
+#[cfg(test)]
+mod sim;
+
+pub use agent::{Action, Agent, AgentConfig, Disconnect, Dispatch, Event, LinkId, RequestError, RequestId, SdkError};
+
 /// A small deterministic PRNG (xorshift64*), so the SDK's jitter can be
 /// seeded in tests and needs no dependency.
 #[derive(Clone, Debug)]
@@ -195,6 +201,10 @@ impl SmartHeartbeat {
         }
     }
 
+    pub fn min_ms(&self) -> u32 {
+        self.min_ms
+    }
+
     /// The longest interval the client may declare to the server (the idle
     /// timeout is a multiple of it).
     pub fn max_ms(&self) -> u32 {
@@ -237,8 +247,13 @@ impl SmartHeartbeat {
             self.probing = false;
             return true;
         }
-        // The NAT (or the network) dropped us somewhere below this interval.
-        self.ceiling_ms = self.ceiling_ms.min(self.current_ms);
+        // Above the proven interval, the NAT (or the network) dropped us
+        // somewhere below this one. At a proven interval it was a loss, not
+        // the interval: keep the ceiling, or one bad minute would pin the
+        // heartbeat to its floor for good.
+        if self.current_ms > self.proven_ms {
+            self.ceiling_ms = self.ceiling_ms.min(self.current_ms);
+        }
         if self.proven_ms >= self.ceiling_ms {
             self.proven_ms = self.min_ms;
         }
