@@ -1,22 +1,39 @@
-//! Client SDK policies for real mobile networks, with no I/O and no clock:
-//! when to reconnect and where, how long to wait, and how often to ping.
+//! The client SDK: a sans-IO core, a glommio driver and a blocking facade.
 //!
-//! - [`Backoff`]: exponential backoff with full jitter between the server's
-//!   bounds, never a tight loop; reset by a connection that stayed up.
-//! - [`Endpoints`]: an ordered endpoint list (from the dispatcher or fixed);
-//!   a failed endpoint drifts to the next; `GoAway` jumps to the endpoint it
-//!   names.
-//! - [`SmartHeartbeat`]: starts short while the link is unproven, lengthens
-//!   after 3 consecutive pongs toward the NAT-safe maximum, falls back to the
-//!   last proven interval and probes after a missed pong, and keeps separate
-//!   foreground and background intervals (one heartbeat when returning to
-//!   the foreground).
+//! - [`agent`]: the [`Agent`], the state machine that lives across
+//!   connections (where to connect, when, heartbeats, resume, requests);
+//!   it drives one `client::ClientSession` per connection.
+//! - [`driver`]: [`Client`], the agent over real TCP on a glommio executor
+//!   (and [`Handle`] for other threads); [`dispatch`]: the dispatcher
+//!   lookup over HTTP.
+//! - [`blocking`]: [`BlockingClient`], a thread running the driver, with
+//!   channels, for simple programs.
+//! - Here: the policies the agent applies, with no I/O and no clock:
+//!   - [`Backoff`]: exponential backoff with full jitter between bounds,
+//!     never a tight loop; reset by a connection that carried a round trip.
+//!   - [`Endpoints`]: an ordered endpoint list (from the dispatcher or
+//!     fixed); a failed endpoint drifts to the next; `GoAway` jumps to the
+//!     endpoint it names.
+//!   - [`SmartHeartbeat`]: starts short while the link is unproven,
+//!     lengthens after 3 consecutive pongs toward the NAT-safe maximum,
+//!     falls back to the last proven interval and probes after a missed
+//!     pong, and keeps separate foreground and background intervals (one
+//!     heartbeat when returning to the foreground).
+//!
+//! Deterministic tests of the agent over a simulated lossy link are in
+//! `sdk/sim.rs`; real-TCP tests in `tests/sdk.rs`.
 
 pub mod agent;
+pub mod blocking;
+pub mod dispatch;
+pub mod driver;
 #[cfg(test)]
 mod sim;
 
 pub use agent::{Action, Agent, AgentConfig, Disconnect, Dispatch, Event, LinkId, RequestError, RequestId, SdkError};
+pub use blocking::{BlockingClient, NextError, StartError};
+pub use dispatch::{DispatchError, DispatcherConfig};
+pub use driver::{CallError, Client, ClientConfig, Handle};
 
 /// A small deterministic PRNG (xorshift64*), so the SDK's jitter can be
 /// seeded in tests and needs no dependency.
