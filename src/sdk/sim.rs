@@ -751,6 +751,28 @@ fn resume_replays_only_what_was_not_handled_and_the_application_sees_each_messag
 }
 
 #[test]
+fn a_resync_gap_is_reported_and_its_end_becomes_the_resume_point_once_handled() {
+    let mut sim = Sim::new(&["a"], |_| {});
+    sim.auto_handle = false;
+    assert!(sim.run_until_cond(10_000, Sim::is_up));
+    sim.push();
+    sim.send_down(Frame::ResyncRequired(proto::ResyncRequired { from_seq: 2, to_seq: 9 }));
+    sim.run_until(sim.now.0 + 100);
+    let tail = &sim.events[sim.events.len() - 2..];
+    assert!(matches!(&tail[0], Event::Message(m) if m.seq == 1), "{tail:?}");
+    assert_eq!(tail[1], Event::ResyncRequired { from_seq: 2, to_seq: 9 });
+    sim.agent.message_handled(sim.now, 1);
+    sim.run_until(sim.now.0 + 300);
+    assert_eq!(sim.timeline.acked, 1, "the gap is not handled yet");
+    sim.agent.message_handled(sim.now, 9);
+    sim.run_until(sim.now.0 + 100);
+    assert_eq!((sim.timeline.acked, sim.agent.last_seq()), (9, 9));
+    sim.reset();
+    assert!(sim.run_until_cond(60_000, |s| s.connected_count() == 2));
+    assert_eq!(sim.timeline.resumed_from, [0, 9]);
+}
+
+#[test]
 fn requests_are_retried_with_the_same_client_msg_id_across_loss_and_reconnects() {
     let mut sim = Sim::new(&["a"], |_| {});
     assert!(sim.run_until_cond(10_000, Sim::is_up));
