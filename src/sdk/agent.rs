@@ -118,6 +118,9 @@ pub struct Dispatch {
 /// Why a connection ended or could not start.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Disconnect {
+    /// The dispatcher could not be asked or gave nothing usable.
+    #[error("dispatcher: {0}")]
+    Dispatcher(String),
     #[error("connect failed: {0}")]
     ConnectFailed(String),
     #[error("connect did not complete within {0} ms")]
@@ -225,7 +228,8 @@ pub enum Event {
 /// What the driver must do, in order.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
-    /// Ask the dispatcher, then call [`Agent::handle_dispatch`].
+    /// Ask the dispatcher, then call [`Agent::handle_dispatch`] (an answer
+    /// later than `connect_timeout_ms` is ignored).
     Lookup {
         net: String,
     },
@@ -279,7 +283,10 @@ enum State {
     Waiting {
         at: Millis,
     },
-    LookingUp,
+    /// The dispatcher must answer by `deadline`.
+    LookingUp {
+        deadline: Millis,
+    },
     Connecting {
         link: LinkId,
         endpoint: String,
@@ -358,7 +365,7 @@ impl Agent {
     pub fn poll_timeout(&self) -> Option<Millis> {
         let state = match &self.state {
             State::Waiting { at } => Some(*at),
-            State::LookingUp => None,
+            State::LookingUp { deadline } => Some(*deadline),
             State::Connecting { deadline, .. } => Some(*deadline),
             State::Up(up) => Some(up.session.poll_timeout()),
             State::Stopped(_) => return None,
@@ -417,7 +424,7 @@ impl Agent {
 
     /// The dispatcher answered (or could not be asked).
     pub fn handle_dispatch<E: std::fmt::Display>(&mut self, now: Millis, result: Result<Dispatch, E>) {
-        if !matches!(self.state, State::LookingUp) {
+        if !matches!(self.state, State::LookingUp { .. }) {
             return;
         }
         match result {
@@ -440,7 +447,7 @@ impl Agent {
                 // Fall back to the endpoints already known (fixed or from an
                 // earlier answer); ask again once those fail.
                 self.need_lookup = self.endpoints.is_empty();
-                self.retry_later(now, Disconnect::ConnectFailed(format!("dispatcher: {why}")));
+                self.retry_later(now, Disconnect::Dispatcher(why));
             }
         }
     }
@@ -518,6 +525,11 @@ impl Agent {
     pub fn handle_timeout(&mut self, now: Millis) {
         match &mut self.state {
             State::Waiting { at } if now >= *at => self.attempt(now),
+            State::LookingUp { deadline } if now >= *deadline => {
+                self.need_lookup = self.endpoints.is_empty();
+                let why = format!("no answer within {} ms", self.cfg.connect_timeout_ms);
+                self.retry_later(now, Disconnect::Dispatcher(why));
+            }
             State::Connecting { deadline, .. } if now >= *deadline => {
                 self.fail(now, Disconnect::ConnectTimeout(self.cfg.connect_timeout_ms), true)
             }
@@ -651,7 +663,7 @@ impl Agent {
         match self.state {
             State::Up(_) | State::Connecting { .. } => self.fail(now, Disconnect::NetworkChanged, true),
             State::Waiting { .. } => self.attempt(now),
-            State::LookingUp | State::Stopped(_) => {}
+            State::LookingUp { .. } | State::Stopped(_) => {}
         }
     }
 
@@ -715,7 +727,8 @@ impl Agent {
     /// Starts the next attempt: a lookup or a connect.
     fn attempt(&mut self, now: Millis) {
         if self.need_lookup || self.endpoints.is_empty() {
-            self.state = State::LookingUp;
+            // The connect timeout bounds the lookup too.
+            self.state = State::LookingUp { deadline: now.add_ms(self.cfg.connect_timeout_ms) };
             self.out.push_back(Action::Lookup { net: self.cfg.net.clone() });
         } else {
             self.connect(now);

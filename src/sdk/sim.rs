@@ -104,6 +104,8 @@ struct Sim {
     connecting: Option<(Millis, LinkId, usize, bool)>,
     /// Answer to the next Lookup (None: the dispatcher is down).
     dispatcher: Option<Dispatch>,
+    /// Lookups get no answer at all.
+    silent_dispatcher: bool,
     lookups: u32,
     rng: Rng,
     /// Chance per thousand frames that the direction stalls.
@@ -151,6 +153,7 @@ impl Sim {
             conn: None,
             connecting: None,
             dispatcher: None,
+            silent_dispatcher: false,
             lookups: 0,
             rng: Rng::new(7),
             stall_permille: 0,
@@ -189,6 +192,9 @@ impl Sim {
             match action {
                 Action::Lookup { .. } => {
                     self.lookups += 1;
+                    if self.silent_dispatcher {
+                        continue;
+                    }
                     let answer = self.dispatcher.clone().ok_or("dispatcher unreachable");
                     self.agent.handle_dispatch(self.now, answer);
                 }
@@ -802,6 +808,25 @@ fn requests_are_retried_with_the_same_client_msg_id_across_loss_and_reconnects()
 }
 
 #[test]
+fn an_unanswered_retry_checks_the_link_at_once_instead_of_waiting_for_a_long_heartbeat() {
+    let mut sim = Sim::new(&["a"], |_| {});
+    assert!(sim.run_until_cond(10_000, Sim::is_up));
+    sim.run_until(1_300_000);
+    assert_eq!(sim.agent.heartbeat_interval_ms(), 90_000);
+    // Right after a heartbeat, the way back stalls for good.
+    let pings = sim.nodes[0].pings.len();
+    assert!(sim.run_until_cond(100_000, |s| s.nodes[0].pings.len() > pings));
+    sim.run_until(sim.now.0 + 100);
+    sim.conn.as_mut().unwrap().stalled_down = true;
+    let id = sim.agent.request(sim.now, "chat", Bytes::from_static(b"q"), 30_000).unwrap();
+    // Retry after 2 s, a ping with it, 5 s for its Pong, 5 s for the probe:
+    // reconnected and answered long before the next heartbeat (90 s).
+    assert!(sim.run_until_cond(30_000, |s| !s.responses().is_empty()));
+    assert!(matches!(&sim.responses()[0], (got, Ok(_)) if *got == id));
+    assert_eq!(sim.disconnects(), [&Disconnect::NoPong]);
+}
+
+#[test]
 fn requests_are_bounded_and_checked() {
     let mut sim = Sim::new(&["a"], |c| c.max_pending_requests = 2);
     let now = sim.now;
@@ -851,6 +876,19 @@ fn the_dispatcher_gives_endpoints_and_token_and_its_failure_falls_back_to_the_fi
     sim.go_away("");
     assert!(sim.run_until_cond(60_000, |s| s.connected_count() == 2));
     assert_eq!(sim.lookups, lookups + 1);
+
+    // A dispatcher that never answers: the lookup times out, and with no
+    // endpoint to fall back on it is asked again after a backoff.
+    let mut sim = Sim::new(&["a"], |c| {
+        c.dispatcher = true;
+        c.endpoints = vec![];
+    });
+    sim.silent_dispatcher = true;
+    sim.run_until(30_000);
+    let d = sim.disconnects();
+    assert!(d.len() >= 2 && d.iter().all(|d| matches!(d, Disconnect::Dispatcher(_))), "{d:?}");
+    assert_eq!(sim.lookups as usize, d.len() + 1, "one lookup in flight at a time");
+    assert!(sim.connects.is_empty());
 }
 
 impl Sim {
