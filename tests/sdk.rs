@@ -351,3 +351,43 @@ fn connects_through_the_dispatcher_with_its_token() {
     http.stop();
     server.shutdown();
 }
+
+#[test]
+fn a_network_change_reconnects_at_once() {
+    let cfg = test_config(1);
+    let server = start(&cfg);
+    let mut agent = agent_config(token(&cfg, "u7", "roamer"), &[server.client_addr().to_string()]);
+    agent.backoff_min_ms = 60_000;
+    agent.backoff_base_ms = 60_000;
+    agent.backoff_max_ms = 60_000;
+    let client = start_client(agent);
+    wait_for(&client, "connected", connected);
+    client.set_foreground(false).unwrap();
+    client.network_changed("cellular").unwrap();
+    let (_, before) = wait_for(&client, "reconnected", connected);
+    assert_eq!(before, [Event::Disconnected { reason: Disconnect::NetworkChanged, retry_in_ms: Some(0) }]);
+    drop(client);
+    server.shutdown();
+}
+
+#[test]
+fn dropping_a_blocking_client_that_nobody_reads_returns() {
+    let cfg = test_config(1);
+    let server = start(&cfg);
+    let client = start_client(agent_config(token(&cfg, "u8", "unread"), &[server.client_addr().to_string()]));
+    wait_for(&client, "connected", connected);
+    // More events than the facade buffers: the driver thread blocks on the
+    // full queue.
+    let mut push = push_port(server.push_addr());
+    for i in 0..1_500 {
+        let r = push.push_devices(&["unread"], Bytes::from(format!("m{i}"))).unwrap();
+        assert_eq!(r.delivered, 1);
+    }
+    let (done_tx, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(client);
+        let _ = done_tx.send(());
+    });
+    assert!(done.recv_timeout(WAIT).is_ok(), "drop hung");
+    server.shutdown();
+}
