@@ -391,3 +391,50 @@ fn dropping_a_blocking_client_that_nobody_reads_returns() {
     assert!(done.recv_timeout(WAIT).is_ok(), "drop hung");
     server.shutdown();
 }
+
+#[test]
+fn the_sdk_command_prints_events_and_exits_on_a_terminal_kick() {
+    use std::io::BufRead;
+    let cfg = test_config(1);
+    let server = start(&cfg);
+    /// Killed on drop, so a failed assertion leaves no process behind.
+    struct Child(std::process::Child);
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_longlink"))
+        .arg("sdk")
+        .args(["--endpoint", &dead_addr().to_string(), "--endpoint", &server.client_addr().to_string()])
+        .args(["--token", &token(&cfg, "u9", "cli-dev")])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map(Child)
+        .expect("spawn longlink sdk");
+    let stdout = child.0.stdout.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(serde_json::from_str::<serde_json::Value>(&line).expect("JSON lines"));
+        }
+    });
+    let next = || lines.recv_timeout(WAIT).expect("a line");
+    assert_eq!(next()["event"], "disconnected", "the first endpoint is down");
+    let connected = next();
+    assert_eq!(connected["event"], "connected");
+    assert_eq!(connected["endpoint"], server.client_addr().to_string());
+    let mut push = push_port(server.push_addr());
+    push.push_devices_at_least_once(&["cli-dev"], Bytes::from_static(b"hello")).unwrap();
+    let m = next();
+    assert_eq!((m["event"].as_str(), m["payload"].as_str()), (Some("message"), Some("hello")));
+    push.kick_devices(&["cli-dev"], ErrorCode::Kicked, "bye").unwrap();
+    assert_eq!(next()["event"], "kicked");
+    let d = next();
+    assert_eq!((d["code"].as_str(), d["retry_in_ms"].is_null()), (Some("KICKED"), true));
+    let status = child.0.wait().unwrap();
+    assert_eq!(status.code(), Some(1));
+    server.shutdown();
+}
