@@ -30,6 +30,7 @@ use crate::codec::{self, Flags, Frame};
 use crate::codes;
 use crate::proto::{self, ErrorCode};
 use crate::session::Millis;
+use crate::shard::MAX_ID_BYTES;
 
 /// One connection attempt (the driver's socket for it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -196,7 +197,7 @@ pub enum SdkError {
     NoEndpoints,
     #[error("{0} requests are already waiting for an answer")]
     TooManyRequests(usize),
-    #[error("service id must be 1 to 255 bytes")]
+    #[error("service id must be 1 to {MAX_ID_BYTES} bytes")]
     BadService,
     #[error("request body of {len} bytes exceeds the frame limit of {max}")]
     TooLarge { len: usize, max: u32 },
@@ -570,7 +571,7 @@ impl Agent {
         if let State::Stopped(why) = &self.state {
             return Err(SdkError::Stopped(why.clone()));
         }
-        if service.is_empty() || service.len() > 255 {
+        if service.is_empty() || service.len() > MAX_ID_BYTES {
             return Err(SdkError::BadService);
         }
         // Service id, ids and tags: a few dozen bytes on top of the body.
@@ -598,7 +599,8 @@ impl Agent {
     }
 
     /// The application handled the message with sequence `seq` (or the
-    /// resync range ending at `seq`), and every one before it.
+    /// resync range ending at `seq`), and every one before it: handle
+    /// at-least-once messages in the order they come.
     pub fn message_handled(&mut self, now: Millis, seq: u64) {
         if seq <= self.handled_seq {
             return;
@@ -923,5 +925,51 @@ impl Agent {
         for (id, _) in std::mem::take(&mut self.pending) {
             self.event(Event::Response { id, result: Err(RequestError::Stopped(reason.clone())) });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terminal_reasons_stop_and_the_others_reconnect() {
+        let kicked = |code| Disconnect::Kicked { code, reason: String::new() };
+        assert!(kicked(ErrorCode::Shutdown).reconnect_allowed());
+        assert!(!kicked(ErrorCode::Replaced).reconnect_allowed());
+        let error = |code| {
+            let e = codes::error_body(code, "");
+            Disconnect::Error { code, reason: e.reason, reconnect: e.reconnect }
+        };
+        assert!(error(ErrorCode::TokenExpired).reconnect_allowed());
+        assert!(!error(ErrorCode::InvalidToken).reconnect_allowed());
+        assert_eq!(error(ErrorCode::InvalidToken).code(), Some(ErrorCode::InvalidToken));
+        for transient in [
+            Disconnect::ConnectFailed(String::new()),
+            Disconnect::ConnectTimeout(1),
+            Disconnect::AuthTimeout(1),
+            Disconnect::NoPong,
+            Disconnect::Lost(String::new()),
+            Disconnect::Dispatcher(String::new()),
+            Disconnect::NetworkChanged,
+            Disconnect::GoAway { endpoint: String::new(), reason: String::new() },
+        ] {
+            assert!(transient.reconnect_allowed() && transient.code().is_none(), "{transient:?}");
+        }
+        assert!(!Disconnect::Protocol(String::new()).reconnect_allowed());
+        assert!(!Disconnect::ClosedByApp.reconnect_allowed());
+    }
+
+    #[test]
+    fn an_agent_needs_somewhere_to_connect() {
+        let cfg = AgentConfig::new(ClientOptions::new("t"));
+        assert_eq!(Agent::new(cfg.clone(), Millis(0)).err(), Some(SdkError::NoEndpoints));
+        let mut agent = Agent::new(AgentConfig { endpoints: vec!["a:1".into()], ..cfg }, Millis(0)).unwrap();
+        assert_eq!(agent.poll_action(), Some(Action::Connect { link: LinkId(1), endpoint: "a:1".into() }));
+        assert_eq!(agent.poll_timeout(), Some(Millis(10_000)), "the connect timeout");
+        // A stale link is ignored.
+        agent.handle_connected(Millis(1), LinkId(7));
+        agent.handle_closed(Millis(1), LinkId(7), "x");
+        assert_eq!(agent.poll_action(), None);
     }
 }
