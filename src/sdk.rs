@@ -85,7 +85,8 @@ impl Backoff {
         Backoff { min_ms, base_ms: base_ms.clamp(min_ms, max_ms), max_ms, attempt: 0 }
     }
 
-    /// Adopts new bounds (from `AuthOk`) without forgetting the attempt count.
+    /// Adopts new bounds (the server's, from the dispatcher) without
+    /// forgetting the attempt count.
     pub fn set_bounds(&mut self, min_ms: u64, max_ms: u64) {
         let attempt = self.attempt;
         *self = Backoff::new(min_ms, self.base_ms, max_ms);
@@ -106,6 +107,11 @@ impl Backoff {
 
     pub fn attempt(&self) -> u32 {
         self.attempt
+    }
+
+    /// (min, max) in ms.
+    pub fn bounds(&self) -> (u64, u64) {
+        (self.min_ms, self.max_ms)
     }
 }
 

@@ -64,6 +64,7 @@ pub struct AgentConfig {
     pub connect_timeout_ms: u64,
     /// Backoff between attempts: every wait is at least `backoff_min_ms`,
     /// the first at most `backoff_base_ms`, doubling up to `backoff_max_ms`.
+    /// A dispatcher's `reconnect` bounds replace min and max.
     pub backoff_min_ms: u64,
     pub backoff_base_ms: u64,
     pub backoff_max_ms: u64,
@@ -114,6 +115,9 @@ pub struct Dispatch {
     pub token: String,
     pub heartbeat_min_ms: u32,
     pub heartbeat_max_ms: u32,
+    /// The server's reconnect backoff bounds (0: not given, keep ours).
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
 }
 
 /// Why a connection ended or could not start.
@@ -405,6 +409,10 @@ impl Agent {
         &self.heartbeat
     }
 
+    pub fn backoff(&self) -> &Backoff {
+        &self.backoff
+    }
+
     /// Requests waiting for an answer.
     pub fn pending_requests(&self) -> usize {
         self.pending.len()
@@ -436,6 +444,9 @@ impl Agent {
                 }
                 if d.heartbeat_max_ms > 0 {
                     self.adopt_heartbeat_bounds(d.heartbeat_min_ms, d.heartbeat_max_ms);
+                }
+                if d.reconnect_max_ms > 0 {
+                    self.backoff.set_bounds(d.reconnect_min_ms, d.reconnect_max_ms);
                 }
                 self.need_lookup = false;
                 self.connect(now);

@@ -89,11 +89,14 @@ fn parse_reply(reply: &[u8]) -> Result<Dispatch, DispatchError> {
         return Err(DispatchError::BadReply("no endpoints".into()));
     }
     let ms = |name: &str| json["heartbeat"][name].as_u64().and_then(|v| u32::try_from(v).ok()).unwrap_or(0);
+    let reconnect = |name: &str| json["reconnect"][name].as_u64().unwrap_or(0);
     Ok(Dispatch {
         endpoints,
         token: json["token"].as_str().unwrap_or_default().to_owned(),
         heartbeat_min_ms: ms("min_ms"),
         heartbeat_max_ms: ms("max_ms"),
+        reconnect_min_ms: reconnect("min_ms"),
+        reconnect_max_ms: reconnect("max_ms"),
     })
 }
 
@@ -141,7 +144,9 @@ mod tests {
             heartbeat_default_ms: 30_000,
             heartbeat_max_ms: 200_000,
         };
-        let d = Arc::new(Dispatcher::new(cfg, keyring.clone(), Arc::new(StaticNodes(nodes))));
+        let d = Arc::new(
+            Dispatcher::new(cfg, keyring.clone(), Arc::new(StaticNodes(nodes))).with_reconnect_bounds(300, 20_000),
+        );
         let server = HttpServer::start(
             "127.0.0.1:0".parse().unwrap(),
             4,
@@ -154,6 +159,7 @@ mod tests {
         assert_eq!(got.endpoints.len(), 2);
         assert!(got.endpoints.iter().all(|e| e.starts_with("127.0.0.1:700")));
         assert_eq!((got.heartbeat_min_ms, got.heartbeat_max_ms), (5_000, 200_000));
+        assert_eq!((got.reconnect_min_ms, got.reconnect_max_ms), (300, 20_000));
         let claims = keyring.verify(&got.token, crate::token::now_unix_secs(), 0).unwrap();
         assert_eq!((claims.user.as_str(), claims.device.as_str(), claims.app.as_str()), ("alice &co", "phone", "chat"));
         q.uid = String::new();

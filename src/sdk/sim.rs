@@ -867,9 +867,15 @@ fn the_dispatcher_gives_endpoints_and_token_and_its_failure_falls_back_to_the_fi
         token,
         heartbeat_min_ms: 5_000,
         heartbeat_max_ms: 90_000,
+        reconnect_min_ms: 3_000,
+        reconnect_max_ms: 4_000,
     });
     sim.node("c").reach = Reach::Refused;
     assert!(sim.run_until_cond(60_000, Sim::is_up));
+    // The server's backoff bounds: the drift from c waited 3..=4 s.
+    assert_eq!(sim.agent.backoff().bounds(), (3_000, 4_000));
+    let gap = sim.connects[1].0.0 - sim.connects[0].0.0;
+    assert!((3_020..=4_020).contains(&gap), "{gap}");
     assert_eq!(sim.agent.connected_to(), Some("b"), "drifted down the dispatcher's list");
     // A GoAway that names nowhere: ask the dispatcher again.
     let lookups = sim.lookups;
