@@ -379,6 +379,32 @@ mod tests {
     }
 
     #[test]
+    fn a_loss_at_a_proven_interval_does_not_cap_the_heartbeat() {
+        let mut h = SmartHeartbeat::new(10_000, 90_000);
+        // Lost at the floor: not the NAT (nothing shorter is allowed).
+        assert!(!h.on_missed());
+        h.on_pong();
+        for _ in 0..3 {
+            h.on_pong();
+        }
+        assert_eq!(h.interval_ms(), 20_000, "still climbs");
+        for _ in 0..3 {
+            h.on_pong();
+        }
+        // Lost at 30 s, proven 20 s: 30 s is the suspect; 20 s holds.
+        assert!(!h.on_missed());
+        h.on_pong();
+        assert_eq!(h.interval_ms(), 20_000);
+        // Lost again at the proven 20 s: a loss, the 30 s cap stays, no lower.
+        assert!(!h.on_missed());
+        h.on_pong();
+        for _ in 0..30 {
+            h.on_pong();
+        }
+        assert_eq!(h.interval_ms(), 20_000);
+    }
+
+    #[test]
     fn heartbeat_climbs_to_the_maximum_and_a_failed_probe_means_dead() {
         let mut h = SmartHeartbeat::new(10_000, 90_000);
         for _ in 0..100 {

@@ -11,7 +11,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
-use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -72,7 +71,7 @@ const COMMAND_QUEUE: usize = 64;
 pub struct Client {
     agent: Agent,
     epoch: Instant,
-    dispatcher: Option<Rc<DispatcherConfig>>,
+    dispatcher: Option<DispatcherConfig>,
     /// The socket of the agent's current link.
     stream: Option<(LinkId, TcpStream)>,
     /// The link whose connect is in flight.
@@ -98,7 +97,7 @@ impl Client {
         Ok(Client {
             agent,
             epoch,
-            dispatcher: cfg.dispatcher.map(Rc::new),
+            dispatcher: cfg.dispatcher,
             stream: None,
             connecting: None,
             inbox_tx,
@@ -225,7 +224,6 @@ impl Client {
                     let tx = self.inbox_tx.clone();
                     match self.dispatcher.clone() {
                         Some(cfg) => {
-                            let cfg = (*cfg).clone();
                             glommio::spawn_local(async move {
                                 let result =
                                     glommio::executor().spawn_blocking(move || dispatch::lookup(&cfg, &net)).await;
