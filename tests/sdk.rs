@@ -438,3 +438,48 @@ fn the_sdk_command_prints_events_and_exits_on_a_terminal_kick() {
     assert_eq!(status.code(), Some(1));
     server.shutdown();
 }
+
+#[test]
+fn a_peer_that_stops_reading_ends_the_link_instead_of_stalling_the_client() {
+    // A peer that authenticates the client, then never reads again, with a
+    // tiny receive buffer.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+    socket.listen(8).unwrap();
+    let listener: TcpListener = socket.into();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop) = std::sync::mpsc::channel::<()>();
+    let peer = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut chunk = [0u8; 1024];
+        let _ = s.read(&mut chunk).unwrap(); // Auth
+        let mut out = BytesMut::new();
+        let ok = proto::AuthOk {
+            heartbeat_min_ms: 100,
+            heartbeat_max_ms: 10_000,
+            heartbeat_ms: 10_000,
+            ..Default::default()
+        };
+        Frame::AuthOk(ok).encode_into(&mut out, Flags::default());
+        s.write_all(&out).unwrap();
+        let _ = stop.recv_timeout(WAIT);
+    });
+    let mut agent = agent_config("t".into(), &[addr.to_string()]);
+    agent.client.response_timeout_ms = 1_000;
+    let client = start_client(agent);
+    wait_for(&client, "connected", connected);
+    // Far more than the socket buffers hold.
+    let body = Bytes::from(vec![7u8; 60_000]);
+    for _ in 0..200 {
+        client.request("chat", body.clone(), WAIT).unwrap();
+    }
+    let (ev, _) = wait_for(&client, "the link given up", |e| matches!(e, Event::Disconnected { .. }));
+    assert!(
+        matches!(&ev, Event::Disconnected { reason: Disconnect::Lost(why), .. } if why.contains("write blocked")),
+        "{ev:?}"
+    );
+    drop(client);
+    let _ = stop_tx.send(());
+    peer.join().unwrap();
+}

@@ -84,6 +84,8 @@ pub struct Client {
     /// Events produced but not returned yet (what one read produced).
     events: VecDeque<Event>,
     rbuf: Box<[u8]>,
+    /// Longest a write may block (the response timeout).
+    write_timeout: Duration,
 }
 
 impl Client {
@@ -92,6 +94,7 @@ impl Client {
     pub fn new(mut cfg: ClientConfig) -> Result<Client, SdkError> {
         cfg.agent.dispatcher = cfg.dispatcher.is_some();
         let epoch = Instant::now();
+        let write_timeout = Duration::from_millis(cfg.agent.client.response_timeout_ms.max(1));
         let agent = Agent::new(cfg.agent, Millis(0))?;
         let (inbox_tx, inbox_rx) = mpsc::unbounded();
         Ok(Client {
@@ -106,6 +109,7 @@ impl Client {
             waiters: HashMap::new(),
             events: VecDeque::new(),
             rbuf: vec![0; READ_CHUNK].into_boxed_slice(),
+            write_timeout,
         })
     }
 
@@ -194,10 +198,23 @@ impl Client {
                     if *l != link {
                         continue;
                     }
-                    if let Err(e) = stream.write_all(&bytes).await {
+                    // A peer that stops reading must not stall the timers
+                    // forever: a write that cannot finish in time ends the link.
+                    let limit = self.write_timeout;
+                    let written = futures_lite::future::or(async { Some(stream.write_all(&bytes).await) }, async {
+                        glommio::timer::sleep(limit).await;
+                        None
+                    })
+                    .await;
+                    let failed = match written {
+                        Some(Ok(())) => None,
+                        Some(Err(e)) => Some(e.to_string()),
+                        None => Some(format!("write blocked for {} ms", limit.as_millis())),
+                    };
+                    if let Some(why) = failed {
                         self.stream = None;
                         let now = self.now();
-                        self.agent.handle_closed(now, link, &e.to_string());
+                        self.agent.handle_closed(now, link, &why);
                     }
                 }
                 Action::Close { link } => {
