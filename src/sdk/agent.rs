@@ -888,10 +888,15 @@ impl Agent {
             return self.stop(reason);
         }
         let at_once = match &reason {
-            Disconnect::GoAway { endpoint, .. } => {
-                if !endpoint.is_empty() {
-                    self.endpoints.go_away(endpoint);
-                } else if self.cfg.dispatcher {
+            Disconnect::GoAway { endpoint, .. } if !endpoint.is_empty() => {
+                self.endpoints.go_away(endpoint);
+                true
+            }
+            // The node drains and will not take us back: elsewhere, now.
+            Disconnect::GoAway { .. }
+            | Disconnect::Error { code: ErrorCode::GoingAway, .. }
+            | Disconnect::Kicked { code: ErrorCode::GoingAway, .. } => {
+                if self.cfg.dispatcher {
                     self.need_lookup = true;
                 } else {
                     self.endpoints.fail();

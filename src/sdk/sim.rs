@@ -642,6 +642,17 @@ fn go_away_moves_at_once_to_the_named_endpoint_but_not_twice_in_a_row() {
 }
 
 #[test]
+fn a_draining_node_that_closes_with_going_away_is_left_at_once() {
+    let mut sim = Sim::new(&["a", "b"], |_| {});
+    assert!(sim.run_until_cond(10_000, Sim::is_up));
+    let t = sim.now;
+    sim.kick(ErrorCode::GoingAway);
+    assert!(sim.run_until_cond(10_000, |s| s.connected_count() == 2));
+    assert_eq!(sim.agent.connected_to(), Some("b"));
+    assert_eq!(sim.connects.last().unwrap(), &(t.add_ms(20), "b".to_owned()), "no backoff");
+}
+
+#[test]
 fn heartbeat_lengthens_after_three_pongs_and_probes_then_reconnects_on_a_half_open_link() {
     let mut sim = Sim::new(&["a"], |_| {});
     assert!(sim.run_until_cond(10_000, Sim::is_up));
