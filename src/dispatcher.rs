@@ -6,7 +6,7 @@
 //! set is stable, and when a node leaves only its users move. Several
 //! endpoints come back so the client can drift when one fails. The reply
 //! also carries a connect token bound to the uid and device of the request,
-//! and the heartbeat bounds.
+//! the heartbeat bounds and, when set, the reconnect backoff bounds.
 
 use std::sync::Arc;
 
