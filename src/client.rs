@@ -143,6 +143,16 @@ impl ClientError {
     }
 }
 
+/// What [`ClientSession::poll_timer`] found due.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Due {
+    Nothing,
+    /// A heartbeat to send ([`Frame::Ping`]; the session counts it as sent).
+    Ping,
+    /// The outstanding Ping went unanswered within the response timeout.
+    PongMissed,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ClientPhase {
     Authenticating,
@@ -296,23 +306,37 @@ impl ClientSession {
     }
 
     /// Fires due timers: returns a Ping to send, or the error that ends the
-    /// session.
+    /// session (a missed Pong is fatal here; see [`ClientSession::poll_timer`]
+    /// for a caller that probes first).
     pub fn handle_timeout(&mut self, now: Millis) -> Result<Option<Frame>, ClientError> {
+        match self.poll_timer(now)? {
+            Due::Nothing => Ok(None),
+            Due::Ping => Ok(Some(Frame::Ping)),
+            Due::PongMissed => Err(ClientError::Timeout(self.opts.response_timeout_ms)),
+        }
+    }
+
+    /// Fires due timers and reports a missed Pong instead of ending the
+    /// session, so an adaptive heartbeat can probe before giving up. Errors
+    /// only when `AuthOk` did not come in time.
+    pub fn poll_timer(&mut self, now: Millis) -> Result<Due, ClientError> {
         match self.phase {
             ClientPhase::Authenticating if now >= self.auth_deadline => {
                 Err(ClientError::Timeout(self.opts.response_timeout_ms))
             }
-            ClientPhase::Authenticating => Ok(None),
+            ClientPhase::Authenticating => Ok(Due::Nothing),
             ClientPhase::Active => {
                 if let Some((_, deadline)) = self.awaiting_pong
                     && now >= deadline
                 {
-                    return Err(ClientError::Timeout(self.opts.response_timeout_ms));
+                    self.awaiting_pong = None;
+                    return Ok(Due::PongMissed);
                 }
                 if now >= self.next_ping {
-                    return Ok(Some(self.ping(now)));
+                    self.ping(now);
+                    return Ok(Due::Ping);
                 }
-                Ok(None)
+                Ok(Due::Nothing)
             }
         }
     }
@@ -324,6 +348,25 @@ impl ClientSession {
             self.awaiting_pong = Some((now, now.add_ms(self.opts.response_timeout_ms)));
         }
         Frame::Ping
+    }
+
+    /// Changes the heartbeat interval (an adaptive heartbeat's choice inside
+    /// the negotiated one); the next Ping is due `interval_ms` after `now`.
+    pub fn set_heartbeat(&mut self, now: Millis, interval_ms: u64) {
+        self.heartbeat_ms = interval_ms.max(1);
+        self.next_ping = now.add_ms(self.heartbeat_ms);
+    }
+
+    /// Whether a Ping is waiting for its Pong.
+    pub fn awaiting_pong(&self) -> bool {
+        self.awaiting_pong.is_some()
+    }
+
+    /// Messages up to `seq` already reached the application over an earlier
+    /// connection (it has not handled them yet, so `last_seq` is below):
+    /// their replay on this one is dropped as duplicates.
+    pub fn skip_through(&mut self, seq: u64) {
+        self.received_seq = self.received_seq.max(seq);
     }
 }
 

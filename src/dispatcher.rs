@@ -6,7 +6,7 @@
 //! set is stable, and when a node leaves only its users move. Several
 //! endpoints come back so the client can drift when one fails. The reply
 //! also carries a connect token bound to the uid and device of the request,
-//! and the heartbeat bounds.
+//! the heartbeat bounds and, when set, the reconnect backoff bounds.
 
 use std::sync::Arc;
 
@@ -46,6 +46,8 @@ pub struct Dispatcher {
     cfg: DispatchConfig,
     keyring: Keyring,
     nodes: Arc<dyn NodeSource>,
+    /// Reconnect backoff bounds (min, max) in ms told to clients, if set.
+    reconnect: Option<(u64, u64)>,
 }
 
 /// Longest uid or device accepted.
@@ -65,7 +67,14 @@ pub fn rank(uid: &str, nodes: &[NodeInfo], k: usize) -> Vec<NodeInfo> {
 
 impl Dispatcher {
     pub fn new(cfg: DispatchConfig, keyring: Keyring, nodes: Arc<dyn NodeSource>) -> Dispatcher {
-        Dispatcher { cfg, keyring, nodes }
+        Dispatcher { cfg, keyring, nodes, reconnect: None }
+    }
+
+    /// Tells clients the reconnect backoff bounds to use (`reconnect`
+    /// in the reply): every wait at least `min_ms`, at most `max_ms`.
+    pub fn with_reconnect_bounds(mut self, min_ms: u64, max_ms: u64) -> Dispatcher {
+        self.reconnect = Some((min_ms, max_ms));
+        self
     }
 
     /// Answers `GET /v1/dispatch`; other paths are the caller's.
@@ -98,6 +107,7 @@ impl Dispatcher {
                     "default_ms": self.cfg.heartbeat_default_ms,
                     "max_ms": self.cfg.heartbeat_max_ms,
                 },
+                "reconnect": self.reconnect.map(|(min_ms, max_ms)| json!({"min_ms": min_ms, "max_ms": max_ms})),
                 "platform": param("platform"),
                 "net": param("net"),
             }),

@@ -16,6 +16,8 @@
 //! - [`groups`]: per-shard group membership.
 //! - [`server`]: starts the shards and wires the mesh between them.
 //! - [`client`]: client session state machine and its glommio driver.
+//! - [`sdk`]: the client SDK: reconnects, drift, smart heartbeat, resume,
+//!   retried requests (sans-IO agent, glommio driver, blocking facade).
 //! - [`backend`]: blocking client for the push port (backends, CLI, bench).
 //! - [`upstream`]: client requests forwarded to service backends, connection
 //!   events, dedup of retries, per-connection rate limit.

@@ -87,6 +87,11 @@ enum Command {
         #[arg(long)]
         no_ack: bool,
     },
+    /// Connect with the client SDK (drift, backoff, smart heartbeat,
+    /// resume, dedup) and print every event as one JSON line. Messages are
+    /// acknowledged once printed. Runs until a terminal code (exit status 1)
+    /// or until killed.
+    Sdk(SdkArgs),
     /// Print the default configuration as commented TOML.
     GenerateConfig,
     /// Push a message through a node's push port and print each target's
@@ -288,6 +293,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             run_client(server, opts)
         }
+        Command::Sdk(args) => run_sdk(args),
         Command::GenerateConfig => {
             print!("{}", Config::default_toml());
             Ok(ExitCode::SUCCESS)
@@ -621,6 +627,85 @@ fn run_client(server: SocketAddr, opts: ClientOptions) -> anyhow::Result<ExitCod
         emit(close);
         if result.reconnect_allowed() { Ok(ExitCode::SUCCESS) } else { Ok(ExitCode::from(1)) }
     })
+}
+
+#[derive(Args)]
+struct SdkArgs {
+    /// host:port of a node's client port; repeat for drift (tried in order).
+    #[arg(long = "endpoint")]
+    endpoints: Vec<String>,
+    /// host:port of a dispatcher: endpoints and token come from it (the
+    /// --endpoint list is the fallback).
+    #[arg(long)]
+    dispatcher: Option<String>,
+    /// Connect token (not needed with --dispatcher).
+    #[arg(long, default_value = "")]
+    token: String,
+    /// User and device sent to the dispatcher.
+    #[arg(long, default_value = "")]
+    uid: String,
+    #[arg(long, default_value = "")]
+    device: String,
+    #[arg(long, default_value = "cli")]
+    platform: String,
+    /// Resume after this at-least-once sequence.
+    #[arg(long, default_value_t = 0)]
+    last_seq: u64,
+}
+
+fn run_sdk(args: SdkArgs) -> anyhow::Result<ExitCode> {
+    use longlink::sdk::{AgentConfig, BlockingClient, ClientConfig, DispatcherConfig, Event, NextError};
+    let mut opts = ClientOptions::new(args.token);
+    opts.platform = args.platform.clone();
+    opts.last_seq = args.last_seq;
+    let mut agent = AgentConfig::new(opts);
+    agent.endpoints = args.endpoints;
+    let dispatcher = args
+        .dispatcher
+        .map(|addr| DispatcherConfig { platform: args.platform, ..DispatcherConfig::new(addr, args.uid, args.device) });
+    if agent.endpoints.is_empty() && dispatcher.is_none() {
+        bail!("give --endpoint or --dispatcher");
+    }
+    let client = BlockingClient::start(ClientConfig { agent, dispatcher })?;
+    loop {
+        let ev = match client.next_event(Duration::from_secs(3600)) {
+            Ok(ev) => ev,
+            Err(NextError::Timeout) => continue,
+            Err(NextError::Stopped) => break,
+        };
+        match ev {
+            Event::Connected { endpoint, auth_ok } => emit(json!({
+                "event": "connected", "endpoint": endpoint, "conn_id": auth_ok.conn_id, "node": auth_ok.node,
+                "heartbeat_ms": auth_ok.heartbeat_ms,
+            })),
+            Event::Message(m) => {
+                emit(json!({
+                    "event": "message", "message_id": m.message_id, "seq": m.seq, "service_id": m.service_id,
+                    "payload": String::from_utf8_lossy(&m.payload),
+                }));
+                client.message_handled(m.seq)?;
+            }
+            Event::ResyncRequired { from_seq, to_seq } => {
+                emit(json!({"event": "resync_required", "from_seq": from_seq, "to_seq": to_seq}));
+                client.message_handled(to_seq)?;
+            }
+            Event::Response { result: Ok(r), .. } => emit(response_json(&r)),
+            Event::Response { id, result: Err(e) } => {
+                emit(json!({"event": "response", "request_id": id.0, "error": e.to_string()}))
+            }
+            Event::Kicked { code, reason } => {
+                emit(json!({"event": "kicked", "code": code.as_str_name(), "reason": reason}))
+            }
+            Event::Disconnected { reason, retry_in_ms } => {
+                emit(json!({
+                    "event": "disconnected", "code": reason.code().map(|c| c.as_str_name()),
+                    "reason": reason.to_string(), "retry_in_ms": retry_in_ms,
+                }));
+            }
+        }
+    }
+    // The client stops only after a terminal code.
+    Ok(ExitCode::from(1))
 }
 
 fn close_event(err: &ClientError) -> serde_json::Value {

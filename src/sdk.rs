@@ -1,16 +1,39 @@
-//! Client SDK policies for real mobile networks, with no I/O and no clock:
-//! when to reconnect and where, how long to wait, and how often to ping.
+//! The client SDK: a sans-IO core, a glommio driver and a blocking facade.
 //!
-//! - [`Backoff`]: exponential backoff with full jitter between the server's
-//!   bounds, never a tight loop; reset by a connection that stayed up.
-//! - [`Endpoints`]: an ordered endpoint list (from the dispatcher or fixed);
-//!   a failed endpoint drifts to the next; `GoAway` jumps to the endpoint it
-//!   names.
-//! - [`SmartHeartbeat`]: starts short while the link is unproven, lengthens
-//!   after 3 consecutive pongs toward the NAT-safe maximum, falls back to the
-//!   last proven interval and probes after a missed pong, and keeps separate
-//!   foreground and background intervals (one heartbeat when returning to
-//!   the foreground).
+//! - [`agent`]: the [`Agent`], the state machine that lives across
+//!   connections (where to connect, when, heartbeats, resume, requests);
+//!   it drives one `client::ClientSession` per connection.
+//! - [`driver`]: [`Client`], the agent over real TCP on a glommio executor
+//!   (and [`Handle`] for other threads); [`dispatch`]: the dispatcher
+//!   lookup over HTTP.
+//! - [`blocking`]: [`BlockingClient`], a thread running the driver, with
+//!   channels, for simple programs.
+//! - Here: the policies the agent applies, with no I/O and no clock:
+//!   - [`Backoff`]: exponential backoff with full jitter between bounds,
+//!     never a tight loop; reset by a connection that carried a round trip.
+//!   - [`Endpoints`]: an ordered endpoint list (from the dispatcher or
+//!     fixed); a failed endpoint drifts to the next; `GoAway` jumps to the
+//!     endpoint it names.
+//!   - [`SmartHeartbeat`]: starts short while the link is unproven,
+//!     lengthens after 3 consecutive pongs toward the NAT-safe maximum,
+//!     falls back to the last proven interval and probes after a missed
+//!     pong, and keeps separate foreground and background intervals (one
+//!     heartbeat when returning to the foreground).
+//!
+//! Deterministic tests of the agent over a simulated lossy link are in
+//! `sdk/sim.rs`; real-TCP tests in `tests/sdk.rs`.
+
+pub mod agent;
+pub mod blocking;
+pub mod dispatch;
+pub mod driver;
+#[cfg(test)]
+mod sim;
+
+pub use agent::{Action, Agent, AgentConfig, Disconnect, Dispatch, Event, LinkId, RequestError, RequestId, SdkError};
+pub use blocking::{BlockingClient, NextError, StartError};
+pub use dispatch::{DispatchError, DispatcherConfig};
+pub use driver::{CallError, Client, ClientConfig, Handle};
 
 /// A small deterministic PRNG (xorshift64*), so the SDK's jitter can be
 /// seeded in tests and needs no dependency.
@@ -62,7 +85,8 @@ impl Backoff {
         Backoff { min_ms, base_ms: base_ms.clamp(min_ms, max_ms), max_ms, attempt: 0 }
     }
 
-    /// Adopts new bounds (from `AuthOk`) without forgetting the attempt count.
+    /// Adopts new bounds (the server's, from the dispatcher) without
+    /// forgetting the attempt count.
     pub fn set_bounds(&mut self, min_ms: u64, max_ms: u64) {
         let attempt = self.attempt;
         *self = Backoff::new(min_ms, self.base_ms, max_ms);
@@ -83,6 +107,11 @@ impl Backoff {
 
     pub fn attempt(&self) -> u32 {
         self.attempt
+    }
+
+    /// (min, max) in ms.
+    pub fn bounds(&self) -> (u64, u64) {
+        (self.min_ms, self.max_ms)
     }
 }
 
@@ -195,6 +224,10 @@ impl SmartHeartbeat {
         }
     }
 
+    pub fn min_ms(&self) -> u32 {
+        self.min_ms
+    }
+
     /// The longest interval the client may declare to the server (the idle
     /// timeout is a multiple of it).
     pub fn max_ms(&self) -> u32 {
@@ -237,8 +270,13 @@ impl SmartHeartbeat {
             self.probing = false;
             return true;
         }
-        // The NAT (or the network) dropped us somewhere below this interval.
-        self.ceiling_ms = self.ceiling_ms.min(self.current_ms);
+        // Above the proven interval, the NAT (or the network) dropped us
+        // somewhere below this one. At a proven interval it was a loss, not
+        // the interval: keep the ceiling, or one bad minute would pin the
+        // heartbeat to its floor for good.
+        if self.current_ms > self.proven_ms {
+            self.ceiling_ms = self.ceiling_ms.min(self.current_ms);
+        }
         if self.proven_ms >= self.ceiling_ms {
             self.proven_ms = self.min_ms;
         }
@@ -338,6 +376,32 @@ mod tests {
             h.on_pong();
         }
         assert_eq!(h.interval_ms(), 30_000);
+    }
+
+    #[test]
+    fn a_loss_at_a_proven_interval_does_not_cap_the_heartbeat() {
+        let mut h = SmartHeartbeat::new(10_000, 90_000);
+        // Lost at the floor: not the NAT (nothing shorter is allowed).
+        assert!(!h.on_missed());
+        h.on_pong();
+        for _ in 0..3 {
+            h.on_pong();
+        }
+        assert_eq!(h.interval_ms(), 20_000, "still climbs");
+        for _ in 0..3 {
+            h.on_pong();
+        }
+        // Lost at 30 s, proven 20 s: 30 s is the suspect; 20 s holds.
+        assert!(!h.on_missed());
+        h.on_pong();
+        assert_eq!(h.interval_ms(), 20_000);
+        // Lost again at the proven 20 s: a loss, the 30 s cap stays, no lower.
+        assert!(!h.on_missed());
+        h.on_pong();
+        for _ in 0..30 {
+            h.on_pong();
+        }
+        assert_eq!(h.interval_ms(), 20_000);
     }
 
     #[test]
