@@ -187,6 +187,13 @@ impl Outbox {
         outbox
     }
 
+    /// Closes this shard's ends of the mesh channels (their receivers see
+    /// the end of the stream). Part of the shutdown rendezvous in
+    /// [`crate::server`]: done while every executor is still alive.
+    pub fn close(&self) {
+        self.mesh.close();
+    }
+
     pub fn me(&self) -> ShardId {
         ShardId(self.mesh.peer_id() as u16)
     }

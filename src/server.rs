@@ -4,9 +4,9 @@
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::rc::Rc;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement, PoolThreadHandles};
@@ -151,7 +151,9 @@ impl Server {
             .on_all_shards({
                 let stop = stop.clone();
                 let counters = counters.clone();
+                let rendezvous = Arc::new(Rendezvous::default());
                 move || {
+                    let rendezvous = rendezvous.clone();
                     let (fd_rx, ready_tx, mesh, cfg, stop, counters, redis) = (
                         fd_rx.clone(),
                         ready_tx.clone(),
@@ -184,16 +186,19 @@ impl Server {
                             Some(redis) => Rc::new(redis),
                             None => Rc::new(MemoryStore::new(retention, boot_unix_ms)),
                         };
-                        let shard = Shard::new(id, shards, cfg, outbox, counters[id.index()].clone(), store);
-                        for (_peer, rx) in receivers.streams() {
-                            let shard = shard.clone();
-                            glommio::spawn_local(async move {
-                                while let Some(msg) = rx.recv().await {
-                                    shard.on_message(msg);
-                                }
+                        let shard = Shard::new(id, shards, cfg, outbox.clone(), counters[id.index()].clone(), store);
+                        let mesh_readers: Vec<_> = receivers
+                            .streams()
+                            .into_iter()
+                            .map(|(_peer, rx)| {
+                                let shard = shard.clone();
+                                glommio::spawn_local(async move {
+                                    while let Some(msg) = rx.recv().await {
+                                        shard.on_message(msg);
+                                    }
+                                })
                             })
-                            .detach();
-                        }
+                            .collect();
                         glommio::spawn_local(Rc::clone(&shard).accept_loop(listener)).detach();
                         glommio::spawn_local(Rc::clone(&shard).push_accept_loop(push_listener)).detach();
                         glommio::spawn_local(Rc::clone(&shard).pacer_loop()).detach();
@@ -202,6 +207,24 @@ impl Server {
                         shard.start_upstream().await;
                         let _ = ready_tx.send(Ok(id));
                         shard.timer_loop(stop, grace).await;
+                        // Quiet teardown. Closing or dropping a mesh channel
+                        // end writes the peer executor's eventfd, and the
+                        // kernel completes that executor's pending eventfd
+                        // read into its reactor's memory: an executor that
+                        // is already tearing down has freed it (seen as
+                        // "unaligned tcache chunk" aborts at thread exit).
+                        // So every shard closes its channel ends while all
+                        // executors are alive, and none exits before all
+                        // have.
+                        rendezvous.wait(shards);
+                        outbox.close();
+                        let readers_done = async {
+                            for reader in mesh_readers {
+                                reader.await;
+                            }
+                        };
+                        futures_lite::future::or(readers_done, glommio::timer::sleep(RENDEZVOUS_TIMEOUT)).await;
+                        rendezvous.wait(shards);
                     }
                 }
             })
@@ -285,4 +308,42 @@ fn bind_reuseport(addr: SocketAddr, count: u16, backlog: u32) -> Result<(SocketA
         fds.push(OwnedFd::from(socket));
     }
     Ok((bound, fds))
+}
+
+/// Where the shards meet on the way out (see the end of a shard's task in
+/// [`Server::start`]): each `wait` returns once every shard has arrived, or
+/// after [`RENDEZVOUS_TIMEOUT`] (a shard that never started must not hold
+/// the others forever).
+#[derive(Default)]
+struct Rendezvous {
+    arrived: Mutex<u64>,
+    all_here: Condvar,
+}
+
+/// How long a shard waits for the others at a rendezvous.
+const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Rendezvous {
+    /// Blocks the executor thread (nothing is left to run on it) until
+    /// `shards` threads reached this round.
+    fn wait(&self, shards: u16) {
+        let Ok(mut arrived) = self.arrived.lock() else { return };
+        *arrived += 1;
+        let target = (*arrived).div_ceil(u64::from(shards)) * u64::from(shards);
+        if *arrived == target {
+            self.all_here.notify_all();
+            return;
+        }
+        let deadline = Instant::now() + RENDEZVOUS_TIMEOUT;
+        while *arrived < target {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                tracing::warn!(arrived = *arrived, target, "shards did not all reach the shutdown rendezvous");
+                return;
+            };
+            match self.all_here.wait_timeout(arrived, left) {
+                Ok((guard, _)) => arrived = guard,
+                Err(_) => return,
+            }
+        }
+    }
 }
