@@ -434,6 +434,7 @@ impl PushClient {
             service_id: service_id.to_owned(),
             ttl_ms,
             qos: proto::Qos::AtMostOnce as i32,
+            forwarded: false,
         };
         self.push_request(req)
     }
@@ -512,6 +513,7 @@ impl PushClient {
             group: group.to_owned(),
             add_devices: strings(add),
             remove_devices: strings(remove),
+            forwarded: false,
         };
         self.admin(Request::Group(req))
     }

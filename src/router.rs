@@ -220,11 +220,27 @@ pub struct Claimed {
 }
 
 enum Op {
-    Claim { device: String, shard: u16, conn_id: u64 },
-    Reassert { device: String, shard: u16, conn_id: u64, epoch: u64 },
-    Release { device: String, epoch: u64 },
-    Lookup { devices: Vec<String> },
+    Claim {
+        device: String,
+        shard: u16,
+        conn_id: u64,
+    },
+    Reassert {
+        device: String,
+        shard: u16,
+        conn_id: u64,
+        epoch: u64,
+    },
+    Release {
+        device: String,
+        epoch: u64,
+    },
+    Lookup {
+        devices: Vec<String>,
+    },
     Nodes,
+    /// Leave the registry (clean exit): routes naming us turn invalid now.
+    Deregister,
 }
 
 enum Answer {
@@ -355,6 +371,66 @@ impl Router {
             _ => Err(RouterError::Protocol("nodes".into())),
         }
     }
+
+    /// Marks the node as draining in the registry now (the dispatcher stops
+    /// listing it), instead of at the next renewal.
+    pub async fn announce_draining(&self) -> Result<(), RouterError> {
+        self.state.set_draining(true);
+        // Any request wakes the sidecar, which renews when the flag changed.
+        self.nodes().await.map(|_| ())
+    }
+
+    /// Removes the node from the registry (clean exit). Requests queued
+    /// before it (route releases) run first: the sidecar keeps order.
+    pub async fn deregister(&self) -> Result<(), RouterError> {
+        match self.call(Op::Deregister).await? {
+            Answer::Done(_) => Ok(()),
+            _ => Err(RouterError::Protocol("deregister".into())),
+        }
+    }
+}
+
+/// Reads the live nodes from Redis (the registry the routers keep): used by
+/// the router sidecar and by the standalone dispatcher, which registers
+/// nothing itself.
+pub fn read_nodes(link: &mut RedisLink, prefix: &str) -> Result<Vec<NodeInfo>, Unavailable> {
+    let now_ms = unix_ms();
+    let mut pipe = redis::pipe();
+    pipe.cmd("ZRANGEBYSCORE").arg(format!("{prefix}:nodes")).arg(now_ms).arg("+inf").arg("WITHSCORES");
+    let values = link.query(&pipe)?;
+    let Some(Value::Array(flat)) = values.first() else {
+        return Err(Unavailable(format!("unexpected reply to ZRANGEBYSCORE: {values:?}")));
+    };
+    let (names, expiries): (Vec<String>, Vec<u64>) = flat
+        .chunks(2)
+        .filter_map(|kv| Some((as_string(kv.first()?)?, as_string(kv.get(1)?)?.parse::<f64>().ok()? as u64)))
+        .unzip();
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for n in &names {
+        pipe.cmd("HMGET").arg(format!("{prefix}:node:{n}")).arg(&["inc", "client", "node", "draining"]);
+    }
+    let values = link.query(&pipe)?;
+    Ok(names
+        .into_iter()
+        .zip(expiries)
+        .zip(values)
+        .filter_map(|((name, lease_expires_ms), v)| {
+            let Value::Array(f) = v else { return None };
+            let incarnation = f.first().and_then(as_u64)?;
+            Some(NodeInfo {
+                name,
+                incarnation,
+                client_endpoint: f.get(1).and_then(as_string).unwrap_or_default(),
+                node_endpoint: f.get(2).and_then(as_string).unwrap_or_default(),
+                draining: f.get(3).and_then(as_string).is_some_and(|d| d == "1"),
+                lease_expires_ms,
+            })
+        })
+        .collect())
 }
 
 struct RouterSidecar {
@@ -367,6 +443,10 @@ struct RouterSidecar {
     nodes: HashMap<String, NodeInfo>,
     nodes_refreshed: Option<Instant>,
     on_reregister: Box<dyn Fn() + Send>,
+    /// The draining flag as last written to the registry.
+    announced_draining: bool,
+    /// Left the registry on purpose: never renew again.
+    deregistered: bool,
 }
 
 impl RouterSidecar {
@@ -383,6 +463,8 @@ impl RouterSidecar {
             nodes: HashMap::new(),
             nodes_refreshed: None,
             on_reregister,
+            announced_draining: false,
+            deregistered: false,
         }
     }
 
@@ -390,7 +472,7 @@ impl RouterSidecar {
         let mut next_renew = Instant::now();
         loop {
             let now = Instant::now();
-            if now >= next_renew {
+            if now >= next_renew || self.state.is_draining() != self.announced_draining {
                 self.renew();
                 next_renew = Instant::now() + self.keeper.interval();
             }
@@ -412,11 +494,12 @@ impl RouterSidecar {
     }
 
     fn renew(&mut self) {
-        if self.keeper.is_fenced() {
+        if self.keeper.is_fenced() || self.deregistered {
             return;
         }
         let now_ms = unix_ms();
         let lease_ms = self.cfg.lease.as_millis() as u64;
+        self.announced_draining = self.state.is_draining();
         let attempt = |this: &mut RouterSidecar, create: bool| -> Result<Option<String>, Unavailable> {
             let mut inv = this.link.script(RENEW).prepare_invoke();
             inv.key(this.p(&format!("node:{}", this.cfg.node))).key(this.p("nodes"));
@@ -426,7 +509,7 @@ impl RouterSidecar {
                 .arg(&this.cfg.node)
                 .arg(&this.cfg.client_endpoint)
                 .arg(&this.cfg.node_endpoint)
-                .arg(u8::from(this.state.is_draining()))
+                .arg(u8::from(this.announced_draining))
                 .arg(u8::from(create));
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
@@ -467,40 +550,9 @@ impl RouterSidecar {
     }
 
     fn refresh_nodes(&mut self) {
-        let now_ms = unix_ms();
-        let mut pipe = redis::pipe();
-        pipe.cmd("ZRANGEBYSCORE").arg(self.p("nodes")).arg(now_ms).arg("+inf").arg("WITHSCORES");
-        let Ok(values) = self.link.query(&pipe) else { return };
-        let Some(Value::Array(flat)) = values.first() else { return };
-        let (names, expiries): (Vec<String>, Vec<u64>) = flat
-            .chunks(2)
-            .filter_map(|kv| Some((as_string(kv.first()?)?, as_string(kv.get(1)?)?.parse::<f64>().ok()? as u64)))
-            .unzip();
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        for n in &names {
-            pipe.cmd("HMGET").arg(self.p(&format!("node:{n}"))).arg(&["inc", "client", "node", "draining"]);
-        }
-        let Ok(values) = self.link.query(&pipe) else { return };
+        let Ok(nodes) = read_nodes(&mut self.link, &self.cfg.prefix) else { return };
         self.nodes_refreshed = Some(Instant::now());
-        self.nodes = names
-            .into_iter()
-            .zip(expiries)
-            .zip(values)
-            .filter_map(|((name, lease_expires_ms), v)| {
-                let Value::Array(f) = v else { return None };
-                let incarnation = f.first().and_then(as_u64)?;
-                let info = NodeInfo {
-                    name: name.clone(),
-                    incarnation,
-                    client_endpoint: f.get(1).and_then(as_string).unwrap_or_default(),
-                    node_endpoint: f.get(2).and_then(as_string).unwrap_or_default(),
-                    draining: f.get(3).and_then(as_string).is_some_and(|d| d == "1"),
-                    lease_expires_ms,
-                };
-                Some((name, info))
-            })
-            .collect();
+        self.nodes = nodes.into_iter().map(|n| (n.name.clone(), n)).collect();
     }
 
     fn route_valid(&self, r: &Route) -> bool {
@@ -556,6 +608,12 @@ impl RouterSidecar {
                     devices.len()
                 }
                 Op::Nodes => 0,
+                Op::Deregister => {
+                    self.deregistered = true;
+                    pipe.cmd("DEL").arg(self.p(&format!("node:{}", self.cfg.node)));
+                    pipe.cmd("ZREM").arg(self.p("nodes")).arg(&self.cfg.node);
+                    2
+                }
             };
             counts.push(n);
         }
@@ -601,6 +659,7 @@ impl RouterSidecar {
                 let previous = parse_route(&f[1..]).filter(|r| self.route_valid(r));
                 Ok(Answer::Claimed(Claimed { epoch, previous }))
             }
+            Op::Deregister => Ok(Answer::Done(true)),
             Op::Reassert { .. } | Op::Release { .. } => {
                 Ok(Answer::Done(values.first().and_then(as_u64).ok_or_else(|| bad("cas"))? == 1))
             }

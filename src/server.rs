@@ -13,7 +13,10 @@ use glommio::{LocalExecutorPoolBuilder, PoolPlacement, PoolThreadHandles};
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::info;
 
+use crate::cluster::ClusterShared;
 use crate::config::Config;
+use crate::dispatcher::DispatchConfig;
+use crate::http::HttpServer;
 use crate::ids::ShardId;
 use crate::mesh::{Outbox, ShardMsg};
 use crate::reliable::DeliverySettings;
@@ -42,6 +45,10 @@ pub enum ServerError {
     Store(std::io::Error),
     #[error("shards did not start: {0}")]
     Start(String),
+    #[error("cannot start cluster mode: {0}")]
+    Cluster(std::io::Error),
+    #[error("cannot serve admin HTTP on {addr}: {source}")]
+    Admin { addr: SocketAddr, source: std::io::Error },
 }
 
 /// A running node. Dropping it does not stop it; call [`Server::shutdown`].
@@ -51,6 +58,8 @@ pub struct Server {
     client_addr: SocketAddr,
     push_addr: SocketAddr,
     counters: Vec<Arc<ShardCounters>>,
+    /// Cluster mode: the node's cluster state and its admin HTTP server.
+    cluster: Option<(Arc<ClusterShared>, HttpServer)>,
 }
 
 impl Server {
@@ -66,9 +75,13 @@ impl Server {
         let upstream = UpstreamSettings::resolve(&config.upstream)?;
         let (client_addr, listeners) = bind_reuseport(server.client_listen, shards, server.listen_backlog)?;
         let (push_addr, push_listeners) = bind_reuseport(server.push_listen, shards, server.listen_backlog)?;
+        let cluster = match config.cluster.enabled {
+            true => Some(ClusterShared::start(config, client_addr, push_addr, shards).map_err(ServerError::Cluster)?),
+            false => None,
+        };
         let shard_cfg = ShardConfig {
             params: Params {
-                keyring,
+                keyring: keyring.clone(),
                 clock_leeway_secs: config.auth.clock_leeway_secs,
                 auth_timeout_ms: session.auth_timeout_ms,
                 heartbeat_min_ms: session.heartbeat_min_ms,
@@ -151,7 +164,9 @@ impl Server {
             .on_all_shards({
                 let stop = stop.clone();
                 let counters = counters.clone();
+                let cluster = cluster.clone();
                 move || {
+                    let cluster = cluster.clone();
                     let (fd_rx, ready_tx, mesh, cfg, stop, counters, redis) = (
                         fd_rx.clone(),
                         ready_tx.clone(),
@@ -185,6 +200,9 @@ impl Server {
                             None => Rc::new(MemoryStore::new(retention, boot_unix_ms)),
                         };
                         let shard = Shard::new(id, shards, cfg, outbox, counters[id.index()].clone(), store);
+                        if let Some(cluster) = cluster {
+                            crate::cluster::attach(&shard, cluster);
+                        }
                         for (_peer, rx) in receivers.streams() {
                             let shard = shard.clone();
                             glommio::spawn_local(async move {
@@ -213,8 +231,36 @@ impl Server {
                 Err(e) => return Err(ServerError::Start(e.to_string())),
             }
         }
+        let cluster = match cluster {
+            None => None,
+            Some(cluster) => {
+                // Registered before serving, unless Redis is down (then the
+                // sidecar keeps trying; sessions claim routes once it is up).
+                let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                while !cluster.router.state().is_live() && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                if !cluster.router.state().is_live() {
+                    tracing::warn!(node = %cluster.node, "not registered in the cluster yet; serving anyway");
+                }
+                let c = &config.cluster;
+                let dispatch = DispatchConfig {
+                    endpoints: c.dispatch_endpoints as usize,
+                    token_ttl_secs: config.auth.default_token_ttl_secs,
+                    heartbeat_min_ms: session.heartbeat_min_ms,
+                    heartbeat_default_ms: session.heartbeat_default_ms,
+                    heartbeat_max_ms: session.heartbeat_max_ms,
+                };
+                let admin = crate::admin::start(c.admin_listen, cluster.clone(), counters.clone(), dispatch, keyring)
+                    .map_err(|source| ServerError::Admin { addr: c.admin_listen, source })?;
+                crate::cluster::spawn_drain_coordinator(cluster.clone(), counters.clone(), stop.clone())
+                    .map_err(ServerError::Cluster)?;
+                info!(node = %cluster.node, admin = %admin.addr(), client = %cluster.client_endpoint, "cluster mode");
+                Some((cluster, admin))
+            }
+        };
         info!(%client_addr, shards, node = %config.node_name(), "longlink serving");
-        Ok(Server { handles: Some(handles), stop, client_addr, push_addr, counters })
+        Ok(Server { handles: Some(handles), stop, client_addr, push_addr, counters, cluster })
     }
 
     /// The bound client address (useful with port 0).
@@ -225,6 +271,16 @@ impl Server {
     /// The bound push-port address.
     pub fn push_addr(&self) -> SocketAddr {
         self.push_addr
+    }
+
+    /// The admin/dispatcher HTTP address (cluster mode).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.cluster.as_ref().map(|(_, admin)| admin.addr())
+    }
+
+    /// The node's cluster state (cluster mode).
+    pub fn cluster(&self) -> Option<&Arc<ClusterShared>> {
+        self.cluster.as_ref().map(|(c, _)| c)
     }
 
     /// Per-shard counters, indexed by shard id.
@@ -251,6 +307,9 @@ impl Server {
                     tracing::error!(error = %e, "shard exited with an error");
                 }
             }
+        }
+        if let Some((_, admin)) = &self.cluster {
+            admin.stop();
         }
     }
 

@@ -329,6 +329,20 @@ impl State {
         self.conn_ref(key).and_then(Conn::device)
     }
 
+    /// Keys of the active sessions (cluster drain).
+    pub(crate) fn active_keys(&self) -> Vec<ConnKey> {
+        self.conns
+            .iter()
+            .filter(|(_, c)| c.is_active())
+            .map(|(i, c)| ConnKey { index: i as u32, generation: c.generation })
+            .collect()
+    }
+
+    /// The user of session `key` (once authenticated).
+    pub(crate) fn user_of(&self, key: ConnKey) -> Option<&str> {
+        self.conn_ref(key).and_then(Conn::user)
+    }
+
     /// Wakes the task of connection `key` (e.g. to read again).
     pub(crate) fn wake_conn(&self, key: ConnKey) {
         if let Some(conn) = self.conn_ref(key) {
@@ -403,7 +417,7 @@ pub struct Shard {
     /// Monotonic origin of [`Millis`].
     epoch: Instant,
     /// Closed when the shard stops accepting.
-    stop_accepting: Rc<glommio::sync::Semaphore>,
+    pub(crate) stop_accepting: Rc<glommio::sync::Semaphore>,
     stopping: Cell<bool>,
     /// Set while the broadcast pacer is working through queued broadcasts.
     pacing: Cell<bool>,
@@ -413,6 +427,8 @@ pub struct Shard {
     /// Timelines of at-least-once messages: this shard's memory store, or a
     /// handle to the node's Redis store.
     pub(crate) store: Rc<dyn TimelineStore>,
+    /// Cluster mode: routes, forwarding, drain ([`crate::cluster`]).
+    pub(crate) cluster: crate::cluster::Slot,
 }
 
 impl Shard {
@@ -459,6 +475,7 @@ impl Shard {
             pacer_wake,
             pacer_rx: RefCell::new(Some(pacer_rx)),
             store,
+            cluster: Default::default(),
         })
     }
 
@@ -962,6 +979,8 @@ impl Shard {
         self.resume_delivery(st, key, now, login);
         // Hook: subscribed backends learn the session is online.
         self.conn_event(st, key, ConnectionEventKind::Online, ErrorCode::Unspecified);
+        // Hook: cluster mode claims the device's route.
+        self.cluster_on_active(st, key, login);
     }
 
     /// Ends a session with a Kicked frame; it leaves the indexes at once.
@@ -1010,6 +1029,8 @@ impl Shard {
             return; // not indexed (already unindexed, or replaced)
         };
         entry.remove();
+        // Hook: cluster mode releases the device's route.
+        self.cluster_on_gone(slot, device, code);
         let home = home_shard(user, self.shards);
         let next = conn.next_of_user;
         let mut user_gone = false;
@@ -1252,6 +1273,8 @@ impl Shard {
         }
         let Some(pending) = st.pending.remove(&token) else { return };
         let (backend, frame) = pending.finish();
+        // Hook: the local part of a cluster request goes to its merge.
+        let Some(frame) = self.cluster_local_reply(backend, frame) else { return };
         crate::push::reply(st, backend, frame.to_bytes());
     }
 
