@@ -58,6 +58,8 @@ const NODES_EVERY: u32 = 5;
 /// Failed claims are retried every this many ticks, this many at a time.
 const RETRY_EVERY: u32 = 10;
 const RETRY_BATCH: usize = 1024;
+/// Cluster-wide requests use a node table at most this old.
+const FRESH_NODES: Duration = Duration::from_millis(50);
 /// Bytes queued to one peer before further forwards fail fast.
 const PEER_QUEUE_BYTES: usize = 64 << 20;
 /// Largest reply accepted from a peer.
@@ -737,6 +739,10 @@ impl Shard {
     /// User, group and broadcast pushes, group updates and kicks: every live
     /// node handles its own sessions; the replies are merged.
     async fn everywhere(self: &Rc<Self>, local: &Rc<Local>, frame: Frame) -> Frame {
+        // A node that joined a moment ago may hold targets already.
+        if let Ok(nodes) = local.shared.router.nodes_fresh(FRESH_NODES).await {
+            *local.nodes.borrow_mut() = nodes;
+        }
         let others: Vec<String> =
             local.nodes.borrow().iter().filter(|n| n.name != local.shared.node).map(|n| n.name.clone()).collect();
         let mut handles = Vec::with_capacity(others.len() + 1);

@@ -238,7 +238,10 @@ enum Op {
     Lookup {
         devices: Vec<String>,
     },
-    Nodes,
+    /// The node table, refreshed first if older than `max_age`.
+    Nodes {
+        max_age: Duration,
+    },
     /// Leave the registry (clean exit): routes naming us turn invalid now.
     Deregister,
 }
@@ -366,7 +369,13 @@ impl Router {
 
     /// Live nodes (for the dispatcher and cluster-wide fan-out).
     pub async fn nodes(&self) -> Result<Vec<NodeInfo>, RouterError> {
-        match self.call(Op::Nodes).await? {
+        self.nodes_fresh(Duration::MAX).await
+    }
+
+    /// Live nodes as of at most `max_age` ago (for cluster-wide requests,
+    /// which must not miss a node that just joined).
+    pub async fn nodes_fresh(&self, max_age: Duration) -> Result<Vec<NodeInfo>, RouterError> {
+        match self.call(Op::Nodes { max_age }).await? {
             Answer::Nodes(n) => Ok(n),
             _ => Err(RouterError::Protocol("nodes".into())),
         }
@@ -607,7 +616,7 @@ impl RouterSidecar {
                     }
                     devices.len()
                 }
-                Op::Nodes => 0,
+                Op::Nodes { .. } => 0,
                 Op::Deregister => {
                     self.deregistered = true;
                     pipe.cmd("DEL").arg(self.p(&format!("node:{}", self.cfg.node)));
@@ -616,6 +625,13 @@ impl RouterSidecar {
                 }
             };
             counts.push(n);
+        }
+        let max_age =
+            batch.iter().filter_map(|j| if let Op::Nodes { max_age } = j.op { Some(max_age) } else { None }).min();
+        if let Some(max_age) = max_age
+            && self.nodes_refreshed.is_none_or(|t| t.elapsed() > max_age)
+        {
+            self.refresh_nodes();
         }
         let values = if pipe.is_empty() { Ok(Vec::new()) } else { self.link.query(&pipe) };
         let values = match values {
@@ -672,7 +688,7 @@ impl RouterSidecar {
                     })
                     .collect(),
             )),
-            Op::Nodes => {
+            Op::Nodes { .. } => {
                 // The table may predate a lease running out: list live nodes only.
                 let now_ms = unix_ms();
                 let mut nodes: Vec<NodeInfo> =
