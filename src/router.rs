@@ -267,6 +267,7 @@ const CLAIM: usize = 0;
 const REASSERT: usize = 1;
 const RELEASE: usize = 2;
 const RENEW: usize = 3;
+const DEREGISTER: usize = 4;
 
 /// KEYS: epoch, route. ARGV: node, incarnation, shard, conn, ttl_ms.
 /// Returns {epoch, previous node, inc, shard, conn, epoch}.
@@ -295,6 +296,17 @@ return 1
 const RELEASE_LUA: &str = r#"
 local r = redis.call('HMGET', KEYS[1], 'epoch', 'node')
 if r[1] == ARGV[1] and r[2] == ARGV[2] then redis.call('DEL', KEYS[1]) return 1 end
+return 0
+"#;
+
+/// KEYS: node key, nodes zset. ARGV: incarnation, name. Removes only our
+/// own registration (not a newer process's under the same name).
+const DEREGISTER_LUA: &str = r#"
+if redis.call('HGET', KEYS[1], 'inc') == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[2], ARGV[2])
+  return 1
+end
 return 0
 "#;
 
@@ -460,7 +472,8 @@ struct RouterSidecar {
 
 impl RouterSidecar {
     fn new(cfg: RouterConfig, state: Arc<NodeState>, on_reregister: Box<dyn Fn() + Send>) -> RouterSidecar {
-        let scripts = [CLAIM_LUA, REASSERT_LUA, RELEASE_LUA, RENEW_LUA].map(redis::Script::new).to_vec();
+        let scripts =
+            [CLAIM_LUA, REASSERT_LUA, RELEASE_LUA, RENEW_LUA, DEREGISTER_LUA].map(redis::Script::new).to_vec();
         let link = RedisLink::new("router", &cfg.url, cfg.connect_timeout, cfg.io_timeout, scripts);
         let keeper = LeaseKeeper::new(cfg.lease);
         RouterSidecar {
@@ -619,9 +632,11 @@ impl RouterSidecar {
                 Op::Nodes { .. } => 0,
                 Op::Deregister => {
                     self.deregistered = true;
-                    pipe.cmd("DEL").arg(self.p(&format!("node:{}", self.cfg.node)));
-                    pipe.cmd("ZREM").arg(self.p("nodes")).arg(&self.cfg.node);
-                    2
+                    let mut inv = self.link.script(DEREGISTER).prepare_invoke();
+                    inv.key(self.p(&format!("node:{}", self.cfg.node))).key(self.p("nodes"));
+                    inv.arg(self.cfg.incarnation).arg(&self.cfg.node);
+                    pipe.invoke_script(&inv);
+                    1
                 }
             };
             counts.push(n);

@@ -18,11 +18,10 @@ use common::*;
 use longlink::backend::PushClient;
 use longlink::client::{ClientError, ClientEvent, ClientOptions, Connection};
 use longlink::config::Config;
-use longlink::proto::{self, ErrorCode, PushStatus};
+use longlink::proto::{ErrorCode, PushStatus};
 
 /// A `longlink serve` process in cluster mode, killed on drop.
 struct Node {
-    name: String,
     child: std::process::Child,
     client: SocketAddr,
     push: SocketAddr,
@@ -45,6 +44,8 @@ fn node_config(redis: &RedisServer, name: &str, index: u16) -> Config {
     cfg.cluster.drain_rate_per_sec = 5_000;
     cfg.session.heartbeat_default_ms = 30_000;
     cfg.session.close_linger_ms = 300;
+    // Thousands of clients connect at once in the drain test.
+    cfg.session.auth_timeout_ms = 10_000;
     cfg
 }
 
@@ -67,7 +68,7 @@ impl Node {
             line.strip_prefix(prefix).unwrap_or_else(|| panic!("unexpected line {line:?}")).parse().expect("addr")
         };
         let (client, push, admin) = (addr("listening "), addr("push "), addr("admin "));
-        Node { name: cfg.node_name.clone(), child, client, push, admin, cfg, _dir: dir }
+        Node { child, client, push, admin, cfg, _dir: dir }
     }
 
     fn pusher(&self) -> PushClient {
@@ -327,4 +328,276 @@ fn dispatcher_and_admin_endpoints() {
     }
     let _ = standalone.kill();
     let _ = standalone.wait();
+}
+
+/// [`wait_until`] that lets the executor's other tasks run meanwhile.
+async fn wait_async(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+    }
+    cond()
+}
+
+/// What one drifting client saw.
+#[derive(Default, Debug)]
+struct Track {
+    seqs: Vec<u64>,
+    order_violations: u64,
+    resyncs: u64,
+    /// Sessions after the first (drift or GoAway).
+    reconnects: u64,
+    /// Where it is connected now.
+    at: Option<SocketAddr>,
+    go_aways: u64,
+}
+
+/// A client that resumes from its last sequence on another endpoint when
+/// its node fails (drift over `endpoints`) or tells it to go (GoAway).
+/// Runs until `done` says so.
+async fn drifting_client(
+    endpoints: Vec<SocketAddr>,
+    opts: ClientOptions,
+    track: Rc<RefCell<Track>>,
+    done: Rc<dyn Fn(&Track) -> bool>,
+) {
+    let mut idx = 0;
+    let mut next: Option<SocketAddr> = None;
+    let mut first = true;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !done(&track.borrow()) && Instant::now() < deadline {
+        let addr = next.take().unwrap_or(endpoints[idx % endpoints.len()]);
+        let mut o = opts.clone();
+        o.last_seq = track.borrow().seqs.last().copied().unwrap_or(0);
+        let Ok((mut conn, _)) = Connection::connect(addr, o).await else {
+            idx += 1;
+            glommio::timer::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        if !first {
+            track.borrow_mut().reconnects += 1;
+        }
+        first = false;
+        track.borrow_mut().at = Some(addr);
+        loop {
+            if done(&track.borrow()) {
+                return;
+            }
+            let event = futures_lite::future::or(async { Some(conn.next_event().await) }, async {
+                glommio::timer::sleep(Duration::from_millis(200)).await;
+                None
+            })
+            .await;
+            match event {
+                None => {}
+                Some(Ok(ClientEvent::Message(m))) => {
+                    let mut t = track.borrow_mut();
+                    if t.seqs.last().is_some_and(|&last| m.seq <= last) {
+                        t.order_violations += 1;
+                    }
+                    t.seqs.push(m.seq);
+                }
+                Some(Ok(ClientEvent::ResyncRequired { .. })) => track.borrow_mut().resyncs += 1,
+                Some(Ok(ClientEvent::GoAway { endpoint, .. })) => {
+                    track.borrow_mut().go_aways += 1;
+                    next = endpoint.parse().ok();
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) => {
+                    if next.is_none() {
+                        idx += 1;
+                    }
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Stored sequences per device, from at-least-once push replies.
+type Stored = Arc<Mutex<HashMap<String, Vec<u64>>>>;
+
+/// Pushes one at-least-once message to each of `devices` through `push`,
+/// retrying targets rejected as retryable; records the stored sequences.
+fn push_reliably(push: &mut PushClient, devices: &[String], payload: &str, stored: &Stored) {
+    let mut left: Vec<String> = devices.to_vec();
+    for _ in 0..50 {
+        if left.is_empty() {
+            return;
+        }
+        let reply = push.push_devices_at_least_once(&left, Bytes::copy_from_slice(payload.as_bytes())).unwrap();
+        let mut retry = Vec::new();
+        for r in reply.results {
+            match status(r.status) {
+                PushStatus::Stored => stored.lock().unwrap().entry(r.target).or_default().push(r.seq),
+                PushStatus::Rejected if r.reason.starts_with("retryable") => retry.push(r.target),
+                other => panic!("{} not stored: {other:?} {}", r.target, r.reason),
+            }
+        }
+        left = retry;
+        if !left.is_empty() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    panic!("could not store for {left:?}");
+}
+
+/// lost = stored and never received; order violations as counted.
+fn losses(stored: &Stored, tracks: &HashMap<String, Rc<RefCell<Track>>>) -> (u64, u64, u64) {
+    let stored = stored.lock().unwrap();
+    let (mut lost, mut order, mut resyncs) = (0, 0, 0);
+    for (device, track) in tracks {
+        let t = track.borrow();
+        let got: std::collections::HashSet<u64> = t.seqs.iter().copied().collect();
+        lost += stored.get(device).map_or(0, |s| s.iter().filter(|q| !got.contains(q)).count() as u64);
+        order += t.order_violations;
+        resyncs += t.resyncs;
+    }
+    (lost, order, resyncs)
+}
+
+fn all_received(stored: &Stored, device: &str, t: &Track) -> bool {
+    let stored = stored.lock().unwrap();
+    stored.get(device).is_some_and(|s| s.iter().all(|q| t.seqs.contains(q)))
+}
+
+#[test]
+fn kill_9_while_pushing_at_least_once_clients_drift_and_resume_without_loss() {
+    let redis = RedisServer::start();
+    let mut nodes: Vec<Node> =
+        ["a", "b", "c"].iter().zip(0..).map(|(n, i)| Node::start(node_config(&redis, n, i))).collect();
+    let cfg = nodes[0].cfg.clone();
+    let endpoints: Vec<SocketAddr> = nodes.iter().map(|n| n.client).collect();
+    let devices: Vec<String> = (0..20).map(|i| format!("k9-{i}")).collect();
+    let stored: Stored = Arc::default();
+    let pushing_done = Arc::new(AtomicBool::new(false));
+    let victim = nodes[0].child.id() as i32;
+    let push_addr = nodes[2].push;
+    let tracks: HashMap<String, Rc<RefCell<Track>>> = devices.iter().map(|d| (d.clone(), Rc::default())).collect();
+    run(async {
+        let mut tasks = Vec::new();
+        for d in &devices {
+            let (stored, done_flag) = (stored.clone(), pushing_done.clone());
+            let device = d.clone();
+            let done: Rc<dyn Fn(&Track) -> bool> =
+                Rc::new(move |t| done_flag.load(Ordering::Relaxed) && all_received(&stored, &device, t));
+            let o = opts(&cfg, &format!("user-{d}"), d);
+            tasks.push(glommio::spawn_local(drifting_client(endpoints.clone(), o, tracks[d].clone(), done)).detach());
+        }
+        let mut conn = redis_conn(&redis);
+        let ready = wait_async(Duration::from_secs(10), || {
+            devices.iter().all(|d| route_node(&mut conn, d).as_deref() == Some("a"))
+        })
+        .await;
+        assert!(ready, "every device connects to node a first");
+        // The pusher runs on its own thread (a blocking client) and kills
+        // node a with SIGKILL in the middle.
+        let (stored2, done2, devs) = (stored.clone(), pushing_done.clone(), devices.clone());
+        let pusher = std::thread::spawn(move || {
+            let mut push = PushClient::connect(push_addr, Duration::from_secs(5)).unwrap();
+            push.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            for round in 0..30 {
+                if round == 10 {
+                    // SAFETY: kill(2) of our own child process.
+                    unsafe { libc::kill(victim, libc::SIGKILL) };
+                }
+                push_reliably(&mut push, &devs, &format!("m{round}"), &stored2);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            done2.store(true, Ordering::Relaxed);
+        });
+        while !pusher.is_finished() {
+            glommio::timer::sleep(Duration::from_millis(20)).await;
+        }
+        pusher.join().expect("pusher");
+        for t in tasks {
+            t.await;
+        }
+    });
+    assert!(nodes[0].wait_exit(Duration::from_secs(5)).is_some());
+    let (lost, order, resyncs) = losses(&stored, &tracks);
+    let total: usize = stored.lock().unwrap().values().map(Vec::len).sum();
+    assert_eq!(total, 20 * 30, "every push was stored");
+    assert_eq!((lost, order, resyncs), (0, 0, 0), "lost, order violations, resyncs");
+    for (d, t) in &tracks {
+        let t = t.borrow();
+        assert!(t.reconnects >= 1 && t.at != Some(endpoints[0]), "{d} drifted away from the dead node: {t:?}");
+    }
+}
+
+#[test]
+fn a_stale_node_cannot_overwrite_or_delete_newer_routes() {
+    let redis = RedisServer::start();
+    let mut a = Node::start(node_config(&redis, "a", 0));
+    let b = Node::start(node_config(&redis, "b", 1));
+    let cfg = a.cfg.clone();
+    let mut r = redis_conn(&redis);
+    run(async {
+        let mut old = connect(a.client, &cfg, "u", "phone").await;
+        wait_routes(&redis, &[("phone", "a")]);
+        let old_epoch = route_epoch(&mut r, "phone").unwrap();
+        // Node a stops (SIGSTOP) until its lease is gone.
+        a.signal(libc::SIGSTOP);
+        let gone = wait_until(Duration::from_secs(10), || {
+            redis::cmd("EXISTS").arg("ll:node:a").query::<u64>(&mut r).unwrap() == 0
+        });
+        assert!(gone, "the lease of the stopped node expires");
+        // The device logs in on b meanwhile.
+        let mut new = connect(b.client, &cfg, "u", "phone").await;
+        wait_routes(&redis, &[("phone", "b")]);
+        let new_epoch = route_epoch(&mut r, "phone").unwrap();
+        assert!(new_epoch > old_epoch);
+        // Node a resumes: it finds its lease lapsed, fences itself, drains
+        // its old session (whose release must not delete b's route) and exits.
+        a.signal(libc::SIGCONT);
+        let end = loop {
+            match old.next_event().await {
+                Ok(_) => continue,
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(end, ClientError::Closed { code: ErrorCode::GoingAway, .. }), "{end:?}");
+        assert!(a.wait_exit(Duration::from_secs(15)).is_some(), "the fenced node drains and exits");
+        assert_eq!(route_node(&mut r, "phone").as_deref(), Some("b"));
+        assert_eq!(route_epoch(&mut r, "phone"), Some(new_epoch));
+        let mut push = b.pusher();
+        let reply = push.push_devices(&["phone"], Bytes::from_static(b"still here")).unwrap();
+        assert_eq!(status(reply.results[0].status), PushStatus::Delivered);
+        assert_eq!(next_message(&mut new).await.payload, Bytes::from_static(b"still here"));
+    });
+}
+
+#[test]
+fn redis_restart_keeps_clients_connected_and_routes_come_back() {
+    let redis = RedisServer::start();
+    let port = redis.port;
+    let a = Node::start(node_config(&redis, "a", 0));
+    let b = Node::start(node_config(&redis, "b", 1));
+    let cfg = a.cfg.clone();
+    run(async {
+        let mut da = connect(a.client, &cfg, "ua", "da").await;
+        let mut db = connect(b.client, &cfg, "ub", "db").await;
+        wait_routes(&redis, &[("da", "a"), ("db", "b")]);
+        let mut push = a.pusher();
+        drop(redis);
+        // Redis is gone: the device on this node is still reached, the one
+        // on the other node gets a retryable error; nobody is disconnected.
+        let reply = push.push_devices(&["da", "db"], Bytes::from_static(b"no redis")).unwrap();
+        assert_eq!(status(reply.results[0].status), PushStatus::Delivered);
+        assert_eq!(status(reply.results[1].status), PushStatus::Rejected);
+        assert!(reply.results[1].reason.starts_with("retryable"), "{}", reply.results[1].reason);
+        assert_eq!(next_message(&mut da).await.payload, Bytes::from_static(b"no redis"));
+        assert_nothing_queued(&mut db).await;
+        // Redis returns empty: both nodes register again and re-assert.
+        let redis = RedisServer::start_on(port);
+        wait_routes(&redis, &[("da", "a"), ("db", "b")]);
+        let reply = push.push_devices(&["db"], Bytes::from_static(b"back")).unwrap();
+        assert_eq!(status(reply.results[0].status), PushStatus::Delivered, "{reply:?}");
+        assert_eq!(next_message(&mut db).await.payload, Bytes::from_static(b"back"));
+        assert_nothing_queued(&mut da).await;
+        drop(redis);
+    });
 }
