@@ -37,7 +37,9 @@ fn node_config(redis: &RedisServer, name: &str, index: u16) -> Config {
     cfg.delivery.node_index = index;
     cfg.delivery.retry_base_ms = 300;
     cfg.cluster.enabled = true;
-    cfg.cluster.lease_ms = 1_000;
+    // Short enough for the tests that wait for a lease to end, long enough
+    // that a loaded box (thousands of clients, debug builds) renews in time.
+    cfg.cluster.lease_ms = 3_000;
     cfg.cluster.admin_listen = "127.0.0.1:0".parse().unwrap();
     cfg.cluster.forward_timeout_ms = 2_000;
     cfg.cluster.drain_deadline_ms = 30_000;
@@ -357,13 +359,13 @@ struct Track {
 
 /// A client that resumes from its last sequence on another endpoint when
 /// its node fails (drift over `endpoints`) or tells it to go (GoAway).
-/// Runs until `done` says so.
+/// Runs until `done` says so; returns its connection (still open).
 async fn drifting_client(
     endpoints: Vec<SocketAddr>,
     opts: ClientOptions,
     track: Rc<RefCell<Track>>,
     done: Rc<dyn Fn(&Track) -> bool>,
-) {
+) -> Option<Connection> {
     let mut idx = 0;
     let mut next: Option<SocketAddr> = None;
     let mut first = true;
@@ -384,7 +386,7 @@ async fn drifting_client(
         track.borrow_mut().at = Some(addr);
         loop {
             if done(&track.borrow()) {
-                return;
+                return Some(conn);
             }
             let event = futures_lite::future::or(async { Some(conn.next_event().await) }, async {
                 glommio::timer::sleep(Duration::from_millis(200)).await;
@@ -415,6 +417,7 @@ async fn drifting_client(
             }
         }
     }
+    None
 }
 
 /// Stored sequences per device, from at-least-once push replies.
@@ -531,7 +534,9 @@ fn kill_9_while_pushing_at_least_once_clients_drift_and_resume_without_loss() {
 #[test]
 fn a_stale_node_cannot_overwrite_or_delete_newer_routes() {
     let redis = RedisServer::start();
-    let mut a = Node::start(node_config(&redis, "a", 0));
+    let mut short_lease = node_config(&redis, "a", 0);
+    short_lease.cluster.lease_ms = 1_000;
+    let mut a = Node::start(short_lease);
     let b = Node::start(node_config(&redis, "b", 1));
     let cfg = a.cfg.clone();
     let mut r = redis_conn(&redis);
@@ -600,4 +605,85 @@ fn redis_restart_keeps_clients_connected_and_routes_come_back() {
         assert_nothing_queued(&mut da).await;
         drop(redis);
     });
+}
+
+#[test]
+fn draining_a_node_with_5000_clients_moves_them_all_without_loss() {
+    const CLIENTS: usize = 5_000;
+    let redis = RedisServer::start();
+    let mut nodes: Vec<Node> =
+        ["a", "b", "c"].iter().zip(0..).map(|(n, i)| Node::start(node_config(&redis, n, i))).collect();
+    let cfg = nodes[0].cfg.clone();
+    let endpoints: Vec<SocketAddr> = nodes.iter().map(|n| n.client).collect();
+    let drained = endpoints[0];
+    let devices: Vec<String> = (0..CLIENTS).map(|i| format!("dr-{i}")).collect();
+    let stored: Stored = Arc::default();
+    let pushing_done = Arc::new(AtomicBool::new(false));
+    let tracks: HashMap<String, Rc<RefCell<Track>>> = devices.iter().map(|d| (d.clone(), Rc::default())).collect();
+    let push_addr = nodes[1].push;
+    let victim = nodes[0].child.id() as i32;
+    run(async {
+        let mut tasks = Vec::new();
+        for d in &devices {
+            let (stored, done_flag) = (stored.clone(), pushing_done.clone());
+            let device = d.clone();
+            let done: Rc<dyn Fn(&Track) -> bool> = Rc::new(move |t| {
+                done_flag.load(Ordering::Relaxed) && t.at != Some(drained) && all_received(&stored, &device, t)
+            });
+            // Everyone starts on node a; GoAway says where to go.
+            let o = opts(&cfg, &format!("user-{d}"), d);
+            tasks.push(glommio::spawn_local(drifting_client(endpoints.clone(), o, tracks[d].clone(), done)).detach());
+        }
+        let a = &nodes[0];
+        let claimed = wait_async(Duration::from_secs(60), || {
+            a.metric("longlink_connections") == CLIENTS as u64
+                && a.metric("longlink_route_claims_total") >= CLIENTS as u64
+        })
+        .await;
+        assert!(claimed, "{CLIENTS} clients connect to node a and claim their routes");
+        let (stored2, done2, devs) = (stored.clone(), pushing_done.clone(), devices.clone());
+        let pusher = std::thread::spawn(move || {
+            let mut push = PushClient::connect(push_addr, Duration::from_secs(5)).unwrap();
+            push.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            push_reliably(&mut push, &devs, "before", &stored2);
+            // SAFETY: kill(2) of our own child process.
+            unsafe { libc::kill(victim, libc::SIGTERM) };
+            for round in 0..3 {
+                push_reliably(&mut push, &devs, &format!("during {round}"), &stored2);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            done2.store(true, Ordering::Relaxed);
+        });
+        while !pusher.is_finished() {
+            glommio::timer::sleep(Duration::from_millis(20)).await;
+        }
+        pusher.join().expect("pusher");
+        let mut conns = Vec::with_capacity(CLIENTS);
+        for t in tasks {
+            conns.push(t.await.flatten());
+        }
+        assert!(conns.iter().all(Option::is_some), "every client ends connected");
+        let status = nodes[0].wait_exit(Duration::from_secs(60)).expect("the drained node exits");
+        assert!(status.success(), "{status:?}");
+        // No route points at the drained node: each names where its device is.
+        let mut r = redis_conn(&redis);
+        let mut pipe = redis::pipe();
+        for d in &devices {
+            pipe.cmd("HGET").arg(format!("ll:route:{{{d}}}")).arg("node");
+        }
+        let owners: Vec<Option<String>> = pipe.query(&mut r).unwrap();
+        let on_a = owners.iter().filter(|o| o.as_deref() == Some("a")).count();
+        assert_eq!(on_a, 0, "routes left pointing at the drained node");
+        let missing = owners.iter().filter(|o| o.is_none()).count();
+        assert_eq!(missing, 0, "devices without a route");
+        let after: u64 = nodes[1..].iter().map(|n| n.metric("longlink_connections")).sum();
+        assert_eq!(after, CLIENTS as u64, "sessions on the other nodes");
+    });
+    let (lost, order, resyncs) = losses(&stored, &tracks);
+    assert_eq!(stored.lock().unwrap().values().map(Vec::len).sum::<usize>(), CLIENTS * 4);
+    assert_eq!((lost, order, resyncs), (0, 0, 0), "lost, order violations, resyncs");
+    let moved = tracks.values().filter(|t| t.borrow().at.is_some_and(|at| at != drained)).count();
+    assert_eq!(moved, CLIENTS, "every client moved");
+    let told = tracks.values().filter(|t| t.borrow().go_aways >= 1).count();
+    assert_eq!(told, CLIENTS, "every client got a GoAway");
 }
