@@ -672,7 +672,7 @@ impl Shard {
             r.forwarded = forwarded;
             Frame::PushRequest(r)
         };
-        let mut parts: Vec<(Vec<usize>, glommio::task::JoinHandle<Result<Frame, String>>)> = Vec::new();
+        let mut parts: Vec<(Vec<usize>, PartTask)> = Vec::new();
         if !here.is_empty() {
             let (shard, local, frame) = (self.clone(), local.clone(), subset(&here, false));
             parts.push((here, spawn(async move { Ok(shard.run_locally(&local, frame).await) })));
@@ -765,7 +765,7 @@ impl Shard {
                         None => reply,
                         Some(acc) => match merge(acc, reply) {
                             Ok(m) => m,
-                            Err(e) => return e,
+                            Err(e) => return Frame::RequestError(e),
                         },
                     })
                 }
@@ -777,6 +777,10 @@ impl Shard {
         merged.unwrap_or_else(|| Frame::RequestError(request_error(ErrorCode::ServerError, "no node answered")))
     }
 }
+
+/// A part of a cluster request running as its own task: its reply, or why
+/// its node could not be asked.
+type PartTask = glommio::task::JoinHandle<Result<Frame, String>>;
 
 fn spawn<T: 'static>(fut: impl std::future::Future<Output = T> + 'static) -> glommio::task::JoinHandle<T> {
     glommio::spawn_local(fut).detach()
@@ -911,9 +915,9 @@ fn summarize(results: Vec<proto::TargetResult>, users: bool, message_id: u64) ->
 }
 
 /// Merges two nodes' replies to the same cluster-wide request.
-fn merge(acc: Frame, other: Frame) -> Result<Frame, Frame> {
+fn merge(acc: Frame, other: Frame) -> Result<Frame, proto::RequestError> {
     match (acc, other) {
-        (Frame::RequestError(e), _) | (_, Frame::RequestError(e)) => Err(Frame::RequestError(e)),
+        (Frame::RequestError(e), _) | (_, Frame::RequestError(e)) => Err(e),
         (Frame::PushReply(mut a), Frame::PushReply(b)) => {
             if a.results.is_empty() {
                 // Group or broadcast: counts.
