@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::cluster::{ClusterShared, DISCONNECT_CODES, HIST_BOUNDS_US};
+use crate::cluster::{ClusterShared, DISCONNECT_CODES, HIST_BOUNDS_US, PUSH_RESULTS};
 use crate::dispatcher::{CachedNodes, DispatchConfig, Dispatcher};
 use crate::http::{HttpServer, Request, Response};
 use crate::metrics::Exposition;
@@ -86,6 +86,10 @@ pub fn metrics(cluster: &ClusterShared, counters: &[Arc<ShardCounters>]) -> Stri
     family(&mut e, "longlink_replaced_total", "Sessions replaced by a newer login.", false, &|c| &c.replaced);
     family(&mut e, "longlink_slow_closed_total", "Sessions closed as SLOW.", false, &|c| &c.slow_closed);
     family(&mut e, "longlink_delivered_total", "Message frames handed to sessions.", false, &|c| &c.delivered);
+    family(&mut e, "longlink_frames_in_total", "Frames read from clients.", false, &|c| &c.frames_in);
+    family(&mut e, "longlink_bytes_in_total", "Bytes read from clients.", false, &|c| &c.bytes_in);
+    family(&mut e, "longlink_frames_out_total", "Frames sent or queued to clients.", false, &|c| &c.frames_out);
+    family(&mut e, "longlink_bytes_out_total", "Bytes sent or queued to clients.", false, &|c| &c.bytes_out);
     family(&mut e, "longlink_push_requests_total", "Push-port requests read.", false, &|c| &c.push_requests);
     family(&mut e, "longlink_broadcast_expired_total", "Broadcast deliveries dropped by TTL.", false, &|c| {
         &c.broadcast_expired
@@ -118,6 +122,12 @@ pub fn metrics(cluster: &ClusterShared, counters: &[Arc<ShardCounters>]) -> Stri
             (&[("result", "ok")][..], load(&k.requests).saturating_sub(load(&k.request_errors))),
             (&[("result", "error")][..], load(&k.request_errors)),
         ],
+    );
+    let results: Vec<[(&str, &str); 1]> = PUSH_RESULTS.iter().map(|r| [("result", r.as_str_name())]).collect();
+    e.counter(
+        "longlink_push_results_total",
+        "Push targets answered by the cluster, by result (group and broadcast pushes count once).",
+        results.iter().zip(&k.push_results).map(|(l, v)| (&l[..], load(v))),
     );
     e.counter(
         "longlink_forwarded_total",

@@ -79,6 +79,28 @@ pub const DISCONNECT_CODES: [ErrorCode; 10] = [
     ErrorCode::LimitExceeded,
 ];
 
+/// Push results counted for /metrics.
+pub const PUSH_RESULTS: [PushStatus; 5] =
+    [PushStatus::Delivered, PushStatus::NotOnline, PushStatus::Stored, PushStatus::Rejected, PushStatus::Accepted];
+
+impl ClusterCounters {
+    fn count_reply(&self, reply: &Frame) {
+        let count = |status: i32| {
+            if let Some(i) = PUSH_RESULTS.iter().position(|s| *s as i32 == status) {
+                self.push_results[i].fetch_add(1, Ordering::Relaxed);
+            }
+        };
+        match reply {
+            Frame::PushReply(r) if r.results.is_empty() => count(r.status),
+            Frame::PushReply(r) => r.results.iter().for_each(|t| count(t.status)),
+            Frame::RequestError(_) => {
+                self.request_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
+}
+
 /// A latency histogram with fixed bounds, written by any thread.
 #[derive(Debug)]
 pub struct AtomicHistogram {
@@ -134,6 +156,9 @@ pub struct ClusterCounters {
     pub requests: AtomicU64,
     pub request_errors: AtomicU64,
     pub go_away_sent: AtomicU64,
+    /// Push targets by result ([`PUSH_RESULTS`] order); group and
+    /// broadcast pushes count once.
+    pub push_results: [AtomicU64; PUSH_RESULTS.len()],
     /// Sessions ended, by [`DISCONNECT_CODES`] index (last: other codes).
     pub disconnects: [AtomicU64; DISCONNECT_CODES.len() + 1],
     pub router_latency: AtomicHistogram,
@@ -184,7 +209,7 @@ impl ClusterShared {
         let mut seed = [0u8; 8];
         getrandom::fill(&mut seed).map_err(|e| std::io::Error::other(e.to_string()))?;
         let incarnation = u64::from_le_bytes(seed) >> 1;
-        let node = config.node_name();
+        let node = config.node_name_bound(client_addr.port());
         let reregistered = Arc::new(AtomicU64::new(0));
         let bump = reregistered.clone();
         let timeout = Duration::from_millis(config.delivery.redis_timeout_ms);
@@ -428,15 +453,20 @@ impl Shard {
                     local.shared.counters.reasserts.fetch_add(1, Ordering::Relaxed);
                     let l = local.clone();
                     let fut = async move { router.reassert(&device, shard, conn_id, epoch).await };
-                    self.after_store(&mut st, fut, move |_, _, result| {
-                        // A newer login elsewhere owns it now (its node kicks
-                        // this session), or Redis failed again: claim anew.
-                        if !matches!(result, Ok(true)) {
-                            let mut routes = l.routes.borrow_mut();
-                            if let Some(entry) = routes.get_mut(&slot).filter(|(g, _)| *g == generation)
-                                && result.is_err()
-                            {
-                                entry.1 = Claim::Failed;
+                    self.after_store(&mut st, fut, move |this, st, result| {
+                        let mut routes = l.routes.borrow_mut();
+                        let Some(entry) = routes.get_mut(&slot).filter(|(g, _)| *g == generation) else { return };
+                        match result {
+                            Ok(true) => {}
+                            // Redis failed again: claim anew later.
+                            Err(_) => entry.1 = Claim::Failed,
+                            // A newer login of the device (on another node,
+                            // while Redis was away) owns it: this one yields.
+                            Ok(false) => {
+                                routes.remove(&slot);
+                                drop(routes);
+                                let reason = "the device logged in elsewhere".to_owned();
+                                this.close_conn(st, key, this.now(), ErrorCode::Replaced, reason);
                             }
                         }
                     });
@@ -543,9 +573,7 @@ impl Shard {
             let counters = &local.shared.counters;
             counters.request_latency.record(started.elapsed());
             counters.requests.fetch_add(1, Ordering::Relaxed);
-            if matches!(reply, Frame::RequestError(_)) {
-                counters.request_errors.fetch_add(1, Ordering::Relaxed);
-            }
+            counters.count_reply(&reply);
             let mut st = shard.state.borrow_mut();
             crate::push::reply(&mut st, backend, reply.to_bytes());
         })

@@ -66,8 +66,9 @@ macro_rules! config_struct {
 config_struct! {
     /// The whole config file.
     pub struct Config {
-        /// Name of this node in AuthOk frames, logs and routes. Default: ""
-        /// (use the host name).
+        /// Name of this node in AuthOk frames, logs and routes; unique per
+        /// cluster. Default: "" (the host name; in cluster mode the host
+        /// name, "-" and the client port).
         pub node_name: String = String::new(),
         /// Directory for node-local state; holds the dev key when
         /// `[auth] keys` is empty. Default: "./.longlink".
@@ -597,14 +598,24 @@ impl Config {
         out
     }
 
-    /// `node_name`, or the host name when it is empty. In cluster mode the
-    /// client port is appended, so nodes sharing a host differ.
+    /// `node_name`, or the host name when it is empty.
     pub fn node_name(&self) -> String {
-        if !self.node_name.is_empty() {
-            return self.node_name.clone();
+        if self.node_name.is_empty() {
+            hostname().unwrap_or_else(|| "localhost".to_owned())
+        } else {
+            self.node_name.clone()
         }
-        let host = hostname().unwrap_or_else(|| "localhost".to_owned());
-        if self.cluster.enabled { format!("{host}-{}", self.server.client_listen.port()) } else { host }
+    }
+
+    /// The name a running node uses: [`Config::node_name`], with the bound
+    /// client port appended in cluster mode when no name is configured (so
+    /// nodes sharing a host differ).
+    pub fn node_name_bound(&self, client_port: u16) -> String {
+        if self.node_name.is_empty() && self.cluster.enabled {
+            format!("{}-{client_port}", self.node_name())
+        } else {
+            self.node_name()
+        }
     }
 
     /// `server.shards`, with 0 resolved to the CPUs this process may use

@@ -169,6 +169,12 @@ impl LeaseKeeper {
         }
     }
 
+    /// Another call to Redis failed for lack of Redis: a lease found
+    /// lapsed later is blamed on the outage, not on this node being stopped.
+    pub fn on_redis_error(&mut self) {
+        self.outage = true;
+    }
+
     /// Registered (again).
     pub fn on_registered(&mut self, now: Instant) {
         self.last_renewed = Some(now);
@@ -572,7 +578,10 @@ impl RouterSidecar {
     }
 
     fn refresh_nodes(&mut self) {
-        let Ok(nodes) = read_nodes(&mut self.link, &self.cfg.prefix) else { return };
+        let nodes = match read_nodes(&mut self.link, &self.cfg.prefix) {
+            Ok(nodes) => nodes,
+            Err(_) => return self.keeper.on_redis_error(),
+        };
         self.nodes_refreshed = Some(Instant::now());
         self.nodes = nodes.into_iter().map(|n| (n.name.clone(), n)).collect();
     }
@@ -651,7 +660,10 @@ impl RouterSidecar {
         let values = if pipe.is_empty() { Ok(Vec::new()) } else { self.link.query(&pipe) };
         let values = match values {
             Ok(v) => v,
-            Err(e) => return batch.iter().map(|_| Err(RouterError::from(e.clone()))).collect(),
+            Err(e) => {
+                self.keeper.on_redis_error();
+                return batch.iter().map(|_| Err(RouterError::from(e.clone()))).collect();
+            }
         };
         // A route naming a node we have not seen yet (it joined since the
         // last refresh): refresh the node table before judging validity.
@@ -766,6 +778,17 @@ mod tests {
         assert_eq!(k.on_outcome(RenewOutcome::Unreachable, t0 + Duration::from_secs(2)), LeaseAction::Retry);
         // Redis came back empty (restart) or our key expired meanwhile.
         assert_eq!(k.on_outcome(RenewOutcome::Missing, t0 + Duration::from_secs(10)), LeaseAction::Reregister);
+        assert!(!k.is_fenced());
+    }
+
+    #[test]
+    fn a_failed_call_during_the_lease_counts_as_an_outage() {
+        let t0 = Instant::now();
+        let mut k = LeaseKeeper::new(LEASE);
+        k.on_registered(t0);
+        // A lookup timed out while Redis was paused; the lease ran out meanwhile.
+        k.on_redis_error();
+        assert_eq!(k.on_outcome(RenewOutcome::Missing, t0 + Duration::from_secs(5)), LeaseAction::Reregister);
         assert!(!k.is_fenced());
     }
 

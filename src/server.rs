@@ -105,7 +105,7 @@ impl Server {
             wheel_tick_ms: session.wheel_tick_ms,
             max_connections: server.max_connections_per_shard,
             accept_rate_per_sec: server.accept_rate_per_sec,
-            node: config.node_name(),
+            node: config.node_name_bound(client_addr.port()),
             upstream,
             delivery: DeliverySettings {
                 window: config.delivery.window as usize,
@@ -259,7 +259,7 @@ impl Server {
                 Some((cluster, admin))
             }
         };
-        info!(%client_addr, shards, node = %config.node_name(), "longlink serving");
+        info!(%client_addr, shards, node = %config.node_name_bound(client_addr.port()), "longlink serving");
         Ok(Server { handles: Some(handles), stop, client_addr, push_addr, counters, cluster })
     }
 

@@ -82,6 +82,12 @@ pub struct ShardCounters {
     pub slow_dropped_frames: AtomicU64,
     /// Messages queued or written to a session.
     pub delivered: AtomicU64,
+    /// Client frames and bytes read, and frames and bytes sent to clients
+    /// (written or queued).
+    pub frames_in: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub frames_out: AtomicU64,
+    pub bytes_out: AtomicU64,
     /// Broadcast deliveries dropped because their TTL passed while paced.
     pub broadcast_expired: AtomicU64,
     /// Push-port requests received.
@@ -671,6 +677,7 @@ impl Shard {
     /// Decodes and handles every whole frame in `data` (after any partial
     /// frame kept from the last read); keeps the incomplete tail.
     fn on_bytes(&self, key: ConnKey, data: &[u8]) {
+        self.counters.bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
         let mut st = self.state.borrow_mut();
         let Some(conn) = st.conn(key) else { return };
         let mut carried = conn.io.as_mut().map(|io| std::mem::take(&mut io.partial)).unwrap_or_default();
@@ -733,6 +740,7 @@ impl Shard {
                     }
                     let Some(conn) = st.conn(key) else { break input.len() };
                     pos += header.frame_len();
+                    self.counters.frames_in.fetch_add(1, Ordering::Relaxed);
                     match Frame::decode(header, body) {
                         Ok(frame) => conn.session.handle_frame(now, frame, &self.cfg.params, &mut actions),
                         Err(err) => conn.session.handle_codec_error(now, &err, &self.cfg.params, &mut actions),
@@ -802,6 +810,7 @@ impl Shard {
             Frame::Pong => Bytes::from_static(&PONG),
             other => other.to_bytes(),
         };
+        self.count_out(bytes.len());
         self.queue_bytes(st, key, bytes);
     }
 
@@ -861,6 +870,7 @@ impl Shard {
         if !conn.is_active() {
             return false;
         }
+        self.count_out(frame.len());
         let idle = conn.io.as_ref().is_none_or(|io| io.out.is_empty());
         let rest = if idle {
             match outq::send_now(conn.fd, frame) {
@@ -883,7 +893,13 @@ impl Shard {
     /// upstream code writes every answer of one pass with one `writev` per
     /// session at the end of the pass ([`Shard::flush_responses`]).
     pub(crate) fn respond(&self, st: &mut State, key: ConnKey, frame: Bytes) -> bool {
+        self.count_out(frame.len());
         st.conn(key).is_some_and(|c| c.is_active()) && self.enqueue(st, key, frame)
+    }
+
+    fn count_out(&self, bytes: usize) {
+        self.counters.frames_out.fetch_add(1, Ordering::Relaxed);
+        self.counters.bytes_out.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
     /// Writes what [`Shard::respond`] queued for `keys`; a socket that is

@@ -241,6 +241,8 @@ fn three_nodes_unicast_user_fan_out_group_and_broadcast() {
         assert!(matches!(end, ClientError::Kicked { code: ErrorCode::Kicked, .. }), "{end:?}");
     });
     assert!(nodes[0].metric("longlink_forwarded_total") >= 3);
+    assert!(nodes[0].metric("longlink_push_results_total") >= 4);
+    assert!(nodes[0].metric("longlink_frames_in_total") > 0 && nodes[0].metric("longlink_bytes_out_total") > 0);
 }
 
 #[test]
@@ -316,6 +318,9 @@ fn dispatcher_and_admin_endpoints() {
         "longlink_connections{shard=\"0\"}",
         "longlink_disconnects_total{code=",
         "longlink_forward_latency_seconds_bucket",
+        "longlink_frames_in_total{shard=",
+        "longlink_bytes_out_total{shard=",
+        "longlink_push_results_total{result=",
     ] {
         assert!(metrics.contains(family), "{family} missing from\n{metrics}");
     }
@@ -686,4 +691,43 @@ fn draining_a_node_with_5000_clients_moves_them_all_without_loss() {
     assert_eq!(moved, CLIENTS, "every client moved");
     let told = tracks.values().filter(|t| t.borrow().go_aways >= 1).count();
     assert_eq!(told, CLIENTS, "every client got a GoAway");
+}
+
+#[test]
+fn redis_paused_keeps_clients_connected_and_pushes_fail_retryably() {
+    let redis = RedisServer::start();
+    let a = Node::start(node_config(&redis, "a", 0));
+    let b = Node::start(node_config(&redis, "b", 1));
+    let cfg = a.cfg.clone();
+    let pause = |sig| {
+        // SAFETY: kill(2) of our own redis-server child.
+        unsafe { libc::kill(redis.pid() as i32, sig) };
+    };
+    run(async {
+        let mut da = connect(a.client, &cfg, "ua", "pa").await;
+        let mut db = connect(b.client, &cfg, "ub", "pb").await;
+        wait_routes(&redis, &[("pa", "a"), ("pb", "b")]);
+        let mut push = a.pusher();
+        pause(libc::SIGSTOP);
+        let reply = push.push_devices(&["pa", "pb"], Bytes::from_static(b"paused")).unwrap();
+        assert_eq!(status(reply.results[0].status), PushStatus::Delivered);
+        assert_eq!(status(reply.results[1].status), PushStatus::Rejected);
+        assert!(reply.results[1].reason.starts_with("retryable"), "{}", reply.results[1].reason);
+        assert_eq!(next_message(&mut da).await.payload, Bytes::from_static(b"paused"));
+        pause(libc::SIGCONT);
+        // Both sessions survived; once Redis answers, pushes cross again.
+        let mut tries = 0;
+        let reply = loop {
+            let reply = push.push_devices(&["pb"], Bytes::from_static(b"resumed")).unwrap();
+            if status(reply.results[0].status) == PushStatus::Delivered || tries == 100 {
+                break reply;
+            }
+            tries += 1;
+            glommio::timer::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(status(reply.results[0].status), PushStatus::Delivered, "{reply:?}");
+        assert_eq!(next_message(&mut db).await.payload, Bytes::from_static(b"resumed"));
+        assert_nothing_queued(&mut da).await;
+        wait_routes(&redis, &[("pa", "a"), ("pb", "b")]);
+    });
 }
