@@ -667,6 +667,10 @@ impl Shard {
     /// Device targets: each goes where its route says.
     async fn push_devices(self: &Rc<Self>, local: &Rc<Local>, req: proto::PushRequest) -> Frame {
         let devices = req.targets.as_ref().map(|t| t.devices.clone()).unwrap_or_default();
+        if devices.len() > self.cfg.push.max_targets_per_request as usize {
+            // Refused as a whole, as by a single node.
+            return self.run_locally(local, Frame::PushRequest(req)).await;
+        }
         let reliable = req.qos == proto::Qos::AtLeastOnce as i32;
         let started = Instant::now();
         let counters = &local.shared.counters;

@@ -731,3 +731,37 @@ fn redis_paused_keeps_clients_connected_and_pushes_fail_retryably() {
         wait_routes(&redis, &[("pa", "a"), ("pb", "b")]);
     });
 }
+
+#[test]
+fn a_second_sigterm_stops_a_draining_node_at_once() {
+    let redis = RedisServer::start();
+    let mut slow = node_config(&redis, "a", 0);
+    // One GoAway per second: the drain of 50 clients would take ~50 s.
+    slow.cluster.drain_rate_per_sec = 1;
+    let mut a = Node::start(slow);
+    let cfg = a.cfg.clone();
+    run(async {
+        let pairs: Vec<(String, String)> = (0..50).map(|i| (format!("u{i}"), format!("s-{i}"))).collect();
+        let mut conns = connect_all(a.client, &cfg, &pairs).await;
+        a.signal(libc::SIGTERM);
+        let draining =
+            wait_async(Duration::from_secs(10), || http(a.admin, "GET", "/healthz").1.contains("draining")).await;
+        assert!(draining, "the first SIGTERM starts a drain");
+        a.signal(libc::SIGTERM);
+        let status = a.wait_exit(Duration::from_secs(15)).expect("the second SIGTERM stops the node");
+        assert!(status.success(), "{status:?}");
+        // Nobody was left hanging: every connection ended.
+        let mut ended = 0;
+        for c in &mut conns {
+            let end = loop {
+                match c.next_event().await {
+                    Ok(_) => continue,
+                    Err(e) => break e,
+                }
+            };
+            assert!(end.reconnect_allowed(), "{end:?}");
+            ended += 1;
+        }
+        assert_eq!(ended, pairs.len());
+    });
+}
