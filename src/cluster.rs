@@ -181,6 +181,8 @@ pub struct ClusterShared {
     reregistered: Arc<AtomicU64>,
     pub forward_timeout: Duration,
     pub drain_deadline: Duration,
+    /// Routes are re-asserted every half of this (their keys expire after it).
+    route_ttl: Duration,
     /// GoAway frames per second per shard.
     drain_rate_per_shard: u32,
 }
@@ -241,6 +243,7 @@ impl ClusterShared {
             reregistered,
             forward_timeout: Duration::from_millis(c.forward_timeout_ms),
             drain_deadline: Duration::from_millis(c.drain_deadline_ms),
+            route_ttl: Duration::from_secs(c.route_ttl_secs),
             drain_rate_per_shard: c.drain_rate_per_sec.div_ceil(u32::from(shards.max(1))),
         }))
     }
@@ -487,6 +490,7 @@ impl Shard {
     async fn cluster_loop(self: Rc<Self>) {
         let Some(local) = self.local() else { return };
         let mut tick = 0u32;
+        let mut reasserted = Instant::now();
         while !self.is_stopping() {
             if tick.is_multiple_of(NODES_EVERY) {
                 self.refresh_nodes(&local).await;
@@ -496,6 +500,12 @@ impl Shard {
                 local.reregistered_seen.set(rereg);
                 info!(shard = %self.id, "re-registered: re-asserting routes");
                 self.reassert_routes(&local, true);
+                reasserted = Instant::now();
+            } else if reasserted.elapsed() >= local.shared.route_ttl / 2 {
+                // Route keys expire (so devices that never return are
+                // forgotten): those of long sessions are written again.
+                self.reassert_routes(&local, true);
+                reasserted = Instant::now();
             } else if tick.is_multiple_of(RETRY_EVERY) {
                 self.reassert_routes(&local, false);
             }

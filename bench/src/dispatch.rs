@@ -250,7 +250,9 @@ impl Client {
     }
 
     fn get(&mut self, path: &str) -> anyhow::Result<(u16, Vec<u8>)> {
-        write!(self.writer, "GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n")?;
+        // One write per request (`write!` would send each piece on its own).
+        let request = format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n");
+        self.writer.write_all(request.as_bytes())?;
         let mut status = 0u16;
         let mut length = 0usize;
         let mut line = String::new();
