@@ -184,7 +184,7 @@ pub struct ClusterShared {
     /// Routes are re-asserted every half of this (their keys expire after it).
     route_ttl: Duration,
     /// GoAway frames per second per shard.
-    drain_rate_per_shard: u32,
+    drain_rate_per_shard: f64,
 }
 
 impl ClusterShared {
@@ -244,7 +244,7 @@ impl ClusterShared {
             forward_timeout: Duration::from_millis(c.forward_timeout_ms),
             drain_deadline: Duration::from_millis(c.drain_deadline_ms),
             route_ttl: Duration::from_secs(c.route_ttl_secs),
-            drain_rate_per_shard: c.drain_rate_per_sec.div_ceil(u32::from(shards.max(1))),
+            drain_rate_per_shard: f64::from(c.drain_rate_per_sec) / f64::from(shards.max(1)),
         }))
     }
 
@@ -325,6 +325,8 @@ pub(crate) struct Local {
     reregistered_seen: Cell<u64>,
     /// Sessions still to send GoAway to (set once the drain starts).
     drain_queue: RefCell<Option<VecDeque<ConnKey>>>,
+    /// GoAway frames this shard may send now (grows with the drain rate).
+    drain_budget: Cell<f64>,
 }
 
 /// Joins a shard to the cluster and starts its cluster task.
@@ -338,6 +340,7 @@ pub fn attach(shard: &Rc<Shard>, shared: Arc<ClusterShared>) {
         merges: RefCell::default(),
         next_merge: Cell::new(0),
         drain_queue: RefCell::new(None),
+        drain_budget: Cell::new(0.0),
     };
     if shard.cluster.set(Rc::new(local)).is_err() {
         warn!(shard = %shard.id(), "shard already joined the cluster");
@@ -538,13 +541,16 @@ impl Shard {
             // Sessions that became active since (hand-offs in flight).
             queue.extend(st.active_keys());
         }
-        let budget = (local.shared.drain_rate_per_shard as u64 * TICK.as_millis() as u64 / 1000).max(1);
+        // Rates below one per tick accumulate; a backlog never banks more
+        // than one tick's worth plus one.
+        let per_tick = local.shared.drain_rate_per_shard * TICK.as_secs_f64();
+        let budget = (local.drain_budget.get() + per_tick).min(per_tick + 1.0);
         let nodes = local.nodes.borrow();
         let others: Vec<NodeInfo> =
             nodes.iter().filter(|n| n.name != local.shared.node && !n.draining).cloned().collect();
         let now = self.now();
-        let mut sent = 0;
-        while sent < budget {
+        let mut sent = 0.0;
+        while sent + 1.0 <= budget {
             let Some(key) = queue.pop_front() else { break };
             let Some(user) = st.user_of(key).map(str::to_owned) else { continue };
             let endpoint = rank(&user, &others, 1).first().map(|n| n.client_endpoint.clone()).unwrap_or_default();
@@ -552,8 +558,9 @@ impl Shard {
             self.send_to_slot(&mut st, key.index, &frame);
             self.close_conn(&mut st, key, now, ErrorCode::GoingAway, "node draining; reconnect elsewhere".into());
             local.shared.counters.go_away_sent.fetch_add(1, Ordering::Relaxed);
-            sent += 1;
+            sent += 1.0;
         }
+        local.drain_budget.set(budget - sent);
     }
 
     // ---- requests from backends ------------------------------------------

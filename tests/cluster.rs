@@ -736,7 +736,8 @@ fn redis_paused_keeps_clients_connected_and_pushes_fail_retryably() {
 fn a_second_sigterm_stops_a_draining_node_at_once() {
     let redis = RedisServer::start();
     let mut slow = node_config(&redis, "a", 0);
-    // One GoAway per second: the drain of 50 clients would take ~50 s.
+    // One GoAway per second: the drain of 50 clients would last until its
+    // deadline (30 s).
     slow.cluster.drain_rate_per_sec = 1;
     let mut a = Node::start(slow);
     let cfg = a.cfg.clone();
