@@ -196,13 +196,16 @@ impl ClusterShared {
         shards: u16,
     ) -> std::io::Result<Arc<ClusterShared>> {
         let c = &config.cluster;
+        // A wildcard bind advertises the address this host reaches Redis
+        // from: the other nodes share that network.
+        let advertised_ip = reachable_ip(&config.delivery.redis_url);
         let endpoint = |configured: &str, bound: std::net::SocketAddr| {
             if !configured.is_empty() {
                 return configured.to_owned();
             }
             let mut addr = bound;
             if addr.ip().is_unspecified() {
-                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                addr.set_ip(advertised_ip);
             }
             addr.to_string()
         };
@@ -264,6 +267,25 @@ impl ClusterShared {
         let i = DISCONNECT_CODES.iter().position(|&c| c == code).unwrap_or(DISCONNECT_CODES.len());
         self.counters.disconnects[i].fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// The local IP address this host uses to reach `redis_url`'s host (a UDP
+/// connect sends nothing); loopback when that cannot be told.
+fn reachable_ip(redis_url: &str) -> std::net::IpAddr {
+    let loopback = std::net::IpAddr::from(std::net::Ipv4Addr::LOCALHOST);
+    let Ok(client) = redis::Client::open(redis_url) else { return loopback };
+    let redis::ConnectionAddr::Tcp(host, port) = client.get_connection_info().addr() else { return loopback };
+    let target = (host.as_str(), *port);
+    let Ok(Some(remote)) = std::net::ToSocketAddrs::to_socket_addrs(&target).map(|mut a| a.next()) else {
+        return loopback;
+    };
+    let local = if remote.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    std::net::UdpSocket::bind(local)
+        .and_then(|s| s.connect(remote).and_then(|()| s.local_addr()))
+        .map(|a| a.ip())
+        .ok()
+        .filter(|ip| !ip.is_unspecified())
+        .unwrap_or(loopback)
 }
 
 /// Runs the drain when asked: announce it, wait until every session left
@@ -1168,6 +1190,14 @@ mod tests {
         assert_eq!((r.delivered, r.status), (4, PushStatus::Delivered as i32));
         let err = Frame::RequestError(request_error(ErrorCode::BadFrame, "bad"));
         assert!(merge(g(1, PushStatus::Delivered), err).is_err());
+    }
+
+    #[test]
+    fn wildcard_binds_advertise_the_address_that_reaches_redis() {
+        let lo = std::net::IpAddr::from(std::net::Ipv4Addr::LOCALHOST);
+        assert_eq!(reachable_ip("redis://127.0.0.1:6379/"), lo);
+        assert_eq!(reachable_ip("redis://127.0.0.5:6379/"), std::net::IpAddr::from([127, 0, 0, 1]));
+        assert_eq!(reachable_ip("not a url"), lo);
     }
 
     #[test]

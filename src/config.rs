@@ -107,10 +107,12 @@ config_struct! {
         /// drains. Default: 3000. Allowed: 300 to 600000.
         pub lease_ms: u64 = 3_000,
         /// host:port clients are told to connect to (dispatcher, GoAway).
-        /// Default: "" (the bound client address; 0.0.0.0 becomes 127.0.0.1).
+        /// Default: "" (the bound client address; for 0.0.0.0, the address
+        /// this host reaches Redis from).
         pub client_endpoint: String = String::new(),
         /// host:port other nodes forward pushes to (this node's push port).
-        /// Default: "" (the bound push address; 0.0.0.0 becomes 127.0.0.1).
+        /// Default: "" (the bound push address; for 0.0.0.0, the address
+        /// this host reaches Redis from).
         pub node_endpoint: String = String::new(),
         /// Address of the admin and dispatcher HTTP server (/v1/dispatch,
         /// /metrics, /healthz, POST /drain). Keep it private. Default:
