@@ -563,6 +563,7 @@ impl PushClient {
             devices: strings(devices),
             users: strings(users),
             groups: strings(groups),
+            forwarded: false,
         };
         match self.call(Request::Presence(req))? {
             Reply::Presence(r) => Ok(r),

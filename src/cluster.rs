@@ -12,8 +12,8 @@
 //!   those held by another live node are forwarded to that node's push port
 //!   (one pipelined connection per shard and peer, `forwarded` set so the
 //!   receiver does not forward again); the rest are handled here. User,
-//!   group and broadcast pushes, group updates and kicks go to every live
-//!   node. The parts are merged into one reply. Shards never wait on Redis:
+//!   group and broadcast pushes, group updates, kicks and presence queries
+//!   go to every live node. The parts are merged into one reply. Shards never wait on Redis:
 //!   the router is a sidecar thread answering through futures.
 //! - Failures: a device whose node cannot be reached gets an at-least-once
 //!   copy stored in the shared timeline (it resumes from there) or, at most
@@ -596,6 +596,7 @@ impl Shard {
             Frame::PushRequest(r) => r.forwarded,
             Frame::GroupUpdate(r) => r.forwarded,
             Frame::KickRequest(r) => r.forwarded,
+            Frame::PresenceQuery(r) => r.forwarded,
             _ => return Some(frame),
         };
         if forwarded {
@@ -657,6 +658,7 @@ impl Shard {
                 Frame::PushRequest(r) => self.start_push(&mut st, pseudo, r),
                 Frame::GroupUpdate(r) => self.start_group_update(&mut st, pseudo, r),
                 Frame::KickRequest(r) => self.start_kick(&mut st, pseudo, r),
+                Frame::PresenceQuery(r) => self.start_presence(&mut st, pseudo, r),
                 other => Err(request_error(ErrorCode::BadFrame, format!("{:?} is not clustered", other.kind()))),
             }
         };
@@ -807,8 +809,9 @@ impl Shard {
         Frame::PushReply(summarize(results, false, message_id))
     }
 
-    /// User, group and broadcast pushes, group updates and kicks: every live
-    /// node handles its own sessions; the replies are merged.
+    /// User, group and broadcast pushes, group updates, kicks and presence
+    /// queries: every live node handles its own sessions; the replies are
+    /// merged.
     async fn everywhere(self: &Rc<Self>, local: &Rc<Local>, frame: Frame) -> Frame {
         // A node that joined a moment ago may hold targets already.
         if let Ok(nodes) = local.shared.router.nodes_fresh(FRESH_NODES).await {
@@ -893,6 +896,8 @@ fn request_id(frame: &Frame) -> u64 {
         Frame::PushRequest(r) => r.request_id,
         Frame::GroupUpdate(r) => r.request_id,
         Frame::KickRequest(r) => r.request_id,
+        Frame::PresenceQuery(r) => r.request_id,
+        Frame::PresenceReply(r) => r.request_id,
         Frame::PushReply(r) => r.request_id,
         Frame::AdminReply(r) => r.request_id,
         Frame::RequestError(r) => r.request_id,
@@ -905,6 +910,8 @@ fn set_request_id(frame: &mut Frame, id: u64) {
         Frame::PushRequest(r) => r.request_id = id,
         Frame::GroupUpdate(r) => r.request_id = id,
         Frame::KickRequest(r) => r.request_id = id,
+        Frame::PresenceQuery(r) => r.request_id = id,
+        Frame::PresenceReply(r) => r.request_id = id,
         Frame::PushReply(r) => r.request_id = id,
         Frame::AdminReply(r) => r.request_id = id,
         Frame::RequestError(r) => r.request_id = id,
@@ -922,6 +929,7 @@ fn set_forwarded(frame: &mut Frame) {
         Frame::PushRequest(r) => r.forwarded = true,
         Frame::GroupUpdate(r) => r.forwarded = true,
         Frame::KickRequest(r) => r.forwarded = true,
+        Frame::PresenceQuery(r) => r.forwarded = true,
         _ => {}
     }
 }
@@ -1002,6 +1010,29 @@ fn merge(acc: Frame, other: Frame) -> Result<Frame, proto::RequestError> {
                 combine(acc, r);
             }
             Ok(Frame::PushReply(summarize(a.results, true, a.message_id)))
+        }
+        (Frame::PresenceReply(mut a), Frame::PresenceReply(b)) => {
+            // Devices and users are listed once per query entry, in order.
+            for (acc, d) in a.devices.iter_mut().zip(b.devices) {
+                if d.online && !acc.online {
+                    *acc = d;
+                }
+            }
+            for (acc, u) in a.users.iter_mut().zip(b.users) {
+                acc.devices.extend(u.devices);
+            }
+            for (acc, g) in a.groups.iter_mut().zip(b.groups) {
+                acc.online += g.online;
+            }
+            // Shard i of every node adds up; the total is the cluster's.
+            if a.connections_per_shard.len() < b.connections_per_shard.len() {
+                a.connections_per_shard.resize(b.connections_per_shard.len(), 0);
+            }
+            for (acc, n) in a.connections_per_shard.iter_mut().zip(b.connections_per_shard) {
+                *acc += n;
+            }
+            a.connections_total += b.connections_total;
+            Ok(Frame::PresenceReply(a))
         }
         (Frame::AdminReply(mut a), Frame::AdminReply(b)) => {
             for (acc, r) in a.results.iter_mut().zip(b.results) {

@@ -744,7 +744,7 @@ impl Shard {
         Ok(())
     }
 
-    fn start_presence(
+    pub(crate) fn start_presence(
         &self,
         st: &mut State,
         backend: ConnKey,

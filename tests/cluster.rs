@@ -221,6 +221,13 @@ fn three_nodes_unicast_user_fan_out_group_and_broadcast() {
             assert_nothing_queued(a).await;
         }
 
+        // Presence through node b answers for the whole cluster.
+        let p = push_b.presence(&["dev-0", "dev-2", "nobody"], &["alice"], &["room"]).unwrap();
+        let online: Vec<bool> = p.devices.iter().map(|d| d.online).collect();
+        assert_eq!(online, [true, true, false]);
+        assert_eq!(p.users[0].devices.len(), 3);
+        assert_eq!((p.groups[0].online, p.connections_total), (3, 6));
+
         // Broadcast through node a reaches all six sessions.
         let reply = push.broadcast(Bytes::from_static(b"all")).unwrap();
         assert_eq!((status(reply.status), reply.delivered), (PushStatus::Accepted, 6));
