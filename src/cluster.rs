@@ -588,8 +588,8 @@ impl Shard {
     // ---- requests from backends ------------------------------------------
 
     /// Hook: a push-port request. In cluster mode a backend's push, group
-    /// update or kick is answered by the cluster; returns the frame when
-    /// this shard should handle it alone.
+    /// update, kick or presence query is answered by the cluster; returns
+    /// the frame when this shard should handle it alone.
     pub(crate) fn cluster_intercept(&self, st: &mut State, backend: ConnKey, frame: Frame) -> Option<Frame> {
         let Some(local) = self.local() else { return Some(frame) };
         let forwarded = match &frame {
