@@ -440,6 +440,7 @@ impl Shard {
                 code: ErrorCode::Replaced as i32,
                 reason: "logged in on another node".into(),
                 forwarded: true,
+                conn_ids: vec![previous.conn_id],
                 ..Default::default()
             });
             if let Err(err) = shard.forward(&local, &previous.node, kick).await {
@@ -601,7 +602,21 @@ impl Shard {
         };
         if forwarded {
             local.shared.counters.forwarded_in.fetch_add(1, Ordering::Relaxed);
-            return Some(frame);
+            return match frame {
+                Frame::KickRequest(kick) if !kick.conn_ids.is_empty() => {
+                    let shard = self.me.upgrade()?;
+                    crate::push::hold(st, backend);
+                    glommio::spawn_local(async move {
+                        futures_lite::future::yield_now().await;
+                        let reply = shard.kick_if_same_session(&local, kick).await;
+                        let mut st = shard.state.borrow_mut();
+                        crate::push::reply(&mut st, backend, reply.to_bytes());
+                    })
+                    .detach();
+                    None
+                }
+                other => Some(other),
+            };
         }
         let shard = self.me.upgrade()?;
         crate::push::hold(st, backend);
@@ -633,6 +648,30 @@ impl Shard {
             let _ = tx.send(frame);
         }
         None
+    }
+
+    /// A replaced login's kick: only the sessions that still have the
+    /// connection ids the kicker's route named (a newer login of the device
+    /// here stays).
+    async fn kick_if_same_session(self: &Rc<Self>, local: &Rc<Local>, mut kick: proto::KickRequest) -> Frame {
+        let request_id = kick.request_id;
+        let query = proto::PresenceQuery { devices: kick.devices.clone(), forwarded: true, ..Default::default() };
+        let Frame::PresenceReply(presence) = self.run_locally(local, Frame::PresenceQuery(query)).await else {
+            return Frame::RequestError(request_error(ErrorCode::ServerError, "presence lookup failed"));
+        };
+        let same: Vec<String> = presence
+            .devices
+            .into_iter()
+            .zip(&kick.conn_ids)
+            .filter(|(d, conn_id)| d.online && d.conn_id == **conn_id)
+            .map(|(d, _)| d.device)
+            .collect();
+        if same.is_empty() {
+            return Frame::AdminReply(proto::AdminReply { request_id, results: Vec::new() });
+        }
+        kick.devices = same;
+        kick.conn_ids.clear();
+        with_request_id(self.run_locally(local, Frame::KickRequest(kick)).await, request_id)
     }
 
     async fn cluster_request(self: &Rc<Self>, local: &Rc<Local>, frame: Frame) -> Frame {

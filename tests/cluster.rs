@@ -252,6 +252,29 @@ fn three_nodes_unicast_user_fan_out_group_and_broadcast() {
     assert!(nodes[0].metric("longlink_frames_in_total") > 0 && nodes[0].metric("longlink_bytes_out_total") > 0);
 }
 
+async fn ended(conn: &mut Connection) -> ClientError {
+    loop {
+        match conn.next_event().await {
+            Ok(_) => continue,
+            Err(e) => break e,
+        }
+    }
+}
+
+/// Sends a kick the way a node forwards one for a replaced login.
+fn forwarded_kick(push: &mut PushClient, device: &str, conn_id: u64) -> longlink::backend::Reply {
+    let kick = longlink::proto::KickRequest {
+        devices: vec![device.into()],
+        code: ErrorCode::Replaced as i32,
+        forwarded: true,
+        conn_ids: vec![conn_id],
+        ..Default::default()
+    };
+    push.send(longlink::backend::Request::Kick(kick)).unwrap();
+    push.flush().unwrap();
+    push.recv().unwrap()
+}
+
 #[test]
 fn a_second_login_on_another_node_replaces_the_first() {
     let redis = RedisServer::start();
@@ -259,17 +282,25 @@ fn a_second_login_on_another_node_replaces_the_first() {
     let b = Node::start(node_config(&redis, "b", 1));
     let cfg = a.cfg.clone();
     run(async {
-        let mut first = connect(a.client, &cfg, "u", "phone").await;
+        let (mut first, ok1) = Connection::connect(a.client, opts(&cfg, "u", "phone")).await.unwrap();
         wait_routes(&redis, &[("phone", "a")]);
-        let _second = connect(b.client, &cfg, "u", "phone").await;
-        let end = loop {
-            match first.next_event().await {
-                Ok(_) => continue,
-                Err(e) => break e,
-            }
-        };
+        let mut second = connect(b.client, &cfg, "u", "phone").await;
+        let end = ended(&mut first).await;
         assert!(matches!(end, ClientError::Kicked { code: ErrorCode::Replaced, .. }), "{end:?}");
         wait_routes(&redis, &[("phone", "b")]);
+        // Back on node a: the session on b goes.
+        let (mut third, ok3) = Connection::connect(a.client, opts(&cfg, "u", "phone")).await.unwrap();
+        let end = ended(&mut second).await;
+        assert!(matches!(end, ClientError::Kicked { code: ErrorCode::Replaced, .. }), "{end:?}");
+        wait_routes(&redis, &[("phone", "a")]);
+        // A late kick aimed at the first session leaves the third alone;
+        // one aimed at the third ends it.
+        let mut push = a.pusher();
+        forwarded_kick(&mut push, "phone", ok1.conn_id);
+        assert_nothing_queued(&mut third).await;
+        forwarded_kick(&mut push, "phone", ok3.conn_id);
+        let end = ended(&mut third).await;
+        assert!(matches!(end, ClientError::Kicked { code: ErrorCode::Replaced, .. }), "{end:?}");
     });
 }
 
