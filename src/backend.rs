@@ -434,6 +434,7 @@ impl PushClient {
             service_id: service_id.to_owned(),
             ttl_ms,
             qos: proto::Qos::AtMostOnce as i32,
+            forwarded: false,
         };
         self.push_request(req)
     }
@@ -512,6 +513,7 @@ impl PushClient {
             group: group.to_owned(),
             add_devices: strings(add),
             remove_devices: strings(remove),
+            forwarded: false,
         };
         self.admin(Request::Group(req))
     }
@@ -561,6 +563,7 @@ impl PushClient {
             devices: strings(devices),
             users: strings(users),
             groups: strings(groups),
+            forwarded: false,
         };
         match self.call(Request::Presence(req))? {
             Reply::Presence(r) => Ok(r),

@@ -307,6 +307,7 @@ mod tests {
                 service_id: "s".into(),
                 ttl_ms: 5,
                 qos: proto::Qos::AtLeastOnce as i32,
+                forwarded: true,
             }),
             Frame::PushReply(proto::PushReply {
                 request_id: 1,

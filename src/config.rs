@@ -66,8 +66,9 @@ macro_rules! config_struct {
 config_struct! {
     /// The whole config file.
     pub struct Config {
-        /// Name of this node in AuthOk frames, logs and routes. Default: ""
-        /// (use the host name).
+        /// Name of this node in AuthOk frames, logs and routes; unique per
+        /// cluster. Default: "" (the host name; in cluster mode the host
+        /// name, "-" and the client port).
         pub node_name: String = String::new(),
         /// Directory for node-local state; holds the dev key when
         /// `[auth] keys` is empty. Default: "./.longlink".
@@ -86,6 +87,52 @@ config_struct! {
         /// Reliable (at-least-once) delivery: timelines, ACK window,
         /// retransmission, retention.
         pub delivery: DeliveryConfig = DeliveryConfig::default(),
+        /// Cluster mode: several nodes sharing one Redis.
+        pub cluster: ClusterConfig = ClusterConfig::default(),
+    }
+}
+
+config_struct! {
+    /// `[cluster]`: several nodes share one Redis (delivery.redis_url) and
+    /// act as one gateway: a router of device -> node with epochs, node
+    /// leases, pushes forwarded between nodes, the dispatcher and admin HTTP
+    /// (/v1/dispatch, /metrics, /healthz, /drain), graceful drain.
+    /// `serve --redis URL` turns it on.
+    pub struct ClusterConfig {
+        /// Run as a cluster node (needs delivery.redis_url). Default: false.
+        pub enabled: bool = false,
+        /// How long the node's registration lives without renewal, in ms; it
+        /// is renewed three times per lease. A node that finds its lease
+        /// lapsed while it was stopped fences itself: it stops accepting and
+        /// drains. Default: 3000. Allowed: 300 to 600000.
+        pub lease_ms: u64 = 3_000,
+        /// host:port clients are told to connect to (dispatcher, GoAway).
+        /// Default: "" (the bound client address; for 0.0.0.0, the address
+        /// this host reaches Redis from).
+        pub client_endpoint: String = String::new(),
+        /// host:port other nodes forward pushes to (this node's push port).
+        /// Default: "" (the bound push address; for 0.0.0.0, the address
+        /// this host reaches Redis from).
+        pub node_endpoint: String = String::new(),
+        /// Address of the admin and dispatcher HTTP server (/v1/dispatch,
+        /// /metrics, /healthz, POST /drain). Keep it private. Default:
+        /// "127.0.0.1:7102".
+        pub admin_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 7102)),
+        /// Endpoints in a dispatcher reply (the first preferred, the others
+        /// for drift). Default: 3. Allowed: 1 to 16.
+        pub dispatch_endpoints: u32 = 3,
+        /// GoAway frames per second the whole node sends while draining.
+        /// Default: 2000. Minimum: 1.
+        pub drain_rate_per_sec: u32 = 2_000,
+        /// A drain ends by this deadline, in ms, even with clients left (they
+        /// are closed with SHUTDOWN). Default: 30000. Allowed: 100 to 3600000.
+        pub drain_deadline_ms: u64 = 30_000,
+        /// Time another node has to answer a forwarded push, in ms.
+        /// Default: 5000. Allowed: 10 to 60000.
+        pub forward_timeout_ms: u64 = 5_000,
+        /// A route not re-asserted for this long is deleted from Redis
+        /// (devices that never come back), in seconds. Default: 604800.
+        pub route_ttl_secs: u64 = 7 * 24 * 3600,
     }
 }
 
@@ -500,6 +547,7 @@ impl Config {
         check_range("server.shards", self.server.shards, 0, 64, " (the user directory keeps a 64-bit shard set)")?;
         self.upstream.validate()?;
         self.delivery.validate()?;
+        self.cluster.validate(&self.delivery)?;
         check_range("auth.clock_leeway_secs", self.auth.clock_leeway_secs, 0, MAX_CLOCK_LEEWAY_SECS, "")?;
         check_range(
             "auth.default_token_ttl_secs",
@@ -558,6 +606,17 @@ impl Config {
             hostname().unwrap_or_else(|| "localhost".to_owned())
         } else {
             self.node_name.clone()
+        }
+    }
+
+    /// The name a running node uses: [`Config::node_name`], with the bound
+    /// client port appended in cluster mode when no name is configured (so
+    /// nodes sharing a host differ).
+    pub fn node_name_bound(&self, client_port: u16) -> String {
+        if self.node_name.is_empty() && self.cluster.enabled {
+            format!("{}-{client_port}", self.node_name())
+        } else {
+            self.node_name()
         }
     }
 
@@ -777,6 +836,31 @@ impl DeliveryConfig {
     }
 }
 
+impl ClusterConfig {
+    fn validate(&self, delivery: &DeliveryConfig) -> Result<(), ConfigError> {
+        if self.enabled && delivery.redis_url.is_empty() {
+            return Err(invalid(
+                "cluster.enabled",
+                "cluster mode needs delivery.redis_url (or `serve --redis URL`): routes and leases live in Redis",
+            ));
+        }
+        check_range("cluster.lease_ms", self.lease_ms, 300, 600_000, "")?;
+        for (field, value) in
+            [("cluster.client_endpoint", &self.client_endpoint), ("cluster.node_endpoint", &self.node_endpoint)]
+        {
+            if !value.is_empty() && !is_host_port(value) {
+                return Err(invalid(field, format!("{value:?} is not \"host:port\" (e.g. \"10.0.0.5:7100\")")));
+            }
+        }
+        check_range("cluster.dispatch_endpoints", self.dispatch_endpoints, 1, 16, "")?;
+        check_min("cluster.drain_rate_per_sec", self.drain_rate_per_sec, 1, "")?;
+        check_range("cluster.drain_deadline_ms", self.drain_deadline_ms, 100, 3_600_000, "")?;
+        check_range("cluster.forward_timeout_ms", self.forward_timeout_ms, 10, 60_000, "")?;
+        check_min("cluster.route_ttl_secs", self.route_ttl_secs, 60, "")?;
+        Ok(())
+    }
+}
+
 /// `host:port` with a non-empty host and a numeric port (IPv6 in brackets).
 fn is_host_port(text: &str) -> bool {
     if text.parse::<SocketAddr>().is_ok() {
@@ -844,6 +928,7 @@ fn section_fields(name: &str) -> &'static [FieldDoc] {
         "push" => PushConfig::FIELDS,
         "upstream" => UpstreamConfig::FIELDS,
         "delivery" => DeliveryConfig::FIELDS,
+        "cluster" => ClusterConfig::FIELDS,
         // A new section must be listed here; the round-trip test fails
         // until it is.
         _ => &[],
@@ -923,13 +1008,14 @@ mod tests {
             let doc: Vec<&str> = lines[..i].iter().rev().take_while(|l| l.starts_with('#')).copied().collect();
             assert!(doc.iter().any(|l| l.contains("Default")), "`{line}` lacks a doc comment with its default");
         }
-        let expected = Config::FIELDS.len() - 6
+        let expected = Config::FIELDS.len() - 7
             + ServerConfig::FIELDS.len()
             + SessionConfig::FIELDS.len()
             + AuthConfig::FIELDS.len()
             + PushConfig::FIELDS.len()
             + UpstreamConfig::FIELDS.len()
-            + DeliveryConfig::FIELDS.len();
+            + DeliveryConfig::FIELDS.len()
+            + ClusterConfig::FIELDS.len();
         assert_eq!(fields, expected);
     }
 
@@ -1039,6 +1125,11 @@ mod tests {
             ("[delivery]\nredis_url = \"localhost:6379\"", "delivery.redis_url"),
             ("[delivery]\nredis_prefix = \"\"", "delivery.redis_prefix"),
             ("[delivery]\nnode_index = 16", "delivery.node_index"),
+            ("[cluster]\nenabled = true", "cluster.enabled"),
+            ("[cluster]\nlease_ms = 10", "cluster.lease_ms"),
+            ("[cluster]\nclient_endpoint = \"nohost\"", "cluster.client_endpoint"),
+            ("[cluster]\ndispatch_endpoints = 0", "cluster.dispatch_endpoints"),
+            ("[cluster]\ndrain_rate_per_sec = 0", "cluster.drain_rate_per_sec"),
         ];
         for (text, field) in cases {
             let (got, message) = invalid_field(text);

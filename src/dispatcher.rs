@@ -8,7 +8,8 @@
 //! also carries a connect token bound to the uid and device of the request,
 //! the heartbeat bounds and, when set, the reconnect backoff bounds.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde_json::json;
 
@@ -28,6 +29,44 @@ pub struct StaticNodes(pub Vec<NodeInfo>);
 impl NodeSource for StaticNodes {
     fn nodes(&self) -> Vec<NodeInfo> {
         self.0.clone()
+    }
+}
+
+/// A node list kept fresh by a thread of its own, so a request never
+/// waits for Redis: the router's table on a node, or Redis itself for the
+/// standalone dispatcher.
+pub struct CachedNodes {
+    nodes: Mutex<Arc<Vec<NodeInfo>>>,
+}
+
+impl CachedNodes {
+    /// Calls `fetch` now and then every `every`; a `None` keeps the last list.
+    pub fn start(
+        every: Duration,
+        mut fetch: impl FnMut() -> Option<Vec<NodeInfo>> + Send + 'static,
+    ) -> std::io::Result<Arc<CachedNodes>> {
+        let cache = Arc::new(CachedNodes { nodes: Mutex::new(Arc::new(fetch().unwrap_or_default())) });
+        let weak = Arc::downgrade(&cache);
+        std::thread::Builder::new().name("longlink-nodes".into()).spawn(move || {
+            loop {
+                std::thread::sleep(every);
+                let fresh = fetch();
+                let Some(cache) = weak.upgrade() else { return };
+                if let Some(nodes) = fresh
+                    && let Ok(mut slot) = cache.nodes.lock()
+                {
+                    *slot = Arc::new(nodes);
+                }
+            }
+        })?;
+        Ok(cache)
+    }
+}
+
+impl NodeSource for CachedNodes {
+    fn nodes(&self) -> Vec<NodeInfo> {
+        let list = self.nodes.lock().map(|n| n.clone()).unwrap_or_default();
+        list.as_ref().clone()
     }
 }
 

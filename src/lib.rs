@@ -22,9 +22,15 @@
 //! - [`upstream`]: client requests forwarded to service backends, connection
 //!   events, dedup of retries, per-connection rate limit.
 //! - [`echo`]: an example service backend (tests, bench, README).
+//! - Cluster mode: [`router`] (routes with epochs, node leases, in Redis),
+//!   [`cluster`] (route claims, pushes forwarded between nodes, drain),
+//!   [`dispatcher`] and [`admin`] (HTTP: /v1/dispatch, /metrics, /healthz,
+//!   /drain) on [`http`].
 
+pub mod admin;
 pub mod backend;
 pub mod client;
+pub mod cluster;
 pub mod codec;
 pub mod codes;
 pub mod config;

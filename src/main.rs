@@ -43,11 +43,29 @@ enum Command {
         /// Client listen address; overrides `server.client_listen`.
         #[arg(long)]
         listen: Option<SocketAddr>,
-        /// Keep at-least-once timelines in this Redis (e.g.
-        /// redis://127.0.0.1:6379/) instead of memory; overrides
-        /// `delivery.redis_url`.
+        /// Cluster mode: share this Redis (e.g. redis://127.0.0.1:6379/)
+        /// with the other nodes for routes, leases and at-least-once
+        /// timelines; sets `delivery.redis_url` and `cluster.enabled`. Then
+        /// SIGTERM (or POST /drain on the admin port) drains the node
+        /// gracefully; a second SIGTERM or SIGINT stops it at once.
         #[arg(long, value_name = "URL")]
         redis: Option<String>,
+    },
+    /// Run the dispatcher alone: `GET /v1/dispatch?uid=&device=&platform=&net=`
+    /// answers with endpoints of the cluster's healthy nodes (read from
+    /// Redis), a connect token and the heartbeat bounds. Prints
+    /// `dispatcher ADDR`, runs until SIGINT/SIGTERM.
+    Dispatcher {
+        /// Redis of the cluster (the nodes' `--redis`).
+        #[arg(long, value_name = "URL")]
+        redis: String,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7103")]
+        listen: SocketAddr,
+        /// Config with the token keys, key prefix, heartbeat bounds and
+        /// `cluster.dispatch_endpoints` (the nodes' config).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
     /// Mint a connect token signed with the node's key (the dev key in
     /// `data_dir` when no keys are configured).
@@ -332,6 +350,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             run_request(server, token, service, Duration::from_millis(timeout_ms), body)
         }
         Command::EchoBackend { listen } => echo_backend(listen),
+        Command::Dispatcher { redis, listen, config } => dispatcher(redis, listen, config),
     }
 }
 
@@ -436,6 +455,7 @@ fn push(client: &mut PushClient, args: &PushArgs) -> Result<(), BackendError> {
         service_id: args.service.clone().unwrap_or_default(),
         ttl_ms: args.ttl_ms,
         qos: qos as i32,
+        forwarded: false,
     })?;
     if per_target {
         reply.results.iter().for_each(|r| emit(target_result_json(r)));
@@ -552,6 +572,7 @@ fn serve(
     }
     if let Some(url) = redis {
         cfg.delivery.redis_url = url;
+        cfg.cluster.enabled = true;
     }
     cfg.validate()?;
     match cfg.keyring()?.1 {
@@ -563,16 +584,92 @@ fn serve(
         ),
     }
     let server = Server::start(&cfg)?;
-    // SIGTERM/SIGINT set the stop flag; the shards drain and exit.
     let stop = server.stop_flag();
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
+    match server.cluster() {
+        // SIGTERM/SIGINT set the stop flag; the shards close every session
+        // and exit.
+        None => {
+            for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+                signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
+            }
+        }
+        // SIGTERM drains; a second SIGTERM, or SIGINT, stops at once.
+        Some(cluster) => {
+            signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())
+                .context("installing signal handlers")?;
+            let term = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let counter = term.clone();
+            // SAFETY: the handler only does an atomic add (async-signal-safe).
+            unsafe {
+                signal_hook::low_level::register(signal_hook::consts::SIGTERM, move || {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                })
+            }
+            .context("installing signal handlers")?;
+            let (cluster, stop) = (cluster.clone(), stop.clone());
+            std::thread::Builder::new().name("longlink-signals".into()).spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match term.load(Ordering::Relaxed) {
+                        0 => {}
+                        1 => cluster.request_drain(),
+                        _ => {
+                            tracing::warn!("second SIGTERM: stopping now");
+                            stop.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })?;
+        }
     }
     // Print the address on stdout so scripts (and tests) can read it.
     println!("listening {}", server.client_addr());
     println!("push {}", server.push_addr());
+    if let Some(admin) = server.admin_addr() {
+        println!("admin {admin}");
+    }
     server.join();
     tracing::info!(stopped = stop.load(Ordering::Relaxed), "longlink stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn dispatcher(redis: String, listen: SocketAddr, config: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    use longlink::dispatcher::{CachedNodes, DispatchConfig, Dispatcher};
+    let mut cfg = Config::load(config.as_deref())?;
+    cfg.delivery.redis_url = redis;
+    cfg.validate()?;
+    let (keyring, _) = cfg.keyring()?;
+    let timeout = Duration::from_millis(cfg.delivery.redis_timeout_ms);
+    let mut link =
+        longlink::redis_link::RedisLink::new("dispatcher", &cfg.delivery.redis_url, timeout, timeout, vec![]);
+    let prefix = cfg.delivery.redis_prefix.clone();
+    let nodes =
+        CachedNodes::start(Duration::from_millis(250), move || longlink::router::read_nodes(&mut link, &prefix).ok())?;
+    let s = &cfg.session;
+    let dispatch = DispatchConfig {
+        endpoints: cfg.cluster.dispatch_endpoints as usize,
+        token_ttl_secs: cfg.auth.default_token_ttl_secs,
+        heartbeat_min_ms: s.heartbeat_min_ms,
+        heartbeat_default_ms: s.heartbeat_default_ms,
+        heartbeat_max_ms: s.heartbeat_max_ms,
+    };
+    let dispatcher = Dispatcher::new(dispatch, keyring, nodes);
+    let handler = move |req: &longlink::http::Request| match req.path.as_str() {
+        "/v1/dispatch" => dispatcher.dispatch(req, token::now_unix_secs()),
+        "/healthz" => longlink::http::Response::json(200, &json!({"status": "ok"})),
+        _ => longlink::http::Response::json(404, &json!({"error": "not found"})),
+    };
+    let server = longlink::http::HttpServer::start(listen, 1024, std::sync::Arc::new(handler))
+        .with_context(|| format!("listening on {listen}"))?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
+    }
+    println!("dispatcher {}", server.addr());
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    server.stop();
     Ok(ExitCode::SUCCESS)
 }
 

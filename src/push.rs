@@ -63,6 +63,14 @@ pub(crate) fn reply(st: &mut State, backend: ConnKey, frame: Bytes) {
     }
 }
 
+/// Counts a request answered later through [`reply`] by other code (the
+/// cluster) as in flight on its backend connection.
+pub(crate) fn hold(st: &mut State, backend: ConnKey) {
+    if let Some(b) = st.backends.get_mut(backend.index as usize).filter(|b| b.generation == backend.generation) {
+        b.inflight += 1;
+    }
+}
+
 /// Answers that cannot wait for other shards (bad requests).
 fn reply_now(st: &mut State, backend: ConnKey, frame: Frame) {
     if let Some(b) = st.backends.get_mut(backend.index as usize).filter(|b| b.generation == backend.generation) {
@@ -431,6 +439,8 @@ impl Shard {
                 return reply_now(st, backend, Frame::RequestError(request_error(0, err.code(), err.to_string())));
             }
         };
+        // Hook: in cluster mode the cluster answers backends' requests.
+        let Some(frame) = self.cluster_intercept(st, backend, frame) else { return };
         let accepted = match frame {
             Frame::PushRequest(req) => self.start_push(st, backend, req),
             Frame::GroupUpdate(req) => self.start_group_update(st, backend, req),
@@ -499,7 +509,12 @@ impl Shard {
         batches
     }
 
-    fn start_push(&self, st: &mut State, backend: ConnKey, req: proto::PushRequest) -> Result<(), proto::RequestError> {
+    pub(crate) fn start_push(
+        &self,
+        st: &mut State,
+        backend: ConnKey,
+        req: proto::PushRequest,
+    ) -> Result<(), proto::RequestError> {
         let id = req.request_id;
         let targets = req.targets.unwrap_or_default();
         let kinds =
@@ -662,7 +677,7 @@ impl Shard {
         Ok(())
     }
 
-    fn start_group_update(
+    pub(crate) fn start_group_update(
         &self,
         st: &mut State,
         backend: ConnKey,
@@ -693,7 +708,12 @@ impl Shard {
         Ok(())
     }
 
-    fn start_kick(&self, st: &mut State, backend: ConnKey, req: proto::KickRequest) -> Result<(), proto::RequestError> {
+    pub(crate) fn start_kick(
+        &self,
+        st: &mut State,
+        backend: ConnKey,
+        req: proto::KickRequest,
+    ) -> Result<(), proto::RequestError> {
         let id = req.request_id;
         let max_targets = self.cfg.push.max_targets_per_request as usize;
         if req.devices.len() + req.users.len() > max_targets {
@@ -724,7 +744,7 @@ impl Shard {
         Ok(())
     }
 
-    fn start_presence(
+    pub(crate) fn start_presence(
         &self,
         st: &mut State,
         backend: ConnKey,

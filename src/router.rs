@@ -169,6 +169,12 @@ impl LeaseKeeper {
         }
     }
 
+    /// Another call to Redis failed for lack of Redis: a lease found
+    /// lapsed later is blamed on the outage, not on this node being stopped.
+    pub fn on_redis_error(&mut self) {
+        self.outage = true;
+    }
+
     /// Registered (again).
     pub fn on_registered(&mut self, now: Instant) {
         self.last_renewed = Some(now);
@@ -220,11 +226,30 @@ pub struct Claimed {
 }
 
 enum Op {
-    Claim { device: String, shard: u16, conn_id: u64 },
-    Reassert { device: String, shard: u16, conn_id: u64, epoch: u64 },
-    Release { device: String, epoch: u64 },
-    Lookup { devices: Vec<String> },
-    Nodes,
+    Claim {
+        device: String,
+        shard: u16,
+        conn_id: u64,
+    },
+    Reassert {
+        device: String,
+        shard: u16,
+        conn_id: u64,
+        epoch: u64,
+    },
+    Release {
+        device: String,
+        epoch: u64,
+    },
+    Lookup {
+        devices: Vec<String>,
+    },
+    /// The node table, refreshed first if older than `max_age`.
+    Nodes {
+        max_age: Duration,
+    },
+    /// Leave the registry (clean exit): routes naming us turn invalid now.
+    Deregister,
 }
 
 enum Answer {
@@ -248,6 +273,7 @@ const CLAIM: usize = 0;
 const REASSERT: usize = 1;
 const RELEASE: usize = 2;
 const RENEW: usize = 3;
+const DEREGISTER: usize = 4;
 
 /// KEYS: epoch, route. ARGV: node, incarnation, shard, conn, ttl_ms.
 /// Returns {epoch, previous node, inc, shard, conn, epoch}.
@@ -276,6 +302,17 @@ return 1
 const RELEASE_LUA: &str = r#"
 local r = redis.call('HMGET', KEYS[1], 'epoch', 'node')
 if r[1] == ARGV[1] and r[2] == ARGV[2] then redis.call('DEL', KEYS[1]) return 1 end
+return 0
+"#;
+
+/// KEYS: node key, nodes zset. ARGV: incarnation, name. Removes only our
+/// own registration (not a newer process's under the same name).
+const DEREGISTER_LUA: &str = r#"
+if redis.call('HGET', KEYS[1], 'inc') == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[2], ARGV[2])
+  return 1
+end
 return 0
 "#;
 
@@ -350,11 +387,77 @@ impl Router {
 
     /// Live nodes (for the dispatcher and cluster-wide fan-out).
     pub async fn nodes(&self) -> Result<Vec<NodeInfo>, RouterError> {
-        match self.call(Op::Nodes).await? {
+        self.nodes_fresh(Duration::MAX).await
+    }
+
+    /// Live nodes as of at most `max_age` ago (for cluster-wide requests,
+    /// which must not miss a node that just joined).
+    pub async fn nodes_fresh(&self, max_age: Duration) -> Result<Vec<NodeInfo>, RouterError> {
+        match self.call(Op::Nodes { max_age }).await? {
             Answer::Nodes(n) => Ok(n),
             _ => Err(RouterError::Protocol("nodes".into())),
         }
     }
+
+    /// Marks the node as draining in the registry now (the dispatcher stops
+    /// listing it), instead of at the next renewal.
+    pub async fn announce_draining(&self) -> Result<(), RouterError> {
+        self.state.set_draining(true);
+        // Any request wakes the sidecar, which renews when the flag changed.
+        self.nodes().await.map(|_| ())
+    }
+
+    /// Removes the node from the registry (clean exit). Requests queued
+    /// before it (route releases) run first: the sidecar keeps order.
+    pub async fn deregister(&self) -> Result<(), RouterError> {
+        match self.call(Op::Deregister).await? {
+            Answer::Done(_) => Ok(()),
+            _ => Err(RouterError::Protocol("deregister".into())),
+        }
+    }
+}
+
+/// Reads the live nodes from Redis (the registry the routers keep): used by
+/// the router sidecar and by the standalone dispatcher, which registers
+/// nothing itself.
+pub fn read_nodes(link: &mut RedisLink, prefix: &str) -> Result<Vec<NodeInfo>, Unavailable> {
+    let now_ms = unix_ms();
+    let mut pipe = redis::pipe();
+    pipe.cmd("ZRANGEBYSCORE").arg(format!("{prefix}:nodes")).arg(now_ms).arg("+inf").arg("WITHSCORES");
+    let values = link.query(&pipe)?;
+    let Some(Value::Array(flat)) = values.first() else {
+        return Err(Unavailable(format!("unexpected reply to ZRANGEBYSCORE: {values:?}")));
+    };
+    let (names, expiries): (Vec<String>, Vec<u64>) = flat
+        .chunks(2)
+        .filter_map(|kv| Some((as_string(kv.first()?)?, as_string(kv.get(1)?)?.parse::<f64>().ok()? as u64)))
+        .unzip();
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for n in &names {
+        pipe.cmd("HMGET").arg(format!("{prefix}:node:{n}")).arg(&["inc", "client", "node", "draining"]);
+    }
+    let values = link.query(&pipe)?;
+    Ok(names
+        .into_iter()
+        .zip(expiries)
+        .zip(values)
+        .filter_map(|((name, lease_expires_ms), v)| {
+            let Value::Array(f) = v else { return None };
+            let incarnation = f.first().and_then(as_u64)?;
+            Some(NodeInfo {
+                name,
+                incarnation,
+                client_endpoint: f.get(1).and_then(as_string).unwrap_or_default(),
+                node_endpoint: f.get(2).and_then(as_string).unwrap_or_default(),
+                draining: f.get(3).and_then(as_string).is_some_and(|d| d == "1"),
+                lease_expires_ms,
+            })
+        })
+        .collect())
 }
 
 struct RouterSidecar {
@@ -367,11 +470,16 @@ struct RouterSidecar {
     nodes: HashMap<String, NodeInfo>,
     nodes_refreshed: Option<Instant>,
     on_reregister: Box<dyn Fn() + Send>,
+    /// The draining flag as last written to the registry.
+    announced_draining: bool,
+    /// Left the registry on purpose: never renew again.
+    deregistered: bool,
 }
 
 impl RouterSidecar {
     fn new(cfg: RouterConfig, state: Arc<NodeState>, on_reregister: Box<dyn Fn() + Send>) -> RouterSidecar {
-        let scripts = [CLAIM_LUA, REASSERT_LUA, RELEASE_LUA, RENEW_LUA].map(redis::Script::new).to_vec();
+        let scripts =
+            [CLAIM_LUA, REASSERT_LUA, RELEASE_LUA, RENEW_LUA, DEREGISTER_LUA].map(redis::Script::new).to_vec();
         let link = RedisLink::new("router", &cfg.url, cfg.connect_timeout, cfg.io_timeout, scripts);
         let keeper = LeaseKeeper::new(cfg.lease);
         RouterSidecar {
@@ -383,6 +491,8 @@ impl RouterSidecar {
             nodes: HashMap::new(),
             nodes_refreshed: None,
             on_reregister,
+            announced_draining: false,
+            deregistered: false,
         }
     }
 
@@ -390,7 +500,7 @@ impl RouterSidecar {
         let mut next_renew = Instant::now();
         loop {
             let now = Instant::now();
-            if now >= next_renew {
+            if now >= next_renew || self.state.is_draining() != self.announced_draining {
                 self.renew();
                 next_renew = Instant::now() + self.keeper.interval();
             }
@@ -412,11 +522,12 @@ impl RouterSidecar {
     }
 
     fn renew(&mut self) {
-        if self.keeper.is_fenced() {
+        if self.keeper.is_fenced() || self.deregistered {
             return;
         }
         let now_ms = unix_ms();
         let lease_ms = self.cfg.lease.as_millis() as u64;
+        self.announced_draining = self.state.is_draining();
         let attempt = |this: &mut RouterSidecar, create: bool| -> Result<Option<String>, Unavailable> {
             let mut inv = this.link.script(RENEW).prepare_invoke();
             inv.key(this.p(&format!("node:{}", this.cfg.node))).key(this.p("nodes"));
@@ -426,7 +537,7 @@ impl RouterSidecar {
                 .arg(&this.cfg.node)
                 .arg(&this.cfg.client_endpoint)
                 .arg(&this.cfg.node_endpoint)
-                .arg(u8::from(this.state.is_draining()))
+                .arg(u8::from(this.announced_draining))
                 .arg(u8::from(create));
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
@@ -467,40 +578,12 @@ impl RouterSidecar {
     }
 
     fn refresh_nodes(&mut self) {
-        let now_ms = unix_ms();
-        let mut pipe = redis::pipe();
-        pipe.cmd("ZRANGEBYSCORE").arg(self.p("nodes")).arg(now_ms).arg("+inf").arg("WITHSCORES");
-        let Ok(values) = self.link.query(&pipe) else { return };
-        let Some(Value::Array(flat)) = values.first() else { return };
-        let (names, expiries): (Vec<String>, Vec<u64>) = flat
-            .chunks(2)
-            .filter_map(|kv| Some((as_string(kv.first()?)?, as_string(kv.get(1)?)?.parse::<f64>().ok()? as u64)))
-            .unzip();
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        for n in &names {
-            pipe.cmd("HMGET").arg(self.p(&format!("node:{n}"))).arg(&["inc", "client", "node", "draining"]);
-        }
-        let Ok(values) = self.link.query(&pipe) else { return };
+        let nodes = match read_nodes(&mut self.link, &self.cfg.prefix) {
+            Ok(nodes) => nodes,
+            Err(_) => return self.keeper.on_redis_error(),
+        };
         self.nodes_refreshed = Some(Instant::now());
-        self.nodes = names
-            .into_iter()
-            .zip(expiries)
-            .zip(values)
-            .filter_map(|((name, lease_expires_ms), v)| {
-                let Value::Array(f) = v else { return None };
-                let incarnation = f.first().and_then(as_u64)?;
-                let info = NodeInfo {
-                    name: name.clone(),
-                    incarnation,
-                    client_endpoint: f.get(1).and_then(as_string).unwrap_or_default(),
-                    node_endpoint: f.get(2).and_then(as_string).unwrap_or_default(),
-                    draining: f.get(3).and_then(as_string).is_some_and(|d| d == "1"),
-                    lease_expires_ms,
-                };
-                Some((name, info))
-            })
-            .collect();
+        self.nodes = nodes.into_iter().map(|n| (n.name.clone(), n)).collect();
     }
 
     fn route_valid(&self, r: &Route) -> bool {
@@ -555,14 +638,32 @@ impl RouterSidecar {
                     }
                     devices.len()
                 }
-                Op::Nodes => 0,
+                Op::Nodes { .. } => 0,
+                Op::Deregister => {
+                    self.deregistered = true;
+                    let mut inv = self.link.script(DEREGISTER).prepare_invoke();
+                    inv.key(self.p(&format!("node:{}", self.cfg.node))).key(self.p("nodes"));
+                    inv.arg(self.cfg.incarnation).arg(&self.cfg.node);
+                    pipe.invoke_script(&inv);
+                    1
+                }
             };
             counts.push(n);
+        }
+        let max_age =
+            batch.iter().filter_map(|j| if let Op::Nodes { max_age } = j.op { Some(max_age) } else { None }).min();
+        if let Some(max_age) = max_age
+            && self.nodes_refreshed.is_none_or(|t| t.elapsed() > max_age)
+        {
+            self.refresh_nodes();
         }
         let values = if pipe.is_empty() { Ok(Vec::new()) } else { self.link.query(&pipe) };
         let values = match values {
             Ok(v) => v,
-            Err(e) => return batch.iter().map(|_| Err(RouterError::from(e.clone()))).collect(),
+            Err(e) => {
+                self.keeper.on_redis_error();
+                return batch.iter().map(|_| Err(RouterError::from(e.clone()))).collect();
+            }
         };
         // A route naming a node we have not seen yet (it joined since the
         // last refresh): refresh the node table before judging validity.
@@ -601,6 +702,7 @@ impl RouterSidecar {
                 let previous = parse_route(&f[1..]).filter(|r| self.route_valid(r));
                 Ok(Answer::Claimed(Claimed { epoch, previous }))
             }
+            Op::Deregister => Ok(Answer::Done(true)),
             Op::Reassert { .. } | Op::Release { .. } => {
                 Ok(Answer::Done(values.first().and_then(as_u64).ok_or_else(|| bad("cas"))? == 1))
             }
@@ -613,7 +715,7 @@ impl RouterSidecar {
                     })
                     .collect(),
             )),
-            Op::Nodes => {
+            Op::Nodes { .. } => {
                 // The table may predate a lease running out: list live nodes only.
                 let now_ms = unix_ms();
                 let mut nodes: Vec<NodeInfo> =
@@ -676,6 +778,17 @@ mod tests {
         assert_eq!(k.on_outcome(RenewOutcome::Unreachable, t0 + Duration::from_secs(2)), LeaseAction::Retry);
         // Redis came back empty (restart) or our key expired meanwhile.
         assert_eq!(k.on_outcome(RenewOutcome::Missing, t0 + Duration::from_secs(10)), LeaseAction::Reregister);
+        assert!(!k.is_fenced());
+    }
+
+    #[test]
+    fn a_failed_call_during_the_lease_counts_as_an_outage() {
+        let t0 = Instant::now();
+        let mut k = LeaseKeeper::new(LEASE);
+        k.on_registered(t0);
+        // A lookup timed out while Redis was paused; the lease ran out meanwhile.
+        k.on_redis_error();
+        assert_eq!(k.on_outcome(RenewOutcome::Missing, t0 + Duration::from_secs(5)), LeaseAction::Reregister);
         assert!(!k.is_fenced());
     }
 

@@ -13,7 +13,10 @@ use glommio::{LocalExecutorPoolBuilder, PoolPlacement, PoolThreadHandles};
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::info;
 
+use crate::cluster::ClusterShared;
 use crate::config::Config;
+use crate::dispatcher::DispatchConfig;
+use crate::http::HttpServer;
 use crate::ids::ShardId;
 use crate::mesh::{Outbox, ShardMsg};
 use crate::reliable::DeliverySettings;
@@ -42,6 +45,10 @@ pub enum ServerError {
     Store(std::io::Error),
     #[error("shards did not start: {0}")]
     Start(String),
+    #[error("cannot start cluster mode: {0}")]
+    Cluster(std::io::Error),
+    #[error("cannot serve admin HTTP on {addr}: {source}")]
+    Admin { addr: SocketAddr, source: std::io::Error },
 }
 
 /// A running node. Dropping it does not stop it; call [`Server::shutdown`].
@@ -51,6 +58,8 @@ pub struct Server {
     client_addr: SocketAddr,
     push_addr: SocketAddr,
     counters: Vec<Arc<ShardCounters>>,
+    /// Cluster mode: the node's cluster state and its admin HTTP server.
+    cluster: Option<(Arc<ClusterShared>, HttpServer)>,
 }
 
 impl Server {
@@ -66,9 +75,13 @@ impl Server {
         let upstream = UpstreamSettings::resolve(&config.upstream)?;
         let (client_addr, listeners) = bind_reuseport(server.client_listen, shards, server.listen_backlog)?;
         let (push_addr, push_listeners) = bind_reuseport(server.push_listen, shards, server.listen_backlog)?;
+        let cluster = match config.cluster.enabled {
+            true => Some(ClusterShared::start(config, client_addr, push_addr, shards).map_err(ServerError::Cluster)?),
+            false => None,
+        };
         let shard_cfg = ShardConfig {
             params: Params {
-                keyring,
+                keyring: keyring.clone(),
                 clock_leeway_secs: config.auth.clock_leeway_secs,
                 auth_timeout_ms: session.auth_timeout_ms,
                 heartbeat_min_ms: session.heartbeat_min_ms,
@@ -92,7 +105,7 @@ impl Server {
             wheel_tick_ms: session.wheel_tick_ms,
             max_connections: server.max_connections_per_shard,
             accept_rate_per_sec: server.accept_rate_per_sec,
-            node: config.node_name(),
+            node: config.node_name_bound(client_addr.port()),
             upstream,
             delivery: DeliverySettings {
                 window: config.delivery.window as usize,
@@ -152,8 +165,10 @@ impl Server {
                 let stop = stop.clone();
                 let counters = counters.clone();
                 let rendezvous = Arc::new(Rendezvous::default());
+                let cluster = cluster.clone();
                 move || {
                     let rendezvous = rendezvous.clone();
+                    let cluster = cluster.clone();
                     let (fd_rx, ready_tx, mesh, cfg, stop, counters, redis) = (
                         fd_rx.clone(),
                         ready_tx.clone(),
@@ -187,6 +202,9 @@ impl Server {
                             None => Rc::new(MemoryStore::new(retention, boot_unix_ms)),
                         };
                         let shard = Shard::new(id, shards, cfg, outbox.clone(), counters[id.index()].clone(), store);
+                        if let Some(cluster) = cluster {
+                            crate::cluster::attach(&shard, cluster);
+                        }
                         let mesh_readers: Vec<_> = receivers
                             .streams()
                             .into_iter()
@@ -237,8 +255,36 @@ impl Server {
                 Err(e) => return Err(ServerError::Start(e.to_string())),
             }
         }
-        info!(%client_addr, shards, node = %config.node_name(), "longlink serving");
-        Ok(Server { handles: Some(handles), stop, client_addr, push_addr, counters })
+        let cluster = match cluster {
+            None => None,
+            Some(cluster) => {
+                // Registered before serving, unless Redis is down (then the
+                // sidecar keeps trying; sessions claim routes once it is up).
+                let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                while !cluster.router.state().is_live() && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                if !cluster.router.state().is_live() {
+                    tracing::warn!(node = %cluster.node, "not registered in the cluster yet; serving anyway");
+                }
+                let c = &config.cluster;
+                let dispatch = DispatchConfig {
+                    endpoints: c.dispatch_endpoints as usize,
+                    token_ttl_secs: config.auth.default_token_ttl_secs,
+                    heartbeat_min_ms: session.heartbeat_min_ms,
+                    heartbeat_default_ms: session.heartbeat_default_ms,
+                    heartbeat_max_ms: session.heartbeat_max_ms,
+                };
+                let admin = crate::admin::start(c.admin_listen, cluster.clone(), counters.clone(), dispatch, keyring)
+                    .map_err(|source| ServerError::Admin { addr: c.admin_listen, source })?;
+                crate::cluster::spawn_drain_coordinator(cluster.clone(), counters.clone(), stop.clone())
+                    .map_err(ServerError::Cluster)?;
+                info!(node = %cluster.node, admin = %admin.addr(), client = %cluster.client_endpoint, "cluster mode");
+                Some((cluster, admin))
+            }
+        };
+        info!(%client_addr, shards, node = %config.node_name_bound(client_addr.port()), "longlink serving");
+        Ok(Server { handles: Some(handles), stop, client_addr, push_addr, counters, cluster })
     }
 
     /// The bound client address (useful with port 0).
@@ -249,6 +295,16 @@ impl Server {
     /// The bound push-port address.
     pub fn push_addr(&self) -> SocketAddr {
         self.push_addr
+    }
+
+    /// The admin/dispatcher HTTP address (cluster mode).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.cluster.as_ref().map(|(_, admin)| admin.addr())
+    }
+
+    /// The node's cluster state (cluster mode).
+    pub fn cluster(&self) -> Option<&Arc<ClusterShared>> {
+        self.cluster.as_ref().map(|(c, _)| c)
     }
 
     /// Per-shard counters, indexed by shard id.
@@ -275,6 +331,9 @@ impl Server {
                     tracing::error!(error = %e, "shard exited with an error");
                 }
             }
+        }
+        if let Some((_, admin)) = &self.cluster {
+            admin.stop();
         }
     }
 

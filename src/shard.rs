@@ -89,6 +89,12 @@ pub struct ShardCounters {
     /// Session queues written by the fan-out flusher (each one `writev` of
     /// every frame queued for it): deliveries per write show the batching.
     pub fanout_writes: AtomicU64,
+    /// Client frames and bytes read, and frames and bytes sent to clients
+    /// (written or queued).
+    pub frames_in: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub frames_out: AtomicU64,
+    pub bytes_out: AtomicU64,
     /// Broadcast deliveries dropped because their TTL passed while paced.
     pub broadcast_expired: AtomicU64,
     /// Push-port requests received.
@@ -341,6 +347,20 @@ impl State {
         self.conn_ref(key).and_then(Conn::device)
     }
 
+    /// Keys of the active sessions (cluster drain).
+    pub(crate) fn active_keys(&self) -> Vec<ConnKey> {
+        self.conns
+            .iter()
+            .filter(|(_, c)| c.is_active())
+            .map(|(i, c)| ConnKey { index: i as u32, generation: c.generation })
+            .collect()
+    }
+
+    /// The user of session `key` (once authenticated).
+    pub(crate) fn user_of(&self, key: ConnKey) -> Option<&str> {
+        self.conn_ref(key).and_then(Conn::user)
+    }
+
     /// Wakes the task of connection `key` (e.g. to read again).
     pub(crate) fn wake_conn(&self, key: ConnKey) {
         if let Some(conn) = self.conn_ref(key) {
@@ -415,7 +435,7 @@ pub struct Shard {
     /// Monotonic origin of [`Millis`].
     epoch: Instant,
     /// Closed when the shard stops accepting.
-    stop_accepting: Rc<glommio::sync::Semaphore>,
+    pub(crate) stop_accepting: Rc<glommio::sync::Semaphore>,
     stopping: Cell<bool>,
     /// Set while the broadcast pacer is working through queued broadcasts.
     pacing: Cell<bool>,
@@ -430,6 +450,8 @@ pub struct Shard {
     /// Timelines of at-least-once messages: this shard's memory store, or a
     /// handle to the node's Redis store.
     pub(crate) store: Rc<dyn TimelineStore>,
+    /// Cluster mode: routes, forwarding, drain ([`crate::cluster`]).
+    pub(crate) cluster: crate::cluster::Slot,
 }
 
 impl Shard {
@@ -481,6 +503,7 @@ impl Shard {
             flush_wake,
             flush_rx: RefCell::new(Some(flush_rx)),
             store,
+            cluster: Default::default(),
         })
     }
 
@@ -676,6 +699,7 @@ impl Shard {
     /// Decodes and handles every whole frame in `data` (after any partial
     /// frame kept from the last read); keeps the incomplete tail.
     fn on_bytes(&self, key: ConnKey, data: &[u8]) {
+        self.counters.bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
         let mut st = self.state.borrow_mut();
         let Some(conn) = st.conn(key) else { return };
         let mut carried = conn.io.as_mut().map(|io| std::mem::take(&mut io.partial)).unwrap_or_default();
@@ -738,6 +762,7 @@ impl Shard {
                     }
                     let Some(conn) = st.conn(key) else { break input.len() };
                     pos += header.frame_len();
+                    self.counters.frames_in.fetch_add(1, Ordering::Relaxed);
                     match Frame::decode(header, body) {
                         Ok(frame) => conn.session.handle_frame(now, frame, &self.cfg.params, &mut actions),
                         Err(err) => conn.session.handle_codec_error(now, &err, &self.cfg.params, &mut actions),
@@ -807,6 +832,7 @@ impl Shard {
             Frame::Pong => Bytes::from_static(&PONG),
             other => other.to_bytes(),
         };
+        self.count_out(bytes.len());
         self.queue_bytes(st, key, bytes);
     }
 
@@ -866,6 +892,7 @@ impl Shard {
         if !conn.is_active() {
             return false;
         }
+        self.count_out(frame.len());
         let idle = conn.io.as_ref().is_none_or(|io| io.out.is_empty());
         let rest = if idle {
             match outq::send_now(conn.fd, frame) {
@@ -895,6 +922,7 @@ impl Shard {
         if !st.conn(key).is_some_and(|c| c.is_active()) || !self.enqueue(st, key, frame.clone()) {
             return false;
         }
+        self.count_out(frame.len());
         if let Some(io) = st.conn(key).and_then(|c| c.io.as_mut())
             && !io.in_flush
         {
@@ -947,7 +975,13 @@ impl Shard {
     /// upstream code writes every answer of one pass with one `writev` per
     /// session at the end of the pass ([`Shard::flush_responses`]).
     pub(crate) fn respond(&self, st: &mut State, key: ConnKey, frame: Bytes) -> bool {
+        self.count_out(frame.len());
         st.conn(key).is_some_and(|c| c.is_active()) && self.enqueue(st, key, frame)
+    }
+
+    fn count_out(&self, bytes: usize) {
+        self.counters.frames_out.fetch_add(1, Ordering::Relaxed);
+        self.counters.bytes_out.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
     /// Writes what [`Shard::respond`] queued for `keys`; a socket that is
@@ -1045,6 +1079,8 @@ impl Shard {
         self.resume_delivery(st, key, now, login);
         // Hook: subscribed backends learn the session is online.
         self.conn_event(st, key, ConnectionEventKind::Online, ErrorCode::Unspecified);
+        // Hook: cluster mode claims the device's route.
+        self.cluster_on_active(st, key, login);
     }
 
     /// Ends a session with a Kicked frame; it leaves the indexes at once.
@@ -1093,6 +1129,8 @@ impl Shard {
             return; // not indexed (already unindexed, or replaced)
         };
         entry.remove();
+        // Hook: cluster mode releases the device's route.
+        self.cluster_on_gone(slot, device, code);
         let home = home_shard(user, self.shards);
         let next = conn.next_of_user;
         let mut user_gone = false;
@@ -1341,6 +1379,8 @@ impl Shard {
         }
         let Some(pending) = st.pending.remove(&token) else { return };
         let (backend, frame) = pending.finish();
+        // Hook: the local part of a cluster request goes to its merge.
+        let Some(frame) = self.cluster_local_reply(backend, frame) else { return };
         crate::push::reply(st, backend, frame.to_bytes());
     }
 

@@ -13,7 +13,8 @@
 //! - [`drive`]: the parent's side of the push scenarios (server + load workers, queries, CPU).
 //! - [`pusher`]: open-loop push load over the push port (sender + reply thread per connection).
 //! - [`latency`]: CLOCK_MONOTONIC stamps and hdrhistogram helpers; [`rng`]: load-shape randomness.
-//! - scenarios: [`idle`], [`unicast`], [`fanout`], [`broadcast`], [`soak`], [`upstream`], [`reliable`].
+//! - scenarios: [`idle`], [`unicast`], [`fanout`], [`broadcast`], [`soak`], [`upstream`], [`reliable`],
+//!   [`dispatch`].
 //! - [`report`]: markdown report with SVG plots ([`svg`]) from result files.
 //!
 //! A new scenario is a module with its args, a record struct that flattens
@@ -21,6 +22,7 @@
 //! spawns a [`pool::WorkerPool`] and measures.
 
 mod broadcast;
+mod dispatch;
 mod drive;
 mod fanout;
 mod harness;
@@ -79,6 +81,10 @@ enum Command {
     /// At-least-once unicast (memory and Redis store) against at-most-once in
     /// the same run: push->receive and push->ACK percentiles, pushes/s.
     Reliable(reliable::ReliableArgs),
+    /// Dispatcher: `GET /v1/dispatch` p50/p99 at an open-loop rate, on a
+    /// node's admin sidecar and on the standalone dispatcher (starts
+    /// redis-server and a small cluster).
+    Dispatch(dispatch::DispatchArgs),
     /// Markdown report with SVG plots from one or more results files.
     Report(report::ReportArgs),
     /// A client worker process (internal: started by the scenarios, reads
@@ -99,6 +105,7 @@ fn main() -> ExitCode {
         Command::Soak(args) => soak::run(&args),
         Command::Upstream(args) => upstream::run(&args),
         Command::Reliable(args) => reliable::run(&args),
+        Command::Dispatch(args) => dispatch::run(&args),
         Command::Report(args) => report::run(&args),
         Command::Worker => worker::run(),
         Command::LoadWorker => loadworker::run(),

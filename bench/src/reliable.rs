@@ -586,14 +586,14 @@ fn push(plan: &PushPlan, h: &mut Harness, server: &mut ServerProcess) -> anyhow:
 // ---- redis ------------------------------------------------------------------
 
 /// A `redis-server` on a free loopback port (no persistence), killed on drop.
-struct RedisProcess {
+pub(crate) struct RedisProcess {
     child: Child,
     port: u16,
     _dir: TempDir,
 }
 
 impl RedisProcess {
-    fn start(bin: &str) -> anyhow::Result<RedisProcess> {
+    pub(crate) fn start(bin: &str) -> anyhow::Result<RedisProcess> {
         let dir = TempDir::new("longlink-bench-redis")?;
         // Bind-and-release finds a free port; redis binds it right after.
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
@@ -617,7 +617,7 @@ impl RedisProcess {
         Ok(redis)
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
