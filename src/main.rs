@@ -780,11 +780,11 @@ fn run_sdk(args: SdkArgs) -> anyhow::Result<ExitCode> {
                     "event": "message", "message_id": m.message_id, "seq": m.seq, "service_id": m.service_id,
                     "payload": String::from_utf8_lossy(&m.payload),
                 }));
-                client.message_handled(m.seq)?;
+                acknowledge(&client, m.seq)?;
             }
             Event::ResyncRequired { from_seq, to_seq } => {
                 emit(json!({"event": "resync_required", "from_seq": from_seq, "to_seq": to_seq}));
-                client.message_handled(to_seq)?;
+                acknowledge(&client, to_seq)?;
             }
             Event::Response { result: Ok(r), .. } => emit(response_json(&r)),
             Event::Response { id, result: Err(e) } => {
@@ -803,6 +803,16 @@ fn run_sdk(args: SdkArgs) -> anyhow::Result<ExitCode> {
     }
     // The client stops only after a terminal code.
     Ok(ExitCode::from(1))
+}
+
+/// Marks `seq` handled. A client that already stopped (e.g. kicked right
+/// after the message arrived) is not an error here: the events still queued
+/// say why it stopped.
+fn acknowledge(client: &longlink::sdk::BlockingClient, seq: u64) -> anyhow::Result<()> {
+    match client.message_handled(seq) {
+        Ok(()) | Err(longlink::sdk::SdkError::Stopped(_)) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn close_event(err: &ClientError) -> serde_json::Value {
