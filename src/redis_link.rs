@@ -3,6 +3,10 @@
 //! failure, and reloads the scripts when Redis forgot them (a restart).
 //! Shared by the timeline store and the router sidecars.
 
+use std::cell::Cell;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
 use std::thread;
 use std::time::Duration;
 
@@ -184,9 +188,70 @@ impl<Op: Send + 'static, Answer: Send + 'static, E: Send + 'static> SidecarHandl
         let sent = self.tx.try_send(Job { op, reply });
         async move {
             match sent {
-                Ok(()) => answer.await.unwrap_or_else(|_| Err(not_sent(NotSent::Stopped))),
+                Ok(()) => ForeignWake::new(answer).await.unwrap_or_else(|_| Err(not_sent(NotSent::Stopped))),
                 Err(crossbeam_channel::TrySendError::Full(_)) => Err(not_sent(NotSent::Full)),
                 Err(crossbeam_channel::TrySendError::Disconnected(_)) => Err(not_sent(NotSent::Stopped)),
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// Set on shard (glommio executor) threads; see [`ForeignWake`].
+    static SHARD_THREAD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks the current thread as a shard's: sidecar answers are polled there
+/// on local timers instead of waking its tasks from the sidecar thread.
+pub fn mark_shard_thread() {
+    SHARD_THREAD.with(|f| f.set(true));
+}
+
+/// First and longest wait between polls of a sidecar answer on a shard.
+const POLL_FIRST: Duration = Duration::from_micros(50);
+const POLL_MAX: Duration = Duration::from_millis(1);
+
+/// A future completed by another thread (a sidecar's oneshot).
+///
+/// On a shard it never hands the task's waker to the sidecar thread: it
+/// polls the answer on local glommio timers (50 µs, doubling to 1 ms).
+/// Why: waking glommio tasks from a foreign thread corrupted the heap of
+/// cluster nodes (`malloc(): unaligned tcache chunk detected` at about one
+/// in 100 three-node starts, gone with no foreign wakes in 240 starts).
+/// Elsewhere (plain threads blocking on the answer) the waker is passed on.
+pub struct ForeignWake<F> {
+    fut: F,
+    timer: Option<Pin<Box<glommio::timer::Timer>>>,
+    delay: Duration,
+}
+
+impl<F> ForeignWake<F> {
+    pub fn new(fut: F) -> ForeignWake<F> {
+        ForeignWake { fut, timer: None, delay: POLL_FIRST }
+    }
+}
+
+impl<F: Future + Unpin> Future for ForeignWake<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        if !SHARD_THREAD.with(Cell::get) {
+            return Pin::new(&mut self.fut).poll(cx);
+        }
+        loop {
+            // The answer's sender may wake this no-op waker; nothing else.
+            if let Poll::Ready(v) = Pin::new(&mut self.fut).poll(&mut Context::from_waker(Waker::noop())) {
+                self.timer = None;
+                return Poll::Ready(v);
+            }
+            let delay = self.delay;
+            let timer = self.timer.get_or_insert_with(|| Box::pin(glommio::timer::Timer::new(delay)));
+            match timer.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(_) => {
+                    self.timer = None;
+                    self.delay = (self.delay * 2).min(POLL_MAX);
+                }
             }
         }
     }

@@ -179,6 +179,7 @@ impl Server {
                         redis.clone(),
                     );
                     async move {
+                        crate::redis_link::mark_shard_thread();
                         let Ok((client_fd, push_fd)) = fd_rx.try_recv() else {
                             let _ = ready_tx.send(Err("no listener left for this executor".into()));
                             return;

@@ -125,7 +125,15 @@ fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
 }
 
 fn redis_conn(redis: &RedisServer) -> redis::Connection {
-    redis::Client::open(redis.url()).unwrap().get_connection_with_timeout(Duration::from_secs(2)).unwrap()
+    let client = redis::Client::open(redis.url()).unwrap();
+    // A signal may interrupt the connect (EINTR): try again.
+    for _ in 0..50 {
+        if let Ok(conn) = client.get_connection_with_timeout(Duration::from_secs(2)) {
+            return conn;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    client.get_connection_with_timeout(Duration::from_secs(2)).expect("redis connection")
 }
 
 /// The node a device's route names in Redis (raw, valid or not).
