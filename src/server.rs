@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use glommio::channels::channel_mesh::MeshBuilder;
+use glommio::channels::channel_mesh::{Full, MeshBuilder};
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement, PoolThreadHandles};
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::info;
@@ -141,13 +141,20 @@ impl Server {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         let stop = Arc::new(AtomicBool::new(false));
         let counters: Vec<Arc<ShardCounters>> = (0..shards).map(|_| Arc::default()).collect();
-        // Each executor takes one (client, push) listener pair.
-        let (fd_tx, fd_rx) = crossbeam_channel::bounded::<(OwnedFd, OwnedFd)>(listeners.len());
-        for pair in listeners.into_iter().zip(push_listeners) {
-            let _ = fd_tx.send(pair);
-        }
-        let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<ShardId, String>>(usize::from(shards));
+        // Each executor takes one (client, push) listener pair and its own
+        // handle on the mesh. The handles are made here, one thread, before
+        // any executor runs: glommio's `MeshBuilder` is `Send` but counts its
+        // clones with an `Rc`, so cloning it on several executor threads at
+        // once races on the count (seen as start-ups that never finished
+        // joining and as heap corruption).
+        type ShardStart = (OwnedFd, OwnedFd, MeshBuilder<ShardMsg, Full>);
+        let (fd_tx, fd_rx) = crossbeam_channel::bounded::<ShardStart>(listeners.len());
         let mesh = MeshBuilder::<ShardMsg, _>::full(usize::from(shards), MESH_CAPACITY);
+        for (client, push) in listeners.into_iter().zip(push_listeners) {
+            let _ = fd_tx.send((client, push, mesh.clone()));
+        }
+        drop(mesh);
+        let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<ShardId, String>>(usize::from(shards));
         let grace = Duration::from_millis(session.close_linger_ms) + Duration::from_secs(1);
 
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -169,10 +176,9 @@ impl Server {
                 move || {
                     let rendezvous = rendezvous.clone();
                     let cluster = cluster.clone();
-                    let (fd_rx, ready_tx, mesh, cfg, stop, counters, redis) = (
+                    let (fd_rx, ready_tx, cfg, stop, counters, redis) = (
                         fd_rx.clone(),
                         ready_tx.clone(),
-                        mesh.clone(),
                         shard_cfg.clone(),
                         stop.clone(),
                         counters.clone(),
@@ -180,7 +186,7 @@ impl Server {
                     );
                     async move {
                         crate::redis_link::mark_shard_thread();
-                        let Ok((client_fd, push_fd)) = fd_rx.try_recv() else {
+                        let Ok((client_fd, push_fd, mesh)) = fd_rx.try_recv() else {
                             let _ = ready_tx.send(Err("no listener left for this executor".into()));
                             return;
                         };
