@@ -3,10 +3,10 @@
 //! failure, and reloads the scripts when Redis forgot them (a restart).
 //! Shared by the timeline store and the router sidecars.
 
-use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
 use std::thread;
 use std::time::Duration;
 
@@ -196,38 +196,52 @@ impl<Op: Send + 'static, Answer: Send + 'static, E: Send + 'static> SidecarHandl
     }
 }
 
-thread_local! {
-    /// Set on shard (glommio executor) threads; see [`ForeignWake`].
-    static SHARD_THREAD: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Marks the current thread as a shard's: sidecar answers are polled there
-/// on local timers instead of waking its tasks from the sidecar thread.
-pub fn mark_shard_thread() {
-    SHARD_THREAD.with(|f| f.set(true));
-}
-
-/// First and longest wait between polls of a sidecar answer on a shard.
-const POLL_FIRST: Duration = Duration::from_micros(50);
-const POLL_MAX: Duration = Duration::from_millis(1);
-
-/// A future completed by another thread (a sidecar's oneshot).
+/// A future completed by another thread (a sidecar's oneshot), polled so
+/// that the task's own waker is cloned and dropped only on the task's
+/// thread; the other thread sees an `Arc` relay and only wakes by
+/// reference through it.
 ///
-/// On a shard it never hands the task's waker to the sidecar thread: it
-/// polls the answer on local glommio timers (50 µs, doubling to 1 ms).
-/// Why: waking glommio tasks from a foreign thread corrupted the heap of
-/// cluster nodes (`malloc(): unaligned tcache chunk detected` at about one
-/// in 100 three-node starts, gone with no foreign wakes in 240 starts).
-/// Elsewhere (plain threads blocking on the answer) the waker is passed on.
+/// Why: glommio lets a foreign thread wake a task, but when the foreign
+/// thread drops the last clone of a task's waker it decrements the count to
+/// zero and increments it again, and the task may be freed in between
+/// (observed here as heap corruption in a node, `malloc(): unaligned tcache
+/// chunk detected`, about once in 100 three-node starts).
 pub struct ForeignWake<F> {
     fut: F,
-    timer: Option<Pin<Box<glommio::timer::Timer>>>,
-    delay: Duration,
+    relay: Arc<Relay>,
+}
+
+struct Relay {
+    /// The task's waker; taken out on the task's thread before the relay can
+    /// be dropped anywhere else.
+    waker: Mutex<Option<Waker>>,
+}
+
+impl Wake for Relay {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        // The lock keeps the task's thread from dropping the waker while it
+        // is used here.
+        if let Ok(slot) = self.waker.lock()
+            && let Some(waker) = slot.as_ref()
+        {
+            waker.wake_by_ref();
+        }
+    }
 }
 
 impl<F> ForeignWake<F> {
     pub fn new(fut: F) -> ForeignWake<F> {
-        ForeignWake { fut, timer: None, delay: POLL_FIRST }
+        ForeignWake { fut, relay: Arc::new(Relay { waker: Mutex::new(None) }) }
+    }
+
+    fn forget_waker(&self) {
+        // Dropped here, on the task's thread.
+        let old = self.relay.waker.lock().ok().and_then(|mut slot| slot.take());
+        drop(old);
     }
 }
 
@@ -235,25 +249,23 @@ impl<F: Future + Unpin> Future for ForeignWake<F> {
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        if !SHARD_THREAD.with(Cell::get) {
-            return Pin::new(&mut self.fut).poll(cx);
+        let old = match self.relay.waker.lock() {
+            Ok(mut slot) if !slot.as_ref().is_some_and(|w| w.will_wake(cx.waker())) => slot.replace(cx.waker().clone()),
+            _ => None,
+        };
+        drop(old);
+        let relay = Waker::from(self.relay.clone());
+        let polled = Pin::new(&mut self.fut).poll(&mut Context::from_waker(&relay));
+        if polled.is_ready() {
+            self.forget_waker();
         }
-        loop {
-            // The answer's sender may wake this no-op waker; nothing else.
-            if let Poll::Ready(v) = Pin::new(&mut self.fut).poll(&mut Context::from_waker(Waker::noop())) {
-                self.timer = None;
-                return Poll::Ready(v);
-            }
-            let delay = self.delay;
-            let timer = self.timer.get_or_insert_with(|| Box::pin(glommio::timer::Timer::new(delay)));
-            match timer.as_mut().poll(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(_) => {
-                    self.timer = None;
-                    self.delay = (self.delay * 2).min(POLL_MAX);
-                }
-            }
-        }
+        polled
+    }
+}
+
+impl<F> Drop for ForeignWake<F> {
+    fn drop(&mut self) {
+        self.forget_waker();
     }
 }
 
