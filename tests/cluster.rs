@@ -22,12 +22,11 @@ use longlink::proto::{ErrorCode, PushStatus};
 
 /// A `longlink serve` process in cluster mode, killed on drop.
 struct Node {
-    child: std::process::Child,
+    proc: NodeProcess,
     client: SocketAddr,
     push: SocketAddr,
     admin: SocketAddr,
     cfg: Config,
-    _dir: TempDir,
 }
 
 fn node_config(redis: &RedisServer, name: &str, index: u16) -> Config {
@@ -53,24 +52,10 @@ fn node_config(redis: &RedisServer, name: &str, index: u16) -> Config {
 
 impl Node {
     fn start(cfg: Config) -> Node {
-        let dir = TempDir::new("cluster-node");
-        let path = dir.0.join("longlink.toml");
-        std::fs::write(&path, toml::to_string(&cfg).expect("config serializes")).expect("write config");
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_longlink"))
-            .args(["serve", "--config"])
-            .arg(&path)
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn longlink");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = std::io::BufReader::new(stdout).lines();
-        let mut addr = |prefix: &str| -> SocketAddr {
-            let line = lines.next().expect("node prints its addresses").expect("read stdout");
-            line.strip_prefix(prefix).unwrap_or_else(|| panic!("unexpected line {line:?}")).parse().expect("addr")
-        };
-        let (client, push, admin) = (addr("listening "), addr("push "), addr("admin "));
-        Node { child, client, push, admin, cfg, _dir: dir }
+        let proc = NodeProcess::start(&cfg);
+        let (client, push) = (proc.client_addr, proc.push_addr);
+        let admin = proc.admin_addr.expect("a cluster node prints its admin address");
+        Node { proc, client, push, admin, cfg }
     }
 
     fn pusher(&self) -> PushClient {
@@ -81,14 +66,14 @@ impl Node {
 
     fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, sig) };
+        unsafe { libc::kill(self.proc.child.id() as i32, sig) };
     }
 
     /// Waits for the process to exit; its status.
     fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
+            if let Ok(Some(status)) = self.proc.child.try_wait() {
                 return Some(status);
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -102,13 +87,6 @@ impl Node {
             .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>() as u64
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -528,7 +506,7 @@ fn kill_9_while_pushing_at_least_once_clients_drift_and_resume_without_loss() {
     let devices: Vec<String> = (0..20).map(|i| format!("k9-{i}")).collect();
     let stored: Stored = Arc::default();
     let pushing_done = Arc::new(AtomicBool::new(false));
-    let victim = nodes[0].child.id() as i32;
+    let victim = nodes[0].proc.child.id() as i32;
     let push_addr = nodes[2].push;
     let tracks: HashMap<String, Rc<RefCell<Track>>> = devices.iter().map(|d| (d.clone(), Rc::default())).collect();
     run(async {
@@ -672,7 +650,7 @@ fn draining_a_node_with_5000_clients_moves_them_all_without_loss() {
     let pushing_done = Arc::new(AtomicBool::new(false));
     let tracks: HashMap<String, Rc<RefCell<Track>>> = devices.iter().map(|d| (d.clone(), Rc::default())).collect();
     let push_addr = nodes[1].push;
-    let victim = nodes[0].child.id() as i32;
+    let victim = nodes[0].proc.child.id() as i32;
     run(async {
         let mut tasks = Vec::new();
         for d in &devices {

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::RedisServer;
+use common::{RedisServer, wait_until};
 use futures_lite::future::block_on;
 use longlink::store::{MemoryStore, NewMessage, Retention, Status, TimelineStore};
 use longlink::store_redis::{RedisStore, RedisStoreConfig};
@@ -129,7 +129,7 @@ fn an_idle_timeline_that_expired_is_reported_missing() {
     let seqs: Vec<u64> = (1..=3).map(|i| block_on(store.append("d", msg(i), NOW)).unwrap().seq).collect();
     block_on(store.ack("d", seqs[0], NOW)).unwrap();
     // The timeline expires after a second untouched; its counter stays.
-    std::thread::sleep(Duration::from_millis(2100));
+    assert!(wait_until(Duration::from_secs(10), || !redis.exists("lltest:tl:{d}")), "the idle timeline expires");
     // A new message starts a new timeline before anyone reads the old one.
     let next = block_on(store.append("d", msg(4), NOW)).unwrap();
     assert_eq!((next.seq, next.oldest), (seqs[2] + 1, seqs[2] + 1), "sequences continue above the lost ones");
@@ -138,7 +138,7 @@ fn an_idle_timeline_that_expired_is_reported_missing() {
     assert_eq!(r.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [next.seq]);
     // With nothing appended after the expiry, the gap is reported too.
     let seqs: Vec<u64> = (5..=6).map(|i| block_on(store.append("e", msg(i), NOW)).unwrap().seq).collect();
-    std::thread::sleep(Duration::from_millis(2100));
+    assert!(wait_until(Duration::from_secs(10), || !redis.exists("lltest:tl:{e}")), "the idle timeline expires");
     let r = block_on(store.replay("e", 0, 10, NOW)).unwrap();
     assert_eq!((r.messages.len(), r.missing), (0, Some((seqs[0], seqs[1]))));
 }
@@ -155,5 +155,5 @@ fn redis_down_gives_retryable_errors_and_recovers() {
     // A new redis-server on the same port: the sidecar reconnects and
     // reloads its scripts. (Data is gone, so sequences restart above NOW.)
     let _again = RedisServer::start_on(port);
-    assert!(common::wait_until(Duration::from_secs(10), || block_on(store.append("d", msg(3), NOW + 5)).is_ok()));
+    assert!(wait_until(Duration::from_secs(10), || block_on(store.append("d", msg(3), NOW + 5)).is_ok()));
 }

@@ -185,6 +185,8 @@ pub struct NodeProcess {
     pub child: std::process::Child,
     pub client_addr: SocketAddr,
     pub push_addr: SocketAddr,
+    /// The admin HTTP address (cluster mode only).
+    pub admin_addr: Option<SocketAddr>,
     _dir: TempDir,
 }
 
@@ -211,7 +213,8 @@ impl NodeProcess {
         };
         let client_addr = addr("listening ");
         let push_addr = addr("push ");
-        NodeProcess { child, client_addr, push_addr, _dir: dir }
+        let admin_addr = cfg.cluster.enabled.then(|| addr("admin "));
+        NodeProcess { child, client_addr, push_addr, admin_addr, _dir: dir }
     }
 
     pub fn rss_bytes(&self) -> u64 {
@@ -281,6 +284,17 @@ impl RedisServer {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Whether `key` exists (an expired key does not: EXISTS expires it).
+    pub fn exists(&self, key: &str) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else { return false };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut buf = [0u8; 4];
+        s.write_all(format!("EXISTS {key}\r\n").as_bytes()).is_ok()
+            && s.read_exact(&mut buf).is_ok()
+            && &buf == b":1\r\n"
     }
 
     pub fn ping(&self) -> bool {
