@@ -1029,6 +1029,7 @@ fn summarize(results: Vec<proto::TargetResult>, users: bool, message_id: u64) ->
         reason: String::new(),
         message_id,
         stored,
+        retryable: false,
     }
 }
 

@@ -239,6 +239,7 @@ impl Pending {
                         reason: String::new(),
                         message_id,
                         stored,
+                        retryable: false,
                     })
                 }
             }
