@@ -288,13 +288,15 @@ impl Shard {
         let now = self.now();
         let frame = message_frame(seq, message_id, &msg.service_id, &msg.payload);
         if !acks {
-            // A client without ACK support gets it once, at most once; it is
-            // acknowledged in the store so no resume replays it.
+            // A client without ACK support gets it once, at most once; once
+            // handed to its socket it is acknowledged in the store so no
+            // resume replays it. A send that failed (the session was cut off
+            // as SLOW) leaves it in the timeline for the next connect.
             let sent = self.deliver(st, slot, &frame);
             if sent {
                 self.counters.reliable.sent_unacked.fetch_add(1, Ordering::Relaxed);
+                self.ack_in_store(st, device, seq, now);
             }
-            self.ack_in_store(st, device, seq, now);
             return u32::from(sent);
         }
         let window = self.cfg.delivery.window;

@@ -208,6 +208,47 @@ fn a_client_without_ack_support_gets_stored_messages_once_and_no_retries() {
     server.shutdown();
 }
 
+#[test]
+fn a_message_that_could_not_be_sent_to_a_client_without_ack_support_waits_for_its_next_connect() {
+    let mut cfg = config();
+    // A small queue: the client that stops reading is cut off after a few
+    // large messages.
+    cfg.session.outbound_queue_bytes = 128 * 1024;
+    let server = start(&cfg);
+    let addr = server.client_addr();
+    let mut push = backend(server.push_addr());
+    run(async move {
+        let mut opts = options(&cfg, "old-2", 0);
+        opts.capabilities = 0;
+        // Connected and never read from: its socket fills, then its queue.
+        let stuck = connect(addr, opts.clone()).await;
+        let payload = "x".repeat(60_000);
+        let mut failed = None;
+        for _ in 0..2_000 {
+            let r = push_one(&mut push, "old-2", payload.clone());
+            assert_eq!(status(r.status), PushStatus::Stored, "{r:?}");
+            if r.sessions == 0 {
+                // The session was active, the send failed (queue full) and
+                // the session was closed as SLOW.
+                failed = Some(r.seq);
+                break;
+            }
+        }
+        let failed = failed.expect("the client that never reads is cut off");
+        drop(stuck);
+        assert!(wait_until(WAIT, || !push.presence(&["old-2"], &[], &[]).unwrap().devices[0].online));
+        // The message that never went out is the first one the next
+        // session gets: it was not acknowledged in the store.
+        let mut conn = connect(addr, opts).await;
+        conn.ping().await.unwrap();
+        let ClientEvent::Message(m) = conn.next_event().await.unwrap() else {
+            panic!("the unsent message was dropped from the timeline");
+        };
+        assert_eq!(m.seq, failed);
+    });
+    server.shutdown();
+}
+
 /// A client speaking raw frames, to see flags and withhold ACKs.
 struct RawClient {
     stream: glommio::net::TcpStream,
