@@ -127,9 +127,9 @@ config_struct! {
         /// A drain ends by this deadline, in ms, even with clients left (they
         /// are closed with SHUTDOWN). Default: 30000. Allowed: 100 to 3600000.
         pub drain_deadline_ms: u64 = 30_000,
-        /// Time another node has to answer a forwarded push, in ms.
-        /// Default: 5000. Allowed: 10 to 60000.
-        pub forward_timeout_ms: u64 = 5_000,
+        /// Time another node has to answer a forwarded push, in ms; below
+        /// push.reply_timeout_ms. Default: 2000. Allowed: 10 to 60000.
+        pub forward_timeout_ms: u64 = 2_000,
         /// A route not re-asserted for this long is deleted from Redis
         /// (devices that never come back), in seconds. Default: 604800.
         pub route_ttl_secs: u64 = 7 * 24 * 3600,
@@ -288,6 +288,12 @@ config_struct! {
         /// Broadcast deliveries per second for the whole node, shared evenly
         /// by its shards. Default: 200000.
         pub broadcast_rate_per_sec: u32 = 200_000,
+        /// Every request is answered within this, in ms, even when a shard or
+        /// another node does not answer: targets still waiting are REJECTED
+        /// with retryable = true (the push may or may not have reached them).
+        /// Default: 5000. Allowed: 100 to 600000; in cluster mode above
+        /// cluster.forward_timeout_ms.
+        pub reply_timeout_ms: u64 = 5_000,
     }
 }
 
@@ -544,10 +550,11 @@ impl Config {
         check_range("push.max_targets_per_request", self.push.max_targets_per_request, 1, 1 << 20, "")?;
         check_range("push.max_request_bytes", self.push.max_request_bytes, 1024, 64 << 20, "")?;
         check_range("push.broadcast_rate_per_sec", self.push.broadcast_rate_per_sec, 1, u32::MAX, "")?;
+        check_range("push.reply_timeout_ms", self.push.reply_timeout_ms, 100, 600_000, "")?;
         check_range("server.shards", self.server.shards, 0, 64, " (the user directory keeps a 64-bit shard set)")?;
         self.upstream.validate()?;
         self.delivery.validate()?;
-        self.cluster.validate(&self.delivery)?;
+        self.cluster.validate(&self.delivery, &self.push)?;
         check_range("auth.clock_leeway_secs", self.auth.clock_leeway_secs, 0, MAX_CLOCK_LEEWAY_SECS, "")?;
         check_range(
             "auth.default_token_ttl_secs",
@@ -837,7 +844,7 @@ impl DeliveryConfig {
 }
 
 impl ClusterConfig {
-    fn validate(&self, delivery: &DeliveryConfig) -> Result<(), ConfigError> {
+    fn validate(&self, delivery: &DeliveryConfig, push: &PushConfig) -> Result<(), ConfigError> {
         if self.enabled && delivery.redis_url.is_empty() {
             return Err(invalid(
                 "cluster.enabled",
@@ -856,6 +863,14 @@ impl ClusterConfig {
         check_min("cluster.drain_rate_per_sec", self.drain_rate_per_sec, 1, "")?;
         check_range("cluster.drain_deadline_ms", self.drain_deadline_ms, 100, 3_600_000, "")?;
         check_range("cluster.forward_timeout_ms", self.forward_timeout_ms, 10, 60_000, "")?;
+        if self.enabled && self.forward_timeout_ms >= push.reply_timeout_ms {
+            // A forward that fails must leave time to answer (and to store an
+            // at-least-once copy here instead).
+            return Err(invalid(
+                "cluster.forward_timeout_ms",
+                format!("{} must be below push.reply_timeout_ms ({})", self.forward_timeout_ms, push.reply_timeout_ms),
+            ));
+        }
         check_min("cluster.route_ttl_secs", self.route_ttl_secs, 60, "")?;
         Ok(())
     }
@@ -1130,6 +1145,12 @@ mod tests {
             ("[cluster]\nclient_endpoint = \"nohost\"", "cluster.client_endpoint"),
             ("[cluster]\ndispatch_endpoints = 0", "cluster.dispatch_endpoints"),
             ("[cluster]\ndrain_rate_per_sec = 0", "cluster.drain_rate_per_sec"),
+            ("[push]\nreply_timeout_ms = 99", "push.reply_timeout_ms"),
+            (
+                "[push]\nreply_timeout_ms = 2000\n[cluster]\nenabled = true\nforward_timeout_ms = 2000\n\
+                 [delivery]\nredis_url = \"redis://127.0.0.1:6379/\"",
+                "cluster.forward_timeout_ms",
+            ),
         ];
         for (text, field) in cases {
             let (got, message) = invalid_field(text);

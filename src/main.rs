@@ -460,13 +460,17 @@ fn push(client: &mut PushClient, args: &PushArgs) -> Result<(), BackendError> {
     if per_target {
         reply.results.iter().for_each(|r| emit(target_result_json(r)));
     } else {
-        emit(json!({
+        let mut line = json!({
             "status": push_status_name(reply.status),
             "delivered": reply.delivered,
             "not_online": reply.not_online,
             "message_id": reply.message_id,
             "reason": non_empty(&reply.reason),
-        }));
+        });
+        if reply.status == proto::PushStatus::Rejected as i32 {
+            line["retryable"] = json!(reply.retryable);
+        }
+        emit(line);
     }
     Ok(())
 }
@@ -478,6 +482,10 @@ fn target_result_json(r: &proto::TargetResult) -> serde_json::Value {
         "sessions": r.sessions,
         "reason": non_empty(&r.reason),
     });
+    if r.status == proto::PushStatus::Rejected as i32 {
+        // Whether sending the same push again may succeed.
+        line["retryable"] = json!(r.retryable);
+    }
     if r.seq != 0 {
         line["seq"] = json!(r.seq);
         line["message_id"] = json!(r.message_id);
@@ -1020,5 +1028,13 @@ mod tests {
             target_result_json(&r),
             json!({"target": "d", "status": "NOT_ONLINE", "sessions": 0, "reason": null})
         );
+        let r = proto::TargetResult {
+            target: "d".into(),
+            status: proto::PushStatus::Rejected as i32,
+            reason: "node b did not answer within 5000 ms".into(),
+            retryable: true,
+            ..Default::default()
+        };
+        assert_eq!(target_result_json(&r)["retryable"], json!(true));
     }
 }

@@ -225,6 +225,8 @@ impl Shard {
     /// Appends one copy per `(target index, device, message id)` to the
     /// devices' timelines (this shard owns them), sends each to its device
     /// when it can go out now, and answers the origin with the sequences.
+    /// An empty device stands for a user target with no session here: it is
+    /// answered without a copy.
     pub(crate) fn store_copies(
         &self,
         st: &mut State,
@@ -248,11 +250,14 @@ impl Shard {
                             payload: m.payload.clone(),
                             expires_at_ms: m.expires_at_ms,
                         };
-                        store.append(device, new, now_ms)
+                        (!device.is_empty()).then(|| store.append(device, new, now_ms))
                     })
                     .collect();
                 for append in pending {
-                    results.push(append.await);
+                    results.push(match append {
+                        Some(append) => Some(append.await),
+                        None => None,
+                    });
                 }
             }
             (copies, results)
@@ -260,16 +265,28 @@ impl Shard {
         self.after_store(st, appends, move |shard, st, (copies, results)| {
             let mut part = Vec::with_capacity(copies.len());
             for ((idx, device, message_id), result) in copies.into_iter().zip(results) {
+                let Some(result) = result else {
+                    part.push(CopyResult { idx, ..Default::default() });
+                    continue;
+                };
                 match result {
                     Ok(appended) => {
                         shard.counters.reliable.stored.fetch_add(1, Ordering::Relaxed);
                         let sessions = shard.on_appended(st, &device, appended, message_id, &msg);
-                        part.push(CopyResult { idx, device, seq: appended.seq, message_id, sessions, error: None });
+                        part.push(CopyResult {
+                            idx,
+                            device,
+                            seq: appended.seq,
+                            message_id,
+                            sessions,
+                            ..Default::default()
+                        });
                     }
                     Err(err) => {
                         shard.store_failed("append", &err);
-                        let error = Some(format!("retryable: {err}"));
-                        part.push(CopyResult { idx, device, message_id, error, ..Default::default() });
+                        let retryable = err.is_retryable();
+                        let error = Some(err.to_string());
+                        part.push(CopyResult { idx, device, message_id, error, retryable, ..Default::default() });
                     }
                 }
             }

@@ -98,6 +98,14 @@ pub enum StoreError {
     Protocol(String),
 }
 
+impl StoreError {
+    /// Whether the same call may succeed later (the store was unreachable
+    /// or shed the call); a malformed answer will not fix itself.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_) | StoreError::Overloaded)
+    }
+}
+
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + 'a>>;
 
 /// A timeline store. Implementations never block the calling shard.

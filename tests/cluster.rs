@@ -465,7 +465,7 @@ fn push_reliably(push: &mut PushClient, devices: &[String], payload: &str, store
         for r in reply.results {
             match status(r.status) {
                 PushStatus::Stored => stored.lock().unwrap().entry(r.target).or_default().push(r.seq),
-                PushStatus::Rejected if r.reason.starts_with("retryable") => retry.push(r.target),
+                PushStatus::Rejected if r.retryable => retry.push(r.target),
                 other => panic!("{} not stored: {other:?} {}", r.target, r.reason),
             }
         }
@@ -561,6 +561,70 @@ fn kill_9_while_pushing_at_least_once_clients_drift_and_resume_without_loss() {
 }
 
 #[test]
+fn kill_9_of_the_node_pushes_are_forwarded_to_every_push_answered_and_the_lost_ones_retryable() {
+    let redis = RedisServer::start();
+    let mut a = Node::start(node_config(&redis, "a", 0));
+    let b = Node::start(node_config(&redis, "b", 1));
+    let cfg = a.cfg.clone();
+    let devices: Vec<String> = (0..10).map(|i| format!("fw-{i}")).collect();
+    let victim = a.proc.child.id() as i32;
+    let push_addr = b.push;
+    let (results, elapsed) = run(async {
+        let mut conns = Vec::new();
+        for d in &devices {
+            conns.push(connect(a.client, &cfg, &format!("user-{d}"), d).await);
+        }
+        let on_a: Vec<(&str, &str)> = devices.iter().map(|d| (d.as_str(), "a")).collect();
+        wait_routes(&redis, &on_a);
+        // A blocking backend on node b: every device lives on node a.
+        let devs = devices.clone();
+        let pusher = std::thread::spawn(move || {
+            let mut push = PushClient::connect(push_addr, Duration::from_secs(5)).unwrap();
+            // Far above push.reply_timeout_ms: a request left unanswered
+            // fails the test here.
+            push.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let mut results = Vec::new();
+            let mut slowest = Duration::ZERO;
+            for round in 0..60 {
+                if round == 5 {
+                    // SAFETY: kill(2) of our own child process.
+                    unsafe { libc::kill(victim, libc::SIGKILL) };
+                }
+                let started = Instant::now();
+                let reply = push.push_devices(&devs, Bytes::from(format!("r{round}"))).expect("every push is answered");
+                slowest = slowest.max(started.elapsed());
+                results.extend(reply.results.into_iter().map(|r| (round, r)));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (results, slowest)
+        });
+        while !pusher.is_finished() {
+            glommio::timer::sleep(Duration::from_millis(20)).await;
+        }
+        drop(conns);
+        pusher.join().expect("pusher")
+    });
+    assert!(a.wait_exit(Duration::from_secs(5)).is_some());
+    let mut forwarded_lost = 0;
+    for (round, r) in &results {
+        match status(r.status) {
+            PushStatus::Delivered => assert!(*round < 5, "delivered to a dead node: {r:?}"),
+            // Forwarded to the dead node (its lease still running).
+            PushStatus::Rejected => {
+                assert!(r.retryable, "a push lost with its node is retryable: {r:?}");
+                forwarded_lost += 1;
+            }
+            // Its lease ended: nobody holds the device.
+            PushStatus::NotOnline => assert!(*round >= 5, "{r:?}"),
+            other => panic!("unexpected {other:?}: {r:?}"),
+        }
+    }
+    assert_eq!(results.len(), 60 * devices.len(), "one result per target and push");
+    assert!(forwarded_lost > 0, "no push was forwarded to the dead node");
+    println!("kill -9 while forwarding: {forwarded_lost} targets REJECTED retryable, slowest reply {elapsed:?}");
+}
+
+#[test]
 fn a_stale_node_cannot_overwrite_or_delete_newer_routes() {
     let redis = RedisServer::start();
     let mut short_lease = node_config(&redis, "a", 0);
@@ -622,7 +686,7 @@ fn redis_restart_keeps_clients_connected_and_routes_come_back() {
         let reply = push.push_devices(&["da", "db"], Bytes::from_static(b"no redis")).unwrap();
         assert_eq!(status(reply.results[0].status), PushStatus::Delivered);
         assert_eq!(status(reply.results[1].status), PushStatus::Rejected);
-        assert!(reply.results[1].reason.starts_with("retryable"), "{}", reply.results[1].reason);
+        assert!(reply.results[1].retryable, "{}", reply.results[1].reason);
         assert_eq!(next_message(&mut da).await.payload, Bytes::from_static(b"no redis"));
         assert_nothing_queued(&mut db).await;
         // Redis returns empty: both nodes register again and re-assert.
@@ -736,7 +800,7 @@ fn redis_paused_keeps_clients_connected_and_pushes_fail_retryably() {
         let reply = push.push_devices(&["pa", "pb"], Bytes::from_static(b"paused")).unwrap();
         assert_eq!(status(reply.results[0].status), PushStatus::Delivered);
         assert_eq!(status(reply.results[1].status), PushStatus::Rejected);
-        assert!(reply.results[1].reason.starts_with("retryable"), "{}", reply.results[1].reason);
+        assert!(reply.results[1].retryable, "{}", reply.results[1].reason);
         assert_eq!(next_message(&mut da).await.payload, Bytes::from_static(b"paused"));
         pause(libc::SIGCONT);
         // Both sessions survived; once Redis answers, pushes cross again.

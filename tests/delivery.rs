@@ -249,6 +249,45 @@ fn a_message_that_could_not_be_sent_to_a_client_without_ack_support_waits_for_it
     server.shutdown();
 }
 
+#[test]
+fn a_store_that_does_not_answer_cannot_hold_a_push_past_the_reply_deadline() {
+    let redis = RedisServer::start();
+    let mut cfg = config();
+    cfg.delivery.redis_url = redis.url();
+    // Redis would keep the append waiting for 30 s; the backend gets its
+    // answer after one.
+    cfg.delivery.redis_timeout_ms = 30_000;
+    cfg.push.reply_timeout_ms = 1_000;
+    // One request in flight per backend: a request whose budget leaked
+    // would stop the node from reading the next one.
+    cfg.push.max_inflight_per_backend = 1;
+    let server = start(&cfg);
+    let mut push = backend(server.push_addr());
+    push.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let r = push_one(&mut push, "stall-1", "before".into());
+    assert_eq!(status(r.status), PushStatus::Stored, "{r:?}");
+    let signal = |sig| {
+        // SAFETY: kill(2) of our own redis-server child.
+        unsafe { libc::kill(redis.pid() as i32, sig) };
+    };
+    signal(libc::SIGSTOP);
+    for i in 0..2 {
+        let r = push_one(&mut push, "stall-1", format!("during {i}"));
+        assert_eq!((status(r.status), r.retryable), (PushStatus::Rejected, true), "{r:?}");
+        assert!(r.reason.contains("did not answer within 1000 ms"), "{}", r.reason);
+    }
+    signal(libc::SIGCONT);
+    let shard_total = |f: fn(&longlink::shard::ShardCounters) -> &AtomicU64| -> u64 {
+        server.counters().iter().map(|c| f(c).load(Ordering::Relaxed)).sum()
+    };
+    assert_eq!(shard_total(|c| &c.push_timeouts), 2);
+    // The store answers once Redis runs again: too late, dropped, counted.
+    assert!(wait_until(WAIT, || shard_total(|c| &c.push_late_answers) == 2));
+    let r = push_one(&mut push, "stall-1", "after".into());
+    assert_eq!(status(r.status), PushStatus::Stored, "{r:?}");
+    server.shutdown();
+}
+
 /// A client speaking raw frames, to see flags and withhold ACKs.
 struct RawClient {
     stream: glommio::net::TcpStream,
