@@ -217,7 +217,13 @@ impl ClusterShared {
         let node_endpoint = endpoint(&c.node_endpoint, push_addr);
         let mut seed = [0u8; 8];
         getrandom::fill(&mut seed).map_err(|e| std::io::Error::other(e.to_string()))?;
-        let incarnation = u64::from_le_bytes(seed) >> 1;
+        // Later runs of a node have larger incarnations (start time in the
+        // high bits), so a router that meets a newer one than it knows
+        // refreshes its node table; the low bits tell apart runs started in
+        // the same millisecond.
+        let started_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let incarnation = (started_ms << 16 | u64::from_le_bytes(seed) & 0xffff) & (u64::MAX >> 1);
         let node = config.node_name_bound(client_addr.port());
         let reregistered = Arc::new(AtomicU64::new(0));
         let bump = reregistered.clone();
@@ -447,7 +453,7 @@ impl Shard {
                 conn_ids: vec![previous.conn_id],
                 ..Default::default()
             });
-            if let Err(err) = shard.forward(&local, &previous.node, kick).await {
+            if let Err(err) = shard.forward(&local, &previous.node, previous.incarnation, kick).await {
                 debug!(node = %previous.node, %err, "could not kick the replaced session on its node");
             }
         })
@@ -726,12 +732,19 @@ impl Shard {
         rx.await.unwrap_or_else(|_| Frame::RequestError(request_error(ErrorCode::ServerError, "request dropped")))
     }
 
-    /// Sends `frame` to node `node` and waits for its reply.
-    async fn forward(&self, local: &Rc<Local>, node: &str, frame: Frame) -> Result<Frame, ForwardError> {
+    /// Sends `frame` to node `node` (its run `incarnation` or a later one;
+    /// 0: any) and waits for its reply.
+    async fn forward(
+        &self,
+        local: &Rc<Local>,
+        node: &str,
+        incarnation: u64,
+        frame: Frame,
+    ) -> Result<Frame, ForwardError> {
         let counters = &local.shared.counters;
         counters.forwarded.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
-        let result = match self.peer(local, node).await {
+        let result = match self.peer(local, node, incarnation).await {
             Some(link) => link.call(frame, local.shared.forward_timeout).await,
             None => Err(ForwardError::NotLive),
         };
@@ -742,21 +755,31 @@ impl Shard {
         result
     }
 
-    async fn peer(&self, local: &Rc<Local>, node: &str) -> Option<Rc<PeerLink>> {
-        if let Some(link) = local.peers.borrow().get(node).filter(|l| l.is_usable()) {
-            return Some(link.clone());
+    /// The link to `node`, run `incarnation` or later (a node restarted
+    /// under its name may listen elsewhere: the old link and the old
+    /// endpoint are not used for the new run).
+    async fn peer(&self, local: &Rc<Local>, node: &str, incarnation: u64) -> Option<Rc<PeerLink>> {
+        let existing = local.peers.borrow().get(node).cloned();
+        if let Some(link) = existing.filter(|l| l.is_usable() && l.incarnation >= incarnation) {
+            return Some(link);
         }
-        let known =
-            |local: &Local| local.nodes.borrow().iter().find(|n| n.name == node).map(|n| n.node_endpoint.clone());
-        let endpoint = match known(local) {
-            Some(e) => e,
+        let known = |local: &Local| {
+            local
+                .nodes
+                .borrow()
+                .iter()
+                .find(|n| n.name == node && n.incarnation >= incarnation)
+                .map(|n| (n.node_endpoint.clone(), n.incarnation))
+        };
+        let (endpoint, incarnation) = match known(local) {
+            Some(known) => known,
             None => {
-                // It may have joined since the last refresh.
+                // It may have joined (or restarted) since the last refresh.
                 self.refresh_nodes(local).await;
                 known(local)?
             }
         };
-        let link = Rc::new(PeerLink::new(node.to_owned(), self.counters.clone()));
+        let link = Rc::new(PeerLink::new(node.to_owned(), incarnation, self.counters.clone()));
         local.peers.borrow_mut().insert(node.to_owned(), link.clone());
         glommio::spawn_local(link.clone().run(endpoint)).detach();
         Some(link)
@@ -782,12 +805,17 @@ impl Shard {
         };
         counters.router_latency.record(started.elapsed());
         let mut here = Vec::new();
-        let mut remote: HashMap<String, Vec<usize>> = HashMap::new();
+        // Per node: the latest run its routes name, and the targets.
+        let mut remote: HashMap<String, (u64, Vec<usize>)> = HashMap::new();
         let router_error = match routes {
             Ok(routes) => {
                 for (i, route) in routes.into_iter().enumerate() {
                     match route {
-                        Some(r) if r.node != local.shared.node => remote.entry(r.node).or_default().push(i),
+                        Some(r) if r.node != local.shared.node => {
+                            let entry = remote.entry(r.node).or_default();
+                            entry.0 = entry.0.max(r.incarnation);
+                            entry.1.push(i);
+                        }
                         _ => here.push(i),
                     }
                 }
@@ -814,14 +842,14 @@ impl Shard {
             let who = format!("node {}", self.cfg.node);
             parts.push((here, who, spawn(async move { Ok(shard.run_locally(&local, frame).await) })));
         }
-        for (node, idx) in remote {
+        for (node, (incarnation, idx)) in remote {
             let (shard, l, frame) = (self.clone(), local.clone(), subset(&idx, true));
             let fallback = reliable.then(|| subset(&idx, false));
             parts.push((
                 idx,
                 format!("node {node}"),
                 spawn(async move {
-                    let err = match shard.forward(&l, &node, frame).await {
+                    let err = match shard.forward(&l, &node, incarnation, frame).await {
                         Ok(reply) => return Ok(reply),
                         Err(err) => err,
                     };
@@ -901,7 +929,7 @@ impl Shard {
             let mut f = frame.clone();
             set_forwarded(&mut f);
             let name = node.clone();
-            handles.push((name, spawn(async move { shard.forward(&l, &node, f).await })));
+            handles.push((name, spawn(async move { shard.forward(&l, &node, 0, f).await })));
         }
         let mut merged: Option<Frame> = None;
         // Nodes that may hold targets but did not answer in time.
@@ -1234,6 +1262,8 @@ pub(crate) enum ForwardError {
 /// One pipelined connection from a shard to another node's push port.
 pub(crate) struct PeerLink {
     node: String,
+    /// The run of the node it was opened to.
+    incarnation: u64,
     inner: RefCell<PeerInner>,
     /// Where replies that come after their caller gave up are counted.
     counters: Arc<crate::shard::ShardCounters>,
@@ -1250,8 +1280,8 @@ struct PeerInner {
 }
 
 impl PeerLink {
-    fn new(node: String, counters: Arc<crate::shard::ShardCounters>) -> PeerLink {
-        PeerLink { node, inner: RefCell::default(), counters }
+    fn new(node: String, incarnation: u64, counters: Arc<crate::shard::ShardCounters>) -> PeerLink {
+        PeerLink { node, incarnation, inner: RefCell::default(), counters }
     }
 
     fn is_usable(&self) -> bool {

@@ -103,8 +103,10 @@ config_struct! {
         pub enabled: bool = false,
         /// How long the node's registration lives without renewal, in ms; it
         /// is renewed three times per lease. A node that finds its lease
-        /// lapsed while it was stopped fences itself: it stops accepting and
-        /// drains. Default: 3000. Allowed: 300 to 600000.
+        /// lapsed while it was stopped fences itself: it stops accepting,
+        /// drains and exits with status 3. A node restarted within the
+        /// lease of its dead previous run takes it over. Default: 3000.
+        /// Allowed: 300 to 600000.
         pub lease_ms: u64 = 3_000,
         /// host:port clients are told to connect to (dispatcher, GoAway).
         /// Default: "" (the bound client address; for 0.0.0.0, the address

@@ -47,7 +47,10 @@ enum Command {
         /// with the other nodes for routes, leases and at-least-once
         /// timelines; sets `delivery.redis_url` and `cluster.enabled`. Then
         /// SIGTERM (or POST /drain on the admin port) drains the node
-        /// gracefully; a second SIGTERM or SIGINT stops it at once.
+        /// gracefully; a second SIGTERM or SIGINT stops it at once. A node
+        /// that lost its lease (paused past it, or its name taken by a live
+        /// process) drains and exits with status 3, so a supervisor
+        /// restarts it.
         #[arg(long, value_name = "URL")]
         redis: Option<String>,
     },
@@ -593,6 +596,7 @@ fn serve(
     }
     let server = Server::start(&cfg)?;
     let stop = server.stop_flag();
+    let lease = server.cluster().map(|c| c.router.state().clone());
     match server.cluster() {
         // SIGTERM/SIGINT set the stop flag; the shards close every session
         // and exit.
@@ -637,9 +641,17 @@ fn serve(
         println!("admin {admin}");
     }
     server.join();
+    if lease.is_some_and(|l| l.is_fenced()) {
+        // Not a clean exit: the node gave up its place in the cluster.
+        tracing::error!("longlink stopped: lease lost (fenced); exit status {FENCED_EXIT}");
+        return Ok(ExitCode::from(FENCED_EXIT));
+    }
     tracing::info!(stopped = stop.load(Ordering::Relaxed), "longlink stopped");
     Ok(ExitCode::SUCCESS)
 }
+
+/// Exit status of a cluster node that stopped because it lost its lease.
+const FENCED_EXIT: u8 = 3;
 
 fn dispatcher(redis: String, listen: SocketAddr, config: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     use longlink::dispatcher::{CachedNodes, DispatchConfig, Dispatcher};

@@ -625,6 +625,55 @@ fn kill_9_of_the_node_pushes_are_forwarded_to_every_push_answered_and_the_lost_o
 }
 
 #[test]
+fn a_node_killed_and_restarted_within_its_lease_takes_it_over_and_serves() {
+    let redis = RedisServer::start();
+    let mut long_lease = node_config(&redis, "a", 0);
+    // Long enough that the restart surely comes before it ends.
+    long_lease.cluster.lease_ms = 20_000;
+    let mut a = Node::start(long_lease.clone());
+    let b = Node::start(node_config(&redis, "b", 1));
+    let cfg = a.cfg.clone();
+    let mut r = redis_conn(&redis);
+    let incarnation = |r: &mut redis::Connection| -> Option<u64> {
+        redis::cmd("HGET").arg("ll:node:a").arg("inc").query(r).ok().flatten()
+    };
+    run(async {
+        let old = connect(a.client, &cfg, "u", "phoenix-phone").await;
+        wait_routes(&redis, &[("phoenix-phone", "a")]);
+        let first_run = incarnation(&mut r).expect("node a registered");
+        a.signal(libc::SIGKILL);
+        assert!(a.wait_exit(Duration::from_secs(5)).is_some());
+        drop(old);
+        assert_eq!(incarnation(&mut r), Some(first_run), "the dead run's lease is still running");
+        // The same node, started again at once (as a supervisor would).
+        let a = Node::start(long_lease);
+        let healthy = wait_until(Duration::from_secs(10), || {
+            let (code, body) = http(a.admin, "GET", "/healthz");
+            code == 200 && body.contains("\"ok\"")
+        });
+        assert!(healthy, "the restarted node serves: {:?}", http(a.admin, "GET", "/healthz"));
+        let second_run = incarnation(&mut r).expect("registered");
+        assert_ne!(second_run, first_run, "a new incarnation holds the name");
+        let (_, health) = http(a.admin, "GET", "/healthz");
+        assert!(health.contains(&second_run.to_string()), "{health}");
+        // Clients connect to it and receive pushes, directly and through b.
+        let mut phone = connect(a.client, &cfg, "u", "phoenix-phone").await;
+        let route_inc = |r: &mut redis::Connection| -> Option<u64> {
+            redis::cmd("HGET").arg("ll:route:{phoenix-phone}").arg("inc").query(r).ok().flatten()
+        };
+        assert!(wait_until(Duration::from_secs(10), || route_inc(&mut r) == Some(second_run)), "route claimed anew");
+        let reply = b.pusher().push_devices(&["phoenix-phone"], Bytes::from_static(b"via b")).unwrap();
+        assert_eq!(status(reply.results[0].status), PushStatus::Delivered, "{reply:?}");
+        assert_eq!(next_message(&mut phone).await.payload, Bytes::from_static(b"via b"));
+        let reply = a.pusher().push_devices(&["phoenix-phone"], Bytes::from_static(b"direct")).unwrap();
+        assert_eq!(status(reply.results[0].status), PushStatus::Delivered, "{reply:?}");
+        assert_eq!(next_message(&mut phone).await.payload, Bytes::from_static(b"direct"));
+        let mut a = a;
+        assert!(a.proc.child.try_wait().unwrap().is_none(), "still running");
+    });
+}
+
+#[test]
 fn a_stale_node_cannot_overwrite_or_delete_newer_routes() {
     let redis = RedisServer::start();
     let mut short_lease = node_config(&redis, "a", 0);
@@ -658,7 +707,10 @@ fn a_stale_node_cannot_overwrite_or_delete_newer_routes() {
             }
         };
         assert!(matches!(end, ClientError::Closed { code: ErrorCode::GoingAway, .. }), "{end:?}");
-        assert!(a.wait_exit(Duration::from_secs(15)).is_some(), "the fenced node drains and exits");
+        let exit = a.wait_exit(Duration::from_secs(15));
+        assert!(exit.is_some(), "the fenced node drains and exits");
+        // Not a clean exit: a supervisor (Restart=on-failure) starts it again.
+        assert_eq!(exit.and_then(|s| s.code()), Some(3), "a fenced node exits with status 3: {exit:?}");
         assert_eq!(route_node(&mut r, "phone").as_deref(), Some("b"));
         assert_eq!(route_epoch(&mut r, "phone"), Some(new_epoch));
         let mut push = b.pusher();
