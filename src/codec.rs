@@ -270,6 +270,7 @@ mod tests {
                 capabilities: 1,
                 last_seq: 42,
                 heartbeat_ms: 30_000,
+                store_incarnation: 9,
             }),
             Frame::AuthOk(proto::AuthOk {
                 conn_id: 7,
@@ -280,6 +281,7 @@ mod tests {
                 server_time_ms: 5,
                 shard: 1,
                 node: "n".into(),
+                store_incarnation: 9,
             }),
             Frame::Error(proto::Error {
                 code: proto::ErrorCode::BadFrame as i32,

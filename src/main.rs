@@ -103,6 +103,11 @@ enum Command {
         /// previous run printed when it closed).
         #[arg(long, default_value_t = 0)]
         last_seq: u64,
+        /// The node store's incarnation a previous run printed with its
+        /// `last_seq`: if the store lost its contents since, the node says
+        /// what may have been missed.
+        #[arg(long, default_value_t = 0)]
+        store_incarnation: u64,
         /// Act as an old client without ACK support: stored messages arrive
         /// once, never resent.
         #[arg(long)]
@@ -304,11 +309,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", keyring.mint(&user, &device, &app, now, now + ttl));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Client { server, token, platform, heartbeat_ms, last_seq, no_ack } => {
+        Command::Client { server, token, platform, heartbeat_ms, last_seq, store_incarnation, no_ack } => {
             let mut opts = ClientOptions::new(token);
             opts.platform = platform;
             opts.heartbeat_ms = heartbeat_ms;
             opts.last_seq = last_seq;
+            opts.store_incarnation = store_incarnation;
             if no_ack {
                 opts.capabilities = 0;
             }
@@ -699,7 +705,7 @@ fn run_client(server: SocketAddr, opts: ClientOptions) -> anyhow::Result<ExitCod
         .make()
         .map_err(|e| anyhow::anyhow!("starting the client executor: {e}"))?;
     ex.run(async move {
-        let mut last_seq = opts.last_seq;
+        let (mut last_seq, mut store_incarnation) = (opts.last_seq, opts.store_incarnation);
         let result = match Connection::connect(server, opts).await {
             Ok((mut conn, ok)) => {
                 emit(json!({
@@ -710,6 +716,7 @@ fn run_client(server: SocketAddr, opts: ClientOptions) -> anyhow::Result<ExitCod
                     "heartbeat_ms": ok.heartbeat_ms,
                     "idle_timeout_ms": ok.idle_timeout_ms,
                     "server_time_ms": ok.server_time_ms,
+                    "store_incarnation": ok.store_incarnation,
                 }));
                 loop {
                     match conn.next_event().await {
@@ -731,6 +738,7 @@ fn run_client(server: SocketAddr, opts: ClientOptions) -> anyhow::Result<ExitCod
                         Ok(ClientEvent::Connected(_)) => {}
                         Err(err) => {
                             last_seq = conn.last_seq();
+                            store_incarnation = conn.store_incarnation();
                             break err;
                         }
                     }
@@ -739,8 +747,10 @@ fn run_client(server: SocketAddr, opts: ClientOptions) -> anyhow::Result<ExitCod
             Err(err) => err,
         };
         let mut close = close_event(&result);
-        // Printed so a later run can resume with --last-seq.
+        // Printed so a later run can resume with --last-seq and
+        // --store-incarnation.
         close["last_seq"] = json!(last_seq);
+        close["store_incarnation"] = json!(store_incarnation);
         emit(close);
         if result.reconnect_allowed() { Ok(ExitCode::SUCCESS) } else { Ok(ExitCode::from(1)) }
     })
@@ -768,6 +778,9 @@ struct SdkArgs {
     /// Resume after this at-least-once sequence.
     #[arg(long, default_value_t = 0)]
     last_seq: u64,
+    /// The store incarnation seen with that sequence (see `client`).
+    #[arg(long, default_value_t = 0)]
+    store_incarnation: u64,
 }
 
 fn run_sdk(args: SdkArgs) -> anyhow::Result<ExitCode> {
@@ -775,6 +788,7 @@ fn run_sdk(args: SdkArgs) -> anyhow::Result<ExitCode> {
     let mut opts = ClientOptions::new(args.token);
     opts.platform = args.platform.clone();
     opts.last_seq = args.last_seq;
+    opts.store_incarnation = args.store_incarnation;
     let mut agent = AgentConfig::new(opts);
     agent.endpoints = args.endpoints;
     let dispatcher = args
@@ -793,7 +807,7 @@ fn run_sdk(args: SdkArgs) -> anyhow::Result<ExitCode> {
         match ev {
             Event::Connected { endpoint, auth_ok } => emit(json!({
                 "event": "connected", "endpoint": endpoint, "conn_id": auth_ok.conn_id, "node": auth_ok.node,
-                "heartbeat_ms": auth_ok.heartbeat_ms,
+                "heartbeat_ms": auth_ok.heartbeat_ms, "store_incarnation": auth_ok.store_incarnation,
             })),
             Event::Message(m) => {
                 emit(json!({

@@ -95,6 +95,9 @@ pub struct Tracked {
     /// A message reached `max_retries`: nothing new is sent on this session
     /// until the client acknowledges something (or reconnects and resumes).
     stalled: bool,
+    /// Until the session's first replay succeeded: the store incarnation the
+    /// client saw last (it may have missed all that a lost store held).
+    resume_incarnation: u64,
 }
 
 impl Tracked {
@@ -107,6 +110,7 @@ impl Tracked {
             refilling: false,
             refill_again: false,
             stalled: false,
+            resume_incarnation: 0,
         }
     }
 
@@ -411,7 +415,16 @@ impl Shard {
                 return self.store_failed("replay", &err);
             }
         };
-        if let Some((from, to)) = replay.missing
+        let mut missing = replay.missing;
+        let seen = std::mem::take(&mut t.resume_incarnation);
+        if seen != 0 && replay.incarnation != 0 && seen != replay.incarnation && t.last_sent < replay.base {
+            // The client resumes across a store that lost its contents: all
+            // it may have missed up to this incarnation's first sequence is
+            // unknown, even from sequence 0.
+            let to = missing.map_or(replay.base, |(_, to)| to.max(replay.base));
+            missing = Some((t.last_sent + 1, to));
+        }
+        if let Some((from, to)) = missing
             && to > t.last_sent
         {
             let from = from.max(t.last_sent + 1);
@@ -456,7 +469,9 @@ impl Shard {
                 // The client says it processed everything up to here.
                 self.ack_in_store(st, &device, login.last_seq, now);
             }
-            self.track(st, Tracked::new(key, login.last_seq));
+            let mut t = Tracked::new(key, login.last_seq);
+            t.resume_incarnation = login.store_incarnation;
+            self.track(st, t);
             return self.refill(st, key, now);
         }
         // An old client: whatever waits goes out once, and is acknowledged

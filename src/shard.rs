@@ -1073,6 +1073,7 @@ impl Shard {
             conn_id: ConnId::new(self.id, key).0,
             shard: u32::from(self.id.0),
             node: self.cfg.node.clone(),
+            store_incarnation: self.store.incarnation(),
             ..Default::default()
         };
         let mut actions = std::mem::take(&mut st.actions);
@@ -1718,6 +1719,7 @@ mod tests {
             capabilities: 0,
             last_seq: 0,
             heartbeat_ms: 0,
+            store_incarnation: 0,
         };
         let mut conn = Conn {
             session: Session::new(Millis(0), &test_params()),

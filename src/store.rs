@@ -10,6 +10,13 @@
 //! the same store could have issued, and are never reused. A client that
 //! resumes from a sequence the store can no longer replay (retention, or a
 //! memory store that restarted) gets the missing range instead of silence.
+//!
+//! Each store has an incarnation ([`TimelineStore::incarnation`]) that
+//! changes when its contents were lost: a memory store's is random per
+//! start, Redis keeps one in a key (a Redis that lost its data makes a new
+//! one). Clients are told it in AuthOk and send back the one they saw; a
+//! client that resumes across a change is told the whole range it may have
+//! missed, even from sequence 0 ([`Replay::base`]).
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -58,6 +65,12 @@ pub struct Replay {
     /// Set when messages after the requested sequence are gone: the first
     /// and last missing sequence (inclusive).
     pub missing: Option<(u64, u64)>,
+    /// The store's incarnation as of this read (0: unknown).
+    pub incarnation: u64,
+    /// Every sequence this incarnation issued for the device is above this:
+    /// a client resuming from an earlier incarnation may have missed
+    /// everything after its sequence up to here (0: unknown).
+    pub base: u64,
 }
 
 /// Where a message is in its life, for the delivery status query.
@@ -122,6 +135,9 @@ pub trait TimelineStore {
     fn mark_sent<'a>(&'a self, device: &'a str, seq: u64, message_id: u64, now_ms: u64) -> StoreFuture<'a, ()>;
     /// Where message `message_id` is, if the store still knows it.
     fn status(&self, message_id: u64) -> StoreFuture<'_, Option<Status>>;
+    /// Identifies the store's contents; changes when they were lost. 0:
+    /// not known yet (a Redis store before it first reached Redis).
+    fn incarnation(&self) -> u64;
 }
 
 /// Retention limits of a timeline.
@@ -160,6 +176,8 @@ struct Timeline {
 pub struct MemoryStore {
     /// Every sequence this run issues is above this.
     base_seq: u64,
+    /// Random per run (never 0).
+    incarnation: u64,
     retention: Retention,
     timelines: RefCell<HashMap<String, Timeline>>,
     /// Status of messages that left their timeline, oldest first.
@@ -173,8 +191,12 @@ impl MemoryStore {
     /// `boot_unix_ms * 1000`, above anything an earlier run issued (it
     /// would take 1,000 messages per ms per device to catch up).
     pub fn new(retention: Retention, boot_unix_ms: u64) -> MemoryStore {
+        let mut seed = [0u8; 8];
+        // Without randomness, the start time still tells runs apart.
+        let random = getrandom::fill(&mut seed).map_or(boot_unix_ms, |()| u64::from_le_bytes(seed));
         MemoryStore {
             base_seq: boot_unix_ms.saturating_mul(1000),
+            incarnation: random.max(1),
             retention,
             timelines: RefCell::default(),
             finished: RefCell::default(),
@@ -253,18 +275,19 @@ impl MemoryStore {
             // processed a sequence from an earlier run may have missed
             // messages that died with it.
             let missing = (after_seq > 0 && after_seq < self.base_seq).then_some((after_seq + 1, self.base_seq));
-            return Replay { messages: Vec::new(), missing };
+            return Replay { messages: Vec::new(), missing, incarnation: self.incarnation, base: self.base_seq };
         };
         self.trim(device, tl, now_ms);
         // Everything below the floor is gone; the client missed what lies
-        // between its sequence and the floor unless it acknowledged it.
+        // between its sequence and the floor unless it acknowledged it. A
+        // sequence of an earlier run (below this run's base) was never
+        // acknowledged here: all of the gap up to the floor is unknown.
         let gone_up_to = tl.floor - 1;
-        let missing = (after_seq < gone_up_to && after_seq.max(tl.acked) < gone_up_to)
-            .then(|| (after_seq.max(tl.acked) + 1, gone_up_to))
-            .filter(|(a, b)| a <= b);
+        let known = if after_seq > 0 && after_seq < self.base_seq { after_seq } else { after_seq.max(tl.acked) };
+        let missing = (known < gone_up_to).then(|| (known + 1, gone_up_to));
         let live = |m: &Stored| m.seq > after_seq && (m.expires_at_ms == 0 || now_ms < m.expires_at_ms);
         let messages = tl.messages.iter().filter(|(m, _)| live(m)).take(limit).map(|(m, _)| m.clone()).collect();
-        Replay { messages, missing }
+        Replay { messages, missing, incarnation: self.incarnation, base: self.base_seq }
     }
 
     fn ack_now(&self, device: &str, seq: u64, now_ms: u64) {
@@ -339,6 +362,10 @@ impl TimelineStore for MemoryStore {
     fn status(&self, message_id: u64) -> StoreFuture<'_, Option<Status>> {
         ready(self.status_now(message_id))
     }
+
+    fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
 }
 
 #[cfg(test)]
@@ -408,6 +435,13 @@ mod tests {
         assert_eq!(r.missing, Some((43, BOOT * 1000)));
         // A fresh client (sequence 0) has nothing to miss.
         assert_eq!(block(s.replay("d", 0, 10, BOOT)).missing, None);
+        // Also when this run stored messages for the device since: what lay
+        // between 42 and this run's first sequence is unknown.
+        let first = block(s.append("d", msg(1), BOOT)).seq;
+        let r = block(s.replay("d", 42, 10, BOOT));
+        assert_eq!((r.missing, r.messages.len()), (Some((43, BOOT * 1000)), 1));
+        assert_eq!((r.base, r.incarnation), (first - 1, s.incarnation()));
+        assert_ne!(MemoryStore::new(Retention::default(), BOOT).incarnation(), s.incarnation(), "a new run, a new one");
     }
 
     #[test]

@@ -14,6 +14,9 @@
 //! which expires when idle. `P:msg:<id>` holds a message's status for the status
 //! query: it lives as long as the message may stay in its timeline, then
 //! `status_ttl_secs` once the message is acknowledged or dropped.
+//! `P:incarnation` names the store's contents: made once (SET NX) by the
+//! first sidecar to miss it, so a Redis that lost its data gets a new one;
+//! a counter records the sequence it started above (`base`).
 //!
 //! Per message: one APPEND script, one plain `HSETNX` when it is first sent,
 //! and one ACK script (an ACK covers every message up to its sequence).
@@ -21,6 +24,8 @@
 //! short, take few arguments (settings are baked into their text), and the
 //! append trims by count only (age and TTL are trimmed on replay).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::Duration;
 
@@ -72,6 +77,8 @@ type Job = redis_link::Job<Op, Answer, StoreError>;
 #[derive(Clone)]
 pub struct RedisStore {
     sidecars: Vec<SidecarHandle<Op, Answer, StoreError>>,
+    /// The incarnation last read from Redis (0 until then), for AuthOk.
+    incarnation: Arc<AtomicU64>,
 }
 
 impl RedisStore {
@@ -79,15 +86,21 @@ impl RedisStore {
     /// failure; requests made while Redis is down fail with `Unavailable`.
     pub fn start(cfg: RedisStoreConfig) -> std::io::Result<RedisStore> {
         let mut sidecars = Vec::new();
+        let incarnation = Arc::new(AtomicU64::new(0));
+        // Known before the first client connects, when Redis is reachable
+        // (else the first replay learns it).
+        let mut link = RedisLink::new("timeline store", &cfg.url, cfg.connect_timeout, cfg.io_timeout, Vec::new());
+        learn_incarnation(&mut link, &cfg.prefix, random_candidate(), &incarnation);
         for i in 0..cfg.connections.max(1) {
             let (sidecar, rx) = SidecarHandle::channel();
             let cfg = cfg.clone();
+            let incarnation = incarnation.clone();
             thread::Builder::new()
                 .name(format!("longlink-redis-store-{i}"))
-                .spawn(move || Sidecar::new(cfg).run(rx))?;
+                .spawn(move || Sidecar::new(cfg, incarnation).run(rx))?;
             sidecars.push(sidecar);
         }
-        Ok(RedisStore { sidecars })
+        Ok(RedisStore { sidecars, incarnation })
     }
 
     /// Queues `op` on the connection of `route` (a device: its calls stay
@@ -135,6 +148,10 @@ impl TimelineStore for RedisStore {
         let f = self.call(message_id, Op::Status { message_id });
         expect(f, |a| if let Answer::Status(s) = a { Some(s) } else { None })
     }
+
+    fn incarnation(&self) -> u64 {
+        self.incarnation.load(Ordering::Relaxed)
+    }
 }
 
 /// Settings every script needs, baked into the script text when the
@@ -145,6 +162,15 @@ impl TimelineStore for RedisStore {
 const PRELUDE_LUA: &str = r#"
 local MAXN, MAXAGE, STATUS_TTL, IDLE_TTL, MSG_TTL = {MAXN}, {MAXAGE}, {STATUS_TTL}, {IDLE_TTL}, {MSG_TTL}
 local MSGP = '{MSGP}'
+local INCARNATION = '{INCK}'
+-- The store's incarnation, made once (candidate: a random number of the
+-- caller) when Redis has none: a Redis that lost its data gets a new one.
+local function incarnation(candidate)
+  local cur = redis.call('GET', INCARNATION)
+  if cur then return cur end
+  redis.call('SET', INCARNATION, candidate)
+  return candidate
+end
 -- Drops the n oldest entries of a timeline, marking them expired.
 local function drop_oldest(tl, seqkey, n)
   local gone = redis.call('ZRANGE', tl, 0, n - 1)
@@ -170,7 +196,7 @@ if seq == 1 then
   -- A new counter (or Redis lost it): start above every earlier run.
   seq = tonumber(ARGV[6]) + 1
   local s = string.format('%.0f', seq)
-  redis.call('HSET', seqkey, 'last', s, 'floor', s, 'acked', ARGV[6])
+  redis.call('HSET', seqkey, 'last', s, 'floor', s, 'acked', ARGV[6], 'base', ARGV[6])
 end
 local s = string.format('%.0f', seq)
 redis.call('ZADD', tl, s, s .. ':' .. ARGV[1] .. ':' .. ARGV[2] .. ':' .. ARGV[3] .. ':' .. #ARGV[4] .. ':' .. ARGV[4] .. ARGV[5])
@@ -191,8 +217,8 @@ local first = redis.call('ZRANGE', tl, 0, 0, 'WITHSCORES')
 return {s, first[2] or s}
 "#;
 
-/// KEYS: seq, tl. ARGV: after, limit, now. Returns {counter, floor, acked,
-/// members...} ('0' = absent).
+/// KEYS: seq, tl. ARGV: after, limit, now, incarnation candidate. Returns
+/// {counter, floor, acked, incarnation, base, members...} ('0' = absent).
 const REPLAY_LUA: &str = r#"
 local seqkey, tl = KEYS[1], KEYS[2]
 local now = tonumber(ARGV[3])
@@ -208,8 +234,8 @@ while true do
     break
   end
 end
-local c = redis.call('HMGET', seqkey, 'last', 'floor', 'acked')
-local out = {c[1] or '0', c[2] or '0', c[3] or '0'}
+local c = redis.call('HMGET', seqkey, 'last', 'floor', 'acked', 'base')
+local out = {c[1] or '0', c[2] or '0', c[3] or '0', incarnation(ARGV[4]), c[4] or '0'}
 -- No timeline (all acknowledged, or expired when idle): nothing up to the
 -- counter can be replayed.
 if c[1] and redis.call('EXISTS', tl) == 0 then out[2] = string.format('%.0f', tonumber(c[1]) + 1) end
@@ -254,25 +280,30 @@ struct Sidecar {
     link: RedisLink,
     /// `P:msg:` (status records).
     msg_prefix: String,
+    /// Shared with the store handles: the incarnation last read.
+    incarnation: Arc<AtomicU64>,
+    /// This sidecar's candidate should Redis have no incarnation.
+    candidate: u64,
 }
 
 impl Sidecar {
-    fn new(cfg: RedisStoreConfig) -> Sidecar {
+    fn new(cfg: RedisStoreConfig, incarnation: Arc<AtomicU64>) -> Sidecar {
         let msg_prefix = format!("{}:msg:", cfg.prefix);
         let r = &cfg.retention;
         // The prefix goes into a Lua string literal: keep it to safe bytes.
-        let quoted: String = msg_prefix.chars().filter(|c| c.is_ascii_graphic() && *c != '\'' && *c != '\\').collect();
+        let quoted = quoted_prefix(&msg_prefix);
         let prelude = PRELUDE_LUA
             .replace("{MAXN}", &r.max_messages.to_string())
             .replace("{MAXAGE}", &r.max_age_ms.to_string())
             .replace("{STATUS_TTL}", &cfg.status_ttl_secs.to_string())
             .replace("{IDLE_TTL}", &cfg.idle_ttl_secs.to_string())
             .replace("{MSG_TTL}", &(cfg.idle_ttl_secs.max(r.max_age_ms / 1000) + cfg.status_ttl_secs).to_string())
-            .replace("{MSGP}", &quoted);
+            .replace("{MSGP}", &quoted)
+            .replace("{INCK}", &format!("{}:incarnation", quoted_prefix(&cfg.prefix)));
         let script = |body: &str| redis::Script::new(&format!("{prelude}\n{body}"));
         let scripts = vec![script(APPEND_LUA), script(REPLAY_LUA), script(ACK_LUA)];
         let link = RedisLink::new("timeline store", &cfg.url, cfg.connect_timeout, cfg.io_timeout, scripts);
-        Sidecar { cfg, link, msg_prefix: quoted }
+        Sidecar { cfg, link, msg_prefix: quoted, incarnation, candidate: random_candidate() }
     }
 
     fn run(mut self, rx: Receiver<Job>) {
@@ -327,7 +358,7 @@ impl Sidecar {
                     let [seq, tl] = self.keys(device);
                     let mut inv = self.link.script(REPLAY).prepare_invoke();
                     inv.key(seq).key(tl);
-                    inv.arg(after).arg(limit).arg(now_ms);
+                    inv.arg(after).arg(limit).arg(now_ms).arg(self.candidate);
                     pipe.invoke_script(&inv);
                 }
                 Op::Ack { device, seq, now_ms } => {
@@ -365,13 +396,15 @@ impl Sidecar {
             Op::Ack { .. } | Op::MarkSent { .. } => Ok(Answer::Done),
             Op::Replay { after, now_ms, .. } => {
                 let Value::Array(items) = &value else { return Err(bad("replay")) };
-                let (Some(counter), Some(floor), Some(acked)) =
-                    (items.first().and_then(as_u64), items.get(1).and_then(as_u64), items.get(2).and_then(as_u64))
+                let field = |i: usize| items.get(i).and_then(as_u64);
+                let (Some(counter), Some(floor), Some(acked), Some(incarnation), Some(base)) =
+                    (field(0), field(1), field(2), field(3), field(4))
                 else {
                     return Err(bad("replay"));
                 };
+                self.incarnation.store(incarnation, Ordering::Relaxed);
                 let mut messages = Vec::new();
-                for item in &items[3..] {
+                for item in &items[5..] {
                     messages.push(parse_member(item).ok_or_else(|| bad("replay member"))?);
                 }
                 let missing = if counter == 0 {
@@ -382,14 +415,47 @@ impl Sidecar {
                     // No floor recorded: all of the timeline is gone.
                     let floor = if floor == 0 { counter + 1 } else { floor };
                     let gone_up_to = floor.saturating_sub(1);
-                    let from = (*after).max(acked) + 1;
+                    // A sequence from before this counter (an earlier life
+                    // of the store) was never acknowledged here.
+                    let known = if *after > 0 && *after < base { *after } else { (*after).max(acked) };
+                    let from = known + 1;
                     (from <= gone_up_to).then_some((from, gone_up_to))
                 };
-                Ok(Answer::Replay(Replay { messages, missing }))
+                // No counter: whatever this incarnation issues later for the
+                // device starts above now.
+                let base = if counter == 0 { now_ms.saturating_mul(1000) } else { base };
+                Ok(Answer::Replay(Replay { messages, missing, incarnation, base }))
             }
             Op::Status { .. } => Ok(Answer::Status(parse_status(&value))),
         }
     }
+}
+
+/// A new store incarnation, should Redis have none (never 0).
+fn random_candidate() -> u64 {
+    let mut seed = [0u8; 8];
+    // Without randomness, the time still tells stores apart.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+    (getrandom::fill(&mut seed).map_or(now, |()| u64::from_le_bytes(seed)) >> 1).max(1)
+}
+
+/// Reads (or makes) the store incarnation into `into`; nothing when Redis
+/// cannot be reached.
+fn learn_incarnation(link: &mut RedisLink, prefix: &str, candidate: u64, into: &AtomicU64) {
+    let key = format!("{}:incarnation", quoted_prefix(prefix));
+    let mut pipe = redis::pipe();
+    pipe.cmd("SET").arg(&key).arg(candidate).arg("NX").ignore();
+    pipe.cmd("GET").arg(&key);
+    if let Ok(values) = link.query(&pipe)
+        && let Some(inc) = values.last().and_then(as_u64)
+    {
+        into.store(inc, Ordering::Relaxed);
+    }
+}
+
+/// `prefix` kept to the bytes that may go into a Lua string literal.
+fn quoted_prefix(prefix: &str) -> String {
+    prefix.chars().filter(|c| c.is_ascii_graphic() && *c != '\'' && *c != '\\').collect()
 }
 
 /// `seq:id:stored_at:expires_at:service_len:service` then the payload.

@@ -288,6 +288,103 @@ fn a_store_that_does_not_answer_cannot_hold_a_push_past_the_reply_deadline() {
     server.shutdown();
 }
 
+/// Connects once (no messages) and returns the store incarnation adopted.
+async fn seen_incarnation(addr: SocketAddr, opts: ClientOptions) -> u64 {
+    let (conn, ok) = Connection::connect(addr, opts).await.expect("client authenticates");
+    assert_ne!(ok.store_incarnation, 0, "AuthOk names the store incarnation");
+    assert_eq!(conn.store_incarnation(), ok.store_incarnation, "a first one is adopted at once");
+    conn.close().await;
+    ok.store_incarnation
+}
+
+/// The first event of a session that resumes, proven to come before any
+/// answer to a Ping (ResyncRequired, a Message, or nothing: the Pong).
+async fn first_after_auth(addr: SocketAddr, opts: ClientOptions) -> (Connection, ClientEvent) {
+    let mut conn = connect(addr, opts).await;
+    conn.ping().await.unwrap();
+    let ev = conn.next_event().await.expect("connection stays up");
+    (conn, ev)
+}
+
+#[test]
+fn memory_store_lost_by_kill_9_a_resuming_device_is_told_what_it_may_have_missed() {
+    let cfg = config();
+    let node = NodeProcess::start(&cfg);
+    let opts = options(&cfg, "inc-1", 0);
+    let first_run = run(seen_incarnation(node.client_addr, opts.clone()));
+    // Three messages for the device while it is offline, then the node dies
+    // with its memory store.
+    let mut push = backend(node.push_addr);
+    let stored: Vec<u64> = (0..3).map(|i| push_one(&mut push, "inc-1", format!("lost {i}")).seq).collect();
+    drop(push);
+    drop(node);
+    let node = NodeProcess::start(&cfg);
+    run(async move {
+        // A fresh install (never saw the store) has nothing to miss.
+        let (fresh, ev) = first_after_auth(node.client_addr, options(&cfg, "inc-2", 0)).await;
+        assert!(matches!(ev, ClientEvent::Pong { .. }), "{ev:?}");
+        fresh.close().await;
+        // The device that saw the earlier store resumes from 0.
+        let mut o = opts.clone();
+        o.store_incarnation = first_run;
+        let (mut conn, ev) = first_after_auth(node.client_addr, o.clone()).await;
+        let ClientEvent::ResyncRequired { from_seq, to_seq } = ev else { panic!("silent loss: {ev:?}") };
+        assert_eq!(from_seq, 1);
+        assert!(stored.iter().all(|&s| s <= to_seq), "{stored:?} within ..={to_seq}");
+        assert_eq!(conn.store_incarnation(), first_run, "adopted only once the resync is handled");
+        assert!(matches!(conn.next_event().await.unwrap(), ClientEvent::Pong { .. }));
+        let now_seen = conn.store_incarnation();
+        assert!(now_seen != first_run && now_seen != 0, "the new store adopted");
+        assert_eq!(conn.last_seq(), to_seq);
+        conn.close().await;
+        // Resuming again with what it adopted: nothing more to tell.
+        let mut o = options(&cfg, "inc-1", to_seq);
+        o.store_incarnation = now_seen;
+        let (_, ev) = first_after_auth(node.client_addr, o).await;
+        assert!(matches!(ev, ClientEvent::Pong { .. }), "{ev:?}");
+    });
+}
+
+#[test]
+fn redis_store_that_lost_its_data_a_resuming_device_is_told_what_it_may_have_missed() {
+    let redis = RedisServer::start();
+    let mut cfg = config();
+    cfg.delivery.redis_url = redis.url();
+    let server = start(&cfg);
+    let addr = server.client_addr();
+    let mut push = backend(server.push_addr());
+    let opts = options(&cfg, "inc-r", 0);
+    let before = run(seen_incarnation(addr, opts.clone()));
+    let stored: Vec<u64> = (0..3).map(|i| push_one(&mut push, "inc-r", format!("lost {i}")).seq).collect();
+    // Redis loses everything (a restart without persistence, a flush).
+    let mut conn = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    redis::cmd("FLUSHALL").query::<()>(&mut conn).unwrap();
+    run(async move {
+        let mut o = opts.clone();
+        o.store_incarnation = before;
+        let mut conn = connect(addr, o).await;
+        // The Redis replay answers after a while: wait for what comes first.
+        let ev = futures_lite::future::or(async { Some(next_delivery(&mut conn).await) }, async {
+            glommio::timer::sleep(WAIT).await;
+            None
+        })
+        .await;
+        let Some(ClientEvent::ResyncRequired { from_seq, to_seq }) = ev else { panic!("silent loss: {ev:?}") };
+        assert_eq!(from_seq, 1);
+        assert!(stored.iter().all(|&s| s <= to_seq), "{stored:?} within ..={to_seq}");
+        conn.ack_now().await.unwrap();
+        conn.close().await;
+        // The store's new incarnation is what AuthOk names from now on; the
+        // client, resumed past the gap, is not told again.
+        let mut o = options(&cfg, "inc-r", to_seq);
+        o.store_incarnation = before;
+        let (mut conn, ok) = Connection::connect(addr, o).await.unwrap();
+        assert!(ok.store_incarnation != before && ok.store_incarnation != 0);
+        assert_nothing_queued(&mut conn).await;
+    });
+    server.shutdown();
+}
+
 /// A client speaking raw frames, to see flags and withhold ACKs.
 struct RawClient {
     stream: glommio::net::TcpStream,

@@ -98,6 +98,31 @@ fn unknown_history_is_reported_not_silently_skipped() {
 }
 
 #[test]
+fn the_incarnation_names_the_contents_and_base_bounds_what_a_resume_may_have_missed() {
+    both(Retention::default(), |s, name| {
+        let r = block_on(s.replay("d", 0, 10, NOW)).unwrap();
+        assert!(r.incarnation != 0 && r.incarnation == s.incarnation(), "{name}: {r:?}");
+        assert_eq!(r.base, NOW * 1000, "{name}: nothing issued yet for the device");
+        let first = block_on(s.append("d", msg(1), NOW + 7)).unwrap().seq;
+        let r = block_on(s.replay("d", 0, 10, NOW + 8)).unwrap();
+        assert!(r.base < first && r.base >= NOW * 1000, "{name}: {} < {first}", r.base);
+        // A sequence of an earlier life of the store: the gap up to this
+        // one's first sequence is reported even with a timeline here now.
+        let r = block_on(s.replay("d", 42, 10, NOW + 8)).unwrap();
+        assert_eq!((r.missing, r.messages.len()), (Some((43, first - 1)), 1), "{name}");
+    });
+    // Redis loses its data: a new incarnation.
+    let redis = RedisServer::start();
+    let store = redis_store(&redis, Retention::default());
+    let before = block_on(store.replay("d", 0, 10, NOW)).unwrap().incarnation;
+    let mut conn = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    redis::cmd("FLUSHALL").query::<()>(&mut conn).unwrap();
+    let after = block_on(store.replay("d", 0, 10, NOW)).unwrap().incarnation;
+    assert!(after != before && after != 0);
+    assert_eq!(store.incarnation(), after, "AuthOk names the new one from now on");
+}
+
+#[test]
 fn message_ttl_and_age_expire() {
     let retention = Retention { max_age_ms: 1_000, ..Default::default() };
     both(retention, |s, name| {

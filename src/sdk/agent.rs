@@ -317,6 +317,9 @@ pub struct Agent {
     delivered_seq: u64,
     /// Highest sequence the application handled: the resume point.
     handled_seq: u64,
+    /// The node store's incarnation adopted (sent in Auth; see
+    /// `ClientSession::store_incarnation`).
+    store_incarnation: u64,
     /// An Ack is owed by then (see `AgentConfig::ack_delay_ms`).
     ack_due: Option<Millis>,
     pending: BTreeMap<RequestId, Pending>,
@@ -349,6 +352,7 @@ impl Agent {
             next_link: 0,
             delivered_seq: cfg.client.last_seq,
             handled_seq: cfg.client.last_seq,
+            store_incarnation: cfg.client.store_incarnation,
             ack_due: None,
             pending: BTreeMap::new(),
             next_msg_id,
@@ -383,6 +387,12 @@ impl Agent {
     /// Persist it and pass it in `ClientOptions::last_seq` after a restart.
     pub fn last_seq(&self) -> u64 {
         self.handled_seq
+    }
+
+    /// The node store's incarnation: persist it with [`Agent::last_seq`] and
+    /// pass it in `ClientOptions::store_incarnation` after a restart.
+    pub fn store_incarnation(&self) -> u64 {
+        self.store_incarnation
     }
 
     /// Duplicate at-least-once messages dropped so far.
@@ -473,6 +483,7 @@ impl Agent {
         let endpoint = endpoint.clone();
         let mut opts = self.cfg.client.clone();
         opts.last_seq = self.handled_seq;
+        opts.store_incarnation = self.store_incarnation;
         if opts.heartbeat_ms == 0 {
             // The longest the server allows: the smart heartbeat climbs
             // toward it, and the server's idle timeout covers it.
@@ -620,6 +631,7 @@ impl Agent {
         let caught_up = self.handled_seq >= self.delivered_seq;
         let State::Up(up) = &mut self.state else { return };
         up.session.handled(seq);
+        self.store_incarnation = up.session.store_incarnation();
         if !up.active {
             return; // no Ack before AuthOk; it goes out once active
         }
@@ -764,6 +776,7 @@ impl Agent {
             ClientEvent::Connected(ok) => {
                 let State::Up(up) = &mut self.state else { return };
                 up.active = true;
+                self.store_incarnation = up.session.store_incarnation();
                 let endpoint = up.endpoint.clone();
                 // The negotiated interval is the longest the server's idle
                 // timeout covers.
