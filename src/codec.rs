@@ -341,6 +341,7 @@ mod tests {
                     stored_at_ms: 1,
                     sent_at_ms: 2,
                     acked_at_ms: 3,
+                    reason: String::new(),
                 }],
             }),
             Frame::Request(proto::Request {

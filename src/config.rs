@@ -167,6 +167,18 @@ config_struct! {
         /// message stays in the timeline and is replayed when the client
         /// reconnects. Default: 10. Allowed: 1 to 255.
         pub max_retries: u8 = 10,
+        /// Sessions of a device that may replay messages it was sent and
+        /// never acknowledged; at the next one they expire (status EXPIRED,
+        /// "not acknowledged after N replays") and the client gets
+        /// ResyncRequired for them instead. An ACK starts the count over.
+        /// 0: replay until retention drops them. Default: 3. Allowed: 0 to
+        /// 1000.
+        pub max_replays: u32 = 3,
+        /// How long a device's learned recovery time (the resend delay that
+        /// replaces N after its messages needed resends) is kept in the
+        /// timeline store, so it survives an empty window and reconnects,
+        /// in seconds. Default: 86400. Allowed: 1 to 2592000 (30 days).
+        pub learned_ttl_secs: u64 = 86_400,
         /// Messages kept per device timeline; older unacknowledged ones are
         /// dropped and reported to the client as a missing range
         /// (ResyncRequired). Default: 1000. Minimum: 1.
@@ -800,6 +812,8 @@ impl DeliveryConfig {
             " (delivery.retry_base_ms..=1 h)",
         )?;
         check_min("delivery.max_retries", self.max_retries, 1, "")?;
+        check_range("delivery.max_replays", self.max_replays, 0, 1000, "")?;
+        check_range("delivery.learned_ttl_secs", self.learned_ttl_secs, 1, 30 * 86_400, "")?;
         check_min("delivery.retention_messages", self.retention_messages, 1, "")?;
         check_min("delivery.retention_age_ms", self.retention_age_ms, 1000, "")?;
         check_min("delivery.status_records", self.status_records, 1, "")?;
@@ -841,6 +855,8 @@ impl DeliveryConfig {
             max_messages: self.retention_messages as usize,
             max_age_ms: self.retention_age_ms,
             max_status_records: self.status_records as usize,
+            max_unacked_replays: self.max_replays,
+            learned_ttl_ms: self.learned_ttl_secs.saturating_mul(1000),
         }
     }
 }
@@ -1138,6 +1154,8 @@ mod tests {
             ("[delivery]\nretry_base_ms = 5", "delivery.retry_base_ms"),
             ("[delivery]\nretry_base_ms = 5000\nretry_max_delay_ms = 1000", "delivery.retry_max_delay_ms"),
             ("[delivery]\nmax_retries = 0", "delivery.max_retries"),
+            ("[delivery]\nmax_replays = 1001", "delivery.max_replays"),
+            ("[delivery]\nlearned_ttl_secs = 0", "delivery.learned_ttl_secs"),
             ("[delivery]\nretention_messages = 0", "delivery.retention_messages"),
             ("[delivery]\nredis_url = \"localhost:6379\"", "delivery.redis_url"),
             ("[delivery]\nredis_prefix = \"\"", "delivery.redis_prefix"),

@@ -518,6 +518,7 @@ fn status_json(s: &proto::MessageStatus) -> serde_json::Value {
         "stored_at_ms": ms(s.stored_at_ms),
         "sent_at_ms": ms(s.sent_at_ms),
         "acked_at_ms": ms(s.acked_at_ms),
+        "reason": non_empty(&s.reason),
     })
 }
 
@@ -947,9 +948,16 @@ mod tests {
             stored_at_ms: 1,
             sent_at_ms: 2,
             acked_at_ms: 3,
+            reason: String::new(),
         };
         assert_eq!(status_json(&s)["state"], "ACKED");
         assert_eq!(status_json(&proto::MessageStatus::default())["state"], "UNKNOWN");
+        let expired = proto::MessageStatus {
+            state: proto::DeliveryState::Expired as i32,
+            reason: "not acknowledged after 3 replays to the device".into(),
+            ..Default::default()
+        };
+        assert_eq!(status_json(&expired)["reason"], "not acknowledged after 3 replays to the device");
     }
 
     #[test]

@@ -98,6 +98,9 @@ pub struct Tracked {
     /// Until the session's first replay succeeded: the store incarnation the
     /// client saw last (it may have missed all that a lost store held).
     resume_incarnation: u64,
+    /// The session's first replay has not succeeded yet: it is a resume
+    /// (counted by the store, see [`crate::store::TimelineStore::resume`]).
+    resuming: bool,
 }
 
 impl Tracked {
@@ -111,7 +114,14 @@ impl Tracked {
             refill_again: false,
             stalled: false,
             resume_incarnation: 0,
+            resuming: false,
         }
+    }
+
+    /// Starts the device's resend schedule from its learned recovery time.
+    fn learned(mut self, learned_ms: Option<u32>) -> Tracked {
+        self.window.set_learned_ms(learned_ms);
+        self
     }
 
     fn is_idle(&self) -> bool {
@@ -305,7 +315,7 @@ impl Shard {
         let key = st.key_of(slot);
         // Not active yet: the activation replay will find it.
         let Some((_, true, acks)) = st.delivery_target(key) else { return 0 };
-        let Appended { seq, oldest } = appended;
+        let Appended { seq, oldest, learned_ms } = appended;
         let now = self.now();
         let frame = message_frame(seq, message_id, &msg.service_id, &msg.payload);
         if !acks {
@@ -325,13 +335,13 @@ impl Shard {
             if oldest < seq {
                 // Older messages wait (another append still on its way, or a
                 // failed send): read them back in order.
-                let mut t = Tracked::new(key, oldest - 1);
+                let mut t = Tracked::new(key, oldest - 1).learned(learned_ms);
                 t.backlog = true;
                 self.track(st, t);
                 self.refill(st, key, now);
                 return 0;
             }
-            self.track(st, Tracked::new(key, seq - 1));
+            self.track(st, Tracked::new(key, seq - 1).learned(learned_ms));
             return u32::from(self.send_new(st, key, (seq, message_id), frame, now));
         };
         if t.refilling {
@@ -393,10 +403,16 @@ impl Shard {
         }
         t.refilling = true;
         t.refill_again = false;
-        let after = t.last_sent;
+        let (after, resume) = (t.last_sent, t.resuming);
         let store = self.store.clone();
         let now_ms = unix_ms(now);
-        let replay = async move { store.replay(&device, after, room, now_ms).await };
+        let replay = async move {
+            if resume {
+                store.resume(&device, after, room, now_ms).await
+            } else {
+                store.replay(&device, after, room, now_ms).await
+            }
+        };
         self.after_store(st, replay, move |shard, st, result| shard.on_replayed(st, key, room, result));
     }
 
@@ -416,6 +432,10 @@ impl Shard {
             }
         };
         let mut missing = replay.missing;
+        if std::mem::take(&mut t.resuming) {
+            // A reconnecting device starts from what its link taught us.
+            t.window.set_learned_ms(replay.learned_ms);
+        }
         let seen = std::mem::take(&mut t.resume_incarnation);
         if seen != 0 && replay.incarnation != 0 && seen != replay.incarnation && t.last_sent < replay.base {
             // The client resumes across a store that lost its contents: all
@@ -471,6 +491,7 @@ impl Shard {
             }
             let mut t = Tracked::new(key, login.last_seq);
             t.resume_incarnation = login.store_incarnation;
+            t.resuming = true;
             self.track(st, t);
             return self.refill(st, key, now);
         }
@@ -515,14 +536,22 @@ impl Shard {
         let Some(t) = self.tracked(st, key) else { return };
         // A client cannot acknowledge what was never sent to it.
         let seq = seq.min(t.last_sent);
+        let learned_before = t.window.learned_ms();
         let acked = t.window.on_ack(seq, now.mono, &policy);
         if acked.stale {
             return;
         }
+        let learned = t.window.learned_ms();
         t.stalled = false;
         let refill = t.backlog && !t.refilling && t.window.has_room(window);
         self.counters.reliable.acked.fetch_add(u64::from(acked.messages), Ordering::Relaxed);
         self.ack_in_store(st, &device, seq, now);
+        if learned != learned_before {
+            // Kept with the timeline: the next window or session starts
+            // from it (written only when it changes).
+            let (store, device, now_ms) = (self.store.clone(), device.clone(), unix_ms(now));
+            self.store_quietly(st, "set_learned", async move { store.set_learned(&device, learned, now_ms).await });
+        }
         if refill {
             self.refill(st, key, now);
         }
@@ -591,15 +620,20 @@ impl Shard {
 
 fn status_to_proto(message_id: u64, status: Status) -> proto::MessageStatus {
     use proto::DeliveryState as S;
+    let reason = match &status {
+        Status::Expired { by, .. } => by.to_string(),
+        _ => String::new(),
+    };
     let (state, device, seq, stored_at_ms, sent_at_ms, acked_at_ms) = match status {
         Status::Stored { device, seq, stored_at_ms } => (S::Stored, device, seq, stored_at_ms, 0, 0),
         Status::Sent { device, seq, stored_at_ms, sent_at_ms } => (S::Sent, device, seq, stored_at_ms, sent_at_ms, 0),
         Status::Acked { device, seq, stored_at_ms, sent_at_ms, acked_at_ms } => {
             (S::Acked, device, seq, stored_at_ms, sent_at_ms, acked_at_ms)
         }
-        Status::Expired { device, seq } => (S::Expired, device, seq, 0, 0, 0),
+        Status::Expired { device, seq, .. } => (S::Expired, device, seq, 0, 0, 0),
     };
-    proto::MessageStatus { message_id, state: state as i32, device, seq, stored_at_ms, sent_at_ms, acked_at_ms }
+    let state = state as i32;
+    proto::MessageStatus { message_id, state, device, seq, stored_at_ms, sent_at_ms, acked_at_ms, reason }
 }
 
 #[cfg(test)]

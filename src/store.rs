@@ -11,6 +11,13 @@
 //! resumes from a sequence the store can no longer replay (retention, or a
 //! memory store that restarted) gets the missing range instead of silence.
 //!
+//! Per device the store also keeps the learned recovery time of the
+//! retransmission schedule ([`TimelineStore::set_learned`], with a TTL), so
+//! a device starts from it when its window empties or it reconnects, and
+//! counts the sessions that replayed its backlog without an ACK: after
+//! `Retention::max_unacked_replays` of them the replayed messages expire
+//! ([`TimelineStore::resume`]).
+//!
 //! Each store has an incarnation ([`TimelineStore::incarnation`]) that
 //! changes when its contents were lost: a memory store's is random per
 //! start, Redis keeps one in a key (a Redis that lost its data makes a new
@@ -55,6 +62,8 @@ pub struct Appended {
     /// (`== seq` when nothing older waits: the message may be sent at once
     /// to a device with nothing in flight).
     pub oldest: u64,
+    /// The device's learned recovery time, if one is kept.
+    pub learned_ms: Option<u32>,
 }
 
 /// What a resume finds.
@@ -67,6 +76,8 @@ pub struct Replay {
     pub missing: Option<(u64, u64)>,
     /// The store's incarnation as of this read (0: unknown).
     pub incarnation: u64,
+    /// The device's learned recovery time, if one is kept.
+    pub learned_ms: Option<u32>,
     /// Every sequence this incarnation issued for the device is above this:
     /// a client resuming from an earlier incarnation may have missed
     /// everything after its sequence up to here (0: unknown).
@@ -94,11 +105,38 @@ pub enum Status {
         sent_at_ms: u64,
         acked_at_ms: u64,
     },
-    /// Dropped by retention or TTL before it was acknowledged.
+    /// Dropped before it was acknowledged.
     Expired {
         device: String,
         seq: u64,
+        by: ExpiredBy,
     },
+}
+
+/// Why a message left its timeline unacknowledged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpiredBy {
+    /// More messages waited for the device than retention keeps.
+    Retention,
+    /// Older than the retention age.
+    Age,
+    /// Its push's `ttl_ms` passed.
+    Ttl,
+    /// Replayed to this many sessions of the device, none acknowledging.
+    Unacknowledged { replays: u32 },
+}
+
+impl std::fmt::Display for ExpiredBy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExpiredBy::Retention => write!(f, "dropped by retention: too many messages waiting for the device"),
+            ExpiredBy::Age => write!(f, "dropped by retention: older than the retention age"),
+            ExpiredBy::Ttl => write!(f, "its ttl passed"),
+            ExpiredBy::Unacknowledged { replays } => {
+                write!(f, "not acknowledged after {replays} replays to the device")
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -128,6 +166,15 @@ pub trait TimelineStore {
     fn append<'a>(&'a self, device: &'a str, msg: NewMessage, now_ms: u64) -> StoreFuture<'a, Appended>;
     /// Messages after `after_seq`, oldest first, at most `limit`.
     fn replay<'a>(&'a self, device: &'a str, after_seq: u64, limit: usize, now_ms: u64) -> StoreFuture<'a, Replay>;
+    /// A session of the device starts: [`TimelineStore::replay`], counting
+    /// a replay of messages the device had been sent and did not
+    /// acknowledge. Once `Retention::max_unacked_replays` sessions replayed
+    /// them without an ACK, they expire (reported missing, status EXPIRED)
+    /// instead of going out again. An ACK starts the count over.
+    fn resume<'a>(&'a self, device: &'a str, after_seq: u64, limit: usize, now_ms: u64) -> StoreFuture<'a, Replay>;
+    /// Keeps the device's learned recovery time (`None`: forget it) for
+    /// `Retention::learned_ttl_ms`.
+    fn set_learned<'a>(&'a self, device: &'a str, learned_ms: Option<u32>, now_ms: u64) -> StoreFuture<'a, ()>;
     /// The device processed everything up to `seq`: drop it from the timeline.
     fn ack<'a>(&'a self, device: &'a str, seq: u64, now_ms: u64) -> StoreFuture<'a, ()>;
     /// Records the first send of message `seq` (id `message_id`) for the
@@ -150,11 +197,22 @@ pub struct Retention {
     pub max_age_ms: u64,
     /// Status records kept (acknowledged and expired messages), per store.
     pub max_status_records: usize,
+    /// Sessions that may replay messages the device does not acknowledge;
+    /// then they expire. 0: no limit.
+    pub max_unacked_replays: u32,
+    /// How long a device's learned recovery time is kept, in ms.
+    pub learned_ttl_ms: u64,
 }
 
 impl Default for Retention {
     fn default() -> Self {
-        Retention { max_messages: 1_000, max_age_ms: 7 * 24 * 3600 * 1000, max_status_records: 100_000 }
+        Retention {
+            max_messages: 1_000,
+            max_age_ms: 7 * 24 * 3600 * 1000,
+            max_status_records: 100_000,
+            max_unacked_replays: 3,
+            learned_ttl_ms: 24 * 3600 * 1000,
+        }
     }
 }
 
@@ -167,6 +225,26 @@ struct Timeline {
     /// Highest sequence the device acknowledged.
     acked: u64,
     messages: VecDeque<(Stored, Option<u64>)>,
+    /// Sessions that replayed messages up to `replayed_through` since the
+    /// last ACK.
+    replays: u32,
+    replayed_through: u64,
+    /// Learned recovery time and until when it is kept (unix ms).
+    learned: Option<(u32, u64)>,
+}
+
+impl Timeline {
+    fn learned_ms(&self, now_ms: u64) -> Option<u32> {
+        self.learned.filter(|&(_, until)| now_ms < until).map(|(ms, _)| ms)
+    }
+
+    /// Drops the oldest message; its status says why.
+    fn drop_front(&mut self, store: &MemoryStore, device: &str, by: ExpiredBy) {
+        if let Some((m, _)) = self.messages.pop_front() {
+            self.floor = m.seq + 1;
+            store.finish(m.message_id, Status::Expired { device: device.to_owned(), seq: m.seq, by });
+        }
+    }
 }
 
 /// The embedded store: timelines in this shard's memory, bounded by
@@ -231,13 +309,16 @@ impl MemoryStore {
             let too_many = tl.messages.len() > self.retention.max_messages;
             let too_old = now_ms.saturating_sub(m.stored_at_ms) > self.retention.max_age_ms;
             let expired = m.expires_at_ms != 0 && now_ms >= m.expires_at_ms;
-            if !(too_many || too_old || expired) {
+            let by = if expired {
+                ExpiredBy::Ttl
+            } else if too_old {
+                ExpiredBy::Age
+            } else if too_many {
+                ExpiredBy::Retention
+            } else {
                 break;
-            }
-            if let Some((m, _)) = tl.messages.pop_front() {
-                tl.floor = m.seq + 1;
-                self.finish(m.message_id, Status::Expired { device: device.to_owned(), seq: m.seq });
-            }
+            };
+            tl.drop_front(self, device, by);
         }
     }
 
@@ -247,7 +328,7 @@ impl MemoryStore {
             floor: self.base_seq + 1,
             last: self.base_seq,
             acked: self.base_seq,
-            messages: VecDeque::new(),
+            ..Default::default()
         });
         tl.last += 1;
         let seq = tl.last;
@@ -265,7 +346,40 @@ impl MemoryStore {
         ));
         self.trim(device, tl, now_ms);
         let oldest = tl.messages.front().map_or(seq, |(m, _)| m.seq);
-        Appended { seq, oldest }
+        Appended { seq, oldest, learned_ms: tl.learned_ms(now_ms) }
+    }
+
+    fn resume_now(&self, device: &str, after_seq: u64, limit: usize, now_ms: u64) -> Replay {
+        let max = self.retention.max_unacked_replays;
+        if max > 0
+            && let Some(tl) = self.timelines.borrow_mut().get_mut(device)
+            && tl.replays >= max
+            && tl.replayed_through > after_seq
+        {
+            // Replayed `max` times, never acknowledged: they go, and the
+            // resume reports them missing.
+            let through = tl.replayed_through;
+            while tl.messages.front().is_some_and(|(m, _)| m.seq <= through) {
+                tl.drop_front(self, device, ExpiredBy::Unacknowledged { replays: max });
+            }
+            tl.floor = tl.floor.max(through + 1);
+            (tl.replays, tl.replayed_through) = (0, 0);
+        }
+        let replay = self.replay_now(device, after_seq, limit, now_ms);
+        if max > 0
+            && let Some(last) = replay.messages.last()
+            && let Some(tl) = self.timelines.borrow_mut().get_mut(device)
+        {
+            tl.replays += 1;
+            tl.replayed_through = tl.replayed_through.max(last.seq);
+        }
+        replay
+    }
+
+    fn set_learned_now(&self, device: &str, learned_ms: Option<u32>, now_ms: u64) {
+        if let Some(tl) = self.timelines.borrow_mut().get_mut(device) {
+            tl.learned = learned_ms.map(|ms| (ms, now_ms.saturating_add(self.retention.learned_ttl_ms)));
+        }
     }
 
     fn replay_now(&self, device: &str, after_seq: u64, limit: usize, now_ms: u64) -> Replay {
@@ -275,7 +389,8 @@ impl MemoryStore {
             // processed a sequence from an earlier run may have missed
             // messages that died with it.
             let missing = (after_seq > 0 && after_seq < self.base_seq).then_some((after_seq + 1, self.base_seq));
-            return Replay { messages: Vec::new(), missing, incarnation: self.incarnation, base: self.base_seq };
+            let base = self.base_seq;
+            return Replay { messages: Vec::new(), missing, incarnation: self.incarnation, base, learned_ms: None };
         };
         self.trim(device, tl, now_ms);
         // Everything below the floor is gone; the client missed what lies
@@ -287,12 +402,17 @@ impl MemoryStore {
         let missing = (known < gone_up_to).then(|| (known + 1, gone_up_to));
         let live = |m: &Stored| m.seq > after_seq && (m.expires_at_ms == 0 || now_ms < m.expires_at_ms);
         let messages = tl.messages.iter().filter(|(m, _)| live(m)).take(limit).map(|(m, _)| m.clone()).collect();
-        Replay { messages, missing, incarnation: self.incarnation, base: self.base_seq }
+        let learned_ms = tl.learned_ms(now_ms);
+        Replay { messages, missing, incarnation: self.incarnation, base: self.base_seq, learned_ms }
     }
 
     fn ack_now(&self, device: &str, seq: u64, now_ms: u64) {
         let mut timelines = self.timelines.borrow_mut();
         let Some(tl) = timelines.get_mut(device) else { return };
+        if seq.min(tl.last) > tl.acked {
+            // The device acknowledges again: replays count from zero.
+            (tl.replays, tl.replayed_through) = (0, 0);
+        }
         tl.acked = tl.acked.max(seq.min(tl.last));
         while tl.messages.front().is_some_and(|(m, _)| m.seq <= seq) {
             if let Some((m, sent)) = tl.messages.pop_front() {
@@ -347,6 +467,15 @@ impl TimelineStore for MemoryStore {
 
     fn replay<'a>(&'a self, device: &'a str, after_seq: u64, limit: usize, now_ms: u64) -> StoreFuture<'a, Replay> {
         ready(self.replay_now(device, after_seq, limit, now_ms))
+    }
+
+    fn resume<'a>(&'a self, device: &'a str, after_seq: u64, limit: usize, now_ms: u64) -> StoreFuture<'a, Replay> {
+        ready(self.resume_now(device, after_seq, limit, now_ms))
+    }
+
+    fn set_learned<'a>(&'a self, device: &'a str, learned_ms: Option<u32>, now_ms: u64) -> StoreFuture<'a, ()> {
+        self.set_learned_now(device, learned_ms, now_ms);
+        ready(())
     }
 
     fn ack<'a>(&'a self, device: &'a str, seq: u64, now_ms: u64) -> StoreFuture<'a, ()> {

@@ -16,7 +16,10 @@
 //! `status_ttl_secs` once the message is acknowledged or dropped.
 //! `P:incarnation` names the store's contents: made once (SET NX) by the
 //! first sidecar to miss it, so a Redis that lost its data gets a new one;
-//! a counter records the sequence it started above (`base`).
+//! a counter records the sequence it started above (`base`), and the
+//! sessions that replayed messages the device did not acknowledge
+//! (`replays`, up to sequence `through`). `P:lrn:{device}` holds the
+//! device's learned recovery time, with a TTL.
 //!
 //! Per message: one APPEND script, one plain `HSETNX` when it is first sent,
 //! and one ACK script (an ACK covers every message up to its sequence).
@@ -35,7 +38,9 @@ use redis::Value;
 
 use crate::ids::stable_hash;
 use crate::redis_link::{self, NotSent, RedisLink, SidecarHandle, as_u64, take_batch};
-use crate::store::{Appended, NewMessage, Replay, Retention, Status, StoreError, StoreFuture, Stored, TimelineStore};
+use crate::store::{
+    Appended, ExpiredBy, NewMessage, Replay, Retention, Status, StoreError, StoreFuture, Stored, TimelineStore,
+};
 
 /// Settings of the Redis store.
 #[derive(Clone, Debug)]
@@ -58,7 +63,8 @@ pub struct RedisStoreConfig {
 
 enum Op {
     Append { device: String, msg: NewMessage, now_ms: u64 },
-    Replay { device: String, after: u64, limit: usize, now_ms: u64 },
+    Replay { device: String, after: u64, limit: usize, now_ms: u64, resume: bool },
+    SetLearned { device: String, learned_ms: Option<u32> },
     Ack { device: String, seq: u64, now_ms: u64 },
     MarkSent { message_id: u64, now_ms: u64 },
     Status { message_id: u64 },
@@ -128,9 +134,18 @@ impl TimelineStore for RedisStore {
     }
 
     fn replay<'a>(&'a self, device: &'a str, after_seq: u64, limit: usize, now_ms: u64) -> StoreFuture<'a, Replay> {
-        let f =
-            self.call(stable_hash(device), Op::Replay { device: device.to_owned(), after: after_seq, limit, now_ms });
-        expect(f, |a| if let Answer::Replay(r) = a { Some(r) } else { None })
+        let op = Op::Replay { device: device.to_owned(), after: after_seq, limit, now_ms, resume: false };
+        expect(self.call(stable_hash(device), op), |a| if let Answer::Replay(r) = a { Some(r) } else { None })
+    }
+
+    fn resume<'a>(&'a self, device: &'a str, after_seq: u64, limit: usize, now_ms: u64) -> StoreFuture<'a, Replay> {
+        let op = Op::Replay { device: device.to_owned(), after: after_seq, limit, now_ms, resume: true };
+        expect(self.call(stable_hash(device), op), |a| if let Answer::Replay(r) = a { Some(r) } else { None })
+    }
+
+    fn set_learned<'a>(&'a self, device: &'a str, learned_ms: Option<u32>, _now_ms: u64) -> StoreFuture<'a, ()> {
+        let f = self.call(stable_hash(device), Op::SetLearned { device: device.to_owned(), learned_ms });
+        expect(f, |a| matches!(a, Answer::Done).then_some(()))
     }
 
     fn ack<'a>(&'a self, device: &'a str, seq: u64, now_ms: u64) -> StoreFuture<'a, ()> {
@@ -161,6 +176,7 @@ impl TimelineStore for RedisStore {
 /// while its message may still be in a timeline.
 const PRELUDE_LUA: &str = r#"
 local MAXN, MAXAGE, STATUS_TTL, IDLE_TTL, MSG_TTL = {MAXN}, {MAXAGE}, {STATUS_TTL}, {IDLE_TTL}, {MSG_TTL}
+local MAXREPLAYS = {MAXREPLAYS}
 local MSGP = '{MSGP}'
 local INCARNATION = '{INCK}'
 -- The store's incarnation, made once (candidate: a random number of the
@@ -171,13 +187,14 @@ local function incarnation(candidate)
   redis.call('SET', INCARNATION, candidate)
   return candidate
 end
--- Drops the n oldest entries of a timeline, marking them expired.
-local function drop_oldest(tl, seqkey, n)
+-- Drops the n oldest entries of a timeline, marking them expired (why: 1
+-- retention count, 2 age, 3 the push's TTL, 4 replays without an ACK).
+local function drop_oldest(tl, seqkey, n, why)
   local gone = redis.call('ZRANGE', tl, 0, n - 1)
   local last
   for _, m in ipairs(gone) do
     local s, mid = string.match(m, '^(%d+):(%d+):')
-    redis.call('HSET', MSGP .. mid, 'expired', 1)
+    redis.call('HSET', MSGP .. mid, 'expired', why)
     redis.call('EXPIRE', MSGP .. mid, STATUS_TTL)
     last = s
   end
@@ -186,11 +203,13 @@ local function drop_oldest(tl, seqkey, n)
 end
 "#;
 
-/// KEYS: seq, tl. ARGV: id, now, expires_at, service, payload, base_seq,
-/// device. Returns {seq, oldest sequence still in the timeline}. Trims by
-/// count only; age and TTL are trimmed when the timeline is read.
+/// KEYS: seq, tl, learned. ARGV: id, now, expires_at, service, payload,
+/// base_seq, device. Returns {seq, oldest sequence still in the timeline,
+/// learned recovery time ('0': none)}. Trims by count only; age and TTL are
+/// trimmed when the timeline is read.
 const APPEND_LUA: &str = r#"
 local seqkey, tl = KEYS[1], KEYS[2]
+local learned = redis.call('GET', KEYS[3]) or '0'
 local seq = redis.call('HINCRBY', seqkey, 'last', 1)
 if seq == 1 then
   -- A new counter (or Redis lost it): start above every earlier run.
@@ -208,41 +227,67 @@ if n == 1 then
   -- (Redis deletes an empty sorted set) or expired with an idle timeline.
   redis.call('EXPIRE', tl, IDLE_TTL)
   redis.call('HSET', seqkey, 'floor', s)
-  return {s, s}
+  return {s, s, learned}
 end
-if n > MAXN then drop_oldest(tl, seqkey, n - MAXN) end
+if n > MAXN then drop_oldest(tl, seqkey, n - MAXN, 1) end
 -- Idle expiry: refreshed once a tenth of it has run down.
 if redis.call('TTL', tl) < IDLE_TTL - IDLE_TTL / 10 then redis.call('EXPIRE', tl, IDLE_TTL) end
 local first = redis.call('ZRANGE', tl, 0, 0, 'WITHSCORES')
-return {s, first[2] or s}
+return {s, first[2] or s, learned}
 "#;
 
-/// KEYS: seq, tl. ARGV: after, limit, now, incarnation candidate. Returns
-/// {counter, floor, acked, incarnation, base, members...} ('0' = absent).
+/// KEYS: seq, tl, learned. ARGV: after, limit, now, incarnation candidate,
+/// resume (1: a session starts: count the replay, expire what was replayed
+/// MAXREPLAYS times without an ACK). Returns {counter, floor, acked,
+/// incarnation, base, learned, members...} ('0' = absent).
 const REPLAY_LUA: &str = r#"
 local seqkey, tl = KEYS[1], KEYS[2]
 local now = tonumber(ARGV[3])
+local resume = ARGV[5] == '1' and MAXREPLAYS > 0
 local n = redis.call('ZCARD', tl)
-if n > MAXN then drop_oldest(tl, seqkey, n - MAXN) end
+if n > MAXN then drop_oldest(tl, seqkey, n - MAXN, 1) end
 while true do
   local first = redis.call('ZRANGE', tl, 0, 0)[1]
   if not first then break end
   local _, _, stored, exp = string.match(first, '^(%d+):(%d+):(%d+):(%d+):')
-  if now - tonumber(stored) > MAXAGE or (tonumber(exp) ~= 0 and now >= tonumber(exp)) then
-    drop_oldest(tl, seqkey, 1)
+  if tonumber(exp) ~= 0 and now >= tonumber(exp) then
+    drop_oldest(tl, seqkey, 1, 3)
+  elseif now - tonumber(stored) > MAXAGE then
+    drop_oldest(tl, seqkey, 1, 2)
   else
     break
   end
 end
+if resume then
+  local r = redis.call('HMGET', seqkey, 'replays', 'through')
+  local through = tonumber(r[2] or '0')
+  if tonumber(r[1] or '0') >= MAXREPLAYS and through > tonumber(ARGV[1]) then
+    -- Replayed MAXREPLAYS times, never acknowledged: they go.
+    local k = redis.call('ZCOUNT', tl, '-inf', through)
+    if k > 0 then drop_oldest(tl, seqkey, k, 4) end
+    local floor = tonumber(redis.call('HGET', seqkey, 'floor') or '0')
+    if floor <= through then redis.call('HSET', seqkey, 'floor', string.format('%.0f', through + 1)) end
+    redis.call('HDEL', seqkey, 'replays', 'through')
+  end
+end
 local c = redis.call('HMGET', seqkey, 'last', 'floor', 'acked', 'base')
-local out = {c[1] or '0', c[2] or '0', c[3] or '0', incarnation(ARGV[4]), c[4] or '0'}
+local out = {c[1] or '0', c[2] or '0', c[3] or '0', incarnation(ARGV[4]), c[4] or '0', redis.call('GET', KEYS[3]) or '0'}
 -- No timeline (all acknowledged, or expired when idle): nothing up to the
 -- counter can be replayed.
 if c[1] and redis.call('EXISTS', tl) == 0 then out[2] = string.format('%.0f', tonumber(c[1]) + 1) end
 local members = redis.call('ZRANGEBYSCORE', tl, '(' .. ARGV[1], '+inf', 'LIMIT', 0, tonumber(ARGV[2]))
+local replayed
 for _, m in ipairs(members) do
-  local _, _, _, exp = string.match(m, '^(%d+):(%d+):(%d+):(%d+):')
-  if tonumber(exp) == 0 or now < tonumber(exp) then table.insert(out, m) end
+  local s, _, _, exp = string.match(m, '^(%d+):(%d+):(%d+):(%d+):')
+  if tonumber(exp) == 0 or now < tonumber(exp) then
+    table.insert(out, m)
+    replayed = s
+  end
+end
+if resume and replayed then
+  redis.call('HINCRBY', seqkey, 'replays', 1)
+  local through = tonumber(redis.call('HGET', seqkey, 'through') or '0')
+  if tonumber(replayed) > through then redis.call('HSET', seqkey, 'through', replayed) end
 end
 return out
 "#;
@@ -260,6 +305,8 @@ for _, m in ipairs(gone) do
   redis.call('HSET', MSGP .. mid, 'acked_at', ARGV[2])
   redis.call('EXPIRE', MSGP .. mid, STATUS_TTL)
 end
+-- The device acknowledges again: replays count from zero.
+redis.call('HDEL', seqkey, 'replays', 'through')
 if #gone > 0 then
   redis.call('ZREMRANGEBYSCORE', tl, '-inf', ARGV[1])
   local last = string.match(gone[#gone], '^(%d+):')
@@ -298,6 +345,7 @@ impl Sidecar {
             .replace("{STATUS_TTL}", &cfg.status_ttl_secs.to_string())
             .replace("{IDLE_TTL}", &cfg.idle_ttl_secs.to_string())
             .replace("{MSG_TTL}", &(cfg.idle_ttl_secs.max(r.max_age_ms / 1000) + cfg.status_ttl_secs).to_string())
+            .replace("{MAXREPLAYS}", &r.max_unacked_replays.to_string())
             .replace("{MSGP}", &quoted)
             .replace("{INCK}", &format!("{}:incarnation", quoted_prefix(&cfg.prefix)));
         let script = |body: &str| redis::Script::new(&format!("{prelude}\n{body}"));
@@ -328,11 +376,11 @@ impl Sidecar {
         }
     }
 
-    /// The device's counter hash (last, floor, acked; never expires) and
-    /// its timeline.
-    fn keys(&self, device: &str) -> [String; 2] {
+    /// The device's counter hash (last, floor, acked; never expires), its
+    /// timeline and its learned recovery time.
+    fn keys(&self, device: &str) -> [String; 3] {
         let p = &self.cfg.prefix;
-        [format!("{p}:seq:{{{device}}}"), format!("{p}:tl:{{{device}}}")]
+        [format!("{p}:seq:{{{device}}}"), format!("{p}:tl:{{{device}}}"), format!("{p}:lrn:{{{device}}}")]
     }
 
     /// One command per job, in order.
@@ -342,9 +390,9 @@ impl Sidecar {
         for job in batch {
             match &job.op {
                 Op::Append { device, msg, now_ms } => {
-                    let [seq, tl] = self.keys(device);
+                    let [seq, tl, learned] = self.keys(device);
                     let mut inv = self.link.script(APPEND).prepare_invoke();
-                    inv.key(seq).key(tl);
+                    inv.key(seq).key(tl).key(learned);
                     inv.arg(msg.message_id)
                         .arg(now_ms)
                         .arg(msg.expires_at_ms)
@@ -354,15 +402,24 @@ impl Sidecar {
                         .arg(device);
                     pipe.invoke_script(&inv);
                 }
-                Op::Replay { device, after, limit, now_ms } => {
-                    let [seq, tl] = self.keys(device);
+                Op::Replay { device, after, limit, now_ms, resume } => {
+                    let [seq, tl, learned] = self.keys(device);
                     let mut inv = self.link.script(REPLAY).prepare_invoke();
-                    inv.key(seq).key(tl);
-                    inv.arg(after).arg(limit).arg(now_ms).arg(self.candidate);
+                    inv.key(seq).key(tl).key(learned);
+                    inv.arg(after).arg(limit).arg(now_ms).arg(self.candidate).arg(u8::from(*resume));
                     pipe.invoke_script(&inv);
                 }
+                Op::SetLearned { device, learned_ms } => {
+                    let [_, _, key] = self.keys(device);
+                    match learned_ms {
+                        Some(ms) => {
+                            pipe.cmd("SET").arg(key).arg(ms).arg("PX").arg(self.cfg.retention.learned_ttl_ms.max(1))
+                        }
+                        None => pipe.cmd("DEL").arg(key),
+                    };
+                }
                 Op::Ack { device, seq, now_ms } => {
-                    let [seq_key, tl] = self.keys(device);
+                    let [seq_key, tl, _] = self.keys(device);
                     let mut inv = self.link.script(ACK).prepare_invoke();
                     inv.key(seq_key).key(tl).arg(seq).arg(now_ms);
                     pipe.invoke_script(&inv);
@@ -388,12 +445,15 @@ impl Sidecar {
         match op {
             Op::Append { .. } => match &value {
                 Value::Array(items) => match (items.first().and_then(as_u64), items.get(1).and_then(as_u64)) {
-                    (Some(seq), Some(oldest)) => Ok(Answer::Appended(Appended { seq, oldest })),
+                    (Some(seq), Some(oldest)) => {
+                        let learned_ms = learned(items.get(2));
+                        Ok(Answer::Appended(Appended { seq, oldest, learned_ms }))
+                    }
                     _ => Err(bad("append")),
                 },
                 _ => Err(bad("append")),
             },
-            Op::Ack { .. } | Op::MarkSent { .. } => Ok(Answer::Done),
+            Op::Ack { .. } | Op::MarkSent { .. } | Op::SetLearned { .. } => Ok(Answer::Done),
             Op::Replay { after, now_ms, .. } => {
                 let Value::Array(items) = &value else { return Err(bad("replay")) };
                 let field = |i: usize| items.get(i).and_then(as_u64);
@@ -403,8 +463,9 @@ impl Sidecar {
                     return Err(bad("replay"));
                 };
                 self.incarnation.store(incarnation, Ordering::Relaxed);
+                let learned_ms = learned(items.get(5));
                 let mut messages = Vec::new();
-                for item in &items[5..] {
+                for item in items.iter().skip(6) {
                     messages.push(parse_member(item).ok_or_else(|| bad("replay member"))?);
                 }
                 let missing = if counter == 0 {
@@ -424,9 +485,9 @@ impl Sidecar {
                 // No counter: whatever this incarnation issues later for the
                 // device starts above now.
                 let base = if counter == 0 { now_ms.saturating_mul(1000) } else { base };
-                Ok(Answer::Replay(Replay { messages, missing, incarnation, base }))
+                Ok(Answer::Replay(Replay { messages, missing, incarnation, base, learned_ms }))
             }
-            Op::Status { .. } => Ok(Answer::Status(parse_status(&value))),
+            Op::Status { .. } => Ok(Answer::Status(parse_status(&value, self.cfg.retention.max_unacked_replays))),
         }
     }
 }
@@ -480,7 +541,14 @@ fn parse_member(v: &Value) -> Option<Stored> {
     })
 }
 
-fn parse_status(v: &Value) -> Option<Status> {
+/// A learned recovery time as the scripts return it ('0': none).
+fn learned(v: Option<&Value>) -> Option<u32> {
+    v.and_then(as_u64).and_then(|ms| u32::try_from(ms).ok()).filter(|&ms| ms > 0)
+}
+
+/// `replays`: the limit in force, named in the reason of messages that
+/// expired unacknowledged.
+fn parse_status(v: &Value, replays: u32) -> Option<Status> {
     let Value::Array(items) = v else { return None };
     let get = |name: &str| -> Option<String> {
         items.chunks(2).find_map(|kv| match kv {
@@ -496,13 +564,19 @@ fn parse_status(v: &Value) -> Option<Status> {
     let stored_at_ms = num(get("stored_at")).unwrap_or(0);
     let sent = num(get("sent_at"));
     let acked = num(get("acked_at"));
-    Some(match (get("expired").is_some(), sent, acked) {
+    let expired = get("expired").map(|why| match why.as_str() {
+        "2" => ExpiredBy::Age,
+        "3" => ExpiredBy::Ttl,
+        "4" => ExpiredBy::Unacknowledged { replays },
+        _ => ExpiredBy::Retention,
+    });
+    Some(match (expired, sent, acked) {
         (_, sent, Some(acked_at_ms)) => {
             Status::Acked { device, seq, stored_at_ms, sent_at_ms: sent.unwrap_or(acked_at_ms), acked_at_ms }
         }
-        (true, _, None) => Status::Expired { device, seq },
-        (false, Some(sent_at_ms), None) => Status::Sent { device, seq, stored_at_ms, sent_at_ms },
-        (false, None, None) => Status::Stored { device, seq, stored_at_ms },
+        (Some(by), _, None) => Status::Expired { device, seq, by },
+        (None, Some(sent_at_ms), None) => Status::Sent { device, seq, stored_at_ms, sent_at_ms },
+        (None, None, None) => Status::Stored { device, seq, stored_at_ms },
     })
 }
 

@@ -393,14 +393,41 @@ struct RawClient {
 
 impl RawClient {
     async fn connect(addr: SocketAddr, token: String) -> RawClient {
+        RawClient::resume(addr, token, 0).await.0
+    }
+
+    /// Connects after `last_seq`; also returns what came within 300 ms
+    /// after AuthOk.
+    async fn resume(addr: SocketAddr, token: String, last_seq: u64) -> (RawClient, Vec<(Header, Frame)>) {
         use futures_lite::AsyncWriteExt;
         let mut stream = glommio::net::TcpStream::connect(addr).await.unwrap();
-        let auth = proto::Auth { token, capabilities: proto::Capability::Ack as u32, ..Default::default() };
+        let auth = proto::Auth { token, capabilities: proto::Capability::Ack as u32, last_seq, ..Default::default() };
         stream.write_all(&Frame::Auth(auth).to_bytes()).await.unwrap();
         let mut raw = RawClient { stream, buf: Vec::new() };
-        let frames = raw.read_for(Duration::from_millis(300)).await;
+        let mut frames = raw.read_for(Duration::from_millis(300)).await;
         assert!(matches!(frames.first(), Some((_, Frame::AuthOk(_)))), "{frames:?}");
-        raw
+        frames.remove(0);
+        (raw, frames)
+    }
+
+    async fn close(self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both).await;
+    }
+
+    /// Reads until `done` holds for everything read so far (or `WAIT`
+    /// passes: then it panics, naming `what`).
+    async fn read_until(
+        &mut self,
+        mut seen: Vec<(Header, Frame)>,
+        what: &str,
+        done: impl Fn(&[(Header, Frame)]) -> bool,
+    ) -> Vec<(Header, Frame)> {
+        let deadline = Instant::now() + WAIT;
+        while !done(&seen) {
+            assert!(Instant::now() < deadline, "no {what} within {WAIT:?}: {seen:?}");
+            seen.extend(self.read_for(Duration::from_millis(20)).await);
+        }
+        seen
     }
 
     async fn send(&mut self, frame: Frame) {
@@ -489,6 +516,115 @@ fn the_window_bounds_what_is_in_flight_and_unacked_messages_are_resent_flagged()
     assert!(total(&server, |c| &c.retries) >= 4);
     assert!(wait_until(WAIT, || total(&server, |c| &c.tracked_devices) == 0), "state left behind");
     server.shutdown();
+}
+
+/// Sends of `seq` so far: (first sends, retransmissions).
+fn sends_of(frames: &[(Header, Frame)], seq: u64) -> (usize, usize) {
+    let of = |resent| {
+        frames
+            .iter()
+            .filter(|(h, f)| h.flags.is_retransmission() == resent && matches!(f, Frame::Message(m) if m.seq == seq))
+            .count()
+    };
+    (of(false), of(true))
+}
+
+/// Runs `check` with a node on the memory store and with one on Redis.
+fn on_both_stores(mut cfg: Config, check: impl Fn(&Server, &Config, Option<&RedisServer>)) {
+    let server = start(&cfg);
+    check(&server, &cfg, None);
+    server.shutdown();
+    let redis = RedisServer::start();
+    cfg.delivery.redis_url = redis.url();
+    let server = start(&cfg);
+    check(&server, &cfg, Some(&redis));
+    server.shutdown();
+}
+
+/// How long after its first send the first retransmission of `seq` came.
+async fn first_resend_after(raw: &mut RawClient, seq: u64) -> Duration {
+    let frames = raw.read_until(Vec::new(), "first send", |f| sends_of(f, seq).0 == 1).await;
+    let sent = Instant::now();
+    raw.read_until(frames, "retransmission", |f| sends_of(f, seq).1 >= 1).await;
+    sent.elapsed()
+}
+
+#[test]
+fn a_device_keeps_its_learned_recovery_time_when_its_window_empties_and_when_it_reconnects() {
+    let mut cfg = config();
+    // N = 100 ms four times, then +1 s: a device whose ACK needs the fifth
+    // resend has a recovery time of at least 1.5 s.
+    cfg.delivery.retry_base_ms = 100;
+    cfg.delivery.retry_fast = 4;
+    cfg.delivery.retry_step_ms = 1_000;
+    on_both_stores(cfg, |server, cfg, redis| {
+        let (addr, mut push) = (server.client_addr(), backend(server.push_addr()));
+        let token = token(cfg, "lr", "learn-1");
+        run(async move {
+            let mut raw = RawClient::connect(addr, token.clone()).await;
+            let m1 = push_one(&mut push, "learn-1", "m1".into());
+            raw.read_until(Vec::new(), "five resends", |f| sends_of(f, m1.seq).1 >= 5).await;
+            raw.send(Frame::Ack(proto::Ack { seq: m1.seq })).await;
+            // Its window is empty now; the next message waits the learned
+            // time, not N, before its first resend.
+            let m2 = push_one(&mut push, "learn-1", "m2".into());
+            let waited = first_resend_after(&mut raw, m2.seq).await;
+            assert!(waited >= Duration::from_millis(1_000), "window emptied: resent after {waited:?}");
+            raw.send(Frame::Ack(proto::Ack { seq: m2.seq })).await;
+            raw.close().await;
+            assert!(wait_until(WAIT, || !push.presence(&["learn-1"], &[], &[]).unwrap().devices[0].online));
+            if let Some(redis) = redis {
+                assert!(redis.exists("ll:lrn:{learn-1}"), "kept with the timeline, with a TTL");
+            }
+            // A new session of the device starts from it too.
+            let (mut raw, _) = RawClient::resume(addr, token, m2.seq).await;
+            let m3 = push_one(&mut push, "learn-1", "m3".into());
+            let waited = first_resend_after(&mut raw, m3.seq).await;
+            assert!(waited >= Duration::from_millis(1_000), "reconnected: resent after {waited:?}");
+        });
+    });
+}
+
+#[test]
+fn a_client_that_never_acks_gets_its_backlog_replayed_max_replays_times_then_expired_with_a_resync() {
+    let mut cfg = config();
+    cfg.delivery.max_replays = 2;
+    on_both_stores(cfg, |server, cfg, _| {
+        let (addr, mut push) = (server.client_addr(), backend(server.push_addr()));
+        let token = token(cfg, "nr", "never-acks");
+        run(async move {
+            let r: Vec<_> = (0..3).map(|i| push_one(&mut push, "never-acks", format!("b{i}"))).collect();
+            let seqs: Vec<u64> = r.iter().map(|r| r.seq).collect();
+            for session in 0..2 {
+                let (mut raw, frames) = RawClient::resume(addr, token.clone(), 0).await;
+                let frames =
+                    raw.read_until(frames, "the backlog", |f| seqs.iter().all(|&s| sends_of(f, s).0 == 1)).await;
+                assert!(!frames.iter().any(|(_, f)| matches!(f, Frame::ResyncRequired(_))), "session {session}");
+                raw.close().await;
+                assert!(wait_until(WAIT, || !push.presence(&["never-acks"], &[], &[]).unwrap().devices[0].online));
+            }
+            // The third session: the backlog is not sent again; the client
+            // is told it is gone.
+            let (mut raw, frames) = RawClient::resume(addr, token, 0).await;
+            let mut frames = raw
+                .read_until(frames, "ResyncRequired", |f| f.iter().any(|(_, f)| matches!(f, Frame::ResyncRequired(_))))
+                .await;
+            raw.send(Frame::Ping).await;
+            frames = raw.read_until(frames, "Pong", |f| f.iter().any(|(_, f)| matches!(f, Frame::Pong))).await;
+            let resync = proto::ResyncRequired { from_seq: seqs[0], to_seq: seqs[2] };
+            assert!(frames.iter().any(|(_, f)| *f == Frame::ResyncRequired(resync)), "{frames:?}");
+            assert!(!frames.iter().any(|(_, f)| matches!(f, Frame::Message(_))), "replayed again: {frames:?}");
+            let ids: Vec<u64> = r.iter().map(|r| r.message_id).collect();
+            for s in push.delivery_status(&ids).unwrap().statuses {
+                assert_eq!(s.state, DeliveryState::Expired as i32, "{s:?}");
+                assert_eq!(s.reason, "not acknowledged after 2 replays to the device");
+            }
+            // Later messages flow as usual.
+            let next = push_one(&mut push, "never-acks", "after".into());
+            assert_eq!(next.sessions, 1);
+            raw.read_until(Vec::new(), "the next message", |f| sends_of(f, next.seq).0 == 1).await;
+        });
+    });
 }
 
 #[test]
