@@ -644,6 +644,9 @@ impl Shard {
             futures_lite::future::yield_now().await;
             let started = Instant::now();
             let reply = shard.cluster_request(&local, frame, &alarm).await;
+            if alarm.rang() {
+                shard.counters.push_timeouts.fetch_add(1, Ordering::Relaxed);
+            }
             let counters = &local.shared.counters;
             counters.request_latency.record(started.elapsed());
             counters.requests.fetch_add(1, Ordering::Relaxed);

@@ -163,6 +163,11 @@ impl Alarm {
         }
     }
 
+    /// Whether the deadline passed.
+    pub(crate) fn rang(&self) -> bool {
+        self.fired.get()
+    }
+
     /// `fut`'s output, or `None` when the alarm rings first.
     pub(crate) async fn before<T>(&self, fut: impl Future<Output = T>) -> Option<T> {
         let rung = std::future::poll_fn(|cx| {

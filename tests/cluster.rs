@@ -625,6 +625,38 @@ fn kill_9_of_the_node_pushes_are_forwarded_to_every_push_answered_and_the_lost_o
 }
 
 #[test]
+fn a_router_that_does_not_answer_cannot_hold_a_cluster_push_past_the_reply_deadline() {
+    let redis = RedisServer::start();
+    let slow_redis = |name, index| {
+        let mut cfg = node_config(&redis, name, index);
+        // A stopped Redis would hold a route lookup for 30 s.
+        cfg.delivery.redis_timeout_ms = 30_000;
+        cfg.push.reply_timeout_ms = 3_000;
+        cfg
+    };
+    let a = Node::start(slow_redis("a", 0));
+    let b = Node::start(slow_redis("b", 1));
+    let cfg = a.cfg.clone();
+    let pause = |sig| {
+        // SAFETY: kill(2) of our own redis-server child.
+        unsafe { libc::kill(redis.pid() as i32, sig) };
+    };
+    run(async {
+        let _phone = connect(a.client, &cfg, "u", "held-phone").await;
+        wait_routes(&redis, &[("held-phone", "a")]);
+        let mut push = b.pusher();
+        push.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        pause(libc::SIGSTOP);
+        let reply = push.push_devices(&["held-phone"], Bytes::from_static(b"held")).expect("answered in time");
+        pause(libc::SIGCONT);
+        let r = &reply.results[0];
+        assert_eq!((status(r.status), r.retryable), (PushStatus::Rejected, true), "{reply:?}");
+        assert!(r.reason.contains("did not answer within 3000 ms"), "{}", r.reason);
+    });
+    assert_eq!(b.metric("longlink_push_timeouts_total"), 1);
+}
+
+#[test]
 fn a_node_killed_and_restarted_within_its_lease_takes_it_over_and_serves() {
     let redis = RedisServer::start();
     let mut long_lease = node_config(&redis, "a", 0);
