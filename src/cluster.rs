@@ -791,13 +791,13 @@ impl Shard {
     /// Device targets: each goes where its route says.
     async fn push_devices(self: &Rc<Self>, local: &Rc<Local>, req: proto::PushRequest, alarm: &Alarm) -> Frame {
         let devices = req.targets.as_ref().map(|t| t.devices.clone()).unwrap_or_default();
-        let mut results: Vec<proto::TargetResult> =
-            devices.iter().map(|d| proto::TargetResult { target: d.clone(), ..Default::default() }).collect();
-        let all: Vec<usize> = (0..devices.len()).collect();
         if devices.len() > self.cfg.push.max_targets_per_request as usize {
             // Refused as a whole, as by a single node.
             return self.run_locally(local, Frame::PushRequest(req)).await;
         }
+        let mut results: Vec<proto::TargetResult> =
+            devices.iter().map(|d| proto::TargetResult { target: d.clone(), ..Default::default() }).collect();
+        let all: Vec<usize> = (0..devices.len()).collect();
         let reliable = req.qos == proto::Qos::AtLeastOnce as i32;
         let started = Instant::now();
         let counters = &local.shared.counters;

@@ -158,7 +158,8 @@ pub(crate) struct Alarm {
 impl Alarm {
     fn fire(&self) {
         self.fired.set(true);
-        if let Some(w) = self.waker.borrow_mut().take() {
+        let waker = self.waker.borrow_mut().take();
+        if let Some(w) = waker {
             w.wake();
         }
     }
