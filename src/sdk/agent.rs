@@ -989,6 +989,47 @@ mod tests {
         assert!(!Disconnect::ClosedByApp.reconnect_allowed());
     }
 
+    /// The Auth frame among the actions queued so far.
+    fn sent_auth(agent: &mut Agent) -> proto::Auth {
+        while let Some(action) = agent.poll_action() {
+            if let Action::Send { bytes, .. } = action
+                && let Ok(Some((h, body))) = codec::split_frame(&bytes, codec::DEFAULT_MAX_BODY)
+                && let Ok(Frame::Auth(auth)) = Frame::decode(h, body)
+            {
+                return auth;
+            }
+        }
+        panic!("no Auth sent");
+    }
+
+    #[test]
+    fn the_store_incarnation_is_sent_and_a_changed_one_adopted_once_its_resync_is_handled() {
+        let mut opts = ClientOptions::new("t");
+        opts.store_incarnation = 7;
+        let cfg = AgentConfig { endpoints: vec!["a:1".into()], ..AgentConfig::new(opts) };
+        let mut agent = Agent::new(cfg, Millis(0)).unwrap();
+        agent.handle_connected(Millis(1), LinkId(1));
+        assert_eq!(sent_auth(&mut agent).store_incarnation, 7);
+        let ok = proto::AuthOk { heartbeat_ms: 30_000, store_incarnation: 9, ..Default::default() };
+        agent.handle_bytes(Millis(2), LinkId(1), &Frame::AuthOk(ok).to_bytes());
+        assert_eq!(agent.store_incarnation(), 7, "not before the resync is handled");
+        let resync = proto::ResyncRequired { from_seq: 1, to_seq: 500 };
+        agent.handle_bytes(Millis(3), LinkId(1), &Frame::ResyncRequired(resync).to_bytes());
+        agent.message_handled(Millis(4), 500);
+        assert_eq!((agent.store_incarnation(), agent.last_seq()), (9, 500));
+        // The next session says so.
+        agent.handle_closed(Millis(5), LinkId(1), "reset");
+        agent.handle_timeout(Millis(600_000));
+        let Some(Action::Connect { link, .. }) =
+            std::iter::from_fn(|| agent.poll_action()).find(|a| matches!(a, Action::Connect { .. }))
+        else {
+            panic!("reconnects");
+        };
+        agent.handle_connected(Millis(600_001), link);
+        let auth = sent_auth(&mut agent);
+        assert_eq!((auth.store_incarnation, auth.last_seq), (9, 500));
+    }
+
     #[test]
     fn an_agent_needs_somewhere_to_connect() {
         let cfg = AgentConfig::new(ClientOptions::new("t"));
