@@ -167,12 +167,13 @@ config_struct! {
         /// message stays in the timeline and is replayed when the client
         /// reconnects. Default: 10. Allowed: 1 to 255.
         pub max_retries: u8 = 10,
-        /// Sessions of a device that may replay messages it was sent and
-        /// never acknowledged; at the next one they expire (status EXPIRED,
-        /// "not acknowledged after N replays") and the client gets
-        /// ResyncRequired for them instead. An ACK starts the count over.
-        /// 0: replay until retention drops them. Default: 3. Allowed: 0 to
-        /// 1000.
+        /// Sessions of a device that may replay its backlog and keep it
+        /// unacknowledged past a resend (the client had it, and the time to
+        /// acknowledge it; a session cut before does not count); at the
+        /// next one it expires (status EXPIRED, "not acknowledged after N
+        /// replays") and the client gets ResyncRequired for it instead. An
+        /// ACK starts the count over. 0: replay until retention drops it.
+        /// Default: 3. Allowed: 0 to 1000.
         pub max_replays: u32 = 3,
         /// How long a device's learned recovery time (the resend delay that
         /// replaces N after its messages needed resends) is kept in the

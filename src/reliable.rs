@@ -99,8 +99,11 @@ pub struct Tracked {
     /// client saw last (it may have missed all that a lost store held).
     resume_incarnation: u64,
     /// The session's first replay has not succeeded yet: it is a resume
-    /// (counted by the store, see [`crate::store::TimelineStore::resume`]).
+    /// (see [`crate::store::TimelineStore::resume`]).
     resuming: bool,
+    /// The resume replayed messages: the first resend on this session
+    /// counts a replay without an ACK ([`crate::store::TimelineStore::count_replay`]).
+    replayed: bool,
 }
 
 impl Tracked {
@@ -115,6 +118,7 @@ impl Tracked {
             stalled: false,
             resume_incarnation: 0,
             resuming: false,
+            replayed: false,
         }
     }
 
@@ -435,6 +439,7 @@ impl Shard {
         if std::mem::take(&mut t.resuming) {
             // A reconnecting device starts from what its link taught us.
             t.window.set_learned_ms(replay.learned_ms);
+            t.replayed = !replay.messages.is_empty();
         }
         let seen = std::mem::take(&mut t.resume_incarnation);
         if seen != 0 && replay.incarnation != 0 && seen != replay.incarnation && t.last_sent < replay.base {
@@ -543,6 +548,8 @@ impl Shard {
         }
         let learned = t.window.learned_ms();
         t.stalled = false;
+        // It acknowledges: its replay was not in vain.
+        t.replayed = false;
         let refill = t.backlog && !t.refilling && t.window.has_room(window);
         self.counters.reliable.acked.fetch_add(u64::from(acked.messages), Ordering::Relaxed);
         self.ack_in_store(st, &device, seq, now);
@@ -565,6 +572,9 @@ impl Shard {
         let window = self.cfg.delivery.window;
         let t = self.tracked(st, key)?;
         let due = t.window.due(now.mono, &policy);
+        // A replayed backlog went unacknowledged past a resend: the client
+        // had it and the time to acknowledge it.
+        let unacked_replay = (!due.resend.is_empty() && std::mem::take(&mut t.replayed)).then_some(t.last_sent);
         let frames: Vec<Bytes> =
             due.resend.iter().filter_map(|&seq| t.window.payload(seq)).map(as_retransmission).collect();
         if !due.given_up.is_empty() {
@@ -577,6 +587,12 @@ impl Shard {
             if self.send_to_slot(st, key.index, frame) {
                 self.counters.reliable.retries.fetch_add(1, Ordering::Relaxed);
             }
+        }
+        if let Some(through) = unacked_replay
+            && let Some((device, _, _)) = st.delivery_target(key)
+        {
+            let (store, device) = (self.store.clone(), device.to_owned());
+            self.store_quietly(st, "count_replay", async move { store.count_replay(&device, through).await });
         }
         if refill {
             // A replay that failed earlier.

@@ -14,7 +14,8 @@
 //! Per device the store also keeps the learned recovery time of the
 //! retransmission schedule ([`TimelineStore::set_learned`], with a TTL), so
 //! a device starts from it when its window empties or it reconnects, and
-//! counts the sessions that replayed its backlog without an ACK: after
+//! counts the sessions that replayed its backlog and kept it
+//! unacknowledged past a resend ([`TimelineStore::count_replay`]): after
 //! `Retention::max_unacked_replays` of them the replayed messages expire
 //! ([`TimelineStore::resume`]).
 //!
@@ -166,12 +167,17 @@ pub trait TimelineStore {
     fn append<'a>(&'a self, device: &'a str, msg: NewMessage, now_ms: u64) -> StoreFuture<'a, Appended>;
     /// Messages after `after_seq`, oldest first, at most `limit`.
     fn replay<'a>(&'a self, device: &'a str, after_seq: u64, limit: usize, now_ms: u64) -> StoreFuture<'a, Replay>;
-    /// A session of the device starts: [`TimelineStore::replay`], counting
-    /// a replay of messages the device had been sent and did not
-    /// acknowledge. Once `Retention::max_unacked_replays` sessions replayed
-    /// them without an ACK, they expire (reported missing, status EXPIRED)
-    /// instead of going out again. An ACK starts the count over.
+    /// A session of the device starts: [`TimelineStore::replay`]; but once
+    /// `Retention::max_unacked_replays` sessions replayed messages without
+    /// an ACK ([`TimelineStore::count_replay`]), those expire (reported
+    /// missing, status EXPIRED) instead of going out again.
     fn resume<'a>(&'a self, device: &'a str, after_seq: u64, limit: usize, now_ms: u64) -> StoreFuture<'a, Replay>;
+    /// A session replayed the device's messages up to `through_seq` and
+    /// one of them went unacknowledged past its resend (the client had it
+    /// and the time to acknowledge it): one more replay without an ACK.
+    /// An ACK starts the count over. A session cut before a resend does
+    /// not count, so a device on a flapping network keeps its backlog.
+    fn count_replay<'a>(&'a self, device: &'a str, through_seq: u64) -> StoreFuture<'a, ()>;
     /// Keeps the device's learned recovery time (`None`: forget it) for
     /// `Retention::learned_ttl_ms`.
     fn set_learned<'a>(&'a self, device: &'a str, learned_ms: Option<u32>, now_ms: u64) -> StoreFuture<'a, ()>;
@@ -365,15 +371,14 @@ impl MemoryStore {
             tl.floor = tl.floor.max(through + 1);
             (tl.replays, tl.replayed_through) = (0, 0);
         }
-        let replay = self.replay_now(device, after_seq, limit, now_ms);
-        if max > 0
-            && let Some(last) = replay.messages.last()
-            && let Some(tl) = self.timelines.borrow_mut().get_mut(device)
-        {
-            tl.replays += 1;
-            tl.replayed_through = tl.replayed_through.max(last.seq);
+        self.replay_now(device, after_seq, limit, now_ms)
+    }
+
+    fn count_replay_now(&self, device: &str, through_seq: u64) {
+        if let Some(tl) = self.timelines.borrow_mut().get_mut(device) {
+            tl.replays = tl.replays.saturating_add(1);
+            tl.replayed_through = tl.replayed_through.max(through_seq);
         }
-        replay
     }
 
     fn set_learned_now(&self, device: &str, learned_ms: Option<u32>, now_ms: u64) {
@@ -471,6 +476,11 @@ impl TimelineStore for MemoryStore {
 
     fn resume<'a>(&'a self, device: &'a str, after_seq: u64, limit: usize, now_ms: u64) -> StoreFuture<'a, Replay> {
         ready(self.resume_now(device, after_seq, limit, now_ms))
+    }
+
+    fn count_replay<'a>(&'a self, device: &'a str, through_seq: u64) -> StoreFuture<'a, ()> {
+        self.count_replay_now(device, through_seq);
+        ready(())
     }
 
     fn set_learned<'a>(&'a self, device: &'a str, learned_ms: Option<u32>, now_ms: u64) -> StoreFuture<'a, ()> {

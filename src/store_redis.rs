@@ -65,6 +65,7 @@ enum Op {
     Append { device: String, msg: NewMessage, now_ms: u64 },
     Replay { device: String, after: u64, limit: usize, now_ms: u64, resume: bool },
     SetLearned { device: String, learned_ms: Option<u32> },
+    CountReplay { device: String, through: u64 },
     Ack { device: String, seq: u64, now_ms: u64 },
     MarkSent { message_id: u64, now_ms: u64 },
     Status { message_id: u64 },
@@ -141,6 +142,11 @@ impl TimelineStore for RedisStore {
     fn resume<'a>(&'a self, device: &'a str, after_seq: u64, limit: usize, now_ms: u64) -> StoreFuture<'a, Replay> {
         let op = Op::Replay { device: device.to_owned(), after: after_seq, limit, now_ms, resume: true };
         expect(self.call(stable_hash(device), op), |a| if let Answer::Replay(r) = a { Some(r) } else { None })
+    }
+
+    fn count_replay<'a>(&'a self, device: &'a str, through_seq: u64) -> StoreFuture<'a, ()> {
+        let f = self.call(stable_hash(device), Op::CountReplay { device: device.to_owned(), through: through_seq });
+        expect(f, |a| matches!(a, Answer::Done).then_some(()))
     }
 
     fn set_learned<'a>(&'a self, device: &'a str, learned_ms: Option<u32>, _now_ms: u64) -> StoreFuture<'a, ()> {
@@ -237,9 +243,9 @@ return {s, first[2] or s, learned}
 "#;
 
 /// KEYS: seq, tl, learned. ARGV: after, limit, now, incarnation candidate,
-/// resume (1: a session starts: count the replay, expire what was replayed
-/// MAXREPLAYS times without an ACK). Returns {counter, floor, acked,
-/// incarnation, base, learned, members...} ('0' = absent).
+/// resume (1: a session starts: expire what was replayed MAXREPLAYS times
+/// without an ACK). Returns {counter, floor, acked, incarnation, base,
+/// learned, members...} ('0' = absent).
 const REPLAY_LUA: &str = r#"
 local seqkey, tl = KEYS[1], KEYS[2]
 local now = tonumber(ARGV[3])
@@ -276,20 +282,21 @@ local out = {c[1] or '0', c[2] or '0', c[3] or '0', incarnation(ARGV[4]), c[4] o
 -- counter can be replayed.
 if c[1] and redis.call('EXISTS', tl) == 0 then out[2] = string.format('%.0f', tonumber(c[1]) + 1) end
 local members = redis.call('ZRANGEBYSCORE', tl, '(' .. ARGV[1], '+inf', 'LIMIT', 0, tonumber(ARGV[2]))
-local replayed
 for _, m in ipairs(members) do
-  local s, _, _, exp = string.match(m, '^(%d+):(%d+):(%d+):(%d+):')
-  if tonumber(exp) == 0 or now < tonumber(exp) then
-    table.insert(out, m)
-    replayed = s
-  end
-end
-if resume and replayed then
-  redis.call('HINCRBY', seqkey, 'replays', 1)
-  local through = tonumber(redis.call('HGET', seqkey, 'through') or '0')
-  if tonumber(replayed) > through then redis.call('HSET', seqkey, 'through', replayed) end
+  local _, _, _, exp = string.match(m, '^(%d+):(%d+):(%d+):(%d+):')
+  if tonumber(exp) == 0 or now < tonumber(exp) then table.insert(out, m) end
 end
 return out
+"#;
+
+/// KEYS: seq. ARGV: through. One more session replayed the device's
+/// messages up to `through` without an ACK.
+const COUNT_LUA: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[1], 'replays', 1)
+local through = tonumber(redis.call('HGET', KEYS[1], 'through') or '0')
+if tonumber(ARGV[1]) > through then redis.call('HSET', KEYS[1], 'through', ARGV[1]) end
+return 1
 "#;
 
 /// KEYS: seq, tl. ARGV: seq, now.
@@ -321,6 +328,7 @@ return 1
 const APPEND: usize = 0;
 const REPLAY: usize = 1;
 const ACK: usize = 2;
+const COUNT: usize = 3;
 
 struct Sidecar {
     cfg: RedisStoreConfig,
@@ -349,7 +357,7 @@ impl Sidecar {
             .replace("{MSGP}", &quoted)
             .replace("{INCK}", &format!("{}:incarnation", quoted_prefix(&cfg.prefix)));
         let script = |body: &str| redis::Script::new(&format!("{prelude}\n{body}"));
-        let scripts = vec![script(APPEND_LUA), script(REPLAY_LUA), script(ACK_LUA)];
+        let scripts = vec![script(APPEND_LUA), script(REPLAY_LUA), script(ACK_LUA), script(COUNT_LUA)];
         let link = RedisLink::new("timeline store", &cfg.url, cfg.connect_timeout, cfg.io_timeout, scripts);
         Sidecar { cfg, link, msg_prefix: quoted, incarnation, candidate: random_candidate() }
     }
@@ -409,6 +417,12 @@ impl Sidecar {
                     inv.arg(after).arg(limit).arg(now_ms).arg(self.candidate).arg(u8::from(*resume));
                     pipe.invoke_script(&inv);
                 }
+                Op::CountReplay { device, through } => {
+                    let [seq, _, _] = self.keys(device);
+                    let mut inv = self.link.script(COUNT).prepare_invoke();
+                    inv.key(seq).arg(through);
+                    pipe.invoke_script(&inv);
+                }
                 Op::SetLearned { device, learned_ms } => {
                     let [_, _, key] = self.keys(device);
                     match learned_ms {
@@ -453,7 +467,7 @@ impl Sidecar {
                 },
                 _ => Err(bad("append")),
             },
-            Op::Ack { .. } | Op::MarkSent { .. } | Op::SetLearned { .. } => Ok(Answer::Done),
+            Op::Ack { .. } | Op::MarkSent { .. } | Op::SetLearned { .. } | Op::CountReplay { .. } => Ok(Answer::Done),
             Op::Replay { after, now_ms, .. } => {
                 let Value::Array(items) = &value else { return Err(bad("replay")) };
                 let field = |i: usize| items.get(i).and_then(as_u64);

@@ -41,6 +41,9 @@ fn node_config(redis: &RedisServer, name: &str, index: u16) -> Config {
     cfg.cluster.lease_ms = 3_000;
     cfg.cluster.admin_listen = "127.0.0.1:0".parse().unwrap();
     cfg.cluster.forward_timeout_ms = 2_000;
+    // Requests of thousands of targets on a loaded box (debug builds) may
+    // take seconds; the tests of the deadline set their own.
+    cfg.push.reply_timeout_ms = 20_000;
     cfg.cluster.drain_deadline_ms = 30_000;
     cfg.cluster.drain_rate_per_sec = 5_000;
     cfg.session.heartbeat_default_ms = 30_000;

@@ -127,14 +127,16 @@ fn replays_without_an_ack_expire_after_the_limit_and_an_ack_starts_over() {
     let retention = Retention { max_unacked_replays: 2, ..Default::default() };
     both(retention, |s, name| {
         let seqs: Vec<u64> = (1..=4).map(|i| block_on(s.append("d", msg(i), NOW)).unwrap().seq).collect();
-        // Two sessions replay the first three (their window), no ACK.
+        // A session cut before any resend does not count.
+        assert_eq!(block_on(s.resume("d", 0, 3, NOW)).unwrap().messages.len(), 3, "{name}");
+        // Two sessions replay the first three (their window) and keep them
+        // unacknowledged past a resend.
         for _ in 0..2 {
             let r = block_on(s.resume("d", 0, 3, NOW)).unwrap();
             assert_eq!((r.messages.len(), r.missing), (3, None), "{name}");
+            block_on(s.count_replay("d", seqs[2])).unwrap();
         }
-        // Plain replays (a window refilling) do not count.
-        assert_eq!(block_on(s.replay("d", 0, 3, NOW)).unwrap().messages.len(), 3, "{name}");
-        // The third session: those three expire, reported missing; the
+        // The next session: those three expire, reported missing; the
         // fourth message (never sent) goes out.
         let r = block_on(s.resume("d", 0, 3, NOW)).unwrap();
         assert_eq!(r.missing, Some((seqs[0], seqs[2])), "{name}");
@@ -144,11 +146,13 @@ fn replays_without_an_ack_expire_after_the_limit_and_an_ack_starts_over() {
         assert_eq!(by.to_string(), "not acknowledged after 2 replays to the device");
         // An ACK starts the count over: two more sessions may replay.
         let more: Vec<u64> = (5..=6).map(|i| block_on(s.append("d", msg(i), NOW)).unwrap().seq).collect();
+        block_on(s.count_replay("d", seqs[3])).unwrap();
         block_on(s.ack("d", seqs[3], NOW)).unwrap();
         for _ in 0..2 {
             let r = block_on(s.resume("d", seqs[3], 10, NOW)).unwrap();
             let got: Vec<u64> = r.messages.iter().map(|m| m.seq).collect();
             assert_eq!((r.missing, got), (None, more.clone()), "{name}");
+            block_on(s.count_replay("d", more[1])).unwrap();
         }
     });
 }
