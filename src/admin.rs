@@ -91,6 +91,20 @@ pub fn metrics(cluster: &ClusterShared, counters: &[Arc<ShardCounters>]) -> Stri
     family(&mut e, "longlink_frames_out_total", "Frames sent or queued to clients.", false, &|c| &c.frames_out);
     family(&mut e, "longlink_bytes_out_total", "Bytes sent or queued to clients.", false, &|c| &c.bytes_out);
     family(&mut e, "longlink_push_requests_total", "Push-port requests read.", false, &|c| &c.push_requests);
+    family(
+        &mut e,
+        "longlink_push_timeouts_total",
+        "Push-port requests answered at push.reply_timeout_ms with answers missing.",
+        false,
+        &|c| &c.push_timeouts,
+    );
+    family(
+        &mut e,
+        "longlink_push_late_answers_total",
+        "Answers of shards or nodes that came after their request was answered (dropped).",
+        false,
+        &|c| &c.push_late_answers,
+    );
     family(&mut e, "longlink_broadcast_expired_total", "Broadcast deliveries dropped by TTL.", false, &|c| {
         &c.broadcast_expired
     });

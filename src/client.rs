@@ -16,7 +16,9 @@
 //! in a burst. Nothing is persisted: [`Connection::last_seq`] is the last
 //! sequence handled; an application that stores it and passes it back in
 //! [`ClientOptions::last_seq`] resumes after it, across reconnects and
-//! restarts.
+//! restarts. It stores [`Connection::store_incarnation`] with it (passed
+//! back in [`ClientOptions::store_incarnation`]): when the node's store
+//! lost its contents since, the node says what the client may have missed.
 
 use std::collections::VecDeque;
 use std::io;
@@ -48,6 +50,9 @@ pub struct ClientOptions {
     /// The last at-least-once sequence the application handled (0: none):
     /// the node replays what follows it.
     pub last_seq: u64,
+    /// The node store's incarnation adopted last ([`ClientSession::store_incarnation`];
+    /// 0: none). Persist it with `last_seq`.
+    pub store_incarnation: u64,
     /// Requested heartbeat interval in ms (0 = server default).
     pub heartbeat_ms: u32,
     /// How long to wait for `AuthOk` and for each `Pong`, in ms.
@@ -182,6 +187,11 @@ pub struct ClientSession {
     unacked: u32,
     /// Duplicate messages dropped.
     duplicates: u64,
+    /// The store incarnation adopted (see [`ClientSession::store_incarnation`]).
+    store_incarnation: u64,
+    /// A changed incarnation from this session's AuthOk, adopted once a
+    /// message or resync of this session (sequence above `.1`) is handled.
+    offered_incarnation: Option<(u64, u64)>,
 }
 
 impl ClientSession {
@@ -195,9 +205,11 @@ impl ClientSession {
             capabilities: opts.capabilities,
             last_seq: opts.last_seq,
             heartbeat_ms: opts.heartbeat_ms,
+            store_incarnation: opts.store_incarnation,
         });
         let auth_deadline = now.add_ms(opts.response_timeout_ms);
         let last = opts.last_seq;
+        let store_incarnation = opts.store_incarnation;
         (
             ClientSession {
                 opts,
@@ -211,6 +223,8 @@ impl ClientSession {
                 acked_seq: last,
                 unacked: 0,
                 duplicates: 0,
+                store_incarnation,
+                offered_incarnation: None,
             },
             auth,
         )
@@ -231,6 +245,15 @@ impl ClientSession {
         self.duplicates
     }
 
+    /// The node store's incarnation to persist with [`ClientSession::last_seq`]
+    /// and pass back in [`ClientOptions::store_incarnation`]. A changed one
+    /// (the store lost its contents) is adopted only once the application
+    /// handled a message or resync of this connection: the node sends the
+    /// resync first, so a connection lost before it cannot hide the gap.
+    pub fn store_incarnation(&self) -> u64 {
+        self.store_incarnation
+    }
+
     fn acks(&self) -> bool {
         self.opts.capabilities & proto::Capability::Ack as u32 != 0
     }
@@ -241,6 +264,12 @@ impl ClientSession {
         if seq > self.handled_seq {
             self.handled_seq = seq;
             self.unacked += 1;
+        }
+        if let Some((incarnation, after)) = self.offered_incarnation
+            && seq > after
+        {
+            self.store_incarnation = incarnation;
+            self.offered_incarnation = None;
         }
     }
 
@@ -260,6 +289,11 @@ impl ClientSession {
     pub fn handle_frame(&mut self, now: Millis, frame: Frame) -> Result<Option<ClientEvent>, ClientError> {
         match (self.phase, frame) {
             (ClientPhase::Authenticating, Frame::AuthOk(ok)) => {
+                match ok.store_incarnation {
+                    0 => {}
+                    inc if self.store_incarnation == 0 || self.store_incarnation == inc => self.store_incarnation = inc,
+                    inc => self.offered_incarnation = Some((inc, self.received_seq)),
+                }
                 self.phase = ClientPhase::Active;
                 self.heartbeat_ms = u64::from(ok.heartbeat_ms.max(1));
                 self.next_ping = now.add_ms(self.heartbeat_ms);
@@ -457,6 +491,12 @@ impl Connection {
     /// Duplicate at-least-once messages received and dropped.
     pub fn duplicates(&self) -> u64 {
         self.session.duplicates()
+    }
+
+    /// The node store's incarnation to persist with [`Connection::last_seq`]
+    /// (see [`ClientSession::store_incarnation`]).
+    pub fn store_incarnation(&self) -> u64 {
+        self.session.store_incarnation()
     }
 
     /// Marks the event last returned by [`Connection::next_event`] as
@@ -727,6 +767,31 @@ mod tests {
         assert_eq!(ev, Some(ClientEvent::ResyncRequired { from_seq: 104, to_seq: 110 }));
         s.handled(110);
         assert_eq!(s.last_seq(), 110);
+    }
+
+    #[test]
+    fn a_changed_store_incarnation_is_adopted_only_once_a_message_of_this_session_is_handled() {
+        let mut opts = ClientOptions::new("t");
+        opts.last_seq = 100;
+        opts.store_incarnation = 7;
+        let (mut s, auth) = ClientSession::new(opts, Millis(0));
+        let Frame::Auth(a) = auth else { panic!() };
+        assert_eq!(a.store_incarnation, 7, "sent back to the node");
+        let ok = proto::AuthOk { heartbeat_ms: 1000, store_incarnation: 9, ..Default::default() };
+        s.handle_frame(Millis(0), Frame::AuthOk(ok)).unwrap();
+        assert_eq!(s.store_incarnation(), 7, "not before the node had its say");
+        // A message handled before (from an earlier connection) does not count.
+        s.handled(100);
+        assert_eq!(s.store_incarnation(), 7);
+        let resync = Frame::ResyncRequired(proto::ResyncRequired { from_seq: 101, to_seq: 5_000 });
+        s.handle_frame(Millis(1), resync).unwrap();
+        s.handled(5_000);
+        assert_eq!(s.store_incarnation(), 9);
+        // The first one seen, or the same again, is adopted at once.
+        let (mut s, _) = ClientSession::new(ClientOptions::new("t"), Millis(0));
+        let ok = proto::AuthOk { heartbeat_ms: 1000, store_incarnation: 9, ..Default::default() };
+        s.handle_frame(Millis(0), Frame::AuthOk(ok)).unwrap();
+        assert_eq!(s.store_incarnation(), 9);
     }
 
     #[test]

@@ -17,8 +17,11 @@
 //!   the router is a sidecar thread answering through futures.
 //! - Failures: a device whose node cannot be reached gets an at-least-once
 //!   copy stored in the shared timeline (it resumes from there) or, at most
-//!   once, REJECTED "retryable:"; when the router itself is down, targets
-//!   not found on this node are REJECTED "retryable:".
+//!   once, REJECTED with `retryable` set; when the router itself is down,
+//!   targets not found on this node are REJECTED, retryable. Every request
+//!   is answered by `push.reply_timeout_ms` with what came in by then:
+//!   targets of a node (or the router) that did not answer are REJECTED,
+//!   retryable.
 //! - Drain (SIGTERM, `POST /drain`, or a lapsed lease): the node leaves the
 //!   dispatcher's list, stops accepting, and sends each client `GoAway` with
 //!   another node's endpoint at a bounded rate, then closes it with
@@ -44,6 +47,7 @@ use crate::dispatcher::rank;
 use crate::ids::{ConnId, ConnKey};
 use crate::outq::OutQueue;
 use crate::proto::{self, ErrorCode, PushStatus};
+use crate::push::{Alarm, Expiry};
 use crate::router::{NodeInfo, Route, Router, RouterConfig};
 use crate::session::Login;
 use crate::shard::{Shard, State};
@@ -213,7 +217,13 @@ impl ClusterShared {
         let node_endpoint = endpoint(&c.node_endpoint, push_addr);
         let mut seed = [0u8; 8];
         getrandom::fill(&mut seed).map_err(|e| std::io::Error::other(e.to_string()))?;
-        let incarnation = u64::from_le_bytes(seed) >> 1;
+        // Later runs of a node have larger incarnations (start time in the
+        // high bits), so a router that meets a newer one than it knows
+        // refreshes its node table; the low bits tell apart runs started in
+        // the same millisecond.
+        let started_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let incarnation = (started_ms << 16 | u64::from_le_bytes(seed) & 0xffff) & (u64::MAX >> 1);
         let node = config.node_name_bound(client_addr.port());
         let reregistered = Arc::new(AtomicU64::new(0));
         let bump = reregistered.clone();
@@ -443,7 +453,7 @@ impl Shard {
                 conn_ids: vec![previous.conn_id],
                 ..Default::default()
             });
-            if let Err(err) = shard.forward(&local, &previous.node, kick).await {
+            if let Err(err) = shard.forward(&local, &previous.node, previous.incarnation, kick).await {
                 debug!(node = %previous.node, %err, "could not kick the replaced session on its node");
             }
         })
@@ -606,9 +616,15 @@ impl Shard {
                 Frame::KickRequest(kick) if !kick.conn_ids.is_empty() => {
                     let shard = self.me.upgrade()?;
                     crate::push::hold(st, backend);
+                    let alarm = Rc::new(Alarm::default());
+                    self.arm_deadline(st, Expiry::Alarm(alarm.clone()));
                     glommio::spawn_local(async move {
                         futures_lite::future::yield_now().await;
-                        let reply = shard.kick_if_same_session(&local, kick).await;
+                        let request_id = kick.request_id;
+                        let reply = match alarm.before(shard.kick_if_same_session(&local, kick)).await {
+                            Some(reply) => reply,
+                            None => Frame::AdminReply(proto::AdminReply { request_id, results: Vec::new() }),
+                        };
                         let mut st = shard.state.borrow_mut();
                         crate::push::reply(&mut st, backend, reply.to_bytes());
                     })
@@ -620,11 +636,17 @@ impl Shard {
         }
         let shard = self.me.upgrade()?;
         crate::push::hold(st, backend);
+        // The reply goes out by the push-port deadline, whatever is missing.
+        let alarm = Rc::new(Alarm::default());
+        self.arm_deadline(st, Expiry::Alarm(alarm.clone()));
         glommio::spawn_local(async move {
             // Spawned inside the caller's state borrow: start on the next turn.
             futures_lite::future::yield_now().await;
             let started = Instant::now();
-            let reply = shard.cluster_request(&local, frame).await;
+            let reply = shard.cluster_request(&local, frame, &alarm).await;
+            if alarm.rang() {
+                shard.counters.push_timeouts.fetch_add(1, Ordering::Relaxed);
+            }
             let counters = &local.shared.counters;
             counters.request_latency.record(started.elapsed());
             counters.requests.fetch_add(1, Ordering::Relaxed);
@@ -674,13 +696,18 @@ impl Shard {
         with_request_id(self.run_locally(local, Frame::KickRequest(kick)).await, request_id)
     }
 
-    async fn cluster_request(self: &Rc<Self>, local: &Rc<Local>, frame: Frame) -> Frame {
+    async fn cluster_request(self: &Rc<Self>, local: &Rc<Local>, frame: Frame, alarm: &Alarm) -> Frame {
         let request_id = request_id(&frame);
         let reply = match frame {
-            Frame::PushRequest(req) if is_device_push(&req) => self.push_devices(local, req).await,
-            other => self.everywhere(local, other).await,
+            Frame::PushRequest(req) if is_device_push(&req) => self.push_devices(local, req, alarm).await,
+            other => self.everywhere(local, other, alarm).await,
         };
         with_request_id(reply, request_id)
+    }
+
+    /// Why targets are REJECTED when the deadline passed first.
+    fn late_reason(&self, who: &str) -> String {
+        format!("{who} did not answer within {} ms", self.cfg.push.reply_timeout_ms)
     }
 
     /// Runs `frame` through this node's own request handling and returns
@@ -708,14 +735,21 @@ impl Shard {
         rx.await.unwrap_or_else(|_| Frame::RequestError(request_error(ErrorCode::ServerError, "request dropped")))
     }
 
-    /// Sends `frame` to node `node` and waits for its reply.
-    async fn forward(&self, local: &Rc<Local>, node: &str, frame: Frame) -> Result<Frame, String> {
+    /// Sends `frame` to node `node` (its run `incarnation` or a later one;
+    /// 0: any) and waits for its reply.
+    async fn forward(
+        &self,
+        local: &Rc<Local>,
+        node: &str,
+        incarnation: u64,
+        frame: Frame,
+    ) -> Result<Frame, ForwardError> {
         let counters = &local.shared.counters;
         counters.forwarded.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
-        let result = match self.peer(local, node).await {
+        let result = match self.peer(local, node, incarnation).await {
             Some(link) => link.call(frame, local.shared.forward_timeout).await,
-            None => Err(format!("node {node} is not live")),
+            None => Err(ForwardError::NotLive),
         };
         counters.forward_latency.record(started.elapsed());
         if result.is_err() {
@@ -724,46 +758,67 @@ impl Shard {
         result
     }
 
-    async fn peer(&self, local: &Rc<Local>, node: &str) -> Option<Rc<PeerLink>> {
-        if let Some(link) = local.peers.borrow().get(node).filter(|l| l.is_usable()) {
-            return Some(link.clone());
+    /// The link to `node`, run `incarnation` or later (a node restarted
+    /// under its name may listen elsewhere: the old link and the old
+    /// endpoint are not used for the new run).
+    async fn peer(&self, local: &Rc<Local>, node: &str, incarnation: u64) -> Option<Rc<PeerLink>> {
+        let existing = local.peers.borrow().get(node).cloned();
+        if let Some(link) = existing.filter(|l| l.is_usable() && l.incarnation >= incarnation) {
+            return Some(link);
         }
-        let known =
-            |local: &Local| local.nodes.borrow().iter().find(|n| n.name == node).map(|n| n.node_endpoint.clone());
-        let endpoint = match known(local) {
-            Some(e) => e,
+        let known = |local: &Local| {
+            local
+                .nodes
+                .borrow()
+                .iter()
+                .find(|n| n.name == node && n.incarnation >= incarnation)
+                .map(|n| (n.node_endpoint.clone(), n.incarnation))
+        };
+        let (endpoint, incarnation) = match known(local) {
+            Some(known) => known,
             None => {
-                // It may have joined since the last refresh.
+                // It may have joined (or restarted) since the last refresh.
                 self.refresh_nodes(local).await;
                 known(local)?
             }
         };
-        let link = Rc::new(PeerLink::new(node.to_owned()));
+        let link = Rc::new(PeerLink::new(node.to_owned(), incarnation, self.counters.clone()));
         local.peers.borrow_mut().insert(node.to_owned(), link.clone());
         glommio::spawn_local(link.clone().run(endpoint)).detach();
         Some(link)
     }
 
     /// Device targets: each goes where its route says.
-    async fn push_devices(self: &Rc<Self>, local: &Rc<Local>, req: proto::PushRequest) -> Frame {
+    async fn push_devices(self: &Rc<Self>, local: &Rc<Local>, req: proto::PushRequest, alarm: &Alarm) -> Frame {
         let devices = req.targets.as_ref().map(|t| t.devices.clone()).unwrap_or_default();
         if devices.len() > self.cfg.push.max_targets_per_request as usize {
             // Refused as a whole, as by a single node.
             return self.run_locally(local, Frame::PushRequest(req)).await;
         }
+        let mut results: Vec<proto::TargetResult> =
+            devices.iter().map(|d| proto::TargetResult { target: d.clone(), ..Default::default() }).collect();
+        let all: Vec<usize> = (0..devices.len()).collect();
         let reliable = req.qos == proto::Qos::AtLeastOnce as i32;
         let started = Instant::now();
         let counters = &local.shared.counters;
         counters.lookups.fetch_add(1, Ordering::Relaxed);
-        let routes = local.shared.router.lookup(devices.clone()).await;
+        let Some(routes) = alarm.before(local.shared.router.lookup(devices.clone())).await else {
+            reject(&mut results, &all, &self.late_reason("the router"), true);
+            return Frame::PushReply(summarize(results, false, 0));
+        };
         counters.router_latency.record(started.elapsed());
         let mut here = Vec::new();
-        let mut remote: HashMap<String, Vec<usize>> = HashMap::new();
+        // Per node: the latest run its routes name, and the targets.
+        let mut remote: HashMap<String, (u64, Vec<usize>)> = HashMap::new();
         let router_error = match routes {
             Ok(routes) => {
                 for (i, route) in routes.into_iter().enumerate() {
                     match route {
-                        Some(r) if r.node != local.shared.node => remote.entry(r.node).or_default().push(i),
+                        Some(r) if r.node != local.shared.node => {
+                            let entry = remote.entry(r.node).or_default();
+                            entry.0 = entry.0.max(r.incarnation);
+                            entry.1.push(i);
+                        }
                         _ => here.push(i),
                     }
                 }
@@ -784,18 +839,20 @@ impl Shard {
             r.forwarded = forwarded;
             Frame::PushRequest(r)
         };
-        let mut parts: Vec<(Vec<usize>, PartTask)> = Vec::new();
+        let mut parts: Vec<(Vec<usize>, String, PartTask)> = Vec::new();
         if !here.is_empty() {
             let (shard, local, frame) = (self.clone(), local.clone(), subset(&here, false));
-            parts.push((here, spawn(async move { Ok(shard.run_locally(&local, frame).await) })));
+            let who = format!("node {}", self.cfg.node);
+            parts.push((here, who, spawn(async move { Ok(shard.run_locally(&local, frame).await) })));
         }
-        for (node, idx) in remote {
+        for (node, (incarnation, idx)) in remote {
             let (shard, l, frame) = (self.clone(), local.clone(), subset(&idx, true));
             let fallback = reliable.then(|| subset(&idx, false));
             parts.push((
                 idx,
+                format!("node {node}"),
                 spawn(async move {
-                    let err = match shard.forward(&l, &node, frame).await {
+                    let err = match shard.forward(&l, &node, incarnation, frame).await {
                         Ok(reply) => return Ok(reply),
                         Err(err) => err,
                     };
@@ -806,16 +863,20 @@ impl Shard {
                             debug!(%node, %err, "forward failed; storing in the timeline here");
                             Ok(shard.run_locally(&l, frame).await)
                         }
-                        None => Err(format!("retryable: node {node} unreachable: {err}")),
+                        None => Err(format!("node {node} unreachable: {err}")),
                     }
                 }),
             ));
         }
-        let mut results: Vec<proto::TargetResult> =
-            devices.iter().map(|d| proto::TargetResult { target: d.clone(), ..Default::default() }).collect();
         let mut message_id = 0;
-        for (idx, handle) in parts {
-            match handle.await {
+        for (idx, who, handle) in parts {
+            // The part keeps running when the deadline passes; its late
+            // answer is dropped (and counted where it arrives).
+            let Some(answer) = alarm.before(handle).await else {
+                reject(&mut results, &idx, &self.late_reason(&who), true);
+                continue;
+            };
+            match answer {
                 Some(Ok(Frame::PushReply(r))) => {
                     if message_id == 0 {
                         message_id = r.message_id;
@@ -827,17 +888,20 @@ impl Shard {
                 Some(Ok(Frame::RequestError(e))) => return Frame::RequestError(e),
                 Some(Ok(other)) => {
                     let reason = format!("unexpected {:?} from a node", other.kind());
-                    reject(&mut results, &idx, &reason);
+                    reject(&mut results, &idx, &reason, false);
                 }
-                Some(Err(reason)) => reject(&mut results, &idx, &reason),
-                None => reject(&mut results, &idx, "retryable: request task lost"),
+                // The node could not be asked, or did not answer: the push
+                // may succeed when sent again.
+                Some(Err(reason)) => reject(&mut results, &idx, &reason, true),
+                None => reject(&mut results, &idx, "request task lost", true),
             }
         }
         if let Some(err) = router_error {
             // Not here, and nobody can say where: the backend should retry.
             for r in results.iter_mut().filter(|r| r.status == PushStatus::NotOnline as i32) {
                 r.status = PushStatus::Rejected as i32;
-                r.reason = format!("retryable: {err}");
+                r.reason = err.to_string();
+                r.retryable = true;
             }
         }
         if let [only] = &results[..]
@@ -851,9 +915,9 @@ impl Shard {
     /// User, group and broadcast pushes, group updates, kicks and presence
     /// queries: every live node handles its own sessions; the replies are
     /// merged.
-    async fn everywhere(self: &Rc<Self>, local: &Rc<Local>, frame: Frame) -> Frame {
+    async fn everywhere(self: &Rc<Self>, local: &Rc<Local>, frame: Frame, alarm: &Alarm) -> Frame {
         // A node that joined a moment ago may hold targets already.
-        if let Ok(nodes) = local.shared.router.nodes_fresh(FRESH_NODES).await {
+        if let Some(Ok(nodes)) = alarm.before(local.shared.router.nodes_fresh(FRESH_NODES)).await {
             *local.nodes.borrow_mut() = nodes;
         }
         let others: Vec<String> =
@@ -861,18 +925,24 @@ impl Shard {
         let mut handles = Vec::with_capacity(others.len() + 1);
         {
             let (shard, l, f) = (self.clone(), local.clone(), frame.clone());
-            handles.push(spawn(async move { Ok(shard.run_locally(&l, f).await) }));
+            handles.push((self.cfg.node.clone(), spawn(async move { Ok(shard.run_locally(&l, f).await) })));
         }
         for node in others {
             let (shard, l) = (self.clone(), local.clone());
             let mut f = frame.clone();
             set_forwarded(&mut f);
-            handles
-                .push(spawn(async move { shard.forward(&l, &node, f).await.map_err(|e| format!("node {node}: {e}")) }));
+            let name = node.clone();
+            handles.push((name, spawn(async move { shard.forward(&l, &node, 0, f).await })));
         }
         let mut merged: Option<Frame> = None;
-        for handle in handles {
-            match handle.await {
+        // Nodes that may hold targets but did not answer in time.
+        let mut silent = Vec::new();
+        for (node, handle) in handles {
+            let Some(answer) = alarm.before(handle).await else {
+                silent.push(node);
+                continue;
+            };
+            match answer {
                 Some(Ok(reply)) => {
                     merged = Some(match merged {
                         None => reply,
@@ -882,12 +952,19 @@ impl Shard {
                         },
                     })
                 }
+                // Alive but slow: it may hold targets.
+                Some(Err(ForwardError::Timeout(_))) => silent.push(node),
                 // That node's sessions are gone with it.
-                Some(Err(reason)) => warn!(%reason, "a node did not answer a cluster-wide request"),
+                Some(Err(err)) => warn!(%node, %err, "a node did not answer a cluster-wide request"),
                 None => {}
             }
         }
-        merged.unwrap_or_else(|| Frame::RequestError(request_error(ErrorCode::ServerError, "no node answered")))
+        if silent.is_empty() {
+            return merged
+                .unwrap_or_else(|| Frame::RequestError(request_error(ErrorCode::ServerError, "no node answered")));
+        }
+        let reason = self.late_reason(&format!("node {}", silent.join(", node ")));
+        incomplete(merged.unwrap_or_else(|| blank_reply(&frame)), &reason)
     }
 }
 
@@ -921,11 +998,90 @@ fn request_error(code: ErrorCode, reason: impl Into<String>) -> proto::RequestEr
     proto::RequestError { request_id: 0, code: code as i32, reason: reason.into() }
 }
 
-fn reject(results: &mut [proto::TargetResult], idx: &[usize], reason: &str) {
+fn reject(results: &mut [proto::TargetResult], idx: &[usize], reason: &str, retryable: bool) {
     for &i in idx {
         if let Some(r) = results.get_mut(i) {
             r.status = PushStatus::Rejected as i32;
             r.reason = reason.to_owned();
+            r.retryable = retryable;
+        }
+    }
+}
+
+/// A cluster-wide reply some nodes did not contribute to in time: targets
+/// found nowhere may be on those nodes (REJECTED, retryable); a group or
+/// broadcast push is REJECTED, retryable, with the sessions counted so far.
+fn incomplete(mut reply: Frame, reason: &str) -> Frame {
+    let mark = |results: &mut Vec<proto::TargetResult>| {
+        for r in results.iter_mut().filter(|r| r.status == PushStatus::NotOnline as i32) {
+            r.status = PushStatus::Rejected as i32;
+            r.reason = reason.to_owned();
+            r.retryable = true;
+        }
+    };
+    match &mut reply {
+        Frame::PushReply(r) if r.results.is_empty() => {
+            r.status = PushStatus::Rejected as i32;
+            r.reason = format!("{reason}; delivered counts the nodes that did");
+            r.retryable = true;
+        }
+        Frame::PushReply(r) => {
+            mark(&mut r.results);
+            let (users, message_id) = (true, r.message_id);
+            *r = proto::PushReply {
+                request_id: r.request_id,
+                ..summarize(std::mem::take(&mut r.results), users, message_id)
+            };
+        }
+        Frame::AdminReply(r) => mark(&mut r.results),
+        _ => {}
+    }
+    reply
+}
+
+/// The reply to a cluster-wide request when no node answered in time:
+/// every target not found (see [`incomplete`]).
+fn blank_reply(request: &Frame) -> Frame {
+    let not_online = |ids: &[String]| -> Vec<proto::TargetResult> {
+        ids.iter()
+            .map(|id| proto::TargetResult {
+                target: id.clone(),
+                status: PushStatus::NotOnline as i32,
+                ..Default::default()
+            })
+            .collect()
+    };
+    match request {
+        Frame::PushRequest(r) => {
+            let t = r.targets.clone().unwrap_or_default();
+            let results = not_online(if t.devices.is_empty() { &t.users } else { &t.devices });
+            let status = if t.broadcast { PushStatus::Accepted } else { PushStatus::NotOnline };
+            if results.is_empty() {
+                Frame::PushReply(proto::PushReply { status: status as i32, ..Default::default() })
+            } else {
+                Frame::PushReply(summarize(results, true, 0))
+            }
+        }
+        Frame::GroupUpdate(r) => {
+            let ids: Vec<String> = r.add_devices.iter().chain(&r.remove_devices).cloned().collect();
+            Frame::AdminReply(proto::AdminReply { request_id: 0, results: not_online(&ids) })
+        }
+        Frame::KickRequest(r) => {
+            let ids: Vec<String> = r.devices.iter().chain(&r.users).cloned().collect();
+            Frame::AdminReply(proto::AdminReply { request_id: 0, results: not_online(&ids) })
+        }
+        Frame::PresenceQuery(q) => Frame::PresenceReply(proto::PresenceReply {
+            devices: q
+                .devices
+                .iter()
+                .map(|d| proto::DevicePresence { device: d.clone(), ..Default::default() })
+                .collect(),
+            users: q.users.iter().map(|u| proto::UserPresence { user: u.clone(), devices: Vec::new() }).collect(),
+            groups: q.groups.iter().map(|g| proto::GroupCount { group: g.clone(), online: 0 }).collect(),
+            ..Default::default()
+        }),
+        other => {
+            Frame::RequestError(request_error(ErrorCode::ServerError, format!("{:?} is not clustered", other.kind())))
         }
     }
 }
@@ -989,6 +1145,7 @@ fn combine(acc: &mut proto::TargetResult, r: proto::TargetResult) {
     if status_rank(r.status) > status_rank(acc.status) {
         acc.status = r.status;
         acc.reason = r.reason;
+        acc.retryable = r.retryable;
     }
     acc.sessions += r.sessions;
     acc.copies.extend(r.copies);
@@ -1089,10 +1246,30 @@ fn merge(acc: Frame, other: Frame) -> Result<Frame, proto::RequestError> {
 
 // ---- node-to-node links -------------------------------------------------
 
+/// Why a forwarded request got no reply. Every case may pass: the
+/// backend may send the push again.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ForwardError {
+    #[error("not live")]
+    NotLive,
+    #[error("too much queued for this node")]
+    Queued,
+    #[error("connection failed")]
+    Failed,
+    #[error("connection lost")]
+    Lost,
+    #[error("no answer within {0} ms")]
+    Timeout(u64),
+}
+
 /// One pipelined connection from a shard to another node's push port.
 pub(crate) struct PeerLink {
     node: String,
+    /// The run of the node it was opened to.
+    incarnation: u64,
     inner: RefCell<PeerInner>,
+    /// Where replies that come after their caller gave up are counted.
+    counters: Arc<crate::shard::ShardCounters>,
 }
 
 #[derive(Default)]
@@ -1106,8 +1283,8 @@ struct PeerInner {
 }
 
 impl PeerLink {
-    fn new(node: String) -> PeerLink {
-        PeerLink { node, inner: RefCell::default() }
+    fn new(node: String, incarnation: u64, counters: Arc<crate::shard::ShardCounters>) -> PeerLink {
+        PeerLink { node, incarnation, inner: RefCell::default(), counters }
     }
 
     fn is_usable(&self) -> bool {
@@ -1115,15 +1292,15 @@ impl PeerLink {
     }
 
     /// Sends `frame` (its request id is replaced) and waits for the reply.
-    async fn call(&self, mut frame: Frame, timeout: Duration) -> Result<Frame, String> {
+    async fn call(&self, mut frame: Frame, timeout: Duration) -> Result<Frame, ForwardError> {
         let (tx, rx) = oneshot::channel();
         let id = {
             let mut inner = self.inner.borrow_mut();
             if inner.failed {
-                return Err("connection failed".into());
+                return Err(ForwardError::Failed);
             }
             if inner.out.bytes() > PEER_QUEUE_BYTES {
-                return Err("retryable: too much queued for this node".into());
+                return Err(ForwardError::Queued);
             }
             inner.next_id += 1;
             let id = inner.next_id;
@@ -1142,10 +1319,10 @@ impl PeerLink {
         .await;
         match answer {
             Some(Ok(frame)) => Ok(frame),
-            Some(Err(_)) => Err("connection lost".into()),
+            Some(Err(_)) => Err(ForwardError::Lost),
             None => {
                 self.inner.borrow_mut().waiting.remove(&id);
-                Err(format!("no answer within {} ms", timeout.as_millis()))
+                Err(ForwardError::Timeout(timeout.as_millis() as u64))
             }
         }
     }
@@ -1193,8 +1370,14 @@ impl PeerLink {
                             let frame = Frame::decode(header, body);
                             let _ = rbuf.split_to(len);
                             let Ok(frame) = frame else { return Poll::Ready(()) };
-                            if let Some(tx) = inner.waiting.remove(&request_id(&frame)) {
-                                let _ = tx.send(frame);
+                            match inner.waiting.remove(&request_id(&frame)) {
+                                Some(tx) => {
+                                    let _ = tx.send(frame);
+                                }
+                                // Its caller stopped waiting (forward timeout).
+                                None => {
+                                    self.counters.push_late_answers.fetch_add(1, Ordering::Relaxed);
+                                }
                             }
                         }
                         Err(err) => {
@@ -1249,11 +1432,12 @@ mod tests {
             &mut acc,
             proto::TargetResult {
                 status: PushStatus::Rejected as i32,
-                reason: "retryable: x".into(),
+                reason: "x".into(),
+                retryable: true,
                 ..Default::default()
             },
         );
-        assert_eq!((acc.status, acc.reason.as_str()), (PushStatus::Rejected as i32, "retryable: x"));
+        assert_eq!((acc.status, acc.reason.as_str(), acc.retryable), (PushStatus::Rejected as i32, "x", true));
         let g = |delivered, status: PushStatus| {
             Frame::PushReply(proto::PushReply { delivered, status: status as i32, ..Default::default() })
         };

@@ -270,6 +270,7 @@ mod tests {
                 capabilities: 1,
                 last_seq: 42,
                 heartbeat_ms: 30_000,
+                store_incarnation: 9,
             }),
             Frame::AuthOk(proto::AuthOk {
                 conn_id: 7,
@@ -280,6 +281,7 @@ mod tests {
                 server_time_ms: 5,
                 shard: 1,
                 node: "n".into(),
+                store_incarnation: 9,
             }),
             Frame::Error(proto::Error {
                 code: proto::ErrorCode::BadFrame as i32,
@@ -339,6 +341,7 @@ mod tests {
                     stored_at_ms: 1,
                     sent_at_ms: 2,
                     acked_at_ms: 3,
+                    reason: String::new(),
                 }],
             }),
             Frame::Request(proto::Request {

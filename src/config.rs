@@ -103,8 +103,10 @@ config_struct! {
         pub enabled: bool = false,
         /// How long the node's registration lives without renewal, in ms; it
         /// is renewed three times per lease. A node that finds its lease
-        /// lapsed while it was stopped fences itself: it stops accepting and
-        /// drains. Default: 3000. Allowed: 300 to 600000.
+        /// lapsed while it was stopped fences itself: it stops accepting,
+        /// drains and exits with status 3. A node restarted within the
+        /// lease of its dead previous run takes it over. Default: 3000.
+        /// Allowed: 300 to 600000.
         pub lease_ms: u64 = 3_000,
         /// host:port clients are told to connect to (dispatcher, GoAway).
         /// Default: "" (the bound client address; for 0.0.0.0, the address
@@ -127,9 +129,9 @@ config_struct! {
         /// A drain ends by this deadline, in ms, even with clients left (they
         /// are closed with SHUTDOWN). Default: 30000. Allowed: 100 to 3600000.
         pub drain_deadline_ms: u64 = 30_000,
-        /// Time another node has to answer a forwarded push, in ms.
-        /// Default: 5000. Allowed: 10 to 60000.
-        pub forward_timeout_ms: u64 = 5_000,
+        /// Time another node has to answer a forwarded push, in ms; below
+        /// push.reply_timeout_ms. Default: 2000. Allowed: 10 to 60000.
+        pub forward_timeout_ms: u64 = 2_000,
         /// A route not re-asserted for this long is deleted from Redis
         /// (devices that never come back), in seconds. Default: 604800.
         pub route_ttl_secs: u64 = 7 * 24 * 3600,
@@ -165,6 +167,19 @@ config_struct! {
         /// message stays in the timeline and is replayed when the client
         /// reconnects. Default: 10. Allowed: 1 to 255.
         pub max_retries: u8 = 10,
+        /// Sessions of a device that may replay its backlog and keep it
+        /// unacknowledged past a resend (the client had it, and the time to
+        /// acknowledge it; a session cut before does not count); at the
+        /// next one it expires (status EXPIRED, "not acknowledged after N
+        /// replays") and the client gets ResyncRequired for it instead. An
+        /// ACK starts the count over. 0: replay until retention drops it.
+        /// Default: 3. Allowed: 0 to 1000.
+        pub max_replays: u32 = 3,
+        /// How long a device's learned recovery time (the resend delay that
+        /// replaces N after its messages needed resends) is kept in the
+        /// timeline store, so it survives an empty window and reconnects,
+        /// in seconds. Default: 86400. Allowed: 1 to 2592000 (30 days).
+        pub learned_ttl_secs: u64 = 86_400,
         /// Messages kept per device timeline; older unacknowledged ones are
         /// dropped and reported to the client as a missing range
         /// (ResyncRequired). Default: 1000. Minimum: 1.
@@ -288,6 +303,12 @@ config_struct! {
         /// Broadcast deliveries per second for the whole node, shared evenly
         /// by its shards. Default: 200000.
         pub broadcast_rate_per_sec: u32 = 200_000,
+        /// Every request is answered within this, in ms, even when a shard or
+        /// another node does not answer: targets still waiting are REJECTED
+        /// with retryable = true (the push may or may not have reached them).
+        /// Default: 5000. Allowed: 100 to 600000; in cluster mode above
+        /// cluster.forward_timeout_ms.
+        pub reply_timeout_ms: u64 = 5_000,
     }
 }
 
@@ -544,10 +565,11 @@ impl Config {
         check_range("push.max_targets_per_request", self.push.max_targets_per_request, 1, 1 << 20, "")?;
         check_range("push.max_request_bytes", self.push.max_request_bytes, 1024, 64 << 20, "")?;
         check_range("push.broadcast_rate_per_sec", self.push.broadcast_rate_per_sec, 1, u32::MAX, "")?;
+        check_range("push.reply_timeout_ms", self.push.reply_timeout_ms, 100, 600_000, "")?;
         check_range("server.shards", self.server.shards, 0, 64, " (the user directory keeps a 64-bit shard set)")?;
         self.upstream.validate()?;
         self.delivery.validate()?;
-        self.cluster.validate(&self.delivery)?;
+        self.cluster.validate(&self.delivery, &self.push)?;
         check_range("auth.clock_leeway_secs", self.auth.clock_leeway_secs, 0, MAX_CLOCK_LEEWAY_SECS, "")?;
         check_range(
             "auth.default_token_ttl_secs",
@@ -791,6 +813,8 @@ impl DeliveryConfig {
             " (delivery.retry_base_ms..=1 h)",
         )?;
         check_min("delivery.max_retries", self.max_retries, 1, "")?;
+        check_range("delivery.max_replays", self.max_replays, 0, 1000, "")?;
+        check_range("delivery.learned_ttl_secs", self.learned_ttl_secs, 1, 30 * 86_400, "")?;
         check_min("delivery.retention_messages", self.retention_messages, 1, "")?;
         check_min("delivery.retention_age_ms", self.retention_age_ms, 1000, "")?;
         check_min("delivery.status_records", self.status_records, 1, "")?;
@@ -832,12 +856,14 @@ impl DeliveryConfig {
             max_messages: self.retention_messages as usize,
             max_age_ms: self.retention_age_ms,
             max_status_records: self.status_records as usize,
+            max_unacked_replays: self.max_replays,
+            learned_ttl_ms: self.learned_ttl_secs.saturating_mul(1000),
         }
     }
 }
 
 impl ClusterConfig {
-    fn validate(&self, delivery: &DeliveryConfig) -> Result<(), ConfigError> {
+    fn validate(&self, delivery: &DeliveryConfig, push: &PushConfig) -> Result<(), ConfigError> {
         if self.enabled && delivery.redis_url.is_empty() {
             return Err(invalid(
                 "cluster.enabled",
@@ -856,6 +882,14 @@ impl ClusterConfig {
         check_min("cluster.drain_rate_per_sec", self.drain_rate_per_sec, 1, "")?;
         check_range("cluster.drain_deadline_ms", self.drain_deadline_ms, 100, 3_600_000, "")?;
         check_range("cluster.forward_timeout_ms", self.forward_timeout_ms, 10, 60_000, "")?;
+        if self.enabled && self.forward_timeout_ms >= push.reply_timeout_ms {
+            // A forward that fails must leave time to answer (and to store an
+            // at-least-once copy here instead).
+            return Err(invalid(
+                "cluster.forward_timeout_ms",
+                format!("{} must be below push.reply_timeout_ms ({})", self.forward_timeout_ms, push.reply_timeout_ms),
+            ));
+        }
         check_min("cluster.route_ttl_secs", self.route_ttl_secs, 60, "")?;
         Ok(())
     }
@@ -1121,6 +1155,8 @@ mod tests {
             ("[delivery]\nretry_base_ms = 5", "delivery.retry_base_ms"),
             ("[delivery]\nretry_base_ms = 5000\nretry_max_delay_ms = 1000", "delivery.retry_max_delay_ms"),
             ("[delivery]\nmax_retries = 0", "delivery.max_retries"),
+            ("[delivery]\nmax_replays = 1001", "delivery.max_replays"),
+            ("[delivery]\nlearned_ttl_secs = 0", "delivery.learned_ttl_secs"),
             ("[delivery]\nretention_messages = 0", "delivery.retention_messages"),
             ("[delivery]\nredis_url = \"localhost:6379\"", "delivery.redis_url"),
             ("[delivery]\nredis_prefix = \"\"", "delivery.redis_prefix"),
@@ -1130,6 +1166,12 @@ mod tests {
             ("[cluster]\nclient_endpoint = \"nohost\"", "cluster.client_endpoint"),
             ("[cluster]\ndispatch_endpoints = 0", "cluster.dispatch_endpoints"),
             ("[cluster]\ndrain_rate_per_sec = 0", "cluster.drain_rate_per_sec"),
+            ("[push]\nreply_timeout_ms = 99", "push.reply_timeout_ms"),
+            (
+                "[push]\nreply_timeout_ms = 2000\n[cluster]\nenabled = true\nforward_timeout_ms = 2000\n\
+                 [delivery]\nredis_url = \"redis://127.0.0.1:6379/\"",
+                "cluster.forward_timeout_ms",
+            ),
         ];
         for (text, field) in cases {
             let (got, message) = invalid_field(text);

@@ -124,6 +124,11 @@ impl<T> DeviceWindow<T> {
         self.learned_ms
     }
 
+    /// Starts from a recovery time learned earlier (kept by the store).
+    pub fn set_learned_ms(&mut self, learned_ms: Option<u32>) {
+        self.learned_ms = learned_ms;
+    }
+
     pub fn has_room(&self, window: usize) -> bool {
         self.inflight.len() < window
     }

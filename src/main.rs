@@ -47,7 +47,10 @@ enum Command {
         /// with the other nodes for routes, leases and at-least-once
         /// timelines; sets `delivery.redis_url` and `cluster.enabled`. Then
         /// SIGTERM (or POST /drain on the admin port) drains the node
-        /// gracefully; a second SIGTERM or SIGINT stops it at once.
+        /// gracefully; a second SIGTERM or SIGINT stops it at once. A node
+        /// that lost its lease (paused past it, or its name taken by a live
+        /// process) drains and exits with status 3, so a supervisor
+        /// restarts it.
         #[arg(long, value_name = "URL")]
         redis: Option<String>,
     },
@@ -100,6 +103,11 @@ enum Command {
         /// previous run printed when it closed).
         #[arg(long, default_value_t = 0)]
         last_seq: u64,
+        /// The node store's incarnation a previous run printed with its
+        /// `last_seq`: if the store lost its contents since, the node says
+        /// what may have been missed.
+        #[arg(long, default_value_t = 0)]
+        store_incarnation: u64,
         /// Act as an old client without ACK support: stored messages arrive
         /// once, never resent.
         #[arg(long)]
@@ -301,11 +309,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", keyring.mint(&user, &device, &app, now, now + ttl));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Client { server, token, platform, heartbeat_ms, last_seq, no_ack } => {
+        Command::Client { server, token, platform, heartbeat_ms, last_seq, store_incarnation, no_ack } => {
             let mut opts = ClientOptions::new(token);
             opts.platform = platform;
             opts.heartbeat_ms = heartbeat_ms;
             opts.last_seq = last_seq;
+            opts.store_incarnation = store_incarnation;
             if no_ack {
                 opts.capabilities = 0;
             }
@@ -460,13 +469,17 @@ fn push(client: &mut PushClient, args: &PushArgs) -> Result<(), BackendError> {
     if per_target {
         reply.results.iter().for_each(|r| emit(target_result_json(r)));
     } else {
-        emit(json!({
+        let mut line = json!({
             "status": push_status_name(reply.status),
             "delivered": reply.delivered,
             "not_online": reply.not_online,
             "message_id": reply.message_id,
             "reason": non_empty(&reply.reason),
-        }));
+        });
+        if reply.status == proto::PushStatus::Rejected as i32 {
+            line["retryable"] = json!(reply.retryable);
+        }
+        emit(line);
     }
     Ok(())
 }
@@ -478,6 +491,10 @@ fn target_result_json(r: &proto::TargetResult) -> serde_json::Value {
         "sessions": r.sessions,
         "reason": non_empty(&r.reason),
     });
+    if r.status == proto::PushStatus::Rejected as i32 {
+        // Whether sending the same push again may succeed.
+        line["retryable"] = json!(r.retryable);
+    }
     if r.seq != 0 {
         line["seq"] = json!(r.seq);
         line["message_id"] = json!(r.message_id);
@@ -501,6 +518,7 @@ fn status_json(s: &proto::MessageStatus) -> serde_json::Value {
         "stored_at_ms": ms(s.stored_at_ms),
         "sent_at_ms": ms(s.sent_at_ms),
         "acked_at_ms": ms(s.acked_at_ms),
+        "reason": non_empty(&s.reason),
     })
 }
 
@@ -585,6 +603,7 @@ fn serve(
     }
     let server = Server::start(&cfg)?;
     let stop = server.stop_flag();
+    let lease = server.cluster().map(|c| c.router.state().clone());
     match server.cluster() {
         // SIGTERM/SIGINT set the stop flag; the shards close every session
         // and exit.
@@ -629,9 +648,17 @@ fn serve(
         println!("admin {admin}");
     }
     server.join();
+    if lease.is_some_and(|l| l.is_fenced()) {
+        // Not a clean exit: the node gave up its place in the cluster.
+        tracing::error!("longlink stopped: lease lost (fenced); exit status {FENCED_EXIT}");
+        return Ok(ExitCode::from(FENCED_EXIT));
+    }
     tracing::info!(stopped = stop.load(Ordering::Relaxed), "longlink stopped");
     Ok(ExitCode::SUCCESS)
 }
+
+/// Exit status of a cluster node that stopped because it lost its lease.
+const FENCED_EXIT: u8 = 3;
 
 fn dispatcher(redis: String, listen: SocketAddr, config: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     use longlink::dispatcher::{CachedNodes, DispatchConfig, Dispatcher};
@@ -679,7 +706,7 @@ fn run_client(server: SocketAddr, opts: ClientOptions) -> anyhow::Result<ExitCod
         .make()
         .map_err(|e| anyhow::anyhow!("starting the client executor: {e}"))?;
     ex.run(async move {
-        let mut last_seq = opts.last_seq;
+        let (mut last_seq, mut store_incarnation) = (opts.last_seq, opts.store_incarnation);
         let result = match Connection::connect(server, opts).await {
             Ok((mut conn, ok)) => {
                 emit(json!({
@@ -690,6 +717,7 @@ fn run_client(server: SocketAddr, opts: ClientOptions) -> anyhow::Result<ExitCod
                     "heartbeat_ms": ok.heartbeat_ms,
                     "idle_timeout_ms": ok.idle_timeout_ms,
                     "server_time_ms": ok.server_time_ms,
+                    "store_incarnation": ok.store_incarnation,
                 }));
                 loop {
                     match conn.next_event().await {
@@ -711,6 +739,7 @@ fn run_client(server: SocketAddr, opts: ClientOptions) -> anyhow::Result<ExitCod
                         Ok(ClientEvent::Connected(_)) => {}
                         Err(err) => {
                             last_seq = conn.last_seq();
+                            store_incarnation = conn.store_incarnation();
                             break err;
                         }
                     }
@@ -719,8 +748,10 @@ fn run_client(server: SocketAddr, opts: ClientOptions) -> anyhow::Result<ExitCod
             Err(err) => err,
         };
         let mut close = close_event(&result);
-        // Printed so a later run can resume with --last-seq.
+        // Printed so a later run can resume with --last-seq and
+        // --store-incarnation.
         close["last_seq"] = json!(last_seq);
+        close["store_incarnation"] = json!(store_incarnation);
         emit(close);
         if result.reconnect_allowed() { Ok(ExitCode::SUCCESS) } else { Ok(ExitCode::from(1)) }
     })
@@ -748,6 +779,9 @@ struct SdkArgs {
     /// Resume after this at-least-once sequence.
     #[arg(long, default_value_t = 0)]
     last_seq: u64,
+    /// The store incarnation seen with that sequence (see `client`).
+    #[arg(long, default_value_t = 0)]
+    store_incarnation: u64,
 }
 
 fn run_sdk(args: SdkArgs) -> anyhow::Result<ExitCode> {
@@ -755,6 +789,7 @@ fn run_sdk(args: SdkArgs) -> anyhow::Result<ExitCode> {
     let mut opts = ClientOptions::new(args.token);
     opts.platform = args.platform.clone();
     opts.last_seq = args.last_seq;
+    opts.store_incarnation = args.store_incarnation;
     let mut agent = AgentConfig::new(opts);
     agent.endpoints = args.endpoints;
     let dispatcher = args
@@ -773,7 +808,7 @@ fn run_sdk(args: SdkArgs) -> anyhow::Result<ExitCode> {
         match ev {
             Event::Connected { endpoint, auth_ok } => emit(json!({
                 "event": "connected", "endpoint": endpoint, "conn_id": auth_ok.conn_id, "node": auth_ok.node,
-                "heartbeat_ms": auth_ok.heartbeat_ms,
+                "heartbeat_ms": auth_ok.heartbeat_ms, "store_incarnation": auth_ok.store_incarnation,
             })),
             Event::Message(m) => {
                 emit(json!({
@@ -913,9 +948,16 @@ mod tests {
             stored_at_ms: 1,
             sent_at_ms: 2,
             acked_at_ms: 3,
+            reason: String::new(),
         };
         assert_eq!(status_json(&s)["state"], "ACKED");
         assert_eq!(status_json(&proto::MessageStatus::default())["state"], "UNKNOWN");
+        let expired = proto::MessageStatus {
+            state: proto::DeliveryState::Expired as i32,
+            reason: "not acknowledged after 3 replays to the device".into(),
+            ..Default::default()
+        };
+        assert_eq!(status_json(&expired)["reason"], "not acknowledged after 3 replays to the device");
     }
 
     #[test]
@@ -1020,5 +1062,13 @@ mod tests {
             target_result_json(&r),
             json!({"target": "d", "status": "NOT_ONLINE", "sessions": 0, "reason": null})
         );
+        let r = proto::TargetResult {
+            target: "d".into(),
+            status: proto::PushStatus::Rejected as i32,
+            reason: "node b did not answer within 5000 ms".into(),
+            retryable: true,
+            ..Default::default()
+        };
+        assert_eq!(target_result_json(&r)["retryable"], json!(true));
     }
 }

@@ -111,20 +111,25 @@ pub struct CopyResult {
     pub sessions: u32,
     /// Set when the store failed: the copy was not stored.
     pub error: Option<String>,
+    /// The failure may pass (the store was unavailable or overloaded).
+    pub retryable: bool,
 }
 
 /// A piece of an answer, merged into the pending request on its origin.
 #[derive(Debug)]
 pub enum Part {
-    /// Sessions reached per target index.
+    /// Sessions reached per target index; every target of the request
+    /// part is listed (0: not reached), so the origin knows it answered.
     Sessions(Vec<(u32, u32)>),
     /// Sessions reached by a group or broadcast push on one shard.
     Count(u64),
-    /// A home shard forwarded a user lookup as `parts` further messages.
-    Expect { parts: u32 },
+    /// A home shard forwarded a user lookup as `parts` further messages;
+    /// `targets`: how many of them answer for each user (by target index).
+    Expect { parts: u32, targets: Vec<(u32, u32)> },
     /// Presence answer of one shard.
     Presence(Box<PresencePart>),
-    /// At-least-once copies stored (or not) by one shard.
+    /// At-least-once copies stored (or not) by one shard; a user target
+    /// with no session there is listed once with an empty device.
     Stored(Vec<CopyResult>),
     /// Delivery statuses one shard's store knows, by query index.
     Status(Vec<(u32, proto::MessageStatus)>),

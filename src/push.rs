@@ -5,9 +5,15 @@
 //! parts per owner shard (devices), per home shard (users), or one per
 //! shard (groups, broadcast, presence), sends them over the mesh, and
 //! merges the answers in a [`Pending`] entry; the reply goes out when every
-//! part is in. A backend connection has a bounded number of requests in
-//! flight: at the bound the node stops reading from it (backpressure).
+//! part is in, or at `push.reply_timeout_ms` with what it has: targets whose
+//! answer did not come are REJECTED with `retryable` set ([`Deadlines`]; a
+//! late answer is dropped and counted). A backend connection has a bounded
+//! number of requests in flight: at the bound the node stops reading from
+//! it (backpressure).
 
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -26,6 +32,7 @@ use crate::ids::{ConnKey, ShardId, owner_shard};
 use crate::mesh::{Origin, Outgoing, Part, PresencePart, PresenceQuery, ShardMsg, UserAction};
 use crate::outq::OutQueue;
 use crate::proto::{self, ErrorCode, FrameKind, PushStatus};
+use crate::session::Millis;
 use crate::shard::{MAX_ID_BYTES, Shard, State, home_shard};
 
 /// Reads handled in one poll of a backend connection before yielding.
@@ -82,6 +89,111 @@ fn request_error(request_id: u64, code: ErrorCode, reason: impl Into<String>) ->
     proto::RequestError { request_id, code: code as i32, reason: reason.into() }
 }
 
+/// Push-port requests by deadline, on their origin shard. Every entry is
+/// one `push.reply_timeout_ms` after its start, so the queue is in deadline
+/// order and the shard's timer tick pops what is due: no timer per request.
+#[derive(Default)]
+pub(crate) struct Deadlines {
+    queue: VecDeque<(Millis, Expiry)>,
+}
+
+/// What a deadline ends.
+pub(crate) enum Expiry {
+    /// A request in `State::pending` (nothing to do if it was answered).
+    Request(u64),
+    /// A request answered by a task (cluster mode), which waits on it.
+    Alarm(Rc<Alarm>),
+}
+
+impl Expiry {
+    /// Whether the deadline still matters.
+    fn is_live(&self, pending: &std::collections::HashMap<u64, Pending>) -> bool {
+        match self {
+            Expiry::Request(token) => pending.contains_key(token),
+            // The task holds the other reference while it waits.
+            Expiry::Alarm(alarm) => Rc::strong_count(alarm) > 1,
+        }
+    }
+}
+
+/// Entries kept before answered ones are swept out early (their deadlines
+/// otherwise keep them until they pass).
+const DEADLINES_SWEEP_AT: usize = 1024;
+
+impl Deadlines {
+    pub(crate) fn push(&mut self, at: Millis, what: Expiry) {
+        self.queue.push_back((at, what));
+    }
+
+    /// Moves the entries due at `now` into `out`.
+    pub(crate) fn take_due(&mut self, now: Millis, out: &mut Vec<Expiry>) {
+        while self.queue.front().is_some_and(|(at, _)| *at <= now) {
+            if let Some((_, what)) = self.queue.pop_front() {
+                out.push(what);
+            }
+        }
+    }
+
+    /// Drops the entries of requests already answered once they make up
+    /// most of the queue: it stays in proportion to the requests in flight.
+    fn sweep(&mut self, pending: &std::collections::HashMap<u64, Pending>) {
+        if self.queue.len() >= DEADLINES_SWEEP_AT && self.queue.len() > 2 * (pending.len() + 64) {
+            self.queue.retain(|(_, what)| what.is_live(pending));
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.queue.len()
+    }
+}
+
+/// Rings once the deadline of a request answered by a task passes.
+#[derive(Default)]
+pub(crate) struct Alarm {
+    fired: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl Alarm {
+    fn fire(&self) {
+        self.fired.set(true);
+        let waker = self.waker.borrow_mut().take();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Whether the deadline passed.
+    pub(crate) fn rang(&self) -> bool {
+        self.fired.get()
+    }
+
+    /// `fut`'s output, or `None` when the alarm rings first.
+    pub(crate) async fn before<T>(&self, fut: impl Future<Output = T>) -> Option<T> {
+        let rung = std::future::poll_fn(|cx| {
+            if self.fired.get() {
+                return Poll::Ready(());
+            }
+            let mut slot = self.waker.borrow_mut();
+            if !slot.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *slot = Some(cx.waker().clone());
+            }
+            Poll::Pending
+        });
+        futures_lite::future::or(async { Some(fut.await) }, async {
+            rung.await;
+            None
+        })
+        .await
+    }
+}
+
+/// Added to a user target's count of awaited answers while its home shard
+/// has not said how many shards hold its sessions (more than any count of
+/// shards, so a part that arrives first cannot make it look complete).
+const AWAIT_LOOKUP: i32 = 1 << 16;
+
 /// A request waiting on its origin shard for the parts of its answer.
 pub(crate) struct Pending {
     backend: ConnKey,
@@ -98,6 +210,9 @@ enum PendingKind {
     /// Per-target results (device/user pushes, group updates, kicks).
     Targets {
         results: Vec<proto::TargetResult>,
+        /// Answers still owed per target (see [`AWAIT_LOOKUP`]); a target
+        /// with a non-zero count when the deadline passes is REJECTED.
+        awaiting: Vec<i32>,
         admin: bool,
         /// User targets (stored copies are listed per device).
         users: bool,
@@ -123,12 +238,39 @@ enum PendingKind {
 }
 
 impl Pending {
+    fn targets(results: Vec<proto::TargetResult>, admin: bool, users: bool, message_id: u64) -> PendingKind {
+        let awaiting = vec![0; results.len()];
+        PendingKind::Targets { results, awaiting, admin, users, message_id }
+    }
+
+    /// Counts the answers `msg` (about to be sent) owes per target.
+    fn awaits(&mut self, msg: &ShardMsg) {
+        let PendingKind::Targets { awaiting, .. } = &mut self.kind else { return };
+        let mut add = |idx: u32, n: i32| {
+            if let Some(a) = awaiting.get_mut(idx as usize) {
+                *a += n;
+            }
+        };
+        match msg {
+            ShardMsg::Devices { items, .. }
+            | ShardMsg::GroupUpdate { items, .. }
+            | ShardMsg::KickDevices { items, .. } => items.iter().for_each(|(i, _)| add(*i, 1)),
+            ShardMsg::StoreDevices { items, .. } => items.iter().for_each(|(i, _, _)| add(*i, 1)),
+            ShardMsg::UserLookup { items, .. } => items.iter().for_each(|(i, _)| add(*i, AWAIT_LOOKUP)),
+            _ => {}
+        }
+    }
+
     pub(crate) fn merge(&mut self, part: Part) {
         match (part, &mut self.kind) {
-            (Part::Sessions(reached), PendingKind::Targets { results, .. }) => {
+            (Part::Sessions(reached), PendingKind::Targets { results, awaiting, .. }) => {
+                // Every target of the part is listed, reached or not.
                 for (idx, n) in reached {
                     if let Some(r) = results.get_mut(idx as usize) {
                         r.sessions += n;
+                    }
+                    if let Some(a) = awaiting.get_mut(idx as usize) {
+                        *a -= 1;
                     }
                 }
                 self.done += 1;
@@ -141,14 +283,26 @@ impl Pending {
                 parts.push(*p);
                 self.done += 1;
             }
-            (Part::Stored(copies), PendingKind::Targets { results, users, .. }) => {
+            (Part::Stored(copies), PendingKind::Targets { results, awaiting, users, .. }) => {
+                // One part answers for each of its targets once, whatever
+                // the number of copies (a user's devices on that shard).
+                let mut previous = None;
                 for c in copies {
+                    if previous != Some(c.idx)
+                        && let Some(a) = awaiting.get_mut(c.idx as usize)
+                    {
+                        *a -= 1;
+                    }
+                    previous = Some(c.idx);
                     let Some(r) = results.get_mut(c.idx as usize) else { continue };
                     if let Some(reason) = c.error {
                         // One failed copy fails the target: the backend must
                         // retry it (copies already stored are listed).
                         r.status = PushStatus::Rejected as i32;
                         r.reason = reason;
+                        r.retryable = c.retryable;
+                    } else if c.device.is_empty() {
+                        // A user with no session on that shard any more.
                     } else {
                         if r.status != PushStatus::Rejected as i32 {
                             r.status = PushStatus::Stored as i32;
@@ -174,9 +328,16 @@ impl Pending {
                 }
                 self.done += 1;
             }
-            (Part::Expect { parts }, _) => {
+            (Part::Expect { parts, targets }, kind) => {
                 self.lookups = self.lookups.saturating_sub(1);
                 self.expected += u64::from(parts);
+                if let PendingKind::Targets { awaiting, .. } = kind {
+                    for (idx, n) in targets {
+                        if let Some(a) = awaiting.get_mut(idx as usize) {
+                            *a += i32::try_from(n).unwrap_or(i32::MAX) - AWAIT_LOOKUP;
+                        }
+                    }
+                }
             }
             // A part of the wrong shape is a bug in the sender; count it so
             // the request still completes.
@@ -191,11 +352,42 @@ impl Pending {
         self.lookups == 0 && self.done >= self.expected
     }
 
+    /// The deadline passed before every part came: the reply with what is
+    /// in, every target still owed an answer REJECTED (retryable: it may
+    /// succeed when sent again; copies already stored are listed).
+    pub(crate) fn expire(mut self, shards: u16, timeout_ms: u64) -> (ConnKey, Frame) {
+        let missing = self.expected.saturating_sub(self.done) + u64::from(self.lookups);
+        if let PendingKind::Targets { results, awaiting, users, .. } = &mut self.kind {
+            for (r, owed) in results.iter_mut().zip(awaiting.iter()) {
+                if *owed == 0 || r.status == PushStatus::Rejected as i32 {
+                    continue;
+                }
+                r.status = PushStatus::Rejected as i32;
+                r.retryable = true;
+                r.reason = if *users || *owed >= AWAIT_LOOKUP {
+                    format!("the shards holding this user's sessions did not all answer within {timeout_ms} ms")
+                } else {
+                    format!("shard {} did not answer within {timeout_ms} ms", owner_shard(&r.target, shards))
+                };
+            }
+        }
+        let (backend, mut frame) = self.finish();
+        if let Frame::PushReply(r) = &mut frame
+            && r.results.is_empty()
+        {
+            // Group or broadcast: `delivered` counts the shards that answered.
+            r.status = PushStatus::Rejected as i32;
+            r.retryable = true;
+            r.reason = format!("{missing} shard answers missing after {timeout_ms} ms; delivered counts the others");
+        }
+        (backend, frame)
+    }
+
     /// The backend to answer and the reply frame.
     pub(crate) fn finish(self) -> (ConnKey, Frame) {
         let request_id = self.request_id;
         let frame = match self.kind {
-            PendingKind::Targets { mut results, admin, users, message_id } => {
+            PendingKind::Targets { mut results, admin, users, message_id, .. } => {
                 let (mut delivered, mut not_online, mut stored) = (0u64, 0u64, 0u64);
                 for r in &mut results {
                     if r.status == PushStatus::Rejected as i32 {
@@ -462,10 +654,41 @@ impl Shard {
     fn begin(&self, st: &mut State, backend: ConnKey, request_id: u64, kind: PendingKind) -> Origin {
         let token = st.next_token();
         st.pending.insert(token, Pending { backend, request_id, lookups: 1, expected: 0, done: 0, kind });
+        self.arm_deadline(st, Expiry::Request(token));
         if let Some(b) = st.backends.get_mut(backend.index as usize) {
             b.inflight += 1;
         }
         Origin { shard: self.id, token }
+    }
+
+    /// Files `what` to end one `push.reply_timeout_ms` from now.
+    pub(crate) fn arm_deadline(&self, st: &mut State, what: Expiry) {
+        let at = self.now().mono.add_ms(self.cfg.push.reply_timeout_ms);
+        st.deadlines.sweep(&st.pending);
+        st.deadlines.push(at, what);
+    }
+
+    /// Answers the requests whose deadline passed with what they have (from
+    /// the shard's timer tick).
+    pub(crate) fn expire_requests(&self) {
+        let now = self.now().mono;
+        let mut due = Vec::new();
+        let mut st = self.state.borrow_mut();
+        st.deadlines.take_due(now, &mut due);
+        for what in due {
+            match what {
+                Expiry::Request(token) => {
+                    let Some(pending) = st.pending.remove(&token) else { continue };
+                    self.counters.push_timeouts.fetch_add(1, Ordering::Relaxed);
+                    let (backend, frame) = pending.expire(self.shards(), self.cfg.push.reply_timeout_ms);
+                    // Hook: the local part of a cluster request goes to its merge.
+                    if let Some(frame) = self.cluster_local_reply(backend, frame) {
+                        reply(&mut st, backend, frame.to_bytes());
+                    }
+                }
+                Expiry::Alarm(alarm) => alarm.fire(),
+            }
+        }
     }
 
     /// Done sending parts: the request completes when its answers are in.
@@ -480,6 +703,7 @@ impl Shard {
     fn send_part(&self, st: &mut State, origin: Origin, to: ShardId, msg: ShardMsg) {
         if let Some(p) = st.pending.get_mut(&origin.token) {
             p.expected += 1;
+            p.awaits(&msg);
         }
         self.route(st, to, msg);
     }
@@ -488,6 +712,7 @@ impl Shard {
     fn send_lookup(&self, st: &mut State, origin: Origin, to: ShardId, msg: ShardMsg) {
         if let Some(p) = st.pending.get_mut(&origin.token) {
             p.lookups += 1;
+            p.awaits(&msg);
         }
         self.route(st, to, msg);
     }
@@ -598,7 +823,7 @@ impl Shard {
         let ids = if devices { targets.devices } else { targets.users };
         let results = target_results(ids.iter());
         let batches = self.by_shard(&results, 0, &ids, if devices { owner_shard } else { home_shard });
-        let kind = PendingKind::Targets { results, admin: false, users: !devices, message_id };
+        let kind = Pending::targets(results, false, !devices, message_id);
         let origin = self.begin(st, backend, id, kind);
         for (shard, items) in batches.into_iter().enumerate() {
             if items.is_empty() {
@@ -631,7 +856,7 @@ impl Shard {
         let ids = if devices { targets.devices } else { targets.users };
         let results = target_results(ids.iter());
         let batches = self.by_shard(&results, 0, &ids, if devices { owner_shard } else { home_shard });
-        let kind = PendingKind::Targets { results, admin: false, users: !devices, message_id: 0 };
+        let kind = Pending::targets(results, false, !devices, 0);
         let origin = self.begin(st, backend, id, kind);
         for (shard, items) in batches.into_iter().enumerate() {
             if items.is_empty() {
@@ -695,7 +920,7 @@ impl Shard {
         let results = target_results(req.add_devices.iter().chain(&req.remove_devices));
         let adds = self.by_shard(&results, 0, &req.add_devices, owner_shard);
         let removes = self.by_shard(&results, req.add_devices.len(), &req.remove_devices, owner_shard);
-        let kind = PendingKind::Targets { results, admin: true, users: false, message_id: 0 };
+        let kind = Pending::targets(results, true, false, 0);
         let origin = self.begin(st, backend, id, kind);
         for (add, batches) in [(true, adds), (false, removes)] {
             for (shard, items) in batches.into_iter().enumerate() {
@@ -727,7 +952,7 @@ impl Shard {
         let results = target_results(req.devices.iter().chain(&req.users));
         let devices = self.by_shard(&results, 0, &req.devices, owner_shard);
         let users = self.by_shard(&results, req.devices.len(), &req.users, home_shard);
-        let kind = PendingKind::Targets { results, admin: true, users: false, message_id: 0 };
+        let kind = Pending::targets(results, true, false, 0);
         let origin = self.begin(st, backend, id, kind);
         for (shard, items) in devices.into_iter().enumerate() {
             if !items.is_empty() {
@@ -778,7 +1003,7 @@ mod tests {
     #[test]
     fn early_answers_do_not_complete_a_request_still_being_sent() {
         let results = target_results(["a".to_string(), "b".to_string(), String::new()].iter());
-        let mut p = pending(PendingKind::Targets { results, admin: false, users: false, message_id: 5 });
+        let mut p = pending(Pending::targets(results, false, false, 5));
         p.expected = 1;
         p.merge(Part::Sessions(vec![(0, 1)]));
         assert!(!p.is_done(), "the origin still holds its guard");
@@ -794,12 +1019,12 @@ mod tests {
     #[test]
     fn user_parts_can_arrive_before_the_home_shard_says_how_many() {
         let results = target_results(["u".to_string()].iter());
-        let mut p = pending(PendingKind::Targets { results, admin: false, users: true, message_id: 5 });
+        let mut p = pending(Pending::targets(results, false, true, 5));
         p.lookups += 1; // one home shard asked
         p.lookups -= 1; // origin done sending
         p.merge(Part::Sessions(vec![(0, 2)])); // holder answered first
         assert!(!p.is_done());
-        p.merge(Part::Expect { parts: 2 });
+        p.merge(Part::Expect { parts: 2, targets: vec![(0, 2)] });
         assert!(!p.is_done());
         p.merge(Part::Sessions(vec![(0, 1)]));
         assert!(p.is_done());
@@ -817,26 +1042,28 @@ mod tests {
             message_id: seq + 100,
             sessions,
             error: None,
+            retryable: false,
         };
         // Devices: online, offline, failed store.
         let results = target_results(["a".to_string(), "b".to_string(), "c".to_string()].iter());
-        let mut p = pending(PendingKind::Targets { results, admin: false, users: false, message_id: 0 });
+        let mut p = pending(Pending::targets(results, false, false, 0));
         p.expected = 2;
         p.lookups = 0;
         p.merge(Part::Stored(vec![copy(0, "a", 7, 1), copy(1, "b", 3, 0)]));
-        let failed = CopyResult { error: Some("retryable: store overloaded".into()), ..copy(2, "c", 0, 0) };
+        let failed =
+            CopyResult { error: Some("store overloaded: request shed".into()), retryable: true, ..copy(2, "c", 0, 0) };
         p.merge(Part::Stored(vec![failed]));
         let (_, Frame::PushReply(r)) = p.finish() else { panic!() };
         let got: Vec<_> = r.results.iter().map(|r| (r.status, r.seq, r.message_id, r.sessions)).collect();
         let stored = PushStatus::Stored as i32;
         assert_eq!(got, [(stored, 7, 107, 1), (stored, 3, 103, 0), (PushStatus::Rejected as i32, 0, 0, 0)]);
-        assert!(r.results[2].reason.starts_with("retryable:"));
+        assert!(r.results[2].retryable && r.results[2].reason.contains("overloaded"));
         assert_eq!((r.status, r.stored, r.delivered, r.message_id), (stored, 2, 1, 0));
 
         // A user with two devices on two shards; one device target alone
         // reports its id for the whole request.
         let results = target_results(["u".to_string()].iter());
-        let mut p = pending(PendingKind::Targets { results, admin: false, users: true, message_id: 0 });
+        let mut p = pending(Pending::targets(results, false, true, 0));
         p.expected = 2;
         p.lookups = 0;
         p.merge(Part::Stored(vec![copy(0, "u-phone", 4, 1)]));
@@ -845,12 +1072,121 @@ mod tests {
         assert_eq!(r.results[0].copies.len(), 2);
         assert_eq!((r.results[0].sessions, r.stored, r.message_id), (1, 2, 0));
         let results = target_results(["a".to_string()].iter());
-        let mut p = pending(PendingKind::Targets { results, admin: false, users: false, message_id: 0 });
+        let mut p = pending(Pending::targets(results, false, false, 0));
         p.expected = 1;
         p.lookups = 0;
         p.merge(Part::Stored(vec![copy(0, "a", 7, 1)]));
         let (_, Frame::PushReply(r)) = p.finish() else { panic!() };
         assert_eq!(r.message_id, 107);
+    }
+
+    #[test]
+    fn deadlines_pop_in_order_at_their_time_and_answered_ones_are_swept() {
+        let mut d = Deadlines::default();
+        let mut pending = std::collections::HashMap::new();
+        let alarm = Rc::new(Alarm::default());
+        d.push(Millis(1_000), Expiry::Request(1));
+        d.push(Millis(1_000), Expiry::Alarm(alarm.clone()));
+        d.push(Millis(1_500), Expiry::Request(2));
+        let mut due = Vec::new();
+        d.take_due(Millis(999), &mut due);
+        assert!(due.is_empty(), "nothing before its time");
+        d.take_due(Millis(1_200), &mut due);
+        assert!(matches!(due[..], [Expiry::Request(1), Expiry::Alarm(_)]));
+        assert!(!alarm.fired.get());
+        if let Expiry::Alarm(a) = &due[1] {
+            a.fire();
+        }
+        assert!(alarm.fired.get());
+        due.clear();
+        d.take_due(Millis(5_000), &mut due);
+        assert!(matches!(due[..], [Expiry::Request(2)]));
+        // Answered requests leave their entries behind until swept: the
+        // queue stays in proportion to what is in flight.
+        pending.insert(7, pending_with(9));
+        for token in 0..10_000u64 {
+            d.sweep(&pending);
+            d.push(Millis(10_000 + token), Expiry::Request(token));
+        }
+        assert!(d.len() < 2 * DEADLINES_SWEEP_AT, "{} entries", d.len());
+        d.take_due(Millis(u64::MAX), &mut due);
+        assert!(due.iter().any(|e| matches!(e, Expiry::Request(7))), "a live request is never swept");
+    }
+
+    fn pending_with(request_id: u64) -> Pending {
+        Pending { request_id, ..pending(PendingKind::Status { statuses: Vec::new() }) }
+    }
+
+    #[test]
+    fn an_alarm_stops_a_wait_that_would_never_end() {
+        let alarm = Alarm::default();
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut wait = Box::pin(alarm.before(std::future::pending::<()>()));
+        assert!(wait.as_mut().poll(&mut cx).is_pending());
+        alarm.fire();
+        assert_eq!(wait.as_mut().poll(&mut cx), Poll::Ready(None));
+        let mut ready = Box::pin(alarm.before(std::future::ready(5)));
+        assert_eq!(ready.as_mut().poll(&mut cx), Poll::Ready(Some(5)), "an answer in hand wins");
+    }
+
+    #[test]
+    fn at_the_deadline_targets_without_an_answer_are_rejected_as_retryable() {
+        // Three devices on two shards; the part for shard 1 never comes.
+        let ids = ["a".to_string(), "b".to_string(), "c".to_string()];
+        let shard_of = |d: &str| owner_shard(d, 2);
+        let mut p = pending(Pending::targets(target_results(ids.iter()), false, false, 5));
+        let mut parts: [Vec<(u32, String)>; 2] = Default::default();
+        for (i, d) in ids.iter().enumerate() {
+            parts[shard_of(d).index()].push((i as u32, d.clone()));
+        }
+        for items in &parts {
+            p.expected += 1;
+            p.awaits(&ShardMsg::Devices {
+                origin: Origin { shard: ShardId(0), token: 1 },
+                items: items.clone(),
+                frame: Bytes::new(),
+            });
+        }
+        p.lookups = 0;
+        let answered: Vec<(u32, u32)> = parts[0].iter().map(|(i, _)| (*i, 1)).collect();
+        p.merge(Part::Sessions(answered));
+        assert!(!p.is_done());
+        let (_, Frame::PushReply(r)) = p.expire(2, 5_000) else { panic!() };
+        for (res, d) in r.results.iter().zip(&ids) {
+            if shard_of(d) == ShardId(0) {
+                assert_eq!((res.status, res.retryable), (PushStatus::Delivered as i32, false), "{res:?}");
+            } else {
+                assert_eq!((res.status, res.retryable), (PushStatus::Rejected as i32, true), "{res:?}");
+                assert_eq!(res.reason, "shard 1 did not answer within 5000 ms");
+            }
+        }
+
+        // A user whose home shard never said where its sessions are, and
+        // one whose holders all answered (one of them before the count).
+        let users = ["u1".to_string(), "u2".to_string()];
+        let mut p = pending(Pending::targets(target_results(users.iter()), false, true, 5));
+        let origin = Origin { shard: ShardId(0), token: 1 };
+        for (i, u) in users.iter().enumerate() {
+            p.lookups += 1;
+            let action = UserAction::Deliver(Bytes::new());
+            p.awaits(&ShardMsg::UserLookup { origin, items: vec![(i as u32, u.clone())], action });
+        }
+        p.lookups -= 1;
+        p.merge(Part::Sessions(vec![(1, 1)]));
+        p.merge(Part::Expect { parts: 2, targets: vec![(1, 2)] });
+        p.merge(Part::Sessions(vec![(1, 2)]));
+        let (_, Frame::PushReply(r)) = p.expire(2, 100) else { panic!() };
+        assert_eq!((r.results[0].status, r.results[0].retryable), (PushStatus::Rejected as i32, true));
+        assert_eq!((r.results[1].status, r.results[1].sessions), (PushStatus::Delivered as i32, 3));
+
+        // A group push: what the shards that answered reached, REJECTED.
+        let mut p = pending(PendingKind::Count { broadcast: false, delivered: 0, message_id: 3 });
+        p.expected = 2;
+        p.lookups = 0;
+        p.merge(Part::Count(4));
+        let (_, Frame::PushReply(r)) = p.expire(2, 100) else { panic!() };
+        assert_eq!((r.status, r.retryable, r.delivered), (PushStatus::Rejected as i32, true, 4));
+        assert!(r.reason.contains("1 shard answers missing"), "{}", r.reason);
     }
 
     #[test]

@@ -95,6 +95,15 @@ pub struct Tracked {
     /// A message reached `max_retries`: nothing new is sent on this session
     /// until the client acknowledges something (or reconnects and resumes).
     stalled: bool,
+    /// Until the session's first replay succeeded: the store incarnation the
+    /// client saw last (it may have missed all that a lost store held).
+    resume_incarnation: u64,
+    /// The session's first replay has not succeeded yet: it is a resume
+    /// (see [`crate::store::TimelineStore::resume`]).
+    resuming: bool,
+    /// The resume replayed messages: the first resend on this session
+    /// counts a replay without an ACK ([`crate::store::TimelineStore::count_replay`]).
+    replayed: bool,
 }
 
 impl Tracked {
@@ -107,7 +116,16 @@ impl Tracked {
             refilling: false,
             refill_again: false,
             stalled: false,
+            resume_incarnation: 0,
+            resuming: false,
+            replayed: false,
         }
+    }
+
+    /// Starts the device's resend schedule from its learned recovery time.
+    fn learned(mut self, learned_ms: Option<u32>) -> Tracked {
+        self.window.set_learned_ms(learned_ms);
+        self
     }
 
     fn is_idle(&self) -> bool {
@@ -225,6 +243,8 @@ impl Shard {
     /// Appends one copy per `(target index, device, message id)` to the
     /// devices' timelines (this shard owns them), sends each to its device
     /// when it can go out now, and answers the origin with the sequences.
+    /// An empty device stands for a user target with no session here: it is
+    /// answered without a copy.
     pub(crate) fn store_copies(
         &self,
         st: &mut State,
@@ -248,11 +268,14 @@ impl Shard {
                             payload: m.payload.clone(),
                             expires_at_ms: m.expires_at_ms,
                         };
-                        store.append(device, new, now_ms)
+                        (!device.is_empty()).then(|| store.append(device, new, now_ms))
                     })
                     .collect();
                 for append in pending {
-                    results.push(append.await);
+                    results.push(match append {
+                        Some(append) => Some(append.await),
+                        None => None,
+                    });
                 }
             }
             (copies, results)
@@ -260,16 +283,28 @@ impl Shard {
         self.after_store(st, appends, move |shard, st, (copies, results)| {
             let mut part = Vec::with_capacity(copies.len());
             for ((idx, device, message_id), result) in copies.into_iter().zip(results) {
+                let Some(result) = result else {
+                    part.push(CopyResult { idx, ..Default::default() });
+                    continue;
+                };
                 match result {
                     Ok(appended) => {
                         shard.counters.reliable.stored.fetch_add(1, Ordering::Relaxed);
                         let sessions = shard.on_appended(st, &device, appended, message_id, &msg);
-                        part.push(CopyResult { idx, device, seq: appended.seq, message_id, sessions, error: None });
+                        part.push(CopyResult {
+                            idx,
+                            device,
+                            seq: appended.seq,
+                            message_id,
+                            sessions,
+                            ..Default::default()
+                        });
                     }
                     Err(err) => {
                         shard.store_failed("append", &err);
-                        let error = Some(format!("retryable: {err}"));
-                        part.push(CopyResult { idx, device, message_id, error, ..Default::default() });
+                        let retryable = err.is_retryable();
+                        let error = Some(err.to_string());
+                        part.push(CopyResult { idx, device, message_id, error, retryable, ..Default::default() });
                     }
                 }
             }
@@ -284,17 +319,19 @@ impl Shard {
         let key = st.key_of(slot);
         // Not active yet: the activation replay will find it.
         let Some((_, true, acks)) = st.delivery_target(key) else { return 0 };
-        let Appended { seq, oldest } = appended;
+        let Appended { seq, oldest, learned_ms } = appended;
         let now = self.now();
         let frame = message_frame(seq, message_id, &msg.service_id, &msg.payload);
         if !acks {
-            // A client without ACK support gets it once, at most once; it is
-            // acknowledged in the store so no resume replays it.
+            // A client without ACK support gets it once, at most once; once
+            // handed to its socket it is acknowledged in the store so no
+            // resume replays it. A send that failed (the session was cut off
+            // as SLOW) leaves it in the timeline for the next connect.
             let sent = self.deliver(st, slot, &frame);
             if sent {
                 self.counters.reliable.sent_unacked.fetch_add(1, Ordering::Relaxed);
+                self.ack_in_store(st, device, seq, now);
             }
-            self.ack_in_store(st, device, seq, now);
             return u32::from(sent);
         }
         let window = self.cfg.delivery.window;
@@ -302,13 +339,13 @@ impl Shard {
             if oldest < seq {
                 // Older messages wait (another append still on its way, or a
                 // failed send): read them back in order.
-                let mut t = Tracked::new(key, oldest - 1);
+                let mut t = Tracked::new(key, oldest - 1).learned(learned_ms);
                 t.backlog = true;
                 self.track(st, t);
                 self.refill(st, key, now);
                 return 0;
             }
-            self.track(st, Tracked::new(key, seq - 1));
+            self.track(st, Tracked::new(key, seq - 1).learned(learned_ms));
             return u32::from(self.send_new(st, key, (seq, message_id), frame, now));
         };
         if t.refilling {
@@ -370,10 +407,16 @@ impl Shard {
         }
         t.refilling = true;
         t.refill_again = false;
-        let after = t.last_sent;
+        let (after, resume) = (t.last_sent, t.resuming);
         let store = self.store.clone();
         let now_ms = unix_ms(now);
-        let replay = async move { store.replay(&device, after, room, now_ms).await };
+        let replay = async move {
+            if resume {
+                store.resume(&device, after, room, now_ms).await
+            } else {
+                store.replay(&device, after, room, now_ms).await
+            }
+        };
         self.after_store(st, replay, move |shard, st, result| shard.on_replayed(st, key, room, result));
     }
 
@@ -392,7 +435,21 @@ impl Shard {
                 return self.store_failed("replay", &err);
             }
         };
-        if let Some((from, to)) = replay.missing
+        let mut missing = replay.missing;
+        if std::mem::take(&mut t.resuming) {
+            // A reconnecting device starts from what its link taught us.
+            t.window.set_learned_ms(replay.learned_ms);
+            t.replayed = !replay.messages.is_empty();
+        }
+        let seen = std::mem::take(&mut t.resume_incarnation);
+        if seen != 0 && replay.incarnation != 0 && seen != replay.incarnation && t.last_sent < replay.base {
+            // The client resumes across a store that lost its contents: all
+            // it may have missed up to this incarnation's first sequence is
+            // unknown, even from sequence 0.
+            let to = missing.map_or(replay.base, |(_, to)| to.max(replay.base));
+            missing = Some((t.last_sent + 1, to));
+        }
+        if let Some((from, to)) = missing
             && to > t.last_sent
         {
             let from = from.max(t.last_sent + 1);
@@ -437,7 +494,10 @@ impl Shard {
                 // The client says it processed everything up to here.
                 self.ack_in_store(st, &device, login.last_seq, now);
             }
-            self.track(st, Tracked::new(key, login.last_seq));
+            let mut t = Tracked::new(key, login.last_seq);
+            t.resume_incarnation = login.store_incarnation;
+            t.resuming = true;
+            self.track(st, t);
             return self.refill(st, key, now);
         }
         // An old client: whatever waits goes out once, and is acknowledged
@@ -481,14 +541,24 @@ impl Shard {
         let Some(t) = self.tracked(st, key) else { return };
         // A client cannot acknowledge what was never sent to it.
         let seq = seq.min(t.last_sent);
+        let learned_before = t.window.learned_ms();
         let acked = t.window.on_ack(seq, now.mono, &policy);
         if acked.stale {
             return;
         }
+        let learned = t.window.learned_ms();
         t.stalled = false;
+        // It acknowledges: its replay was not in vain.
+        t.replayed = false;
         let refill = t.backlog && !t.refilling && t.window.has_room(window);
         self.counters.reliable.acked.fetch_add(u64::from(acked.messages), Ordering::Relaxed);
         self.ack_in_store(st, &device, seq, now);
+        if learned != learned_before {
+            // Kept with the timeline: the next window or session starts
+            // from it (written only when it changes).
+            let (store, device, now_ms) = (self.store.clone(), device.clone(), unix_ms(now));
+            self.store_quietly(st, "set_learned", async move { store.set_learned(&device, learned, now_ms).await });
+        }
         if refill {
             self.refill(st, key, now);
         }
@@ -502,6 +572,9 @@ impl Shard {
         let window = self.cfg.delivery.window;
         let t = self.tracked(st, key)?;
         let due = t.window.due(now.mono, &policy);
+        // A replayed backlog went unacknowledged past a resend: the client
+        // had it and the time to acknowledge it.
+        let unacked_replay = (!due.resend.is_empty() && std::mem::take(&mut t.replayed)).then_some(t.last_sent);
         let frames: Vec<Bytes> =
             due.resend.iter().filter_map(|&seq| t.window.payload(seq)).map(as_retransmission).collect();
         if !due.given_up.is_empty() {
@@ -514,6 +587,12 @@ impl Shard {
             if self.send_to_slot(st, key.index, frame) {
                 self.counters.reliable.retries.fetch_add(1, Ordering::Relaxed);
             }
+        }
+        if let Some(through) = unacked_replay
+            && let Some((device, _, _)) = st.delivery_target(key)
+        {
+            let (store, device) = (self.store.clone(), device.to_owned());
+            self.store_quietly(st, "count_replay", async move { store.count_replay(&device, through).await });
         }
         if refill {
             // A replay that failed earlier.
@@ -557,15 +636,20 @@ impl Shard {
 
 fn status_to_proto(message_id: u64, status: Status) -> proto::MessageStatus {
     use proto::DeliveryState as S;
+    let reason = match &status {
+        Status::Expired { by, .. } => by.to_string(),
+        _ => String::new(),
+    };
     let (state, device, seq, stored_at_ms, sent_at_ms, acked_at_ms) = match status {
         Status::Stored { device, seq, stored_at_ms } => (S::Stored, device, seq, stored_at_ms, 0, 0),
         Status::Sent { device, seq, stored_at_ms, sent_at_ms } => (S::Sent, device, seq, stored_at_ms, sent_at_ms, 0),
         Status::Acked { device, seq, stored_at_ms, sent_at_ms, acked_at_ms } => {
             (S::Acked, device, seq, stored_at_ms, sent_at_ms, acked_at_ms)
         }
-        Status::Expired { device, seq } => (S::Expired, device, seq, 0, 0, 0),
+        Status::Expired { device, seq, .. } => (S::Expired, device, seq, 0, 0, 0),
     };
-    proto::MessageStatus { message_id, state: state as i32, device, seq, stored_at_ms, sent_at_ms, acked_at_ms }
+    let state = state as i32;
+    proto::MessageStatus { message_id, state, device, seq, stored_at_ms, sent_at_ms, acked_at_ms, reason }
 }
 
 #[cfg(test)]

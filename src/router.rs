@@ -14,9 +14,19 @@
 //! Fencing: a node that cannot renew its lease must not keep claiming
 //! devices. [`LeaseKeeper`] tells the two cases apart: the node itself was
 //! stopped (its lease lapsed while it made no attempt: it was paused, so
-//! others may own its devices now; it fences itself and drains) and Redis
-//! was unreachable (every node failed alike: it re-registers and re-asserts
-//! its routes when Redis returns, and its clients stay connected).
+//! others may own its devices now; it fences itself, drains and exits
+//! non-zero) and Redis was unreachable (every node failed alike: it
+//! re-registers and re-asserts its routes when Redis returns, and its
+//! clients stay connected).
+//!
+//! Restarts: a node started again under its name while the lease of its
+//! previous run is still running ([`NameHeld`]) takes that lease over at
+//! once when the registry names a process of this host that is gone (kill
+//! -9, a crash), waits for it to lapse when the holder cannot be checked
+//! (another host), and gives up (fenced) when the holder is alive or renews
+//! it: two live processes must not share a name. The new run has a new
+//! incarnation, so routes of the old one stay invalid (their sockets died
+//! with it) until their devices log in again.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,6 +39,14 @@ use redis::Value;
 use tracing::{info, warn};
 
 use crate::redis_link::{self, NotSent, RedisLink, SidecarHandle, Unavailable, as_string, as_u64, take_batch};
+
+/// A reply as a signed integer (PTTL answers -1 and -2).
+fn as_i64(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(n) => Some(*n),
+        other => as_string(other)?.parse().ok(),
+    }
+}
 
 /// Where a device is connected.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,6 +113,104 @@ pub enum LeaseAction {
     Taken,
     /// Redis is unreachable; keep serving, try again.
     Retry,
+}
+
+/// Whether the process a registry entry names is still running.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Liveness {
+    Alive,
+    /// It ran on this host and is gone (or its pid now names another process).
+    Gone,
+    /// Another host or pid namespace, or no identity recorded.
+    Unknown,
+}
+
+/// What a starting node does when its name is registered by another
+/// incarnation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartAction {
+    /// The holder is a dead run of this node: replace its incarnation.
+    TakeOver,
+    /// Look again shortly: the lease may lapse on its own.
+    Wait,
+    /// A live process holds the name: fence (and exit).
+    GiveUp,
+}
+
+/// A starting node's view of the registration that holds its name (no
+/// I/O): the holder's incarnation and how its lease ran, observed over time.
+#[derive(Clone, Debug)]
+pub struct NameHeld {
+    incarnation: u64,
+    first_seen: Instant,
+    last_pttl_ms: i64,
+}
+
+impl NameHeld {
+    pub fn new(incarnation: u64, pttl_ms: i64, now: Instant) -> NameHeld {
+        NameHeld { incarnation, first_seen: now, last_pttl_ms: pttl_ms }
+    }
+
+    /// One more look at the registration: holder `incarnation`, whose
+    /// process is `holder`, with `pttl_ms` of its lease left.
+    pub fn observe(
+        &mut self,
+        incarnation: u64,
+        holder: Liveness,
+        pttl_ms: i64,
+        now: Instant,
+        lease: Duration,
+    ) -> StartAction {
+        match holder {
+            Liveness::Alive => return StartAction::GiveUp,
+            Liveness::Gone if incarnation == self.incarnation => return StartAction::TakeOver,
+            _ => {}
+        }
+        // Renewed since the last look, or registered anew: someone is alive.
+        let renewed = incarnation != self.incarnation || pttl_ms > self.last_pttl_ms;
+        self.last_pttl_ms = pttl_ms;
+        if renewed || now.duration_since(self.first_seen) > lease + lease / 2 {
+            StartAction::GiveUp
+        } else {
+            StartAction::Wait
+        }
+    }
+}
+
+/// How this process names itself in the registry, so that a later run of
+/// the node on the same host can tell whether it still runs: boot id, pid
+/// namespace, pid and start time (a pid alone may be reused).
+pub fn process_identity() -> String {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let ns = std::fs::read_link("/proc/self/ns/pid").map(|p| p.display().to_string()).unwrap_or_default();
+    let pid = std::process::id();
+    let start = start_time(pid).unwrap_or(0);
+    format!("{}/{ns}/{pid}/{start}", boot.trim())
+}
+
+/// Whether the process `identity` ([`process_identity`]) names runs.
+pub fn liveness(identity: &str) -> Liveness {
+    let mut theirs = identity.splitn(4, '/');
+    let mine = process_identity();
+    let mut ours = mine.splitn(4, '/');
+    let (Some(boot), Some(ns), Some(pid), Some(start)) = (theirs.next(), theirs.next(), theirs.next(), theirs.next())
+    else {
+        return Liveness::Unknown;
+    };
+    if boot.is_empty() || ns.is_empty() || ours.next() != Some(boot) || ours.next() != Some(ns) {
+        return Liveness::Unknown;
+    }
+    let (Ok(pid), Ok(start)) = (pid.parse::<u32>(), start.parse::<u64>()) else { return Liveness::Unknown };
+    if start_time(pid) == Some(start) { Liveness::Alive } else { Liveness::Gone }
+}
+
+/// Field 22 of /proc/<pid>/stat: when the process started, in clock ticks
+/// since boot.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; it ends at the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// The outcome of one renewal round trip.
@@ -188,7 +304,8 @@ pub struct RouterConfig {
     pub url: String,
     pub prefix: String,
     pub node: String,
-    /// Random per process start: tells this run from an earlier one.
+    /// Unique per process start, growing with the start time: tells this
+    /// run from an earlier one.
     pub incarnation: u64,
     pub lease: Duration,
     pub client_endpoint: String,
@@ -317,12 +434,16 @@ return 0
 "#;
 
 /// KEYS: node key, nodes zset. ARGV: incarnation, lease_ms, now_ms, name,
-/// client endpoint, node endpoint, draining, create (1/0).
+/// client endpoint, node endpoint, draining, create (1/0), holder (this
+/// process), replace (an incarnation this one may take over, or '').
+/// Returns 'ok', 'missing', or {'taken', incarnation, holder, pttl}.
 const RENEW_LUA: &str = r#"
 local cur = redis.call('HGET', KEYS[1], 'inc')
-if cur and cur ~= ARGV[1] then return 'taken' end
+if cur and cur ~= ARGV[1] and cur ~= ARGV[10] then
+  return {'taken', cur, redis.call('HGET', KEYS[1], 'holder') or '', redis.call('PTTL', KEYS[1])}
+end
 if not cur and ARGV[8] ~= '1' then return 'missing' end
-redis.call('HSET', KEYS[1], 'inc', ARGV[1], 'client', ARGV[5], 'node', ARGV[6], 'draining', ARGV[7])
+redis.call('HSET', KEYS[1], 'inc', ARGV[1], 'client', ARGV[5], 'node', ARGV[6], 'draining', ARGV[7], 'holder', ARGV[9])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[2], tonumber(ARGV[3]) + tonumber(ARGV[2]), ARGV[4])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
@@ -474,6 +595,22 @@ struct RouterSidecar {
     announced_draining: bool,
     /// Left the registry on purpose: never renew again.
     deregistered: bool,
+    /// This process in the registry ([`process_identity`]).
+    holder: String,
+    /// Starting: the registration of another run that holds our name.
+    held: Option<NameHeld>,
+}
+
+/// What one renewal script answered.
+enum Renewal {
+    Ok,
+    Missing,
+    /// Another incarnation holds the name: it, its process, its lease left.
+    Taken {
+        incarnation: u64,
+        holder: String,
+        pttl_ms: i64,
+    },
 }
 
 impl RouterSidecar {
@@ -493,6 +630,8 @@ impl RouterSidecar {
             on_reregister,
             announced_draining: false,
             deregistered: false,
+            holder: process_identity(),
+            held: None,
         }
     }
 
@@ -502,7 +641,9 @@ impl RouterSidecar {
             let now = Instant::now();
             if now >= next_renew || self.state.is_draining() != self.announced_draining {
                 self.renew();
-                next_renew = Instant::now() + self.keeper.interval();
+                // Waiting for the lease of a previous run to lapse: look often.
+                let every = if self.held.is_some() { self.cfg.lease / 10 } else { self.keeper.interval() };
+                next_renew = Instant::now() + every;
             }
             let first = match rx.recv_timeout(next_renew.saturating_duration_since(Instant::now())) {
                 Ok(job) => job,
@@ -528,7 +669,7 @@ impl RouterSidecar {
         let now_ms = unix_ms();
         let lease_ms = self.cfg.lease.as_millis() as u64;
         self.announced_draining = self.state.is_draining();
-        let attempt = |this: &mut RouterSidecar, create: bool| -> Result<Option<String>, Unavailable> {
+        let attempt = |this: &mut RouterSidecar, create: bool, replace: Option<u64>| -> Result<Renewal, Unavailable> {
             let mut inv = this.link.script(RENEW).prepare_invoke();
             inv.key(this.p(&format!("node:{}", this.cfg.node))).key(this.p("nodes"));
             inv.arg(this.cfg.incarnation)
@@ -538,19 +679,57 @@ impl RouterSidecar {
                 .arg(&this.cfg.client_endpoint)
                 .arg(&this.cfg.node_endpoint)
                 .arg(u8::from(this.announced_draining))
-                .arg(u8::from(create));
+                .arg(u8::from(create))
+                .arg(&this.holder)
+                .arg(replace.map(|inc| inc.to_string()).unwrap_or_default());
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
             pipe.invoke_script(&inv);
             let values = this.link.query(&pipe)?;
-            Ok(values.first().and_then(as_string))
+            Ok(match values.first() {
+                Some(Value::Array(f)) => Renewal::Taken {
+                    incarnation: f.get(1).and_then(as_u64).unwrap_or(0),
+                    holder: f.get(2).and_then(as_string).unwrap_or_default(),
+                    pttl_ms: f.get(3).and_then(as_i64).unwrap_or(0),
+                },
+                Some(v) if as_string(v).as_deref() == Some("ok") => Renewal::Ok,
+                _ => Renewal::Missing,
+            })
         };
-        let outcome = match attempt(self, !self.registered) {
+        let mut answer = attempt(self, !self.registered, None);
+        if !self.registered
+            && let Ok(Renewal::Taken { incarnation, holder, pttl_ms }) = &answer
+        {
+            // Starting while another run holds our name.
+            let now = Instant::now();
+            let first_look = self.held.is_none();
+            let held = self.held.get_or_insert_with(|| NameHeld::new(*incarnation, *pttl_ms, now));
+            let alive = liveness(holder);
+            match held.observe(*incarnation, alive, *pttl_ms, now, self.cfg.lease) {
+                StartAction::TakeOver => {
+                    info!(node = %self.cfg.node, previous = incarnation, %holder, "taking over the lease of a previous run of this node (its process is gone)");
+                    answer = attempt(self, true, Some(*incarnation));
+                }
+                StartAction::Wait => {
+                    if first_look {
+                        info!(node = %self.cfg.node, previous = incarnation, %holder, lease_left_ms = pttl_ms, "another run of this node holds its name; waiting for its lease to lapse");
+                    }
+                    return;
+                }
+                StartAction::GiveUp => {
+                    warn!(node = %self.cfg.node, previous = incarnation, %holder, ?alive, "a live process holds this node's name");
+                }
+            }
+        }
+        let outcome = match answer {
             Err(_) => RenewOutcome::Unreachable,
-            Ok(Some(s)) if s == "ok" => RenewOutcome::Extended,
-            Ok(Some(s)) if s == "taken" => RenewOutcome::Taken,
-            Ok(_) => RenewOutcome::Missing,
+            Ok(Renewal::Ok) => RenewOutcome::Extended,
+            Ok(Renewal::Taken { .. }) => RenewOutcome::Taken,
+            Ok(Renewal::Missing) => RenewOutcome::Missing,
         };
+        if !matches!(outcome, RenewOutcome::Taken) {
+            self.held = None;
+        }
         match self.keeper.on_outcome(outcome, Instant::now()) {
             LeaseAction::Renewed => {
                 if !self.registered {
@@ -562,7 +741,7 @@ impl RouterSidecar {
             LeaseAction::Retry => {}
             LeaseAction::Reregister => {
                 warn!(node = %self.cfg.node, "registration lost while Redis was unreachable; registering again");
-                if matches!(attempt(self, true), Ok(Some(s)) if s == "ok") {
+                if matches!(attempt(self, true, None), Ok(Renewal::Ok)) {
                     self.keeper.on_registered(Instant::now());
                     self.registered = true;
                     self.state.state.store(1, Ordering::Relaxed);
@@ -570,7 +749,7 @@ impl RouterSidecar {
                 }
             }
             LeaseAction::Fence | LeaseAction::Taken => {
-                warn!(node = %self.cfg.node, ?outcome, "lease lost: fencing this node (stop accepting, drain)");
+                warn!(node = %self.cfg.node, ?outcome, "lease lost: fencing this node (stop accepting, drain, exit with status 3)");
                 self.state.state.store(2, Ordering::Relaxed);
             }
         }
@@ -595,9 +774,12 @@ impl RouterSidecar {
     }
 
     /// Whether judging `r` needs a fresher node table: its node is unknown,
-    /// or its lease looks expired (it may have renewed since we looked).
+    /// its lease looks expired (it may have renewed since we looked), or the
+    /// route names a later run of the node than the table (a restart that
+    /// took its lease over; incarnations grow with start time).
     fn needs_refresh(&self, r: &Route) -> bool {
-        r.node != self.cfg.node && self.nodes.get(&r.node).is_none_or(|n| n.lease_expires_ms <= unix_ms())
+        r.node != self.cfg.node
+            && self.nodes.get(&r.node).is_none_or(|n| n.lease_expires_ms <= unix_ms() || r.incarnation > n.incarnation)
     }
 
     fn execute(&mut self, batch: &[Job]) -> Vec<Result<Answer, RouterError>> {
@@ -790,6 +972,45 @@ mod tests {
         k.on_redis_error();
         assert_eq!(k.on_outcome(RenewOutcome::Missing, t0 + Duration::from_secs(5)), LeaseAction::Reregister);
         assert!(!k.is_fenced());
+    }
+
+    #[test]
+    fn a_restart_takes_over_a_dead_run_waits_for_an_unknown_one_and_yields_to_a_live_one() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // The previous run on this host is gone: take over at once.
+        let mut held = NameHeld::new(7, 2_500, t0);
+        assert_eq!(held.observe(7, Liveness::Gone, 2_400, t0, LEASE), StartAction::TakeOver);
+        // Alive: two processes must not share a name.
+        assert_eq!(NameHeld::new(7, 2_500, t0).observe(7, Liveness::Alive, 2_400, t0, LEASE), StartAction::GiveUp);
+        // Another host: wait while the lease runs down...
+        let mut held = NameHeld::new(7, 2_500, t0);
+        assert_eq!(held.observe(7, Liveness::Unknown, 2_000, t0 + ms(500), LEASE), StartAction::Wait);
+        assert_eq!(held.observe(7, Liveness::Unknown, 1_000, t0 + ms(1_500), LEASE), StartAction::Wait);
+        // ...and give up when it is renewed (its holder lives).
+        assert_eq!(held.observe(7, Liveness::Unknown, 2_900, t0 + ms(1_600), LEASE), StartAction::GiveUp);
+        // A lease that never runs out (no TTL) is not waited for forever.
+        let mut held = NameHeld::new(7, -1, t0);
+        assert_eq!(held.observe(7, Liveness::Unknown, -1, t0 + ms(1_000), LEASE), StartAction::Wait);
+        assert_eq!(held.observe(7, Liveness::Unknown, -1, t0 + LEASE * 2, LEASE), StartAction::GiveUp);
+        // Another process registered meanwhile.
+        let mut held = NameHeld::new(7, 2_500, t0);
+        assert_eq!(held.observe(8, Liveness::Gone, 2_500, t0 + ms(100), LEASE), StartAction::GiveUp);
+    }
+
+    #[test]
+    fn a_process_identity_tells_a_live_process_from_a_dead_one() {
+        let me = process_identity();
+        assert_eq!(liveness(&me), Liveness::Alive);
+        let mut child = std::process::Command::new("true").spawn().expect("spawn true");
+        let pid = child.id();
+        let _ = child.wait();
+        let (boot_ns, _) = me.rsplit_once('/').and_then(|(rest, _)| rest.rsplit_once('/')).expect("identity");
+        assert_eq!(liveness(&format!("{boot_ns}/{pid}/1")), Liveness::Gone);
+        // Our pid with another start time: the pid was reused.
+        assert_eq!(liveness(&format!("{boot_ns}/{}/1", std::process::id())), Liveness::Gone);
+        assert_eq!(liveness("other-boot/pid:[1]/1/1"), Liveness::Unknown);
+        assert_eq!(liveness(""), Liveness::Unknown);
     }
 
     #[test]

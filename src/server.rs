@@ -99,6 +99,7 @@ impl Server {
                 max_inflight_per_backend: config.push.max_inflight_per_backend,
                 max_targets_per_request: config.push.max_targets_per_request,
                 max_request_bytes: config.push.max_request_bytes,
+                reply_timeout_ms: config.push.reply_timeout_ms,
                 broadcast_rate_per_sec: config.push.broadcast_rate_per_sec.div_ceil(u32::from(shards)),
             },
             read_buffer_bytes: server.read_buffer_bytes,

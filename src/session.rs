@@ -91,6 +91,8 @@ pub struct Login {
     pub capabilities: u32,
     pub last_seq: u64,
     pub heartbeat_ms: u32,
+    /// The store incarnation the client saw last (0: none).
+    pub store_incarnation: u64,
 }
 
 /// What the session asks its driver to do, in order.
@@ -340,6 +342,7 @@ impl Session {
             capabilities: auth.capabilities,
             last_seq: auth.last_seq,
             heartbeat_ms: params.negotiate_heartbeat(auth.heartbeat_ms),
+            store_incarnation: auth.store_incarnation,
         })));
     }
 

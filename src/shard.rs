@@ -44,7 +44,7 @@ use crate::ids::{ConnId, ConnKey, ShardId, owner_shard, stable_hash};
 use crate::mesh::{Adoption, Origin, Outbox, Part, PresencePart, PresenceQuery, ShardMsg, UserAction};
 use crate::outq::{self, OutQueue};
 use crate::proto::{self, ConnectionEventKind, ErrorCode, FrameKind};
-use crate::push::{Backend, Pending};
+use crate::push::{Backend, Deadlines, Pending};
 use crate::reliable::{DeliverySettings, ReliableCounters, Tracked};
 use crate::session::{Action, Login, Millis, Now, Params, Phase, Session};
 use crate::store::TimelineStore;
@@ -99,6 +99,10 @@ pub struct ShardCounters {
     pub broadcast_expired: AtomicU64,
     /// Push-port requests received.
     pub push_requests: AtomicU64,
+    /// Push-port requests answered at `push.reply_timeout_ms` with answers
+    /// missing, and answers that came after that (dropped).
+    pub push_timeouts: AtomicU64,
+    pub push_late_answers: AtomicU64,
     /// Groups with members on this shard, and sessions in any group.
     pub groups: AtomicU64,
     pub group_sessions: AtomicU64,
@@ -114,6 +118,8 @@ pub struct PushLimits {
     pub max_inflight_per_backend: u32,
     pub max_targets_per_request: u32,
     pub max_request_bytes: u32,
+    /// Every request is answered within this, in ms.
+    pub reply_timeout_ms: u64,
     /// This shard's share of the node's broadcast rate, deliveries/s.
     pub broadcast_rate_per_sec: u32,
 }
@@ -271,6 +277,8 @@ pub(crate) struct State {
     pub(crate) backends: Slab<Backend>,
     /// Requests from this shard's backends waiting for parts of their answer.
     pub(crate) pending: HashMap<u64, Pending>,
+    /// When each of those must be answered at the latest.
+    pub(crate) deadlines: Deadlines,
     /// Sessions with frames queued by a fan-out, in the order they were
     /// queued, for the flusher task ([`Shard::deliver_batched`]).
     flush: VecDeque<ConnKey>,
@@ -483,6 +491,7 @@ impl Shard {
                 broadcasts: VecDeque::new(),
                 backends: Slab::new(),
                 pending: HashMap::new(),
+                deadlines: Deadlines::default(),
                 flush: VecDeque::new(),
                 next_token: 0,
                 message_ids: MessageIds::new(worker),
@@ -1064,6 +1073,7 @@ impl Shard {
             conn_id: ConnId::new(self.id, key).0,
             shard: u32::from(self.id.0),
             node: self.cfg.node.clone(),
+            store_incarnation: self.store.incarnation(),
             ..Default::default()
         };
         let mut actions = std::mem::take(&mut st.actions);
@@ -1226,10 +1236,15 @@ impl Shard {
             ShardMsg::Users { origin, items, action: UserAction::Store(msg) } => {
                 let mut copies = Vec::new();
                 for (idx, user) in items {
+                    let before = copies.len();
                     for slot in st.user_slots(&user) {
                         let Some(device) = slot_device(&st.conns, slot).map(str::to_owned) else { continue };
                         let message_id = self.next_message_id(st);
                         copies.push((idx, device, message_id));
+                    }
+                    if copies.len() == before {
+                        // No session left here: answered with no copy.
+                        copies.push((idx, String::new(), 0));
                     }
                 }
                 self.store_copies(st, origin, copies, msg);
@@ -1237,25 +1252,29 @@ impl Shard {
             ShardMsg::Devices { origin, items, frame } => {
                 let reached = items
                     .iter()
-                    .filter_map(|(idx, device)| {
-                        let slot = st.device_slot(device)?;
-                        self.deliver(st, slot, &frame).then_some((*idx, 1))
+                    .map(|(idx, device)| {
+                        let slot = st.device_slot(device);
+                        (*idx, u32::from(slot.is_some_and(|slot| self.deliver(st, slot, &frame))))
                     })
                     .collect();
                 self.answer(st, origin, Part::Sessions(reached));
             }
             ShardMsg::UserLookup { origin, items, action } => {
                 let mut per_shard: Vec<Vec<(u32, String)>> = vec![Vec::new(); usize::from(self.shards)];
+                let mut targets = Vec::with_capacity(items.len());
                 for (idx, user) in items {
                     let mask = st.user_dir.get(&stable_hash(&user)).copied().unwrap_or(0);
+                    let mut holders = 0;
                     for (shard, batch) in per_shard.iter_mut().enumerate() {
                         if mask & (1 << shard) != 0 {
                             batch.push((idx, user.clone()));
+                            holders += 1;
                         }
                     }
+                    targets.push((idx, holders));
                 }
                 let parts = per_shard.iter().filter(|b| !b.is_empty()).count() as u32;
-                self.answer(st, origin, Part::Expect { parts });
+                self.answer(st, origin, Part::Expect { parts, targets });
                 for (shard, items) in per_shard.into_iter().enumerate() {
                     if !items.is_empty() {
                         let msg = ShardMsg::Users { origin, items, action: action.clone() };
@@ -1280,9 +1299,7 @@ impl Shard {
                         };
                         n += u32::from(ok);
                     }
-                    if n > 0 {
-                        reached.push((idx, n));
-                    }
+                    reached.push((idx, n));
                 }
                 self.answer(st, origin, Part::Sessions(reached));
             }
@@ -1313,12 +1330,10 @@ impl Shard {
                 let limit = self.cfg.max_groups_per_session as usize;
                 let mut reached = Vec::new();
                 for (idx, device) in items {
-                    let Some(slot) = st.device_slot(&device) else { continue };
-                    let ok =
-                        if add { st.groups.join(slot, &group, limit).is_ok() } else { st.groups.leave(slot, &group) };
-                    if ok {
-                        reached.push((idx, 1));
-                    }
+                    let ok = st.device_slot(&device).is_some_and(|slot| {
+                        if add { st.groups.join(slot, &group, limit).is_ok() } else { st.groups.leave(slot, &group) }
+                    });
+                    reached.push((idx, u32::from(ok)));
                 }
                 self.publish_group_counts(st);
                 self.answer(st, origin, Part::Sessions(reached));
@@ -1326,11 +1341,12 @@ impl Shard {
             ShardMsg::KickDevices { origin, items, code, reason } => {
                 let mut reached = Vec::new();
                 for (idx, device) in items {
-                    if let Some(slot) = st.device_slot(&device) {
+                    let slot = st.device_slot(&device);
+                    if let Some(slot) = slot {
                         let key = st.key_of(slot);
                         self.kick(st, key, now, code, reason.clone());
-                        reached.push((idx, 1));
                     }
+                    reached.push((idx, u32::from(slot.is_some())));
                 }
                 self.answer(st, origin, Part::Sessions(reached));
             }
@@ -1368,7 +1384,11 @@ impl Shard {
 
     /// Merges part of an answer into a pending request; replies when whole.
     pub(crate) fn merge_part(&self, st: &mut State, token: u64, part: Part) {
-        let Some(pending) = st.pending.get_mut(&token) else { return };
+        let Some(pending) = st.pending.get_mut(&token) else {
+            // Answered at its deadline already.
+            self.counters.push_late_answers.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
         pending.merge(part);
         self.finish_if_done(st, token);
     }
@@ -1531,6 +1551,8 @@ impl Shard {
                 self.begin_shutdown();
                 shutdown_deadline = Some(Instant::now() + shutdown_grace);
             }
+            // Push-port requests past their deadline are answered now.
+            self.expire_requests();
             self.state.borrow_mut().wheel.expire(self.now().mono, &mut due);
             // A session may be filed more than once (its deadline moved
             // earlier); visiting it once re-files it once, so copies merge.
@@ -1697,6 +1719,7 @@ mod tests {
             capabilities: 0,
             last_seq: 0,
             heartbeat_ms: 0,
+            store_incarnation: 0,
         };
         let mut conn = Conn {
             session: Session::new(Millis(0), &test_params()),

@@ -10,6 +10,21 @@
 //! the same store could have issued, and are never reused. A client that
 //! resumes from a sequence the store can no longer replay (retention, or a
 //! memory store that restarted) gets the missing range instead of silence.
+//!
+//! Per device the store also keeps the learned recovery time of the
+//! retransmission schedule ([`TimelineStore::set_learned`], with a TTL), so
+//! a device starts from it when its window empties or it reconnects, and
+//! counts the sessions that replayed its backlog and kept it
+//! unacknowledged past a resend ([`TimelineStore::count_replay`]): after
+//! `Retention::max_unacked_replays` of them the replayed messages expire
+//! ([`TimelineStore::resume`]).
+//!
+//! Each store has an incarnation ([`TimelineStore::incarnation`]) that
+//! changes when its contents were lost: a memory store's is random per
+//! start, Redis keeps one in a key (a Redis that lost its data makes a new
+//! one). Clients are told it in AuthOk and send back the one they saw; a
+//! client that resumes across a change is told the whole range it may have
+//! missed, even from sequence 0 ([`Replay::base`]).
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -48,6 +63,8 @@ pub struct Appended {
     /// (`== seq` when nothing older waits: the message may be sent at once
     /// to a device with nothing in flight).
     pub oldest: u64,
+    /// The device's learned recovery time, if one is kept.
+    pub learned_ms: Option<u32>,
 }
 
 /// What a resume finds.
@@ -58,6 +75,14 @@ pub struct Replay {
     /// Set when messages after the requested sequence are gone: the first
     /// and last missing sequence (inclusive).
     pub missing: Option<(u64, u64)>,
+    /// The store's incarnation as of this read (0: unknown).
+    pub incarnation: u64,
+    /// The device's learned recovery time, if one is kept.
+    pub learned_ms: Option<u32>,
+    /// Every sequence this incarnation issued for the device is above this:
+    /// a client resuming from an earlier incarnation may have missed
+    /// everything after its sequence up to here (0: unknown).
+    pub base: u64,
 }
 
 /// Where a message is in its life, for the delivery status query.
@@ -81,11 +106,38 @@ pub enum Status {
         sent_at_ms: u64,
         acked_at_ms: u64,
     },
-    /// Dropped by retention or TTL before it was acknowledged.
+    /// Dropped before it was acknowledged.
     Expired {
         device: String,
         seq: u64,
+        by: ExpiredBy,
     },
+}
+
+/// Why a message left its timeline unacknowledged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpiredBy {
+    /// More messages waited for the device than retention keeps.
+    Retention,
+    /// Older than the retention age.
+    Age,
+    /// Its push's `ttl_ms` passed.
+    Ttl,
+    /// Replayed to this many sessions of the device, none acknowledging.
+    Unacknowledged { replays: u32 },
+}
+
+impl std::fmt::Display for ExpiredBy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExpiredBy::Retention => write!(f, "dropped by retention: too many messages waiting for the device"),
+            ExpiredBy::Age => write!(f, "dropped by retention: older than the retention age"),
+            ExpiredBy::Ttl => write!(f, "its ttl passed"),
+            ExpiredBy::Unacknowledged { replays } => {
+                write!(f, "not acknowledged after {replays} replays to the device")
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -98,6 +150,14 @@ pub enum StoreError {
     Protocol(String),
 }
 
+impl StoreError {
+    /// Whether the same call may succeed later (the store was unreachable
+    /// or shed the call); a malformed answer will not fix itself.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_) | StoreError::Overloaded)
+    }
+}
+
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + 'a>>;
 
 /// A timeline store. Implementations never block the calling shard.
@@ -107,6 +167,20 @@ pub trait TimelineStore {
     fn append<'a>(&'a self, device: &'a str, msg: NewMessage, now_ms: u64) -> StoreFuture<'a, Appended>;
     /// Messages after `after_seq`, oldest first, at most `limit`.
     fn replay<'a>(&'a self, device: &'a str, after_seq: u64, limit: usize, now_ms: u64) -> StoreFuture<'a, Replay>;
+    /// A session of the device starts: [`TimelineStore::replay`]; but once
+    /// `Retention::max_unacked_replays` sessions replayed messages without
+    /// an ACK ([`TimelineStore::count_replay`]), those expire (reported
+    /// missing, status EXPIRED) instead of going out again.
+    fn resume<'a>(&'a self, device: &'a str, after_seq: u64, limit: usize, now_ms: u64) -> StoreFuture<'a, Replay>;
+    /// A session replayed the device's messages up to `through_seq` and
+    /// one of them went unacknowledged past its resend (the client had it
+    /// and the time to acknowledge it): one more replay without an ACK.
+    /// An ACK starts the count over. A session cut before a resend does
+    /// not count, so a device on a flapping network keeps its backlog.
+    fn count_replay<'a>(&'a self, device: &'a str, through_seq: u64) -> StoreFuture<'a, ()>;
+    /// Keeps the device's learned recovery time (`None`: forget it) for
+    /// `Retention::learned_ttl_ms`.
+    fn set_learned<'a>(&'a self, device: &'a str, learned_ms: Option<u32>, now_ms: u64) -> StoreFuture<'a, ()>;
     /// The device processed everything up to `seq`: drop it from the timeline.
     fn ack<'a>(&'a self, device: &'a str, seq: u64, now_ms: u64) -> StoreFuture<'a, ()>;
     /// Records the first send of message `seq` (id `message_id`) for the
@@ -114,6 +188,9 @@ pub trait TimelineStore {
     fn mark_sent<'a>(&'a self, device: &'a str, seq: u64, message_id: u64, now_ms: u64) -> StoreFuture<'a, ()>;
     /// Where message `message_id` is, if the store still knows it.
     fn status(&self, message_id: u64) -> StoreFuture<'_, Option<Status>>;
+    /// Identifies the store's contents; changes when they were lost. 0:
+    /// not known yet (a Redis store before it first reached Redis).
+    fn incarnation(&self) -> u64;
 }
 
 /// Retention limits of a timeline.
@@ -126,11 +203,22 @@ pub struct Retention {
     pub max_age_ms: u64,
     /// Status records kept (acknowledged and expired messages), per store.
     pub max_status_records: usize,
+    /// Sessions that may replay messages the device does not acknowledge;
+    /// then they expire. 0: no limit.
+    pub max_unacked_replays: u32,
+    /// How long a device's learned recovery time is kept, in ms.
+    pub learned_ttl_ms: u64,
 }
 
 impl Default for Retention {
     fn default() -> Self {
-        Retention { max_messages: 1_000, max_age_ms: 7 * 24 * 3600 * 1000, max_status_records: 100_000 }
+        Retention {
+            max_messages: 1_000,
+            max_age_ms: 7 * 24 * 3600 * 1000,
+            max_status_records: 100_000,
+            max_unacked_replays: 3,
+            learned_ttl_ms: 24 * 3600 * 1000,
+        }
     }
 }
 
@@ -143,6 +231,26 @@ struct Timeline {
     /// Highest sequence the device acknowledged.
     acked: u64,
     messages: VecDeque<(Stored, Option<u64>)>,
+    /// Sessions that replayed messages up to `replayed_through` since the
+    /// last ACK.
+    replays: u32,
+    replayed_through: u64,
+    /// Learned recovery time and until when it is kept (unix ms).
+    learned: Option<(u32, u64)>,
+}
+
+impl Timeline {
+    fn learned_ms(&self, now_ms: u64) -> Option<u32> {
+        self.learned.filter(|&(_, until)| now_ms < until).map(|(ms, _)| ms)
+    }
+
+    /// Drops the oldest message; its status says why.
+    fn drop_front(&mut self, store: &MemoryStore, device: &str, by: ExpiredBy) {
+        if let Some((m, _)) = self.messages.pop_front() {
+            self.floor = m.seq + 1;
+            store.finish(m.message_id, Status::Expired { device: device.to_owned(), seq: m.seq, by });
+        }
+    }
 }
 
 /// The embedded store: timelines in this shard's memory, bounded by
@@ -152,6 +260,8 @@ struct Timeline {
 pub struct MemoryStore {
     /// Every sequence this run issues is above this.
     base_seq: u64,
+    /// Random per run (never 0).
+    incarnation: u64,
     retention: Retention,
     timelines: RefCell<HashMap<String, Timeline>>,
     /// Status of messages that left their timeline, oldest first.
@@ -165,8 +275,12 @@ impl MemoryStore {
     /// `boot_unix_ms * 1000`, above anything an earlier run issued (it
     /// would take 1,000 messages per ms per device to catch up).
     pub fn new(retention: Retention, boot_unix_ms: u64) -> MemoryStore {
+        let mut seed = [0u8; 8];
+        // Without randomness, the start time still tells runs apart.
+        let random = getrandom::fill(&mut seed).map_or(boot_unix_ms, |()| u64::from_le_bytes(seed));
         MemoryStore {
             base_seq: boot_unix_ms.saturating_mul(1000),
+            incarnation: random.max(1),
             retention,
             timelines: RefCell::default(),
             finished: RefCell::default(),
@@ -201,13 +315,16 @@ impl MemoryStore {
             let too_many = tl.messages.len() > self.retention.max_messages;
             let too_old = now_ms.saturating_sub(m.stored_at_ms) > self.retention.max_age_ms;
             let expired = m.expires_at_ms != 0 && now_ms >= m.expires_at_ms;
-            if !(too_many || too_old || expired) {
+            let by = if expired {
+                ExpiredBy::Ttl
+            } else if too_old {
+                ExpiredBy::Age
+            } else if too_many {
+                ExpiredBy::Retention
+            } else {
                 break;
-            }
-            if let Some((m, _)) = tl.messages.pop_front() {
-                tl.floor = m.seq + 1;
-                self.finish(m.message_id, Status::Expired { device: device.to_owned(), seq: m.seq });
-            }
+            };
+            tl.drop_front(self, device, by);
         }
     }
 
@@ -217,7 +334,7 @@ impl MemoryStore {
             floor: self.base_seq + 1,
             last: self.base_seq,
             acked: self.base_seq,
-            messages: VecDeque::new(),
+            ..Default::default()
         });
         tl.last += 1;
         let seq = tl.last;
@@ -235,7 +352,39 @@ impl MemoryStore {
         ));
         self.trim(device, tl, now_ms);
         let oldest = tl.messages.front().map_or(seq, |(m, _)| m.seq);
-        Appended { seq, oldest }
+        Appended { seq, oldest, learned_ms: tl.learned_ms(now_ms) }
+    }
+
+    fn resume_now(&self, device: &str, after_seq: u64, limit: usize, now_ms: u64) -> Replay {
+        let max = self.retention.max_unacked_replays;
+        if max > 0
+            && let Some(tl) = self.timelines.borrow_mut().get_mut(device)
+            && tl.replays >= max
+            && tl.replayed_through > after_seq
+        {
+            // Replayed `max` times, never acknowledged: they go, and the
+            // resume reports them missing.
+            let through = tl.replayed_through;
+            while tl.messages.front().is_some_and(|(m, _)| m.seq <= through) {
+                tl.drop_front(self, device, ExpiredBy::Unacknowledged { replays: max });
+            }
+            tl.floor = tl.floor.max(through + 1);
+            (tl.replays, tl.replayed_through) = (0, 0);
+        }
+        self.replay_now(device, after_seq, limit, now_ms)
+    }
+
+    fn count_replay_now(&self, device: &str, through_seq: u64) {
+        if let Some(tl) = self.timelines.borrow_mut().get_mut(device) {
+            tl.replays = tl.replays.saturating_add(1);
+            tl.replayed_through = tl.replayed_through.max(through_seq);
+        }
+    }
+
+    fn set_learned_now(&self, device: &str, learned_ms: Option<u32>, now_ms: u64) {
+        if let Some(tl) = self.timelines.borrow_mut().get_mut(device) {
+            tl.learned = learned_ms.map(|ms| (ms, now_ms.saturating_add(self.retention.learned_ttl_ms)));
+        }
     }
 
     fn replay_now(&self, device: &str, after_seq: u64, limit: usize, now_ms: u64) -> Replay {
@@ -245,23 +394,30 @@ impl MemoryStore {
             // processed a sequence from an earlier run may have missed
             // messages that died with it.
             let missing = (after_seq > 0 && after_seq < self.base_seq).then_some((after_seq + 1, self.base_seq));
-            return Replay { messages: Vec::new(), missing };
+            let base = self.base_seq;
+            return Replay { messages: Vec::new(), missing, incarnation: self.incarnation, base, learned_ms: None };
         };
         self.trim(device, tl, now_ms);
         // Everything below the floor is gone; the client missed what lies
-        // between its sequence and the floor unless it acknowledged it.
+        // between its sequence and the floor unless it acknowledged it. A
+        // sequence of an earlier run (below this run's base) was never
+        // acknowledged here: all of the gap up to the floor is unknown.
         let gone_up_to = tl.floor - 1;
-        let missing = (after_seq < gone_up_to && after_seq.max(tl.acked) < gone_up_to)
-            .then(|| (after_seq.max(tl.acked) + 1, gone_up_to))
-            .filter(|(a, b)| a <= b);
+        let known = if after_seq > 0 && after_seq < self.base_seq { after_seq } else { after_seq.max(tl.acked) };
+        let missing = (known < gone_up_to).then(|| (known + 1, gone_up_to));
         let live = |m: &Stored| m.seq > after_seq && (m.expires_at_ms == 0 || now_ms < m.expires_at_ms);
         let messages = tl.messages.iter().filter(|(m, _)| live(m)).take(limit).map(|(m, _)| m.clone()).collect();
-        Replay { messages, missing }
+        let learned_ms = tl.learned_ms(now_ms);
+        Replay { messages, missing, incarnation: self.incarnation, base: self.base_seq, learned_ms }
     }
 
     fn ack_now(&self, device: &str, seq: u64, now_ms: u64) {
         let mut timelines = self.timelines.borrow_mut();
         let Some(tl) = timelines.get_mut(device) else { return };
+        if seq.min(tl.last) > tl.acked {
+            // The device acknowledges again: replays count from zero.
+            (tl.replays, tl.replayed_through) = (0, 0);
+        }
         tl.acked = tl.acked.max(seq.min(tl.last));
         while tl.messages.front().is_some_and(|(m, _)| m.seq <= seq) {
             if let Some((m, sent)) = tl.messages.pop_front() {
@@ -318,6 +474,20 @@ impl TimelineStore for MemoryStore {
         ready(self.replay_now(device, after_seq, limit, now_ms))
     }
 
+    fn resume<'a>(&'a self, device: &'a str, after_seq: u64, limit: usize, now_ms: u64) -> StoreFuture<'a, Replay> {
+        ready(self.resume_now(device, after_seq, limit, now_ms))
+    }
+
+    fn count_replay<'a>(&'a self, device: &'a str, through_seq: u64) -> StoreFuture<'a, ()> {
+        self.count_replay_now(device, through_seq);
+        ready(())
+    }
+
+    fn set_learned<'a>(&'a self, device: &'a str, learned_ms: Option<u32>, now_ms: u64) -> StoreFuture<'a, ()> {
+        self.set_learned_now(device, learned_ms, now_ms);
+        ready(())
+    }
+
     fn ack<'a>(&'a self, device: &'a str, seq: u64, now_ms: u64) -> StoreFuture<'a, ()> {
         self.ack_now(device, seq, now_ms);
         ready(())
@@ -330,6 +500,10 @@ impl TimelineStore for MemoryStore {
 
     fn status(&self, message_id: u64) -> StoreFuture<'_, Option<Status>> {
         ready(self.status_now(message_id))
+    }
+
+    fn incarnation(&self) -> u64 {
+        self.incarnation
     }
 }
 
@@ -400,6 +574,13 @@ mod tests {
         assert_eq!(r.missing, Some((43, BOOT * 1000)));
         // A fresh client (sequence 0) has nothing to miss.
         assert_eq!(block(s.replay("d", 0, 10, BOOT)).missing, None);
+        // Also when this run stored messages for the device since: what lay
+        // between 42 and this run's first sequence is unknown.
+        let first = block(s.append("d", msg(1), BOOT)).seq;
+        let r = block(s.replay("d", 42, 10, BOOT));
+        assert_eq!((r.missing, r.messages.len()), (Some((43, BOOT * 1000)), 1));
+        assert_eq!((r.base, r.incarnation), (first - 1, s.incarnation()));
+        assert_ne!(MemoryStore::new(Retention::default(), BOOT).incarnation(), s.incarnation(), "a new run, a new one");
     }
 
     #[test]

@@ -14,6 +14,12 @@
 //! which expires when idle. `P:msg:<id>` holds a message's status for the status
 //! query: it lives as long as the message may stay in its timeline, then
 //! `status_ttl_secs` once the message is acknowledged or dropped.
+//! `P:incarnation` names the store's contents: made once (SET NX) by the
+//! first sidecar to miss it, so a Redis that lost its data gets a new one;
+//! a counter records the sequence it started above (`base`), and the
+//! sessions that replayed messages the device did not acknowledge
+//! (`replays`, up to sequence `through`). `P:lrn:{device}` holds the
+//! device's learned recovery time, with a TTL.
 //!
 //! Per message: one APPEND script, one plain `HSETNX` when it is first sent,
 //! and one ACK script (an ACK covers every message up to its sequence).
@@ -21,6 +27,8 @@
 //! short, take few arguments (settings are baked into their text), and the
 //! append trims by count only (age and TTL are trimmed on replay).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::Duration;
 
@@ -30,7 +38,9 @@ use redis::Value;
 
 use crate::ids::stable_hash;
 use crate::redis_link::{self, NotSent, RedisLink, SidecarHandle, as_u64, take_batch};
-use crate::store::{Appended, NewMessage, Replay, Retention, Status, StoreError, StoreFuture, Stored, TimelineStore};
+use crate::store::{
+    Appended, ExpiredBy, NewMessage, Replay, Retention, Status, StoreError, StoreFuture, Stored, TimelineStore,
+};
 
 /// Settings of the Redis store.
 #[derive(Clone, Debug)]
@@ -53,7 +63,9 @@ pub struct RedisStoreConfig {
 
 enum Op {
     Append { device: String, msg: NewMessage, now_ms: u64 },
-    Replay { device: String, after: u64, limit: usize, now_ms: u64 },
+    Replay { device: String, after: u64, limit: usize, now_ms: u64, resume: bool },
+    SetLearned { device: String, learned_ms: Option<u32> },
+    CountReplay { device: String, through: u64 },
     Ack { device: String, seq: u64, now_ms: u64 },
     MarkSent { message_id: u64, now_ms: u64 },
     Status { message_id: u64 },
@@ -72,6 +84,8 @@ type Job = redis_link::Job<Op, Answer, StoreError>;
 #[derive(Clone)]
 pub struct RedisStore {
     sidecars: Vec<SidecarHandle<Op, Answer, StoreError>>,
+    /// The incarnation last read from Redis (0 until then), for AuthOk.
+    incarnation: Arc<AtomicU64>,
 }
 
 impl RedisStore {
@@ -79,15 +93,21 @@ impl RedisStore {
     /// failure; requests made while Redis is down fail with `Unavailable`.
     pub fn start(cfg: RedisStoreConfig) -> std::io::Result<RedisStore> {
         let mut sidecars = Vec::new();
+        let incarnation = Arc::new(AtomicU64::new(0));
+        // Known before the first client connects, when Redis is reachable
+        // (else the first replay learns it).
+        let mut link = RedisLink::new("timeline store", &cfg.url, cfg.connect_timeout, cfg.io_timeout, Vec::new());
+        learn_incarnation(&mut link, &cfg.prefix, random_candidate(), &incarnation);
         for i in 0..cfg.connections.max(1) {
             let (sidecar, rx) = SidecarHandle::channel();
             let cfg = cfg.clone();
+            let incarnation = incarnation.clone();
             thread::Builder::new()
                 .name(format!("longlink-redis-store-{i}"))
-                .spawn(move || Sidecar::new(cfg).run(rx))?;
+                .spawn(move || Sidecar::new(cfg, incarnation).run(rx))?;
             sidecars.push(sidecar);
         }
-        Ok(RedisStore { sidecars })
+        Ok(RedisStore { sidecars, incarnation })
     }
 
     /// Queues `op` on the connection of `route` (a device: its calls stay
@@ -115,9 +135,23 @@ impl TimelineStore for RedisStore {
     }
 
     fn replay<'a>(&'a self, device: &'a str, after_seq: u64, limit: usize, now_ms: u64) -> StoreFuture<'a, Replay> {
-        let f =
-            self.call(stable_hash(device), Op::Replay { device: device.to_owned(), after: after_seq, limit, now_ms });
-        expect(f, |a| if let Answer::Replay(r) = a { Some(r) } else { None })
+        let op = Op::Replay { device: device.to_owned(), after: after_seq, limit, now_ms, resume: false };
+        expect(self.call(stable_hash(device), op), |a| if let Answer::Replay(r) = a { Some(r) } else { None })
+    }
+
+    fn resume<'a>(&'a self, device: &'a str, after_seq: u64, limit: usize, now_ms: u64) -> StoreFuture<'a, Replay> {
+        let op = Op::Replay { device: device.to_owned(), after: after_seq, limit, now_ms, resume: true };
+        expect(self.call(stable_hash(device), op), |a| if let Answer::Replay(r) = a { Some(r) } else { None })
+    }
+
+    fn count_replay<'a>(&'a self, device: &'a str, through_seq: u64) -> StoreFuture<'a, ()> {
+        let f = self.call(stable_hash(device), Op::CountReplay { device: device.to_owned(), through: through_seq });
+        expect(f, |a| matches!(a, Answer::Done).then_some(()))
+    }
+
+    fn set_learned<'a>(&'a self, device: &'a str, learned_ms: Option<u32>, _now_ms: u64) -> StoreFuture<'a, ()> {
+        let f = self.call(stable_hash(device), Op::SetLearned { device: device.to_owned(), learned_ms });
+        expect(f, |a| matches!(a, Answer::Done).then_some(()))
     }
 
     fn ack<'a>(&'a self, device: &'a str, seq: u64, now_ms: u64) -> StoreFuture<'a, ()> {
@@ -135,6 +169,10 @@ impl TimelineStore for RedisStore {
         let f = self.call(message_id, Op::Status { message_id });
         expect(f, |a| if let Answer::Status(s) = a { Some(s) } else { None })
     }
+
+    fn incarnation(&self) -> u64 {
+        self.incarnation.load(Ordering::Relaxed)
+    }
 }
 
 /// Settings every script needs, baked into the script text when the
@@ -144,14 +182,25 @@ impl TimelineStore for RedisStore {
 /// while its message may still be in a timeline.
 const PRELUDE_LUA: &str = r#"
 local MAXN, MAXAGE, STATUS_TTL, IDLE_TTL, MSG_TTL = {MAXN}, {MAXAGE}, {STATUS_TTL}, {IDLE_TTL}, {MSG_TTL}
+local MAXREPLAYS = {MAXREPLAYS}
 local MSGP = '{MSGP}'
--- Drops the n oldest entries of a timeline, marking them expired.
-local function drop_oldest(tl, seqkey, n)
+local INCARNATION = '{INCK}'
+-- The store's incarnation, made once (candidate: a random number of the
+-- caller) when Redis has none: a Redis that lost its data gets a new one.
+local function incarnation(candidate)
+  local cur = redis.call('GET', INCARNATION)
+  if cur then return cur end
+  redis.call('SET', INCARNATION, candidate)
+  return candidate
+end
+-- Drops the n oldest entries of a timeline, marking them expired (why: 1
+-- retention count, 2 age, 3 the push's TTL, 4 replays without an ACK).
+local function drop_oldest(tl, seqkey, n, why)
   local gone = redis.call('ZRANGE', tl, 0, n - 1)
   local last
   for _, m in ipairs(gone) do
     local s, mid = string.match(m, '^(%d+):(%d+):')
-    redis.call('HSET', MSGP .. mid, 'expired', 1)
+    redis.call('HSET', MSGP .. mid, 'expired', why)
     redis.call('EXPIRE', MSGP .. mid, STATUS_TTL)
     last = s
   end
@@ -160,17 +209,19 @@ local function drop_oldest(tl, seqkey, n)
 end
 "#;
 
-/// KEYS: seq, tl. ARGV: id, now, expires_at, service, payload, base_seq,
-/// device. Returns {seq, oldest sequence still in the timeline}. Trims by
-/// count only; age and TTL are trimmed when the timeline is read.
+/// KEYS: seq, tl, learned. ARGV: id, now, expires_at, service, payload,
+/// base_seq, device. Returns {seq, oldest sequence still in the timeline,
+/// learned recovery time ('0': none)}. Trims by count only; age and TTL are
+/// trimmed when the timeline is read.
 const APPEND_LUA: &str = r#"
 local seqkey, tl = KEYS[1], KEYS[2]
+local learned = redis.call('GET', KEYS[3]) or '0'
 local seq = redis.call('HINCRBY', seqkey, 'last', 1)
 if seq == 1 then
   -- A new counter (or Redis lost it): start above every earlier run.
   seq = tonumber(ARGV[6]) + 1
   local s = string.format('%.0f', seq)
-  redis.call('HSET', seqkey, 'last', s, 'floor', s, 'acked', ARGV[6])
+  redis.call('HSET', seqkey, 'last', s, 'floor', s, 'acked', ARGV[6], 'base', ARGV[6])
 end
 local s = string.format('%.0f', seq)
 redis.call('ZADD', tl, s, s .. ':' .. ARGV[1] .. ':' .. ARGV[2] .. ':' .. ARGV[3] .. ':' .. #ARGV[4] .. ':' .. ARGV[4] .. ARGV[5])
@@ -182,34 +233,51 @@ if n == 1 then
   -- (Redis deletes an empty sorted set) or expired with an idle timeline.
   redis.call('EXPIRE', tl, IDLE_TTL)
   redis.call('HSET', seqkey, 'floor', s)
-  return {s, s}
+  return {s, s, learned}
 end
-if n > MAXN then drop_oldest(tl, seqkey, n - MAXN) end
+if n > MAXN then drop_oldest(tl, seqkey, n - MAXN, 1) end
 -- Idle expiry: refreshed once a tenth of it has run down.
 if redis.call('TTL', tl) < IDLE_TTL - IDLE_TTL / 10 then redis.call('EXPIRE', tl, IDLE_TTL) end
 local first = redis.call('ZRANGE', tl, 0, 0, 'WITHSCORES')
-return {s, first[2] or s}
+return {s, first[2] or s, learned}
 "#;
 
-/// KEYS: seq, tl. ARGV: after, limit, now. Returns {counter, floor, acked,
-/// members...} ('0' = absent).
+/// KEYS: seq, tl, learned. ARGV: after, limit, now, incarnation candidate,
+/// resume (1: a session starts: expire what was replayed MAXREPLAYS times
+/// without an ACK). Returns {counter, floor, acked, incarnation, base,
+/// learned, members...} ('0' = absent).
 const REPLAY_LUA: &str = r#"
 local seqkey, tl = KEYS[1], KEYS[2]
 local now = tonumber(ARGV[3])
+local resume = ARGV[5] == '1' and MAXREPLAYS > 0
 local n = redis.call('ZCARD', tl)
-if n > MAXN then drop_oldest(tl, seqkey, n - MAXN) end
+if n > MAXN then drop_oldest(tl, seqkey, n - MAXN, 1) end
 while true do
   local first = redis.call('ZRANGE', tl, 0, 0)[1]
   if not first then break end
   local _, _, stored, exp = string.match(first, '^(%d+):(%d+):(%d+):(%d+):')
-  if now - tonumber(stored) > MAXAGE or (tonumber(exp) ~= 0 and now >= tonumber(exp)) then
-    drop_oldest(tl, seqkey, 1)
+  if tonumber(exp) ~= 0 and now >= tonumber(exp) then
+    drop_oldest(tl, seqkey, 1, 3)
+  elseif now - tonumber(stored) > MAXAGE then
+    drop_oldest(tl, seqkey, 1, 2)
   else
     break
   end
 end
-local c = redis.call('HMGET', seqkey, 'last', 'floor', 'acked')
-local out = {c[1] or '0', c[2] or '0', c[3] or '0'}
+if resume then
+  local r = redis.call('HMGET', seqkey, 'replays', 'through')
+  local through = tonumber(r[2] or '0')
+  if tonumber(r[1] or '0') >= MAXREPLAYS and through > tonumber(ARGV[1]) then
+    -- Replayed MAXREPLAYS times, never acknowledged: they go.
+    local k = redis.call('ZCOUNT', tl, '-inf', through)
+    if k > 0 then drop_oldest(tl, seqkey, k, 4) end
+    local floor = tonumber(redis.call('HGET', seqkey, 'floor') or '0')
+    if floor <= through then redis.call('HSET', seqkey, 'floor', string.format('%.0f', through + 1)) end
+    redis.call('HDEL', seqkey, 'replays', 'through')
+  end
+end
+local c = redis.call('HMGET', seqkey, 'last', 'floor', 'acked', 'base')
+local out = {c[1] or '0', c[2] or '0', c[3] or '0', incarnation(ARGV[4]), c[4] or '0', redis.call('GET', KEYS[3]) or '0'}
 -- No timeline (all acknowledged, or expired when idle): nothing up to the
 -- counter can be replayed.
 if c[1] and redis.call('EXISTS', tl) == 0 then out[2] = string.format('%.0f', tonumber(c[1]) + 1) end
@@ -219,6 +287,16 @@ for _, m in ipairs(members) do
   if tonumber(exp) == 0 or now < tonumber(exp) then table.insert(out, m) end
 end
 return out
+"#;
+
+/// KEYS: seq. ARGV: through. One more session replayed the device's
+/// messages up to `through` without an ACK.
+const COUNT_LUA: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[1], 'replays', 1)
+local through = tonumber(redis.call('HGET', KEYS[1], 'through') or '0')
+if tonumber(ARGV[1]) > through then redis.call('HSET', KEYS[1], 'through', ARGV[1]) end
+return 1
 "#;
 
 /// KEYS: seq, tl. ARGV: seq, now.
@@ -234,6 +312,8 @@ for _, m in ipairs(gone) do
   redis.call('HSET', MSGP .. mid, 'acked_at', ARGV[2])
   redis.call('EXPIRE', MSGP .. mid, STATUS_TTL)
 end
+-- The device acknowledges again: replays count from zero.
+redis.call('HDEL', seqkey, 'replays', 'through')
 if #gone > 0 then
   redis.call('ZREMRANGEBYSCORE', tl, '-inf', ARGV[1])
   local last = string.match(gone[#gone], '^(%d+):')
@@ -248,31 +328,38 @@ return 1
 const APPEND: usize = 0;
 const REPLAY: usize = 1;
 const ACK: usize = 2;
+const COUNT: usize = 3;
 
 struct Sidecar {
     cfg: RedisStoreConfig,
     link: RedisLink,
     /// `P:msg:` (status records).
     msg_prefix: String,
+    /// Shared with the store handles: the incarnation last read.
+    incarnation: Arc<AtomicU64>,
+    /// This sidecar's candidate should Redis have no incarnation.
+    candidate: u64,
 }
 
 impl Sidecar {
-    fn new(cfg: RedisStoreConfig) -> Sidecar {
+    fn new(cfg: RedisStoreConfig, incarnation: Arc<AtomicU64>) -> Sidecar {
         let msg_prefix = format!("{}:msg:", cfg.prefix);
         let r = &cfg.retention;
         // The prefix goes into a Lua string literal: keep it to safe bytes.
-        let quoted: String = msg_prefix.chars().filter(|c| c.is_ascii_graphic() && *c != '\'' && *c != '\\').collect();
+        let quoted = quoted_prefix(&msg_prefix);
         let prelude = PRELUDE_LUA
             .replace("{MAXN}", &r.max_messages.to_string())
             .replace("{MAXAGE}", &r.max_age_ms.to_string())
             .replace("{STATUS_TTL}", &cfg.status_ttl_secs.to_string())
             .replace("{IDLE_TTL}", &cfg.idle_ttl_secs.to_string())
             .replace("{MSG_TTL}", &(cfg.idle_ttl_secs.max(r.max_age_ms / 1000) + cfg.status_ttl_secs).to_string())
-            .replace("{MSGP}", &quoted);
+            .replace("{MAXREPLAYS}", &r.max_unacked_replays.to_string())
+            .replace("{MSGP}", &quoted)
+            .replace("{INCK}", &format!("{}:incarnation", quoted_prefix(&cfg.prefix)));
         let script = |body: &str| redis::Script::new(&format!("{prelude}\n{body}"));
-        let scripts = vec![script(APPEND_LUA), script(REPLAY_LUA), script(ACK_LUA)];
+        let scripts = vec![script(APPEND_LUA), script(REPLAY_LUA), script(ACK_LUA), script(COUNT_LUA)];
         let link = RedisLink::new("timeline store", &cfg.url, cfg.connect_timeout, cfg.io_timeout, scripts);
-        Sidecar { cfg, link, msg_prefix: quoted }
+        Sidecar { cfg, link, msg_prefix: quoted, incarnation, candidate: random_candidate() }
     }
 
     fn run(mut self, rx: Receiver<Job>) {
@@ -297,11 +384,11 @@ impl Sidecar {
         }
     }
 
-    /// The device's counter hash (last, floor, acked; never expires) and
-    /// its timeline.
-    fn keys(&self, device: &str) -> [String; 2] {
+    /// The device's counter hash (last, floor, acked; never expires), its
+    /// timeline and its learned recovery time.
+    fn keys(&self, device: &str) -> [String; 3] {
         let p = &self.cfg.prefix;
-        [format!("{p}:seq:{{{device}}}"), format!("{p}:tl:{{{device}}}")]
+        [format!("{p}:seq:{{{device}}}"), format!("{p}:tl:{{{device}}}"), format!("{p}:lrn:{{{device}}}")]
     }
 
     /// One command per job, in order.
@@ -311,9 +398,9 @@ impl Sidecar {
         for job in batch {
             match &job.op {
                 Op::Append { device, msg, now_ms } => {
-                    let [seq, tl] = self.keys(device);
+                    let [seq, tl, learned] = self.keys(device);
                     let mut inv = self.link.script(APPEND).prepare_invoke();
-                    inv.key(seq).key(tl);
+                    inv.key(seq).key(tl).key(learned);
                     inv.arg(msg.message_id)
                         .arg(now_ms)
                         .arg(msg.expires_at_ms)
@@ -323,15 +410,30 @@ impl Sidecar {
                         .arg(device);
                     pipe.invoke_script(&inv);
                 }
-                Op::Replay { device, after, limit, now_ms } => {
-                    let [seq, tl] = self.keys(device);
+                Op::Replay { device, after, limit, now_ms, resume } => {
+                    let [seq, tl, learned] = self.keys(device);
                     let mut inv = self.link.script(REPLAY).prepare_invoke();
-                    inv.key(seq).key(tl);
-                    inv.arg(after).arg(limit).arg(now_ms);
+                    inv.key(seq).key(tl).key(learned);
+                    inv.arg(after).arg(limit).arg(now_ms).arg(self.candidate).arg(u8::from(*resume));
                     pipe.invoke_script(&inv);
                 }
+                Op::CountReplay { device, through } => {
+                    let [seq, _, _] = self.keys(device);
+                    let mut inv = self.link.script(COUNT).prepare_invoke();
+                    inv.key(seq).arg(through);
+                    pipe.invoke_script(&inv);
+                }
+                Op::SetLearned { device, learned_ms } => {
+                    let [_, _, key] = self.keys(device);
+                    match learned_ms {
+                        Some(ms) => {
+                            pipe.cmd("SET").arg(key).arg(ms).arg("PX").arg(self.cfg.retention.learned_ttl_ms.max(1))
+                        }
+                        None => pipe.cmd("DEL").arg(key),
+                    };
+                }
                 Op::Ack { device, seq, now_ms } => {
-                    let [seq_key, tl] = self.keys(device);
+                    let [seq_key, tl, _] = self.keys(device);
                     let mut inv = self.link.script(ACK).prepare_invoke();
                     inv.key(seq_key).key(tl).arg(seq).arg(now_ms);
                     pipe.invoke_script(&inv);
@@ -357,21 +459,27 @@ impl Sidecar {
         match op {
             Op::Append { .. } => match &value {
                 Value::Array(items) => match (items.first().and_then(as_u64), items.get(1).and_then(as_u64)) {
-                    (Some(seq), Some(oldest)) => Ok(Answer::Appended(Appended { seq, oldest })),
+                    (Some(seq), Some(oldest)) => {
+                        let learned_ms = learned(items.get(2));
+                        Ok(Answer::Appended(Appended { seq, oldest, learned_ms }))
+                    }
                     _ => Err(bad("append")),
                 },
                 _ => Err(bad("append")),
             },
-            Op::Ack { .. } | Op::MarkSent { .. } => Ok(Answer::Done),
+            Op::Ack { .. } | Op::MarkSent { .. } | Op::SetLearned { .. } | Op::CountReplay { .. } => Ok(Answer::Done),
             Op::Replay { after, now_ms, .. } => {
                 let Value::Array(items) = &value else { return Err(bad("replay")) };
-                let (Some(counter), Some(floor), Some(acked)) =
-                    (items.first().and_then(as_u64), items.get(1).and_then(as_u64), items.get(2).and_then(as_u64))
+                let field = |i: usize| items.get(i).and_then(as_u64);
+                let (Some(counter), Some(floor), Some(acked), Some(incarnation), Some(base)) =
+                    (field(0), field(1), field(2), field(3), field(4))
                 else {
                     return Err(bad("replay"));
                 };
+                self.incarnation.store(incarnation, Ordering::Relaxed);
+                let learned_ms = learned(items.get(5));
                 let mut messages = Vec::new();
-                for item in &items[3..] {
+                for item in items.iter().skip(6) {
                     messages.push(parse_member(item).ok_or_else(|| bad("replay member"))?);
                 }
                 let missing = if counter == 0 {
@@ -382,14 +490,47 @@ impl Sidecar {
                     // No floor recorded: all of the timeline is gone.
                     let floor = if floor == 0 { counter + 1 } else { floor };
                     let gone_up_to = floor.saturating_sub(1);
-                    let from = (*after).max(acked) + 1;
+                    // A sequence from before this counter (an earlier life
+                    // of the store) was never acknowledged here.
+                    let known = if *after > 0 && *after < base { *after } else { (*after).max(acked) };
+                    let from = known + 1;
                     (from <= gone_up_to).then_some((from, gone_up_to))
                 };
-                Ok(Answer::Replay(Replay { messages, missing }))
+                // No counter: whatever this incarnation issues later for the
+                // device starts above now.
+                let base = if counter == 0 { now_ms.saturating_mul(1000) } else { base };
+                Ok(Answer::Replay(Replay { messages, missing, incarnation, base, learned_ms }))
             }
-            Op::Status { .. } => Ok(Answer::Status(parse_status(&value))),
+            Op::Status { .. } => Ok(Answer::Status(parse_status(&value, self.cfg.retention.max_unacked_replays))),
         }
     }
+}
+
+/// A new store incarnation, should Redis have none (never 0).
+fn random_candidate() -> u64 {
+    let mut seed = [0u8; 8];
+    // Without randomness, the time still tells stores apart.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+    (getrandom::fill(&mut seed).map_or(now, |()| u64::from_le_bytes(seed)) >> 1).max(1)
+}
+
+/// Reads (or makes) the store incarnation into `into`; nothing when Redis
+/// cannot be reached.
+fn learn_incarnation(link: &mut RedisLink, prefix: &str, candidate: u64, into: &AtomicU64) {
+    let key = format!("{}:incarnation", quoted_prefix(prefix));
+    let mut pipe = redis::pipe();
+    pipe.cmd("SET").arg(&key).arg(candidate).arg("NX").ignore();
+    pipe.cmd("GET").arg(&key);
+    if let Ok(values) = link.query(&pipe)
+        && let Some(inc) = values.last().and_then(as_u64)
+    {
+        into.store(inc, Ordering::Relaxed);
+    }
+}
+
+/// `prefix` kept to the bytes that may go into a Lua string literal.
+fn quoted_prefix(prefix: &str) -> String {
+    prefix.chars().filter(|c| c.is_ascii_graphic() && *c != '\'' && *c != '\\').collect()
 }
 
 /// `seq:id:stored_at:expires_at:service_len:service` then the payload.
@@ -414,7 +555,14 @@ fn parse_member(v: &Value) -> Option<Stored> {
     })
 }
 
-fn parse_status(v: &Value) -> Option<Status> {
+/// A learned recovery time as the scripts return it ('0': none).
+fn learned(v: Option<&Value>) -> Option<u32> {
+    v.and_then(as_u64).and_then(|ms| u32::try_from(ms).ok()).filter(|&ms| ms > 0)
+}
+
+/// `replays`: the limit in force, named in the reason of messages that
+/// expired unacknowledged.
+fn parse_status(v: &Value, replays: u32) -> Option<Status> {
     let Value::Array(items) = v else { return None };
     let get = |name: &str| -> Option<String> {
         items.chunks(2).find_map(|kv| match kv {
@@ -430,13 +578,19 @@ fn parse_status(v: &Value) -> Option<Status> {
     let stored_at_ms = num(get("stored_at")).unwrap_or(0);
     let sent = num(get("sent_at"));
     let acked = num(get("acked_at"));
-    Some(match (get("expired").is_some(), sent, acked) {
+    let expired = get("expired").map(|why| match why.as_str() {
+        "2" => ExpiredBy::Age,
+        "3" => ExpiredBy::Ttl,
+        "4" => ExpiredBy::Unacknowledged { replays },
+        _ => ExpiredBy::Retention,
+    });
+    Some(match (expired, sent, acked) {
         (_, sent, Some(acked_at_ms)) => {
             Status::Acked { device, seq, stored_at_ms, sent_at_ms: sent.unwrap_or(acked_at_ms), acked_at_ms }
         }
-        (true, _, None) => Status::Expired { device, seq },
-        (false, Some(sent_at_ms), None) => Status::Sent { device, seq, stored_at_ms, sent_at_ms },
-        (false, None, None) => Status::Stored { device, seq, stored_at_ms },
+        (Some(by), _, None) => Status::Expired { device, seq, by },
+        (None, Some(sent_at_ms), None) => Status::Sent { device, seq, stored_at_ms, sent_at_ms },
+        (None, None, None) => Status::Stored { device, seq, stored_at_ms },
     })
 }
 

@@ -41,6 +41,9 @@ fn node_config(redis: &RedisServer, name: &str, index: u16) -> Config {
     cfg.cluster.lease_ms = 3_000;
     cfg.cluster.admin_listen = "127.0.0.1:0".parse().unwrap();
     cfg.cluster.forward_timeout_ms = 2_000;
+    // Requests of thousands of targets on a loaded box (debug builds) may
+    // take seconds; the tests of the deadline set their own.
+    cfg.push.reply_timeout_ms = 20_000;
     cfg.cluster.drain_deadline_ms = 30_000;
     cfg.cluster.drain_rate_per_sec = 5_000;
     cfg.session.heartbeat_default_ms = 30_000;
@@ -465,7 +468,7 @@ fn push_reliably(push: &mut PushClient, devices: &[String], payload: &str, store
         for r in reply.results {
             match status(r.status) {
                 PushStatus::Stored => stored.lock().unwrap().entry(r.target).or_default().push(r.seq),
-                PushStatus::Rejected if r.reason.starts_with("retryable") => retry.push(r.target),
+                PushStatus::Rejected if r.retryable => retry.push(r.target),
                 other => panic!("{} not stored: {other:?} {}", r.target, r.reason),
             }
         }
@@ -561,6 +564,151 @@ fn kill_9_while_pushing_at_least_once_clients_drift_and_resume_without_loss() {
 }
 
 #[test]
+fn kill_9_of_the_node_pushes_are_forwarded_to_every_push_answered_and_the_lost_ones_retryable() {
+    let redis = RedisServer::start();
+    let mut a = Node::start(node_config(&redis, "a", 0));
+    let b = Node::start(node_config(&redis, "b", 1));
+    let cfg = a.cfg.clone();
+    let devices: Vec<String> = (0..10).map(|i| format!("fw-{i}")).collect();
+    let victim = a.proc.child.id() as i32;
+    let push_addr = b.push;
+    let (results, elapsed) = run(async {
+        let mut conns = Vec::new();
+        for d in &devices {
+            conns.push(connect(a.client, &cfg, &format!("user-{d}"), d).await);
+        }
+        let on_a: Vec<(&str, &str)> = devices.iter().map(|d| (d.as_str(), "a")).collect();
+        wait_routes(&redis, &on_a);
+        // A blocking backend on node b: every device lives on node a.
+        let devs = devices.clone();
+        let pusher = std::thread::spawn(move || {
+            let mut push = PushClient::connect(push_addr, Duration::from_secs(5)).unwrap();
+            // Far above push.reply_timeout_ms: a request left unanswered
+            // fails the test here.
+            push.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let mut results = Vec::new();
+            let mut slowest = Duration::ZERO;
+            for round in 0..60 {
+                if round == 5 {
+                    // SAFETY: kill(2) of our own child process.
+                    unsafe { libc::kill(victim, libc::SIGKILL) };
+                }
+                let started = Instant::now();
+                let reply = push.push_devices(&devs, Bytes::from(format!("r{round}"))).expect("every push is answered");
+                slowest = slowest.max(started.elapsed());
+                results.extend(reply.results.into_iter().map(|r| (round, r)));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (results, slowest)
+        });
+        while !pusher.is_finished() {
+            glommio::timer::sleep(Duration::from_millis(20)).await;
+        }
+        drop(conns);
+        pusher.join().expect("pusher")
+    });
+    assert!(a.wait_exit(Duration::from_secs(5)).is_some());
+    let mut forwarded_lost = 0;
+    for (round, r) in &results {
+        match status(r.status) {
+            PushStatus::Delivered => assert!(*round < 5, "delivered to a dead node: {r:?}"),
+            // Forwarded to the dead node (its lease still running).
+            PushStatus::Rejected => {
+                assert!(r.retryable, "a push lost with its node is retryable: {r:?}");
+                forwarded_lost += 1;
+            }
+            // Its lease ended: nobody holds the device.
+            PushStatus::NotOnline => assert!(*round >= 5, "{r:?}"),
+            other => panic!("unexpected {other:?}: {r:?}"),
+        }
+    }
+    assert_eq!(results.len(), 60 * devices.len(), "one result per target and push");
+    assert!(forwarded_lost > 0, "no push was forwarded to the dead node");
+    println!("kill -9 while forwarding: {forwarded_lost} targets REJECTED retryable, slowest reply {elapsed:?}");
+}
+
+#[test]
+fn a_router_that_does_not_answer_cannot_hold_a_cluster_push_past_the_reply_deadline() {
+    let redis = RedisServer::start();
+    let slow_redis = |name, index| {
+        let mut cfg = node_config(&redis, name, index);
+        // A stopped Redis would hold a route lookup for 30 s.
+        cfg.delivery.redis_timeout_ms = 30_000;
+        cfg.push.reply_timeout_ms = 3_000;
+        cfg
+    };
+    let a = Node::start(slow_redis("a", 0));
+    let b = Node::start(slow_redis("b", 1));
+    let cfg = a.cfg.clone();
+    let pause = |sig| {
+        // SAFETY: kill(2) of our own redis-server child.
+        unsafe { libc::kill(redis.pid() as i32, sig) };
+    };
+    run(async {
+        let _phone = connect(a.client, &cfg, "u", "held-phone").await;
+        wait_routes(&redis, &[("held-phone", "a")]);
+        let mut push = b.pusher();
+        push.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        pause(libc::SIGSTOP);
+        let reply = push.push_devices(&["held-phone"], Bytes::from_static(b"held")).expect("answered in time");
+        pause(libc::SIGCONT);
+        let r = &reply.results[0];
+        assert_eq!((status(r.status), r.retryable), (PushStatus::Rejected, true), "{reply:?}");
+        assert!(r.reason.contains("did not answer within 3000 ms"), "{}", r.reason);
+    });
+    assert_eq!(b.metric("longlink_push_timeouts_total"), 1);
+}
+
+#[test]
+fn a_node_killed_and_restarted_within_its_lease_takes_it_over_and_serves() {
+    let redis = RedisServer::start();
+    let mut long_lease = node_config(&redis, "a", 0);
+    // Long enough that the restart surely comes before it ends.
+    long_lease.cluster.lease_ms = 20_000;
+    let mut a = Node::start(long_lease.clone());
+    let b = Node::start(node_config(&redis, "b", 1));
+    let cfg = a.cfg.clone();
+    let mut r = redis_conn(&redis);
+    let incarnation = |r: &mut redis::Connection| -> Option<u64> {
+        redis::cmd("HGET").arg("ll:node:a").arg("inc").query(r).ok().flatten()
+    };
+    run(async {
+        let old = connect(a.client, &cfg, "u", "phoenix-phone").await;
+        wait_routes(&redis, &[("phoenix-phone", "a")]);
+        let first_run = incarnation(&mut r).expect("node a registered");
+        a.signal(libc::SIGKILL);
+        assert!(a.wait_exit(Duration::from_secs(5)).is_some());
+        drop(old);
+        assert_eq!(incarnation(&mut r), Some(first_run), "the dead run's lease is still running");
+        // The same node, started again at once (as a supervisor would).
+        let a = Node::start(long_lease);
+        let healthy = wait_until(Duration::from_secs(10), || {
+            let (code, body) = http(a.admin, "GET", "/healthz");
+            code == 200 && body.contains("\"ok\"")
+        });
+        assert!(healthy, "the restarted node serves: {:?}", http(a.admin, "GET", "/healthz"));
+        let second_run = incarnation(&mut r).expect("registered");
+        assert_ne!(second_run, first_run, "a new incarnation holds the name");
+        let (_, health) = http(a.admin, "GET", "/healthz");
+        assert!(health.contains(&second_run.to_string()), "{health}");
+        // Clients connect to it and receive pushes, directly and through b.
+        let mut phone = connect(a.client, &cfg, "u", "phoenix-phone").await;
+        let route_inc = |r: &mut redis::Connection| -> Option<u64> {
+            redis::cmd("HGET").arg("ll:route:{phoenix-phone}").arg("inc").query(r).ok().flatten()
+        };
+        assert!(wait_until(Duration::from_secs(10), || route_inc(&mut r) == Some(second_run)), "route claimed anew");
+        let reply = b.pusher().push_devices(&["phoenix-phone"], Bytes::from_static(b"via b")).unwrap();
+        assert_eq!(status(reply.results[0].status), PushStatus::Delivered, "{reply:?}");
+        assert_eq!(next_message(&mut phone).await.payload, Bytes::from_static(b"via b"));
+        let reply = a.pusher().push_devices(&["phoenix-phone"], Bytes::from_static(b"direct")).unwrap();
+        assert_eq!(status(reply.results[0].status), PushStatus::Delivered, "{reply:?}");
+        assert_eq!(next_message(&mut phone).await.payload, Bytes::from_static(b"direct"));
+        let mut a = a;
+        assert!(a.proc.child.try_wait().unwrap().is_none(), "still running");
+    });
+}
+
+#[test]
 fn a_stale_node_cannot_overwrite_or_delete_newer_routes() {
     let redis = RedisServer::start();
     let mut short_lease = node_config(&redis, "a", 0);
@@ -594,7 +742,10 @@ fn a_stale_node_cannot_overwrite_or_delete_newer_routes() {
             }
         };
         assert!(matches!(end, ClientError::Closed { code: ErrorCode::GoingAway, .. }), "{end:?}");
-        assert!(a.wait_exit(Duration::from_secs(15)).is_some(), "the fenced node drains and exits");
+        let exit = a.wait_exit(Duration::from_secs(15));
+        assert!(exit.is_some(), "the fenced node drains and exits");
+        // Not a clean exit: a supervisor (Restart=on-failure) starts it again.
+        assert_eq!(exit.and_then(|s| s.code()), Some(3), "a fenced node exits with status 3: {exit:?}");
         assert_eq!(route_node(&mut r, "phone").as_deref(), Some("b"));
         assert_eq!(route_epoch(&mut r, "phone"), Some(new_epoch));
         let mut push = b.pusher();
@@ -622,7 +773,7 @@ fn redis_restart_keeps_clients_connected_and_routes_come_back() {
         let reply = push.push_devices(&["da", "db"], Bytes::from_static(b"no redis")).unwrap();
         assert_eq!(status(reply.results[0].status), PushStatus::Delivered);
         assert_eq!(status(reply.results[1].status), PushStatus::Rejected);
-        assert!(reply.results[1].reason.starts_with("retryable"), "{}", reply.results[1].reason);
+        assert!(reply.results[1].retryable, "{}", reply.results[1].reason);
         assert_eq!(next_message(&mut da).await.payload, Bytes::from_static(b"no redis"));
         assert_nothing_queued(&mut db).await;
         // Redis returns empty: both nodes register again and re-assert.
@@ -736,7 +887,7 @@ fn redis_paused_keeps_clients_connected_and_pushes_fail_retryably() {
         let reply = push.push_devices(&["pa", "pb"], Bytes::from_static(b"paused")).unwrap();
         assert_eq!(status(reply.results[0].status), PushStatus::Delivered);
         assert_eq!(status(reply.results[1].status), PushStatus::Rejected);
-        assert!(reply.results[1].reason.starts_with("retryable"), "{}", reply.results[1].reason);
+        assert!(reply.results[1].retryable, "{}", reply.results[1].reason);
         assert_eq!(next_message(&mut da).await.payload, Bytes::from_static(b"paused"));
         pause(libc::SIGCONT);
         // Both sessions survived; once Redis answers, pushes cross again.

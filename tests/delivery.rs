@@ -208,6 +208,190 @@ fn a_client_without_ack_support_gets_stored_messages_once_and_no_retries() {
     server.shutdown();
 }
 
+#[test]
+fn a_message_that_could_not_be_sent_to_a_client_without_ack_support_waits_for_its_next_connect() {
+    let mut cfg = config();
+    // A small queue: the client that stops reading is cut off after a few
+    // large messages.
+    cfg.session.outbound_queue_bytes = 128 * 1024;
+    let server = start(&cfg);
+    let addr = server.client_addr();
+    let mut push = backend(server.push_addr());
+    run(async move {
+        let mut opts = options(&cfg, "old-2", 0);
+        opts.capabilities = 0;
+        // Connected and never read from: its socket fills, then its queue.
+        let stuck = connect(addr, opts.clone()).await;
+        let payload = "x".repeat(60_000);
+        let mut failed = None;
+        for _ in 0..2_000 {
+            let r = push_one(&mut push, "old-2", payload.clone());
+            assert_eq!(status(r.status), PushStatus::Stored, "{r:?}");
+            if r.sessions == 0 {
+                // The session was active, the send failed (queue full) and
+                // the session was closed as SLOW.
+                failed = Some(r.seq);
+                break;
+            }
+        }
+        let failed = failed.expect("the client that never reads is cut off");
+        drop(stuck);
+        assert!(wait_until(WAIT, || !push.presence(&["old-2"], &[], &[]).unwrap().devices[0].online));
+        // The message that never went out is the first one the next
+        // session gets: it was not acknowledged in the store.
+        let mut conn = connect(addr, opts).await;
+        conn.ping().await.unwrap();
+        let ClientEvent::Message(m) = conn.next_event().await.unwrap() else {
+            panic!("the unsent message was dropped from the timeline");
+        };
+        assert_eq!(m.seq, failed);
+    });
+    server.shutdown();
+}
+
+#[test]
+fn a_store_that_does_not_answer_cannot_hold_a_push_past_the_reply_deadline() {
+    let redis = RedisServer::start();
+    let mut cfg = config();
+    cfg.delivery.redis_url = redis.url();
+    // Redis would keep the append waiting for 30 s; the backend gets its
+    // answer after one.
+    cfg.delivery.redis_timeout_ms = 30_000;
+    cfg.push.reply_timeout_ms = 1_000;
+    // One request in flight per backend: a request whose budget leaked
+    // would stop the node from reading the next one.
+    cfg.push.max_inflight_per_backend = 1;
+    let server = start(&cfg);
+    let mut push = backend(server.push_addr());
+    push.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let r = push_one(&mut push, "stall-1", "before".into());
+    assert_eq!(status(r.status), PushStatus::Stored, "{r:?}");
+    let signal = |sig| {
+        // SAFETY: kill(2) of our own redis-server child.
+        unsafe { libc::kill(redis.pid() as i32, sig) };
+    };
+    signal(libc::SIGSTOP);
+    for i in 0..2 {
+        let r = push_one(&mut push, "stall-1", format!("during {i}"));
+        assert_eq!((status(r.status), r.retryable), (PushStatus::Rejected, true), "{r:?}");
+        assert!(r.reason.contains("did not answer within 1000 ms"), "{}", r.reason);
+    }
+    signal(libc::SIGCONT);
+    let shard_total = |f: fn(&longlink::shard::ShardCounters) -> &AtomicU64| -> u64 {
+        server.counters().iter().map(|c| f(c).load(Ordering::Relaxed)).sum()
+    };
+    assert_eq!(shard_total(|c| &c.push_timeouts), 2);
+    // The store answers once Redis runs again: too late, dropped, counted.
+    assert!(wait_until(WAIT, || shard_total(|c| &c.push_late_answers) == 2));
+    let r = push_one(&mut push, "stall-1", "after".into());
+    assert_eq!(status(r.status), PushStatus::Stored, "{r:?}");
+    server.shutdown();
+}
+
+/// Connects (no messages) and returns the store incarnation adopted. A
+/// Redis store that could not reach Redis at start learns it with the
+/// first replay (AuthOk says 0 until then): connect again.
+async fn seen_incarnation(addr: SocketAddr, opts: ClientOptions) -> u64 {
+    for _ in 0..20 {
+        let (conn, ok) = Connection::connect(addr, opts.clone()).await.expect("client authenticates");
+        assert_eq!(conn.store_incarnation(), ok.store_incarnation, "a first one is adopted at once");
+        conn.close().await;
+        if ok.store_incarnation != 0 {
+            return ok.store_incarnation;
+        }
+        glommio::timer::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("AuthOk never named the store incarnation");
+}
+
+/// The first event of a session that resumes, proven to come before any
+/// answer to a Ping (ResyncRequired, a Message, or nothing: the Pong).
+async fn first_after_auth(addr: SocketAddr, opts: ClientOptions) -> (Connection, ClientEvent) {
+    let mut conn = connect(addr, opts).await;
+    conn.ping().await.unwrap();
+    let ev = conn.next_event().await.expect("connection stays up");
+    (conn, ev)
+}
+
+#[test]
+fn memory_store_lost_by_kill_9_a_resuming_device_is_told_what_it_may_have_missed() {
+    let cfg = config();
+    let node = NodeProcess::start(&cfg);
+    let opts = options(&cfg, "inc-1", 0);
+    let first_run = run(seen_incarnation(node.client_addr, opts.clone()));
+    // Three messages for the device while it is offline, then the node dies
+    // with its memory store.
+    let mut push = backend(node.push_addr);
+    let stored: Vec<u64> = (0..3).map(|i| push_one(&mut push, "inc-1", format!("lost {i}")).seq).collect();
+    drop(push);
+    drop(node);
+    let node = NodeProcess::start(&cfg);
+    run(async move {
+        // A fresh install (never saw the store) has nothing to miss.
+        let (fresh, ev) = first_after_auth(node.client_addr, options(&cfg, "inc-2", 0)).await;
+        assert!(matches!(ev, ClientEvent::Pong { .. }), "{ev:?}");
+        fresh.close().await;
+        // The device that saw the earlier store resumes from 0.
+        let mut o = opts.clone();
+        o.store_incarnation = first_run;
+        let (mut conn, ev) = first_after_auth(node.client_addr, o.clone()).await;
+        let ClientEvent::ResyncRequired { from_seq, to_seq } = ev else { panic!("silent loss: {ev:?}") };
+        assert_eq!(from_seq, 1);
+        assert!(stored.iter().all(|&s| s <= to_seq), "{stored:?} within ..={to_seq}");
+        assert_eq!(conn.store_incarnation(), first_run, "adopted only once the resync is handled");
+        assert!(matches!(conn.next_event().await.unwrap(), ClientEvent::Pong { .. }));
+        let now_seen = conn.store_incarnation();
+        assert!(now_seen != first_run && now_seen != 0, "the new store adopted");
+        assert_eq!(conn.last_seq(), to_seq);
+        conn.close().await;
+        // Resuming again with what it adopted: nothing more to tell.
+        let mut o = options(&cfg, "inc-1", to_seq);
+        o.store_incarnation = now_seen;
+        let (_, ev) = first_after_auth(node.client_addr, o).await;
+        assert!(matches!(ev, ClientEvent::Pong { .. }), "{ev:?}");
+    });
+}
+
+#[test]
+fn redis_store_that_lost_its_data_a_resuming_device_is_told_what_it_may_have_missed() {
+    let redis = RedisServer::start();
+    let mut cfg = config();
+    cfg.delivery.redis_url = redis.url();
+    let server = start(&cfg);
+    let addr = server.client_addr();
+    let mut push = backend(server.push_addr());
+    let opts = options(&cfg, "inc-r", 0);
+    let before = run(seen_incarnation(addr, opts.clone()));
+    let stored: Vec<u64> = (0..3).map(|i| push_one(&mut push, "inc-r", format!("lost {i}")).seq).collect();
+    // Redis loses everything (a restart without persistence, a flush).
+    let mut conn = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    redis::cmd("FLUSHALL").query::<()>(&mut conn).unwrap();
+    run(async move {
+        let mut o = opts.clone();
+        o.store_incarnation = before;
+        let mut conn = connect(addr, o).await;
+        // The Redis replay answers after a while: wait for what comes first.
+        let ev = futures_lite::future::or(async { Some(next_delivery(&mut conn).await) }, async {
+            glommio::timer::sleep(WAIT).await;
+            None
+        })
+        .await;
+        let Some(ClientEvent::ResyncRequired { from_seq, to_seq }) = ev else { panic!("silent loss: {ev:?}") };
+        assert_eq!(from_seq, 1);
+        assert!(stored.iter().all(|&s| s <= to_seq), "{stored:?} within ..={to_seq}");
+        conn.ack_now().await.unwrap();
+        conn.close().await;
+        // The store's new incarnation is what AuthOk names from now on; the
+        // client, resumed past the gap, is not told again.
+        let mut o = options(&cfg, "inc-r", to_seq);
+        o.store_incarnation = before;
+        let (mut conn, ok) = Connection::connect(addr, o).await.unwrap();
+        assert!(ok.store_incarnation != before && ok.store_incarnation != 0);
+        assert_nothing_queued(&mut conn).await;
+    });
+    server.shutdown();
+}
+
 /// A client speaking raw frames, to see flags and withhold ACKs.
 struct RawClient {
     stream: glommio::net::TcpStream,
@@ -216,14 +400,41 @@ struct RawClient {
 
 impl RawClient {
     async fn connect(addr: SocketAddr, token: String) -> RawClient {
+        RawClient::resume(addr, token, 0).await.0
+    }
+
+    /// Connects after `last_seq`; also returns what came within 300 ms
+    /// after AuthOk.
+    async fn resume(addr: SocketAddr, token: String, last_seq: u64) -> (RawClient, Vec<(Header, Frame)>) {
         use futures_lite::AsyncWriteExt;
         let mut stream = glommio::net::TcpStream::connect(addr).await.unwrap();
-        let auth = proto::Auth { token, capabilities: proto::Capability::Ack as u32, ..Default::default() };
+        let auth = proto::Auth { token, capabilities: proto::Capability::Ack as u32, last_seq, ..Default::default() };
         stream.write_all(&Frame::Auth(auth).to_bytes()).await.unwrap();
         let mut raw = RawClient { stream, buf: Vec::new() };
-        let frames = raw.read_for(Duration::from_millis(300)).await;
+        let mut frames = raw.read_for(Duration::from_millis(300)).await;
         assert!(matches!(frames.first(), Some((_, Frame::AuthOk(_)))), "{frames:?}");
-        raw
+        frames.remove(0);
+        (raw, frames)
+    }
+
+    async fn close(self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both).await;
+    }
+
+    /// Reads until `done` holds for everything read so far (or `WAIT`
+    /// passes: then it panics, naming `what`).
+    async fn read_until(
+        &mut self,
+        mut seen: Vec<(Header, Frame)>,
+        what: &str,
+        done: impl Fn(&[(Header, Frame)]) -> bool,
+    ) -> Vec<(Header, Frame)> {
+        let deadline = Instant::now() + WAIT;
+        while !done(&seen) {
+            assert!(Instant::now() < deadline, "no {what} within {WAIT:?}: {seen:?}");
+            seen.extend(self.read_for(Duration::from_millis(20)).await);
+        }
+        seen
     }
 
     async fn send(&mut self, frame: Frame) {
@@ -312,6 +523,121 @@ fn the_window_bounds_what_is_in_flight_and_unacked_messages_are_resent_flagged()
     assert!(total(&server, |c| &c.retries) >= 4);
     assert!(wait_until(WAIT, || total(&server, |c| &c.tracked_devices) == 0), "state left behind");
     server.shutdown();
+}
+
+/// Sends of `seq` so far: (first sends, retransmissions).
+fn sends_of(frames: &[(Header, Frame)], seq: u64) -> (usize, usize) {
+    let of = |resent| {
+        frames
+            .iter()
+            .filter(|(h, f)| h.flags.is_retransmission() == resent && matches!(f, Frame::Message(m) if m.seq == seq))
+            .count()
+    };
+    (of(false), of(true))
+}
+
+/// Runs `check` with a node on the memory store and with one on Redis.
+fn on_both_stores(mut cfg: Config, check: impl Fn(&Server, &Config, Option<&RedisServer>)) {
+    let server = start(&cfg);
+    check(&server, &cfg, None);
+    server.shutdown();
+    let redis = RedisServer::start();
+    cfg.delivery.redis_url = redis.url();
+    let server = start(&cfg);
+    check(&server, &cfg, Some(&redis));
+    server.shutdown();
+}
+
+/// How long after its first send the first retransmission of `seq` came.
+async fn first_resend_after(raw: &mut RawClient, seq: u64) -> Duration {
+    let frames = raw.read_until(Vec::new(), "first send", |f| sends_of(f, seq).0 == 1).await;
+    let sent = Instant::now();
+    raw.read_until(frames, "retransmission", |f| sends_of(f, seq).1 >= 1).await;
+    sent.elapsed()
+}
+
+#[test]
+fn a_device_keeps_its_learned_recovery_time_when_its_window_empties_and_when_it_reconnects() {
+    let mut cfg = config();
+    // N = 100 ms four times, then +1 s: a device whose ACK needs the fifth
+    // resend has a recovery time of at least 1.5 s.
+    cfg.delivery.retry_base_ms = 100;
+    cfg.delivery.retry_fast = 4;
+    cfg.delivery.retry_step_ms = 1_000;
+    on_both_stores(cfg, |server, cfg, redis| {
+        let (addr, mut push) = (server.client_addr(), backend(server.push_addr()));
+        let token = token(cfg, "lr", "learn-1");
+        run(async move {
+            let mut raw = RawClient::connect(addr, token.clone()).await;
+            let m1 = push_one(&mut push, "learn-1", "m1".into());
+            raw.read_until(Vec::new(), "five resends", |f| sends_of(f, m1.seq).1 >= 5).await;
+            raw.send(Frame::Ack(proto::Ack { seq: m1.seq })).await;
+            // Its window is empty now; the next message waits the learned
+            // time, not N, before its first resend.
+            let m2 = push_one(&mut push, "learn-1", "m2".into());
+            let waited = first_resend_after(&mut raw, m2.seq).await;
+            assert!(waited >= Duration::from_millis(1_000), "window emptied: resent after {waited:?}");
+            raw.send(Frame::Ack(proto::Ack { seq: m2.seq })).await;
+            raw.close().await;
+            assert!(wait_until(WAIT, || !push.presence(&["learn-1"], &[], &[]).unwrap().devices[0].online));
+            if let Some(redis) = redis {
+                assert!(redis.exists("ll:lrn:{learn-1}"), "kept with the timeline, with a TTL");
+            }
+            // A new session of the device starts from it too.
+            let (mut raw, _) = RawClient::resume(addr, token, m2.seq).await;
+            let m3 = push_one(&mut push, "learn-1", "m3".into());
+            let waited = first_resend_after(&mut raw, m3.seq).await;
+            assert!(waited >= Duration::from_millis(1_000), "reconnected: resent after {waited:?}");
+        });
+    });
+}
+
+#[test]
+fn a_client_that_never_acks_gets_its_backlog_replayed_max_replays_times_then_expired_with_a_resync() {
+    let mut cfg = config();
+    cfg.delivery.max_replays = 2;
+    on_both_stores(cfg, |server, cfg, _| {
+        let (addr, mut push) = (server.client_addr(), backend(server.push_addr()));
+        let token = token(cfg, "nr", "never-acks");
+        run(async move {
+            let r: Vec<_> = (0..3).map(|i| push_one(&mut push, "never-acks", format!("b{i}"))).collect();
+            let seqs: Vec<u64> = r.iter().map(|r| r.seq).collect();
+            // Session 0 is cut right after the backlog arrives (a flapping
+            // network, no time to ACK): it does not count. Sessions 1 and
+            // 2 keep it unacknowledged past a resend (N = 2 s): they do.
+            for session in 0..3 {
+                let (mut raw, frames) = RawClient::resume(addr, token.clone(), 0).await;
+                let all = |f: &[(Header, Frame)]| seqs.iter().all(|&s| sends_of(f, s).0 == 1);
+                let mut frames = raw.read_until(frames, "the backlog", all).await;
+                if session > 0 {
+                    frames = raw.read_until(frames, "a resend", |f| sends_of(f, seqs[0]).1 >= 1).await;
+                }
+                assert!(!frames.iter().any(|(_, f)| matches!(f, Frame::ResyncRequired(_))), "session {session}");
+                raw.close().await;
+                assert!(wait_until(WAIT, || !push.presence(&["never-acks"], &[], &[]).unwrap().devices[0].online));
+            }
+            // The next session: the backlog is not sent again; the client
+            // is told it is gone.
+            let (mut raw, frames) = RawClient::resume(addr, token, 0).await;
+            let mut frames = raw
+                .read_until(frames, "ResyncRequired", |f| f.iter().any(|(_, f)| matches!(f, Frame::ResyncRequired(_))))
+                .await;
+            raw.send(Frame::Ping).await;
+            frames = raw.read_until(frames, "Pong", |f| f.iter().any(|(_, f)| matches!(f, Frame::Pong))).await;
+            let resync = proto::ResyncRequired { from_seq: seqs[0], to_seq: seqs[2] };
+            assert!(frames.iter().any(|(_, f)| *f == Frame::ResyncRequired(resync)), "{frames:?}");
+            assert!(!frames.iter().any(|(_, f)| matches!(f, Frame::Message(_))), "replayed again: {frames:?}");
+            let ids: Vec<u64> = r.iter().map(|r| r.message_id).collect();
+            for s in push.delivery_status(&ids).unwrap().statuses {
+                assert_eq!(s.state, DeliveryState::Expired as i32, "{s:?}");
+                assert_eq!(s.reason, "not acknowledged after 2 replays to the device");
+            }
+            // Later messages flow as usual.
+            let next = push_one(&mut push, "never-acks", "after".into());
+            assert_eq!(next.sessions, 1);
+            raw.read_until(Vec::new(), "the next message", |f| sends_of(f, next.seq).0 == 1).await;
+        });
+    });
 }
 
 #[test]

@@ -9,8 +9,8 @@ use common::{RedisServer, wait_until};
 use futures_lite::future::block_on;
 use longlink::router::{Router, RouterConfig};
 
-fn router(redis: &RedisServer, node: &str, incarnation: u64, lease: Duration) -> Router {
-    let cfg = RouterConfig {
+fn router_config(redis: &RedisServer, node: &str, incarnation: u64, lease: Duration) -> RouterConfig {
+    RouterConfig {
         url: redis.url(),
         prefix: "lltest".into(),
         node: node.into(),
@@ -21,7 +21,11 @@ fn router(redis: &RedisServer, node: &str, incarnation: u64, lease: Duration) ->
         route_ttl: Duration::from_secs(3600),
         connect_timeout: Duration::from_secs(2),
         io_timeout: Duration::from_secs(2),
-    };
+    }
+}
+
+fn router(redis: &RedisServer, node: &str, incarnation: u64, lease: Duration) -> Router {
+    let cfg = router_config(redis, node, incarnation, lease);
     let r = Router::start(cfg, Box::new(|| {})).expect("router starts");
     assert!(wait_until(Duration::from_secs(5), || r.state().is_live()), "{node} registers");
     r
@@ -94,4 +98,72 @@ fn a_second_process_with_the_same_node_name_is_fenced() {
     let second = Router::start(cfg, Box::new(|| {})).unwrap();
     assert!(wait_until(Duration::from_secs(5), || second.state().is_fenced()));
     assert!(block_on(second.claim("x", 0, 1)).is_err(), "a fenced node claims nothing");
+}
+
+fn redis_cmd(redis: &RedisServer, args: &[&str]) -> redis::Value {
+    let mut conn = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query(&mut conn).unwrap()
+}
+
+/// Registers `node` the way an earlier run did, as process `holder`, with
+/// `lease_ms` of its lease left.
+fn earlier_run(redis: &RedisServer, node: &str, incarnation: u64, holder: &str, lease_ms: u64) {
+    let key = format!("lltest:node:{node}");
+    redis_cmd(redis, &["HSET", &key, "inc", &incarnation.to_string(), "client", "x:1", "node", "x:2", "draining", "0"]);
+    redis_cmd(redis, &["HSET", &key, "holder", holder]);
+    redis_cmd(redis, &["PEXPIRE", &key, &lease_ms.to_string()]);
+}
+
+fn registered_incarnation(redis: &RedisServer, node: &str) -> Option<u64> {
+    match redis_cmd(redis, &["HGET", &format!("lltest:node:{node}"), "inc"]) {
+        redis::Value::BulkString(b) => String::from_utf8(b).ok()?.parse().ok(),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_restart_within_the_lease_of_a_dead_run_takes_it_over_at_once() {
+    let redis = RedisServer::start();
+    // The previous run of "phoenix" on this host was killed (its process is
+    // gone) with 60 s of lease left.
+    let mut dead = std::process::Command::new("true").spawn().unwrap();
+    let pid = dead.id();
+    dead.wait().unwrap();
+    let me = longlink::router::process_identity();
+    let (boot_ns, _) = me.rsplit_once('/').and_then(|(rest, _)| rest.rsplit_once('/')).unwrap();
+    earlier_run(&redis, "phoenix", 1, &format!("{boot_ns}/{pid}/12345"), 60_000);
+    let again = Router::start(router_config(&redis, "phoenix", 2, Duration::from_secs(60)), Box::new(|| {})).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || again.state().is_live()), "takes over at once");
+    assert!(!again.state().is_fenced());
+    assert_eq!(registered_incarnation(&redis, "phoenix"), Some(2));
+    // Routes of the dead run are not its routes: they stay invalid.
+    redis_cmd(
+        &redis,
+        &["HSET", "lltest:route:{old-phone}", "node", "phoenix", "inc", "1", "shard", "0", "conn", "5", "epoch", "1"],
+    );
+    assert_eq!(block_on(again.lookup(vec!["old-phone".into()])).unwrap()[0], None);
+    assert!(block_on(again.claim("new-phone", 0, 1)).is_ok());
+}
+
+#[test]
+fn a_restart_waits_out_the_lease_of_a_run_it_cannot_check() {
+    let redis = RedisServer::start();
+    // Registered from another host, 1.5 s of lease left, never renewed.
+    earlier_run(&redis, "far", 1, "another-boot-id/pid:[1]/77/99", 1_500);
+    let again = Router::start(router_config(&redis, "far", 2, Duration::from_secs(3)), Box::new(|| {})).unwrap();
+    // Well into the earlier lease, the name is still the earlier run's.
+    let pttl = || match redis_cmd(&redis, &["PTTL", "lltest:node:far"]) {
+        redis::Value::Int(ms) => ms,
+        _ => -2,
+    };
+    assert!(wait_until(Duration::from_secs(5), || pttl() < 700), "the earlier lease runs down");
+    assert_eq!(registered_incarnation(&redis, "far"), Some(1), "not taken over while it runs");
+    assert!(!again.state().is_live() && !again.state().is_fenced());
+    assert!(wait_until(Duration::from_secs(10), || again.state().is_live()), "registers once it lapsed");
+    assert!(!again.state().is_fenced());
+    assert_eq!(registered_incarnation(&redis, "far"), Some(2));
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{RedisServer, wait_until};
 use futures_lite::future::block_on;
-use longlink::store::{MemoryStore, NewMessage, Retention, Status, TimelineStore};
+use longlink::store::{ExpiredBy, MemoryStore, NewMessage, Retention, Status, TimelineStore};
 use longlink::store_redis::{RedisStore, RedisStoreConfig};
 
 const NOW: u64 = 1_800_000_000_000;
@@ -95,6 +95,92 @@ fn unknown_history_is_reported_not_silently_skipped() {
         assert_eq!(r.missing, Some((43, NOW * 1000)), "{name}");
         assert_eq!(block_on(s.replay("fresh", 0, 10, NOW)).unwrap().missing, None, "{name}");
     });
+}
+
+#[test]
+fn the_incarnation_names_the_contents_and_base_bounds_what_a_resume_may_have_missed() {
+    both(Retention::default(), |s, name| {
+        let r = block_on(s.replay("d", 0, 10, NOW)).unwrap();
+        assert!(r.incarnation != 0 && r.incarnation == s.incarnation(), "{name}: {r:?}");
+        assert_eq!(r.base, NOW * 1000, "{name}: nothing issued yet for the device");
+        let first = block_on(s.append("d", msg(1), NOW + 7)).unwrap().seq;
+        let r = block_on(s.replay("d", 0, 10, NOW + 8)).unwrap();
+        assert!(r.base < first && r.base >= NOW * 1000, "{name}: {} < {first}", r.base);
+        // A sequence of an earlier life of the store: the gap up to this
+        // one's first sequence is reported even with a timeline here now.
+        let r = block_on(s.replay("d", 42, 10, NOW + 8)).unwrap();
+        assert_eq!((r.missing, r.messages.len()), (Some((43, first - 1)), 1), "{name}");
+    });
+    // Redis loses its data: a new incarnation.
+    let redis = RedisServer::start();
+    let store = redis_store(&redis, Retention::default());
+    let before = block_on(store.replay("d", 0, 10, NOW)).unwrap().incarnation;
+    let mut conn = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    redis::cmd("FLUSHALL").query::<()>(&mut conn).unwrap();
+    let after = block_on(store.replay("d", 0, 10, NOW)).unwrap().incarnation;
+    assert!(after != before && after != 0);
+    assert_eq!(store.incarnation(), after, "AuthOk names the new one from now on");
+}
+
+#[test]
+fn replays_without_an_ack_expire_after_the_limit_and_an_ack_starts_over() {
+    let retention = Retention { max_unacked_replays: 2, ..Default::default() };
+    both(retention, |s, name| {
+        let seqs: Vec<u64> = (1..=4).map(|i| block_on(s.append("d", msg(i), NOW)).unwrap().seq).collect();
+        // A session cut before any resend does not count.
+        assert_eq!(block_on(s.resume("d", 0, 3, NOW)).unwrap().messages.len(), 3, "{name}");
+        // Two sessions replay the first three (their window) and keep them
+        // unacknowledged past a resend.
+        for _ in 0..2 {
+            let r = block_on(s.resume("d", 0, 3, NOW)).unwrap();
+            assert_eq!((r.messages.len(), r.missing), (3, None), "{name}");
+            block_on(s.count_replay("d", seqs[2])).unwrap();
+        }
+        // The next session: those three expire, reported missing; the
+        // fourth message (never sent) goes out.
+        let r = block_on(s.resume("d", 0, 3, NOW)).unwrap();
+        assert_eq!(r.missing, Some((seqs[0], seqs[2])), "{name}");
+        assert_eq!(r.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [seqs[3]], "{name}");
+        let Some(Status::Expired { by, .. }) = block_on(s.status(1)).unwrap() else { panic!("{name}: not expired") };
+        assert_eq!(by, ExpiredBy::Unacknowledged { replays: 2 }, "{name}");
+        assert_eq!(by.to_string(), "not acknowledged after 2 replays to the device");
+        // An ACK starts the count over: two more sessions may replay.
+        let more: Vec<u64> = (5..=6).map(|i| block_on(s.append("d", msg(i), NOW)).unwrap().seq).collect();
+        block_on(s.count_replay("d", seqs[3])).unwrap();
+        block_on(s.ack("d", seqs[3], NOW)).unwrap();
+        for _ in 0..2 {
+            let r = block_on(s.resume("d", seqs[3], 10, NOW)).unwrap();
+            let got: Vec<u64> = r.messages.iter().map(|m| m.seq).collect();
+            assert_eq!((r.missing, got), (None, more.clone()), "{name}");
+            block_on(s.count_replay("d", more[1])).unwrap();
+        }
+    });
+}
+
+#[test]
+fn the_learned_recovery_time_is_kept_per_device_until_its_ttl() {
+    let retention = Retention { learned_ttl_ms: 60_000, ..Default::default() };
+    both(retention, |s, name| {
+        let first = block_on(s.append("d", msg(1), NOW)).unwrap();
+        assert_eq!(first.learned_ms, None, "{name}");
+        block_on(s.set_learned("d", Some(2_500), NOW)).unwrap();
+        assert_eq!(block_on(s.append("d", msg(2), NOW + 1)).unwrap().learned_ms, Some(2_500), "{name}");
+        assert_eq!(block_on(s.replay("d", 0, 10, NOW + 2)).unwrap().learned_ms, Some(2_500), "{name}");
+        assert_eq!(block_on(s.append("e", msg(3), NOW)).unwrap().learned_ms, None, "{name}: per device");
+        block_on(s.set_learned("d", None, NOW + 3)).unwrap();
+        assert_eq!(block_on(s.replay("d", 0, 10, NOW + 4)).unwrap().learned_ms, None, "{name}: forgotten");
+    });
+    // It ends with its TTL (memory: by the clock passed in; Redis: PX).
+    let s = MemoryStore::new(retention, NOW);
+    block_on(s.append("d", msg(1), NOW)).unwrap();
+    block_on(s.set_learned("d", Some(900), NOW)).unwrap();
+    assert_eq!(block_on(s.replay("d", 0, 1, NOW + 59_999)).unwrap().learned_ms, Some(900));
+    assert_eq!(block_on(s.replay("d", 0, 1, NOW + 60_000)).unwrap().learned_ms, None);
+    let redis = RedisServer::start();
+    let store = redis_store(&redis, Retention { learned_ttl_ms: 300, ..Default::default() });
+    block_on(store.set_learned("d", Some(900), NOW)).unwrap();
+    assert!(redis.exists("lltest:lrn:{d}"));
+    assert!(wait_until(Duration::from_secs(10), || !redis.exists("lltest:lrn:{d}")), "the TTL ends it");
 }
 
 #[test]

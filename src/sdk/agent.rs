@@ -317,6 +317,9 @@ pub struct Agent {
     delivered_seq: u64,
     /// Highest sequence the application handled: the resume point.
     handled_seq: u64,
+    /// The node store's incarnation adopted (sent in Auth; see
+    /// `ClientSession::store_incarnation`).
+    store_incarnation: u64,
     /// An Ack is owed by then (see `AgentConfig::ack_delay_ms`).
     ack_due: Option<Millis>,
     pending: BTreeMap<RequestId, Pending>,
@@ -349,6 +352,7 @@ impl Agent {
             next_link: 0,
             delivered_seq: cfg.client.last_seq,
             handled_seq: cfg.client.last_seq,
+            store_incarnation: cfg.client.store_incarnation,
             ack_due: None,
             pending: BTreeMap::new(),
             next_msg_id,
@@ -383,6 +387,12 @@ impl Agent {
     /// Persist it and pass it in `ClientOptions::last_seq` after a restart.
     pub fn last_seq(&self) -> u64 {
         self.handled_seq
+    }
+
+    /// The node store's incarnation: persist it with [`Agent::last_seq`] and
+    /// pass it in `ClientOptions::store_incarnation` after a restart.
+    pub fn store_incarnation(&self) -> u64 {
+        self.store_incarnation
     }
 
     /// Duplicate at-least-once messages dropped so far.
@@ -473,6 +483,7 @@ impl Agent {
         let endpoint = endpoint.clone();
         let mut opts = self.cfg.client.clone();
         opts.last_seq = self.handled_seq;
+        opts.store_incarnation = self.store_incarnation;
         if opts.heartbeat_ms == 0 {
             // The longest the server allows: the smart heartbeat climbs
             // toward it, and the server's idle timeout covers it.
@@ -620,6 +631,7 @@ impl Agent {
         let caught_up = self.handled_seq >= self.delivered_seq;
         let State::Up(up) = &mut self.state else { return };
         up.session.handled(seq);
+        self.store_incarnation = up.session.store_incarnation();
         if !up.active {
             return; // no Ack before AuthOk; it goes out once active
         }
@@ -764,6 +776,7 @@ impl Agent {
             ClientEvent::Connected(ok) => {
                 let State::Up(up) = &mut self.state else { return };
                 up.active = true;
+                self.store_incarnation = up.session.store_incarnation();
                 let endpoint = up.endpoint.clone();
                 // The negotiated interval is the longest the server's idle
                 // timeout covers.
@@ -974,6 +987,47 @@ mod tests {
         }
         assert!(!Disconnect::Protocol(String::new()).reconnect_allowed());
         assert!(!Disconnect::ClosedByApp.reconnect_allowed());
+    }
+
+    /// The Auth frame among the actions queued so far.
+    fn sent_auth(agent: &mut Agent) -> proto::Auth {
+        while let Some(action) = agent.poll_action() {
+            if let Action::Send { bytes, .. } = action
+                && let Ok(Some((h, body))) = codec::split_frame(&bytes, codec::DEFAULT_MAX_BODY)
+                && let Ok(Frame::Auth(auth)) = Frame::decode(h, body)
+            {
+                return auth;
+            }
+        }
+        panic!("no Auth sent");
+    }
+
+    #[test]
+    fn the_store_incarnation_is_sent_and_a_changed_one_adopted_once_its_resync_is_handled() {
+        let mut opts = ClientOptions::new("t");
+        opts.store_incarnation = 7;
+        let cfg = AgentConfig { endpoints: vec!["a:1".into()], ..AgentConfig::new(opts) };
+        let mut agent = Agent::new(cfg, Millis(0)).unwrap();
+        agent.handle_connected(Millis(1), LinkId(1));
+        assert_eq!(sent_auth(&mut agent).store_incarnation, 7);
+        let ok = proto::AuthOk { heartbeat_ms: 30_000, store_incarnation: 9, ..Default::default() };
+        agent.handle_bytes(Millis(2), LinkId(1), &Frame::AuthOk(ok).to_bytes());
+        assert_eq!(agent.store_incarnation(), 7, "not before the resync is handled");
+        let resync = proto::ResyncRequired { from_seq: 1, to_seq: 500 };
+        agent.handle_bytes(Millis(3), LinkId(1), &Frame::ResyncRequired(resync).to_bytes());
+        agent.message_handled(Millis(4), 500);
+        assert_eq!((agent.store_incarnation(), agent.last_seq()), (9, 500));
+        // The next session says so.
+        agent.handle_closed(Millis(5), LinkId(1), "reset");
+        agent.handle_timeout(Millis(600_000));
+        let Some(Action::Connect { link, .. }) =
+            std::iter::from_fn(|| agent.poll_action()).find(|a| matches!(a, Action::Connect { .. }))
+        else {
+            panic!("reconnects");
+        };
+        agent.handle_connected(Millis(600_001), link);
+        let auth = sent_auth(&mut agent);
+        assert_eq!((auth.store_incarnation, auth.last_seq), (9, 500));
     }
 
     #[test]
