@@ -797,7 +797,10 @@ impl DeliveryConfig {
         if !self.redis_url.is_empty() && !self.redis_url.starts_with("redis://") {
             return Err(invalid(
                 "delivery.redis_url",
-                format!("{:?} must start with redis:// (or be empty for the memory store)", self.redis_url),
+                format!(
+                    "{:?} must start with redis:// (or be empty for the memory store)",
+                    redact_url(&self.redis_url)
+                ),
             ));
         }
         let prefix_ok = |c: char| c.is_ascii_alphanumeric() || "_.:-".contains(c);
@@ -916,7 +919,75 @@ impl AuthConfig {
 }
 
 fn parse(text: &str, path: Option<&Path>) -> Result<Config, ConfigError> {
-    toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.map(Path::to_owned), message: e.to_string() })
+    toml::from_str(text)
+        .map_err(|e| ConfigError::Parse { path: path.map(Path::to_owned), message: describe_parse_error(text, &e) })
+}
+
+/// Words that mark a setting (or a line) as holding a secret: its value
+/// never appears in an error. Any key containing one counts, including
+/// keys added later (`secret_hex` today; URLs may carry a password).
+const SECRET_WORDS: &[&str] = &["secret", "password", "passwd", "token", "credential", "private", "api_key", "url"];
+
+fn looks_secret(text: &str) -> bool {
+    let text = text.to_ascii_lowercase();
+    SECRET_WORDS.iter().any(|w| text.contains(w))
+}
+
+/// A parse error without the source: toml's own `Display` quotes the
+/// offending line, which may be `secret_hex = "..."`. The message is
+/// rebuilt from the position and toml's description; when the line
+/// mentions a secret-looking name the description goes too (it can quote
+/// the value, e.g. "invalid type: integer `1234`") unless it is one that
+/// only names keys, and any secret-looking value of the file is masked
+/// from what remains.
+fn describe_parse_error(text: &str, err: &toml::de::Error) -> String {
+    let Some(span) = err.span() else { return mask_secret_values(text, err.message()) };
+    let start = span.start.min(text.len());
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+    let line = text[..start].matches('\n').count() + 1;
+    let column = text[line_start..start].chars().count() + 1;
+    let source_line = text.get(line_start..line_end).unwrap_or_default();
+    // These descriptions name keys, never values.
+    let names_keys_only =
+        ["unknown field", "duplicate key", "missing field"].iter().any(|p| err.message().starts_with(p));
+    if looks_secret(source_line) && !names_keys_only {
+        return format!(
+            "line {line}, column {column}: malformed setting on a line that holds a secret \
+             (its value and the parser's description are not shown); check its quoting and type"
+        );
+    }
+    format!("line {line}, column {column}: {}", mask_secret_values(text, err.message()))
+}
+
+/// `message` with every value of a secret-looking `key = value` line of
+/// `text` replaced by `<redacted>`.
+fn mask_secret_values(text: &str, message: &str) -> String {
+    let mut out = message.to_owned();
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once('=') else { continue };
+        if !looks_secret(key) {
+            continue;
+        }
+        let value = value.trim().trim_matches(|c| c == '"' || c == '\'');
+        // Short fragments ("", "0") would mask ordinary words.
+        if value.len() >= 4 {
+            out = out.replace(value, "<redacted>");
+        }
+    }
+    out
+}
+
+/// `url` with any user and password replaced by `***`, for messages.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return if url.contains('@') { "<redacted>".into() } else { url.to_owned() };
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => url.to_owned(),
+    }
 }
 
 /// Field docs of the section stored under `name` in [`Config`].
@@ -1142,6 +1213,28 @@ mod tests {
         // A secret never appears in an error.
         let (_, message) = invalid_field("[[auth.keys]]\nid = \"k1\"\nsecret_hex = \"0011\"");
         assert!(!message.contains("0011"), "{message}");
+        // Nor in a parse error, whichever way the file is malformed (toml
+        // quotes the offending line; its description can quote the value).
+        let secret = "5ec2e7a1b2c3d4e5f60718293a4b5c6d";
+        let malformed = [
+            format!("[[auth.keys]]\nid = \"k1\"\nsecret_hex = \"{secret}"),
+            format!("[[auth.keys]]\nid = \"k1\"\nsecret_hex = {secret}"),
+            format!("[[auth.keys]]\nid = \"k1\"\nsecret_hex = \"{secret}\" trailing"),
+            format!("[[auth.keys]]\nid = \"k1\"\nsecret_hex = \"{secret}\"\nsecret_hex = \"{secret}\""),
+            "[[auth.keys]]\nid = \"k1\"\nsecret_hex = 51234567890123".to_string(),
+            format!("[auth]\nkeys = [{{ id = \"k1\", secret_hex = \"{secret}\", colour = 1 }}]"),
+            format!("[auth]\nkeys = [{{ id = 1, secret_hex = \"{secret}\" }}]"),
+            format!("[delivery]\nredis_url = \"redis://:{secret}@10.0.0.7:6379/\" x"),
+        ];
+        for text in &malformed {
+            let err = Config::from_toml_str(text).unwrap_err();
+            assert!(matches!(err, ConfigError::Parse { .. }), "{err:?}");
+            let message = err.to_string();
+            assert!(!message.contains(&secret[..8]) && !message.contains("51234567890123"), "{text:?}: {message}");
+            assert!(message.contains("line "), "{message}");
+        }
+        let (_, message) = invalid_field(&format!("[delivery]\nredis_url = \"rediss://u:{secret}@host:6379/\""));
+        assert!(!message.contains(&secret[..8]) && message.contains("***@host:6379"), "{message}");
     }
 
     #[test]
