@@ -850,11 +850,18 @@ impl Shard {
     fn enqueue(&self, st: &mut State, key: ConnKey, bytes: Bytes) -> bool {
         let limit = self.cfg.outbound_queue_bytes as usize;
         let Some(conn) = st.conn(key) else { return false };
+        let closing = conn.session.phase() == Phase::Closing;
         let io = conn.io();
         if io.out.bytes() + bytes.len() > limit && !io.out.is_empty() {
-            // The client is not reading. Drop the backlog and tell it why,
-            // in the room the dropped frames leave.
-            let dropped = io.out.clear();
+            if closing {
+                // The closing frame (Error, Kicked) does not fit behind what
+                // is still queued: close without it.
+                return false;
+            }
+            // The client is not reading. Drop the backlog (but finish a
+            // frame already on the wire) and tell it why, if the Error
+            // frame fits in the bound.
+            let dropped = io.out.cut();
             self.close_slow(st, key, dropped, format!("outbound queue above {limit} bytes"));
             return false;
         }
@@ -894,20 +901,24 @@ impl Shard {
         }
         self.count_out(frame.len());
         let idle = conn.io.as_ref().is_none_or(|io| io.out.is_empty());
-        let rest = if idle {
-            match outq::send_now(conn.fd, frame) {
-                Ok(n) if n == frame.len() => None,
-                Ok(n) => Some(frame.slice(n..)),
-                // Let the task find the error on its own write.
-                Err(_) => Some(frame.clone()),
-            }
+        let written = if idle {
+            // On an error, let the task find it on its own write.
+            outq::send_now(conn.fd, frame).unwrap_or(0)
         } else {
-            Some(frame.clone())
+            0
         };
-        match rest {
-            None => true,
-            Some(rest) => self.queue_bytes(st, key, rest),
+        if written == frame.len() {
+            return true;
         }
+        if written == 0 {
+            return self.queue_bytes(st, key, frame.clone());
+        }
+        // Part of the frame is on the wire. The queue (empty: `idle`) takes
+        // the whole frame marked as partly written, so that cutting a slow
+        // client later finishes this frame instead of dropping its tail.
+        conn.io().out.push_written(frame.clone(), written);
+        conn.wake();
+        true
     }
 
     /// Queues `frame` for an active session and lists the session for the
@@ -1557,7 +1568,8 @@ impl Shard {
             let Some(conn) = st.conn(key) else { continue };
             let stalled = conn.io.as_ref().and_then(|io| io.stalled_since);
             if stalled.is_some_and(|t| now.mono.0 >= t.0 + self.cfg.write_timeout_ms) && conn.is_active() {
-                let dropped = conn.io().out.clear();
+                // As in `enqueue`: a frame already on the wire is finished.
+                let dropped = conn.io().out.cut();
                 let reason = format!("socket blocked for {} ms", self.cfg.write_timeout_ms);
                 self.close_slow(&mut st, key, dropped, reason);
             } else if conn.session.deadline() <= now.mono {
