@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use crate::codec;
+use crate::ids::MAX_SHARDS;
 use crate::token::{self, Key, Keyring, TokenError};
 
 /// A field's name and doc comment lines, as printed by `default_toml`.
@@ -210,7 +211,8 @@ config_struct! {
         /// Address backends push to. Default: "0.0.0.0:7101".
         pub push_listen: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 7101)),
         /// Number of shards (executors, one per core). Default: 0 (one per
-        /// CPU this process may run on).
+        /// CPU this process may run on). Allowed: 0 to 256 (0 must resolve
+        /// to at most 256 CPUs).
         pub shards: u16 = 0,
         /// Accept queue length per listener. Default: 65535 (the kernel caps
         /// it at net.core.somaxconn).
@@ -493,8 +495,8 @@ const MAX_CLOCK_LEEWAY_SECS: u32 = 3600;
 /// Tokens cannot be revoked, so their lifetime is bounded.
 const MAX_TOKEN_TTL_SECS: u64 = 366 * 24 * 3600;
 const MAX_NODE_NAME_BYTES: usize = 255;
-/// Message ids carry 10 worker bits: node_index (4) and shard (6, which
-/// the 64-shard limit of the user directory keeps within range).
+/// Message ids carry 12 worker bits: node_index (4) and shard (8, which
+/// the shard limit keeps within range).
 const MAX_NODE_INDEX: u16 = 15;
 
 impl Config {
@@ -544,7 +546,9 @@ impl Config {
         check_range("push.max_targets_per_request", self.push.max_targets_per_request, 1, 1 << 20, "")?;
         check_range("push.max_request_bytes", self.push.max_request_bytes, 1024, 64 << 20, "")?;
         check_range("push.broadcast_rate_per_sec", self.push.broadcast_rate_per_sec, 1, u32::MAX, "")?;
-        check_range("server.shards", self.server.shards, 0, 64, " (the user directory keeps a 64-bit shard set)")?;
+        // The count in use, not the configured one: 0 means one per CPU,
+        // which on a large host can be more than a node supports.
+        check_shards(self.server.shards, self.shard_count())?;
         self.upstream.validate()?;
         self.delivery.validate()?;
         self.cluster.validate(&self.delivery)?;
@@ -654,6 +658,23 @@ impl ServerConfig {
         check_min("server.max_connections_per_shard", self.max_connections_per_shard, 1, "")?;
         Ok(())
     }
+}
+
+/// `resolved` (the shard count `configured` gives on this host) must be
+/// at most [`MAX_SHARDS`].
+fn check_shards(configured: u16, resolved: u16) -> Result<(), ConfigError> {
+    if resolved <= MAX_SHARDS {
+        return Ok(());
+    }
+    let why = if configured == 0 {
+        format!(
+            "0 means one shard per CPU and this host has {resolved}; set server.shards to at most {MAX_SHARDS} \
+             (or run several nodes)"
+        )
+    } else {
+        format!("{resolved} is outside the allowed range 0..={MAX_SHARDS}")
+    };
+    Err(invalid("server.shards", format!("{why} (message ids carry the shard in 8 bits)")))
 }
 
 /// Two listeners clash when they would bind the same port on overlapping
@@ -1130,6 +1151,7 @@ mod tests {
             ("[server]\nring_depth = 65536", "server.ring_depth"),
             ("[server]\nread_buffer_bytes = 4095", "server.read_buffer_bytes"),
             ("[server]\nmax_connections_per_shard = 0", "server.max_connections_per_shard"),
+            ("[server]\nshards = 257", "server.shards"),
             ("[session]\nwheel_tick_ms = 0", "session.wheel_tick_ms"),
             ("[session]\nwheel_tick_ms = 1001", "session.wheel_tick_ms"),
             ("[session]\nauth_timeout_ms = 99", "session.auth_timeout_ms"),
@@ -1235,6 +1257,16 @@ mod tests {
         }
         let (_, message) = invalid_field(&format!("[delivery]\nredis_url = \"rediss://u:{secret}@host:6379/\""));
         assert!(!message.contains(&secret[..8]) && message.contains("***@host:6379"), "{message}");
+    }
+
+    #[test]
+    fn the_shard_count_in_use_is_checked_not_only_the_configured_one() {
+        assert!(Config::from_toml_str("[server]\nshards = 256").is_ok());
+        assert!(Config::from_toml_str("[server]\nshards = 100").is_ok());
+        check_shards(0, 256).unwrap();
+        // `shards = 0` on a host with more CPUs than a node supports.
+        let err = check_shards(0, 384).unwrap_err().to_string();
+        assert!(err.contains("server.shards") && err.contains("384") && err.contains("256"), "{err}");
     }
 
     #[test]

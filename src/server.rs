@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use glommio::channels::channel_mesh::{Full, MeshBuilder};
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement, PoolThreadHandles};
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::info;
@@ -18,7 +17,7 @@ use crate::config::Config;
 use crate::dispatcher::DispatchConfig;
 use crate::http::HttpServer;
 use crate::ids::ShardId;
-use crate::mesh::{Outbox, ShardMsg};
+use crate::mesh::{MeshEnds, Outbox};
 use crate::reliable::DeliverySettings;
 use crate::session::Params;
 use crate::shard::{MAX_ID_BYTES, PushLimits, Shard, ShardConfig, ShardCounters};
@@ -28,6 +27,23 @@ use crate::upstream::{UpstreamError, UpstreamSettings};
 
 /// Messages queued per mesh channel (power of two; small ones are slow).
 const MESH_CAPACITY: usize = 1024;
+/// Mesh slots one shard receives into, over all its peers. glommio
+/// allocates and touches every slot up front (96 bytes each) and the mesh
+/// has `n * (n - 1)` channels: at 1024 slots per channel, 100 shards would
+/// hold 950 MB and 256 shards 6.3 GB. This budget keeps the full capacity
+/// up to 17 shards and ~1.5 MB per shard beyond.
+const MESH_SLOTS_PER_SHARD: usize = 16 * 1024;
+/// The smallest channel (glommio is ~10x slower per message below this).
+const MIN_MESH_CAPACITY: usize = 64;
+
+/// Capacity of each mesh channel for a node of `shards` shards.
+fn mesh_capacity(shards: u16) -> usize {
+    let peers = usize::from(shards).saturating_sub(1).max(1);
+    let share = MESH_SLOTS_PER_SHARD / peers;
+    // The largest power of two within the share (glommio rounds up).
+    let pow2 = if share == 0 { 0 } else { 1 << share.ilog2() };
+    pow2.clamp(MIN_MESH_CAPACITY, MESH_CAPACITY)
+}
 /// How long start-up may take before it is reported as failed.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -142,18 +158,14 @@ impl Server {
         let stop = Arc::new(AtomicBool::new(false));
         let counters: Vec<Arc<ShardCounters>> = (0..shards).map(|_| Arc::default()).collect();
         // Each executor takes one (client, push) listener pair and its own
-        // handle on the mesh. The handles are made here, one thread, before
-        // any executor runs: glommio's `MeshBuilder` is `Send` but counts its
-        // clones with an `Rc`, so cloning it on several executor threads at
-        // once races on the count (seen as start-ups that never finished
-        // joining and as heap corruption).
-        type ShardStart = (OwnedFd, OwnedFd, MeshBuilder<ShardMsg, Full>);
+        // ends of the mesh, made here, on one thread, before any executor
+        // runs (the channels' shared state must not be built concurrently).
+        type ShardStart = (OwnedFd, OwnedFd, MeshEnds);
         let (fd_tx, fd_rx) = crossbeam_channel::bounded::<ShardStart>(listeners.len());
-        let mesh = MeshBuilder::<ShardMsg, _>::full(usize::from(shards), MESH_CAPACITY);
-        for (client, push) in listeners.into_iter().zip(push_listeners) {
-            let _ = fd_tx.send((client, push, mesh.clone()));
+        let mesh = crate::mesh::full_mesh(shards, mesh_capacity(shards));
+        for ((client, push), ends) in listeners.into_iter().zip(push_listeners).zip(mesh) {
+            let _ = fd_tx.send((client, push, ends));
         }
-        drop(mesh);
         let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<ShardId, String>>(usize::from(shards));
         let grace = Duration::from_millis(session.close_linger_ms) + Duration::from_secs(1);
 
@@ -214,11 +226,8 @@ impl Server {
                             }
                         })
                         .detach();
-                        let Ok((senders, mut receivers)) = mesh.join().await else {
-                            let _ = ready_tx.send(Err("mesh join failed".into()));
-                            return;
-                        };
-                        let id = ShardId(senders.peer_id() as u16);
+                        let id = mesh.me();
+                        let (senders, receivers) = mesh.connect().await;
                         let outbox = Outbox::new(senders);
                         let store: Rc<dyn TimelineStore> = match redis {
                             Some(redis) => Rc::new(redis),
@@ -229,7 +238,6 @@ impl Server {
                             crate::cluster::attach(&shard, cluster);
                         }
                         let mesh_readers: Vec<_> = receivers
-                            .streams()
                             .into_iter()
                             .map(|(_peer, rx)| {
                                 let shard = shard.clone();
@@ -430,6 +438,25 @@ impl Rendezvous {
                 Ok((guard, _)) => arrived = guard,
                 Err(_) => return,
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mesh_memory_stays_linear_in_the_shard_count() {
+        assert_eq!(mesh_capacity(1), 1024);
+        assert_eq!(mesh_capacity(2), 1024);
+        assert_eq!(mesh_capacity(17), 1024);
+        assert_eq!(mesh_capacity(18), 512);
+        assert_eq!(mesh_capacity(100), 128);
+        assert_eq!(mesh_capacity(256), 64);
+        for shards in 2..=crate::ids::MAX_SHARDS {
+            let slots = (usize::from(shards) - 1) * mesh_capacity(shards);
+            assert!(slots <= MESH_SLOTS_PER_SHARD.max(255 * MIN_MESH_CAPACITY), "{shards}: {slots}");
         }
     }
 }

@@ -242,6 +242,56 @@ impl Conn {
     }
 }
 
+/// A home shard's directory of users: which shards hold sessions of each
+/// user, by user hash. One 64-bit word covers 64 shards: shards 0-63 sit
+/// in `low`, one word per user as on any node of up to 64 shards; higher
+/// shards (hosts with more cores) in `high`, a word only for the users
+/// with sessions among those 64.
+#[derive(Default)]
+struct UserDir {
+    low: HashMap<u64, u64>,
+    /// (user hash, word number >= 1) -> shards `64 * word ..` holding sessions.
+    high: HashMap<(u64, u16), u64>,
+}
+
+impl UserDir {
+    /// Records that `shard` holds (or no longer holds) sessions of the user.
+    fn set(&mut self, user_hash: u64, shard: ShardId, present: bool) {
+        let (word, bit) = (shard.0 / 64, 1u64 << (shard.0 % 64));
+        fn update<K: std::hash::Hash + Eq>(map: &mut HashMap<K, u64>, key: K, bit: u64, present: bool) {
+            if present {
+                *map.entry(key).or_insert(0) |= bit;
+            } else if let Some(mask) = map.get_mut(&key) {
+                *mask &= !bit;
+                if *mask == 0 {
+                    map.remove(&key);
+                }
+            }
+        }
+        if word == 0 {
+            update(&mut self.low, user_hash, bit, present);
+        } else {
+            update(&mut self.high, (user_hash, word), bit, present);
+        }
+    }
+
+    /// The shards (below `shards`) holding sessions of the user.
+    fn shards(&self, user_hash: u64, shards: u16) -> Vec<ShardId> {
+        let mut out = Vec::new();
+        for word in 0..shards.div_ceil(64) {
+            let mut mask =
+                if word == 0 { self.low.get(&user_hash).copied() } else { self.high.get(&(user_hash, word)).copied() }
+                    .unwrap_or(0);
+            while mask != 0 {
+                let bit = mask.trailing_zeros() as u16;
+                mask &= mask - 1;
+                out.push(ShardId(word * 64 + bit));
+            }
+        }
+        out
+    }
+}
+
 /// A broadcast being paced out over this shard's sessions.
 struct BroadcastJob {
     frame: Bytes,
@@ -261,7 +311,7 @@ pub(crate) struct State {
     /// Head slot of each user's list of sessions on this shard.
     users: HashTable<u32>,
     /// Home-shard directory: user hash -> set of shards holding sessions.
-    user_dir: HashMap<u64, u64>,
+    user_dir: UserDir,
     groups: Groups,
     wheel: Wheel,
     next_gen: u32,
@@ -465,8 +515,9 @@ impl Shard {
     ) -> Rc<Shard> {
         let (pacer_wake, pacer_rx) = glommio::channels::local_channel::new_bounded(1);
         let (flush_wake, flush_rx) = glommio::channels::local_channel::new_bounded(1);
-        // Message ids: node index (4 bits) and shard (6 bits) as the worker.
-        let worker = cfg.delivery.node_index << 6 | (id.0 & 0x3f);
+        // Message ids: node index (4 bits) and shard (8 bits) as the worker;
+        // `Config::validate` keeps both in range.
+        let worker = cfg.delivery.node_index << 8 | (id.0 & 0xff);
         Rc::new_cyclic(|me| Shard {
             me: me.clone(),
             id,
@@ -475,7 +526,7 @@ impl Shard {
                 conns: Slab::new(),
                 devices: HashTable::new(),
                 users: HashTable::new(),
-                user_dir: HashMap::new(),
+                user_dir: UserDir::default(),
                 groups: Groups::default(),
                 wheel: Wheel::new(cfg.wheel_tick_ms, WHEEL_SLOTS, Millis(0)),
                 next_gen: 0,
@@ -1258,9 +1309,8 @@ impl Shard {
             ShardMsg::UserLookup { origin, items, action } => {
                 let mut per_shard: Vec<Vec<(u32, String)>> = vec![Vec::new(); usize::from(self.shards)];
                 for (idx, user) in items {
-                    let mask = st.user_dir.get(&stable_hash(&user)).copied().unwrap_or(0);
-                    for (shard, batch) in per_shard.iter_mut().enumerate() {
-                        if mask & (1 << shard) != 0 {
+                    for shard in st.user_dir.shards(stable_hash(&user), self.shards) {
+                        if let Some(batch) = per_shard.get_mut(shard.index()) {
                             batch.push((idx, user.clone()));
                         }
                     }
@@ -1350,15 +1400,7 @@ impl Shard {
                 self.answer(st, origin, Part::Presence(Box::new(part)));
             }
             ShardMsg::UserDir { user_hash, shard, present, ack } => {
-                let bit = 1u64 << shard.0;
-                if present {
-                    *st.user_dir.entry(user_hash).or_insert(0) |= bit;
-                } else if let Some(mask) = st.user_dir.get_mut(&user_hash) {
-                    *mask &= !bit;
-                    if *mask == 0 {
-                        st.user_dir.remove(&user_hash);
-                    }
-                }
+                st.user_dir.set(user_hash, shard, present);
                 if let Some(key) = ack {
                     self.route(st, shard, ShardMsg::UserDirAck { key });
                 }
@@ -1753,6 +1795,28 @@ mod tests {
         let wait = b.take(t0).expect("empty bucket waits");
         assert!(wait > Duration::ZERO && wait <= Duration::from_millis(100));
         assert_eq!(AcceptBucket::new(0).take(t0), None);
+    }
+
+    #[test]
+    fn user_directory_holds_every_shard_of_a_large_host() {
+        let mut dir = UserDir::default();
+        for shard in [0, 5, 63, 64, 130, 255] {
+            dir.set(7, ShardId(shard), true);
+        }
+        dir.set(8, ShardId(64), true);
+        let ids = |v: Vec<ShardId>| v.into_iter().map(|s| s.0).collect::<Vec<_>>();
+        assert_eq!(ids(dir.shards(7, 256)), [0, 5, 63, 64, 130, 255]);
+        assert_eq!(ids(dir.shards(7, 64)), [0, 5, 63], "a 64-shard node looks at one word");
+        for shard in [0, 64, 255] {
+            dir.set(7, ShardId(shard), false);
+        }
+        assert_eq!(ids(dir.shards(7, 256)), [5, 63, 130]);
+        assert_eq!(ids(dir.shards(8, 256)), [64]);
+        for shard in [5, 63, 130] {
+            dir.set(7, ShardId(shard), false);
+        }
+        dir.set(8, ShardId(64), false);
+        assert!(dir.low.is_empty() && dir.high.is_empty(), "nothing left behind");
     }
 
     #[test]
