@@ -396,6 +396,11 @@ impl Shard {
                         // Backpressure: a reply wakes us.
                         return Poll::Pending;
                     }
+                    if self.mesh_congested(cx.waker()) {
+                        // Backpressure from slow shards: the outbox wakes us
+                        // once its FIFOs have drained.
+                        return Poll::Pending;
+                    }
                     match codec::split_frame(rbuf, self.cfg.push.max_request_bytes) {
                         Ok(None) => break,
                         Ok(Some((header, body))) => {

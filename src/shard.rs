@@ -99,6 +99,9 @@ pub struct ShardCounters {
     pub broadcast_expired: AtomicU64,
     /// Push-port requests received.
     pub push_requests: AtomicU64,
+    /// Times a push-port connection stopped reading because the mesh
+    /// toward other shards was backed up ([`crate::mesh::Outbox::congested`]).
+    pub mesh_backpressure: AtomicU64,
     /// Groups with members on this shard, and sessions in any group.
     pub groups: AtomicU64,
     pub group_sessions: AtomicU64,
@@ -1267,6 +1270,16 @@ impl Shard {
     /// Sends `msg` to shard `to`, or handles it right here when `to` is us.
     pub(crate) fn route(&self, st: &mut State, to: ShardId, msg: ShardMsg) {
         if to == self.id { self.handle(st, msg) } else { self.outbox.send(to, msg) }
+    }
+
+    /// Whether the mesh toward other shards is too backed up to read more
+    /// push-port requests; if so, `waker` is woken when it has drained.
+    pub(crate) fn mesh_congested(&self, waker: &Waker) -> bool {
+        let congested = self.outbox.congested(waker);
+        if congested {
+            self.counters.mesh_backpressure.fetch_add(1, Ordering::Relaxed);
+        }
+        congested
     }
 
     /// Sends part of an answer back to the request's origin.
