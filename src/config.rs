@@ -290,6 +290,13 @@ config_struct! {
         /// Broadcast deliveries per second for the whole node, shared evenly
         /// by its shards. Default: 200000.
         pub broadcast_rate_per_sec: u32 = 200_000,
+        /// Bytes of broadcasts one shard may hold waiting for the pacer (each
+        /// broadcast is queued on every shard: frame plus 64 bytes). A
+        /// broadcast that would go over it on any shard is not queued
+        /// anywhere and is answered REJECTED with retryable = true. Default:
+        /// 8388608 (8 MiB: 140 broadcasts of 60 KB, 50,000 of 100 bytes).
+        /// Minimum: server.max_frame_bytes + 4096.
+        pub broadcast_queue_bytes_per_shard: u64 = 8 << 20,
     }
 }
 
@@ -546,6 +553,12 @@ impl Config {
         check_range("push.max_targets_per_request", self.push.max_targets_per_request, 1, 1 << 20, "")?;
         check_range("push.max_request_bytes", self.push.max_request_bytes, 1024, 64 << 20, "")?;
         check_range("push.broadcast_rate_per_sec", self.push.broadcast_rate_per_sec, 1, u32::MAX, "")?;
+        check_min(
+            "push.broadcast_queue_bytes_per_shard",
+            self.push.broadcast_queue_bytes_per_shard,
+            u64::from(self.server.max_frame_bytes) + 4096,
+            " (server.max_frame_bytes + 4096: room for one broadcast)",
+        )?;
         // The count in use, not the configured one: 0 means one per CPU,
         // which on a large host can be more than a node supports.
         check_shards(self.server.shards, self.shard_count())?;
@@ -1152,6 +1165,7 @@ mod tests {
             ("[server]\nread_buffer_bytes = 4095", "server.read_buffer_bytes"),
             ("[server]\nmax_connections_per_shard = 0", "server.max_connections_per_shard"),
             ("[server]\nshards = 257", "server.shards"),
+            ("[push]\nbroadcast_queue_bytes_per_shard = 65536", "push.broadcast_queue_bytes_per_shard"),
             ("[session]\nwheel_tick_ms = 0", "session.wheel_tick_ms"),
             ("[session]\nwheel_tick_ms = 1001", "session.wheel_tick_ms"),
             ("[session]\nauth_timeout_ms = 99", "session.auth_timeout_ms"),

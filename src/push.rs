@@ -109,6 +109,8 @@ enum PendingKind {
         broadcast: bool,
         delivered: u64,
         message_id: u64,
+        /// Why a broadcast was not queued (a shard's queue was full).
+        refused: Option<String>,
     },
     Presence {
         query: Arc<PresenceQuery>,
@@ -243,7 +245,15 @@ impl Pending {
                     })
                 }
             }
-            PendingKind::Count { broadcast, delivered, message_id } => {
+            PendingKind::Count { message_id, refused: Some(reason), .. } => Frame::PushReply(proto::PushReply {
+                request_id,
+                status: PushStatus::Rejected as i32,
+                reason,
+                retryable: true,
+                message_id,
+                ..Default::default()
+            }),
+            PendingKind::Count { broadcast, delivered, message_id, refused: None } => {
                 let status = match (broadcast, delivered) {
                     (true, _) => PushStatus::Accepted,
                     (false, 0) => PushStatus::NotOnline,
@@ -585,7 +595,17 @@ impl Shard {
 
         if targets.broadcast || !targets.group.is_empty() {
             let broadcast = targets.broadcast;
-            let origin = self.begin(st, backend, id, PendingKind::Count { broadcast, delivered: 0, message_id });
+            // Room on every shard first (all or none), so a refused
+            // broadcast reached nobody and may simply be sent again.
+            let refused = if broadcast { self.reserve_broadcast(frame.len()).err() } else { None };
+            if refused.is_some() {
+                let kind = PendingKind::Count { broadcast, delivered: 0, message_id, refused };
+                let origin = self.begin(st, backend, id, kind);
+                self.end(st, origin);
+                return Ok(());
+            }
+            let kind = PendingKind::Count { broadcast, delivered: 0, message_id, refused: None };
+            let origin = self.begin(st, backend, id, kind);
             let expires_at = (req.ttl_ms > 0).then(|| Instant::now() + Duration::from_millis(u64::from(req.ttl_ms)));
             for shard in 0..self.shards() {
                 let msg = if broadcast {

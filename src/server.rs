@@ -95,6 +95,7 @@ impl Server {
             true => Some(ClusterShared::start(config, client_addr, push_addr, shards).map_err(ServerError::Cluster)?),
             false => None,
         };
+        let counters: Vec<Arc<ShardCounters>> = (0..shards).map(|_| Arc::default()).collect();
         let shard_cfg = ShardConfig {
             params: Params {
                 keyring: keyring.clone(),
@@ -116,6 +117,7 @@ impl Server {
                 max_targets_per_request: config.push.max_targets_per_request,
                 max_request_bytes: config.push.max_request_bytes,
                 broadcast_rate_per_sec: config.push.broadcast_rate_per_sec.div_ceil(u32::from(shards)),
+                broadcast_queue_bytes: config.push.broadcast_queue_bytes_per_shard,
             },
             read_buffer_bytes: server.read_buffer_bytes,
             wheel_tick_ms: session.wheel_tick_ms,
@@ -130,6 +132,7 @@ impl Server {
                 unacked_replay_limit: config.delivery.retention_messages as usize,
                 node_index: config.delivery.node_index,
             },
+            node_counters: counters.iter().cloned().collect(),
         };
         // One Redis sidecar for the node, or a memory store per shard (each
         // holds the timelines of the devices its shard owns).
@@ -156,7 +159,6 @@ impl Server {
         let boot_unix_ms =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         let stop = Arc::new(AtomicBool::new(false));
-        let counters: Vec<Arc<ShardCounters>> = (0..shards).map(|_| Arc::default()).collect();
         // Each executor takes one (client, push) listener pair and its own
         // ends of the mesh, made here, on one thread, before any executor
         // runs (the channels' shared state must not be built concurrently).

@@ -97,6 +97,11 @@ pub struct ShardCounters {
     pub bytes_out: AtomicU64,
     /// Broadcast deliveries dropped because their TTL passed while paced.
     pub broadcast_expired: AtomicU64,
+    /// Bytes of broadcasts queued on this shard or on their way to it
+    /// (reserved by the shard that took the request, released by the pacer).
+    pub broadcast_queued_bytes: AtomicU64,
+    /// Broadcasts this shard refused because a shard's queue was full.
+    pub broadcast_rejected: AtomicU64,
     /// Push-port requests received.
     pub push_requests: AtomicU64,
     /// Times a push-port connection stopped reading because the mesh
@@ -119,6 +124,8 @@ pub struct PushLimits {
     pub max_request_bytes: u32,
     /// This shard's share of the node's broadcast rate, deliveries/s.
     pub broadcast_rate_per_sec: u32,
+    /// Bytes of broadcasts each shard may hold ([`broadcast_cost`]).
+    pub broadcast_queue_bytes: u64,
 }
 
 /// Everything a shard needs to start, built on the main thread.
@@ -139,6 +146,9 @@ pub struct ShardConfig {
     pub upstream: UpstreamSettings,
     /// At-least-once delivery: window, retransmission, store sharing.
     pub delivery: DeliverySettings,
+    /// Every shard's counters, by shard id: a broadcast reserves room in
+    /// every shard's queue before it is sent to any.
+    pub node_counters: Arc<[Arc<ShardCounters>]>,
 }
 
 /// Outbound queue and input leftovers: allocated only while in use.
@@ -293,6 +303,11 @@ impl UserDir {
         }
         out
     }
+}
+
+/// What one queued broadcast costs a shard's queue: its frame and its job.
+pub(crate) fn broadcast_cost(frame_len: usize) -> u64 {
+    frame_len as u64 + 64
 }
 
 /// A broadcast being paced out over this shard's sessions.
@@ -1272,6 +1287,32 @@ impl Shard {
         if to == self.id { self.handle(st, msg) } else { self.outbox.send(to, msg) }
     }
 
+    /// Reserves room for a broadcast of `frame_len` bytes in the queue of
+    /// every shard, or in none: a broadcast refused by one shard must not
+    /// reach the sessions of the others, so that sending it again is safe.
+    /// Each shard's pacer releases its share when the job is done.
+    pub(crate) fn reserve_broadcast(&self, frame_len: usize) -> Result<(), String> {
+        let cost = broadcast_cost(frame_len);
+        let limit = self.cfg.push.broadcast_queue_bytes;
+        let shards = &self.cfg.node_counters;
+        for (i, counters) in shards.iter().enumerate() {
+            let queued = &counters.broadcast_queued_bytes;
+            if let Err(held) =
+                queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| (q + cost <= limit).then_some(q + cost))
+            {
+                for earlier in &shards[..i] {
+                    earlier.broadcast_queued_bytes.fetch_sub(cost, Ordering::AcqRel);
+                }
+                self.counters.broadcast_rejected.fetch_add(1, Ordering::Relaxed);
+                return Err(format!(
+                    "broadcast queue of shard {i} is full ({held} of {limit} bytes queued \
+                     (push.broadcast_queue_bytes_per_shard)); send it again later"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Whether the mesh toward other shards is too backed up to read more
     /// push-port requests; if so, `waker` is woken when it has drained.
     pub(crate) fn mesh_congested(&self, waker: &Waker) -> bool {
@@ -1567,6 +1608,7 @@ impl Shard {
             if job.expires_at.is_some_and(|t| now >= t) {
                 let left = st.conns.iter().filter(|(i, c)| *i >= job.cursor && c.is_active()).count();
                 self.counters.broadcast_expired.fetch_add(left as u64, Ordering::Relaxed);
+                self.release_broadcast(&job);
                 continue;
             }
             let end = st.conns.capacity();
@@ -1579,9 +1621,16 @@ impl Shard {
             }
             if job.cursor < end {
                 st.broadcasts.push_front(job);
+            } else {
+                self.release_broadcast(&job);
             }
         }
         st.broadcasts.is_empty()
+    }
+
+    /// Gives back the room [`Shard::reserve_broadcast`] took on this shard.
+    fn release_broadcast(&self, job: &BroadcastJob) {
+        self.counters.broadcast_queued_bytes.fetch_sub(broadcast_cost(job.frame.len()), Ordering::AcqRel);
     }
 
     // ---- timers and shutdown -------------------------------------------------

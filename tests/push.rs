@@ -493,6 +493,53 @@ fn cutting_slow_clients_never_corrupts_their_streams() {
 }
 
 #[test]
+fn broadcasts_beyond_the_queue_bound_are_rejected_as_retryable_and_memory_stays_bounded() {
+    use longlink::backend::{Reply, Request};
+    const BROADCASTS: usize = 3_000;
+    let mut cfg = test_config(2);
+    // One delivery per second per shard: queued broadcasts stay queued.
+    cfg.push.broadcast_rate_per_sec = 2;
+    let node = NodeProcess::start(&cfg);
+    let devices = ["bq-0", "bq-1", "bq-2", "bq-3"];
+    assert_eq!(devices.iter().map(|d| owner_shard(d, 2)).collect::<HashSet<_>>().len(), 2);
+    let _clients: Vec<RawClient> = devices.iter().map(|d| RawClient::connect(node.client_addr, &cfg, d)).collect();
+    let mut push = PushClient::connect(node.push_addr, Duration::from_secs(5)).unwrap();
+    push.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let rss_before = node.rss_bytes();
+    let payload = Bytes::from(vec![b'b'; 60_000]);
+    let (mut sender, mut receiver) = push.split().unwrap();
+    let sending = std::thread::spawn(move || {
+        for _ in 0..BROADCASTS {
+            let targets = longlink::proto::Targets { broadcast: true, ..Default::default() };
+            let req =
+                longlink::proto::PushRequest { targets: Some(targets), payload: payload.clone(), ..Default::default() };
+            sender.send(Request::Push(req)).unwrap();
+        }
+        sender.flush().unwrap();
+        sender
+    });
+    let (mut accepted, mut rejected) = (0, 0);
+    for _ in 0..BROADCASTS {
+        let Reply::Push(r) = receiver.recv().unwrap() else { panic!("not a push reply") };
+        match status(r.status) {
+            PushStatus::Accepted => accepted += 1,
+            PushStatus::Rejected => {
+                assert!(r.retryable && r.reason.contains("broadcast queue"), "{r:?}");
+                rejected += 1;
+            }
+            other => panic!("{other:?}: {r:?}"),
+        }
+    }
+    let _sender = sending.join().unwrap();
+    let growth = node.rss_bytes().saturating_sub(rss_before);
+    // 8 MiB per shard holds about 140 of them (a few more as the pacer
+    // finishes some).
+    assert!(accepted > 0 && accepted < 400 && rejected > 0, "accepted {accepted}, rejected {rejected}");
+    // Unbounded, 3,000 x 60 KB on each of 2 shards: 360 MB.
+    assert!(growth < 64 << 20, "node RSS grew by {} MiB", growth >> 20);
+}
+
+#[test]
 fn kick_presence_and_malformed_requests() {
     let cfg = test_config(2);
     let server = start(&cfg);
