@@ -176,6 +176,15 @@ config_struct! {
         /// Status records of acknowledged and expired messages kept for the
         /// delivery status query (memory store: per shard). Default: 100000.
         pub status_records: u32 = 100_000,
+        /// Memory the embedded store (no redis_url) may hold for timelines,
+        /// in bytes, for the whole node (each shard gets an equal share).
+        /// Counted: payloads, ids and bookkeeping; about 600 bytes for a
+        /// device's first waiting message (its timeline), 200 for each
+        /// further one, plus the payload. Past it, at-least-once pushes are
+        /// REJECTED (retryable = true, reason "timeline store full") until
+        /// clients acknowledge or retention drops messages. Default:
+        /// 268435456 (256 MiB). Minimum: 1048576.
+        pub memory_store_bytes: u64 = 256 << 20,
         /// Redis URL of the timeline store, e.g. "redis://10.0.0.7:6379/".
         /// Default: "" (the embedded memory store). `serve --redis URL`
         /// overrides it.
@@ -828,6 +837,7 @@ impl DeliveryConfig {
         check_min("delivery.retention_messages", self.retention_messages, 1, "")?;
         check_min("delivery.retention_age_ms", self.retention_age_ms, 1000, "")?;
         check_min("delivery.status_records", self.status_records, 1, "")?;
+        check_min("delivery.memory_store_bytes", self.memory_store_bytes, 1 << 20, "")?;
         if !self.redis_url.is_empty() && !self.redis_url.starts_with("redis://") {
             return Err(invalid(
                 "delivery.redis_url",
@@ -1229,6 +1239,7 @@ mod tests {
             ("[delivery]\nretry_base_ms = 5000\nretry_max_delay_ms = 1000", "delivery.retry_max_delay_ms"),
             ("[delivery]\nmax_retries = 0", "delivery.max_retries"),
             ("[delivery]\nretention_messages = 0", "delivery.retention_messages"),
+            ("[delivery]\nmemory_store_bytes = 1000", "delivery.memory_store_bytes"),
             ("[delivery]\nredis_url = \"localhost:6379\"", "delivery.redis_url"),
             ("[delivery]\nredis_prefix = \"\"", "delivery.redis_prefix"),
             ("[delivery]\nnode_index = 16", "delivery.node_index"),

@@ -151,6 +151,8 @@ impl Pending {
                         // retry it (copies already stored are listed).
                         r.status = PushStatus::Rejected as i32;
                         r.reason = reason;
+                        // The store was down, overloaded or full.
+                        r.retryable = true;
                     } else {
                         if r.status != PushStatus::Rejected as i32 {
                             r.status = PushStatus::Stored as i32;

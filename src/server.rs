@@ -155,6 +155,8 @@ impl Server {
             }
         };
         let retention = config.delivery.retention();
+        let memory_store_bytes =
+            usize::try_from(config.delivery.memory_store_bytes / u64::from(shards)).unwrap_or(usize::MAX);
         // Sequences of this run's memory stores start above any earlier run's.
         let boot_unix_ms =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
@@ -233,7 +235,9 @@ impl Server {
                         let outbox = Outbox::new(senders);
                         let store: Rc<dyn TimelineStore> = match redis {
                             Some(redis) => Rc::new(redis),
-                            None => Rc::new(MemoryStore::new(retention, boot_unix_ms)),
+                            None => {
+                                Rc::new(MemoryStore::new(retention, boot_unix_ms).with_max_bytes(memory_store_bytes))
+                            }
                         };
                         let shard = Shard::new(id, shards, cfg, outbox.clone(), counters[id.index()].clone(), store);
                         if let Some(cluster) = cluster {

@@ -165,3 +165,58 @@ fn a_stopped_shard_makes_the_push_port_stop_reading_instead_of_growing_memory() 
         growth >> 20
     );
 }
+
+#[test]
+fn the_memory_store_refuses_at_least_once_pushes_past_its_cap_and_frees_room_as_clients_ack() {
+    const REQUESTS: usize = 500;
+    const TARGETS: usize = 100;
+    let mut cfg = test_config(2);
+    cfg.delivery.memory_store_bytes = 4 << 20;
+    let node = NodeProcess::start(&cfg);
+    let mut push = PushClient::connect(node.push_addr, Duration::from_secs(5)).unwrap();
+    push.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let rss_before = node.rss_bytes();
+    // Pushes to device ids nobody will ever connect with (a backend bug),
+    // until the store is full; a few more after that.
+    let (mut stored, mut rejected, mut full_at) = (0usize, 0usize, None);
+    for r in 0..REQUESTS {
+        let devices: Vec<String> = (0..TARGETS).map(|t| format!("made-up-{r}-{t}")).collect();
+        let reply =
+            push.push_devices_at_least_once(&devices, Bytes::from_static(b"hello, device that is not there")).unwrap();
+        for t in &reply.results {
+            match PushStatus::try_from(t.status) {
+                Ok(PushStatus::Stored) => stored += 1,
+                Ok(PushStatus::Rejected) => {
+                    assert!(t.retryable && t.reason.contains("timeline store full"), "{t:?}");
+                    rejected += 1;
+                }
+                other => panic!("{other:?}: {t:?}"),
+            }
+        }
+        if rejected > 0 && full_at.is_none() {
+            full_at = Some(r);
+        }
+        if full_at.is_some_and(|f| r >= f + 20) {
+            break;
+        }
+    }
+    let growth = node.rss_bytes().saturating_sub(rss_before);
+    assert!(rejected > 0, "never full after {stored} copies ({} MiB more RSS)", growth >> 20);
+    // Unbounded, 50,000 copies took about 38 MiB here (770 bytes each).
+    assert!(growth < 16 << 20, "node RSS grew by {} MiB for {stored} copies", growth >> 20);
+
+    // A device with stored messages connects, gets them and acknowledges:
+    // its shard has room again, for it at least.
+    let device = "made-up-0-0";
+    let cfg2 = cfg.clone();
+    let addr = node.client_addr;
+    run(async move {
+        let mut conn = connect_all(addr, &cfg2, &[("someone".into(), device.into())]).await.remove(0);
+        let m = next_message(&mut conn).await;
+        assert_eq!(m.payload, Bytes::from_static(b"hello, device that is not there"));
+        conn.ack_now().await.unwrap();
+        assert_nothing_queued(&mut conn).await; // the Ack was handled
+    });
+    let reply = push.push_devices_at_least_once(&[device], Bytes::from_static(b"again")).unwrap();
+    assert_eq!(PushStatus::try_from(reply.results[0].status), Ok(PushStatus::Stored), "{reply:?}");
+}
