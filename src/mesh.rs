@@ -16,7 +16,9 @@
 //! connection, a lost `UserDir` the user directory.
 
 use std::cell::{Cell, RefCell};
+use std::future::Future;
 use std::os::fd::OwnedFd;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Waker;
@@ -227,9 +229,10 @@ pub struct MeshEnds {
 /// messages each, and returns every shard's ends (index = shard id).
 ///
 /// Instead of glommio's `MeshBuilder`, whose `join` connects a shard's
-/// channels one after another, each waiting for its peer to reach the same
-/// pair: with 100 executors on 2 cores, start-up took 20 s to over a minute.
-/// Here every end is connected at once ([`MeshEnds::connect`]).
+/// channels one after another, each waiting (spinning) for its peer to
+/// reach the same pair: with 100 executors on 2 cores, start-up took 20 s
+/// to over a minute. Here every end is registered first, then connected
+/// ([`MeshEnds::connect`]).
 pub fn full_mesh(shards: u16, capacity: usize) -> Vec<MeshEnds> {
     let n = usize::from(shards);
     let mut ends: Vec<MeshEnds> = (0..shards)
@@ -257,22 +260,52 @@ impl MeshEnds {
     }
 
     /// Connects every end on the current executor; returns the senders and
-    /// the receivers, by peer. Resolves once every peer connected its ends.
-    pub async fn connect(self) -> (MeshSenders, Vec<(ShardId, ConnectedReceiver<ShardMsg>)>) {
-        let senders: Vec<_> =
-            self.senders.into_iter().map(|tx| tx.map(|tx| glommio::spawn_local(tx.connect()))).collect();
-        let receivers: Vec<_> =
-            self.receivers.into_iter().map(|(peer, rx)| (peer, glommio::spawn_local(rx.connect()))).collect();
-        let mut connected = Vec::with_capacity(senders.len());
-        for tx in senders {
-            connected.push(match tx {
-                Some(task) => Some(task.await),
+    /// the receivers, by peer.
+    ///
+    /// An end's first poll registers it; after that it completes once its
+    /// peer has registered too, and until then glommio wakes it on every
+    /// pass of the reactor, so waiting executors spin. So every end is
+    /// registered first, then `all_registered` runs: it must return once
+    /// every shard has registered its ends (a barrier), after which each
+    /// end completes on its next poll.
+    pub async fn connect(
+        self,
+        all_registered: impl FnOnce(),
+    ) -> (MeshSenders, Vec<(ShardId, ConnectedReceiver<ShardMsg>)>) {
+        type Connecting<T> = Pin<Box<dyn Future<Output = T>>>;
+        let mut senders: Vec<Option<Connecting<ConnectedSender<ShardMsg>>>> =
+            self.senders.into_iter().map(|tx| tx.map(|tx| Box::pin(tx.connect()) as Connecting<_>)).collect();
+        let mut receivers: Vec<(ShardId, Connecting<ConnectedReceiver<ShardMsg>>)> =
+            self.receivers.into_iter().map(|(peer, rx)| (peer, Box::pin(rx.connect()) as Connecting<_>)).collect();
+        let mut done_senders: Vec<Option<ConnectedSender<ShardMsg>>> = Vec::with_capacity(senders.len());
+        for tx in senders.iter_mut() {
+            done_senders.push(match tx {
+                Some(fut) => futures_lite::future::poll_once(fut.as_mut()).await,
                 None => None,
             });
         }
+        let mut done_receivers = Vec::with_capacity(receivers.len());
+        for (_, fut) in receivers.iter_mut() {
+            done_receivers.push(futures_lite::future::poll_once(fut.as_mut()).await);
+        }
+        all_registered();
+        let mut connected = Vec::with_capacity(senders.len());
+        for (fut, done) in senders.into_iter().zip(done_senders) {
+            connected.push(match (fut, done) {
+                (_, Some(tx)) => Some(tx),
+                (Some(fut), None) => Some(fut.await),
+                (None, None) => None,
+            });
+        }
         let mut inbound = Vec::with_capacity(receivers.len());
-        for (peer, task) in receivers {
-            inbound.push((peer, task.await));
+        for ((peer, fut), done) in receivers.into_iter().zip(done_receivers) {
+            inbound.push((
+                peer,
+                match done {
+                    Some(rx) => rx,
+                    None => fut.await,
+                },
+            ));
         }
         (MeshSenders { me: self.me, senders: connected }, inbound)
     }

@@ -188,9 +188,11 @@ impl Server {
                 let stop = stop.clone();
                 let counters = counters.clone();
                 let rendezvous = Arc::new(Rendezvous::default());
+                let registered = Arc::new(Rendezvous::default());
                 let cluster = cluster.clone();
                 move || {
                     let rendezvous = rendezvous.clone();
+                    let registered = registered.clone();
                     let cluster = cluster.clone();
                     let (fd_rx, ready_tx, cfg, stop, counters, redis) = (
                         fd_rx.clone(),
@@ -231,7 +233,15 @@ impl Server {
                         })
                         .detach();
                         let id = mesh.me();
-                        let (senders, receivers) = mesh.connect().await;
+                        // Blocks this executor's thread until every shard has
+                        // registered its mesh ends (nothing else runs here yet).
+                        let (senders, receivers) = mesh
+                            .connect(|| {
+                                if !registered.wait_for(shards, START_TIMEOUT) {
+                                    tracing::warn!(shard = %id, "not every shard joined the mesh in time");
+                                }
+                            })
+                            .await;
                         let outbox = Outbox::new(senders);
                         let store: Rc<dyn TimelineStore> = match redis {
                             Some(redis) => Rc::new(redis),
@@ -407,7 +417,8 @@ fn bind_reuseport(addr: SocketAddr, count: u16, backlog: u32) -> Result<(SocketA
     Ok((bound, fds))
 }
 
-/// Where the shards meet on the way out (see the end of a shard's task in
+/// Where the shards meet: once their mesh ends are registered (at start),
+/// and twice on the way out (see the end of a shard's task in
 /// [`Server::start`]): each `wait` returns once every shard has arrived, or
 /// after [`RENDEZVOUS_TIMEOUT`] (a shard that never started must not hold
 /// the others forever).
@@ -427,24 +438,30 @@ impl Rendezvous {
     /// Blocks the executor thread (nothing is left to run on it) until
     /// `shards` threads reached this round.
     fn wait(&self, shards: u16) {
-        let Ok(mut arrived) = self.arrived.lock() else { return };
+        self.wait_for(shards, RENDEZVOUS_TIMEOUT);
+    }
+
+    /// [`Rendezvous::wait`] with its own time limit; false if it passed.
+    fn wait_for(&self, shards: u16, timeout: Duration) -> bool {
+        let Ok(mut arrived) = self.arrived.lock() else { return false };
         *arrived += 1;
         let target = (*arrived).div_ceil(u64::from(shards)) * u64::from(shards);
         if *arrived == target {
             self.all_here.notify_all();
-            return;
+            return true;
         }
-        let deadline = Instant::now() + RENDEZVOUS_TIMEOUT;
+        let deadline = Instant::now() + timeout;
         while *arrived < target {
             let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-                tracing::warn!(arrived = *arrived, target, "shards did not all reach the shutdown rendezvous");
-                return;
+                tracing::warn!(arrived = *arrived, target, "shards did not all reach the rendezvous");
+                return false;
             };
             match self.all_here.wait_timeout(arrived, left) {
                 Ok((guard, _)) => arrived = guard,
-                Err(_) => return,
+                Err(_) => return false,
             }
         }
+        true
     }
 }
 
