@@ -108,6 +108,19 @@ pub fn metrics(cluster: &ClusterShared, counters: &[Arc<ShardCounters>]) -> Stri
     family(&mut e, "longlink_broadcast_expired_total", "Broadcast deliveries dropped by TTL.", false, &|c| {
         &c.broadcast_expired
     });
+    family(&mut e, "longlink_broadcast_rejected_total", "Broadcasts refused: a shard's queue was full.", false, &|c| {
+        &c.broadcast_rejected
+    });
+    family(&mut e, "longlink_broadcast_queued_bytes", "Bytes of broadcasts queued per shard.", true, &|c| {
+        &c.broadcast_queued_bytes
+    });
+    family(
+        &mut e,
+        "longlink_mesh_backpressure_total",
+        "Times a push-port connection paused because the mesh to other shards was backed up.",
+        false,
+        &|c| &c.mesh_backpressure,
+    );
     family(&mut e, "longlink_reliable_stored_total", "At-least-once copies stored.", false, &|c| &c.reliable.stored);
     family(&mut e, "longlink_reliable_sent_total", "At-least-once first sends.", false, &|c| &c.reliable.sent);
     family(&mut e, "longlink_reliable_retries_total", "At-least-once resends.", false, &|c| &c.reliable.retries);

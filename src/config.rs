@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use crate::codec;
+use crate::ids::MAX_SHARDS;
 use crate::token::{self, Key, Keyring, TokenError};
 
 /// A field's name and doc comment lines, as printed by `default_toml`.
@@ -190,6 +191,15 @@ config_struct! {
         /// Status records of acknowledged and expired messages kept for the
         /// delivery status query (memory store: per shard). Default: 100000.
         pub status_records: u32 = 100_000,
+        /// Memory the embedded store (no redis_url) may hold for timelines,
+        /// in bytes, for the whole node (each shard gets an equal share).
+        /// Counted: payloads, ids and bookkeeping; about 600 bytes for a
+        /// device's first waiting message (its timeline), 200 for each
+        /// further one, plus the payload. Past it, at-least-once pushes are
+        /// REJECTED (retryable = true, reason "timeline store full") until
+        /// clients acknowledge or retention drops messages. Default:
+        /// 268435456 (256 MiB). Minimum: 1048576.
+        pub memory_store_bytes: u64 = 256 << 20,
         /// Redis URL of the timeline store, e.g. "redis://10.0.0.7:6379/".
         /// Default: "" (the embedded memory store). `serve --redis URL`
         /// overrides it.
@@ -225,7 +235,8 @@ config_struct! {
         /// Address backends push to. Default: "0.0.0.0:7101".
         pub push_listen: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 7101)),
         /// Number of shards (executors, one per core). Default: 0 (one per
-        /// CPU this process may run on).
+        /// CPU this process may run on). Allowed: 0 to 256 (0 must resolve
+        /// to at most 256 CPUs).
         pub shards: u16 = 0,
         /// Accept queue length per listener. Default: 65535 (the kernel caps
         /// it at net.core.somaxconn).
@@ -309,6 +320,13 @@ config_struct! {
         /// Default: 5000. Allowed: 100 to 600000; in cluster mode above
         /// cluster.forward_timeout_ms.
         pub reply_timeout_ms: u64 = 5_000,
+        /// Bytes of broadcasts one shard may hold waiting for the pacer (each
+        /// broadcast is queued on every shard: frame plus 64 bytes). A
+        /// broadcast that would go over it on any shard is not queued
+        /// anywhere and is answered REJECTED with retryable = true. Default:
+        /// 8388608 (8 MiB: 140 broadcasts of 60 KB, 50,000 of 100 bytes).
+        /// Minimum: server.max_frame_bytes + 4096.
+        pub broadcast_queue_bytes_per_shard: u64 = 8 << 20,
     }
 }
 
@@ -514,8 +532,8 @@ const MAX_CLOCK_LEEWAY_SECS: u32 = 3600;
 /// Tokens cannot be revoked, so their lifetime is bounded.
 const MAX_TOKEN_TTL_SECS: u64 = 366 * 24 * 3600;
 const MAX_NODE_NAME_BYTES: usize = 255;
-/// Message ids carry 10 worker bits: node_index (4) and shard (6, which
-/// the 64-shard limit of the user directory keeps within range).
+/// Message ids carry 12 worker bits: node_index (4) and shard (8, which
+/// the shard limit keeps within range).
 const MAX_NODE_INDEX: u16 = 15;
 
 impl Config {
@@ -566,7 +584,15 @@ impl Config {
         check_range("push.max_request_bytes", self.push.max_request_bytes, 1024, 64 << 20, "")?;
         check_range("push.broadcast_rate_per_sec", self.push.broadcast_rate_per_sec, 1, u32::MAX, "")?;
         check_range("push.reply_timeout_ms", self.push.reply_timeout_ms, 100, 600_000, "")?;
-        check_range("server.shards", self.server.shards, 0, 64, " (the user directory keeps a 64-bit shard set)")?;
+        check_min(
+            "push.broadcast_queue_bytes_per_shard",
+            self.push.broadcast_queue_bytes_per_shard,
+            u64::from(self.server.max_frame_bytes) + 4096,
+            " (server.max_frame_bytes + 4096: room for one broadcast)",
+        )?;
+        // The count in use, not the configured one: 0 means one per CPU,
+        // which on a large host can be more than a node supports.
+        check_shards(self.server.shards, self.shard_count())?;
         self.upstream.validate()?;
         self.delivery.validate()?;
         self.cluster.validate(&self.delivery, &self.push)?;
@@ -676,6 +702,23 @@ impl ServerConfig {
         check_min("server.max_connections_per_shard", self.max_connections_per_shard, 1, "")?;
         Ok(())
     }
+}
+
+/// `resolved` (the shard count `configured` gives on this host) must be
+/// at most [`MAX_SHARDS`].
+fn check_shards(configured: u16, resolved: u16) -> Result<(), ConfigError> {
+    if resolved <= MAX_SHARDS {
+        return Ok(());
+    }
+    let why = if configured == 0 {
+        format!(
+            "0 means one shard per CPU and this host has {resolved}; set server.shards to at most {MAX_SHARDS} \
+             (or run several nodes)"
+        )
+    } else {
+        format!("{resolved} is outside the allowed range 0..={MAX_SHARDS}")
+    };
+    Err(invalid("server.shards", format!("{why} (message ids carry the shard in 8 bits)")))
 }
 
 /// Two listeners clash when they would bind the same port on overlapping
@@ -818,10 +861,14 @@ impl DeliveryConfig {
         check_min("delivery.retention_messages", self.retention_messages, 1, "")?;
         check_min("delivery.retention_age_ms", self.retention_age_ms, 1000, "")?;
         check_min("delivery.status_records", self.status_records, 1, "")?;
+        check_min("delivery.memory_store_bytes", self.memory_store_bytes, 1 << 20, "")?;
         if !self.redis_url.is_empty() && !self.redis_url.starts_with("redis://") {
             return Err(invalid(
                 "delivery.redis_url",
-                format!("{:?} must start with redis:// (or be empty for the memory store)", self.redis_url),
+                format!(
+                    "{:?} must start with redis:// (or be empty for the memory store)",
+                    redact_url(&self.redis_url)
+                ),
             ));
         }
         let prefix_ok = |c: char| c.is_ascii_alphanumeric() || "_.:-".contains(c);
@@ -950,7 +997,75 @@ impl AuthConfig {
 }
 
 fn parse(text: &str, path: Option<&Path>) -> Result<Config, ConfigError> {
-    toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.map(Path::to_owned), message: e.to_string() })
+    toml::from_str(text)
+        .map_err(|e| ConfigError::Parse { path: path.map(Path::to_owned), message: describe_parse_error(text, &e) })
+}
+
+/// Words that mark a setting (or a line) as holding a secret: its value
+/// never appears in an error. Any key containing one counts, including
+/// keys added later (`secret_hex` today; URLs may carry a password).
+const SECRET_WORDS: &[&str] = &["secret", "password", "passwd", "token", "credential", "private", "api_key", "url"];
+
+fn looks_secret(text: &str) -> bool {
+    let text = text.to_ascii_lowercase();
+    SECRET_WORDS.iter().any(|w| text.contains(w))
+}
+
+/// A parse error without the source: toml's own `Display` quotes the
+/// offending line, which may be `secret_hex = "..."`. The message is
+/// rebuilt from the position and toml's description; when the line
+/// mentions a secret-looking name the description goes too (it can quote
+/// the value, e.g. "invalid type: integer `1234`") unless it is one that
+/// only names keys, and any secret-looking value of the file is masked
+/// from what remains.
+fn describe_parse_error(text: &str, err: &toml::de::Error) -> String {
+    let Some(span) = err.span() else { return mask_secret_values(text, err.message()) };
+    let start = span.start.min(text.len());
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+    let line = text[..start].matches('\n').count() + 1;
+    let column = text[line_start..start].chars().count() + 1;
+    let source_line = text.get(line_start..line_end).unwrap_or_default();
+    // These descriptions name keys, never values.
+    let names_keys_only =
+        ["unknown field", "duplicate key", "missing field"].iter().any(|p| err.message().starts_with(p));
+    if looks_secret(source_line) && !names_keys_only {
+        return format!(
+            "line {line}, column {column}: malformed setting on a line that holds a secret \
+             (its value and the parser's description are not shown); check its quoting and type"
+        );
+    }
+    format!("line {line}, column {column}: {}", mask_secret_values(text, err.message()))
+}
+
+/// `message` with every value of a secret-looking `key = value` line of
+/// `text` replaced by `<redacted>`.
+fn mask_secret_values(text: &str, message: &str) -> String {
+    let mut out = message.to_owned();
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once('=') else { continue };
+        if !looks_secret(key) {
+            continue;
+        }
+        let value = value.trim().trim_matches(|c| c == '"' || c == '\'');
+        // Short fragments ("", "0") would mask ordinary words.
+        if value.len() >= 4 {
+            out = out.replace(value, "<redacted>");
+        }
+    }
+    out
+}
+
+/// `url` with any user and password replaced by `***`, for messages.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return if url.contains('@') { "<redacted>".into() } else { url.to_owned() };
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => url.to_owned(),
+    }
 }
 
 /// Field docs of the section stored under `name` in [`Config`].
@@ -1093,6 +1208,8 @@ mod tests {
             ("[server]\nring_depth = 65536", "server.ring_depth"),
             ("[server]\nread_buffer_bytes = 4095", "server.read_buffer_bytes"),
             ("[server]\nmax_connections_per_shard = 0", "server.max_connections_per_shard"),
+            ("[server]\nshards = 257", "server.shards"),
+            ("[push]\nbroadcast_queue_bytes_per_shard = 65536", "push.broadcast_queue_bytes_per_shard"),
             ("[session]\nwheel_tick_ms = 0", "session.wheel_tick_ms"),
             ("[session]\nwheel_tick_ms = 1001", "session.wheel_tick_ms"),
             ("[session]\nauth_timeout_ms = 99", "session.auth_timeout_ms"),
@@ -1158,6 +1275,7 @@ mod tests {
             ("[delivery]\nmax_replays = 1001", "delivery.max_replays"),
             ("[delivery]\nlearned_ttl_secs = 0", "delivery.learned_ttl_secs"),
             ("[delivery]\nretention_messages = 0", "delivery.retention_messages"),
+            ("[delivery]\nmemory_store_bytes = 1000", "delivery.memory_store_bytes"),
             ("[delivery]\nredis_url = \"localhost:6379\"", "delivery.redis_url"),
             ("[delivery]\nredis_prefix = \"\"", "delivery.redis_prefix"),
             ("[delivery]\nnode_index = 16", "delivery.node_index"),
@@ -1184,6 +1302,38 @@ mod tests {
         // A secret never appears in an error.
         let (_, message) = invalid_field("[[auth.keys]]\nid = \"k1\"\nsecret_hex = \"0011\"");
         assert!(!message.contains("0011"), "{message}");
+        // Nor in a parse error, whichever way the file is malformed (toml
+        // quotes the offending line; its description can quote the value).
+        let secret = "5ec2e7a1b2c3d4e5f60718293a4b5c6d";
+        let malformed = [
+            format!("[[auth.keys]]\nid = \"k1\"\nsecret_hex = \"{secret}"),
+            format!("[[auth.keys]]\nid = \"k1\"\nsecret_hex = {secret}"),
+            format!("[[auth.keys]]\nid = \"k1\"\nsecret_hex = \"{secret}\" trailing"),
+            format!("[[auth.keys]]\nid = \"k1\"\nsecret_hex = \"{secret}\"\nsecret_hex = \"{secret}\""),
+            "[[auth.keys]]\nid = \"k1\"\nsecret_hex = 51234567890123".to_string(),
+            format!("[auth]\nkeys = [{{ id = \"k1\", secret_hex = \"{secret}\", colour = 1 }}]"),
+            format!("[auth]\nkeys = [{{ id = 1, secret_hex = \"{secret}\" }}]"),
+            format!("[delivery]\nredis_url = \"redis://:{secret}@10.0.0.7:6379/\" x"),
+        ];
+        for text in &malformed {
+            let err = Config::from_toml_str(text).unwrap_err();
+            assert!(matches!(err, ConfigError::Parse { .. }), "{err:?}");
+            let message = err.to_string();
+            assert!(!message.contains(&secret[..8]) && !message.contains("51234567890123"), "{text:?}: {message}");
+            assert!(message.contains("line "), "{message}");
+        }
+        let (_, message) = invalid_field(&format!("[delivery]\nredis_url = \"rediss://u:{secret}@host:6379/\""));
+        assert!(!message.contains(&secret[..8]) && message.contains("***@host:6379"), "{message}");
+    }
+
+    #[test]
+    fn the_shard_count_in_use_is_checked_not_only_the_configured_one() {
+        assert!(Config::from_toml_str("[server]\nshards = 256").is_ok());
+        assert!(Config::from_toml_str("[server]\nshards = 100").is_ok());
+        check_shards(0, 256).unwrap();
+        // `shards = 0` on a host with more CPUs than a node supports.
+        let err = check_shards(0, 384).unwrap_err().to_string();
+        assert!(err.contains("server.shards") && err.contains("384") && err.contains("256"), "{err}");
     }
 
     #[test]

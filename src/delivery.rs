@@ -204,31 +204,38 @@ impl<T> DeviceWindow<T> {
 }
 
 /// Hands out message ids that are unique across shards and restarts:
-/// milliseconds since 2025-01-01 (41 bits), a worker id (10 bits: node and
-/// shard), and a counter (12 bits) within the millisecond.
+/// milliseconds since 2025-01-01 (41 bits), a worker id (12 bits: node
+/// index 4, shard 8, so up to 256 shards), and a counter (10 bits) within
+/// the millisecond: 1,024 ids per ms per shard, then the next
+/// millisecond's ids are borrowed.
 #[derive(Debug)]
 pub struct MessageIds {
     worker: u64,
     last: u64,
 }
 
+/// Bits of the per-millisecond counter, below the worker id.
+const COUNTER_BITS: u32 = 10;
+/// The worker id's 12 bits (above the counter, below the milliseconds).
+const WORKER_MASK: u64 = 0xfff;
+
 /// 2025-01-01T00:00:00Z in unix ms.
 const ID_EPOCH_MS: u64 = 1_735_689_600_000;
 
 impl MessageIds {
     pub fn new(worker: u16) -> MessageIds {
-        MessageIds { worker: u64::from(worker & 0x3ff), last: 0 }
+        MessageIds { worker: u64::from(worker) & WORKER_MASK, last: 0 }
     }
 
     /// The next id at wall-clock `unix_ms`; never repeats, even if the
     /// clock steps back (it then borrows from the future).
     pub fn next(&mut self, unix_ms: u64) -> u64 {
         let ms = unix_ms.saturating_sub(ID_EPOCH_MS) & ((1 << 41) - 1);
-        let candidate = ms << 22 | self.worker << 12;
+        let candidate = ms << 22 | self.worker << COUNTER_BITS;
         self.last = if candidate > self.last { candidate } else { self.last + 1 };
         // Keep the worker bits when the counter overflows into them.
-        if (self.last >> 12) & 0x3ff != self.worker {
-            self.last = ((self.last >> 22) + 1) << 22 | self.worker << 12;
+        if (self.last >> COUNTER_BITS) & WORKER_MASK != self.worker {
+            self.last = ((self.last >> 22) + 1) << 22 | self.worker << COUNTER_BITS;
         }
         self.last
     }
@@ -318,10 +325,14 @@ mod tests {
             let now = if i % 100 == 99 { t - 50 } else { t + i / 1000 };
             let id = ids.next(now);
             assert!(id > last);
-            assert_eq!((id >> 12) & 0x3ff, 5, "worker bits kept");
+            assert_eq!((id >> COUNTER_BITS) & WORKER_MASK, 5, "worker bits kept");
             last = id;
         }
         let mut other = MessageIds::new(6);
         assert_ne!(other.next(t), MessageIds::new(5).next(t));
+        // Shard 0 and shard 64 (and 128, 192) of one node: distinct workers.
+        let workers: std::collections::HashSet<u64> =
+            [0u16, 64, 128, 192, 255, 15 << 8].into_iter().map(|w| MessageIds::new(w).next(t)).collect();
+        assert_eq!(workers.len(), 6);
     }
 }

@@ -2,6 +2,10 @@
 
 use std::fmt;
 
+/// Most shards a node runs: message ids carry the shard in 8 bits
+/// ([`crate::delivery::MessageIds`]).
+pub const MAX_SHARDS: u16 = 256;
+
 /// Index of a shard (one glommio executor, one core) within this node.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ShardId(pub u16);

@@ -1,21 +1,31 @@
 //! Messages between the shards of one node, and the outbox that sends them
 //! without ever blocking the sender.
 //!
-//! glommio's mesh gives one SPSC channel per ordered pair of shards. Code
+//! The mesh is one glommio SPSC channel per ordered pair of shards. Code
 //! that runs inside a poll (a session's input, a push request) cannot await
 //! a full channel, so each destination gets an [`Outbox`]: the message goes
 //! straight into the channel when nothing is queued ahead of it, otherwise
 //! into a local FIFO that a flusher task drains. Order per destination is
 //! kept either way.
+//!
+//! The FIFOs are bounded by pushing back, not by dropping: once more than
+//! [`SPILL_LIMIT_BYTES`] wait in them, [`Outbox::congested`] tells the push
+//! port to stop reading requests until they drain. Every other message a
+//! shard sends is bounded by something else (see [`Outbox::send`]), and
+//! none may be dropped: a lost `Part` hangs a request, a lost `Adopt` a
+//! connection, a lost `UserDir` the user directory.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::future::Future;
 use std::os::fd::OwnedFd;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::Waker;
 
 use bytes::Bytes;
-use glommio::channels::channel_mesh::Senders;
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
+use glommio::channels::shared_channel::{self, ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender};
 
 use crate::ids::{ConnKey, ShardId};
 use crate::proto;
@@ -157,22 +167,182 @@ pub struct Adoption {
     pub leftover: Vec<u8>,
 }
 
+impl ShardMsg {
+    /// Roughly the memory this message holds: its slot plus what it points
+    /// to (shared buffers counted in full, so this errs on the high side).
+    fn approx_bytes(&self) -> usize {
+        let items = |items: &[(u32, String)]| items.iter().map(|(_, id)| id.len() + 32).sum::<usize>();
+        std::mem::size_of::<ShardMsg>()
+            + match self {
+                ShardMsg::Adopt(a) => std::mem::size_of::<Adoption>() + a.leftover.len(),
+                ShardMsg::Devices { items: i, frame, .. } => items(i) + frame.len(),
+                ShardMsg::StoreDevices { items, msg, .. } => {
+                    items.iter().map(|(_, id, _)| id.len() + 40).sum::<usize>() + msg.payload.len()
+                }
+                ShardMsg::DeliveryStatus { ids, .. } => ids.len() * 8,
+                ShardMsg::UserLookup { items: i, action, .. } | ShardMsg::Users { items: i, action, .. } => {
+                    items(i)
+                        + match action {
+                            UserAction::Deliver(frame) => frame.len(),
+                            UserAction::Kick { reason, .. } => reason.len(),
+                            UserAction::Store(msg) => msg.payload.len(),
+                        }
+                }
+                ShardMsg::Group { group, frame, .. } => group.len() + frame.len(),
+                ShardMsg::Broadcast { frame, .. } => frame.len(),
+                ShardMsg::GroupUpdate { group, items: i, .. } => group.len() + items(i),
+                ShardMsg::KickDevices { items: i, reason, .. } => items(i) + reason.len(),
+                ShardMsg::Presence { query, .. } => {
+                    query.devices.iter().chain(&query.users).chain(&query.groups).map(|s| s.len() + 24).sum()
+                }
+                ShardMsg::UserDir { .. } | ShardMsg::UserDirAck { .. } => 0,
+                ShardMsg::Part { part, .. } => match part {
+                    Part::Sessions(v) => v.len() * 8,
+                    Part::Stored(v) => v.iter().map(|c| c.device.len() + 64).sum(),
+                    Part::Status(v) => v.len() * 128,
+                    Part::Presence(p) => {
+                        let d = |d: &proto::DevicePresence| 96 + d.device.len() + d.user.len();
+                        p.devices.iter().map(|(_, x)| d(x)).sum::<usize>()
+                            + p.users.iter().flat_map(|(_, v)| v.iter()).map(d).sum::<usize>()
+                            + p.groups.len() * 16
+                    }
+                    Part::Count(_) | Part::Expect { .. } => 0,
+                },
+            }
+    }
+}
+
+/// Bytes (as [`ShardMsg::approx_bytes`] counts them) that may wait in one
+/// shard's outbox FIFOs before its push port stops reading. A soft bound:
+/// the request being handled when it is crossed still sends all its parts.
+pub const SPILL_LIMIT_BYTES: usize = 8 << 20;
+
+/// Spilled bytes at or below which the push port reads again (hysteresis:
+/// readers are not woken for every message that drains).
+const SPILL_RESUME_BYTES: usize = SPILL_LIMIT_BYTES / 2;
+
+/// One shard's ends of the mesh, before its executor connects them.
+pub struct MeshEnds {
+    me: ShardId,
+    /// To each peer (none to itself).
+    senders: Vec<Option<SharedSender<ShardMsg>>>,
+    /// From each peer.
+    receivers: Vec<(ShardId, SharedReceiver<ShardMsg>)>,
+}
+
+/// Makes the channels of a full mesh of `shards` shards, `capacity`
+/// messages each, and returns every shard's ends (index = shard id).
+///
+/// Instead of glommio's `MeshBuilder`, whose `join` connects a shard's
+/// channels one after another, each waiting (spinning) for its peer to
+/// reach the same pair: with 100 executors on 2 cores, start-up took 20 s
+/// to over a minute. Here every end is registered first, then connected
+/// ([`MeshEnds::connect`]).
+pub fn full_mesh(shards: u16, capacity: usize) -> Vec<MeshEnds> {
+    let n = usize::from(shards);
+    let mut ends: Vec<MeshEnds> = (0..shards)
+        .map(|me| MeshEnds {
+            me: ShardId(me),
+            senders: (0..n).map(|_| None).collect(),
+            receivers: Vec::with_capacity(n.saturating_sub(1)),
+        })
+        .collect();
+    for from in 0..n {
+        for to in 0..n {
+            if from != to {
+                let (tx, rx) = shared_channel::new_bounded(capacity);
+                ends[from].senders[to] = Some(tx);
+                ends[to].receivers.push((ShardId(from as u16), rx));
+            }
+        }
+    }
+    ends
+}
+
+impl MeshEnds {
+    pub fn me(&self) -> ShardId {
+        self.me
+    }
+
+    /// Connects every end on the current executor; returns the senders and
+    /// the receivers, by peer.
+    ///
+    /// An end's first poll registers it; after that it completes once its
+    /// peer has registered too, and until then glommio wakes it on every
+    /// pass of the reactor, so waiting executors spin. So every end is
+    /// registered first, then `all_registered` runs: it must return once
+    /// every shard has registered its ends (a barrier), after which each
+    /// end completes on its next poll.
+    pub async fn connect(
+        self,
+        all_registered: impl FnOnce(),
+    ) -> (MeshSenders, Vec<(ShardId, ConnectedReceiver<ShardMsg>)>) {
+        type Connecting<T> = Pin<Box<dyn Future<Output = T>>>;
+        let mut senders: Vec<Option<Connecting<ConnectedSender<ShardMsg>>>> =
+            self.senders.into_iter().map(|tx| tx.map(|tx| Box::pin(tx.connect()) as Connecting<_>)).collect();
+        let mut receivers: Vec<(ShardId, Connecting<ConnectedReceiver<ShardMsg>>)> =
+            self.receivers.into_iter().map(|(peer, rx)| (peer, Box::pin(rx.connect()) as Connecting<_>)).collect();
+        let mut done_senders: Vec<Option<ConnectedSender<ShardMsg>>> = Vec::with_capacity(senders.len());
+        for tx in senders.iter_mut() {
+            done_senders.push(match tx {
+                Some(fut) => futures_lite::future::poll_once(fut.as_mut()).await,
+                None => None,
+            });
+        }
+        let mut done_receivers = Vec::with_capacity(receivers.len());
+        for (_, fut) in receivers.iter_mut() {
+            done_receivers.push(futures_lite::future::poll_once(fut.as_mut()).await);
+        }
+        all_registered();
+        let mut connected = Vec::with_capacity(senders.len());
+        for (fut, done) in senders.into_iter().zip(done_senders) {
+            connected.push(match (fut, done) {
+                (_, Some(tx)) => Some(tx),
+                (Some(fut), None) => Some(fut.await),
+                (None, None) => None,
+            });
+        }
+        let mut inbound = Vec::with_capacity(receivers.len());
+        for ((peer, fut), done) in receivers.into_iter().zip(done_receivers) {
+            inbound.push((
+                peer,
+                match done {
+                    Some(rx) => rx,
+                    None => fut.await,
+                },
+            ));
+        }
+        (MeshSenders { me: self.me, senders: connected }, inbound)
+    }
+}
+
+/// This shard's connected sending ends, by destination shard.
+pub struct MeshSenders {
+    me: ShardId,
+    senders: Vec<Option<ConnectedSender<ShardMsg>>>,
+}
+
 /// The local FIFO for one destination and how many messages wait in it
 /// (including the one its flusher is sending).
-type Queue = (LocalSender<ShardMsg>, Rc<Cell<usize>>);
+type Queue = (LocalSender<(ShardMsg, usize)>, Rc<Cell<usize>>);
 
 /// Per-destination ordered, non-blocking sending over the mesh.
 pub struct Outbox {
-    mesh: Senders<ShardMsg>,
+    mesh: MeshSenders,
     queues: Vec<Option<Queue>>,
+    /// Approximate bytes waiting in all the FIFOs (including messages their
+    /// flushers are sending).
+    spilled: Cell<usize>,
+    /// Tasks (push-port readers) waiting for the FIFOs to drain.
+    waiters: RefCell<Vec<Waker>>,
 }
 
 impl Outbox {
     /// Creates the outbox and spawns one flusher task per peer on the
     /// current executor.
-    pub fn new(mesh: Senders<ShardMsg>) -> Rc<Outbox> {
-        let me = mesh.peer_id();
-        let peers = mesh.nr_consumers();
+    pub fn new(mesh: MeshSenders) -> Rc<Outbox> {
+        let me = mesh.me.index();
+        let peers = mesh.senders.len();
         let mut receivers = Vec::new();
         let queues = (0..peers)
             .map(|peer| {
@@ -185,7 +355,7 @@ impl Outbox {
                 Some((tx, queued))
             })
             .collect();
-        let outbox = Rc::new(Outbox { mesh, queues });
+        let outbox = Rc::new(Outbox { mesh, queues, spilled: Cell::new(0), waiters: RefCell::new(Vec::new()) });
         for (peer, rx, queued) in receivers {
             glommio::spawn_local(flusher(outbox.clone(), peer, rx, queued)).detach();
         }
@@ -196,14 +366,25 @@ impl Outbox {
     /// the end of the stream). Part of the shutdown rendezvous in
     /// [`crate::server`]: done while every executor is still alive.
     pub fn close(&self) {
-        self.mesh.close();
+        for tx in self.mesh.senders.iter().flatten() {
+            tx.close();
+        }
     }
 
     pub fn me(&self) -> ShardId {
-        ShardId(self.mesh.peer_id() as u16)
+        self.mesh.me
     }
 
     /// Sends `msg` to shard `to` (never the current one) without waiting.
+    ///
+    /// Never drops a message: what the channel cannot take waits in the
+    /// FIFO. Its size is bounded because the producers are: push-port
+    /// requests stop being read while [`Outbox::congested`]; their parts
+    /// (`Users` from a lookup, `Part` answers) follow from requests already
+    /// admitted, at most a few per shard each, and each backend connection
+    /// has a bounded number in flight; `Adopt` and `UserDir` come one or two
+    /// per connection accepted, which the accept rate and connection limit
+    /// bound.
     pub fn send(&self, to: ShardId, msg: ShardMsg) {
         let Some(Some((tx, queued))) = self.queues.get(to.index()) else {
             // Only a bug can get here: messages to self are handled inline.
@@ -211,7 +392,8 @@ impl Outbox {
             return;
         };
         let msg = if queued.get() == 0 {
-            match self.mesh.try_send_to(to.index(), msg) {
+            let Some(Some(sender)) = self.mesh.senders.get(to.index()) else { return };
+            match sender.try_send(msg) {
                 Ok(()) => return,
                 Err(glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(msg))) => msg,
                 Err(_) => return, // peer gone: the node is shutting down
@@ -219,18 +401,53 @@ impl Outbox {
         } else {
             msg
         };
+        let bytes = msg.approx_bytes();
         queued.set(queued.get() + 1);
-        if tx.try_send(msg).is_err() {
+        self.spilled.set(self.spilled.get() + bytes);
+        if tx.try_send((msg, bytes)).is_err() {
             queued.set(queued.get() - 1);
+            self.spilled.set(self.spilled.get() - bytes);
+        }
+    }
+
+    /// Whether too much waits in the FIFOs for more requests to be read;
+    /// if so, `waker` is woken once they have drained enough.
+    pub fn congested(&self, waker: &Waker) -> bool {
+        if self.spilled.get() <= SPILL_LIMIT_BYTES {
+            return false;
+        }
+        let mut waiters = self.waiters.borrow_mut();
+        if !waiters.iter().any(|w| w.will_wake(waker)) {
+            waiters.push(waker.clone());
+        }
+        true
+    }
+
+    /// Approximate bytes waiting in the FIFOs (metrics, tests).
+    pub fn spilled_bytes(&self) -> usize {
+        self.spilled.get()
+    }
+
+    fn drained(&self, bytes: usize) {
+        self.spilled.set(self.spilled.get().saturating_sub(bytes));
+        if self.spilled.get() <= SPILL_RESUME_BYTES && !self.waiters.borrow().is_empty() {
+            let waiters = std::mem::take(&mut *self.waiters.borrow_mut());
+            for w in waiters {
+                w.wake();
+            }
         }
     }
 }
 
-async fn flusher(outbox: Rc<Outbox>, peer: usize, rx: LocalReceiver<ShardMsg>, queued: Rc<Cell<usize>>) {
-    while let Some(msg) = rx.recv().await {
-        let sent = outbox.mesh.send_to(peer, msg).await;
+async fn flusher(outbox: Rc<Outbox>, peer: usize, rx: LocalReceiver<(ShardMsg, usize)>, queued: Rc<Cell<usize>>) {
+    while let Some((msg, bytes)) = rx.recv().await {
+        let sent = match outbox.mesh.senders.get(peer) {
+            Some(Some(sender)) => sender.send(msg).await.is_ok(),
+            _ => false,
+        };
         queued.set(queued.get() - 1);
-        if sent.is_err() {
+        outbox.drained(bytes);
+        if !sent {
             break; // peer gone
         }
     }

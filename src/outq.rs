@@ -43,7 +43,36 @@ impl OutQueue {
         self.frames.push_back(frame);
     }
 
-    /// Drops everything queued; returns how many frames were dropped.
+    /// Queues `frame` of which the first `written` bytes already went out
+    /// (a direct send the socket took only part of). The queue must be
+    /// empty: the frame is then its partly written front, which
+    /// [`OutQueue::cut`] keeps.
+    pub fn push_written(&mut self, frame: Bytes, written: usize) {
+        debug_assert!(self.frames.is_empty() && written < frame.len());
+        let written = if self.frames.is_empty() { written.min(frame.len()) } else { 0 };
+        self.bytes += frame.len() - written;
+        self.front_written = written;
+        self.frames.push_back(frame);
+    }
+
+    /// Drops every frame not yet started; returns how many were dropped.
+    /// A front frame already partly on the wire stays (only its unwritten
+    /// tail is queued): the peer must get it whole, or the stream is
+    /// desynchronised for good (it would read the next frame's bytes as
+    /// this frame's body).
+    pub fn cut(&mut self) -> usize {
+        let keep = usize::from(self.front_written > 0);
+        let dropped = self.frames.len().saturating_sub(keep);
+        self.frames.truncate(keep);
+        self.bytes = self.frames.front().map_or(0, |f| f.len() - self.front_written);
+        if keep == 0 {
+            self.front_written = 0;
+        }
+        dropped
+    }
+
+    /// Drops everything queued, a partly written frame too (the stream is
+    /// abandoned); returns how many frames were dropped.
     pub fn clear(&mut self) -> usize {
         let n = self.frames.len();
         self.frames.clear();
@@ -162,5 +191,33 @@ mod tests {
         q.advance(3);
         assert!(q.is_empty());
         assert_eq!(q.bytes(), 0);
+    }
+
+    #[test]
+    fn cut_keeps_only_the_unwritten_tail_of_a_started_frame() {
+        let mut q = OutQueue::default();
+        for f in [&b"abcd"[..], b"efg", b"hi"] {
+            q.push(Bytes::copy_from_slice(f));
+        }
+        q.advance(1);
+        assert_eq!(q.cut(), 2);
+        assert_eq!((q.len(), q.bytes(), q.front_written), (1, 3, 1));
+        q.push(Bytes::from_static(b"E"));
+        assert_eq!(q.bytes(), 4);
+
+        // Nothing started: everything goes.
+        let mut q = OutQueue::default();
+        q.push(Bytes::from_static(b"abc"));
+        q.push(Bytes::from_static(b"de"));
+        assert_eq!(q.cut(), 2);
+        assert!(q.is_empty() && q.bytes() == 0);
+
+        // A frame a direct send wrote in part counts as started.
+        let mut q = OutQueue::default();
+        q.push_written(Bytes::from_static(b"abcdef"), 4);
+        assert_eq!(q.bytes(), 2);
+        q.push(Bytes::from_static(b"gh"));
+        assert_eq!(q.cut(), 1);
+        assert_eq!((q.len(), q.bytes(), q.front_written), (1, 2, 4));
     }
 }

@@ -224,6 +224,8 @@ enum PendingKind {
         broadcast: bool,
         delivered: u64,
         message_id: u64,
+        /// Why a broadcast was not queued (a shard's queue was full).
+        refused: Option<String>,
     },
     Presence {
         query: Arc<PresenceQuery>,
@@ -435,7 +437,15 @@ impl Pending {
                     })
                 }
             }
-            PendingKind::Count { broadcast, delivered, message_id } => {
+            PendingKind::Count { message_id, refused: Some(reason), .. } => Frame::PushReply(proto::PushReply {
+                request_id,
+                status: PushStatus::Rejected as i32,
+                reason,
+                retryable: true,
+                message_id,
+                ..Default::default()
+            }),
+            PendingKind::Count { broadcast, delivered, message_id, refused: None } => {
                 let status = match (broadcast, delivered) {
                     (true, _) => PushStatus::Accepted,
                     (false, 0) => PushStatus::NotOnline,
@@ -586,6 +596,11 @@ impl Shard {
                     let Some(b) = st.backends.get_mut(key.index as usize) else { return Poll::Ready(()) };
                     if b.inflight >= max_inflight {
                         // Backpressure: a reply wakes us.
+                        return Poll::Pending;
+                    }
+                    if self.mesh_congested(cx.waker()) {
+                        // Backpressure from slow shards: the outbox wakes us
+                        // once its FIFOs have drained.
                         return Poll::Pending;
                     }
                     match codec::split_frame(rbuf, self.cfg.push.max_request_bytes) {
@@ -805,7 +820,17 @@ impl Shard {
 
         if targets.broadcast || !targets.group.is_empty() {
             let broadcast = targets.broadcast;
-            let origin = self.begin(st, backend, id, PendingKind::Count { broadcast, delivered: 0, message_id });
+            // Room on every shard first (all or none), so a refused
+            // broadcast reached nobody and may simply be sent again.
+            let refused = if broadcast { self.reserve_broadcast(frame.len()).err() } else { None };
+            if refused.is_some() {
+                let kind = PendingKind::Count { broadcast, delivered: 0, message_id, refused };
+                let origin = self.begin(st, backend, id, kind);
+                self.end(st, origin);
+                return Ok(());
+            }
+            let kind = PendingKind::Count { broadcast, delivered: 0, message_id, refused: None };
+            let origin = self.begin(st, backend, id, kind);
             let expires_at = (req.ttl_ms > 0).then(|| Instant::now() + Duration::from_millis(u64::from(req.ttl_ms)));
             for shard in 0..self.shards() {
                 let msg = if broadcast {
@@ -1180,7 +1205,7 @@ mod tests {
         assert_eq!((r.results[1].status, r.results[1].sessions), (PushStatus::Delivered as i32, 3));
 
         // A group push: what the shards that answered reached, REJECTED.
-        let mut p = pending(PendingKind::Count { broadcast: false, delivered: 0, message_id: 3 });
+        let mut p = pending(PendingKind::Count { broadcast: false, delivered: 0, message_id: 3, refused: None });
         p.expected = 2;
         p.lookups = 0;
         p.merge(Part::Count(4));

@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use glommio::channels::channel_mesh::{Full, MeshBuilder};
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement, PoolThreadHandles};
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::info;
@@ -18,7 +17,7 @@ use crate::config::Config;
 use crate::dispatcher::DispatchConfig;
 use crate::http::HttpServer;
 use crate::ids::ShardId;
-use crate::mesh::{Outbox, ShardMsg};
+use crate::mesh::{MeshEnds, Outbox};
 use crate::reliable::DeliverySettings;
 use crate::session::Params;
 use crate::shard::{MAX_ID_BYTES, PushLimits, Shard, ShardConfig, ShardCounters};
@@ -28,6 +27,23 @@ use crate::upstream::{UpstreamError, UpstreamSettings};
 
 /// Messages queued per mesh channel (power of two; small ones are slow).
 const MESH_CAPACITY: usize = 1024;
+/// Mesh slots one shard receives into, over all its peers. glommio
+/// allocates and touches every slot up front (96 bytes each) and the mesh
+/// has `n * (n - 1)` channels: at 1024 slots per channel, 100 shards would
+/// hold 950 MB and 256 shards 6.3 GB. This budget keeps the full capacity
+/// up to 17 shards and ~1.5 MB per shard beyond.
+const MESH_SLOTS_PER_SHARD: usize = 16 * 1024;
+/// The smallest channel (glommio is ~10x slower per message below this).
+const MIN_MESH_CAPACITY: usize = 64;
+
+/// Capacity of each mesh channel for a node of `shards` shards.
+fn mesh_capacity(shards: u16) -> usize {
+    let peers = usize::from(shards).saturating_sub(1).max(1);
+    let share = MESH_SLOTS_PER_SHARD / peers;
+    // The largest power of two within the share (glommio rounds up).
+    let pow2 = if share == 0 { 0 } else { 1 << share.ilog2() };
+    pow2.clamp(MIN_MESH_CAPACITY, MESH_CAPACITY)
+}
 /// How long start-up may take before it is reported as failed.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -79,6 +95,7 @@ impl Server {
             true => Some(ClusterShared::start(config, client_addr, push_addr, shards).map_err(ServerError::Cluster)?),
             false => None,
         };
+        let counters: Vec<Arc<ShardCounters>> = (0..shards).map(|_| Arc::default()).collect();
         let shard_cfg = ShardConfig {
             params: Params {
                 keyring: keyring.clone(),
@@ -101,6 +118,7 @@ impl Server {
                 max_request_bytes: config.push.max_request_bytes,
                 reply_timeout_ms: config.push.reply_timeout_ms,
                 broadcast_rate_per_sec: config.push.broadcast_rate_per_sec.div_ceil(u32::from(shards)),
+                broadcast_queue_bytes: config.push.broadcast_queue_bytes_per_shard,
             },
             read_buffer_bytes: server.read_buffer_bytes,
             wheel_tick_ms: session.wheel_tick_ms,
@@ -115,6 +133,7 @@ impl Server {
                 unacked_replay_limit: config.delivery.retention_messages as usize,
                 node_index: config.delivery.node_index,
             },
+            node_counters: counters.iter().cloned().collect(),
         };
         // One Redis sidecar for the node, or a memory store per shard (each
         // holds the timelines of the devices its shard owns).
@@ -137,24 +156,21 @@ impl Server {
             }
         };
         let retention = config.delivery.retention();
+        let memory_store_bytes =
+            usize::try_from(config.delivery.memory_store_bytes / u64::from(shards)).unwrap_or(usize::MAX);
         // Sequences of this run's memory stores start above any earlier run's.
         let boot_unix_ms =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         let stop = Arc::new(AtomicBool::new(false));
-        let counters: Vec<Arc<ShardCounters>> = (0..shards).map(|_| Arc::default()).collect();
         // Each executor takes one (client, push) listener pair and its own
-        // handle on the mesh. The handles are made here, one thread, before
-        // any executor runs: glommio's `MeshBuilder` is `Send` but counts its
-        // clones with an `Rc`, so cloning it on several executor threads at
-        // once races on the count (seen as start-ups that never finished
-        // joining and as heap corruption).
-        type ShardStart = (OwnedFd, OwnedFd, MeshBuilder<ShardMsg, Full>);
+        // ends of the mesh, made here, on one thread, before any executor
+        // runs (the channels' shared state must not be built concurrently).
+        type ShardStart = (OwnedFd, OwnedFd, MeshEnds);
         let (fd_tx, fd_rx) = crossbeam_channel::bounded::<ShardStart>(listeners.len());
-        let mesh = MeshBuilder::<ShardMsg, _>::full(usize::from(shards), MESH_CAPACITY);
-        for (client, push) in listeners.into_iter().zip(push_listeners) {
-            let _ = fd_tx.send((client, push, mesh.clone()));
+        let mesh = crate::mesh::full_mesh(shards, mesh_capacity(shards));
+        for ((client, push), ends) in listeners.into_iter().zip(push_listeners).zip(mesh) {
+            let _ = fd_tx.send((client, push, ends));
         }
-        drop(mesh);
         let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<ShardId, String>>(usize::from(shards));
         let grace = Duration::from_millis(session.close_linger_ms) + Duration::from_secs(1);
 
@@ -173,9 +189,11 @@ impl Server {
                 let stop = stop.clone();
                 let counters = counters.clone();
                 let rendezvous = Arc::new(Rendezvous::default());
+                let registered = Arc::new(Rendezvous::default());
                 let cluster = cluster.clone();
                 move || {
                     let rendezvous = rendezvous.clone();
+                    let registered = registered.clone();
                     let cluster = cluster.clone();
                     let (fd_rx, ready_tx, cfg, stop, counters, redis) = (
                         fd_rx.clone(),
@@ -215,22 +233,28 @@ impl Server {
                             }
                         })
                         .detach();
-                        let Ok((senders, mut receivers)) = mesh.join().await else {
-                            let _ = ready_tx.send(Err("mesh join failed".into()));
-                            return;
-                        };
-                        let id = ShardId(senders.peer_id() as u16);
+                        let id = mesh.me();
+                        // Blocks this executor's thread until every shard has
+                        // registered its mesh ends (nothing else runs here yet).
+                        let (senders, receivers) = mesh
+                            .connect(|| {
+                                if !registered.wait_for(shards, START_TIMEOUT) {
+                                    tracing::warn!(shard = %id, "not every shard joined the mesh in time");
+                                }
+                            })
+                            .await;
                         let outbox = Outbox::new(senders);
                         let store: Rc<dyn TimelineStore> = match redis {
                             Some(redis) => Rc::new(redis),
-                            None => Rc::new(MemoryStore::new(retention, boot_unix_ms)),
+                            None => {
+                                Rc::new(MemoryStore::new(retention, boot_unix_ms).with_max_bytes(memory_store_bytes))
+                            }
                         };
                         let shard = Shard::new(id, shards, cfg, outbox.clone(), counters[id.index()].clone(), store);
                         if let Some(cluster) = cluster {
                             crate::cluster::attach(&shard, cluster);
                         }
                         let mesh_readers: Vec<_> = receivers
-                            .streams()
                             .into_iter()
                             .map(|(_peer, rx)| {
                                 let shard = shard.clone();
@@ -394,7 +418,8 @@ fn bind_reuseport(addr: SocketAddr, count: u16, backlog: u32) -> Result<(SocketA
     Ok((bound, fds))
 }
 
-/// Where the shards meet on the way out (see the end of a shard's task in
+/// Where the shards meet: once their mesh ends are registered (at start),
+/// and twice on the way out (see the end of a shard's task in
 /// [`Server::start`]): each `wait` returns once every shard has arrived, or
 /// after [`RENDEZVOUS_TIMEOUT`] (a shard that never started must not hold
 /// the others forever).
@@ -414,23 +439,48 @@ impl Rendezvous {
     /// Blocks the executor thread (nothing is left to run on it) until
     /// `shards` threads reached this round.
     fn wait(&self, shards: u16) {
-        let Ok(mut arrived) = self.arrived.lock() else { return };
+        self.wait_for(shards, RENDEZVOUS_TIMEOUT);
+    }
+
+    /// [`Rendezvous::wait`] with its own time limit; false if it passed.
+    fn wait_for(&self, shards: u16, timeout: Duration) -> bool {
+        let Ok(mut arrived) = self.arrived.lock() else { return false };
         *arrived += 1;
         let target = (*arrived).div_ceil(u64::from(shards)) * u64::from(shards);
         if *arrived == target {
             self.all_here.notify_all();
-            return;
+            return true;
         }
-        let deadline = Instant::now() + RENDEZVOUS_TIMEOUT;
+        let deadline = Instant::now() + timeout;
         while *arrived < target {
             let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-                tracing::warn!(arrived = *arrived, target, "shards did not all reach the shutdown rendezvous");
-                return;
+                tracing::warn!(arrived = *arrived, target, "shards did not all reach the rendezvous");
+                return false;
             };
             match self.all_here.wait_timeout(arrived, left) {
                 Ok((guard, _)) => arrived = guard,
-                Err(_) => return,
+                Err(_) => return false,
             }
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mesh_memory_stays_linear_in_the_shard_count() {
+        assert_eq!(mesh_capacity(1), 1024);
+        assert_eq!(mesh_capacity(2), 1024);
+        assert_eq!(mesh_capacity(17), 1024);
+        assert_eq!(mesh_capacity(18), 512);
+        assert_eq!(mesh_capacity(100), 128);
+        assert_eq!(mesh_capacity(256), 64);
+        for shards in 2..=crate::ids::MAX_SHARDS {
+            let slots = (usize::from(shards) - 1) * mesh_capacity(shards);
+            assert!(slots <= MESH_SLOTS_PER_SHARD.max(255 * MIN_MESH_CAPACITY), "{shards}: {slots}");
         }
     }
 }

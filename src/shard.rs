@@ -97,12 +97,20 @@ pub struct ShardCounters {
     pub bytes_out: AtomicU64,
     /// Broadcast deliveries dropped because their TTL passed while paced.
     pub broadcast_expired: AtomicU64,
+    /// Bytes of broadcasts queued on this shard or on their way to it
+    /// (reserved by the shard that took the request, released by the pacer).
+    pub broadcast_queued_bytes: AtomicU64,
+    /// Broadcasts this shard refused because a shard's queue was full.
+    pub broadcast_rejected: AtomicU64,
     /// Push-port requests received.
     pub push_requests: AtomicU64,
     /// Push-port requests answered at `push.reply_timeout_ms` with answers
     /// missing, and answers that came after that (dropped).
     pub push_timeouts: AtomicU64,
     pub push_late_answers: AtomicU64,
+    /// Times a push-port connection stopped reading because the mesh
+    /// toward other shards was backed up ([`crate::mesh::Outbox::congested`]).
+    pub mesh_backpressure: AtomicU64,
     /// Groups with members on this shard, and sessions in any group.
     pub groups: AtomicU64,
     pub group_sessions: AtomicU64,
@@ -122,6 +130,8 @@ pub struct PushLimits {
     pub reply_timeout_ms: u64,
     /// This shard's share of the node's broadcast rate, deliveries/s.
     pub broadcast_rate_per_sec: u32,
+    /// Bytes of broadcasts each shard may hold ([`broadcast_cost`]).
+    pub broadcast_queue_bytes: u64,
 }
 
 /// Everything a shard needs to start, built on the main thread.
@@ -142,6 +152,9 @@ pub struct ShardConfig {
     pub upstream: UpstreamSettings,
     /// At-least-once delivery: window, retransmission, store sharing.
     pub delivery: DeliverySettings,
+    /// Every shard's counters, by shard id: a broadcast reserves room in
+    /// every shard's queue before it is sent to any.
+    pub node_counters: Arc<[Arc<ShardCounters>]>,
 }
 
 /// Outbound queue and input leftovers: allocated only while in use.
@@ -248,6 +261,61 @@ impl Conn {
     }
 }
 
+/// A home shard's directory of users: which shards hold sessions of each
+/// user, by user hash. One 64-bit word covers 64 shards: shards 0-63 sit
+/// in `low`, one word per user as on any node of up to 64 shards; higher
+/// shards (hosts with more cores) in `high`, a word only for the users
+/// with sessions among those 64.
+#[derive(Default)]
+struct UserDir {
+    low: HashMap<u64, u64>,
+    /// (user hash, word number >= 1) -> shards `64 * word ..` holding sessions.
+    high: HashMap<(u64, u16), u64>,
+}
+
+impl UserDir {
+    /// Records that `shard` holds (or no longer holds) sessions of the user.
+    fn set(&mut self, user_hash: u64, shard: ShardId, present: bool) {
+        let (word, bit) = (shard.0 / 64, 1u64 << (shard.0 % 64));
+        fn update<K: std::hash::Hash + Eq>(map: &mut HashMap<K, u64>, key: K, bit: u64, present: bool) {
+            if present {
+                *map.entry(key).or_insert(0) |= bit;
+            } else if let Some(mask) = map.get_mut(&key) {
+                *mask &= !bit;
+                if *mask == 0 {
+                    map.remove(&key);
+                }
+            }
+        }
+        if word == 0 {
+            update(&mut self.low, user_hash, bit, present);
+        } else {
+            update(&mut self.high, (user_hash, word), bit, present);
+        }
+    }
+
+    /// The shards (below `shards`) holding sessions of the user.
+    fn shards(&self, user_hash: u64, shards: u16) -> Vec<ShardId> {
+        let mut out = Vec::new();
+        for word in 0..shards.div_ceil(64) {
+            let mut mask =
+                if word == 0 { self.low.get(&user_hash).copied() } else { self.high.get(&(user_hash, word)).copied() }
+                    .unwrap_or(0);
+            while mask != 0 {
+                let bit = mask.trailing_zeros() as u16;
+                mask &= mask - 1;
+                out.push(ShardId(word * 64 + bit));
+            }
+        }
+        out
+    }
+}
+
+/// What one queued broadcast costs a shard's queue: its frame and its job.
+pub(crate) fn broadcast_cost(frame_len: usize) -> u64 {
+    frame_len as u64 + 64
+}
+
 /// A broadcast being paced out over this shard's sessions.
 struct BroadcastJob {
     frame: Bytes,
@@ -267,7 +335,7 @@ pub(crate) struct State {
     /// Head slot of each user's list of sessions on this shard.
     users: HashTable<u32>,
     /// Home-shard directory: user hash -> set of shards holding sessions.
-    user_dir: HashMap<u64, u64>,
+    user_dir: UserDir,
     groups: Groups,
     wheel: Wheel,
     next_gen: u32,
@@ -473,8 +541,9 @@ impl Shard {
     ) -> Rc<Shard> {
         let (pacer_wake, pacer_rx) = glommio::channels::local_channel::new_bounded(1);
         let (flush_wake, flush_rx) = glommio::channels::local_channel::new_bounded(1);
-        // Message ids: node index (4 bits) and shard (6 bits) as the worker.
-        let worker = cfg.delivery.node_index << 6 | (id.0 & 0x3f);
+        // Message ids: node index (4 bits) and shard (8 bits) as the worker;
+        // `Config::validate` keeps both in range.
+        let worker = cfg.delivery.node_index << 8 | (id.0 & 0xff);
         Rc::new_cyclic(|me| Shard {
             me: me.clone(),
             id,
@@ -483,7 +552,7 @@ impl Shard {
                 conns: Slab::new(),
                 devices: HashTable::new(),
                 users: HashTable::new(),
-                user_dir: HashMap::new(),
+                user_dir: UserDir::default(),
                 groups: Groups::default(),
                 wheel: Wheel::new(cfg.wheel_tick_ms, WHEEL_SLOTS, Millis(0)),
                 next_gen: 0,
@@ -859,11 +928,18 @@ impl Shard {
     fn enqueue(&self, st: &mut State, key: ConnKey, bytes: Bytes) -> bool {
         let limit = self.cfg.outbound_queue_bytes as usize;
         let Some(conn) = st.conn(key) else { return false };
+        let closing = conn.session.phase() == Phase::Closing;
         let io = conn.io();
         if io.out.bytes() + bytes.len() > limit && !io.out.is_empty() {
-            // The client is not reading. Drop the backlog and tell it why,
-            // in the room the dropped frames leave.
-            let dropped = io.out.clear();
+            if closing {
+                // The closing frame (Error, Kicked) does not fit behind what
+                // is still queued: close without it.
+                return false;
+            }
+            // The client is not reading. Drop the backlog (but finish a
+            // frame already on the wire) and tell it why, if the Error
+            // frame fits in the bound.
+            let dropped = io.out.cut();
             self.close_slow(st, key, dropped, format!("outbound queue above {limit} bytes"));
             return false;
         }
@@ -903,20 +979,24 @@ impl Shard {
         }
         self.count_out(frame.len());
         let idle = conn.io.as_ref().is_none_or(|io| io.out.is_empty());
-        let rest = if idle {
-            match outq::send_now(conn.fd, frame) {
-                Ok(n) if n == frame.len() => None,
-                Ok(n) => Some(frame.slice(n..)),
-                // Let the task find the error on its own write.
-                Err(_) => Some(frame.clone()),
-            }
+        let written = if idle {
+            // On an error, let the task find it on its own write.
+            outq::send_now(conn.fd, frame).unwrap_or(0)
         } else {
-            Some(frame.clone())
+            0
         };
-        match rest {
-            None => true,
-            Some(rest) => self.queue_bytes(st, key, rest),
+        if written == frame.len() {
+            return true;
         }
+        if written == 0 {
+            return self.queue_bytes(st, key, frame.clone());
+        }
+        // Part of the frame is on the wire. The queue (empty: `idle`) takes
+        // the whole frame marked as partly written, so that cutting a slow
+        // client later finishes this frame instead of dropping its tail.
+        conn.io().out.push_written(frame.clone(), written);
+        conn.wake();
+        true
     }
 
     /// Queues `frame` for an active session and lists the session for the
@@ -1217,6 +1297,42 @@ impl Shard {
         if to == self.id { self.handle(st, msg) } else { self.outbox.send(to, msg) }
     }
 
+    /// Reserves room for a broadcast of `frame_len` bytes in the queue of
+    /// every shard, or in none: a broadcast refused by one shard must not
+    /// reach the sessions of the others, so that sending it again is safe.
+    /// Each shard's pacer releases its share when the job is done.
+    pub(crate) fn reserve_broadcast(&self, frame_len: usize) -> Result<(), String> {
+        let cost = broadcast_cost(frame_len);
+        let limit = self.cfg.push.broadcast_queue_bytes;
+        let shards = &self.cfg.node_counters;
+        for (i, counters) in shards.iter().enumerate() {
+            let queued = &counters.broadcast_queued_bytes;
+            if let Err(held) =
+                queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| (q + cost <= limit).then_some(q + cost))
+            {
+                for earlier in &shards[..i] {
+                    earlier.broadcast_queued_bytes.fetch_sub(cost, Ordering::AcqRel);
+                }
+                self.counters.broadcast_rejected.fetch_add(1, Ordering::Relaxed);
+                return Err(format!(
+                    "broadcast queue of shard {i} is full ({held} of {limit} bytes queued \
+                     (push.broadcast_queue_bytes_per_shard)); send it again later"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the mesh toward other shards is too backed up to read more
+    /// push-port requests; if so, `waker` is woken when it has drained.
+    pub(crate) fn mesh_congested(&self, waker: &Waker) -> bool {
+        let congested = self.outbox.congested(waker);
+        if congested {
+            self.counters.mesh_backpressure.fetch_add(1, Ordering::Relaxed);
+        }
+        congested
+    }
+
     /// Sends part of an answer back to the request's origin.
     pub(crate) fn answer(&self, st: &mut State, origin: Origin, part: Part) {
         if origin.shard == self.id {
@@ -1263,10 +1379,9 @@ impl Shard {
                 let mut per_shard: Vec<Vec<(u32, String)>> = vec![Vec::new(); usize::from(self.shards)];
                 let mut targets = Vec::with_capacity(items.len());
                 for (idx, user) in items {
-                    let mask = st.user_dir.get(&stable_hash(&user)).copied().unwrap_or(0);
                     let mut holders = 0;
-                    for (shard, batch) in per_shard.iter_mut().enumerate() {
-                        if mask & (1 << shard) != 0 {
+                    for shard in st.user_dir.shards(stable_hash(&user), self.shards) {
+                        if let Some(batch) = per_shard.get_mut(shard.index()) {
                             batch.push((idx, user.clone()));
                             holders += 1;
                         }
@@ -1355,15 +1470,7 @@ impl Shard {
                 self.answer(st, origin, Part::Presence(Box::new(part)));
             }
             ShardMsg::UserDir { user_hash, shard, present, ack } => {
-                let bit = 1u64 << shard.0;
-                if present {
-                    *st.user_dir.entry(user_hash).or_insert(0) |= bit;
-                } else if let Some(mask) = st.user_dir.get_mut(&user_hash) {
-                    *mask &= !bit;
-                    if *mask == 0 {
-                        st.user_dir.remove(&user_hash);
-                    }
-                }
+                st.user_dir.set(user_hash, shard, present);
                 if let Some(key) = ack {
                     self.route(st, shard, ShardMsg::UserDirAck { key });
                 }
@@ -1521,6 +1628,7 @@ impl Shard {
             if job.expires_at.is_some_and(|t| now >= t) {
                 let left = st.conns.iter().filter(|(i, c)| *i >= job.cursor && c.is_active()).count();
                 self.counters.broadcast_expired.fetch_add(left as u64, Ordering::Relaxed);
+                self.release_broadcast(&job);
                 continue;
             }
             let end = st.conns.capacity();
@@ -1533,9 +1641,16 @@ impl Shard {
             }
             if job.cursor < end {
                 st.broadcasts.push_front(job);
+            } else {
+                self.release_broadcast(&job);
             }
         }
         st.broadcasts.is_empty()
+    }
+
+    /// Gives back the room [`Shard::reserve_broadcast`] took on this shard.
+    fn release_broadcast(&self, job: &BroadcastJob) {
+        self.counters.broadcast_queued_bytes.fetch_sub(broadcast_cost(job.frame.len()), Ordering::AcqRel);
     }
 
     // ---- timers and shutdown -------------------------------------------------
@@ -1579,7 +1694,8 @@ impl Shard {
             let Some(conn) = st.conn(key) else { continue };
             let stalled = conn.io.as_ref().and_then(|io| io.stalled_since);
             if stalled.is_some_and(|t| now.mono.0 >= t.0 + self.cfg.write_timeout_ms) && conn.is_active() {
-                let dropped = conn.io().out.clear();
+                // As in `enqueue`: a frame already on the wire is finished.
+                let dropped = conn.io().out.cut();
                 let reason = format!("socket blocked for {} ms", self.cfg.write_timeout_ms);
                 self.close_slow(&mut st, key, dropped, reason);
             } else if conn.session.deadline() <= now.mono {
@@ -1764,6 +1880,28 @@ mod tests {
         let wait = b.take(t0).expect("empty bucket waits");
         assert!(wait > Duration::ZERO && wait <= Duration::from_millis(100));
         assert_eq!(AcceptBucket::new(0).take(t0), None);
+    }
+
+    #[test]
+    fn user_directory_holds_every_shard_of_a_large_host() {
+        let mut dir = UserDir::default();
+        for shard in [0, 5, 63, 64, 130, 255] {
+            dir.set(7, ShardId(shard), true);
+        }
+        dir.set(8, ShardId(64), true);
+        let ids = |v: Vec<ShardId>| v.into_iter().map(|s| s.0).collect::<Vec<_>>();
+        assert_eq!(ids(dir.shards(7, 256)), [0, 5, 63, 64, 130, 255]);
+        assert_eq!(ids(dir.shards(7, 64)), [0, 5, 63], "a 64-shard node looks at one word");
+        for shard in [0, 64, 255] {
+            dir.set(7, ShardId(shard), false);
+        }
+        assert_eq!(ids(dir.shards(7, 256)), [5, 63, 130]);
+        assert_eq!(ids(dir.shards(8, 256)), [64]);
+        for shard in [5, 63, 130] {
+            dir.set(7, ShardId(shard), false);
+        }
+        dir.set(8, ShardId(64), false);
+        assert!(dir.low.is_empty() && dir.high.is_empty(), "nothing left behind");
     }
 
     #[test]

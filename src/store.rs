@@ -26,7 +26,7 @@
 //! client that resumes across a change is told the whole range it may have
 //! missed, even from sequence 0 ([`Replay::base`]).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
@@ -148,13 +148,17 @@ pub enum StoreError {
     Overloaded,
     #[error("store protocol error: {0}")]
     Protocol(String),
+    /// The store holds as much as it may; appends wait for clients to
+    /// acknowledge (or retention to drop) what it holds.
+    #[error("timeline store full: {0}")]
+    Full(String),
 }
 
 impl StoreError {
-    /// Whether the same call may succeed later (the store was unreachable
-    /// or shed the call); a malformed answer will not fix itself.
+    /// Whether the same call may succeed later (the store was unreachable,
+    /// shed the call or was full); a malformed answer will not fix itself.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_) | StoreError::Overloaded)
+        matches!(self, StoreError::Unavailable(_) | StoreError::Overloaded | StoreError::Full(_))
     }
 }
 
@@ -248,21 +252,33 @@ impl Timeline {
     fn drop_front(&mut self, store: &MemoryStore, device: &str, by: ExpiredBy) {
         if let Some((m, _)) = self.messages.pop_front() {
             self.floor = m.seq + 1;
+            store.sub_bytes(message_cost(&m));
             store.finish(m.message_id, Status::Expired { device: device.to_owned(), seq: m.seq, by });
         }
     }
 }
 
 /// The embedded store: timelines in this shard's memory, bounded by
-/// [`Retention`], lost on restart (the next run's sequences start higher, so
-/// resuming clients are told about the gap).
+/// [`Retention`] per device and by a byte cap as a whole, lost on restart
+/// (the next run's sequences start higher, so resuming clients are told
+/// about the gap).
 #[derive(Debug)]
 pub struct MemoryStore {
     /// Every sequence this run issues is above this.
     base_seq: u64,
     /// Random per run (never 0).
     incarnation: u64,
+    /// Timelines start above this too: the highest sequence of any
+    /// timeline dropped once everything in it was acknowledged, so a
+    /// device's sequences never repeat.
+    reuse_floor: Cell<u64>,
     retention: Retention,
+    /// Appends are refused once `bytes` reaches this.
+    max_bytes: usize,
+    /// Memory held by the timelines, the messages and their index, as
+    /// [`MemoryStore`]'s cost functions count it (status records are
+    /// bounded separately, by `Retention::max_status_records`).
+    bytes: Cell<usize>,
     timelines: RefCell<HashMap<String, Timeline>>,
     /// Status of messages that left their timeline, oldest first.
     finished: RefCell<(HashMap<u64, Status>, VecDeque<u64>)>,
@@ -281,15 +297,54 @@ impl MemoryStore {
         MemoryStore {
             base_seq: boot_unix_ms.saturating_mul(1000),
             incarnation: random.max(1),
+            reuse_floor: Cell::new(0),
             retention,
+            max_bytes: usize::MAX,
+            bytes: Cell::new(0),
             timelines: RefCell::default(),
             finished: RefCell::default(),
             live: RefCell::default(),
         }
     }
 
+    /// Caps the memory the store holds at about `max_bytes`: appends past it
+    /// fail with [`StoreError::Full`].
+    pub fn with_max_bytes(mut self, max_bytes: usize) -> MemoryStore {
+        self.max_bytes = max_bytes;
+        self
+    }
+
     pub fn base_seq(&self) -> u64 {
         self.base_seq
+    }
+
+    /// Bytes held, as counted against the cap (for tests and metrics).
+    pub fn bytes(&self) -> usize {
+        self.bytes.get()
+    }
+
+    fn add_bytes(&self, n: usize) {
+        self.bytes.set(self.bytes.get() + n);
+    }
+
+    fn sub_bytes(&self, n: usize) {
+        self.bytes.set(self.bytes.get().saturating_sub(n));
+    }
+
+    /// Runs `f` on a timeline and counts the growth or shrinking of its
+    /// message buffer (it grows by doubling: a device's first message takes
+    /// room for four).
+    fn resized<T>(&self, tl: &mut Timeline, f: impl FnOnce(&mut Timeline) -> T) -> T {
+        let before = tl.messages.capacity();
+        let out = f(tl);
+        let after = tl.messages.capacity();
+        let slot = std::mem::size_of::<(Stored, Option<u64>)>();
+        if after > before {
+            self.add_bytes((after - before) * slot);
+        } else {
+            self.sub_bytes((before - after) * slot);
+        }
+        out
     }
 
     /// Devices with a timeline (for leak checks and metrics).
@@ -298,7 +353,9 @@ impl MemoryStore {
     }
 
     fn finish(&self, message_id: u64, status: Status) {
-        self.live.borrow_mut().remove(&message_id);
+        if let Some((device, _)) = self.live.borrow_mut().remove(&message_id) {
+            self.sub_bytes(live_cost(&device));
+        }
         let (map, order) = &mut *self.finished.borrow_mut();
         map.insert(message_id, status);
         order.push_back(message_id);
@@ -328,31 +385,35 @@ impl MemoryStore {
         }
     }
 
-    fn append_now(&self, device: &str, msg: NewMessage, now_ms: u64) -> Appended {
+    fn append_now(&self, device: &str, msg: NewMessage, now_ms: u64) -> Result<Appended, StoreError> {
         let mut timelines = self.timelines.borrow_mut();
-        let tl = timelines.entry(device.to_owned()).or_insert_with(|| Timeline {
-            floor: self.base_seq + 1,
-            last: self.base_seq,
-            acked: self.base_seq,
-            ..Default::default()
-        });
+        let held = self.bytes.get();
+        let needs = msg.payload.len() + msg.service_id.len() + MESSAGE_COST + live_cost(device);
+        if held.saturating_add(needs) > self.max_bytes {
+            return Err(StoreError::Full(format!(
+                "{held} of {} bytes in use on this shard (delivery.memory_store_bytes, shared by the shards); \
+                 it frees up as clients acknowledge",
+                self.max_bytes
+            )));
+        }
+        let tl = timelines.entry(device.to_owned()).or_insert_with(|| self.new_timeline(device));
         tl.last += 1;
         let seq = tl.last;
         self.live.borrow_mut().insert(msg.message_id, (device.to_owned(), seq));
-        tl.messages.push_back((
-            Stored {
-                seq,
-                message_id: msg.message_id,
-                service_id: msg.service_id,
-                payload: msg.payload,
-                stored_at_ms: now_ms,
-                expires_at_ms: msg.expires_at_ms,
-            },
-            None,
-        ));
+        self.add_bytes(live_cost(device));
+        let stored = Stored {
+            seq,
+            message_id: msg.message_id,
+            service_id: msg.service_id,
+            payload: msg.payload,
+            stored_at_ms: now_ms,
+            expires_at_ms: msg.expires_at_ms,
+        };
+        self.add_bytes(message_cost(&stored));
+        self.resized(tl, |tl| tl.messages.push_back((stored, None)));
         self.trim(device, tl, now_ms);
         let oldest = tl.messages.front().map_or(seq, |(m, _)| m.seq);
-        Appended { seq, oldest, learned_ms: tl.learned_ms(now_ms) }
+        Ok(Appended { seq, oldest, learned_ms: tl.learned_ms(now_ms) })
     }
 
     fn resume_now(&self, device: &str, after_seq: u64, limit: usize, now_ms: u64) -> Replay {
@@ -382,9 +443,27 @@ impl MemoryStore {
     }
 
     fn set_learned_now(&self, device: &str, learned_ms: Option<u32>, now_ms: u64) {
-        if let Some(tl) = self.timelines.borrow_mut().get_mut(device) {
-            tl.learned = learned_ms.map(|ms| (ms, now_ms.saturating_add(self.retention.learned_ttl_ms)));
+        let mut timelines = self.timelines.borrow_mut();
+        let learned = learned_ms.map(|ms| (ms, now_ms.saturating_add(self.retention.learned_ttl_ms)));
+        match timelines.get_mut(device) {
+            Some(tl) => tl.learned = learned,
+            // Its messages were all acknowledged (the timeline went): a
+            // timeline comes back to keep what was learned.
+            None if learned.is_some() => {
+                let mut tl = self.new_timeline(device);
+                tl.learned = learned;
+                timelines.insert(device.to_owned(), tl);
+            }
+            None => {}
         }
+    }
+
+    /// A new, empty timeline; its sequences start above any this run issued
+    /// for a dropped timeline. Counted against the cap.
+    fn new_timeline(&self, device: &str) -> Timeline {
+        self.add_bytes(timeline_cost(device));
+        let start = self.base_seq.max(self.reuse_floor.get());
+        Timeline { floor: start + 1, last: start, acked: start, ..Default::default() }
     }
 
     fn replay_now(&self, device: &str, after_seq: u64, limit: usize, now_ms: u64) -> Replay {
@@ -422,6 +501,7 @@ impl MemoryStore {
         while tl.messages.front().is_some_and(|(m, _)| m.seq <= seq) {
             if let Some((m, sent)) = tl.messages.pop_front() {
                 tl.floor = m.seq + 1;
+                self.sub_bytes(message_cost(&m));
                 let sent_at_ms = sent.unwrap_or(now_ms);
                 let status = Status::Acked {
                     device: device.to_owned(),
@@ -434,8 +514,16 @@ impl MemoryStore {
             }
         }
         if tl.messages.is_empty() {
-            // Keep the counters (sequences are never reused) but nothing else.
-            tl.messages = VecDeque::new();
+            self.resized(tl, |tl| tl.messages = VecDeque::new());
+            if tl.acked >= tl.last && tl.learned_ms(now_ms).is_none() {
+                // Everything handed out was acknowledged: no gap to report,
+                // so the timeline can go (unless it keeps a learned recovery
+                // time). Sequences are never reused: new timelines start
+                // above its last one.
+                self.reuse_floor.set(self.reuse_floor.get().max(tl.last));
+                timelines.remove(device);
+                self.sub_bytes(timeline_cost(device));
+            }
         }
     }
 
@@ -461,13 +549,35 @@ impl MemoryStore {
     }
 }
 
+/// What a message costs beyond its slot in the timeline's buffer: its
+/// service id and payload (counted per copy, though copies of one push
+/// share the payload).
+fn message_cost(m: &Stored) -> usize {
+    m.service_id.len() + m.payload.len()
+}
+
+/// The fixed part of a message: its slot (a buffer grows by doubling, so
+/// counted at the append as a bound) and its entry in the id index.
+const MESSAGE_COST: usize = 2 * std::mem::size_of::<(Stored, Option<u64>)>();
+
+/// A message's entry in the id index (`live`): key, device copy, sequence,
+/// and the map's own overhead.
+fn live_cost(device: &str) -> usize {
+    device.len() + std::mem::size_of::<(u64, (String, u64))>() + 16
+}
+
+/// A device's timeline entry: key, counters, the map's own overhead.
+fn timeline_cost(device: &str) -> usize {
+    device.len() + std::mem::size_of::<(String, Timeline)>() + 16
+}
+
 fn ready<'a, T: 'a>(value: T) -> StoreFuture<'a, T> {
     Box::pin(std::future::ready(Ok(value)))
 }
 
 impl TimelineStore for MemoryStore {
     fn append<'a>(&'a self, device: &'a str, msg: NewMessage, now_ms: u64) -> StoreFuture<'a, Appended> {
-        ready(self.append_now(device, msg, now_ms))
+        Box::pin(std::future::ready(self.append_now(device, msg, now_ms)))
     }
 
     fn replay<'a>(&'a self, device: &'a str, after_seq: u64, limit: usize, now_ms: u64) -> StoreFuture<'a, Replay> {
@@ -523,7 +633,11 @@ mod tests {
     }
 
     fn block<T>(f: StoreFuture<'_, T>) -> T {
-        futures_lite::future::block_on(f).expect("memory store never fails")
+        block_result(f).expect("memory store without a cap never fails")
+    }
+
+    fn block_result<T>(f: StoreFuture<'_, T>) -> Result<T, StoreError> {
+        futures_lite::future::block_on(f)
     }
 
     #[test]
@@ -606,6 +720,54 @@ mod tests {
         block(s.mark_sent("d", seq, 7, BOOT + 1));
         assert!(matches!(block(s.status(7)), Some(Status::Sent { sent_at_ms, .. }) if sent_at_ms == BOOT + 1));
         assert_eq!(block(s.status(8)), None);
+    }
+
+    #[test]
+    fn a_full_store_refuses_appends_until_clients_acknowledge() {
+        let s = MemoryStore::new(Retention::default(), BOOT).with_max_bytes(64 * 1024);
+        let mut stored = Vec::new();
+        let err = loop {
+            let device = format!("made-up-{}", stored.len());
+            match block_result(s.append(&device, msg(stored.len() as u64), BOOT)) {
+                Ok(a) => stored.push((device, a.seq)),
+                Err(e) => break e,
+            }
+            assert!(stored.len() < 10_000, "never full");
+        };
+        assert!(matches!(&err, StoreError::Full(why) if why.contains("delivery.memory_store_bytes")), "{err}");
+        assert!(s.bytes() <= 64 * 1024 && stored.len() > 20, "{} bytes, {} messages", s.bytes(), stored.len());
+        // Acknowledged messages leave, and so do timelines with nothing
+        // left to report: the room comes back.
+        for (device, seq) in &stored {
+            block(s.ack(device, *seq, BOOT));
+        }
+        assert_eq!((s.bytes(), s.timelines()), (0, 0));
+        assert!(block_result(s.append("made-up-0", msg(99_999), BOOT)).is_ok());
+    }
+
+    #[test]
+    fn a_timeline_dropped_once_acknowledged_never_repeats_a_sequence() {
+        let s = MemoryStore::new(Retention::default(), BOOT);
+        let first = block(s.append("d", msg(1), BOOT)).seq;
+        block(s.append("other", msg(2), BOOT));
+        let other = block(s.append("other", msg(3), BOOT)).seq;
+        block(s.ack("d", first, BOOT));
+        block(s.ack("other", other, BOOT));
+        assert_eq!(s.timelines(), 0);
+        let again = block(s.append("d", msg(4), BOOT));
+        assert!(again.seq > other && again.oldest == again.seq, "{again:?} after {other}");
+        // The client resumes from what it acknowledged: nothing missing.
+        let r = block(s.replay("d", first, 10, BOOT));
+        assert_eq!((r.missing, r.messages.len()), (None, 1));
+        // A timeline with an unacknowledged gap stays, to report it.
+        let s = MemoryStore::new(Retention::default(), BOOT);
+        let expiring = |id| NewMessage { expires_at_ms: BOOT + 10, ..msg(id) };
+        let acked = block(s.append("d", expiring(1), BOOT)).seq;
+        let lost = block(s.append("d", expiring(2), BOOT)).seq;
+        assert!(block(s.replay("d", 0, 10, BOOT + 20)).messages.is_empty(), "both expired");
+        block(s.ack("d", acked, BOOT + 20));
+        assert_eq!(s.timelines(), 1);
+        assert_eq!(block(s.replay("d", acked, 10, BOOT + 20)).missing, Some((lost, lost)));
     }
 
     #[test]

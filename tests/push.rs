@@ -306,6 +306,239 @@ fn a_client_that_never_reads_is_closed_as_slow_without_growing_memory() {
     drop(node);
 }
 
+/// A client socket with a tiny receive buffer, authenticated by hand; the
+/// test decides when (if ever) it reads.
+struct RawClient {
+    device: String,
+    stream: std::net::TcpStream,
+    /// Bytes read after AuthOk, until EOF.
+    received: Vec<u8>,
+}
+
+impl RawClient {
+    fn connect(addr: std::net::SocketAddr, cfg: &longlink::config::Config, device: &str) -> RawClient {
+        use std::io::Write;
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        // Set before connecting, so the window the node sees stays tiny.
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.connect(&addr.into()).unwrap();
+        let mut stream: std::net::TcpStream = socket.into();
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let auth = longlink::codec::Frame::Auth(longlink::proto::Auth {
+            token: token(cfg, &format!("user-{device}"), device),
+            // Long heartbeats: the node must not close it as idle meanwhile.
+            heartbeat_ms: 120_000,
+            ..Default::default()
+        });
+        stream.write_all(&auth.to_bytes()).unwrap();
+        let mut client = RawClient { device: device.to_owned(), stream, received: Vec::new() };
+        let frames = client.read_frames(1);
+        assert!(matches!(frames[..], [longlink::codec::Frame::AuthOk(_)]), "{device}: {frames:?}");
+        client
+    }
+
+    /// Reads exactly `n` whole frames (the node sends nothing unasked
+    /// before the pushes start).
+    fn read_frames(&mut self, n: usize) -> Vec<longlink::codec::Frame> {
+        use std::io::Read;
+        let mut buf = Vec::new();
+        let mut byte = [0u8; 1];
+        while decode_all(&buf).len() < n {
+            match self.stream.read(&mut byte) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Ok(1) => buf.push(byte[0]),
+                other => panic!("{}: no AuthOk: {other:?}", self.device),
+            }
+        }
+        decode_all(&buf)
+    }
+
+    /// Reads everything the node sends, until it closes the connection.
+    fn read_to_end(&mut self) {
+        use std::io::Read;
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return,
+                Ok(n) => self.received.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+                Err(e) => panic!("{}: read failed after {} bytes: {e}", self.device, self.received.len()),
+            }
+        }
+    }
+
+    /// Checks every byte read: whole, well-formed frames only; Message
+    /// payloads exactly the first ones the node accepted for this device,
+    /// in order; then at most one Error{SLOW}; then nothing.
+    fn check_stream(&self, accepted: &[Bytes], max_body: u32) {
+        use longlink::codec::{self, Frame};
+        let device = &self.device;
+        let mut buf = &self.received[..];
+        let mut messages = 0;
+        let mut error = None;
+        while !buf.is_empty() {
+            assert!(error.is_none(), "{device}: bytes after the Error frame: {:?}", &buf[..buf.len().min(32)]);
+            let (header, body) = match codec::split_frame(buf, max_body) {
+                Ok(Some(split)) => split,
+                Ok(None) => panic!("{device}: the stream ends inside a frame ({} bytes left)", buf.len()),
+                Err(e) => panic!("{device}: undecodable header after {messages} messages: {e}"),
+            };
+            match Frame::decode(header, body) {
+                Ok(Frame::Message(m)) => {
+                    let expected = accepted.get(messages);
+                    assert_eq!(Some(&m.payload), expected, "{device}: message #{messages} corrupt or out of order");
+                    messages += 1;
+                }
+                Ok(Frame::Error(e)) => error = Some(e),
+                other => panic!("{device}: unexpected frame after {messages} messages: {other:?}"),
+            }
+            buf = &buf[header.frame_len()..];
+        }
+        if let Some(e) = error {
+            assert_eq!(longlink::codes::from_wire(e.code), ErrorCode::Slow, "{device}: {e:?}");
+        }
+        assert!(messages < accepted.len(), "{device}: never cut off ({messages} messages)");
+    }
+}
+
+/// A payload of 40 to 900 bytes, different for every round.
+fn numbered_payload(n: usize) -> Bytes {
+    let mut text = format!("m{n:06}-");
+    while text.len() < 40 + (n * 37) % 861 {
+        text.push(char::from(b'a' + (text.len() % 26) as u8));
+    }
+    Bytes::from(text)
+}
+
+#[test]
+fn cutting_slow_clients_never_corrupts_their_streams() {
+    // Clients that never read, with a 4 KiB receive buffer, get pushes
+    // until the node cuts them off; then they read everything the node
+    // sent. Half are cut because their queue is full, half because their
+    // socket stays blocked past the write timeout.
+    use longlink::backend::{Reply, Request};
+    const CLIENTS: usize = 20;
+    // About 6 MB per client: more than the kernel's socket buffers (the
+    // node's send buffer grows up to net.ipv4.tcp_wmem's 4 MiB).
+    const ROUNDS: usize = 12_000;
+    for by_timeout in [false, true] {
+        let mut cfg = test_config(2);
+        cfg.session.close_linger_ms = 60_000; // the clients read only once pushes stop
+        if by_timeout {
+            // A queue that never fills: only the write deadline cuts.
+            cfg.session.outbound_queue_bytes = 64 << 20;
+            cfg.session.write_timeout_ms = 200;
+        } else {
+            cfg.server.max_frame_bytes = 1024;
+            cfg.session.outbound_queue_bytes = 4096;
+            cfg.session.write_timeout_ms = 600_000;
+        }
+        let server = start(&cfg);
+        let tag = if by_timeout { "timeout" } else { "queue" };
+        let mut clients: Vec<RawClient> =
+            (0..CLIENTS).map(|i| RawClient::connect(server.client_addr(), &cfg, &format!("cut-{tag}-{i}"))).collect();
+        let devices: Vec<String> = clients.iter().map(|c| c.device.clone()).collect();
+        // Pipelined: one request per round to every client.
+        let (mut sender, mut receiver) = backend(&server).split().unwrap();
+        let sending = std::thread::spawn(move || {
+            let ids: Vec<u64> = (0..ROUNDS)
+                .map(|n| {
+                    let targets = longlink::proto::Targets { devices: devices.clone(), ..Default::default() };
+                    let req = longlink::proto::PushRequest {
+                        targets: Some(targets),
+                        payload: numbered_payload(n),
+                        ..Default::default()
+                    };
+                    sender.send(Request::Push(req)).unwrap()
+                })
+                .collect();
+            sender.flush().unwrap();
+            (sender, ids)
+        });
+        let mut replies = std::collections::HashMap::new();
+        for _ in 0..ROUNDS {
+            match receiver.recv().unwrap() {
+                Reply::Push(r) => replies.insert(r.request_id, r),
+                other => panic!("{other:?}"),
+            };
+        }
+        let (_sender, ids) = sending.join().unwrap();
+        // What the node accepted for each client, in the order it queued them.
+        let mut accepted: Vec<Vec<Bytes>> = vec![Vec::new(); CLIENTS];
+        for (n, id) in ids.iter().enumerate() {
+            for (i, r) in replies[id].results.iter().enumerate() {
+                if status(r.status) == PushStatus::Delivered {
+                    accepted[i].push(numbered_payload(n));
+                }
+            }
+        }
+        let slow = |server: &longlink::server::Server| {
+            server.counters().iter().map(|c| c.slow_closed.load(Ordering::Relaxed)).sum::<u64>()
+        };
+        assert!(
+            wait_until(Duration::from_secs(30), || slow(&server) == CLIENTS as u64),
+            "{tag}: {} of {CLIENTS} clients cut",
+            slow(&server)
+        );
+        for (client, accepted) in clients.iter_mut().zip(&accepted) {
+            client.read_to_end();
+            client.check_stream(accepted, cfg.server.max_frame_bytes);
+        }
+        // Closed on this side too, so the node's sessions end now, not at
+        // the linger.
+        drop(clients);
+        server.shutdown();
+    }
+}
+
+#[test]
+fn broadcasts_beyond_the_queue_bound_are_rejected_as_retryable_and_memory_stays_bounded() {
+    use longlink::backend::{Reply, Request};
+    const BROADCASTS: usize = 3_000;
+    let mut cfg = test_config(2);
+    // One delivery per second per shard: queued broadcasts stay queued.
+    cfg.push.broadcast_rate_per_sec = 2;
+    let node = NodeProcess::start(&cfg);
+    let devices = ["bq-0", "bq-1", "bq-2", "bq-3"];
+    assert_eq!(devices.iter().map(|d| owner_shard(d, 2)).collect::<HashSet<_>>().len(), 2);
+    let _clients: Vec<RawClient> = devices.iter().map(|d| RawClient::connect(node.client_addr, &cfg, d)).collect();
+    let mut push = PushClient::connect(node.push_addr, Duration::from_secs(5)).unwrap();
+    push.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let rss_before = node.rss_bytes();
+    let payload = Bytes::from(vec![b'b'; 60_000]);
+    let (mut sender, mut receiver) = push.split().unwrap();
+    let sending = std::thread::spawn(move || {
+        for _ in 0..BROADCASTS {
+            let targets = longlink::proto::Targets { broadcast: true, ..Default::default() };
+            let req =
+                longlink::proto::PushRequest { targets: Some(targets), payload: payload.clone(), ..Default::default() };
+            sender.send(Request::Push(req)).unwrap();
+        }
+        sender.flush().unwrap();
+        sender
+    });
+    let (mut accepted, mut rejected) = (0, 0);
+    for _ in 0..BROADCASTS {
+        let Reply::Push(r) = receiver.recv().unwrap() else { panic!("not a push reply") };
+        match status(r.status) {
+            PushStatus::Accepted => accepted += 1,
+            PushStatus::Rejected => {
+                assert!(r.retryable && r.reason.contains("broadcast queue"), "{r:?}");
+                rejected += 1;
+            }
+            other => panic!("{other:?}: {r:?}"),
+        }
+    }
+    let _sender = sending.join().unwrap();
+    let growth = node.rss_bytes().saturating_sub(rss_before);
+    // 8 MiB per shard holds about 140 of them (a few more as the pacer
+    // finishes some).
+    assert!(accepted > 0 && accepted < 400 && rejected > 0, "accepted {accepted}, rejected {rejected}");
+    // Unbounded, 3,000 x 60 KB on each of 2 shards: 360 MB.
+    assert!(growth < 64 << 20, "node RSS grew by {} MiB", growth >> 20);
+}
+
 #[test]
 fn kick_presence_and_malformed_requests() {
     let cfg = test_config(2);
