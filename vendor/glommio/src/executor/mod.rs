@@ -1333,7 +1333,14 @@ impl LocalExecutor {
                 ran = true;
             }
         }
-        ran
+        // longlink patch (vendor/glommio/PATCHES.md): we stop here when the
+        // latency ring has a completion, possibly before any queue ran (a
+        // preemption timer that fired while this thread was descheduled, an
+        // eventfd write, a cancelled request). Returning false would tell
+        // `run` there is nothing to do and it would park: the completion is
+        // consumed by `spin_poll_io` without waking anything, and the reactor
+        // sleeps with runnable tasks until some unrelated event arrives.
+        ran || !self.queues.borrow().active_executors.is_empty()
     }
 
     fn run_one_task_queue(&self) -> bool {
