@@ -5,6 +5,9 @@
 //! the unpatched crate and are the stress reproducer for it
 //! (`LONGLINK_LIVENESS_ROUNDS` runs more rounds).
 
+mod common;
+
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -208,4 +211,46 @@ fn thousands_of_tasks_on_timers_and_sockets_all_finish() {
     if let Err(at) = outcome {
         panic!("the executor stopped after {at} task wake-ups");
     }
+}
+
+/// `GET path` on a node's admin port; the body.
+fn get(addr: SocketAddr, path: &str) -> String {
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return String::new() };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()
+}
+
+/// The value of the sample `name{shard="i"}` in a Prometheus exposition.
+fn sample(body: &str, name: &str, shard: usize) -> Option<u64> {
+    let prefix = format!("{name}{{shard=\"{shard}\"}} ");
+    body.lines().find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+}
+
+/// A cluster node's `/metrics` carries, per shard, a turn counter that
+/// moves and a stall gauge.
+#[test]
+fn metrics_show_every_shard_turning() {
+    let redis = common::RedisServer::start();
+    let mut cfg = common::test_config(2);
+    cfg.node_name = "live".into();
+    cfg.delivery.redis_url = redis.url();
+    cfg.cluster.enabled = true;
+    cfg.cluster.admin_listen = "127.0.0.1:0".parse().expect("addr");
+    let node = common::NodeProcess::start(&cfg);
+    let admin = node.admin_addr.expect("a cluster node prints its admin address");
+    let first = get(admin, "/metrics");
+    let before: Vec<Option<u64>> = (0..2).map(|i| sample(&first, "longlink_shard_turns_total", i)).collect();
+    assert!(before.iter().all(Option::is_some), "turn counters missing from\n{first}");
+    for shard in 0..2 {
+        assert!(sample(&first, "longlink_shard_stalled_ms", shard).is_some(), "stall gauge missing from\n{first}");
+    }
+    // Both shards keep turning (their timer loops tick every 20 ms here).
+    let turning = common::wait_until(Duration::from_secs(30), || {
+        let body = get(admin, "/metrics");
+        (0..2).all(|i| sample(&body, "longlink_shard_turns_total", i) > before[i])
+    });
+    assert!(turning, "a shard's turn counter did not move");
 }
