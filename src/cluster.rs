@@ -709,13 +709,13 @@ impl Shard {
     }
 
     /// Sends `frame` to node `node` and waits for its reply.
-    async fn forward(&self, local: &Rc<Local>, node: &str, frame: Frame) -> Result<Frame, String> {
+    async fn forward(&self, local: &Rc<Local>, node: &str, frame: Frame) -> Result<Frame, ForwardError> {
         let counters = &local.shared.counters;
         counters.forwarded.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let result = match self.peer(local, node).await {
             Some(link) => link.call(frame, local.shared.forward_timeout).await,
-            None => Err(format!("node {node} is not live")),
+            None => Err(ForwardError::NotSent(format!("node {node} is not live"))),
         };
         counters.forward_latency.record(started.elapsed());
         if result.is_err() {
@@ -800,6 +800,14 @@ impl Shard {
                         Err(err) => err,
                     };
                     match fallback {
+                        // Its node is alive but did not answer in time: it
+                        // may have stored the copy and sent it to the device.
+                        // A copy stored here would reach the device only when
+                        // it reconnects (its node is never told), while the
+                        // backend takes it as stored: it retries instead.
+                        Some(_) if matches!(err, ForwardError::NoAnswer(_)) => {
+                            Err(format!("retryable: node {node} did not answer: {err}"))
+                        }
                         // Its node is gone: the copy waits in the shared
                         // timeline for the device to resume anywhere.
                         Some(frame) => {
@@ -1089,6 +1097,21 @@ fn merge(acc: Frame, other: Frame) -> Result<Frame, proto::RequestError> {
 
 // ---- node-to-node links -------------------------------------------------
 
+/// Why a request forwarded to another node got no reply.
+#[derive(Debug, thiserror::Error)]
+enum ForwardError {
+    /// It never left this node: the other node did not act on it.
+    #[error("{0}")]
+    NotSent(String),
+    /// The link failed while the request was queued or in flight.
+    #[error("connection lost")]
+    Lost,
+    /// Sent on a working link and not answered in time: the other node may
+    /// well have acted on it.
+    #[error("no answer within {} ms", .0.as_millis())]
+    NoAnswer(Duration),
+}
+
 /// One pipelined connection from a shard to another node's push port.
 pub(crate) struct PeerLink {
     node: String,
@@ -1115,15 +1138,15 @@ impl PeerLink {
     }
 
     /// Sends `frame` (its request id is replaced) and waits for the reply.
-    async fn call(&self, mut frame: Frame, timeout: Duration) -> Result<Frame, String> {
+    async fn call(&self, mut frame: Frame, timeout: Duration) -> Result<Frame, ForwardError> {
         let (tx, rx) = oneshot::channel();
         let id = {
             let mut inner = self.inner.borrow_mut();
             if inner.failed {
-                return Err("connection failed".into());
+                return Err(ForwardError::NotSent("connection failed".into()));
             }
             if inner.out.bytes() > PEER_QUEUE_BYTES {
-                return Err("retryable: too much queued for this node".into());
+                return Err(ForwardError::NotSent("retryable: too much queued for this node".into()));
             }
             inner.next_id += 1;
             let id = inner.next_id;
@@ -1142,10 +1165,10 @@ impl PeerLink {
         .await;
         match answer {
             Some(Ok(frame)) => Ok(frame),
-            Some(Err(_)) => Err("connection lost".into()),
+            Some(Err(_)) => Err(ForwardError::Lost),
             None => {
                 self.inner.borrow_mut().waiting.remove(&id);
-                Err(format!("no answer within {} ms", timeout.as_millis()))
+                Err(ForwardError::NoAnswer(timeout))
             }
         }
     }
