@@ -133,6 +133,7 @@ pub fn metrics(cluster: &ClusterShared, counters: &[Arc<ShardCounters>]) -> Stri
     family(&mut e, "longlink_upstream_requests_total", "Client requests to services.", false, &|c| {
         &c.upstream.requests
     });
+    crate::liveness::expose(&mut e, counters);
     let k = &cluster.counters;
     let one = |v: &AtomicU64| [(&[][..], load(v))];
     e.counter("longlink_route_claims_total", "Routes claimed in the router.", one(&k.claims));

@@ -857,6 +857,14 @@ impl Shard {
                         Err(err) => err,
                     };
                     match fallback {
+                        // Its node is alive but did not answer in time: it
+                        // may have stored the copy and sent it to the device.
+                        // A copy stored here would reach the device only when
+                        // it reconnects (its node is never told), while the
+                        // backend takes it as stored: it retries instead.
+                        Some(_) if matches!(err, ForwardError::Timeout(_)) => {
+                            Err(format!("node {node} did not answer: {err}"))
+                        }
                         // Its node is gone: the copy waits in the shared
                         // timeline for the device to resume anywhere.
                         Some(frame) => {

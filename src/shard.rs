@@ -118,6 +118,9 @@ pub struct ShardCounters {
     pub upstream: UpstreamCounters,
     /// At-least-once delivery: stored, sent, resent, acknowledged.
     pub reliable: ReliableCounters,
+    /// Turns of the shard's timer loop and how late it is: a shard that
+    /// stops turning while it has work shows here.
+    pub liveness: crate::liveness::Liveness,
 }
 
 /// Push-port limits a shard enforces.
@@ -1660,8 +1663,11 @@ impl Shard {
         let tick = Duration::from_millis(self.cfg.wheel_tick_ms);
         let mut due = Vec::new();
         let mut shutdown_deadline: Option<Instant> = None;
+        let liveness = &self.counters.liveness;
         loop {
+            liveness.waiting_until(Instant::now() + tick);
             glommio::timer::sleep(tick).await;
+            liveness.turned(Instant::now());
             if shutdown_deadline.is_none() && stop.load(Ordering::Relaxed) {
                 self.begin_shutdown();
                 shutdown_deadline = Some(Instant::now() + shutdown_grace);
@@ -1676,6 +1682,7 @@ impl Shard {
             for chunk in due.chunks(SWEEP_BATCH) {
                 self.sweep(chunk);
                 glommio::yield_if_needed().await;
+                liveness.turned(Instant::now());
             }
             due.clear();
             if let Some(deadline) = shutdown_deadline

@@ -417,7 +417,9 @@ async fn drifting_client(
         first = false;
         track.borrow_mut().at = Some(addr);
         loop {
-            if done(&track.borrow()) {
+            // At the deadline the client stops waiting: a message that never
+            // came shows as lost in the test's checks instead of a hang.
+            if done(&track.borrow()) || Instant::now() >= deadline {
                 return Some(conn);
             }
             let event = futures_lite::future::or(async { Some(conn.next_event().await) }, async {
@@ -939,5 +941,67 @@ fn a_second_sigterm_stops_a_draining_node_at_once() {
             ended += 1;
         }
         assert_eq!(ended, pairs.len());
+    });
+}
+
+/// The at-least-once contract across nodes: a STORED reply names a copy the
+/// device gets. When the device's node stores and sends a forwarded push but
+/// its answer comes too late, a second copy stored by the receiving node
+/// would reach the device only after a reconnect (its node is never told);
+/// the push must be rejected as retryable instead, and the retry stored on
+/// the device's node.
+#[test]
+fn a_forward_answered_too_late_is_retried_not_stored_out_of_reach() {
+    let redis = RedisServer::start();
+    let b = Node::start(node_config(&redis, "b", 1));
+    // Node c advertises a relay as its node-to-node endpoint: requests pass
+    // at once, answers are held past b's forward timeout (2 s) at first.
+    let relay = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut via_relay = node_config(&redis, "c", 2);
+    via_relay.cluster.node_endpoint = relay.local_addr().unwrap().to_string();
+    let c = Node::start(via_relay);
+    let c_push = c.push;
+    std::thread::spawn(move || {
+        let Ok((from_b, _)) = relay.accept() else { return };
+        let Ok(to_c) = std::net::TcpStream::connect(c_push) else { return };
+        let (mut b_in, mut c_out) = (from_b.try_clone().unwrap(), to_c.try_clone().unwrap());
+        std::thread::spawn(move || std::io::copy(&mut b_in, &mut c_out));
+        std::thread::sleep(Duration::from_secs(3));
+        let (mut c_in, mut b_out) = (to_c, from_b);
+        let _ = std::io::copy(&mut c_in, &mut b_out);
+    });
+    let cfg = b.cfg.clone();
+    let mut push = b.pusher();
+    run(async {
+        let mut dev = connect(c.client, &cfg, "u", "on-c").await;
+        wait_routes(&redis, &[("on-c", "c")]);
+        let reply = push.push_devices_at_least_once(&["on-c"], Bytes::from_static(b"late")).unwrap();
+        let first = &reply.results[0];
+        let mut stored = Vec::new();
+        match status(first.status) {
+            PushStatus::Stored => stored.push(first.seq),
+            PushStatus::Rejected => assert!(first.retryable, "{first:?}"),
+            other => panic!("unexpected {other:?}: {first:?}"),
+        }
+        if stored.is_empty() {
+            // The backend retries; this answer comes in time.
+            let retry = push.push_devices_at_least_once(&["on-c"], Bytes::from_static(b"late")).unwrap();
+            assert_eq!(status(retry.results[0].status), PushStatus::Stored, "{retry:?}");
+            stored.push(retry.results[0].seq);
+        }
+        // The device, connected to c all along, gets every copy reported
+        // STORED (and the one c stored for the late answer).
+        let mut got = Vec::new();
+        while !stored.iter().all(|s| got.contains(s)) {
+            let next = futures_lite::future::or(async { Some(next_message(&mut dev).await) }, async {
+                glommio::timer::sleep(Duration::from_secs(20)).await;
+                None
+            })
+            .await;
+            let Some(m) = next else {
+                panic!("the device never got copies {stored:?} reported STORED (got {got:?})");
+            };
+            got.push(m.seq);
+        }
     });
 }
