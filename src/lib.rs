@@ -40,6 +40,7 @@ pub mod echo;
 pub mod groups;
 pub mod http;
 pub mod ids;
+pub mod lease;
 pub mod liveness;
 pub mod mesh;
 pub mod metrics;

@@ -1,7 +1,8 @@
 //! The cluster router: which node holds each device, in Redis.
 //!
 //! - Node registry: `P:node:<name>` (a hash: incarnation, endpoints,
-//!   draining) with a lease (PEXPIRE), renewed by a sidecar thread, and
+//!   draining) with a lease (PEXPIRE), renewed by its own sidecar thread
+//!   ([`crate::lease`]), and
 //!   `P:nodes`, a sorted set of node names scored by lease expiry.
 //! - Routes: `P:route:{device}` (node, incarnation, shard, connection id,
 //!   epoch). A login takes a new epoch from `P:epoch:{device}` (INCR), so
@@ -36,17 +37,10 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use redis::Value;
-use tracing::{info, warn};
 
+use crate::lease::{LeaseHandle, LeaseOp, LeaseSidecar};
+pub use crate::lease::{Liveness, NameHeld, StartAction, liveness, process_identity};
 use crate::redis_link::{self, NotSent, RedisLink, SidecarHandle, Unavailable, as_string, as_u64, take_batch};
-
-/// A reply as a signed integer (PTTL answers -1 and -2).
-fn as_i64(v: &Value) -> Option<i64> {
-    match v {
-        Value::Int(n) => Some(*n),
-        other => as_string(other)?.parse().ok(),
-    }
-}
 
 /// Where a device is connected.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,6 +72,11 @@ pub struct NodeState {
     /// 0 unregistered, 1 live, 2 fenced (stop accepting, drain).
     state: AtomicU8,
     draining: AtomicBool,
+    /// Left the registry on purpose: never renew or register again.
+    left: AtomicBool,
+    /// A route call failed for lack of Redis since the lease thread last
+    /// looked: a lease found lapsed is blamed on the outage.
+    redis_error: AtomicBool,
 }
 
 impl NodeState {
@@ -96,205 +95,25 @@ impl NodeState {
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
-}
 
-/// What the lease keeper decides after a renewal attempt.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LeaseAction {
-    /// Renewed; nothing else to do.
-    Renewed,
-    /// Our registration is gone because Redis was unreachable or restarted:
-    /// register again and re-assert every local route.
-    Reregister,
-    /// Our lease lapsed while we made no attempt (we were paused): others
-    /// may own our devices. Stop accepting and drain.
-    Fence,
-    /// Another process registered under our node name.
-    Taken,
-    /// Redis is unreachable; keep serving, try again.
-    Retry,
-}
-
-/// Whether the process a registry entry names is still running.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Liveness {
-    Alive,
-    /// It ran on this host and is gone (or its pid now names another process).
-    Gone,
-    /// Another host or pid namespace, or no identity recorded.
-    Unknown,
-}
-
-/// What a starting node does when its name is registered by another
-/// incarnation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StartAction {
-    /// The holder is a dead run of this node: replace its incarnation.
-    TakeOver,
-    /// Look again shortly: the lease may lapse on its own.
-    Wait,
-    /// A live process holds the name: fence (and exit).
-    GiveUp,
-}
-
-/// A starting node's view of the registration that holds its name (no
-/// I/O): the holder's incarnation and how its lease ran, observed over time.
-#[derive(Clone, Debug)]
-pub struct NameHeld {
-    incarnation: u64,
-    first_seen: Instant,
-    last_pttl_ms: i64,
-}
-
-impl NameHeld {
-    pub fn new(incarnation: u64, pttl_ms: i64, now: Instant) -> NameHeld {
-        NameHeld { incarnation, first_seen: now, last_pttl_ms: pttl_ms }
+    pub(crate) fn set_live(&self) {
+        self.state.store(1, Ordering::Relaxed);
     }
 
-    /// One more look at the registration: holder `incarnation`, whose
-    /// process is `holder`, with `pttl_ms` of its lease left.
-    pub fn observe(
-        &mut self,
-        incarnation: u64,
-        holder: Liveness,
-        pttl_ms: i64,
-        now: Instant,
-        lease: Duration,
-    ) -> StartAction {
-        match holder {
-            Liveness::Alive => return StartAction::GiveUp,
-            Liveness::Gone if incarnation == self.incarnation => return StartAction::TakeOver,
-            _ => {}
-        }
-        // Renewed since the last look, or registered anew: someone is alive.
-        let renewed = incarnation != self.incarnation || pttl_ms > self.last_pttl_ms;
-        self.last_pttl_ms = pttl_ms;
-        if renewed || now.duration_since(self.first_seen) > lease + lease / 2 {
-            StartAction::GiveUp
-        } else {
-            StartAction::Wait
-        }
-    }
-}
-
-/// How this process names itself in the registry, so that a later run of
-/// the node on the same host can tell whether it still runs: boot id, pid
-/// namespace, pid and start time (a pid alone may be reused).
-pub fn process_identity() -> String {
-    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-    let ns = std::fs::read_link("/proc/self/ns/pid").map(|p| p.display().to_string()).unwrap_or_default();
-    let pid = std::process::id();
-    let start = start_time(pid).unwrap_or(0);
-    format!("{}/{ns}/{pid}/{start}", boot.trim())
-}
-
-/// Whether the process `identity` ([`process_identity`]) names runs.
-pub fn liveness(identity: &str) -> Liveness {
-    let mut theirs = identity.splitn(4, '/');
-    let mine = process_identity();
-    let mut ours = mine.splitn(4, '/');
-    let (Some(boot), Some(ns), Some(pid), Some(start)) = (theirs.next(), theirs.next(), theirs.next(), theirs.next())
-    else {
-        return Liveness::Unknown;
-    };
-    if boot.is_empty() || ns.is_empty() || ours.next() != Some(boot) || ours.next() != Some(ns) {
-        return Liveness::Unknown;
-    }
-    let (Ok(pid), Ok(start)) = (pid.parse::<u32>(), start.parse::<u64>()) else { return Liveness::Unknown };
-    if start_time(pid) == Some(start) { Liveness::Alive } else { Liveness::Gone }
-}
-
-/// Field 22 of /proc/<pid>/stat: when the process started, in clock ticks
-/// since boot.
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces; it ends at the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// The outcome of one renewal round trip.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RenewOutcome {
-    /// The key existed with our incarnation and was extended.
-    Extended,
-    /// The key was missing (not recreated).
-    Missing,
-    /// The key holds another incarnation.
-    Taken,
-    /// No answer from Redis.
-    Unreachable,
-}
-
-/// Decides fencing from renewal outcomes and the monotonic clock (no I/O).
-#[derive(Debug)]
-pub struct LeaseKeeper {
-    lease: Duration,
-    last_renewed: Option<Instant>,
-    /// Whether a renewal failed for lack of Redis since the last success.
-    outage: bool,
-    /// Set once fenced: never renew again.
-    fenced: bool,
-}
-
-impl LeaseKeeper {
-    pub fn new(lease: Duration) -> LeaseKeeper {
-        LeaseKeeper { lease, last_renewed: None, outage: false, fenced: false }
+    pub(crate) fn set_fenced(&self) {
+        self.state.store(2, Ordering::Relaxed);
     }
 
-    /// How often to renew: three tries per lease.
-    pub fn interval(&self) -> Duration {
-        self.lease / 3
+    pub(crate) fn has_left(&self) -> bool {
+        self.left.load(Ordering::Relaxed)
     }
 
-    pub fn is_fenced(&self) -> bool {
-        self.fenced
+    fn note_redis_error(&self) {
+        self.redis_error.store(true, Ordering::Relaxed);
     }
 
-    pub fn on_outcome(&mut self, outcome: RenewOutcome, now: Instant) -> LeaseAction {
-        if self.fenced {
-            return LeaseAction::Fence;
-        }
-        match outcome {
-            RenewOutcome::Extended => {
-                self.last_renewed = Some(now);
-                self.outage = false;
-                LeaseAction::Renewed
-            }
-            RenewOutcome::Unreachable => {
-                self.outage = true;
-                LeaseAction::Retry
-            }
-            RenewOutcome::Taken => {
-                self.fenced = true;
-                LeaseAction::Taken
-            }
-            RenewOutcome::Missing => {
-                let lapsed_silently = match self.last_renewed {
-                    // First registration.
-                    None => false,
-                    Some(t) => now.duration_since(t) >= self.lease && !self.outage,
-                };
-                if lapsed_silently {
-                    self.fenced = true;
-                    LeaseAction::Fence
-                } else {
-                    LeaseAction::Reregister
-                }
-            }
-        }
-    }
-
-    /// Another call to Redis failed for lack of Redis: a lease found
-    /// lapsed later is blamed on the outage, not on this node being stopped.
-    pub fn on_redis_error(&mut self) {
-        self.outage = true;
-    }
-
-    /// Registered (again).
-    pub fn on_registered(&mut self, now: Instant) {
-        self.last_renewed = Some(now);
-        self.outage = false;
+    pub(crate) fn take_redis_error(&self) -> bool {
+        self.redis_error.swap(false, Ordering::Relaxed)
     }
 }
 
@@ -382,6 +201,7 @@ type Job = redis_link::Job<Op, Answer, RouterError>;
 #[derive(Clone)]
 pub struct Router {
     sidecar: SidecarHandle<Op, Answer, RouterError>,
+    lease: LeaseHandle,
     state: Arc<NodeState>,
 }
 
@@ -389,8 +209,7 @@ pub struct Router {
 const CLAIM: usize = 0;
 const REASSERT: usize = 1;
 const RELEASE: usize = 2;
-const RENEW: usize = 3;
-const DEREGISTER: usize = 4;
+const DEREGISTER: usize = 3;
 
 /// KEYS: epoch, route. ARGV: node, incarnation, shard, conn, ttl_ms.
 /// Returns {epoch, previous node, inc, shard, conn, epoch}.
@@ -433,33 +252,18 @@ end
 return 0
 "#;
 
-/// KEYS: node key, nodes zset. ARGV: incarnation, lease_ms, now_ms, name,
-/// client endpoint, node endpoint, draining, create (1/0), holder (this
-/// process), replace (an incarnation this one may take over, or '').
-/// Returns 'ok', 'missing', or {'taken', incarnation, holder, pttl}.
-const RENEW_LUA: &str = r#"
-local cur = redis.call('HGET', KEYS[1], 'inc')
-if cur and cur ~= ARGV[1] and cur ~= ARGV[10] then
-  return {'taken', cur, redis.call('HGET', KEYS[1], 'holder') or '', redis.call('PTTL', KEYS[1])}
-end
-if not cur and ARGV[8] ~= '1' then return 'missing' end
-redis.call('HSET', KEYS[1], 'inc', ARGV[1], 'client', ARGV[5], 'node', ARGV[6], 'draining', ARGV[7], 'holder', ARGV[9])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('ZADD', KEYS[2], tonumber(ARGV[3]) + tonumber(ARGV[2]), ARGV[4])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
-return 'ok'
-"#;
-
 impl Router {
-    /// Starts the sidecar: it registers the node, renews the lease, and
-    /// answers route requests. `on_reregister` runs on the sidecar thread
-    /// after a re-registration (the caller re-asserts its routes).
+    /// Starts the sidecars: the lease thread registers the node and renews
+    /// its lease ([`crate::lease`]); the router thread answers route
+    /// requests. `on_reregister` runs on the lease thread after a
+    /// re-registration (the caller re-asserts its routes).
     pub fn start(cfg: RouterConfig, on_reregister: Box<dyn Fn() + Send>) -> std::io::Result<Router> {
         let (handle, rx) = SidecarHandle::channel();
         let state = Arc::new(NodeState::default());
-        let sidecar = RouterSidecar::new(cfg, state.clone(), on_reregister);
+        let lease = LeaseSidecar::start(cfg.clone(), state.clone(), on_reregister)?;
+        let sidecar = RouterSidecar::new(cfg, state.clone());
         thread::Builder::new().name("longlink-router".into()).spawn(move || sidecar.run(rx))?;
-        Ok(Router { sidecar: handle, state })
+        Ok(Router { sidecar: handle, lease, state })
     }
 
     pub fn state(&self) -> &Arc<NodeState> {
@@ -524,8 +328,12 @@ impl Router {
     /// listing it), instead of at the next renewal.
     pub async fn announce_draining(&self) -> Result<(), RouterError> {
         self.state.set_draining(true);
-        // Any request wakes the sidecar, which renews when the flag changed.
-        self.nodes().await.map(|_| ())
+        self.lease
+            .call(LeaseOp::Announce, |e| match e {
+                NotSent::Full => RouterError::Overloaded,
+                NotSent::Stopped => RouterError::Unavailable("lease thread stopped".into()),
+            })
+            .await
     }
 
     /// Removes the node from the registry (clean exit). Requests queued
@@ -584,68 +392,30 @@ pub fn read_nodes(link: &mut RedisLink, prefix: &str) -> Result<Vec<NodeInfo>, U
 struct RouterSidecar {
     cfg: RouterConfig,
     link: RedisLink,
+    /// Fencing and leaving, as the lease thread and deregistration set them.
     state: Arc<NodeState>,
-    keeper: LeaseKeeper,
-    registered: bool,
     /// Live nodes as of the last refresh (for route validity).
     nodes: HashMap<String, NodeInfo>,
     nodes_refreshed: Option<Instant>,
-    on_reregister: Box<dyn Fn() + Send>,
-    /// The draining flag as last written to the registry.
-    announced_draining: bool,
-    /// Left the registry on purpose: never renew again.
-    deregistered: bool,
-    /// This process in the registry ([`process_identity`]).
-    holder: String,
-    /// Starting: the registration of another run that holds our name.
-    held: Option<NameHeld>,
-}
-
-/// What one renewal script answered.
-enum Renewal {
-    Ok,
-    Missing,
-    /// Another incarnation holds the name: it, its process, its lease left.
-    Taken {
-        incarnation: u64,
-        holder: String,
-        pttl_ms: i64,
-    },
 }
 
 impl RouterSidecar {
-    fn new(cfg: RouterConfig, state: Arc<NodeState>, on_reregister: Box<dyn Fn() + Send>) -> RouterSidecar {
-        let scripts =
-            [CLAIM_LUA, REASSERT_LUA, RELEASE_LUA, RENEW_LUA, DEREGISTER_LUA].map(redis::Script::new).to_vec();
+    fn new(cfg: RouterConfig, state: Arc<NodeState>) -> RouterSidecar {
+        let scripts = [CLAIM_LUA, REASSERT_LUA, RELEASE_LUA, DEREGISTER_LUA].map(redis::Script::new).to_vec();
         let link = RedisLink::new("router", &cfg.url, cfg.connect_timeout, cfg.io_timeout, scripts);
-        let keeper = LeaseKeeper::new(cfg.lease);
-        RouterSidecar {
-            cfg,
-            link,
-            state,
-            keeper,
-            registered: false,
-            nodes: HashMap::new(),
-            nodes_refreshed: None,
-            on_reregister,
-            announced_draining: false,
-            deregistered: false,
-            holder: process_identity(),
-            held: None,
-        }
+        RouterSidecar { cfg, link, state, nodes: HashMap::new(), nodes_refreshed: None }
     }
 
     fn run(mut self, rx: Receiver<Job>) {
-        let mut next_renew = Instant::now();
+        // The node table is read as often as the lease is renewed, so
+        // `nodes()` answers stay as fresh as the registry.
+        let every = self.cfg.lease / 3;
         loop {
-            let now = Instant::now();
-            if now >= next_renew || self.state.is_draining() != self.announced_draining {
-                self.renew();
-                // Waiting for the lease of a previous run to lapse: look often.
-                let every = if self.held.is_some() { self.cfg.lease / 10 } else { self.keeper.interval() };
-                next_renew = Instant::now() + every;
+            if self.nodes_refreshed.is_none_or(|t| t.elapsed() >= every) {
+                self.refresh_nodes();
             }
-            let first = match rx.recv_timeout(next_renew.saturating_duration_since(Instant::now())) {
+            let wait = self.nodes_refreshed.map_or(every, |t| every.saturating_sub(t.elapsed()));
+            let first = match rx.recv_timeout(wait) {
                 Ok(job) => job,
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => return,
@@ -662,104 +432,10 @@ impl RouterSidecar {
         format!("{}:{what}", self.cfg.prefix)
     }
 
-    fn renew(&mut self) {
-        if self.keeper.is_fenced() || self.deregistered {
-            return;
-        }
-        let now_ms = unix_ms();
-        let lease_ms = self.cfg.lease.as_millis() as u64;
-        self.announced_draining = self.state.is_draining();
-        let attempt = |this: &mut RouterSidecar, create: bool, replace: Option<u64>| -> Result<Renewal, Unavailable> {
-            let mut inv = this.link.script(RENEW).prepare_invoke();
-            inv.key(this.p(&format!("node:{}", this.cfg.node))).key(this.p("nodes"));
-            inv.arg(this.cfg.incarnation)
-                .arg(lease_ms)
-                .arg(now_ms)
-                .arg(&this.cfg.node)
-                .arg(&this.cfg.client_endpoint)
-                .arg(&this.cfg.node_endpoint)
-                .arg(u8::from(this.announced_draining))
-                .arg(u8::from(create))
-                .arg(&this.holder)
-                .arg(replace.map(|inc| inc.to_string()).unwrap_or_default());
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            pipe.invoke_script(&inv);
-            let values = this.link.query(&pipe)?;
-            Ok(match values.first() {
-                Some(Value::Array(f)) => Renewal::Taken {
-                    incarnation: f.get(1).and_then(as_u64).unwrap_or(0),
-                    holder: f.get(2).and_then(as_string).unwrap_or_default(),
-                    pttl_ms: f.get(3).and_then(as_i64).unwrap_or(0),
-                },
-                Some(v) if as_string(v).as_deref() == Some("ok") => Renewal::Ok,
-                _ => Renewal::Missing,
-            })
-        };
-        let mut answer = attempt(self, !self.registered, None);
-        if !self.registered
-            && let Ok(Renewal::Taken { incarnation, holder, pttl_ms }) = &answer
-        {
-            // Starting while another run holds our name.
-            let now = Instant::now();
-            let first_look = self.held.is_none();
-            let held = self.held.get_or_insert_with(|| NameHeld::new(*incarnation, *pttl_ms, now));
-            let alive = liveness(holder);
-            match held.observe(*incarnation, alive, *pttl_ms, now, self.cfg.lease) {
-                StartAction::TakeOver => {
-                    info!(node = %self.cfg.node, previous = incarnation, %holder, "taking over the lease of a previous run of this node (its process is gone)");
-                    answer = attempt(self, true, Some(*incarnation));
-                }
-                StartAction::Wait => {
-                    if first_look {
-                        info!(node = %self.cfg.node, previous = incarnation, %holder, lease_left_ms = pttl_ms, "another run of this node holds its name; waiting for its lease to lapse");
-                    }
-                    return;
-                }
-                StartAction::GiveUp => {
-                    warn!(node = %self.cfg.node, previous = incarnation, %holder, ?alive, "a live process holds this node's name");
-                }
-            }
-        }
-        let outcome = match answer {
-            Err(_) => RenewOutcome::Unreachable,
-            Ok(Renewal::Ok) => RenewOutcome::Extended,
-            Ok(Renewal::Taken { .. }) => RenewOutcome::Taken,
-            Ok(Renewal::Missing) => RenewOutcome::Missing,
-        };
-        if !matches!(outcome, RenewOutcome::Taken) {
-            self.held = None;
-        }
-        match self.keeper.on_outcome(outcome, Instant::now()) {
-            LeaseAction::Renewed => {
-                if !self.registered {
-                    info!(node = %self.cfg.node, "registered in the cluster");
-                }
-                self.registered = true;
-                self.state.state.store(1, Ordering::Relaxed);
-            }
-            LeaseAction::Retry => {}
-            LeaseAction::Reregister => {
-                warn!(node = %self.cfg.node, "registration lost while Redis was unreachable; registering again");
-                if matches!(attempt(self, true, None), Ok(Renewal::Ok)) {
-                    self.keeper.on_registered(Instant::now());
-                    self.registered = true;
-                    self.state.state.store(1, Ordering::Relaxed);
-                    (self.on_reregister)();
-                }
-            }
-            LeaseAction::Fence | LeaseAction::Taken => {
-                warn!(node = %self.cfg.node, ?outcome, "lease lost: fencing this node (stop accepting, drain, exit with status 3)");
-                self.state.state.store(2, Ordering::Relaxed);
-            }
-        }
-        self.refresh_nodes();
-    }
-
     fn refresh_nodes(&mut self) {
         let nodes = match read_nodes(&mut self.link, &self.cfg.prefix) {
             Ok(nodes) => nodes,
-            Err(_) => return self.keeper.on_redis_error(),
+            Err(_) => return self.state.note_redis_error(),
         };
         self.nodes_refreshed = Some(Instant::now());
         self.nodes = nodes.into_iter().map(|n| (n.name.clone(), n)).collect();
@@ -767,7 +443,7 @@ impl RouterSidecar {
 
     fn route_valid(&self, r: &Route) -> bool {
         if r.node == self.cfg.node {
-            return r.incarnation == self.cfg.incarnation && !self.keeper.is_fenced();
+            return r.incarnation == self.cfg.incarnation && !self.state.is_fenced();
         }
         let now_ms = unix_ms();
         self.nodes.get(&r.node).is_some_and(|n| n.incarnation == r.incarnation && n.lease_expires_ms > now_ms)
@@ -784,7 +460,7 @@ impl RouterSidecar {
 
     fn execute(&mut self, batch: &[Job]) -> Vec<Result<Answer, RouterError>> {
         // A fenced node must not claim anything; it still serves lookups.
-        let fenced = self.keeper.is_fenced();
+        let fenced = self.state.is_fenced();
         let refused = |op: &Op| fenced && matches!(op, Op::Claim { .. } | Op::Reassert { .. });
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
@@ -822,7 +498,9 @@ impl RouterSidecar {
                 }
                 Op::Nodes { .. } => 0,
                 Op::Deregister => {
-                    self.deregistered = true;
+                    // Before the script: the lease thread must not renew or
+                    // register the node again once it is gone.
+                    self.state.left.store(true, Ordering::Relaxed);
                     let mut inv = self.link.script(DEREGISTER).prepare_invoke();
                     inv.key(self.p(&format!("node:{}", self.cfg.node))).key(self.p("nodes"));
                     inv.arg(self.cfg.incarnation).arg(&self.cfg.node);
@@ -843,7 +521,7 @@ impl RouterSidecar {
         let values = match values {
             Ok(v) => v,
             Err(e) => {
-                self.keeper.on_redis_error();
+                self.state.note_redis_error();
                 return batch.iter().map(|_| Err(RouterError::from(e.clone()))).collect();
             }
         };
@@ -909,7 +587,7 @@ impl RouterSidecar {
     }
 }
 
-fn unix_ms() -> u64 {
+pub(crate) fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
@@ -922,101 +600,4 @@ fn parse_route(f: &[Value]) -> Option<Route> {
         conn_id: f.get(3).and_then(as_u64)?,
         epoch: f.get(4).and_then(as_u64)?,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const LEASE: Duration = Duration::from_secs(3);
-
-    #[test]
-    fn renewals_keep_the_lease() {
-        let t0 = Instant::now();
-        let mut k = LeaseKeeper::new(LEASE);
-        assert_eq!(k.on_outcome(RenewOutcome::Missing, t0), LeaseAction::Reregister, "first registration");
-        k.on_registered(t0);
-        assert_eq!(k.on_outcome(RenewOutcome::Extended, t0 + Duration::from_secs(1)), LeaseAction::Renewed);
-        assert_eq!(k.interval(), Duration::from_secs(1));
-    }
-
-    #[test]
-    fn a_paused_node_fences_itself() {
-        let t0 = Instant::now();
-        let mut k = LeaseKeeper::new(LEASE);
-        k.on_registered(t0);
-        // SIGSTOP for 10 s: no attempt was made, the lease lapsed.
-        assert_eq!(k.on_outcome(RenewOutcome::Missing, t0 + Duration::from_secs(10)), LeaseAction::Fence);
-        assert!(k.is_fenced());
-        assert_eq!(k.on_outcome(RenewOutcome::Extended, t0 + Duration::from_secs(11)), LeaseAction::Fence);
-    }
-
-    #[test]
-    fn a_redis_outage_re_registers_instead() {
-        let t0 = Instant::now();
-        let mut k = LeaseKeeper::new(LEASE);
-        k.on_registered(t0);
-        assert_eq!(k.on_outcome(RenewOutcome::Unreachable, t0 + Duration::from_secs(1)), LeaseAction::Retry);
-        assert_eq!(k.on_outcome(RenewOutcome::Unreachable, t0 + Duration::from_secs(2)), LeaseAction::Retry);
-        // Redis came back empty (restart) or our key expired meanwhile.
-        assert_eq!(k.on_outcome(RenewOutcome::Missing, t0 + Duration::from_secs(10)), LeaseAction::Reregister);
-        assert!(!k.is_fenced());
-    }
-
-    #[test]
-    fn a_failed_call_during_the_lease_counts_as_an_outage() {
-        let t0 = Instant::now();
-        let mut k = LeaseKeeper::new(LEASE);
-        k.on_registered(t0);
-        // A lookup timed out while Redis was paused; the lease ran out meanwhile.
-        k.on_redis_error();
-        assert_eq!(k.on_outcome(RenewOutcome::Missing, t0 + Duration::from_secs(5)), LeaseAction::Reregister);
-        assert!(!k.is_fenced());
-    }
-
-    #[test]
-    fn a_restart_takes_over_a_dead_run_waits_for_an_unknown_one_and_yields_to_a_live_one() {
-        let t0 = Instant::now();
-        let ms = Duration::from_millis;
-        // The previous run on this host is gone: take over at once.
-        let mut held = NameHeld::new(7, 2_500, t0);
-        assert_eq!(held.observe(7, Liveness::Gone, 2_400, t0, LEASE), StartAction::TakeOver);
-        // Alive: two processes must not share a name.
-        assert_eq!(NameHeld::new(7, 2_500, t0).observe(7, Liveness::Alive, 2_400, t0, LEASE), StartAction::GiveUp);
-        // Another host: wait while the lease runs down...
-        let mut held = NameHeld::new(7, 2_500, t0);
-        assert_eq!(held.observe(7, Liveness::Unknown, 2_000, t0 + ms(500), LEASE), StartAction::Wait);
-        assert_eq!(held.observe(7, Liveness::Unknown, 1_000, t0 + ms(1_500), LEASE), StartAction::Wait);
-        // ...and give up when it is renewed (its holder lives).
-        assert_eq!(held.observe(7, Liveness::Unknown, 2_900, t0 + ms(1_600), LEASE), StartAction::GiveUp);
-        // A lease that never runs out (no TTL) is not waited for forever.
-        let mut held = NameHeld::new(7, -1, t0);
-        assert_eq!(held.observe(7, Liveness::Unknown, -1, t0 + ms(1_000), LEASE), StartAction::Wait);
-        assert_eq!(held.observe(7, Liveness::Unknown, -1, t0 + LEASE * 2, LEASE), StartAction::GiveUp);
-        // Another process registered meanwhile.
-        let mut held = NameHeld::new(7, 2_500, t0);
-        assert_eq!(held.observe(8, Liveness::Gone, 2_500, t0 + ms(100), LEASE), StartAction::GiveUp);
-    }
-
-    #[test]
-    fn a_process_identity_tells_a_live_process_from_a_dead_one() {
-        let me = process_identity();
-        assert_eq!(liveness(&me), Liveness::Alive);
-        let mut child = std::process::Command::new("true").spawn().expect("spawn true");
-        let pid = child.id();
-        let _ = child.wait();
-        let (boot_ns, _) = me.rsplit_once('/').and_then(|(rest, _)| rest.rsplit_once('/')).expect("identity");
-        assert_eq!(liveness(&format!("{boot_ns}/{pid}/1")), Liveness::Gone);
-        // Our pid with another start time: the pid was reused.
-        assert_eq!(liveness(&format!("{boot_ns}/{}/1", std::process::id())), Liveness::Gone);
-        assert_eq!(liveness("other-boot/pid:[1]/1/1"), Liveness::Unknown);
-        assert_eq!(liveness(""), Liveness::Unknown);
-    }
-
-    #[test]
-    fn a_name_taken_by_another_process_fences() {
-        let mut k = LeaseKeeper::new(LEASE);
-        assert_eq!(k.on_outcome(RenewOutcome::Taken, Instant::now()), LeaseAction::Taken);
-        assert!(k.is_fenced());
-    }
 }

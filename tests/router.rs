@@ -167,3 +167,34 @@ fn a_restart_waits_out_the_lease_of_a_run_it_cannot_check() {
     assert!(!again.state().is_fenced());
     assert_eq!(registered_incarnation(&redis, "far"), Some(2));
 }
+
+#[test]
+fn a_lookup_that_outlasts_the_lease_does_not_fence_a_healthy_node() {
+    // Renewals have their own thread and connection: a route lookup of many
+    // devices (seconds on a loaded host) must not hold them back. With both
+    // on one thread, the lease lapsed behind the lookup and the node fenced
+    // itself.
+    let redis = RedisServer::start();
+    let lease = Duration::from_millis(300);
+    let mut cfg = router_config(&redis, "busy", 7, lease);
+    cfg.io_timeout = Duration::from_secs(60);
+    let r = Router::start(cfg, Box::new(|| {})).expect("router starts");
+    assert!(wait_until(Duration::from_secs(5), || r.state().is_live()), "registers");
+    let mut devices = 100_000;
+    let took = loop {
+        let batch: Vec<String> = (0..devices).map(|i| format!("device-{i}")).collect();
+        let started = std::time::Instant::now();
+        let routes = block_on(r.lookup(batch)).expect("lookup answered");
+        assert_eq!(routes.len(), devices);
+        let took = started.elapsed();
+        // Only a lookup longer than several leases shows anything.
+        if took >= lease * 4 || devices >= 3_200_000 {
+            break took;
+        }
+        devices *= 2;
+    };
+    assert!(took >= lease * 4, "{devices} lookups took only {took:?}");
+    assert!(!r.state().is_fenced(), "fenced during a {took:?} lookup of {devices} devices");
+    assert!(r.state().is_live());
+    assert_eq!(registered_incarnation(&redis, "busy"), Some(7), "the registration stayed");
+}
