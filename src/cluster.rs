@@ -1206,7 +1206,18 @@ fn merge(acc: Frame, other: Frame) -> Result<Frame, proto::RequestError> {
             if a.results.is_empty() {
                 // Group or broadcast: counts.
                 a.delivered += b.delivered;
-                if a.status == PushStatus::NotOnline as i32 && b.delivered > 0 {
+                let rejected = PushStatus::Rejected as i32;
+                if b.status == rejected {
+                    // One node refused (a full broadcast queue, its deadline):
+                    // the reply says so even if others took it, with every
+                    // node's reason.
+                    a.reason = match (a.status == rejected, a.reason.is_empty()) {
+                        (true, false) => format!("{}; {}", a.reason, b.reason),
+                        _ => b.reason,
+                    };
+                    a.retryable = b.retryable || (a.status == rejected && a.retryable);
+                    a.status = rejected;
+                } else if a.status == PushStatus::NotOnline as i32 && b.delivered > 0 {
                     a.status = PushStatus::Delivered as i32;
                 }
                 return Ok(Frame::PushReply(a));
@@ -1451,6 +1462,21 @@ mod tests {
         };
         let Ok(Frame::PushReply(r)) = merge(g(0, PushStatus::NotOnline), g(4, PushStatus::Delivered)) else { panic!() };
         assert_eq!((r.delivered, r.status), (4, PushStatus::Delivered as i32));
+        // A node that refused a broadcast is not hidden by one that took it.
+        let refused = |reason: &str| {
+            Frame::PushReply(proto::PushReply {
+                status: PushStatus::Rejected as i32,
+                reason: reason.into(),
+                retryable: true,
+                ..Default::default()
+            })
+        };
+        for (x, y) in [(g(0, PushStatus::Accepted), refused("full")), (refused("full"), g(0, PushStatus::Accepted))] {
+            let Ok(Frame::PushReply(r)) = merge(x, y) else { panic!() };
+            assert_eq!((r.status, r.reason.as_str(), r.retryable), (PushStatus::Rejected as i32, "full", true));
+        }
+        let Ok(Frame::PushReply(r)) = merge(refused("a"), refused("b")) else { panic!() };
+        assert_eq!((r.status, r.reason.as_str()), (PushStatus::Rejected as i32, "a; b"));
         let err = Frame::RequestError(request_error(ErrorCode::BadFrame, "bad"));
         assert!(merge(g(1, PushStatus::Delivered), err).is_err());
     }
