@@ -20,7 +20,7 @@ use glommio::net::TcpStream;
 use prost::Message as _;
 use tracing::{debug, warn};
 
-use crate::codec::{self, CodecError, Flags, Frame};
+use crate::codec::{self, CodecError, Flags, Frame, Peer};
 use crate::codes;
 use crate::ids::{ConnKey, ShardId, owner_shard};
 use crate::mesh::{Origin, Outgoing, Part, PresencePart, PresenceQuery, ShardMsg, UserAction};
@@ -451,7 +451,7 @@ impl Shard {
                         Ok(None) => break,
                         Ok(Some((header, body))) => {
                             let len = header.frame_len();
-                            let frame = Frame::decode(header, body);
+                            let frame = Frame::decode_from(Peer::Backend, header, body);
                             rbuf.advance(len);
                             self.on_request(&mut st, key, frame);
                         }

@@ -17,7 +17,7 @@ use bytes::BytesMut;
 
 use super::Input;
 use super::alloc::measure;
-use crate::codec::{self, CodecError, DEFAULT_MAX_BODY, Frame, HEADER_LEN, Header, MAGIC, VERSION, split_frame};
+use crate::codec::{self, CodecError, DEFAULT_MAX_BODY, Frame, HEADER_LEN, Header, MAGIC, Peer, VERSION, split_frame};
 use crate::proto::{ErrorCode, FrameKind};
 
 /// Slack over the body size for what decoding a client frame may allocate
@@ -111,7 +111,7 @@ fn check_header(buf: &[u8], max_body: u32, header: Header, body: &[u8]) {
 
 /// What the client port does with a client's frame (`Shard::handle_input`).
 fn decode_from_client(header: Header, body: &[u8]) -> Result<Frame, CodecError> {
-    Frame::decode(header, body)
+    Frame::decode_from(Peer::Client, header, body)
 }
 
 fn check_body(header: Header, body: &[u8]) {

@@ -15,7 +15,7 @@
 
 use super::Input;
 use super::alloc::measure;
-use crate::codec::{self, CodecError, Frame, Header};
+use crate::codec::{self, CodecError, Frame, Header, Peer};
 use crate::ids::owner_shard;
 use crate::proto::{self, ErrorCode, PushStatus};
 use crate::push::{check_group_update, check_push, target_results};
@@ -65,7 +65,7 @@ pub fn check(data: &[u8]) {
 
 /// What the push port does with a backend's frame (`Shard::poll_backend`).
 fn decode_from_backend(header: Header, body: &[u8]) -> Result<Frame, CodecError> {
-    Frame::decode(header, body)
+    Frame::decode_from(Peer::Backend, header, body)
 }
 
 fn check_push_request(req: &proto::PushRequest, max_targets: usize, shards: u16) {

@@ -28,7 +28,7 @@ use std::sync::OnceLock;
 use bytes::BytesMut;
 
 use super::Input;
-use crate::codec::{self, CodecError, Flags, Frame, HEADER_LEN};
+use crate::codec::{self, CodecError, Flags, Frame, HEADER_LEN, Peer};
 use crate::codes;
 use crate::proto::{self, ErrorCode};
 use crate::session::{Action, Login, Millis, Now, Params, Phase, Session};
@@ -247,7 +247,7 @@ impl Harness {
                 Ok(None) => break,
                 Ok(Some((header, body))) => {
                     pos += header.frame_len();
-                    match Frame::decode(header, body) {
+                    match Frame::decode_from(Peer::Client, header, body) {
                         Ok(frame) => self.frame(frame),
                         Err(err) => self.codec_error(&err),
                     }
