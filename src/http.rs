@@ -176,7 +176,10 @@ pub(crate) fn parse_head(head: &[u8]) -> Result<Head, &'static str> {
 pub(crate) fn read_head(reader: &mut impl BufRead, max_head: usize) -> io::Result<Option<Vec<u8>>> {
     let mut head = Vec::new();
     loop {
-        let n = reader.read_until(b'\n', &mut head)?;
+        // At most one byte past the limit, however long the line: an
+        // endless line must not grow the buffer without bound.
+        let room = (max_head + 1).saturating_sub(head.len()) as u64;
+        let n = reader.by_ref().take(room).read_until(b'\n', &mut head)?;
         if n == 0 {
             return if head.is_empty() { Ok(None) } else { Err(io::ErrorKind::UnexpectedEof.into()) };
         }
@@ -258,6 +261,17 @@ mod tests {
         assert_eq!(q["flag"], "");
         assert_eq!(percent_decode("a%zz%4"), "a%zz%4");
         assert_eq!(percent_decode("x+y%41"), "x yA");
+    }
+
+    #[test]
+    fn a_head_is_read_up_to_its_limit_and_no_further() {
+        let line = [b'a'; 1000];
+        let mut reader = io::Cursor::new(&line[..]);
+        let err = read_head(&mut reader, 64).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(reader.position(), 65, "read past the limit");
+        let mut reader = io::Cursor::new(&b"GET / HTTP/1.1\r\n\r\nrest"[..]);
+        assert_eq!(read_head(&mut reader, 64).unwrap().unwrap(), b"GET / HTTP/1.1\r\n\r\n");
     }
 
     #[test]
