@@ -82,6 +82,14 @@ fn saved_crashes_stay_fixed() {
     replay("artifacts");
 }
 
+/// Inputs that fail because of a bug another change fixes (see
+/// fuzz/pending/README.md); they move to fuzz/artifacts once it is in.
+#[test]
+#[ignore = "known failures fixed on another branch: fuzz/pending/README.md"]
+fn pending_failures_are_fixed() {
+    replay("pending");
+}
+
 /// Not a test: `scripts/fuzz --write-seeds` runs it to (re)write
 /// `fuzz/seeds/` from [`seeds`].
 #[test]
