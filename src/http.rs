@@ -110,38 +110,18 @@ fn serve(conn: TcpStream, handler: &Handler, stop: &AtomicBool) -> io::Result<()
     conn.set_nodelay(true)?;
     let mut reader = BufReader::new(conn.try_clone()?);
     loop {
-        let head = match read_head(&mut reader)? {
+        let head = match read_head(&mut reader, MAX_HEAD)? {
             Some(head) => head,
             None => return Ok(()),
         };
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut parsed = httparse::Request::new(&mut headers);
-        let response_to_bad = |msg: &str| write_response(&conn, &Response::text(400, format!("{msg}\n")), false);
-        match parsed.parse(&head) {
-            Ok(httparse::Status::Complete(_)) => {}
-            _ => return response_to_bad("malformed request"),
-        }
-        let header = |name: &str| {
-            parsed.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| String::from_utf8_lossy(h.value))
+        let head = match parse_head(&head) {
+            Ok(head) => head,
+            Err(msg) => return write_response(&conn, &Response::text(400, format!("{msg}\n")), false),
         };
-        let body_len: usize = match header("content-length").map(|v| v.trim().parse()) {
-            None => 0,
-            Some(Ok(n)) if n <= MAX_BODY => n,
-            Some(_) => return response_to_bad("bad or too large content-length"),
-        };
-        let mut body = vec![0; body_len];
+        let mut body = vec![0; head.body_len];
         reader.read_exact(&mut body)?;
-        let close = header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"))
-            || parsed.version == Some(0)
-            || stop.load(Ordering::Relaxed);
-        let target = parsed.path.unwrap_or("/");
-        let (path, query) = target.split_once('?').unwrap_or((target, ""));
-        let request = Request {
-            method: parsed.method.unwrap_or("GET").to_owned(),
-            path: percent_decode(path),
-            query: parse_query(query),
-            body,
-        };
+        let close = head.close || stop.load(Ordering::Relaxed);
+        let request = Request { method: head.method, path: head.path, query: head.query, body };
         let response = handler(&request);
         write_response(&conn, &response, !close)?;
         if close {
@@ -150,15 +130,60 @@ fn serve(conn: TcpStream, handler: &Handler, stop: &AtomicBool) -> io::Result<()
     }
 }
 
-/// Reads up to and including the blank line; `None` on a clean EOF.
-fn read_head(reader: &mut BufReader<TcpStream>) -> io::Result<Option<Vec<u8>>> {
+/// What a request head says, parsed: all `serve` needs before the body.
+#[derive(Debug)]
+pub(crate) struct Head {
+    pub(crate) method: String,
+    /// Percent-decoded, without the query.
+    pub(crate) path: String,
+    pub(crate) query: HashMap<String, String>,
+    /// Content-Length, at most [`MAX_BODY`].
+    pub(crate) body_len: usize,
+    /// The client asked to close after this request (or speaks HTTP/1.0).
+    pub(crate) close: bool,
+}
+
+/// Parses a head from [`read_head`]; the error is the 400 answer's text.
+pub(crate) fn parse_head(head: &[u8]) -> Result<Head, &'static str> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Request::new(&mut headers);
+    match parsed.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return Err("malformed request"),
+    }
+    let header = |name: &str| {
+        parsed.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| String::from_utf8_lossy(h.value))
+    };
+    let body_len: usize = match header("content-length").map(|v| v.trim().parse()) {
+        None => 0,
+        Some(Ok(n)) if n <= MAX_BODY => n,
+        Some(_) => return Err("bad or too large content-length"),
+    };
+    let close = header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) || parsed.version == Some(0);
+    let target = parsed.path.unwrap_or("/");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    Ok(Head {
+        method: parsed.method.unwrap_or("GET").to_owned(),
+        path: percent_decode(path),
+        query: parse_query(query),
+        body_len,
+        close,
+    })
+}
+
+/// Reads up to and including the blank line; `None` on a clean EOF. A head
+/// longer than `max_head` bytes is an error.
+pub(crate) fn read_head(reader: &mut impl BufRead, max_head: usize) -> io::Result<Option<Vec<u8>>> {
     let mut head = Vec::new();
     loop {
-        let n = reader.read_until(b'\n', &mut head)?;
+        // At most one byte past the limit, however long the line: an
+        // endless line must not grow the buffer without bound.
+        let room = (max_head + 1).saturating_sub(head.len()) as u64;
+        let n = reader.by_ref().take(room).read_until(b'\n', &mut head)?;
         if n == 0 {
             return if head.is_empty() { Ok(None) } else { Err(io::ErrorKind::UnexpectedEof.into()) };
         }
-        if head.len() > MAX_HEAD {
+        if head.len() > max_head {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "request head too large"));
         }
         if head.ends_with(b"\r\n\r\n") || head.ends_with(b"\n\n") {
@@ -199,7 +224,7 @@ pub fn parse_query(q: &str) -> HashMap<String, String> {
         .collect()
 }
 
-fn percent_decode(s: &str) -> String {
+pub(crate) fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -207,7 +232,11 @@ fn percent_decode(s: &str) -> String {
         match bytes[i] {
             b'+' => out.push(b' '),
             b'%' if i + 3 <= bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3])
+                    .ok()
+                    // from_str_radix also takes a sign: "%+5" is not an escape.
+                    .filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
                 match hex {
                     Some(b) => {
                         out.push(b);
@@ -236,6 +265,18 @@ mod tests {
         assert_eq!(q["flag"], "");
         assert_eq!(percent_decode("a%zz%4"), "a%zz%4");
         assert_eq!(percent_decode("x+y%41"), "x yA");
+        assert_eq!(percent_decode("%+52"), "% 52");
+    }
+
+    #[test]
+    fn a_head_is_read_up_to_its_limit_and_no_further() {
+        let line = [b'a'; 1000];
+        let mut reader = io::Cursor::new(&line[..]);
+        let err = read_head(&mut reader, 64).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(reader.position(), 65, "read past the limit");
+        let mut reader = io::Cursor::new(&b"GET / HTTP/1.1\r\n\r\nrest"[..]);
+        assert_eq!(read_head(&mut reader, 64).unwrap().unwrap(), b"GET / HTTP/1.1\r\n\r\n");
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub mod config;
 pub mod delivery;
 pub mod dispatcher;
 pub mod echo;
+#[doc(hidden)]
+pub mod fuzz_checks;
 pub mod groups;
 pub mod http;
 pub mod ids;

@@ -26,7 +26,7 @@ use glommio::net::TcpStream;
 use prost::Message as _;
 use tracing::{debug, warn};
 
-use crate::codec::{self, CodecError, Flags, Frame};
+use crate::codec::{self, CodecError, Flags, Frame, Peer};
 use crate::codes;
 use crate::ids::{ConnKey, ShardId, owner_shard};
 use crate::mesh::{Origin, Outgoing, Part, PresencePart, PresenceQuery, ShardMsg, UserAction};
@@ -517,7 +517,7 @@ fn valid_id(id: &str) -> Result<(), &'static str> {
 }
 
 /// Per-target results for `ids`, with invalid ones already REJECTED.
-fn target_results<'a>(ids: impl Iterator<Item = &'a String>) -> Vec<proto::TargetResult> {
+pub(crate) fn target_results<'a>(ids: impl Iterator<Item = &'a String>) -> Vec<proto::TargetResult> {
     ids.map(|id| {
         let mut r = proto::TargetResult { target: id.clone(), ..Default::default() };
         if let Err(reason) = valid_id(id) {
@@ -527,6 +527,57 @@ fn target_results<'a>(ids: impl Iterator<Item = &'a String>) -> Vec<proto::Targe
         r
     })
     .collect()
+}
+
+/// The checks of a push request that need no shard (the fuzz targets run
+/// them too). `Ok(true)`: an at-least-once push.
+pub(crate) fn check_push(
+    id: u64,
+    targets: &proto::Targets,
+    qos: i32,
+    max_targets: usize,
+) -> Result<bool, proto::RequestError> {
+    let kinds = [!targets.devices.is_empty(), !targets.users.is_empty(), !targets.group.is_empty(), targets.broadcast];
+    if kinds.iter().filter(|&&k| k).count() != 1 {
+        return Err(request_error(
+            id,
+            ErrorCode::BadFrame,
+            "set exactly one of targets.devices, targets.users, targets.group, targets.broadcast",
+        ));
+    }
+    if targets.devices.len() + targets.users.len() > max_targets {
+        return Err(request_error(id, ErrorCode::LimitExceeded, format!("more than {max_targets} targets")));
+    }
+    let reliable = match proto::Qos::try_from(qos) {
+        Ok(proto::Qos::AtMostOnce) => false,
+        Ok(proto::Qos::AtLeastOnce) => true,
+        Err(_) => return Err(request_error(id, ErrorCode::BadFrame, format!("unknown qos {qos}"))),
+    };
+    if reliable && (targets.broadcast || !targets.group.is_empty()) {
+        return Err(request_error(
+            id,
+            ErrorCode::BadFrame,
+            "qos AT_LEAST_ONCE is for device and user targets; group and broadcast pushes are at-most-once",
+        ));
+    }
+    if !targets.group.is_empty()
+        && let Err(reason) = valid_id(&targets.group)
+    {
+        return Err(request_error(id, ErrorCode::BadFrame, format!("group: {reason}")));
+    }
+    Ok(reliable)
+}
+
+/// The checks of a group update that need no shard.
+pub(crate) fn check_group_update(req: &proto::GroupUpdate, max_targets: usize) -> Result<(), proto::RequestError> {
+    let id = req.request_id;
+    if let Err(reason) = valid_id(&req.group) {
+        return Err(request_error(id, ErrorCode::BadFrame, format!("group: {reason}")));
+    }
+    if req.add_devices.len() + req.remove_devices.len() > max_targets {
+        return Err(request_error(id, ErrorCode::LimitExceeded, format!("more than {max_targets} devices")));
+    }
+    Ok(())
 }
 
 impl Shard {
@@ -607,7 +658,7 @@ impl Shard {
                         Ok(None) => break,
                         Ok(Some((header, body))) => {
                             let len = header.frame_len();
-                            let frame = Frame::decode(header, body);
+                            let frame = Frame::decode_from(Peer::Backend, header, body);
                             rbuf.advance(len);
                             self.on_request(&mut st, key, frame);
                         }
@@ -758,31 +809,7 @@ impl Shard {
     ) -> Result<(), proto::RequestError> {
         let id = req.request_id;
         let targets = req.targets.unwrap_or_default();
-        let kinds =
-            [!targets.devices.is_empty(), !targets.users.is_empty(), !targets.group.is_empty(), targets.broadcast];
-        if kinds.iter().filter(|&&k| k).count() != 1 {
-            return Err(request_error(
-                id,
-                ErrorCode::BadFrame,
-                "set exactly one of targets.devices, targets.users, targets.group, targets.broadcast",
-            ));
-        }
-        let max_targets = self.cfg.push.max_targets_per_request as usize;
-        if targets.devices.len() + targets.users.len() > max_targets {
-            return Err(request_error(id, ErrorCode::LimitExceeded, format!("more than {max_targets} targets")));
-        }
-        let reliable = match proto::Qos::try_from(req.qos) {
-            Ok(proto::Qos::AtMostOnce) => false,
-            Ok(proto::Qos::AtLeastOnce) => true,
-            Err(_) => return Err(request_error(id, ErrorCode::BadFrame, format!("unknown qos {}", req.qos))),
-        };
-        if reliable && (targets.broadcast || !targets.group.is_empty()) {
-            return Err(request_error(
-                id,
-                ErrorCode::BadFrame,
-                "qos AT_LEAST_ONCE is for device and user targets; group and broadcast pushes are at-most-once",
-            ));
-        }
+        let reliable = check_push(id, &targets, req.qos, self.cfg.push.max_targets_per_request as usize)?;
         let message = proto::Message {
             payload: req.payload,
             service_id: req.service_id,
@@ -800,11 +827,6 @@ impl Shard {
                     self.cfg.max_frame_bytes
                 ),
             ));
-        }
-        if !targets.group.is_empty()
-            && let Err(reason) = valid_id(&targets.group)
-        {
-            return Err(request_error(id, ErrorCode::BadFrame, format!("group: {reason}")));
         }
         if reliable {
             let expires_at_ms = match req.ttl_ms {
@@ -935,13 +957,7 @@ impl Shard {
         req: proto::GroupUpdate,
     ) -> Result<(), proto::RequestError> {
         let id = req.request_id;
-        if let Err(reason) = valid_id(&req.group) {
-            return Err(request_error(id, ErrorCode::BadFrame, format!("group: {reason}")));
-        }
-        let max_targets = self.cfg.push.max_targets_per_request as usize;
-        if req.add_devices.len() + req.remove_devices.len() > max_targets {
-            return Err(request_error(id, ErrorCode::LimitExceeded, format!("more than {max_targets} devices")));
-        }
+        check_group_update(&req, self.cfg.push.max_targets_per_request as usize)?;
         let results = target_results(req.add_devices.iter().chain(&req.remove_devices));
         let adds = self.by_shard(&results, 0, &req.add_devices, owner_shard);
         let removes = self.by_shard(&results, req.add_devices.len(), &req.remove_devices, owner_shard);

@@ -36,7 +36,7 @@ use hashbrown::HashTable;
 use slab::Slab;
 use tracing::{debug, info, warn};
 
-use crate::codec::{self, Frame};
+use crate::codec::{self, Frame, Peer};
 use crate::codes;
 use crate::delivery::MessageIds;
 use crate::groups::Groups;
@@ -844,7 +844,7 @@ impl Shard {
                     let Some(conn) = st.conn(key) else { break input.len() };
                     pos += header.frame_len();
                     self.counters.frames_in.fetch_add(1, Ordering::Relaxed);
-                    match Frame::decode(header, body) {
+                    match Frame::decode_from(Peer::Client, header, body) {
                         Ok(frame) => conn.session.handle_frame(now, frame, &self.cfg.params, &mut actions),
                         Err(err) => conn.session.handle_codec_error(now, &err, &self.cfg.params, &mut actions),
                     }
