@@ -512,8 +512,11 @@ impl RouterSidecar {
         }
         let max_age =
             batch.iter().filter_map(|j| if let Op::Nodes { max_age } = j.op { Some(max_age) } else { None }).min();
+        // The lease thread registered this node after the table was read:
+        // a node lists itself as soon as it is live.
+        let missing_self = self.state.is_live() && !self.nodes.contains_key(&self.cfg.node);
         if let Some(max_age) = max_age
-            && self.nodes_refreshed.is_none_or(|t| t.elapsed() > max_age)
+            && (missing_self || self.nodes_refreshed.is_none_or(|t| t.elapsed() > max_age))
         {
             self.refresh_nodes();
         }
