@@ -14,8 +14,8 @@ use crate::cluster::{ClusterShared, DISCONNECT_CODES, HIST_BOUNDS_US, PUSH_RESUL
 use crate::dispatcher::{CachedNodes, DispatchConfig, Dispatcher};
 use crate::http::{HttpServer, Request, Response};
 use crate::metrics::Exposition;
+use crate::protocol::token::Keyring;
 use crate::shard::ShardCounters;
-use crate::token::Keyring;
 
 /// Concurrent admin/dispatcher connections (one thread each).
 const MAX_CONNECTIONS: usize = 256;
@@ -35,7 +35,7 @@ pub fn start(
     let dispatcher = Dispatcher::new(dispatch, keyring, nodes);
     let handler = move |req: &Request| -> Response {
         match (req.method.as_str(), req.path.as_str()) {
-            (_, "/v1/dispatch") => dispatcher.dispatch(req, crate::token::now_unix_secs()),
+            (_, "/v1/dispatch") => dispatcher.dispatch(req, crate::protocol::token::now_unix_secs()),
             ("GET", "/metrics") => {
                 Response::new(200, "text/plain; version=0.0.4; charset=utf-8", metrics(&cluster, &counters))
             }
@@ -172,7 +172,7 @@ pub fn metrics(cluster: &ClusterShared, counters: &[Arc<ShardCounters>]) -> Stri
     e.counter("longlink_go_away_total", "GoAway frames sent while draining.", one(&k.go_away_sent));
     let codes: Vec<&str> = DISCONNECT_CODES
         .iter()
-        .map(|c| if *c == crate::proto::ErrorCode::Unspecified { "PEER_CLOSED" } else { c.as_str_name() })
+        .map(|c| if *c == crate::protocol::proto::ErrorCode::Unspecified { "PEER_CLOSED" } else { c.as_str_name() })
         .chain(["OTHER"])
         .collect();
     let labels: Vec<[(&str, &str); 1]> = codes.iter().map(|c| [("code", *c)]).collect();

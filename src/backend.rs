@@ -29,9 +29,9 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 
-use crate::codec::{self, CodecError, Flags, Frame};
-use crate::codes;
-use crate::proto::{self, ErrorCode, FrameKind};
+use crate::protocol::codec::{self, CodecError, Flags, Frame};
+use crate::protocol::codes;
+use crate::protocol::proto::{self, ErrorCode, FrameKind};
 
 /// Default limit on a reply body. Presence replies for many targets are far
 /// larger than anything a client sends, hence more than the node's 64 KiB.

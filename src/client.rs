@@ -30,10 +30,10 @@ use bytes::BytesMut;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 
-use crate::codec::{self, CodecError, Flags, Frame};
-use crate::codes;
-use crate::proto::{self, ErrorCode};
-use crate::session::Millis;
+use crate::protocol::codec::{self, CodecError, Flags, Frame};
+use crate::protocol::codes;
+use crate::protocol::proto::{self, ErrorCode};
+use crate::protocol::time::Millis;
 
 /// What the client tells the server in `Auth`.
 #[derive(Clone, Debug, Default)]

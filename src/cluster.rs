@@ -41,12 +41,12 @@ use futures_channel::oneshot;
 use glommio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use crate::codec::{self, Frame};
 use crate::config::Config;
 use crate::dispatcher::rank;
-use crate::ids::{ConnId, ConnKey};
 use crate::outq::OutQueue;
-use crate::proto::{self, ErrorCode, PushStatus};
+use crate::protocol::codec::{self, Frame};
+use crate::protocol::ids::{ConnId, ConnKey};
+use crate::protocol::proto::{self, ErrorCode, PushStatus};
 use crate::push::{Alarm, Expiry};
 use crate::router::{NodeInfo, Route, Router, RouterConfig};
 use crate::session::Login;

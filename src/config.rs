@@ -12,9 +12,10 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use crate::codec;
-use crate::ids::MAX_SHARDS;
-use crate::token::{self, Key, Keyring, TokenError};
+use crate::protocol::codec;
+use crate::protocol::ids::MAX_SHARDS;
+use crate::protocol::limits::{MAX_ID_BYTES, check_id};
+use crate::protocol::token::{self, Key, Keyring, TokenError};
 
 /// A field's name and doc comment lines, as printed by `default_toml`.
 struct FieldDoc {
@@ -799,7 +800,7 @@ impl UpstreamConfig {
         let mut ids = std::collections::HashSet::new();
         for (i, service) in self.services.iter().enumerate() {
             let n = i + 1;
-            if service.id.is_empty() || service.id.len() > crate::shard::MAX_ID_BYTES {
+            if check_id(&service.id, MAX_ID_BYTES).is_err() {
                 return Err(invalid(
                     "upstream.services.id",
                     format!("service #{n}: id {:?} must be 1 to 255 bytes", service.id),
@@ -1115,7 +1116,7 @@ fn hostname() -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::token::test_dir::TempDir;
+    use crate::protocol::token::test_dir::TempDir;
 
     const HEX_A: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
     const HEX_B: &str = "1f1e1d1c1b1a191817161514131211100f0e0d0c0b0a09080706050403020100";

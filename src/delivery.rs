@@ -14,7 +14,7 @@
 
 use std::collections::VecDeque;
 
-use crate::session::Millis;
+use crate::protocol::time::Millis;
 
 /// Retransmission settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

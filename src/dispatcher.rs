@@ -14,9 +14,10 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::http::{Request, Response};
-use crate::ids::stable_hash;
+use crate::protocol::ids::stable_hash;
+use crate::protocol::limits::{MAX_ID_BYTES, check_id};
+use crate::protocol::token::Keyring;
 use crate::router::NodeInfo;
-use crate::token::Keyring;
 
 /// Where the dispatcher learns the node set.
 pub trait NodeSource: Send + Sync {
@@ -90,7 +91,7 @@ pub struct Dispatcher {
 }
 
 /// Longest uid or device accepted.
-const MAX_ID: usize = 255;
+const MAX_ID: usize = MAX_ID_BYTES;
 
 /// Nodes for `uid`, best first: highest rendezvous score among the healthy,
 /// non-draining nodes.
@@ -124,7 +125,7 @@ impl Dispatcher {
         let param = |name: &str| req.query.get(name).map(String::as_str).unwrap_or("");
         let (uid, device) = (param("uid"), param("device"));
         for (name, value) in [("uid", uid), ("device", device)] {
-            if value.is_empty() || value.len() > MAX_ID {
+            if check_id(value, MAX_ID).is_err() {
                 return Response::json(400, &json!({"error": format!("{name} must be 1 to {MAX_ID} bytes")}));
             }
         }
@@ -157,7 +158,7 @@ impl Dispatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::token::Key;
+    use crate::protocol::token::Key;
 
     fn node(name: &str, draining: bool) -> NodeInfo {
         NodeInfo {

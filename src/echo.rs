@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use tracing::{debug, info, warn};
 
-use crate::codec::{self, Flags, Frame};
-use crate::proto::{self, ConnectionEventKind};
+use crate::protocol::codec::{self, Flags, Frame};
+use crate::protocol::proto::{self, ConnectionEventKind};
 
 /// Largest frame body the echo backend accepts.
 const MAX_BODY: u32 = 16 * 1024 * 1024;

@@ -13,9 +13,9 @@ use serde_json::json;
 use longlink::backend::{BackendError, PushClient};
 use longlink::client::{ClientError, ClientEvent, ClientOptions, Connection};
 use longlink::config::{Config, KeySource};
-use longlink::proto::{self, ErrorCode};
+use longlink::protocol::proto::{self, ErrorCode};
+use longlink::protocol::{codes, token};
 use longlink::server::Server;
-use longlink::{codes, token};
 
 #[derive(Parser)]
 #[command(

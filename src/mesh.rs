@@ -27,8 +27,8 @@ use bytes::Bytes;
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use glommio::channels::shared_channel::{self, ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender};
 
-use crate::ids::{ConnKey, ShardId};
-use crate::proto;
+use crate::protocol::ids::{ConnKey, ShardId};
+use crate::protocol::proto;
 use crate::session::{Login, Session};
 
 /// Identifies a request waiting on its origin shard for parts of its answer.

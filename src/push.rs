@@ -26,14 +26,16 @@ use glommio::net::TcpStream;
 use prost::Message as _;
 use tracing::{debug, warn};
 
-use crate::codec::{self, CodecError, Flags, Frame, Peer};
-use crate::codes;
-use crate::ids::{ConnKey, ShardId, owner_shard};
 use crate::mesh::{Origin, Outgoing, Part, PresencePart, PresenceQuery, ShardMsg, UserAction};
 use crate::outq::OutQueue;
-use crate::proto::{self, ErrorCode, FrameKind, PushStatus};
-use crate::session::Millis;
-use crate::shard::{MAX_ID_BYTES, Shard, State, home_shard};
+use crate::protocol::codec::{self, CodecError, Flags, Frame, Peer};
+use crate::protocol::codes;
+use crate::protocol::ids::home_shard;
+use crate::protocol::ids::{ConnKey, ShardId, owner_shard};
+use crate::protocol::limits::{MAX_ID_BYTES, check_id};
+use crate::protocol::proto::{self, ErrorCode, FrameKind, PushStatus};
+use crate::protocol::time::Millis;
+use crate::shard::{Shard, State};
 
 /// Reads handled in one poll of a backend connection before yielding.
 const READS_PER_POLL: usize = 8;
@@ -506,14 +508,8 @@ fn presence_reply(request_id: u64, query: &PresenceQuery, shards: u16, parts: Ve
 }
 
 /// A target string is usable as an id.
-fn valid_id(id: &str) -> Result<(), &'static str> {
-    if id.is_empty() {
-        Err("empty id")
-    } else if id.len() > MAX_ID_BYTES {
-        Err("id longer than 255 bytes")
-    } else {
-        Ok(())
-    }
+fn valid_id(id: &str) -> Result<(), crate::protocol::limits::IdError> {
+    check_id(id, MAX_ID_BYTES)
 }
 
 /// Per-target results for `ids`, with invalid ones already REJECTED.
@@ -522,7 +518,7 @@ pub(crate) fn target_results<'a>(ids: impl Iterator<Item = &'a String>) -> Vec<p
         let mut r = proto::TargetResult { target: id.clone(), ..Default::default() };
         if let Err(reason) = valid_id(id) {
             r.status = PushStatus::Rejected as i32;
-            r.reason = reason.into();
+            r.reason = reason.to_string();
         }
         r
     })

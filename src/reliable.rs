@@ -28,12 +28,13 @@ use std::task::{Context, Poll, Waker};
 use bytes::{Bytes, BytesMut};
 use tracing::warn;
 
-use crate::codec::{self, Flags};
 use crate::delivery::{DeviceWindow, RetryPolicy};
-use crate::ids::ConnKey;
 use crate::mesh::{CopyResult, Origin, Outgoing, Part};
-use crate::proto::{self, FrameKind};
-use crate::session::{Login, Millis, Now};
+use crate::protocol::codec::{self, Flags};
+use crate::protocol::ids::ConnKey;
+use crate::protocol::proto::{self, FrameKind};
+use crate::protocol::time::{Millis, Now};
+use crate::session::Login;
 use crate::shard::{Shard, State};
 use crate::store::{Appended, NewMessage, Replay, Status, StoreError};
 
@@ -655,7 +656,7 @@ fn status_to_proto(message_id: u64, status: Status) -> proto::MessageStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::split_frame;
+    use crate::protocol::codec::split_frame;
 
     #[test]
     fn retransmissions_carry_the_flag_and_the_same_body() {

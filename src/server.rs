@@ -16,11 +16,12 @@ use crate::cluster::ClusterShared;
 use crate::config::Config;
 use crate::dispatcher::DispatchConfig;
 use crate::http::HttpServer;
-use crate::ids::ShardId;
 use crate::mesh::{MeshEnds, Outbox};
+use crate::protocol::ids::ShardId;
+use crate::protocol::limits::MAX_ID_BYTES;
 use crate::reliable::DeliverySettings;
 use crate::session::Params;
-use crate::shard::{MAX_ID_BYTES, PushLimits, Shard, ShardConfig, ShardCounters};
+use crate::shard::{PushLimits, Shard, ShardConfig, ShardCounters};
 use crate::store::{MemoryStore, TimelineStore};
 use crate::store_redis::{RedisStore, RedisStoreConfig};
 use crate::upstream::{UpstreamError, UpstreamSettings};
@@ -478,7 +479,7 @@ mod tests {
         assert_eq!(mesh_capacity(18), 512);
         assert_eq!(mesh_capacity(100), 128);
         assert_eq!(mesh_capacity(256), 64);
-        for shards in 2..=crate::ids::MAX_SHARDS {
+        for shards in 2..=crate::protocol::ids::MAX_SHARDS {
             let slots = (usize::from(shards) - 1) * mesh_capacity(shards);
             assert!(slots <= MESH_SLOTS_PER_SHARD.max(255 * MIN_MESH_CAPACITY), "{shards}: {slots}");
         }

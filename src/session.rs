@@ -13,34 +13,12 @@
 //! and replaces an older login of the same device; `activate` then sends
 //! `AuthOk`. The struct is 16 bytes: every byte here is paid per connection.
 
-use crate::codec::{CodecError, Frame};
-use crate::codes;
-use crate::proto::{self, ErrorCode};
-use crate::token::{Keyring, TokenError};
-
-/// Milliseconds on the driver's monotonic clock.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Millis(pub u64);
-
-impl Millis {
-    pub fn add_ms(self, ms: u64) -> Millis {
-        Millis(self.0.saturating_add(ms))
-    }
-}
-
-/// The current time as the driver sees it: monotonic for deadlines, wall
-/// clock for token validity.
-#[derive(Clone, Copy, Debug)]
-pub struct Now {
-    pub mono: Millis,
-    pub unix_ms: i64,
-}
-
-impl Now {
-    pub fn unix_secs(&self) -> i64 {
-        self.unix_ms.div_euclid(1000)
-    }
-}
+use crate::protocol::codec::{CodecError, Frame};
+use crate::protocol::codes;
+use crate::protocol::limits::{check_id, fits_field};
+use crate::protocol::proto::{self, ErrorCode};
+use crate::protocol::time::{Millis, Now};
+use crate::protocol::token::{Keyring, TokenError};
 
 /// Settings shared by every session of a shard (borrowed, never copied
 /// into a session).
@@ -173,9 +151,7 @@ impl Session {
                 self.touch(now.mono);
                 out.push(Action::Send(Frame::Pong));
             }
-            (Phase::Active, Frame::Join(m) | Frame::Leave(m))
-                if m.group.is_empty() || m.group.len() > params.max_id_bytes =>
-            {
+            (Phase::Active, Frame::Join(m) | Frame::Leave(m)) if check_id(&m.group, params.max_id_bytes).is_err() => {
                 self.fail(
                     now,
                     ErrorCode::BadFrame,
@@ -192,17 +168,13 @@ impl Session {
                 self.touch(now.mono);
                 out.push(Action::Leave(m.group));
             }
-            (Phase::Active, Frame::Request(r))
-                if r.service_id.is_empty() || r.service_id.len() > params.max_id_bytes =>
-            {
-                self.fail(
-                    now,
-                    ErrorCode::BadFrame,
-                    format!("Request.service_id must be 1 to {} bytes", params.max_id_bytes),
-                    params,
-                    out,
-                )
-            }
+            (Phase::Active, Frame::Request(r)) if check_id(&r.service_id, params.max_id_bytes).is_err() => self.fail(
+                now,
+                ErrorCode::BadFrame,
+                format!("Request.service_id must be 1 to {} bytes", params.max_id_bytes),
+                params,
+                out,
+            ),
             (Phase::Active, Frame::Request(r)) => {
                 self.touch(now.mono);
                 out.push(Action::Request(r));
@@ -320,7 +292,7 @@ impl Session {
             );
         }
         let fields = [&claims.user, &claims.device, &claims.app, &auth.platform, &auth.client_version];
-        if fields.iter().any(|f| f.len() > params.max_id_bytes || f.contains('\0')) {
+        if !fields.iter().all(|f| fits_field(f, params.max_id_bytes)) {
             return self.fail(
                 now,
                 ErrorCode::BadFrame,
@@ -354,7 +326,7 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::token::Key;
+    use crate::protocol::token::Key;
 
     const T0_UNIX: i64 = 1_800_000_000;
 

@@ -36,17 +36,18 @@ use hashbrown::HashTable;
 use slab::Slab;
 use tracing::{debug, info, warn};
 
-use crate::codec::{self, Frame, Peer};
-use crate::codes;
 use crate::delivery::MessageIds;
 use crate::groups::Groups;
-use crate::ids::{ConnId, ConnKey, ShardId, owner_shard, stable_hash};
 use crate::mesh::{Adoption, Origin, Outbox, Part, PresencePart, PresenceQuery, ShardMsg, UserAction};
 use crate::outq::{self, OutQueue};
-use crate::proto::{self, ConnectionEventKind, ErrorCode, FrameKind};
+use crate::protocol::codec::{self, Frame, Peer};
+use crate::protocol::codes;
+use crate::protocol::ids::{ConnId, ConnKey, ShardId, home_shard, owner_shard, stable_hash};
+use crate::protocol::proto::{self, ConnectionEventKind, ErrorCode, FrameKind};
+use crate::protocol::time::{Millis, Now};
 use crate::push::{Backend, Deadlines, Pending};
 use crate::reliable::{DeliverySettings, ReliableCounters, Tracked};
-use crate::session::{Action, Login, Millis, Now, Params, Phase, Session};
+use crate::session::{Action, Login, Params, Phase, Session};
 use crate::store::TimelineStore;
 use crate::upstream::{Upstream, UpstreamCounters, UpstreamSettings};
 use crate::wheel::Wheel;
@@ -57,9 +58,6 @@ const READS_PER_POLL: usize = 8;
 const SWEEP_BATCH: usize = 1024;
 /// Buckets in the timer wheel (span = slots x tick).
 const WHEEL_SLOTS: usize = 4096;
-/// Longest id string (user, device, app, platform, version, group) in
-/// bytes; the compact identity record stores lengths in one byte each.
-pub const MAX_ID_BYTES: usize = 255;
 /// Sentinel for "no next session of the same user".
 const NO_CONN: u32 = u32::MAX;
 /// How often the broadcast pacer runs while broadcasts are queued.
@@ -492,11 +490,6 @@ struct Transit {
     session: Session,
     login: Login,
     leftover: Vec<u8>,
-}
-
-/// The home shard of a user: it keeps the user's directory entry.
-pub fn home_shard(user: &str, shards: u16) -> ShardId {
-    owner_shard(user, shards)
 }
 
 /// One executor's shard.
@@ -1830,6 +1823,7 @@ fn dup_fd(fd: RawFd) -> io::Result<OwnedFd> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::limits::MAX_ID_BYTES;
 
     #[test]
     fn ident_packs_fields() {
@@ -1863,9 +1857,9 @@ mod tests {
     }
 
     fn test_params() -> Params {
-        let key = crate::token::Key::new("k", vec![1; 32]).unwrap();
+        let key = crate::protocol::token::Key::new("k", vec![1; 32]).unwrap();
         Params {
-            keyring: crate::token::Keyring::new(vec![key], None).unwrap(),
+            keyring: crate::protocol::token::Keyring::new(vec![key], None).unwrap(),
             clock_leeway_secs: 0,
             auth_timeout_ms: 1000,
             heartbeat_min_ms: 1,

@@ -36,7 +36,7 @@ use bytes::Bytes;
 use crossbeam_channel::Receiver;
 use redis::Value;
 
-use crate::ids::stable_hash;
+use crate::protocol::ids::stable_hash;
 use crate::redis_link::{self, NotSent, RedisLink, SidecarHandle, as_u64, take_batch};
 use crate::store::{
     Appended, ExpiredBy, NewMessage, Replay, Retention, Status, StoreError, StoreFuture, Stored, TimelineStore,

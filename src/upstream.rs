@@ -51,12 +51,12 @@ use prost::Message as _;
 use slab::Slab;
 use tracing::{debug, info, warn};
 
-use crate::codec::{self, Flags, Frame};
 use crate::config::UpstreamConfig;
-use crate::ids::{ConnKey, stable_hash};
 use crate::outq::OutQueue;
-use crate::proto::{self, ConnectionEventKind, ErrorCode, FrameKind};
-use crate::session::{Millis, Now};
+use crate::protocol::codec::{self, Flags, Frame};
+use crate::protocol::ids::{ConnKey, stable_hash};
+use crate::protocol::proto::{self, ConnectionEventKind, ErrorCode, FrameKind};
+use crate::protocol::time::{Millis, Now};
 use crate::shard::{Shard, State};
 
 /// How often the upstream task checks deadlines, paused connections and

@@ -7,8 +7,8 @@
 //! that moves *earlier* (closing linger) is filed once more; visiting a
 //! session twice is harmless because the check is against its real deadline.
 
-use crate::ids::ConnKey;
-use crate::session::Millis;
+use crate::protocol::ids::ConnKey;
+use crate::protocol::time::Millis;
 
 pub struct Wheel {
     tick_ms: u64,

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::*;
 use longlink::backend::{PushClient, Reply, Request};
-use longlink::ids::owner_shard;
-use longlink::proto::{self, PushStatus};
+use longlink::protocol::ids::owner_shard;
+use longlink::protocol::proto::{self, PushStatus};
 
 /// One thread of another process, stopped with ptrace (only that thread:
 /// the rest of the process runs on). Resumed on drop.

@@ -18,7 +18,7 @@ use common::*;
 use longlink::backend::PushClient;
 use longlink::client::{ClientError, ClientEvent, ClientOptions, Connection};
 use longlink::config::Config;
-use longlink::proto::{ErrorCode, PushStatus};
+use longlink::protocol::proto::{ErrorCode, PushStatus};
 
 /// A `longlink serve` process in cluster mode, killed on drop.
 struct Node {
@@ -252,7 +252,7 @@ async fn ended(conn: &mut Connection) -> ClientError {
 
 /// Sends a kick the way a node forwards one for a replaced login.
 fn forwarded_kick(push: &mut PushClient, device: &str, conn_id: u64) -> longlink::backend::Reply {
-    let kick = longlink::proto::KickRequest {
+    let kick = longlink::protocol::proto::KickRequest {
         devices: vec![device.into()],
         code: ErrorCode::Replaced as i32,
         forwarded: true,

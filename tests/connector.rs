@@ -8,9 +8,9 @@ use std::time::Duration;
 use bytes::BytesMut;
 use common::*;
 use longlink::client::{ClientError, ClientEvent, ClientOptions, Connection};
-use longlink::codec::{self, Flags, Frame};
-use longlink::ids::{ConnId, owner_shard};
-use longlink::proto::{self, ErrorCode, FrameKind};
+use longlink::protocol::codec::{self, Flags, Frame};
+use longlink::protocol::ids::{ConnId, owner_shard};
+use longlink::protocol::proto::{self, ErrorCode, FrameKind};
 
 fn auth_bytes(token: String) -> BytesMut {
     let mut b = BytesMut::new();
@@ -113,7 +113,7 @@ fn frames_sent_right_after_auth_survive_the_wait_for_the_user_directory() {
     let addr = server.client_addr();
     let pairs: Vec<(String, String)> = (0..400)
         .map(|i| (format!("dir-user-{i}"), format!("dir-dev-{i}")))
-        .filter(|(u, d)| longlink::shard::home_shard(u, 2) != owner_shard(d, 2))
+        .filter(|(u, d)| longlink::protocol::ids::home_shard(u, 2) != owner_shard(d, 2))
         .take(60)
         .collect();
     assert_eq!(pairs.len(), 60);
@@ -172,7 +172,7 @@ fn each_bad_input_gets_its_code_and_others_keep_being_served() {
     let server = start(&cfg);
     let addr = server.client_addr();
     let ring = keyring(&cfg);
-    let now = longlink::token::now_unix_secs();
+    let now = longlink::protocol::token::now_unix_secs();
     let good = token(&cfg, "good", "good-device");
     let expired = ring.mint("u", "d-exp", "a", now - 7200, now - 3600);
     let future = ring.mint("u", "d-fut", "a", now + 3600, now + 7200);
@@ -205,7 +205,7 @@ fn each_bad_input_gets_its_code_and_others_keep_being_served() {
             let frames = exchange(addr, &input, Duration::from_secs(10)).await;
             assert_eq!(close_code(&frames), Some(want), "{name}: {frames:?}");
             let Some(Frame::Error(e)) = frames.last() else { panic!("{name}: no Error frame") };
-            assert_eq!(e.reconnect, longlink::codes::reconnect_allowed(want), "{name}");
+            assert_eq!(e.reconnect, longlink::protocol::codes::reconnect_allowed(want), "{name}");
             // The well-behaved client is still served after each bad one.
             keeper.ping().await.unwrap();
             assert!(matches!(keeper.next_event().await.unwrap(), ClientEvent::Pong { .. }), "{name}");

@@ -13,10 +13,10 @@ use bytes::Bytes;
 use common::*;
 use longlink::backend::{BackendError, PushClient, Reply, Request};
 use longlink::client::{ClientError, ClientEvent, ClientOptions, Connection};
-use longlink::codec::{self, Frame, Header};
 use longlink::config::Config;
-use longlink::ids::owner_shard;
-use longlink::proto::{self, DeliveryState, ErrorCode, PushStatus};
+use longlink::protocol::codec::{self, Frame, Header};
+use longlink::protocol::ids::owner_shard;
+use longlink::protocol::proto::{self, DeliveryState, ErrorCode, PushStatus};
 use longlink::reliable::ReliableCounters;
 use longlink::server::Server;
 

@@ -11,15 +11,15 @@ use bytes::Bytes;
 use common::*;
 use longlink::backend::PushClient;
 use longlink::client::{ClientEvent, Connection};
-use longlink::ids::owner_shard;
-use longlink::proto::PushStatus;
+use longlink::protocol::ids::owner_shard;
+use longlink::protocol::proto::PushStatus;
 
 const SHARDS: u16 = 100;
 const USERS: usize = 100;
 const DEVICES_PER_USER: usize = 3;
 
 /// The next message on `conn`, acknowledging as the client does.
-async fn message(conn: &mut Connection) -> longlink::proto::Message {
+async fn message(conn: &mut Connection) -> longlink::protocol::proto::Message {
     loop {
         match conn.next_event().await.expect("connection stays up") {
             ClientEvent::Message(m) => return m,
@@ -46,7 +46,7 @@ fn a_node_with_100_shards_routes_devices_users_and_groups_with_unique_ids() {
         .flat_map(|u| (0..DEVICES_PER_USER).map(move |d| (format!("many-u{u}"), format!("many-u{u}-d{d}"))))
         .collect();
     let owners: HashSet<u16> = pairs.iter().map(|(_, d)| owner_shard(d, SHARDS).0).collect();
-    let homes: HashSet<u16> = pairs.iter().map(|(u, _)| longlink::shard::home_shard(u, SHARDS).0).collect();
+    let homes: HashSet<u16> = pairs.iter().map(|(u, _)| longlink::protocol::ids::home_shard(u, SHARDS).0).collect();
     assert!(owners.len() >= 80 && owners.iter().any(|&s| s >= 64), "devices on {} shards", owners.len());
     assert!(homes.iter().any(|&s| s >= 64), "some user directories above shard 63");
     let mut push = PushClient::connect(server.push_addr(), Duration::from_secs(5)).expect("push port");
@@ -87,10 +87,10 @@ fn a_node_with_100_shards_routes_devices_users_and_groups_with_unique_ids() {
         // worker bits.
         for round in 0..5 {
             let reply = push
-                .push_request(longlink::proto::PushRequest {
-                    targets: Some(longlink::proto::Targets { users: users.clone(), ..Default::default() }),
+                .push_request(longlink::protocol::proto::PushRequest {
+                    targets: Some(longlink::protocol::proto::Targets { users: users.clone(), ..Default::default() }),
                     payload: Bytes::from(format!("stored {round}")),
-                    qos: longlink::proto::Qos::AtLeastOnce as i32,
+                    qos: longlink::protocol::proto::Qos::AtLeastOnce as i32,
                     ..Default::default()
                 })
                 .unwrap();

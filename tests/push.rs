@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::*;
 use longlink::backend::{BackendError, PushClient};
-use longlink::ids::owner_shard;
-use longlink::proto::{ErrorCode, PushStatus};
+use longlink::protocol::ids::owner_shard;
+use longlink::protocol::proto::{ErrorCode, PushStatus};
 
 fn backend(server: &longlink::server::Server) -> PushClient {
     let mut b = PushClient::connect(server.push_addr(), Duration::from_secs(5)).expect("push port");
@@ -324,7 +324,7 @@ impl RawClient {
         socket.connect(&addr.into()).unwrap();
         let mut stream: std::net::TcpStream = socket.into();
         stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let auth = longlink::codec::Frame::Auth(longlink::proto::Auth {
+        let auth = longlink::protocol::codec::Frame::Auth(longlink::protocol::proto::Auth {
             token: token(cfg, &format!("user-{device}"), device),
             // Long heartbeats: the node must not close it as idle meanwhile.
             heartbeat_ms: 120_000,
@@ -333,13 +333,13 @@ impl RawClient {
         stream.write_all(&auth.to_bytes()).unwrap();
         let mut client = RawClient { device: device.to_owned(), stream, received: Vec::new() };
         let frames = client.read_frames(1);
-        assert!(matches!(frames[..], [longlink::codec::Frame::AuthOk(_)]), "{device}: {frames:?}");
+        assert!(matches!(frames[..], [longlink::protocol::codec::Frame::AuthOk(_)]), "{device}: {frames:?}");
         client
     }
 
     /// Reads exactly `n` whole frames (the node sends nothing unasked
     /// before the pushes start).
-    fn read_frames(&mut self, n: usize) -> Vec<longlink::codec::Frame> {
+    fn read_frames(&mut self, n: usize) -> Vec<longlink::protocol::codec::Frame> {
         use std::io::Read;
         let mut buf = Vec::new();
         let mut byte = [0u8; 1];
@@ -372,7 +372,7 @@ impl RawClient {
     /// payloads exactly the first ones the node accepted for this device,
     /// in order; then at most one Error{SLOW}; then nothing.
     fn check_stream(&self, accepted: &[Bytes], max_body: u32) {
-        use longlink::codec::{self, Frame};
+        use longlink::protocol::codec::{self, Frame};
         let device = &self.device;
         let mut buf = &self.received[..];
         let mut messages = 0;
@@ -396,7 +396,7 @@ impl RawClient {
             buf = &buf[header.frame_len()..];
         }
         if let Some(e) = error {
-            assert_eq!(longlink::codes::from_wire(e.code), ErrorCode::Slow, "{device}: {e:?}");
+            assert_eq!(longlink::protocol::codes::from_wire(e.code), ErrorCode::Slow, "{device}: {e:?}");
         }
         assert!(messages < accepted.len(), "{device}: never cut off ({messages} messages)");
     }
@@ -444,8 +444,8 @@ fn cutting_slow_clients_never_corrupts_their_streams() {
         let sending = std::thread::spawn(move || {
             let ids: Vec<u64> = (0..ROUNDS)
                 .map(|n| {
-                    let targets = longlink::proto::Targets { devices: devices.clone(), ..Default::default() };
-                    let req = longlink::proto::PushRequest {
+                    let targets = longlink::protocol::proto::Targets { devices: devices.clone(), ..Default::default() };
+                    let req = longlink::protocol::proto::PushRequest {
                         targets: Some(targets),
                         payload: numbered_payload(n),
                         ..Default::default()
@@ -510,9 +510,12 @@ fn broadcasts_beyond_the_queue_bound_are_rejected_as_retryable_and_memory_stays_
     let (mut sender, mut receiver) = push.split().unwrap();
     let sending = std::thread::spawn(move || {
         for _ in 0..BROADCASTS {
-            let targets = longlink::proto::Targets { broadcast: true, ..Default::default() };
-            let req =
-                longlink::proto::PushRequest { targets: Some(targets), payload: payload.clone(), ..Default::default() };
+            let targets = longlink::protocol::proto::Targets { broadcast: true, ..Default::default() };
+            let req = longlink::protocol::proto::PushRequest {
+                targets: Some(targets),
+                payload: payload.clone(),
+                ..Default::default()
+            };
             sender.send(Request::Push(req)).unwrap();
         }
         sender.flush().unwrap();
@@ -580,9 +583,9 @@ fn kick_presence_and_malformed_requests() {
     });
 
     // Malformed requests get a RequestError and the connection stays open.
-    let err = push.push(longlink::proto::Targets::default(), Bytes::from_static(b"x"), "", 0).unwrap_err();
+    let err = push.push(longlink::protocol::proto::Targets::default(), Bytes::from_static(b"x"), "", 0).unwrap_err();
     assert!(matches!(err, BackendError::Rejected { code: ErrorCode::BadFrame, .. }), "{err:?}");
-    let both = longlink::proto::Targets { devices: vec!["a".into()], broadcast: true, ..Default::default() };
+    let both = longlink::protocol::proto::Targets { devices: vec!["a".into()], broadcast: true, ..Default::default() };
     assert!(matches!(push.push(both, Bytes::new(), "", 0), Err(BackendError::Rejected { .. })));
     push.set_max_request_bytes(1 << 20);
     let too_big = push.push_devices(&["a"], Bytes::from(vec![0u8; 70_000])).unwrap_err();
@@ -593,8 +596,11 @@ fn kick_presence_and_malformed_requests() {
     let mut frame = vec![0x4C, 1, 32, 0, 0, 0, 0, 3, 0xff, 0xff, 0xff];
     // ... followed by a valid presence query on the same connection.
     let mut query = bytes::BytesMut::new();
-    longlink::codec::Frame::PresenceQuery(longlink::proto::PresenceQuery { request_id: 7, ..Default::default() })
-        .encode_into(&mut query, longlink::codec::Flags::default());
+    longlink::protocol::codec::Frame::PresenceQuery(longlink::protocol::proto::PresenceQuery {
+        request_id: 7,
+        ..Default::default()
+    })
+    .encode_into(&mut query, longlink::protocol::codec::Flags::default());
     frame.extend_from_slice(&query);
     raw.write_all(&frame).unwrap();
     raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -610,14 +616,18 @@ fn kick_presence_and_malformed_requests() {
         buf.extend_from_slice(&chunk[..n]);
     }
     let frames = decode_all(&buf);
-    assert!(matches!(&frames[0], longlink::codec::Frame::RequestError(e) if e.code == ErrorCode::BadFrame as i32));
-    assert!(matches!(&frames[1], longlink::codec::Frame::PresenceReply(r) if r.request_id == 7));
+    assert!(
+        matches!(&frames[0], longlink::protocol::codec::Frame::RequestError(e) if e.code == ErrorCode::BadFrame as i32)
+    );
+    assert!(matches!(&frames[1], longlink::protocol::codec::Frame::PresenceReply(r) if r.request_id == 7));
     // A broken frame boundary: an Error frame, then the node closes.
     raw.write_all(b"GARBAGE!").unwrap();
     let mut rest = Vec::new();
     let _ = raw.read_to_end(&mut rest);
     let frames = decode_all(&rest);
-    assert!(matches!(frames.last(), Some(longlink::codec::Frame::Error(e)) if e.code == ErrorCode::BadFrame as i32));
+    assert!(
+        matches!(frames.last(), Some(longlink::protocol::codec::Frame::Error(e)) if e.code == ErrorCode::BadFrame as i32)
+    );
     // Other backends are unaffected.
     assert!(push.presence::<&str>(&[], &[], &[]).is_ok());
     server.shutdown();

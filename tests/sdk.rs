@@ -15,12 +15,12 @@ use bytes::{Bytes, BytesMut};
 use common::*;
 use longlink::backend::PushClient;
 use longlink::client::ClientOptions;
-use longlink::codec::{self, Flags, Frame};
 use longlink::config::ServiceConfig;
 use longlink::dispatcher::{DispatchConfig, Dispatcher, StaticNodes};
 use longlink::echo::EchoBackend;
 use longlink::http::HttpServer;
-use longlink::proto::{self, ErrorCode};
+use longlink::protocol::codec::{self, Flags, Frame};
+use longlink::protocol::proto::{self, ErrorCode};
 use longlink::router::NodeInfo;
 use longlink::sdk::{
     AgentConfig, BlockingClient, Client, ClientConfig, Disconnect, DispatcherConfig, Event, NextError, RequestId,
@@ -337,7 +337,7 @@ fn connects_through_the_dispatcher_with_its_token() {
     let http = HttpServer::start(
         "127.0.0.1:0".parse().unwrap(),
         4,
-        Arc::new(move |r| dispatcher.dispatch(r, longlink::token::now_unix_secs())),
+        Arc::new(move |r| dispatcher.dispatch(r, longlink::protocol::token::now_unix_secs())),
     )
     .unwrap();
     // No token and no endpoint of its own: both come from the dispatcher.

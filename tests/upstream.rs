@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use common::*;
 use longlink::client::{ClientEvent, ClientOptions, Connection};
-use longlink::codec::{self, Flags, Frame};
 use longlink::config::{Config, ServiceConfig};
 use longlink::echo::EchoBackend;
-use longlink::ids::owner_shard;
-use longlink::proto::{self, ConnectionEventKind, ErrorCode};
+use longlink::protocol::codec::{self, Flags, Frame};
+use longlink::protocol::ids::owner_shard;
+use longlink::protocol::proto::{self, ConnectionEventKind, ErrorCode};
 use longlink::server::Server;
 use longlink::upstream::UpstreamCounters;
 
@@ -57,7 +57,7 @@ fn total(server: &Server, counter: impl Fn(&UpstreamCounters) -> &std::sync::ato
 }
 
 fn status(r: &proto::Response) -> ErrorCode {
-    longlink::codes::from_wire(r.status)
+    longlink::protocol::codes::from_wire(r.status)
 }
 
 async fn connect(addr: SocketAddr, cfg: &Config, user: &str, device: &str) -> (Connection, proto::AuthOk) {
@@ -391,7 +391,7 @@ fn online_replaced_and_offline_events_reach_a_subscribed_backend_with_the_parame
         }
     }
     assert_ne!(online1.conn_id, online2.conn_id);
-    assert_eq!(longlink::codes::from_wire(s.events[n - 3].code), ErrorCode::Replaced);
+    assert_eq!(longlink::protocol::codes::from_wire(s.events[n - 3].code), ErrorCode::Replaced);
     assert!(s.events.iter().all(|e| e.at_ms > 0));
     assert_eq!(plain.stats().events.len(), 0, "a service that did not subscribe gets none");
     // The unreachable subscriber's queue holds 3 of the 4 events: the oldest
@@ -438,7 +438,7 @@ fn flood(addr: SocketAddr, token: String) -> (u64, Option<ErrorCode>, Duration) 
         while let Ok(Some((h, body))) = codec::split_frame(&buf[used..], codec::DEFAULT_MAX_BODY) {
             match Frame::decode(h, body).unwrap() {
                 Frame::Response(_) => responses += 1,
-                Frame::Error(e) => code = Some(longlink::codes::from_wire(e.code)),
+                Frame::Error(e) => code = Some(longlink::protocol::codes::from_wire(e.code)),
                 _ => {}
             }
             used += h.frame_len();

@@ -30,7 +30,7 @@ use glommio::sync::Semaphore;
 use glommio::{LocalExecutorBuilder, Placement};
 use hdrhistogram::Histogram;
 use longlink::client::{ClientError, ClientEvent, Connection};
-use longlink::token::Keyring;
+use longlink::protocol::token::Keyring;
 use serde::{Deserialize, Serialize};
 
 use crate::latency::{self, mono_ns, read_stamp};

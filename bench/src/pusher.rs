@@ -21,7 +21,7 @@ use anyhow::{Context, anyhow};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use longlink::backend::{BackendError, PushClient, PushReceiver, PushSender, Reply, Request};
-use longlink::proto::{self, PushStatus};
+use longlink::protocol::proto::{self, PushStatus};
 
 use crate::latency::{self, mono_ns, stamp_payload};
 use crate::rng::Rng;

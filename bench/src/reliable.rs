@@ -24,7 +24,7 @@ use bytes::Bytes;
 use hdrhistogram::Histogram;
 use longlink::backend::{BackendError, PushClient, Reply, Request};
 use longlink::client::{ClientEvent, ClientOptions, Connection};
-use longlink::proto::{self, PushStatus, Qos};
+use longlink::protocol::proto::{self, PushStatus, Qos};
 use serde::Serialize;
 
 use crate::drive::{CpuMeter, CpuSplit, NO_PING_HEARTBEAT_MS, cpu_line};
@@ -307,7 +307,7 @@ struct Clients {
 impl Clients {
     fn start(addr: SocketAddr, key: &BenchKey, n: u32, h: &mut Harness) -> anyhow::Result<Clients> {
         let ring = key.spec().keyring()?;
-        let now = longlink::token::now_unix_secs();
+        let now = longlink::protocol::token::now_unix_secs();
         let devices: Arc<Vec<String>> = Arc::new((0..n).map(|i| format!("rel-{i}")).collect());
         let tokens: Vec<String> = devices.iter().map(|d| ring.mint(d, d, "bench", now, now + 86_400)).collect();
         let stats = Arc::new(Mutex::new(Stats::new()));

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
 use longlink::config::{AuthConfig, Config, KeyConfig, ServerConfig};
-use longlink::token;
+use longlink::protocol::token;
 
 use crate::harness::Harness;
 use crate::sys;

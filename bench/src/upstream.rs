@@ -22,10 +22,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use bytes::{Bytes, BytesMut};
 use hdrhistogram::Histogram;
-use longlink::codec::{self, Flags, Frame};
 use longlink::config::ServiceConfig;
-use longlink::ids::owner_shard;
-use longlink::proto;
+use longlink::protocol::codec::{self, Flags, Frame};
+use longlink::protocol::ids::owner_shard;
+use longlink::protocol::proto;
 use serde::Serialize;
 
 use crate::harness::Harness;
@@ -232,7 +232,7 @@ fn secs(s: f64) -> Duration {
 /// Where a phase sends its requests.
 enum Path<'a> {
     Direct(SocketAddr),
-    Longlink { addr: SocketAddr, keyring: &'a longlink::token::Keyring, shards: u16 },
+    Longlink { addr: SocketAddr, keyring: &'a longlink::protocol::token::Keyring, shards: u16 },
 }
 
 struct Plan {
@@ -399,12 +399,12 @@ fn open(path: &Path<'_>, i: u32) -> anyhow::Result<TcpStream> {
             Ok(s)
         }
         Path::Longlink { addr, keyring, shards } => {
-            let want = longlink::ids::ShardId((i % u32::from(*shards)) as u16);
+            let want = longlink::protocol::ids::ShardId((i % u32::from(*shards)) as u16);
             let device = (0..)
                 .map(|k| format!("upstream-bench-{i}-{k}"))
                 .find(|d| owner_shard(d, *shards) == want)
                 .unwrap_or_default();
-            let now = longlink::token::now_unix_secs();
+            let now = longlink::protocol::token::now_unix_secs();
             let token = keyring.mint(&format!("bench-user-{i}"), &device, "bench", now, now + 3600);
             let mut s = TcpStream::connect(addr).with_context(|| format!("connecting to the node {addr}"))?;
             s.set_nodelay(true)?;

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, anyhow};
 use glommio::{LocalExecutorBuilder, Placement};
 use longlink::client::{ClientError, ClientOptions, Connection};
-use longlink::token::{self, Keyring};
+use longlink::protocol::token::{self, Keyring};
 use serde::{Deserialize, Serialize};
 
 use crate::source::SourcePlan;

@@ -17,8 +17,10 @@ use bytes::BytesMut;
 
 use super::Input;
 use super::alloc::measure;
-use crate::codec::{self, CodecError, DEFAULT_MAX_BODY, Frame, HEADER_LEN, Header, MAGIC, Peer, VERSION, split_frame};
-use crate::proto::{ErrorCode, FrameKind};
+use crate::protocol::codec::{
+    self, CodecError, DEFAULT_MAX_BODY, Frame, HEADER_LEN, Header, MAGIC, Peer, VERSION, split_frame,
+};
+use crate::protocol::proto::{ErrorCode, FrameKind};
 
 /// Slack over the body size for what decoding a client frame may allocate
 /// (decode errors carry a small boxed description).

@@ -7,7 +7,7 @@
 //!
 //! | target    | entry point                                            |
 //! |-----------|--------------------------------------------------------|
-//! | `frame`   | [`crate::codec::split_frame`], [`crate::codec::Frame::decode`] |
+//! | `frame`   | [`crate::protocol::codec::split_frame`], [`crate::protocol::codec::Frame::decode`] |
 //! | `session` | [`crate::session::Session`] fed bytes, time and shard events   |
 //! | `push`    | push-port framing and request checks ([`crate::push`])         |
 //! | `http`    | the sidecars' HTTP request reader and parser ([`crate::http`]) |

@@ -15,11 +15,12 @@
 
 use super::Input;
 use super::alloc::measure;
-use crate::codec::{self, CodecError, Frame, Header, Peer};
-use crate::ids::owner_shard;
-use crate::proto::{self, ErrorCode, PushStatus};
+use crate::protocol::codec::{self, CodecError, Frame, Header, Peer};
+use crate::protocol::ids::home_shard;
+use crate::protocol::ids::owner_shard;
+use crate::protocol::limits::MAX_ID_BYTES;
+use crate::protocol::proto::{self, ErrorCode, PushStatus};
 use crate::push::{check_group_update, check_push, target_results};
-use crate::shard::{MAX_ID_BYTES, home_shard};
 
 /// Decoding a backend's request may cost this many bytes per byte: each
 /// id of two bytes on the wire (tag, length) becomes a 24-byte `String`,

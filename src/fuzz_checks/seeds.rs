@@ -4,9 +4,9 @@
 
 use bytes::Bytes;
 
-use crate::codec::Frame;
 use crate::config::Config;
-use crate::proto;
+use crate::protocol::codec::Frame;
+use crate::protocol::proto;
 
 /// `(name, input)` pairs for `target` (a name in [`super::TARGETS`]).
 pub fn seeds(target: &str) -> Vec<(String, Vec<u8>)> {

@@ -28,11 +28,12 @@ use std::sync::OnceLock;
 use bytes::BytesMut;
 
 use super::Input;
-use crate::codec::{self, CodecError, Flags, Frame, HEADER_LEN, Peer};
-use crate::codes;
-use crate::proto::{self, ErrorCode};
-use crate::session::{Action, Login, Millis, Now, Params, Phase, Session};
-use crate::token::{Key, Keyring};
+use crate::protocol::codec::{self, CodecError, Flags, Frame, HEADER_LEN, Peer};
+use crate::protocol::codes;
+use crate::protocol::proto::{self, ErrorCode};
+use crate::protocol::time::{Millis, Now};
+use crate::protocol::token::{Key, Keyring};
+use crate::session::{Action, Login, Params, Phase, Session};
 
 /// Unix ms at the start of most programs (2027-01-15).
 const T0_UNIX_MS: i64 = 1_800_000_000_000;

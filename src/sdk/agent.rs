@@ -26,11 +26,11 @@ use bytes::{Bytes, BytesMut};
 
 use super::{Backoff, Endpoints, Rng, SmartHeartbeat};
 use crate::client::{ClientError, ClientEvent, ClientOptions, ClientSession, Due};
-use crate::codec::{self, Flags, Frame};
-use crate::codes;
-use crate::proto::{self, ErrorCode};
-use crate::session::Millis;
-use crate::shard::MAX_ID_BYTES;
+use crate::protocol::codec::{self, Flags, Frame};
+use crate::protocol::codes;
+use crate::protocol::limits::{MAX_ID_BYTES, check_id};
+use crate::protocol::proto::{self, ErrorCode};
+use crate::protocol::time::Millis;
 
 /// One connection attempt (the driver's socket for it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -593,7 +593,7 @@ impl Agent {
         if let State::Stopped(why) = &self.state {
             return Err(SdkError::Stopped(why.clone()));
         }
-        if service.is_empty() || service.len() > MAX_ID_BYTES {
+        if check_id(service, MAX_ID_BYTES).is_err() {
             return Err(SdkError::BadService);
         }
         // Service id, ids and tags: a few dozen bytes on top of the body.

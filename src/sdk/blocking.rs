@@ -13,7 +13,7 @@ use bytes::Bytes;
 
 use super::agent::{Event, RequestId, SdkError};
 use super::driver::{CallError, Client, ClientConfig, Handle};
-use crate::proto;
+use crate::protocol::proto;
 
 /// Events buffered between the driver thread and the application.
 const EVENT_QUEUE: usize = 1_024;

@@ -120,8 +120,8 @@ mod tests {
     use super::*;
     use crate::dispatcher::{DispatchConfig, Dispatcher, StaticNodes};
     use crate::http::HttpServer;
+    use crate::protocol::token::{Key, Keyring};
     use crate::router::NodeInfo;
-    use crate::token::{Key, Keyring};
 
     #[test]
     fn asks_the_real_dispatcher_and_reads_its_answer() {
@@ -150,7 +150,7 @@ mod tests {
         let server = HttpServer::start(
             "127.0.0.1:0".parse().unwrap(),
             4,
-            Arc::new(move |r| d.dispatch(r, crate::token::now_unix_secs())),
+            Arc::new(move |r| d.dispatch(r, crate::protocol::token::now_unix_secs())),
         )
         .unwrap();
         let mut q = DispatcherConfig::new(server.addr().to_string(), "alice &co", "phone");
@@ -160,7 +160,7 @@ mod tests {
         assert!(got.endpoints.iter().all(|e| e.starts_with("127.0.0.1:700")));
         assert_eq!((got.heartbeat_min_ms, got.heartbeat_max_ms), (5_000, 200_000));
         assert_eq!((got.reconnect_min_ms, got.reconnect_max_ms), (300, 20_000));
-        let claims = keyring.verify(&got.token, crate::token::now_unix_secs(), 0).unwrap();
+        let claims = keyring.verify(&got.token, crate::protocol::token::now_unix_secs(), 0).unwrap();
         assert_eq!((claims.user.as_str(), claims.device.as_str(), claims.app.as_str()), ("alice &co", "phone", "chat"));
         q.uid = String::new();
         assert!(matches!(lookup(&q, "wifi"), Err(DispatchError::Status { status: 400, .. })));

@@ -20,8 +20,8 @@ use glommio::net::TcpStream;
 
 use super::agent::{Action, Agent, AgentConfig, Event, LinkId, RequestError, RequestId, SdkError};
 use super::dispatch::{self, DispatchError, DispatcherConfig};
-use crate::proto;
-use crate::session::Millis;
+use crate::protocol::proto;
+use crate::protocol::time::Millis;
 
 /// What a [`Client`] needs.
 #[derive(Clone, Debug)]

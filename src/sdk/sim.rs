@@ -20,10 +20,11 @@ use bytes::{Bytes, BytesMut};
 use super::Rng;
 use super::agent::*;
 use crate::client::ClientOptions;
-use crate::codec::{self, Frame};
-use crate::proto::{self, ErrorCode};
-use crate::session::{self, Millis, Now, Params};
-use crate::token::{Key, Keyring};
+use crate::protocol::codec::{self, Frame};
+use crate::protocol::proto::{self, ErrorCode};
+use crate::protocol::time::{Millis, Now};
+use crate::protocol::token::{Key, Keyring};
+use crate::session::{self, Params};
 
 const T0_UNIX_MS: i64 = 1_800_000_000_000;
 

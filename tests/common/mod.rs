@@ -6,10 +6,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use longlink::codec::{self, Frame};
 use longlink::config::Config;
+use longlink::protocol::codec::{self, Frame};
+use longlink::protocol::token::Keyring;
 use longlink::server::Server;
-use longlink::token::Keyring;
 
 pub const KEY_HEX: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 
@@ -48,7 +48,7 @@ pub fn keyring(cfg: &Config) -> Keyring {
 }
 
 pub fn token(cfg: &Config, user: &str, device: &str) -> String {
-    let now = longlink::token::now_unix_secs();
+    let now = longlink::protocol::token::now_unix_secs();
     keyring(cfg).mint(user, device, "test", now, now + 3600)
 }
 
@@ -108,10 +108,10 @@ pub fn decode_all(mut buf: &[u8]) -> Vec<Frame> {
 }
 
 /// The code of the last Error or Kicked frame.
-pub fn close_code(frames: &[Frame]) -> Option<longlink::proto::ErrorCode> {
+pub fn close_code(frames: &[Frame]) -> Option<longlink::protocol::proto::ErrorCode> {
     frames.iter().rev().find_map(|f| match f {
-        Frame::Error(e) => Some(longlink::codes::from_wire(e.code)),
-        Frame::Kicked(k) => Some(longlink::codes::from_wire(k.code)),
+        Frame::Error(e) => Some(longlink::protocol::codes::from_wire(e.code)),
+        Frame::Kicked(k) => Some(longlink::protocol::codes::from_wire(k.code)),
         _ => None,
     })
 }
@@ -139,7 +139,7 @@ pub async fn connect_all(
 }
 
 /// The next pushed message on `conn` (heartbeat events are skipped).
-pub async fn next_message(conn: &mut longlink::client::Connection) -> longlink::proto::Message {
+pub async fn next_message(conn: &mut longlink::client::Connection) -> longlink::protocol::proto::Message {
     loop {
         match conn.next_event().await.expect("connection stays up") {
             longlink::client::ClientEvent::Message(m) => return m,

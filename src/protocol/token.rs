@@ -21,7 +21,7 @@ use hmac::{Hmac, Mac as _};
 use prost::Message as _;
 use sha2::{Digest as _, Sha256};
 
-use crate::proto::{ErrorCode, TokenClaims};
+use crate::protocol::proto::{ErrorCode, TokenClaims};
 
 /// Longest token text accepted; checked before any decoding so a huge
 /// Auth frame costs nothing.

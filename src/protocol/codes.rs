@@ -5,7 +5,7 @@
 //! `proto/longlink.proto` (`ErrorCode`); 1xxx allow reconnecting, 2xxx are
 //! terminal. A test checks that the proto enum and this table agree.
 
-use crate::proto::{self, ErrorCode};
+use crate::protocol::proto::{self, ErrorCode};
 
 /// What a client should do after receiving a code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

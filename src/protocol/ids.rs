@@ -82,6 +82,11 @@ pub fn owner_shard(device: &str, shards: u16) -> ShardId {
     ShardId((stable_hash(device) % u64::from(shards.max(1))) as u16)
 }
 
+/// The home shard of a user: it keeps the user's directory entry.
+pub fn home_shard(user: &str, shards: u16) -> ShardId {
+    owner_shard(user, shards)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::proto::{self, FrameKind};
+use crate::protocol::proto::{self, FrameKind};
 
 /// Length of the fixed frame header.
 pub const HEADER_LEN: usize = 8;

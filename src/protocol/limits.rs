@@ -1,0 +1,48 @@
+//! Limits every side of the protocol agrees on, and the one check of an id.
+
+/// Longest id string (user, device, app, platform, version, group, service)
+/// in bytes; a session's compact identity record stores lengths in one
+/// byte each.
+pub const MAX_ID_BYTES: usize = 255;
+
+/// Why a string is not usable as an id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    #[error("empty id")]
+    Empty,
+    #[error("id longer than {0} bytes")]
+    TooLong(usize),
+}
+
+/// A target, group or service id: 1 to `max` bytes.
+pub fn check_id(id: &str, max: usize) -> Result<(), IdError> {
+    if id.is_empty() {
+        Err(IdError::Empty)
+    } else if id.len() > max {
+        Err(IdError::TooLong(max))
+    } else {
+        Ok(())
+    }
+}
+
+/// An optional identity field (platform, version, ...): at most `max`
+/// bytes, no NUL (the identity record joins the fields).
+pub fn fits_field(field: &str, max: usize) -> bool {
+    field.len() <= max && !field.contains('\0')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_one_to_max_bytes() {
+        assert_eq!(check_id("", MAX_ID_BYTES), Err(IdError::Empty));
+        assert_eq!(
+            check_id(&"x".repeat(256), MAX_ID_BYTES).map_err(|e| e.to_string()),
+            Err("id longer than 255 bytes".into())
+        );
+        assert!(check_id(&"x".repeat(255), MAX_ID_BYTES).is_ok());
+        assert!(fits_field("", 3) && !fits_field("a\0", 3) && !fits_field("abcd", 3));
+    }
+}
