@@ -118,10 +118,6 @@ config_struct! {
         /// Default: "" (the bound push address; for 0.0.0.0, the address
         /// this host reaches Redis from).
         pub node_endpoint: String = String::new(),
-        /// Address of the admin and dispatcher HTTP server (/v1/dispatch,
-        /// /metrics, /healthz, POST /drain). Keep it private. Default:
-        /// "127.0.0.1:7102".
-        pub admin_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 7102)),
         /// Endpoints in a dispatcher reply (the first preferred, the others
         /// for drift). Default: 3. Allowed: 1 to 16.
         pub dispatch_endpoints: u32 = 3,
@@ -235,6 +231,11 @@ config_struct! {
         pub client_listen: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 7100)),
         /// Address backends push to. Default: "0.0.0.0:7101".
         pub push_listen: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 7101)),
+        /// Address of the admin HTTP server: /metrics and /healthz, and in
+        /// cluster mode /v1/dispatch and POST /drain. Keep it private.
+        /// Default: "127.0.0.1:7102". (`[cluster] admin_listen`, its
+        /// earlier place, is still read.)
+        pub admin_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 7102)),
         /// Number of shards (executors, one per core). Default: 0 (one per
         /// CPU this process may run on). Allowed: 0 to 256 (0 must resolve
         /// to at most 256 CPUs).
@@ -998,8 +999,31 @@ impl AuthConfig {
 }
 
 fn parse(text: &str, path: Option<&Path>) -> Result<Config, ConfigError> {
-    toml::from_str(text)
-        .map_err(|e| ConfigError::Parse { path: path.map(Path::to_owned), message: describe_parse_error(text, &e) })
+    let error = |message: String| ConfigError::Parse { path: path.map(Path::to_owned), message };
+    if let Some(table) = with_admin_listen_moved(text) {
+        return table.try_into().map_err(|e: toml::de::Error| error(mask_secret_values(text, e.message())));
+    }
+    toml::from_str(text).map_err(|e| error(describe_parse_error(text, &e)))
+}
+
+/// A file that sets `[cluster] admin_listen` (where the admin address was
+/// before single nodes served it too): the table with it moved to
+/// `[server]`. None for every other file, which is parsed from its text so
+/// errors keep their line numbers.
+fn with_admin_listen_moved(text: &str) -> Option<toml::Table> {
+    if !text.contains("admin_listen") {
+        return None;
+    }
+    let mut table: toml::Table = text.parse().ok()?;
+    let cluster = table.get_mut("cluster")?.as_table_mut()?;
+    let addr = cluster.remove("admin_listen")?;
+    let server = table.entry("server").or_insert_with(|| toml::Value::Table(toml::Table::new())).as_table_mut()?;
+    if server.contains_key("admin_listen") {
+        // Both set: keep the new one, and let the old one fail as unknown.
+        return None;
+    }
+    server.insert("admin_listen".into(), addr);
+    Some(table)
 }
 
 /// Words that mark a setting (or a line) as holding a secret: its value
@@ -1133,6 +1157,16 @@ mod tests {
         Config::default().validate().unwrap();
         assert_eq!(Config::load(None).unwrap(), Config::default());
         assert_eq!(Config::from_toml_str("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn admin_listen_is_still_read_from_its_earlier_place_in_cluster() {
+        let cfg = Config::from_toml_str("[cluster]\nenabled = false\nadmin_listen = \"127.0.0.1:9\"").unwrap();
+        assert_eq!(cfg.server.admin_listen, SocketAddr::from(([127, 0, 0, 1], 9)));
+        let both = "[server]\nadmin_listen = \"127.0.0.1:9\"\n[cluster]\nadmin_listen = \"127.0.0.1:8\"";
+        assert!(Config::from_toml_str(both).is_err(), "set twice");
+        let err = Config::from_toml_str("[cluster]\nadmin_listen = \"nohost\"").unwrap_err().to_string();
+        assert!(err.contains("invalid socket address"), "{err}");
     }
 
     #[test]

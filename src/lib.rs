@@ -1,9 +1,9 @@
 //! longlink: a long-connection gateway.
 //!
 //! Map of the crate, following the design (DESIGN.md):
-//! - [`codec`]: 8-byte frame header + protobuf bodies ([`proto`]).
-//! - [`codes`]: the one table of error/disconnect codes.
-//! - [`token`]: HMAC-SHA256 connect tokens and the key ring.
+//! - [`protocol`]: what server, SDK and push client share, no I/O: the
+//!   frame codec and protobuf bodies, error codes, id newtypes and limits,
+//!   `Millis`/`Now`, connect tokens.
 //! - [`config`]: TOML config with documented defaults and `validate()`.
 //! - [`session`]: the server's per-connection protocol state machine (no I/O, no clock).
 //! - [`wheel`]: the per-shard coarse timer wheel that drives every deadline.
@@ -14,7 +14,9 @@
 //!   delivery: per-device windows and resend schedule, timelines, and the
 //!   shard code that ties them to sessions (ACKs, resends, resume).
 //! - [`groups`]: per-shard group membership.
-//! - [`server`]: starts the shards and wires the mesh between them.
+//! - [`server`]: binds the listeners, starts the shards and wires the mesh
+//!   between them, serves the admin port.
+//! - [`liveness`]: per-shard turn counter and stall gauge.
 //! - [`client`]: client session state machine and its glommio driver.
 //! - [`sdk`]: the client SDK: reconnects, drift, smart heartbeat, resume,
 //!   retried requests (sans-IO agent, glommio driver, blocking facade).
@@ -22,18 +24,18 @@
 //! - [`upstream`]: client requests forwarded to service backends, connection
 //!   events, dedup of retries, per-connection rate limit.
 //! - [`echo`]: an example service backend (tests, bench, README).
-//! - Cluster mode: [`router`] (routes with epochs, node leases, in Redis),
-//!   [`cluster`] (route claims, pushes forwarded between nodes, drain),
-//!   [`dispatcher`] and [`admin`] (HTTP: /v1/dispatch, /metrics, /healthz,
-//!   /drain) on [`http`].
+//! - Cluster mode: [`router`] (routes with epochs, node leases, in Redis;
+//!   [`lease`] on its own thread), [`cluster`] (route claims, pushes
+//!   forwarded between nodes, drain, cluster counters).
+//! - [`http`]: beside the shards, on threads: the admin port of every node
+//!   (/metrics, /healthz; /v1/dispatch and /drain in cluster mode), the
+//!   dispatcher, the Prometheus writer.
 
-pub mod admin;
 pub mod backend;
 pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod delivery;
-pub mod dispatcher;
 pub mod echo;
 #[doc(hidden)]
 pub mod fuzz_checks;
@@ -42,7 +44,6 @@ pub mod http;
 pub mod lease;
 pub mod liveness;
 pub mod mesh;
-pub mod metrics;
 pub mod outq;
 pub mod protocol;
 pub mod push;

@@ -10,12 +10,9 @@
 //! executor parked with runnable tasks (vendor/glommio/PATCHES.md), which
 //! all look alike from outside: the shard's sessions stop being served.
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::Instant;
-
-use crate::metrics::Exposition;
-use crate::shard::ShardCounters;
 
 /// The process-wide clock the shards and the reader share.
 fn epoch() -> Instant {
@@ -64,25 +61,6 @@ impl Liveness {
             due => stamp(now).saturating_sub(due),
         }
     }
-}
-
-/// Adds the per-shard liveness families to `e`: the turn counter and the
-/// stall gauge (alert on the gauge staying above a few seconds, or on the
-/// counter not moving).
-pub fn expose(e: &mut Exposition, counters: &[Arc<ShardCounters>]) {
-    let now = Instant::now();
-    let shards: Vec<String> = (0..counters.len()).map(|i| i.to_string()).collect();
-    let labels: Vec<[(&str, &str); 1]> = shards.iter().map(|s| [("shard", s.as_str())]).collect();
-    e.counter(
-        "longlink_shard_turns_total",
-        "Runs of the shard's timer loop; stops moving when the shard stops turning.",
-        counters.iter().zip(&labels).map(|(c, l)| (&l[..], c.liveness.turns())),
-    );
-    e.gauge(
-        "longlink_shard_stalled_ms",
-        "Milliseconds the shard's timer loop has been due without running (about 0 while the shard turns).",
-        counters.iter().zip(&labels).map(|(c, l)| (&l[..], c.liveness.stalled_ms(now))),
-    );
 }
 
 #[cfg(test)]

@@ -644,9 +644,7 @@ fn serve(
     // Print the address on stdout so scripts (and tests) can read it.
     println!("listening {}", server.client_addr());
     println!("push {}", server.push_addr());
-    if let Some(admin) = server.admin_addr() {
-        println!("admin {admin}");
-    }
+    println!("admin {}", server.admin_addr());
     server.join();
     if lease.is_some_and(|l| l.is_fenced()) {
         // Not a clean exit: the node gave up its place in the cluster.
@@ -661,7 +659,7 @@ fn serve(
 const FENCED_EXIT: u8 = 3;
 
 fn dispatcher(redis: String, listen: SocketAddr, config: Option<PathBuf>) -> anyhow::Result<ExitCode> {
-    use longlink::dispatcher::{CachedNodes, DispatchConfig, Dispatcher};
+    use longlink::http::dispatcher::{CachedNodes, DispatchConfig, Dispatcher};
     let mut cfg = Config::load(config.as_deref())?;
     cfg.delivery.redis_url = redis;
     cfg.validate()?;
@@ -672,14 +670,7 @@ fn dispatcher(redis: String, listen: SocketAddr, config: Option<PathBuf>) -> any
     let prefix = cfg.delivery.redis_prefix.clone();
     let nodes =
         CachedNodes::start(Duration::from_millis(250), move || longlink::router::read_nodes(&mut link, &prefix).ok())?;
-    let s = &cfg.session;
-    let dispatch = DispatchConfig {
-        endpoints: cfg.cluster.dispatch_endpoints as usize,
-        token_ttl_secs: cfg.auth.default_token_ttl_secs,
-        heartbeat_min_ms: s.heartbeat_min_ms,
-        heartbeat_default_ms: s.heartbeat_default_ms,
-        heartbeat_max_ms: s.heartbeat_max_ms,
-    };
+    let dispatch = DispatchConfig::from_config(&cfg);
     let dispatcher = Dispatcher::new(dispatch, keyring, nodes);
     let handler = move |req: &longlink::http::Request| match req.path.as_str() {
         "/v1/dispatch" => dispatcher.dispatch(req, token::now_unix_secs()),

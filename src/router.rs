@@ -40,6 +40,7 @@ use redis::Value;
 
 use crate::lease::{LeaseHandle, LeaseOp, LeaseSidecar};
 pub use crate::lease::{Liveness, NameHeld, StartAction, liveness, process_identity};
+use crate::protocol::ids::stable_hash;
 use crate::redis_link::{self, NotSent, RedisLink, SidecarHandle, Unavailable, as_string, as_u64, take_batch};
 
 /// Where a device is connected.
@@ -64,6 +65,19 @@ pub struct NodeInfo {
     pub draining: bool,
     /// Unix ms when its lease runs out (as of our last look).
     pub lease_expires_ms: u64,
+}
+
+/// Nodes for `uid`, best first: highest rendezvous score among the healthy,
+/// non-draining nodes (the dispatcher's order, and where a draining node
+/// sends its clients).
+pub fn rank(uid: &str, nodes: &[NodeInfo], k: usize) -> Vec<NodeInfo> {
+    let mut scored: Vec<(u64, &NodeInfo)> = nodes
+        .iter()
+        .filter(|n| !n.draining && !n.client_endpoint.is_empty())
+        .map(|n| (stable_hash(&format!("{}\u{0}{uid}", n.name)), n))
+        .collect();
+    scored.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.name.cmp(&b.1.name)));
+    scored.into_iter().take(k).map(|(_, n)| n.clone()).collect()
 }
 
 /// The lease state of this node, readable by every shard.

@@ -14,8 +14,9 @@ use tracing::info;
 
 use crate::cluster::ClusterShared;
 use crate::config::Config;
-use crate::dispatcher::DispatchConfig;
 use crate::http::HttpServer;
+use crate::http::admin::{self, AdminState};
+use crate::http::dispatcher::DispatchConfig;
 use crate::mesh::{MeshEnds, Outbox};
 use crate::protocol::ids::ShardId;
 use crate::protocol::limits::MAX_ID_BYTES;
@@ -75,8 +76,32 @@ pub struct Server {
     client_addr: SocketAddr,
     push_addr: SocketAddr,
     counters: Vec<Arc<ShardCounters>>,
-    /// Cluster mode: the node's cluster state and its admin HTTP server.
-    cluster: Option<(Arc<ClusterShared>, HttpServer)>,
+    /// The admin HTTP server (/metrics, /healthz; cluster endpoints in
+    /// cluster mode).
+    admin: HttpServer,
+    /// Cluster mode: the node's cluster state.
+    cluster: Option<Arc<ClusterShared>>,
+}
+
+/// Every listener of a node, bound before anything starts (a taken port
+/// fails the start at once). The shards each take one socket of the
+/// SO_REUSEPORT groups; the HTTP listeners are served by threads.
+struct Listeners {
+    client_addr: SocketAddr,
+    client: Vec<OwnedFd>,
+    push_addr: SocketAddr,
+    push: Vec<OwnedFd>,
+    admin: std::net::TcpListener,
+}
+
+impl Listeners {
+    fn bind(server: &crate::config::ServerConfig, shards: u16) -> Result<Listeners, ServerError> {
+        let (client_addr, client) = bind_reuseport(server.client_listen, shards, server.listen_backlog)?;
+        let (push_addr, push) = bind_reuseport(server.push_listen, shards, server.listen_backlog)?;
+        let admin = std::net::TcpListener::bind(server.admin_listen)
+            .map_err(|source| ServerError::Admin { addr: server.admin_listen, source })?;
+        Ok(Listeners { client_addr, client, push_addr, push, admin })
+    }
 }
 
 impl Server {
@@ -90,8 +115,8 @@ impl Server {
         let session = &config.session;
 
         let upstream = UpstreamSettings::resolve(&config.upstream)?;
-        let (client_addr, listeners) = bind_reuseport(server.client_listen, shards, server.listen_backlog)?;
-        let (push_addr, push_listeners) = bind_reuseport(server.push_listen, shards, server.listen_backlog)?;
+        let Listeners { client_addr, client: listeners, push_addr, push: push_listeners, admin: admin_listener } =
+            Listeners::bind(server, shards)?;
         let cluster = match config.cluster.enabled {
             true => Some(ClusterShared::start(config, client_addr, push_addr, shards).map_err(ServerError::Cluster)?),
             false => None,
@@ -305,36 +330,36 @@ impl Server {
                 Err(e) => return Err(ServerError::Start(e.to_string())),
             }
         }
-        let cluster = match cluster {
-            None => None,
-            Some(cluster) => {
-                // Registered before serving, unless Redis is down (then the
-                // sidecar keeps trying; sessions claim routes once it is up).
-                let deadline = std::time::Instant::now() + Duration::from_secs(5);
-                while !cluster.router.state().is_live() && std::time::Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                if !cluster.router.state().is_live() {
-                    tracing::warn!(node = %cluster.node, "not registered in the cluster yet; serving anyway");
-                }
-                let c = &config.cluster;
-                let dispatch = DispatchConfig {
-                    endpoints: c.dispatch_endpoints as usize,
-                    token_ttl_secs: config.auth.default_token_ttl_secs,
-                    heartbeat_min_ms: session.heartbeat_min_ms,
-                    heartbeat_default_ms: session.heartbeat_default_ms,
-                    heartbeat_max_ms: session.heartbeat_max_ms,
-                };
-                let admin = crate::admin::start(c.admin_listen, cluster.clone(), counters.clone(), dispatch, keyring)
-                    .map_err(|source| ServerError::Admin { addr: c.admin_listen, source })?;
-                crate::cluster::spawn_drain_coordinator(cluster.clone(), counters.clone(), stop.clone())
-                    .map_err(ServerError::Cluster)?;
-                info!(node = %cluster.node, admin = %admin.addr(), client = %cluster.client_endpoint, "cluster mode");
-                Some((cluster, admin))
+        if let Some(cluster) = &cluster {
+            // Registered before serving, unless Redis is down (then the
+            // sidecar keeps trying; sessions claim routes once it is up).
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while !cluster.router.state().is_live() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
             }
+            if !cluster.router.state().is_live() {
+                tracing::warn!(node = %cluster.node, "not registered in the cluster yet; serving anyway");
+            }
+        }
+        let admin_addr = config.server.admin_listen;
+        let state = AdminState {
+            node: config.node_name_bound(client_addr.port()),
+            counters: counters.clone(),
+            stop: stop.clone(),
         };
+        let admin = admin::serve(
+            admin_listener,
+            state,
+            cluster.clone().map(|c| (c, DispatchConfig::from_config(config), keyring)),
+        )
+        .map_err(|source| ServerError::Admin { addr: admin_addr, source })?;
+        if let Some(cluster) = &cluster {
+            crate::cluster::spawn_drain_coordinator(cluster.clone(), counters.clone(), stop.clone())
+                .map_err(ServerError::Cluster)?;
+            info!(node = %cluster.node, admin = %admin.addr(), client = %cluster.client_endpoint, "cluster mode");
+        }
         info!(%client_addr, shards, node = %config.node_name_bound(client_addr.port()), "longlink serving");
-        Ok(Server { handles: Some(handles), stop, client_addr, push_addr, counters, cluster })
+        Ok(Server { handles: Some(handles), stop, client_addr, push_addr, counters, admin, cluster })
     }
 
     /// The bound client address (useful with port 0).
@@ -347,14 +372,14 @@ impl Server {
         self.push_addr
     }
 
-    /// The admin/dispatcher HTTP address (cluster mode).
-    pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.cluster.as_ref().map(|(_, admin)| admin.addr())
+    /// The bound admin HTTP address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.addr()
     }
 
     /// The node's cluster state (cluster mode).
     pub fn cluster(&self) -> Option<&Arc<ClusterShared>> {
-        self.cluster.as_ref().map(|(c, _)| c)
+        self.cluster.as_ref()
     }
 
     /// Per-shard counters, indexed by shard id.
@@ -382,9 +407,7 @@ impl Server {
                 }
             }
         }
-        if let Some((_, admin)) = &self.cluster {
-            admin.stop();
-        }
+        self.admin.stop();
     }
 
     /// [`Server::request_stop`] then [`Server::join`].

@@ -6,7 +6,7 @@ mod common;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::io::{BufRead, Read, Write};
+use std::io::BufRead;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,7 +39,7 @@ fn node_config(redis: &RedisServer, name: &str, index: u16) -> Config {
     // Short enough for the tests that wait for a lease to end, long enough
     // that a loaded box (thousands of clients, debug builds) renews in time.
     cfg.cluster.lease_ms = 3_000;
-    cfg.cluster.admin_listen = "127.0.0.1:0".parse().unwrap();
+    cfg.server.admin_listen = "127.0.0.1:0".parse().unwrap();
     cfg.cluster.forward_timeout_ms = 2_000;
     // Requests of thousands of targets on a loaded box (debug builds) may
     // take seconds; the tests of the deadline set their own.
@@ -94,17 +94,6 @@ impl Node {
 }
 
 /// One HTTP/1.1 request; the status and body.
-fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).expect("admin port");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    (status, body)
-}
-
 fn redis_conn(redis: &RedisServer) -> redis::Connection {
     let client = redis::Client::open(redis.url()).unwrap();
     // A signal may interrupt the connect (EINTR): try again.

@@ -274,3 +274,37 @@ fn shutdown_closes_sessions_with_shutdown() {
     assert!(codes.iter().all(|c| *c == Some(ErrorCode::Shutdown)), "{codes:?}");
     server.join();
 }
+
+#[test]
+fn a_single_node_serves_metrics_and_health_on_its_admin_port() {
+    let cfg = test_config(2);
+    let server = start(&cfg);
+    let (addr, admin) = (server.client_addr(), server.admin_addr());
+    let t = token(&cfg, "admin-user", "admin-dev");
+    let stop = server.stop_flag();
+    run(async move {
+        let (mut conn, _) = Connection::connect(addr, ClientOptions::new(t)).await.unwrap();
+        let (code, metrics) = http(admin, "GET", "/metrics");
+        assert_eq!(code, 200, "{metrics}");
+        let connections: u64 = metrics
+            .lines()
+            .filter_map(|l| l.strip_prefix("longlink_connections{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        assert_eq!(connections, 1, "{metrics}");
+        for family in ["longlink_connections{shard=\"1\"}", "longlink_shard_turns_total{shard=\"0\"}"] {
+            assert!(metrics.contains(family), "{family} missing:\n{metrics}");
+        }
+        assert!(!metrics.contains("longlink_route_claims_total"), "no cluster families on a single node");
+        let (code, health) = http(admin, "GET", "/healthz");
+        assert_eq!((code, health.contains("\"ok\"")), (200, true), "{health}");
+        // The cluster's endpoints are not there.
+        assert_eq!(http(admin, "GET", "/v1/dispatch?uid=u&device=d").0, 404);
+        assert_eq!(http(admin, "POST", "/drain").0, 404);
+        stop.store(true, Ordering::Relaxed);
+        let (code, health) = http(admin, "GET", "/healthz");
+        assert_eq!((code, health.contains("stopping")), (503, true), "{health}");
+        assert_eq!(conn.next_event().await.unwrap_err().code(), Some(ErrorCode::Shutdown));
+    });
+    server.join();
+}

@@ -238,7 +238,7 @@ fn metrics_show_every_shard_turning() {
     cfg.node_name = "live".into();
     cfg.delivery.redis_url = redis.url();
     cfg.cluster.enabled = true;
-    cfg.cluster.admin_listen = "127.0.0.1:0".parse().expect("addr");
+    cfg.server.admin_listen = "127.0.0.1:0".parse().expect("addr");
     let node = common::NodeProcess::start(&cfg);
     let admin = node.admin_addr.expect("a cluster node prints its admin address");
     let first = get(admin, "/metrics");

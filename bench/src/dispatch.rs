@@ -107,9 +107,9 @@ pub fn run(args: &DispatchArgs) -> anyhow::Result<()> {
         cfg.node_name = format!("bench-{i}");
         cfg.delivery.node_index = (i % 16) as u16;
         let port = free_port()?;
-        cfg.cluster.admin_listen = SocketAddr::from(([127, 0, 0, 1], port));
+        cfg.server.admin_listen = SocketAddr::from(([127, 0, 0, 1], port));
         nodes.push(ServerProcess::start(&bin, &cfg, &h)?);
-        admin.push(cfg.cluster.admin_listen);
+        admin.push(cfg.server.admin_listen);
     }
     let dir = TempDir::new("longlink-bench-dispatcher")?;
     let standalone = start_dispatcher(&bin, &base_cfg, dir.path(), &redis.url())?;

@@ -122,6 +122,7 @@ pub fn bench_config(shards: u16, key: &BenchKey) -> Config {
         server: ServerConfig {
             client_listen: loopback_any_port,
             push_listen: loopback_any_port,
+            admin_listen: loopback_any_port,
             shards,
             accept_rate_per_sec: 0,
             ..ServerConfig::default()

@@ -108,7 +108,7 @@ impl AgentConfig {
     }
 }
 
-/// What the dispatcher answered (see `crate::dispatcher`).
+/// What the dispatcher answered (see `crate::http::dispatcher`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Dispatch {
     pub endpoints: Vec<String>,

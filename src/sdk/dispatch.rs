@@ -1,4 +1,4 @@
-//! The SDK's side of `GET /v1/dispatch` (see `crate::dispatcher`): a small
+//! The SDK's side of `GET /v1/dispatch` (see `crate::http::dispatcher`): a small
 //! blocking HTTP/1.1 request, run off the executor (the driver uses
 //! `spawn_blocking`), bounded in time and in bytes.
 
@@ -118,8 +118,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::dispatcher::{DispatchConfig, Dispatcher, StaticNodes};
     use crate::http::HttpServer;
+    use crate::http::dispatcher::{DispatchConfig, Dispatcher, StaticNodes};
     use crate::protocol::token::{Key, Keyring};
     use crate::router::NodeInfo;
 

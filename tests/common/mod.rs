@@ -22,6 +22,7 @@ pub fn test_config(shards: u16) -> Config {
         [server]
         client_listen = "127.0.0.1:0"
         push_listen = "127.0.0.1:0"
+        admin_listen = "127.0.0.1:0"
         shards = {shards}
         io_memory_bytes = 65536
         accept_rate_per_sec = 0
@@ -185,7 +186,7 @@ pub struct NodeProcess {
     pub child: std::process::Child,
     pub client_addr: SocketAddr,
     pub push_addr: SocketAddr,
-    /// The admin HTTP address (cluster mode only).
+    /// The admin HTTP address (every node prints it).
     pub admin_addr: Option<SocketAddr>,
     _dir: TempDir,
 }
@@ -213,7 +214,7 @@ impl NodeProcess {
         };
         let client_addr = addr("listening ");
         let push_addr = addr("push ");
-        let admin_addr = cfg.cluster.enabled.then(|| addr("admin "));
+        let admin_addr = Some(addr("admin "));
         NodeProcess { child, client_addr, push_addr, admin_addr, _dir: dir }
     }
 
@@ -232,6 +233,19 @@ impl Drop for NodeProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// One HTTP/1.1 request to an admin port: status and body.
+pub fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("admin port");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
 }
 
 /// A directory removed on drop.

@@ -62,7 +62,13 @@ impl HttpServer {
     /// Binds `addr` and serves `handler` with at most `max_connections`
     /// concurrent connections (one thread each; more wait in the backlog).
     pub fn start(addr: SocketAddr, max_connections: usize, handler: Handler) -> io::Result<HttpServer> {
-        let listener = TcpListener::bind(addr)?;
+        HttpServer::serve(TcpListener::bind(addr)?, max_connections, handler)
+    }
+
+    /// [`HttpServer::start`] on a listener bound earlier (a node binds
+    /// every listener before it starts anything, so a taken port fails the
+    /// start at once).
+    pub fn serve(listener: TcpListener, max_connections: usize, handler: Handler) -> io::Result<HttpServer> {
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let active = Arc::new(AtomicUsize::new(0));

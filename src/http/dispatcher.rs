@@ -13,11 +13,11 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use crate::config::Config;
 use crate::http::{Request, Response};
-use crate::protocol::ids::stable_hash;
 use crate::protocol::limits::{MAX_ID_BYTES, check_id};
 use crate::protocol::token::Keyring;
-use crate::router::NodeInfo;
+use crate::router::{NodeInfo, rank};
 
 /// Where the dispatcher learns the node set.
 pub trait NodeSource: Send + Sync {
@@ -82,6 +82,21 @@ pub struct DispatchConfig {
     pub heartbeat_max_ms: u32,
 }
 
+impl DispatchConfig {
+    /// The settings of a node's config: `[cluster]` endpoints, the default
+    /// token lifetime and the session's heartbeat bounds.
+    pub fn from_config(config: &Config) -> DispatchConfig {
+        let s = &config.session;
+        DispatchConfig {
+            endpoints: config.cluster.dispatch_endpoints as usize,
+            token_ttl_secs: config.auth.default_token_ttl_secs,
+            heartbeat_min_ms: s.heartbeat_min_ms,
+            heartbeat_default_ms: s.heartbeat_default_ms,
+            heartbeat_max_ms: s.heartbeat_max_ms,
+        }
+    }
+}
+
 pub struct Dispatcher {
     cfg: DispatchConfig,
     keyring: Keyring,
@@ -92,18 +107,6 @@ pub struct Dispatcher {
 
 /// Longest uid or device accepted.
 const MAX_ID: usize = MAX_ID_BYTES;
-
-/// Nodes for `uid`, best first: highest rendezvous score among the healthy,
-/// non-draining nodes.
-pub fn rank(uid: &str, nodes: &[NodeInfo], k: usize) -> Vec<NodeInfo> {
-    let mut scored: Vec<(u64, &NodeInfo)> = nodes
-        .iter()
-        .filter(|n| !n.draining && !n.client_endpoint.is_empty())
-        .map(|n| (stable_hash(&format!("{}\u{0}{uid}", n.name)), n))
-        .collect();
-    scored.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.name.cmp(&b.1.name)));
-    scored.into_iter().take(k).map(|(_, n)| n.clone()).collect()
-}
 
 impl Dispatcher {
     pub fn new(cfg: DispatchConfig, keyring: Keyring, nodes: Arc<dyn NodeSource>) -> Dispatcher {
