@@ -23,7 +23,6 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{FromRawFd, IntoRawFd};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -442,8 +441,7 @@ impl Connection {
         socket.bind(&SocketAddr::new(source, 0).into())?;
         socket.connect_timeout(&addr.into(), connect_timeout)?;
         socket.set_nonblocking(true)?;
-        // SAFETY: a connected TCP socket whose ownership moves into the stream.
-        let stream = unsafe { TcpStream::from_raw_fd(socket.into_raw_fd()) };
+        let stream = crate::conn::fd::connected(socket.into());
         Self::handshake(stream, opts).await
     }
 

@@ -8,7 +8,9 @@
 //! - [`session`]: the server's per-connection protocol state machine (no I/O, no clock).
 //! - [`wheel`]: the per-shard coarse timer wheel that drives every deadline.
 //! - [`shard`]: one executor's world: listener, sessions, indexes, delivery.
-//! - [`mesh`]: messages between shards; [`outq`]: bounded outbound queues.
+//! - [`conn`]: the only code that touches socket fds: the task's socket and
+//!   the slot's handle, the outbound queue, the transport seam below framing.
+//! - [`mesh`]: messages between shards.
 //! - [`push`]: the push port: backend requests split over shards and merged.
 //! - [`delivery`], [`store`] (+ [`store_redis`]), [`reliable`]: at-least-once
 //!   delivery: per-device windows and resend schedule, timelines, and the
@@ -35,6 +37,7 @@ pub mod backend;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod conn;
 pub mod delivery;
 pub mod echo;
 #[doc(hidden)]
@@ -44,7 +47,6 @@ pub mod http;
 pub mod lease;
 pub mod liveness;
 pub mod mesh;
-pub mod outq;
 pub mod protocol;
 pub mod push;
 pub mod redis_link;

@@ -26,8 +26,8 @@ use glommio::net::TcpStream;
 use prost::Message as _;
 use tracing::{debug, warn};
 
+use crate::conn::OutQueue;
 use crate::mesh::{Origin, Outgoing, Part, PresencePart, PresenceQuery, ShardMsg, UserAction};
-use crate::outq::OutQueue;
 use crate::protocol::codec::{self, CodecError, Flags, Frame, Peer};
 use crate::protocol::codes;
 use crate::protocol::ids::home_shard;

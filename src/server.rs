@@ -2,7 +2,7 @@
 //! SO_REUSEPORT listener, joined by a full channel mesh.
 
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -14,6 +14,7 @@ use tracing::info;
 
 use crate::cluster::ClusterShared;
 use crate::config::Config;
+use crate::conn::fd;
 use crate::http::HttpServer;
 use crate::http::admin::{self, AdminState};
 use crate::http::dispatcher::DispatchConfig;
@@ -234,14 +235,9 @@ impl Server {
                             let _ = ready_tx.send(Err("no listener left for this executor".into()));
                             return;
                         };
-                        // SAFETY: listening TCP sockets built by `bind_reuseport`,
-                        // owned by this executor from here on.
-                        let (listener, push_listener) = unsafe {
-                            (
-                                glommio::net::TcpListener::from_raw_fd(client_fd.into_raw_fd()),
-                                glommio::net::TcpListener::from_raw_fd(push_fd.into_raw_fd()),
-                            )
-                        };
+                        // Listening sockets built by `bind_reuseport`, owned by
+                        // this executor from here on.
+                        let (listener, push_listener) = (fd::listener(client_fd), fd::listener(push_fd));
                         // Until the shard reports ready, wake the executor every
                         // 10 ms: joining the mesh waits for the peers through
                         // cross-thread notifications, and the reactor re-checks

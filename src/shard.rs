@@ -20,8 +20,6 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
-use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
@@ -36,10 +34,12 @@ use hashbrown::HashTable;
 use slab::Slab;
 use tracing::{debug, info, warn};
 
+use crate::conn::OutQueue;
+use crate::conn::fd::{self, SlotFd, Socket};
+use crate::conn::transport::{Plain, Transport};
 use crate::delivery::MessageIds;
 use crate::groups::Groups;
 use crate::mesh::{Adoption, Origin, Outbox, Part, PresencePart, PresenceQuery, ShardMsg, UserAction};
-use crate::outq::{self, OutQueue};
 use crate::protocol::codec::{self, Frame, Peer};
 use crate::protocol::codes;
 use crate::protocol::ids::{ConnId, ConnKey, ShardId, home_shard, owner_shard, stable_hash};
@@ -194,10 +194,9 @@ struct Conn {
     generation: u32,
     /// Next session of the same user on this shard (intrusive list).
     next_of_user: u32,
-    /// The socket, for writing to an idle session without waking its task.
-    /// Valid while the slot exists: the task removes the slot before it
-    /// drops the stream.
-    fd: RawFd,
+    /// The socket, for writing to an idle session without waking its task
+    /// (see [`crate::conn::fd`]: the task takes it back to close the socket).
+    fd: SlotFd,
     /// Unix seconds when the session was accepted.
     connected_at: u32,
     lens: [u8; 4],
@@ -461,7 +460,7 @@ struct ConnTask {
     shard: Rc<Shard>,
     key: ConnKey,
     /// Taken when the task finishes.
-    stream: Option<TcpStream>,
+    socket: Option<Socket>,
 }
 
 impl std::future::Future for ConnTask {
@@ -469,10 +468,10 @@ impl std::future::Future for ConnTask {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = &mut *self;
-        let Some(stream) = this.stream.as_mut() else { return Poll::Ready(()) };
-        let Poll::Ready(exit) = this.shard.poll_conn(this.key, stream, cx) else { return Poll::Pending };
-        if let Some(stream) = this.stream.take() {
-            this.shard.finish_conn(this.key, stream, exit);
+        let Some(socket) = this.socket.as_mut() else { return Poll::Ready(()) };
+        let Poll::Ready(exit) = this.shard.poll_conn(this.key, socket.stream(), cx) else { return Poll::Pending };
+        if let Some(socket) = this.socket.take() {
+            this.shard.finish_conn(this.key, socket, exit);
         }
         Poll::Ready(())
     }
@@ -639,30 +638,34 @@ impl Shard {
                 // Best effort: the socket is fresh, a small frame fits.
                 let bytes =
                     Frame::Error(codes::error_body(ErrorCode::ServerError, "connection limit reached")).to_bytes();
-                let _ = outq::send_now(stream.as_raw_fd(), &bytes);
+                let _ = fd::send(fd::stream_fd(&stream), &bytes);
                 return;
             }
             let session = Session::new(now.mono, &self.cfg.params);
-            insert_conn(&mut st, session, stream.as_raw_fd(), now, 0)
+            let (socket, slot_fd) = Socket::new(stream);
+            (insert_conn(&mut st, session, slot_fd, now, 0), socket)
         };
+        let (key, socket) = key;
         let shard = self.clone();
-        glommio::spawn_local(ConnTask { shard, key, stream: Some(stream) }).detach();
+        glommio::spawn_local(ConnTask { shard, key, socket: Some(socket) }).detach();
     }
 
     // ---- the connection task ----------------------------------------------
 
     /// Ends a connection task: the slot goes, then the socket (closed, or
     /// handed to its owner shard).
-    fn finish_conn(&self, key: ConnKey, stream: TcpStream, exit: Exit) {
-        // The slot goes first: it holds the raw fd that deliveries write to.
-        self.remove_conn(key);
+    fn finish_conn(&self, key: ConnKey, socket: Socket, exit: Exit) {
+        // The slot goes first: it holds the fd handle deliveries write to,
+        // which closing takes back.
+        let Some(slot_fd) = self.remove_conn(key) else {
+            // Invariant: only this task removes its slot.
+            debug_assert!(false, "connection slot removed by someone else");
+            return;
+        };
         match exit {
-            Exit::Closed => drop(stream),
-            Exit::Handoff(owner, transit) => match dup_fd(stream.as_raw_fd()) {
+            Exit::Closed => socket.close(slot_fd),
+            Exit::Handoff(owner, transit) => match socket.hand_over(slot_fd) {
                 Ok(fd) => {
-                    // Drop our stream (and its armed poll) before the owner
-                    // starts using the duplicate.
-                    drop(stream);
                     let Transit { session, login, leftover } = *transit;
                     self.counters.handed_off.fetch_add(1, Ordering::Relaxed);
                     self.outbox.send(owner, ShardMsg::Adopt(Box::new(Adoption { fd, session, login, leftover })));
@@ -705,8 +708,7 @@ impl Shard {
                             // Half-close so the Error frame arrives before FIN;
                             // keep reading until the peer closes or the linger ends.
                             conn.write_shut = true;
-                            // SAFETY: shutdown(2) on a socket fd we own; no memory involved.
-                            unsafe { libc::shutdown(stream.as_raw_fd(), libc::SHUT_WR) };
+                            fd::shutdown_write(fd::stream_fd(stream));
                         }
                     }
                     Phase::Authenticated => {
@@ -742,12 +744,17 @@ impl Shard {
             let result = match read {
                 Poll::Pending => None,
                 Poll::Ready(Ok(0)) => Some(Err(())),
-                Poll::Ready(Ok(n)) => {
-                    if !draining {
-                        self.on_bytes(key, &buf[..n]);
+                Poll::Ready(Ok(n)) => match Plain::inbound(&mut (), &mut buf[..n]) {
+                    Ok(frames) if !draining => {
+                        self.on_bytes(key, frames);
+                        Some(Ok(()))
                     }
-                    Some(Ok(()))
-                }
+                    Ok(_) => Some(Ok(())),
+                    Err(err) => {
+                        debug!(shard = %self.id, error = %err, "transport failed");
+                        Some(Err(()))
+                    }
+                },
                 Poll::Ready(Err(err)) => {
                     debug!(shard = %self.id, error = %err, "read failed");
                     Some(Err(()))
@@ -977,7 +984,7 @@ impl Shard {
         let idle = conn.io.as_ref().is_none_or(|io| io.out.is_empty());
         let written = if idle {
             // On an error, let the task find it on its own write.
-            outq::send_now(conn.fd, frame).unwrap_or(0)
+            fd::send(conn.fd.get(), frame).unwrap_or(0)
         } else {
             0
         };
@@ -1074,14 +1081,13 @@ impl Shard {
     pub(crate) fn flush_responses(&self, st: &mut State, keys: &[ConnKey]) {
         for &key in keys {
             let Some(conn) = st.conn(key) else { continue };
-            let fd = conn.fd;
             let Some(io) = conn.io.as_mut() else { continue };
             io.in_flush = false;
             if io.out.is_empty() {
                 conn.release_io_if_idle();
                 continue;
             }
-            if let Ok(true) = io.out.write_now(fd) {
+            if let Ok(true) = io.out.write_now(conn.fd.get()) {
                 io.stalled_since = None;
                 conn.release_io_if_idle();
             } else {
@@ -1113,7 +1119,7 @@ impl Shard {
             client_version: field(4),
             conn_id: ConnId::new(self.id, key).0,
             node: self.cfg.node.clone(),
-            client_addr: peer_addr(conn.fd).map(|a| a.to_string()).unwrap_or_default(),
+            client_addr: fd::peer_addr(conn.fd.get()).map(|a| a.to_string()).unwrap_or_default(),
         })
     }
 
@@ -1264,15 +1270,15 @@ impl Shard {
         self.counters.group_sessions.store(st.groups.session_count() as u64, Ordering::Relaxed);
     }
 
-    fn remove_conn(&self, key: ConnKey) {
+    /// Removes the slot of `key`; returns its socket handle.
+    fn remove_conn(&self, key: ConnKey) -> Option<SlotFd> {
         let mut st = self.state.borrow_mut();
-        if st.conn(key).is_none() {
-            return;
-        }
+        st.conn(key)?;
         self.unindex(&mut st, key.index, ErrorCode::Unspecified);
         st.upstream.forget_conn(key);
-        st.conns.remove(key.index as usize);
+        let conn = st.conns.remove(key.index as usize);
         self.counters.closed.fetch_add(1, Ordering::Relaxed);
+        Some(conn.fd)
     }
 
     // ---- mesh -------------------------------------------------------------
@@ -1560,14 +1566,13 @@ impl Shard {
         if self.stopping.get() {
             return; // dropping the fd closes it; the client reconnects
         }
-        // SAFETY: `fd` is an owned, open TCP socket duplicated by the sending
-        // shard, which closed its own copy; ownership moves into the stream.
-        let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
+        // The sending shard closed its own copy.
+        let (socket, slot_fd) = Socket::adopt(fd);
         self.counters.adopted.fetch_add(1, Ordering::Relaxed);
         let now = self.now();
         let key = {
             let mut st = self.state.borrow_mut();
-            let key = insert_conn(&mut st, session, stream.as_raw_fd(), now, login.capabilities);
+            let key = insert_conn(&mut st, session, slot_fd, now, login.capabilities);
             self.register(&mut st, key, now, &login);
             key
         };
@@ -1576,7 +1581,7 @@ impl Shard {
         if !leftover.is_empty() {
             self.on_bytes(key, &leftover);
         }
-        glommio::spawn_local(ConnTask { shard: self.clone(), key, stream: Some(stream) }).detach();
+        glommio::spawn_local(ConnTask { shard: self.clone(), key, socket: Some(socket) }).detach();
     }
 
     // ---- broadcast pacing ---------------------------------------------------
@@ -1747,7 +1752,7 @@ impl Shard {
 /// Header-only Pong, shared by every session.
 static PONG: [u8; codec::HEADER_LEN] = [codec::MAGIC, codec::VERSION, FrameKind::Pong as u8, 0, 0, 0, 0, 0];
 
-fn insert_conn(st: &mut State, session: Session, fd: RawFd, now: Now, capabilities: u32) -> ConnKey {
+fn insert_conn(st: &mut State, session: Session, fd: SlotFd, now: Now, capabilities: u32) -> ConnKey {
     st.next_gen = st.next_gen.wrapping_add(1);
     let generation = st.next_gen;
     let deadline = session.deadline();
@@ -1801,25 +1806,6 @@ impl AcceptBucket {
     }
 }
 
-/// The peer address of a socket we hold, without taking ownership of it.
-fn peer_addr(fd: RawFd) -> Option<std::net::SocketAddr> {
-    // SAFETY: `fd` is the connection's open socket, valid while its slot
-    // exists (the task drops the stream only after removing the slot); the
-    // borrow ends within this call.
-    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    socket2::SockRef::from(&fd).peer_addr().ok()?.as_socket()
-}
-
-fn dup_fd(fd: RawFd) -> io::Result<OwnedFd> {
-    // SAFETY: F_DUPFD_CLOEXEC on a valid fd returns a new fd we own.
-    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-    if new < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `new` was just returned by fcntl and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(new) })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1845,7 +1831,7 @@ mod tests {
             io: None,
             generation: 0,
             next_of_user: NO_CONN,
-            fd: -1,
+            fd: SlotFd::unused(),
             connected_at: 0,
             lens: [0; 4],
             capabilities: 0,

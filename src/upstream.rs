@@ -37,7 +37,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,7 +51,8 @@ use slab::Slab;
 use tracing::{debug, info, warn};
 
 use crate::config::UpstreamConfig;
-use crate::outq::OutQueue;
+use crate::conn::OutQueue;
+use crate::conn::fd::{SlotFd, Socket};
 use crate::protocol::codec::{self, Flags, Frame};
 use crate::protocol::ids::{ConnKey, stable_hash};
 use crate::protocol::proto::{self, ConnectionEventKind, ErrorCode, FrameKind};
@@ -390,8 +390,9 @@ struct Link {
     service: u16,
     addr: SocketAddr,
     state: LinkState,
-    /// The socket while up, for writing outside the link's task.
-    fd: RawFd,
+    /// The socket while up, for writing outside the link's task (the
+    /// task takes it back to close the socket).
+    fd: Option<SlotFd>,
     out: OutQueue,
     /// Listed in `Upstream::dirty_links`.
     dirty: bool,
@@ -510,7 +511,7 @@ impl Upstream {
                             service: i as u16,
                             addr,
                             state: LinkState::Down,
-                            fd: -1,
+                            fd: None,
                             dirty: false,
                             out: OutQueue::default(),
                             waker: None,
@@ -684,7 +685,8 @@ impl Upstream {
             if link.out.is_empty() {
                 continue;
             }
-            if link.fd < 0 || !matches!(link.out.write_now(link.fd), Ok(true)) {
+            let written = link.fd.as_ref().map(|fd| link.out.write_now(fd.get()));
+            if !matches!(written, Some(Ok(true))) {
                 link.wake();
             }
         }
@@ -1157,15 +1159,18 @@ impl Shard {
                 None => connect(addr, timeout).await,
             };
             match attempt {
-                Ok(mut stream) => {
+                Ok(stream) => {
                     bump(&self.counters.upstream.backend_connects);
                     info!(shard = %self.id, service = %service, backend = %addr, "backend connected");
                     backoff = min;
                     failures = 0;
-                    self.link_up(idx, &stream);
+                    let (mut socket, slot_fd) = Socket::new(stream);
+                    self.link_up(idx, slot_fd);
                     let mut rbuf = ReadBuf::new();
-                    std::future::poll_fn(|cx| self.poll_link(idx, &mut stream, &mut rbuf, cx)).await;
-                    self.link_down(idx);
+                    std::future::poll_fn(|cx| self.poll_link(idx, socket.stream(), &mut rbuf, cx)).await;
+                    if let Some(slot_fd) = self.link_down(idx) {
+                        socket.close(slot_fd);
+                    }
                     bump(&self.counters.upstream.backend_disconnects);
                     if !self.state.borrow().upstream.stopping {
                         warn!(shard = %self.id, service = %service, backend = %addr, "backend connection lost; reconnecting");
@@ -1190,13 +1195,13 @@ impl Shard {
         }
     }
 
-    fn link_up(&self, idx: u32, stream: &TcpStream) {
+    fn link_up(&self, idx: u32, fd: SlotFd) {
         let mut st = self.state.borrow_mut();
         let now = self.now().mono;
         let up = &mut st.upstream;
         let Some(link) = up.links.get_mut(idx as usize) else { return };
         link.state = LinkState::Up;
-        link.fd = stream.as_raw_fd();
+        link.fd = Some(fd);
         let service = link.service;
         // Events that waited for a backend.
         up.pump_events(service, now, &self.counters.upstream);
@@ -1206,13 +1211,14 @@ impl Shard {
     /// The link broke: its requests in flight are answered UNAVAILABLE (they
     /// may have been processed, so they are not re-sent), its event batch
     /// is re-sent on another link.
-    fn link_down(&self, idx: u32) {
+    /// Returns the link's socket handle.
+    fn link_down(&self, idx: u32) -> Option<SlotFd> {
         let mut st = self.state.borrow_mut();
         let now = self.now().mono;
         let up = &mut st.upstream;
-        let Some(link) = up.links.get_mut(idx as usize) else { return };
+        let link = up.links.get_mut(idx as usize)?;
         link.state = LinkState::Down;
-        link.fd = -1;
+        let fd = link.fd.take();
         link.out.clear();
         let service = link.service;
         let lost: Vec<u64> = up.pending.iter().filter(|(_, p)| p.link == idx).map(|(&id, _)| id).collect();
@@ -1228,6 +1234,7 @@ impl Shard {
             self.complete(&mut st, id, Outcome::error(ErrorCode::Unavailable, reason));
         }
         self.flush_upstream(&mut st);
+        fd
     }
 
     fn poll_link(&self, idx: u32, stream: &mut TcpStream, rbuf: &mut ReadBuf, cx: &mut Context<'_>) -> Poll<()> {

@@ -44,7 +44,7 @@ use glommio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::outq::OutQueue;
+use crate::conn::OutQueue;
 use crate::protocol::codec::{self, Frame};
 use crate::protocol::ids::{ConnId, ConnKey};
 use crate::protocol::proto::{self, ErrorCode, PushStatus};

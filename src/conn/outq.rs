@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::BorrowedFd;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -13,8 +13,7 @@ use bytes::Bytes;
 use futures_lite::AsyncWrite;
 use glommio::net::TcpStream;
 
-/// Buffers handed to one `writev`.
-const MAX_IOVECS: usize = 64;
+use super::fd::{self, MAX_IOVECS};
 
 #[derive(Default)]
 pub struct OutQueue {
@@ -86,7 +85,7 @@ impl OutQueue {
     /// woken when it drains.
     pub fn flush(&mut self, stream: &mut TcpStream, cx: &mut Context<'_>) -> io::Result<bool> {
         while !self.frames.is_empty() {
-            match self.writev(stream.as_raw_fd()) {
+            match self.writev(fd::stream_fd(stream)) {
                 Ok(n) => self.advance(n),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -109,7 +108,7 @@ impl OutQueue {
     /// `Ok(true)` when the queue is empty, `Ok(false)` when the socket is
     /// full (the owner's task must then [`OutQueue::flush`] to arm write
     /// readiness).
-    pub fn write_now(&mut self, fd: RawFd) -> io::Result<bool> {
+    pub fn write_now(&mut self, fd: BorrowedFd<'_>) -> io::Result<bool> {
         while !self.frames.is_empty() {
             match self.writev(fd) {
                 Ok(n) => self.advance(n),
@@ -121,24 +120,14 @@ impl OutQueue {
         Ok(true)
     }
 
-    fn writev(&self, fd: RawFd) -> io::Result<usize> {
-        let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOVECS];
+    fn writev(&self, fd: BorrowedFd<'_>) -> io::Result<usize> {
+        let mut slices: [&[u8]; MAX_IOVECS] = [&[]; MAX_IOVECS];
         let mut n = 0;
         for (i, frame) in self.frames.iter().take(MAX_IOVECS).enumerate() {
-            let slice = if i == 0 { &frame[self.front_written..] } else { &frame[..] };
-            iov[i] = libc::iovec { iov_base: slice.as_ptr() as *mut libc::c_void, iov_len: slice.len() };
+            slices[i] = if i == 0 { &frame[self.front_written..] } else { &frame[..] };
             n += 1;
         }
-        // SAFETY: an all-zero msghdr is valid (no name, no control data).
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = iov.as_mut_ptr();
-        msg.msg_iovlen = n;
-        // Accepted sockets are blocking (glommio passes MSG_DONTWAIT per
-        // call), so the flags matter: never block the shard, never SIGPIPE.
-        // SAFETY: every iovec points into a live `Bytes` owned by `self.frames`
-        // for the duration of the call; `fd` is an open socket.
-        let written = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
-        if written < 0 { Err(io::Error::last_os_error()) } else { Ok(written as usize) }
+        fd::send_vectored(fd, &slices[..n])
     }
 
     fn advance(&mut self, mut written: usize) {
@@ -155,22 +144,6 @@ impl OutQueue {
                 written = 0;
             }
         }
-    }
-}
-
-/// Sends `frame` on `fd` right away if the socket takes it. Returns the
-/// bytes written; the caller queues the rest. Used when nothing is queued
-/// ahead, so ordering is kept and an idle recipient costs one syscall and
-/// no task wake-up.
-pub fn send_now(fd: RawFd, frame: &[u8]) -> io::Result<usize> {
-    // SAFETY: sends from a valid slice on an open socket; MSG_NOSIGNAL turns
-    // a closed peer into EPIPE instead of SIGPIPE.
-    let n = unsafe { libc::send(fd, frame.as_ptr().cast(), frame.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
-    if n < 0 {
-        let err = io::Error::last_os_error();
-        if err.kind() == io::ErrorKind::WouldBlock { Ok(0) } else { Err(err) }
-    } else {
-        Ok(n as usize)
     }
 }
 

@@ -1,0 +1,18 @@
+//! Client and peer sockets: the only code that touches their file
+//! descriptors.
+//!
+//! - [`fd`]: every unsafe fd operation; the connection task's [`fd::Socket`]
+//!   and the slot's [`fd::SlotFd`], which make "the slot goes before the
+//!   socket" a matter of types instead of call order.
+//! - [`outq`]: the bounded outbound queue of encoded frames, written with
+//!   one vectored `sendmsg`.
+//! - [`transport`]: the seam below framing where WebSocket and TLS plug in.
+//!
+//! The read side of a client connection (scratch-buffer reads, partial
+//! frames) is driven by the shard's connection task (`Shard::poll_conn`).
+
+pub(crate) mod fd;
+pub mod outq;
+pub mod transport;
+
+pub use outq::OutQueue;
