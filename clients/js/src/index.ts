@@ -12,7 +12,7 @@ export { FrameReader, FrameError, encodeFrame, encodeRaw, decodeBody, FLAG_RETRA
 export type { RawFrame } from "./frame.js";
 export { Backoff, Endpoints, Rng, SmartHeartbeat } from "./policy.js";
 export type { Transport, Link, LinkHandlers, ConnectContext } from "./transport.js";
-export { webSocketTransport, webSocketUrl, WS_PATH, WS_SUBPROTOCOL } from "./transport/websocket.js";
+export { webSocketTransport, webSocketUrl, decodeWsClose, WS_PATH, WS_SUBPROTOCOL } from "./transport/websocket.js";
 export type { WebSocketTransportOptions } from "./transport/websocket.js";
 export * as pb from "./gen/longlink_pb.js";
 export { ErrorCode, FrameKind } from "./gen/longlink_pb.js";

@@ -5,6 +5,7 @@
 // frame split across messages is read correctly too.
 
 import type { ConnectContext, Link, LinkHandlers, Transport } from "../transport.js";
+import { ErrorCode } from "../gen/longlink_pb.js";
 
 export const WS_SUBPROTOCOL = "longlink.v1";
 export const WS_PATH = "/v1/ws";
@@ -23,6 +24,27 @@ export interface WebSocketTransportOptions {
   protocolEntry?: (token: string) => string;
   /** The WebSocket constructor (default: globalThis.WebSocket). */
   WebSocket?: typeof WebSocket;
+}
+
+/**
+ * The longlink code of a WebSocket close, if it carries one. The issue
+ * plans "WS close code = 4000 + longlink code" with the code in the close
+ * reason; longlink codes are 1000-2999, so 4000 + code would leave the
+ * range a close frame may carry (1000-4999, RFC 6455 7.4.2). So the reason
+ * is read first: "2003 ..." or "REPLACED ..." (number or name, then a
+ * space, colon or the end). A close code 4000-4999 whose remainder is a
+ * known code is taken next (e.g. a server sending 4000 + code - 1000 would
+ * need another rule: adjust here when the server side lands).
+ */
+export function decodeWsClose(wsCode: number, reason: string): number | undefined {
+  const m = /^\s*([0-9]{1,5}|[A-Z][A-Z_]+)(?=$|[\s:,.;-])/.exec(reason);
+  if (m) {
+    const token = m[1]!;
+    const n = /^[0-9]/.test(token) ? Number(token) : (ErrorCode as unknown as Record<string, number>)[token];
+    if (typeof n === "number" && n >= 1000 && n <= 2999) return n;
+  }
+  if (wsCode >= 4000 && wsCode <= 4999 && ErrorCode[wsCode - 4000] !== undefined && wsCode - 4000 !== 0) return wsCode - 4000;
+  return undefined;
 }
 
 /** Builds the URL for `endpoint` (host:port or a full ws:// / wss:// URL). */
@@ -78,11 +100,18 @@ export function webSocketTransport(opts: WebSocketTransportOptions = {}): Transp
         }
       };
       ws.onerror = () => {
-        // onclose follows with the details.
+        // A failed connection (handshake refused, network error). A close
+        // frame from the server (with its code) comes as onclose, not here;
+        // some implementations never follow an error with onclose.
+        finish({ reason: "websocket error" });
+        try {
+          ws.close();
+        } catch {
+          // already closed
+        }
       };
       ws.onclose = (ev: CloseEvent) => {
-        // WS close code = 4000 + longlink code; the reason text travels as is.
-        const code = ev.code >= 4000 && ev.code < 5000 ? ev.code - 4000 : undefined;
+        const code = decodeWsClose(ev.code, ev.reason);
         const reason = ev.reason || (ev.wasClean ? "closed by the server" : `connection closed (${ev.code})`);
         finish(code !== undefined ? { reason, code } : { reason });
       };
