@@ -4,9 +4,10 @@
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { LonglinkClient, tcpTransport, FrameReader, FrameKind, ErrorCode, FLAG_RETRANSMISSION, pb } from "../dist/node.js";
+import * as net from "node:net";
+import { LonglinkClient, tcpTransport, FrameReader, FrameKind, ErrorCode, FLAG_RETRANSMISSION, pb, encodeFrame } from "../dist/node.js";
 import { fromBinary } from "@bufbuild/protobuf";
-import { Node, Echo, collect, recording, waitUntil, gate, deadAddr, big } from "./harness.mjs";
+import { Node, Echo, collect, recording, waitUntil, gate, deadAddr, big, freeze } from "./harness.mjs";
 
 const T = { timeout: 90_000 };
 const text = (m) => new TextDecoder().decode(m.payload);
@@ -174,7 +175,7 @@ test("a frozen node is detected by the heartbeat and the client resumes after it
     await ev.next("connected", (e) => e.type === "connected");
     const [r1] = await node.push("d4", "before");
     await waitUntil("before", () => got.length === 1);
-    node.signal("SIGSTOP");
+    await node.freeze();
     // Ping, then a probe, unanswered: the link is dead.
     await ev.next("no pong", (e) => e.type === "disconnected" && e.reason.type === "no_pong");
     node.signal("SIGCONT");
@@ -249,12 +250,19 @@ test("an upstream request retried across a reconnect keeps its client_msg_id and
     // first attempt sits in its socket, unanswered.
     const warm = await client.request("chat", "warm", { timeoutMs: 15_000 });
     assert.equal(new TextDecoder().decode(warm.body), "warm");
-    echo.child.kill("SIGSTOP");
+    await freeze(echo.child);
     const answer = client.request("chat", "pay 5", { timeoutMs: 15_000 });
     const requests = () =>
       rec.sent.filter((f) => f.kind === FrameKind.REQUEST).map((f) => ({ f, r: fromBinary(pb.RequestSchema, f.body) }));
     const pay = () => requests().filter(({ r }) => new TextDecoder().decode(r.body) === "pay 5");
-    await waitUntil("a retry on the same link", () => pay().length >= 2);
+    let settled;
+    answer.then(
+      (r) => (settled = r),
+      (e) => (settled = e),
+    );
+    await waitUntil("a retry on the same link", () => pay().length >= 2).catch((e) => {
+      throw new Error(`${e.message}; sent ${rec.sent.map((f) => FrameKind[f.kind]).join(",")}; answer ${JSON.stringify(settled, big)}`);
+    });
     await node.kick("d6", "SHUTDOWN", "cut");
     await ev.next("reconnected", (e) => e.type === "connected");
     const before = pay().length;
@@ -301,11 +309,11 @@ test("a terminal close (REPLACED) stops the client; a retryable one (SHUTDOWN) r
     other = new LonglinkClient(options({ endpoints: [node.clientAddr], token: tok }));
     const otherEv = collect(other);
     await otherEv.next("other connected", (e) => e.type === "connected");
+    const last = await ev.next("final disconnect", (e) => e.type === "disconnected" && e.retryInMs === undefined);
+    assert.equal(last.reason.code, ErrorCode.REPLACED);
     const stop = await client.stopped();
     assert.equal(stop.type, "kicked");
     assert.equal(stop.code, ErrorCode.REPLACED);
-    const last = await ev.next("final disconnect", (e) => e.type === "disconnected" && e.retryInMs === undefined);
-    assert.equal(last.reason.code, ErrorCode.REPLACED);
     assert.ok(client.isStopped);
     assert.equal(rec.connects.length, 2, "no reconnect after a terminal code");
     await assert.rejects(client.request("chat", "x"), /stopped/);
@@ -351,6 +359,55 @@ test("drifts past a dead endpoint with jittered, growing backoff", T, async () =
     await c2.close();
   } finally {
     await client.close();
+    await node.stop();
+  }
+});
+
+/**
+ * A peer that speaks just enough of the protocol: answers Auth with AuthOk,
+ * then tells the client to go to `to` (a single node sends GoAway only
+ * while draining in cluster mode; the cluster test covers that path).
+ */
+async function goAwayPeer(to) {
+  const auths = [];
+  const server = net.createServer((sock) => {
+    const r = new FrameReader();
+    sock.on("error", () => {});
+    sock.on("data", (d) => {
+      r.push(d);
+      const f = r.next();
+      if (!f) return;
+      assert.equal(f.kind, FrameKind.AUTH);
+      auths.push(fromBinary(pb.AuthSchema, f.body));
+      sock.write(encodeFrame(FrameKind.AUTH_OK, pb.AuthOkSchema, { connId: 1n, heartbeatMinMs: 100, heartbeatMaxMs: 10_000, heartbeatMs: 10_000 }));
+      sock.write(encodeFrame(FrameKind.GO_AWAY, pb.GoAwaySchema, { endpoint: to, reason: "draining" }));
+    });
+  });
+  await new Promise((res) => server.listen(0, "127.0.0.1", res));
+  return { addr: `127.0.0.1:${server.address().port}`, auths, close: () => server.close() };
+}
+
+test("GoAway moves to the endpoint it names at once, whatever the backoff", T, async () => {
+  const node = await Node.start();
+  const peer = await goAwayPeer(node.clientAddr);
+  const client = new LonglinkClient(
+    // A backoff this long would show: GoAway must not wait for it.
+    options({ endpoints: [peer.addr], token: await node.token("u9", "d9"), backoffMinMs: 60_000, backoffBaseMs: 60_000, backoffMaxMs: 60_000 }),
+  );
+  const ev = collect(client);
+  try {
+    const first = await ev.next("connected to the peer", (e) => e.type === "connected");
+    assert.equal(first.endpoint, peer.addr);
+    const d = await ev.next("go away", () => true);
+    assert.deepEqual(d, { type: "disconnected", reason: { type: "go_away", endpoint: node.clientAddr, reason: "draining" }, retryInMs: 0 });
+    const second = await ev.next("connected to the node", () => true);
+    assert.equal(second.type, "connected");
+    assert.equal(second.endpoint, node.clientAddr);
+    assert.equal(peer.auths[0].platform, "test");
+    assert.equal(peer.auths[0].capabilities, pb.Capability.ACK);
+  } finally {
+    await client.close();
+    peer.close();
     await node.stop();
   }
 });

@@ -3,7 +3,7 @@
 // own output or by polling, never by sleeping. Every wait is bounded.
 
 import { spawn, execFile } from "node:child_process";
-import { mkdtempSync, rmSync, writeFileSync, existsSync } from "node:fs";
+import { mkdtempSync, rmSync, writeFileSync, existsSync, readdirSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -37,6 +37,25 @@ export async function waitUntil(what, cond, limitMs = WAIT_MS) {
     if (Date.now() > deadline) throw new Error(`timed out after ${limitMs} ms waiting for ${what}`);
     await new Promise((r) => setTimeout(r, 10));
   }
+}
+
+/**
+ * SIGSTOP `child` and wait until every one of its threads is stopped:
+ * kill() returns before a busy thread has entered the stop, and on a
+ * loaded box a thread may still answer a request meanwhile (Linux /proc).
+ */
+export async function freeze(child) {
+  child.kill("SIGSTOP");
+  const tasks = `/proc/${child.pid}/task`;
+  const state = (tid) => {
+    try {
+      const stat = readFileSync(`${tasks}/${tid}/stat`, "utf8");
+      return stat.slice(stat.lastIndexOf(")") + 2, stat.lastIndexOf(")") + 3);
+    } catch {
+      return "T"; // the thread is gone
+    }
+  };
+  await waitUntil(`process ${child.pid} stopped`, () => readdirSync(tasks).every((tid) => state(tid) === "T"));
 }
 
 /** A free loopback port (bind-and-release; the process binds it right after). */
@@ -212,6 +231,10 @@ export class Node {
     this.child.kill(sig);
   }
 
+  freeze() {
+    return freeze(this.child);
+  }
+
   async stop() {
     if (this.child.exitCode === null && this.child.signalCode === null) {
       const exited = new Promise((r) => this.child.once("exit", r));
@@ -343,7 +366,10 @@ export function collect(client) {
           if (pred(ev)) return ev;
         }
         const left = deadline - Date.now();
-        if (left <= 0) throw new Error(`timed out waiting for ${what}; events: ${JSON.stringify(events, big)}`);
+        if (left <= 0) {
+          const shown = events.slice(-12).map((e) => JSON.stringify(e, big).slice(0, 300));
+          throw new Error(`timed out waiting for ${what}; ${events.length} events, the last ones: ${shown.join(", ")}`);
+        }
         await new Promise((r) => {
           const t = setTimeout(r, left);
           waiters.push(() => {

@@ -8,7 +8,12 @@ import { fileURLToPath } from "node:url";
 
 const dir = dirname(fileURLToPath(import.meta.url));
 const files = readdirSync(dir).filter((f) => f.endsWith(".test.mjs")).sort().map((f) => join(dir, f));
-const args = ["--test", "--test-concurrency=1", ...process.argv.slice(2), ...files];
+// --test-force-exit: a test that timed out must not leave its file's
+// process running (a client still reconnecting keeps the event loop alive);
+// the harness kills the processes it started on exit.
+const args = ["--test", "--test-concurrency=1", "--test-force-exit", ...process.argv.slice(2), ...files];
 if (typeof globalThis.WebSocket === "undefined") args.unshift("--experimental-websocket");
-const r = spawnSync(process.execPath, args, { stdio: "inherit" });
+// The whole suite is bounded too.
+const r = spawnSync(process.execPath, args, { stdio: "inherit", timeout: 15 * 60_000, killSignal: "SIGKILL" });
+if (r.error) console.error(`test run failed: ${r.error.message}`);
 process.exit(r.status ?? 1);
