@@ -439,9 +439,22 @@ export class LonglinkClient {
   private enqueue(w: Work): void {
     this.work.push(w);
     const max = this.opts.maxQueuedMessages ?? 1_024;
-    if (this.work.length >= max && !this.paused && this.link?.conn.pause) {
-      this.paused = true;
-      this.link.conn.pause();
+    if (this.work.length >= max && !this.paused && this.link) {
+      if (this.link.conn.pause) {
+        this.paused = true;
+        this.link.conn.pause();
+      } else if (this.work.length >= 2 * max) {
+        // A transport that cannot stop reading (WebSocket): the queue must
+        // not grow without bound. Drop the link; at-least-once messages
+        // come again after the resume point, at-most-once ones are lost
+        // as at-most-once allows.
+        const { id, conn } = this.link;
+        conn.close();
+        this.link = undefined;
+        this.drain = undefined;
+        this.agent.handleClosed(now(), id, `the message handler fell behind (${this.work.length} queued)`);
+        this.pump();
+      }
     }
     if (!this.working) void this.drainWork();
   }

@@ -411,3 +411,79 @@ test("GoAway moves to the endpoint it names at once, whatever the backoff", T, a
     await node.stop();
   }
 });
+
+test("a peer that stops reading ends the link instead of stalling the client", T, async () => {
+  // Authenticates the client, then never reads again.
+  const server = net.createServer((sock) => {
+    sock.on("error", () => {});
+    sock.once("data", () => {
+      sock.pause();
+      sock.write(encodeFrame(FrameKind.AUTH_OK, pb.AuthOkSchema, { heartbeatMinMs: 100, heartbeatMaxMs: 10_000, heartbeatMs: 10_000 }));
+    });
+  });
+  await new Promise((res) => server.listen(0, "127.0.0.1", res));
+  const addr = `127.0.0.1:${server.address().port}`;
+  const client = new LonglinkClient(options({ endpoints: [addr], token: "t", responseTimeoutMs: 1_000 }));
+  const ev = collect(client);
+  try {
+    await ev.next("connected", (e) => e.type === "connected");
+    // Far more than the socket buffers hold.
+    const body = new Uint8Array(60_000).fill(7);
+    const pending = [];
+    for (let i = 0; i < 600; i++) pending.push(client.request("chat", body, { timeoutMs: 60_000 }).catch(() => {}));
+    const d = await ev.next("the link given up", (e) => e.type === "disconnected");
+    assert.equal(d.reason.type, "lost");
+    assert.match(d.reason.detail, /write blocked/);
+  } finally {
+    await client.close();
+    server.close();
+  }
+});
+
+test("TLS endpoints (tls://host:port) through a TLS terminator to a real node", T, async (t) => {
+  const { execFileSync } = await import("node:child_process");
+  const { readFileSync, mkdtempSync, rmSync } = await import("node:fs");
+  const { join } = await import("node:path");
+  const { tmpdir } = await import("node:os");
+  const tls = await import("node:tls");
+  const dir = mkdtempSync(join(tmpdir(), "longlink-tls-"));
+  const node = await Node.start();
+  let server;
+  let client;
+  try {
+    execFileSync("openssl", ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1",
+      "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost", "-keyout", join(dir, "key.pem"), "-out", join(dir, "cert.pem")], { stdio: "pipe" });
+    const cert = readFileSync(join(dir, "cert.pem"));
+    const [host, port] = node.clientAddr.split(":");
+    server = tls.createServer({ key: readFileSync(join(dir, "key.pem")), cert }, (sock) => {
+      const up = net.connect(Number(port), host);
+      sock.pipe(up).pipe(sock);
+      sock.on("error", () => up.destroy());
+      up.on("error", () => sock.destroy());
+    });
+    await new Promise((res) => server.listen(0, "127.0.0.1", res));
+    const endpoint = `tls://localhost:${server.address().port}`;
+    const got = [];
+    client = new LonglinkClient(
+      options({ transport: tcpTransport({ tls: { ca: cert } }), endpoints: [endpoint], token: await node.token("u10", "d10"), onMessage: (m) => void got.push(m) }),
+    );
+    const ev = collect(client);
+    const c = await ev.next("connected over TLS", (e) => e.type === "connected");
+    assert.equal(c.endpoint, endpoint);
+    await node.push("d10", "secret");
+    await waitUntil("the message over TLS", () => got.length === 1);
+    assert.equal(text(got[0]), "secret");
+    // A certificate the client does not trust: the handshake fails, no session.
+    const untrusting = new LonglinkClient(options({ endpoints: [endpoint], token: "t" }));
+    const ev2 = collect(untrusting);
+    const d = await ev2.next("refused", (e) => e.type === "disconnected");
+    assert.equal(d.reason.type, "connect_failed");
+    assert.match(d.reason.detail, /certificate/i);
+    await untrusting.close();
+  } finally {
+    await client?.close();
+    server?.close();
+    await node.stop();
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
