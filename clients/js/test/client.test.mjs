@@ -487,3 +487,52 @@ test("TLS endpoints (tls://host:port) through a TLS terminator to a real node", 
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test("a BUSY answer is retried until the service has room, not handed to the app", T, async () => {
+  const echo = await Echo.start();
+  // One request of the service in flight per shard: one node shard, so the
+  // second request is answered BUSY while the first is held.
+  const node = await Node.start({ shards: 1, services: [{ id: "chat", backends: [echo.addr], timeoutMs: 15_000, maxInflightPerShard: 1 }] });
+  const rec = recording(tcpTransport(), FrameReader);
+  const client = new LonglinkClient(options({ transport: rec.transport, endpoints: [node.clientAddr], token: await node.token("u11", "d11") }));
+  const ev = collect(client);
+  try {
+    await ev.next("connected", (e) => e.type === "connected");
+    await client.request("chat", "warm", { timeoutMs: 15_000 });
+    await freeze(echo.child);
+    const first = client.request("chat", "first", { timeoutMs: 15_000 });
+    const second = client.request("chat", "second", { timeoutMs: 15_000 });
+    const sends = (body) =>
+      rec.sent.filter((f) => f.kind === FrameKind.REQUEST && new TextDecoder().decode(fromBinary(pb.RequestSchema, f.body).body) === body).length;
+    // BUSY answers, each followed by another attempt.
+    await waitUntil("the second request tried again after BUSY", () => sends("second") >= 3);
+    echo.child.kill("SIGCONT");
+    const [a, b] = await Promise.all([first, second]);
+    assert.deepEqual([a.status, new TextDecoder().decode(a.body)], [0, "first"]);
+    assert.deepEqual([b.status, new TextDecoder().decode(b.body)], [0, "second"], "BUSY never reached the app");
+  } finally {
+    echo.kill();
+    await client.close();
+    await node.stop();
+  }
+});
+
+test("a network change reconnects at once, whatever the backoff", T, async () => {
+  const node = await Node.start();
+  const client = new LonglinkClient(
+    options({ endpoints: [node.clientAddr], token: await node.token("u12", "d12"), backoffMinMs: 60_000, backoffBaseMs: 60_000, backoffMaxMs: 60_000 }),
+  );
+  const ev = collect(client);
+  try {
+    await ev.next("connected", (e) => e.type === "connected");
+    client.setForeground(false);
+    client.networkChanged("cellular");
+    const d = await ev.next("disconnected", () => true);
+    assert.deepEqual(d, { type: "disconnected", reason: { type: "network_changed" }, retryInMs: 0 });
+    const c = await ev.next("reconnected", () => true);
+    assert.equal(c.type, "connected");
+  } finally {
+    await client.close();
+    await node.stop();
+  }
+});

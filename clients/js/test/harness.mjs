@@ -150,6 +150,7 @@ export function nodeToml(o) {
 id = ${tomlString(s.id)}
 backends = [${s.backends.map(tomlString).join(", ")}]
 timeout_ms = ${s.timeoutMs ?? 15000}
+max_inflight_per_shard = ${s.maxInflightPerShard ?? 1024}
 `,
     )
     .join("");
