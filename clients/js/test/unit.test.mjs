@@ -199,6 +199,8 @@ test("the committed generated code is up to date with proto/longlink.proto", () 
     execFileSync(join(root, "node_modules/.bin/buf"), ["generate", "../../proto", "--template", "buf.gen.yaml", "-o", out], {
       cwd: root,
       stdio: "pipe",
+      // buf runs the protoc-gen-es plugin from the dev dependencies.
+      env: { ...process.env, PATH: `${join(root, "node_modules/.bin")}:${process.env.PATH}` },
     });
     const fresh = readFileSync(join(out, "src/gen/longlink_pb.ts"), "utf8");
     const committed = readFileSync(join(root, "src/gen/longlink_pb.ts"), "utf8");
