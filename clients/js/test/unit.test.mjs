@@ -10,6 +10,7 @@ import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
+import { fromBinary } from "@bufbuild/protobuf";
 import {
   Agent,
   Backoff,
@@ -182,6 +183,43 @@ test("the agent needs somewhere to connect and starts with a connect bounded by 
   a.handleConnected(1, 7);
   a.handleClosed(1, 7, "x");
   assert.equal(a.pollAction(), undefined);
+});
+
+/** The Auth frame among the actions queued so far. */
+function sentAuth(agent) {
+  for (let a; (a = agent.pollAction()); ) {
+    if (a.type !== "send") continue;
+    const r = new FrameReader();
+    r.push(a.bytes);
+    const f = r.next();
+    if (f.kind === FrameKind.AUTH) return fromBinary(pb.AuthSchema, f.body);
+  }
+  throw new Error("no Auth sent");
+}
+
+test("the store incarnation is sent, and a changed one adopted only once its resync is handled", () => {
+  const cfg = {
+    session: { token: "t", device: "", platform: "", clientVersion: "", capabilities: 1, lastSeq: 0n, storeIncarnation: 7n, heartbeatMs: 0, responseTimeoutMs: 10_000, ackEvery: 16 },
+    endpoints: ["a:1"], dispatcher: false, net: "", connectTimeoutMs: 10_000, backoffMinMs: 200, backoffBaseMs: 1000, backoffMaxMs: 60_000,
+    heartbeatMinMs: 5000, heartbeatMaxMs: 270_000, requestRetryMs: 5000, maxPendingRequests: 1024, ackDelayMs: 200, maxFrameBytes: 65536, seed: 1n,
+  };
+  const agent = new Agent(cfg, 0);
+  agent.handleConnected(1, 1);
+  assert.equal(sentAuth(agent).storeIncarnation, 7n);
+  agent.handleBytes(2, 1, encodeFrame(FrameKind.AUTH_OK, pb.AuthOkSchema, { heartbeatMs: 30_000, storeIncarnation: 9n }));
+  assert.equal(agent.storeIncarnation, 7n, "not before the resync is handled");
+  agent.handleBytes(3, 1, encodeFrame(FrameKind.RESYNC_REQUIRED, pb.ResyncRequiredSchema, { fromSeq: 1n, toSeq: 500n }));
+  agent.messageHandled(4, 500n);
+  assert.deepEqual([agent.storeIncarnation, agent.lastSeq], [9n, 500n]);
+  // The next session says so.
+  agent.handleClosed(5, 1, "reset");
+  agent.handleTimeout(600_000);
+  let connect;
+  for (let a; (a = agent.pollAction()); ) if (a.type === "connect") connect = a;
+  assert.ok(connect, "reconnects");
+  agent.handleConnected(600_001, connect.link);
+  const auth = sentAuth(agent);
+  assert.deepEqual([auth.storeIncarnation, auth.lastSeq], [9n, 500n]);
 });
 
 test("dispatcher replies are parsed and checked", () => {
