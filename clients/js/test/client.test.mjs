@@ -536,3 +536,42 @@ test("a network change reconnects at once, whatever the backoff", T, async () =>
     await node.stop();
   }
 });
+
+test("a handler that throws gets the same message again, and nothing is acknowledged before it succeeds", T, async () => {
+  const node = await Node.start();
+  let calls = 0;
+  let failing = true;
+  const handled = [];
+  const client = new LonglinkClient(
+    options({
+      endpoints: [node.clientAddr],
+      token: await node.token("u13", "d13"),
+      handlerRetryMs: 50,
+      onMessage: (m) => {
+        calls += 1;
+        if (failing) throw new Error(`failure ${calls}`);
+        handled.push(text(m));
+      },
+    }),
+  );
+  const ev = collect(client);
+  try {
+    await ev.next("connected", (e) => e.type === "connected");
+    const [r1] = await node.push("d13", "m1");
+    const [r2] = await node.push("d13", "m2");
+    const e1 = await ev.next("handler error", (e) => e.type === "handler_error");
+    assert.equal(e1.seq, r1.seq);
+    assert.match(String(e1.error), /failure 1/);
+    await ev.next("another try", (e) => e.type === "handler_error");
+    const states = (await node.status(r1.message_id, r2.message_id)).map((s) => s.state);
+    assert.deepEqual(states, ["SENT", "SENT"], "nothing acknowledged while the handler fails");
+    assert.deepEqual(handled, []);
+    failing = false;
+    await waitUntil("both handled", () => handled.length === 2);
+    assert.deepEqual(handled, ["m1", "m2"], "in order, m2 only after m1 succeeded");
+    await waitUntil("ACKED", async () => (await node.status(r1.message_id, r2.message_id)).every((s) => s.state === "ACKED"));
+  } finally {
+    await client.close();
+    await node.stop();
+  }
+});
