@@ -18,8 +18,8 @@ mod reply;
 
 pub(crate) use deadlines::{Alarm, Deadlines, Expiry};
 pub(crate) use plan::{check_group_update, check_push, target_results};
-pub(crate) use reply::Pending;
 use reply::*;
+pub(crate) use reply::{Pending, summarize};
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -39,7 +39,7 @@ use tracing::{debug, warn};
 use crate::conn::OutQueue;
 use crate::mesh::{Origin, Outgoing, Part, PresencePart, PresenceQuery, ShardMsg, UserAction};
 use crate::protocol::codec::{self, CodecError, Flags, Frame, Peer};
-use crate::protocol::codes;
+use crate::protocol::codes::{self, request_error};
 use crate::protocol::ids::home_shard;
 use crate::protocol::ids::{ConnKey, ShardId, owner_shard};
 use crate::protocol::limits::{MAX_ID_BYTES, check_id};
@@ -95,10 +95,6 @@ fn reply_now(st: &mut State, backend: ConnKey, frame: Frame) {
     if let Some(b) = st.backends.get_mut(backend.index as usize).filter(|b| b.generation == backend.generation) {
         b.out.push(frame.to_bytes());
     }
-}
-
-fn request_error(request_id: u64, code: ErrorCode, reason: impl Into<String>) -> proto::RequestError {
-    proto::RequestError { request_id, code: code as i32, reason: reason.into() }
 }
 
 #[cfg(test)]

@@ -204,51 +204,22 @@ impl Pending {
         let request_id = self.request_id;
         let frame = match self.kind {
             PendingKind::Targets { mut results, admin, users, message_id, .. } => {
-                let (mut delivered, mut not_online, mut stored) = (0u64, 0u64, 0u64);
+                // A target no shard stored or rejected was delivered to its
+                // sessions, or to none.
                 for r in &mut results {
-                    if r.status == PushStatus::Rejected as i32 {
-                        stored += r.copies.len() as u64;
-                        continue;
-                    }
-                    if r.status == PushStatus::Stored as i32 {
-                        stored += if users { r.copies.len() as u64 } else { 1 };
-                        delivered += u64::from(r.sessions);
-                        continue;
-                    }
-                    if r.sessions > 0 {
-                        r.status = PushStatus::Delivered as i32;
-                        delivered += u64::from(r.sessions);
-                    } else {
-                        r.status = PushStatus::NotOnline as i32;
-                        not_online += 1;
+                    if r.status != PushStatus::Rejected as i32 && r.status != PushStatus::Stored as i32 {
+                        r.status = if r.sessions > 0 { PushStatus::Delivered } else { PushStatus::NotOnline } as i32;
                     }
                 }
                 if admin {
                     Frame::AdminReply(proto::AdminReply { request_id, results })
                 } else {
-                    let status = if stored > 0 {
-                        PushStatus::Stored
-                    } else if delivered > 0 {
-                        PushStatus::Delivered
-                    } else {
-                        PushStatus::NotOnline
-                    };
                     // At-least-once ids are per copy; one device target has one.
                     let message_id = match &results[..] {
                         [only] if message_id == 0 && !users => only.message_id,
                         _ => message_id,
                     };
-                    Frame::PushReply(proto::PushReply {
-                        request_id,
-                        results,
-                        delivered,
-                        not_online,
-                        status: status as i32,
-                        reason: String::new(),
-                        message_id,
-                        stored,
-                        retryable: false,
-                    })
+                    Frame::PushReply(proto::PushReply { request_id, ..summarize(results, users, message_id) })
                 }
             }
             PendingKind::Count { message_id, refused: Some(reason), .. } => Frame::PushReply(proto::PushReply {
@@ -317,4 +288,41 @@ pub(super) fn presence_reply(request_id: u64, query: &PresenceQuery, shards: u16
         }
     }
     Frame::PresenceReply(reply)
+}
+
+/// A push reply from its per-target results, each with its final status:
+/// the totals and the overall status (`request_id` is the caller's). The
+/// one summary of a push, for a node's shards and for the cluster's nodes.
+pub(crate) fn summarize(results: Vec<proto::TargetResult>, users: bool, message_id: u64) -> proto::PushReply {
+    let (mut delivered, mut not_online, mut stored) = (0u64, 0u64, 0u64);
+    for r in &results {
+        match PushStatus::try_from(r.status) {
+            Ok(PushStatus::Delivered) => delivered += u64::from(r.sessions),
+            Ok(PushStatus::Stored) => {
+                delivered += u64::from(r.sessions);
+                stored += if users { r.copies.len() as u64 } else { 1 };
+            }
+            Ok(PushStatus::NotOnline) => not_online += 1,
+            Ok(PushStatus::Rejected) => stored += r.copies.len() as u64,
+            _ => {}
+        }
+    }
+    let status = if stored > 0 {
+        PushStatus::Stored
+    } else if delivered > 0 {
+        PushStatus::Delivered
+    } else {
+        PushStatus::NotOnline
+    };
+    proto::PushReply {
+        request_id: 0,
+        results,
+        delivered,
+        not_online,
+        status: status as i32,
+        reason: String::new(),
+        message_id,
+        stored,
+        retryable: false,
+    }
 }
