@@ -64,6 +64,12 @@ pub fn reconnect_allowed(code: ErrorCode) -> bool {
     info(code).disposition == Reconnect
 }
 
+/// The `RequestError` a push-port request is answered with (`request_id` 0
+/// for a reply whose id is set later, as cluster parts are).
+pub fn request_error(request_id: u64, code: ErrorCode, reason: impl Into<String>) -> proto::RequestError {
+    proto::RequestError { request_id, code: code as i32, reason: reason.into() }
+}
+
 /// The `Error` body for `code`; an empty `reason` takes the table's summary.
 pub fn error_body(code: ErrorCode, reason: impl Into<String>) -> proto::Error {
     let mut reason = reason.into();

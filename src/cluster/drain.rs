@@ -1,0 +1,117 @@
+//! The shard's cluster task (node table refresh, claim retries, drain
+//! steps) and the node's drain coordinator.
+
+use super::*;
+
+/// Runs the drain when asked: announce it, wait until every session left
+/// (or the deadline), leave the registry, then stop the node. Returns when
+/// the node is told to stop (by this or by `stop` being set elsewhere).
+pub fn spawn_drain_coordinator(
+    shared: Arc<ClusterShared>,
+    active: Vec<Arc<crate::shard::ShardCounters>>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<()> {
+    std::thread::Builder::new().name("longlink-drain".into()).spawn(move || {
+        while !shared.is_draining() {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let started = Instant::now();
+        if let Err(e) = futures_lite::future::block_on(shared.router.announce_draining()) {
+            warn!(error = %e, "could not mark the node as draining in the registry");
+        }
+        let sessions = || active.iter().map(|c| c.active.load(Ordering::Relaxed)).sum::<u64>();
+        info!(node = %shared.node, sessions = sessions(), deadline_ms = shared.drain_deadline.as_millis() as u64, "draining");
+        while sessions() > 0 && started.elapsed() < shared.drain_deadline && !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let left = sessions();
+        // Releases queued by the closing sessions run before this (the
+        // sidecar keeps order).
+        if let Err(e) = futures_lite::future::block_on(shared.router.deregister()) {
+            warn!(error = %e, "could not leave the registry; the lease will expire");
+        }
+        info!(node = %shared.node, left, elapsed_ms = started.elapsed().as_millis() as u64, "drain finished; stopping");
+        stop.store(true, Ordering::Relaxed);
+    })?;
+    Ok(())
+}
+
+impl Shard {
+    // ---- the shard's cluster task ----------------------------------------
+
+    pub(super) async fn cluster_loop(self: Rc<Self>) {
+        let Some(local) = self.local() else { return };
+        let mut tick = 0u32;
+        let mut reasserted = Instant::now();
+        while !self.is_stopping() {
+            if tick.is_multiple_of(NODES_EVERY) {
+                self.refresh_nodes(&local).await;
+            }
+            let rereg = local.shared.reregistered.load(Ordering::Relaxed);
+            if rereg != local.reregistered_seen.get() {
+                local.reregistered_seen.set(rereg);
+                info!(shard = %self.id, "re-registered: re-asserting routes");
+                self.reassert_routes(&local, true);
+                reasserted = Instant::now();
+            } else if reasserted.elapsed() >= local.shared.route_ttl / 2 {
+                // Route keys expire (so devices that never return are
+                // forgotten): those of long sessions are written again.
+                self.reassert_routes(&local, true);
+                reasserted = Instant::now();
+            } else if tick.is_multiple_of(RETRY_EVERY) {
+                self.reassert_routes(&local, false);
+            }
+            if local.shared.is_draining() {
+                self.drain_step(&local);
+            }
+            tick = tick.wrapping_add(1);
+            glommio::timer::sleep(TICK).await;
+        }
+    }
+
+    pub(super) async fn refresh_nodes(&self, local: &Rc<Local>) {
+        match local.shared.router.nodes().await {
+            Ok(nodes) => *local.nodes.borrow_mut() = nodes,
+            Err(err) => debug!(shard = %self.id, %err, "node table not refreshed"),
+        }
+    }
+
+    /// One tick of the drain: stop accepting once, then GoAway + close the
+    /// next sessions within this tick's share of the drain rate.
+    pub(super) fn drain_step(&self, local: &Rc<Local>) {
+        let mut queue = local.drain_queue.borrow_mut();
+        let mut st = self.state.borrow_mut();
+        if queue.is_none() {
+            info!(shard = %self.id, sessions = st.active_keys().len(), "draining: stop accepting, sending GoAway");
+            self.stop_accepting.close();
+        }
+        let queue = queue.get_or_insert_with(VecDeque::new);
+        if queue.is_empty() {
+            // Sessions that became active since (hand-offs in flight).
+            queue.extend(st.active_keys());
+        }
+        // Rates below one per tick accumulate; a backlog never banks more
+        // than one tick's worth plus one.
+        let per_tick = local.shared.drain_rate_per_shard * TICK.as_secs_f64();
+        let budget = (local.drain_budget.get() + per_tick).min(per_tick + 1.0);
+        let nodes = local.nodes.borrow();
+        let others: Vec<NodeInfo> =
+            nodes.iter().filter(|n| n.name != local.shared.node && !n.draining).cloned().collect();
+        let now = self.now();
+        let mut sent = 0.0;
+        while sent + 1.0 <= budget {
+            let Some(key) = queue.pop_front() else { break };
+            let Some(user) = st.user_of(key).map(str::to_owned) else { continue };
+            let endpoint = rank(&user, &others, 1).first().map(|n| n.client_endpoint.clone()).unwrap_or_default();
+            let frame = Frame::GoAway(proto::GoAway { endpoint, reason: "node draining".into() }).to_bytes();
+            self.send_to_slot(&mut st, key.index, &frame);
+            self.close_conn(&mut st, key, now, ErrorCode::GoingAway, "node draining; reconnect elsewhere".into());
+            local.shared.counters.go_away_sent.fetch_add(1, Ordering::Relaxed);
+            sent += 1.0;
+        }
+        local.drain_budget.set(budget - sent);
+    }
+}

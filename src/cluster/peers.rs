@@ -1,0 +1,156 @@
+//! One pipelined connection from a shard to another node's push port.
+
+use super::*;
+
+/// Why a forwarded request got no reply. Every case may pass: the
+/// backend may send the push again.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ForwardError {
+    #[error("not live")]
+    NotLive,
+    #[error("too much queued for this node")]
+    Queued,
+    #[error("connection failed")]
+    Failed,
+    #[error("connection lost")]
+    Lost,
+    #[error("no answer within {0} ms")]
+    Timeout(u64),
+}
+
+/// One pipelined connection from a shard to another node's push port.
+pub(crate) struct PeerLink {
+    node: String,
+    /// The run of the node it was opened to.
+    pub(super) incarnation: u64,
+    inner: RefCell<PeerInner>,
+    /// Where replies that come after their caller gave up are counted.
+    counters: Arc<crate::shard::ShardCounters>,
+}
+
+#[derive(Default)]
+pub(super) struct PeerInner {
+    out: OutQueue,
+    waiting: HashMap<u64, oneshot::Sender<Frame>>,
+    next_id: u64,
+    waker: Option<Waker>,
+    /// Set when the connection failed: the link is replaced on next use.
+    failed: bool,
+}
+
+impl PeerLink {
+    pub(super) fn new(node: String, incarnation: u64, counters: Arc<crate::shard::ShardCounters>) -> PeerLink {
+        PeerLink { node, incarnation, inner: RefCell::default(), counters }
+    }
+
+    pub(super) fn is_usable(&self) -> bool {
+        !self.inner.borrow().failed
+    }
+
+    /// Sends `frame` (its request id is replaced) and waits for the reply.
+    pub(super) async fn call(&self, mut frame: Frame, timeout: Duration) -> Result<Frame, ForwardError> {
+        let (tx, rx) = oneshot::channel();
+        let id = {
+            let mut inner = self.inner.borrow_mut();
+            if inner.failed {
+                return Err(ForwardError::Failed);
+            }
+            if inner.out.bytes() > PEER_QUEUE_BYTES {
+                return Err(ForwardError::Queued);
+            }
+            inner.next_id += 1;
+            let id = inner.next_id;
+            set_request_id(&mut frame, id);
+            inner.out.push(frame.to_bytes());
+            inner.waiting.insert(id, tx);
+            if let Some(w) = &inner.waker {
+                w.wake_by_ref();
+            }
+            id
+        };
+        let answer = futures_lite::future::or(async { Some(rx.await) }, async {
+            glommio::timer::sleep(timeout).await;
+            None
+        })
+        .await;
+        match answer {
+            Some(Ok(frame)) => Ok(frame),
+            Some(Err(_)) => Err(ForwardError::Lost),
+            None => {
+                self.inner.borrow_mut().waiting.remove(&id);
+                Err(ForwardError::Timeout(timeout.as_millis() as u64))
+            }
+        }
+    }
+
+    pub(super) async fn run(self: Rc<Self>, endpoint: String) {
+        let connected = TcpStream::connect_timeout(endpoint.as_str(), Duration::from_secs(2)).await;
+        let mut stream = match connected {
+            Ok(s) => s,
+            Err(err) => {
+                warn!(node = %self.node, %endpoint, error = %err, "cannot connect to node");
+                return self.fail();
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        debug!(node = %self.node, %endpoint, "connected to node");
+        let mut rbuf = BytesMut::new();
+        std::future::poll_fn(|cx| self.poll(&mut stream, &mut rbuf, cx)).await;
+        debug!(node = %self.node, "link to node closed");
+        self.fail();
+    }
+
+    pub(super) fn fail(&self) {
+        let mut inner = self.inner.borrow_mut();
+        inner.failed = true;
+        // Dropping the senders tells every waiting call.
+        inner.waiting.clear();
+        inner.out.clear();
+    }
+
+    pub(super) fn poll(&self, stream: &mut TcpStream, rbuf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<()> {
+        for _ in 0..8 {
+            {
+                let mut inner = self.inner.borrow_mut();
+                if inner.out.flush(stream, cx).is_err() {
+                    return Poll::Ready(());
+                }
+                if !inner.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    inner.waker = Some(cx.waker().clone());
+                }
+                loop {
+                    match codec::split_frame(rbuf, PEER_MAX_FRAME) {
+                        Ok(None) => break,
+                        Ok(Some((header, body))) => {
+                            let len = header.frame_len();
+                            let frame = Frame::decode(header, body);
+                            let _ = rbuf.split_to(len);
+                            let Ok(frame) = frame else { return Poll::Ready(()) };
+                            match inner.waiting.remove(&request_id(&frame)) {
+                                Some(tx) => {
+                                    let _ = tx.send(frame);
+                                }
+                                // Its caller stopped waiting (forward timeout).
+                                None => {
+                                    self.counters.push_late_answers.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                        }
+                        Err(err) => {
+                            warn!(node = %self.node, error = %err, "bad frame from node");
+                            return Poll::Ready(());
+                        }
+                    }
+                }
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            match futures_lite::AsyncRead::poll_read(Pin::new(&mut *stream), cx, &mut chunk) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Ready(Ok(n)) => rbuf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}

@@ -1,0 +1,164 @@
+//! Registration of authenticated sessions: the device and user indexes,
+//! the user directory on the user's home shard, replacing older logins.
+
+use super::*;
+
+impl Shard {
+    // ---- registration -----------------------------------------------------
+
+    /// Makes `key` the device's session on this shard: replaces an older
+    /// login, indexes it, and activates it.
+    pub(super) fn register(&self, st: &mut State, key: ConnKey, now: Now, login: &Login) {
+        if let Some(old) = st.device_slot(&login.device) {
+            let old_key = st.key_of(old);
+            self.counters.replaced.fetch_add(1, Ordering::Relaxed);
+            self.kick(st, old_key, now, ErrorCode::Replaced, String::new());
+        }
+        let Some(conn) = st.conn(key) else { return };
+        conn.set_ident(login);
+        conn.capabilities = login.capabilities as u8;
+        let conns = &st.conns;
+        st.devices
+            .insert_unique(stable_hash(&login.device), key.index, |&i| slot_device(conns, i).map_or(0, stable_hash));
+        self.counters.active.fetch_add(1, Ordering::Relaxed);
+        if self.link_user(st, key, &login.user) {
+            if let Some(conn) = st.conn(key) {
+                conn.io().awaiting_dir = Some(Box::new(login.clone()));
+            }
+        } else {
+            self.activate(st, key, now, login);
+        }
+    }
+
+    /// Sends `AuthOk`: the session is indexed and reachable.
+    pub(super) fn activate(&self, st: &mut State, key: ConnKey, now: Now, login: &Login) {
+        let ok = proto::AuthOk {
+            conn_id: ConnId::new(self.id, key).0,
+            shard: u32::from(self.id.0),
+            node: self.cfg.node.clone(),
+            store_incarnation: self.store.incarnation(),
+            ..Default::default()
+        };
+        let mut actions = std::mem::take(&mut st.actions);
+        if let Some(conn) = st.conn(key) {
+            conn.session.activate(now, login, ok, &self.cfg.params, &mut actions);
+            let deadline = conn.session.deadline();
+            st.wheel.insert(key, deadline);
+        }
+        debug!(shard = %self.id, conn = %ConnId::new(self.id, key), user = %login.user, device = %login.device, "authenticated");
+        self.apply(st, key, now, &mut actions);
+        st.actions = actions;
+        // Hook: stored messages since the client's last sequence follow AuthOk.
+        self.resume_delivery(st, key, now, login);
+        // Hook: subscribed backends learn the session is online.
+        self.conn_event(st, key, ConnectionEventKind::Online, ErrorCode::Unspecified);
+        // Hook: cluster mode claims the device's route.
+        self.cluster_on_active(st, key, login);
+    }
+
+    /// Ends a session with a Kicked frame; it leaves the indexes at once.
+    pub(super) fn kick(&self, st: &mut State, key: ConnKey, now: Now, code: ErrorCode, reason: String) {
+        let mut actions = Vec::new();
+        if let Some(conn) = st.conn(key) {
+            conn.session.kick(now, code, reason, &self.cfg.params, &mut actions);
+        }
+        self.apply(st, key, now, &mut actions);
+    }
+
+    /// Links the session into its user's list. Returns true when the
+    /// user's home shard (another shard) must first record this shard in
+    /// its directory; it acknowledges with `UserDirAck`.
+    pub(super) fn link_user(&self, st: &mut State, key: ConnKey, user: &str) -> bool {
+        let slot = key.index;
+        let hash = stable_hash(user);
+        let conns = &st.conns;
+        if let Some(head) = st.users.find_mut(hash, |&i| slot_user(conns, i) == Some(user)) {
+            let old_head = std::mem::replace(head, slot);
+            st.conns[slot as usize].next_of_user = old_head;
+            return false;
+        }
+        let first_of_hash = !st.hash_in_use(hash);
+        st.conns[slot as usize].next_of_user = NO_CONN;
+        let conns = &st.conns;
+        st.users.insert_unique(hash, slot, |&i| slot_user(conns, i).map_or(0, stable_hash));
+        if !first_of_hash {
+            return false;
+        }
+        let home = home_shard(user, self.shards);
+        let remote = home != self.id;
+        let ack = remote.then_some(key);
+        self.route(st, home, ShardMsg::UserDir { user_hash: hash, shard: self.id, present: true, ack });
+        remote
+    }
+
+    /// Removes slot `slot` from the device, user and group indexes (the
+    /// identity stays on the slot for logs until the slot is removed).
+    /// `code` says why the session ended (`Unspecified`: the peer left).
+    pub(super) fn unindex(&self, st: &mut State, slot: u32, code: ErrorCode) {
+        let Some(conn) = st.conns.get(slot as usize) else { return };
+        let (Some(device), Some(user)) = (conn.device(), conn.user()) else { return };
+        let (device_hash, user_hash) = (stable_hash(device), stable_hash(user));
+        let Ok(entry) = st.devices.find_entry(device_hash, |&i| i == slot) else {
+            return; // not indexed (already unindexed, or replaced)
+        };
+        entry.remove();
+        // Hook: cluster mode releases the device's route.
+        self.cluster_on_gone(slot, device, code);
+        let home = home_shard(user, self.shards);
+        let next = conn.next_of_user;
+        let mut user_gone = false;
+        match st.users.find_entry(user_hash, |&i| i == slot) {
+            Ok(mut head) if next != NO_CONN => *head.get_mut() = next,
+            Ok(head) => {
+                head.remove();
+                user_gone = true;
+            }
+            Err(_) => {
+                // Not the head: unlink from its predecessor.
+                let user = user.to_owned();
+                let mut cur = st.user_head(&user).unwrap_or(NO_CONN);
+                while cur != NO_CONN {
+                    let n = st.conns[cur as usize].next_of_user;
+                    if n == slot {
+                        st.conns[cur as usize].next_of_user = next;
+                        break;
+                    }
+                    cur = n;
+                }
+            }
+        }
+        st.conns[slot as usize].next_of_user = NO_CONN;
+        st.groups.leave_all(slot);
+        // Offline: nothing is resent; the timeline keeps what was not acked.
+        self.forget_delivery(st, slot);
+        self.publish_group_counts(st);
+        self.counters.active.fetch_sub(1, Ordering::Relaxed);
+        if user_gone && !st.hash_in_use(user_hash) {
+            self.route(st, home, ShardMsg::UserDir { user_hash, shard: self.id, present: false, ack: None });
+        }
+        // Hook: this point is reached once per indexed session, so
+        // subscribed backends get exactly one end event for each ONLINE.
+        let key = st.key_of(slot);
+        if st.conn_ref(key).is_some_and(|c| c.session.was_activated()) {
+            let kind =
+                if code == ErrorCode::Replaced { ConnectionEventKind::Replaced } else { ConnectionEventKind::Offline };
+            self.conn_event(st, key, kind, code);
+        }
+    }
+
+    pub(super) fn publish_group_counts(&self, st: &State) {
+        self.counters.groups.store(st.groups.group_count() as u64, Ordering::Relaxed);
+        self.counters.group_sessions.store(st.groups.session_count() as u64, Ordering::Relaxed);
+    }
+
+    /// Removes the slot of `key`; returns its socket handle.
+    pub(super) fn remove_conn(&self, key: ConnKey) -> Option<SlotFd> {
+        let mut st = self.state.borrow_mut();
+        st.conn(key)?;
+        self.unindex(&mut st, key.index, ErrorCode::Unspecified);
+        st.upstream.forget_conn(key);
+        let conn = st.conns.remove(key.index as usize);
+        self.counters.closed.fetch_add(1, Ordering::Relaxed);
+        Some(conn.fd)
+    }
+}
