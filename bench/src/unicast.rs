@@ -14,7 +14,7 @@ use anyhow::bail;
 use serde::Serialize;
 
 use crate::drive::{
-    CpuMeter, CpuSplit, LoadOptions, NO_PING_HEARTBEAT_MS, Reasons, Rig, cpu_line, run_push, with_log_tail,
+    CountedCpu, CpuMeter, CpuSplit, LoadOptions, NO_PING_HEARTBEAT_MS, Reasons, Rig, cpu_line, run_push, with_log_tail,
 };
 use crate::harness::{CommonArgs, Harness};
 use crate::latency::{self, LatencySummary};
@@ -77,6 +77,8 @@ struct UnicastRecord {
     sender_lag_us: LatencySummary,
     #[serde(flatten)]
     cpu: CpuSplit,
+    /// Server CPU per push and per delivery over the measured window.
+    counted_cpu: CountedCpu,
     server_rss_before_bytes: u64,
     server_rss_after_bytes: u64,
     server_clean_exit: bool,
@@ -152,6 +154,8 @@ fn measure(args: &UnicastArgs, h: &mut Harness, rig: &mut Rig) -> anyhow::Result
         latency_us.line()
     ));
     h.note(&cpu_line(&cpu));
+    let counted_cpu = CountedCpu::of(&cpu, out.sent, counts.received);
+    h.note(&counted_cpu.line());
     Ok(UnicastRecord {
         scenario: "unicast",
         connections: args.connections,
@@ -179,6 +183,7 @@ fn measure(args: &UnicastArgs, h: &mut Harness, rig: &mut Rig) -> anyhow::Result
         push_reply_latency_us: LatencySummary::of(&out.reply_hist),
         sender_lag_us: LatencySummary::of(&out.lag_hist),
         cpu,
+        counted_cpu,
         server_rss_before_bytes: rss_before,
         server_rss_after_bytes: rig.server.rss_bytes()?,
         server_clean_exit: false,
