@@ -152,6 +152,9 @@ pub struct CompareArgs {
     /// The mosquitto binary. Default: on PATH, else /usr/sbin/mosquitto.
     #[arg(long)]
     pub mosquitto_bin: Option<PathBuf>,
+    /// Do not install missing peers (scripts/install-peers, apt-get).
+    #[arg(long)]
+    pub no_install: bool,
     /// Markdown file the comparison table is appended to.
     /// Default: bench/runs/compare.md.
     #[arg(long)]
@@ -305,6 +308,10 @@ pub fn run(args: &CompareArgs) -> anyhow::Result<()> {
                     PeerKind::Mosquitto => args.mosquitto_bin.clone(),
                 }
                 .unwrap_or_else(|| peer::default_bin(kind));
+                if peer::check_peer_bin(&bin).is_err() && !args.no_install {
+                    h.note(&format!("{} missing: running scripts/install-peers (apt-get)", kind.name()));
+                    peer::install_peers()?;
+                }
                 peer::check_peer_bin(&bin)?;
                 res.version = kind.version(&bin);
                 bin

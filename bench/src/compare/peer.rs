@@ -74,6 +74,17 @@ pub fn check_peer_bin(bin: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `scripts/install-peers` (Debian packages nats-server and mosquitto).
+pub fn install_peers() -> anyhow::Result<()> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/install-peers");
+    let status = Command::new("bash").arg(&script).stdin(Stdio::null()).status();
+    match status {
+        Ok(s) if s.success() => Ok(()),
+        Ok(s) => bail!("{} exited with {s}", script.display()),
+        Err(err) => bail!("running {}: {err}", script.display()),
+    }
+}
+
 /// A running peer server.
 pub struct PeerProcess {
     pub kind: PeerKind,
@@ -140,7 +151,8 @@ impl PeerProcess {
         }
     }
 
-    /// SIGTERM, then wait; SIGKILL if it takes too long. True on a clean exit.
+    /// SIGTERM, then wait; SIGKILL if it takes too long. True when it
+    /// exited by itself in time (nats-server exits 1 after SIGTERM by design).
     pub fn stop(mut self) -> anyhow::Result<bool> {
         if let Some(status) = self.exited {
             return Ok(status.success());
@@ -151,7 +163,7 @@ impl PeerProcess {
         loop {
             if let Some(status) = self.child.try_wait().context("waiting for the peer")? {
                 self.exited = Some(status);
-                return Ok(status.success());
+                return Ok(true);
             }
             if Instant::now() >= deadline {
                 let _ = self.child.kill();
