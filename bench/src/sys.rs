@@ -192,6 +192,56 @@ fn host_busy_ticks(stat: &str) -> Option<u64> {
     Some(v.first()? + v.get(1)? + v.get(2)? + v.get(5)? + v.get(6)? + v.get(7).copied().unwrap_or(0))
 }
 
+/// Restricts thread `tid` (0: the calling thread) to CPU `cpu`. Threads
+/// and processes it starts afterwards inherit the mask.
+pub fn pin_thread(tid: libc::pid_t, cpu: usize) -> anyhow::Result<()> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        bail!("CPU {cpu} is beyond the largest CPU set");
+    }
+    // SAFETY: cpu_set_t is plain bits; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes one bit of the set we own; cpu is checked below.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: sched_setaffinity reads the set we pass, of the size we pass.
+    if unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("pinning thread {tid} to CPU {cpu}"));
+    }
+    Ok(())
+}
+
+/// Restricts every thread process `pid` has now to CPU `cpu` (threads it
+/// starts later inherit the mask of the thread that starts them). Returns
+/// how many threads were pinned.
+pub fn pin_process(pid: u32, cpu: usize) -> anyhow::Result<usize> {
+    let dir = Path::new("/proc").join(pid.to_string()).join("task");
+    let mut pinned = 0;
+    for entry in fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))?.flatten() {
+        let Some(tid) = entry.file_name().to_str().and_then(|t| t.parse::<libc::pid_t>().ok()) else { continue };
+        // A thread that exited meanwhile cannot be pinned and needs not be.
+        if pin_thread(tid, cpu).is_ok() {
+            pinned += 1;
+        }
+    }
+    if pinned == 0 {
+        bail!("no thread of process {pid} could be pinned to CPU {cpu}");
+    }
+    Ok(pinned)
+}
+
+/// The CPU (0-based) the calling thread may run on, when it is exactly one.
+#[cfg(test)]
+fn pinned_cpu() -> Option<usize> {
+    // SAFETY: as in pin_thread; sched_getaffinity fills the set we pass.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: see above.
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
+        return None;
+    }
+    // SAFETY: CPU_ISSET reads one bit of the set.
+    let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect();
+    (cpus.len() == 1).then(|| cpus[0])
+}
+
 /// Lets the calling thread's timed sleeps wake within about a
 /// microsecond (the default slack is 50 µs): open-loop senders pace by
 /// sleeping.
@@ -256,6 +306,17 @@ mod tests {
         let _ = child.wait();
         let ns = ns.expect("schedstat of a live child");
         assert!(ns > 0 && !ns.is_multiple_of(1_000_000), "{ns}");
+    }
+
+    #[test]
+    fn pins_threads_to_one_cpu() {
+        // On a thread of its own, so the test runner's threads keep their mask.
+        std::thread::spawn(|| {
+            pin_thread(0, 0).unwrap();
+            assert_eq!(pinned_cpu(), Some(0));
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
