@@ -312,3 +312,111 @@ fn send_all(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    //! Interop with the real servers (Debian packages, installed by
+    //! scripts/test and scripts/install-peers): the bench's own NATS and
+    //! MQTT codecs, publisher and peer config against nats-server and
+    //! mosquitto.
+
+    use std::io::Read as _;
+
+    use super::*;
+    use crate::compare::peer::{PeerKind, PeerProcess, default_bin};
+    use crate::harness::Harness;
+
+    /// Subscribes a plain blocking client to `subject`, publishes 5 stamped
+    /// messages with [`Publisher`], and checks the subscriber gets all 5
+    /// with their stamps, in order.
+    fn round_trip(kind: PeerKind) {
+        let h = Harness::new(Duration::from_secs(60)).unwrap();
+        let bin = default_bin(kind);
+        let peer = PeerProcess::start(kind, &bin, &h)
+            .unwrap_or_else(|e| panic!("{e:#} (install the peers with scripts/install-peers)"));
+        let protocol = if kind == PeerKind::Nats { Protocol::Nats } else { Protocol::Mqtt };
+        let mut sub = TcpStream::connect(peer.addr()).unwrap();
+        sub.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = Vec::new();
+        // Reads and parses until `until` accepts an event; keeps message payloads.
+        let mut payloads: Vec<Vec<u8>> = Vec::new();
+        let pump =
+            |sub: &mut TcpStream, buf: &mut Vec<u8>, payloads: &mut Vec<Vec<u8>>, until: &dyn Fn(&str) -> bool| {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    assert!(Instant::now() < deadline, "no answer from {}", kind.name());
+                    loop {
+                        let parsed = match protocol {
+                            Protocol::Nats => nats::parse(buf).unwrap().map(|(e, n)| {
+                                if let nats::Event::Msg(p) = &e {
+                                    payloads.push(p.to_vec());
+                                }
+                                (format!("{e:?}"), n)
+                            }),
+                            Protocol::Mqtt => mqtt::parse(buf).unwrap().map(|(p, n)| {
+                                if let mqtt::Packet::Publish { payload, .. } = &p {
+                                    payloads.push(payload.to_vec());
+                                }
+                                (format!("{p:?}"), n)
+                            }),
+                        };
+                        let Some((event, used)) = parsed else { break };
+                        buf.drain(..used);
+                        if until(&event) {
+                            return;
+                        }
+                    }
+                    let mut chunk = [0u8; 4096];
+                    let n = sub.read(&mut chunk).unwrap();
+                    assert!(n > 0, "{} closed the subscriber", kind.name());
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+            };
+        match protocol {
+            Protocol::Nats => {
+                sub.write_all(&nats::connect_and_subscribe("test-sub", Some("subj-1"))).unwrap();
+                pump(&mut sub, &mut buf, &mut payloads, &|e| e == "Pong");
+            }
+            Protocol::Mqtt => {
+                let mut hello = mqtt::connect("test-sub", 60);
+                hello.extend_from_slice(&mqtt::subscribe(1, "subj-1"));
+                sub.write_all(&hello).unwrap();
+                pump(&mut sub, &mut buf, &mut payloads, &|e| e.starts_with("SubAck"));
+            }
+        }
+        let publisher = Publisher::start(&PublishPlan {
+            protocol,
+            addr: peer.addr(),
+            connections: 1,
+            rate_per_sec: 0.0,
+            count: 5,
+            target: PeerTarget::Subject("subj-1".into()),
+            payload_bytes: 64,
+        })
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !publisher.is_finished() {
+            assert!(Instant::now() < deadline, "publisher did not finish");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let out = publisher.finish().unwrap();
+        assert_eq!((out.sent, out.confirmed), (5, true), "{:?}", out.errors);
+        while payloads.len() < 5 {
+            pump(&mut sub, &mut buf, &mut payloads, &|e| e.starts_with("Msg") || e.starts_with("Publish"));
+        }
+        let seqs: Vec<u64> = payloads.iter().map(|p| crate::latency::read_stamp(p).unwrap().1).collect();
+        assert_eq!(seqs, [0, 1, 2, 3, 4]);
+        assert!(payloads.iter().all(|p| p.len() == 64));
+        assert!(peer.stop().unwrap());
+    }
+
+    #[test]
+    fn nats_publisher_reaches_a_subscriber_on_a_real_nats_server() {
+        round_trip(PeerKind::Nats);
+    }
+
+    #[test]
+    fn mqtt_publisher_reaches_a_subscriber_on_a_real_mosquitto() {
+        round_trip(PeerKind::Mosquitto);
+    }
+}
