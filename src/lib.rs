@@ -30,7 +30,7 @@
 //!   rate limit.
 //! - [`echo`]: an example service backend (tests, bench, README).
 //! - Cluster mode: [`router`] (routes with epochs, node leases, in Redis;
-//!   [`lease`] on its own thread), [`cluster`] (route claims, pushes
+//!   [`router::lease`] on its own thread), [`cluster`] (route claims, pushes
 //!   forwarded between nodes, merged replies, drain, cluster counters).
 //! - [`http`]: beside the shards, on threads: the admin port of every node
 //!   (/metrics, /healthz; /v1/dispatch and /drain in cluster mode), the
@@ -47,7 +47,6 @@ pub mod echo;
 pub mod fuzz_checks;
 pub mod groups;
 pub mod http;
-pub mod lease;
 pub mod liveness;
 pub mod mesh;
 pub mod protocol;
