@@ -17,7 +17,7 @@
 //! - [`delivery`], [`store`] (+ [`store_redis`]), [`reliable`]: at-least-once
 //!   delivery: per-device windows and resend schedule, timelines, and the
 //!   shard code that ties them to sessions (ACKs, resends, resume).
-//! - [`groups`]: per-shard group membership.
+//! - [`groups`]: per-shard group membership; [`rate`]: the one token bucket.
 //! - [`server`]: binds the listeners, starts the shards and wires the mesh
 //!   between them, serves the admin port.
 //! - [`liveness`]: per-shard turn counter and stall gauge.
@@ -51,6 +51,7 @@ pub mod liveness;
 pub mod mesh;
 pub mod protocol;
 pub mod push;
+pub mod rate;
 pub mod redis_link;
 pub mod reliable;
 pub mod router;
