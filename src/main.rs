@@ -304,6 +304,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(t) => parse_duration(&t)?.as_secs(),
                 None => cfg.auth.default_token_ttl_secs,
             };
+            if ttl_secs > cfg.auth.max_token_lifetime_secs {
+                bail!(
+                    "--ttl is over auth.max_token_lifetime_secs ({} s): nodes would refuse the token",
+                    cfg.auth.max_token_lifetime_secs
+                );
+            }
             let (keyring, _) = cfg.keyring()?;
             let now = token::now_unix_secs();
             let ttl = i64::try_from(ttl_secs).context("ttl too large")?;

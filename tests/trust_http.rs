@@ -59,7 +59,8 @@ fn serve_dispatcher(auth: DispatchAuth, limits: Limits) -> HttpServer {
 }
 
 fn get(addr: SocketAddr, path: &str, headers: &str) -> (u16, Value) {
-    let (status, body) = http_raw(addr, &format!("GET {path} HTTP/1.1\r\nhost: x\r\n{headers}connection: close\r\n\r\n"));
+    let (status, body) =
+        http_raw(addr, &format!("GET {path} HTTP/1.1\r\nhost: x\r\n{headers}connection: close\r\n\r\n"));
     (status, serde_json::from_str(&body).unwrap_or(Value::Null))
 }
 
@@ -84,7 +85,8 @@ fn dispatch_mints_only_for_a_valid_unused_ticket() {
 
     // A ticket signed with another key, or cut short.
     let forged = {
-        let claims = serde_json::json!({"kid": "app-1", "uid": "victim", "exp": now_unix_secs() + 60, "nonce": "forged-01"});
+        let claims =
+            serde_json::json!({"kid": "app-1", "uid": "victim", "exp": now_unix_secs() + 60, "nonce": "forged-01"});
         longlink::http::dispatch_auth::sign_ticket(&[0x55; 32], &claims)
     };
     for bad in [forged.as_str(), "not-a-ticket", &ticket("victim")[..20]] {
@@ -149,7 +151,11 @@ fn start_hook(slow: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
                 } else {
                     ("403 Forbidden", "{}".to_owned())
                 };
-                let _ = write!(conn, "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
             });
         }
     });
@@ -385,10 +391,8 @@ fn a_ticket_is_single_use_across_dispatchers_of_a_cluster() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let line = std::io::BufRead::lines(std::io::BufReader::new(standalone.stdout.take().unwrap()))
-        .next()
-        .unwrap()
-        .unwrap();
+    let line =
+        std::io::BufRead::lines(std::io::BufReader::new(standalone.stdout.take().unwrap())).next().unwrap().unwrap();
     let other: SocketAddr = line.strip_prefix("dispatcher ").unwrap().parse().unwrap();
     assert!(wait_until(Duration::from_secs(10), || {
         get(admin, &format!("/v1/dispatch?ticket={}&device=p", ticket("u")), "").0 == 200

@@ -36,6 +36,7 @@ mod reliable;
 mod report;
 mod rng;
 mod server;
+mod slowloris;
 mod soak;
 mod source;
 mod svg;
@@ -85,6 +86,9 @@ enum Command {
     /// node's admin sidecar and on the standalone dispatcher (starts
     /// redis-server and a small cluster).
     Dispatch(dispatch::DispatchArgs),
+    /// Dispatcher latency while slow sockets trickle request heads
+    /// (slowloris): p50/p99 at an open-loop rate with --slow sockets open.
+    Slowloris(slowloris::SlowlorisArgs),
     /// Markdown report with SVG plots from one or more results files.
     Report(report::ReportArgs),
     /// A client worker process (internal: started by the scenarios, reads
@@ -106,6 +110,7 @@ fn main() -> ExitCode {
         Command::Upstream(args) => upstream::run(&args),
         Command::Reliable(args) => reliable::run(&args),
         Command::Dispatch(args) => dispatch::run(&args),
+        Command::Slowloris(args) => slowloris::run(&args),
         Command::Report(args) => report::run(&args),
         Command::Worker => worker::run(),
         Command::LoadWorker => loadworker::run(),

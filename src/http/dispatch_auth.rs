@@ -309,8 +309,11 @@ struct Hook {
     cache_for: Duration,
     cache_entries: usize,
     /// sha256(credential) -> (until, uid or a refusal).
-    cache: Mutex<HashMap<[u8; 32], (Instant, Result<String, Refusal>)>>,
+    cache: Mutex<HashMap<[u8; 32], CachedAnswer>>,
 }
+
+/// A hook answer and until when it is reused.
+type CachedAnswer = (Instant, Result<String, Refusal>);
 
 impl Hook {
     fn ask(&self, authorization: &str, ticket: &str, device: &str, app: &str) -> Result<String, Refusal> {

@@ -338,8 +338,7 @@ pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 
 /// `cfg` with login tickets signed by [`APP_KEY_HEX`] and [`ADMIN_TOKEN`].
 pub fn trusted(mut cfg: Config) -> Config {
-    cfg.dispatch.ticket_keys =
-        vec![longlink::config::KeyConfig { id: "app-1".into(), secret_hex: APP_KEY_HEX.into() }];
+    cfg.dispatch.ticket_keys = vec![longlink::config::KeyConfig { id: "app-1".into(), secret_hex: APP_KEY_HEX.into() }];
     cfg.http.admin_token = longlink::http::guard::Secret(ADMIN_TOKEN.into());
     cfg
 }
