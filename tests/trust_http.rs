@@ -321,13 +321,20 @@ fn a_token_over_the_max_lifetime_is_refused() {
 #[test]
 fn the_dispatcher_refuses_to_start_without_the_nodes_key() {
     let dir = TempDir::new("dispatcher-nokey");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_longlink"))
-        .args(["dispatcher", "--listen", "127.0.0.1:0", "--redis", "redis://127.0.0.1:1/"])
-        .current_dir(&dir.0)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let mut child = Killed(
+        std::process::Command::new(env!("CARGO_BIN_EXE_longlink"))
+            .args(["dispatcher", "--listen", "127.0.0.1:0", "--redis", "redis://127.0.0.1:1/"])
+            .current_dir(&dir.0)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // It must exit by itself; one still running after 20 s started serving.
+    let status = wait_exit(&mut child.0, Duration::from_secs(20)).expect("the dispatcher exits");
+    assert!(!status.success());
+    let mut stderr = String::new();
+    child.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
     assert!(stderr.contains("needs the token keys the nodes use"), "{stderr}");
     assert!(!dir.0.join(".longlink").exists(), "it made a key of its own");
 }
@@ -404,6 +411,25 @@ fn a_ticket_is_single_use_across_dispatchers_of_a_cluster() {
     // The same ticket at another dispatcher: already used.
     let (status, body) = get(other, &format!("/v1/dispatch?ticket={t}&device=phone"), "");
     assert_eq!((status, body["code"].as_str()), (401, Some("TICKET_REPLAYED")), "{body}");
-    let _ = standalone.kill();
-    let _ = standalone.wait();
+}
+
+fn wait_exit(child: &mut std::process::Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// A child process killed and reaped on drop, also when an assertion fails.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
