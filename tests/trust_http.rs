@@ -392,14 +392,16 @@ fn a_ticket_is_single_use_across_dispatchers_of_a_cluster() {
     let dir = TempDir::new("dispatcher-ticket");
     let path = dir.0.join("longlink.toml");
     std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
-    let mut standalone = std::process::Command::new(env!("CARGO_BIN_EXE_longlink"))
-        .args(["dispatcher", "--listen", "127.0.0.1:0", "--redis", &redis.url(), "--config"])
-        .arg(&path)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let line =
-        std::io::BufRead::lines(std::io::BufReader::new(standalone.stdout.take().unwrap())).next().unwrap().unwrap();
+    let mut standalone = Killed(
+        std::process::Command::new(env!("CARGO_BIN_EXE_longlink"))
+            .args(["dispatcher", "--listen", "127.0.0.1:0", "--redis", &redis.url(), "--config"])
+            .arg(&path)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = standalone.0.stdout.take().unwrap();
+    let line = std::io::BufRead::lines(std::io::BufReader::new(stdout)).next().unwrap().unwrap();
     let other: SocketAddr = line.strip_prefix("dispatcher ").unwrap().parse().unwrap();
     assert!(wait_until(Duration::from_secs(10), || {
         get(admin, &format!("/v1/dispatch?ticket={}&device=p", ticket("u")), "").0 == 200
