@@ -32,8 +32,12 @@ pub const MAX_HEAD: usize = 16 * 1024;
 pub const MAX_BODY: usize = 64 * 1024;
 /// How often the loop looks for connections past their deadline.
 const SWEEP: Duration = Duration::from_millis(100);
-/// Connections accepted per readiness event before others get a turn.
-const ACCEPT_BATCH: usize = 256;
+/// Connections accepted per turn of the loop before requests get a turn
+/// (a burst of connects must not stall the answers).
+const ACCEPT_BATCH: usize = 64;
+/// Late connections closed per sweep; more wait for the next (a wave of
+/// slow sockets reaching their deadline together must not stall the loop).
+const CLOSE_BATCH: usize = 256;
 /// How long accepting pauses when the process is out of file descriptors.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
 
@@ -606,6 +610,7 @@ impl EventLoop {
             .iter()
             .filter(|(_, c)| !matches!(c.phase, Phase::Handling { .. }) && c.deadline <= now)
             .map(|(key, _)| key)
+            .take(CLOSE_BATCH)
             .collect();
         for key in late {
             self.close(key);
