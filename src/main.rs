@@ -60,10 +60,11 @@ enum Command {
         #[arg(long, value_name = "URL")]
         redis: Option<String>,
     },
-    /// Run the dispatcher alone: `GET /v1/dispatch?uid=&device=&platform=&net=`
+    /// Run the dispatcher alone: `GET /v1/dispatch?device=&platform=&net=`
     /// answers with endpoints of the cluster's healthy nodes (read from
-    /// Redis), a connect token and the heartbeat bounds. Prints
-    /// `dispatcher ADDR`, runs until SIGINT/SIGTERM.
+    /// Redis), the heartbeat bounds and, for a user proven by the auth hook
+    /// or a login ticket (`[dispatch]`), a connect token. Needs the nodes'
+    /// token keys. Prints `dispatcher ADDR`, runs until SIGINT/SIGTERM.
     Dispatcher {
         /// Redis of the cluster (the nodes' `--redis`).
         #[arg(long, value_name = "URL")]
@@ -194,6 +195,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(t) => parse_duration(&t)?.as_secs(),
                 None => cfg.auth.default_token_ttl_secs,
             };
+            if ttl_secs > cfg.auth.max_token_lifetime_secs {
+                bail!(
+                    "--ttl is over auth.max_token_lifetime_secs ({} s): nodes would refuse the token",
+                    cfg.auth.max_token_lifetime_secs
+                );
+            }
             let (keyring, _) = cfg.keyring()?;
             let now = token::now_unix_secs();
             let ttl = i64::try_from(ttl_secs).context("ttl too large")?;

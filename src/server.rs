@@ -17,7 +17,6 @@ use crate::config::Config;
 use crate::conn::fd;
 use crate::http::HttpServer;
 use crate::http::admin::{self, AdminState};
-use crate::http::dispatcher::DispatchConfig;
 use crate::mesh::{MeshEnds, Outbox};
 use crate::protocol::ids::ShardId;
 use crate::protocol::limits::MAX_ID_BYTES;
@@ -343,12 +342,8 @@ impl Server {
             counters: counters.clone(),
             stop: stop.clone(),
         };
-        let admin = admin::serve(
-            admin_listener,
-            state,
-            cluster.clone().map(|c| (c, DispatchConfig::from_config(config), keyring)),
-        )
-        .map_err(|source| ServerError::Admin { addr: admin_addr, source })?;
+        let admin = admin::serve(admin_listener, state, config, cluster.clone().map(|c| (c, keyring)))
+            .map_err(|source| ServerError::Admin { addr: admin_addr, source })?;
         if let Some(cluster) = &cluster {
             crate::cluster::spawn_drain_coordinator(cluster.clone(), counters.clone(), stop.clone())
                 .map_err(ServerError::Cluster)?;

@@ -30,7 +30,7 @@ struct Node {
 }
 
 fn node_config(redis: &RedisServer, name: &str, index: u16) -> Config {
-    let mut cfg = test_config(2);
+    let mut cfg = trusted(test_config(2));
     cfg.node_name = name.into();
     cfg.delivery.redis_url = redis.url();
     cfg.delivery.node_index = index;
@@ -289,7 +289,8 @@ fn dispatcher_and_admin_endpoints() {
         ["a", "b", "c"].iter().zip(0..).map(|(n, i)| Node::start(node_config(&redis, n, i))).collect();
     let clients: Vec<String> = nodes.iter().map(|n| n.client.to_string()).collect();
     let dispatch = |addr| {
-        let (code, body) = http(addr, "GET", "/v1/dispatch?uid=alice&device=phone&platform=ios&net=wifi");
+        let path = format!("/v1/dispatch?ticket={}&device=phone&platform=ios&net=wifi", ticket("alice"));
+        let (code, body) = http(addr, "GET", &path);
         assert_eq!(code, 200, "{body}");
         serde_json::from_str::<serde_json::Value>(&body).unwrap()
     };
@@ -340,7 +341,7 @@ fn dispatcher_and_admin_endpoints() {
     ] {
         assert!(metrics.contains(family), "{family} missing from\n{metrics}");
     }
-    assert_eq!(http(nodes[2].admin, "POST", "/drain").0, 202);
+    assert_eq!(drain(nodes[2].admin).0, 202);
     assert_eq!(http(nodes[2].admin, "GET", "/healthz").0, 503);
     let c = nodes[2].client.to_string();
     for addr in [nodes[0].admin, standalone_addr] {

@@ -18,6 +18,7 @@ use longlink::client::ClientOptions;
 use longlink::config::ServiceConfig;
 use longlink::echo::EchoBackend;
 use longlink::http::HttpServer;
+use longlink::http::dispatch_auth::{DispatchAuth, ReplayStore};
 use longlink::http::dispatcher::{DispatchConfig, Dispatcher, StaticNodes};
 use longlink::protocol::codec::{self, Flags, Frame};
 use longlink::protocol::proto::{self, ErrorCode};
@@ -333,7 +334,8 @@ fn connects_through_the_dispatcher_with_its_token() {
         heartbeat_default_ms: 10_000,
         heartbeat_max_ms: 10_000,
     };
-    let dispatcher = Arc::new(Dispatcher::new(dcfg, keyring(&cfg), Arc::new(StaticNodes(nodes))));
+    let auth = DispatchAuth::new(&trusted(cfg.clone()).dispatch, ReplayStore::memory(16)).unwrap();
+    let dispatcher = Arc::new(Dispatcher::new(dcfg, keyring(&cfg), Arc::new(StaticNodes(nodes))).with_auth(auth));
     let http = HttpServer::start(
         "127.0.0.1:0".parse().unwrap(),
         4,
@@ -344,6 +346,8 @@ fn connects_through_the_dispatcher_with_its_token() {
     let agent = agent_config(String::new(), &[]);
     let mut dispatch = DispatcherConfig::new(http.addr().to_string(), "u6", "dispatched");
     dispatch.app = "test".into();
+    // The dispatcher mints for the user a login ticket proves.
+    dispatch.ticket = ticket("u6");
     let client = BlockingClient::start(ClientConfig { agent, dispatcher: Some(dispatch) }).unwrap();
     let (ev, _) = wait_for(&client, "connected", connected);
     assert!(matches!(ev, Event::Connected { endpoint, .. } if endpoint == server.client_addr().to_string()));

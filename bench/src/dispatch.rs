@@ -46,7 +46,7 @@ pub struct DispatchArgs {
 
 /// One target's figures.
 #[derive(Debug, Serialize)]
-struct TargetResult {
+pub(crate) struct TargetResult {
     requests: u64,
     errors: u64,
     achieved_rate_per_sec: f64,
@@ -70,9 +70,9 @@ struct DispatchRecord {
 }
 
 /// The standalone dispatcher process, killed on drop.
-struct DispatcherProcess {
+pub(crate) struct DispatcherProcess {
     child: Child,
-    addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
 }
 
 impl Drop for DispatcherProcess {
@@ -82,7 +82,7 @@ impl Drop for DispatcherProcess {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -137,7 +137,7 @@ pub fn run(args: &DispatchArgs) -> anyhow::Result<()> {
     record::emit(&rec, &args.common.out())
 }
 
-fn start_dispatcher(
+pub(crate) fn start_dispatcher(
     bin: &Path,
     cfg: &longlink::config::Config,
     dir: &Path,
@@ -162,7 +162,7 @@ fn start_dispatcher(
 }
 
 /// Waits until `addr` lists `endpoints` endpoints.
-fn wait_listed(addr: SocketAddr, endpoints: usize, h: &Harness) -> anyhow::Result<()> {
+pub(crate) fn wait_listed(addr: SocketAddr, endpoints: usize, h: &Harness) -> anyhow::Result<()> {
     loop {
         h.check()?;
         if let Ok(mut c) = Client::connect(addr)
@@ -179,7 +179,7 @@ fn wait_listed(addr: SocketAddr, endpoints: usize, h: &Harness) -> anyhow::Resul
 }
 
 /// Open-loop load on one target.
-fn load(addr: SocketAddr, args: &DispatchArgs, h: &mut Harness) -> anyhow::Result<TargetResult> {
+pub(crate) fn load(addr: SocketAddr, args: &DispatchArgs, h: &mut Harness) -> anyhow::Result<TargetResult> {
     let per_thread = f64::from(args.rate) / f64::from(args.connections);
     let interval = Duration::from_secs_f64(1.0 / per_thread);
     let total_per_thread = (per_thread * args.seconds as f64) as u64;

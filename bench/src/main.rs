@@ -39,6 +39,7 @@ mod reliable;
 mod report;
 mod rng;
 mod server;
+mod slowloris;
 mod soak;
 mod source;
 mod svg;
@@ -92,6 +93,9 @@ enum Command {
     /// nats-server and mosquitto in one run: memory per subscribed
     /// connection, latency, server CPU per push and per delivery, ratios.
     Compare(compare::CompareArgs),
+    /// Dispatcher latency while slow sockets trickle request heads
+    /// (slowloris): p50/p99 at an open-loop rate with --slow sockets open.
+    Slowloris(slowloris::SlowlorisArgs),
     /// Markdown report with SVG plots from one or more results files.
     Report(report::ReportArgs),
     /// A client worker process (internal: started by the scenarios, reads
@@ -117,6 +121,7 @@ fn main() -> ExitCode {
         Command::Reliable(args) => reliable::run(&args),
         Command::Dispatch(args) => dispatch::run(&args),
         Command::Compare(args) => compare::run(&args),
+        Command::Slowloris(args) => slowloris::run(&args),
         Command::Report(args) => report::run(&args),
         Command::Worker => worker::run(),
         Command::LoadWorker => loadworker::run(),

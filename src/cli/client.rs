@@ -117,6 +117,13 @@ pub(crate) struct SdkArgs {
     /// User and device sent to the dispatcher.
     #[arg(long, default_value = "")]
     pub(crate) uid: String,
+    /// Login ticket for the dispatcher (single use).
+    #[arg(long, default_value = "")]
+    pub(crate) ticket: String,
+    /// Credential for the dispatcher's auth hook, sent as the Authorization
+    /// header.
+    #[arg(long, env = "LONGLINK_DISPATCH_AUTHORIZATION", default_value = "", hide_env_values = true)]
+    pub(crate) authorization: String,
     #[arg(long, default_value = "")]
     pub(crate) device: String,
     #[arg(long, default_value = "cli")]
@@ -137,9 +144,12 @@ pub(crate) fn run_sdk(args: SdkArgs) -> anyhow::Result<ExitCode> {
     opts.store_incarnation = args.store_incarnation;
     let mut agent = AgentConfig::new(opts);
     agent.endpoints = args.endpoints;
-    let dispatcher = args
-        .dispatcher
-        .map(|addr| DispatcherConfig { platform: args.platform, ..DispatcherConfig::new(addr, args.uid, args.device) });
+    let dispatcher = args.dispatcher.map(|addr| DispatcherConfig {
+        platform: args.platform,
+        ticket: args.ticket,
+        authorization: args.authorization,
+        ..DispatcherConfig::new(addr, args.uid, args.device)
+    });
     if agent.endpoints.is_empty() && dispatcher.is_none() {
         bail!("give --endpoint or --dispatcher");
     }

@@ -107,10 +107,19 @@ pub(crate) fn serve(
 pub(crate) const FENCED_EXIT: u8 = 3;
 
 pub(crate) fn dispatcher(redis: String, listen: SocketAddr, config: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    use longlink::http::dispatch_auth::{DispatchAuth, ReplayStore};
     use longlink::http::dispatcher::{CachedNodes, DispatchConfig, Dispatcher};
     let mut cfg = Config::load(config.as_deref())?;
     cfg.delivery.redis_url = redis;
     cfg.validate()?;
+    // Its tokens must verify on the nodes: a dev key of its own would mint
+    // tokens every node refuses (with a terminal code).
+    if cfg.auth.keys.is_empty() && !cfg.data_dir.join(token::DEV_KEY_FILE).exists() {
+        bail!(
+            "the dispatcher needs the token keys the nodes use: give --config with the nodes' [auth] keys \
+             (or run it where the nodes' data_dir holds their dev key); it never makes a key of its own"
+        );
+    }
     let (keyring, _) = cfg.keyring()?;
     let timeout = Duration::from_millis(cfg.delivery.redis_timeout_ms);
     let mut link =
@@ -118,15 +127,23 @@ pub(crate) fn dispatcher(redis: String, listen: SocketAddr, config: Option<PathB
     let prefix = cfg.delivery.redis_prefix.clone();
     let nodes =
         CachedNodes::start(Duration::from_millis(250), move || longlink::router::read_nodes(&mut link, &prefix).ok())?;
-    let dispatch = DispatchConfig::from_config(&cfg);
-    let dispatcher = Dispatcher::new(dispatch, keyring, nodes);
-    let handler = move |req: &longlink::http::Request| match req.path.as_str() {
-        "/v1/dispatch" => dispatcher.dispatch(req, token::now_unix_secs()),
-        "/healthz" => longlink::http::Response::json(200, &json!({"status": "ok"})),
-        _ => longlink::http::Response::json(404, &json!({"error": "not found"})),
+    let replay = ReplayStore::redis(&cfg.delivery.redis_url, &cfg.delivery.redis_prefix, timeout);
+    let auth = DispatchAuth::new(&cfg.dispatch, replay)?;
+    if !auth.required() {
+        tracing::warn!("no [dispatch] hook_url or ticket_keys: answering endpoints only, never a token");
+    }
+    let dispatcher =
+        std::sync::Arc::new(Dispatcher::new(DispatchConfig::from_config(&cfg), keyring, nodes).with_auth(auth));
+    let handler = move |req: &longlink::http::Request| -> longlink::http::Reply {
+        match req.path.as_str() {
+            "/v1/dispatch" => dispatcher.dispatch(req, token::now_unix_secs()),
+            "/healthz" => longlink::http::Response::json(200, &json!({"status": "ok"})).into(),
+            _ => longlink::http::Response::json(404, &json!({"error": "not found"})).into(),
+        }
     };
-    let server = longlink::http::HttpServer::start(listen, 1024, std::sync::Arc::new(handler))
-        .with_context(|| format!("listening on {listen}"))?;
+    let listener = std::net::TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+    let server = longlink::http::HttpServer::serve_with(listener, cfg.http.limits(), std::sync::Arc::new(handler))
+        .with_context(|| format!("serving on {listen}"))?;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;

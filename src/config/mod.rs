@@ -24,9 +24,9 @@ use parse::*;
 use validate::*;
 
 /// A field's name and doc comment lines, as printed by `default_toml`.
-struct FieldDoc {
-    name: &'static str,
-    doc: &'static [&'static str],
+pub(crate) struct FieldDoc {
+    pub(crate) name: &'static str,
+    pub(crate) doc: &'static [&'static str],
 }
 
 /// Declares a config struct whose fields carry `= default`. Generates the
@@ -61,8 +61,8 @@ macro_rules! config_struct {
         }
 
         impl $name {
-            const FIELDS: &'static [FieldDoc] = &[
-                $(FieldDoc {
+            pub(crate) const FIELDS: &'static [$crate::config::FieldDoc] = &[
+                $($crate::config::FieldDoc {
                     name: stringify!($field),
                     doc: &[$($doc),*],
                 },)*
@@ -70,6 +70,9 @@ macro_rules! config_struct {
         }
     };
 }
+
+// Sections defined next to the code they configure use it too.
+pub(crate) use config_struct;
 
 config_struct! {
     /// The whole config file.
@@ -97,6 +100,10 @@ config_struct! {
         pub delivery: DeliveryConfig = DeliveryConfig::default(),
         /// Cluster mode: several nodes sharing one Redis.
         pub cluster: ClusterConfig = ClusterConfig::default(),
+        /// The HTTP sidecars: limits, the admin token, the dispatch listener.
+        pub http: crate::http::guard::HttpConfig = Default::default(),
+        /// What the dispatcher needs to see before it mints a token.
+        pub dispatch: crate::http::dispatch_auth::DispatchAuthConfig = Default::default(),
     }
 }
 
@@ -443,6 +450,11 @@ config_struct! {
         /// Lifetime of tokens made by `longlink token`, in seconds.
         /// Default: 3600. Allowed: 1 to 31622400 (366 days).
         pub default_token_ttl_secs: u64 = 3_600,
+        /// Longest lifetime a node accepts at Auth, in seconds: a token whose
+        /// expires_at - issued_at, or expires_at - now, is longer is refused
+        /// with INVALID_TOKEN. Default: 604800 (7 days). Allowed:
+        /// default_token_ttl_secs to 31622400.
+        pub max_token_lifetime_secs: u64 = 7 * 24 * 3_600,
         /// Id of the key that signs new tokens. Default: "" (the first key).
         pub signing_key: String = String::new(),
         /// Keys that verify connect tokens; list old keys here while they
@@ -555,6 +567,8 @@ impl Config {
         self.upstream.validate()?;
         self.delivery.validate()?;
         self.cluster.validate(&self.delivery, &self.push)?;
+        self.http.validate()?;
+        self.dispatch.validate()?;
         check_range("auth.clock_leeway_secs", self.auth.clock_leeway_secs, 0, MAX_CLOCK_LEEWAY_SECS, "")?;
         check_range(
             "auth.default_token_ttl_secs",
@@ -563,18 +577,26 @@ impl Config {
             MAX_TOKEN_TTL_SECS,
             " (tokens cannot be revoked, so they must expire)",
         )?;
+        check_range(
+            "auth.max_token_lifetime_secs",
+            self.auth.max_token_lifetime_secs,
+            self.auth.default_token_ttl_secs,
+            MAX_TOKEN_TTL_SECS,
+            " (from auth.default_token_ttl_secs)",
+        )?;
         Ok(())
     }
 
     /// The configured keys, or else the dev key in `data_dir` (created on
     /// first use).
     pub fn keyring(&self) -> Result<(Keyring, KeySource), ConfigError> {
+        let max_lifetime = self.auth.max_token_lifetime_secs;
         if let Some(ring) = self.auth.configured_keyring()? {
-            return Ok((ring, KeySource::Configured));
+            return Ok((ring.with_max_lifetime(max_lifetime), KeySource::Configured));
         }
         let (key, path, created) = token::load_or_create_dev_key(&self.data_dir)
             .map_err(|source| ConfigError::DevKey { path: self.data_dir.join(token::DEV_KEY_FILE), source })?;
-        Ok((Keyring::new(vec![key], None)?, KeySource::DevKey { path, created }))
+        Ok((Keyring::new(vec![key], None)?.with_max_lifetime(max_lifetime), KeySource::DevKey { path, created }))
     }
 
     /// The default config as TOML, every field preceded by its doc comment.

@@ -109,6 +109,8 @@ pub(super) fn section_fields(name: &str) -> &'static [FieldDoc] {
         "upstream" => UpstreamConfig::FIELDS,
         "delivery" => DeliveryConfig::FIELDS,
         "cluster" => ClusterConfig::FIELDS,
+        "http" => crate::http::guard::HttpConfig::FIELDS,
+        "dispatch" => crate::http::dispatch_auth::DispatchAuthConfig::FIELDS,
         // A new section must be listed here; the round-trip test fails
         // until it is.
         _ => &[],

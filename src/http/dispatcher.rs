@@ -1,12 +1,15 @@
-//! The dispatcher: `GET /v1/dispatch?uid=&device=&platform=&net=` tells a
-//! client where to connect (HttpDNS-like).
+//! The dispatcher: `GET /v1/dispatch?device=&platform=&net=` (with a proof
+//! of who the client is: see [`crate::http::dispatch_auth`]) tells a client
+//! where to connect (HttpDNS-like).
 //!
 //! Endpoints are ordered by rendezvous hashing of the uid over the healthy,
 //! non-draining nodes: the same user lands on the same node while the node
 //! set is stable, and when a node leaves only its users move. Several
 //! endpoints come back so the client can drift when one fails. The reply
-//! also carries a connect token bound to the uid and device of the request,
-//! the heartbeat bounds and, when set, the reconnect backoff bounds.
+//! also carries the heartbeat bounds, when set the reconnect backoff bounds
+//! and, for a proven user only, a connect token bound to that user and the
+//! request's device. Without a hook or ticket keys configured, `uid` only
+//! picks the endpoints and no token is minted.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,8 +17,8 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::config::Config;
-use crate::http::{Request, Response};
-use crate::protocol::limits::{MAX_ID_BYTES, check_id};
+use crate::http::dispatch_auth::{BAD_ID, DispatchAuth, Proof, Refusal, printable_id, printable_or_empty};
+use crate::http::{Reply, Request, Response};
 use crate::protocol::token::Keyring;
 use crate::router::{NodeInfo, rank};
 
@@ -103,14 +106,20 @@ pub struct Dispatcher {
     nodes: Arc<dyn NodeSource>,
     /// Reconnect backoff bounds (min, max) in ms told to clients, if set.
     reconnect: Option<(u64, u64)>,
+    /// What a client must prove before a token is minted.
+    auth: DispatchAuth,
 }
 
-/// Longest uid or device accepted.
-const MAX_ID: usize = MAX_ID_BYTES;
-
 impl Dispatcher {
+    /// A dispatcher that mints no token (see [`Dispatcher::with_auth`]).
     pub fn new(cfg: DispatchConfig, keyring: Keyring, nodes: Arc<dyn NodeSource>) -> Dispatcher {
-        Dispatcher { cfg, keyring, nodes, reconnect: None }
+        Dispatcher { cfg, keyring, nodes, reconnect: None, auth: DispatchAuth::none() }
+    }
+
+    /// Mints tokens for the users `auth` proves.
+    pub fn with_auth(mut self, auth: DispatchAuth) -> Dispatcher {
+        self.auth = auth;
+        self
     }
 
     /// Tells clients the reconnect backoff bounds to use (`reconnect`
@@ -120,48 +129,104 @@ impl Dispatcher {
         self
     }
 
-    /// Answers `GET /v1/dispatch`; other paths are the caller's.
-    pub fn dispatch(&self, req: &Request, now_unix_secs: i64) -> Response {
+    /// Answers `GET /v1/dispatch`; other paths are the caller's. A check
+    /// that may block (the hook, Redis) runs off the event loop.
+    pub fn dispatch(self: &Arc<Self>, req: &Request, now_unix_secs: i64) -> Reply {
         if req.method != "GET" {
-            return Response::json(405, &json!({"error": "use GET"}));
+            return Response::json(405, &json!({"error": "use GET"})).into();
         }
         let param = |name: &str| req.query.get(name).map(String::as_str).unwrap_or("");
-        let (uid, device) = (param("uid"), param("device"));
-        for (name, value) in [("uid", uid), ("device", device)] {
-            if check_id(value, MAX_ID).is_err() {
-                return Response::json(400, &json!({"error": format!("{name} must be 1 to {MAX_ID} bytes")}));
+        let device = param("device").to_owned();
+        let fields = [param("uid"), param("app"), param("platform"), param("net")];
+        if !fields.iter().all(|f| printable_or_empty(f)) {
+            return refuse(&BAD_ID).into();
+        }
+        let authorization = req.header("authorization").unwrap_or("");
+        let proof = match self.auth.classify(authorization, param("ticket")) {
+            Ok(proof) => proof,
+            Err(why) => return refuse(&why).into(),
+        };
+        if !matches!(proof, Proof::NotRequired) && !printable_id(&device) {
+            return refuse(&BAD_ID).into();
+        }
+        let app = param("app").to_owned();
+        let echo = (param("platform").to_owned(), param("net").to_owned());
+        match proof {
+            Proof::NotRequired => {
+                // Ranked by the uid given (or the device): a hint only.
+                let key = if param("uid").is_empty() { device.as_str() } else { param("uid") };
+                self.answer(key, None, &echo, now_unix_secs).into()
+            }
+            Proof::Ticket(ticket) => {
+                let ticket = match self.auth.verify_ticket(ticket, &device, now_unix_secs) {
+                    Ok(t) => t,
+                    Err(why) => return refuse(&why).into(),
+                };
+                let this = self.clone();
+                let finish = move || match this.auth.replay().consume(&ticket, now_unix_secs) {
+                    Ok(()) => {
+                        let app = ticket.app.clone().unwrap_or(app);
+                        this.answer(&ticket.uid, Some((&device, &app)), &echo, now_unix_secs)
+                    }
+                    Err(why) => refuse(&why),
+                };
+                if self.auth.replay().blocks() { Reply::Blocking(Box::new(finish)) } else { finish().into() }
+            }
+            Proof::Hook { authorization, ticket } => {
+                let (authorization, ticket) = (authorization.to_owned(), ticket.to_owned());
+                let this = self.clone();
+                Reply::Blocking(Box::new(move || match this.auth.ask_hook(&authorization, &ticket, &device, &app) {
+                    Ok(uid) => this.answer(&uid, Some((&device, &app)), &echo, now_unix_secs),
+                    Err(why) => refuse(&why),
+                }))
             }
         }
+    }
+
+    /// Endpoints for `uid`, and a token for (`uid`, device, app) when
+    /// `mint` is given (a proven user).
+    fn answer(&self, uid: &str, mint: Option<(&str, &str)>, echo: &(String, String), now_unix_secs: i64) -> Response {
         let nodes = rank(uid, &self.nodes.nodes(), self.cfg.endpoints.max(1));
         if nodes.is_empty() {
-            return Response::json(503, &json!({"error": "no healthy node", "retry_after_ms": 1000}));
+            return Response::json(
+                503,
+                &json!({"error": "no healthy node", "code": "NO_NODE", "retry_after_ms": 1000}),
+            );
         }
         let expires_at = now_unix_secs.saturating_add(i64::try_from(self.cfg.token_ttl_secs).unwrap_or(i64::MAX));
-        let token = self.keyring.mint(uid, device, param("app"), now_unix_secs, expires_at);
+        let token = mint.map(|(device, app)| self.keyring.mint(uid, device, app, now_unix_secs, expires_at));
         Response::json(
             200,
             &json!({
                 "endpoints": nodes.iter().map(|n| n.client_endpoint.as_str()).collect::<Vec<_>>(),
                 "nodes": nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(),
+                "uid": mint.map(|_| uid),
                 "token": token,
-                "expires_at": expires_at,
+                "expires_at": token.as_ref().map(|_| expires_at),
                 "heartbeat": {
                     "min_ms": self.cfg.heartbeat_min_ms,
                     "default_ms": self.cfg.heartbeat_default_ms,
                     "max_ms": self.cfg.heartbeat_max_ms,
                 },
                 "reconnect": self.reconnect.map(|(min_ms, max_ms)| json!({"min_ms": min_ms, "max_ms": max_ms})),
-                "platform": param("platform"),
-                "net": param("net"),
+                "platform": echo.0,
+                "net": echo.1,
             }),
         )
     }
 }
 
+/// A refusal as a JSON answer with its code.
+fn refuse(why: &Refusal) -> Response {
+    Response::json(why.status, &json!({"error": why.error, "code": why.code}))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::token::Key;
+    use crate::config::KeyConfig;
+    use crate::http::dispatch_auth::{DispatchAuthConfig, ReplayStore, sign_ticket};
+    use crate::protocol::token::{Key, encode_hex};
 
     fn node(name: &str, draining: bool) -> NodeInfo {
         NodeInfo {
@@ -174,7 +239,7 @@ mod tests {
         }
     }
 
-    fn dispatcher(nodes: Vec<NodeInfo>) -> Dispatcher {
+    fn dispatcher(nodes: Vec<NodeInfo>) -> Arc<Dispatcher> {
         let keyring = Keyring::new(vec![Key::new("k", vec![3; 32]).unwrap()], None).unwrap();
         let cfg = DispatchConfig {
             endpoints: 3,
@@ -183,17 +248,32 @@ mod tests {
             heartbeat_default_ms: 30_000,
             heartbeat_max_ms: 270_000,
         };
-        Dispatcher::new(cfg, keyring, Arc::new(StaticNodes(nodes)))
+        let auth_cfg = DispatchAuthConfig {
+            ticket_keys: vec![KeyConfig { id: "app".into(), secret_hex: encode_hex(&APP_SECRET) }],
+            ..DispatchAuthConfig::default()
+        };
+        let auth = DispatchAuth::new(&auth_cfg, ReplayStore::memory(100)).unwrap();
+        Arc::new(Dispatcher::new(cfg, keyring, Arc::new(StaticNodes(nodes))).with_auth(auth))
     }
 
-    fn get(d: &Dispatcher, query: &str) -> (u16, serde_json::Value) {
+    const APP_SECRET: [u8; 32] = [9; 32];
+    const NOW: i64 = 1_800_000_000;
+
+    fn ticket(uid: &str, nonce: &str) -> String {
+        sign_ticket(&APP_SECRET, &json!({"kid": "app", "uid": uid, "exp": NOW + 60, "nonce": nonce}))
+    }
+
+    fn get(d: &Arc<Dispatcher>, query: &str) -> (u16, serde_json::Value) {
         let req = Request {
             method: "GET".into(),
             path: "/v1/dispatch".into(),
             query: crate::http::parse_query(query),
-            body: vec![],
+            ..Request::default()
         };
-        let r = d.dispatch(&req, 1_800_000_000);
+        let r = match d.dispatch(&req, NOW) {
+            Reply::Now(r) => r,
+            Reply::Blocking(work) => work(),
+        };
         (r.status, serde_json::from_slice(&r.body).unwrap())
     }
 
@@ -215,7 +295,8 @@ mod tests {
     #[test]
     fn draining_nodes_are_skipped_and_several_endpoints_come_back() {
         let d = dispatcher(vec![node("a", false), node("b", true), node("c", false), node("d", false)]);
-        let (status, body) = get(&d, "uid=alice&device=phone&platform=ios&net=wifi");
+        let query = format!("ticket={}&device=phone&platform=ios&net=wifi", ticket("alice", "n-000001"));
+        let (status, body) = get(&d, &query);
         assert_eq!(status, 200);
         let endpoints: Vec<&str> = body["endpoints"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
         assert_eq!(endpoints.len(), 3);
@@ -229,8 +310,17 @@ mod tests {
     #[test]
     fn bad_requests_and_no_nodes() {
         let d = dispatcher(vec![node("a", true)]);
-        assert_eq!(get(&d, "uid=alice").0, 400);
-        assert_eq!(get(&d, "device=x").0, 400);
-        assert_eq!(get(&d, "uid=alice&device=x").0, 503);
+        // A bare uid proves nothing.
+        assert_eq!(get(&d, "uid=alice&device=x").1["code"], "NO_PROOF");
+        assert_eq!(get(&d, &format!("ticket={}", ticket("alice", "n-000002"))).1["code"], "BAD_ID");
+        let escape = format!("ticket={}&device=ph%1Bone", ticket("alice", "n-000003"));
+        assert_eq!(get(&d, &escape).1["code"], "BAD_ID");
+        assert_eq!(get(&d, &format!("ticket={}&device=x", ticket("alice", "n-000004"))).0, 503);
+        // Without a hook or tickets: endpoints, never a token.
+        let open =
+            Arc::new(Dispatcher::new(d.cfg.clone(), d.keyring.clone(), Arc::new(StaticNodes(vec![node("b", false)]))));
+        let (status, body) = get(&open, "uid=alice&device=phone");
+        assert_eq!((status, body["token"].is_null()), (200, true), "{body}");
+        assert_eq!(body["endpoints"][0], "b:7100");
     }
 }

@@ -9,9 +9,11 @@
 //! handler is one more [`HttpServer::serve`] call.
 
 pub mod admin;
+pub mod dispatch_auth;
 pub mod dispatcher;
+pub mod guard;
 pub mod metrics;
 pub mod server;
 
-pub use server::{Handler, HttpServer, Request, Response, parse_query};
+pub use server::{Handler, HttpServer, Limits, Reply, Request, Response, parse_query};
 pub(crate) use server::{parse_head, percent_decode, read_head};

@@ -50,6 +50,10 @@ pub enum TokenError {
     Expired { expires_at: i64, now: i64 },
     #[error("token not valid before {issued_at} (now {now}, unix seconds)")]
     NotYetValid { issued_at: i64, now: i64 },
+    /// Valid for longer than the node accepts (from its issue time or from
+    /// now): a leaked long-lived token is worth little.
+    #[error("token valid for {lifetime_secs} s; this node accepts at most {max_secs} s")]
+    LifetimeTooLong { lifetime_secs: i64, max_secs: i64 },
     /// A key's id or secret is unusable (configuration problem).
     #[error("invalid key: {0}")]
     InvalidKey(String),
@@ -71,6 +75,7 @@ impl TokenError {
             TokenError::Expired { .. } => ErrorCode::TokenExpired,
             TokenError::NotYetValid { .. } => ErrorCode::TokenNotYetValid,
             TokenError::Malformed(_)
+            | TokenError::LifetimeTooLong { .. }
             | TokenError::UnknownKey(_)
             | TokenError::BadSignature
             | TokenError::InvalidKey(_)
@@ -134,6 +139,8 @@ pub struct Keyring {
     keys: Vec<Key>,
     /// Index into `keys` of the signing key.
     signing: usize,
+    /// Longest token lifetime [`Keyring::verify`] accepts, in seconds.
+    max_lifetime_secs: i64,
 }
 
 impl Keyring {
@@ -154,7 +161,14 @@ impl Keyring {
                 keys.iter().position(|k| k.id == id).ok_or_else(|| TokenError::UnknownSigningKey(id.to_owned()))?
             }
         };
-        Ok(Keyring { keys, signing })
+        Ok(Keyring { keys, signing, max_lifetime_secs: i64::MAX })
+    }
+
+    /// Refuse tokens valid for longer than `secs` (counted from their
+    /// issue time, and from now). Unbounded unless set.
+    pub fn with_max_lifetime(mut self, secs: u64) -> Keyring {
+        self.max_lifetime_secs = i64::try_from(secs).unwrap_or(i64::MAX);
+        self
     }
 
     /// Id of the key that signs new tokens.
@@ -226,6 +240,10 @@ impl Keyring {
         }
         if claims.expires_at.saturating_add(leeway) < now_unix_secs {
             return Err(TokenError::Expired { expires_at: claims.expires_at, now: now_unix_secs });
+        }
+        let lifetime = claims.expires_at.saturating_sub(claims.issued_at.min(now_unix_secs));
+        if lifetime > self.max_lifetime_secs.saturating_add(leeway) {
+            return Err(TokenError::LifetimeTooLong { lifetime_secs: lifetime, max_secs: self.max_lifetime_secs });
         }
         Ok(claims)
     }
@@ -424,6 +442,22 @@ mod tests {
                 key_id: "k1".into(),
             }
         );
+    }
+
+    #[test]
+    fn tokens_longer_lived_than_the_maximum_are_refused() {
+        let ring = ring().with_max_lifetime(86_400);
+        assert!(ring.verify(&ring.mint("a", "d", "", NOW - 10, NOW + 86_000), NOW, LEEWAY).is_ok());
+        // 100 years, as the issue found accepted.
+        let century = ring.mint("a", "d", "", NOW, NOW + 100 * 365 * 86_400);
+        let err = ring.verify(&century, NOW, LEEWAY).unwrap_err();
+        assert!(matches!(err, TokenError::LifetimeTooLong { .. }), "{err:?}");
+        assert_eq!(err.code(), ErrorCode::InvalidToken);
+        // Issued "in the future" within the leeway: counted from now.
+        let ahead = ring.mint("a", "d", "", NOW + LEEWAY as i64, NOW + LEEWAY as i64 + 86_400 + 5);
+        assert!(matches!(ring.verify(&ahead, NOW, LEEWAY), Err(TokenError::LifetimeTooLong { .. })));
+        // Without a maximum, as before.
+        assert!(super::tests::ring().verify(&century, NOW, LEEWAY).is_ok());
     }
 
     #[test]

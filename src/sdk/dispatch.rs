@@ -17,6 +17,12 @@ pub struct DispatcherConfig {
     pub device: String,
     pub platform: String,
     pub app: String,
+    /// The client's credential for the dispatcher's auth hook, sent as the
+    /// `Authorization` header (e.g. "Bearer <session>"). Never logged.
+    pub authorization: String,
+    /// A login ticket signed by the business (single use: give a fresh one
+    /// before the SDK asks again, or let it keep the token it got).
+    pub ticket: String,
     /// Bound on the whole exchange (connect, write, read).
     pub timeout: Duration,
 }
@@ -29,6 +35,8 @@ impl DispatcherConfig {
             device: device.into(),
             platform: String::new(),
             app: String::new(),
+            authorization: String::new(),
+            ticket: String::new(),
             timeout: Duration::from_secs(5),
         }
     }
@@ -44,6 +52,8 @@ pub enum DispatchError {
     Status { status: u16, body: String },
     #[error("bad dispatcher reply: {0}")]
     BadReply(String),
+    #[error("the dispatcher credential contains a line break")]
+    BadCredential,
 }
 
 /// Largest reply read (the JSON is a few hundred bytes).
@@ -57,11 +67,20 @@ pub fn lookup(cfg: &DispatcherConfig, net: &str) -> Result<Dispatch, DispatchErr
     stream.set_write_timeout(Some(cfg.timeout))?;
     let query = [("uid", &cfg.uid), ("device", &cfg.device), ("platform", &cfg.platform), ("app", &cfg.app)]
         .into_iter()
+        .chain((!cfg.ticket.is_empty()).then_some(("ticket", &cfg.ticket)))
         .map(|(k, v)| format!("{k}={}", encode(v)))
         .chain(std::iter::once(format!("net={}", encode(net))))
         .collect::<Vec<_>>()
         .join("&");
-    write!(stream, "GET /v1/dispatch?{query} HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n\r\n", cfg.addr)?;
+    // A header value cannot carry a line break (it would end the header).
+    let authorization = match cfg.authorization.as_str() {
+        "" => String::new(),
+        a if a.contains(['\r', '\n']) => return Err(DispatchError::BadCredential),
+        a => format!("authorization: {a}\r\n"),
+    };
+    let request =
+        format!("GET /v1/dispatch?{query} HTTP/1.1\r\nhost: {}\r\n{authorization}connection: close\r\n\r\n", cfg.addr);
+    stream.write_all(request.as_bytes())?;
     let mut reply = Vec::new();
     stream.take(MAX_REPLY).read_to_end(&mut reply)?;
     parse_reply(&reply)
@@ -118,9 +137,11 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::config::KeyConfig;
     use crate::http::HttpServer;
+    use crate::http::dispatch_auth::{DispatchAuth, DispatchAuthConfig, ReplayStore, sign_ticket};
     use crate::http::dispatcher::{DispatchConfig, Dispatcher, StaticNodes};
-    use crate::protocol::token::{Key, Keyring};
+    use crate::protocol::token::{Key, Keyring, encode_hex, now_unix_secs};
     use crate::router::NodeInfo;
 
     #[test]
@@ -144,17 +165,26 @@ mod tests {
             heartbeat_default_ms: 30_000,
             heartbeat_max_ms: 200_000,
         };
+        let app_secret = [6u8; 32];
+        let auth_cfg = DispatchAuthConfig {
+            ticket_keys: vec![KeyConfig { id: "app".into(), secret_hex: encode_hex(&app_secret) }],
+            ..DispatchAuthConfig::default()
+        };
+        let auth = DispatchAuth::new(&auth_cfg, ReplayStore::memory(16)).unwrap();
         let d = Arc::new(
-            Dispatcher::new(cfg, keyring.clone(), Arc::new(StaticNodes(nodes))).with_reconnect_bounds(300, 20_000),
+            Dispatcher::new(cfg, keyring.clone(), Arc::new(StaticNodes(nodes)))
+                .with_reconnect_bounds(300, 20_000)
+                .with_auth(auth),
         );
-        let server = HttpServer::start(
-            "127.0.0.1:0".parse().unwrap(),
-            4,
-            Arc::new(move |r| d.dispatch(r, crate::protocol::token::now_unix_secs())),
-        )
-        .unwrap();
-        let mut q = DispatcherConfig::new(server.addr().to_string(), "alice &co", "phone");
+        let server =
+            HttpServer::start("127.0.0.1:0".parse().unwrap(), 4, Arc::new(move |r| d.dispatch(r, now_unix_secs())))
+                .unwrap();
+        // The uid comes from the ticket, not from the query.
+        let mut q = DispatcherConfig::new(server.addr().to_string(), "mallory", "phone");
         q.app = "chat".into();
+        let claims =
+            serde_json::json!({"kid": "app", "uid": "alice &co", "exp": now_unix_secs() + 60, "nonce": "sdk-test-1"});
+        q.ticket = sign_ticket(&app_secret, &claims);
         let got = lookup(&q, "wifi").unwrap();
         assert_eq!(got.endpoints.len(), 2);
         assert!(got.endpoints.iter().all(|e| e.starts_with("127.0.0.1:700")));
@@ -162,8 +192,10 @@ mod tests {
         assert_eq!((got.reconnect_min_ms, got.reconnect_max_ms), (300, 20_000));
         let claims = keyring.verify(&got.token, crate::protocol::token::now_unix_secs(), 0).unwrap();
         assert_eq!((claims.user.as_str(), claims.device.as_str(), claims.app.as_str()), ("alice &co", "phone", "chat"));
-        q.uid = String::new();
-        assert!(matches!(lookup(&q, "wifi"), Err(DispatchError::Status { status: 400, .. })));
+        // Single use.
+        assert!(matches!(lookup(&q, "wifi"), Err(DispatchError::Status { status: 401, .. })));
+        q.ticket = String::new();
+        assert!(matches!(lookup(&q, "wifi"), Err(DispatchError::Status { status: 401, .. })));
         server.stop();
     }
 

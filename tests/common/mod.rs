@@ -330,3 +330,53 @@ impl Drop for RedisServer {
         let _ = self.child.wait();
     }
 }
+
+/// The app key of [`trusted`] configs (signs login tickets).
+pub const APP_KEY_HEX: &str = "a0a1a2a3a4a5a6a7a8a9aaabacadaeafb0b1b2b3b4b5b6b7b8b9babbbcbdbebf";
+/// The admin token of [`trusted`] configs.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+/// `cfg` with login tickets signed by [`APP_KEY_HEX`] and [`ADMIN_TOKEN`].
+pub fn trusted(mut cfg: Config) -> Config {
+    cfg.dispatch.ticket_keys = vec![longlink::config::KeyConfig { id: "app-1".into(), secret_hex: APP_KEY_HEX.into() }];
+    cfg.http.admin_token = longlink::http::guard::Secret(ADMIN_TOKEN.into());
+    cfg
+}
+
+/// A fresh login ticket for `uid`, valid for a minute, signed with
+/// [`APP_KEY_HEX`].
+pub fn ticket(uid: &str) -> String {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let now = longlink::protocol::token::now_unix_secs();
+    let claims = serde_json::json!({
+        "kid": "app-1", "uid": uid, "exp": now + 60, "nonce": format!("{}-{n}-{now}", std::process::id()),
+    });
+    let secret = longlink::protocol::token::decode_hex(APP_KEY_HEX).expect("hex");
+    longlink::http::dispatch_auth::sign_ticket(&secret, &claims)
+}
+
+/// Sends `request` as it is and returns the status and body of the answer
+/// (the server closes after it: send `connection: close`).
+pub fn http_raw(addr: SocketAddr, request: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("http port");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+/// `POST /drain` with the admin token and a JSON content type.
+pub fn drain(admin: SocketAddr) -> (u16, String) {
+    http_raw(
+        admin,
+        &format!(
+            "POST /drain HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ADMIN_TOKEN}\r\n\
+             content-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}"
+        ),
+    )
+}
