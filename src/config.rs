@@ -18,9 +18,9 @@ use crate::protocol::limits::{MAX_ID_BYTES, check_id};
 use crate::protocol::token::{self, Key, Keyring, TokenError};
 
 /// A field's name and doc comment lines, as printed by `default_toml`.
-struct FieldDoc {
-    name: &'static str,
-    doc: &'static [&'static str],
+pub(crate) struct FieldDoc {
+    pub(crate) name: &'static str,
+    pub(crate) doc: &'static [&'static str],
 }
 
 /// Declares a config struct whose fields carry `= default`. Generates the
@@ -55,8 +55,8 @@ macro_rules! config_struct {
         }
 
         impl $name {
-            const FIELDS: &'static [FieldDoc] = &[
-                $(FieldDoc {
+            pub(crate) const FIELDS: &'static [$crate::config::FieldDoc] = &[
+                $($crate::config::FieldDoc {
                     name: stringify!($field),
                     doc: &[$($doc),*],
                 },)*
@@ -64,6 +64,9 @@ macro_rules! config_struct {
         }
     };
 }
+
+// Sections declared in other modules use it too (`push_auth`).
+pub(crate) use config_struct;
 
 config_struct! {
     /// The whole config file.
@@ -91,6 +94,8 @@ config_struct! {
         pub delivery: DeliveryConfig = DeliveryConfig::default(),
         /// Cluster mode: several nodes sharing one Redis.
         pub cluster: ClusterConfig = ClusterConfig::default(),
+        /// Push-port credentials: keys, their rights, deadlines.
+        pub push_auth: crate::push::auth::PushAuthConfig = Default::default(),
     }
 }
 
@@ -114,10 +119,19 @@ config_struct! {
         /// Default: "" (the bound client address; for 0.0.0.0, the address
         /// this host reaches Redis from).
         pub client_endpoint: String = String::new(),
-        /// host:port other nodes forward pushes to (this node's push port).
-        /// Default: "" (the bound push address; for 0.0.0.0, the address
-        /// this host reaches Redis from).
+        /// host:port other nodes forward pushes to (this node's
+        /// node_listen). Default: "" (the bound node_listen address; for
+        /// 0.0.0.0, the address this host reaches Redis from).
         pub node_endpoint: String = String::new(),
+        /// Address of the node-to-node listener: forwarded pushes, kicks and
+        /// queries from the other nodes, authenticated with secret_hex (the
+        /// public push port refuses them). Default: "0.0.0.0:7103".
+        pub node_listen: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 7103)),
+        /// The secret every node of the cluster shares, as hex (at least 32
+        /// hex chars; e.g. `openssl rand -hex 32`). Default: "" (a dev secret
+        /// in data_dir/cluster-key: only nodes sharing that directory, i.e.
+        /// one host, can talk; never use it in production).
+        pub secret_hex: String = String::new(),
         /// Endpoints in a dispatcher reply (the first preferred, the others
         /// for drift). Default: 3. Allowed: 1 to 16.
         pub dispatch_endpoints: u32 = 3,
@@ -229,8 +243,10 @@ config_struct! {
     pub struct ServerConfig {
         /// Address clients connect to. Default: "0.0.0.0:7100".
         pub client_listen: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 7100)),
-        /// Address backends push to. Default: "0.0.0.0:7101".
-        pub push_listen: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 7101)),
+        /// Address backends push to (with a push key, `[push_auth]`).
+        /// Default: "127.0.0.1:7101" (this host only; bind a private
+        /// address to serve backends elsewhere).
+        pub push_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 7101)),
         /// Address of the admin HTTP server: /metrics and /healthz, and in
         /// cluster mode /v1/dispatch and POST /drain. Keep it private.
         /// Default: "127.0.0.1:7102". (`[cluster] admin_listen`, its
@@ -598,6 +614,10 @@ impl Config {
         self.upstream.validate()?;
         self.delivery.validate()?;
         self.cluster.validate(&self.delivery, &self.push)?;
+        self.push_auth.validate()?;
+        if !self.cluster.secret_hex.is_empty() {
+            crate::push::auth::cluster_key(&self.cluster.secret_hex)?;
+        }
         check_range("auth.clock_leeway_secs", self.auth.clock_leeway_secs, 0, MAX_CLOCK_LEEWAY_SECS, "")?;
         check_range(
             "auth.default_token_ttl_secs",
@@ -1103,6 +1123,7 @@ fn section_fields(name: &str) -> &'static [FieldDoc] {
         "upstream" => UpstreamConfig::FIELDS,
         "delivery" => DeliveryConfig::FIELDS,
         "cluster" => ClusterConfig::FIELDS,
+        "push_auth" => crate::push::auth::PushAuthConfig::FIELDS,
         // A new section must be listed here; the round-trip test fails
         // until it is.
         _ => &[],

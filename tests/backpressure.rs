@@ -94,7 +94,7 @@ fn a_stopped_shard_makes_the_push_port_stop_reading_instead_of_growing_memory() 
         Request::Push(proto::PushRequest { targets: Some(targets), payload: payload.clone(), ..Default::default() })
     };
     // Warm up every path (first allocations) before the baseline.
-    let mut warm = PushClient::connect(node.push_addr, Duration::from_secs(5)).unwrap();
+    let mut warm = PushClient::connect(node.push_addr, Duration::from_secs(5), &push_key()).unwrap();
     for _ in 0..200 {
         let Request::Push(req) = request() else { unreachable!() };
         warm.push_request(req).unwrap();
@@ -109,7 +109,7 @@ fn a_stopped_shard_makes_the_push_port_stop_reading_instead_of_growing_memory() 
     let mut receivers = Vec::new();
     let mut senders = Vec::new();
     for b in 0..BACKENDS {
-        let mut client = PushClient::connect(node.push_addr, Duration::from_secs(5)).unwrap();
+        let mut client = PushClient::connect(node.push_addr, Duration::from_secs(5), &push_key()).unwrap();
         client.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
         let (mut tx, mut rx) = client.split().unwrap();
         let sent = sent.clone();
@@ -173,7 +173,7 @@ fn the_memory_store_refuses_at_least_once_pushes_past_its_cap_and_frees_room_as_
     let mut cfg = test_config(2);
     cfg.delivery.memory_store_bytes = 4 << 20;
     let node = NodeProcess::start(&cfg);
-    let mut push = PushClient::connect(node.push_addr, Duration::from_secs(5)).unwrap();
+    let mut push = PushClient::connect(node.push_addr, Duration::from_secs(5), &push_key()).unwrap();
     push.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let rss_before = node.rss_bytes();
     // Pushes to device ids nobody will ever connect with (a backend bug),

@@ -62,7 +62,7 @@ impl Node {
     }
 
     fn pusher(&self) -> PushClient {
-        let mut p = PushClient::connect(self.push, Duration::from_secs(5)).expect("push port");
+        let mut p = PushClient::connect(self.push, Duration::from_secs(5), &push_key()).expect("push port");
         p.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         p
     }
@@ -523,7 +523,7 @@ fn kill_9_while_pushing_at_least_once_clients_drift_and_resume_without_loss() {
         // node a with SIGKILL in the middle.
         let (stored2, done2, devs) = (stored.clone(), pushing_done.clone(), devices.clone());
         let pusher = std::thread::spawn(move || {
-            let mut push = PushClient::connect(push_addr, Duration::from_secs(5)).unwrap();
+            let mut push = PushClient::connect(push_addr, Duration::from_secs(5), &push_key()).unwrap();
             push.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
             for round in 0..30 {
                 if round == 10 {
@@ -573,7 +573,7 @@ fn kill_9_of_the_node_pushes_are_forwarded_to_every_push_answered_and_the_lost_o
         // A blocking backend on node b: every device lives on node a.
         let devs = devices.clone();
         let pusher = std::thread::spawn(move || {
-            let mut push = PushClient::connect(push_addr, Duration::from_secs(5)).unwrap();
+            let mut push = PushClient::connect(push_addr, Duration::from_secs(5), &push_key()).unwrap();
             // Far above push.reply_timeout_ms: a request left unanswered
             // fails the test here.
             push.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
@@ -814,7 +814,7 @@ fn draining_a_node_with_5000_clients_moves_them_all_without_loss() {
         assert!(claimed, "{CLIENTS} clients connect to node a and claim their routes");
         let (stored2, done2, devs) = (stored.clone(), pushing_done.clone(), devices.clone());
         let pusher = std::thread::spawn(move || {
-            let mut push = PushClient::connect(push_addr, Duration::from_secs(5)).unwrap();
+            let mut push = PushClient::connect(push_addr, Duration::from_secs(5), &push_key()).unwrap();
             push.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
             push_reliably(&mut push, &devs, "before", &stored2);
             // SAFETY: kill(2) of our own child process.

@@ -228,6 +228,10 @@ frames! {
         Join(proto::GroupMembership),
         Leave(proto::GroupMembership),
         GoAway(proto::GoAway),
+        GroupResult(proto::GroupResult),
+        PushChallenge(proto::PushChallenge),
+        PushAuth(proto::PushAuth),
+        PushAuthOk(proto::PushAuthOk),
         PushRequest(proto::PushRequest),
         PushReply(proto::PushReply),
         GroupUpdate(proto::GroupUpdate),
@@ -266,7 +270,8 @@ impl Peer {
             Peer::Client => matches!(kind, K::Auth | K::Error | K::Ping | K::Ack | K::Request | K::Join | K::Leave),
             Peer::Backend => matches!(
                 kind,
-                K::PushRequest | K::GroupUpdate | K::KickRequest | K::PresenceQuery | K::DeliveryStatusQuery
+                K::PushAuth
+                    | K::PushRequest | K::GroupUpdate | K::KickRequest | K::PresenceQuery | K::DeliveryStatusQuery
             ),
         }
     }

@@ -116,6 +116,11 @@ pub struct ShardCounters {
     pub broadcast_rejected: AtomicU64,
     /// Push-port requests received.
     pub push_requests: AtomicU64,
+    /// Push-port and node-listener connections refused before or at
+    /// authentication (bad or missing credential, too many authenticating).
+    pub push_refused: AtomicU64,
+    /// Requests refused because the key lacks the right (PERMISSION_DENIED).
+    pub push_denied: AtomicU64,
     /// Push-port requests answered at `push.reply_timeout_ms` with answers
     /// missing, and answers that came after that (dropped).
     pub push_timeouts: AtomicU64,
@@ -162,6 +167,8 @@ pub struct ShardConfig {
     pub accept_rate_per_sec: u32,
     pub max_groups_per_session: u32,
     pub push: PushLimits,
+    /// Push-port and node-listener credentials and deadlines.
+    pub push_auth: Arc<crate::push::auth::PortAuth>,
     pub node: String,
     /// Services and their backends, dedup and rate-limit settings.
     pub upstream: UpstreamSettings,
