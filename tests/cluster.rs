@@ -67,6 +67,14 @@ impl Node {
         p
     }
 
+    /// A connection to the node listener, as another node opens one.
+    fn node_link(&self) -> PushClient {
+        let addr = self.proc.node_addr.expect("a cluster node prints its node listener");
+        let mut p = PushClient::connect(addr, Duration::from_secs(5), &cluster_key()).expect("node listener");
+        p.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        p
+    }
+
     fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(self.proc.child.id() as i32, sig) };
@@ -272,8 +280,9 @@ fn a_second_login_on_another_node_replaces_the_first() {
         assert!(matches!(end, ClientError::Kicked { code: ErrorCode::Replaced, .. }), "{end:?}");
         wait_routes(&redis, &[("phone", "a")]);
         // A late kick aimed at the first session leaves the third alone;
-        // one aimed at the third ends it.
-        let mut push = a.pusher();
+        // one aimed at the third ends it. Nodes send these to each other's
+        // node listener.
+        let mut push = a.node_link();
         forwarded_kick(&mut push, "phone", ok1.conn_id);
         assert_nothing_queued(&mut third).await;
         forwarded_kick(&mut push, "phone", ok3.conn_id);
@@ -949,14 +958,28 @@ fn a_forward_answered_too_late_is_retried_not_stored_out_of_reach() {
     let mut via_relay = node_config(&redis, "c", 2);
     via_relay.cluster.node_endpoint = relay.local_addr().unwrap().to_string();
     let c = Node::start(via_relay);
-    let c_push = c.push;
+    let c_node = c.proc.node_addr.expect("node listener");
     std::thread::spawn(move || {
+        use std::io::{Read, Write};
         let Ok((from_b, _)) = relay.accept() else { return };
-        let Ok(to_c) = std::net::TcpStream::connect(c_push) else { return };
+        let Ok(to_c) = std::net::TcpStream::connect(c_node) else { return };
         let (mut b_in, mut c_out) = (from_b.try_clone().unwrap(), to_c.try_clone().unwrap());
         std::thread::spawn(move || std::io::copy(&mut b_in, &mut c_out));
-        std::thread::sleep(Duration::from_secs(3));
         let (mut c_in, mut b_out) = (to_c, from_b);
+        // The link's authentication (challenge, then PushAuthOk) passes at
+        // once; the answers to requests are held.
+        for _ in 0..2 {
+            let mut header = [0u8; 8];
+            if c_in.read_exact(&mut header).is_err() {
+                return;
+            }
+            let mut body = vec![0u8; u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize];
+            if c_in.read_exact(&mut body).is_err() || b_out.write_all(&header).is_err() || b_out.write_all(&body).is_err()
+            {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_secs(3));
         let _ = std::io::copy(&mut c_in, &mut b_out);
     });
     let cfg = b.cfg.clone();

@@ -58,6 +58,11 @@ pub const PUSH_KEY_HEX: &str = "202122232425262728292a2b2c2d2e2f3031323334353637
 /// The cluster secret of the tests' cluster nodes.
 pub const CLUSTER_SECRET_HEX: &str = "404142434445464748494a4b4c4d4e4f505152535455565758595a5b5c5d5e5f";
 
+/// The credential of the node listener in the tests' clusters.
+pub fn cluster_key() -> longlink::backend::PushKey {
+    longlink::push::auth::cluster_key(CLUSTER_SECRET_HEX).expect("test cluster secret")
+}
+
 pub fn push_key() -> longlink::backend::PushKey {
     longlink::push::auth::parse_credential(&format!("{PUSH_KEY_ID}:{PUSH_KEY_HEX}")).expect("test push key")
 }
@@ -243,6 +248,8 @@ pub struct NodeProcess {
     pub push_addr: SocketAddr,
     /// The admin HTTP address (every node prints it).
     pub admin_addr: Option<SocketAddr>,
+    /// Cluster mode: the node-to-node listener.
+    pub node_addr: Option<SocketAddr>,
     _dir: TempDir,
 }
 
@@ -270,7 +277,8 @@ impl NodeProcess {
         let client_addr = addr("listening ");
         let push_addr = addr("push ");
         let admin_addr = Some(addr("admin "));
-        NodeProcess { child, client_addr, push_addr, admin_addr, _dir: dir }
+        let node_addr = cfg.cluster.enabled.then(|| addr("node "));
+        NodeProcess { child, client_addr, push_addr, admin_addr, node_addr, _dir: dir }
     }
 
     pub fn rss_bytes(&self) -> u64 {
