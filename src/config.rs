@@ -125,8 +125,8 @@ config_struct! {
         pub node_endpoint: String = String::new(),
         /// Address of the node-to-node listener: forwarded pushes, kicks and
         /// queries from the other nodes, authenticated with secret_hex (the
-        /// public push port refuses them). Default: "0.0.0.0:7103".
-        pub node_listen: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 7103)),
+        /// public push port refuses them). Default: "0.0.0.0:7105".
+        pub node_listen: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 7105)),
         /// The secret every node of the cluster shares, as hex (at least 32
         /// hex chars; e.g. `openssl rand -hex 32`). Default: "" (a dev secret
         /// in data_dir/cluster-key: only nodes sharing that directory, i.e.

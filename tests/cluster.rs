@@ -1017,3 +1017,50 @@ fn a_forward_answered_too_late_is_retried_not_stored_out_of_reach() {
         }
     });
 }
+
+/// Node-to-node traffic has its own listener: the public push port refuses
+/// `forwarded` requests (PERMISSION_DENIED, nothing carried out), the node
+/// listener refuses push keys and a wrong cluster secret (UNAUTHENTICATED),
+/// and forwarding between nodes still reaches a device on another node.
+#[test]
+fn forwarded_requests_go_only_to_the_node_listener_with_the_cluster_secret() {
+    let redis = RedisServer::start();
+    let a = Node::start(node_config(&redis, "a", 0));
+    let b = Node::start(node_config(&redis, "b", 1));
+    let cfg = a.cfg.clone();
+    let node_b = b.proc.node_addr.expect("node listener");
+    assert_ne!(node_b, b.push, "the node listener is not the push port");
+    run(async {
+        let mut dev = connect(b.client, &cfg, "u", "on-b").await;
+        wait_routes(&redis, &[("on-b", "b")]);
+        // A backend forging a forwarded push on b's public port.
+        let mut push = b.pusher();
+        let forged = longlink::protocol::proto::PushRequest {
+            targets: Some(longlink::protocol::proto::Targets { devices: vec!["on-b".into()], ..Default::default() }),
+            payload: Bytes::from_static(b"bypass"),
+            forwarded: true,
+            ..Default::default()
+        };
+        let err = push.push_request(forged).unwrap_err();
+        assert!(
+            matches!(err, longlink::backend::BackendError::Rejected { code: ErrorCode::PermissionDenied, .. }),
+            "{err:?}"
+        );
+        // The node listener takes neither a push key nor a wrong secret.
+        for key in [push_key(), longlink::backend::PushKey::new("cluster", vec![1; 32]).unwrap()] {
+            let err = PushClient::connect(node_b, Duration::from_secs(5), &key).unwrap_err();
+            assert!(
+                matches!(err, longlink::backend::BackendError::Closed { code: ErrorCode::Unauthenticated, .. }),
+                "{}: {err:?}",
+                key.id()
+            );
+        }
+        // A push through node a reaches the device on b over a's link to
+        // b's node listener.
+        let reply = a.pusher().push_devices(&["on-b"], Bytes::from_static(b"via a")).unwrap();
+        assert_eq!(status(reply.results[0].status), PushStatus::Delivered, "{reply:?}");
+        let m = next_message(&mut dev).await;
+        assert_eq!(&m.payload[..], b"via a", "the forged push never arrived first");
+    });
+    assert!(a.metric("longlink_forwarded_total") >= 1);
+}
