@@ -96,6 +96,8 @@ config_struct! {
         pub cluster: ClusterConfig = ClusterConfig::default(),
         /// Push-port credentials: keys, their rights, deadlines.
         pub push_auth: crate::push::auth::PushAuthConfig = Default::default(),
+        /// Which groups clients may JOIN themselves.
+        pub client_groups: crate::groups::ClientGroupsConfig = Default::default(),
     }
 }
 
@@ -1124,6 +1126,7 @@ fn section_fields(name: &str) -> &'static [FieldDoc] {
         "delivery" => DeliveryConfig::FIELDS,
         "cluster" => ClusterConfig::FIELDS,
         "push_auth" => crate::push::auth::PushAuthConfig::FIELDS,
+        "client_groups" => crate::groups::ClientGroupsConfig::FIELDS,
         // A new section must be listed here; the round-trip test fails
         // until it is.
         _ => &[],

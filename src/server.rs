@@ -153,6 +153,7 @@ impl Server {
             outbound_queue_bytes: session.outbound_queue_bytes,
             write_timeout_ms: session.write_timeout_ms,
             max_groups_per_session: session.max_groups_per_session,
+            join_policy: config.client_groups.allow.clone().into(),
             push: PushLimits {
                 max_inflight_per_backend: config.push.max_inflight_per_backend,
                 max_targets_per_request: config.push.max_targets_per_request,

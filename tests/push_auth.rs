@@ -349,3 +349,71 @@ fn the_quickstart_cli_finds_the_dev_push_key_next_to_the_node() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Client JOIN is off unless the token's `groups` claim or the node's
+/// `[client_groups] allow` covers the group; a refused JOIN is answered
+/// explicitly and joins nothing.
+#[test]
+fn a_join_needs_the_token_claim_or_the_node_policy_and_a_refusal_is_explicit() {
+    let mut cfg = test_config(2);
+    cfg.client_groups.allow = vec!["lobby".into(), "pub-*".into()];
+    let server = start(&cfg);
+    let now = longlink::protocol::token::now_unix_secs();
+    let with_claims = keyring(&cfg).mint_claims(proto::TokenClaims {
+        user: "carol".into(),
+        device: "carol-phone".into(),
+        app: "test".into(),
+        issued_at: now,
+        expires_at: now + 3600,
+        groups: vec!["room-*".into(), "vip".into()],
+        ..Default::default()
+    });
+    run(async {
+        let opts = longlink::client::ClientOptions::new(with_claims);
+        let (mut carol, _) = longlink::client::Connection::connect(server.client_addr(), opts).await.unwrap();
+        let mut plain = victim(&server, &cfg).await;
+        let code = |r: proto::GroupResult| (r.join, codes::from_wire(r.code));
+        let ok = (true, ErrorCode::Unspecified);
+        let denied = (true, ErrorCode::PermissionDenied);
+        // The claim: a prefix and an exact name; the policy: the same.
+        for g in ["room-5", "vip", "lobby", "pub-x"] {
+            assert_eq!(code(carol.join(g).await.unwrap()), ok, "{g}");
+        }
+        for g in ["secret", "vipx", "room"] {
+            let r = carol.join(g).await.unwrap();
+            assert!(r.reason.contains("allow"), "{r:?}");
+            assert_eq!(code(r), denied, "{g}");
+        }
+        // Without the claim only the policy counts.
+        assert_eq!(code(plain.join("room-5").await.unwrap()), denied);
+        assert_eq!(code(plain.join("lobby").await.unwrap()), ok);
+        let left = plain.leave("lobby").await.unwrap();
+        assert_eq!((left.join, left.code), (false, 0));
+        // Refused joins joined nothing: a backend's group push reaches no one.
+        let mut push = push_client(server.push_addr());
+        let reply = push.push_group("secret", Bytes::from_static(b"eavesdrop")).unwrap();
+        assert_eq!(reply.delivered, 0);
+        let reply = push.push_group("room-5", Bytes::from_static(b"hello room")).unwrap();
+        assert_eq!(reply.delivered, 1);
+        assert_eq!(&next_message(&mut carol).await.payload[..], b"hello room");
+        assert_nothing_queued(&mut carol).await;
+        assert_nothing_queued(&mut plain).await;
+    });
+    server.shutdown();
+}
+
+#[test]
+fn by_default_no_client_may_join_a_group() {
+    let mut cfg = test_config(1);
+    cfg.client_groups = Default::default();
+    let server = start(&cfg);
+    run(async {
+        let mut c = victim(&server, &cfg).await;
+        let r = c.join("room").await.unwrap();
+        assert_eq!(codes::from_wire(r.code), ErrorCode::PermissionDenied, "{r:?}");
+        assert_nothing_queued(&mut c).await;
+    });
+    let p = push_client(server.push_addr()).presence::<&str>(&[], &[], &["room"]).unwrap();
+    assert_eq!(p.groups[0].online, 0);
+    server.shutdown();
+}

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, bail};
 use longlink::config::{AuthConfig, Config, KeyConfig, ServerConfig};
 use longlink::protocol::token;
+use longlink::groups::ClientGroupsConfig;
 use longlink::push::auth::{PushAuthConfig, PushKeyConfig};
 
 use crate::harness::Harness;
@@ -138,6 +139,8 @@ pub fn bench_config(shards: u16, key: &BenchKey) -> Config {
             }],
             ..PushAuthConfig::default()
         },
+        // Bench clients join the groups they are pushed to.
+        client_groups: ClientGroupsConfig { allow: vec!["*".into()] },
         ..Config::default()
     }
 }

@@ -353,6 +353,7 @@ impl Harness {
             last_seq: 0,
             heartbeat_ms: self.params.heartbeat_default_ms,
             store_incarnation: 0,
+            groups: Vec::new(),
         });
         let mut out = Vec::new();
         let ok = proto::AuthOk { conn_id, ..Default::default() };

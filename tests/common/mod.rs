@@ -37,6 +37,8 @@ pub fn test_config(shards: u16) -> Config {
         [[auth.keys]]
         id = "k1"
         secret_hex = "{KEY_HEX}"
+        [client_groups]
+        allow = ["room"]
         [cluster]
         node_listen = "127.0.0.1:0"
         secret_hex = "{CLUSTER_SECRET_HEX}"
