@@ -34,10 +34,10 @@ use bytes::{Buf, Bytes, BytesMut};
 
 use crate::protocol::codec::{self, CodecError, Flags, Frame};
 use crate::protocol::codes;
+use crate::protocol::proto::{self, ErrorCode, FrameKind};
 /// A push key: its id and secret (`id:hexsecret` in files and env vars,
 /// [`crate::push::auth::parse_credential`]).
 pub use crate::protocol::token::Key as PushKey;
-use crate::protocol::proto::{self, ErrorCode, FrameKind};
 
 /// Default limit on a reply body. Presence replies for many targets are far
 /// larger than anything a client sends, hence more than the node's 64 KiB.

@@ -12,7 +12,6 @@ use glommio::{LocalExecutorPoolBuilder, PoolPlacement, PoolThreadHandles};
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::info;
 
-use crate::push::auth::{Grant, Listener, PortAuth, PushKeyring};
 use crate::cluster::ClusterShared;
 use crate::config::Config;
 use crate::conn::fd;
@@ -22,6 +21,7 @@ use crate::http::dispatcher::DispatchConfig;
 use crate::mesh::{MeshEnds, Outbox};
 use crate::protocol::ids::ShardId;
 use crate::protocol::limits::MAX_ID_BYTES;
+use crate::push::auth::{Grant, Listener, PortAuth, PushKeyring};
 use crate::reliable::DeliverySettings;
 use crate::session::Params;
 use crate::shard::{PushLimits, Shard, ShardConfig, ShardCounters};

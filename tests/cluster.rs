@@ -974,7 +974,9 @@ fn a_forward_answered_too_late_is_retried_not_stored_out_of_reach() {
                 return;
             }
             let mut body = vec![0u8; u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize];
-            if c_in.read_exact(&mut body).is_err() || b_out.write_all(&header).is_err() || b_out.write_all(&body).is_err()
+            if c_in.read_exact(&mut body).is_err()
+                || b_out.write_all(&header).is_err()
+                || b_out.write_all(&body).is_err()
             {
                 return;
             }

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
 use longlink::config::{AuthConfig, Config, KeyConfig, ServerConfig};
-use longlink::protocol::token;
 use longlink::groups::ClientGroupsConfig;
+use longlink::protocol::token;
 use longlink::push::auth::{PushAuthConfig, PushKeyConfig};
 
 use crate::harness::Harness;

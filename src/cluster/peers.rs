@@ -181,7 +181,9 @@ async fn authenticate(
     stream.write_all(&auth.to_bytes()).await.map_err(|e| e.to_string())?;
     match read_frame(stream, rbuf).await? {
         Frame::PushAuthOk(_) => Ok(()),
-        Frame::Error(e) => Err(format!("refused: {} ({})", crate::protocol::codes::from_wire(e.code).as_str_name(), e.reason)),
+        Frame::Error(e) => {
+            Err(format!("refused: {} ({})", crate::protocol::codes::from_wire(e.code).as_str_name(), e.reason))
+        }
         other => Err(format!("unexpected {:?}", other.kind())),
     }
 }

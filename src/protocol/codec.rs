@@ -271,7 +271,11 @@ impl Peer {
             Peer::Backend => matches!(
                 kind,
                 K::PushAuth
-                    | K::PushRequest | K::GroupUpdate | K::KickRequest | K::PresenceQuery | K::DeliveryStatusQuery
+                    | K::PushRequest
+                    | K::GroupUpdate
+                    | K::KickRequest
+                    | K::PresenceQuery
+                    | K::DeliveryStatusQuery
             ),
         }
     }

@@ -325,9 +325,9 @@ impl Shard {
                     }
                 }
                 Action::Join(group) => {
-                    let allowed = st.conn(key).is_some_and(|c| {
-                        crate::groups::join_allowed(&group, &self.cfg.join_policy, c.group_claims())
-                    });
+                    let allowed = st
+                        .conn(key)
+                        .is_some_and(|c| crate::groups::join_allowed(&group, &self.cfg.join_policy, c.group_claims()));
                     if !allowed {
                         let reason = "neither the token nor the node's policy allows this group".to_owned();
                         let denied = group_result(group, true, ErrorCode::PermissionDenied, reason);
