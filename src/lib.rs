@@ -7,11 +7,13 @@
 //! - [`config`]: TOML config with documented defaults and `validate()`.
 //! - [`session`]: the server's per-connection protocol state machine (no I/O, no clock).
 //! - [`wheel`]: the per-shard coarse timer wheel that drives every deadline.
-//! - [`shard`]: one executor's world: listener, sessions, indexes, delivery.
+//! - [`shard`]: one executor's world: sessions, indexes, the connection
+//!   task, hand-off, messages from other shards, pacing, timers.
 //! - [`conn`]: the only code that touches socket fds: the task's socket and
 //!   the slot's handle, the outbound queue, the transport seam below framing.
 //! - [`mesh`]: messages between shards.
-//! - [`push`]: the push port: backend requests split over shards and merged.
+//! - [`push`]: the push port: checks, backend requests split over shards,
+//!   replies merged and summarized, reply deadlines.
 //! - [`delivery`], [`store`] (+ [`store_redis`]), [`reliable`]: at-least-once
 //!   delivery: per-device windows and resend schedule, timelines, and the
 //!   shard code that ties them to sessions (ACKs, resends, resume).
@@ -23,12 +25,13 @@
 //! - [`sdk`]: the client SDK: reconnects, drift, smart heartbeat, resume,
 //!   retried requests (sans-IO agent, glommio driver, blocking facade).
 //! - [`backend`]: blocking client for the push port (backends, CLI, bench).
-//! - [`upstream`]: client requests forwarded to service backends, connection
-//!   events, dedup of retries, per-connection rate limit.
+//! - [`upstream`]: client requests forwarded to service backends over
+//!   persistent links, connection events, dedup of retries, per-connection
+//!   rate limit.
 //! - [`echo`]: an example service backend (tests, bench, README).
 //! - Cluster mode: [`router`] (routes with epochs, node leases, in Redis;
 //!   [`lease`] on its own thread), [`cluster`] (route claims, pushes
-//!   forwarded between nodes, drain, cluster counters).
+//!   forwarded between nodes, merged replies, drain, cluster counters).
 //! - [`http`]: beside the shards, on threads: the admin port of every node
 //!   (/metrics, /healthz; /v1/dispatch and /drain in cluster mode), the
 //!   dispatcher, the Prometheus writer.

@@ -13,7 +13,7 @@
 //! only happens when its executor is torn down with every slot, closes the
 //! socket as it goes.)
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 
 use glommio::net::TcpStream;
@@ -130,16 +130,12 @@ pub(crate) fn send(fd: BorrowedFd<'_>, frame: &[u8]) -> io::Result<usize> {
 
 /// One vectored, non-blocking `sendmsg` of `slices`; `WouldBlock` when
 /// the socket is full.
-pub(crate) fn send_vectored(fd: BorrowedFd<'_>, slices: &[&[u8]]) -> io::Result<usize> {
-    let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOVECS];
-    let n = slices.len().min(MAX_IOVECS);
-    for (v, s) in iov.iter_mut().zip(&slices[..n]) {
-        *v = libc::iovec { iov_base: s.as_ptr() as *mut libc::c_void, iov_len: s.len() };
-    }
+pub(crate) fn send_vectored(fd: BorrowedFd<'_>, slices: &[IoSlice<'_>]) -> io::Result<usize> {
     // SAFETY: an all-zero msghdr is valid (no name, no control data).
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = iov.as_mut_ptr();
-    msg.msg_iovlen = n;
+    // `IoSlice` is ABI-compatible with `iovec` on Unix; sendmsg only reads.
+    msg.msg_iov = slices.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = slices.len().min(MAX_IOVECS);
     // Accepted sockets are blocking (glommio passes MSG_DONTWAIT per
     // call), so the flags matter: never block the shard, never SIGPIPE.
     // SAFETY: every iovec points into a slice borrowed for the call; `fd`

@@ -4,7 +4,7 @@
 //! recipient; a backlog of frames for one socket goes out in one syscall.
 
 use std::collections::VecDeque;
-use std::io;
+use std::io::{self, IoSlice};
 use std::os::fd::BorrowedFd;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -121,10 +121,10 @@ impl OutQueue {
     }
 
     fn writev(&self, fd: BorrowedFd<'_>) -> io::Result<usize> {
-        let mut slices: [&[u8]; MAX_IOVECS] = [&[]; MAX_IOVECS];
+        let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
         let mut n = 0;
         for (i, frame) in self.frames.iter().take(MAX_IOVECS).enumerate() {
-            slices[i] = if i == 0 { &frame[self.front_written..] } else { &frame[..] };
+            slices[i] = IoSlice::new(if i == 0 { &frame[self.front_written..] } else { &frame[..] });
             n += 1;
         }
         fd::send_vectored(fd, &slices[..n])

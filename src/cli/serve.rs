@@ -1,0 +1,143 @@
+//! `longlink serve`, `dispatcher`, `echo-backend`: running a node and its
+//! side programs.
+
+use crate::*;
+
+pub(crate) fn echo_backend(listen: SocketAddr) -> anyhow::Result<ExitCode> {
+    let backend = longlink::echo::EchoBackend::start(listen).with_context(|| format!("listening on {listen}"))?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
+    }
+    println!("listening {}", backend.addr());
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let stats = backend.stats();
+    emit(json!({
+        "requests": stats.requests,
+        "events": stats.events.len(),
+        "event_batches": stats.event_batches,
+        "connections": stats.connections,
+    }));
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn serve(
+    config: Option<PathBuf>,
+    shards: Option<u16>,
+    listen: Option<SocketAddr>,
+    redis: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let mut cfg = Config::load(config.as_deref())?;
+    if let Some(n) = shards {
+        cfg.server.shards = n;
+    }
+    if let Some(addr) = listen {
+        cfg.server.client_listen = addr;
+    }
+    if let Some(url) = redis {
+        cfg.delivery.redis_url = url;
+        cfg.cluster.enabled = true;
+    }
+    cfg.validate()?;
+    match cfg.keyring()?.1 {
+        KeySource::Configured => {}
+        KeySource::DevKey { path, created } => tracing::warn!(
+            path = %path.display(),
+            created,
+            "no auth keys configured: using the dev signing key (fine for trying longlink, not for production)"
+        ),
+    }
+    let server = Server::start(&cfg)?;
+    let stop = server.stop_flag();
+    let lease = server.cluster().map(|c| c.router.state().clone());
+    match server.cluster() {
+        // SIGTERM/SIGINT set the stop flag; the shards close every session
+        // and exit.
+        None => {
+            for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+                signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
+            }
+        }
+        // SIGTERM drains; a second SIGTERM, or SIGINT, stops at once.
+        Some(cluster) => {
+            signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())
+                .context("installing signal handlers")?;
+            let term = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let counter = term.clone();
+            // SAFETY: the handler only does an atomic add (async-signal-safe).
+            unsafe {
+                signal_hook::low_level::register(signal_hook::consts::SIGTERM, move || {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                })
+            }
+            .context("installing signal handlers")?;
+            let (cluster, stop) = (cluster.clone(), stop.clone());
+            std::thread::Builder::new().name("longlink-signals".into()).spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match term.load(Ordering::Relaxed) {
+                        0 => {}
+                        1 => cluster.request_drain(),
+                        _ => {
+                            tracing::warn!("second SIGTERM: stopping now");
+                            stop.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })?;
+        }
+    }
+    // Print the address on stdout so scripts (and tests) can read it.
+    println!("listening {}", server.client_addr());
+    println!("push {}", server.push_addr());
+    println!("admin {}", server.admin_addr());
+    if let Some(node) = server.node_addr() {
+        println!("node {node}");
+    }
+    server.join();
+    if lease.is_some_and(|l| l.is_fenced()) {
+        // Not a clean exit: the node gave up its place in the cluster.
+        tracing::error!("longlink stopped: lease lost (fenced); exit status {FENCED_EXIT}");
+        return Ok(ExitCode::from(FENCED_EXIT));
+    }
+    tracing::info!(stopped = stop.load(Ordering::Relaxed), "longlink stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Exit status of a cluster node that stopped because it lost its lease.
+pub(crate) const FENCED_EXIT: u8 = 3;
+
+pub(crate) fn dispatcher(redis: String, listen: SocketAddr, config: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    use longlink::http::dispatcher::{CachedNodes, DispatchConfig, Dispatcher};
+    let mut cfg = Config::load(config.as_deref())?;
+    cfg.delivery.redis_url = redis;
+    cfg.validate()?;
+    let (keyring, _) = cfg.keyring()?;
+    let timeout = Duration::from_millis(cfg.delivery.redis_timeout_ms);
+    let mut link =
+        longlink::redis_link::RedisLink::new("dispatcher", &cfg.delivery.redis_url, timeout, timeout, vec![]);
+    let prefix = cfg.delivery.redis_prefix.clone();
+    let nodes =
+        CachedNodes::start(Duration::from_millis(250), move || longlink::router::read_nodes(&mut link, &prefix).ok())?;
+    let dispatch = DispatchConfig::from_config(&cfg);
+    let dispatcher = Dispatcher::new(dispatch, keyring, nodes);
+    let handler = move |req: &longlink::http::Request| match req.path.as_str() {
+        "/v1/dispatch" => dispatcher.dispatch(req, token::now_unix_secs()),
+        "/healthz" => longlink::http::Response::json(200, &json!({"status": "ok"})),
+        _ => longlink::http::Response::json(404, &json!({"error": "not found"})),
+    };
+    let server = longlink::http::HttpServer::start(listen, 1024, std::sync::Arc::new(handler))
+        .with_context(|| format!("listening on {listen}"))?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
+    }
+    println!("dispatcher {}", server.addr());
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    server.stop();
+    Ok(ExitCode::SUCCESS)
+}
