@@ -12,7 +12,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
-use longlink::config::{AuthConfig, Config, KeyConfig, ServerConfig};
+use longlink::config::{AuthConfig, ClusterConfig, Config, KeyConfig, ServerConfig};
 use longlink::groups::ClientGroupsConfig;
 use longlink::protocol::token;
 use longlink::push::auth::{PushAuthConfig, PushKeyConfig};
@@ -139,6 +139,8 @@ pub fn bench_config(shards: u16, key: &BenchKey) -> Config {
             }],
             ..PushAuthConfig::default()
         },
+        // Several cluster nodes share this host (the dispatch bench).
+        cluster: ClusterConfig { node_listen: loopback_any_port, ..ClusterConfig::default() },
         // Bench clients join the groups they are pushed to.
         client_groups: ClientGroupsConfig { allow: vec!["*".into()] },
         ..Config::default()
