@@ -1216,7 +1216,9 @@ mod tests {
             let doc: Vec<&str> = lines[..i].iter().rev().take_while(|l| l.starts_with('#')).copied().collect();
             assert!(doc.iter().any(|l| l.contains("Default")), "`{line}` lacks a doc comment with its default");
         }
-        let expected = Config::FIELDS.len() - 7
+        let expected = Config::FIELDS.len() - 9
+            + crate::push::auth::PushAuthConfig::FIELDS.len()
+            + crate::groups::ClientGroupsConfig::FIELDS.len()
             + ServerConfig::FIELDS.len()
             + SessionConfig::FIELDS.len()
             + AuthConfig::FIELDS.len()

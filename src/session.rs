@@ -299,7 +299,7 @@ impl Session {
             return self.fail(
                 now,
                 ErrorCode::BadFrame,
-                format!("ids must be at most {} bytes without NUL", params.max_id_bytes),
+                format!("ids must be at most {} bytes of printable characters", params.max_id_bytes),
                 params,
                 out,
             );
@@ -308,7 +308,7 @@ impl Session {
             && claims.groups.iter().all(|g| !g.is_empty() && fits_field(g, params.max_id_bytes));
         if !groups_ok {
             let why = format!(
-                "the token's groups claim must list at most {} names of 1 to {} bytes without NUL",
+                "the token's groups claim must list at most {} printable names of 1 to {} bytes",
                 crate::groups::MAX_GROUP_CLAIMS,
                 params.max_id_bytes
             );

@@ -417,3 +417,22 @@ fn by_default_no_client_may_join_a_group() {
     assert_eq!(p.groups[0].online, 0);
     server.shutdown();
 }
+
+/// Ids reach logs and terminals: a device id or a push target with an ANSI
+/// escape is refused, never stored or echoed raw.
+#[test]
+fn ids_with_control_characters_are_refused() {
+    let cfg = test_config(1);
+    let server = start(&cfg);
+    let escape = "\u{1b}[2J\u{1b}[31mpwned";
+    run(async {
+        let opts = longlink::client::ClientOptions::new(token(&cfg, "mallory", escape));
+        let Err(err) = longlink::client::Connection::connect(server.client_addr(), opts).await else {
+            panic!("a device id with an escape sequence was accepted")
+        };
+        assert_eq!(err.code(), Some(ErrorCode::BadFrame), "{err:?}");
+    });
+    let reply = push_client(server.push_addr()).push_devices(&[escape], Bytes::from_static(b"x")).unwrap();
+    assert_eq!(reply.results[0].status, PushStatus::Rejected as i32, "{reply:?}");
+    server.shutdown();
+}
