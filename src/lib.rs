@@ -17,7 +17,7 @@
 //! - [`delivery`], [`store`] (+ [`store_redis`]), [`reliable`]: at-least-once
 //!   delivery: per-device windows and resend schedule, timelines, and the
 //!   shard code that ties them to sessions (ACKs, resends, resume).
-//! - [`groups`]: per-shard group membership.
+//! - [`groups`]: per-shard group membership; [`rate`]: the one token bucket.
 //! - [`server`]: binds the listeners, starts the shards and wires the mesh
 //!   between them, serves the admin port.
 //! - [`liveness`]: per-shard turn counter and stall gauge.
@@ -30,7 +30,7 @@
 //!   rate limit.
 //! - [`echo`]: an example service backend (tests, bench, README).
 //! - Cluster mode: [`router`] (routes with epochs, node leases, in Redis;
-//!   [`lease`] on its own thread), [`cluster`] (route claims, pushes
+//!   [`router::lease`] on its own thread), [`cluster`] (route claims, pushes
 //!   forwarded between nodes, merged replies, drain, cluster counters).
 //! - [`http`]: beside the shards, on threads: the admin port of every node
 //!   (/metrics, /healthz; /v1/dispatch and /drain in cluster mode), the
@@ -47,11 +47,11 @@ pub mod echo;
 pub mod fuzz_checks;
 pub mod groups;
 pub mod http;
-pub mod lease;
 pub mod liveness;
 pub mod mesh;
 pub mod protocol;
 pub mod push;
+pub mod rate;
 pub mod redis_link;
 pub mod reliable;
 pub mod router;

@@ -12,7 +12,7 @@ use anyhow::bail;
 use serde::Serialize;
 
 use crate::drive::{
-    CpuMeter, CpuSplit, LoadOptions, NO_PING_HEARTBEAT_MS, Reasons, Rig, cpu_line, run_push, with_log_tail,
+    CountedCpu, CpuMeter, CpuSplit, LoadOptions, NO_PING_HEARTBEAT_MS, Reasons, Rig, cpu_line, run_push, with_log_tail,
 };
 use crate::harness::{CommonArgs, Harness};
 use crate::latency::{self, LatencySummary};
@@ -62,6 +62,8 @@ struct BroadcastRecord {
     latency_us: LatencySummary,
     #[serde(flatten)]
     cpu: CpuSplit,
+    /// Server CPU per push and per delivery over the measured window.
+    counted_cpu: CountedCpu,
     server_clean_exit: bool,
     client_disconnects: Reasons,
     latency_hist: String,
@@ -118,6 +120,8 @@ fn measure(args: &BroadcastArgs, h: &mut Harness, rig: &mut Rig) -> anyhow::Resu
     let cpu = cpu.read();
     h.note(&cpu_line(&cpu));
     let (counts, hist) = rig.report(h)?;
+    let counted_cpu = CountedCpu::of(&cpu, out.sent, counts.received);
+    h.note(&counted_cpu.line());
     let completion_s = counts.last_recv_mono_ns.saturating_sub(out.first_send_mono_ns) as f64 / 1e9;
     let first_s = counts.first_recv_mono_ns.saturating_sub(out.first_send_mono_ns) as f64 / 1e9;
     let rate = if completion_s > 0.0 { counts.received as f64 / completion_s } else { 0.0 };
@@ -147,6 +151,7 @@ fn measure(args: &BroadcastArgs, h: &mut Harness, rig: &mut Rig) -> anyhow::Resu
         first_delivery_s: round(first_s, 4),
         latency_us,
         cpu,
+        counted_cpu,
         server_clean_exit: false,
         client_disconnects: counts.disconnects,
         latency_hist: latency::encode(&hist)?,

@@ -289,10 +289,12 @@ pub fn sum_counts(parts: impl IntoIterator<Item = LoadCounts>) -> LoadCounts {
 
 /// CPU used over an interval by the server, the client workers, this
 /// process (the backend's push threads) and everything else on the host.
+/// Process CPU is counted in ns ([`sys::cpu_ns`]), so CPU per message is
+/// meaningful even over a short window.
 pub struct CpuMeter {
     server: u32,
     clients: Vec<u32>,
-    start: Vec<f64>,
+    start: Vec<u64>,
     host_start: f64,
     t0: Instant,
 }
@@ -308,6 +310,9 @@ pub struct CpuUse {
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct CpuSplit {
     pub server_cpu: CpuUse,
+    /// The server's CPU (user + system, all its threads) in ns, unrounded:
+    /// the numerator of [`CountedCpu`].
+    pub server_cpu_ns: u64,
     pub clients_cpu: CpuUse,
     /// The bench process itself: push sender and reply threads.
     pub backend_cpu: CpuUse,
@@ -319,7 +324,7 @@ pub struct CpuSplit {
 impl CpuMeter {
     pub fn start(server: u32, clients: Vec<u32>) -> CpuMeter {
         let pids = std::iter::once(server).chain(clients.iter().copied()).chain([std::process::id()]);
-        let start = pids.map(|p| sys::cpu_seconds(p).unwrap_or(0.0)).collect();
+        let start = pids.map(|p| sys::cpu_ns(p).unwrap_or(0)).collect();
         CpuMeter { server, clients, start, host_start: sys::host_busy_seconds().unwrap_or(0.0), t0: Instant::now() }
     }
 
@@ -328,22 +333,65 @@ impl CpuMeter {
         let wall = self.t0.elapsed().as_secs_f64().max(1e-9);
         let pids: Vec<u32> =
             std::iter::once(self.server).chain(self.clients.iter().copied()).chain([std::process::id()]).collect();
-        let used: Vec<f64> = pids
+        let used_ns: Vec<u64> = pids
             .iter()
             .zip(&self.start)
-            .map(|(&p, &s)| sys::cpu_seconds(p).map_or(0.0, |now| (now - s).max(0.0)))
+            .map(|(&p, &s)| sys::cpu_ns(p).map_or(0, |now| now.saturating_sub(s)))
             .collect();
+        let used: Vec<f64> = used_ns.iter().map(|&ns| ns as f64 / 1e9).collect();
         let host = sys::host_busy_seconds().map_or(0.0, |h| (h - self.host_start).max(0.0));
         let n = used.len();
         let clients: f64 = used[1..n - 1].iter().sum();
         let ours: f64 = used.iter().sum();
-        let usage = |cpu_s: f64| CpuUse { cpu_s: round(cpu_s, 2), percent: round(cpu_s / wall * 100.0, 1) };
+        let usage = |cpu_s: f64| CpuUse { cpu_s: round(cpu_s, 3), percent: round(cpu_s / wall * 100.0, 1) };
         CpuSplit {
             server_cpu: usage(used[0]),
+            server_cpu_ns: used_ns[0],
             clients_cpu: usage(clients),
             backend_cpu: usage(used[n - 1]),
             other_cpu_percent: round(((host - ours) / wall * 100.0).max(0.0), 1),
         }
+    }
+}
+
+/// Server CPU per message over a measured window (issue 15's "counted
+/// CPU"): the server's user + system CPU divided by the pushes the backend
+/// sent and by the deliveries the clients received in that window.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CountedCpu {
+    pub pushes: u64,
+    pub deliveries: u64,
+    /// µs of server CPU per push sent (null without pushes).
+    pub server_cpu_per_push_us: Option<f64>,
+    /// µs of server CPU per message received by a client (null without deliveries).
+    pub server_cpu_per_delivery_us: Option<f64>,
+}
+
+impl CountedCpu {
+    pub fn new(server_cpu_ns: u64, pushes: u64, deliveries: u64) -> CountedCpu {
+        let per = |n: u64| (n > 0).then(|| round(server_cpu_ns as f64 / n as f64 / 1000.0, 3));
+        CountedCpu {
+            pushes,
+            deliveries,
+            server_cpu_per_push_us: per(pushes),
+            server_cpu_per_delivery_us: per(deliveries),
+        }
+    }
+
+    pub fn of(cpu: &CpuSplit, pushes: u64, deliveries: u64) -> CountedCpu {
+        CountedCpu::new(cpu.server_cpu_ns, pushes, deliveries)
+    }
+
+    /// One progress line.
+    pub fn line(&self) -> String {
+        let us = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.2} µs"));
+        format!(
+            "server CPU per push {} ({} pushes), per delivery {} ({} deliveries)",
+            us(self.server_cpu_per_push_us),
+            self.pushes,
+            us(self.server_cpu_per_delivery_us),
+            self.deliveries
+        )
     }
 }
 
@@ -389,5 +437,16 @@ mod tests {
         assert_eq!(t.received, 7);
         assert_eq!((t.first_recv_mono_ns, t.last_recv_mono_ns), (5, 30));
         assert_eq!(t.disconnects["eof"], 3);
+    }
+
+    #[test]
+    fn counted_cpu_divides_server_nanoseconds_per_message() {
+        let c = CountedCpu::new(20_300_000, 1000, 4000);
+        assert_eq!(c.server_cpu_per_push_us, Some(20.3));
+        assert_eq!(c.server_cpu_per_delivery_us, Some(5.075));
+        let none = CountedCpu::new(1_000, 0, 0);
+        assert_eq!((none.server_cpu_per_push_us, none.server_cpu_per_delivery_us), (None, None));
+        let json = serde_json::to_value(c).unwrap();
+        assert_eq!(json["server_cpu_per_push_us"], 20.3);
     }
 }

@@ -13,7 +13,7 @@ use longlink::backend::PushClient;
 use serde::Serialize;
 
 use crate::drive::{
-    CpuMeter, CpuSplit, LoadOptions, NO_PING_HEARTBEAT_MS, Reasons, Rig, cpu_line, run_push, with_log_tail,
+    CountedCpu, CpuMeter, CpuSplit, LoadOptions, NO_PING_HEARTBEAT_MS, Reasons, Rig, cpu_line, run_push, with_log_tail,
 };
 use crate::harness::{CommonArgs, Harness};
 use crate::latency::{self, LatencySummary};
@@ -73,6 +73,8 @@ struct FanoutRecord {
     push_reply_latency_us: LatencySummary,
     #[serde(flatten)]
     cpu: CpuSplit,
+    /// Server CPU per push and per delivery over the measured window.
+    counted_cpu: CountedCpu,
     server_rss_before_bytes: u64,
     server_rss_after_bytes: u64,
     server_clean_exit: bool,
@@ -173,6 +175,8 @@ fn measure(args: &FanoutArgs, h: &mut Harness, rig: &mut Rig) -> anyhow::Result<
         latency_us.line()
     ));
     h.note(&cpu_line(&cpu));
+    let counted_cpu = CountedCpu::of(&cpu, out.sent, counts_final.received);
+    h.note(&counted_cpu.line());
     Ok(FanoutRecord {
         scenario: "fanout",
         members: args.members,
@@ -196,6 +200,7 @@ fn measure(args: &FanoutArgs, h: &mut Harness, rig: &mut Rig) -> anyhow::Result<
         latency_us,
         push_reply_latency_us: LatencySummary::of(&out.reply_hist),
         cpu,
+        counted_cpu,
         server_rss_before_bytes: rss_before,
         server_rss_after_bytes: rig.server.rss_bytes()?,
         server_clean_exit: false,

@@ -85,6 +85,12 @@ impl Harness {
         Ok(())
     }
 
+    /// Restarts the deadline: `--timeout-s` from now (for runs made of
+    /// several phases, each bounded on its own).
+    pub fn rearm(&mut self) {
+        self.deadline = Instant::now() + self.timeout;
+    }
+
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
     }

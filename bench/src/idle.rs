@@ -36,9 +36,11 @@ const AUTH_TIMEOUT_MS: u64 = 10_000;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct IdleArgs {
-    /// Idle connections to open and hold.
-    #[arg(long)]
-    pub connections: u32,
+    /// Idle connections to open and hold. Several (comma-separated, e.g.
+    /// 2000,5000,10000,19000) measure a scale curve: one fresh server and
+    /// one record per size, then the curve on stderr.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub connections: Vec<u32>,
     /// Connections opened and closed before the baseline is taken.
     #[arg(long, default_value_t = 200)]
     pub warmup: u32,
@@ -99,20 +101,42 @@ impl KernelRecord {
 
 pub fn run(args: &IdleArgs) -> anyhow::Result<()> {
     let mut h = Harness::new(Duration::from_secs(args.common.timeout_s))?;
+    let mut curve = Vec::new();
+    for &n in &args.connections {
+        h.rearm();
+        curve.push((n, run_one(args, n, &mut h)?));
+    }
+    if curve.len() > 1 {
+        h.note(&scale_curve_line(&curve));
+    }
+    Ok(())
+}
+
+/// `2000: 912 B, 5000: 905 B, ...; max/min 1.01` (bytes per connection by size).
+fn scale_curve_line(curve: &[(u32, f64)]) -> String {
+    let points: Vec<String> = curve.iter().map(|(n, b)| format!("{n}: {b:.0} B")).collect();
+    let (min, max) = curve.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &(_, b)| (lo.min(b), hi.max(b)));
+    let spread = if min > 0.0 { format!("{:.2}", max / min) } else { "-".to_owned() };
+    format!("scale curve (server RSS per connection): {}; max/min {spread}", points.join(", "))
+}
+
+/// One size: a fresh server, `connections` idle clients; returns the
+/// server's RSS per connection.
+fn run_one(args: &IdleArgs, connections: u32, h: &mut Harness) -> anyhow::Result<f64> {
     let fd_limit = sys::raise_fd_limit()?;
     let _ = sys::raise_memlock_limit();
     let shards = args.common.shards();
-    let counts = plan_workers(args.connections, args.common.workers, args.common.max_per_worker)?;
+    let counts = plan_workers(connections, args.common.workers, args.common.max_per_worker)?;
     if counts.len() > usize::from(u8::MAX - FIRST_WORKER_OCTET) {
         bail!("at most {} workers (one 127.x.0.0/16 source range each)", u8::MAX - FIRST_WORKER_OCTET);
     }
     // The server inherits this process's (raised) limit.
-    if u64::from(args.connections) + SERVER_FD_MARGIN > fd_limit {
+    if u64::from(connections) + SERVER_FD_MARGIN > fd_limit {
         bail!(
             "{} connections need about {} open files in the server, but the limit is {fd_limit} \
              (hard RLIMIT_NOFILE); use --connections {} or less",
-            args.connections,
-            u64::from(args.connections) + SERVER_FD_MARGIN,
+            connections,
+            u64::from(connections) + SERVER_FD_MARGIN,
             fd_limit.saturating_sub(SERVER_FD_MARGIN)
         );
     }
@@ -124,7 +148,7 @@ pub fn run(args: &IdleArgs) -> anyhow::Result<()> {
     let key = BenchKey::generate()?;
     let mut cfg = bench_config(shards, &key);
     cfg.session.heartbeat_default_ms = IDLE_HEARTBEAT_MS;
-    let mut server = ServerProcess::start(&bin, &cfg, &h)?;
+    let mut server = ServerProcess::start(&bin, &cfg, h)?;
     let push = server.push_addr().map_or_else(|| "none".to_owned(), |a| a.to_string());
     h.note(&format!(
         "server pid {} listening on {} (push {push}) with {shards} shards ({})",
@@ -133,7 +157,7 @@ pub fn run(args: &IdleArgs) -> anyhow::Result<()> {
         bin.display()
     ));
 
-    match measure(args, &mut h, &mut server, &key, &counts, shards) {
+    match measure(args, connections, h, &mut server, &key, &counts, shards) {
         Ok(mut rec) => {
             let status = server.stop()?;
             rec.server_clean_exit = status.success();
@@ -145,7 +169,7 @@ pub fn run(args: &IdleArgs) -> anyhow::Result<()> {
             if rec.failures > 0 {
                 bail!("{} of {} connections failed: {:?}", rec.failures, rec.connections, rec.failure_reasons);
             }
-            Ok(())
+            Ok(rec.rss_bytes_per_conn)
         }
         Err(err) => {
             let text = format!("{err:#}");
@@ -171,6 +195,7 @@ fn spec(server: &ServerProcess, key: &BenchKey, args: &IdleArgs, index: u32, cou
 
 fn measure(
     args: &IdleArgs,
+    connections: u32,
     h: &mut Harness,
     server: &mut ServerProcess,
     key: &BenchKey,
@@ -241,7 +266,7 @@ fn measure(
 
     Ok(IdleRecord {
         scenario: "idle",
-        connections: args.connections,
+        connections,
         connected: summary.connected,
         shards,
         workers: counts.len() as u32,
@@ -265,4 +290,15 @@ fn measure(
 
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scale_curve_reports_each_size_and_the_spread() {
+        let line = scale_curve_line(&[(2000, 900.0), (19_000, 990.0)]);
+        assert_eq!(line, "scale curve (server RSS per connection): 2000: 900 B, 19000: 990 B; max/min 1.10");
+    }
 }

@@ -15,6 +15,8 @@
 //! - [`latency`]: CLOCK_MONOTONIC stamps and hdrhistogram helpers; [`rng`]: load-shape randomness.
 //! - scenarios: [`idle`], [`unicast`], [`fanout`], [`broadcast`], [`soak`], [`upstream`], [`reliable`],
 //!   [`dispatch`].
+//! - [`compare`]: the same idle, unicast and fan-out loads against longlink, nats-server and
+//!   mosquitto (peer servers, NATS and MQTT clients, publisher).
 //! - [`report`]: markdown report with SVG plots ([`svg`]) from result files.
 //!
 //! A new scenario is a module with its args, a record struct that flattens
@@ -22,6 +24,7 @@
 //! spawns a [`pool::WorkerPool`] and measures.
 
 mod broadcast;
+mod compare;
 mod dispatch;
 mod drive;
 mod fanout;
@@ -85,6 +88,10 @@ enum Command {
     /// node's admin sidecar and on the standalone dispatcher (starts
     /// redis-server and a small cluster).
     Dispatch(dispatch::DispatchArgs),
+    /// The same idle, unicast and fan-out loads against longlink,
+    /// nats-server and mosquitto in one run: memory per subscribed
+    /// connection, latency, server CPU per push and per delivery, ratios.
+    Compare(compare::CompareArgs),
     /// Markdown report with SVG plots from one or more results files.
     Report(report::ReportArgs),
     /// A client worker process (internal: started by the scenarios, reads
@@ -94,6 +101,9 @@ enum Command {
     /// A load worker process (internal: started by the push scenarios).
     #[command(hide = true)]
     LoadWorker,
+    /// A NATS or MQTT client worker process (internal: started by `compare`).
+    #[command(hide = true)]
+    PeerWorker,
 }
 
 fn main() -> ExitCode {
@@ -106,9 +116,11 @@ fn main() -> ExitCode {
         Command::Upstream(args) => upstream::run(&args),
         Command::Reliable(args) => reliable::run(&args),
         Command::Dispatch(args) => dispatch::run(&args),
+        Command::Compare(args) => compare::run(&args),
         Command::Report(args) => report::run(&args),
         Command::Worker => worker::run(),
         Command::LoadWorker => loadworker::run(),
+        Command::PeerWorker => compare::peerworker::run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

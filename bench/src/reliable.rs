@@ -119,6 +119,8 @@ struct Point {
     cpu: CpuSplit,
     /// Server CPU per push, µs (its Redis sidecar threads included).
     server_cpu_per_push_us: f64,
+    /// Server CPU per message a client received, µs.
+    server_cpu_per_delivery_us: f64,
     /// redis-server CPU per push, µs (Redis mode; it is part of
     /// `other_cpu_percent`).
     redis_cpu_per_push_us: Option<f64>,
@@ -229,13 +231,11 @@ fn measure(
         clients.reset();
     }
     let cpu = CpuMeter::start(server.pid(), Vec::new());
-    let server_cpu0 = sys::cpu_seconds(server.pid()).unwrap_or(0.0);
-    let redis_cpu0 = redis_pid.map(|p| sys::cpu_seconds(p).unwrap_or(0.0));
+    let redis_cpu0 = redis_pid.map(|p| sys::cpu_ns(p).unwrap_or(0));
     let out = push(&plan(args.duration_s), h, server)?;
     let cpu = cpu.read();
-    let server_cpu = sys::cpu_seconds(server.pid()).unwrap_or(0.0) - server_cpu0;
-    let per_push = |cpu_s: f64| round(cpu_s / out.sent.max(1) as f64 * 1e6, 1);
-    let redis_cpu = redis_pid.zip(redis_cpu0).map(|(p, c0)| per_push(sys::cpu_seconds(p).unwrap_or(0.0) - c0));
+    let per_push = |cpu_ns: u64| round(cpu_ns as f64 / out.sent.max(1) as f64 / 1000.0, 1);
+    let redis_cpu = redis_pid.zip(redis_cpu0).map(|(p, c0)| per_push(sys::cpu_ns(p).unwrap_or(0).saturating_sub(c0)));
     clients.wait_received(out.expected(), h)?;
     let stats = clients.take();
     let received = stats.received;
@@ -260,7 +260,8 @@ fn measure(
         push_reply_us: LatencySummary::of(&out.reply_hist),
         sender_lag_us: LatencySummary::of(&out.lag_hist),
         cpu,
-        server_cpu_per_push_us: per_push(server_cpu),
+        server_cpu_per_push_us: per_push(cpu.server_cpu_ns),
+        server_cpu_per_delivery_us: round(cpu.server_cpu_ns as f64 / received.max(1) as f64 / 1000.0, 1),
         redis_cpu_per_push_us: redis_cpu,
     };
     h.note(&format!(

@@ -233,6 +233,7 @@ pub fn build(records: &[Value], sources: &[PathBuf], last: usize) -> Report {
                     cell(v, "latency_us.max_us", 0),
                     cell(v, "push_reply_latency_us.p99_us", 0),
                     cell(v, "server_cpu.percent", 0),
+                    cell(v, "counted_cpu.server_cpu_per_push_us", 2),
                     cell(v, "clients_cpu.percent", 0),
                     cell(v, "other_cpu_percent", 0),
                 ]
@@ -257,6 +258,7 @@ pub fn build(records: &[Value], sources: &[PathBuf], last: usize) -> Report {
                 "max µs",
                 "reply p99 µs",
                 "server CPU %",
+                "server µs/push",
                 "clients CPU %",
                 "other CPU %",
             ],
@@ -306,6 +308,7 @@ pub fn build(records: &[Value], sources: &[PathBuf], last: usize) -> Report {
                     cell(v, "latency_us.p99_us", 0),
                     cell(v, "latency_us.max_us", 0),
                     cell(v, "server_cpu.percent", 0),
+                    cell(v, "counted_cpu.server_cpu_per_delivery_us", 3),
                     cell(v, "clients_cpu.percent", 0),
                     cell(v, "other_cpu_percent", 0),
                 ]
@@ -329,6 +332,7 @@ pub fn build(records: &[Value], sources: &[PathBuf], last: usize) -> Report {
                 "p99 µs",
                 "max µs",
                 "server CPU %",
+                "server µs/delivery",
                 "clients CPU %",
                 "other CPU %",
             ],
@@ -525,6 +529,7 @@ mod tests {
             "latency_us": {"p50_us": 80.5, "p90_us": 150.0, "p99_us": p99, "p999_us": 2000.0, "max_us": 5000.0},
             "push_reply_latency_us": {"p99_us": 300.0},
             "server_cpu": {"percent": 55.0}, "clients_cpu": {"percent": 40.0},
+            "counted_cpu": {"server_cpu_per_push_us": 20.3},
             "timestamp": "2026-11-22T01:02:03Z", "git_commit": "abc1234", "git_dirty": true
         })
     }
@@ -548,6 +553,7 @@ mod tests {
         let row = md.lines().find(|l| l.starts_with("| #2 50k/s 2sh")).expect(md);
         assert!(row.contains("| 2026-11-22 01:02 | abc1234+ | 10,000 | - | 50,000 |"), "{row}");
         assert!(row.contains("| 950 |"), "{row}");
+        assert!(row.contains("| 55 | 20.30 | 40 |"), "server CPU %, µs per push, clients CPU %: {row}");
         assert_eq!(r.svgs.len(), 1);
         let (name, svg) = &r.svgs[0];
         assert_eq!(name, "unicast-latency.svg");

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use serde::Serialize;
 
-use crate::drive::{CpuMeter, CpuSplit, LoadOptions, Reasons, Rig, cpu_line, with_log_tail};
+use crate::drive::{CountedCpu, CpuMeter, CpuSplit, LoadOptions, Reasons, Rig, cpu_line, with_log_tail};
 use crate::harness::{CommonArgs, Harness};
 use crate::latency::{self, LatencySummary};
 use crate::pusher::{PushPlan, Pusher, Target};
@@ -92,6 +92,8 @@ struct SoakRecord {
     latency_us: LatencySummary,
     #[serde(flatten)]
     cpu: CpuSplit,
+    /// Server CPU per push and per delivery over the measured window.
+    counted_cpu: CountedCpu,
     /// `[t_s, rss_bytes]` every `--sample-s` seconds from the start of the load.
     rss_samples: Vec<(f64, u64)>,
     rss_start_bytes: u64,
@@ -191,6 +193,8 @@ fn measure(args: &SoakArgs, h: &mut Harness, rig: &mut Rig) -> anyhow::Result<So
     h.note(&cpu_line(&cpu));
     rig.wait_received(h, out.sessions, Duration::from_secs(2), Duration::from_secs(10))?;
     let (counts, hist) = rig.report(h)?;
+    let counted_cpu = CountedCpu::of(&cpu, out.sent, counts.received);
+    h.note(&counted_cpu.line());
     let rss: Vec<(f64, u64)> = samples.iter().map(|s| (s.t_s, s.rss_bytes)).collect();
     let half = rss.len() / 2;
     let latency_us = LatencySummary::of(&hist);
@@ -230,6 +234,7 @@ fn measure(args: &SoakArgs, h: &mut Harness, rig: &mut Rig) -> anyhow::Result<So
         pongs: counts.pongs,
         latency_us,
         cpu,
+        counted_cpu,
         rss_start_bytes: rss.first().map_or(0, |r| r.1),
         rss_end_bytes: rss.last().map_or(0, |r| r.1),
         rss_max_bytes: rss.iter().map(|r| r.1).max().unwrap_or(0),

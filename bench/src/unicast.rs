@@ -14,12 +14,13 @@ use anyhow::bail;
 use serde::Serialize;
 
 use crate::drive::{
-    CpuMeter, CpuSplit, LoadOptions, NO_PING_HEARTBEAT_MS, Reasons, Rig, cpu_line, run_push, with_log_tail,
+    CountedCpu, CpuMeter, CpuSplit, LoadOptions, NO_PING_HEARTBEAT_MS, Reasons, Rig, cpu_line, run_push, with_log_tail,
 };
 use crate::harness::{CommonArgs, Harness};
 use crate::latency::{self, LatencySummary};
 use crate::pusher::{PushPlan, Target};
 use crate::record::{self, RunInfo, round};
+use crate::sys;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct UnicastArgs {
@@ -43,9 +44,22 @@ pub struct UnicastArgs {
     /// Payload size in bytes (the first 16 are the timestamp and sequence).
     #[arg(long, default_value_t = 64)]
     pub payload_bytes: usize,
+    /// Measure at each of these rates in turn, on the same node and
+    /// clients (comma-separated; replaces --rate): one record per rate.
+    #[arg(long, value_delimiter = ',')]
+    pub rates: Vec<f64>,
+    /// Pin this process, its push threads and its client workers to CPU 0
+    /// and every server thread to CPU 1, so the server's CPU and the load
+    /// generator's do not share a core (needs 2 CPUs; meant for --shards 1).
+    #[arg(long)]
+    pub pin: bool,
     #[command(flatten)]
     pub common: CommonArgs,
 }
+
+/// CPUs of `--pin`: the load generator's and the server's.
+const PIN_BENCH_CPU: usize = 0;
+const PIN_SERVER_CPU: usize = 1;
 
 /// The `unicast` result record (README.md describes every field).
 #[derive(Debug, Serialize)]
@@ -58,6 +72,8 @@ struct UnicastRecord {
     backends: u32,
     payload_bytes: usize,
     rate_per_sec: f64,
+    /// `--pin`: bench and clients on CPU 0, server on CPU 1.
+    pinned: bool,
     load_duration_s: f64,
     warmup_s: f64,
     pushes_sent: u64,
@@ -77,6 +93,8 @@ struct UnicastRecord {
     sender_lag_us: LatencySummary,
     #[serde(flatten)]
     cpu: CpuSplit,
+    /// Server CPU per push and per delivery over the measured window.
+    counted_cpu: CountedCpu,
     server_rss_before_bytes: u64,
     server_rss_after_bytes: u64,
     server_clean_exit: bool,
@@ -88,8 +106,16 @@ struct UnicastRecord {
 }
 
 pub fn run(args: &UnicastArgs) -> anyhow::Result<()> {
-    if args.rate <= 0.0 || args.duration_s <= 0.0 {
-        bail!("--rate and --duration-s must be positive");
+    let rates = if args.rates.is_empty() { vec![args.rate] } else { args.rates.clone() };
+    if rates.iter().any(|&r| r <= 0.0) || args.duration_s <= 0.0 {
+        bail!("--rate(s) and --duration-s must be positive");
+    }
+    if args.pin {
+        if sys::host_cores() < 2 {
+            bail!("--pin needs 2 CPUs (bench on CPU {PIN_BENCH_CPU}, server on CPU {PIN_SERVER_CPU})");
+        }
+        // Before any thread or child exists: they all inherit the mask.
+        sys::pin_thread(0, PIN_BENCH_CPU)?;
     }
     let mut h = Harness::new(Duration::from_secs(args.common.timeout_s))?;
     let (mut cfg, key) = Rig::config(&args.common)?;
@@ -103,28 +129,47 @@ pub fn run(args: &UnicastArgs) -> anyhow::Result<()> {
         device_prefix: "uni-".into(),
     };
     let mut rig = Rig::start(&mut h, &args.common, &cfg, &key, &load)?;
-    match measure(args, &mut h, &mut rig) {
-        Ok(mut rec) => {
-            rec.server_clean_exit = rig.finish(&mut h)?;
-            rec.run = RunInfo::now(h.elapsed());
-            record::emit(&rec, &args.common.out())?;
-            if rec.lost > 0 || rec.replies_missing > 0 {
-                bail!("{} messages lost, {} replies missing", rec.lost, rec.replies_missing);
-            }
-            Ok(())
-        }
-        Err(err) => Err(with_log_tail(err, &rig.log_tail())),
+    if args.pin {
+        let threads = sys::pin_process(rig.server.pid(), PIN_SERVER_CPU)?;
+        h.note(&format!(
+            "pinned: bench and {} client workers on CPU {PIN_BENCH_CPU}, the server's {threads} threads on CPU \
+             {PIN_SERVER_CPU}",
+            rig.specs.len()
+        ));
     }
+    let mut records = Vec::new();
+    for &rate in &rates {
+        match measure(args, rate, &mut h, &mut rig) {
+            Ok(rec) => records.push(rec),
+            Err(err) => return Err(with_log_tail(err, &rig.log_tail())),
+        }
+    }
+    let clean = rig.finish(&mut h)?;
+    let (mut lost, mut missing) = (0, 0);
+    for mut rec in records {
+        rec.server_clean_exit = clean;
+        rec.run = RunInfo::now(h.elapsed());
+        record::emit(&rec, &args.common.out())?;
+        lost += rec.lost;
+        missing += rec.replies_missing;
+    }
+    if rates.len() > 1 {
+        h.note("one record per rate above");
+    }
+    if lost > 0 || missing > 0 {
+        bail!("{lost} messages lost, {missing} replies missing");
+    }
+    Ok(())
 }
 
-fn measure(args: &UnicastArgs, h: &mut Harness, rig: &mut Rig) -> anyhow::Result<UnicastRecord> {
+fn measure(args: &UnicastArgs, rate: f64, h: &mut Harness, rig: &mut Rig) -> anyhow::Result<UnicastRecord> {
     let devices = Arc::new(rig.device_ids());
     let addr = rig.push_addr()?;
     let plan = |seconds: f64| PushPlan {
         addr,
         connections: args.backends,
-        rate_per_sec: args.rate,
-        count: (args.rate * seconds).round() as u64,
+        rate_per_sec: rate,
+        count: (rate * seconds).round() as u64,
         target: Target::RandomDevice(devices.clone()),
         payload_bytes: args.payload_bytes,
         reply_grace: Duration::from_secs(5),
@@ -152,6 +197,8 @@ fn measure(args: &UnicastArgs, h: &mut Harness, rig: &mut Rig) -> anyhow::Result
         latency_us.line()
     ));
     h.note(&cpu_line(&cpu));
+    let counted_cpu = CountedCpu::of(&cpu, out.sent, counts.received);
+    h.note(&counted_cpu.line());
     Ok(UnicastRecord {
         scenario: "unicast",
         connections: args.connections,
@@ -160,7 +207,8 @@ fn measure(args: &UnicastArgs, h: &mut Harness, rig: &mut Rig) -> anyhow::Result
         workers: rig.specs.len() as u32,
         backends: args.backends,
         payload_bytes: args.payload_bytes.max(latency::STAMP_BYTES),
-        rate_per_sec: args.rate,
+        rate_per_sec: rate,
+        pinned: args.pin,
         load_duration_s: args.duration_s,
         warmup_s: args.warmup_s,
         pushes_sent: out.sent,
@@ -179,6 +227,7 @@ fn measure(args: &UnicastArgs, h: &mut Harness, rig: &mut Rig) -> anyhow::Result
         push_reply_latency_us: LatencySummary::of(&out.reply_hist),
         sender_lag_us: LatencySummary::of(&out.lag_hist),
         cpu,
+        counted_cpu,
         server_rss_before_bytes: rss_before,
         server_rss_after_bytes: rig.server.rss_bytes()?,
         server_clean_exit: false,

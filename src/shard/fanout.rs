@@ -18,17 +18,13 @@ impl Shard {
 
     pub(super) async fn pace_broadcasts(&self) {
         let rate = f64::from(self.cfg.push.broadcast_rate_per_sec.max(1));
-        let mut last = Instant::now();
-        let mut budget = 1.0f64;
+        let mut budget = TokenBucket::new(1.0, self.now().mono);
         loop {
-            let now = Instant::now();
             // Bank at most two ticks' worth: a timer that fires late (the
             // sleep below overshoots by up to a tick under load) is made up
             // for, but a longer stall does not turn into a burst. With one
             // tick's cap the node reached 63-89 % of its configured rate.
-            budget = (budget + now.duration_since(last).as_secs_f64() * rate)
-                .min(2.0 * rate * PACER_TICK.as_secs_f64() + 1.0);
-            last = now;
+            budget.refill(self.now().mono, rate, 2.0 * rate * PACER_TICK.as_secs_f64() + 1.0);
             let done = {
                 let mut st = self.state.borrow_mut();
                 self.pace_step(&mut st, &mut budget)
@@ -41,9 +37,9 @@ impl Shard {
     }
 
     /// Spends `budget` deliveries on queued broadcasts; true when none is left.
-    pub(super) fn pace_step(&self, st: &mut State, budget: &mut f64) -> bool {
+    pub(super) fn pace_step(&self, st: &mut State, budget: &mut TokenBucket) -> bool {
         let now = Instant::now();
-        while *budget >= 1.0 {
+        while budget.tokens() >= 1.0 {
             let Some(mut job) = st.broadcasts.pop_front() else { return true };
             if job.expires_at.is_some_and(|t| now >= t) {
                 let left = st.conns.iter().filter(|(i, c)| *i >= job.cursor && c.is_active()).count();
@@ -52,11 +48,11 @@ impl Shard {
                 continue;
             }
             let end = st.conns.capacity();
-            while job.cursor < end && *budget >= 1.0 {
+            while job.cursor < end && budget.tokens() >= 1.0 {
                 let slot = job.cursor as u32;
                 job.cursor += 1;
                 if st.conns.get(slot as usize).is_some_and(Conn::is_active) && self.deliver(st, slot, &job.frame) {
-                    *budget -= 1.0;
+                    budget.try_take();
                 }
             }
             if job.cursor < end {

@@ -60,6 +60,7 @@ use crate::protocol::ids::{ConnId, ConnKey, ShardId, home_shard, owner_shard, st
 use crate::protocol::proto::{self, ConnectionEventKind, ErrorCode, FrameKind};
 use crate::protocol::time::{Millis, Now};
 use crate::push::{Backend, Deadlines, Pending};
+use crate::rate::TokenBucket;
 use crate::reliable::{DeliverySettings, ReliableCounters, Tracked};
 use crate::session::{Action, Login, Params, Phase, Session};
 use crate::store::TimelineStore;

@@ -645,13 +645,13 @@ pub(super) fn take_handoff(conn: &mut Conn) -> Option<(ShardId, Box<Transit>)> {
 /// Token bucket capping accepts per second on one shard.
 pub(super) struct AcceptBucket {
     rate: u32,
-    tokens: f64,
-    last: Instant,
+    bucket: TokenBucket,
+    epoch: Instant,
 }
 
 impl AcceptBucket {
     pub(super) fn new(rate: u32) -> AcceptBucket {
-        AcceptBucket { rate, tokens: f64::from(rate), last: Instant::now() }
+        AcceptBucket { rate, bucket: TokenBucket::new(f64::from(rate), Millis(0)), epoch: Instant::now() }
     }
 
     /// Takes one token; returns how long to wait when the bucket is empty.
@@ -660,10 +660,9 @@ impl AcceptBucket {
             return None;
         }
         let rate = f64::from(self.rate);
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(rate);
-        self.last = now;
-        self.tokens -= 1.0;
-        (self.tokens < 0.0).then(|| Duration::from_secs_f64(-self.tokens / rate))
+        let ms = Millis(now.saturating_duration_since(self.epoch).as_millis() as u64);
+        self.bucket.refill(ms, rate, rate);
+        self.bucket.take_or_owe(rate)
     }
 }
 

@@ -375,8 +375,7 @@ impl Upstream {
         let (rate, burst) = (self.settings.rate_per_sec, self.settings.rate_burst);
         let entry = self.conns.entry(key).or_insert_with(|| ConnUp {
             info: info(),
-            tokens: f64::from(burst),
-            refilled: now,
+            bucket: crate::rate::TokenBucket::new(f64::from(burst), now),
             paused_since: None,
             window_start: now,
             paused_in_window_ms: 0,
@@ -388,8 +387,7 @@ impl Upstream {
             return false;
         }
         entry.refill(now, rate, burst);
-        if entry.tokens >= 1.0 {
-            entry.tokens -= 1.0;
+        if entry.bucket.try_take() {
             return true;
         }
         entry.paused_since = Some(now);
@@ -421,7 +419,7 @@ impl Upstream {
                 return false;
             }
             c.refill(now, s.rate_per_sec, s.rate_burst);
-            if c.tokens >= 1.0 {
+            if c.bucket.tokens() >= 1.0 {
                 c.paused_in_window_ms += now.0.saturating_sub(since.0);
                 c.paused_since = None;
                 out.push(Unpause::Resume(*key));
@@ -441,7 +439,7 @@ impl Upstream {
                 return true;
             }
             c.refill(now, s.rate_per_sec, s.rate_burst);
-            let full = s.rate_per_sec == 0 || c.tokens >= f64::from(s.rate_burst);
+            let full = s.rate_per_sec == 0 || c.bucket.tokens() >= f64::from(s.rate_burst);
             !(full && c.paused_ms(now, s.rate_window_ms) == 0)
         });
     }

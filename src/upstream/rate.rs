@@ -2,14 +2,14 @@
 //! reads while it is empty, a close after too long paused.
 
 use super::*;
+use crate::rate::TokenBucket;
 
 /// Per-connection upstream state, created on the connection's first
 /// request and dropped when its bucket is full again (or it closes).
 pub(super) struct ConnUp {
     /// The connection's encoded `ConnInfo`, spliced into every request.
     pub(super) info: Bytes,
-    pub(super) tokens: f64,
-    pub(super) refilled: Millis,
+    pub(super) bucket: TokenBucket,
     pub(super) paused_since: Option<Millis>,
     pub(super) window_start: Millis,
     pub(super) paused_in_window_ms: u64,
@@ -17,9 +17,7 @@ pub(super) struct ConnUp {
 
 impl ConnUp {
     pub(super) fn refill(&mut self, now: Millis, rate: u32, burst: u32) {
-        let ms = now.0.saturating_sub(self.refilled.0);
-        self.tokens = (self.tokens + ms as f64 * f64::from(rate) / 1000.0).min(f64::from(burst));
-        self.refilled = now;
+        self.bucket.refill(now, f64::from(rate), f64::from(burst));
     }
 
     /// Paused time in the current window, counting a pause in progress.

@@ -2,7 +2,7 @@
 //!
 //! - Node registry: `P:node:<name>` (a hash: incarnation, endpoints,
 //!   draining) with a lease (PEXPIRE), renewed by its own sidecar thread
-//!   ([`crate::lease`]), and
+//!   ([`lease`]), and
 //!   `P:nodes`, a sorted set of node names scored by lease expiry.
 //! - Routes: `P:route:{device}` (node, incarnation, shard, connection id,
 //!   epoch). A login takes a new epoch from `P:epoch:{device}` (INCR), so
@@ -38,10 +38,12 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use redis::Value;
 
-use crate::lease::{LeaseHandle, LeaseOp, LeaseSidecar};
-pub use crate::lease::{Liveness, NameHeld, StartAction, liveness, process_identity};
+pub mod lease;
+
 use crate::protocol::ids::stable_hash;
 use crate::redis_link::{self, NotSent, RedisLink, SidecarHandle, Unavailable, as_string, as_u64, take_batch};
+use lease::{LeaseHandle, LeaseOp, LeaseSidecar};
+pub use lease::{Liveness, NameHeld, StartAction, liveness, process_identity};
 
 /// Where a device is connected.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -268,7 +270,7 @@ return 0
 
 impl Router {
     /// Starts the sidecars: the lease thread registers the node and renews
-    /// its lease ([`crate::lease`]); the router thread answers route
+    /// its lease ([`lease`]); the router thread answers route
     /// requests. `on_reregister` runs on the lease thread after a
     /// re-registration (the caller re-asserts its routes).
     pub fn start(cfg: RouterConfig, on_reregister: Box<dyn Fn() + Send>) -> std::io::Result<Router> {
