@@ -13,7 +13,10 @@
 //! ```no_run
 //! use longlink::backend::PushClient;
 //! # fn main() -> Result<(), longlink::backend::BackendError> {
-//! let mut client = PushClient::connect("127.0.0.1:7101", std::time::Duration::from_secs(5))?;
+//! // The key's id and secret (`id:hexsecret`), e.g. from the node's
+//! // `.longlink/push-key` or the operator.
+//! let key = longlink::backend::PushKey::new("chat-2026", vec![7; 32]).expect("valid key");
+//! let mut client = PushClient::connect("127.0.0.1:7101", std::time::Duration::from_secs(5), &key)?;
 //! let reply = client.push_devices(&["phone-1", "tablet-7"], "hello".into())?;
 //! for r in &reply.results {
 //!     println!("{} {:?}", r.target, r.status());
@@ -32,6 +35,9 @@ use bytes::{Buf, Bytes, BytesMut};
 use crate::protocol::codec::{self, CodecError, Flags, Frame};
 use crate::protocol::codes;
 use crate::protocol::proto::{self, ErrorCode, FrameKind};
+/// A push key: its id and secret (`id:hexsecret` in files and env vars,
+/// [`crate::push::auth::parse_credential`]).
+pub use crate::protocol::token::Key as PushKey;
 
 /// Default limit on a reply body. Presence replies for many targets are far
 /// larger than anything a client sends, hence more than the node's 64 KiB.
@@ -192,6 +198,14 @@ impl Reply {
     }
 }
 
+/// A frame out of place during authentication; a node's `Error` says why.
+fn unexpected(frame: Frame) -> BackendError {
+    match frame {
+        Frame::Error(e) => BackendError::Closed { code: codes::from_wire(e.code), reason: e.reason },
+        other => BackendError::Protocol(format!("unexpected {:?} frame while authenticating", other.kind())),
+    }
+}
+
 /// Request-side state, independent of the socket so that [`PushClient`] and
 /// [`PushSender`] share it.
 #[derive(Debug)]
@@ -293,6 +307,10 @@ impl Reader {
     }
 
     fn read_reply(&mut self, stream: &mut TcpStream) -> Result<Reply, BackendError> {
+        Reply::from_frame(self.read_frame(stream)?)
+    }
+
+    fn read_frame(&mut self, stream: &mut TcpStream) -> Result<Frame, BackendError> {
         loop {
             match codec::decode_header(&self.rbuf, self.max_reply_bytes)? {
                 Some(header) if self.rbuf.len() >= header.frame_len() => {
@@ -300,7 +318,7 @@ impl Reader {
                     // The frame was intact, so the stream stays in step even
                     // when its body was bad.
                     self.rbuf.advance(header.frame_len());
-                    return Reply::from_frame(frame?);
+                    return Ok(frame?);
                 }
                 // Room for the whole frame at once: a 16 MiB presence reply
                 // must not be grown (and copied) chunk by chunk.
@@ -344,12 +362,20 @@ pub struct PushClient {
 
 impl PushClient {
     /// Connects to the first address of `addr` that answers within `timeout`
-    /// (each). Name resolution itself is not bounded by `timeout`.
-    pub fn connect(addr: impl ToSocketAddrs, timeout: Duration) -> Result<PushClient, BackendError> {
+    /// (each) and authenticates with `key` (the node's answer is awaited
+    /// for up to `timeout` too). Name resolution itself is not bounded by
+    /// `timeout`.
+    pub fn connect(addr: impl ToSocketAddrs, timeout: Duration, key: &PushKey) -> Result<PushClient, BackendError> {
         let mut last_err = None;
         for a in addr.to_socket_addrs()? {
             match TcpStream::connect_timeout(&a, timeout) {
-                Ok(stream) => return PushClient::from_stream(stream),
+                Ok(stream) => {
+                    let mut client = PushClient::from_stream(stream)?;
+                    client.set_read_timeout(Some(timeout))?;
+                    client.authenticate(key)?;
+                    client.set_read_timeout(None)?;
+                    return Ok(client);
+                }
                 Err(e) => last_err = Some(e),
             }
         }
@@ -358,7 +384,25 @@ impl PushClient {
             .into())
     }
 
-    /// Wraps a connected stream (for callers that set up sockets themselves).
+    /// Answers the node's challenge with `key` (the first thing on a new
+    /// connection; [`PushClient::connect`] does it). Returns the rights the
+    /// node granted. A refused key is [`BackendError::Closed`] with
+    /// UNAUTHENTICATED.
+    pub fn authenticate(&mut self, key: &PushKey) -> Result<proto::PushAuthOk, BackendError> {
+        let challenge = match self.reader.read_frame(&mut self.stream)? {
+            Frame::PushChallenge(c) => c,
+            other => return Err(unexpected(other)),
+        };
+        let auth = Frame::PushAuth(crate::push::auth::answer(key, &challenge));
+        self.stream.write_all(&auth.to_bytes())?;
+        match self.reader.read_frame(&mut self.stream)? {
+            Frame::PushAuthOk(ok) => Ok(ok),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Wraps a connected stream (for callers that set up sockets
+    /// themselves); call [`PushClient::authenticate`] before any request.
     pub fn from_stream(stream: TcpStream) -> Result<PushClient, BackendError> {
         // Requests are small and latency matters more than packet count;
         // pipelined sends are batched by the write buffer instead.

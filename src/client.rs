@@ -101,6 +101,9 @@ pub enum ClientEvent {
         from_seq: u64,
         to_seq: u64,
     },
+    /// The node's answer to a Join or Leave that arrived while the
+    /// application waited for something else.
+    GroupResult(proto::GroupResult),
 }
 
 /// Why the connection ended (or could not start).
@@ -323,6 +326,7 @@ impl ClientSession {
                 Ok(Some(ClientEvent::ResyncRequired { from_seq: r.from_seq, to_seq: r.to_seq }))
             }
             (ClientPhase::Active, Frame::Response(r)) => Ok(Some(ClientEvent::Response(r))),
+            (ClientPhase::Active, Frame::GroupResult(r)) => Ok(Some(ClientEvent::GroupResult(r))),
             (_, other) => Err(ClientError::Unexpected(other.kind())),
         }
     }
@@ -603,13 +607,28 @@ impl Connection {
     }
 
     /// Joins a group: the node delivers the group's pushes to this session.
-    pub async fn join(&mut self, group: &str) -> Result<(), ClientError> {
-        self.send(&Frame::Join(proto::GroupMembership { group: group.into() })).await
+    /// Returns the node's answer: `code` 0 when joined, PERMISSION_DENIED
+    /// when neither the token nor the node's policy allows the group.
+    /// Events that arrive meanwhile are kept for [`Connection::next_event`].
+    pub async fn join(&mut self, group: &str) -> Result<proto::GroupResult, ClientError> {
+        self.send(&Frame::Join(proto::GroupMembership { group: group.into() })).await?;
+        self.group_result(group, true).await
     }
 
-    /// Leaves a group.
-    pub async fn leave(&mut self, group: &str) -> Result<(), ClientError> {
-        self.send(&Frame::Leave(proto::GroupMembership { group: group.into() })).await
+    /// Leaves a group; returns the node's answer.
+    pub async fn leave(&mut self, group: &str) -> Result<proto::GroupResult, ClientError> {
+        self.send(&Frame::Leave(proto::GroupMembership { group: group.into() })).await?;
+        self.group_result(group, false).await
+    }
+
+    async fn group_result(&mut self, group: &str, join: bool) -> Result<proto::GroupResult, ClientError> {
+        loop {
+            match self.read_event(None).await? {
+                Some(ClientEvent::GroupResult(r)) if r.group == group && r.join == join => return Ok(r),
+                Some(other) => self.events.push_back(other),
+                None => {}
+            }
+        }
     }
 
     /// Sends a Ping now; its Pong arrives through [`Connection::next_event`].

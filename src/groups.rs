@@ -8,6 +8,38 @@ use std::collections::HashMap;
 
 use hashbrown::HashSet;
 
+crate::config::config_struct! {
+    /// `[client_groups]`: which groups clients may JOIN by their own frame
+    /// (backends add devices to any group with a push key's `groups`
+    /// right). A JOIN is allowed when the group matches a pattern here or
+    /// in the connect token's `groups` claim; every other JOIN is answered
+    /// `GroupResult{PERMISSION_DENIED}`.
+    pub struct ClientGroupsConfig {
+        /// Groups any authenticated client may join: exact names, or
+        /// prefixes written with a trailing '*' ("lobby-*"; "*" allows
+        /// every group). Default: none (client JOIN off unless the token
+        /// allows the group).
+        pub allow: Vec<String> = Vec::new(),
+    }
+}
+
+/// Groups a token's claim may name, at most.
+pub const MAX_GROUP_CLAIMS: usize = 64;
+
+/// Whether `group` matches `pattern`: equal, or `pattern` ends with '*' and
+/// `group` starts with what precedes it.
+pub fn matches(pattern: &str, group: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => group.starts_with(prefix),
+        None => pattern == group,
+    }
+}
+
+/// Whether a client may JOIN `group`: the node's policy or its token's claim.
+pub fn join_allowed<'a>(group: &str, policy: &[String], claims: impl IntoIterator<Item = &'a str>) -> bool {
+    policy.iter().any(|p| matches(p, group)) || claims.into_iter().any(|p| matches(p, group))
+}
+
 /// Members (session slots) of every group with at least one member here.
 #[derive(Default)]
 pub struct Groups {
@@ -91,6 +123,20 @@ impl Groups {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn joins_need_a_matching_policy_or_claim() {
+        let policy = vec!["lobby".to_string(), "pub-*".to_string()];
+        assert!(join_allowed("lobby", &policy, []));
+        assert!(join_allowed("pub-7", &policy, []));
+        assert!(!join_allowed("lobby-2", &policy, []));
+        assert!(!join_allowed("room-1", &policy, []));
+        assert!(join_allowed("room-1", &policy, ["room-*"]));
+        assert!(join_allowed("vip", &[], ["vip"]));
+        assert!(!join_allowed("vipx", &[], ["vip"]));
+        assert!(!join_allowed("anything", &[], []), "off by default");
+        assert!(join_allowed("anything", &["*".into()], []));
+    }
 
     #[test]
     fn join_leave_and_cleanup_leave_no_residue() {

@@ -12,7 +12,7 @@
 //! - [`conn`]: the only code that touches socket fds: the task's socket and
 //!   the slot's handle, the outbound queue, the transport seam below framing.
 //! - [`mesh`]: messages between shards.
-//! - [`push`]: the push port: checks, backend requests split over shards,
+//! - [`push`]: the push port: backend credentials and rights ([`push::auth`]), checks, backend requests split over shards,
 //!   replies merged and summarized, reply deadlines.
 //! - [`delivery`], [`store`] (+ [`store_redis`]), [`reliable`]: at-least-once
 //!   delivery: per-device windows and resend schedule, timelines, and the

@@ -20,6 +20,7 @@ use crate::http::admin::{self, AdminState};
 use crate::mesh::{MeshEnds, Outbox};
 use crate::protocol::ids::ShardId;
 use crate::protocol::limits::MAX_ID_BYTES;
+use crate::push::auth::{Grant, Listener, PortAuth, PushKeyring};
 use crate::reliable::DeliverySettings;
 use crate::session::Params;
 use crate::shard::{PushLimits, Shard, ShardConfig, ShardCounters};
@@ -75,6 +76,8 @@ pub struct Server {
     stop: Arc<AtomicBool>,
     client_addr: SocketAddr,
     push_addr: SocketAddr,
+    /// Cluster mode: the node-to-node listener.
+    node_addr: Option<SocketAddr>,
     counters: Vec<Arc<ShardCounters>>,
     /// The admin HTTP server (/metrics, /healthz; cluster endpoints in
     /// cluster mode).
@@ -91,16 +94,23 @@ struct Listeners {
     client: Vec<OwnedFd>,
     push_addr: SocketAddr,
     push: Vec<OwnedFd>,
+    /// Cluster mode: the node-to-node listener.
+    node: Option<(SocketAddr, Vec<OwnedFd>)>,
     admin: std::net::TcpListener,
 }
 
 impl Listeners {
-    fn bind(server: &crate::config::ServerConfig, shards: u16) -> Result<Listeners, ServerError> {
+    fn bind(config: &Config, shards: u16) -> Result<Listeners, ServerError> {
+        let server = &config.server;
         let (client_addr, client) = bind_reuseport(server.client_listen, shards, server.listen_backlog)?;
         let (push_addr, push) = bind_reuseport(server.push_listen, shards, server.listen_backlog)?;
+        let node = match config.cluster.enabled {
+            true => Some(bind_reuseport(config.cluster.node_listen, shards, server.listen_backlog)?),
+            false => None,
+        };
         let admin = std::net::TcpListener::bind(server.admin_listen)
             .map_err(|source| ServerError::Admin { addr: server.admin_listen, source })?;
-        Ok(Listeners { client_addr, client, push_addr, push, admin })
+        Ok(Listeners { client_addr, client, push_addr, push, node, admin })
     }
 }
 
@@ -115,12 +125,16 @@ impl Server {
         let session = &config.session;
 
         let upstream = UpstreamSettings::resolve(&config.upstream)?;
-        let Listeners { client_addr, client: listeners, push_addr, push: push_listeners, admin: admin_listener } =
-            Listeners::bind(server, shards)?;
-        let cluster = match config.cluster.enabled {
-            true => Some(ClusterShared::start(config, client_addr, push_addr, shards).map_err(ServerError::Cluster)?),
-            false => None,
+        let Listeners { client_addr, client: listeners, push_addr, push: push_listeners, node, admin: admin_listener } =
+            Listeners::bind(config, shards)?;
+        let node_addr = node.as_ref().map(|(addr, _)| *addr);
+        let cluster = match node_addr {
+            Some(node_addr) => {
+                Some(ClusterShared::start(config, client_addr, node_addr, shards).map_err(ServerError::Cluster)?)
+            }
+            None => None,
         };
+        let push_auth = Arc::new(port_auth(config)?);
         let counters: Vec<Arc<ShardCounters>> = (0..shards).map(|_| Arc::default()).collect();
         let shard_cfg = ShardConfig {
             params: Params {
@@ -138,6 +152,7 @@ impl Server {
             outbound_queue_bytes: session.outbound_queue_bytes,
             write_timeout_ms: session.write_timeout_ms,
             max_groups_per_session: session.max_groups_per_session,
+            join_policy: config.client_groups.allow.clone().into(),
             push: PushLimits {
                 max_inflight_per_backend: config.push.max_inflight_per_backend,
                 max_targets_per_request: config.push.max_targets_per_request,
@@ -150,6 +165,7 @@ impl Server {
             wheel_tick_ms: session.wheel_tick_ms,
             max_connections: server.max_connections_per_shard,
             accept_rate_per_sec: server.accept_rate_per_sec,
+            push_auth,
             node: config.node_name_bound(client_addr.port()),
             upstream,
             delivery: DeliverySettings {
@@ -191,11 +207,13 @@ impl Server {
         // Each executor takes one (client, push) listener pair and its own
         // ends of the mesh, made here, on one thread, before any executor
         // runs (the channels' shared state must not be built concurrently).
-        type ShardStart = (OwnedFd, OwnedFd, MeshEnds);
+        type ShardStart = (OwnedFd, OwnedFd, Option<OwnedFd>, MeshEnds);
         let (fd_tx, fd_rx) = crossbeam_channel::bounded::<ShardStart>(listeners.len());
         let mesh = crate::mesh::full_mesh(shards, mesh_capacity(shards));
+        let mut node_fds = node.map(|(_, fds)| fds.into_iter());
         for ((client, push), ends) in listeners.into_iter().zip(push_listeners).zip(mesh) {
-            let _ = fd_tx.send((client, push, ends));
+            let node_fd = node_fds.as_mut().and_then(Iterator::next);
+            let _ = fd_tx.send((client, push, node_fd, ends));
         }
         let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<ShardId, String>>(usize::from(shards));
         let grace = Duration::from_millis(session.close_linger_ms) + Duration::from_secs(1);
@@ -230,7 +248,7 @@ impl Server {
                         redis.clone(),
                     );
                     async move {
-                        let Ok((client_fd, push_fd, mesh)) = fd_rx.try_recv() else {
+                        let Ok((client_fd, push_fd, node_fd, mesh)) = fd_rx.try_recv() else {
                             let _ = ready_tx.send(Err("no listener left for this executor".into()));
                             return;
                         };
@@ -287,7 +305,12 @@ impl Server {
                             })
                             .collect();
                         glommio::spawn_local(Rc::clone(&shard).accept_loop(listener)).detach();
-                        glommio::spawn_local(Rc::clone(&shard).push_accept_loop(push_listener)).detach();
+                        let push_port = Rc::clone(&shard).push_accept_loop(push_listener, Listener::Push);
+                        glommio::spawn_local(push_port).detach();
+                        if let Some(fd) = node_fd {
+                            let nodes = Rc::clone(&shard).push_accept_loop(fd::listener(fd), Listener::Node);
+                            glommio::spawn_local(nodes).detach();
+                        }
                         glommio::spawn_local(Rc::clone(&shard).pacer_loop()).detach();
                         glommio::spawn_local(Rc::clone(&shard).flusher_loop()).detach();
                         // Ready once every service backend was tried once.
@@ -350,7 +373,7 @@ impl Server {
             info!(node = %cluster.node, admin = %admin.addr(), client = %cluster.client_endpoint, "cluster mode");
         }
         info!(%client_addr, shards, node = %config.node_name_bound(client_addr.port()), "longlink serving");
-        Ok(Server { handles: Some(handles), stop, client_addr, push_addr, counters, admin, cluster })
+        Ok(Server { handles: Some(handles), stop, client_addr, push_addr, node_addr, counters, admin, cluster })
     }
 
     /// The bound client address (useful with port 0).
@@ -361,6 +384,11 @@ impl Server {
     /// The bound push-port address.
     pub fn push_addr(&self) -> SocketAddr {
         self.push_addr
+    }
+
+    /// Cluster mode: the bound node-to-node listener address.
+    pub fn node_addr(&self) -> Option<SocketAddr> {
+        self.node_addr
     }
 
     /// The bound admin HTTP address.
@@ -411,6 +439,39 @@ impl Server {
 /// Binds `count` listening sockets to one address with SO_REUSEPORT (the
 /// kernel spreads connections over them). With port 0 the first socket
 /// picks the port and the others join it.
+/// The keys of the push port (configured, or the dev push key) and, in
+/// cluster mode, of the node listener (the cluster secret).
+fn port_auth(config: &Config) -> Result<PortAuth, ServerError> {
+    let pa = &config.push_auth;
+    let (push, dev_push) = pa.keyring(&config.data_dir)?;
+    if let Some(path) = dev_push {
+        tracing::warn!(
+            path = %path.display(),
+            "no push keys configured: using the dev push key (fine for trying longlink, not for production)"
+        );
+    }
+    let node = match config.cluster.enabled {
+        true => {
+            let (key, dev) = crate::push::auth::cluster_key_or_dev(&config.cluster.secret_hex, &config.data_dir)?;
+            if let Some(path) = dev {
+                tracing::warn!(
+                    path = %path.display(),
+                    "no cluster.secret_hex: using a dev cluster secret (only nodes sharing this data_dir can talk)"
+                );
+            }
+            Some(PushKeyring::new(vec![Grant::cluster(key)]))
+        }
+        false => None,
+    };
+    Ok(PortAuth {
+        push,
+        node,
+        auth_timeout_ms: pa.auth_timeout_ms,
+        idle_timeout_ms: pa.idle_timeout_ms,
+        max_unauthenticated: pa.max_unauthenticated_per_shard,
+    })
+}
+
 fn bind_reuseport(addr: SocketAddr, count: u16, backlog: u32) -> Result<(SocketAddr, Vec<OwnedFd>), ServerError> {
     let err = |source| ServerError::Listen { addr, source };
     let mut bound = addr;

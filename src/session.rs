@@ -71,6 +71,9 @@ pub struct Login {
     pub heartbeat_ms: u32,
     /// The store incarnation the client saw last (0: none).
     pub store_incarnation: u64,
+    /// Groups the token lets the client JOIN (patterns, see
+    /// [`crate::groups::matches`]).
+    pub groups: Vec<String>,
 }
 
 /// What the session asks its driver to do, in order.
@@ -296,10 +299,20 @@ impl Session {
             return self.fail(
                 now,
                 ErrorCode::BadFrame,
-                format!("ids must be at most {} bytes without NUL", params.max_id_bytes),
+                format!("ids must be at most {} bytes of printable characters", params.max_id_bytes),
                 params,
                 out,
             );
+        }
+        let groups_ok = claims.groups.len() <= crate::groups::MAX_GROUP_CLAIMS
+            && claims.groups.iter().all(|g| !g.is_empty() && fits_field(g, params.max_id_bytes));
+        if !groups_ok {
+            let why = format!(
+                "the token's groups claim must list at most {} printable names of 1 to {} bytes",
+                crate::groups::MAX_GROUP_CLAIMS,
+                params.max_id_bytes
+            );
+            return self.fail(now, ErrorCode::InvalidToken, why, params, out);
         }
         self.phase = Phase::Authenticated;
         // The client has done its part; registration (a hand-off, the user
@@ -315,6 +328,7 @@ impl Session {
             last_seq: auth.last_seq,
             heartbeat_ms: params.negotiate_heartbeat(auth.heartbeat_ms),
             store_incarnation: auth.store_incarnation,
+            groups: claims.groups,
         })));
     }
 

@@ -94,13 +94,18 @@ fn a_stopped_shard_makes_the_push_port_stop_reading_instead_of_growing_memory() 
         Request::Push(proto::PushRequest { targets: Some(targets), payload: payload.clone(), ..Default::default() })
     };
     // Warm up every path (first allocations) before the baseline.
-    let mut warm = PushClient::connect(node.push_addr, Duration::from_secs(5)).unwrap();
+    let mut warm = PushClient::connect(node.push_addr, Duration::from_secs(5), &push_key()).unwrap();
     for _ in 0..200 {
         let Request::Push(req) = request() else { unreachable!() };
         warm.push_request(req).unwrap();
     }
     let rss_before = node.rss_bytes();
 
+    // Connected (and authenticated: the accepting shard answers the
+    // challenge) before the shard stops.
+    let clients: Vec<PushClient> = (0..BACKENDS)
+        .map(|_| PushClient::connect(node.push_addr, Duration::from_secs(5), &push_key()).unwrap())
+        .collect();
     let stopped = StoppedThread::stop_a_shard_of(node.child.id());
     // Every request has a part for each shard. Connections the running
     // shard reads send the stopped one a part per request; the others are
@@ -108,8 +113,7 @@ fn a_stopped_shard_makes_the_push_port_stop_reading_instead_of_growing_memory() 
     let sent: Arc<Vec<AtomicUsize>> = Arc::new((0..BACKENDS).map(|_| AtomicUsize::new(0)).collect());
     let mut receivers = Vec::new();
     let mut senders = Vec::new();
-    for b in 0..BACKENDS {
-        let mut client = PushClient::connect(node.push_addr, Duration::from_secs(5)).unwrap();
+    for (b, mut client) in clients.into_iter().enumerate() {
         client.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
         let (mut tx, mut rx) = client.split().unwrap();
         let sent = sent.clone();
@@ -173,7 +177,7 @@ fn the_memory_store_refuses_at_least_once_pushes_past_its_cap_and_frees_room_as_
     let mut cfg = test_config(2);
     cfg.delivery.memory_store_bytes = 4 << 20;
     let node = NodeProcess::start(&cfg);
-    let mut push = PushClient::connect(node.push_addr, Duration::from_secs(5)).unwrap();
+    let mut push = PushClient::connect(node.push_addr, Duration::from_secs(5), &push_key()).unwrap();
     push.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let rss_before = node.rss_bytes();
     // Pushes to device ids nobody will ever connect with (a backend bug),

@@ -62,7 +62,15 @@ impl Node {
     }
 
     fn pusher(&self) -> PushClient {
-        let mut p = PushClient::connect(self.push, Duration::from_secs(5)).expect("push port");
+        let mut p = PushClient::connect(self.push, Duration::from_secs(5), &push_key()).expect("push port");
+        p.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        p
+    }
+
+    /// A connection to the node listener, as another node opens one.
+    fn node_link(&self) -> PushClient {
+        let addr = self.proc.node_addr.expect("a cluster node prints its node listener");
+        let mut p = PushClient::connect(addr, Duration::from_secs(5), &cluster_key()).expect("node listener");
         p.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         p
     }
@@ -272,8 +280,9 @@ fn a_second_login_on_another_node_replaces_the_first() {
         assert!(matches!(end, ClientError::Kicked { code: ErrorCode::Replaced, .. }), "{end:?}");
         wait_routes(&redis, &[("phone", "a")]);
         // A late kick aimed at the first session leaves the third alone;
-        // one aimed at the third ends it.
-        let mut push = a.pusher();
+        // one aimed at the third ends it. Nodes send these to each other's
+        // node listener.
+        let mut push = a.node_link();
         forwarded_kick(&mut push, "phone", ok1.conn_id);
         assert_nothing_queued(&mut third).await;
         forwarded_kick(&mut push, "phone", ok3.conn_id);
@@ -524,7 +533,7 @@ fn kill_9_while_pushing_at_least_once_clients_drift_and_resume_without_loss() {
         // node a with SIGKILL in the middle.
         let (stored2, done2, devs) = (stored.clone(), pushing_done.clone(), devices.clone());
         let pusher = std::thread::spawn(move || {
-            let mut push = PushClient::connect(push_addr, Duration::from_secs(5)).unwrap();
+            let mut push = PushClient::connect(push_addr, Duration::from_secs(5), &push_key()).unwrap();
             push.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
             for round in 0..30 {
                 if round == 10 {
@@ -574,7 +583,7 @@ fn kill_9_of_the_node_pushes_are_forwarded_to_every_push_answered_and_the_lost_o
         // A blocking backend on node b: every device lives on node a.
         let devs = devices.clone();
         let pusher = std::thread::spawn(move || {
-            let mut push = PushClient::connect(push_addr, Duration::from_secs(5)).unwrap();
+            let mut push = PushClient::connect(push_addr, Duration::from_secs(5), &push_key()).unwrap();
             // Far above push.reply_timeout_ms: a request left unanswered
             // fails the test here.
             push.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
@@ -815,7 +824,7 @@ fn draining_a_node_with_5000_clients_moves_them_all_without_loss() {
         assert!(claimed, "{CLIENTS} clients connect to node a and claim their routes");
         let (stored2, done2, devs) = (stored.clone(), pushing_done.clone(), devices.clone());
         let pusher = std::thread::spawn(move || {
-            let mut push = PushClient::connect(push_addr, Duration::from_secs(5)).unwrap();
+            let mut push = PushClient::connect(push_addr, Duration::from_secs(5), &push_key()).unwrap();
             push.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
             push_reliably(&mut push, &devs, "before", &stored2);
             // SAFETY: kill(2) of our own child process.
@@ -950,14 +959,30 @@ fn a_forward_answered_too_late_is_retried_not_stored_out_of_reach() {
     let mut via_relay = node_config(&redis, "c", 2);
     via_relay.cluster.node_endpoint = relay.local_addr().unwrap().to_string();
     let c = Node::start(via_relay);
-    let c_push = c.push;
+    let c_node = c.proc.node_addr.expect("node listener");
     std::thread::spawn(move || {
+        use std::io::{Read, Write};
         let Ok((from_b, _)) = relay.accept() else { return };
-        let Ok(to_c) = std::net::TcpStream::connect(c_push) else { return };
+        let Ok(to_c) = std::net::TcpStream::connect(c_node) else { return };
         let (mut b_in, mut c_out) = (from_b.try_clone().unwrap(), to_c.try_clone().unwrap());
         std::thread::spawn(move || std::io::copy(&mut b_in, &mut c_out));
-        std::thread::sleep(Duration::from_secs(3));
         let (mut c_in, mut b_out) = (to_c, from_b);
+        // The link's authentication (challenge, then PushAuthOk) passes at
+        // once; the answers to requests are held.
+        for _ in 0..2 {
+            let mut header = [0u8; 8];
+            if c_in.read_exact(&mut header).is_err() {
+                return;
+            }
+            let mut body = vec![0u8; u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize];
+            if c_in.read_exact(&mut body).is_err()
+                || b_out.write_all(&header).is_err()
+                || b_out.write_all(&body).is_err()
+            {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_secs(3));
         let _ = std::io::copy(&mut c_in, &mut b_out);
     });
     let cfg = b.cfg.clone();
@@ -994,4 +1019,51 @@ fn a_forward_answered_too_late_is_retried_not_stored_out_of_reach() {
             got.push(m.seq);
         }
     });
+}
+
+/// Node-to-node traffic has its own listener: the public push port refuses
+/// `forwarded` requests (PERMISSION_DENIED, nothing carried out), the node
+/// listener refuses push keys and a wrong cluster secret (UNAUTHENTICATED),
+/// and forwarding between nodes still reaches a device on another node.
+#[test]
+fn forwarded_requests_go_only_to_the_node_listener_with_the_cluster_secret() {
+    let redis = RedisServer::start();
+    let a = Node::start(node_config(&redis, "a", 0));
+    let b = Node::start(node_config(&redis, "b", 1));
+    let cfg = a.cfg.clone();
+    let node_b = b.proc.node_addr.expect("node listener");
+    assert_ne!(node_b, b.push, "the node listener is not the push port");
+    run(async {
+        let mut dev = connect(b.client, &cfg, "u", "on-b").await;
+        wait_routes(&redis, &[("on-b", "b")]);
+        // A backend forging a forwarded push on b's public port.
+        let mut push = b.pusher();
+        let forged = longlink::protocol::proto::PushRequest {
+            targets: Some(longlink::protocol::proto::Targets { devices: vec!["on-b".into()], ..Default::default() }),
+            payload: Bytes::from_static(b"bypass"),
+            forwarded: true,
+            ..Default::default()
+        };
+        let err = push.push_request(forged).unwrap_err();
+        assert!(
+            matches!(err, longlink::backend::BackendError::Rejected { code: ErrorCode::PermissionDenied, .. }),
+            "{err:?}"
+        );
+        // The node listener takes neither a push key nor a wrong secret.
+        for key in [push_key(), longlink::backend::PushKey::new("cluster", vec![1; 32]).unwrap()] {
+            let err = PushClient::connect(node_b, Duration::from_secs(5), &key).unwrap_err();
+            assert!(
+                matches!(err, longlink::backend::BackendError::Closed { code: ErrorCode::Unauthenticated, .. }),
+                "{}: {err:?}",
+                key.id()
+            );
+        }
+        // A push through node a reaches the device on b over a's link to
+        // b's node listener.
+        let reply = a.pusher().push_devices(&["on-b"], Bytes::from_static(b"via a")).unwrap();
+        assert_eq!(status(reply.results[0].status), PushStatus::Delivered, "{reply:?}");
+        let m = next_message(&mut dev).await;
+        assert_eq!(&m.payload[..], b"via a", "the forged push never arrived first");
+    });
+    assert!(a.metric("longlink_forwarded_total") >= 1);
 }

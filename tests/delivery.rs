@@ -30,7 +30,7 @@ fn config() -> Config {
 }
 
 fn backend(addr: SocketAddr) -> PushClient {
-    let mut b = PushClient::connect(addr, Duration::from_secs(5)).expect("push port");
+    let mut b = PushClient::connect(addr, Duration::from_secs(5), &push_key()).expect("push port");
     b.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     b
 }

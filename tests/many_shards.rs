@@ -49,7 +49,7 @@ fn a_node_with_100_shards_routes_devices_users_and_groups_with_unique_ids() {
     let homes: HashSet<u16> = pairs.iter().map(|(u, _)| longlink::protocol::ids::home_shard(u, SHARDS).0).collect();
     assert!(owners.len() >= 80 && owners.iter().any(|&s| s >= 64), "devices on {} shards", owners.len());
     assert!(homes.iter().any(|&s| s >= 64), "some user directories above shard 63");
-    let mut push = PushClient::connect(server.push_addr(), Duration::from_secs(5)).expect("push port");
+    let mut push = PushClient::connect(server.push_addr(), Duration::from_secs(5), &push_key()).expect("push port");
     push.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let devices: Vec<String> = pairs.iter().map(|(_, d)| d.clone()).collect();
     let users: Vec<String> = (0..USERS).map(|u| format!("many-u{u}")).collect();

@@ -13,7 +13,7 @@ use longlink::protocol::ids::owner_shard;
 use longlink::protocol::proto::{ErrorCode, PushStatus};
 
 fn backend(server: &longlink::server::Server) -> PushClient {
-    let mut b = PushClient::connect(server.push_addr(), Duration::from_secs(5)).expect("push port");
+    let mut b = PushClient::connect(server.push_addr(), Duration::from_secs(5), &push_key()).expect("push port");
     b.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     b
 }
@@ -257,7 +257,7 @@ fn a_client_that_never_reads_is_closed_as_slow_without_growing_memory() {
     let cfg = test_config(2);
     let node = NodeProcess::start(&cfg);
     let addr = node.client_addr;
-    let mut push = PushClient::connect(node.push_addr, Duration::from_secs(5)).unwrap();
+    let mut push = PushClient::connect(node.push_addr, Duration::from_secs(5), &push_key()).unwrap();
     push.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let devices = pairs(|i| format!("s{i}"), |i| format!("slowtest-{i}"), 2);
     let (stuck, healthy) = (devices[0].1.clone(), devices[1].1.clone());
@@ -503,7 +503,7 @@ fn broadcasts_beyond_the_queue_bound_are_rejected_as_retryable_and_memory_stays_
     let devices = ["bq-0", "bq-1", "bq-2", "bq-3"];
     assert_eq!(devices.iter().map(|d| owner_shard(d, 2)).collect::<HashSet<_>>().len(), 2);
     let _clients: Vec<RawClient> = devices.iter().map(|d| RawClient::connect(node.client_addr, &cfg, d)).collect();
-    let mut push = PushClient::connect(node.push_addr, Duration::from_secs(5)).unwrap();
+    let mut push = PushClient::connect(node.push_addr, Duration::from_secs(5), &push_key()).unwrap();
     push.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let rss_before = node.rss_bytes();
     let payload = Bytes::from(vec![b'b'; 60_000]);
@@ -592,6 +592,8 @@ fn kick_presence_and_malformed_requests() {
     assert!(matches!(too_big, BackendError::Rejected { code: ErrorCode::FrameTooLarge, .. }), "{too_big:?}");
     // A garbage body inside an intact frame boundary.
     let mut raw = std::net::TcpStream::connect(server.push_addr()).unwrap();
+    let ok = raw_push_auth(&mut raw, &push_key());
+    assert!(matches!(ok, Some(longlink::protocol::codec::Frame::PushAuthOk(_))), "{ok:?}");
     use std::io::{Read, Write};
     let mut frame = vec![0x4C, 1, 32, 0, 0, 0, 0, 3, 0xff, 0xff, 0xff];
     // ... followed by a valid presence query on the same connection.

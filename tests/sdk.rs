@@ -71,7 +71,7 @@ fn dead_addr() -> SocketAddr {
 }
 
 fn push_port(addr: SocketAddr) -> PushClient {
-    let mut b = PushClient::connect(addr, Duration::from_secs(5)).expect("push port");
+    let mut b = PushClient::connect(addr, Duration::from_secs(5), &push_key()).expect("push port");
     b.set_read_timeout(Some(WAIT)).unwrap();
     b
 }

@@ -116,7 +116,8 @@ pub fn run(args: &FanoutArgs) -> anyhow::Result<()> {
 
 /// Polls the node's online member count of `group` until it reaches `want`.
 pub fn wait_members(h: &mut Harness, rig: &mut Rig, group: &str, want: u64) -> anyhow::Result<u64> {
-    let mut client = PushClient::connect(rig.push_addr()?, Duration::from_secs(5)).context("presence client")?;
+    let mut client = PushClient::connect(rig.push_addr()?, Duration::from_secs(5), &crate::server::bench_push_key())
+        .context("presence client")?;
     client.set_read_timeout(Some(Duration::from_secs(10)))?;
     let deadline = Instant::now() + JOIN_TIMEOUT;
     loop {

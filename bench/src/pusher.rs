@@ -166,7 +166,7 @@ impl Pusher {
         let connections = plan.connections.max(1);
         let mut clients = Vec::new();
         for b in 0..connections {
-            let client = PushClient::connect(plan.addr, Duration::from_secs(5))
+            let client = PushClient::connect(plan.addr, Duration::from_secs(5), &crate::server::bench_push_key())
                 .with_context(|| format!("connecting backend {b} to the push port {}", plan.addr))?;
             clients.push(client.split().context("splitting a push client")?);
         }

@@ -488,7 +488,8 @@ impl PushOut {
 /// Open-loop pushes: a sender thread sends push `k` at `start + k / rate`
 /// (stamped with that intended time), a reply thread reads the replies.
 fn push(plan: &PushPlan, h: &mut Harness, server: &mut ServerProcess) -> anyhow::Result<PushOut> {
-    let client = PushClient::connect(plan.addr, Duration::from_secs(5)).context("connecting to the push port")?;
+    let client = PushClient::connect(plan.addr, Duration::from_secs(5), &crate::server::bench_push_key())
+        .context("connecting to the push port")?;
     let (mut tx, mut rx) = client.split()?;
     let sent_at: Arc<Vec<AtomicU64>> = Arc::new((0..SENT_AT_RING).map(|_| AtomicU64::new(0)).collect());
     let sender_done = Arc::new(AtomicU64::new(0));

@@ -12,8 +12,10 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
-use longlink::config::{AuthConfig, Config, KeyConfig, ServerConfig};
+use longlink::config::{AuthConfig, ClusterConfig, Config, KeyConfig, ServerConfig};
+use longlink::groups::ClientGroupsConfig;
 use longlink::protocol::token;
+use longlink::push::auth::{PushAuthConfig, PushKeyConfig};
 
 use crate::harness::Harness;
 use crate::sys;
@@ -128,8 +130,32 @@ pub fn bench_config(shards: u16, key: &BenchKey) -> Config {
             ..ServerConfig::default()
         },
         auth: AuthConfig { keys: vec![key.config()], ..AuthConfig::default() },
+        push_auth: PushAuthConfig {
+            keys: vec![PushKeyConfig {
+                id: BENCH_PUSH_KEY_ID.into(),
+                secret_hex: token::encode_hex(&BENCH_PUSH_SECRET),
+                rights: ["push", "broadcast", "groups", "kick", "presence", "status"].map(String::from).to_vec(),
+                service_ids: Vec::new(),
+            }],
+            ..PushAuthConfig::default()
+        },
+        // Several cluster nodes share this host (the dispatch bench).
+        cluster: ClusterConfig { node_listen: loopback_any_port, ..ClusterConfig::default() },
+        // Bench clients join the groups they are pushed to.
+        client_groups: ClientGroupsConfig { allow: vec!["*".into()] },
         ..Config::default()
     }
+}
+
+/// The push key of every bench node (bound to loopback only, so a fixed
+/// secret gives nothing away).
+const BENCH_PUSH_KEY_ID: &str = "bench-push";
+const BENCH_PUSH_SECRET: [u8; 32] = [0x42; 32];
+
+/// The credential the bench's push clients use.
+pub fn bench_push_key() -> longlink::backend::PushKey {
+    // Invariant: a fixed valid id and a 32-byte secret.
+    longlink::backend::PushKey::new(BENCH_PUSH_KEY_ID, BENCH_PUSH_SECRET.to_vec()).expect("valid bench push key")
 }
 
 /// Settled resident memory.

@@ -82,6 +82,13 @@ pub(crate) fn run_client(server: SocketAddr, opts: ClientOptions) -> anyhow::Res
                             emit(json!({"event": "resync_required", "from_seq": from_seq, "to_seq": to_seq}))
                         }
                         Ok(ClientEvent::Connected(_)) => {}
+                        Ok(ClientEvent::GroupResult(r)) => emit(json!({
+                            "event": "group_result",
+                            "group": r.group,
+                            "join": r.join,
+                            "code": if r.code == 0 { "OK" } else { codes::from_wire(r.code).as_str_name() },
+                            "reason": non_empty(&r.reason),
+                        })),
                         Err(err) => {
                             last_seq = conn.last_seq();
                             store_incarnation = conn.store_incarnation();

@@ -3,12 +3,31 @@
 
 use crate::*;
 
-/// Where the push-port commands connect.
+/// Where the push-port commands connect, and with which push key.
 #[derive(Args)]
 pub(crate) struct PushPort {
     /// host:port of a node's push port.
     #[arg(long, default_value = "127.0.0.1:7101")]
     pub(crate) server: String,
+    /// The push key as `id:hexsecret` (prefer the env var or a file: a
+    /// flag shows in `ps`). Overrides --key-file.
+    #[arg(long, env = "LONGLINK_PUSH_KEY", hide_env_values = true, value_name = "ID:HEX")]
+    pub(crate) key: Option<String>,
+    /// File holding the push key (`id:hexsecret`, mode 0600). The default
+    /// is the dev push key of a node started in this directory.
+    #[arg(long, env = "LONGLINK_PUSH_KEY_FILE", default_value = ".longlink/push-key")]
+    pub(crate) key_file: std::path::PathBuf,
+}
+
+impl PushPort {
+    fn credential(&self) -> anyhow::Result<longlink::backend::PushKey> {
+        match &self.key {
+            Some(text) => longlink::push::auth::parse_credential(text)
+                .map_err(|why| anyhow::anyhow!("--key / LONGLINK_PUSH_KEY: {why}")),
+            None => longlink::protocol::token::read_key_file(&self.key_file)
+                .map_err(|e| anyhow::anyhow!("reading the push key (--key-file {}): {e}", self.key_file.display())),
+        }
+    }
 }
 
 /// How long the push-port commands wait for the TCP connection.
@@ -124,7 +143,8 @@ pub(crate) fn with_push_port(
     port: &PushPort,
     call: impl FnOnce(&mut PushClient) -> Result<(), BackendError>,
 ) -> anyhow::Result<ExitCode> {
-    let result = PushClient::connect(port.server.as_str(), PUSH_CONNECT_TIMEOUT).and_then(|mut client| {
+    let key = port.credential()?;
+    let result = PushClient::connect(port.server.as_str(), PUSH_CONNECT_TIMEOUT, &key).and_then(|mut client| {
         client.set_read_timeout(Some(PUSH_REPLY_TIMEOUT))?;
         call(&mut client)
     });

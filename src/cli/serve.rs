@@ -93,6 +93,9 @@ pub(crate) fn serve(
     println!("listening {}", server.client_addr());
     println!("push {}", server.push_addr());
     println!("admin {}", server.admin_addr());
+    if let Some(node) = server.node_addr() {
+        println!("node {node}");
+    }
     server.join();
     if lease.is_some_and(|l| l.is_fenced()) {
         // Not a clean exit: the node gave up its place in the cluster.

@@ -197,7 +197,7 @@ impl Shard {
         };
         let link = Rc::new(PeerLink::new(node.to_owned(), incarnation, self.counters.clone()));
         local.peers.borrow_mut().insert(node.to_owned(), link.clone());
-        glommio::spawn_local(link.clone().run(endpoint)).detach();
+        glommio::spawn_local(link.clone().run(endpoint, local.shared.node_key.clone())).detach();
         Some(link)
     }
 
@@ -498,8 +498,9 @@ pub(super) fn blank_reply(request: &Frame) -> Frame {
     }
 }
 
-pub(super) fn request_id(frame: &Frame) -> u64 {
+pub(crate) fn request_id(frame: &Frame) -> u64 {
     match frame {
+        Frame::DeliveryStatusQuery(r) => r.request_id,
         Frame::PushRequest(r) => r.request_id,
         Frame::GroupUpdate(r) => r.request_id,
         Frame::KickRequest(r) => r.request_id,

@@ -59,6 +59,7 @@ use crate::router::{NodeInfo, Route, Router, RouterConfig, rank};
 use crate::session::Login;
 use crate::shard::{Shard, State};
 pub use drain::spawn_drain_coordinator;
+pub(crate) use forward::request_id;
 use forward::*;
 use merge::*;
 pub use metrics::{AtomicHistogram, ClusterCounters, DISCONNECT_CODES, HIST_BOUNDS_US, PUSH_RESULTS};
@@ -88,6 +89,9 @@ pub struct ClusterShared {
     pub incarnation: u64,
     pub client_endpoint: String,
     pub node_endpoint: String,
+    /// The cluster secret: links to other nodes' listeners authenticate
+    /// with it.
+    node_key: crate::protocol::token::Key,
     pub counters: ClusterCounters,
     /// A drain was asked for (SIGTERM, /drain).
     drain: AtomicBool,
@@ -107,7 +111,7 @@ impl ClusterShared {
     pub fn start(
         config: &Config,
         client_addr: std::net::SocketAddr,
-        push_addr: std::net::SocketAddr,
+        node_addr: std::net::SocketAddr,
         shards: u16,
     ) -> std::io::Result<Arc<ClusterShared>> {
         let c = &config.cluster;
@@ -125,7 +129,9 @@ impl ClusterShared {
             addr.to_string()
         };
         let client_endpoint = endpoint(&c.client_endpoint, client_addr);
-        let node_endpoint = endpoint(&c.node_endpoint, push_addr);
+        let node_endpoint = endpoint(&c.node_endpoint, node_addr);
+        let (node_key, _) = crate::push::auth::cluster_key_or_dev(&c.secret_hex, &config.data_dir)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
         let mut seed = [0u8; 8];
         getrandom::fill(&mut seed).map_err(|e| std::io::Error::other(e.to_string()))?;
         // Later runs of a node have larger incarnations (start time in the
@@ -162,6 +168,7 @@ impl ClusterShared {
             incarnation,
             client_endpoint,
             node_endpoint,
+            node_key,
             counters: ClusterCounters::default(),
             drain: AtomicBool::new(false),
             reregistered,

@@ -1,4 +1,5 @@
-//! One pipelined connection from a shard to another node's push port.
+//! One pipelined connection from a shard to another node's node listener,
+//! authenticated with the cluster secret.
 
 use super::*;
 
@@ -83,7 +84,7 @@ impl PeerLink {
         }
     }
 
-    pub(super) async fn run(self: Rc<Self>, endpoint: String) {
+    pub(super) async fn run(self: Rc<Self>, endpoint: String, key: crate::protocol::token::Key) {
         let connected = TcpStream::connect_timeout(endpoint.as_str(), Duration::from_secs(2)).await;
         let mut stream = match connected {
             Ok(s) => s,
@@ -93,8 +94,16 @@ impl PeerLink {
             }
         };
         let _ = stream.set_nodelay(true);
-        debug!(node = %self.node, %endpoint, "connected to node");
         let mut rbuf = BytesMut::new();
+        let handshake = futures_lite::future::or(authenticate(&mut stream, &key, &mut rbuf), async {
+            glommio::timer::sleep(AUTH_TIMEOUT).await;
+            Err(format!("no answer within {AUTH_TIMEOUT:?}"))
+        });
+        if let Err(why) = handshake.await {
+            warn!(node = %self.node, %endpoint, %why, "node link not authenticated");
+            return self.fail();
+        }
+        debug!(node = %self.node, %endpoint, "connected to node");
         std::future::poll_fn(|cx| self.poll(&mut stream, &mut rbuf, cx)).await;
         debug!(node = %self.node, "link to node closed");
         self.fail();
@@ -152,5 +161,48 @@ impl PeerLink {
         }
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+}
+
+/// Time a node has to accept a link's credential.
+const AUTH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Answers the node listener's challenge with the cluster secret.
+async fn authenticate(
+    stream: &mut TcpStream,
+    key: &crate::protocol::token::Key,
+    rbuf: &mut BytesMut,
+) -> Result<(), String> {
+    use futures_lite::AsyncWriteExt as _;
+    let Frame::PushChallenge(challenge) = read_frame(stream, rbuf).await? else {
+        return Err("the node sent no challenge".into());
+    };
+    let auth = Frame::PushAuth(crate::push::auth::answer(key, &challenge));
+    stream.write_all(&auth.to_bytes()).await.map_err(|e| e.to_string())?;
+    match read_frame(stream, rbuf).await? {
+        Frame::PushAuthOk(_) => Ok(()),
+        Frame::Error(e) => {
+            Err(format!("refused: {} ({})", crate::protocol::codes::from_wire(e.code).as_str_name(), e.reason))
+        }
+        other => Err(format!("unexpected {:?}", other.kind())),
+    }
+}
+
+/// The next whole frame of a handshake.
+async fn read_frame(stream: &mut TcpStream, rbuf: &mut BytesMut) -> Result<Frame, String> {
+    use futures_lite::AsyncReadExt as _;
+    loop {
+        if let Some((header, body)) = codec::split_frame(rbuf, PEER_MAX_FRAME).map_err(|e| e.to_string())? {
+            let len = header.frame_len();
+            let frame = Frame::decode(header, body).map_err(|e| e.to_string());
+            let _ = rbuf.split_to(len);
+            return frame;
+        }
+        let mut chunk = [0u8; 1024];
+        match stream.read(&mut chunk).await {
+            Ok(0) => return Err("connection closed".into()),
+            Ok(n) => rbuf.extend_from_slice(&chunk[..n]),
+            Err(e) => return Err(e.to_string()),
+        }
     }
 }

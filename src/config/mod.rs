@@ -104,6 +104,10 @@ config_struct! {
         pub http: crate::http::guard::HttpConfig = Default::default(),
         /// What the dispatcher needs to see before it mints a token.
         pub dispatch: crate::http::dispatch_auth::DispatchAuthConfig = Default::default(),
+        /// Push-port credentials: keys, their rights, deadlines.
+        pub push_auth: crate::push::auth::PushAuthConfig = Default::default(),
+        /// Which groups clients may JOIN themselves.
+        pub client_groups: crate::groups::ClientGroupsConfig = Default::default(),
     }
 }
 
@@ -127,10 +131,19 @@ config_struct! {
         /// Default: "" (the bound client address; for 0.0.0.0, the address
         /// this host reaches Redis from).
         pub client_endpoint: String = String::new(),
-        /// host:port other nodes forward pushes to (this node's push port).
-        /// Default: "" (the bound push address; for 0.0.0.0, the address
-        /// this host reaches Redis from).
+        /// host:port other nodes forward pushes to (this node's
+        /// node_listen). Default: "" (the bound node_listen address; for
+        /// 0.0.0.0, the address this host reaches Redis from).
         pub node_endpoint: String = String::new(),
+        /// Address of the node-to-node listener: forwarded pushes, kicks and
+        /// queries from the other nodes, authenticated with secret_hex (the
+        /// public push port refuses them). Default: "0.0.0.0:7105".
+        pub node_listen: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 7105)),
+        /// The secret every node of the cluster shares, as hex (at least 32
+        /// hex chars; e.g. `openssl rand -hex 32`). Default: "" (a dev secret
+        /// in data_dir/cluster-key: only nodes sharing that directory, i.e.
+        /// one host, can talk; never use it in production).
+        pub secret_hex: String = String::new(),
         /// Endpoints in a dispatcher reply (the first preferred, the others
         /// for drift). Default: 3. Allowed: 1 to 16.
         pub dispatch_endpoints: u32 = 3,
@@ -242,8 +255,10 @@ config_struct! {
     pub struct ServerConfig {
         /// Address clients connect to. Default: "0.0.0.0:7100".
         pub client_listen: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 7100)),
-        /// Address backends push to. Default: "0.0.0.0:7101".
-        pub push_listen: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 7101)),
+        /// Address backends push to (with a push key, `[push_auth]`).
+        /// Default: "127.0.0.1:7101" (this host only; bind a private
+        /// address to serve backends elsewhere).
+        pub push_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 7101)),
         /// Address of the admin HTTP server: /metrics and /healthz, and in
         /// cluster mode /v1/dispatch and POST /drain. Keep it private.
         /// Default: "127.0.0.1:7102". (`[cluster] admin_listen`, its
@@ -569,6 +584,10 @@ impl Config {
         self.cluster.validate(&self.delivery, &self.push)?;
         self.http.validate()?;
         self.dispatch.validate()?;
+        self.push_auth.validate()?;
+        if !self.cluster.secret_hex.is_empty() {
+            crate::push::auth::cluster_key(&self.cluster.secret_hex)?;
+        }
         check_range("auth.clock_leeway_secs", self.auth.clock_leeway_secs, 0, MAX_CLOCK_LEEWAY_SECS, "")?;
         check_range(
             "auth.default_token_ttl_secs",

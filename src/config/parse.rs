@@ -111,6 +111,8 @@ pub(super) fn section_fields(name: &str) -> &'static [FieldDoc] {
         "cluster" => ClusterConfig::FIELDS,
         "http" => crate::http::guard::HttpConfig::FIELDS,
         "dispatch" => crate::http::dispatch_auth::DispatchAuthConfig::FIELDS,
+        "push_auth" => crate::push::auth::PushAuthConfig::FIELDS,
+        "client_groups" => crate::groups::ClientGroupsConfig::FIELDS,
         // A new section must be listed here; the round-trip test fails
         // until it is.
         _ => &[],

@@ -92,13 +92,13 @@ fn check_push_request(req: &proto::PushRequest, max_targets: usize, shards: u16)
 }
 
 /// Per-target results: one per id, in order, REJECTED exactly when the id
-/// is empty or too long; every other id has an owner shard.
+/// is empty, too long or not printable; every other id has an owner shard.
 fn check_targets(ids: &[String], shards: u16) {
     let results = target_results(ids.iter());
     assert_eq!(results.len(), ids.len());
     for (id, r) in ids.iter().zip(&results) {
         assert_eq!(&r.target, id);
-        let valid = !id.is_empty() && id.len() <= MAX_ID_BYTES;
+        let valid = !id.is_empty() && id.len() <= MAX_ID_BYTES && !id.chars().any(char::is_control);
         assert_eq!(r.status == PushStatus::Rejected as i32, !valid, "{r:?}");
         if valid {
             assert!(owner_shard(id, shards).0 < shards);

@@ -311,7 +311,7 @@ impl Harness {
             && (auth.device.is_empty() || auth.device == m.device)
             && [&m.user, &m.device, &m.app, &auth.platform, &auth.client_version]
                 .iter()
-                .all(|f| f.len() <= max && !f.contains('\0'))
+                .all(|f| f.len() <= max && !f.chars().any(char::is_control))
     }
 
     fn codec_error(&mut self, err: &CodecError) {
@@ -353,6 +353,7 @@ impl Harness {
             last_seq: 0,
             heartbeat_ms: self.params.heartbeat_default_ms,
             store_incarnation: 0,
+            groups: Vec::new(),
         });
         let mut out = Vec::new();
         let ok = proto::AuthOk { conn_id, ..Default::default() };

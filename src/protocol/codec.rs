@@ -228,6 +228,10 @@ frames! {
         Join(proto::GroupMembership),
         Leave(proto::GroupMembership),
         GoAway(proto::GoAway),
+        GroupResult(proto::GroupResult),
+        PushChallenge(proto::PushChallenge),
+        PushAuth(proto::PushAuth),
+        PushAuthOk(proto::PushAuthOk),
         PushRequest(proto::PushRequest),
         PushReply(proto::PushReply),
         GroupUpdate(proto::GroupUpdate),
@@ -266,7 +270,12 @@ impl Peer {
             Peer::Client => matches!(kind, K::Auth | K::Error | K::Ping | K::Ack | K::Request | K::Join | K::Leave),
             Peer::Backend => matches!(
                 kind,
-                K::PushRequest | K::GroupUpdate | K::KickRequest | K::PresenceQuery | K::DeliveryStatusQuery
+                K::PushAuth
+                    | K::PushRequest
+                    | K::GroupUpdate
+                    | K::KickRequest
+                    | K::PresenceQuery
+                    | K::DeliveryStatusQuery
             ),
         }
     }
@@ -338,6 +347,15 @@ mod tests {
             Frame::ResyncRequired(proto::ResyncRequired { from_seq: 3, to_seq: 9 }),
             Frame::Join(proto::GroupMembership { group: "g".into() }),
             Frame::Leave(proto::GroupMembership { group: "g".into() }),
+            Frame::GroupResult(proto::GroupResult {
+                group: "g".into(),
+                join: true,
+                code: proto::ErrorCode::PermissionDenied as i32,
+                reason: "no".into(),
+            }),
+            Frame::PushChallenge(proto::PushChallenge { nonce: Bytes::from_static(&[7; 32]) }),
+            Frame::PushAuth(proto::PushAuth { key_id: "k".into(), mac: Bytes::from_static(&[9; 32]) }),
+            Frame::PushAuthOk(proto::PushAuthOk { rights: vec!["push".into()], service_ids: vec!["chat".into()] }),
             Frame::PushRequest(proto::PushRequest {
                 request_id: 1,
                 targets: Some(proto::Targets { devices: vec!["d".into()], ..Default::default() }),

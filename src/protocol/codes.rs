@@ -52,6 +52,8 @@ pub const TABLE: &[CodeInfo] = &[
     row(ErrorCode::Kicked, Terminal, "session ended by a backend"),
     row(ErrorCode::UnsupportedVersion, Terminal, "protocol version not supported"),
     row(ErrorCode::LimitExceeded, Terminal, "a per-session limit was exceeded"),
+    row(ErrorCode::Unauthenticated, Terminal, "no valid credential"),
+    row(ErrorCode::PermissionDenied, Terminal, "the credential does not allow this"),
 ];
 
 /// The table row for `code`; `Unspecified` maps to SERVER_ERROR's row.

@@ -12,23 +12,34 @@ pub enum IdError {
     Empty,
     #[error("id longer than {0} bytes")]
     TooLong(usize),
+    #[error("id with a control character")]
+    NotPrintable,
 }
 
-/// A target, group or service id: 1 to `max` bytes.
+/// A target, group or service id: 1 to `max` bytes of printable
+/// characters (ids reach logs and terminals: no escape sequences).
 pub fn check_id(id: &str, max: usize) -> Result<(), IdError> {
     if id.is_empty() {
         Err(IdError::Empty)
     } else if id.len() > max {
         Err(IdError::TooLong(max))
+    } else if !printable(id) {
+        Err(IdError::NotPrintable)
     } else {
         Ok(())
     }
 }
 
 /// An optional identity field (platform, version, ...): at most `max`
-/// bytes, no NUL (the identity record joins the fields).
+/// bytes of printable characters (so no NUL, which the identity record
+/// uses as a separator).
 pub fn fits_field(field: &str, max: usize) -> bool {
-    field.len() <= max && !field.contains('\0')
+    field.len() <= max && printable(field)
+}
+
+/// No control characters (C0, DEL, C1: ANSI escapes start with one).
+fn printable(text: &str) -> bool {
+    !text.chars().any(char::is_control)
 }
 
 #[cfg(test)]
@@ -44,5 +55,8 @@ mod tests {
         );
         assert!(check_id(&"x".repeat(255), MAX_ID_BYTES).is_ok());
         assert!(fits_field("", 3) && !fits_field("a\0", 3) && !fits_field("abcd", 3));
+        assert_eq!(check_id("\u{1b}[31mred", MAX_ID_BYTES), Err(IdError::NotPrintable));
+        assert_eq!(check_id("a\u{9b}b", MAX_ID_BYTES), Err(IdError::NotPrintable));
+        assert!(!fits_field("v1\n", 9) && fits_field("Ünïcode ok", 20));
     }
 }

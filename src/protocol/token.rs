@@ -119,6 +119,16 @@ impl Key {
         &self.id
     }
 
+    /// HMAC-SHA256 of `data` under this key (push-port challenges).
+    pub fn mac(&self, data: &[u8]) -> [u8; 32] {
+        self.mac_of(data).finalize().into_bytes().into()
+    }
+
+    /// Whether `tag` is the HMAC of `data`, compared in constant time.
+    pub fn verify_mac(&self, data: &[u8], tag: &[u8]) -> bool {
+        self.mac_of(data).verify_slice(tag).is_ok()
+    }
+
     fn mac_of(&self, claims: &[u8]) -> HmacSha256 {
         let mut mac = self.mac.clone();
         mac.update(claims);
@@ -185,16 +195,16 @@ impl Keyring {
     /// check its inputs: a token with an empty user or `expires_at <=
     /// issued_at` is minted but will fail [`Keyring::verify`].
     pub fn mint(&self, user: &str, device: &str, app: &str, issued_at: i64, expires_at: i64) -> String {
+        let (user, device, app) = (user.to_owned(), device.to_owned(), app.to_owned());
+        self.mint_claims(TokenClaims { user, device, app, issued_at, expires_at, ..Default::default() })
+    }
+
+    /// Signs `claims` (any optional claims set, e.g. `groups`) with the
+    /// signing key, whose id it fills in.
+    pub fn mint_claims(&self, mut claims: TokenClaims) -> String {
         let key = &self.keys[self.signing];
-        let claims = TokenClaims {
-            user: user.to_owned(),
-            device: device.to_owned(),
-            app: app.to_owned(),
-            issued_at,
-            expires_at,
-            key_id: key.id.clone(),
-        }
-        .encode_to_vec();
+        claims.key_id = key.id.clone();
+        let claims = claims.encode_to_vec();
         let tag = key.mac_of(&claims).finalize().into_bytes();
         let mut token = URL_SAFE_NO_PAD.encode(&claims);
         token.push('.');
@@ -300,8 +310,14 @@ pub fn decode_hex(text: &str) -> Option<Vec<u8>> {
 /// whether it was created now. Refuses a file others can read or write:
 /// anyone who can read it can mint tokens.
 pub fn load_or_create_dev_key(data_dir: &Path) -> io::Result<(Key, PathBuf, bool)> {
-    let path = data_dir.join(DEV_KEY_FILE);
-    match read_dev_key(&path) {
+    load_or_create_key_file(data_dir, DEV_KEY_FILE, "dev")
+}
+
+/// [`load_or_create_dev_key`] for another key file (`file` in `data_dir`,
+/// ids `{id_prefix}-{fingerprint}`), e.g. the dev push key.
+pub fn load_or_create_key_file(data_dir: &Path, file: &str, id_prefix: &str) -> io::Result<(Key, PathBuf, bool)> {
+    let path = data_dir.join(file);
+    match read_key_file(&path) {
         Ok(key) => return Ok((key, path, false)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
@@ -313,13 +329,13 @@ pub fn load_or_create_dev_key(data_dir: &Path) -> io::Result<(Key, PathBuf, bool
     let (secret, tmp_tag) = random.split_at(DEV_SECRET_BYTES);
     // The id is a fingerprint of the secret: it tells nodes' keys apart
     // without revealing anything.
-    let id = format!("dev-{}", encode_hex(&Sha256::digest(secret)[..4]));
+    let id = format!("{id_prefix}-{}", encode_hex(&Sha256::digest(secret)[..4]));
     let key = Key::new(id.as_str(), secret.to_vec()).map_err(io::Error::other)?;
 
     // Write a private temp file, then hard-link it into place: the link
     // appears atomically and fails if another process created the key first,
     // in which case that key wins.
-    let tmp = data_dir.join(format!(".{DEV_KEY_FILE}.{}.tmp", encode_hex(tmp_tag)));
+    let tmp = data_dir.join(format!(".{file}.{}.tmp", encode_hex(tmp_tag)));
     let written = write_private(&tmp, format!("{id}:{}\n", encode_hex(secret)).as_bytes())
         .and_then(|()| fs::hard_link(&tmp, &path));
     let _ = fs::remove_file(&tmp);
@@ -331,7 +347,7 @@ pub fn load_or_create_dev_key(data_dir: &Path) -> io::Result<(Key, PathBuf, bool
             }
             Ok((key, path, true))
         }
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok((read_dev_key(&path)?, path, false)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok((read_key_file(&path)?, path, false)),
         Err(e) => Err(e),
     }
 }
@@ -342,7 +358,8 @@ fn write_private(path: &Path, contents: &[u8]) -> io::Result<()> {
     file.sync_all()
 }
 
-fn read_dev_key(path: &Path) -> io::Result<Key> {
+/// Reads a key file (`id:hexsecret`), refusing one others may access.
+pub fn read_key_file(path: &Path) -> io::Result<Key> {
     let mut file = fs::File::open(path)?;
     // Checked on the open file, so the mode seen is the mode of what is read.
     let mode = file.metadata()?.permissions().mode();
@@ -440,6 +457,7 @@ mod tests {
                 issued_at: NOW - 10,
                 expires_at: NOW + 3600,
                 key_id: "k1".into(),
+                groups: Vec::new(),
             }
         );
     }

@@ -11,6 +11,7 @@
 //! number of requests in flight: at the bound the node stops reading from
 //! it (backpressure).
 
+pub mod auth;
 mod deadlines;
 mod plan;
 mod port;
@@ -59,6 +60,18 @@ pub(crate) struct Backend {
     waker: Option<Waker>,
     /// Flush what is queued, then close.
     closing: bool,
+    /// The listener it came in on (which keys it may use).
+    listener: auth::Listener,
+    /// Before its PushAuth: the nonce it must answer; after: its rights.
+    auth: BackendAuth,
+    /// The auth deadline, then the idle deadline (moved by each request).
+    deadline: Millis,
+}
+
+/// Where a backend connection is in its authentication.
+pub(crate) enum BackendAuth {
+    Challenged { nonce: Bytes },
+    Granted { rights: auth::Rights, service_ids: Rc<[String]> },
 }
 
 impl Backend {

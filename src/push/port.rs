@@ -4,24 +4,19 @@
 use super::*;
 
 impl Shard {
-    /// Accepts backend connections on the push port until shutdown.
-    pub async fn push_accept_loop(self: Rc<Self>, listener: glommio::net::TcpListener) {
+    /// Accepts backend connections on the push port (or, `Listener::Node`,
+    /// other nodes on the node listener) until shutdown.
+    pub async fn push_accept_loop(self: Rc<Self>, listener: glommio::net::TcpListener, role: auth::Listener) {
         while let Some(accepted) = self.accept_or_stop(&listener).await {
             match accepted {
                 Ok(stream) => {
-                    let key = {
-                        let mut st = self.state.borrow_mut();
-                        let generation = st.next_token() as u32;
-                        let index = st.backends.insert(Backend {
-                            generation,
-                            out: OutQueue::default(),
-                            inflight: 0,
-                            waker: None,
-                            closing: false,
-                        });
-                        ConnKey { index: index as u32, generation }
+                    let Some(key) = self.admit_backend(role) else {
+                        // Too many still authenticating: the newcomer waits
+                        // for nothing and costs nothing.
+                        self.counters.push_refused.fetch_add(1, Ordering::Relaxed);
+                        continue;
                     };
-                    debug!(shard = %self.id, peer = ?stream.peer_addr().ok(), "backend connected");
+                    debug!(shard = %self.id, peer = ?stream.peer_addr().ok(), ?role, "backend connected");
                     glommio::spawn_local(Rc::clone(&self).run_backend(key, stream)).detach();
                 }
                 Err(err) => {
@@ -32,6 +27,40 @@ impl Shard {
         }
     }
 
+    /// A slot for a new backend connection, its challenge queued; `None`
+    /// when the shard has `max_unauthenticated` of them authenticating.
+    fn admit_backend(&self, listener: auth::Listener) -> Option<ConnKey> {
+        let pa = &self.cfg.push_auth;
+        let mut st = self.state.borrow_mut();
+        let authenticating =
+            st.backends.iter().filter(|(_, b)| matches!(b.auth, BackendAuth::Challenged { .. })).count();
+        if authenticating >= pa.max_unauthenticated as usize {
+            return None;
+        }
+        let challenge = match auth::new_challenge() {
+            Ok(c) => c,
+            Err(err) => {
+                warn!(shard = %self.id, error = %err, "no randomness for a push challenge");
+                return None;
+            }
+        };
+        let mut out = OutQueue::default();
+        let nonce = challenge.nonce.clone();
+        out.push(Frame::PushChallenge(challenge).to_bytes());
+        let generation = st.next_token() as u32;
+        let index = st.backends.insert(Backend {
+            generation,
+            out,
+            inflight: 0,
+            waker: None,
+            closing: false,
+            listener,
+            auth: BackendAuth::Challenged { nonce },
+            deadline: self.now().mono.add_ms(pa.auth_timeout_ms),
+        });
+        Some(ConnKey { index: index as u32, generation })
+    }
+
     pub(super) async fn run_backend(self: Rc<Self>, key: ConnKey, mut stream: TcpStream) {
         let mut rbuf = BytesMut::new();
         std::future::poll_fn(|cx| self.poll_backend(key, &mut stream, &mut rbuf, cx)).await;
@@ -40,6 +69,55 @@ impl Shard {
             st.backends.remove(key.index as usize);
         }
         debug!(shard = %self.id, "backend disconnected");
+    }
+
+    /// Closes backend connections past their auth or idle deadline (from
+    /// the shard's timer tick).
+    pub(crate) fn expire_backends(&self, st: &mut State, now: Millis) {
+        let idle_ms = self.cfg.push_auth.idle_timeout_ms;
+        for (_, b) in st.backends.iter_mut() {
+            if b.closing || b.deadline > now {
+                continue;
+            }
+            let code = match b.auth {
+                BackendAuth::Challenged { .. } => ErrorCode::AuthTimeout,
+                // Busy is not idle: the wait starts again.
+                BackendAuth::Granted { .. } if b.inflight > 0 => {
+                    b.deadline = now.add_ms(idle_ms);
+                    continue;
+                }
+                BackendAuth::Granted { .. } => ErrorCode::IdleTimeout,
+            };
+            b.out.push(Frame::Error(codes::error_body(code, "")).to_bytes());
+            b.close();
+        }
+    }
+
+    /// The connection's first frame: a PushAuth that answers its challenge
+    /// grants the key's rights; anything else closes it (UNAUTHENTICATED).
+    fn on_auth(&self, b: &mut Backend, nonce: &[u8], frame: Result<Frame, CodecError>) {
+        let ring = self.cfg.push_auth.ring(b.listener);
+        let granted = match (frame, ring) {
+            (Ok(Frame::PushAuth(a)), Some(ring)) => ring.verify(nonce, &a).map_err(|e| e.to_string()),
+            (Ok(Frame::PushAuth(_)), None) => Err("this listener takes no keys".into()),
+            (Ok(other), _) => Err(auth::AuthError::NotAuth(format!("{:?}", other.kind())).to_string()),
+            (Err(err), _) => Err(err.to_string()),
+        };
+        match granted {
+            Ok(grant) => {
+                let ok = proto::PushAuthOk { rights: grant.rights.names(), service_ids: grant.service_ids.clone() };
+                b.out.push(Frame::PushAuthOk(ok).to_bytes());
+                b.auth = BackendAuth::Granted { rights: grant.rights, service_ids: grant.service_ids.clone().into() };
+                b.deadline = self.now().mono.add_ms(self.cfg.push_auth.idle_timeout_ms);
+                debug!(shard = %self.id, key = %grant.key.id(), "backend authenticated");
+            }
+            Err(reason) => {
+                self.counters.push_refused.fetch_add(1, Ordering::Relaxed);
+                let error = Frame::Error(codes::error_body(ErrorCode::Unauthenticated, reason));
+                b.out.push(error.to_bytes());
+                b.closing = true;
+            }
+        }
     }
 
     pub(super) fn poll_backend(
@@ -77,17 +155,40 @@ impl Shard {
                         // once its FIFOs have drained.
                         return Poll::Pending;
                     }
-                    match codec::split_frame(rbuf, self.cfg.push.max_request_bytes) {
+                    let max_body = match b.auth {
+                        BackendAuth::Challenged { .. } => auth::MAX_AUTH_BODY,
+                        BackendAuth::Granted { .. } => self.cfg.push.max_request_bytes,
+                    };
+                    match codec::split_frame(rbuf, max_body) {
                         Ok(None) => break,
                         Ok(Some((header, body))) => {
                             let len = header.frame_len();
                             let frame = Frame::decode_from(Peer::Backend, header, body);
                             rbuf.advance(len);
-                            self.on_request(&mut st, key, frame);
+                            match &b.auth {
+                                BackendAuth::Challenged { nonce } => {
+                                    let nonce = nonce.clone();
+                                    self.on_auth(b, &nonce, frame);
+                                    if b.closing {
+                                        rbuf.clear();
+                                        break;
+                                    }
+                                }
+                                BackendAuth::Granted { rights, service_ids } => {
+                                    let (rights, service_ids) = (*rights, service_ids.clone());
+                                    b.deadline = self.now().mono.add_ms(self.cfg.push_auth.idle_timeout_ms);
+                                    self.on_granted_request(&mut st, key, rights, &service_ids, frame);
+                                }
+                            }
                         }
                         Err(err) => {
                             // The frame boundary is lost: say why and close.
-                            let error = Frame::Error(codes::error_body(err.code(), err.to_string()));
+                            // Before auth, every refusal is UNAUTHENTICATED.
+                            let code = match b.auth {
+                                BackendAuth::Challenged { .. } => ErrorCode::Unauthenticated,
+                                BackendAuth::Granted { .. } => err.code(),
+                            };
+                            let error = Frame::Error(codes::error_body(code, err.to_string()));
                             b.out.push(error.to_bytes());
                             b.closing = true;
                             rbuf.clear();
@@ -103,7 +204,17 @@ impl Shard {
                 }
             }
             let mut chunk = [0u8; 16 * 1024];
-            match futures_lite::AsyncRead::poll_read(Pin::new(&mut *stream), cx, &mut chunk) {
+            // Before auth, read no more than the largest PushAuth frame.
+            let want = {
+                let st = self.state.borrow();
+                match st.backends.get(key.index as usize).map(|b| &b.auth) {
+                    Some(BackendAuth::Challenged { .. }) => {
+                        (codec::HEADER_LEN + auth::MAX_AUTH_BODY as usize).saturating_sub(rbuf.len()).max(1)
+                    }
+                    _ => chunk.len(),
+                }
+            };
+            match futures_lite::AsyncRead::poll_read(Pin::new(&mut *stream), cx, &mut chunk[..want]) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
                 Poll::Ready(Ok(n)) => rbuf.extend_from_slice(&chunk[..n]),
@@ -111,6 +222,27 @@ impl Shard {
         }
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+
+    /// A request on an authenticated connection: carried out only when the
+    /// key's rights allow it, else answered PERMISSION_DENIED.
+    fn on_granted_request(
+        &self,
+        st: &mut State,
+        backend: ConnKey,
+        rights: auth::Rights,
+        service_ids: &[String],
+        frame: Result<Frame, CodecError>,
+    ) {
+        if let Ok(f) = &frame
+            && let Err(reason) = auth::authorize(rights, service_ids, f)
+        {
+            self.counters.push_requests.fetch_add(1, Ordering::Relaxed);
+            self.counters.push_denied.fetch_add(1, Ordering::Relaxed);
+            let id = crate::cluster::request_id(f);
+            return reply_now(st, backend, Frame::RequestError(request_error(id, auth::DENIED, reason)));
+        }
+        self.on_request(st, backend, frame);
     }
 
     pub(super) fn on_request(&self, st: &mut State, backend: ConnKey, frame: Result<Frame, CodecError>) {

@@ -117,6 +117,11 @@ pub struct ShardCounters {
     pub broadcast_rejected: AtomicU64,
     /// Push-port requests received.
     pub push_requests: AtomicU64,
+    /// Push-port and node-listener connections refused before or at
+    /// authentication (bad or missing credential, too many authenticating).
+    pub push_refused: AtomicU64,
+    /// Requests refused because the key lacks the right (PERMISSION_DENIED).
+    pub push_denied: AtomicU64,
     /// Push-port requests answered at `push.reply_timeout_ms` with answers
     /// missing, and answers that came after that (dropped).
     pub push_timeouts: AtomicU64,
@@ -162,7 +167,11 @@ pub struct ShardConfig {
     pub max_connections: u32,
     pub accept_rate_per_sec: u32,
     pub max_groups_per_session: u32,
+    /// Groups any client may JOIN (`[client_groups] allow`).
+    pub join_policy: Arc<[String]>,
     pub push: PushLimits,
+    /// Push-port and node-listener credentials and deadlines.
+    pub push_auth: Arc<crate::push::auth::PortAuth>,
     pub node: String,
     /// Services and their backends, dedup and rate-limit settings.
     pub upstream: UpstreamSettings,
@@ -247,14 +256,31 @@ impl Conn {
             text.push_str(&part[..usize::from(*len)]);
         }
         text.push_str(&login.client_version);
+        // The token's group patterns follow, each after a NUL (no field
+        // holds one): they cost nothing for tokens without them.
+        for group in &login.groups {
+            text.push('\0');
+            text.push_str(group);
+        }
         self.ident = Some(text.into_boxed_str());
+    }
+
+    /// The group patterns of the session's token.
+    fn group_claims(&self) -> impl Iterator<Item = &str> {
+        let text = self.ident.as_deref().unwrap_or("");
+        let tail = text.find('\0').map_or("", |i| &text[i + 1..]);
+        tail.split('\0').filter(|g| !g.is_empty())
     }
 
     /// Field `i` of the identity: 0 user, 1 device, 2 app, 3 platform, 4 version.
     fn field(&self, i: usize) -> Option<&str> {
         let text = self.ident.as_deref()?;
         let start: usize = self.lens[..i].iter().map(|&l| usize::from(l)).sum();
-        let end = if i < 4 { start + usize::from(self.lens[i]) } else { text.len() };
+        let end = if i < 4 {
+            start + usize::from(self.lens[i])
+        } else {
+            text[start..].find('\0').map_or(text.len(), |n| start + n)
+        };
         text.get(start..end)
     }
 
@@ -590,6 +616,7 @@ mod tests {
             last_seq: 0,
             heartbeat_ms: 0,
             store_incarnation: 0,
+            groups: vec!["room-*".into(), "vip".into()],
         };
         let mut conn = Conn {
             session: Session::new(Millis(0), &test_params()),
@@ -607,6 +634,7 @@ mod tests {
         conn.set_ident(&login);
         let fields: Vec<_> = (0..5).map(|i| conn.field(i).unwrap()).collect();
         assert_eq!(fields, ["alice", "phone-1", "chat", "ios", "2.0.1"]);
+        assert_eq!(conn.group_claims().collect::<Vec<_>>(), ["room-*", "vip"]);
     }
 
     fn test_params() -> Params {

@@ -325,19 +325,33 @@ impl Shard {
                     }
                 }
                 Action::Join(group) => {
+                    let allowed = st
+                        .conn(key)
+                        .is_some_and(|c| crate::groups::join_allowed(&group, &self.cfg.join_policy, c.group_claims()));
+                    if !allowed {
+                        let reason = "neither the token nor the node's policy allows this group".to_owned();
+                        let denied = group_result(group, true, ErrorCode::PermissionDenied, reason);
+                        self.queue_frame(st, key, &denied);
+                        continue;
+                    }
                     let limit = self.cfg.max_groups_per_session as usize;
                     if st.groups.join(key.index, &group, limit).is_err() {
+                        let reason = format!("at most {limit} groups per session");
+                        let refused = group_result(group, true, ErrorCode::LimitExceeded, reason.clone());
+                        self.queue_frame(st, key, &refused);
                         let mut more = Vec::new();
                         if let Some(conn) = st.conn(key) {
-                            let reason = format!("at most {limit} groups per session");
                             conn.session.close(now, ErrorCode::LimitExceeded, reason, &self.cfg.params, &mut more);
                         }
                         self.apply(st, key, now, &mut more);
+                    } else {
+                        self.queue_frame(st, key, &group_result(group, true, ErrorCode::Unspecified, String::new()));
                     }
                     self.publish_group_counts(st);
                 }
                 Action::Leave(group) => {
                     st.groups.leave(key.index, &group);
+                    self.queue_frame(st, key, &group_result(group, false, ErrorCode::Unspecified, String::new()));
                     self.publish_group_counts(st);
                 }
                 Action::Request(request) => self.on_client_request(st, key, now, request),
@@ -650,4 +664,9 @@ impl AcceptBucket {
         self.bucket.refill(ms, rate, rate);
         self.bucket.take_or_owe(rate)
     }
+}
+
+/// The answer to a client's JOIN (`join`) or LEAVE.
+fn group_result(group: String, join: bool, code: ErrorCode, reason: String) -> Frame {
+    Frame::GroupResult(proto::GroupResult { group, join, code: code as i32, reason })
 }

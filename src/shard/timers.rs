@@ -21,6 +21,7 @@ impl Shard {
             }
             // Push-port requests past their deadline are answered now.
             self.expire_requests();
+            self.expire_backends(&mut self.state.borrow_mut(), self.now().mono);
             self.state.borrow_mut().wheel.expire(self.now().mono, &mut due);
             // A session may be filed more than once (its deadline moved
             // earlier); visiting it once re-files it once, so copies merge.

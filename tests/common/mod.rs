@@ -37,11 +37,73 @@ pub fn test_config(shards: u16) -> Config {
         [[auth.keys]]
         id = "k1"
         secret_hex = "{KEY_HEX}"
+        [client_groups]
+        allow = ["room"]
+        [cluster]
+        node_listen = "127.0.0.1:0"
+        secret_hex = "{CLUSTER_SECRET_HEX}"
+        [[push_auth.keys]]
+        id = "{PUSH_KEY_ID}"
+        secret_hex = "{PUSH_KEY_HEX}"
+        rights = ["push", "broadcast", "groups", "kick", "presence", "status"]
         "#
     ))
     .expect("test config is valid");
     cfg.server.shards = shards;
     cfg
+}
+
+/// The push key of [`test_config`]: every right.
+pub const PUSH_KEY_ID: &str = "p1";
+pub const PUSH_KEY_HEX: &str = "202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f";
+
+/// The cluster secret of the tests' cluster nodes.
+pub const CLUSTER_SECRET_HEX: &str = "404142434445464748494a4b4c4d4e4f505152535455565758595a5b5c5d5e5f";
+
+/// The credential of the node listener in the tests' clusters.
+pub fn cluster_key() -> longlink::backend::PushKey {
+    longlink::push::auth::cluster_key(CLUSTER_SECRET_HEX).expect("test cluster secret")
+}
+
+pub fn push_key() -> longlink::backend::PushKey {
+    longlink::push::auth::parse_credential(&format!("{PUSH_KEY_ID}:{PUSH_KEY_HEX}")).expect("test push key")
+}
+
+/// A push-port client authenticated with [`push_key`].
+pub fn push_client(addr: SocketAddr) -> longlink::backend::PushClient {
+    longlink::backend::PushClient::connect(addr, Duration::from_secs(5), &push_key()).expect("push port")
+}
+
+/// Reads one whole frame from a blocking socket (`buf` keeps what follows).
+pub fn read_frame_blocking(s: &mut std::net::TcpStream, buf: &mut Vec<u8>) -> Option<Frame> {
+    use std::io::Read;
+    loop {
+        if let Ok(Some((h, body))) = codec::split_frame(buf, 16 << 20) {
+            let frame = Frame::decode(h, body).expect("node frames decode");
+            buf.drain(..h.frame_len());
+            return Some(frame);
+        }
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Authenticates a raw push-port socket with `key`: the node's challenge,
+/// then our PushAuth; returns the node's answer (PushAuthOk or Error).
+pub fn raw_push_auth(s: &mut std::net::TcpStream, key: &longlink::backend::PushKey) -> Option<Frame> {
+    use std::io::Write;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = Vec::new();
+    let Some(Frame::PushChallenge(challenge)) = read_frame_blocking(s, &mut buf) else {
+        panic!("the push port sends a challenge first")
+    };
+    let auth = Frame::PushAuth(longlink::push::auth::answer(key, &challenge));
+    s.write_all(&auth.to_bytes()).unwrap();
+    read_frame_blocking(s, &mut buf)
 }
 
 pub fn keyring(cfg: &Config) -> Keyring {
@@ -188,6 +250,8 @@ pub struct NodeProcess {
     pub push_addr: SocketAddr,
     /// The admin HTTP address (every node prints it).
     pub admin_addr: Option<SocketAddr>,
+    /// Cluster mode: the node-to-node listener.
+    pub node_addr: Option<SocketAddr>,
     _dir: TempDir,
 }
 
@@ -215,7 +279,8 @@ impl NodeProcess {
         let client_addr = addr("listening ");
         let push_addr = addr("push ");
         let admin_addr = Some(addr("admin "));
-        NodeProcess { child, client_addr, push_addr, admin_addr, _dir: dir }
+        let node_addr = cfg.cluster.enabled.then(|| addr("node "));
+        NodeProcess { child, client_addr, push_addr, admin_addr, node_addr, _dir: dir }
     }
 
     pub fn rss_bytes(&self) -> u64 {

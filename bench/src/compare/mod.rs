@@ -675,7 +675,8 @@ impl Rig {
     /// (peers confirmed every subscription before reporting connected).
     fn wait_members(&mut self, h: &mut Harness, push: Option<std::net::SocketAddr>, want: u64) -> anyhow::Result<()> {
         let Some(push) = push else { return Ok(()) };
-        let mut client = PushClient::connect(push, Duration::from_secs(5)).context("presence client")?;
+        let mut client = PushClient::connect(push, Duration::from_secs(5), &crate::server::bench_push_key())
+            .context("presence client")?;
         client.set_read_timeout(Some(Duration::from_secs(10)))?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

@@ -21,6 +21,8 @@ if (!existsSync(BIN)) {
 }
 
 export const KEY_HEX = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+/** The cluster secret every test node shares (the node listener). */
+export const CLUSTER_SECRET_HEX = "404142434445464748494a4b4c4d4e4f505152535455565758595a5b5c5d5e5f";
 export const WAIT_MS = 20_000;
 
 const children = new Set();
@@ -179,6 +181,8 @@ retry_base_ms = ${o.retryBaseMs ?? 300}
 ${o.redisUrl ? `redis_url = ${tomlString(o.redisUrl)}\nnode_index = ${o.nodeIndex ?? 0}` : ""}
 [cluster]
 enabled = ${o.redisUrl ? "true" : "false"}
+node_listen = "127.0.0.1:0"
+secret_hex = "${CLUSTER_SECRET_HEX}"
 lease_ms = 3000
 admin_listen = "127.0.0.1:0"
 drain_rate_per_sec = 1000
@@ -207,19 +211,24 @@ export class Node {
     return (await cli(["token", "--user", user, "--device", device, "--app", "test", "--ttl", ttl, "--config", this.config])).trim();
   }
 
+  /** The push-port flags: the address and the node's dev push key. */
+  pushPort() {
+    return ["--server", this.pushAddr, "--key-file", join(this.dir, "push-key")];
+  }
+
   /** Pushes through the push port; returns the JSON result lines. */
   async push(device, text, { qos = "at-least-once" } = {}) {
-    const out = await cli(["push", "--server", this.pushAddr, "--device", device, "--qos", qos, text]);
+    const out = await cli(["push", ...this.pushPort(), "--device", device, "--qos", qos, text]);
     return out.trim().split("\n").map(parseBig);
   }
 
   async kick(device, code, reason = "test") {
-    await cli(["kick", "--server", this.pushAddr, "--device", device, "--code", code, "--reason", reason]);
+    await cli(["kick", ...this.pushPort(), "--device", device, "--code", code, "--reason", reason]);
   }
 
   /** Delivery state of at-least-once message ids ("STORED", "SENT", "ACKED", ...). */
   async status(...ids) {
-    const out = await cli(["status", "--server", this.pushAddr, ...ids.map(String)]);
+    const out = await cli(["status", ...this.pushPort(), ...ids.map(String)]);
     return out.trim().split("\n").map(parseBig);
   }
 

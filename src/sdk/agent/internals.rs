@@ -101,6 +101,8 @@ impl Agent {
                 self.delivered_seq = self.delivered_seq.max(to_seq);
                 self.event(Event::ResyncRequired { from_seq, to_seq });
             }
+            // The SDK sends no Join or Leave.
+            ClientEvent::GroupResult(_) => {}
             ClientEvent::Response(r) => {
                 let id = RequestId(r.request_id);
                 let Some(p) = self.pending.get_mut(&id) else { return }; // late duplicate

@@ -14,7 +14,7 @@ import type { Message as Message$1 } from "@bufbuild/protobuf";
  * Describes the file longlink.proto.
  */
 export const file_longlink: GenFile = /*@__PURE__*/
-  fileDesc("Cg5sb25nbGluay5wcm90bxILbG9uZ2xpbmsudjEibwoLVG9rZW5DbGFpbXMSDAoEdXNlchgBIAEoCRIOCgZkZXZpY2UYAiABKAkSCwoDYXBwGAMgASgJEhEKCWlzc3VlZF9hdBgEIAEoAxISCgpleHBpcmVzX2F0GAUgASgDEg4KBmtleV9pZBgGIAEoCSKoAQoEQXV0aBINCgV0b2tlbhgBIAEoCRIOCgZkZXZpY2UYAiABKAkSEAoIcGxhdGZvcm0YAyABKAkSFgoOY2xpZW50X3ZlcnNpb24YBCABKAkSFAoMY2FwYWJpbGl0aWVzGAUgASgNEhAKCGxhc3Rfc2VxGAYgASgEEhQKDGhlYXJ0YmVhdF9tcxgHIAEoDRIZChFzdG9yZV9pbmNhcm5hdGlvbhgIIAEoBCLMAQoGQXV0aE9rEg8KB2Nvbm5faWQYASABKAQSGAoQaGVhcnRiZWF0X21pbl9tcxgCIAEoDRIYChBoZWFydGJlYXRfbWF4X21zGAMgASgNEhQKDGhlYXJ0YmVhdF9tcxgEIAEoDRIXCg9pZGxlX3RpbWVvdXRfbXMYBSABKA0SFgoOc2VydmVyX3RpbWVfbXMYBiABKAQSDQoFc2hhcmQYByABKA0SDAoEbm9kZRgIIAEoCRIZChFzdG9yZV9pbmNhcm5hdGlvbhgJIAEoBCJQCgVFcnJvchIkCgRjb2RlGAEgASgOMhYubG9uZ2xpbmsudjEuRXJyb3JDb2RlEg4KBnJlYXNvbhgCIAEoCRIRCglyZWNvbm5lY3QYAyABKAgiPgoGS2lja2VkEiQKBGNvZGUYASABKA4yFi5sb25nbGluay52MS5FcnJvckNvZGUSDgoGcmVhc29uGAIgASgJIioKBkdvQXdheRIQCghlbmRwb2ludBgBIAEoCRIOCgZyZWFzb24YAiABKAkiTwoHTWVzc2FnZRIPCgdwYXlsb2FkGAEgASgMEhIKCnNlcnZpY2VfaWQYAiABKAkSEgoKbWVzc2FnZV9pZBgDIAEoBBILCgNzZXEYBCABKAQiEgoDQWNrEgsKA3NlcRgBIAEoBCIyCg5SZXN5bmNSZXF1aXJlZBIQCghmcm9tX3NlcRgBIAEoBBIOCgZ0b19zZXEYAiABKAQiIAoPR3JvdXBNZW1iZXJzaGlwEg0KBWdyb3VwGAEgASgJIksKB1RhcmdldHMSDwoHZGV2aWNlcxgBIAMoCRINCgV1c2VycxgCIAMoCRINCgVncm91cBgDIAEoCRIRCglicm9hZGNhc3QYBCABKAgirwEKC1B1c2hSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAQSJQoHdGFyZ2V0cxgCIAEoCzIULmxvbmdsaW5rLnYxLlRhcmdldHMSDwoHcGF5bG9hZBgDIAEoDBISCgpzZXJ2aWNlX2lkGAQgASgJEg4KBnR0bF9tcxgFIAEoDRIdCgNxb3MYBiABKA4yEC5sb25nbGluay52MS5Rb3MSEQoJZm9yd2FyZGVkGAcgASgIIj0KClN0b3JlZENvcHkSDgoGZGV2aWNlGAEgASgJEgsKA3NlcRgCIAEoBBISCgptZXNzYWdlX2lkGAMgASgEIsYBCgxUYXJnZXRSZXN1bHQSDgoGdGFyZ2V0GAEgASgJEicKBnN0YXR1cxgCIAEoDjIXLmxvbmdsaW5rLnYxLlB1c2hTdGF0dXMSEAoIc2Vzc2lvbnMYAyABKA0SDgoGcmVhc29uGAQgASgJEgsKA3NlcRgFIAEoBBISCgptZXNzYWdlX2lkGAYgASgEEicKBmNvcGllcxgHIAMoCzIXLmxvbmdsaW5rLnYxLlN0b3JlZENvcHkSEQoJcmV0cnlhYmxlGAggASgIIuIBCglQdXNoUmVwbHkSEgoKcmVxdWVzdF9pZBgBIAEoBBIqCgdyZXN1bHRzGAIgAygLMhkubG9uZ2xpbmsudjEuVGFyZ2V0UmVzdWx0EhEKCWRlbGl2ZXJlZBgDIAEoBBISCgpub3Rfb25saW5lGAQgASgEEicKBnN0YXR1cxgFIAEoDjIXLmxvbmdsaW5rLnYxLlB1c2hTdGF0dXMSDgoGcmVhc29uGAYgASgJEhIKCm1lc3NhZ2VfaWQYByABKAQSDgoGc3RvcmVkGAggASgEEhEKCXJldHJ5YWJsZRgJIAEoCCJwCgtHcm91cFVwZGF0ZRISCgpyZXF1ZXN0X2lkGAEgASgEEg0KBWdyb3VwGAIgASgJEhMKC2FkZF9kZXZpY2VzGAMgAygJEhYKDnJlbW92ZV9kZXZpY2VzGAQgAygJEhEKCWZvcndhcmRlZBgFIAEoCCKcAQoLS2lja1JlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoBBIPCgdkZXZpY2VzGAIgAygJEg0KBXVzZXJzGAMgAygJEiQKBGNvZGUYBCABKA4yFi5sb25nbGluay52MS5FcnJvckNvZGUSDgoGcmVhc29uGAUgASgJEhEKCWZvcndhcmRlZBgGIAEoCBIQCghjb25uX2lkcxgHIAMoBCJMCgpBZG1pblJlcGx5EhIKCnJlcXVlc3RfaWQYASABKAQSKgoHcmVzdWx0cxgCIAMoCzIZLmxvbmdsaW5rLnYxLlRhcmdldFJlc3VsdCJmCg1QcmVzZW5jZVF1ZXJ5EhIKCnJlcXVlc3RfaWQYASABKAQSDwoHZGV2aWNlcxgCIAMoCRINCgV1c2VycxgDIAMoCRIOCgZncm91cHMYBCADKAkSEQoJZm9yd2FyZGVkGAUgASgIIqEBCg5EZXZpY2VQcmVzZW5jZRIOCgZkZXZpY2UYASABKAkSDgoGb25saW5lGAIgASgIEg0KBXNoYXJkGAMgASgNEhcKD2Nvbm5lY3RlZF9hdF9tcxgEIAEoBBIWCg5jbGllbnRfdmVyc2lvbhgFIAEoCRIQCghwbGF0Zm9ybRgGIAEoCRIMCgR1c2VyGAcgASgJEg8KB2Nvbm5faWQYCCABKAQiSgoMVXNlclByZXNlbmNlEgwKBHVzZXIYASABKAkSLAoHZGV2aWNlcxgCIAMoCzIbLmxvbmdsaW5rLnYxLkRldmljZVByZXNlbmNlIisKCkdyb3VwQ291bnQSDQoFZ3JvdXAYASABKAkSDgoGb25saW5lGAIgASgEIt4BCg1QcmVzZW5jZVJlcGx5EhIKCnJlcXVlc3RfaWQYASABKAQSLAoHZGV2aWNlcxgCIAMoCzIbLmxvbmdsaW5rLnYxLkRldmljZVByZXNlbmNlEigKBXVzZXJzGAMgAygLMhkubG9uZ2xpbmsudjEuVXNlclByZXNlbmNlEicKBmdyb3VwcxgEIAMoCzIXLmxvbmdsaW5rLnYxLkdyb3VwQ291bnQSHQoVY29ubmVjdGlvbnNfcGVyX3NoYXJkGAUgAygEEhkKEWNvbm5lY3Rpb25zX3RvdGFsGAYgASgEIj4KE0RlbGl2ZXJ5U3RhdHVzUXVlcnkSEgoKcmVxdWVzdF9pZBgBIAEoBBITCgttZXNzYWdlX2lkcxgCIAMoBCK6AQoNTWVzc2FnZVN0YXR1cxISCgptZXNzYWdlX2lkGAEgASgEEikKBXN0YXRlGAIgASgOMhoubG9uZ2xpbmsudjEuRGVsaXZlcnlTdGF0ZRIOCgZkZXZpY2UYAyABKAkSCwoDc2VxGAQgASgEEhQKDHN0b3JlZF9hdF9tcxgFIAEoBBISCgpzZW50X2F0X21zGAYgASgEEhMKC2Fja2VkX2F0X21zGAcgASgEEg4KBnJlYXNvbhgIIAEoCSJXChNEZWxpdmVyeVN0YXR1c1JlcGx5EhIKCnJlcXVlc3RfaWQYASABKAQSLAoIc3RhdHVzZXMYAiADKAsyGi5sb25nbGluay52MS5NZXNzYWdlU3RhdHVzIlgKDFJlcXVlc3RFcnJvchISCgpyZXF1ZXN0X2lkGAEgASgEEiQKBGNvZGUYAiABKA4yFi5sb25nbGluay52MS5FcnJvckNvZGUSDgoGcmVhc29uGAMgASgJIlYKB1JlcXVlc3QSEgoKc2VydmljZV9pZBgBIAEoCRISCgpyZXF1ZXN0X2lkGAIgASgEEhUKDWNsaWVudF9tc2dfaWQYAyABKAQSDAoEYm9keRgEIAEoDCJkCghSZXNwb25zZRISCgpyZXF1ZXN0X2lkGAEgASgEEiYKBnN0YXR1cxgCIAEoDjIWLmxvbmdsaW5rLnYxLkVycm9yQ29kZRIMCgRib2R5GAMgASgMEg4KBnJlYXNvbhgEIAEoCSKTAQoIQ29ubkluZm8SDAoEdXNlchgBIAEoCRIOCgZkZXZpY2UYAiABKAkSCwoDYXBwGAMgASgJEhAKCHBsYXRmb3JtGAQgASgJEhYKDmNsaWVudF92ZXJzaW9uGAUgASgJEg8KB2Nvbm5faWQYBiABKAQSDAoEbm9kZRgHIAEoCRITCgtjbGllbnRfYWRkchgIIAEoCSKPAQoPVXBzdHJlYW1SZXF1ZXN0EgoKAmlkGAEgASgEEhIKCnNlcnZpY2VfaWQYAiABKAkSIwoEY29ubhgDIAEoCzIVLmxvbmdsaW5rLnYxLkNvbm5JbmZvEhUKDWNsaWVudF9tc2dfaWQYBCABKAQSDAoEYm9keRgFIAEoDBISCgp0aW1lb3V0X21zGAYgASgNImQKEFVwc3RyZWFtUmVzcG9uc2USCgoCaWQYASABKAQSJgoGc3RhdHVzGAIgASgOMhYubG9uZ2xpbmsudjEuRXJyb3JDb2RlEgwKBGJvZHkYAyABKAwSDgoGcmVhc29uGAQgASgJIpsBCg9Db25uZWN0aW9uRXZlbnQSLgoEa2luZBgBIAEoDjIgLmxvbmdsaW5rLnYxLkNvbm5lY3Rpb25FdmVudEtpbmQSIwoEY29ubhgCIAEoCzIVLmxvbmdsaW5rLnYxLkNvbm5JbmZvEg0KBWF0X21zGAMgASgEEiQKBGNvZGUYBCABKA4yFi5sb25nbGluay52MS5FcnJvckNvZGUiZgoQQ29ubmVjdGlvbkV2ZW50cxIQCghiYXRjaF9pZBgBIAEoBBISCgpzZXJ2aWNlX2lkGAIgASgJEiwKBmV2ZW50cxgDIAMoCzIcLmxvbmdsaW5rLnYxLkNvbm5lY3Rpb25FdmVudCIdCglFdmVudHNBY2sSEAoIYmF0Y2hfaWQYASABKAQqoQYKCUZyYW1lS2luZBIaChZGUkFNRV9LSU5EX1VOU1BFQ0lGSUVEEAASEwoPRlJBTUVfS0lORF9BVVRIEAESFgoSRlJBTUVfS0lORF9BVVRIX09LEAISFAoQRlJBTUVfS0lORF9FUlJPUhADEhMKD0ZSQU1FX0tJTkRfUElORxAEEhMKD0ZSQU1FX0tJTkRfUE9ORxAFEhUKEUZSQU1FX0tJTkRfS0lDS0VEEAYSFgoSRlJBTUVfS0lORF9NRVNTQUdFEAcSEgoORlJBTUVfS0lORF9BQ0sQCBIWChJGUkFNRV9LSU5EX1JFUVVFU1QQCRIXChNGUkFNRV9LSU5EX1JFU1BPTlNFEAoSEwoPRlJBTUVfS0lORF9KT0lOEAsSFAoQRlJBTUVfS0lORF9MRUFWRRAMEhYKEkZSQU1FX0tJTkRfR09fQVdBWRANEh4KGkZSQU1FX0tJTkRfUkVTWU5DX1JFUVVJUkVEEA4SGwoXRlJBTUVfS0lORF9QVVNIX1JFUVVFU1QQIBIZChVGUkFNRV9LSU5EX1BVU0hfUkVQTFkQIRIbChdGUkFNRV9LSU5EX0dST1VQX1VQREFURRAiEhsKF0ZSQU1FX0tJTkRfS0lDS19SRVFVRVNUECMSHQoZRlJBTUVfS0lORF9QUkVTRU5DRV9RVUVSWRAkEh0KGUZSQU1FX0tJTkRfUFJFU0VOQ0VfUkVQTFkQJRIaChZGUkFNRV9LSU5EX0FETUlOX1JFUExZECYSHAoYRlJBTUVfS0lORF9SRVFVRVNUX0VSUk9SECcSJAogRlJBTUVfS0lORF9ERUxJVkVSWV9TVEFUVVNfUVVFUlkQKBIkCiBGUkFNRV9LSU5EX0RFTElWRVJZX1NUQVRVU19SRVBMWRApEh8KG0ZSQU1FX0tJTkRfVVBTVFJFQU1fUkVRVUVTVBBAEiAKHEZSQU1FX0tJTkRfVVBTVFJFQU1fUkVTUE9OU0UQQRIgChxGUkFNRV9LSU5EX0NPTk5FQ1RJT05fRVZFTlRTEEISGQoVRlJBTUVfS0lORF9FVkVOVFNfQUNLEEMq/AIKCUVycm9yQ29kZRIaChZFUlJPUl9DT0RFX1VOU1BFQ0lGSUVEEAASDQoIU0hVVERPV04Q6AcSEQoMSURMRV9USU1FT1VUEOkHEhEKDEFVVEhfVElNRU9VVBDqBxIRCgxTRVJWRVJfRVJST1IQ6wcSCQoEU0xPVxDsBxIRCgxSQVRFX0xJTUlURUQQ7QcSEgoNVE9LRU5fRVhQSVJFRBDuBxIYChNUT0tFTl9OT1RfWUVUX1ZBTElEEO8HEg8KCkdPSU5HX0FXQVkQ8AcSCQoEQlVTWRDxBxIQCgtVTkFWQUlMQUJMRRDyBxIMCgdUSU1FT1VUEPMHEg4KCUJBRF9GUkFNRRDQDxIUCg9GUkFNRV9UT09fTEFSR0UQ0Q8SEgoNSU5WQUxJRF9UT0tFThDSDxINCghSRVBMQUNFRBDTDxILCgZLSUNLRUQQ1A8SGAoTVU5TVVBQT1JURURfVkVSU0lPThDVDxITCg5MSU1JVF9FWENFRURFRBDWDyo1CgpDYXBhYmlsaXR5EhMKD0NBUEFCSUxJVFlfTk9ORRAAEhIKDkNBUEFCSUxJVFlfQUNLEAEqMgoDUW9zEhQKEFFPU19BVF9NT1NUX09OQ0UQABIVChFRT1NfQVRfTEVBU1RfT05DRRABKnAKClB1c2hTdGF0dXMSGwoXUFVTSF9TVEFUVVNfVU5TUEVDSUZJRUQQABINCglERUxJVkVSRUQQARIOCgpOT1RfT05MSU5FEAISDAoIUkVKRUNURUQQAxIMCghBQ0NFUFRFRBAEEgoKBlNUT1JFRBAFKpUBCg1EZWxpdmVyeVN0YXRlEhoKFkRFTElWRVJZX1NUQVRFX1VOS05PV04QABIZChVERUxJVkVSWV9TVEFURV9TVE9SRUQQARIXChNERUxJVkVSWV9TVEFURV9TRU5UEAISGAoUREVMSVZFUllfU1RBVEVfQUNLRUQQAxIaChZERUxJVkVSWV9TVEFURV9FWFBJUkVEEAQqpQEKE0Nvbm5lY3Rpb25FdmVudEtpbmQSJQohQ09OTkVDVElPTl9FVkVOVF9LSU5EX1VOU1BFQ0lGSUVEEAASIAocQ09OTkVDVElPTl9FVkVOVF9LSU5EX09OTElORRABEiEKHUNPTk5FQ1RJT05fRVZFTlRfS0lORF9PRkZMSU5FEAISIgoeQ09OTkVDVElPTl9FVkVOVF9LSU5EX1JFUExBQ0VEEANiBnByb3RvMw");
+  fileDesc("Cg5sb25nbGluay5wcm90bxILbG9uZ2xpbmsudjEifwoLVG9rZW5DbGFpbXMSDAoEdXNlchgBIAEoCRIOCgZkZXZpY2UYAiABKAkSCwoDYXBwGAMgASgJEhEKCWlzc3VlZF9hdBgEIAEoAxISCgpleHBpcmVzX2F0GAUgASgDEg4KBmtleV9pZBgGIAEoCRIOCgZncm91cHMYByADKAkiqAEKBEF1dGgSDQoFdG9rZW4YASABKAkSDgoGZGV2aWNlGAIgASgJEhAKCHBsYXRmb3JtGAMgASgJEhYKDmNsaWVudF92ZXJzaW9uGAQgASgJEhQKDGNhcGFiaWxpdGllcxgFIAEoDRIQCghsYXN0X3NlcRgGIAEoBBIUCgxoZWFydGJlYXRfbXMYByABKA0SGQoRc3RvcmVfaW5jYXJuYXRpb24YCCABKAQizAEKBkF1dGhPaxIPCgdjb25uX2lkGAEgASgEEhgKEGhlYXJ0YmVhdF9taW5fbXMYAiABKA0SGAoQaGVhcnRiZWF0X21heF9tcxgDIAEoDRIUCgxoZWFydGJlYXRfbXMYBCABKA0SFwoPaWRsZV90aW1lb3V0X21zGAUgASgNEhYKDnNlcnZlcl90aW1lX21zGAYgASgEEg0KBXNoYXJkGAcgASgNEgwKBG5vZGUYCCABKAkSGQoRc3RvcmVfaW5jYXJuYXRpb24YCSABKAQiUAoFRXJyb3ISJAoEY29kZRgBIAEoDjIWLmxvbmdsaW5rLnYxLkVycm9yQ29kZRIOCgZyZWFzb24YAiABKAkSEQoJcmVjb25uZWN0GAMgASgIIj4KBktpY2tlZBIkCgRjb2RlGAEgASgOMhYubG9uZ2xpbmsudjEuRXJyb3JDb2RlEg4KBnJlYXNvbhgCIAEoCSIqCgZHb0F3YXkSEAoIZW5kcG9pbnQYASABKAkSDgoGcmVhc29uGAIgASgJIk8KB01lc3NhZ2USDwoHcGF5bG9hZBgBIAEoDBISCgpzZXJ2aWNlX2lkGAIgASgJEhIKCm1lc3NhZ2VfaWQYAyABKAQSCwoDc2VxGAQgASgEIhIKA0FjaxILCgNzZXEYASABKAQiMgoOUmVzeW5jUmVxdWlyZWQSEAoIZnJvbV9zZXEYASABKAQSDgoGdG9fc2VxGAIgASgEIiAKD0dyb3VwTWVtYmVyc2hpcBINCgVncm91cBgBIAEoCSJgCgtHcm91cFJlc3VsdBINCgVncm91cBgBIAEoCRIMCgRqb2luGAIgASgIEiQKBGNvZGUYAyABKA4yFi5sb25nbGluay52MS5FcnJvckNvZGUSDgoGcmVhc29uGAQgASgJIksKB1RhcmdldHMSDwoHZGV2aWNlcxgBIAMoCRINCgV1c2VycxgCIAMoCRINCgVncm91cBgDIAEoCRIRCglicm9hZGNhc3QYBCABKAgirwEKC1B1c2hSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAQSJQoHdGFyZ2V0cxgCIAEoCzIULmxvbmdsaW5rLnYxLlRhcmdldHMSDwoHcGF5bG9hZBgDIAEoDBISCgpzZXJ2aWNlX2lkGAQgASgJEg4KBnR0bF9tcxgFIAEoDRIdCgNxb3MYBiABKA4yEC5sb25nbGluay52MS5Rb3MSEQoJZm9yd2FyZGVkGAcgASgIIj0KClN0b3JlZENvcHkSDgoGZGV2aWNlGAEgASgJEgsKA3NlcRgCIAEoBBISCgptZXNzYWdlX2lkGAMgASgEIsYBCgxUYXJnZXRSZXN1bHQSDgoGdGFyZ2V0GAEgASgJEicKBnN0YXR1cxgCIAEoDjIXLmxvbmdsaW5rLnYxLlB1c2hTdGF0dXMSEAoIc2Vzc2lvbnMYAyABKA0SDgoGcmVhc29uGAQgASgJEgsKA3NlcRgFIAEoBBISCgptZXNzYWdlX2lkGAYgASgEEicKBmNvcGllcxgHIAMoCzIXLmxvbmdsaW5rLnYxLlN0b3JlZENvcHkSEQoJcmV0cnlhYmxlGAggASgIIuIBCglQdXNoUmVwbHkSEgoKcmVxdWVzdF9pZBgBIAEoBBIqCgdyZXN1bHRzGAIgAygLMhkubG9uZ2xpbmsudjEuVGFyZ2V0UmVzdWx0EhEKCWRlbGl2ZXJlZBgDIAEoBBISCgpub3Rfb25saW5lGAQgASgEEicKBnN0YXR1cxgFIAEoDjIXLmxvbmdsaW5rLnYxLlB1c2hTdGF0dXMSDgoGcmVhc29uGAYgASgJEhIKCm1lc3NhZ2VfaWQYByABKAQSDgoGc3RvcmVkGAggASgEEhEKCXJldHJ5YWJsZRgJIAEoCCJwCgtHcm91cFVwZGF0ZRISCgpyZXF1ZXN0X2lkGAEgASgEEg0KBWdyb3VwGAIgASgJEhMKC2FkZF9kZXZpY2VzGAMgAygJEhYKDnJlbW92ZV9kZXZpY2VzGAQgAygJEhEKCWZvcndhcmRlZBgFIAEoCCKcAQoLS2lja1JlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoBBIPCgdkZXZpY2VzGAIgAygJEg0KBXVzZXJzGAMgAygJEiQKBGNvZGUYBCABKA4yFi5sb25nbGluay52MS5FcnJvckNvZGUSDgoGcmVhc29uGAUgASgJEhEKCWZvcndhcmRlZBgGIAEoCBIQCghjb25uX2lkcxgHIAMoBCJMCgpBZG1pblJlcGx5EhIKCnJlcXVlc3RfaWQYASABKAQSKgoHcmVzdWx0cxgCIAMoCzIZLmxvbmdsaW5rLnYxLlRhcmdldFJlc3VsdCJmCg1QcmVzZW5jZVF1ZXJ5EhIKCnJlcXVlc3RfaWQYASABKAQSDwoHZGV2aWNlcxgCIAMoCRINCgV1c2VycxgDIAMoCRIOCgZncm91cHMYBCADKAkSEQoJZm9yd2FyZGVkGAUgASgIIqEBCg5EZXZpY2VQcmVzZW5jZRIOCgZkZXZpY2UYASABKAkSDgoGb25saW5lGAIgASgIEg0KBXNoYXJkGAMgASgNEhcKD2Nvbm5lY3RlZF9hdF9tcxgEIAEoBBIWCg5jbGllbnRfdmVyc2lvbhgFIAEoCRIQCghwbGF0Zm9ybRgGIAEoCRIMCgR1c2VyGAcgASgJEg8KB2Nvbm5faWQYCCABKAQiSgoMVXNlclByZXNlbmNlEgwKBHVzZXIYASABKAkSLAoHZGV2aWNlcxgCIAMoCzIbLmxvbmdsaW5rLnYxLkRldmljZVByZXNlbmNlIisKCkdyb3VwQ291bnQSDQoFZ3JvdXAYASABKAkSDgoGb25saW5lGAIgASgEIt4BCg1QcmVzZW5jZVJlcGx5EhIKCnJlcXVlc3RfaWQYASABKAQSLAoHZGV2aWNlcxgCIAMoCzIbLmxvbmdsaW5rLnYxLkRldmljZVByZXNlbmNlEigKBXVzZXJzGAMgAygLMhkubG9uZ2xpbmsudjEuVXNlclByZXNlbmNlEicKBmdyb3VwcxgEIAMoCzIXLmxvbmdsaW5rLnYxLkdyb3VwQ291bnQSHQoVY29ubmVjdGlvbnNfcGVyX3NoYXJkGAUgAygEEhkKEWNvbm5lY3Rpb25zX3RvdGFsGAYgASgEIj4KE0RlbGl2ZXJ5U3RhdHVzUXVlcnkSEgoKcmVxdWVzdF9pZBgBIAEoBBITCgttZXNzYWdlX2lkcxgCIAMoBCK6AQoNTWVzc2FnZVN0YXR1cxISCgptZXNzYWdlX2lkGAEgASgEEikKBXN0YXRlGAIgASgOMhoubG9uZ2xpbmsudjEuRGVsaXZlcnlTdGF0ZRIOCgZkZXZpY2UYAyABKAkSCwoDc2VxGAQgASgEEhQKDHN0b3JlZF9hdF9tcxgFIAEoBBISCgpzZW50X2F0X21zGAYgASgEEhMKC2Fja2VkX2F0X21zGAcgASgEEg4KBnJlYXNvbhgIIAEoCSJXChNEZWxpdmVyeVN0YXR1c1JlcGx5EhIKCnJlcXVlc3RfaWQYASABKAQSLAoIc3RhdHVzZXMYAiADKAsyGi5sb25nbGluay52MS5NZXNzYWdlU3RhdHVzIh4KDVB1c2hDaGFsbGVuZ2USDQoFbm9uY2UYASABKAwiJwoIUHVzaEF1dGgSDgoGa2V5X2lkGAEgASgJEgsKA21hYxgCIAEoDCIxCgpQdXNoQXV0aE9rEg4KBnJpZ2h0cxgBIAMoCRITCgtzZXJ2aWNlX2lkcxgCIAMoCSJYCgxSZXF1ZXN0RXJyb3ISEgoKcmVxdWVzdF9pZBgBIAEoBBIkCgRjb2RlGAIgASgOMhYubG9uZ2xpbmsudjEuRXJyb3JDb2RlEg4KBnJlYXNvbhgDIAEoCSJWCgdSZXF1ZXN0EhIKCnNlcnZpY2VfaWQYASABKAkSEgoKcmVxdWVzdF9pZBgCIAEoBBIVCg1jbGllbnRfbXNnX2lkGAMgASgEEgwKBGJvZHkYBCABKAwiZAoIUmVzcG9uc2USEgoKcmVxdWVzdF9pZBgBIAEoBBImCgZzdGF0dXMYAiABKA4yFi5sb25nbGluay52MS5FcnJvckNvZGUSDAoEYm9keRgDIAEoDBIOCgZyZWFzb24YBCABKAkikwEKCENvbm5JbmZvEgwKBHVzZXIYASABKAkSDgoGZGV2aWNlGAIgASgJEgsKA2FwcBgDIAEoCRIQCghwbGF0Zm9ybRgEIAEoCRIWCg5jbGllbnRfdmVyc2lvbhgFIAEoCRIPCgdjb25uX2lkGAYgASgEEgwKBG5vZGUYByABKAkSEwoLY2xpZW50X2FkZHIYCCABKAkijwEKD1Vwc3RyZWFtUmVxdWVzdBIKCgJpZBgBIAEoBBISCgpzZXJ2aWNlX2lkGAIgASgJEiMKBGNvbm4YAyABKAsyFS5sb25nbGluay52MS5Db25uSW5mbxIVCg1jbGllbnRfbXNnX2lkGAQgASgEEgwKBGJvZHkYBSABKAwSEgoKdGltZW91dF9tcxgGIAEoDSJkChBVcHN0cmVhbVJlc3BvbnNlEgoKAmlkGAEgASgEEiYKBnN0YXR1cxgCIAEoDjIWLmxvbmdsaW5rLnYxLkVycm9yQ29kZRIMCgRib2R5GAMgASgMEg4KBnJlYXNvbhgEIAEoCSKbAQoPQ29ubmVjdGlvbkV2ZW50Ei4KBGtpbmQYASABKA4yIC5sb25nbGluay52MS5Db25uZWN0aW9uRXZlbnRLaW5kEiMKBGNvbm4YAiABKAsyFS5sb25nbGluay52MS5Db25uSW5mbxINCgVhdF9tcxgDIAEoBBIkCgRjb2RlGAQgASgOMhYubG9uZ2xpbmsudjEuRXJyb3JDb2RlImYKEENvbm5lY3Rpb25FdmVudHMSEAoIYmF0Y2hfaWQYASABKAQSEgoKc2VydmljZV9pZBgCIAEoCRIsCgZldmVudHMYAyADKAsyHC5sb25nbGluay52MS5Db25uZWN0aW9uRXZlbnQiHQoJRXZlbnRzQWNrEhAKCGJhdGNoX2lkGAEgASgEKpQHCglGcmFtZUtpbmQSGgoWRlJBTUVfS0lORF9VTlNQRUNJRklFRBAAEhMKD0ZSQU1FX0tJTkRfQVVUSBABEhYKEkZSQU1FX0tJTkRfQVVUSF9PSxACEhQKEEZSQU1FX0tJTkRfRVJST1IQAxITCg9GUkFNRV9LSU5EX1BJTkcQBBITCg9GUkFNRV9LSU5EX1BPTkcQBRIVChFGUkFNRV9LSU5EX0tJQ0tFRBAGEhYKEkZSQU1FX0tJTkRfTUVTU0FHRRAHEhIKDkZSQU1FX0tJTkRfQUNLEAgSFgoSRlJBTUVfS0lORF9SRVFVRVNUEAkSFwoTRlJBTUVfS0lORF9SRVNQT05TRRAKEhMKD0ZSQU1FX0tJTkRfSk9JThALEhQKEEZSQU1FX0tJTkRfTEVBVkUQDBIWChJGUkFNRV9LSU5EX0dPX0FXQVkQDRIeChpGUkFNRV9LSU5EX1JFU1lOQ19SRVFVSVJFRBAOEhsKF0ZSQU1FX0tJTkRfR1JPVVBfUkVTVUxUEA8SGwoXRlJBTUVfS0lORF9QVVNIX1JFUVVFU1QQIBIZChVGUkFNRV9LSU5EX1BVU0hfUkVQTFkQIRIbChdGUkFNRV9LSU5EX0dST1VQX1VQREFURRAiEhsKF0ZSQU1FX0tJTkRfS0lDS19SRVFVRVNUECMSHQoZRlJBTUVfS0lORF9QUkVTRU5DRV9RVUVSWRAkEh0KGUZSQU1FX0tJTkRfUFJFU0VOQ0VfUkVQTFkQJRIaChZGUkFNRV9LSU5EX0FETUlOX1JFUExZECYSHAoYRlJBTUVfS0lORF9SRVFVRVNUX0VSUk9SECcSJAogRlJBTUVfS0lORF9ERUxJVkVSWV9TVEFUVVNfUVVFUlkQKBIkCiBGUkFNRV9LSU5EX0RFTElWRVJZX1NUQVRVU19SRVBMWRApEh0KGUZSQU1FX0tJTkRfUFVTSF9DSEFMTEVOR0UQKhIYChRGUkFNRV9LSU5EX1BVU0hfQVVUSBArEhsKF0ZSQU1FX0tJTkRfUFVTSF9BVVRIX09LECwSHwobRlJBTUVfS0lORF9VUFNUUkVBTV9SRVFVRVNUEEASIAocRlJBTUVfS0lORF9VUFNUUkVBTV9SRVNQT05TRRBBEiAKHEZSQU1FX0tJTkRfQ09OTkVDVElPTl9FVkVOVFMQQhIZChVGUkFNRV9LSU5EX0VWRU5UU19BQ0sQQyqqAwoJRXJyb3JDb2RlEhoKFkVSUk9SX0NPREVfVU5TUEVDSUZJRUQQABINCghTSFVURE9XThDoBxIRCgxJRExFX1RJTUVPVVQQ6QcSEQoMQVVUSF9USU1FT1VUEOoHEhEKDFNFUlZFUl9FUlJPUhDrBxIJCgRTTE9XEOwHEhEKDFJBVEVfTElNSVRFRBDtBxISCg1UT0tFTl9FWFBJUkVEEO4HEhgKE1RPS0VOX05PVF9ZRVRfVkFMSUQQ7wcSDwoKR09JTkdfQVdBWRDwBxIJCgRCVVNZEPEHEhAKC1VOQVZBSUxBQkxFEPIHEgwKB1RJTUVPVVQQ8wcSDgoJQkFEX0ZSQU1FENAPEhQKD0ZSQU1FX1RPT19MQVJHRRDRDxISCg1JTlZBTElEX1RPS0VOENIPEg0KCFJFUExBQ0VEENMPEgsKBktJQ0tFRBDUDxIYChNVTlNVUFBPUlRFRF9WRVJTSU9OENUPEhMKDkxJTUlUX0VYQ0VFREVEENYPEhQKD1VOQVVUSEVOVElDQVRFRBDaDxIWChFQRVJNSVNTSU9OX0RFTklFRBDbDyo1CgpDYXBhYmlsaXR5EhMKD0NBUEFCSUxJVFlfTk9ORRAAEhIKDkNBUEFCSUxJVFlfQUNLEAEqMgoDUW9zEhQKEFFPU19BVF9NT1NUX09OQ0UQABIVChFRT1NfQVRfTEVBU1RfT05DRRABKnAKClB1c2hTdGF0dXMSGwoXUFVTSF9TVEFUVVNfVU5TUEVDSUZJRUQQABINCglERUxJVkVSRUQQARIOCgpOT1RfT05MSU5FEAISDAoIUkVKRUNURUQQAxIMCghBQ0NFUFRFRBAEEgoKBlNUT1JFRBAFKpUBCg1EZWxpdmVyeVN0YXRlEhoKFkRFTElWRVJZX1NUQVRFX1VOS05PV04QABIZChVERUxJVkVSWV9TVEFURV9TVE9SRUQQARIXChNERUxJVkVSWV9TVEFURV9TRU5UEAISGAoUREVMSVZFUllfU1RBVEVfQUNLRUQQAxIaChZERUxJVkVSWV9TVEFURV9FWFBJUkVEEAQqpQEKE0Nvbm5lY3Rpb25FdmVudEtpbmQSJQohQ09OTkVDVElPTl9FVkVOVF9LSU5EX1VOU1BFQ0lGSUVEEAASIAocQ09OTkVDVElPTl9FVkVOVF9LSU5EX09OTElORRABEiEKHUNPTk5FQ1RJT05fRVZFTlRfS0lORF9PRkZMSU5FEAISIgoeQ09OTkVDVElPTl9FVkVOVF9LSU5EX1JFUExBQ0VEEANiBnByb3RvMw");
 
 /**
  * Claims signed into a connect token. Token text:
@@ -57,6 +57,14 @@ export type TokenClaims = Message$1<"longlink.v1.TokenClaims"> & {
    * @generated from field: string key_id = 6;
    */
   keyId: string;
+
+  /**
+   * Groups the client may JOIN: exact names, or prefixes written with a
+   * trailing '*' ("room-*"). Empty: only what the node's config allows.
+   *
+   * @generated from field: repeated string groups = 7;
+   */
+  groups: string[];
 };
 
 /**
@@ -396,6 +404,47 @@ export const GroupMembershipSchema: GenMessage<GroupMembership> = /*@__PURE__*/
   messageDesc(file_longlink, 9);
 
 /**
+ * server -> client: the answer to one Join or Leave, in order.
+ *
+ * @generated from message longlink.v1.GroupResult
+ */
+export type GroupResult = Message$1<"longlink.v1.GroupResult"> & {
+  /**
+   * @generated from field: string group = 1;
+   */
+  group: string;
+
+  /**
+   * true: answers a Join; false: a Leave
+   *
+   * @generated from field: bool join = 2;
+   */
+  join: boolean;
+
+  /**
+   * ERROR_CODE_UNSPECIFIED (0): done. PERMISSION_DENIED: neither the
+   * token's groups claim nor the node's policy allows the group.
+   * LIMIT_EXCEEDED: the session is in session.max_groups_per_session
+   * groups already. BAD_FRAME: the group id is not valid.
+   *
+   * @generated from field: longlink.v1.ErrorCode code = 3;
+   */
+  code: ErrorCode;
+
+  /**
+   * @generated from field: string reason = 4;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message longlink.v1.GroupResult.
+ * Use `create(GroupResultSchema)` to create a new message.
+ */
+export const GroupResultSchema: GenMessage<GroupResult> = /*@__PURE__*/
+  messageDesc(file_longlink, 10);
+
+/**
  * Exactly one kind of target per request.
  *
  * @generated from message longlink.v1.Targets
@@ -435,7 +484,7 @@ export type Targets = Message$1<"longlink.v1.Targets"> & {
  * Use `create(TargetsSchema)` to create a new message.
  */
 export const TargetsSchema: GenMessage<Targets> = /*@__PURE__*/
-  messageDesc(file_longlink, 10);
+  messageDesc(file_longlink, 11);
 
 /**
  * @generated from message longlink.v1.PushRequest
@@ -491,7 +540,7 @@ export type PushRequest = Message$1<"longlink.v1.PushRequest"> & {
  * Use `create(PushRequestSchema)` to create a new message.
  */
 export const PushRequestSchema: GenMessage<PushRequest> = /*@__PURE__*/
-  messageDesc(file_longlink, 11);
+  messageDesc(file_longlink, 12);
 
 /**
  * One device's stored copy of an at-least-once message.
@@ -520,7 +569,7 @@ export type StoredCopy = Message$1<"longlink.v1.StoredCopy"> & {
  * Use `create(StoredCopySchema)` to create a new message.
  */
 export const StoredCopySchema: GenMessage<StoredCopy> = /*@__PURE__*/
-  messageDesc(file_longlink, 12);
+  messageDesc(file_longlink, 13);
 
 /**
  * @generated from message longlink.v1.TargetResult
@@ -588,7 +637,7 @@ export type TargetResult = Message$1<"longlink.v1.TargetResult"> & {
  * Use `create(TargetResultSchema)` to create a new message.
  */
 export const TargetResultSchema: GenMessage<TargetResult> = /*@__PURE__*/
-  messageDesc(file_longlink, 13);
+  messageDesc(file_longlink, 14);
 
 /**
  * @generated from message longlink.v1.PushReply
@@ -664,7 +713,7 @@ export type PushReply = Message$1<"longlink.v1.PushReply"> & {
  * Use `create(PushReplySchema)` to create a new message.
  */
 export const PushReplySchema: GenMessage<PushReply> = /*@__PURE__*/
-  messageDesc(file_longlink, 14);
+  messageDesc(file_longlink, 15);
 
 /**
  * @generated from message longlink.v1.GroupUpdate
@@ -703,7 +752,7 @@ export type GroupUpdate = Message$1<"longlink.v1.GroupUpdate"> & {
  * Use `create(GroupUpdateSchema)` to create a new message.
  */
 export const GroupUpdateSchema: GenMessage<GroupUpdate> = /*@__PURE__*/
-  messageDesc(file_longlink, 15);
+  messageDesc(file_longlink, 16);
 
 /**
  * @generated from message longlink.v1.KickRequest
@@ -758,7 +807,7 @@ export type KickRequest = Message$1<"longlink.v1.KickRequest"> & {
  * Use `create(KickRequestSchema)` to create a new message.
  */
 export const KickRequestSchema: GenMessage<KickRequest> = /*@__PURE__*/
-  messageDesc(file_longlink, 16);
+  messageDesc(file_longlink, 17);
 
 /**
  * Reply to GroupUpdate and KickRequest: one result per device/user, in order
@@ -783,7 +832,7 @@ export type AdminReply = Message$1<"longlink.v1.AdminReply"> & {
  * Use `create(AdminReplySchema)` to create a new message.
  */
 export const AdminReplySchema: GenMessage<AdminReply> = /*@__PURE__*/
-  messageDesc(file_longlink, 17);
+  messageDesc(file_longlink, 18);
 
 /**
  * @generated from message longlink.v1.PresenceQuery
@@ -824,7 +873,7 @@ export type PresenceQuery = Message$1<"longlink.v1.PresenceQuery"> & {
  * Use `create(PresenceQuerySchema)` to create a new message.
  */
 export const PresenceQuerySchema: GenMessage<PresenceQuery> = /*@__PURE__*/
-  messageDesc(file_longlink, 18);
+  messageDesc(file_longlink, 19);
 
 /**
  * @generated from message longlink.v1.DevicePresence
@@ -878,7 +927,7 @@ export type DevicePresence = Message$1<"longlink.v1.DevicePresence"> & {
  * Use `create(DevicePresenceSchema)` to create a new message.
  */
 export const DevicePresenceSchema: GenMessage<DevicePresence> = /*@__PURE__*/
-  messageDesc(file_longlink, 19);
+  messageDesc(file_longlink, 20);
 
 /**
  * @generated from message longlink.v1.UserPresence
@@ -902,7 +951,7 @@ export type UserPresence = Message$1<"longlink.v1.UserPresence"> & {
  * Use `create(UserPresenceSchema)` to create a new message.
  */
 export const UserPresenceSchema: GenMessage<UserPresence> = /*@__PURE__*/
-  messageDesc(file_longlink, 20);
+  messageDesc(file_longlink, 21);
 
 /**
  * @generated from message longlink.v1.GroupCount
@@ -924,7 +973,7 @@ export type GroupCount = Message$1<"longlink.v1.GroupCount"> & {
  * Use `create(GroupCountSchema)` to create a new message.
  */
 export const GroupCountSchema: GenMessage<GroupCount> = /*@__PURE__*/
-  messageDesc(file_longlink, 21);
+  messageDesc(file_longlink, 22);
 
 /**
  * @generated from message longlink.v1.PresenceReply
@@ -966,7 +1015,7 @@ export type PresenceReply = Message$1<"longlink.v1.PresenceReply"> & {
  * Use `create(PresenceReplySchema)` to create a new message.
  */
 export const PresenceReplySchema: GenMessage<PresenceReply> = /*@__PURE__*/
-  messageDesc(file_longlink, 22);
+  messageDesc(file_longlink, 23);
 
 /**
  * Where at-least-once messages are, by message id (from PushReply or
@@ -991,7 +1040,7 @@ export type DeliveryStatusQuery = Message$1<"longlink.v1.DeliveryStatusQuery"> &
  * Use `create(DeliveryStatusQuerySchema)` to create a new message.
  */
 export const DeliveryStatusQuerySchema: GenMessage<DeliveryStatusQuery> = /*@__PURE__*/
-  messageDesc(file_longlink, 23);
+  messageDesc(file_longlink, 24);
 
 /**
  * @generated from message longlink.v1.MessageStatus
@@ -1052,7 +1101,7 @@ export type MessageStatus = Message$1<"longlink.v1.MessageStatus"> & {
  * Use `create(MessageStatusSchema)` to create a new message.
  */
 export const MessageStatusSchema: GenMessage<MessageStatus> = /*@__PURE__*/
-  messageDesc(file_longlink, 24);
+  messageDesc(file_longlink, 25);
 
 /**
  * One status per queried id, in query order.
@@ -1076,7 +1125,77 @@ export type DeliveryStatusReply = Message$1<"longlink.v1.DeliveryStatusReply"> &
  * Use `create(DeliveryStatusReplySchema)` to create a new message.
  */
 export const DeliveryStatusReplySchema: GenMessage<DeliveryStatusReply> = /*@__PURE__*/
-  messageDesc(file_longlink, 25);
+  messageDesc(file_longlink, 26);
+
+/**
+ * @generated from message longlink.v1.PushChallenge
+ */
+export type PushChallenge = Message$1<"longlink.v1.PushChallenge"> & {
+  /**
+   * 32 random bytes
+   *
+   * @generated from field: bytes nonce = 1;
+   */
+  nonce: Uint8Array;
+};
+
+/**
+ * Describes the message longlink.v1.PushChallenge.
+ * Use `create(PushChallengeSchema)` to create a new message.
+ */
+export const PushChallengeSchema: GenMessage<PushChallenge> = /*@__PURE__*/
+  messageDesc(file_longlink, 27);
+
+/**
+ * @generated from message longlink.v1.PushAuth
+ */
+export type PushAuth = Message$1<"longlink.v1.PushAuth"> & {
+  /**
+   * @generated from field: string key_id = 1;
+   */
+  keyId: string;
+
+  /**
+   * 32 bytes
+   *
+   * @generated from field: bytes mac = 2;
+   */
+  mac: Uint8Array;
+};
+
+/**
+ * Describes the message longlink.v1.PushAuth.
+ * Use `create(PushAuthSchema)` to create a new message.
+ */
+export const PushAuthSchema: GenMessage<PushAuth> = /*@__PURE__*/
+  messageDesc(file_longlink, 28);
+
+/**
+ * @generated from message longlink.v1.PushAuthOk
+ */
+export type PushAuthOk = Message$1<"longlink.v1.PushAuthOk"> & {
+  /**
+   * What the key may do: "push", "broadcast", "groups", "kick",
+   * "presence", "status" (and "forward" on the node listener).
+   *
+   * @generated from field: repeated string rights = 1;
+   */
+  rights: string[];
+
+  /**
+   * The service ids it may push as; empty: any.
+   *
+   * @generated from field: repeated string service_ids = 2;
+   */
+  serviceIds: string[];
+};
+
+/**
+ * Describes the message longlink.v1.PushAuthOk.
+ * Use `create(PushAuthOkSchema)` to create a new message.
+ */
+export const PushAuthOkSchema: GenMessage<PushAuthOk> = /*@__PURE__*/
+  messageDesc(file_longlink, 29);
 
 /**
  * @generated from message longlink.v1.RequestError
@@ -1105,7 +1224,7 @@ export type RequestError = Message$1<"longlink.v1.RequestError"> & {
  * Use `create(RequestErrorSchema)` to create a new message.
  */
 export const RequestErrorSchema: GenMessage<RequestError> = /*@__PURE__*/
-  messageDesc(file_longlink, 26);
+  messageDesc(file_longlink, 30);
 
 /**
  * client -> server: a request to one business service (chat, live, ...).
@@ -1150,7 +1269,7 @@ export type Request = Message$1<"longlink.v1.Request"> & {
  * Use `create(RequestSchema)` to create a new message.
  */
 export const RequestSchema: GenMessage<Request> = /*@__PURE__*/
-  messageDesc(file_longlink, 27);
+  messageDesc(file_longlink, 31);
 
 /**
  * server -> client: the answer to one Request.
@@ -1194,7 +1313,7 @@ export type Response = Message$1<"longlink.v1.Response"> & {
  * Use `create(ResponseSchema)` to create a new message.
  */
 export const ResponseSchema: GenMessage<Response> = /*@__PURE__*/
-  messageDesc(file_longlink, 28);
+  messageDesc(file_longlink, 32);
 
 /**
  * A client connection's common parameters, as the node knows them.
@@ -1255,7 +1374,7 @@ export type ConnInfo = Message$1<"longlink.v1.ConnInfo"> & {
  * Use `create(ConnInfoSchema)` to create a new message.
  */
 export const ConnInfoSchema: GenMessage<ConnInfo> = /*@__PURE__*/
-  messageDesc(file_longlink, 29);
+  messageDesc(file_longlink, 33);
 
 /**
  * node -> backend: a client request.
@@ -1304,7 +1423,7 @@ export type UpstreamRequest = Message$1<"longlink.v1.UpstreamRequest"> & {
  * Use `create(UpstreamRequestSchema)` to create a new message.
  */
 export const UpstreamRequestSchema: GenMessage<UpstreamRequest> = /*@__PURE__*/
-  messageDesc(file_longlink, 30);
+  messageDesc(file_longlink, 34);
 
 /**
  * backend -> node.
@@ -1342,7 +1461,7 @@ export type UpstreamResponse = Message$1<"longlink.v1.UpstreamResponse"> & {
  * Use `create(UpstreamResponseSchema)` to create a new message.
  */
 export const UpstreamResponseSchema: GenMessage<UpstreamResponse> = /*@__PURE__*/
-  messageDesc(file_longlink, 31);
+  messageDesc(file_longlink, 35);
 
 /**
  * @generated from message longlink.v1.ConnectionEvent
@@ -1379,7 +1498,7 @@ export type ConnectionEvent = Message$1<"longlink.v1.ConnectionEvent"> & {
  * Use `create(ConnectionEventSchema)` to create a new message.
  */
 export const ConnectionEventSchema: GenMessage<ConnectionEvent> = /*@__PURE__*/
-  messageDesc(file_longlink, 32);
+  messageDesc(file_longlink, 36);
 
 /**
  * node -> backend: events in the order they happened on one shard of the
@@ -1412,7 +1531,7 @@ export type ConnectionEvents = Message$1<"longlink.v1.ConnectionEvents"> & {
  * Use `create(ConnectionEventsSchema)` to create a new message.
  */
 export const ConnectionEventsSchema: GenMessage<ConnectionEvents> = /*@__PURE__*/
-  messageDesc(file_longlink, 33);
+  messageDesc(file_longlink, 37);
 
 /**
  * backend -> node.
@@ -1431,7 +1550,7 @@ export type EventsAck = Message$1<"longlink.v1.EventsAck"> & {
  * Use `create(EventsAckSchema)` to create a new message.
  */
 export const EventsAckSchema: GenMessage<EventsAck> = /*@__PURE__*/
-  messageDesc(file_longlink, 34);
+  messageDesc(file_longlink, 38);
 
 /**
  * Header byte 2 of every frame. Kinds 1..=31 travel on the client port,
@@ -1548,6 +1667,13 @@ export enum FrameKind {
   RESYNC_REQUIRED = 14,
 
   /**
+   * server -> client: the answer to a Join or Leave. Body: GroupResult.
+   *
+   * @generated from enum value: FRAME_KIND_GROUP_RESULT = 15;
+   */
+  GROUP_RESULT = 15,
+
+  /**
    * Push port (backend <-> node). Every request carries a request_id that
    * its reply echoes; requests may be pipelined and replies come back in
    * completion order.
@@ -1622,6 +1748,29 @@ export enum FrameKind {
    * @generated from enum value: FRAME_KIND_DELIVERY_STATUS_REPLY = 41;
    */
   DELIVERY_STATUS_REPLY = 41,
+
+  /**
+   * Authentication (push port and node listener), before any request:
+   * node -> backend, sent on accept: a fresh random nonce. Body: PushChallenge.
+   *
+   * @generated from enum value: FRAME_KIND_PUSH_CHALLENGE = 42;
+   */
+  PUSH_CHALLENGE = 42,
+
+  /**
+   * backend -> node: the first frame the node reads; a key id and an HMAC
+   * over the nonce. Body: PushAuth. Reply: PushAuthOk, or Error and close.
+   *
+   * @generated from enum value: FRAME_KIND_PUSH_AUTH = 43;
+   */
+  PUSH_AUTH = 43,
+
+  /**
+   * node -> backend: the key is accepted. Body: PushAuthOk.
+   *
+   * @generated from enum value: FRAME_KIND_PUSH_AUTH_OK = 44;
+   */
+  PUSH_AUTH_OK = 44,
 
   /**
    * Upstream (node <-> service backend). The node connects to each backend
@@ -1812,6 +1961,23 @@ export enum ErrorCode {
    * @generated from enum value: LIMIT_EXCEEDED = 2006;
    */
   LIMIT_EXCEEDED = 2006,
+
+  /**
+   * Push port and node listener: no valid credential (missing, unknown key
+   * id, HMAC mismatch) before the first request.
+   *
+   * @generated from enum value: UNAUTHENTICATED = 2010;
+   */
+  UNAUTHENTICATED = 2010,
+
+  /**
+   * The credential (push key, connect token) does not allow this request:
+   * a right the key lacks, a service id it may not push as, `forwarded` on
+   * the public push port, a JOIN the token's groups claim does not cover.
+   *
+   * @generated from enum value: PERMISSION_DENIED = 2011;
+   */
+  PERMISSION_DENIED = 2011,
 }
 
 /**
