@@ -16,8 +16,10 @@
 //! frames) is driven by the shard's connection task (`Shard::poll_conn`).
 
 pub(crate) mod fd;
+pub mod links;
 pub mod outq;
 pub mod tls;
+pub mod tls_config;
 pub mod transport;
 pub mod ws;
 
