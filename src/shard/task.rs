@@ -387,8 +387,8 @@ impl Shard {
                 conn.io().out.push(Bytes::from(status));
             }
             Link::Ws => {
-                let reason = format!("{} {}", code as i32, code.as_str_name());
-                conn.io().out.push(ws::encode::encode_longlink_close(code as i32, &reason));
+                // Reason "<code> <NAME>", e.g. "2003 REPLACED".
+                conn.io().out.push(ws::encode::encode_longlink_close(code as i32, code.as_str_name()));
             }
         }
         let deadline = conn.session.deadline();
