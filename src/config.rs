@@ -268,7 +268,7 @@ config_struct! {
         /// New connections one shard accepts per second; 0 = unlimited.
         /// Default: 20000.
         pub accept_rate_per_sec: u32 = 20_000,
-        /// WebSocket listener (path server.ws_path). "" turns it off.
+        /// WebSocket listener (`[ws]` path). "" turns it off.
         /// Default: "0.0.0.0:7104".
         pub ws_listen: String = "0.0.0.0:7104".into(),
         /// Client TCP over TLS ([tls] certificates), beside plain TCP.
@@ -276,9 +276,6 @@ config_struct! {
         pub tls_listen: String = String::new(),
         /// WebSocket over TLS ([tls] certificates). Default: "" (off).
         pub wss_listen: String = String::new(),
-        /// WebSocket handshake and limits (path, subprotocol, Origin
-        /// allow-list, head size).
-        pub ws: crate::conn::tls_config::WsConfig = Default::default(),
     }
 }
 
@@ -1212,7 +1209,9 @@ mod tests {
             let doc: Vec<&str> = lines[..i].iter().rev().take_while(|l| l.starts_with('#')).copied().collect();
             assert!(doc.iter().any(|l| l.contains("Default")), "`{line}` lacks a doc comment with its default");
         }
-        let expected = Config::FIELDS.len() - 7
+        let expected = Config::FIELDS.len() - 9
+            + crate::conn::tls_config::WsConfig::FIELDS.len()
+            + crate::conn::tls_config::TlsConfig::FIELDS.len()
             + ServerConfig::FIELDS.len()
             + SessionConfig::FIELDS.len()
             + AuthConfig::FIELDS.len()

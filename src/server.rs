@@ -429,7 +429,11 @@ impl Server {
 /// Binds `count` listening sockets to one address with SO_REUSEPORT (the
 /// kernel spreads connections over them). With port 0 the first socket
 /// picks the port and the others join it.
-pub(crate) fn bind_reuseport(addr: SocketAddr, count: u16, backlog: u32) -> Result<(SocketAddr, Vec<OwnedFd>), ServerError> {
+pub(crate) fn bind_reuseport(
+    addr: SocketAddr,
+    count: u16,
+    backlog: u32,
+) -> Result<(SocketAddr, Vec<OwnedFd>), ServerError> {
     let err = |source| ServerError::Listen { addr, source };
     let mut bound = addr;
     let mut fds = Vec::with_capacity(usize::from(count));

@@ -501,8 +501,7 @@ fn group_push_reaches_tcp_and_websocket_members_on_every_shard() {
         members.push(ws);
         devices.push(device);
     }
-    let handed: u64 =
-        server.counters().iter().map(|c| c.handed_off.load(std::sync::atomic::Ordering::Relaxed)).sum();
+    let handed: u64 = server.counters().iter().map(|c| c.handed_off.load(std::sync::atomic::Ordering::Relaxed)).sum();
     assert!(handed > 0, "some sessions moved to their owner shard");
     let mut tcp = Tcp::connect(server.client_addr(), &token(&cfg, "u-tcp", "tcp-dev"));
     devices.push("tcp-dev".into());

@@ -50,7 +50,7 @@ use tracing::{debug, info, warn};
 
 use crate::conn::OutQueue;
 use crate::conn::fd::{self, SlotFd, Socket};
-use crate::conn::transport::{Link, WsState, Wrapper};
+use crate::conn::transport::{Link, Wrapper, WsState};
 use crate::conn::ws;
 use crate::delivery::MessageIds;
 use crate::groups::Groups;
@@ -616,6 +616,7 @@ mod tests {
             lens: [0; 4],
             capabilities: 0,
             write_shut: false,
+            link: Link::Plain,
         };
         conn.set_ident(&login);
         let fields: Vec<_> = (0..5).map(|i| conn.field(i).unwrap()).collect();

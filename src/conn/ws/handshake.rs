@@ -198,7 +198,8 @@ impl Accepted {
 }
 
 /// Collects a request head across reads, bounded in bytes and time.
-#[derive(Debug)]
+/// `Debug` shows sizes only: the head may hold a token (`?token=`, a
+/// `longlink.token.` protocol entry).
 pub struct HeadReader {
     head: Vec<u8>,
     /// Where the search for the blank line resumes, so a head sent a byte at
@@ -206,6 +207,12 @@ pub struct HeadReader {
     scanned: usize,
     max: usize,
     deadline: Instant,
+}
+
+impl std::fmt::Debug for HeadReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HeadReader {{ head: <{} bytes>, max: {} }}", self.head.len(), self.max)
+    }
 }
 
 /// What [`HeadReader::feed`] found.
@@ -275,7 +282,11 @@ pub fn parse_request(head: &[u8], cfg: &HandshakeConfig) -> Result<Accepted, Han
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(head) {
-        Ok(httparse::Status::Complete(_)) => {}
+        // httparse also ends a head at a bare LF LF; bytes between there and
+        // the CRLFCRLF the reader stopped at would be dropped silently (a
+        // parser differential with a proxy in front): refuse.
+        Ok(httparse::Status::Complete(n)) if n == head.len() => {}
+        Ok(httparse::Status::Complete(_)) => return Err(HandshakeError::Malformed("bytes after the end of the head")),
         Ok(httparse::Status::Partial) => return Err(HandshakeError::Malformed("incomplete head")),
         Err(httparse::Error::TooManyHeaders) => return Err(HandshakeError::Malformed("too many headers")),
         Err(_) => return Err(HandshakeError::Malformed("not an HTTP/1.1 request")),
@@ -426,6 +437,28 @@ pub fn accept_key(key: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Review finding: the head reader's Debug must not show the token.
+    #[test]
+    fn head_reader_debug_hides_the_token() {
+        let mut reader = HeadReader::new(&HandshakeConfig::default(), Instant::now());
+        let head = b"GET /v1/ws?token=SECRETTOKEN HTTP/1.1\r\nSec-WebSocket-Protocol: longlink.token.SECRETTOKEN\r\n";
+        assert_eq!(reader.feed(head), Ok(Feed::Incomplete));
+        let shown = format!("{reader:?}");
+        assert!(!shown.contains("SECRET") && !shown.contains("83, 69, 67"), "{shown}");
+    }
+
+    /// Review finding: a head httparse ends earlier (bare LF LF) is refused.
+    #[test]
+    fn head_must_be_parsed_to_its_end() {
+        let cfg = HandshakeConfig::default();
+        let head = "GET /v1/ws HTTP/1.1\nHost: example.com\nUpgrade: websocket\nConnection: Upgrade\n\
+                    Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\nSec-WebSocket-Version: 13\n\
+                    Sec-WebSocket-Protocol: longlink.v1\n\nGET /admin HTTP/1.1\r\nHost: internal\r\n\r\n";
+        let mut reader = HeadReader::new(&cfg, Instant::now());
+        assert!(matches!(reader.feed(head.as_bytes()), Ok(Feed::Complete { .. })));
+        assert!(parse_request(reader.head(), &cfg).is_err());
+    }
 
     fn request(extra: &str) -> String {
         format!(
