@@ -35,6 +35,9 @@ impl LinkListeners {
                 shard.push((Link::WsUpgrade, fd));
             }
             addrs.ws = Some(bound);
+            // In the log, not on stdout: the lines there are a fixed set
+            // that scripts and tests read.
+            tracing::info!(ws = %bound, path = %config.ws.path, "WebSocket listener");
             for warning in crate::conn::tls_config::handshake_config(config).warnings() {
                 tracing::warn!("{warning}");
             }
