@@ -239,10 +239,10 @@ fn a_certificate_from_another_ca_or_no_common_alpn_is_refused() {
     let cfg = config(&pki);
     let server = start(&cfg);
     let addr = server.links().tls.unwrap();
-    let err = connect(addr, &other.ca, &[b"longlink/1"]).err().expect("the client refuses an unknown issuer");
+    let err = connect(addr, &other.ca, &[b"longlink/1"]).expect_err("the client refuses an unknown issuer");
     assert!(err.to_string().contains("certificate"), "{err}");
     // ALPN offered without ours: no_application_protocol.
-    let err = connect(addr, &pki.ca, &[b"h2"]).err().expect("no common ALPN");
+    let err = connect(addr, &pki.ca, &[b"h2"]).expect_err("no common ALPN");
     assert!(err.to_string().to_lowercase().contains("noapplicationprotocol"), "{err}");
     // No ALPN at all is fine (plain TLS clients).
     assert!(connect(addr, &pki.ca, &[]).is_ok());

@@ -624,10 +624,8 @@ impl Shard {
         if !plain.is_empty() {
             match link.map(Link::form) {
                 Some(Link::Plain) if !draining => self.on_bytes(key, &plain),
-                Some(Link::WsUpgrade | Link::Ws) => {
-                    if self.on_ws_read(key, &mut plain, draining).is_err() {
-                        result = Err(());
-                    }
+                Some(Link::WsUpgrade | Link::Ws) if self.on_ws_read(key, &mut plain, draining).is_err() => {
+                    result = Err(());
                 }
                 _ => {}
             }
