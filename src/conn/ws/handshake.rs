@@ -57,16 +57,19 @@ impl HandshakeConfig {
     /// Checks values a user could get wrong; the message names the field.
     pub fn validate(&self) -> Result<(), String> {
         if !self.path.starts_with('/') {
-            return Err(format!("server.ws_path {:?} must start with '/'", self.path));
+            return Err(format!("ws.path {:?} must start with '/'", self.path));
         }
         if self.subprotocol.is_empty() || !self.subprotocol.bytes().all(is_tchar) {
-            return Err(format!("server.ws_subprotocol {:?} must be a non-empty HTTP token", self.subprotocol));
+            return Err(format!("ws.subprotocol {:?} must be a non-empty HTTP token", self.subprotocol));
         }
         if !(256..=64 * 1024).contains(&self.max_head_bytes) {
-            return Err(format!("server.ws_max_head_bytes {} must be in 256..=65536", self.max_head_bytes));
+            return Err(format!("ws.max_head_bytes {} must be in 256..=65536", self.max_head_bytes));
         }
         if !(100..=60_000).contains(&self.timeout_ms) {
-            return Err(format!("server.ws_handshake_timeout_ms {} must be in 100..=60000", self.timeout_ms));
+            return Err(format!(
+                "session.auth_timeout_ms {} (the upgrade deadline) must be in 100..=60000",
+                self.timeout_ms
+            ));
         }
         Ok(())
     }
@@ -76,7 +79,7 @@ impl HandshakeConfig {
         let mut out = Vec::new();
         if self.allowed_origins.is_empty() {
             out.push(
-                "server.ws_allowed_origins is empty: any web page can open a WebSocket session with a token it holds"
+                "ws.allowed_origins is empty: any web page can open a WebSocket session with a token it holds"
                     .to_owned(),
             );
         }
