@@ -253,15 +253,16 @@ async fn connector(spec: WorkerSpec, keyring: Keyring, next: Rc<Cell<u32>>, tall
                 Duration::from_millis(spec.connect_timeout_ms),
                 Duration::from_millis(spec.auth_timeout_ms),
             );
-            let mut t = tally.borrow_mut();
-            match result {
-                Ok(held) => {
-                    t.links.push(held);
-                    t.last_auth_ok_unix_us = unix_us();
+            {
+                let mut t = tally.borrow_mut();
+                match result {
+                    Ok(held) => {
+                        t.links.push(held);
+                        t.last_auth_ok_unix_us = unix_us();
+                    }
+                    Err(err) => t.fail(format!("{err:#}")),
                 }
-                Err(err) => t.fail(format!("{err:#}")),
             }
-            drop(t);
             futures_lite::future::yield_now().await;
             continue;
         }
