@@ -598,10 +598,10 @@ mod tests {
     fn config_validation_names_the_field() {
         assert!(HandshakeConfig::default().validate().is_ok());
         let bad = HandshakeConfig { path: "v1".into(), ..Default::default() };
-        assert!(bad.validate().expect_err("invalid").contains("ws_path"));
+        assert!(bad.validate().expect_err("invalid").contains("ws.path"));
         let bad = HandshakeConfig { subprotocol: "a b".into(), ..Default::default() };
-        assert!(bad.validate().expect_err("invalid").contains("ws_subprotocol"));
+        assert!(bad.validate().expect_err("invalid").contains("ws.subprotocol"));
         let bad = HandshakeConfig { max_head_bytes: 10, ..Default::default() };
-        assert!(bad.validate().expect_err("invalid").contains("ws_max_head_bytes"));
+        assert!(bad.validate().expect_err("invalid").contains("ws.max_head_bytes"));
     }
 }
