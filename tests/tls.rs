@@ -140,14 +140,18 @@ fn tls_client_authenticates_and_receives_a_cli_push() {
     let cfg = config(&pki);
     let server = start(&cfg);
     let push = server.push_addr().to_string();
-    let mut clients: Vec<_> = (0..6).map(|i| tls_client(&server, &cfg, &pki.ca, &format!("tls-{i}"))).collect();
+    // Two shards, 16 devices: some sessions are handed off to their owner
+    // shard with their TLS session (1 in 65536 runs would see none).
+    let mut clients: Vec<_> = (0..16).map(|i| tls_client(&server, &cfg, &pki.ca, &format!("tls-{i}"))).collect();
+    let handed: u64 = server.counters().iter().map(|c| c.handed_off.load(std::sync::atomic::Ordering::Relaxed)).sum();
+    assert!(handed > 0, "some TLS sessions moved to their owner shard");
     for (i, c) in clients.iter_mut().enumerate() {
         cli(&["push", "--server", &push, "--device", &format!("tls-{i}"), "over tls"]);
         expect_message(c, b"over tls");
     }
     // A group push reaches every TLS member (each sealed with its own keys),
     // several frames in a row too.
-    let devices: Vec<String> = (0..6).map(|i| format!("tls-{i}")).collect();
+    let devices: Vec<String> = (0..16).map(|i| format!("tls-{i}")).collect();
     cli(&["group", "join", "--server", &push, "--group", "g", &devices.join(",")]);
     for n in 0..3 {
         cli(&["push", "--server", &push, "--group", "g", &format!("group {n}")]);
