@@ -105,6 +105,20 @@ mod tests {
         assert_eq!(to_longlink(CloseCode::NORMAL), None);
     }
 
+    /// Against longlink's own table (the review's drift hazard): every code
+    /// the node can send has a status in the private range, in its class.
+    #[test]
+    fn every_code_of_the_node_table_has_a_status_in_its_class() {
+        for row in crate::protocol::codes::TABLE {
+            let code = row.code as i32;
+            let ws = from_longlink(code);
+            assert!((4000..=4999).contains(&ws.0), "{code} -> {ws:?}");
+            assert_eq!(to_longlink(ws), Some(code));
+            let terminal = row.disposition == crate::protocol::codes::Disposition::Terminal;
+            assert_eq!(ws.0 >= 4500, terminal, "{code}");
+        }
+    }
+
     #[test]
     fn reasons_carry_the_code_and_fit_a_control_frame() {
         assert_eq!(longlink_reason(2002, "invalid token"), "2002 invalid token");
