@@ -68,6 +68,8 @@ pub enum ServerError {
     Cluster(std::io::Error),
     #[error("cannot serve admin HTTP on {addr}: {source}")]
     Admin { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Tls(crate::conn::tls::TlsConfigError),
 }
 
 /// A running node. Dropping it does not stop it; call [`Server::shutdown`].
@@ -84,6 +86,8 @@ pub struct Server {
     admin: HttpServer,
     /// Cluster mode: the node's cluster state.
     cluster: Option<Arc<ClusterShared>>,
+    links: crate::conn::links::LinkAddrs,
+    tls: crate::conn::links::TlsStores,
 }
 
 /// Every listener of a node, bound before anything starts (a taken port
@@ -127,6 +131,7 @@ impl Server {
         let upstream = UpstreamSettings::resolve(&config.upstream)?;
         let Listeners { client_addr, client: listeners, push_addr, push: push_listeners, node, admin: admin_listener } =
             Listeners::bind(config, shards)?;
+        let links = crate::conn::links::LinkListeners::bind(config, shards)?;
         let node_addr = node.as_ref().map(|(addr, _)| *addr);
         let cluster = match node_addr {
             Some(node_addr) => {
@@ -176,6 +181,8 @@ impl Server {
                 node_index: config.delivery.node_index,
             },
             node_counters: counters.iter().cloned().collect(),
+            ws: Arc::new(crate::conn::tls_config::handshake_config(config)),
+            tls: links.stores.clone(),
         };
         // One Redis sidecar for the node, or a memory store per shard (each
         // holds the timelines of the devices its shard owns).
@@ -207,13 +214,14 @@ impl Server {
         // Each executor takes one (client, push) listener pair and its own
         // ends of the mesh, made here, on one thread, before any executor
         // runs (the channels' shared state must not be built concurrently).
-        type ShardStart = (OwnedFd, OwnedFd, Option<OwnedFd>, MeshEnds);
+        type ShardStart = (OwnedFd, OwnedFd, Option<OwnedFd>, MeshEnds, Vec<(crate::conn::transport::Link, OwnedFd)>);
         let (fd_tx, fd_rx) = crossbeam_channel::bounded::<ShardStart>(listeners.len());
         let mesh = crate::mesh::full_mesh(shards, mesh_capacity(shards));
         let mut node_fds = node.map(|(_, fds)| fds.into_iter());
-        for ((client, push), ends) in listeners.into_iter().zip(push_listeners).zip(mesh) {
+        for (((client, push), ends), extra) in listeners.into_iter().zip(push_listeners).zip(mesh).zip(links.per_shard)
+        {
             let node_fd = node_fds.as_mut().and_then(Iterator::next);
-            let _ = fd_tx.send((client, push, node_fd, ends));
+            let _ = fd_tx.send((client, push, node_fd, ends, extra));
         }
         let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<ShardId, String>>(usize::from(shards));
         let grace = Duration::from_millis(session.close_linger_ms) + Duration::from_secs(1);
@@ -248,7 +256,7 @@ impl Server {
                         redis.clone(),
                     );
                     async move {
-                        let Ok((client_fd, push_fd, node_fd, mesh)) = fd_rx.try_recv() else {
+                        let Ok((client_fd, push_fd, node_fd, mesh, extra)) = fd_rx.try_recv() else {
                             let _ = ready_tx.send(Err("no listener left for this executor".into()));
                             return;
                         };
@@ -310,6 +318,9 @@ impl Server {
                         if let Some(fd) = node_fd {
                             let nodes = Rc::clone(&shard).push_accept_loop(fd::listener(fd), Listener::Node);
                             glommio::spawn_local(nodes).detach();
+                        }
+                        for (link, fd) in extra {
+                            glommio::spawn_local(Rc::clone(&shard).accept_link_loop(fd::listener(fd), link)).detach();
                         }
                         glommio::spawn_local(Rc::clone(&shard).pacer_loop()).detach();
                         glommio::spawn_local(Rc::clone(&shard).flusher_loop()).detach();
@@ -373,7 +384,19 @@ impl Server {
             info!(node = %cluster.node, admin = %admin.addr(), client = %cluster.client_endpoint, "cluster mode");
         }
         info!(%client_addr, shards, node = %config.node_name_bound(client_addr.port()), "longlink serving");
-        Ok(Server { handles: Some(handles), stop, client_addr, push_addr, node_addr, counters, admin, cluster })
+        let (links, tls) = (links.addrs, links.stores);
+        Ok(Server {
+            handles: Some(handles),
+            stop,
+            client_addr,
+            push_addr,
+            node_addr,
+            counters,
+            admin,
+            cluster,
+            links,
+            tls,
+        })
     }
 
     /// The bound client address (useful with port 0).
@@ -389,6 +412,17 @@ impl Server {
     /// Cluster mode: the bound node-to-node listener address.
     pub fn node_addr(&self) -> Option<SocketAddr> {
         self.node_addr
+    }
+
+    /// The bound WebSocket, TLS and WSS addresses (those that are on).
+    pub fn links(&self) -> crate::conn::links::LinkAddrs {
+        self.links
+    }
+
+    /// Re-reads the TLS certificate and key files: new connections get the
+    /// new certificate ([`crate::conn::links::TlsStores::reload`]).
+    pub fn reload_tls(&self) -> Result<(), crate::conn::tls::TlsConfigError> {
+        self.tls.reload()
     }
 
     /// The bound admin HTTP address.
@@ -472,7 +506,11 @@ fn port_auth(config: &Config) -> Result<PortAuth, ServerError> {
     })
 }
 
-fn bind_reuseport(addr: SocketAddr, count: u16, backlog: u32) -> Result<(SocketAddr, Vec<OwnedFd>), ServerError> {
+pub(crate) fn bind_reuseport(
+    addr: SocketAddr,
+    count: u16,
+    backlog: u32,
+) -> Result<(SocketAddr, Vec<OwnedFd>), ServerError> {
     let err = |source| ServerError::Listen { addr, source };
     let mut bound = addr;
     let mut fds = Vec::with_capacity(usize::from(count));

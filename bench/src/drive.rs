@@ -114,6 +114,8 @@ impl Rig {
                     connect_timeout_ms: CONNECT_TIMEOUT_MS,
                     auth_timeout_ms: AUTH_TIMEOUT_MS,
                     device_prefix: load.device_prefix.clone(),
+                    transport: Default::default(),
+                    ca_der: Vec::new(),
                 },
                 join_group: load.join_group.clone(),
                 churn_per_sec: load.churn_per_sec,

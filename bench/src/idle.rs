@@ -44,6 +44,10 @@ pub struct IdleArgs {
     /// Connections opened and closed before the baseline is taken.
     #[arg(long, default_value_t = 200)]
     pub warmup: u32,
+    /// How the clients connect: plain TCP, WebSocket, TLS or WebSocket over
+    /// TLS (each on its own listener).
+    #[arg(long, value_enum, default_value = "tcp")]
+    pub transport: crate::links::Transport,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -52,6 +56,8 @@ pub struct IdleArgs {
 #[derive(Debug, Serialize)]
 struct IdleRecord {
     scenario: &'static str,
+    /// tcp, ws, tls or wss.
+    transport: crate::links::Transport,
     connections: u32,
     connected: u32,
     shards: u16,
@@ -148,7 +154,10 @@ fn run_one(args: &IdleArgs, connections: u32, h: &mut Harness) -> anyhow::Result
     let key = BenchKey::generate()?;
     let mut cfg = bench_config(shards, &key);
     cfg.session.heartbeat_default_ms = IDLE_HEARTBEAT_MS;
+    let cert_dir = std::env::temp_dir().join(format!("longlink-bench-certs-{}", std::process::id()));
+    let (link_addr, ca_der) = crate::links::configure(&mut cfg, args.transport, &cert_dir)?;
     let mut server = ServerProcess::start(&bin, &cfg, h)?;
+    server.set_link(link_addr, ca_der);
     let push = server.push_addr().map_or_else(|| "none".to_owned(), |a| a.to_string());
     h.note(&format!(
         "server pid {} listening on {} (push {push}) with {shards} shards ({})",
@@ -181,7 +190,7 @@ fn run_one(args: &IdleArgs, connections: u32, h: &mut Harness) -> anyhow::Result
 fn spec(server: &ServerProcess, key: &BenchKey, args: &IdleArgs, index: u32, count: u32, octet: u8) -> WorkerSpec {
     WorkerSpec {
         index,
-        server: server.addr(),
+        server: server.link_addr(),
         connections: count,
         in_flight: args.common.in_flight,
         source: SourcePlan { octet, per_address: args.common.conns_per_source },
@@ -190,6 +199,8 @@ fn spec(server: &ServerProcess, key: &BenchKey, args: &IdleArgs, index: u32, cou
         connect_timeout_ms: CONNECT_TIMEOUT_MS,
         auth_timeout_ms: AUTH_TIMEOUT_MS,
         device_prefix: if octet == WARMUP_OCTET { "warm-".into() } else { "idle-".into() },
+        transport: args.transport,
+        ca_der: server.ca_der().to_vec(),
     }
 }
 
@@ -266,6 +277,7 @@ fn measure(
 
     Ok(IdleRecord {
         scenario: "idle",
+        transport: args.transport,
         connections,
         connected: summary.connected,
         shards,

@@ -31,6 +31,7 @@ mod fanout;
 mod harness;
 mod idle;
 mod latency;
+mod links;
 mod loadworker;
 mod pool;
 mod pusher;

@@ -179,9 +179,29 @@ pub struct ServerProcess {
     dir: TempDir,
     /// Set once the exit status has been collected.
     exited: Option<ExitStatus>,
+    /// Where `idle --transport` clients connect, and the CA of its
+    /// certificate (TLS).
+    link: Option<SocketAddr>,
+    ca_der: Vec<u8>,
 }
 
 impl ServerProcess {
+    /// Records the listener `idle --transport` clients use.
+    pub fn set_link(&mut self, link: Option<SocketAddr>, ca_der: Vec<u8>) {
+        self.link = link;
+        self.ca_der = ca_der;
+    }
+
+    /// The address clients connect to: the transport's listener, else the
+    /// client port.
+    pub fn link_addr(&self) -> SocketAddr {
+        self.link.unwrap_or(self.addr)
+    }
+
+    pub fn ca_der(&self) -> &[u8] {
+        &self.ca_der
+    }
+
     /// Writes `cfg` (its data_dir moved into a temp dir), starts `bin serve`
     /// and waits for its `listening ADDR` and `push ADDR` lines.
     pub fn start(bin: &Path, cfg: &Config, harness: &Harness) -> anyhow::Result<ServerProcess> {
@@ -201,8 +221,16 @@ impl ServerProcess {
         let mut child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
         let pid = child.id();
         let stdout = child.stdout.take().context("server stdout")?;
-        let mut server =
-            ServerProcess { child, pid, addr: cfg.server.client_listen, push_addr: None, dir, exited: None };
+        let mut server = ServerProcess {
+            child,
+            pid,
+            addr: cfg.server.client_listen,
+            push_addr: None,
+            dir,
+            exited: None,
+            link: None,
+            ca_der: Vec::new(),
+        };
 
         // Forward stdout lines until the server exits, so it never blocks
         // on a full pipe; the address lines are the readiness signal.

@@ -57,6 +57,12 @@ pub struct WorkerSpec {
     pub auth_timeout_ms: u64,
     /// Device and user ids are `{device_prefix}{index}-{n}`, unique per run.
     pub device_prefix: String,
+    /// Idle scenario: how the clients connect (`server` is that listener).
+    #[serde(default)]
+    pub transport: crate::links::Transport,
+    /// DER of the CA that signed the server's certificate (TLS, wss).
+    #[serde(default)]
+    pub ca_der: Vec<u8>,
 }
 
 /// The key workers sign tokens with.
@@ -141,8 +147,9 @@ fn run_inner() -> anyhow::Result<()> {
         // glommio's helper thread so the executor stays parked meanwhile.
         let _ = glommio::executor().spawn_blocking(|| io::copy(&mut io::stdin().lock(), &mut io::sink())).await;
         let conns = std::mem::take(&mut tally.borrow_mut().conns);
-        let held = conns.len() as u32;
-        drop(conns);
+        let links = std::mem::take(&mut tally.borrow_mut().links);
+        let held = (conns.len() + links.len()) as u32;
+        drop((conns, links));
         emit(&WorkerMsg::Closed { held });
     });
     Ok(())
@@ -152,6 +159,8 @@ fn run_inner() -> anyhow::Result<()> {
 #[derive(Default)]
 struct Tally {
     conns: Vec<Connection>,
+    /// Connections over WebSocket or TLS (`--transport`).
+    links: Vec<crate::links::Held>,
     failed: u32,
     failures: BTreeMap<String, u32>,
     started: Option<Instant>,
@@ -162,7 +171,7 @@ struct Tally {
 impl Tally {
     fn connected_msg(&self) -> WorkerMsg {
         WorkerMsg::Connected {
-            connected: self.conns.len() as u32,
+            connected: (self.conns.len() + self.links.len()) as u32,
             failed: self.failed,
             failures: self.failures.clone(),
             first_connect_unix_us: self.first_connect_unix_us.unwrap_or(0),
@@ -202,7 +211,7 @@ async fn connect_all(spec: &WorkerSpec, keyring: Keyring) -> Rc<RefCell<Tally>> 
                 glommio::timer::sleep(PROGRESS_EVERY).await;
                 let now = {
                     let t = tally.borrow();
-                    (t.conns.len() as u32, t.failed)
+                    ((t.conns.len() + t.links.len()) as u32, t.failed)
                 };
                 if now != last {
                     emit(&WorkerMsg::Progress { connected: now.0, failed: now.1 });
@@ -230,6 +239,32 @@ async fn connector(spec: WorkerSpec, keyring: Keyring, next: Rc<Cell<u32>>, tall
             let mut t = tally.borrow_mut();
             t.started.get_or_insert_with(Instant::now);
             t.first_connect_unix_us.get_or_insert_with(unix_us);
+        }
+        if spec.transport != crate::links::Transport::Tcp {
+            // Blocking connect and handshake: only the server is measured.
+            let id = device_id(&spec, n);
+            let now = token::now_unix_secs();
+            let result = crate::links::connect(
+                spec.transport,
+                spec.server,
+                IpAddr::V4(spec.source.address(n)),
+                &spec.ca_der,
+                &keyring.mint(&id, &id, "bench", now, now + TOKEN_TTL_SECS),
+                Duration::from_millis(spec.connect_timeout_ms),
+                Duration::from_millis(spec.auth_timeout_ms),
+            );
+            {
+                let mut t = tally.borrow_mut();
+                match result {
+                    Ok(held) => {
+                        t.links.push(held);
+                        t.last_auth_ok_unix_us = unix_us();
+                    }
+                    Err(err) => t.fail(format!("{err:#}")),
+                }
+            }
+            futures_lite::future::yield_now().await;
+            continue;
         }
         let result = connect_one(&spec, &keyring, n).await;
         let mut t = tally.borrow_mut();

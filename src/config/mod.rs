@@ -21,6 +21,7 @@ use crate::protocol::limits::{MAX_ID_BYTES, check_id};
 use crate::protocol::token::{self, Key, Keyring, TokenError};
 
 use parse::*;
+pub(crate) use validate::invalid;
 use validate::*;
 
 /// A field's name and doc comment lines, as printed by `default_toml`.
@@ -108,6 +109,10 @@ config_struct! {
         pub push_auth: crate::push::auth::PushAuthConfig = Default::default(),
         /// Which groups clients may JOIN themselves.
         pub client_groups: crate::groups::ClientGroupsConfig = Default::default(),
+        /// WebSocket handshake: path, subprotocol, Origin allow-list, limits.
+        pub ws: crate::conn::tls_config::WsConfig = Default::default(),
+        /// Certificates for server.tls_listen and server.wss_listen.
+        pub tls: crate::conn::tls_config::TlsConfig = Default::default(),
     }
 }
 
@@ -291,6 +296,14 @@ config_struct! {
         /// New connections one shard accepts per second; 0 = unlimited.
         /// Default: 20000.
         pub accept_rate_per_sec: u32 = 20_000,
+        /// WebSocket listener (`[ws]` path). "" turns it off.
+        /// Default: "0.0.0.0:7104".
+        pub ws_listen: String = "0.0.0.0:7104".into(),
+        /// Client TCP over TLS ([tls] certificates), beside plain TCP.
+        /// Default: "" (off).
+        pub tls_listen: String = String::new(),
+        /// WebSocket over TLS ([tls] certificates). Default: "" (off).
+        pub wss_listen: String = String::new(),
     }
 }
 
@@ -582,6 +595,7 @@ impl Config {
         self.upstream.validate()?;
         self.delivery.validate()?;
         self.cluster.validate(&self.delivery, &self.push)?;
+        crate::conn::tls_config::validate(self)?;
         self.http.validate()?;
         self.dispatch.validate()?;
         self.push_auth.validate()?;

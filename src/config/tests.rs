@@ -51,7 +51,9 @@ fn default_toml_documents_every_field() {
         let doc: Vec<&str> = lines[..i].iter().rev().take_while(|l| l.starts_with('#')).copied().collect();
         assert!(doc.iter().any(|l| l.contains("Default")), "`{line}` lacks a doc comment with its default");
     }
-    let expected = Config::FIELDS.len() - 11
+    let expected = Config::FIELDS.len() - 13
+        + crate::conn::tls_config::WsConfig::FIELDS.len()
+        + crate::conn::tls_config::TlsConfig::FIELDS.len()
         + crate::http::guard::HttpConfig::FIELDS.len()
         + crate::http::dispatch_auth::DispatchAuthConfig::FIELDS.len()
         + crate::push::auth::PushAuthConfig::FIELDS.len()

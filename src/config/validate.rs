@@ -7,7 +7,7 @@ pub(super) fn in_file(path: Option<&Path>) -> String {
     path.map(|p| format!(" file {}", p.display())).unwrap_or_default()
 }
 
-pub(super) fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { field, message: message.into() }
 }
 
@@ -64,6 +64,7 @@ impl ServerConfig {
             ));
         }
         check_range("server.listen_backlog", self.listen_backlog, 1, i32::MAX as u32, "")?;
+        crate::conn::tls_config::validate_listeners(self)?;
         check_range("server.max_frame_bytes", self.max_frame_bytes, 64, MAX_FRAME_BYTES_LIMIT, "")?;
         check_min(
             "server.io_memory_bytes",

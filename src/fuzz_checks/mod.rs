@@ -12,6 +12,7 @@
 //! | `push`    | push-port framing and request checks ([`crate::push`])         |
 //! | `http`    | the sidecars' HTTP request reader and parser ([`crate::http`]) |
 //! | `config`  | [`crate::config::Config::from_toml_str`]                       |
+//! | `ws_decoder`, `ws_handshake` | the WebSocket decoder and upgrade ([`crate::conn::ws`]) |
 
 pub mod alloc;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod http;
 pub mod push;
 pub mod seeds;
 pub mod session;
+pub mod ws;
 
 /// A target's check: panics when an invariant breaks.
 pub type Check = fn(&[u8]);
@@ -31,6 +33,8 @@ pub const TARGETS: &[(&str, Check)] = &[
     ("push", push::check),
     ("http", http::check),
     ("config", config::check),
+    ("ws_decoder", ws::check_decoder),
+    ("ws_handshake", ws::check_handshake),
 ];
 
 /// Reads a fuzz input as a sequence of small decisions. Past the end it

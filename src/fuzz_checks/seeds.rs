@@ -16,6 +16,8 @@ pub fn seeds(target: &str) -> Vec<(String, Vec<u8>)> {
         "push" => push(),
         "http" => http(),
         "config" => configs(),
+        "ws_decoder" => named(super::ws::seeds_decoder()),
+        "ws_handshake" => named(super::ws::seeds_handshake()),
         _ => Vec::new(),
     }
 }

@@ -12,6 +12,8 @@ pub(super) struct ConnTask {
     key: ConnKey,
     /// Taken when the task finishes.
     socket: Option<Socket>,
+    /// A TLS connection's session and sealed records (`None` otherwise).
+    tls: Option<Box<TlsLink>>,
 }
 
 impl std::future::Future for ConnTask {
@@ -20,7 +22,12 @@ impl std::future::Future for ConnTask {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = &mut *self;
         let Some(socket) = this.socket.as_mut() else { return Poll::Ready(()) };
-        let Poll::Ready(exit) = this.shard.poll_conn(this.key, socket.stream(), cx) else { return Poll::Pending };
+        let Poll::Ready(mut exit) = this.shard.poll_conn(this.key, socket.stream(), &mut this.tls, cx) else {
+            return Poll::Pending;
+        };
+        if let Exit::Handoff(_, transit) = &mut exit {
+            transit.tls = this.tls.take();
+        }
         if let Some(socket) = this.socket.take() {
             this.shard.finish_conn(this.key, socket, exit);
         }
@@ -40,6 +47,9 @@ pub(super) struct Transit {
     session: Session,
     login: Login,
     leftover: Vec<u8>,
+    link: Link,
+    ws: Option<Box<WsState>>,
+    tls: Option<Box<TlsLink>>,
 }
 
 impl Shard {
@@ -47,10 +57,15 @@ impl Shard {
 
     /// Accepts client connections until [`Shard::begin_shutdown`].
     pub async fn accept_loop(self: Rc<Self>, listener: glommio::net::TcpListener) {
+        self.accept_link_loop(listener, Link::Plain).await;
+    }
+
+    /// [`Shard::accept_loop`] for a listener of another transport.
+    pub async fn accept_link_loop(self: Rc<Self>, listener: glommio::net::TcpListener, link: Link) {
         let mut bucket = AcceptBucket::new(self.cfg.accept_rate_per_sec);
         while let Some(accepted) = self.accept_or_stop(&listener).await {
             match accepted {
-                Ok(stream) => self.on_accept(stream),
+                Ok(stream) => self.on_accept(stream, link),
                 Err(err) => {
                     // EMFILE/ENFILE and friends: back off instead of spinning.
                     warn!(shard = %self.id, error = %err, "accept failed; pausing 100 ms");
@@ -76,7 +91,7 @@ impl Shard {
         .await
     }
 
-    pub(super) fn on_accept(self: &Rc<Self>, stream: TcpStream) {
+    pub(super) fn on_accept(self: &Rc<Self>, stream: TcpStream, link: Link) {
         self.counters.accepted.fetch_add(1, Ordering::Relaxed);
         let now = self.now();
         let key = {
@@ -85,18 +100,40 @@ impl Shard {
                 drop(st);
                 debug!(shard = %self.id, "connection limit reached; refusing");
                 // Best effort: the socket is fresh, a small frame fits.
-                let bytes =
-                    Frame::Error(codes::error_body(ErrorCode::ServerError, "connection limit reached")).to_bytes();
+                // (Over TLS nothing can be said before a handshake.)
+                let bytes = match link {
+                    Link::Plain => {
+                        Frame::Error(codes::error_body(ErrorCode::ServerError, "connection limit reached")).to_bytes()
+                    }
+                    Link::WsUpgrade | Link::Ws => Bytes::from_static(SERVICE_UNAVAILABLE),
+                    Link::Tls | Link::WssUpgrade | Link::Wss => return,
+                };
                 let _ = fd::send(fd::stream_fd(&stream), &bytes);
                 return;
             }
+            let tls = match link.is_tls() {
+                false => None,
+                true => match self.tls_session(link) {
+                    Some(session) => Some(Box::new(TlsLink::new(session))),
+                    None => return,
+                },
+            };
             let session = Session::new(now.mono, &self.cfg.params);
             let (socket, slot_fd) = Socket::new(stream);
-            (insert_conn(&mut st, session, slot_fd, now, 0), socket)
+            let key = insert_conn(&mut st, session, slot_fd, now, 0, link);
+            if link.form() == Link::WsUpgrade
+                && let Some(conn) = st.conn(key)
+            {
+                // The head must be complete by the auth deadline (the
+                // session's own timer); the reader bounds its size.
+                let upgrade = Some(crate::conn::ws::HeadReader::new(&self.cfg.ws, Instant::now()));
+                conn.io().ws = Some(Box::new(WsState { upgrade, ..WsState::default() }));
+            }
+            (key, socket, tls)
         };
-        let (key, socket) = key;
+        let (key, socket, tls) = key;
         let shard = self.clone();
-        glommio::spawn_local(ConnTask { shard, key, socket: Some(socket) }).detach();
+        glommio::spawn_local(ConnTask { shard, key, socket: Some(socket), tls }).detach();
     }
 
     // ---- the connection task ----------------------------------------------
@@ -115,16 +152,23 @@ impl Shard {
             Exit::Closed => socket.close(slot_fd),
             Exit::Handoff(owner, transit) => match socket.hand_over(slot_fd) {
                 Ok(fd) => {
-                    let Transit { session, login, leftover } = *transit;
+                    let Transit { session, login, leftover, link, ws, tls } = *transit;
                     self.counters.handed_off.fetch_add(1, Ordering::Relaxed);
-                    self.outbox.send(owner, ShardMsg::Adopt(Box::new(Adoption { fd, session, login, leftover })));
+                    let adoption = Adoption { fd, session, login, leftover, link, ws, tls };
+                    self.outbox.send(owner, ShardMsg::Adopt(Box::new(adoption)));
                 }
                 Err(err) => warn!(shard = %self.id, error = %err, "dup failed; dropping connection"),
             },
         }
     }
 
-    pub(super) fn poll_conn(&self, key: ConnKey, stream: &mut TcpStream, cx: &mut Context<'_>) -> Poll<Exit> {
+    pub(super) fn poll_conn(
+        &self,
+        key: ConnKey,
+        stream: &mut TcpStream,
+        tls: &mut Option<Box<TlsLink>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Exit> {
         for _ in 0..READS_PER_POLL {
             let draining = {
                 let mut st = self.state.borrow_mut();
@@ -133,7 +177,25 @@ impl Shard {
                     return Poll::Ready(Exit::Closed);
                 };
                 let mut stalled_now = false;
-                if let Some(io) = conn.io.as_mut() {
+                if let Some(t) = tls.as_deref_mut() {
+                    // Sealed records first, then the frames queued since,
+                    // sealed as one batch once those are out.
+                    let io = conn.io.get_or_insert_with(Box::default);
+                    match flush_tls(t, &mut io.out, stream, cx) {
+                        Err(err) => {
+                            debug!(shard = %self.id, error = %err, "TLS write failed");
+                            conn.session.closed_by_peer();
+                            return Poll::Ready(Exit::Closed);
+                        }
+                        Ok(true) => io.stalled_since = None,
+                        Ok(false) if io.stalled_since.is_none() => {
+                            io.stalled_since = Some(now);
+                            stalled_now = true;
+                        }
+                        Ok(false) => {}
+                    }
+                    conn.release_io_if_idle();
+                } else if let Some(io) = conn.io.as_mut() {
                     match io.out.flush(stream, cx) {
                         Err(err) => {
                             debug!(shard = %self.id, error = %err, "write failed");
@@ -152,7 +214,22 @@ impl Shard {
                 match conn.session.phase() {
                     Phase::Closed => return Poll::Ready(Exit::Closed),
                     Phase::Closing => {
-                        let flushed = conn.io.as_ref().is_none_or(|io| io.out.is_empty());
+                        let flushed = conn.io.as_ref().is_none_or(|io| io.out.is_empty())
+                            && tls.as_ref().is_none_or(|t| t.cipher.is_empty());
+                        if let Some(t) = tls.as_deref_mut()
+                            && flushed
+                            && !t.sent_close
+                        {
+                            // close_notify, then the half-close below once
+                            // it is written.
+                            let mut out = Vec::new();
+                            let _ = t.session.close_notify(&mut out);
+                            t.sent_close = true;
+                            if !out.is_empty() {
+                                t.cipher.push(Bytes::from(out));
+                                continue;
+                            }
+                        }
                         if flushed && !conn.write_shut {
                             // Half-close so the Error frame arrives before FIN;
                             // keep reading until the peer closes or the linger ends.
@@ -160,17 +237,23 @@ impl Shard {
                             fd::shutdown_write(fd::stream_fd(stream));
                         }
                     }
-                    Phase::Authenticated => {
+                    // What is queued (a WebSocket 101) goes out before the
+                    // socket moves: the queue stays here.
+                    Phase::Authenticated
+                        if conn.io.as_ref().is_none_or(|io| io.out.is_empty())
+                            && tls.as_ref().is_none_or(|t| t.cipher.is_empty()) =>
+                    {
                         if let Some((owner, transit)) = take_handoff(conn) {
                             return Poll::Ready(Exit::Handoff(owner, transit));
                         }
                     }
-                    Phase::Handshaking | Phase::Active => {}
+                    Phase::Handshaking | Phase::Active | Phase::Authenticated => {}
                 }
                 if !conn.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                     conn.waker = Some(cx.waker().clone());
                 }
                 let draining = !conn.session.wants_input();
+                let link = conn.link;
                 let awaiting_activation = conn.session.phase() == Phase::Authenticated;
                 if stalled_now {
                     // The sweep closes the session as SLOW if the socket is
@@ -185,23 +268,24 @@ impl Shard {
                 if awaiting_activation || (!draining && st.upstream.is_paused(key)) {
                     return Poll::Pending;
                 }
-                draining
+                (draining, link)
             };
+            let (draining, link) = draining;
 
             let mut buf = std::mem::take(&mut *self.scratch.borrow_mut());
             let read = futures_lite::AsyncRead::poll_read(Pin::new(&mut *stream), cx, &mut buf);
             let result = match read {
                 Poll::Pending => None,
                 Poll::Ready(Ok(0)) => Some(Err(())),
-                Poll::Ready(Ok(n)) => match Plain::inbound(&mut (), &mut buf[..n]) {
-                    Ok(frames) if !draining => {
-                        self.on_bytes(key, frames);
+                Poll::Ready(Ok(n)) => match link {
+                    _ if let Some(t) = tls.as_deref_mut() => Some(self.on_tls_read(key, t, &mut buf[..n], draining)),
+                    Link::Plain if !draining => {
+                        self.on_bytes(key, &buf[..n]);
                         Some(Ok(()))
                     }
-                    Ok(_) => Some(Ok(())),
-                    Err(err) => {
-                        debug!(shard = %self.id, error = %err, "transport failed");
-                        Some(Err(()))
+                    Link::Plain => Some(Ok(())),
+                    Link::WsUpgrade | Link::Ws | Link::Tls | Link::WssUpgrade | Link::Wss => {
+                        Some(self.on_ws_read(key, &mut buf[..n], draining))
                     }
                 },
                 Poll::Ready(Err(err)) => {
@@ -294,7 +378,12 @@ impl Shard {
                     pos += header.frame_len();
                     self.counters.frames_in.fetch_add(1, Ordering::Relaxed);
                     match Frame::decode_from(Peer::Client, header, body) {
-                        Ok(frame) => conn.session.handle_frame(now, frame, &self.cfg.params, &mut actions),
+                        Ok(mut frame) => {
+                            if let Frame::Auth(auth) = &mut frame {
+                                handshake_token(conn, auth);
+                            }
+                            conn.session.handle_frame(now, frame, &self.cfg.params, &mut actions)
+                        }
                         Err(err) => conn.session.handle_codec_error(now, &err, &self.cfg.params, &mut actions),
                     }
                 }
@@ -362,6 +451,22 @@ impl Shard {
 
     pub(super) fn on_close(&self, st: &mut State, key: ConnKey, code: ErrorCode) {
         let Some(conn) = st.conn(key) else { return };
+        // After the longlink Error or Kicked frame, the WebSocket close that
+        // carries the code (an upgrade still in progress gets an HTTP error).
+        match conn.link.form() {
+            Link::Plain | Link::Tls | Link::WssUpgrade | Link::Wss => {}
+            Link::WsUpgrade => {
+                let status = match code {
+                    ErrorCode::AuthTimeout => ws::HandshakeError::Timeout.response(),
+                    _ => SERVICE_UNAVAILABLE.to_vec(),
+                };
+                conn.io().out.push(Bytes::from(status));
+            }
+            Link::Ws => {
+                // Reason "<code> <NAME>", e.g. "2003 REPLACED".
+                conn.io().out.push(ws::encode::encode_longlink_close(code as i32, code.as_str_name()));
+            }
+        }
         let deadline = conn.session.deadline();
         conn.wake();
         debug!(shard = %self.id, conn = %ConnId::new(self.id, key), device = conn.device().unwrap_or(""), ?code, "closing");
@@ -390,9 +495,195 @@ impl Shard {
         queued
     }
 
+    /// Queues bytes already in their wire form (a WebSocket control frame,
+    /// the upgrade's answer, a frame partly written by a direct send), with
+    /// the queue's bound. Wakes the task.
+    pub(super) fn queue_raw(&self, st: &mut State, key: ConnKey, bytes: Bytes) -> bool {
+        let limit = self.cfg.outbound_queue_bytes as usize;
+        let Some(conn) = st.conn(key) else { return false };
+        let io = conn.io();
+        if io.out.bytes() + bytes.len() > limit && !io.out.is_empty() {
+            let dropped = io.out.cut();
+            self.close_slow(st, key, dropped, format!("outbound queue above {limit} bytes"));
+            return false;
+        }
+        io.out.push(bytes);
+        conn.wake();
+        true
+    }
+
+    /// The bytes of one read on a WebSocket connection: the upgrade's
+    /// request head until it is answered, then frames, unmasked in place in
+    /// the scratch buffer and handed to framing like TCP bytes. `Err` closes
+    /// the connection now (after a best-effort write of what is queued: the
+    /// HTTP error or the Close frame).
+    pub(super) fn on_ws_read(&self, key: ConnKey, buf: &mut [u8], draining: bool) -> Result<(), ()> {
+        let max = ws::decode::max_message_bytes(self.cfg.max_frame_bytes);
+        let mut guard = self.state.borrow_mut();
+        let Some(conn) = guard.conn(key) else { return Err(()) };
+        let mut state = conn.io().ws.take().unwrap_or_default();
+        let mut start = 0;
+        if let Some(head) = state.upgrade.as_mut() {
+            let parsed = match head.feed(buf) {
+                Ok(ws::handshake::Feed::Incomplete) => {
+                    conn.io().ws = Some(state);
+                    return Ok(());
+                }
+                Ok(ws::handshake::Feed::Complete { consumed }) => {
+                    start = consumed;
+                    ws::handshake::parse_request(head.head(), &self.cfg.ws)
+                }
+                Err(err) => Err(err),
+            };
+            state.upgrade = None;
+            match parsed {
+                Ok(accepted) => {
+                    conn.link = conn.link.upgraded();
+                    conn.io().out.push(Bytes::from(accepted.response()));
+                    state.token = accepted.token;
+                }
+                Err(err) => {
+                    debug!(shard = %self.id, error = %err, "WebSocket upgrade refused");
+                    let io = conn.io.get_or_insert_with(Box::default);
+                    io.out.push(Bytes::from(err.response()));
+                    // Over TLS the caller seals and writes it.
+                    if !conn.link.is_tls() {
+                        let _ = io.out.write_now(conn.fd.get());
+                    }
+                    return Err(());
+                }
+            }
+        }
+        let data = &mut buf[start..];
+        let (data_len, close) = match state.decoder.decode(data, max) {
+            Ok(out) => {
+                if let Some(ping) = out.pong {
+                    // One pong per read at most (the decoder keeps the last
+                    // ping), and none past the queue's bound.
+                    let io = conn.io();
+                    if io.out.bytes() < self.cfg.outbound_queue_bytes as usize {
+                        io.out.push(ws::encode::encode_pong(ping.as_bytes()));
+                    }
+                }
+                (out.data_len, out.close.map(|c| c.reply()))
+            }
+            Err(err) => {
+                debug!(shard = %self.id, error = %err, "WebSocket protocol error");
+                (0, Some(ws::encode::encode_close(err.close_code(), &err.to_string())))
+            }
+        };
+        if !state.is_idle() || close.is_some() {
+            conn.io().ws = Some(state);
+        }
+        conn.wake();
+        if data_len > 0 && !draining {
+            drop(guard);
+            self.on_bytes(key, &data[..data_len]);
+            guard = self.state.borrow_mut();
+        }
+        let Some(close) = close else { return Ok(()) };
+        // The peer closed or broke the protocol: our Close goes after what
+        // is queued, as far as the socket takes it now; then the socket
+        // closes.
+        if let Some(conn) = guard.conn(key) {
+            let io = conn.io.get_or_insert_with(Box::default);
+            io.out.push(close);
+            if !conn.link.is_tls() {
+                let _ = io.out.write_now(conn.fd.get());
+            }
+        }
+        Err(())
+    }
+
+    /// The bytes of one read on a TLS connection: records decrypted in
+    /// place (after any incomplete record kept from the last read), the
+    /// plaintext handed to framing (or, for wss, to the WebSocket side).
+    /// What rustls answers (handshake, alerts) is queued as sealed. `Err`
+    /// closes the connection now, after a best-effort write of what is
+    /// queued.
+    pub(super) fn on_tls_read(&self, key: ConnKey, t: &mut TlsLink, buf: &mut [u8], draining: bool) -> Result<(), ()> {
+        let mut carried = std::mem::take(&mut t.tail);
+        let input: &mut [u8] = if carried.is_empty() {
+            buf
+        } else {
+            carried.extend_from_slice(buf);
+            &mut carried
+        };
+        let mut plain = std::mem::take(&mut *self.plain_scratch.borrow_mut());
+        plain.clear();
+        let mut out = Vec::new();
+        let read = t.session.read(input, &mut out, &mut |p| plain.extend_from_slice(p));
+        if !out.is_empty() {
+            t.cipher.push(Bytes::from(out));
+        }
+        let mut result = match read {
+            Ok(progress) => {
+                let rest = &input[progress.consumed.min(input.len())..];
+                if t.session.is_handshaking() && rest.len() > MAX_TLS_HANDSHAKE_TAIL {
+                    debug!(shard = %self.id, carried = rest.len(), "TLS handshake message too large");
+                    Err(())
+                } else {
+                    t.tail = rest.to_vec();
+                    // Input after close_notify is never read (review
+                    // finding 2): the connection ends here.
+                    if progress.peer_closed { Err(()) } else { Ok(()) }
+                }
+            }
+            Err(err) => {
+                debug!(shard = %self.id, error = %err, "TLS failed");
+                Err(())
+            }
+        };
+        let link = self.state.borrow().conn_ref(key).map(|c| c.link);
+        if !plain.is_empty() {
+            match link.map(Link::form) {
+                Some(Link::Plain) if !draining => self.on_bytes(key, &plain),
+                Some(Link::WsUpgrade | Link::Ws) if self.on_ws_read(key, &mut plain, draining).is_err() => {
+                    result = Err(());
+                }
+                _ => {}
+            }
+        }
+        if plain.capacity() <= self.cfg.read_buffer_bytes * 2 {
+            *self.plain_scratch.borrow_mut() = plain;
+        }
+        if result.is_err() {
+            // The alert, an HTTP error or a Close frame: as far as the socket
+            // takes it now.
+            let mut st = self.state.borrow_mut();
+            if let Some(conn) = st.conn(key) {
+                if let Some(io) = conn.io.as_mut() {
+                    let _ = t.seal(&mut io.out);
+                }
+                let _ = t.cipher.write_now(conn.fd.get());
+            }
+        }
+        t.release_idle();
+        result
+    }
+
+    /// The server session for a connection accepted on a TLS listener, with
+    /// the certificate in force now.
+    fn tls_session(&self, link: Link) -> Option<crate::conn::tls::ServerTls> {
+        let mut handles = self.tls_configs.borrow_mut();
+        let handle = match link {
+            Link::Tls => handles.0.as_mut(),
+            _ => handles.1.as_mut(),
+        }?;
+        match crate::conn::tls::ServerTls::server(handle.current().clone()) {
+            Ok(session) => Some(session),
+            Err(err) => {
+                warn!(shard = %self.id, error = %err, "cannot start a TLS session");
+                None
+            }
+        }
+    }
+
     /// [`Shard::queue_bytes`] without waking the task.
     pub(super) fn enqueue(&self, st: &mut State, key: ConnKey, bytes: Bytes) -> bool {
         let limit = self.cfg.outbound_queue_bytes as usize;
+        let Some(link) = st.conn_ref(key).map(|c| c.link) else { return false };
+        let Some(bytes) = st.wrapper.wrap(link, &bytes) else { return false };
         let Some(conn) = st.conn(key) else { return false };
         let closing = conn.session.phase() == Phase::Closing;
         let io = conn.io();
@@ -439,12 +730,16 @@ impl Shard {
     /// [`Shard::deliver`] without counting (resends, control frames).
     pub(crate) fn send_to_slot(&self, st: &mut State, slot: u32, frame: &Bytes) -> bool {
         let key = st.key_of(slot);
-        let Some(conn) = st.conn(key) else { return false };
+        let Some(conn) = st.conn_ref(key) else { return false };
         if !conn.is_active() {
             return false;
         }
         self.count_out(frame.len());
-        let idle = conn.io.as_ref().is_none_or(|io| io.out.is_empty());
+        let Some(wire) = st.wrapper.wrap(conn.link, frame) else { return false };
+        let frame = &wire;
+        let Some(conn) = st.conn(key) else { return false };
+        // Over TLS every record is sealed by the connection's task.
+        let idle = conn.io.as_ref().is_none_or(|io| io.out.is_empty()) && !conn.link.is_tls();
         let written = if idle {
             // On an error, let the task find it on its own write.
             fd::send(conn.fd.get(), frame).unwrap_or(0)
@@ -455,7 +750,8 @@ impl Shard {
             return true;
         }
         if written == 0 {
-            return self.queue_bytes(st, key, frame.clone());
+            // Already in its wire form: queued as it is.
+            return self.queue_raw(st, key, frame.clone());
         }
         // Part of the frame is on the wire. The queue (empty: `idle`) takes
         // the whole frame marked as partly written, so that cutting a slow
@@ -550,7 +846,9 @@ impl Shard {
                 conn.release_io_if_idle();
                 continue;
             }
-            if let Ok(true) = io.out.write_now(conn.fd.get()) {
+            if conn.link.is_tls() {
+                conn.wake();
+            } else if let Ok(true) = io.out.write_now(conn.fd.get()) {
                 io.stalled_since = None;
                 conn.release_io_if_idle();
             } else {
@@ -587,7 +885,7 @@ impl Shard {
     }
 
     pub(super) fn adopt(self: &Rc<Self>, adoption: Adoption) {
-        let Adoption { fd, session, login, leftover } = adoption;
+        let Adoption { fd, session, login, leftover, link, ws, tls } = adoption;
         if self.stopping.get() {
             return; // dropping the fd closes it; the client reconnects
         }
@@ -597,7 +895,12 @@ impl Shard {
         let now = self.now();
         let key = {
             let mut st = self.state.borrow_mut();
-            let key = insert_conn(&mut st, session, slot_fd, now, login.capabilities);
+            let key = insert_conn(&mut st, session, slot_fd, now, login.capabilities, link);
+            if let Some(ws) = ws
+                && let Some(conn) = st.conn(key)
+            {
+                conn.io().ws = Some(ws);
+            }
             self.register(&mut st, key, now, &login);
             key
         };
@@ -606,14 +909,21 @@ impl Shard {
         if !leftover.is_empty() {
             self.on_bytes(key, &leftover);
         }
-        glommio::spawn_local(ConnTask { shard: self.clone(), key, socket: Some(socket) }).detach();
+        glommio::spawn_local(ConnTask { shard: self.clone(), key, socket: Some(socket), tls }).detach();
     }
 }
 
 /// Header-only Pong, shared by every session.
 pub(super) static PONG: [u8; codec::HEADER_LEN] = [codec::MAGIC, codec::VERSION, FrameKind::Pong as u8, 0, 0, 0, 0, 0];
 
-pub(super) fn insert_conn(st: &mut State, session: Session, fd: SlotFd, now: Now, capabilities: u32) -> ConnKey {
+pub(super) fn insert_conn(
+    st: &mut State,
+    session: Session,
+    fd: SlotFd,
+    now: Now,
+    capabilities: u32,
+    link: Link,
+) -> ConnKey {
     st.next_gen = st.next_gen.wrapping_add(1);
     let generation = st.next_gen;
     let deadline = session.deadline();
@@ -629,6 +939,7 @@ pub(super) fn insert_conn(st: &mut State, session: Session, fd: SlotFd, now: Now
         lens: [0; 4],
         capabilities: capabilities as u8,
         write_shut: false,
+        link,
     }) as u32;
     let key = ConnKey { index, generation };
     st.wheel.insert(key, deadline);
@@ -639,8 +950,46 @@ pub(super) fn take_handoff(conn: &mut Conn) -> Option<(ShardId, Box<Transit>)> {
     let io = conn.io.as_mut()?;
     let (owner, login) = io.handoff.take()?;
     let leftover = std::mem::take(&mut io.partial);
-    Some((owner, Box::new(Transit { session: conn.session, login: *login, leftover })))
+    let ws = io.ws.take();
+    let link = conn.link;
+    Some((owner, Box::new(Transit { session: conn.session, login: *login, leftover, link, ws, tls: None })))
 }
+
+/// Writes a TLS connection's sealed records, then seals what was queued
+/// since and writes that: `Ok(true)` when both are empty, `Ok(false)` when
+/// the socket is full (write readiness is armed).
+fn flush_tls(
+    t: &mut TlsLink,
+    plain: &mut OutQueue,
+    stream: &mut TcpStream,
+    cx: &mut Context<'_>,
+) -> std::io::Result<bool> {
+    loop {
+        if !t.cipher.flush(stream, cx)? {
+            return Ok(false);
+        }
+        if plain.is_empty() || t.session.is_handshaking() || t.sent_close {
+            t.release_idle();
+            return Ok(true);
+        }
+        t.seal(plain).map_err(std::io::Error::other)?;
+    }
+}
+
+/// An Auth frame without a token takes the one of the WebSocket handshake
+/// (browsers cannot set headers); it is checked like any other. The
+/// handshake token is dropped at the first Auth either way.
+fn handshake_token(conn: &mut Conn, auth: &mut proto::Auth) {
+    let Some(token) = conn.io.as_mut().and_then(|io| io.ws.as_mut()).and_then(|ws| ws.token.take()) else { return };
+    if auth.token.is_empty() {
+        auth.token = token.expose().to_owned();
+    }
+}
+
+/// The answer to a WebSocket client the node cannot take (connection
+/// limit, shutting down before the upgrade finished).
+const SERVICE_UNAVAILABLE: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
 
 /// Token bucket capping accepts per second on one shard.
 pub(super) struct AcceptBucket {

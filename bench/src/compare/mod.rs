@@ -540,6 +540,8 @@ impl Rig {
                             connect_timeout_ms: CONNECT_TIMEOUT_MS,
                             auth_timeout_ms: CONNECT_TIMEOUT_MS,
                             device_prefix: prefix.to_owned(),
+                            transport: crate::links::Transport::Tcp,
+                            ca_der: Vec::new(),
                         },
                         join_group: matches!(shape, Shape::Shared).then(|| SHARED_SUBJECT.to_owned()),
                         churn_per_sec: 0.0,
