@@ -1,0 +1,246 @@
+// The demo page (demo/) in a real, headless Chromium, against a real node
+// and the real echo backend: it connects over ws:// and over wss:// (a test
+// CA made here; Chromium trusts only that key, by its SPKI hash), receives a
+// unicast and a group push, keeps going after the node closed its socket
+// (a kick with a reconnectable code while two at-least-once messages wait
+// unacknowledged in the page's handler) with nothing lost and nothing twice,
+// and completes an upstream request. Everything is driven through the
+// page's own controls. Every wait is bounded and polls; nothing sleeps.
+//
+// Needs Chromium ($CHROMIUM_BIN, or Debian's `chromium`) and puppeteer-core
+// (a dev dependency). Run: npm run test:browser (after npm ci).
+
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { spawn, execFileSync } from "node:child_process";
+import { existsSync, readFileSync, rmSync } from "node:fs";
+import { createHash, createPublicKey } from "node:crypto";
+import { join, resolve, dirname } from "node:path";
+import { fileURLToPath } from "node:url";
+import { createInterface } from "node:readline";
+import puppeteer from "puppeteer-core";
+import { Node, Echo, cli, waitUntil, tempDir, WAIT_MS } from "../test/harness.mjs";
+import { bridge } from "./bridge.mjs";
+
+const here = dirname(fileURLToPath(import.meta.url));
+
+function chromiumPath() {
+  const candidates = [process.env.CHROMIUM_BIN, "/usr/lib/chromium/chromium", "/usr/bin/chromium", "/usr/bin/chromium-browser"];
+  const found = candidates.find((p) => p && existsSync(p));
+  if (!found) throw new Error("Chromium not found: install Debian's `chromium` package or set CHROMIUM_BIN");
+  return found;
+}
+
+/** A test CA and a certificate for 127.0.0.1 / localhost signed by it (openssl). */
+function testCa(dir) {
+  const run = (...args) => execFileSync("openssl", args, { stdio: "pipe", cwd: dir });
+  const ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+  run("req", "-x509", ...ec, "-days", "1", "-subj", "/CN=longlink browser test CA", "-keyout", "ca.key", "-out", "ca.pem");
+  run("req", ...ec, "-subj", "/CN=127.0.0.1", "-keyout", "key.pem", "-out", "req.csr");
+  const ext = join(dir, "ext.cnf");
+  execFileSync("sh", ["-c", `printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\\n' > ${JSON.stringify(ext)}`]);
+  run("x509", "-req", "-in", "req.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1", "-extfile", ext, "-out", "cert.pem");
+  const cert = readFileSync(join(dir, "cert.pem"));
+  const key = readFileSync(join(dir, "key.pem"));
+  // Chromium's --ignore-certificate-errors-spki-list takes base64 SHA-256 of a SubjectPublicKeyInfo.
+  const spki = createPublicKey(cert).export({ type: "spki", format: "der" });
+  return { cert, key, certFile: join(dir, "cert.pem"), keyFile: join(dir, "key.pem"), spki: createHash("sha256").update(spki).digest("base64") };
+}
+
+/** `node demo/serve.mjs` on a free port; resolves with its URL once it printed it. */
+function startDemo() {
+  const child = spawn(process.execPath, [resolve(here, "../demo/serve.mjs"), "--listen", "127.0.0.1:0"], { stdio: ["ignore", "pipe", "pipe"] });
+  let stderr = "";
+  child.stderr.on("data", (d) => (stderr = (stderr + d).slice(-4096)));
+  const url = new Promise((res, rej) => {
+    const t = setTimeout(() => rej(new Error(`demo server not ready within ${WAIT_MS} ms: ${stderr}`)), WAIT_MS);
+    createInterface({ input: child.stdout }).on("line", (l) => {
+      if (l.startsWith("demo ")) {
+        clearTimeout(t);
+        res(l.slice(5).trim());
+      }
+    });
+    child.on("exit", (code) => rej(new Error(`demo server exited (${code}): ${stderr}`)));
+  });
+  return { child, url };
+}
+
+let dir, ca, echo, node, demo, demoUrl, browser, wsBridge, wssBridge;
+
+before(async () => {
+  dir = tempDir("browser");
+  ca = testCa(dir);
+  echo = await Echo.start();
+  node = await Node.start({ shards: 2, services: [{ id: "echo", backends: [echo.addr] }] });
+  wsBridge = await bridge(node.clientAddr);
+  wssBridge = await bridge(node.clientAddr, { key: ca.key, cert: ca.cert });
+  demo = startDemo();
+  demoUrl = await demo.url;
+  browser = await puppeteer.launch({
+    executablePath: chromiumPath(),
+    headless: true,
+    timeout: 60_000,
+    protocolTimeout: 60_000,
+    userDataDir: join(dir, "profile"),
+    args: [
+      // Only the test certificate's key is accepted without a trusted chain.
+      `--ignore-certificate-errors-spki-list=${ca.spki}`,
+      ...(process.getuid?.() === 0 ? ["--no-sandbox"] : []),
+      "--disable-gpu",
+      "--disable-dev-shm-usage",
+      "--no-first-run",
+    ],
+  });
+});
+
+after(async () => {
+  await browser?.close().catch(() => {});
+  demo?.child.kill("SIGKILL");
+  wsBridge?.stop();
+  wssBridge?.stop();
+  await node?.stop();
+  echo?.kill();
+  if (dir) rmSync(dir, { recursive: true, force: true });
+});
+
+/** A fresh page on the demo, with its console and errors kept for failure messages. */
+async function openDemo() {
+  const page = await browser.newPage();
+  const notes = [];
+  page.on("console", (m) => notes.push(`console.${m.type()}: ${m.text()}`));
+  page.on("pageerror", (e) => notes.push(`pageerror: ${e.message}`));
+  page.on("requestfailed", (r) => notes.push(`requestfailed: ${r.url()} ${r.failure()?.errorText}`));
+  page.setDefaultTimeout(WAIT_MS);
+  await page.goto(demoUrl, { waitUntil: "load" });
+  await page.waitForFunction(() => window.demo !== undefined);
+  return { page, notes };
+}
+
+/** Waits until `fn(arg)` (run in the page) is truthy; on timeout says what the page logged. */
+async function pageWait(p, what, fn, arg) {
+  try {
+    await p.page.waitForFunction(fn, { timeout: WAIT_MS, polling: 50 }, arg);
+  } catch (e) {
+    const log = await p.page.$eval("#log", (el) => el.innerText).catch(() => "");
+    throw new Error(`${what}: ${e.message}\npage log:\n${log.slice(-3000)}\n${p.notes.slice(-20).join("\n")}`);
+  }
+}
+
+const state = (p) => p.page.evaluate(() => JSON.parse(JSON.stringify({ messages: demo.messages, responses: demo.responses, events: demo.events, connects: demo.connects, state: demo.state })));
+
+async function fill(page, id, value) {
+  await page.$eval(`#${id}`, (el, v) => {
+    el.value = v;
+    el.dispatchEvent(new Event("change"));
+  }, value);
+}
+
+async function groupCount(group) {
+  const out = await cli(["online", "--server", node.pushAddr, "--group", group]);
+  // One line per group: {"group":"room-1","online":1}.
+  return out.trim().split("\n").map((l) => JSON.parse(l)).find((j) => j.group === group)?.online ?? 0;
+}
+
+async function acked(ids) {
+  const st = await node.status(...ids);
+  return st.every((s) => s.state === "ACKED");
+}
+
+/**
+ * The whole story on one page: connect (token sent as `mode`), join a group,
+ * a unicast and a group push, two at-least-once messages held unacknowledged
+ * in the page's handler while the node kicks the session (SHUTDOWN: come
+ * back), the page resumes and handles each once, a group push after the
+ * resume (the page joined again), an upstream request to the echo backend.
+ */
+async function story(endpoint, mode, tag) {
+  const device = `web-${tag}`;
+  const group = `room-${tag}`;
+  const token = await node.token(`user-${tag}`, device);
+  const p = await openDemo();
+  const { page } = p;
+  try {
+    await fill(page, "endpoint", endpoint);
+    await fill(page, "token", token);
+    await fill(page, "token-mode", mode);
+    await fill(page, "group", group);
+    await page.click("#connect");
+    await pageWait(p, "connected", () => demo.state === "connected");
+
+    // Join: the node counts the member once the JOIN frame arrived.
+    await page.click("#join");
+    await waitUntil(`${group} has a member`, async () => (await groupCount(group)) === 1);
+
+    // A unicast (at-least-once) push, acknowledged by the page.
+    const [u1] = await node.push(device, `unicast ${tag}`);
+    assert.equal(u1.status, "STORED");
+    await pageWait(p, "the unicast", (t) => demo.messages.some((m) => m.text === t), `unicast ${tag}`);
+    await waitUntil("the unicast ACKED", () => acked([u1.message_id]));
+
+    // A group push (at-most-once, seq 0).
+    const g1 = await cli(["push", "--server", node.pushAddr, "--group", group, `group ${tag}`]);
+    assert.match(g1, /"delivered":1|"DELIVERED"/, g1);
+    await pageWait(p, "the group push", (t) => demo.messages.some((m) => m.text === t && m.seq === "0"), `group ${tag}`);
+
+    // Hold the handler, then two at-least-once messages: sent to the page,
+    // not acknowledged.
+    await page.click("#hold");
+    const [h1] = await node.push(device, `held one ${tag}`);
+    const [h2] = await node.push(device, `held two ${tag}`);
+    await waitUntil("both held messages sent", async () => (await node.status(h1.message_id, h2.message_id)).every((s) => s.state === "SENT"));
+    await pageWait(p, "the page got the first held message", (t) => document.getElementById("log").innerText.includes(t), `"held one ${tag}" (held)`);
+    assert.equal((await node.status(h1.message_id))[0].state, "SENT", "nothing is acknowledged before handling");
+
+    // The node ends the session; the page reconnects and resumes.
+    const before = await state(p);
+    await node.kick(device, "SHUTDOWN", "browser test");
+    await pageWait(p, "a kick", (n) => demo.events.slice(n).some((e) => e.type === "kicked"), before.events.length);
+    await pageWait(p, "back after the kick", (n) => demo.connects > n && demo.state === "connected", before.connects);
+    await page.click("#hold"); // release: the page handles the held messages now
+    await pageWait(p, "both held messages handled", (t) => demo.messages.filter((m) => m.text.startsWith(t)).length >= 2, "held ");
+    await waitUntil("every at-least-once message ACKED", () => acked([u1.message_id, h1.message_id, h2.message_id]));
+
+    // Membership came back with the new connection; a message after the
+    // resume still arrives.
+    await waitUntil(`${group} has its member again`, async () => (await groupCount(group)) === 1);
+    await cli(["push", "--server", node.pushAddr, "--group", group, `group again ${tag}`]);
+    const [a1] = await node.push(device, `after ${tag}`);
+    await pageWait(p, "the messages after the resume", (ts) => ts.every((t) => demo.messages.some((m) => m.text === t)), [`group again ${tag}`, `after ${tag}`]);
+    await waitUntil("the last message ACKED", () => acked([a1.message_id]));
+
+    // Each message handled exactly once, at-least-once ones in seq order.
+    const s = await state(p);
+    const texts = s.messages.map((m) => m.text);
+    assert.deepEqual(
+      [...texts].sort(),
+      [`unicast ${tag}`, `group ${tag}`, `held one ${tag}`, `held two ${tag}`, `group again ${tag}`, `after ${tag}`].sort(),
+      `each message once: ${JSON.stringify(texts)}`,
+    );
+    const seqs = s.messages.filter((m) => m.seq !== "0").map((m) => BigInt(m.seq));
+    assert.deepEqual(seqs, [u1.seq, h1.seq, h2.seq, a1.seq], "at-least-once messages in order, none lost");
+    assert.ok(s.events.some((e) => e.type === "disconnected" && e.retryInMs !== undefined), "the page was told, and reconnected");
+
+    // An upstream request through the node to the echo backend.
+    await fill(page, "service", "echo");
+    await fill(page, "body", `ping ${tag}`);
+    await page.click("#send");
+    await pageWait(p, "the echo response", () => demo.responses.length > 0);
+    const [r] = (await state(p)).responses;
+    assert.deepEqual([r.status, r.body], ["OK", `ping ${tag}`], JSON.stringify(r));
+
+    await page.click("#disconnect");
+    await pageWait(p, "stopped", () => demo.state === "stopped");
+  } finally {
+    await page.close().catch(() => {});
+  }
+}
+
+test("ws://: the demo page in Chromium: pushes, a group, a kick with resume and nothing lost, an upstream request", { timeout: 180_000 }, async () => {
+  await story(`ws://${wsBridge.addr}/v1/ws`, "query", "ws");
+  assert.ok(wsBridge.seen.urls.some((u) => new URL(u, "ws://x").searchParams.has("token")), "the token went in the query");
+});
+
+test("wss://: the same over TLS, the token as a subprotocol entry", { timeout: 180_000 }, async () => {
+  await story(`wss://${wssBridge.addr}/v1/ws`, "protocol", "wss");
+  assert.ok(wssBridge.seen.protocols.some((ps) => ps.some((x) => x.startsWith("longlink.token."))), "the token went as a subprotocol entry");
+});
