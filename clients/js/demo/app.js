@@ -165,6 +165,15 @@ async function onMessage(m) {
 }
 
 // ---- Connecting ---------------------------------------------------------
+// The resume point survives Connect / Disconnect (not a reload): a new
+// client starts after the last message this page handled, so the node
+// replays only what the page has not handled. Another token starts afresh
+// (sequences belong to a device).
+
+const resume = { token: "", lastSeq: 0n, storeIncarnation: 0n };
+function saveResume(client, token) {
+  Object.assign(resume, { token, lastSeq: client.lastSeq, storeIncarnation: client.storeIncarnation });
+}
 
 function plain(ev) {
   return JSON.parse(JSON.stringify(ev, (_k, v) => (typeof v === "bigint" ? v.toString() : v)));
@@ -178,12 +187,15 @@ $("connect").onclick = () => {
     return;
   }
   const mode = $("token-mode").value;
+  if (resume.token !== token) Object.assign(resume, { token, lastSeq: 0n, storeIncarnation: 0n });
   const client = new LonglinkClient({
     transport: withGroups(
       webSocketTransport({ token: mode, protocolEntry: (t) => `longlink.token.${t}` }),
     ),
     endpoints: [endpoint],
     token,
+    lastSeq: resume.lastSeq,
+    storeIncarnation: resume.storeIncarnation,
     platform: "web",
     backoffMinMs: 200,
     backoffBaseMs: 500,
@@ -195,7 +207,7 @@ $("connect").onclick = () => {
   });
   demo.client = client;
   setState("connecting", endpoint);
-  log("connecting", endpoint);
+  log("connecting", `${endpoint}${resume.lastSeq ? `, resuming after seq ${resume.lastSeq}` : ""}`);
   client.on("connected", (e) => {
     if (demo.client !== client) return;
     demo.connects += 1;
@@ -208,6 +220,7 @@ $("connect").onclick = () => {
     keep(demo.events, plain({ type: e.type, reason: e.reason, retryInMs: e.retryInMs }));
     const why = describeDisconnect(e.reason);
     if (e.retryInMs === undefined) {
+      saveResume(client, token);
       setState("stopped", why);
       log("disconnected", `${why}: stopped`);
     } else {
@@ -230,6 +243,7 @@ $("disconnect").onclick = async () => {
   const client = demo.client;
   if (!client) return;
   await client.close();
+  saveResume(client, resume.token);
   setState("stopped", "closed by the page");
   log("disconnected", "closed by the page");
 };

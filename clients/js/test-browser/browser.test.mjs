@@ -150,8 +150,10 @@ async function acked(ids) {
  * The whole story on one page: connect (token sent as `mode`), join a group,
  * a unicast and a group push, two at-least-once messages held unacknowledged
  * in the page's handler while the node kicks the session (SHUTDOWN: come
- * back), the page resumes and handles each once, a group push after the
- * resume (the page joined again), an upstream request to the echo backend.
+ * back), the page resumes and handles each once; a terminal kick, two
+ * messages pushed while the page is offline, Connect again: replayed after
+ * the page's last handled seq; a group push after the resume (the page
+ * joined again), an upstream request to the echo backend.
  */
 async function story(endpoint, mode, tag) {
   const device = `web-${tag}`;
@@ -200,6 +202,21 @@ async function story(endpoint, mode, tag) {
     await pageWait(p, "both held messages handled", (t) => demo.messages.filter((m) => m.text.startsWith(t)).length >= 2, "held ");
     await waitUntil("every at-least-once message ACKED", () => acked([u1.message_id, h1.message_id, h2.message_id]));
 
+    // A terminal kick stops the page; two messages pushed meanwhile wait in
+    // the node's store; Connect again resumes after the last handled seq
+    // and the node replays exactly those two.
+    const mid = await state(p);
+    await node.kick(device, "KICKED", "browser test, terminal");
+    await pageWait(p, "stopped by the kick", () => demo.state === "stopped");
+    const [o1] = await node.push(device, `offline one ${tag}`);
+    const [o2] = await node.push(device, `offline two ${tag}`);
+    assert.deepEqual([o1.status, o2.status], ["STORED", "STORED"]);
+    assert.equal((await node.status(o1.message_id))[0].state, "STORED", "not sent: the page is offline");
+    await page.click("#connect");
+    await pageWait(p, "connected again", (n) => demo.connects > n && demo.state === "connected", mid.connects);
+    await pageWait(p, "the messages pushed while offline", (t) => demo.messages.filter((m) => m.text.startsWith(t)).length >= 2, "offline ");
+    await waitUntil("the replayed messages ACKED", () => acked([o1.message_id, o2.message_id]));
+
     // Membership came back with the new connection; a message after the
     // resume still arrives.
     await waitUntil(`${group} has its member again`, async () => (await groupCount(group)) === 1);
@@ -213,11 +230,11 @@ async function story(endpoint, mode, tag) {
     const texts = s.messages.map((m) => m.text);
     assert.deepEqual(
       [...texts].sort(),
-      [`unicast ${tag}`, `group ${tag}`, `held one ${tag}`, `held two ${tag}`, `group again ${tag}`, `after ${tag}`].sort(),
+      [`unicast ${tag}`, `group ${tag}`, `held one ${tag}`, `held two ${tag}`, `offline one ${tag}`, `offline two ${tag}`, `group again ${tag}`, `after ${tag}`].sort(),
       `each message once: ${JSON.stringify(texts)}`,
     );
     const seqs = s.messages.filter((m) => m.seq !== "0").map((m) => BigInt(m.seq));
-    assert.deepEqual(seqs, [u1.seq, h1.seq, h2.seq, a1.seq], "at-least-once messages in order, none lost");
+    assert.deepEqual(seqs, [u1.seq, h1.seq, h2.seq, o1.seq, o2.seq, a1.seq], "at-least-once messages in order, none lost");
     assert.ok(s.events.some((e) => e.type === "disconnected" && e.retryInMs !== undefined), "the page was told, and reconnected");
 
     // An upstream request through the node to the echo backend.
