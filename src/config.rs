@@ -18,9 +18,9 @@ use crate::protocol::limits::{MAX_ID_BYTES, check_id};
 use crate::protocol::token::{self, Key, Keyring, TokenError};
 
 /// A field's name and doc comment lines, as printed by `default_toml`.
-struct FieldDoc {
-    name: &'static str,
-    doc: &'static [&'static str],
+pub(crate) struct FieldDoc {
+    pub(crate) name: &'static str,
+    pub(crate) doc: &'static [&'static str],
 }
 
 /// Declares a config struct whose fields carry `= default`. Generates the
@@ -55,7 +55,7 @@ macro_rules! config_struct {
         }
 
         impl $name {
-            const FIELDS: &'static [FieldDoc] = &[
+            pub(crate) const FIELDS: &'static [FieldDoc] = &[
                 $(FieldDoc {
                     name: stringify!($field),
                     doc: &[$($doc),*],
@@ -91,8 +91,13 @@ config_struct! {
         pub delivery: DeliveryConfig = DeliveryConfig::default(),
         /// Cluster mode: several nodes sharing one Redis.
         pub cluster: ClusterConfig = ClusterConfig::default(),
+        /// WebSocket handshake: path, subprotocol, Origin allow-list, limits.
+        pub ws: crate::conn::tls_config::WsConfig = Default::default(),
+        /// Certificates for server.tls_listen and server.wss_listen.
+        pub tls: crate::conn::tls_config::TlsConfig = Default::default(),
     }
 }
+pub(crate) use config_struct;
 
 config_struct! {
     /// `[cluster]`: several nodes share one Redis (delivery.redis_url) and
@@ -263,6 +268,14 @@ config_struct! {
         /// New connections one shard accepts per second; 0 = unlimited.
         /// Default: 20000.
         pub accept_rate_per_sec: u32 = 20_000,
+        /// WebSocket listener (`[ws]` path). "" turns it off.
+        /// Default: "0.0.0.0:7104".
+        pub ws_listen: String = "0.0.0.0:7104".into(),
+        /// Client TCP over TLS ([tls] certificates), beside plain TCP.
+        /// Default: "" (off).
+        pub tls_listen: String = String::new(),
+        /// WebSocket over TLS ([tls] certificates). Default: "" (off).
+        pub wss_listen: String = String::new(),
     }
 }
 
@@ -493,7 +506,7 @@ fn in_file(path: Option<&Path>) -> String {
     path.map(|p| format!(" file {}", p.display())).unwrap_or_default()
 }
 
-fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { field, message: message.into() }
 }
 
@@ -598,6 +611,7 @@ impl Config {
         self.upstream.validate()?;
         self.delivery.validate()?;
         self.cluster.validate(&self.delivery, &self.push)?;
+        crate::conn::tls_config::validate(self)?;
         check_range("auth.clock_leeway_secs", self.auth.clock_leeway_secs, 0, MAX_CLOCK_LEEWAY_SECS, "")?;
         check_range(
             "auth.default_token_ttl_secs",
@@ -692,6 +706,7 @@ impl ServerConfig {
             ));
         }
         check_range("server.listen_backlog", self.listen_backlog, 1, i32::MAX as u32, "")?;
+        crate::conn::tls_config::validate_listeners(self)?;
         check_range("server.max_frame_bytes", self.max_frame_bytes, 64, MAX_FRAME_BYTES_LIMIT, "")?;
         check_min(
             "server.io_memory_bytes",
@@ -1103,6 +1118,8 @@ fn section_fields(name: &str) -> &'static [FieldDoc] {
         "upstream" => UpstreamConfig::FIELDS,
         "delivery" => DeliveryConfig::FIELDS,
         "cluster" => ClusterConfig::FIELDS,
+        "ws" => crate::conn::tls_config::WsConfig::FIELDS,
+        "tls" => crate::conn::tls_config::TlsConfig::FIELDS,
         // A new section must be listed here; the round-trip test fails
         // until it is.
         _ => &[],
@@ -1192,7 +1209,9 @@ mod tests {
             let doc: Vec<&str> = lines[..i].iter().rev().take_while(|l| l.starts_with('#')).copied().collect();
             assert!(doc.iter().any(|l| l.contains("Default")), "`{line}` lacks a doc comment with its default");
         }
-        let expected = Config::FIELDS.len() - 7
+        let expected = Config::FIELDS.len() - 9
+            + crate::conn::tls_config::WsConfig::FIELDS.len()
+            + crate::conn::tls_config::TlsConfig::FIELDS.len()
             + ServerConfig::FIELDS.len()
             + SessionConfig::FIELDS.len()
             + AuthConfig::FIELDS.len()

@@ -165,6 +165,9 @@ pub struct Adoption {
     pub login: Login,
     /// Bytes read after the Auth frame, not yet processed.
     pub leftover: Vec<u8>,
+    /// The transport and its state (a WebSocket decoder may be mid-frame).
+    pub link: crate::conn::transport::Link,
+    pub ws: Option<Box<crate::conn::transport::WsState>>,
 }
 
 impl ShardMsg {

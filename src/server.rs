@@ -82,6 +82,7 @@ pub struct Server {
     admin: HttpServer,
     /// Cluster mode: the node's cluster state.
     cluster: Option<Arc<ClusterShared>>,
+    links: crate::conn::links::LinkAddrs,
 }
 
 /// Every listener of a node, bound before anything starts (a taken port
@@ -118,6 +119,7 @@ impl Server {
         let upstream = UpstreamSettings::resolve(&config.upstream)?;
         let Listeners { client_addr, client: listeners, push_addr, push: push_listeners, admin: admin_listener } =
             Listeners::bind(server, shards)?;
+        let links = crate::conn::links::LinkListeners::bind(config, shards)?;
         let cluster = match config.cluster.enabled {
             true => Some(ClusterShared::start(config, client_addr, push_addr, shards).map_err(ServerError::Cluster)?),
             false => None,
@@ -161,6 +163,7 @@ impl Server {
                 node_index: config.delivery.node_index,
             },
             node_counters: counters.iter().cloned().collect(),
+            ws: Arc::new(crate::conn::tls_config::handshake_config(config)),
         };
         // One Redis sidecar for the node, or a memory store per shard (each
         // holds the timelines of the devices its shard owns).
@@ -192,11 +195,12 @@ impl Server {
         // Each executor takes one (client, push) listener pair and its own
         // ends of the mesh, made here, on one thread, before any executor
         // runs (the channels' shared state must not be built concurrently).
-        type ShardStart = (OwnedFd, OwnedFd, MeshEnds);
+        type ShardStart = (OwnedFd, OwnedFd, MeshEnds, Vec<(crate::conn::transport::Link, OwnedFd)>);
         let (fd_tx, fd_rx) = crossbeam_channel::bounded::<ShardStart>(listeners.len());
         let mesh = crate::mesh::full_mesh(shards, mesh_capacity(shards));
-        for ((client, push), ends) in listeners.into_iter().zip(push_listeners).zip(mesh) {
-            let _ = fd_tx.send((client, push, ends));
+        for (((client, push), ends), extra) in listeners.into_iter().zip(push_listeners).zip(mesh).zip(links.per_shard)
+        {
+            let _ = fd_tx.send((client, push, ends, extra));
         }
         let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<ShardId, String>>(usize::from(shards));
         let grace = Duration::from_millis(session.close_linger_ms) + Duration::from_secs(1);
@@ -231,7 +235,7 @@ impl Server {
                         redis.clone(),
                     );
                     async move {
-                        let Ok((client_fd, push_fd, mesh)) = fd_rx.try_recv() else {
+                        let Ok((client_fd, push_fd, mesh, extra)) = fd_rx.try_recv() else {
                             let _ = ready_tx.send(Err("no listener left for this executor".into()));
                             return;
                         };
@@ -289,6 +293,9 @@ impl Server {
                             .collect();
                         glommio::spawn_local(Rc::clone(&shard).accept_loop(listener)).detach();
                         glommio::spawn_local(Rc::clone(&shard).push_accept_loop(push_listener)).detach();
+                        for (link, fd) in extra {
+                            glommio::spawn_local(Rc::clone(&shard).accept_link_loop(fd::listener(fd), link)).detach();
+                        }
                         glommio::spawn_local(Rc::clone(&shard).pacer_loop()).detach();
                         glommio::spawn_local(Rc::clone(&shard).flusher_loop()).detach();
                         // Ready once every service backend was tried once.
@@ -355,7 +362,8 @@ impl Server {
             info!(node = %cluster.node, admin = %admin.addr(), client = %cluster.client_endpoint, "cluster mode");
         }
         info!(%client_addr, shards, node = %config.node_name_bound(client_addr.port()), "longlink serving");
-        Ok(Server { handles: Some(handles), stop, client_addr, push_addr, counters, admin, cluster })
+        let links = links.addrs;
+        Ok(Server { handles: Some(handles), stop, client_addr, push_addr, counters, admin, cluster, links })
     }
 
     /// The bound client address (useful with port 0).
@@ -366,6 +374,11 @@ impl Server {
     /// The bound push-port address.
     pub fn push_addr(&self) -> SocketAddr {
         self.push_addr
+    }
+
+    /// The bound WebSocket, TLS and WSS addresses (those that are on).
+    pub fn links(&self) -> crate::conn::links::LinkAddrs {
+        self.links
     }
 
     /// The bound admin HTTP address.
@@ -416,7 +429,11 @@ impl Server {
 /// Binds `count` listening sockets to one address with SO_REUSEPORT (the
 /// kernel spreads connections over them). With port 0 the first socket
 /// picks the port and the others join it.
-fn bind_reuseport(addr: SocketAddr, count: u16, backlog: u32) -> Result<(SocketAddr, Vec<OwnedFd>), ServerError> {
+pub(crate) fn bind_reuseport(
+    addr: SocketAddr,
+    count: u16,
+    backlog: u32,
+) -> Result<(SocketAddr, Vec<OwnedFd>), ServerError> {
     let err = |source| ServerError::Listen { addr, source };
     let mut bound = addr;
     let mut fds = Vec::with_capacity(usize::from(count));

@@ -1,61 +1,92 @@
 //! The seam below framing: what a transport does between the socket and
 //! the frame codec.
 //!
-//! Today there is one transport, [`Plain`] TCP, where socket bytes are
-//! frame bytes. WebSocket and TLS plug in here (issue 14):
-//! - Inbound, [`Transport::inbound`] turns what one read put in the shard's
-//!   scratch buffer into frame bytes, in place (TLS decrypts in the
-//!   caller's buffer, as rustls's unbuffered API does; WebSocket unmasks
-//!   and strips headers). Nothing is buffered between reads but the
-//!   transport's own per-connection state, which lives in the session's
-//!   slot: it must stay small while idle (Plain: zero bytes).
-//! - Outbound, [`Transport::message`] makes a message's wire form once,
-//!   so a fan-out queues the same `Bytes` to every session of the
-//!   transport (WebSocket: the header is built once per message); a
-//!   per-connection step (TLS sealing) belongs where the queue is written
-//!   (`OutQueue`).
-//! - A connection handed to its owner shard carries its transport state
-//!   with the session (`Transit`).
-//!
-//! The shard is generic over the transport rather than calling it through
-//! `dyn`: the plain path compiles to what it was before the seam.
+//! A shard serves several transports side by side, so the kind is a
+//! per-connection [`Link`] in the session's slot (one byte), and the
+//! per-connection state of a transport lives with the connection's other
+//! busy-time state (dropped while idle: an idle WebSocket session keeps no
+//! decoder, no buffer):
+//! - Inbound, the connection task turns what one read put in the shard's
+//!   scratch buffer into frame bytes, in place (WebSocket unmasks and
+//!   strips headers: [`crate::conn::ws::Decoder`]).
+//! - Outbound, [`Wrapper::wrap`] makes a message's wire form; a fan-out
+//!   passes the same `Bytes` for every member, and the wire form is built
+//!   once per message and shared (WebSocket: one header and one copy per
+//!   message, not per member).
+//! - A connection handed to its owner shard carries its link and transport
+//!   state with the session (`Transit`).
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
-/// Why a transport gave up on a connection.
-#[derive(Debug, thiserror::Error)]
-pub enum TransportError {
-    #[error("transport protocol violation: {0}")]
-    Protocol(&'static str),
+use super::ws;
+
+/// How a connection's bytes reach the frame codec.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Link {
+    /// Plain TCP: socket bytes are frame bytes.
+    #[default]
+    Plain,
+    /// WebSocket, before the upgrade completed: nothing but the 101 (or an
+    /// HTTP error) may be written.
+    WsUpgrade,
+    /// WebSocket: every frame goes out in a binary message.
+    Ws,
 }
 
-/// A byte transport below framing (see the module doc).
-pub trait Transport {
-    /// Per-connection state, kept in the session's slot.
-    type State: Default;
-
-    /// Frame bytes from the bytes one read put in `wire`.
-    fn inbound<'a>(state: &mut Self::State, wire: &'a mut [u8]) -> Result<&'a [u8], TransportError>;
-
-    /// The wire form of one encoded message frame, made once per message.
-    fn message(frame: Bytes) -> Bytes;
-}
-
-/// Plain TCP: socket bytes are frame bytes.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Plain;
-
-impl Transport for Plain {
-    type State = ();
-
-    #[inline(always)]
-    fn inbound<'a>(_: &mut (), wire: &'a mut [u8]) -> Result<&'a [u8], TransportError> {
-        Ok(wire)
+impl Link {
+    pub fn is_ws(self) -> bool {
+        matches!(self, Link::WsUpgrade | Link::Ws)
     }
+}
 
-    #[inline(always)]
-    fn message(frame: Bytes) -> Bytes {
-        frame
+/// A WebSocket connection's state while it is busy (upgrading, mid-frame,
+/// or holding a handshake token until Auth). `None` when idle.
+#[derive(Debug, Default)]
+pub struct WsState {
+    /// The request head, until the upgrade is answered.
+    pub upgrade: Option<ws::HeadReader>,
+    pub decoder: ws::Decoder,
+    /// Token from the URL or a subprotocol entry, for an Auth frame that
+    /// carries none.
+    pub token: Option<ws::handshake::Token>,
+}
+
+impl WsState {
+    pub fn is_idle(&self) -> bool {
+        self.upgrade.is_none() && self.decoder.is_idle() && self.token.is_none() && !self.decoder.peer_closed()
+    }
+}
+
+/// Builds wire forms of outbound frames for a link, caching the last one
+/// so that a fan-out (the same `Bytes` for every member) wraps once.
+#[derive(Default)]
+pub struct Wrapper {
+    /// The last frame wrapped and its WebSocket message. Holding `source`
+    /// keeps its allocation alive, so a pointer match is the same bytes.
+    last: Option<(Bytes, Bytes)>,
+}
+
+impl Wrapper {
+    /// The wire form of `frame` on `link`; `None` when nothing may be sent
+    /// on it (an upgrade in progress).
+    pub fn wrap(&mut self, link: Link, frame: &Bytes) -> Option<Bytes> {
+        match link {
+            Link::Plain => Some(frame.clone()),
+            Link::WsUpgrade => None,
+            Link::Ws => {
+                if let Some((source, wire)) = &self.last
+                    && source.as_ptr() == frame.as_ptr()
+                    && source.len() == frame.len()
+                {
+                    return Some(wire.clone());
+                }
+                let mut out = BytesMut::new();
+                ws::encode::encode_binary_into(&mut out, frame);
+                let wire = out.freeze();
+                self.last = Some((frame.clone(), wire.clone()));
+                Some(wire)
+            }
+        }
     }
 }
 
@@ -64,10 +95,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn plain_passes_bytes_through() {
-        let mut wire = *b"frame";
-        assert_eq!(Plain::inbound(&mut (), &mut wire).unwrap(), b"frame");
+    fn plain_passes_frames_through() {
         let frame = Bytes::from_static(b"msg");
-        assert_eq!(Plain::message(frame.clone()).as_ptr(), frame.as_ptr(), "no copy");
+        let wire = Wrapper::default().wrap(Link::Plain, &frame).unwrap();
+        assert_eq!(wire.as_ptr(), frame.as_ptr(), "no copy");
+        assert!(Wrapper::default().wrap(Link::WsUpgrade, &frame).is_none());
+    }
+
+    #[test]
+    fn websocket_fanout_wraps_once_per_message() {
+        let mut w = Wrapper::default();
+        let frame = Bytes::from(vec![7u8; 300]);
+        let a = w.wrap(Link::Ws, &frame).unwrap();
+        let b = w.wrap(Link::Ws, &frame.clone()).unwrap();
+        assert_eq!(a.as_ptr(), b.as_ptr(), "second member shares the first one's message");
+        assert_eq!(&a[..4], [0x82, 126, 1, 44]);
+        assert_eq!(&a[4..], &frame[..]);
+        // Another frame of the same length is another message.
+        let other = Bytes::from(vec![8u8; 300]);
+        let c = w.wrap(Link::Ws, &other).unwrap();
+        assert_ne!(c.as_ptr(), a.as_ptr());
+        assert_eq!(&c[4..], &other[..]);
     }
 }

@@ -50,7 +50,8 @@ use tracing::{debug, info, warn};
 
 use crate::conn::OutQueue;
 use crate::conn::fd::{self, SlotFd, Socket};
-use crate::conn::transport::{Plain, Transport};
+use crate::conn::transport::{Link, Wrapper, WsState};
+use crate::conn::ws;
 use crate::delivery::MessageIds;
 use crate::groups::Groups;
 use crate::mesh::{Adoption, Origin, Outbox, Part, PresencePart, PresenceQuery, ShardMsg, UserAction};
@@ -170,6 +171,8 @@ pub struct ShardConfig {
     /// Every shard's counters, by shard id: a broadcast reserves room in
     /// every shard's queue before it is sent to any.
     pub node_counters: Arc<[Arc<ShardCounters>]>,
+    /// The WebSocket upgrade's settings (`[ws]`).
+    pub ws: Arc<crate::conn::ws::HandshakeConfig>,
 }
 
 /// Outbound queue and input leftovers: allocated only while in use.
@@ -187,11 +190,17 @@ struct ConnIo {
     awaiting_dir: Option<Box<Login>>,
     /// Listed in the shard's flush list ([`Shard::deliver_batched`]).
     in_flush: bool,
+    /// WebSocket upgrade, decoder mid-frame, handshake token.
+    ws: Option<Box<WsState>>,
 }
 
 impl ConnIo {
     fn is_idle(&self) -> bool {
-        self.out.is_empty() && self.partial.is_empty() && self.handoff.is_none() && self.awaiting_dir.is_none()
+        self.out.is_empty()
+            && self.partial.is_empty()
+            && self.handoff.is_none()
+            && self.awaiting_dir.is_none()
+            && self.ws.as_ref().is_none_or(|ws| ws.is_idle())
     }
 }
 
@@ -218,6 +227,8 @@ struct Conn {
     capabilities: u8,
     /// The write side has been shut down after the final flush.
     write_shut: bool,
+    /// The transport below framing.
+    link: Link,
 }
 
 impl Conn {
@@ -371,6 +382,8 @@ pub(crate) struct State {
     pub(crate) reliable: HashMap<u32, Tracked>,
     /// Requests to service backends and connection events ([`crate::upstream`]).
     pub(crate) upstream: Upstream,
+    /// Wire forms of outbound frames, for links other than plain TCP.
+    wrapper: Wrapper,
 }
 
 impl State {
@@ -537,6 +550,7 @@ impl Shard {
                 message_ids: MessageIds::new(worker),
                 reliable: HashMap::new(),
                 upstream: Upstream::new(cfg.upstream.clone()),
+                wrapper: Wrapper::default(),
             }),
             scratch: RefCell::new(vec![0; cfg.read_buffer_bytes]),
             cfg,
@@ -602,6 +616,7 @@ mod tests {
             lens: [0; 4],
             capabilities: 0,
             write_shut: false,
+            link: Link::Plain,
         };
         conn.set_ident(&login);
         let fields: Vec<_> = (0..5).map(|i| conn.field(i).unwrap()).collect();

@@ -40,6 +40,8 @@ pub(super) struct Transit {
     session: Session,
     login: Login,
     leftover: Vec<u8>,
+    link: Link,
+    ws: Option<Box<WsState>>,
 }
 
 impl Shard {
@@ -47,10 +49,15 @@ impl Shard {
 
     /// Accepts client connections until [`Shard::begin_shutdown`].
     pub async fn accept_loop(self: Rc<Self>, listener: glommio::net::TcpListener) {
+        self.accept_link_loop(listener, Link::Plain).await;
+    }
+
+    /// [`Shard::accept_loop`] for a listener of another transport.
+    pub async fn accept_link_loop(self: Rc<Self>, listener: glommio::net::TcpListener, link: Link) {
         let mut bucket = AcceptBucket::new(self.cfg.accept_rate_per_sec);
         while let Some(accepted) = self.accept_or_stop(&listener).await {
             match accepted {
-                Ok(stream) => self.on_accept(stream),
+                Ok(stream) => self.on_accept(stream, link),
                 Err(err) => {
                     // EMFILE/ENFILE and friends: back off instead of spinning.
                     warn!(shard = %self.id, error = %err, "accept failed; pausing 100 ms");
@@ -76,7 +83,7 @@ impl Shard {
         .await
     }
 
-    pub(super) fn on_accept(self: &Rc<Self>, stream: TcpStream) {
+    pub(super) fn on_accept(self: &Rc<Self>, stream: TcpStream, link: Link) {
         self.counters.accepted.fetch_add(1, Ordering::Relaxed);
         let now = self.now();
         let key = {
@@ -85,14 +92,27 @@ impl Shard {
                 drop(st);
                 debug!(shard = %self.id, "connection limit reached; refusing");
                 // Best effort: the socket is fresh, a small frame fits.
-                let bytes =
-                    Frame::Error(codes::error_body(ErrorCode::ServerError, "connection limit reached")).to_bytes();
+                let bytes = match link {
+                    Link::Plain => {
+                        Frame::Error(codes::error_body(ErrorCode::ServerError, "connection limit reached")).to_bytes()
+                    }
+                    Link::WsUpgrade | Link::Ws => Bytes::from_static(SERVICE_UNAVAILABLE),
+                };
                 let _ = fd::send(fd::stream_fd(&stream), &bytes);
                 return;
             }
             let session = Session::new(now.mono, &self.cfg.params);
             let (socket, slot_fd) = Socket::new(stream);
-            (insert_conn(&mut st, session, slot_fd, now, 0), socket)
+            let key = insert_conn(&mut st, session, slot_fd, now, 0, link);
+            if link == Link::WsUpgrade
+                && let Some(conn) = st.conn(key)
+            {
+                // The head must be complete by the auth deadline (the
+                // session's own timer); the reader bounds its size.
+                let upgrade = Some(crate::conn::ws::HeadReader::new(&self.cfg.ws, Instant::now()));
+                conn.io().ws = Some(Box::new(WsState { upgrade, ..WsState::default() }));
+            }
+            (key, socket)
         };
         let (key, socket) = key;
         let shard = self.clone();
@@ -115,9 +135,10 @@ impl Shard {
             Exit::Closed => socket.close(slot_fd),
             Exit::Handoff(owner, transit) => match socket.hand_over(slot_fd) {
                 Ok(fd) => {
-                    let Transit { session, login, leftover } = *transit;
+                    let Transit { session, login, leftover, link, ws } = *transit;
                     self.counters.handed_off.fetch_add(1, Ordering::Relaxed);
-                    self.outbox.send(owner, ShardMsg::Adopt(Box::new(Adoption { fd, session, login, leftover })));
+                    let adoption = Adoption { fd, session, login, leftover, link, ws };
+                    self.outbox.send(owner, ShardMsg::Adopt(Box::new(adoption)));
                 }
                 Err(err) => warn!(shard = %self.id, error = %err, "dup failed; dropping connection"),
             },
@@ -160,17 +181,20 @@ impl Shard {
                             fd::shutdown_write(fd::stream_fd(stream));
                         }
                     }
-                    Phase::Authenticated => {
+                    // What is queued (a WebSocket 101) goes out before the
+                    // socket moves: the queue stays here.
+                    Phase::Authenticated if conn.io.as_ref().is_none_or(|io| io.out.is_empty()) => {
                         if let Some((owner, transit)) = take_handoff(conn) {
                             return Poll::Ready(Exit::Handoff(owner, transit));
                         }
                     }
-                    Phase::Handshaking | Phase::Active => {}
+                    Phase::Handshaking | Phase::Active | Phase::Authenticated => {}
                 }
                 if !conn.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                     conn.waker = Some(cx.waker().clone());
                 }
                 let draining = !conn.session.wants_input();
+                let link = conn.link;
                 let awaiting_activation = conn.session.phase() == Phase::Authenticated;
                 if stalled_now {
                     // The sweep closes the session as SLOW if the socket is
@@ -185,24 +209,22 @@ impl Shard {
                 if awaiting_activation || (!draining && st.upstream.is_paused(key)) {
                     return Poll::Pending;
                 }
-                draining
+                (draining, link)
             };
+            let (draining, link) = draining;
 
             let mut buf = std::mem::take(&mut *self.scratch.borrow_mut());
             let read = futures_lite::AsyncRead::poll_read(Pin::new(&mut *stream), cx, &mut buf);
             let result = match read {
                 Poll::Pending => None,
                 Poll::Ready(Ok(0)) => Some(Err(())),
-                Poll::Ready(Ok(n)) => match Plain::inbound(&mut (), &mut buf[..n]) {
-                    Ok(frames) if !draining => {
-                        self.on_bytes(key, frames);
+                Poll::Ready(Ok(n)) => match link {
+                    Link::Plain if !draining => {
+                        self.on_bytes(key, &buf[..n]);
                         Some(Ok(()))
                     }
-                    Ok(_) => Some(Ok(())),
-                    Err(err) => {
-                        debug!(shard = %self.id, error = %err, "transport failed");
-                        Some(Err(()))
-                    }
+                    Link::Plain => Some(Ok(())),
+                    Link::WsUpgrade | Link::Ws => Some(self.on_ws_read(key, &mut buf[..n], draining)),
                 },
                 Poll::Ready(Err(err)) => {
                     debug!(shard = %self.id, error = %err, "read failed");
@@ -294,7 +316,12 @@ impl Shard {
                     pos += header.frame_len();
                     self.counters.frames_in.fetch_add(1, Ordering::Relaxed);
                     match Frame::decode_from(Peer::Client, header, body) {
-                        Ok(frame) => conn.session.handle_frame(now, frame, &self.cfg.params, &mut actions),
+                        Ok(mut frame) => {
+                            if let Frame::Auth(auth) = &mut frame {
+                                handshake_token(conn, auth);
+                            }
+                            conn.session.handle_frame(now, frame, &self.cfg.params, &mut actions)
+                        }
                         Err(err) => conn.session.handle_codec_error(now, &err, &self.cfg.params, &mut actions),
                     }
                 }
@@ -348,6 +375,22 @@ impl Shard {
 
     pub(super) fn on_close(&self, st: &mut State, key: ConnKey, code: ErrorCode) {
         let Some(conn) = st.conn(key) else { return };
+        // After the longlink Error or Kicked frame, the WebSocket close that
+        // carries the code (an upgrade still in progress gets an HTTP error).
+        match conn.link {
+            Link::Plain => {}
+            Link::WsUpgrade => {
+                let status = match code {
+                    ErrorCode::AuthTimeout => ws::HandshakeError::Timeout.response(),
+                    _ => SERVICE_UNAVAILABLE.to_vec(),
+                };
+                conn.io().out.push(Bytes::from(status));
+            }
+            Link::Ws => {
+                // Reason "<code> <NAME>", e.g. "2003 REPLACED".
+                conn.io().out.push(ws::encode::encode_longlink_close(code as i32, code.as_str_name()));
+            }
+        }
         let deadline = conn.session.deadline();
         conn.wake();
         debug!(shard = %self.id, conn = %ConnId::new(self.id, key), device = conn.device().unwrap_or(""), ?code, "closing");
@@ -376,9 +419,104 @@ impl Shard {
         queued
     }
 
+    /// Queues bytes already in their wire form (a WebSocket control frame,
+    /// the upgrade's answer, a frame partly written by a direct send), with
+    /// the queue's bound. Wakes the task.
+    pub(super) fn queue_raw(&self, st: &mut State, key: ConnKey, bytes: Bytes) -> bool {
+        let limit = self.cfg.outbound_queue_bytes as usize;
+        let Some(conn) = st.conn(key) else { return false };
+        let io = conn.io();
+        if io.out.bytes() + bytes.len() > limit && !io.out.is_empty() {
+            let dropped = io.out.cut();
+            self.close_slow(st, key, dropped, format!("outbound queue above {limit} bytes"));
+            return false;
+        }
+        io.out.push(bytes);
+        conn.wake();
+        true
+    }
+
+    /// The bytes of one read on a WebSocket connection: the upgrade's
+    /// request head until it is answered, then frames, unmasked in place in
+    /// the scratch buffer and handed to framing like TCP bytes. `Err` closes
+    /// the connection now (after a best-effort write of what is queued: the
+    /// HTTP error or the Close frame).
+    pub(super) fn on_ws_read(&self, key: ConnKey, buf: &mut [u8], draining: bool) -> Result<(), ()> {
+        let max = ws::decode::max_message_bytes(self.cfg.max_frame_bytes);
+        let mut guard = self.state.borrow_mut();
+        let Some(conn) = guard.conn(key) else { return Err(()) };
+        let mut state = conn.io().ws.take().unwrap_or_default();
+        let mut start = 0;
+        if let Some(head) = state.upgrade.as_mut() {
+            let parsed = match head.feed(buf) {
+                Ok(ws::handshake::Feed::Incomplete) => {
+                    conn.io().ws = Some(state);
+                    return Ok(());
+                }
+                Ok(ws::handshake::Feed::Complete { consumed }) => {
+                    start = consumed;
+                    ws::handshake::parse_request(head.head(), &self.cfg.ws)
+                }
+                Err(err) => Err(err),
+            };
+            state.upgrade = None;
+            match parsed {
+                Ok(accepted) => {
+                    conn.link = Link::Ws;
+                    conn.io().out.push(Bytes::from(accepted.response()));
+                    state.token = accepted.token;
+                }
+                Err(err) => {
+                    debug!(shard = %self.id, error = %err, "WebSocket upgrade refused");
+                    let _ = fd::send(conn.fd.get(), &err.response());
+                    return Err(());
+                }
+            }
+        }
+        let data = &mut buf[start..];
+        let (data_len, close) = match state.decoder.decode(data, max) {
+            Ok(out) => {
+                if let Some(ping) = out.pong {
+                    // One pong per read at most (the decoder keeps the last
+                    // ping), and none past the queue's bound.
+                    let io = conn.io();
+                    if io.out.bytes() < self.cfg.outbound_queue_bytes as usize {
+                        io.out.push(ws::encode::encode_pong(ping.as_bytes()));
+                    }
+                }
+                (out.data_len, out.close.map(|c| c.reply()))
+            }
+            Err(err) => {
+                debug!(shard = %self.id, error = %err, "WebSocket protocol error");
+                (0, Some(ws::encode::encode_close(err.close_code(), &err.to_string())))
+            }
+        };
+        if !state.is_idle() || close.is_some() {
+            conn.io().ws = Some(state);
+        }
+        conn.wake();
+        if data_len > 0 && !draining {
+            drop(guard);
+            self.on_bytes(key, &data[..data_len]);
+            guard = self.state.borrow_mut();
+        }
+        let Some(close) = close else { return Ok(()) };
+        // The peer closed or broke the protocol: our Close goes after what
+        // is queued, as far as the socket takes it now; then the socket
+        // closes.
+        if let Some(conn) = guard.conn(key) {
+            let io = conn.io.get_or_insert_with(Box::default);
+            io.out.push(close);
+            let _ = io.out.write_now(conn.fd.get());
+        }
+        Err(())
+    }
+
     /// [`Shard::queue_bytes`] without waking the task.
     pub(super) fn enqueue(&self, st: &mut State, key: ConnKey, bytes: Bytes) -> bool {
         let limit = self.cfg.outbound_queue_bytes as usize;
+        let Some(link) = st.conn_ref(key).map(|c| c.link) else { return false };
+        let Some(bytes) = st.wrapper.wrap(link, &bytes) else { return false };
         let Some(conn) = st.conn(key) else { return false };
         let closing = conn.session.phase() == Phase::Closing;
         let io = conn.io();
@@ -425,11 +563,14 @@ impl Shard {
     /// [`Shard::deliver`] without counting (resends, control frames).
     pub(crate) fn send_to_slot(&self, st: &mut State, slot: u32, frame: &Bytes) -> bool {
         let key = st.key_of(slot);
-        let Some(conn) = st.conn(key) else { return false };
+        let Some(conn) = st.conn_ref(key) else { return false };
         if !conn.is_active() {
             return false;
         }
         self.count_out(frame.len());
+        let Some(wire) = st.wrapper.wrap(conn.link, frame) else { return false };
+        let frame = &wire;
+        let Some(conn) = st.conn(key) else { return false };
         let idle = conn.io.as_ref().is_none_or(|io| io.out.is_empty());
         let written = if idle {
             // On an error, let the task find it on its own write.
@@ -441,7 +582,8 @@ impl Shard {
             return true;
         }
         if written == 0 {
-            return self.queue_bytes(st, key, frame.clone());
+            // Already in its wire form: queued as it is.
+            return self.queue_raw(st, key, frame.clone());
         }
         // Part of the frame is on the wire. The queue (empty: `idle`) takes
         // the whole frame marked as partly written, so that cutting a slow
@@ -573,7 +715,7 @@ impl Shard {
     }
 
     pub(super) fn adopt(self: &Rc<Self>, adoption: Adoption) {
-        let Adoption { fd, session, login, leftover } = adoption;
+        let Adoption { fd, session, login, leftover, link, ws } = adoption;
         if self.stopping.get() {
             return; // dropping the fd closes it; the client reconnects
         }
@@ -583,7 +725,12 @@ impl Shard {
         let now = self.now();
         let key = {
             let mut st = self.state.borrow_mut();
-            let key = insert_conn(&mut st, session, slot_fd, now, login.capabilities);
+            let key = insert_conn(&mut st, session, slot_fd, now, login.capabilities, link);
+            if let Some(ws) = ws
+                && let Some(conn) = st.conn(key)
+            {
+                conn.io().ws = Some(ws);
+            }
             self.register(&mut st, key, now, &login);
             key
         };
@@ -599,7 +746,14 @@ impl Shard {
 /// Header-only Pong, shared by every session.
 pub(super) static PONG: [u8; codec::HEADER_LEN] = [codec::MAGIC, codec::VERSION, FrameKind::Pong as u8, 0, 0, 0, 0, 0];
 
-pub(super) fn insert_conn(st: &mut State, session: Session, fd: SlotFd, now: Now, capabilities: u32) -> ConnKey {
+pub(super) fn insert_conn(
+    st: &mut State,
+    session: Session,
+    fd: SlotFd,
+    now: Now,
+    capabilities: u32,
+    link: Link,
+) -> ConnKey {
     st.next_gen = st.next_gen.wrapping_add(1);
     let generation = st.next_gen;
     let deadline = session.deadline();
@@ -615,6 +769,7 @@ pub(super) fn insert_conn(st: &mut State, session: Session, fd: SlotFd, now: Now
         lens: [0; 4],
         capabilities: capabilities as u8,
         write_shut: false,
+        link,
     }) as u32;
     let key = ConnKey { index, generation };
     st.wheel.insert(key, deadline);
@@ -625,8 +780,24 @@ pub(super) fn take_handoff(conn: &mut Conn) -> Option<(ShardId, Box<Transit>)> {
     let io = conn.io.as_mut()?;
     let (owner, login) = io.handoff.take()?;
     let leftover = std::mem::take(&mut io.partial);
-    Some((owner, Box::new(Transit { session: conn.session, login: *login, leftover })))
+    let ws = io.ws.take();
+    Some((owner, Box::new(Transit { session: conn.session, login: *login, leftover, link: conn.link, ws })))
 }
+
+/// An Auth frame without a token takes the one of the WebSocket handshake
+/// (browsers cannot set headers); it is checked like any other. The
+/// handshake token is dropped at the first Auth either way.
+fn handshake_token(conn: &mut Conn, auth: &mut proto::Auth) {
+    let Some(token) = conn.io.as_mut().and_then(|io| io.ws.as_mut()).and_then(|ws| ws.token.take()) else { return };
+    if auth.token.is_empty() {
+        auth.token = token.expose().to_owned();
+    }
+}
+
+/// The answer to a WebSocket client the node cannot take (connection
+/// limit, shutting down before the upgrade finished).
+const SERVICE_UNAVAILABLE: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
 
 /// Token bucket capping accepts per second on one shard.
 pub(super) struct AcceptBucket {

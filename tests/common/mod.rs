@@ -23,6 +23,7 @@ pub fn test_config(shards: u16) -> Config {
         client_listen = "127.0.0.1:0"
         push_listen = "127.0.0.1:0"
         admin_listen = "127.0.0.1:0"
+        ws_listen = "127.0.0.1:0"
         shards = {shards}
         io_memory_bytes = 65536
         accept_rate_per_sec = 0

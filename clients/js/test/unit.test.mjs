@@ -155,6 +155,11 @@ test("codes: known 1xxx reconnect, 2xxx are terminal, unknown ones reconnect as 
   assert.equal(decodeWsClose(4000, "GOING_AWAY: drain"), ErrorCode.GOING_AWAY);
   assert.equal(decodeWsClose(1006, ""), undefined);
   assert.equal(decodeWsClose(1000, "bye"), undefined);
+  // The status alone (no reason): 4000 + (code - 1000), 4500 + (code - 2000).
+  assert.equal(decodeWsClose(4000, ""), ErrorCode.SHUTDOWN);
+  assert.equal(decodeWsClose(4503, ""), ErrorCode.REPLACED);
+  assert.equal(decodeWsClose(4502, "2002 INVALID_TOKEN"), ErrorCode.INVALID_TOKEN);
+  assert.equal(decodeWsClose(4499, ""), undefined);
 });
 
 test("the agent needs somewhere to connect and starts with a connect bounded by the timeout", () => {

@@ -149,7 +149,7 @@ test("a WebSocket close carrying a terminal longlink code stops the client; one 
     assert.deepEqual([d.reason.type, d.reason.code, d.reason.reconnect], ["error", ErrorCode.SHUTDOWN, true]);
     assert.ok(d.retryInMs !== undefined);
     await ev1.next("connected", (e) => e.type === "connected");
-    assert.ok(br1.seen.protocols[0].includes(`token.${token}`), "the token as a subprotocol entry");
+    assert.ok(br1.seen.protocols[0].includes(`longlink.token.${token}`), "the token as a subprotocol entry");
     await c1.close();
 
     c2 = new LonglinkClient({ transport: webSocketTransport(), endpoints: [br2.addr], token });

@@ -9,6 +9,8 @@ import { ErrorCode } from "../gen/longlink_pb.js";
 
 export const WS_SUBPROTOCOL = "longlink.v1";
 export const WS_PATH = "/v1/ws";
+/** A Sec-WebSocket-Protocol entry carrying the token; the node never echoes it. */
+export const WS_TOKEN_PROTOCOL_PREFIX = "longlink.token.";
 
 export interface WebSocketTransportOptions {
   /** ws:// or wss:// for endpoints given as host:port (default: wss when the page is https, else ws). */
@@ -27,14 +29,12 @@ export interface WebSocketTransportOptions {
 }
 
 /**
- * The longlink code of a WebSocket close, if it carries one. The issue
- * plans "WS close code = 4000 + longlink code" with the code in the close
- * reason; longlink codes are 1000-2999, so 4000 + code would leave the
- * range a close frame may carry (1000-4999, RFC 6455 7.4.2). So the reason
- * is read first: "2003 ..." or "REPLACED ..." (number or name, then a
- * space, colon or the end). A close code 4000-4999 whose remainder is a
- * known code is taken next (e.g. a server sending 4000 + code - 1000 would
- * need another rule: adjust here when the server side lands).
+ * The longlink code of a WebSocket close, if it carries one. The node
+ * sends the exact code in the reason ("2003 REPLACED"), which is read
+ * first: a number or a name, then a space, colon or the end. The status is
+ * the fallback (proto/README.md): RFC 6455 leaves only 4000-4999 for
+ * private use, so reconnect codes 1000-1499 travel as 4000 + (code - 1000)
+ * and terminal codes 2000-2499 as 4500 + (code - 2000).
  */
 export function decodeWsClose(wsCode: number, reason: string): number | undefined {
   const m = /^\s*([0-9]{1,5}|[A-Z][A-Z_]+)(?=$|[\s:,.;-])/.exec(reason);
@@ -43,7 +43,8 @@ export function decodeWsClose(wsCode: number, reason: string): number | undefine
     const n = /^[0-9]/.test(token) ? Number(token) : (ErrorCode as unknown as Record<string, number>)[token];
     if (typeof n === "number" && n >= 1000 && n <= 2999) return n;
   }
-  if (wsCode >= 4000 && wsCode <= 4999 && ErrorCode[wsCode - 4000] !== undefined && wsCode - 4000 !== 0) return wsCode - 4000;
+  const code = wsCode >= 4000 && wsCode <= 4499 ? 1000 + (wsCode - 4000) : wsCode >= 4500 && wsCode <= 4999 ? 2000 + (wsCode - 4500) : undefined;
+  if (code !== undefined && ErrorCode[code] !== undefined) return code;
   return undefined;
 }
 
@@ -77,7 +78,7 @@ export function webSocketTransport(opts: WebSocketTransportOptions = {}): Transp
       }
       const protocols = [WS_SUBPROTOCOL];
       if (opts.token === "protocol" && ctx.token !== "") {
-        protocols.push((opts.protocolEntry ?? ((t: string) => `token.${t}`))(ctx.token));
+        protocols.push((opts.protocolEntry ?? ((t: string) => `${WS_TOKEN_PROTOCOL_PREFIX}${t}`))(ctx.token));
       }
       let ws: WebSocket;
       try {

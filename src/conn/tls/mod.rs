@@ -1,0 +1,17 @@
+//! TLS with rustls 0.23 (ring provider) for the client TCP port
+//! (`tls_listen`) and WebSocket (`wss_listen`).
+//!
+//! [`session`] wraps the unbuffered API so every buffer belongs to the
+//! driver; [`config`] loads PEM files, sets ALPN and reloads certificates.
+//!
+//! kTLS seam: after the handshake, rustls' `dangerous_into_kernel_connection`
+//! hands the traffic secrets over; with `TCP_ULP "tls"` and `TLS_TX`/`TLS_RX`
+//! on the socket, reads and writes would be plain bytes again and fan-out
+//! encode-once. This host's kernel has no TLS ULP (ENOENT), so that path is
+//! not written: it could not be tested here.
+
+pub mod config;
+pub mod session;
+
+pub use config::{CertStore, ServerTlsSettings, ShardServerConfig, TlsConfigError};
+pub use session::{ClientTls, Progress, ServerTls, TlsError, TlsSession};
