@@ -28,7 +28,7 @@ import { createInterface } from "node:readline";
 import * as net from "node:net";
 import * as tls from "node:tls";
 import puppeteer from "puppeteer-core";
-import { Node, Echo, cli, waitUntil, tempDir, WAIT_MS } from "../test/harness.mjs";
+import { Node, Echo, cli, waitUntil, tempDir, big, WAIT_MS } from "../test/harness.mjs";
 
 const here = dirname(fileURLToPath(import.meta.url));
 
@@ -219,7 +219,11 @@ async function story(endpoint, mode, tag) {
     await page.click("#hold");
     const [h1] = await node.push(device, `held one ${tag}`);
     const [h2] = await node.push(device, `held two ${tag}`);
-    await waitUntil("both held messages sent", async () => (await node.status(h1.message_id, h2.message_id)).every((s) => s.state === "SENT"));
+    await waitUntil("both held messages sent", async () => {
+      const st = await node.status(h1.message_id, h2.message_id);
+      if (st.some((x) => x.state === "ACKED")) assert.fail(`acknowledged before the page handled it: ${JSON.stringify(st, big)}`);
+      return st.every((x) => x.state === "SENT");
+    });
     await pageWait(p, "the page got the first held message", (t) => document.getElementById("log").innerText.includes(t), `"held one ${tag}" (held)`);
     assert.equal((await node.status(h1.message_id))[0].state, "SENT", "nothing is acknowledged before handling");
 
