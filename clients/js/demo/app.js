@@ -155,7 +155,7 @@ $("hold").onchange = () => {
 async function onMessage(m) {
   const body = text.decode(m.payload);
   const seq = m.seq.toString();
-  log("received", `seq=${seq} ${JSON.stringify(body)}${held ? " (held)" : ""}`);
+  if (held) log("received", `seq=${seq} ${JSON.stringify(body)} (held)`);
   // Handling: wait while held. The client acknowledges only after this resolves.
   while (held) await held.promise;
   keep(demo.messages, { seq, id: m.messageId.toString(), service: m.serviceId, text: body });
@@ -280,6 +280,6 @@ $("endpoint").value = params.get("endpoint") ?? `ws://${location.hostname || "12
 if (params.has("token")) $("token").value = params.get("token");
 if (params.has("group")) $("group").value = params.get("group");
 if (params.has("mode")) $("token-mode").value = params.get("mode");
-if (params.get("connect") === "1") $("connect").click();
 setState(demo.state);
 log("ready", "fill in a token and connect");
+if (params.get("connect") === "1") $("connect").click();
