@@ -645,9 +645,6 @@ fn serve(
     println!("listening {}", server.client_addr());
     println!("push {}", server.push_addr());
     println!("admin {}", server.admin_addr());
-    if let Some(ws) = server.links().ws {
-        println!("ws {ws}");
-    }
     server.join();
     if lease.is_some_and(|l| l.is_fenced()) {
         // Not a clean exit: the node gave up its place in the cluster.

@@ -168,6 +168,7 @@ pub struct Adoption {
     /// The transport and its state (a WebSocket decoder may be mid-frame).
     pub link: crate::conn::transport::Link,
     pub ws: Option<Box<crate::conn::transport::WsState>>,
+    pub tls: Option<Box<crate::conn::transport::TlsLink>>,
 }
 
 impl ShardMsg {

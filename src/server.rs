@@ -68,6 +68,8 @@ pub enum ServerError {
     Cluster(std::io::Error),
     #[error("cannot serve admin HTTP on {addr}: {source}")]
     Admin { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Tls(crate::conn::tls::TlsConfigError),
 }
 
 /// A running node. Dropping it does not stop it; call [`Server::shutdown`].
@@ -83,6 +85,7 @@ pub struct Server {
     /// Cluster mode: the node's cluster state.
     cluster: Option<Arc<ClusterShared>>,
     links: crate::conn::links::LinkAddrs,
+    tls: crate::conn::links::TlsStores,
 }
 
 /// Every listener of a node, bound before anything starts (a taken port
@@ -164,6 +167,7 @@ impl Server {
             },
             node_counters: counters.iter().cloned().collect(),
             ws: Arc::new(crate::conn::tls_config::handshake_config(config)),
+            tls: links.stores.clone(),
         };
         // One Redis sidecar for the node, or a memory store per shard (each
         // holds the timelines of the devices its shard owns).
@@ -362,8 +366,8 @@ impl Server {
             info!(node = %cluster.node, admin = %admin.addr(), client = %cluster.client_endpoint, "cluster mode");
         }
         info!(%client_addr, shards, node = %config.node_name_bound(client_addr.port()), "longlink serving");
-        let links = links.addrs;
-        Ok(Server { handles: Some(handles), stop, client_addr, push_addr, counters, admin, cluster, links })
+        let (links, tls) = (links.addrs, links.stores);
+        Ok(Server { handles: Some(handles), stop, client_addr, push_addr, counters, admin, cluster, links, tls })
     }
 
     /// The bound client address (useful with port 0).
@@ -379,6 +383,12 @@ impl Server {
     /// The bound WebSocket, TLS and WSS addresses (those that are on).
     pub fn links(&self) -> crate::conn::links::LinkAddrs {
         self.links
+    }
+
+    /// Re-reads the TLS certificate and key files: new connections get the
+    /// new certificate ([`crate::conn::links::TlsStores::reload`]).
+    pub fn reload_tls(&self) -> Result<(), crate::conn::tls::TlsConfigError> {
+        self.tls.reload()
     }
 
     /// The bound admin HTTP address.

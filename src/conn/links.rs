@@ -1,11 +1,15 @@
 //! The listeners of the transports beside plain TCP: WebSocket
-//! (`server.ws_listen`), one SO_REUSEPORT socket per shard like the
-//! client port.
+//! (`server.ws_listen`), TLS (`server.tls_listen`) and WebSocket over TLS
+//! (`server.wss_listen`), one SO_REUSEPORT socket per shard like the client
+//! port; and the certificate stores of the TLS ones.
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 
 use crate::config::Config;
+use crate::conn::tls::config::{ALPN_HTTP1, ALPN_LONGLINK};
+use crate::conn::tls::{CertStore, ServerTlsSettings, TlsConfigError};
 use crate::conn::tls_config::listen_addr;
 use crate::conn::transport::Link;
 use crate::server::ServerError;
@@ -14,6 +18,8 @@ use crate::server::ServerError;
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LinkAddrs {
     pub ws: Option<SocketAddr>,
+    pub tls: Option<SocketAddr>,
+    pub wss: Option<SocketAddr>,
 }
 
 /// Every transport listener, one socket per shard.
@@ -21,24 +27,77 @@ pub struct LinkListeners {
     pub addrs: LinkAddrs,
     /// By shard: (the link its connections start on, listening socket).
     pub per_shard: Vec<Vec<(Link, OwnedFd)>>,
+    /// Certificates of `tls_listen` and `wss_listen`.
+    pub stores: TlsStores,
+}
+
+/// The certificate stores of the TLS listeners; [`TlsStores::reload`]
+/// re-reads the files.
+#[derive(Clone, Debug, Default)]
+pub struct TlsStores {
+    pub tls: Option<Arc<CertStore>>,
+    pub wss: Option<Arc<CertStore>>,
+}
+
+impl TlsStores {
+    /// Re-reads `[tls]` cert_file and key_file for every TLS listener:
+    /// connections accepted from now on get the new certificate, those
+    /// already open keep theirs. On an error the old certificate stays in
+    /// force and the error names the file. (What triggers it, a signal or an
+    /// admin call, is the caller's.)
+    pub fn reload(&self) -> Result<(), TlsConfigError> {
+        for store in [&self.tls, &self.wss].into_iter().flatten() {
+            store.reload()?;
+        }
+        Ok(())
+    }
 }
 
 impl LinkListeners {
-    /// Binds the listeners that are configured; logs the `[ws]` warnings.
+    /// Binds the listeners that are configured and loads their
+    /// certificates; logs the `[ws]` warnings.
     pub fn bind(config: &Config, shards: u16) -> Result<LinkListeners, ServerError> {
         let server = &config.server;
         let mut per_shard: Vec<Vec<(Link, OwnedFd)>> = (0..shards).map(|_| Vec::new()).collect();
         let mut addrs = LinkAddrs::default();
-        if let Some(addr) = listen_addr("server.ws_listen", &server.ws_listen)? {
+        let mut stores = TlsStores::default();
+        let listeners = [
+            ("server.ws_listen", &server.ws_listen, Link::WsUpgrade),
+            ("server.tls_listen", &server.tls_listen, Link::Tls),
+            ("server.wss_listen", &server.wss_listen, Link::WssUpgrade),
+        ];
+        for (field, value, link) in listeners {
+            let Some(addr) = listen_addr(field, value)? else { continue };
             let (bound, fds) = crate::server::bind_reuseport(addr, shards, server.listen_backlog)?;
             for (shard, fd) in per_shard.iter_mut().zip(fds) {
-                shard.push((Link::WsUpgrade, fd));
+                shard.push((link, fd));
             }
-            addrs.ws = Some(bound);
+            let settings = |alpn: &[u8]| ServerTlsSettings {
+                cert_chain: config.tls.cert_file.clone(),
+                private_key: config.tls.key_file.clone(),
+                alpn: vec![alpn.to_vec()],
+                compact_idle: false,
+            };
+            match link {
+                Link::Tls => {
+                    addrs.tls = Some(bound);
+                    stores.tls = Some(CertStore::load(settings(ALPN_LONGLINK)).map_err(ServerError::Tls)?);
+                }
+                Link::WssUpgrade => {
+                    addrs.wss = Some(bound);
+                    stores.wss = Some(CertStore::load(settings(ALPN_HTTP1)).map_err(ServerError::Tls)?);
+                }
+                _ => addrs.ws = Some(bound),
+            }
+            // In the log, not on stdout: the lines there are a fixed set
+            // that scripts and tests read.
+            tracing::info!(%bound, ?link, "transport listener");
+        }
+        if addrs.ws.is_some() || addrs.wss.is_some() {
             for warning in crate::conn::tls_config::handshake_config(config).warnings() {
                 tracing::warn!("{warning}");
             }
         }
-        Ok(LinkListeners { addrs, per_shard })
+        Ok(LinkListeners { addrs, per_shard, stores })
     }
 }

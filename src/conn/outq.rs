@@ -70,6 +70,16 @@ impl OutQueue {
         dropped
     }
 
+    /// Appends the unwritten bytes of every frame to `dst` and empties the
+    /// queue (a TLS connection seals them as one batch).
+    pub fn drain_into(&mut self, dst: &mut Vec<u8>) {
+        for (i, frame) in self.frames.drain(..).enumerate() {
+            dst.extend_from_slice(if i == 0 { &frame[self.front_written..] } else { &frame[..] });
+        }
+        self.bytes = 0;
+        self.front_written = 0;
+    }
+
     /// Drops everything queued, a partly written frame too (the stream is
     /// abandoned); returns how many frames were dropped.
     pub fn clear(&mut self) -> usize {

@@ -36,11 +36,6 @@ config_struct! {
     }
 }
 
-/// ALPN protocol of the client TLS port (`tls_listen`).
-pub const ALPN_LONGLINK: &[u8] = b"longlink/1";
-/// ALPN protocol of the WebSocket TLS port (`wss_listen`).
-pub const ALPN_HTTP1: &[u8] = b"http/1.1";
-
 /// A listener setting: "" is off, anything else must be an address.
 pub fn listen_addr(field: &'static str, value: &str) -> Result<Option<SocketAddr>, ConfigError> {
     if value.is_empty() {

@@ -31,11 +31,95 @@ pub enum Link {
     WsUpgrade,
     /// WebSocket: every frame goes out in a binary message.
     Ws,
+    /// TLS (`tls_listen`): plain frames inside TLS records.
+    Tls,
+    /// WebSocket over TLS (`wss_listen`), before and after the upgrade.
+    WssUpgrade,
+    Wss,
 }
 
 impl Link {
     pub fn is_ws(self) -> bool {
-        matches!(self, Link::WsUpgrade | Link::Ws)
+        matches!(self.form(), Link::WsUpgrade | Link::Ws)
+    }
+
+    /// Whether records are sealed per connection (no direct writes: the
+    /// connection task encrypts at flush time).
+    pub fn is_tls(self) -> bool {
+        matches!(self, Link::Tls | Link::WssUpgrade | Link::Wss)
+    }
+
+    /// The link as it frames plaintext (TLS taken off).
+    pub fn form(self) -> Link {
+        match self {
+            Link::Tls => Link::Plain,
+            Link::WssUpgrade => Link::WsUpgrade,
+            Link::Wss => Link::Ws,
+            other => other,
+        }
+    }
+
+    /// The link once its WebSocket upgrade is answered.
+    pub fn upgraded(self) -> Link {
+        match self {
+            Link::WsUpgrade => Link::Ws,
+            Link::WssUpgrade => Link::Wss,
+            other => other,
+        }
+    }
+}
+
+/// Longest carried input while the TLS handshake runs: rustls keeps a
+/// handshake message spanning records in the caller's buffer until it is
+/// whole (up to 64 KiB); real ClientHellos are a few KiB. (Security review
+/// finding 3.)
+pub const MAX_TLS_HANDSHAKE_TAIL: usize = 16 * 1024 + 5;
+
+/// A TLS connection's state, kept by its connection task (it is used only
+/// there: every TLS write goes through the task, which seals at flush).
+pub struct TlsLink {
+    pub session: crate::conn::tls::ServerTls,
+    /// An incomplete record from the last read (at most one record once the
+    /// handshake is done: rustls refuses longer record headers).
+    pub tail: Vec<u8>,
+    /// Sealed records not yet written, in seal order: handshake records,
+    /// alerts and KeyUpdate answers from reads, and sealed frames. A
+    /// record's sequence number is spent once sealed, so these are never
+    /// dropped or re-sealed. Frames are sealed only when this is empty.
+    pub cipher: super::OutQueue,
+    /// close_notify was queued.
+    pub sent_close: bool,
+}
+
+impl TlsLink {
+    pub fn new(session: crate::conn::tls::ServerTls) -> TlsLink {
+        TlsLink { session, tail: Vec::new(), cipher: super::OutQueue::default(), sent_close: false }
+    }
+
+    /// Seals every frame of `plain` (the connection's out-queue) into one
+    /// batch of records behind what is already sealed. Nothing is sealed
+    /// during the handshake.
+    pub fn seal(&mut self, plain: &mut super::OutQueue) -> Result<(), crate::conn::tls::TlsError> {
+        if plain.is_empty() || self.session.is_handshaking() || self.sent_close {
+            return Ok(());
+        }
+        let mut text = Vec::with_capacity(plain.bytes());
+        plain.drain_into(&mut text);
+        let mut sealed = Vec::with_capacity(text.len() + 64);
+        self.session.write(&text, &mut sealed)?;
+        self.cipher.push(Bytes::from(sealed));
+        Ok(())
+    }
+
+    /// Frees the buffers' capacity once they are empty (idle connections
+    /// keep none).
+    pub fn release_idle(&mut self) {
+        if self.tail.is_empty() && self.tail.capacity() > 0 {
+            self.tail = Vec::new();
+        }
+        if self.cipher.is_empty() {
+            self.cipher = super::OutQueue::default();
+        }
     }
 }
 
@@ -70,10 +154,10 @@ impl Wrapper {
     /// The wire form of `frame` on `link`; `None` when nothing may be sent
     /// on it (an upgrade in progress).
     pub fn wrap(&mut self, link: Link, frame: &Bytes) -> Option<Bytes> {
-        match link {
+        match link.form() {
             Link::Plain => Some(frame.clone()),
             Link::WsUpgrade => None,
-            Link::Ws => {
+            _ => {
                 if let Some((source, wire)) = &self.last
                     && source.as_ptr() == frame.as_ptr()
                     && source.len() == frame.len()

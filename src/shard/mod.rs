@@ -50,7 +50,7 @@ use tracing::{debug, info, warn};
 
 use crate::conn::OutQueue;
 use crate::conn::fd::{self, SlotFd, Socket};
-use crate::conn::transport::{Link, Wrapper, WsState};
+use crate::conn::transport::{Link, MAX_TLS_HANDSHAKE_TAIL, TlsLink, Wrapper, WsState};
 use crate::conn::ws;
 use crate::delivery::MessageIds;
 use crate::groups::Groups;
@@ -173,6 +173,8 @@ pub struct ShardConfig {
     pub node_counters: Arc<[Arc<ShardCounters>]>,
     /// The WebSocket upgrade's settings (`[ws]`).
     pub ws: Arc<crate::conn::ws::HandshakeConfig>,
+    /// Certificates of `tls_listen` and `wss_listen` (when on).
+    pub tls: crate::conn::links::TlsStores,
 }
 
 /// Outbound queue and input leftovers: allocated only while in use.
@@ -490,6 +492,11 @@ pub struct Shard {
     pub(crate) state: RefCell<State>,
     /// Read buffer shared by every connection of the shard.
     scratch: RefCell<Vec<u8>>,
+    /// Plaintext of the TLS records of one read (for wss, the WebSocket
+    /// decoder rewrites it in place).
+    plain_scratch: RefCell<Vec<u8>>,
+    /// This shard's handles on the certificate stores of `cfg.tls`.
+    tls_configs: RefCell<(Option<crate::conn::tls::ShardServerConfig>, Option<crate::conn::tls::ShardServerConfig>)>,
     outbox: Rc<Outbox>,
     pub(crate) counters: Arc<ShardCounters>,
     /// Monotonic origin of [`Millis`].
@@ -553,6 +560,11 @@ impl Shard {
                 wrapper: Wrapper::default(),
             }),
             scratch: RefCell::new(vec![0; cfg.read_buffer_bytes]),
+            plain_scratch: RefCell::new(Vec::new()),
+            tls_configs: RefCell::new((
+                cfg.tls.tls.as_ref().map(|s| s.shard_handle()),
+                cfg.tls.wss.as_ref().map(|s| s.shard_handle()),
+            )),
             cfg,
             outbox,
             counters,

@@ -12,6 +12,8 @@ pub(super) struct ConnTask {
     key: ConnKey,
     /// Taken when the task finishes.
     socket: Option<Socket>,
+    /// A TLS connection's session and sealed records (`None` otherwise).
+    tls: Option<Box<TlsLink>>,
 }
 
 impl std::future::Future for ConnTask {
@@ -20,7 +22,12 @@ impl std::future::Future for ConnTask {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = &mut *self;
         let Some(socket) = this.socket.as_mut() else { return Poll::Ready(()) };
-        let Poll::Ready(exit) = this.shard.poll_conn(this.key, socket.stream(), cx) else { return Poll::Pending };
+        let Poll::Ready(mut exit) = this.shard.poll_conn(this.key, socket.stream(), &mut this.tls, cx) else {
+            return Poll::Pending;
+        };
+        if let Exit::Handoff(_, transit) = &mut exit {
+            transit.tls = this.tls.take();
+        }
         if let Some(socket) = this.socket.take() {
             this.shard.finish_conn(this.key, socket, exit);
         }
@@ -42,6 +49,7 @@ pub(super) struct Transit {
     leftover: Vec<u8>,
     link: Link,
     ws: Option<Box<WsState>>,
+    tls: Option<Box<TlsLink>>,
 }
 
 impl Shard {
@@ -92,19 +100,28 @@ impl Shard {
                 drop(st);
                 debug!(shard = %self.id, "connection limit reached; refusing");
                 // Best effort: the socket is fresh, a small frame fits.
+                // (Over TLS nothing can be said before a handshake.)
                 let bytes = match link {
                     Link::Plain => {
                         Frame::Error(codes::error_body(ErrorCode::ServerError, "connection limit reached")).to_bytes()
                     }
                     Link::WsUpgrade | Link::Ws => Bytes::from_static(SERVICE_UNAVAILABLE),
+                    Link::Tls | Link::WssUpgrade | Link::Wss => return,
                 };
                 let _ = fd::send(fd::stream_fd(&stream), &bytes);
                 return;
             }
+            let tls = match link.is_tls() {
+                false => None,
+                true => match self.tls_session(link) {
+                    Some(session) => Some(Box::new(TlsLink::new(session))),
+                    None => return,
+                },
+            };
             let session = Session::new(now.mono, &self.cfg.params);
             let (socket, slot_fd) = Socket::new(stream);
             let key = insert_conn(&mut st, session, slot_fd, now, 0, link);
-            if link == Link::WsUpgrade
+            if link.form() == Link::WsUpgrade
                 && let Some(conn) = st.conn(key)
             {
                 // The head must be complete by the auth deadline (the
@@ -112,11 +129,11 @@ impl Shard {
                 let upgrade = Some(crate::conn::ws::HeadReader::new(&self.cfg.ws, Instant::now()));
                 conn.io().ws = Some(Box::new(WsState { upgrade, ..WsState::default() }));
             }
-            (key, socket)
+            (key, socket, tls)
         };
-        let (key, socket) = key;
+        let (key, socket, tls) = key;
         let shard = self.clone();
-        glommio::spawn_local(ConnTask { shard, key, socket: Some(socket) }).detach();
+        glommio::spawn_local(ConnTask { shard, key, socket: Some(socket), tls }).detach();
     }
 
     // ---- the connection task ----------------------------------------------
@@ -135,9 +152,9 @@ impl Shard {
             Exit::Closed => socket.close(slot_fd),
             Exit::Handoff(owner, transit) => match socket.hand_over(slot_fd) {
                 Ok(fd) => {
-                    let Transit { session, login, leftover, link, ws } = *transit;
+                    let Transit { session, login, leftover, link, ws, tls } = *transit;
                     self.counters.handed_off.fetch_add(1, Ordering::Relaxed);
-                    let adoption = Adoption { fd, session, login, leftover, link, ws };
+                    let adoption = Adoption { fd, session, login, leftover, link, ws, tls };
                     self.outbox.send(owner, ShardMsg::Adopt(Box::new(adoption)));
                 }
                 Err(err) => warn!(shard = %self.id, error = %err, "dup failed; dropping connection"),
@@ -145,7 +162,13 @@ impl Shard {
         }
     }
 
-    pub(super) fn poll_conn(&self, key: ConnKey, stream: &mut TcpStream, cx: &mut Context<'_>) -> Poll<Exit> {
+    pub(super) fn poll_conn(
+        &self,
+        key: ConnKey,
+        stream: &mut TcpStream,
+        tls: &mut Option<Box<TlsLink>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Exit> {
         for _ in 0..READS_PER_POLL {
             let draining = {
                 let mut st = self.state.borrow_mut();
@@ -154,7 +177,25 @@ impl Shard {
                     return Poll::Ready(Exit::Closed);
                 };
                 let mut stalled_now = false;
-                if let Some(io) = conn.io.as_mut() {
+                if let Some(t) = tls.as_deref_mut() {
+                    // Sealed records first, then the frames queued since,
+                    // sealed as one batch once those are out.
+                    let io = conn.io.get_or_insert_with(Box::default);
+                    match flush_tls(t, &mut io.out, stream, cx) {
+                        Err(err) => {
+                            debug!(shard = %self.id, error = %err, "TLS write failed");
+                            conn.session.closed_by_peer();
+                            return Poll::Ready(Exit::Closed);
+                        }
+                        Ok(true) => io.stalled_since = None,
+                        Ok(false) if io.stalled_since.is_none() => {
+                            io.stalled_since = Some(now);
+                            stalled_now = true;
+                        }
+                        Ok(false) => {}
+                    }
+                    conn.release_io_if_idle();
+                } else if let Some(io) = conn.io.as_mut() {
                     match io.out.flush(stream, cx) {
                         Err(err) => {
                             debug!(shard = %self.id, error = %err, "write failed");
@@ -173,7 +214,22 @@ impl Shard {
                 match conn.session.phase() {
                     Phase::Closed => return Poll::Ready(Exit::Closed),
                     Phase::Closing => {
-                        let flushed = conn.io.as_ref().is_none_or(|io| io.out.is_empty());
+                        let flushed = conn.io.as_ref().is_none_or(|io| io.out.is_empty())
+                            && tls.as_ref().is_none_or(|t| t.cipher.is_empty());
+                        if let Some(t) = tls.as_deref_mut()
+                            && flushed
+                            && !t.sent_close
+                        {
+                            // close_notify, then the half-close below once
+                            // it is written.
+                            let mut out = Vec::new();
+                            let _ = t.session.close_notify(&mut out);
+                            t.sent_close = true;
+                            if !out.is_empty() {
+                                t.cipher.push(Bytes::from(out));
+                                continue;
+                            }
+                        }
                         if flushed && !conn.write_shut {
                             // Half-close so the Error frame arrives before FIN;
                             // keep reading until the peer closes or the linger ends.
@@ -183,7 +239,10 @@ impl Shard {
                     }
                     // What is queued (a WebSocket 101) goes out before the
                     // socket moves: the queue stays here.
-                    Phase::Authenticated if conn.io.as_ref().is_none_or(|io| io.out.is_empty()) => {
+                    Phase::Authenticated
+                        if conn.io.as_ref().is_none_or(|io| io.out.is_empty())
+                            && tls.as_ref().is_none_or(|t| t.cipher.is_empty()) =>
+                    {
                         if let Some((owner, transit)) = take_handoff(conn) {
                             return Poll::Ready(Exit::Handoff(owner, transit));
                         }
@@ -219,12 +278,15 @@ impl Shard {
                 Poll::Pending => None,
                 Poll::Ready(Ok(0)) => Some(Err(())),
                 Poll::Ready(Ok(n)) => match link {
+                    _ if let Some(t) = tls.as_deref_mut() => Some(self.on_tls_read(key, t, &mut buf[..n], draining)),
                     Link::Plain if !draining => {
                         self.on_bytes(key, &buf[..n]);
                         Some(Ok(()))
                     }
                     Link::Plain => Some(Ok(())),
-                    Link::WsUpgrade | Link::Ws => Some(self.on_ws_read(key, &mut buf[..n], draining)),
+                    Link::WsUpgrade | Link::Ws | Link::Tls | Link::WssUpgrade | Link::Wss => {
+                        Some(self.on_ws_read(key, &mut buf[..n], draining))
+                    }
                 },
                 Poll::Ready(Err(err)) => {
                     debug!(shard = %self.id, error = %err, "read failed");
@@ -377,8 +439,8 @@ impl Shard {
         let Some(conn) = st.conn(key) else { return };
         // After the longlink Error or Kicked frame, the WebSocket close that
         // carries the code (an upgrade still in progress gets an HTTP error).
-        match conn.link {
-            Link::Plain => {}
+        match conn.link.form() {
+            Link::Plain | Link::Tls | Link::WssUpgrade | Link::Wss => {}
             Link::WsUpgrade => {
                 let status = match code {
                     ErrorCode::AuthTimeout => ws::HandshakeError::Timeout.response(),
@@ -462,13 +524,18 @@ impl Shard {
             state.upgrade = None;
             match parsed {
                 Ok(accepted) => {
-                    conn.link = Link::Ws;
+                    conn.link = conn.link.upgraded();
                     conn.io().out.push(Bytes::from(accepted.response()));
                     state.token = accepted.token;
                 }
                 Err(err) => {
                     debug!(shard = %self.id, error = %err, "WebSocket upgrade refused");
-                    let _ = fd::send(conn.fd.get(), &err.response());
+                    let io = conn.io.get_or_insert_with(Box::default);
+                    io.out.push(Bytes::from(err.response()));
+                    // Over TLS the caller seals and writes it.
+                    if !conn.link.is_tls() {
+                        let _ = io.out.write_now(conn.fd.get());
+                    }
                     return Err(());
                 }
             }
@@ -507,9 +574,97 @@ impl Shard {
         if let Some(conn) = guard.conn(key) {
             let io = conn.io.get_or_insert_with(Box::default);
             io.out.push(close);
-            let _ = io.out.write_now(conn.fd.get());
+            if !conn.link.is_tls() {
+                let _ = io.out.write_now(conn.fd.get());
+            }
         }
         Err(())
+    }
+
+    /// The bytes of one read on a TLS connection: records decrypted in
+    /// place (after any incomplete record kept from the last read), the
+    /// plaintext handed to framing (or, for wss, to the WebSocket side).
+    /// What rustls answers (handshake, alerts) is queued as sealed. `Err`
+    /// closes the connection now, after a best-effort write of what is
+    /// queued.
+    pub(super) fn on_tls_read(&self, key: ConnKey, t: &mut TlsLink, buf: &mut [u8], draining: bool) -> Result<(), ()> {
+        let mut carried = std::mem::take(&mut t.tail);
+        let input: &mut [u8] = if carried.is_empty() {
+            buf
+        } else {
+            carried.extend_from_slice(buf);
+            &mut carried
+        };
+        let mut plain = std::mem::take(&mut *self.plain_scratch.borrow_mut());
+        plain.clear();
+        let mut out = Vec::new();
+        let read = t.session.read(input, &mut out, &mut |p| plain.extend_from_slice(p));
+        if !out.is_empty() {
+            t.cipher.push(Bytes::from(out));
+        }
+        let mut result = match read {
+            Ok(progress) => {
+                let rest = &input[progress.consumed.min(input.len())..];
+                if t.session.is_handshaking() && rest.len() > MAX_TLS_HANDSHAKE_TAIL {
+                    debug!(shard = %self.id, carried = rest.len(), "TLS handshake message too large");
+                    Err(())
+                } else {
+                    t.tail = rest.to_vec();
+                    // Input after close_notify is never read (review
+                    // finding 2): the connection ends here.
+                    if progress.peer_closed { Err(()) } else { Ok(()) }
+                }
+            }
+            Err(err) => {
+                debug!(shard = %self.id, error = %err, "TLS failed");
+                Err(())
+            }
+        };
+        let link = self.state.borrow().conn_ref(key).map(|c| c.link);
+        if !plain.is_empty() {
+            match link.map(Link::form) {
+                Some(Link::Plain) if !draining => self.on_bytes(key, &plain),
+                Some(Link::WsUpgrade | Link::Ws) => {
+                    if self.on_ws_read(key, &mut plain, draining).is_err() {
+                        result = Err(());
+                    }
+                }
+                _ => {}
+            }
+        }
+        if plain.capacity() <= self.cfg.read_buffer_bytes * 2 {
+            *self.plain_scratch.borrow_mut() = plain;
+        }
+        if result.is_err() {
+            // The alert, an HTTP error or a Close frame: as far as the socket
+            // takes it now.
+            let mut st = self.state.borrow_mut();
+            if let Some(conn) = st.conn(key) {
+                if let Some(io) = conn.io.as_mut() {
+                    let _ = t.seal(&mut io.out);
+                }
+                let _ = t.cipher.write_now(conn.fd.get());
+            }
+        }
+        t.release_idle();
+        result
+    }
+
+    /// The server session for a connection accepted on a TLS listener, with
+    /// the certificate in force now.
+    fn tls_session(&self, link: Link) -> Option<crate::conn::tls::ServerTls> {
+        let mut handles = self.tls_configs.borrow_mut();
+        let handle = match link {
+            Link::Tls => handles.0.as_mut(),
+            _ => handles.1.as_mut(),
+        }?;
+        match crate::conn::tls::ServerTls::server(handle.current().clone()) {
+            Ok(session) => Some(session),
+            Err(err) => {
+                warn!(shard = %self.id, error = %err, "cannot start a TLS session");
+                None
+            }
+        }
     }
 
     /// [`Shard::queue_bytes`] without waking the task.
@@ -571,7 +726,8 @@ impl Shard {
         let Some(wire) = st.wrapper.wrap(conn.link, frame) else { return false };
         let frame = &wire;
         let Some(conn) = st.conn(key) else { return false };
-        let idle = conn.io.as_ref().is_none_or(|io| io.out.is_empty());
+        // Over TLS every record is sealed by the connection's task.
+        let idle = conn.io.as_ref().is_none_or(|io| io.out.is_empty()) && !conn.link.is_tls();
         let written = if idle {
             // On an error, let the task find it on its own write.
             fd::send(conn.fd.get(), frame).unwrap_or(0)
@@ -678,7 +834,9 @@ impl Shard {
                 conn.release_io_if_idle();
                 continue;
             }
-            if let Ok(true) = io.out.write_now(conn.fd.get()) {
+            if conn.link.is_tls() {
+                conn.wake();
+            } else if let Ok(true) = io.out.write_now(conn.fd.get()) {
                 io.stalled_since = None;
                 conn.release_io_if_idle();
             } else {
@@ -715,7 +873,7 @@ impl Shard {
     }
 
     pub(super) fn adopt(self: &Rc<Self>, adoption: Adoption) {
-        let Adoption { fd, session, login, leftover, link, ws } = adoption;
+        let Adoption { fd, session, login, leftover, link, ws, tls } = adoption;
         if self.stopping.get() {
             return; // dropping the fd closes it; the client reconnects
         }
@@ -739,7 +897,7 @@ impl Shard {
         if !leftover.is_empty() {
             self.on_bytes(key, &leftover);
         }
-        glommio::spawn_local(ConnTask { shard: self.clone(), key, socket: Some(socket) }).detach();
+        glommio::spawn_local(ConnTask { shard: self.clone(), key, socket: Some(socket), tls }).detach();
     }
 }
 
@@ -781,7 +939,29 @@ pub(super) fn take_handoff(conn: &mut Conn) -> Option<(ShardId, Box<Transit>)> {
     let (owner, login) = io.handoff.take()?;
     let leftover = std::mem::take(&mut io.partial);
     let ws = io.ws.take();
-    Some((owner, Box::new(Transit { session: conn.session, login: *login, leftover, link: conn.link, ws })))
+    let link = conn.link;
+    Some((owner, Box::new(Transit { session: conn.session, login: *login, leftover, link, ws, tls: None })))
+}
+
+/// Writes a TLS connection's sealed records, then seals what was queued
+/// since and writes that: `Ok(true)` when both are empty, `Ok(false)` when
+/// the socket is full (write readiness is armed).
+fn flush_tls(
+    t: &mut TlsLink,
+    plain: &mut OutQueue,
+    stream: &mut TcpStream,
+    cx: &mut Context<'_>,
+) -> std::io::Result<bool> {
+    loop {
+        if !t.cipher.flush(stream, cx)? {
+            return Ok(false);
+        }
+        if plain.is_empty() || t.session.is_handshaking() || t.sent_close {
+            t.release_idle();
+            return Ok(true);
+        }
+        t.seal(plain).map_err(std::io::Error::other)?;
+    }
 }
 
 /// An Auth frame without a token takes the one of the WebSocket handshake

@@ -159,7 +159,7 @@ node_name = ${tomlString(o.name ?? "js-test")}
 data_dir = ${tomlString(o.dataDir)}
 [server]
 client_listen = ${tomlString(o.clientListen ?? "127.0.0.1:0")}
-ws_listen = "127.0.0.1:0"
+ws_listen = ${tomlString(o.wsListen ?? "127.0.0.1:0")}
 push_listen = ${tomlString(o.pushListen ?? "127.0.0.1:0")}
 shards = ${o.shards ?? 2}
 io_memory_bytes = 65536

@@ -1,6 +1,6 @@
 // The WebSocket transport (global WebSocket, as in browsers) against a real
-// node, through a small RFC 6455 bridge in this file: the node's WebSocket
-// listener is not built yet. The bridge splits every chunk from the node
+// node: its own WebSocket listener (last test), and a small RFC 6455 bridge
+// in this file in front of its TCP port. The bridge splits every chunk from the node
 // across two WebSocket messages, so the client must reassemble frames
 // across messages; it can also close with code 4000 + a longlink code.
 
@@ -162,6 +162,43 @@ test("a WebSocket close carrying a terminal longlink code stops the client; one 
     await c2?.close();
     br1.stop();
     br2.stop();
+    await node.stop();
+  }
+});
+
+/** A free loopback port (for the node's ws_listen, which it does not print). */
+async function freePort() {
+  const s = net.createServer();
+  await new Promise((r) => s.listen(0, "127.0.0.1", r));
+  const port = s.address().port;
+  await new Promise((r) => s.close(r));
+  return port;
+}
+
+test("the node's own WebSocket listener: token as a longlink.token. subprotocol entry, a push, then REPLACED from the close", { timeout: 60_000 }, async () => {
+  const port = await freePort();
+  const node = await Node.start({ wsListen: `127.0.0.1:${port}` });
+  const token = await node.token("uw3", "dw3");
+  const got = [];
+  const client = new LonglinkClient({
+    transport: webSocketTransport({ token: "protocol" }),
+    endpoints: [`127.0.0.1:${port}`],
+    token,
+    onMessage: (m) => void got.push(m),
+  });
+  const ev = collect(client);
+  try {
+    await ev.next("connected", (e) => e.type === "connected");
+    const [r] = await node.push("dw3", "straight to the node");
+    await waitUntil("the message", () => got.length === 1);
+    assert.equal(new TextDecoder().decode(got[0].payload), "straight to the node");
+    await waitUntil("ACKED", async () => (await node.status(r.message_id))[0].state === "ACKED");
+    await node.kick("dw3", "REPLACED");
+    // The Kicked frame comes before the WebSocket close (4503 "2003 REPLACED"): terminal.
+    const stop = await client.stopped();
+    assert.deepEqual([stop.type, stop.code], ["kicked", ErrorCode.REPLACED]);
+  } finally {
+    await client.close();
     await node.stop();
   }
 });

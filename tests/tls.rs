@@ -1,0 +1,278 @@
+//! TLS on the client port (`tls_listen`) and WebSocket over TLS
+//! (`wss_listen`): a test CA made here, rustls' ordinary (buffered) client
+//! on the other end, pushes sent with the `longlink` CLI.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use longlink::config::Config;
+use longlink::protocol::codec::{self, Frame};
+use longlink::protocol::proto;
+use rustls::pki_types::{CertificateDer, ServerName};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A CA and a leaf for "localhost" signed by it, as PEM files in `dir`.
+struct Pki {
+    ca: CertificateDer<'static>,
+    cert_file: PathBuf,
+    key_file: PathBuf,
+}
+
+fn make_pki(dir: &Path, stem: &str) -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf =
+        CertificateParams::new(vec!["localhost".to_owned()]).unwrap().signed_by(&leaf_key, &ca, &ca_key).unwrap();
+    let cert_file = dir.join(format!("{stem}.crt"));
+    let key_file = dir.join(format!("{stem}.key"));
+    std::fs::write(&cert_file, format!("{}{}", leaf.pem(), ca.pem())).unwrap();
+    std::fs::write(&key_file, leaf_key.serialize_pem()).unwrap();
+    Pki { ca: ca.der().clone(), cert_file, key_file }
+}
+
+fn config(pki: &Pki) -> Config {
+    let mut cfg = test_config(2);
+    cfg.server.tls_listen = "127.0.0.1:0".into();
+    cfg.server.wss_listen = "127.0.0.1:0".into();
+    cfg.tls.cert_file = pki.cert_file.clone();
+    cfg.tls.key_file = pki.key_file.clone();
+    cfg
+}
+
+type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+fn client_config(ca: &CertificateDer<'static>, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    Arc::new(cfg)
+}
+
+/// Connects and completes the handshake (or returns its error).
+fn connect(addr: SocketAddr, ca: &CertificateDer<'static>, alpn: &[&[u8]]) -> std::io::Result<Tls> {
+    let sock = TcpStream::connect(addr)?;
+    sock.set_read_timeout(Some(WAIT))?;
+    let conn = rustls::ClientConnection::new(client_config(ca, alpn), ServerName::try_from("localhost").unwrap())
+        .map_err(std::io::Error::other)?;
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock)?;
+    }
+    Ok(tls)
+}
+
+fn auth(token: &str) -> Vec<u8> {
+    Frame::Auth(proto::Auth { token: token.to_owned(), heartbeat_ms: 20_000, ..Default::default() }).to_bytes().to_vec()
+}
+
+/// Reads longlink frames from a byte stream.
+struct Frames<S> {
+    s: S,
+    buf: Vec<u8>,
+}
+
+impl<S: Read> Frames<S> {
+    fn recv(&mut self) -> Frame {
+        loop {
+            if let Ok(Some((h, body))) = codec::split_frame(&self.buf, codec::DEFAULT_MAX_BODY) {
+                let f = Frame::decode(h, body).unwrap();
+                self.buf.drain(..h.frame_len());
+                return f;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = self.s.read(&mut chunk).expect("read");
+            assert!(n > 0, "closed");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+fn cli(args: &[&str]) {
+    let out =
+        std::process::Command::new(env!("CARGO_BIN_EXE_longlink")).args(args).env("RUST_LOG", "warn").output().unwrap();
+    assert!(out.status.success(), "longlink {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn expect_message<S: Read>(f: &mut Frames<S>, payload: &[u8]) {
+    match f.recv() {
+        Frame::Message(m) => assert_eq!(&m.payload[..], payload),
+        other => panic!("expected a Message, got {other:?}"),
+    }
+}
+
+/// An authenticated TLS client of `device`.
+fn tls_client(
+    server: &longlink::server::Server,
+    cfg: &Config,
+    ca: &CertificateDer<'static>,
+    device: &str,
+) -> Frames<Tls> {
+    let addr = server.links().tls.expect("tls_listen is on");
+    let mut tls = connect(addr, ca, &[b"longlink/1"]).expect("handshake");
+    assert_eq!(tls.conn.alpn_protocol(), Some(&b"longlink/1"[..]));
+    tls.write_all(&auth(&token(cfg, "u", device))).unwrap();
+    let mut f = Frames { s: tls, buf: Vec::new() };
+    assert!(matches!(f.recv(), Frame::AuthOk(_)));
+    f
+}
+
+#[test]
+fn tls_client_authenticates_and_receives_a_cli_push() {
+    let dir = TempDir::new("tls");
+    let pki = make_pki(&dir.0, "a");
+    let cfg = config(&pki);
+    let server = start(&cfg);
+    let push = server.push_addr().to_string();
+    let mut clients: Vec<_> = (0..6).map(|i| tls_client(&server, &cfg, &pki.ca, &format!("tls-{i}"))).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        cli(&["push", "--server", &push, "--device", &format!("tls-{i}"), "over tls"]);
+        expect_message(c, b"over tls");
+    }
+    // A group push reaches every TLS member (each sealed with its own keys),
+    // several frames in a row too.
+    let devices: Vec<String> = (0..6).map(|i| format!("tls-{i}")).collect();
+    cli(&["group", "join", "--server", &push, "--group", "g", &devices.join(",")]);
+    for n in 0..3 {
+        cli(&["push", "--server", &push, "--group", "g", &format!("group {n}")]);
+    }
+    for c in &mut clients {
+        for n in 0..3 {
+            expect_message(c, format!("group {n}").as_bytes());
+        }
+    }
+    // Heartbeat over TLS.
+    clients[0].s.write_all(&Frame::Ping.to_bytes()).unwrap();
+    assert!(matches!(clients[0].recv(), Frame::Pong));
+    server.shutdown();
+}
+
+#[test]
+fn wss_upgrade_auth_with_protocol_token_and_push() {
+    let dir = TempDir::new("wss");
+    let pki = make_pki(&dir.0, "a");
+    let cfg = config(&pki);
+    let server = start(&cfg);
+    let addr = server.links().wss.expect("wss_listen is on");
+    let mut tls = connect(addr, &pki.ca, &[b"http/1.1"]).expect("handshake");
+    assert_eq!(tls.conn.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let tok = token(&cfg, "u", "wss-1");
+    let req = format!(
+        "GET /v1/ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Protocol: longlink.v1, longlink.token.{tok}\r\n\r\n"
+    );
+    tls.write_all(req.as_bytes()).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let end = loop {
+        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let n = tls.read(&mut chunk).unwrap();
+        assert!(n > 0);
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
+    buf.drain(..end);
+    // Auth without a token, as one masked binary message.
+    let payload = auth("");
+    let mut frame = vec![0x82, 0x80 | payload.len() as u8, 1, 2, 3, 4];
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ [1, 2, 3, 4][i % 4]));
+    tls.write_all(&frame).unwrap();
+    // Server messages: unmasked binary frames, each one longlink frame.
+    let mut next_message = |buf: &mut Vec<u8>| -> Frame {
+        loop {
+            if buf.len() >= 2 && buf[1] < 126 && buf.len() >= 2 + usize::from(buf[1]) {
+                assert_eq!(buf[0], 0x82);
+                let len = usize::from(buf[1]);
+                let frames = decode_all(&buf[2..2 + len]);
+                buf.drain(..2 + len);
+                return frames.into_iter().next().expect("a frame");
+            }
+            if buf.len() >= 4 && buf[1] == 126 {
+                let len = usize::from(u16::from_be_bytes([buf[2], buf[3]]));
+                if buf.len() >= 4 + len {
+                    let frames = decode_all(&buf[4..4 + len]);
+                    buf.drain(..4 + len);
+                    return frames.into_iter().next().expect("a frame");
+                }
+            }
+            let n = tls.read(&mut chunk).unwrap();
+            assert!(n > 0, "closed");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    assert!(matches!(next_message(&mut buf), Frame::AuthOk(_)));
+    let push = server.push_addr().to_string();
+    cli(&["push", "--server", &push, "--device", "wss-1", "over wss"]);
+    match next_message(&mut buf) {
+        Frame::Message(m) => assert_eq!(&m.payload[..], b"over wss"),
+        other => panic!("{other:?}"),
+    }
+    server.shutdown();
+}
+
+#[test]
+fn a_certificate_from_another_ca_or_no_common_alpn_is_refused() {
+    let dir = TempDir::new("tls-bad");
+    let pki = make_pki(&dir.0, "a");
+    let other = make_pki(&dir.0, "other");
+    let cfg = config(&pki);
+    let server = start(&cfg);
+    let addr = server.links().tls.unwrap();
+    let err = connect(addr, &other.ca, &[b"longlink/1"]).err().expect("the client refuses an unknown issuer");
+    assert!(err.to_string().contains("certificate"), "{err}");
+    // ALPN offered without ours: no_application_protocol.
+    let err = connect(addr, &pki.ca, &[b"h2"]).err().expect("no common ALPN");
+    assert!(err.to_string().to_lowercase().contains("noapplicationprotocol"), "{err}");
+    // No ALPN at all is fine (plain TLS clients).
+    assert!(connect(addr, &pki.ca, &[]).is_ok());
+    server.shutdown();
+}
+
+#[test]
+fn reloaded_certificates_serve_new_connections_and_keep_old_ones() {
+    let dir = TempDir::new("tls-reload");
+    let first = make_pki(&dir.0, "first");
+    let cfg = config(&first);
+    let server = start(&cfg);
+    let addr = server.links().tls.unwrap();
+    let mut old = tls_client(&server, &cfg, &first.ca, "before-reload");
+    // New files in the same place, from another CA.
+    let second = make_pki(&dir.0, "second");
+    std::fs::copy(&second.cert_file, &first.cert_file).unwrap();
+    std::fs::copy(&second.key_file, &first.key_file).unwrap();
+    server.reload_tls().expect("reload");
+    assert!(connect(addr, &first.ca, &[]).is_err(), "new connections get the new certificate");
+    let mut new = tls_client(&server, &cfg, &second.ca, "after-reload");
+    // A bad file keeps the certificate in force.
+    std::fs::write(&first.key_file, "not a key").unwrap();
+    assert!(server.reload_tls().is_err());
+    assert!(connect(addr, &second.ca, &[]).is_ok());
+    // The connection from before the reload still works.
+    let push = server.push_addr().to_string();
+    cli(&["push", "--server", &push, "--device", "before-reload", "still here"]);
+    expect_message(&mut old, b"still here");
+    cli(&["push", "--server", &push, "--device", "after-reload", "new cert"]);
+    expect_message(&mut new, b"new cert");
+    server.shutdown();
+}
