@@ -1,9 +1,9 @@
 // The demo page (demo/) in a real, headless Chromium, against a real node
-// (its WebSocket listener, server.ws_listen) and the real echo backend. The
-// page connects over ws:// and over wss:// (a test CA made here with
-// openssl; Chromium accepts only the test certificate's key, by its SPKI
-// hash, no blanket --ignore-certificate-errors), and, through its own
-// controls:
+// (its WebSocket listeners, server.ws_listen and wss_listen) and the real
+// echo backend. The page connects over ws:// and over wss:// (a test CA
+// made here with openssl; Chromium accepts only the test certificate's
+// key, by its SPKI hash, no blanket --ignore-certificate-errors), and,
+// through its own controls:
 // - receives a unicast (at-least-once, ACKed) and a group push;
 // - holds two at-least-once messages unacknowledged in its handler while
 //   the node kicks the session with a reconnectable code: it reconnects,
@@ -20,15 +20,14 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, execFileSync } from "node:child_process";
-import { existsSync, readFileSync, rmSync } from "node:fs";
+import { existsSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createHash, createPublicKey } from "node:crypto";
 import { join, resolve, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
 import { createInterface } from "node:readline";
 import * as net from "node:net";
-import * as tls from "node:tls";
 import puppeteer from "puppeteer-core";
-import { Node, Echo, cli, waitUntil, tempDir, big, WAIT_MS } from "../test/harness.mjs";
+import { Node, Echo, cli, waitUntil, tempDir, freePort, nodeToml, spawnReady, big, WAIT_MS } from "../test/harness.mjs";
 
 const here = dirname(fileURLToPath(import.meta.url));
 
@@ -74,37 +73,48 @@ function startDemo() {
 }
 
 /**
- * wss:// in front of the node's own WebSocket port: a TLS terminator (the
- * WebSocket handshake and frames go through untouched to the node), until
- * the node serves server.wss_listen itself.
+ * A node like the harness's, with its WebSocket listeners on free ports:
+ * ws_listen, and wss_listen with the test certificate.
  */
-async function tlsTerminator(target, { key, cert }) {
-  const [host, port] = [target.slice(0, target.lastIndexOf(":")), Number(target.slice(target.lastIndexOf(":") + 1))];
-  const server = tls.createServer({ key, cert }, (sock) => {
-    const up = net.connect(port, host);
-    sock.pipe(up).pipe(sock);
-    const end = () => {
-      sock.destroy();
-      up.destroy();
-    };
-    sock.on("error", end).on("close", end);
-    up.on("error", end).on("close", end);
-  });
-  await new Promise((r) => server.listen(0, "127.0.0.1", r));
-  return { addr: `127.0.0.1:${server.address().port}`, stop: () => server.close() };
+async function startNode(o, ca) {
+  const ws = `127.0.0.1:${await freePort()}`;
+  const wss = `127.0.0.1:${await freePort()}`;
+  const ndir = tempDir("node");
+  const config = join(ndir, "longlink.toml");
+  const toml = nodeToml({ dataDir: ndir, wsListen: ws, ...o }).replace(
+    /^ws_listen = .*$/m,
+    (line) => `${line}\nwss_listen = ${JSON.stringify(wss)}`,
+  );
+  writeFileSync(config, `${toml}\n[tls]\ncert_file = ${JSON.stringify(ca.certFile)}\nkey_file = ${JSON.stringify(ca.keyFile)}\n`);
+  const p = spawnReady(["serve", "--config", config], ["listening ", "push "]);
+  const [clientAddr, pushAddr] = await p.ready;
+  const n = Object.assign(new Node(), { proc: p, child: p.child, dir: ndir, config, clientAddr, pushAddr, ws, wss });
+  // The listeners are bound before those lines are printed; poll until they accept anyway.
+  for (const addr of [ws, wss]) await waitUntil(`${addr} accepts`, () => accepts(addr));
+  return n;
 }
 
-let dir, ca, echo, node, demo, demoUrl, browser, wsAddr, wssProxy;
+function accepts(addr) {
+  const i = addr.lastIndexOf(":");
+  return new Promise((res) => {
+    const s = net.connect(Number(addr.slice(i + 1)), addr.slice(0, i));
+    s.setTimeout(1000, () => s.destroy());
+    s.on("connect", () => {
+      s.destroy();
+      res(true);
+    });
+    s.on("error", () => res(false));
+    s.on("close", () => res(false));
+  });
+}
+
+let dir, ca, echo, node, demo, demoUrl, browser;
 
 before(async () => {
   dir = tempDir("browser");
   ca = testCa(dir);
   echo = await Echo.start();
-  node = await Node.start({ shards: 2, services: [{ id: "echo", backends: [echo.addr] }] });
-  // The node prints `ws ADDR` once its WebSocket listener (server.ws_listen) is bound.
-  const wsLine = await waitUntil("the node's ws line", () => node.proc.lines.find((l) => l.startsWith("ws ")));
-  wsAddr = wsLine.slice(3).trim();
-  wssProxy = await tlsTerminator(wsAddr, ca);
+  node = await startNode({ shards: 2, services: [{ id: "echo", backends: [echo.addr] }] }, ca);
   demo = startDemo();
   demoUrl = await demo.url;
   browser = await puppeteer.launch({
@@ -127,7 +137,6 @@ before(async () => {
 after(async () => {
   await browser?.close().catch(() => {});
   demo?.child.kill("SIGKILL");
-  wssProxy?.stop();
   await node?.stop();
   echo?.kill();
   if (dir) rmSync(dir, { recursive: true, force: true });
@@ -287,9 +296,9 @@ async function story(endpoint, mode, tag) {
 }
 
 test("ws://: the demo page in Chromium: pushes, a group, a kick with resume and nothing lost, an upstream request", { timeout: 180_000 }, async () => {
-  await story(`ws://${wsAddr}/v1/ws`, "query", "ws");
+  await story(`ws://${node.ws}/v1/ws`, "query", "ws");
 });
 
 test("wss://: the same over TLS, the token as a subprotocol entry", { timeout: 180_000 }, async () => {
-  await story(`wss://${wssProxy.addr}/v1/ws`, "protocol", "wss");
+  await story(`wss://${node.wss}/v1/ws`, "protocol", "wss");
 });
