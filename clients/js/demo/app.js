@@ -189,9 +189,8 @@ $("connect").onclick = () => {
   const mode = $("token-mode").value;
   if (resume.token !== token) Object.assign(resume, { token, lastSeq: 0n, storeIncarnation: 0n });
   const client = new LonglinkClient({
-    transport: withGroups(
-      webSocketTransport({ token: mode, protocolEntry: (t) => `longlink.token.${t}` }),
-    ),
+    // "protocol" sends a longlink.token.<token> Sec-WebSocket-Protocol entry.
+    transport: withGroups(webSocketTransport({ token: mode })),
     endpoints: [endpoint],
     token,
     lastSeq: resume.lastSeq,
