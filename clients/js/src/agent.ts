@@ -125,7 +125,8 @@ export type AgentEvent =
   | { type: "resync_required"; fromSeq: bigint; toSeq: bigint }
   | { type: "response"; id: bigint; response?: Response; failure?: RequestFailure }
   | { type: "kicked"; code: ErrorCode; reason: string }
-  | { type: "disconnected"; reason: Disconnect; retryInMs: number | undefined };
+  | { type: "disconnected"; reason: Disconnect; retryInMs: number | undefined }
+  | { type: "group_result"; group: string; join: boolean; code: ErrorCode; reason: string };
 
 export type Action =
   | { type: "lookup"; net: string }
@@ -580,6 +581,15 @@ export class Agent {
       case "message":
         this.deliveredSeq = maxBig(this.deliveredSeq, ev.message.seq);
         this.event({ type: "message", message: ev.message });
+        break;
+      case "group_result":
+        this.event({
+          type: "group_result",
+          group: ev.result.group,
+          join: ev.result.join,
+          code: ev.result.code,
+          reason: ev.result.reason,
+        });
         break;
       case "resync":
         this.deliveredSeq = maxBig(this.deliveredSeq, ev.toSeq);

@@ -81,7 +81,9 @@ export type ClientEvent =
   | { type: "disconnected"; reason: Disconnect; retryInMs: number | undefined }
   | { type: "kicked"; code: ErrorCode; reason: string }
   | { type: "resync_required"; fromSeq: bigint; toSeq: bigint }
-  | { type: "handler_error"; error: unknown; seq: bigint };
+  | { type: "handler_error"; error: unknown; seq: bigint }
+  /** The node's answer to a JOIN or LEAVE: `code` 0 = done (a refused JOIN joined nothing). */
+  | { type: "group_result"; group: string; join: boolean; code: ErrorCode; reason: string };
 
 type EventMap = { [E in ClientEvent as E["type"]]: E };
 type Listener<K extends keyof EventMap> = (ev: EventMap[K]) => void;
@@ -414,6 +416,7 @@ export class LonglinkClient {
       case "connected":
       case "kicked":
       case "disconnected":
+      case "group_result":
         this.emit(ev);
         break;
       case "message":

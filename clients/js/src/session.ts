@@ -11,12 +11,13 @@ import {
   ErrorSchema,
   FrameKind,
   GoAwaySchema,
+  GroupResultSchema,
   KickedSchema,
   MessageSchema,
   ResponseSchema,
   ResyncRequiredSchema,
 } from "./gen/longlink_pb.js";
-import type { AuthOk, Message, Response } from "./gen/longlink_pb.js";
+import type { AuthOk, GroupResult, Message, Response } from "./gen/longlink_pb.js";
 import { decodeBody, encodeFrame, encodeRaw } from "./frame.js";
 import type { RawFrame } from "./frame.js";
 
@@ -40,7 +41,8 @@ export type SessionEvent =
   | { type: "go_away"; endpoint: string; reason: string }
   | { type: "message"; message: Message }
   | { type: "resync"; fromSeq: bigint; toSeq: bigint }
-  | { type: "response"; response: Response };
+  | { type: "response"; response: Response }
+  | { type: "group_result"; result: GroupResult };
 
 /** Why the session ended (mapped to a Disconnect by the agent). */
 export type SessionError =
@@ -192,6 +194,9 @@ export class ClientSession {
       }
       case FrameKind.RESPONSE:
         return { event: { type: "response", response: decodeBody(ResponseSchema, f.body) } };
+      case FrameKind.GROUP_RESULT:
+        // The answer to a JOIN or LEAVE (a refused JOIN joined nothing).
+        return { event: { type: "group_result", result: decodeBody(GroupResultSchema, f.body) } };
       default:
         return unexpected();
     }

@@ -85,7 +85,12 @@ async function startNode(o, ca) {
     /^ws_listen = .*$/m,
     (line) => `${line}\nwss_listen = ${JSON.stringify(wss)}`,
   );
-  writeFileSync(config, `${toml}\n[tls]\ncert_file = ${JSON.stringify(ca.certFile)}\nkey_file = ${JSON.stringify(ca.keyFile)}\n`);
+  // The page joins its group itself: client JOIN is off unless allowed.
+  writeFileSync(
+    config,
+    `${toml}\n[tls]\ncert_file = ${JSON.stringify(ca.certFile)}\nkey_file = ${JSON.stringify(ca.keyFile)}\n` +
+      `[client_groups]\nallow = ["room-*"]\n`,
+  );
   const p = spawnReady(["serve", "--config", config], ["listening ", "push "]);
   const [clientAddr, pushAddr] = await p.ready;
   const n = Object.assign(new Node(), { proc: p, child: p.child, dir: ndir, config, clientAddr, pushAddr, ws, wss });
@@ -175,7 +180,7 @@ async function fill(page, id, value) {
 }
 
 async function groupCount(group) {
-  const out = await cli(["online", "--server", node.pushAddr, "--group", group]);
+  const out = await cli(["online", ...node.pushPort(), "--group", group]);
   // One line per group: {"group":"room-1","online":1}.
   return out.trim().split("\n").map((l) => JSON.parse(l)).find((j) => j.group === group)?.online ?? 0;
 }
@@ -219,7 +224,7 @@ async function story(endpoint, mode, tag) {
     await waitUntil("the unicast ACKED", () => acked([u1.message_id]));
 
     // A group push (at-most-once, seq 0).
-    const g1 = await cli(["push", "--server", node.pushAddr, "--group", group, `group ${tag}`]);
+    const g1 = await cli(["push", ...node.pushPort(), "--group", group, `group ${tag}`]);
     assert.match(g1, /"delivered":1|"DELIVERED"/, g1);
     await pageWait(p, "the group push", (t) => demo.messages.some((m) => m.text === t && m.seq === "0"), `group ${tag}`);
 
@@ -263,7 +268,7 @@ async function story(endpoint, mode, tag) {
     // Membership came back with the new connection; a message after the
     // resume still arrives.
     await waitUntil(`${group} has its member again`, async () => (await groupCount(group)) === 1);
-    await cli(["push", "--server", node.pushAddr, "--group", group, `group again ${tag}`]);
+    await cli(["push", ...node.pushPort(), "--group", group, `group again ${tag}`]);
     const [a1] = await node.push(device, `after ${tag}`);
     await pageWait(p, "the messages after the resume", (ts) => ts.every((t) => demo.messages.some((m) => m.text === t)), [`group again ${tag}`, `after ${tag}`]);
     await waitUntil("the last message ACKED", () => acked([a1.message_id]));

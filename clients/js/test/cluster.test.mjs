@@ -1,7 +1,9 @@
 // Dispatcher lookup and GoAway with real parts: redis-server, two
 // `longlink serve --redis` nodes and `longlink dispatcher`. Draining a node
 // (POST /drain on its admin port) sends its clients GoAway naming another
-// node; the client moves there at once.
+// node; the client moves there at once. The dispatcher here has no auth hook
+// and no ticket keys, so it vouches for nobody: it answers endpoints only,
+// and the client keeps the token its application gave it.
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
@@ -30,9 +32,12 @@ test("looks up the dispatcher (custom params and headers), connects, and follows
       asked.push({ url: new URL(url), headers: new Headers(init?.headers) });
       return fetch(url, init);
     };
+    const token = await nodes[0].token("u-disp", "d-disp");
     client = new LonglinkClient({
       transport: tcpTransport(),
-      // No token and no endpoint of its own: both come from the dispatcher.
+      // No endpoint of its own: it comes from the dispatcher, which mints no
+      // token for an unproven user, so the application's token is used.
+      token,
       dispatcher: {
         url: base,
         uid: "u-disp",

@@ -188,11 +188,16 @@ lease_ms = 3000
 admin_listen = "127.0.0.1:0"
 drain_rate_per_sec = 1000
 drain_deadline_ms = 30000
+[http]
+admin_token = "${ADMIN_TOKEN}"
 [upstream]
 rate_limit_per_sec = 0
 ${services}
 `;
 }
+
+/** The admin token of the test nodes (`[http] admin_token`). */
+const ADMIN_TOKEN = "js-test-admin-token-00112233445566778899";
 
 /** A `longlink serve` process. */
 export class Node {
@@ -234,7 +239,13 @@ export class Node {
   }
 
   async adminPost(path) {
-    const res = await fetch(`http://${this.adminAddr}${path}`, { method: "POST" });
+    // State-changing admin endpoints need the admin token and a content type
+    // a browser cannot send cross-site without a preflight.
+    const res = await fetch(`http://${this.adminAddr}${path}`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${ADMIN_TOKEN}`, "content-type": "application/json" },
+      body: "{}",
+    });
     return res.status;
   }
 
