@@ -251,6 +251,9 @@ impl MessageIds {
 }
 
 #[cfg(test)]
+mod engine_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
