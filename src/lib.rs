@@ -14,9 +14,10 @@
 //! - [`mesh`]: messages between shards.
 //! - [`push`]: the push port: backend credentials and rights ([`push::auth`]), checks, backend requests split over shards,
 //!   replies merged and summarized, reply deadlines.
-//! - [`delivery`], [`store`] (+ [`store_redis`]), [`reliable`]: at-least-once
-//!   delivery: per-device windows and resend schedule, timelines, and the
-//!   shard code that ties them to sessions (ACKs, resends, resume).
+//! - [`delivery`]: at-least-once delivery: the per-device window and
+//!   resend schedule (`delivery` itself), timelines ([`delivery::store`],
+//!   in memory or [`delivery::store_redis`]), and the shard code that ties
+//!   them to sessions ([`delivery::reliable`]: ACKs, resends, resume).
 //! - [`groups`]: per-shard group membership; [`rate`]: the one token bucket.
 //! - [`server`]: binds the listeners, starts the shards and wires the mesh
 //!   between them, serves the admin port.
@@ -29,8 +30,12 @@
 //!   persistent links, connection events, dedup of retries, per-connection
 //!   rate limit.
 //! - [`echo`]: an example service backend (tests, bench, README).
-//! - Cluster mode: [`router`] (routes with epochs, node leases, in Redis;
-//!   [`router::lease`] on its own thread), [`cluster`] (route claims, pushes
+//! - [`sidecar`]: the machinery of the threads beside the shards that talk
+//!   to Redis: one lazily connected link with its scripts, the job channel
+//!   and the completions a shard awaits. The Redis store and the router run
+//!   on it.
+//! - Cluster mode: [`router`] (routes with epochs, node leases, in Redis, on
+//!   sidecar threads; [`router::lease`] on its own thread), [`cluster`] (route claims, pushes
 //!   forwarded between nodes, merged replies, drain, cluster counters).
 //! - [`http`]: beside the shards, on threads: the admin port of every node
 //!   (/metrics, /healthz; /v1/dispatch and /drain in cluster mode), the
@@ -52,14 +57,11 @@ pub mod mesh;
 pub mod protocol;
 pub mod push;
 pub mod rate;
-pub mod redis_link;
-pub mod reliable;
 pub mod router;
 pub mod sdk;
 pub mod server;
 pub mod session;
 pub mod shard;
-pub mod store;
-pub mod store_redis;
+pub mod sidecar;
 pub mod upstream;
 pub mod wheel;

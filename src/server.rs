@@ -15,17 +15,17 @@ use tracing::info;
 use crate::cluster::ClusterShared;
 use crate::config::Config;
 use crate::conn::fd;
+use crate::delivery::reliable::DeliverySettings;
+use crate::delivery::store::{MemoryStore, TimelineStore};
+use crate::delivery::store_redis::{RedisStore, RedisStoreConfig};
 use crate::http::HttpServer;
 use crate::http::admin::{self, AdminState};
 use crate::mesh::{MeshEnds, Outbox};
 use crate::protocol::ids::ShardId;
 use crate::protocol::limits::MAX_ID_BYTES;
 use crate::push::auth::{Grant, Listener, PortAuth, PushKeyring};
-use crate::reliable::DeliverySettings;
 use crate::session::Params;
 use crate::shard::{PushLimits, Shard, ShardConfig, ShardCounters};
-use crate::store::{MemoryStore, TimelineStore};
-use crate::store_redis::{RedisStore, RedisStoreConfig};
 use crate::upstream::{UpstreamError, UpstreamSettings};
 
 /// Messages queued per mesh channel (power of two; small ones are slow).

@@ -14,10 +14,10 @@ use common::*;
 use longlink::backend::{BackendError, PushClient, Reply, Request};
 use longlink::client::{ClientError, ClientEvent, ClientOptions, Connection};
 use longlink::config::Config;
+use longlink::delivery::reliable::ReliableCounters;
 use longlink::protocol::codec::{self, Frame, Header};
 use longlink::protocol::ids::owner_shard;
 use longlink::protocol::proto::{self, DeliveryState, ErrorCode, PushStatus};
-use longlink::reliable::ReliableCounters;
 use longlink::server::Server;
 
 const WAIT: Duration = Duration::from_secs(20);

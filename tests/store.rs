@@ -8,8 +8,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{RedisServer, wait_until};
 use futures_lite::future::block_on;
-use longlink::store::{ExpiredBy, MemoryStore, NewMessage, Retention, Status, TimelineStore};
-use longlink::store_redis::{RedisStore, RedisStoreConfig};
+use longlink::delivery::store::{ExpiredBy, MemoryStore, NewMessage, Retention, Status, TimelineStore};
+use longlink::delivery::store_redis::{RedisStore, RedisStoreConfig};
 
 const NOW: u64 = 1_800_000_000_000;
 
@@ -237,7 +237,7 @@ fn redis_down_gives_retryable_errors_and_recovers() {
     assert!(block_on(store.append("d", msg(1), NOW)).is_ok());
     drop(redis);
     let err = block_on(store.append("d", msg(2), NOW)).unwrap_err();
-    assert!(matches!(err, longlink::store::StoreError::Unavailable(_)), "{err:?}");
+    assert!(matches!(err, longlink::delivery::store::StoreError::Unavailable(_)), "{err:?}");
     // A new redis-server on the same port: the sidecar reconnects and
     // reloads its scripts. (Data is gone, so sequences restart above NOW.)
     let _again = RedisServer::start_on(port);

@@ -126,7 +126,7 @@ pub(crate) fn dispatcher(redis: String, listen: SocketAddr, config: Option<PathB
     let (keyring, _) = cfg.keyring()?;
     let timeout = Duration::from_millis(cfg.delivery.redis_timeout_ms);
     let mut link =
-        longlink::redis_link::RedisLink::new("dispatcher", &cfg.delivery.redis_url, timeout, timeout, vec![]);
+        longlink::sidecar::redis_link::RedisLink::new("dispatcher", &cfg.delivery.redis_url, timeout, timeout, vec![]);
     let prefix = cfg.delivery.redis_prefix.clone();
     let nodes =
         CachedNodes::start(Duration::from_millis(250), move || longlink::router::read_nodes(&mut link, &prefix).ok())?;

@@ -58,7 +58,7 @@ use crate::push::{Alarm, Expiry, summarize};
 use crate::router::{NodeInfo, Route, Router, RouterConfig, rank};
 use crate::session::Login;
 use crate::shard::{Shard, State};
-pub use drain::spawn_drain_coordinator;
+pub use drain::{DrainPacer, spawn_drain_coordinator};
 pub(crate) use forward::request_id;
 use forward::*;
 use merge::*;
@@ -237,10 +237,8 @@ pub(crate) struct Local {
     merges: RefCell<HashMap<u32, oneshot::Sender<Frame>>>,
     next_merge: Cell<u32>,
     reregistered_seen: Cell<u64>,
-    /// Sessions still to send GoAway to (set once the drain starts).
-    drain_queue: RefCell<Option<VecDeque<ConnKey>>>,
-    /// GoAway frames this shard may send now (grows with the drain rate).
-    drain_budget: Cell<f64>,
+    /// Which sessions get GoAway in each tick of a drain.
+    drain: RefCell<DrainPacer>,
 }
 
 /// Joins a shard to the cluster and starts its cluster task.
@@ -253,8 +251,7 @@ pub fn attach(shard: &Rc<Shard>, shared: Arc<ClusterShared>) {
         peers: RefCell::default(),
         merges: RefCell::default(),
         next_merge: Cell::new(0),
-        drain_queue: RefCell::new(None),
-        drain_budget: Cell::new(0.0),
+        drain: RefCell::default(),
     };
     if shard.cluster.set(Rc::new(local)).is_err() {
         warn!(shard = %shard.id(), "shard already joined the cluster");

@@ -273,8 +273,8 @@ impl DeliveryConfig {
     }
 
     /// Timeline retention.
-    pub fn retention(&self) -> crate::store::Retention {
-        crate::store::Retention {
+    pub fn retention(&self) -> crate::delivery::store::Retention {
+        crate::delivery::store::Retention {
             max_messages: self.retention_messages as usize,
             max_age_ms: self.retention_age_ms,
             max_status_records: self.status_records as usize,

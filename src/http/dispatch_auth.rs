@@ -37,7 +37,7 @@ use sha2::{Digest as _, Sha256};
 use crate::config::{ConfigError, KeyConfig, config_struct};
 use crate::protocol::limits::MAX_ID_BYTES;
 use crate::protocol::token::{MAX_KEY_ID_BYTES, MIN_SECRET_BYTES, decode_hex, encode_hex};
-use crate::redis_link::RedisLink;
+use crate::sidecar::redis_link::RedisLink;
 
 config_struct! {
     /// `[dispatch]`: what the dispatcher needs to see before it mints a

@@ -19,8 +19,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use redis::Value;
 use tracing::{info, warn};
 
-use crate::redis_link::{self, RedisLink, SidecarHandle, Unavailable, as_string, as_u64};
 use crate::router::{NodeState, RouterConfig, RouterError, unix_ms};
+use crate::sidecar::redis_link::{self, RedisLink, SidecarHandle, Unavailable, as_string, as_u64};
 
 /// A reply as a signed integer (PTTL answers -1 and -2).
 fn as_i64(v: &Value) -> Option<i64> {

@@ -41,7 +41,7 @@ use redis::Value;
 pub mod lease;
 
 use crate::protocol::ids::stable_hash;
-use crate::redis_link::{self, NotSent, RedisLink, SidecarHandle, Unavailable, as_string, as_u64, take_batch};
+use crate::sidecar::redis_link::{self, NotSent, RedisLink, SidecarHandle, Unavailable, as_string, as_u64, take_batch};
 use lease::{LeaseHandle, LeaseOp, LeaseSidecar};
 pub use lease::{Liveness, NameHeld, StartAction, liveness, process_identity};
 

@@ -1,9 +1,10 @@
 //! Deterministic tests of the [`Agent`]: simulated time and a simulated
 //! link between the agent and simulated nodes, each running the real
 //! server-side protocol state machine ([`session::Session`]: token check,
-//! heartbeat answers, idle timeout, kicks) plus a small timeline (replay
-//! after `Auth.last_seq`, acks) and an upstream that answers requests and
-//! remembers each `client_msg_id` once.
+//! heartbeat answers, idle timeout, kicks) plus the device's timeline in
+//! the real store ([`MemoryStore`]: append, resume after `Auth.last_seq`,
+//! acks) and an upstream that answers requests and remembers each
+//! `client_msg_id` once.
 //!
 //! The link carries whole byte chunks (what the agent asked to send), in
 //! order, with a delay and jitter. It fails the ways a TCP path fails: a
@@ -16,10 +17,12 @@
 use std::collections::VecDeque;
 
 use bytes::{Bytes, BytesMut};
+use futures_lite::future::block_on;
 
 use super::Rng;
 use super::agent::*;
 use crate::client::ClientOptions;
+use crate::delivery::store::{MemoryStore, NewMessage, Retention, TimelineStore};
 use crate::protocol::codec::{self, Frame};
 use crate::protocol::proto::{self, ErrorCode};
 use crate::protocol::time::{Millis, Now};
@@ -46,6 +49,23 @@ fn at(ms: Millis) -> Now {
     Now { mono: ms, unix_ms: T0_UNIX_MS + ms.0 as i64 }
 }
 
+fn unix_ms(ms: Millis) -> u64 {
+    at(ms).unix_ms_u64()
+}
+
+/// The device of the token the agent logs in with.
+const DEVICE: &str = "phone";
+
+impl Timeline {
+    /// The device processed everything up to `seq`.
+    fn ack(&mut self, seq: u64, now: Millis) {
+        if seq > 0 {
+            let _ = block_on(self.store.ack(DEVICE, seq, unix_ms(now)));
+        }
+        self.acked = self.acked.max(seq);
+    }
+}
+
 /// How a simulated node behaves toward new connections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Reach {
@@ -69,9 +89,12 @@ struct Node {
 }
 
 /// The device's timeline, shared by the nodes (like the Redis store).
-#[derive(Default)]
 struct Timeline {
-    messages: Vec<proto::Message>,
+    /// The server's store; its sequences start at 1 (boot time 0).
+    store: MemoryStore,
+    /// Messages pushed so far.
+    pushed: u64,
+    /// Highest sequence the device acknowledged (what the store was told).
     acked: u64,
     /// Auth.last_seq of every login, in order.
     resumed_from: Vec<u64>,
@@ -150,7 +173,12 @@ impl Sim {
             agent: Agent::new(cfg, Millis(0)).unwrap(),
             params,
             nodes,
-            timeline: Timeline::default(),
+            timeline: Timeline {
+                store: MemoryStore::new(Retention::default(), 0),
+                pushed: 0,
+                acked: 0,
+                resumed_from: Vec::new(),
+            },
             conn: None,
             connecting: None,
             dispatcher: None,
@@ -406,7 +434,7 @@ impl Sim {
                 session::Action::Authenticated(login) => {
                     self.timeline.resumed_from.push(login.last_seq);
                     // Auth.last_seq acknowledges too.
-                    self.timeline.acked = self.timeline.acked.max(login.last_seq);
+                    self.timeline.ack(login.last_seq, self.now);
                     let mut out = Vec::new();
                     let ok = proto::AuthOk {
                         conn_id: c.link.0,
@@ -417,14 +445,20 @@ impl Sim {
                     c.active = true;
                     queue.extend(out);
                     // Replay what follows the client's last sequence.
-                    let replay: Vec<_> =
-                        self.timeline.messages.iter().filter(|m| m.seq > login.last_seq).cloned().collect();
-                    for m in replay {
+                    let replay = block_on(self.timeline.store.resume(DEVICE, login.last_seq, 1_000, unix_ms(self.now)))
+                        .unwrap_or_default();
+                    if let Some((from_seq, to_seq)) = replay.missing {
+                        let gap = proto::ResyncRequired { from_seq, to_seq };
+                        queue.push_back(session::Action::Send(Frame::ResyncRequired(gap)));
+                    }
+                    for m in replay.messages {
+                        let (seq, message_id, service_id, payload) = (m.seq, m.message_id, m.service_id, m.payload);
+                        let m = proto::Message { seq, message_id, service_id, payload };
                         queue.push_back(session::Action::Send(Frame::Message(m)));
                     }
                 }
                 session::Action::Close(_) => c.server_closing = true,
-                session::Action::Ack(seq) => self.timeline.acked = self.timeline.acked.max(seq),
+                session::Action::Ack(seq) => self.timeline.ack(seq, self.now),
                 session::Action::Request(r) => {
                     let node = c.node;
                     if self.nodes[node].answer {
@@ -456,14 +490,18 @@ impl Sim {
 
     /// Stores an at-least-once message and sends it if the device is online.
     fn push(&mut self) -> u64 {
-        let seq = self.timeline.messages.len() as u64 + 1;
-        let m = proto::Message {
-            seq,
-            message_id: 1_000 + seq,
-            payload: Bytes::from(format!("m{seq}")),
-            ..Default::default()
+        let n = self.timeline.pushed + 1;
+        let new = NewMessage {
+            message_id: 1_000 + n,
+            service_id: String::new(),
+            payload: Bytes::from(format!("m{n}")),
+            expires_at_ms: 0,
         };
-        self.timeline.messages.push(m.clone());
+        let appended = block_on(self.timeline.store.append(DEVICE, new.clone(), unix_ms(self.now)));
+        let seq = appended.expect("the memory store has room").seq;
+        self.timeline.pushed = n;
+        assert_eq!(seq, n, "sequences start at 1");
+        let m = proto::Message { seq, message_id: new.message_id, service_id: new.service_id, payload: new.payload };
         if self.conn.as_ref().is_some_and(|c| c.active && !c.server_closing) {
             self.send_down(Frame::Message(m));
         }

@@ -53,6 +53,8 @@ use crate::conn::fd::{self, SlotFd, Socket};
 use crate::conn::transport::{Link, MAX_TLS_HANDSHAKE_TAIL, TlsLink, Wrapper, WsState};
 use crate::conn::ws;
 use crate::delivery::MessageIds;
+use crate::delivery::reliable::{DeliverySettings, ReliableCounters, Tracked};
+use crate::delivery::store::TimelineStore;
 use crate::groups::Groups;
 use crate::mesh::{Adoption, Origin, Outbox, Part, PresencePart, PresenceQuery, ShardMsg, UserAction};
 use crate::protocol::codec::{self, Frame, Peer};
@@ -62,9 +64,7 @@ use crate::protocol::proto::{self, ConnectionEventKind, ErrorCode, FrameKind};
 use crate::protocol::time::{Millis, Now};
 use crate::push::{Backend, Deadlines, Pending};
 use crate::rate::TokenBucket;
-use crate::reliable::{DeliverySettings, ReliableCounters, Tracked};
 use crate::session::{Action, Login, Params, Phase, Session};
-use crate::store::TimelineStore;
 use crate::upstream::{Upstream, UpstreamCounters, UpstreamSettings};
 use crate::wheel::Wheel;
 
@@ -407,7 +407,7 @@ pub(crate) struct State {
     next_token: u64,
     pub(crate) message_ids: MessageIds,
     /// At-least-once delivery state of online devices, by slot: only while
-    /// a device has messages in flight or waiting ([`crate::reliable`]).
+    /// a device has messages in flight or waiting ([`crate::delivery::reliable`]).
     pub(crate) reliable: HashMap<u32, Tracked>,
     /// Requests to service backends and connection events ([`crate::upstream`]).
     pub(crate) upstream: Upstream,

@@ -22,6 +22,14 @@ impl std::future::Future for ConnTask {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = &mut *self;
         let Some(socket) = this.socket.as_mut() else { return Poll::Ready(()) };
+        // The connection's span: what is logged while the connection is
+        // served (its frames, the session, upstream and delivery work they
+        // start) carries the shard and connection id. Made per poll and
+        // never kept, so an idle connection pays no byte for it; at the
+        // default `info` level `debug_span!` is one check of the level
+        // filter and the span is never built.
+        let _span = tracing::debug_span!("conn", shard = %this.shard.id, conn = %ConnId::new(this.shard.id, this.key))
+            .entered();
         let Poll::Ready(mut exit) = this.shard.poll_conn(this.key, socket.stream(), &mut this.tls, cx) else {
             return Poll::Pending;
         };

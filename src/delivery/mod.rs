@@ -11,6 +11,15 @@
 //! its next messages; a message acknowledged on its first send resets it.
 //! After `max_retries` the message leaves the window: it stays in the
 //! timeline and is replayed when the client resumes.
+//!
+//! The folder: this file is the window and schedule; [`store`] the
+//! timelines (in memory, bounded), [`store_redis`] the same in Redis on a
+//! sidecar thread, and [`reliable`] the shard code that ties them to
+//! sessions (append, send, resend from the timer wheel, ACK, resume).
+
+pub mod reliable;
+pub mod store;
+pub mod store_redis;
 
 use std::collections::VecDeque;
 
@@ -240,6 +249,9 @@ impl MessageIds {
         self.last
     }
 }
+
+#[cfg(test)]
+mod engine_tests;
 
 #[cfg(test)]
 mod tests {

@@ -1,5 +1,5 @@
 //! At-least-once delivery on a shard: the owner shard of a device appends
-//! each copy to the device's timeline ([`crate::store`]), sends it through
+//! each copy to the device's timeline ([`crate::delivery::store`]), sends it through
 //! the device's window ([`crate::delivery`]), resends from the timer wheel,
 //! drops acknowledged messages from the timeline, and replays the timeline
 //! when the client resumes.
@@ -28,6 +28,7 @@ use std::task::{Context, Poll, Waker};
 use bytes::{Bytes, BytesMut};
 use tracing::warn;
 
+use crate::delivery::store::{Appended, NewMessage, Replay, Status, StoreError};
 use crate::delivery::{DeviceWindow, RetryPolicy};
 use crate::mesh::{CopyResult, Origin, Outgoing, Part};
 use crate::protocol::codec::{self, Flags};
@@ -36,7 +37,6 @@ use crate::protocol::proto::{self, FrameKind};
 use crate::protocol::time::{Millis, Now};
 use crate::session::Login;
 use crate::shard::{Shard, State};
-use crate::store::{Appended, NewMessage, Replay, Status, StoreError};
 
 /// Reliable-delivery settings of a shard.
 #[derive(Clone, Debug)]
@@ -100,10 +100,10 @@ pub struct Tracked {
     /// client saw last (it may have missed all that a lost store held).
     resume_incarnation: u64,
     /// The session's first replay has not succeeded yet: it is a resume
-    /// (see [`crate::store::TimelineStore::resume`]).
+    /// (see [`crate::delivery::store::TimelineStore::resume`]).
     resuming: bool,
     /// The resume replayed messages: the first resend on this session
-    /// counts a replay without an ACK ([`crate::store::TimelineStore::count_replay`]).
+    /// counts a replay without an ACK ([`crate::delivery::store::TimelineStore::count_replay`]).
     replayed: bool,
 }
 

@@ -36,11 +36,11 @@ use bytes::Bytes;
 use crossbeam_channel::Receiver;
 use redis::Value;
 
-use crate::protocol::ids::stable_hash;
-use crate::redis_link::{self, NotSent, RedisLink, SidecarHandle, as_u64, take_batch};
-use crate::store::{
+use crate::delivery::store::{
     Appended, ExpiredBy, NewMessage, Replay, Retention, Status, StoreError, StoreFuture, Stored, TimelineStore,
 };
+use crate::protocol::ids::stable_hash;
+use crate::sidecar::redis_link::{self, NotSent, RedisLink, SidecarHandle, as_u64, take_batch};
 
 /// Settings of the Redis store.
 #[derive(Clone, Debug)]
