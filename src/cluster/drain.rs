@@ -65,7 +65,7 @@ impl Shard {
                 self.reassert_routes(&local, false);
             }
             if local.shared.is_draining() {
-                self.drain_step(&local);
+                self.cluster_drain_step(&local);
             }
             tick = tick.wrapping_add(1);
             glommio::timer::sleep(TICK).await;
@@ -79,39 +79,16 @@ impl Shard {
         }
     }
 
-    /// One tick of the drain: stop accepting once, then GoAway + close the
-    /// next sessions within this tick's share of the drain rate.
-    pub(super) fn drain_step(&self, local: &Rc<Local>) {
-        let mut queue = local.drain_queue.borrow_mut();
-        let mut st = self.state.borrow_mut();
-        if queue.is_none() {
-            info!(shard = %self.id, sessions = st.active_keys().len(), "draining: stop accepting, sending GoAway");
-            self.stop_accepting.close();
-        }
-        let queue = queue.get_or_insert_with(VecDeque::new);
-        if queue.is_empty() {
-            // Sessions that became active since (hand-offs in flight).
-            queue.extend(st.active_keys());
-        }
-        // Rates below one per tick accumulate; a backlog never banks more
-        // than one tick's worth plus one.
-        let per_tick = local.shared.drain_rate_per_shard * TICK.as_secs_f64();
-        let budget = (local.drain_budget.get() + per_tick).min(per_tick + 1.0);
+    /// One tick of the drain: each user is sent to the node ranked first
+    /// for it among the live, non-draining others (the pacing is the
+    /// shard's, shared with single-node drain).
+    pub(super) fn cluster_drain_step(&self, local: &Rc<Local>) {
         let nodes = local.nodes.borrow();
         let others: Vec<NodeInfo> =
             nodes.iter().filter(|n| n.name != local.shared.node && !n.draining).cloned().collect();
-        let now = self.now();
-        let mut sent = 0.0;
-        while sent + 1.0 <= budget {
-            let Some(key) = queue.pop_front() else { break };
-            let Some(user) = st.user_of(key).map(str::to_owned) else { continue };
-            let endpoint = rank(&user, &others, 1).first().map(|n| n.client_endpoint.clone()).unwrap_or_default();
-            let frame = Frame::GoAway(proto::GoAway { endpoint, reason: "node draining".into() }).to_bytes();
-            self.send_to_slot(&mut st, key.index, &frame);
-            self.close_conn(&mut st, key, now, ErrorCode::GoingAway, "node draining; reconnect elsewhere".into());
-            local.shared.counters.go_away_sent.fetch_add(1, Ordering::Relaxed);
-            sent += 1.0;
-        }
-        local.drain_budget.set(budget - sent);
+        let endpoint =
+            |user: &str| rank(user, &others, 1).first().map(|n| n.client_endpoint.clone()).unwrap_or_default();
+        let sent = self.drain_step(&local.drain, TICK, endpoint);
+        local.shared.counters.go_away_sent.fetch_add(u64::from(sent), Ordering::Relaxed);
     }
 }

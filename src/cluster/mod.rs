@@ -35,7 +35,7 @@ mod peers;
 mod routes;
 
 use std::cell::{Cell, OnceCell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -237,24 +237,21 @@ pub(crate) struct Local {
     merges: RefCell<HashMap<u32, oneshot::Sender<Frame>>>,
     next_merge: Cell<u32>,
     reregistered_seen: Cell<u64>,
-    /// Sessions still to send GoAway to (set once the drain starts).
-    drain_queue: RefCell<Option<VecDeque<ConnKey>>>,
-    /// GoAway frames this shard may send now (grows with the drain rate).
-    drain_budget: Cell<f64>,
+    /// This shard's drain progress (used once the drain starts).
+    drain: crate::shard::DrainPacer,
 }
 
 /// Joins a shard to the cluster and starts its cluster task.
 pub fn attach(shard: &Rc<Shard>, shared: Arc<ClusterShared>) {
     let local = Local {
         reregistered_seen: Cell::new(shared.reregistered.load(Ordering::Relaxed)),
+        drain: crate::shard::DrainPacer::new(shared.drain_rate_per_shard),
         shared,
         routes: RefCell::default(),
         nodes: RefCell::default(),
         peers: RefCell::default(),
         merges: RefCell::default(),
         next_merge: Cell::new(0),
-        drain_queue: RefCell::new(None),
-        drain_budget: Cell::new(0.0),
     };
     if shard.cluster.set(Rc::new(local)).is_err() {
         warn!(shard = %shard.id(), "shard already joined the cluster");

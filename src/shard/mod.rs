@@ -26,6 +26,8 @@
 //! - `fanout`: broadcast pacing;
 //! - `timers`: the timer loop and shutdown.
 
+mod drain;
+pub(crate) use drain::DrainPacer;
 mod fanout;
 mod inbox;
 mod index;
