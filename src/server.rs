@@ -86,6 +86,9 @@ pub struct Server {
     admin: HttpServer,
     /// Cluster mode: the node's cluster state.
     cluster: Option<Arc<ClusterShared>>,
+    /// Single node: a drain was asked for (SIGTERM). Cluster mode drains
+    /// through [`ClusterShared::request_drain`].
+    drain: Arc<AtomicBool>,
     links: crate::conn::links::LinkAddrs,
     tls: crate::conn::links::TlsStores,
 }
@@ -211,6 +214,9 @@ impl Server {
         let boot_unix_ms =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         let stop = Arc::new(AtomicBool::new(false));
+        let drain = Arc::new(AtomicBool::new(false));
+        // The cluster's drain rate and deadline apply to a single node too.
+        let drain_rate_per_shard = f64::from(config.cluster.drain_rate_per_sec) / f64::from(shards.max(1));
         // Each executor takes one (client, push) listener pair and its own
         // ends of the mesh, made here, on one thread, before any executor
         // runs (the channels' shared state must not be built concurrently).
@@ -243,10 +249,12 @@ impl Server {
                 let rendezvous = Arc::new(Rendezvous::default());
                 let registered = Arc::new(Rendezvous::default());
                 let cluster = cluster.clone();
+                let drain = drain.clone();
                 move || {
                     let rendezvous = rendezvous.clone();
                     let registered = registered.clone();
                     let cluster = cluster.clone();
+                    let drain = drain.clone();
                     let (fd_rx, ready_tx, cfg, stop, counters, redis) = (
                         fd_rx.clone(),
                         ready_tx.clone(),
@@ -298,8 +306,12 @@ impl Server {
                             }
                         };
                         let shard = Shard::new(id, shards, cfg, outbox.clone(), counters[id.index()].clone(), store);
-                        if let Some(cluster) = cluster {
-                            crate::cluster::attach(&shard, cluster);
+                        match cluster {
+                            Some(cluster) => crate::cluster::attach(&shard, cluster),
+                            None => {
+                                let drain = Rc::clone(&shard).single_drain_loop(drain, drain_rate_per_shard);
+                                glommio::spawn_local(drain).detach();
+                            }
                         }
                         let mesh_readers: Vec<_> = receivers
                             .into_iter()
@@ -382,6 +394,10 @@ impl Server {
             crate::cluster::spawn_drain_coordinator(cluster.clone(), counters.clone(), stop.clone())
                 .map_err(ServerError::Cluster)?;
             info!(node = %cluster.node, admin = %admin.addr(), client = %cluster.client_endpoint, "cluster mode");
+        } else {
+            let deadline = Duration::from_millis(config.cluster.drain_deadline_ms);
+            spawn_single_drain_coordinator(drain.clone(), deadline, counters.clone(), stop.clone())
+                .map_err(ServerError::Cluster)?;
         }
         info!(%client_addr, shards, node = %config.node_name_bound(client_addr.port()), "longlink serving");
         let (links, tls) = (links.addrs, links.stores);
@@ -394,6 +410,7 @@ impl Server {
             counters,
             admin,
             cluster,
+            drain,
             links,
             tls,
         })
@@ -444,6 +461,28 @@ impl Server {
     /// SHUTDOWN, exit once they are gone or the linger passes.
     pub fn request_stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// Asks the node to drain: send every client away at the drain rate
+    /// (GoAway, then close with GOING_AWAY), then stop. A cluster node
+    /// names another node in each GoAway; a single node names none, so the
+    /// client reconnects through whatever is in front (a load balancer).
+    pub fn request_drain(&self) {
+        (self.drainer())();
+    }
+
+    /// [`Server::request_drain`] as a function another thread can keep
+    /// (the signal thread, while the main thread joins the server).
+    pub fn drainer(&self) -> impl Fn() + Send + Sync + 'static {
+        let (cluster, drain) = (self.cluster.clone(), self.drain.clone());
+        move || match &cluster {
+            Some(cluster) => cluster.request_drain(),
+            None => {
+                if !drain.swap(true, Ordering::Relaxed) {
+                    info!("drain requested");
+                }
+            }
+        }
     }
 
     /// A flag that stops the server when set (for signal handlers).
@@ -544,6 +583,34 @@ struct Rendezvous {
 }
 
 /// How often a starting shard's executor wakes up (see `starting`).
+/// Single node: once `drain` is set, waits until every session left (or
+/// the deadline passes), then stops the node.
+fn spawn_single_drain_coordinator(
+    drain: Arc<AtomicBool>,
+    deadline: Duration,
+    active: Vec<Arc<ShardCounters>>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<()> {
+    std::thread::Builder::new().name("longlink-drain".into()).spawn(move || {
+        while !drain.load(Ordering::Relaxed) {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep(DRAIN_POLL);
+        }
+        let started = std::time::Instant::now();
+        let sessions = || active.iter().map(|c| c.active.load(Ordering::Relaxed)).sum::<u64>();
+        info!(sessions = sessions(), deadline_ms = deadline.as_millis() as u64, "draining");
+        while sessions() > 0 && started.elapsed() < deadline && !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(DRAIN_POLL);
+        }
+        info!(left = sessions(), elapsed_ms = started.elapsed().as_millis() as u64, "drain finished; stopping");
+        stop.store(true, Ordering::Relaxed);
+    })?;
+    Ok(())
+}
+
+const DRAIN_POLL: Duration = Duration::from_millis(20);
 const START_TICK: Duration = Duration::from_millis(10);
 
 /// How long a shard waits for the others at a rendezvous.

@@ -52,42 +52,34 @@ pub(crate) fn serve(
     let server = Server::start(&cfg)?;
     let stop = server.stop_flag();
     let lease = server.cluster().map(|c| c.router.state().clone());
-    match server.cluster() {
-        // SIGTERM/SIGINT set the stop flag; the shards close every session
-        // and exit.
-        None => {
-            for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-                signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
-            }
-        }
-        // SIGTERM drains; a second SIGTERM, or SIGINT, stops at once.
-        Some(cluster) => {
-            signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())
-                .context("installing signal handlers")?;
-            let term = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-            let counter = term.clone();
-            // SAFETY: the handler only does an atomic add (async-signal-safe).
-            unsafe {
-                signal_hook::low_level::register(signal_hook::consts::SIGTERM, move || {
-                    counter.fetch_add(1, Ordering::Relaxed);
-                })
-            }
-            .context("installing signal handlers")?;
-            let (cluster, stop) = (cluster.clone(), stop.clone());
-            std::thread::Builder::new().name("longlink-signals".into()).spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match term.load(Ordering::Relaxed) {
-                        0 => {}
-                        1 => cluster.request_drain(),
-                        _ => {
-                            tracing::warn!("second SIGTERM: stopping now");
-                            stop.store(true, Ordering::Relaxed);
-                        }
+    // SIGTERM drains (a cluster node sends clients to the other nodes, a
+    // single node lets them reconnect through its load balancer); a second
+    // SIGTERM, or SIGINT, stops at once.
+    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone()).context("installing signal handlers")?;
+    let term = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = term.clone();
+    // SAFETY: the handler only does an atomic add (async-signal-safe).
+    unsafe {
+        signal_hook::low_level::register(signal_hook::consts::SIGTERM, move || {
+            counter.fetch_add(1, Ordering::Relaxed);
+        })
+    }
+    .context("installing signal handlers")?;
+    {
+        let (drain, stop) = (server.drainer(), stop.clone());
+        std::thread::Builder::new().name("longlink-signals".into()).spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match term.load(Ordering::Relaxed) {
+                    0 => {}
+                    1 => drain(),
+                    _ => {
+                        tracing::warn!("second SIGTERM: stopping now");
+                        stop.store(true, Ordering::Relaxed);
                     }
-                    std::thread::sleep(Duration::from_millis(20));
                 }
-            })?;
-        }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })?;
     }
     // Print the address on stdout so scripts (and tests) can read it.
     println!("listening {}", server.client_addr());

@@ -35,7 +35,7 @@ mod peers;
 mod routes;
 
 use std::cell::{Cell, OnceCell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -58,7 +58,7 @@ use crate::push::{Alarm, Expiry, summarize};
 use crate::router::{NodeInfo, Route, Router, RouterConfig, rank};
 use crate::session::Login;
 use crate::shard::{Shard, State};
-pub use drain::{DrainPacer, spawn_drain_coordinator};
+pub use drain::spawn_drain_coordinator;
 pub(crate) use forward::request_id;
 use forward::*;
 use merge::*;
@@ -237,21 +237,21 @@ pub(crate) struct Local {
     merges: RefCell<HashMap<u32, oneshot::Sender<Frame>>>,
     next_merge: Cell<u32>,
     reregistered_seen: Cell<u64>,
-    /// Which sessions get GoAway in each tick of a drain.
-    drain: RefCell<DrainPacer>,
+    /// This shard's drain progress (used once the drain starts).
+    drain: crate::shard::ShardDrain,
 }
 
 /// Joins a shard to the cluster and starts its cluster task.
 pub fn attach(shard: &Rc<Shard>, shared: Arc<ClusterShared>) {
     let local = Local {
         reregistered_seen: Cell::new(shared.reregistered.load(Ordering::Relaxed)),
+        drain: crate::shard::ShardDrain::new(shared.drain_rate_per_shard),
         shared,
         routes: RefCell::default(),
         nodes: RefCell::default(),
         peers: RefCell::default(),
         merges: RefCell::default(),
         next_merge: Cell::new(0),
-        drain: RefCell::default(),
     };
     if shard.cluster.set(Rc::new(local)).is_err() {
         warn!(shard = %shard.id(), "shard already joined the cluster");

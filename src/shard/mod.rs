@@ -26,6 +26,9 @@
 //! - `fanout`: broadcast pacing;
 //! - `timers`: the timer loop and shutdown.
 
+mod drain;
+pub use drain::DrainPacer;
+pub(crate) use drain::ShardDrain;
 mod fanout;
 mod inbox;
 mod index;
