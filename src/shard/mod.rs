@@ -32,6 +32,8 @@ pub(crate) use drain::ShardDrain;
 mod fanout;
 mod inbox;
 mod index;
+mod links;
+mod output;
 mod task;
 mod timers;
 
