@@ -224,6 +224,13 @@ impl Source {
         })
     }
 
+    /// longlink patch (vendor/glommio/PATCHES.md, 2): whether the request is
+    /// still queued or in the kernel (no completion consumed yet). The
+    /// reactor keeps its timers and the ring link armed while this holds.
+    pub(crate) fn is_in_flight(&self) -> bool {
+        self.inner.borrow().enqueued.is_some()
+    }
+
     pub(crate) fn result(&self) -> Option<io::Result<usize>> {
         let mut inner = self.inner.borrow_mut();
         let ret = inner
