@@ -22,6 +22,7 @@ fn a_member_of_one_group_costs_at_most_24_bytes() {
     });
     let usage = usage.expect("the tracking allocator is installed");
     let per_member = usage.live as f64 / f64::from(MEMBERS);
+    eprintln!("{per_member:.1} B per member ({} B live, peak {} B)", usage.live, usage.peak);
     assert_eq!(groups.count("bench-fanout"), MEMBERS as usize);
     assert!(per_member <= 24.0, "{per_member:.1} B per member ({} B live)", usage.live);
 }
@@ -40,6 +41,7 @@ fn members_of_a_few_groups_each_stay_small_and_leave_nothing_behind() {
     // Two memberships per session: the second lives in the overflow map
     // (a hash map entry and a one-element vector), so more than the first.
     let per_membership = usage.live as f64 / f64::from(2 * MEMBERS);
+    eprintln!("{per_membership:.1} B per membership");
     assert!(per_membership <= 64.0, "{per_membership:.1} B per membership");
     for slot in 0..MEMBERS {
         groups.leave_all(slot);
