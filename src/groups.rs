@@ -91,10 +91,10 @@ impl Groups {
     /// Adds `slot` to `group`; joining twice is a no-op.
     pub fn join(&mut self, slot: u32, group: &str, limit: usize) -> Result<(), JoinError> {
         let existing = self.ids.get(group).copied();
-        if let Some(gid) = existing {
-            if self.find(slot, gid).is_some() {
-                return Ok(());
-            }
+        if let Some(gid) = existing
+            && self.find(slot, gid).is_some()
+        {
+            return Ok(());
         }
         if self.group_count_of(slot) >= limit {
             return Err(JoinError::TooManyGroups { limit });
@@ -233,10 +233,10 @@ impl Groups {
         let group = &mut self.groups[m.group as usize];
         let pos = m.pos as usize;
         group.members.swap_remove(pos);
-        if let Some(&moved) = group.members.get(pos) {
-            if let Some(moved) = self.find_mut(moved, m.group) {
-                moved.pos = m.pos;
-            }
+        if let Some(&moved) = group.members.get(pos)
+            && let Some(moved) = self.find_mut(moved, m.group)
+        {
+            moved.pos = m.pos;
         }
         let group = &mut self.groups[m.group as usize];
         if group.members.is_empty() {
