@@ -22,6 +22,7 @@
 //! - [`server`]: binds the listeners, starts the shards and wires the mesh
 //!   between them, serves the admin port.
 //! - [`liveness`]: per-shard turn counter and stall gauge.
+//! - [`reload`]: SIGHUP and `POST /reload`: the config re-read and applied live.
 //! - [`client`]: client session state machine and its glommio driver.
 //! - [`sdk`]: the client SDK: reconnects, drift, smart heartbeat, resume,
 //!   retried requests (sans-IO agent, glommio driver, blocking facade).
@@ -57,6 +58,7 @@ pub mod mesh;
 pub mod protocol;
 pub mod push;
 pub mod rate;
+pub mod reload;
 pub mod router;
 pub mod sdk;
 pub mod server;

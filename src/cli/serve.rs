@@ -30,17 +30,24 @@ pub(crate) fn serve(
     redis: Option<String>,
 ) -> anyhow::Result<ExitCode> {
     let mut cfg = Config::load(config.as_deref())?;
-    if let Some(n) = shards {
-        cfg.server.shards = n;
-    }
-    if let Some(addr) = listen {
-        cfg.server.client_listen = addr;
-    }
-    if let Some(url) = redis {
-        cfg.delivery.redis_url = url;
-        cfg.cluster.enabled = true;
-    }
+    // The command line's settings win over the file, on every reload too.
+    let overrides = move |cfg: &mut Config| {
+        if let Some(n) = shards {
+            cfg.server.shards = n;
+        }
+        if let Some(addr) = listen {
+            cfg.server.client_listen = addr;
+        }
+        if let Some(url) = &redis {
+            cfg.delivery.redis_url = url.clone();
+            cfg.cluster.enabled = true;
+        }
+    };
+    overrides(&mut cfg);
     cfg.validate()?;
+    if !cfg.server.log_level.is_empty() {
+        crate::set_log_level(&cfg.server.log_level).map_err(|e| anyhow::anyhow!("server.log_level: {e}"))?;
+    }
     match cfg.keyring()?.1 {
         KeySource::Configured => {}
         KeySource::DevKey { path, created } => tracing::warn!(
@@ -50,6 +57,14 @@ pub(crate) fn serve(
         ),
     }
     let server = Server::start(&cfg)?;
+    let reloader = server.reloader();
+    if let Some(path) = config {
+        reloader.set_source(longlink::reload::file_source(path, overrides));
+    }
+    reloader.set_log(Box::new(crate::set_log_level));
+    // SIGHUP re-reads the config (as POST /reload); the signal thread runs it.
+    let hup = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone()).context("installing signal handlers")?;
     let stop = server.stop_flag();
     let lease = server.cluster().map(|c| c.router.state().clone());
     // SIGTERM drains (a cluster node sends clients to the other nodes, a
@@ -69,6 +84,10 @@ pub(crate) fn serve(
         let (drain, stop) = (server.drainer(), stop.clone());
         std::thread::Builder::new().name("longlink-signals".into()).spawn(move || {
             while !stop.load(Ordering::Relaxed) {
+                if hup.swap(false, Ordering::Relaxed) {
+                    // The outcome is logged by the reloader.
+                    let _ = reloader.reload();
+                }
                 match term.load(Ordering::Relaxed) {
                     0 => {}
                     1 => drain(),

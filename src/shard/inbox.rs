@@ -28,7 +28,7 @@ impl Shard {
     /// Each shard's pacer releases its share when the job is done.
     pub(crate) fn reserve_broadcast(&self, frame_len: usize) -> Result<(), String> {
         let cost = broadcast_cost(frame_len);
-        let limit = self.cfg.push.broadcast_queue_bytes;
+        let limit = self.live().push.broadcast_queue_bytes;
         let shards = &self.cfg.node_counters;
         for (i, counters) in shards.iter().enumerate() {
             let queued = &counters.broadcast_queued_bytes;

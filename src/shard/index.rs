@@ -41,7 +41,7 @@ impl Shard {
         };
         let mut actions = std::mem::take(&mut st.actions);
         if let Some(conn) = st.conn(key) {
-            conn.session.activate(now, login, ok, &self.cfg.params, &mut actions);
+            conn.session.activate(now, login, ok, &self.live().params, &mut actions);
             let deadline = conn.session.deadline();
             st.wheel.insert(key, deadline);
         }
@@ -60,7 +60,7 @@ impl Shard {
     pub(super) fn kick(&self, st: &mut State, key: ConnKey, now: Now, code: ErrorCode, reason: String) {
         let mut actions = Vec::new();
         if let Some(conn) = st.conn(key) {
-            conn.session.kick(now, code, reason, &self.cfg.params, &mut actions);
+            conn.session.kick(now, code, reason, &self.live().params, &mut actions);
         }
         self.apply(st, key, now, &mut actions);
     }

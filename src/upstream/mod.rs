@@ -344,6 +344,16 @@ impl Upstream {
         }
     }
 
+    /// A reload's settings: limits, dedup window and per-service timeouts
+    /// and budgets; services and backends stay ([`crate::reload`]).
+    pub(crate) fn apply_live(&mut self, new: &UpstreamSettings) {
+        for (svc, s) in self.services.iter_mut().zip(&new.services) {
+            (svc.settings.timeout_ms, svc.settings.max_inflight) = (s.timeout_ms, s.max_inflight);
+        }
+        let services = std::mem::take(&mut self.settings.services);
+        self.settings = UpstreamSettings { services, ..new.clone() };
+    }
+
     /// Makes sure the periodic task runs.
     fn kick(&mut self) {
         if !self.ticking {

@@ -1,0 +1,157 @@
+//! Reload without restart against a real `longlink serve` process: the
+//! config file is rewritten, then SIGHUP or `POST /reload` applies what can
+//! change live and reports the rest; an invalid file changes nothing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use longlink::client::{ClientOptions, Connection};
+use longlink::config::{Config, KeyConfig};
+use longlink::protocol::token::{Key, Keyring, decode_hex, now_unix_secs};
+
+const K2_HEX: &str = "c0c1c2c3c4c5c6c7c8c9cacbcccdcecfd0d1d2d3d4d5d6d7d8d9dadbdcdddedf";
+
+fn node_config() -> Config {
+    trusted(test_config(1))
+}
+
+/// A token signed with key `id` / `hex`.
+fn token_with(id: &str, hex: &str, device: &str) -> String {
+    let key = Key::new(id, decode_hex(hex).expect("hex")).expect("key");
+    let now = now_unix_secs();
+    Keyring::new(vec![key], None).expect("ring").mint("alice", device, "test", now, now + 3600)
+}
+
+/// Whether a client with `token` gets in.
+fn logs_in(node: &NodeProcess, token: String) -> bool {
+    let addr = node.client_addr;
+    run(async move { Connection::connect(addr, ClientOptions::new(token)).await.is_ok() })
+}
+
+fn write_config(node: &NodeProcess, cfg: &Config) {
+    std::fs::write(node.config_path(), toml::to_string(cfg).expect("config serializes")).expect("write config");
+}
+
+fn with_key_k2_only(mut cfg: Config) -> Config {
+    cfg.auth.keys = vec![KeyConfig { id: "k2".into(), secret_hex: K2_HEX.into() }];
+    cfg
+}
+
+fn signal(node: &NodeProcess, sig: i32) {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(node.child.id() as i32, sig) };
+}
+
+#[test]
+fn post_reload_rotates_token_keys_changes_limits_and_reports_upgrades() {
+    let cfg = node_config();
+    let node = NodeProcess::start(&cfg);
+    let admin = node.admin_addr.expect("admin port");
+    let k1 = |d: &str| token_with("k1", KEY_HEX, d);
+    let k2 = |d: &str| token_with("k2", K2_HEX, d);
+    assert!(logs_in(&node, k1("a")), "k1 accepted before the reload");
+    assert!(!logs_in(&node, k2("b")), "k2 unknown before the reload");
+    let mut push = push_client(node.push_addr);
+    let three = ["d1", "d2", "d3"];
+    assert!(push.push_devices(&three, "x".into()).is_ok(), "3 targets allowed at first");
+
+    let mut new = with_key_k2_only(cfg.clone());
+    new.push.max_targets_per_request = 2;
+    new.server.shards = 2; // needs an upgrade
+    write_config(&node, &new);
+    let (status, body) = admin_post(admin, "/reload");
+    assert_eq!(status, 200, "{body}");
+    let report: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let names = |field: &str| -> Vec<String> {
+        report[field].as_array().expect(field).iter().map(|v| v.as_str().unwrap_or_default().to_owned()).collect()
+    };
+    assert_eq!(names("applied"), ["auth.keys", "push.max_targets_per_request"], "{body}");
+    assert_eq!(names("needs_upgrade"), ["server.shards"], "{body}");
+    assert_eq!(report["shards_applied"], true, "{body}");
+    assert!(!body.contains(K2_HEX), "no secret in the answer");
+
+    assert!(!logs_in(&node, k1("c")), "the removed key's tokens are refused");
+    assert!(logs_in(&node, k2("d")), "the new key is accepted");
+    let refused = push.push_devices(&three, "x".into()).expect_err("over the new target limit");
+    assert!(refused.to_string().contains("more than 2 targets"), "{refused}");
+    assert!(push.push_devices(&three[..2], "x".into()).is_ok());
+}
+
+#[test]
+fn invalid_file_changes_nothing_then_sighup_applies_a_good_one() {
+    let cfg = node_config();
+    let mut node = NodeProcess::start(&cfg);
+    let admin = node.admin_addr.expect("admin port");
+    let k1 = |d: &str| token_with("k1", KEY_HEX, d);
+    let k2 = |d: &str| token_with("k2", K2_HEX, d);
+
+    // A file that does not parse, with a secret on the broken line.
+    let good = toml::to_string(&with_key_k2_only(cfg.clone())).expect("toml");
+    let broken = good.replacen(&format!("secret_hex = \"{K2_HEX}\""), &format!("secret_hex = \"{K2_HEX}"), 1);
+    assert_ne!(broken, good);
+    std::fs::write(node.config_path(), &broken).expect("write");
+    let (status, body) = admin_post(admin, "/reload");
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("\"reloaded\":false") && body.contains("parse"), "{body}");
+    assert!(!body.contains(K2_HEX) && !body.contains(&K2_HEX[..16]), "no secret or source line: {body}");
+    // A file that parses but is invalid: nothing of it applies either.
+    let mut invalid = with_key_k2_only(cfg.clone());
+    invalid.push.max_targets_per_request = 0;
+    write_config(&node, &invalid);
+    let (status, body) = admin_post(admin, "/reload");
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("push.max_targets_per_request"), "{body}");
+    assert!(logs_in(&node, k1("a")) && !logs_in(&node, k2("b")), "the old keys still rule");
+
+    // SIGHUP with a good file.
+    write_config(&node, &with_key_k2_only(cfg.clone()));
+    signal(&node, libc::SIGHUP);
+    assert!(wait_until(Duration::from_secs(20), || logs_in(&node, k2("c"))), "SIGHUP applied the new key");
+    assert!(!logs_in(&node, k1("d")), "and removed the old one");
+    assert_eq!(node.child.try_wait().expect("wait").map(|s| s.code()), None, "SIGHUP does not stop the node");
+}
+
+#[test]
+fn reload_needs_the_admin_credential() {
+    let cfg = node_config();
+    let node = NodeProcess::start(&cfg);
+    let admin = node.admin_addr.expect("admin port");
+    write_config(&node, &with_key_k2_only(cfg.clone()));
+    let (status, _) = http(admin, "POST", "/reload");
+    assert_eq!(status, 401, "no credential");
+    let wrong = "POST /reload HTTP/1.1\r\nhost: x\r\nauthorization: Bearer wrong-token-0123456789\r\n\
+                 content-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}";
+    assert_eq!(http_raw(admin, wrong).0, 401, "wrong token");
+    let cross_site = format!(
+        "POST /reload HTTP/1.1\r\nhost: x\r\norigin: https://evil.example\r\nauthorization: Bearer {ADMIN_TOKEN}\r\n\
+         content-type: text/plain\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}"
+    );
+    assert_eq!(http_raw(admin, &cross_site).0, 403, "cross-site");
+    assert!(logs_in(&node, token_with("k1", KEY_HEX, "a")), "nothing was reloaded");
+    // A node without an admin token refuses it whatever is sent.
+    let mut open = test_config(1);
+    open.http.admin_token = Default::default();
+    let open_node = NodeProcess::start(&open);
+    assert_eq!(admin_post(open_node.admin_addr.expect("admin"), "/reload").0, 403);
+}
+
+#[test]
+fn post_drain_drains_a_single_node() {
+    let cfg = node_config();
+    let mut node = NodeProcess::start(&cfg);
+    let admin = node.admin_addr.expect("admin port");
+    assert_eq!(http(admin, "POST", "/drain").0, 401, "no credential");
+    let (status, body) = admin_post(admin, "/drain");
+    assert_eq!(status, 202, "{body}");
+    let mut exit = None;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            exit = node.child.try_wait().ok().flatten();
+            exit.is_some()
+        }),
+        "a drained node with no sessions exits"
+    );
+    assert_eq!(exit.and_then(|s| s.code()), Some(0));
+}
