@@ -213,7 +213,12 @@ pub fn changed_paths(old: &Config, new: &Config) -> Vec<String> {
 fn upstream_services_same(old: &Config, new: &Config) -> bool {
     let (a, b) = (&old.upstream.services, &new.upstream.services);
     a.len() == b.len()
-        && a.iter().zip(b).all(|(a, b)| a.id == b.id && a.backends == b.backends && a.pool_size == b.pool_size)
+        && a.iter().zip(b).all(|(a, b)| {
+            a.id == b.id
+                && a.backends == b.backends
+                && a.pool_size == b.pool_size
+                && a.subscribe_events == b.subscribe_events
+        })
 }
 
 /// What one reload did, for the log and the HTTP answer.

@@ -83,7 +83,8 @@ pub struct ReliableCounters {
 pub struct Tracked {
     key: ConnKey,
     /// In flight: sequence, encoded frame, resend schedule.
-    window: DeviceWindow<Bytes>,
+    /// In flight: the frame and its message id (for the ACK latency).
+    window: DeviceWindow<(Bytes, u64)>,
     /// Highest sequence sent on this session, or announced as missing;
     /// the next message to send follows it.
     last_sent: u64,
@@ -376,7 +377,7 @@ impl Shard {
         let policy = self.cfg.delivery.policy;
         let Some(t) = self.tracked(st, key) else { return false };
         let was_idle = t.window.is_idle();
-        t.window.on_sent(seq, frame, now.mono, &policy);
+        t.window.on_sent(seq, (frame, message_id), now.mono, &policy);
         t.last_sent = seq;
         let resend_at = t.window.next_deadline();
         if was_idle && let Some(at) = resend_at {
@@ -543,6 +544,7 @@ impl Shard {
         // A client cannot acknowledge what was never sent to it.
         let seq = seq.min(t.last_sent);
         let learned_before = t.window.learned_ms();
+        t.window.acked_by(seq).for_each(|m| self.counters.ops.acked(m.payload.1, unix_ms(now)));
         let acked = t.window.on_ack(seq, now.mono, &policy);
         if acked.stale {
             return;
@@ -577,7 +579,7 @@ impl Shard {
         // had it and the time to acknowledge it.
         let unacked_replay = (!due.resend.is_empty() && std::mem::take(&mut t.replayed)).then_some(t.last_sent);
         let frames: Vec<Bytes> =
-            due.resend.iter().filter_map(|&seq| t.window.payload(seq)).map(as_retransmission).collect();
+            due.resend.iter().filter_map(|&seq| t.window.payload(seq)).map(|(f, _)| as_retransmission(f)).collect();
         if !due.given_up.is_empty() {
             self.counters.reliable.given_up.fetch_add(due.given_up.len() as u64, Ordering::Relaxed);
             t.stalled = true;

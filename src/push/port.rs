@@ -252,6 +252,7 @@ impl Shard {
         let frame = match frame {
             Ok(frame) => frame,
             Err(err) => {
+                self.counters.ops.request_error(err.code() as i32);
                 return reply_now(st, backend, Frame::RequestError(request_error(0, err.code(), err.to_string())));
             }
         };
@@ -268,6 +269,7 @@ impl Shard {
             }
         };
         if let Err(error) = accepted {
+            self.counters.ops.request_error(error.code);
             reply_now(st, backend, Frame::RequestError(error));
         }
     }
@@ -276,7 +278,8 @@ impl Shard {
     /// has sent every part, so early answers cannot complete it.
     pub(super) fn begin(&self, st: &mut State, backend: ConnKey, request_id: u64, kind: PendingKind) -> Origin {
         let token = st.next_token();
-        st.pending.insert(token, Pending { backend, request_id, lookups: 1, expected: 0, done: 0, kind });
+        let started = self.now().mono;
+        st.pending.insert(token, Pending { backend, request_id, lookups: 1, expected: 0, done: 0, kind, started });
         self.arm_deadline(st, Expiry::Request(token));
         if let Some(b) = st.backends.get_mut(backend.index as usize) {
             b.inflight += 1;
@@ -303,6 +306,7 @@ impl Shard {
                 Expiry::Request(token) => {
                     let Some(pending) = st.pending.remove(&token) else { continue };
                     self.counters.push_timeouts.fetch_add(1, Ordering::Relaxed);
+                    self.counters.ops.push_latency.record(pending.started.elapsed_to(now));
                     let (backend, frame) = pending.expire(self.shards(), self.live().push.reply_timeout_ms);
                     // Hook: the local part of a cluster request goes to its merge.
                     if let Some(frame) = self.cluster_local_reply(backend, frame) {

@@ -230,6 +230,7 @@ impl Shard {
             return;
         }
         let Some(pending) = st.pending.remove(&token) else { return };
+        self.counters.ops.push_latency.record(pending.started.elapsed_to(self.now().mono));
         let (backend, frame) = pending.finish();
         // Hook: the local part of a cluster request goes to its merge.
         let Some(frame) = self.cluster_local_reply(backend, frame) else { return };

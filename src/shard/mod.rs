@@ -145,6 +145,9 @@ pub struct ShardCounters {
     /// Turns of the shard's timer loop and how late it is: a shard that
     /// stops turning while it has work shows here.
     pub liveness: crate::liveness::Liveness,
+    /// Latencies, disconnects and refusals by code, queue bytes, sessions
+    /// by platform and version ([`crate::observe`]).
+    pub ops: crate::observe::OpsCounters,
 }
 
 /// Push-port limits a shard enforces.
