@@ -88,9 +88,12 @@ impl OpsCounters {
     }
 }
 
+/// A (platform, app version) pair, filled once.
+type KindSlot = OnceLock<(Box<str>, Box<str>)>;
+
 /// The label pairs seen so far, by index; filled once each, never freed.
-fn kinds() -> &'static [OnceLock<(Box<str>, Box<str>)>; SESSION_KINDS] {
-    static KINDS: OnceLock<[OnceLock<(Box<str>, Box<str>)>; SESSION_KINDS]> = OnceLock::new();
+fn kinds() -> &'static [KindSlot; SESSION_KINDS] {
+    static KINDS: OnceLock<[KindSlot; SESSION_KINDS]> = OnceLock::new();
     KINDS.get_or_init(|| std::array::from_fn(|_| OnceLock::new()))
 }
 

@@ -70,6 +70,11 @@ impl ReloadHub {
         self.generation.fetch_add(1, Ordering::AcqRel) + 1
     }
 
+    /// The settings published last.
+    fn current(&self) -> Option<Arc<LiveSettings>> {
+        self.latest.lock().ok().map(|l| Arc::clone(&l))
+    }
+
     /// New settings for a shard that applied `seen`, if any.
     pub(crate) fn poll(&self, seen: u64) -> Option<(u64, LiveSettings)> {
         if self.generation.load(Ordering::Acquire) == seen {
@@ -182,6 +187,12 @@ const LIVE: &[&str] = &[
 
 fn is_live(path: &str) -> bool {
     LIVE.iter().any(|l| path == *l || path.strip_prefix(l).is_some_and(|rest| rest.starts_with('.')))
+}
+
+/// Whether a reload applies the change at `path` (per-service settings
+/// only while the services and their backends stay the same).
+fn applies_live(path: &str, services_same: bool) -> bool {
+    is_live(path) || (services_same && path.starts_with("upstream.services"))
 }
 
 /// The dotted paths whose values differ between `old` and `new` (a list,
@@ -331,10 +342,8 @@ impl Reloader {
         let new = source()?;
         let changed = changed_paths(&current, &new);
         let services_same = upstream_services_same(&self.started, &new);
-        let mut needs_upgrade: Vec<String> = changed_paths(&self.started, &new)
-            .into_iter()
-            .filter(|p| !is_live(p) && !(services_same && p.starts_with("upstream.services")))
-            .collect();
+        let mut needs_upgrade: Vec<String> =
+            changed_paths(&self.started, &new).into_iter().filter(|p| !applies_live(p, services_same)).collect();
         if !services_same {
             needs_upgrade.retain(|p| !p.starts_with("upstream.services"));
             needs_upgrade.push("upstream.services".into());
@@ -347,6 +356,11 @@ impl Reloader {
             let running = LiveSettings::from_config(&self.started, self.shards)
                 .map_err(|e| ReloadError::Settings(e.to_string()))?;
             live.upstream.services = running.upstream.services;
+        }
+        // The node listener's secret (cluster.secret_hex) needs an upgrade:
+        // keep the running one.
+        if let (Some(pa), Some(running)) = (Arc::get_mut(&mut live.push_auth), self.hub.current()) {
+            pa.node = running.push_auth.node.clone();
         }
         let level = new.server.log_level.clone();
         if level != current.server.log_level {
@@ -367,10 +381,7 @@ impl Reloader {
         }
         let generation = self.hub.publish(live);
         let shards_applied = self.hub.wait_applied(generation, APPLY_WAIT);
-        let applied = changed
-            .into_iter()
-            .filter(|p| is_live(p) || (services_same && p.starts_with("upstream.services")))
-            .collect();
+        let applied = changed.into_iter().filter(|p| applies_live(p, services_same)).collect();
         *current = new;
         Ok(ReloadReport { applied, needs_upgrade, shards_applied, tls_reloaded })
     }

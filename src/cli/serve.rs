@@ -107,6 +107,7 @@ pub(crate) fn serve(
     if let Some(node) = server.node_addr() {
         println!("node {node}");
     }
+    notify_systemd(&format!("READY=1\nMAINPID={}", std::process::id()));
     server.join();
     if lease.is_some_and(|l| l.is_fenced()) {
         // Not a clean exit: the node gave up its place in the cluster.
@@ -115,6 +116,27 @@ pub(crate) fn serve(
     }
     tracing::info!(stopped = stop.load(Ordering::Relaxed), "longlink stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Tells systemd (`Type=notify`, deploy/systemd/longlink.service) that the
+/// node serves and which process is the main one: after an in-place
+/// upgrade the new process says so itself. Does nothing outside systemd.
+fn notify_systemd(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let sent = std::os::unix::net::UnixDatagram::unbound().and_then(|socket| {
+        use std::os::unix::ffi::OsStrExt;
+        match path.as_bytes().strip_prefix(b"@") {
+            Some(name) => {
+                use std::os::linux::net::SocketAddrExt;
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+                socket.send_to_addr(state.as_bytes(), &addr)
+            }
+            None => socket.send_to(state.as_bytes(), &path),
+        }
+    });
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "cannot notify systemd (NOTIFY_SOCKET)");
+    }
 }
 
 /// Exit status of a cluster node that stopped because it lost its lease.
