@@ -155,3 +155,63 @@ fn post_drain_drains_a_single_node() {
     );
     assert_eq!(exit.and_then(|s| s.code()), Some(0));
 }
+
+/// Sends 40 pipelined requests to `echo` and waits for their answers:
+/// Ok(answers) or the code the node closed the connection with.
+fn request_burst(
+    addr: std::net::SocketAddr,
+    token: String,
+) -> Result<usize, Option<longlink::protocol::proto::ErrorCode>> {
+    use longlink::client::ClientError;
+    use longlink::protocol::proto;
+    run(async move {
+        let mut conn = Connection::connect(addr, ClientOptions::new(token)).await.expect("logs in").0;
+        for id in 1..=40u64 {
+            let req = proto::Request { service_id: "echo".into(), request_id: id, client_msg_id: 0, body: "x".into() };
+            if let Err(e) = conn.send_request(&req, false).await {
+                return Err(match e {
+                    ClientError::Closed { code, .. } => Some(code),
+                    _ => None,
+                });
+            }
+        }
+        for id in 1..=40u64 {
+            match conn.wait_response(id, Duration::from_secs(10)).await {
+                Ok(_) => {}
+                Err(ClientError::Closed { code, .. }) => return Err(Some(code)),
+                Err(_) => return Err(None),
+            }
+        }
+        Ok(40)
+    })
+}
+
+#[test]
+fn a_reload_changes_the_upstream_rate_limit() {
+    let backend = longlink::echo::EchoBackend::start("127.0.0.1:0").expect("echo backend");
+    let mut cfg = node_config();
+    cfg.upstream.services = vec![longlink::config::ServiceConfig {
+        id: "echo".into(),
+        backends: vec![backend.addr().to_string()],
+        ..Default::default()
+    }];
+    cfg.upstream.rate_limit_per_sec = 0; // off
+    let node = NodeProcess::start(&cfg);
+    let admin = node.admin_addr.expect("admin port");
+    let tok = |d: &str| token_with("k1", KEY_HEX, d);
+    assert_eq!(request_burst(node.client_addr, tok("a")), Ok(40), "no limit at first");
+
+    let mut limited = cfg.clone();
+    limited.upstream.rate_limit_per_sec = 1;
+    limited.upstream.rate_limit_burst = 1;
+    limited.upstream.rate_limit_close_after_paused_ms = 200;
+    write_config(&node, &limited);
+    let (status, body) = admin_post(admin, "/reload");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("upstream.rate_limit_per_sec") && body.contains("\"needs_upgrade\":[]"), "{body}");
+    assert_eq!(
+        request_burst(node.client_addr, tok("b")),
+        Err(Some(longlink::protocol::proto::ErrorCode::RateLimited)),
+        "the same burst is now over the limit"
+    );
+}
