@@ -215,3 +215,80 @@ fn a_reload_changes_the_upstream_rate_limit() {
         "the same burst is now over the limit"
     );
 }
+
+/// A CA and a "localhost" leaf it signed, written as PEM to `cert` and
+/// `key`; returns the CA certificate.
+fn write_pki(cert: &std::path::Path, key: &std::path::Path) -> rustls::pki_types::CertificateDer<'static> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("ca");
+    let leaf_key = KeyPair::generate().expect("key");
+    let leaf = CertificateParams::new(vec!["localhost".to_owned()])
+        .expect("params")
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .expect("leaf");
+    std::fs::write(cert, format!("{}{}", leaf.pem(), ca.pem())).expect("write cert");
+    std::fs::write(key, leaf_key.serialize_pem()).expect("write key");
+    ca.der().clone()
+}
+
+/// Whether a TLS handshake with the node succeeds trusting only `ca`.
+fn tls_trusts(addr: std::net::SocketAddr, ca: &rustls::pki_types::CertificateDer<'static>) -> bool {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone()).expect("root");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let Ok(conn) = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name) else { return false };
+    let Ok(sock) = std::net::TcpStream::connect(addr) else { return false };
+    let _ = sock.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    while tls.conn.is_handshaking() {
+        if tls.conn.complete_io(&mut tls.sock).is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+#[test]
+fn a_reload_swaps_tls_certificates_and_a_bad_one_changes_nothing_at_all() {
+    let dir = TempDir::new("reload-tls");
+    let (cert, key) = (dir.0.join("chain.pem"), dir.0.join("key.pem"));
+    let first = write_pki(&cert, &key);
+    let mut cfg = node_config();
+    cfg.server.tls_listen = "127.0.0.1:0".into();
+    cfg.tls.cert_file = cert.clone();
+    cfg.tls.key_file = key.clone();
+    let path = dir.0.join("longlink.toml");
+    std::fs::write(&path, toml::to_string(&cfg).expect("toml")).expect("write");
+    let server = start(&cfg);
+    let reloader = server.reloader();
+    reloader.set_source(longlink::reload::file_source(path.clone(), |_| {}));
+    let addr = server.links().tls.expect("tls listener");
+    assert!(tls_trusts(addr, &first));
+
+    // New files at the same paths: a reload serves them.
+    let second = write_pki(&cert, &key);
+    let report = reloader.reload().expect("reload");
+    assert!(report.tls_reloaded && report.applied.is_empty(), "{report:?}");
+    assert!(tls_trusts(addr, &second) && !tls_trusts(addr, &first), "new connections get the new certificate");
+
+    // A bad key file in a reload that also lowers a limit: refused whole.
+    std::fs::write(&key, "not a key").expect("write");
+    let mut lower = cfg.clone();
+    lower.push.max_targets_per_request = 1;
+    std::fs::write(&path, toml::to_string(&lower).expect("toml")).expect("write");
+    let err = reloader.reload().expect_err("a bad key file fails the reload");
+    assert!(err.to_string().contains("TLS"), "{err}");
+    assert!(tls_trusts(addr, &second), "the certificate in force stays");
+    let mut push = push_client(server.push_addr());
+    assert!(push.push_devices(&["d1", "d2"], "x".into()).is_ok(), "the limit did not change either");
+    server.shutdown();
+}
