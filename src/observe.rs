@@ -1,5 +1,5 @@
 //! Per-shard series for operating a node (single node and cluster alike):
-//! push and push -> ACK latency, disconnects and push-port refusals by
+//! push latency, disconnects and push-port refusals by
 //! code, outbound queue bytes, sessions by platform and app version.
 //!
 //! Every counter is a per-shard atomic written by its shard only; the admin
@@ -9,7 +9,6 @@
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use crate::cluster::{AtomicHistogram, DISCONNECT_CODES};
 use crate::protocol::proto::ErrorCode;
@@ -34,8 +33,6 @@ pub struct OpsCounters {
     /// Push-port requests from read to answer (this shard's part in
     /// cluster mode).
     pub push_latency: AtomicHistogram,
-    /// At-least-once messages from stored to acknowledged by the client.
-    pub ack_latency: AtomicHistogram,
     /// Sessions ended, by [`DISCONNECT_CODES`] index (last: other codes).
     pub disconnects: [AtomicU64; DISCONNECT_CODES.len() + 1],
     /// Push-port requests refused with an error, by [`REFUSAL_CODES`]
@@ -53,7 +50,6 @@ impl Default for OpsCounters {
     fn default() -> Self {
         OpsCounters {
             push_latency: AtomicHistogram::default(),
-            ack_latency: AtomicHistogram::default(),
             disconnects: Default::default(),
             request_errors: Default::default(),
             queued_bytes: AtomicU64::new(0),
@@ -79,12 +75,6 @@ impl OpsCounters {
     pub(crate) fn request_error(&self, code: i32) {
         let i = REFUSAL_CODES.iter().position(|&c| c as i32 == code).unwrap_or(REFUSAL_CODES.len());
         self.request_errors[i].fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// A stored message (id `message_id`) was acknowledged at `now_unix_ms`.
-    pub(crate) fn acked(&self, message_id: u64, now_unix_ms: u64) {
-        let stored = crate::delivery::MessageIds::unix_ms_of(message_id);
-        self.ack_latency.record(Duration::from_millis(now_unix_ms.saturating_sub(stored)));
     }
 }
 

@@ -76,6 +76,17 @@ pub struct ReliableCounters {
     pub sent_unacked: AtomicU64,
     /// Devices with delivery state right now.
     pub tracked_devices: AtomicU64,
+    /// From stored to acknowledged by the client (`/metrics`).
+    pub ack_latency: crate::cluster::AtomicHistogram,
+}
+
+impl ReliableCounters {
+    /// Message `message_id` was acknowledged at `now_unix_ms`: its time
+    /// since it was stored (the id carries its store time).
+    pub(crate) fn acked_after_store(&self, message_id: u64, now_unix_ms: u64) {
+        let stored = crate::delivery::MessageIds::unix_ms_of(message_id);
+        self.ack_latency.record(std::time::Duration::from_millis(now_unix_ms.saturating_sub(stored)));
+    }
 }
 
 /// Delivery state of one online, ACK-capable device (see the module docs).
@@ -544,7 +555,7 @@ impl Shard {
         // A client cannot acknowledge what was never sent to it.
         let seq = seq.min(t.last_sent);
         let learned_before = t.window.learned_ms();
-        t.window.acked_by(seq).for_each(|m| self.counters.ops.acked(m.payload.1, unix_ms(now)));
+        t.window.acked_by(seq).for_each(|m| self.counters.reliable.acked_after_store(m.payload.1, unix_ms(now)));
         let acked = t.window.on_ack(seq, now.mono, &policy);
         if acked.stale {
             return;

@@ -227,7 +227,7 @@ fn ops_families(e: &mut Exposition, counters: &[Arc<ShardCounters>]) {
         (
             "longlink_reliable_ack_latency_seconds",
             "At-least-once messages from stored to acknowledged by the client.",
-            |c: &ShardCounters| &c.ops.ack_latency,
+            |c: &ShardCounters| &c.reliable.ack_latency,
         ),
     ] {
         let mut merged = crate::cluster::AtomicHistogram::default().snapshot();
