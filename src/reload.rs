@@ -5,11 +5,11 @@
 //! (key rings, limits) before anything changes: an invalid file changes
 //! nothing. What is applied live: token keys and session timing
 //! ([`crate::session::Params`]), push keys and push-port deadlines, push
-//! limits, the connection limit and accept rate, the upstream rate limit,
-//! dedup and per-service timeouts and budgets, TLS certificates (same
-//! files, new contents) and the log level. Everything else (listen
-//! addresses, shard count, services and backends, store, cluster) is
-//! reported as needing an upgrade (SIGUSR2) and left as it runs.
+//! limits, the connection limit and accept rate, upstream services and
+//! backends (added, removed, their timeouts and budgets), the upstream rate
+//! limit and dedup window, TLS certificates (same files, new contents) and
+//! the log level. Everything else (listen addresses, shard count, store,
+//! cluster) is reported as needing an upgrade (SIGUSR2) and left as it runs.
 //!
 //! Shards take the new settings from a [`ReloadHub`] in their timer loop:
 //! one atomic load per tick, the hub's lock only once per reload, and a
@@ -40,8 +40,7 @@ pub struct LiveSettings {
     pub push: PushLimits,
     pub max_connections: u32,
     pub accept_rate_per_sec: u32,
-    /// Upstream rate limit, dedup and per-service timeouts and budgets
-    /// (the service and backend lists themselves stay as started).
+    /// Upstream services and backends, rate limit, dedup window.
     pub upstream: UpstreamSettings,
 }
 
@@ -115,7 +114,12 @@ impl Shard {
     /// timer loop calls it every tick).
     pub(crate) fn poll_reload(&self) {
         let Some((generation, live)) = self.cfg.reload.poll(self.live_generation.get()) else { return };
-        self.state.borrow_mut().upstream.apply_live(&live.upstream);
+        let added = self.state.borrow_mut().upstream.apply_live(&live.upstream);
+        if let Some(me) = self.me.upgrade() {
+            for idx in added {
+                glommio::spawn_local(Rc::clone(&me).run_link(idx, None)).detach();
+            }
+        }
         *self.live.borrow_mut() = Rc::new(live);
         self.live_generation.set(generation);
         self.cfg.reload.mark_applied(self.id.index(), generation);
@@ -178,6 +182,7 @@ const LIVE: &[&str] = &[
     "session.heartbeat_max_ms",
     "session.idle_timeout_factor",
     "session.close_linger_ms",
+    "upstream.services",
     "upstream.dedup_window_ms",
     "upstream.rate_limit_per_sec",
     "upstream.rate_limit_burst",
@@ -187,12 +192,6 @@ const LIVE: &[&str] = &[
 
 fn is_live(path: &str) -> bool {
     LIVE.iter().any(|l| path == *l || path.strip_prefix(l).is_some_and(|rest| rest.starts_with('.')))
-}
-
-/// Whether a reload applies the change at `path` (per-service settings
-/// only while the services and their backends stay the same).
-fn applies_live(path: &str, services_same: bool) -> bool {
-    is_live(path) || (services_same && path.starts_with("upstream.services"))
 }
 
 /// The dotted paths whose values differ between `old` and `new` (a list,
@@ -217,19 +216,6 @@ pub fn changed_paths(old: &Config, new: &Config) -> Vec<String> {
     let mut out = Vec::new();
     walk("", &a, &b, &mut out);
     out
-}
-
-/// Upstream changes a reload applies: the same services with the same
-/// backends (their timeouts and budgets may change).
-fn upstream_services_same(old: &Config, new: &Config) -> bool {
-    let (a, b) = (&old.upstream.services, &new.upstream.services);
-    a.len() == b.len()
-        && a.iter().zip(b).all(|(a, b)| {
-            a.id == b.id
-                && a.backends == b.backends
-                && a.pool_size == b.pool_size
-                && a.subscribe_events == b.subscribe_events
-        })
 }
 
 /// What one reload did, for the log and the HTTP answer.
@@ -341,22 +327,11 @@ impl Reloader {
         let mut current = self.current.try_lock().map_err(|_| ReloadError::Busy)?;
         let new = source()?;
         let changed = changed_paths(&current, &new);
-        let services_same = upstream_services_same(&self.started, &new);
-        let mut needs_upgrade: Vec<String> =
-            changed_paths(&self.started, &new).into_iter().filter(|p| !applies_live(p, services_same)).collect();
-        if !services_same {
-            needs_upgrade.retain(|p| !p.starts_with("upstream.services"));
-            needs_upgrade.push("upstream.services".into());
-        }
+        let needs_upgrade: Vec<String> =
+            changed_paths(&self.started, &new).into_iter().filter(|p| !is_live(p)).collect();
         // Built in full before anything is applied.
         let mut live =
             LiveSettings::from_config(&new, self.shards).map_err(|e| ReloadError::Settings(e.to_string()))?;
-        if !services_same {
-            // Keep the running services and backends (an upgrade changes them).
-            let running = LiveSettings::from_config(&self.started, self.shards)
-                .map_err(|e| ReloadError::Settings(e.to_string()))?;
-            live.upstream.services = running.upstream.services;
-        }
         // The node listener's secret (cluster.secret_hex) needs an upgrade:
         // keep the running one.
         if let (Some(pa), Some(running)) = (Arc::get_mut(&mut live.push_auth), self.hub.current()) {
@@ -381,7 +356,7 @@ impl Reloader {
         }
         let generation = self.hub.publish(live);
         let shards_applied = self.hub.wait_applied(generation, APPLY_WAIT);
-        let applied = changed.into_iter().filter(|p| applies_live(p, services_same)).collect();
+        let applied = changed.into_iter().filter(|p| is_live(p)).collect();
         *current = new;
         Ok(ReloadReport { applied, needs_upgrade, shards_applied, tls_reloaded })
     }

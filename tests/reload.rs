@@ -292,3 +292,58 @@ fn a_reload_swaps_tls_certificates_and_a_bad_one_changes_nothing_at_all() {
     assert!(push.push_devices(&["d1", "d2"], "x".into()).is_ok(), "the limit did not change either");
     server.shutdown();
 }
+
+#[test]
+fn a_reload_moves_a_service_to_another_backend_and_adds_and_removes_services() {
+    use longlink::config::ServiceConfig;
+    let (a, b) = (
+        longlink::echo::EchoBackend::start("127.0.0.1:0").expect("echo a"),
+        longlink::echo::EchoBackend::start("127.0.0.1:0").expect("echo b"),
+    );
+    let service = |id: &str, backend: std::net::SocketAddr| ServiceConfig {
+        id: id.into(),
+        backends: vec![backend.to_string()],
+        ..Default::default()
+    };
+    let mut cfg = node_config();
+    cfg.upstream.rate_limit_per_sec = 0;
+    cfg.upstream.services = vec![service("echo", a.addr())];
+    let node = NodeProcess::start(&cfg);
+    let admin = node.admin_addr.expect("admin port");
+    let addr = node.client_addr;
+    // Status of one request to each service, in order.
+    let ask = |services: &'static [&'static str], device: &str| -> Vec<i32> {
+        let token = token_with("k1", KEY_HEX, device);
+        run(async move {
+            let mut conn = Connection::connect(addr, ClientOptions::new(token)).await.expect("logs in").0;
+            let mut out = Vec::new();
+            for s in services {
+                let r = conn.request(s, "x".into(), Duration::from_secs(10)).await.expect("an answer");
+                out.push(r.status);
+            }
+            out
+        })
+    };
+    assert_eq!(ask(&["echo", "echo2"], "d1"), [0, longlink::protocol::proto::ErrorCode::Unavailable as i32]);
+    assert_eq!((a.stats().requests_for("echo"), b.stats().requests_for("echo")), (1, 0));
+
+    let mut moved = cfg.clone();
+    moved.upstream.services = vec![service("echo", b.addr()), service("echo2", b.addr())];
+    write_config(&node, &moved);
+    let (status, body) = admin_post(admin, "/reload");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("upstream.services") && body.contains("\"needs_upgrade\":[]"), "{body}");
+    // The new links connect in the background: ask until they answer.
+    let ok = |s: &Vec<i32>| s.iter().all(|&c| c == 0);
+    assert!(wait_until(Duration::from_secs(20), || ok(&ask(&["echo", "echo2"], "d2"))), "both served after the reload");
+    let from_a = a.stats().requests_for("echo");
+    assert_eq!(ask(&["echo", "echo", "echo2"], "d3"), [0, 0, 0]);
+    assert_eq!(a.stats().requests_for("echo"), from_a, "the old backend gets nothing more");
+    assert!(b.stats().requests_for("echo2") >= 1);
+
+    moved.upstream.services.truncate(1);
+    write_config(&node, &moved);
+    assert_eq!(admin_post(admin, "/reload").0, 200);
+    let unavailable = longlink::protocol::proto::ErrorCode::Unavailable as i32;
+    assert_eq!(ask(&["echo", "echo2"], "d4"), [0, unavailable], "a removed service is unknown");
+}

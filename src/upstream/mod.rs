@@ -38,6 +38,7 @@ mod dedup;
 mod encode;
 mod links;
 mod rate;
+mod reconfigure;
 mod requests;
 
 use dedup::*;
@@ -302,16 +303,7 @@ impl Upstream {
                 let mut ids = Vec::new();
                 for _ in 0..s.pool_size {
                     for &addr in &s.backends {
-                        let link = Link {
-                            service: i as u16,
-                            addr,
-                            state: LinkState::Down,
-                            fd: None,
-                            dirty: false,
-                            out: OutQueue::default(),
-                            waker: None,
-                        };
-                        ids.push(links.insert(link) as u32);
+                        ids.push(links.insert(Link::new(i as u16, addr)) as u32);
                     }
                 }
                 Service {
@@ -342,16 +334,6 @@ impl Upstream {
             wake_rx: Some(wake_rx),
             stopping: false,
         }
-    }
-
-    /// A reload's settings: limits, dedup window and per-service timeouts
-    /// and budgets; services and backends stay ([`crate::reload`]).
-    pub(crate) fn apply_live(&mut self, new: &UpstreamSettings) {
-        for (svc, s) in self.services.iter_mut().zip(&new.services) {
-            (svc.settings.timeout_ms, svc.settings.max_inflight) = (s.timeout_ms, s.max_inflight);
-        }
-        let services = std::mem::take(&mut self.settings.services);
-        self.settings = UpstreamSettings { services, ..new.clone() };
     }
 
     /// Makes sure the periodic task runs.
