@@ -18,10 +18,12 @@
 //!   resend schedule (`delivery` itself), timelines ([`delivery::store`],
 //!   in memory or [`delivery::store_redis`]), and the shard code that ties
 //!   them to sessions ([`delivery::reliable`]: ACKs, resends, resume).
+//! - [`admission`]: per-source connection limits on the client listeners.
 //! - [`groups`]: per-shard group membership; [`rate`]: the one token bucket.
 //! - [`server`]: binds the listeners, starts the shards and wires the mesh
 //!   between them, serves the admin port.
 //! - [`liveness`]: per-shard turn counter and stall gauge.
+//! - [`trim`]: freed memory given back after many connections closed.
 //! - [`client`]: client session state machine and its glommio driver.
 //! - [`sdk`]: the client SDK: reconnects, drift, smart heartbeat, resume,
 //!   retried requests (sans-IO agent, glommio driver, blocking facade).
@@ -41,6 +43,7 @@
 //!   (/metrics, /healthz; /v1/dispatch and /drain in cluster mode), the
 //!   dispatcher, the Prometheus writer.
 
+pub mod admission;
 pub mod backend;
 pub mod client;
 pub mod cluster;
@@ -63,5 +66,6 @@ pub mod server;
 pub mod session;
 pub mod shard;
 pub mod sidecar;
+pub mod trim;
 pub mod upstream;
 pub mod wheel;

@@ -169,6 +169,8 @@ pub struct Adoption {
     pub link: crate::conn::transport::Link,
     pub ws: Option<Box<crate::conn::transport::WsState>>,
     pub tls: Option<Box<crate::conn::transport::TlsLink>>,
+    /// The connection's charge in the per-source table, released at close.
+    pub admitted: crate::admission::Admitted,
 }
 
 impl ShardMsg {

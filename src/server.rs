@@ -173,6 +173,13 @@ impl Server {
             wheel_tick_ms: session.wheel_tick_ms,
             max_connections: server.max_connections_per_shard,
             accept_rate_per_sec: server.accept_rate_per_sec,
+            admission: Arc::new(crate::admission::Admission::new(crate::admission::AdmissionLimits {
+                max_connections_per_ip: server.max_connections_per_ip,
+                max_connections_per_net: server.max_connections_per_net,
+                accepts_per_ip_per_sec: server.accepts_per_ip_per_sec,
+                accepts_per_net_per_sec: server.accepts_per_net_per_sec,
+                exempt: server.admission_exempt.clone(),
+            })),
             push_auth,
             node: config.node_name_bound(client_addr.port()),
             upstream,

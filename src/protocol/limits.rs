@@ -5,6 +5,12 @@
 /// byte each.
 pub const MAX_ID_BYTES: usize = 255;
 
+/// Longest body of a valid `Auth` frame: the longest token, three id
+/// fields, and room for the field tags, lengths and numbers. Before a
+/// client has authenticated the node waits for no longer frame, so a
+/// silent client costs at most this plus a header until its deadline.
+pub const MAX_AUTH_BODY_BYTES: u32 = (crate::protocol::token::MAX_TOKEN_BYTES + 3 * MAX_ID_BYTES + 64) as u32;
+
 /// Why a string is not usable as an id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum IdError {

@@ -121,6 +121,9 @@ pub struct ShardCounters {
     pub broadcast_queued_bytes: AtomicU64,
     /// Broadcasts this shard refused because a shard's queue was full.
     pub broadcast_rejected: AtomicU64,
+    /// Client connections closed at accept by the per-source limits, by
+    /// [`crate::admission::Refusal`].
+    pub admission_refused: [AtomicU64; 4],
     /// Push-port requests received.
     pub push_requests: AtomicU64,
     /// Push-port and node-listener connections refused before or at
@@ -172,6 +175,8 @@ pub struct ShardConfig {
     pub wheel_tick_ms: u64,
     pub max_connections: u32,
     pub accept_rate_per_sec: u32,
+    /// Per-source limits, one table for the node.
+    pub admission: Arc<crate::admission::Admission>,
     pub max_groups_per_session: u32,
     /// Groups any client may JOIN (`[client_groups] allow`).
     pub join_policy: Arc<[String]>,

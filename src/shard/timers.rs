@@ -11,6 +11,7 @@ impl Shard {
         let mut due = Vec::new();
         let mut shutdown_deadline: Option<Instant> = None;
         let liveness = &self.counters.liveness;
+        let mut trim = crate::trim::TrimWatch::new();
         loop {
             liveness.waiting_until(Instant::now() + tick);
             glommio::timer::sleep(tick).await;
@@ -33,6 +34,7 @@ impl Shard {
                 liveness.turned(Instant::now());
             }
             due.clear();
+            trim.observe(self.state.borrow().conns.len(), Instant::now());
             if let Some(deadline) = shutdown_deadline
                 && (self.state.borrow().conns.is_empty() || Instant::now() >= deadline)
             {
