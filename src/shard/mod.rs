@@ -653,6 +653,7 @@ mod tests {
             heartbeat_ms: 0,
             store_incarnation: 0,
             groups: vec!["room-*".into(), "vip".into()],
+            expires_at: 0,
         };
         let mut conn = Conn {
             session: Session::new(Millis(0), &test_params()),

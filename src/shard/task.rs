@@ -494,6 +494,19 @@ impl Shard {
                 }
                 Action::Request(request) => self.on_client_request(st, key, now, request),
                 Action::Ack(seq) => self.on_ack(st, key, now, seq),
+                Action::Refresh(refresh) => {
+                    let Some(conn) = st.conn(key) else { continue };
+                    let mut more = Vec::new();
+                    // The same user and device only: a token of another
+                    // identity never takes over a running session.
+                    if conn.field(0) == Some(refresh.user.as_str()) && conn.field(1) == Some(refresh.device.as_str()) {
+                        conn.session.refreshed(now, refresh.expires_at, &self.cfg.params, &mut more);
+                    } else {
+                        let why = "the Refresh token names another user or device".to_owned();
+                        conn.session.close(now, ErrorCode::InvalidToken, why, &self.cfg.params, &mut more);
+                    }
+                    self.apply(st, key, now, &mut more);
+                }
             }
         }
     }
