@@ -95,3 +95,75 @@ fn a_refresh_for_another_device_or_with_a_bad_token_closes() {
     s.write_all(&Frame::Refresh(proto::Refresh { token: expired }).to_bytes()).expect("refresh");
     assert_eq!(code_of(read_frame_blocking(&mut s, &mut buf)), Some(ErrorCode::TokenExpired));
 }
+
+/// An SDK client (blocking facade) of `device` with a token valid for
+/// `secs`, and `refresher` if given.
+fn sdk_client(
+    node: &NodeProcess,
+    cfg: &longlink::config::Config,
+    device: &str,
+    secs: i64,
+    refresher: Option<longlink::sdk::TokenRefresher>,
+) -> longlink::sdk::BlockingClient {
+    let now = now_unix_secs();
+    let token = keyring(cfg).mint("u", device, "test", now, now + secs);
+    let mut agent = longlink::sdk::AgentConfig::new(longlink::client::ClientOptions::new(token));
+    agent.endpoints = vec![node.client_addr.to_string()];
+    let client_cfg =
+        longlink::sdk::ClientConfig { token_refresher: refresher, ..longlink::sdk::ClientConfig::fixed(agent) };
+    longlink::sdk::BlockingClient::start(client_cfg).expect("client starts")
+}
+
+/// The SDK's events until `until` (unix seconds) has passed or one matches `stop`.
+fn sdk_events(
+    client: &longlink::sdk::BlockingClient,
+    until: i64,
+    stop: impl Fn(&longlink::sdk::Event) -> bool,
+) -> Vec<longlink::sdk::Event> {
+    let mut events = Vec::new();
+    let limit = std::time::Instant::now() + Duration::from_secs(30);
+    while now_unix_secs() <= until && std::time::Instant::now() < limit {
+        if let Ok(ev) = client.next_event(Duration::from_millis(200)) {
+            let done = stop(&ev);
+            events.push(ev);
+            if done {
+                break;
+            }
+        }
+    }
+    events
+}
+
+#[test]
+fn the_sdk_refreshes_through_the_application_callback() {
+    use longlink::sdk::Event;
+    let cfg = config();
+    let node = NodeProcess::start(&cfg);
+    let ring = keyring(&cfg);
+    let refresher = longlink::sdk::TokenRefresher(std::sync::Arc::new(move || {
+        let now = now_unix_secs();
+        Ok(ring.mint("u", "sdk", "test", now, now + 3600))
+    }));
+    let client = sdk_client(&node, &cfg, "sdk", 3, Some(refresher));
+    let first_expiry = now_unix_secs() + 3;
+    // Until well past the first token's expiry: refreshed, never dropped.
+    let events = sdk_events(&client, first_expiry + 2, |ev| matches!(ev, Event::Disconnected { .. }));
+    assert!(matches!(events.first(), Some(Event::Connected { .. })), "{events:?}");
+    assert!(events.iter().any(|e| matches!(e, Event::TokenExpiring { .. })), "{events:?}");
+    assert!(events.iter().any(|e| matches!(e, Event::TokenRefreshed { token_expires_ms } if *token_expires_ms > first_expiry as u64 * 1000)), "{events:?}");
+    assert!(!events.iter().any(|e| matches!(e, Event::Disconnected { .. })), "{events:?}");
+}
+
+#[test]
+fn without_a_refresh_the_sdk_sees_token_expired() {
+    use longlink::sdk::Event;
+    let cfg = config();
+    let node = NodeProcess::start(&cfg);
+    let client = sdk_client(&node, &cfg, "sdk2", 2, None);
+    let events = sdk_events(&client, now_unix_secs() + 20, |ev| matches!(ev, Event::Disconnected { .. }));
+    let last = events.last();
+    assert!(
+        matches!(last, Some(Event::Disconnected { reason, .. }) if reason.code() == Some(ErrorCode::TokenExpired)),
+        "{events:?}"
+    );
+}
