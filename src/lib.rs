@@ -23,6 +23,7 @@
 //! - [`server`]: binds the listeners, starts the shards and wires the mesh
 //!   between them, serves the admin port.
 //! - [`liveness`]: per-shard turn counter and stall gauge.
+//! - [`revocation`]: revoked users and devices, per shard.
 //! - [`trim`]: freed memory given back after many connections closed.
 //! - [`client`]: client session state machine and its glommio driver.
 //! - [`sdk`]: the client SDK: reconnects, drift, smart heartbeat, resume,
@@ -60,6 +61,7 @@ pub mod mesh;
 pub mod protocol;
 pub mod push;
 pub mod rate;
+pub mod revocation;
 pub mod router;
 pub mod sdk;
 pub mod server;

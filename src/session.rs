@@ -78,8 +78,9 @@ pub struct Login {
     /// Groups the token lets the client JOIN (patterns, see
     /// [`crate::groups::matches`]).
     pub groups: Vec<String>,
-    /// The token's expiry, unix seconds.
+    /// The token's expiry and issue time, unix seconds.
     pub expires_at: i64,
+    pub issued_at: i64,
 }
 
 /// What the session asks its driver to do, in order.
@@ -116,6 +117,7 @@ pub struct Refreshed {
     pub device: String,
     /// Unix seconds.
     pub expires_at: i64,
+    pub issued_at: i64,
 }
 
 /// `expires_s` of a session whose token never expires.
@@ -251,6 +253,7 @@ impl Session {
                         user: claims.user,
                         device: claims.device,
                         expires_at: claims.expires_at,
+                        issued_at: claims.issued_at,
                     }))),
                     Err(err) => self.reject_token(now, &err, params, out),
                 }
@@ -416,6 +419,7 @@ impl Session {
             store_incarnation: auth.store_incarnation,
             groups: claims.groups,
             expires_at: claims.expires_at,
+            issued_at: claims.issued_at,
         })));
     }
 

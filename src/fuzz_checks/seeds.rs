@@ -128,6 +128,7 @@ pub fn sample_frames() -> Vec<Frame> {
             code: proto::ErrorCode::Kicked as i32,
             reason: "logged out".into(),
             forwarded: true,
+            revoke: false,
             conn_ids: vec![5],
         }),
         Frame::PresenceQuery(proto::PresenceQuery {

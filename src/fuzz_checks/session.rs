@@ -355,6 +355,7 @@ impl Harness {
             store_incarnation: 0,
             groups: Vec::new(),
             expires_at: i64::MAX,
+            issued_at: 0,
         });
         let mut out = Vec::new();
         let ok = proto::AuthOk { conn_id, ..Default::default() };

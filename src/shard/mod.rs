@@ -423,6 +423,8 @@ pub(crate) struct State {
     pub(crate) upstream: Upstream,
     /// Wire forms of outbound frames, for links other than plain TCP.
     wrapper: Wrapper,
+    /// Users and devices whose older tokens are refused.
+    pub(crate) revoked: crate::revocation::Revocations,
 }
 
 impl State {
@@ -595,6 +597,9 @@ impl Shard {
                 reliable: HashMap::new(),
                 upstream: Upstream::new(cfg.upstream.clone()),
                 wrapper: Wrapper::default(),
+                revoked: crate::revocation::Revocations::new(
+                    cfg.params.keyring.max_lifetime_secs().saturating_add(i64::from(cfg.params.clock_leeway_secs)),
+                ),
             }),
             scratch: RefCell::new(vec![0; cfg.read_buffer_bytes]),
             plain_scratch: RefCell::new(Vec::new()),
@@ -654,6 +659,7 @@ mod tests {
             store_incarnation: 0,
             groups: vec!["room-*".into(), "vip".into()],
             expires_at: 0,
+            issued_at: 0,
         };
         let mut conn = Conn {
             session: Session::new(Millis(0), &test_params()),

@@ -453,6 +453,10 @@ impl Shard {
             match action {
                 Action::Send(frame) => self.queue_frame(st, key, &frame),
                 Action::Close(code) => self.on_close(st, key, code),
+                Action::Authenticated(login) if st.revoked.refuses(&login.user, &login.device, login.issued_at) => {
+                    let why = "the token was revoked; get one issued after the revocation".to_owned();
+                    self.close_conn(st, key, now, ErrorCode::Revoked, why);
+                }
                 Action::Authenticated(login) => {
                     self.counters.authenticated.fetch_add(1, Ordering::Relaxed);
                     let owner = owner_shard(&login.device, self.shards);
@@ -496,14 +500,23 @@ impl Shard {
                 Action::Ack(seq) => self.on_ack(st, key, now, seq),
                 Action::Refresh(refresh) => {
                     let Some(conn) = st.conn(key) else { continue };
-                    let mut more = Vec::new();
                     // The same user and device only: a token of another
                     // identity never takes over a running session.
-                    if conn.field(0) == Some(refresh.user.as_str()) && conn.field(1) == Some(refresh.device.as_str()) {
-                        conn.session.refreshed(now, refresh.expires_at, &self.cfg.params, &mut more);
-                    } else {
-                        let why = "the Refresh token names another user or device".to_owned();
-                        conn.session.close(now, ErrorCode::InvalidToken, why, &self.cfg.params, &mut more);
+                    let same =
+                        conn.field(0) == Some(refresh.user.as_str()) && conn.field(1) == Some(refresh.device.as_str());
+                    let refused = match same {
+                        false => Some((ErrorCode::InvalidToken, "the Refresh token names another user or device")),
+                        true if st.revoked.refuses(&refresh.user, &refresh.device, refresh.issued_at) => {
+                            Some((ErrorCode::Revoked, "the token was revoked"))
+                        }
+                        true => None,
+                    };
+                    let mut more = Vec::new();
+                    if let Some(conn) = st.conn(key) {
+                        match refused {
+                            Some((code, why)) => conn.session.close(now, code, why.into(), &self.cfg.params, &mut more),
+                            None => conn.session.refreshed(now, refresh.expires_at, &self.cfg.params, &mut more),
+                        }
                     }
                     self.apply(st, key, now, &mut more);
                 }
