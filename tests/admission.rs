@@ -101,7 +101,11 @@ fn accepts_past_the_per_second_rate_are_refused() {
     let admin = node.admin_addr.expect("admin");
     // 2,000 attempts: past 20 per second unless they took over 100 s.
     for _ in 0..2_000 {
-        drop(connect_from("127.0.0.4", node.client_addr).expect("connect"));
+        match connect_from("127.0.0.4", node.client_addr) {
+            Ok(s) => drop(s),
+            // Reset by the node before our side saw the connection up.
+            Err(err) => assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}"),
+        }
     }
     assert!(wait_until(Duration::from_secs(30), || metric(admin, "longlink_admission_refused_total", "ip_rate") > 0));
     let answer = login_from("127.0.0.5", &node, &cfg, "other");
@@ -215,4 +219,26 @@ fn partial_frames_before_auth_cost_little_and_are_given_back() {
         "RSS {} MB above baseline after every partial closed",
         (rss_after - baseline) / (1024 * 1024)
     );
+}
+
+#[test]
+fn push_port_refusals_are_counted_by_code() {
+    let cfg = test_config(1);
+    let node = NodeProcess::start(&cfg);
+    let admin = node.admin_addr.expect("admin");
+    // A key the node does not know.
+    let wrong = longlink::push::auth::parse_credential(&format!("nobody:{}", "ab".repeat(32))).expect("credential");
+    let mut s = TcpStream::connect(node.push_addr).expect("push port");
+    let answer = raw_push_auth(&mut s, &wrong);
+    assert!(
+        matches!(&answer, Some(Frame::Error(e)) if longlink::protocol::codes::from_wire(e.code) == ErrorCode::Unauthenticated),
+        "{answer:?}"
+    );
+    // A known key without the right asked for.
+    let reply = push_client(node.push_addr).revoke(&["d"], &[], "");
+    assert!(reply.is_err(), "{reply:?}");
+    assert!(wait_until(Duration::from_secs(10), || {
+        metric(admin, "longlink_push_refused_total", "code=\"UNAUTHENTICATED\"") == 1
+            && metric(admin, "longlink_push_refused_total", "code=\"PERMISSION_DENIED\"") == 1
+    }));
 }

@@ -80,7 +80,10 @@ impl Shard {
                 continue;
             }
             let code = match b.auth {
-                BackendAuth::Challenged { .. } => ErrorCode::AuthTimeout,
+                BackendAuth::Challenged { .. } => {
+                    self.counters.push_auth_timeouts.fetch_add(1, Ordering::Relaxed);
+                    ErrorCode::AuthTimeout
+                }
                 // Busy is not idle: the wait starts again.
                 BackendAuth::Granted { .. } if b.inflight > 0 => {
                     b.deadline = now.add_ms(idle_ms);

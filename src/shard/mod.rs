@@ -131,6 +131,9 @@ pub struct ShardCounters {
     pub push_refused: AtomicU64,
     /// Requests refused because the key lacks the right (PERMISSION_DENIED).
     pub push_denied: AtomicU64,
+    /// Push-port and node-listener connections closed silent before their
+    /// auth deadline (AUTH_TIMEOUT).
+    pub push_auth_timeouts: AtomicU64,
     /// Push-port requests answered at `push.reply_timeout_ms` with answers
     /// missing, and answers that came after that (dropped).
     pub push_timeouts: AtomicU64,

@@ -5,7 +5,7 @@
 use super::links::{flush_tls, handshake_token};
 use super::*;
 use crate::admission::{Admitted, Refusal};
-use crate::protocol::limits::MAX_AUTH_BODY_BYTES;
+use crate::protocol::limits::{Escaped, MAX_AUTH_BODY_BYTES};
 
 /// The task of one connection, written by hand: an `async` block around
 /// the stream keeps several copies of it in its state (448 bytes against
@@ -544,7 +544,8 @@ impl Shard {
         }
         let deadline = conn.session.deadline();
         conn.wake();
-        debug!(shard = %self.id, conn = %ConnId::new(self.id, key), device = conn.device().unwrap_or(""), ?code, "closing");
+        let device = Escaped(conn.device().unwrap_or(""));
+        debug!(shard = %self.id, conn = %ConnId::new(self.id, key), %device, ?code, "closing");
         // A closing session leaves the indexes now: a new login of the same
         // device must not see it, and pushes must not count it.
         self.unindex(st, key.index, code);
