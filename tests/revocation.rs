@@ -109,3 +109,45 @@ fn revoking_needs_the_revoke_right() {
     let err = push_client(node.push_addr).revoke(&["phone"], &[], "").expect_err("refused");
     assert!(err.to_string().contains("PERMISSION_DENIED") || err.to_string().contains("revoke"), "{err}");
 }
+
+/// A cluster node's config: Redis, the tests' cluster secret, and a push
+/// key allowed to revoke.
+fn cluster_node(redis: &RedisServer, name: &str, index: u16) -> longlink::config::Config {
+    let mut cfg = config(2);
+    cfg.node_name = name.into();
+    cfg.delivery.redis_url = redis.url();
+    cfg.delivery.node_index = index;
+    cfg.cluster.enabled = true;
+    cfg.cluster.lease_ms = 3_000;
+    cfg.cluster.forward_timeout_ms = 2_000;
+    cfg
+}
+
+#[test]
+fn in_a_cluster_a_revocation_sent_to_one_node_reaches_the_session_on_another() {
+    let redis = RedisServer::start();
+    let a = NodeProcess::start(&cluster_node(&redis, "a", 0));
+    let b = NodeProcess::start(&cluster_node(&redis, "b", 1));
+    let cfg = cluster_node(&redis, "a", 0);
+    let ring = keyring(&cfg);
+    let now = now_unix_secs();
+    let old = ring.mint("dan", "watch", "test", now - 5, now + 600);
+    let (mut live, mut buf, answer) = auth(&b, old.clone());
+    assert!(matches!(answer, Some(Frame::AuthOk(_))), "{answer:?}");
+    // Node a learns where the device is from its route in Redis.
+    let mut redis_conn = redis::Client::open(redis.url()).expect("redis url");
+    assert!(wait_until(Duration::from_secs(10), || {
+        let node: Option<String> =
+            redis::cmd("HGET").arg("ll:route:{watch}").arg("node").query(&mut redis_conn).ok().flatten();
+        node.as_deref() == Some("b")
+    }));
+    push_client(a.push_addr).revoke(&["watch"], &[], "").expect("revoke through node a");
+    let kicked = read_frame_blocking(&mut live, &mut buf);
+    assert_eq!(code(&kicked), Some(ErrorCode::Revoked), "{kicked:?}");
+    // Both the node that took the request and the one that held the
+    // session refuse the old token now.
+    for node in [&a, &b] {
+        let (_, _, answer) = auth(node, old.clone());
+        assert_eq!(code(&answer), Some(ErrorCode::Revoked), "{answer:?}");
+    }
+}
