@@ -34,7 +34,11 @@ impl Shard {
                 liveness.turned(Instant::now());
             }
             due.clear();
-            trim.observe(self.state.borrow().conns.len(), Instant::now());
+            let held = {
+                let st = self.state.borrow();
+                st.conns.len() + st.backends.len()
+            };
+            trim.observe(held, Instant::now());
             if let Some(deadline) = shutdown_deadline
                 && (self.state.borrow().conns.is_empty() || Instant::now() >= deadline)
             {
