@@ -578,6 +578,26 @@ impl PushClient {
         self.admin(Request::Kick(req))
     }
 
+    /// Revokes the tokens of `devices` and `users` issued until now: the
+    /// node refuses them at Auth and Refresh (`REVOKED`, terminal) and
+    /// ends their live sessions with `Kicked{REVOKED}`. Needs the key's
+    /// `revoke` right.
+    pub fn revoke<S: AsRef<str>>(
+        &mut self,
+        devices: &[S],
+        users: &[S],
+        reason: &str,
+    ) -> Result<proto::AdminReply, BackendError> {
+        let req = proto::KickRequest {
+            devices: strings(devices),
+            users: strings(users),
+            reason: reason.to_owned(),
+            revoke: true,
+            ..Default::default()
+        };
+        self.admin(Request::Kick(req))
+    }
+
     /// Ends every session of each of `users`.
     pub fn kick_users<S: AsRef<str>>(
         &mut self,

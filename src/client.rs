@@ -104,6 +104,10 @@ pub enum ClientEvent {
     /// The node's answer to a Join or Leave that arrived while the
     /// application waited for something else.
     GroupResult(proto::GroupResult),
+    /// The node took a Refresh: the session's token now expires then.
+    Refreshed {
+        token_expires_ms: u64,
+    },
 }
 
 /// Why the connection ended (or could not start).
@@ -327,6 +331,9 @@ impl ClientSession {
             }
             (ClientPhase::Active, Frame::Response(r)) => Ok(Some(ClientEvent::Response(r))),
             (ClientPhase::Active, Frame::GroupResult(r)) => Ok(Some(ClientEvent::GroupResult(r))),
+            (ClientPhase::Active, Frame::RefreshOk(r)) => {
+                Ok(Some(ClientEvent::Refreshed { token_expires_ms: r.token_expires_ms }))
+            }
             (_, other) => Err(ClientError::Unexpected(other.kind())),
         }
     }

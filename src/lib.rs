@@ -20,6 +20,7 @@
 //!   them to sessions ([`delivery::reliable`]: ACKs, resends, resume),
 //!   called through a small `Host` context the shard implements
 //!   (`shard/hosts.rs`); `delivery` does not depend on `shard`.
+//! - [`admission`]: per-source connection limits on the client listeners.
 //! - [`groups`]: per-shard group membership; [`rate`]: the one token bucket.
 //! - [`server`]: binds the listeners, starts the shards and wires the mesh
 //!   between them, serves the admin port.
@@ -27,6 +28,8 @@
 //! - [`observe`]: per-shard series for operators (latencies, codes, queue
 //!   bytes, sessions by platform and version).
 //! - [`reload`]: SIGHUP and `POST /reload`: the config re-read and applied live.
+//! - [`revocation`]: revoked users and devices, per shard.
+//! - [`trim`]: freed memory given back after many connections closed.
 //! - [`client`]: client session state machine and its glommio driver.
 //! - [`sdk`]: the client SDK: reconnects, drift, smart heartbeat, resume,
 //!   retried requests (sans-IO agent, glommio driver, blocking facade).
@@ -46,6 +49,7 @@
 //!   (/metrics, /healthz; /v1/dispatch and /drain in cluster mode), the
 //!   dispatcher, the Prometheus writer.
 
+pub mod admission;
 pub mod backend;
 pub mod client;
 pub mod cluster;
@@ -64,11 +68,13 @@ pub mod protocol;
 pub mod push;
 pub mod rate;
 pub mod reload;
+pub mod revocation;
 pub mod router;
 pub mod sdk;
 pub mod server;
 pub mod session;
 pub mod shard;
 pub mod sidecar;
+pub mod trim;
 pub mod upstream;
 pub mod wheel;

@@ -136,6 +136,10 @@ enum Command {
     /// End the sessions of devices, or of every device of users, through the
     /// push port; the clients receive a Kicked frame with the code.
     Kick(KickArgs),
+    /// Revoke the tokens of devices or users issued until now (needs the
+    /// key's "revoke" right): refused at login with REVOKED, and their
+    /// sessions are kicked with REVOKED.
+    Revoke(RevokeArgs),
     /// Ask a node which devices, users and groups are online, and how many
     /// connections each shard holds; prints JSON lines.
     Online(OnlineArgs),
@@ -271,6 +275,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 c.kick_devices(&args.device, args.code, &args.reason)?
             };
+            reply.results.iter().for_each(|r| emit(target_result_json(r)));
+            Ok(())
+        }),
+        Command::Revoke(args) => with_push_port(&args.port, |c| {
+            let reply = c.revoke(&args.device, &args.user, &args.reason)?;
             reply.results.iter().for_each(|r| emit(target_result_json(r)));
             Ok(())
         }),

@@ -69,6 +69,8 @@ pub enum ShardMsg {
     KickDevices { origin: Origin, items: Vec<(u32, String)>, code: proto::ErrorCode, reason: String },
     /// Report presence of devices, users, groups and connection counts.
     Presence { origin: Origin, query: Arc<PresenceQuery> },
+    /// Record a revocation (sent to every shard; no answer).
+    Revoke { devices: Arc<[String]>, users: Arc<[String]>, not_before: i64 },
     /// A user gained its first session on `shard` (or lost its last one).
     /// Sent to the user's home shard, which keeps the user directory. With
     /// `ack`, the home shard answers [`ShardMsg::UserDirAck`] so the new
@@ -169,6 +171,8 @@ pub struct Adoption {
     pub link: crate::conn::transport::Link,
     pub ws: Option<Box<crate::conn::transport::WsState>>,
     pub tls: Option<Box<crate::conn::transport::TlsLink>>,
+    /// The connection's charge in the per-source table, released at close.
+    pub admitted: crate::admission::Admitted,
 }
 
 impl ShardMsg {
@@ -200,6 +204,9 @@ impl ShardMsg {
                     query.devices.iter().chain(&query.users).chain(&query.groups).map(|s| s.len() + 24).sum()
                 }
                 ShardMsg::UserDir { .. } | ShardMsg::UserDirAck { .. } => 0,
+                ShardMsg::Revoke { devices, users, .. } => {
+                    devices.iter().chain(users.iter()).map(|s| s.len() + 24).sum()
+                }
                 ShardMsg::Part { part, .. } => match part {
                     Part::Sessions(v) => v.len() * 8,
                     Part::Stored(v) => v.iter().map(|c| c.device.len() + 64).sum(),

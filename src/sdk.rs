@@ -33,7 +33,7 @@ mod sim;
 pub use agent::{Action, Agent, AgentConfig, Disconnect, Dispatch, Event, LinkId, RequestError, RequestId, SdkError};
 pub use blocking::{BlockingClient, NextError, StartError};
 pub use dispatch::{DispatchError, DispatcherConfig};
-pub use driver::{CallError, Client, ClientConfig, Handle};
+pub use driver::{CallError, Client, ClientConfig, Handle, TokenRefresher};
 
 /// A small deterministic PRNG (xorshift64*), so the SDK's jitter can be
 /// seeded in tests and needs no dependency.

@@ -154,6 +154,13 @@ impl Server {
             join_policy: config.client_groups.allow.clone().into(),
             read_buffer_bytes: server.read_buffer_bytes,
             wheel_tick_ms: session.wheel_tick_ms,
+            admission: Arc::new(crate::admission::Admission::new(crate::admission::AdmissionLimits {
+                max_connections_per_ip: server.max_connections_per_ip,
+                max_connections_per_net: server.max_connections_per_net,
+                accepts_per_ip_per_sec: server.accepts_per_ip_per_sec,
+                accepts_per_net_per_sec: server.accepts_per_net_per_sec,
+                exempt: server.admission_exempt.clone(),
+            })),
             node: config.node_name_bound(client_addr.port()),
             upstream: live.upstream.clone(),
             delivery: DeliverySettings {

@@ -12,6 +12,10 @@
 //! session lives (it may hand the connection to the device's owner shard)
 //! and replaces an older login of the same device; `activate` then sends
 //! `AuthOk`. The struct is 16 bytes: every byte here is paid per connection.
+//!
+//! The token's expiry is kept (in seconds of the monotonic clock): once it
+//! passes, an active session closes with `TOKEN_EXPIRED`, unless the client
+//! sent a `Refresh` with a newer token, which moves it.
 
 use crate::protocol::codec::{CodecError, Frame};
 use crate::protocol::codes;
@@ -74,6 +78,9 @@ pub struct Login {
     /// Groups the token lets the client JOIN (patterns, see
     /// [`crate::groups::matches`]).
     pub groups: Vec<String>,
+    /// The token's expiry and issue time, unix seconds.
+    pub expires_at: i64,
+    pub issued_at: i64,
 }
 
 /// What the session asks its driver to do, in order.
@@ -97,7 +104,27 @@ pub enum Action {
     /// The client processed every at-least-once message up to this
     /// sequence (cumulative).
     Ack(u64),
+    /// A `Refresh` carried a valid token: if it names the session's user
+    /// and device, call [`Session::refreshed`], else close with
+    /// `INVALID_TOKEN`.
+    Refresh(Box<Refreshed>),
 }
+
+/// The claims of a valid `Refresh` token the shard must match.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Refreshed {
+    pub user: String,
+    pub device: String,
+    /// Unix seconds.
+    pub expires_at: i64,
+    pub issued_at: i64,
+}
+
+/// `expires_s` of a session whose token never expires.
+const NEVER: u32 = u32::MAX;
+/// The low bits of `packed` hold the idle timeout, the high ones the phase.
+const IDLE_BITS: u32 = 29;
+const IDLE_MASK: u32 = (1 << IDLE_BITS) - 1;
 
 /// Per-connection protocol state. See the module docs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,43 +132,76 @@ pub struct Session {
     /// When the current phase times out: auth deadline, idle deadline or
     /// end of the closing linger.
     deadline: Millis,
-    /// Silence allowed once active, in ms (factor x negotiated heartbeat).
-    idle_timeout_ms: u32,
-    phase: Phase,
+    /// Silence allowed once active, in ms (factor x negotiated heartbeat,
+    /// at most 2^29 - 1, six days), and the phase in the top 3 bits: packed
+    /// so the token's expiry fits without growing the struct.
+    packed: u32,
+    /// When the token (plus the clock leeway) expires, in whole seconds of
+    /// the monotonic clock `deadline` uses, rounded up; [`NEVER`] before Auth.
+    expires_s: u32,
 }
 
 impl Session {
     pub fn new(now: Millis, params: &Params) -> Session {
-        Session { deadline: now.add_ms(params.auth_timeout_ms), idle_timeout_ms: 0, phase: Phase::Handshaking }
+        let mut s = Session { deadline: now.add_ms(params.auth_timeout_ms), packed: 0, expires_s: NEVER };
+        s.set_phase(Phase::Handshaking);
+        s
     }
 
     pub fn phase(&self) -> Phase {
-        self.phase
+        match self.packed >> IDLE_BITS {
+            0 => Phase::Handshaking,
+            1 => Phase::Authenticated,
+            2 => Phase::Active,
+            3 => Phase::Closing,
+            _ => Phase::Closed,
+        }
     }
 
+    fn set_phase(&mut self, phase: Phase) {
+        let bits = match phase {
+            Phase::Handshaking => 0,
+            Phase::Authenticated => 1,
+            Phase::Active => 2,
+            Phase::Closing => 3,
+            Phase::Closed => 4,
+        };
+        self.packed = (self.packed & IDLE_MASK) | (bits << IDLE_BITS);
+    }
+
+    /// When the session next needs [`Session::handle_timeout`]: its phase's
+    /// deadline or, once active, its token's expiry if that comes first.
     pub fn deadline(&self) -> Millis {
-        self.deadline
+        match self.phase() {
+            Phase::Active => self.deadline.min(self.expiry()),
+            _ => self.deadline,
+        }
+    }
+
+    /// When the token expires on the monotonic clock (far away: never).
+    pub fn expiry(&self) -> Millis {
+        Millis(u64::from(self.expires_s) * 1000)
     }
 
     pub fn idle_timeout_ms(&self) -> u32 {
-        self.idle_timeout_ms
+        self.packed & IDLE_MASK
     }
 
     /// Whether `activate` ran (AuthOk was sent), even if the session is
     /// closing now. The idle timeout is set there and is never 0 (the
     /// heartbeat and the factor are both at least 1).
     pub fn was_activated(&self) -> bool {
-        self.idle_timeout_ms != 0
+        self.idle_timeout_ms() != 0
     }
 
     /// Whether input should still be decoded and fed in.
     pub fn wants_input(&self) -> bool {
-        matches!(self.phase, Phase::Handshaking | Phase::Active)
+        matches!(self.phase(), Phase::Handshaking | Phase::Active)
     }
 
     /// Feeds one decoded frame.
     pub fn handle_frame(&mut self, now: Now, frame: Frame, params: &Params, out: &mut Vec<Action>) {
-        match (self.phase, frame) {
+        match (self.phase(), frame) {
             (Phase::Handshaking, Frame::Auth(auth)) => self.on_auth(now, auth, params, out),
             (Phase::Handshaking, other) => self.fail(
                 now,
@@ -186,6 +246,18 @@ impl Session {
                 self.touch(now.mono);
                 out.push(Action::Ack(a.seq));
             }
+            (Phase::Active, Frame::Refresh(r)) => {
+                self.touch(now.mono);
+                match params.keyring.verify(&r.token, now.unix_secs(), params.clock_leeway_secs) {
+                    Ok(claims) => out.push(Action::Refresh(Box::new(Refreshed {
+                        user: claims.user,
+                        device: claims.device,
+                        expires_at: claims.expires_at,
+                        issued_at: claims.issued_at,
+                    }))),
+                    Err(err) => self.reject_token(now, &err, params, out),
+                }
+            }
             (Phase::Active, other) => self.fail(
                 now,
                 ErrorCode::BadFrame,
@@ -206,35 +278,51 @@ impl Session {
     /// The shard registered the login: the session becomes Active and
     /// answers with `AuthOk`.
     pub fn activate(&mut self, now: Now, login: &Login, ok: proto::AuthOk, params: &Params, out: &mut Vec<Action>) {
-        if self.phase != Phase::Authenticated {
+        if self.phase() != Phase::Authenticated {
             return;
         }
         let heartbeat = login.heartbeat_ms;
-        self.idle_timeout_ms = heartbeat.saturating_mul(params.idle_timeout_factor);
-        self.phase = Phase::Active;
+        let idle_timeout_ms = heartbeat.saturating_mul(params.idle_timeout_factor).min(IDLE_MASK);
+        self.packed = idle_timeout_ms;
+        self.set_phase(Phase::Active);
         self.touch(now.mono);
         out.push(Action::Send(Frame::AuthOk(proto::AuthOk {
             heartbeat_min_ms: params.heartbeat_min_ms,
             heartbeat_max_ms: params.heartbeat_max_ms,
             heartbeat_ms: heartbeat,
-            idle_timeout_ms: self.idle_timeout_ms,
+            idle_timeout_ms,
             server_time_ms: u64::try_from(now.unix_ms).unwrap_or(0),
+            token_expires_ms: expires_ms(login.expires_at),
             ..ok
         })));
     }
 
-    /// Checks the deadline; call when the timer wheel says it may be due.
-    pub fn handle_timeout(&mut self, now: Now, params: &Params, out: &mut Vec<Action>) {
-        if now.mono < self.deadline {
+    /// The shard matched a `Refresh` to this session's user and device:
+    /// the token's expiry moves, and the client gets `RefreshOk`.
+    pub fn refreshed(&mut self, now: Now, expires_at: i64, params: &Params, out: &mut Vec<Action>) {
+        if self.phase() != Phase::Active {
             return;
         }
-        match self.phase {
+        self.expires_s = expiry_secs(now, expires_at, params);
+        out.push(Action::Send(Frame::RefreshOk(proto::RefreshOk { token_expires_ms: expires_ms(expires_at) })));
+    }
+
+    /// Checks the deadline; call when the timer wheel says it may be due.
+    pub fn handle_timeout(&mut self, now: Now, params: &Params, out: &mut Vec<Action>) {
+        if now.mono < self.deadline() {
+            return;
+        }
+        match self.phase() {
             Phase::Handshaking => self.fail(now, ErrorCode::AuthTimeout, String::new(), params, out),
+            Phase::Active if now.mono >= self.expiry() => {
+                let why = "the token expired during the session; send Refresh before AuthOk.token_expires_ms";
+                self.fail(now, ErrorCode::TokenExpired, why.into(), params, out)
+            }
             Phase::Active => self.fail(now, ErrorCode::IdleTimeout, String::new(), params, out),
             // A shard that never activates is a bug elsewhere; do not leak the
             // connection because of it.
             Phase::Authenticated => self.fail(now, ErrorCode::ServerError, String::new(), params, out),
-            Phase::Closing => self.phase = Phase::Closed,
+            Phase::Closing => self.set_phase(Phase::Closed),
             Phase::Closed => {}
         }
     }
@@ -256,18 +344,18 @@ impl Session {
 
     /// The peer went away or the socket failed: nothing more to send.
     pub fn closed_by_peer(&mut self) {
-        self.phase = Phase::Closed;
+        self.set_phase(Phase::Closed);
     }
 
     fn touch(&mut self, now: Millis) {
-        self.deadline = now.add_ms(u64::from(self.idle_timeout_ms));
+        self.deadline = now.add_ms(u64::from(self.idle_timeout_ms()));
     }
 
     fn begin_close(&mut self, now: Now, params: &Params) -> bool {
-        if matches!(self.phase, Phase::Closing | Phase::Closed) {
+        if matches!(self.phase(), Phase::Closing | Phase::Closed) {
             return false;
         }
-        self.phase = Phase::Closing;
+        self.set_phase(Phase::Closing);
         self.deadline = now.mono.add_ms(params.close_linger_ms);
         true
     }
@@ -314,7 +402,8 @@ impl Session {
             );
             return self.fail(now, ErrorCode::InvalidToken, why, params, out);
         }
-        self.phase = Phase::Authenticated;
+        self.set_phase(Phase::Authenticated);
+        self.expires_s = expiry_secs(now, claims.expires_at, params);
         // The client has done its part; registration (a hand-off, the user
         // directory) gets a fresh deadline of its own.
         self.deadline = now.mono.add_ms(params.auth_timeout_ms);
@@ -329,12 +418,31 @@ impl Session {
             heartbeat_ms: params.negotiate_heartbeat(auth.heartbeat_ms),
             store_incarnation: auth.store_incarnation,
             groups: claims.groups,
+            expires_at: claims.expires_at,
+            issued_at: claims.issued_at,
         })));
     }
 
     fn reject_token(&mut self, now: Now, err: &TokenError, params: &Params, out: &mut Vec<Action>) {
         self.fail(now, err.code(), err.to_string(), params, out);
     }
+}
+
+/// The monotonic second (rounded up) at which a token expiring at
+/// `expires_at` (unix seconds) is past the clock leeway.
+fn expiry_secs(now: Now, expires_at: i64, params: &Params) -> u32 {
+    let until_ms = expires_at
+        .saturating_add(i64::from(params.clock_leeway_secs))
+        .saturating_mul(1000)
+        .saturating_sub(now.unix_ms)
+        .max(0);
+    let at_ms = now.mono.0.saturating_add(u64::try_from(until_ms).unwrap_or(0));
+    u32::try_from(at_ms.div_ceil(1000)).unwrap_or(NEVER - 1).min(NEVER - 1)
+}
+
+/// Unix seconds as the unix ms of AuthOk and RefreshOk.
+fn expires_ms(expires_at: i64) -> u64 {
+    u64::try_from(expires_at.saturating_mul(1000)).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -584,6 +692,71 @@ mod tests {
         assert_eq!(p.negotiate_heartbeat(0), 30_000);
         assert_eq!(p.negotiate_heartbeat(1), 5_000);
         assert_eq!(p.negotiate_heartbeat(u32::MAX), 270_000);
+    }
+
+    #[test]
+    fn token_expiry_closes_an_active_session_unless_refreshed() {
+        let p = params();
+        let login_at = |s: &mut Session| {
+            let mut out = Vec::new();
+            s.handle_frame(at(0), auth_frame(token(&p, T0_UNIX, T0_UNIX + 100)), &p, &mut out);
+            let [Action::Authenticated(login)] = &out[..] else { panic!("{out:?}") };
+            let login = (**login).clone();
+            out.clear();
+            s.activate(at(0), &login, proto::AuthOk::default(), &p, &mut out);
+            let [Action::Send(Frame::AuthOk(ok))] = &out[..] else { panic!("{out:?}") };
+            assert_eq!(ok.token_expires_ms, (T0_UNIX as u64 + 100) * 1000);
+        };
+        // Expires at 100 s, closed past the 30 s leeway, pings or not.
+        let mut s = Session::new(Millis(0), &p);
+        login_at(&mut s);
+        let mut out = Vec::new();
+        for t in [50_000, 100_000] {
+            s.handle_frame(at(t), Frame::Ping, &p, &mut out);
+        }
+        assert_eq!(s.deadline(), Millis(130_000), "the expiry comes before the idle deadline");
+        out.clear();
+        s.handle_timeout(at(129_999), &p, &mut out);
+        assert!(out.is_empty());
+        s.handle_timeout(at(130_000), &p, &mut out);
+        assert_eq!(closed_with(&out), Some(ErrorCode::TokenExpired));
+        assert!(matches!(&out[0], Action::Send(Frame::Error(e)) if e.reconnect));
+
+        // A Refresh moves it.
+        let mut s = Session::new(Millis(0), &p);
+        login_at(&mut s);
+        out.clear();
+        let refresh = |tok: String| Frame::Refresh(proto::Refresh { token: tok });
+        s.handle_frame(at(90_000), refresh(token(&p, T0_UNIX + 90, T0_UNIX + 1000)), &p, &mut out);
+        let [Action::Refresh(r)] = &out[..] else { panic!("{out:?}") };
+        assert_eq!((r.user.as_str(), r.device.as_str(), r.expires_at), ("alice", "phone", T0_UNIX + 1000));
+        let expires_at = r.expires_at;
+        out.clear();
+        s.refreshed(at(90_000), expires_at, &p, &mut out);
+        let [Action::Send(Frame::RefreshOk(ok))] = &out[..] else { panic!("{out:?}") };
+        assert_eq!(ok.token_expires_ms, (T0_UNIX as u64 + 1000) * 1000);
+        out.clear();
+        s.handle_frame(at(130_000), Frame::Ping, &p, &mut out);
+        s.handle_timeout(at(130_000), &p, &mut out);
+        assert_eq!(out, vec![Action::Send(Frame::Pong)]);
+        assert_eq!(s.deadline(), Millis(190_000), "the idle deadline again");
+
+        // A bad Refresh token closes with its code.
+        out.clear();
+        let mut bad = token(&p, T0_UNIX, T0_UNIX + 1000);
+        bad.push('x');
+        s.handle_frame(at(131_000), refresh(bad), &p, &mut out);
+        assert_eq!(closed_with(&out), Some(ErrorCode::InvalidToken));
+    }
+
+    #[test]
+    fn refresh_before_auth_is_bad_frame() {
+        let p = params();
+        let mut s = Session::new(Millis(0), &p);
+        let mut out = Vec::new();
+        let f = Frame::Refresh(proto::Refresh { token: token(&p, T0_UNIX, T0_UNIX + 60) });
+        s.handle_frame(at(1), f, &p, &mut out);
+        assert_eq!(closed_with(&out), Some(ErrorCode::BadFrame));
     }
 
     #[test]

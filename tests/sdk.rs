@@ -348,7 +348,8 @@ fn connects_through_the_dispatcher_with_its_token() {
     dispatch.app = "test".into();
     // The dispatcher mints for the user a login ticket proves.
     dispatch.ticket = ticket("u6");
-    let client = BlockingClient::start(ClientConfig { agent, dispatcher: Some(dispatch) }).unwrap();
+    let client =
+        BlockingClient::start(ClientConfig { agent, dispatcher: Some(dispatch), token_refresher: None }).unwrap();
     let (ev, _) = wait_for(&client, "connected", connected);
     assert!(matches!(ev, Event::Connected { endpoint, .. } if endpoint == server.client_addr().to_string()));
     drop(client);

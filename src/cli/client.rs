@@ -82,6 +82,9 @@ pub(crate) fn run_client(server: SocketAddr, opts: ClientOptions) -> anyhow::Res
                             emit(json!({"event": "resync_required", "from_seq": from_seq, "to_seq": to_seq}))
                         }
                         Ok(ClientEvent::Connected(_)) => {}
+                        Ok(ClientEvent::Refreshed { token_expires_ms }) => {
+                            emit(json!({"event": "token_refreshed", "token_expires_ms": token_expires_ms}))
+                        }
                         Ok(ClientEvent::GroupResult(r)) => emit(json!({
                             "event": "group_result",
                             "group": r.group,
@@ -160,7 +163,7 @@ pub(crate) fn run_sdk(args: SdkArgs) -> anyhow::Result<ExitCode> {
     if agent.endpoints.is_empty() && dispatcher.is_none() {
         bail!("give --endpoint or --dispatcher");
     }
-    let client = BlockingClient::start(ClientConfig { agent, dispatcher })?;
+    let client = BlockingClient::start(ClientConfig { agent, dispatcher, token_refresher: None })?;
     loop {
         let ev = match client.next_event(Duration::from_secs(3600)) {
             Ok(ev) => ev,
@@ -190,6 +193,13 @@ pub(crate) fn run_sdk(args: SdkArgs) -> anyhow::Result<ExitCode> {
             Event::Kicked { code, reason } => {
                 emit(json!({"event": "kicked", "code": code.as_str_name(), "reason": reason}))
             }
+            Event::TokenExpiring { token_expires_ms } => {
+                emit(json!({"event": "token_expiring", "token_expires_ms": token_expires_ms}))
+            }
+            Event::TokenRefreshed { token_expires_ms } => {
+                emit(json!({"event": "token_refreshed", "token_expires_ms": token_expires_ms}))
+            }
+            Event::TokenRefreshFailed(why) => emit(json!({"event": "token_refresh_failed", "reason": why})),
             Event::Disconnected { reason, retry_in_ms } => {
                 emit(json!({
                     "event": "disconnected", "code": reason.code().map(|c| c.as_str_name()),

@@ -123,6 +123,22 @@ pub(crate) struct KickArgs {
 }
 
 #[derive(Args)]
+#[command(group(ArgGroup::new("target").required(true).multiple(true).args(["device", "user"])))]
+pub(crate) struct RevokeArgs {
+    #[command(flatten)]
+    pub(crate) port: PushPort,
+    /// Device id; repeatable, comma-separated.
+    #[arg(long, value_name = "DEVICE", value_delimiter = ',')]
+    pub(crate) device: Vec<String>,
+    /// User id; repeatable, comma-separated.
+    #[arg(long, value_name = "USER", value_delimiter = ',')]
+    pub(crate) user: Vec<String>,
+    /// Reason text sent to the clients kicked.
+    #[arg(long, default_value = "", hide_default_value = true)]
+    pub(crate) reason: String,
+}
+
+#[derive(Args)]
 pub(crate) struct OnlineArgs {
     #[command(flatten)]
     pub(crate) port: PushPort,

@@ -45,7 +45,7 @@ impl Shard {
                 }
                 (Err(err), entry) => {
                     counters.claim_failures.fetch_add(1, Ordering::Relaxed);
-                    debug!(error = %err, %device, "route claim failed; retrying later");
+                    debug!(error = %err, device = %crate::protocol::limits::Escaped(&device), "route claim failed; retrying later");
                     if let Some(entry) = entry {
                         entry.1 = Claim::Failed;
                     }
@@ -144,7 +144,7 @@ pub(super) fn release(local: &Rc<Local>, device: String, epoch: u64) {
     glommio::spawn_local(async move {
         if let Err(err) = router.release(&device, epoch).await {
             // The route stays until its node's lease or the route TTL ends.
-            debug!(%device, %err, "route release failed");
+            debug!(device = %crate::protocol::limits::Escaped(&device), %err, "route release failed");
         }
     })
     .detach();

@@ -296,6 +296,25 @@ config_struct! {
         /// New connections one shard accepts per second; 0 = unlimited.
         /// Default: 20000.
         pub accept_rate_per_sec: u32 = 20_000,
+        /// Client connections one source address may hold at once, on all
+        /// client listeners together; more are closed at accept. 0 = no
+        /// limit. Default: 1000 (a carrier NAT puts many users behind one
+        /// address).
+        pub max_connections_per_ip: u32 = 1_000,
+        /// The same for a source network (IPv4 /24, IPv6 /64). 0 = no
+        /// limit. Default: 20000.
+        pub max_connections_per_net: u32 = 20_000,
+        /// New client connections one source address may open per second;
+        /// refused attempts count too. 0 = no limit. Default: 200.
+        pub accepts_per_ip_per_sec: u32 = 200,
+        /// The same for a source network (IPv4 /24, IPv6 /64), counting
+        /// only attempts their address's own limits let in. 0 = no limit.
+        /// Default: 2000.
+        pub accepts_per_net_per_sec: u32 = 2_000,
+        /// Source addresses the four limits above never apply to. Default:
+        /// ["127.0.0.1", "::1"] (the host itself: a local proxy, health
+        /// checks). Other loopback addresses (127.0.0.2, ...) are limited.
+        pub admission_exempt: Vec<std::net::IpAddr> = vec![std::net::Ipv4Addr::LOCALHOST.into(), std::net::Ipv6Addr::LOCALHOST.into()],
         /// WebSocket listener (`[ws]` path). "" turns it off.
         /// Default: "0.0.0.0:7104".
         pub ws_listen: String = "0.0.0.0:7104".into(),

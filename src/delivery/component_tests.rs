@@ -192,6 +192,8 @@ fn component_resume_replays_what_waited_while_offline() {
         heartbeat_ms: 0,
         store_incarnation: 0,
         groups: Vec::new(),
+        expires_at: i64::MAX,
+        issued_at: 0,
     };
     let now = s.now;
     reliable::resume(&mut s, KEY, now, &login);

@@ -1,54 +1,61 @@
-//! The sidecars' HTTP/1.1 request reader and parser ([`crate::http`]): a
-//! connection's bytes, read head by head as `serve` does, keep-alive
-//! included.
+//! The sidecars' HTTP/1.1 request parser ([`crate::http`]) as the server's
+//! event loop drives it: bytes arrive in pieces, `find_head_end` searches
+//! only what it has not searched before, whole heads are parsed and their
+//! bodies taken, keep-alive included.
 //!
-//! Input: one byte picks the head limit (small, so it is reachable), the
-//! rest is what the client sends. Invariants:
-//! - reading a head never takes in more than the limit (plus the byte
-//!   that crosses it), however long a line is;
+//! Input: one byte per piece gives its length, the rest is what the client
+//! sends. Invariants:
+//! - the incremental search finds the same head end as a search of the
+//!   whole input from its start, and never past `MAX_HEAD` + 4;
 //! - a parsed head announces a body within the body limit;
 //! - percent-decoding follows the spec: `+` is a space, `%` and two hex
 //!   digits is a byte, anything else stays as it is.
 
-use std::io::{BufRead, Cursor, Read};
-
 use super::Input;
-use crate::http::{parse_head, percent_decode, read_head};
+use crate::http::{MAX_HEAD, find_head_end, parse_head, percent_decode};
 
 /// `crate::http::MAX_BODY`.
 const MAX_BODY: usize = 64 * 1024;
 
 pub fn check(data: &[u8]) {
     let mut input = Input::new(data);
-    let max_head = [64, 200, 1024][usize::from(input.u8() % 3)];
+    let piece = usize::from(input.u8() % 16) + 1;
     let bytes = input.rest();
     check_percent_decode(&String::from_utf8_lossy(bytes));
-    let mut reader = Cursor::new(bytes);
-    // Each round consumes at least one byte or stops.
-    for _ in 0..=bytes.len() {
-        let start = reader.position();
-        let head = read_head(&mut reader, max_head);
-        let consumed = (reader.position() - start) as usize;
-        assert!(consumed <= max_head + 1, "read {consumed} bytes of a head (limit {max_head})");
-        let head = match head {
-            Ok(Some(head)) => head,
-            Ok(None) => {
-                assert!(consumed == 0 && reader.fill_buf().is_ok_and(|b| b.is_empty()));
+    // What the server holds for the connection, and how far it searched.
+    let mut held: Vec<u8> = Vec::new();
+    let mut scanned = 0;
+    for chunk in bytes.chunks(piece) {
+        held.extend_from_slice(chunk);
+        loop {
+            let found = find_head_end(&held, scanned);
+            assert_eq!(found, find_head_end(&held, 0), "the incremental search differs from a full one");
+            // As `process` does.
+            if found.is_none() {
+                scanned = held.len();
+            }
+            let end = match found {
+                Some(end) if end <= MAX_HEAD => end,
+                // 431 and the connection closes.
+                Some(end) => return assert!(end <= MAX_HEAD + 4, "head end {end}"),
+                None if held.len() > MAX_HEAD => return,
+                None => break,
+            };
+            assert!(held[..end].ends_with(b"\r\n\r\n") || held[..end].ends_with(b"\n\n"));
+            // 400 and the connection closes.
+            let Ok(head) = parse_head(&held[..end]) else { return };
+            assert!(head.body_len <= MAX_BODY, "body of {} bytes", head.body_len);
+            assert!(!head.method.is_empty());
+            if held.len() < end + head.body_len {
+                break;
+            }
+            held.drain(..end + head.body_len);
+            scanned = 0;
+            if head.close {
                 return;
             }
-            // `serve` drops the connection.
-            Err(_) => return,
-        };
-        assert!(head.len() <= max_head && (head.ends_with(b"\r\n\r\n") || head.ends_with(b"\n\n")));
-        let Ok(parsed) = parse_head(&head) else { return };
-        assert!(parsed.body_len <= MAX_BODY, "body of {} bytes", parsed.body_len);
-        assert!(!parsed.method.is_empty());
-        let mut body = vec![0; parsed.body_len];
-        if reader.read_exact(&mut body).is_err() || parsed.close {
-            return;
         }
     }
-    panic!("read_head made no progress");
 }
 
 /// `percent_decode` against the rule written out byte by byte.

@@ -76,6 +76,7 @@ pub fn sample_frames() -> Vec<Frame> {
             shard: 1,
             node: "node-1".into(),
             store_incarnation: 99,
+            token_expires_ms: 1_800_003_600_000,
         }),
         Frame::Error(proto::Error {
             code: proto::ErrorCode::IdleTimeout as i32,
@@ -127,6 +128,7 @@ pub fn sample_frames() -> Vec<Frame> {
             code: proto::ErrorCode::Kicked as i32,
             reason: "logged out".into(),
             forwarded: true,
+            revoke: false,
             conn_ids: vec![5],
         }),
         Frame::PresenceQuery(proto::PresenceQuery {

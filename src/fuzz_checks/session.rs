@@ -354,6 +354,8 @@ impl Harness {
             heartbeat_ms: self.params.heartbeat_default_ms,
             store_incarnation: 0,
             groups: Vec::new(),
+            expires_at: i64::MAX,
+            issued_at: 0,
         });
         let mut out = Vec::new();
         let ok = proto::AuthOk { conn_id, ..Default::default() };
@@ -427,6 +429,7 @@ impl Harness {
                 Action::Join(name) | Action::Leave(name) => self.check_active(active_before, name),
                 Action::Request(r) => self.check_active(active_before, &r.service_id),
                 Action::Ack(_) => self.check_active(active_before, "-"),
+                Action::Refresh(r) => self.check_active(active_before, &r.device),
             }
         }
         if trigger == Trigger::Auth(true) {

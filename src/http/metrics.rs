@@ -153,6 +153,37 @@ fn shard_families(e: &mut Exposition, counters: &[Arc<ShardCounters>]) {
     family(e, "longlink_frames_out_total", "Frames sent or queued to clients.", false, &|c| &c.frames_out);
     family(e, "longlink_bytes_out_total", "Bytes sent or queued to clients.", false, &|c| &c.bytes_out);
     family(e, "longlink_push_requests_total", "Push-port requests read.", false, &|c| &c.push_requests);
+    let push_refused: Vec<_> = counters
+        .iter()
+        .zip(&shards)
+        .flat_map(|(c, s)| {
+            [
+                ("UNAUTHENTICATED", &c.push_refused),
+                ("AUTH_TIMEOUT", &c.push_auth_timeouts),
+                ("PERMISSION_DENIED", &c.push_denied),
+            ]
+            .map(|(code, n)| ([("shard", s.as_str()), ("code", code)], load(n)))
+        })
+        .collect();
+    e.counter(
+        "longlink_push_refused_total",
+        "Push-port and node-listener refusals by code: connections without a valid credential \
+         (or past the authenticating limit), silent until the auth deadline, requests the key has no right for.",
+        push_refused.iter().map(|(l, v)| (&l[..], *v)),
+    );
+    let refused: Vec<_> = counters
+        .iter()
+        .zip(&shards)
+        .flat_map(|(c, s)| {
+            crate::admission::Refusal::ALL
+                .map(|r| ([("shard", s.as_str()), ("reason", r.as_str())], load(&c.admission_refused[r as usize])))
+        })
+        .collect();
+    e.counter(
+        "longlink_admission_refused_total",
+        "Client connections closed at accept by a per-source limit (server.max_connections_per_ip and friends).",
+        refused.iter().map(|(l, v)| (&l[..], *v)),
+    );
     family(
         e,
         "longlink_push_timeouts_total",

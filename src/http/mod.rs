@@ -16,4 +16,4 @@ pub mod metrics;
 pub mod server;
 
 pub use server::{Handler, HttpServer, Limits, Reply, Request, Response, parse_query};
-pub(crate) use server::{parse_head, percent_decode, read_head};
+pub(crate) use server::{MAX_HEAD, find_head_end, parse_head, percent_decode};

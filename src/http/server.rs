@@ -14,7 +14,7 @@
 //! threads behind a bounded queue (full: 503), so the loop keeps serving.
 
 use std::collections::HashMap;
-use std::io::{self, BufRead, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -476,7 +476,11 @@ impl EventLoop {
     fn process(&mut self, key: usize) {
         let Some(conn) = self.conns.get_mut(key) else { return };
         let found = find_head_end(&conn.input, conn.scanned);
-        conn.scanned = conn.input.len();
+        // Only a search that found nothing moves on: a head whose body is
+        // still coming must be found again on the next read.
+        if found.is_none() {
+            conn.scanned = conn.input.len();
+        }
         let head_end = match found {
             Some(end) if end <= MAX_HEAD => end,
             Some(_) => return self.fail(key, 431, "request head too large\n"),
@@ -629,7 +633,7 @@ impl EventLoop {
 /// Where the head in `input` ends (after its blank line), if it is there;
 /// `input[..scanned]` was searched before (a slow client's bytes are not
 /// searched again on every read).
-fn find_head_end(input: &[u8], scanned: usize) -> Option<usize> {
+pub(crate) fn find_head_end(input: &[u8], scanned: usize) -> Option<usize> {
     let window = &input[..input.len().min(MAX_HEAD + 4)];
     (scanned.saturating_sub(3)..window.len()).find_map(|i| {
         if window[i..].starts_with(b"\r\n\r\n") {
@@ -689,29 +693,6 @@ pub(crate) fn parse_head(head: &[u8]) -> Result<Head, &'static str> {
         body_len,
         close,
     })
-}
-
-/// Reads up to and including the blank line; `None` on a clean EOF. A head
-/// longer than `max_head` bytes is an error.
-/// (The server finds heads in its own buffer; this reader serves the fuzz
-/// checks of the head limit.)
-pub(crate) fn read_head(reader: &mut impl BufRead, max_head: usize) -> io::Result<Option<Vec<u8>>> {
-    let mut head = Vec::new();
-    loop {
-        // At most one byte past the limit, however long the line: an
-        // endless line must not grow the buffer without bound.
-        let room = (max_head + 1).saturating_sub(head.len()) as u64;
-        let n = reader.by_ref().take(room).read_until(b'\n', &mut head)?;
-        if n == 0 {
-            return if head.is_empty() { Ok(None) } else { Err(io::ErrorKind::UnexpectedEof.into()) };
-        }
-        if head.len() > max_head {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "request head too large"));
-        }
-        if head.ends_with(b"\r\n\r\n") || head.ends_with(b"\n\n") {
-            return Ok(Some(head));
-        }
-    }
 }
 
 fn encode_response(r: &Response, keep_alive: bool) -> Vec<u8> {

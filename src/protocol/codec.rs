@@ -229,6 +229,8 @@ frames! {
         Leave(proto::GroupMembership),
         GoAway(proto::GoAway),
         GroupResult(proto::GroupResult),
+        Refresh(proto::Refresh),
+        RefreshOk(proto::RefreshOk),
         PushChallenge(proto::PushChallenge),
         PushAuth(proto::PushAuth),
         PushAuthOk(proto::PushAuthOk),
@@ -267,7 +269,9 @@ impl Peer {
     pub fn sends(self, kind: FrameKind) -> bool {
         use FrameKind as K;
         match self {
-            Peer::Client => matches!(kind, K::Auth | K::Error | K::Ping | K::Ack | K::Request | K::Join | K::Leave),
+            Peer::Client => {
+                matches!(kind, K::Auth | K::Error | K::Ping | K::Ack | K::Request | K::Join | K::Leave | K::Refresh)
+            }
             Peer::Backend => matches!(
                 kind,
                 K::PushAuth
@@ -327,6 +331,7 @@ mod tests {
                 shard: 1,
                 node: "n".into(),
                 store_incarnation: 9,
+                token_expires_ms: 10,
             }),
             Frame::Error(proto::Error {
                 code: proto::ErrorCode::BadFrame as i32,
@@ -337,6 +342,8 @@ mod tests {
             Frame::Pong,
             Frame::Kicked(proto::Kicked { code: proto::ErrorCode::Replaced as i32, reason: "r".into() }),
             Frame::GoAway(proto::GoAway { endpoint: "127.0.0.1:1".into(), reason: "drain".into() }),
+            Frame::Refresh(proto::Refresh { token: "t".into() }),
+            Frame::RefreshOk(proto::RefreshOk { token_expires_ms: 11 }),
             Frame::Message(proto::Message {
                 payload: Bytes::from_static(b"hello"),
                 service_id: "chat".into(),

@@ -54,6 +54,7 @@ pub const TABLE: &[CodeInfo] = &[
     row(ErrorCode::LimitExceeded, Terminal, "a per-session limit was exceeded"),
     row(ErrorCode::Unauthenticated, Terminal, "no valid credential"),
     row(ErrorCode::PermissionDenied, Terminal, "the credential does not allow this"),
+    row(ErrorCode::Revoked, Terminal, "the token was revoked; get a new one"),
 ];
 
 /// The table row for `code`; `Unspecified` maps to SERVER_ERROR's row.

@@ -176,6 +176,11 @@ impl Keyring {
 
     /// Refuse tokens valid for longer than `secs` (counted from their
     /// issue time, and from now). Unbounded unless set.
+    /// Longest token lifetime [`Keyring::verify`] accepts, in seconds.
+    pub fn max_lifetime_secs(&self) -> i64 {
+        self.max_lifetime_secs
+    }
+
     pub fn with_max_lifetime(mut self, secs: u64) -> Keyring {
         self.max_lifetime_secs = i64::try_from(secs).unwrap_or(i64::MAX);
         self

@@ -71,11 +71,13 @@ impl Rights {
     pub const STATUS: Rights = Rights(1 << 5);
     /// Forwarded requests from another node (the cluster secret only).
     pub const FORWARD: Rights = Rights(1 << 6);
+    /// Revoking users' and devices' tokens (`KickRequest.revoke`).
+    pub const REVOKE: Rights = Rights(1 << 7);
     /// Every right a push key can name.
-    pub const ALL_PUSH: Rights = Rights(0b11_1111);
+    pub const ALL_PUSH: Rights = Rights(0b1011_1111);
 
     /// The names config files and `PushAuthOk` use, in bit order.
-    pub const NAMES: [(&'static str, Rights); 7] = [
+    pub const NAMES: [(&'static str, Rights); 8] = [
         ("push", Rights::PUSH),
         ("broadcast", Rights::BROADCAST),
         ("groups", Rights::GROUPS),
@@ -83,6 +85,7 @@ impl Rights {
         ("presence", Rights::PRESENCE),
         ("status", Rights::STATUS),
         ("forward", Rights::FORWARD),
+        ("revoke", Rights::REVOKE),
     ];
 
     pub fn contains(self, other: Rights) -> bool {
@@ -100,7 +103,8 @@ impl Rights {
             match Rights::NAMES.iter().find(|(n, _)| n == name) {
                 Some((_, r)) if *r != Rights::FORWARD => rights = rights.union(*r),
                 _ => {
-                    let allowed: Vec<&str> = Rights::NAMES[..6].iter().map(|(n, _)| *n).collect();
+                    let allowed: Vec<&str> =
+                        Rights::NAMES.iter().filter(|(_, r)| *r != Rights::FORWARD).map(|(n, _)| *n).collect();
                     return Err(format!("unknown right {name:?}; allowed: {}", allowed.join(", ")));
                 }
             }
@@ -341,6 +345,7 @@ pub fn needed(frame: &crate::protocol::codec::Frame) -> (Rights, Option<&str>) {
             (right, Some(r.service_id.as_str()))
         }
         Frame::GroupUpdate(_) => (Rights::GROUPS, None),
+        Frame::KickRequest(r) if r.revoke => (Rights::REVOKE, None),
         Frame::KickRequest(_) => (Rights::KICK, None),
         Frame::PresenceQuery(_) => (Rights::PRESENCE, None),
         Frame::DeliveryStatusQuery(_) => (Rights::STATUS, None),

@@ -81,7 +81,10 @@ impl Shard {
                 continue;
             }
             let code = match b.auth {
-                BackendAuth::Challenged { .. } => ErrorCode::AuthTimeout,
+                BackendAuth::Challenged { .. } => {
+                    self.counters.push_auth_timeouts.fetch_add(1, Ordering::Relaxed);
+                    ErrorCode::AuthTimeout
+                }
                 // Busy is not idle: the wait starts again.
                 BackendAuth::Granted { .. } if b.inflight > 0 => {
                     b.deadline = now.add_ms(idle_ms);
@@ -549,9 +552,22 @@ impl Shard {
             return Err(request_error(id, ErrorCode::LimitExceeded, format!("more than {max_targets} targets")));
         }
         let code = match codes::from_wire(req.code) {
+            ErrorCode::Unspecified if req.revoke => ErrorCode::Revoked,
             ErrorCode::Unspecified => ErrorCode::Kicked,
             code => code,
         };
+        if req.revoke {
+            // Every shard refuses the old tokens from now on (any of them
+            // may take a login of these users and devices); then the kick
+            // below ends the live sessions.
+            let not_before = crate::protocol::token::now_unix_secs();
+            let (devices, users): (Arc<[String]>, Arc<[String]>) =
+                (req.devices.clone().into(), req.users.clone().into());
+            for shard in 0..self.shards() {
+                let msg = ShardMsg::Revoke { devices: devices.clone(), users: users.clone(), not_before };
+                self.route(st, ShardId(shard), msg);
+            }
+        }
         let results = target_results(req.devices.iter().chain(&req.users));
         let devices = self.by_shard(&results, 0, &req.devices, owner_shard);
         let users = self.by_shard(&results, req.devices.len(), &req.users, home_shard);

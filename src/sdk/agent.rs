@@ -230,6 +230,15 @@ pub enum Event {
     /// No session any more (or an attempt failed). `retry_in_ms` is when
     /// the next attempt starts; `None`: the agent stopped for good.
     Disconnected { reason: Disconnect, retry_in_ms: Option<u64> },
+    /// The session's token expires at `token_expires_ms` (unix ms; a fifth
+    /// of its lifetime is left): get a new one for the same user and
+    /// device and call [`Agent::refresh_token`], or the node closes the
+    /// session with `TOKEN_EXPIRED` then.
+    TokenExpiring { token_expires_ms: u64 },
+    /// The node took the new token.
+    TokenRefreshed { token_expires_ms: u64 },
+    /// The driver's token refresher failed (its error).
+    TokenRefreshFailed(String),
 }
 
 /// What the driver must do, in order.
@@ -282,6 +291,29 @@ struct Up {
     rbuf: BytesMut,
     /// AuthOk arrived.
     active: bool,
+    /// The node's unix ms minus our clock, from AuthOk (to place the
+    /// token's expiry on our clock).
+    server_offset_ms: i64,
+    /// When to ask the application for a new token ([`Event::TokenExpiring`]).
+    refresh_at: Option<Millis>,
+    /// The session's token expiry (unix ms, 0: never), from AuthOk or RefreshOk.
+    token_expires_ms: u64,
+}
+
+impl Up {
+    /// Asks for a new token when a fifth of the time to `token_expires_ms`
+    /// is left (at least a second ahead of it).
+    fn schedule_refresh(&mut self, now: Millis, token_expires_ms: u64) {
+        self.token_expires_ms = token_expires_ms;
+        self.refresh_at = None;
+        if token_expires_ms == 0 {
+            return;
+        }
+        let server_now = now.0 as i64 + self.server_offset_ms;
+        let left = (i64::try_from(token_expires_ms).unwrap_or(i64::MAX) - server_now).max(0) as u64;
+        let lead = (left / 5).max(1_000).min(left);
+        self.refresh_at = Some(now.add_ms(left - lead));
+    }
 }
 
 #[derive(Debug)]
@@ -378,7 +410,9 @@ impl Agent {
             State::Waiting { at } => Some(*at),
             State::LookingUp { deadline } => Some(*deadline),
             State::Connecting { deadline, .. } => Some(*deadline),
-            State::Up(up) => Some(up.session.poll_timeout()),
+            State::Up(up) => {
+                Some(up.refresh_at.map_or(up.session.poll_timeout(), |r| r.min(up.session.poll_timeout())))
+            }
             State::Stopped(_) => return None,
         };
         let requests = self.pending.values().map(|p| p.next_try.map_or(p.deadline, |t| t.min(p.deadline))).min();
@@ -493,7 +527,17 @@ impl Agent {
         }
         let (mut session, auth) = ClientSession::new(opts, now);
         session.skip_through(self.delivered_seq);
-        self.state = State::Up(Box::new(Up { link, endpoint, session, rbuf: BytesMut::new(), active: false }));
+        let up = Up {
+            link,
+            endpoint,
+            session,
+            rbuf: BytesMut::new(),
+            active: false,
+            server_offset_ms: 0,
+            refresh_at: None,
+            token_expires_ms: 0,
+        };
+        self.state = State::Up(Box::new(up));
         self.send(link, &auth, Flags::default());
     }
 
@@ -557,6 +601,12 @@ impl Agent {
             }
             State::Connecting { deadline, .. } if now >= *deadline => {
                 self.fail(now, Disconnect::ConnectTimeout(self.cfg.connect_timeout_ms), true)
+            }
+            State::Up(up) if up.refresh_at.is_some_and(|r| now >= r) => {
+                up.refresh_at = None;
+                let token_expires_ms = up.token_expires_ms;
+                self.event(Event::TokenExpiring { token_expires_ms });
+                return self.handle_timeout(now);
             }
             State::Up(up) => match up.session.poll_timer(now) {
                 Err(err) => self.fail(now, Disconnect::from_client(err), true),
@@ -698,6 +748,19 @@ impl Agent {
     /// dispatcher is configured).
     pub fn set_token(&mut self, token: String) {
         self.cfg.client.token = token;
+    }
+
+    /// A new token (the answer to [`Event::TokenExpiring`]): used by the
+    /// next connects, and sent to the node at once when a session is up so
+    /// that it outlives the old token.
+    pub fn refresh_token(&mut self, _now: Millis, token: String) {
+        self.cfg.client.token = token.clone();
+        if let State::Up(up) = &self.state
+            && up.active
+        {
+            let link = up.link;
+            self.send(link, &Frame::Refresh(proto::Refresh { token }), Flags::default());
+        }
     }
 
     /// Stops for good: closes the connection, fails waiting requests.

@@ -11,6 +11,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -30,12 +31,30 @@ pub struct ClientConfig {
     /// Ask this dispatcher for endpoints and a token (sets
     /// `agent.dispatcher`); `agent.endpoints` stay the fallback.
     pub dispatcher: Option<DispatcherConfig>,
+    /// Called (on a blocking thread) when the session's token nears its
+    /// expiry ([`Event::TokenExpiring`], which the application sees too);
+    /// the token it returns goes to the node in a Refresh. Without it the
+    /// application answers the event with [`Handle::refresh_token`].
+    pub token_refresher: Option<TokenRefresher>,
 }
 
 impl ClientConfig {
     /// Fixed endpoints, no dispatcher.
     pub fn fixed(agent: AgentConfig) -> ClientConfig {
-        ClientConfig { agent, dispatcher: None }
+        ClientConfig { agent, dispatcher: None, token_refresher: None }
+    }
+}
+
+/// The application's source of fresh tokens for the same user and device
+/// (its business login, `longlink token`, ...). An error is reported as
+/// [`Event::TokenRefreshFailed`]; the session then ends with
+/// `TOKEN_EXPIRED` and reconnects with whatever token it has by then.
+#[derive(Clone)]
+pub struct TokenRefresher(pub Arc<dyn Fn() -> Result<String, String> + Send + Sync>);
+
+impl std::fmt::Debug for TokenRefresher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenRefresher")
     }
 }
 
@@ -43,6 +62,7 @@ impl ClientConfig {
 enum Inbox {
     Connected(LinkId, io::Result<TcpStream>),
     Dispatched(Result<super::Dispatch, DispatchError>),
+    Token(Result<String, String>),
 }
 
 /// A call from another thread (see [`Handle`]).
@@ -59,6 +79,7 @@ pub(crate) enum Command {
     Foreground(bool),
     NetworkChanged(String),
     SetToken(String),
+    RefreshToken(String),
     Close,
 }
 
@@ -72,6 +93,7 @@ pub struct Client {
     agent: Agent,
     epoch: Instant,
     dispatcher: Option<DispatcherConfig>,
+    token_refresher: Option<TokenRefresher>,
     /// The socket of the agent's current link.
     stream: Option<(LinkId, TcpStream)>,
     /// The link whose connect is in flight.
@@ -101,6 +123,7 @@ impl Client {
             agent,
             epoch,
             dispatcher: cfg.dispatcher,
+            token_refresher: cfg.token_refresher,
             stream: None,
             connecting: None,
             inbox_tx,
@@ -192,7 +215,17 @@ impl Client {
                         let _ = tx.send(result);
                     }
                 }
-                Action::Event(ev) => self.events.push_back(ev),
+                Action::Event(ev) => {
+                    if let (Event::TokenExpiring { .. }, Some(refresher)) = (&ev, &self.token_refresher) {
+                        let (refresher, tx) = (refresher.clone(), self.inbox_tx.clone());
+                        glommio::spawn_local(async move {
+                            let token = glommio::executor().spawn_blocking(move || (refresher.0)()).await;
+                            let _ = tx.unbounded_send(Inbox::Token(token));
+                        })
+                        .detach();
+                    }
+                    self.events.push_back(ev)
+                }
                 Action::Send { link, bytes } => {
                     let Some((l, stream)) = &mut self.stream else { continue };
                     if *l != link {
@@ -323,6 +356,8 @@ impl Client {
                 }
             }
             Wake::Inbox(Some(Inbox::Dispatched(result))) => self.agent.handle_dispatch(now, result),
+            Wake::Inbox(Some(Inbox::Token(Ok(token)))) => self.agent.refresh_token(now, token),
+            Wake::Inbox(Some(Inbox::Token(Err(why)))) => self.events.push_back(Event::TokenRefreshFailed(why)),
             // The client holds a sender itself: never closed.
             Wake::Inbox(None) => {}
             Wake::Command(Some(cmd)) => self.command(now, cmd),
@@ -348,6 +383,7 @@ impl Client {
             Command::Foreground(fg) => self.agent.set_foreground(now, fg),
             Command::NetworkChanged(net) => self.agent.network_changed(now, &net),
             Command::SetToken(token) => self.agent.set_token(token),
+            Command::RefreshToken(token) => self.agent.refresh_token(now, token),
             Command::Close => self.agent.close(now),
         }
     }
@@ -422,6 +458,11 @@ impl Handle {
 
     pub fn set_token(&self, token: String) -> Result<(), SdkError> {
         self.send(Command::SetToken(token))
+    }
+
+    /// The answer to [`Event::TokenExpiring`]: see [`Agent::refresh_token`].
+    pub fn refresh_token(&self, token: String) -> Result<(), SdkError> {
+        self.send(Command::RefreshToken(token))
     }
 
     pub fn close(&self) -> Result<(), SdkError> {

@@ -470,6 +470,11 @@ impl Sim {
                         }));
                     }
                 }
+                session::Action::Refresh(r) => {
+                    let mut out = Vec::new();
+                    c.session.refreshed(at(self.now), r.expires_at, &self.params, &mut out);
+                    queue.extend(out);
+                }
                 session::Action::Join(_) | session::Action::Leave(_) => {}
             }
         }

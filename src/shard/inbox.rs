@@ -192,6 +192,9 @@ impl Shard {
                 }
                 self.answer(st, origin, Part::Sessions(reached));
             }
+            ShardMsg::Revoke { devices, users, not_before } => {
+                st.revoked.record(&devices, &users, not_before, now.unix_secs());
+            }
             ShardMsg::Presence { origin, query } => {
                 let part = self.presence(st, &query);
                 self.answer(st, origin, Part::Presence(Box::new(part)));

@@ -2,6 +2,7 @@
 //! the user directory on the user's home shard, replacing older logins.
 
 use super::*;
+use crate::protocol::limits::Escaped;
 
 impl Shard {
     // ---- registration -----------------------------------------------------
@@ -46,7 +47,8 @@ impl Shard {
             let deadline = conn.session.deadline();
             st.wheel.insert(key, deadline);
         }
-        debug!(shard = %self.id, conn = %ConnId::new(self.id, key), user = %login.user, device = %login.device, "authenticated");
+        let (user, device) = (Escaped(&login.user), Escaped(&login.device));
+        debug!(shard = %self.id, conn = %ConnId::new(self.id, key), %user, %device, "authenticated");
         self.apply(st, key, now, &mut actions);
         st.actions = actions;
         // Hook: stored messages since the client's last sequence follow AuthOk.

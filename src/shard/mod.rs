@@ -122,6 +122,9 @@ pub struct ShardCounters {
     pub broadcast_queued_bytes: AtomicU64,
     /// Broadcasts this shard refused because a shard's queue was full.
     pub broadcast_rejected: AtomicU64,
+    /// Client connections closed at accept by the per-source limits, by
+    /// [`crate::admission::Refusal`].
+    pub admission_refused: [AtomicU64; 4],
     /// Push-port requests received.
     pub push_requests: AtomicU64,
     /// Push-port and node-listener connections refused before or at
@@ -129,6 +132,9 @@ pub struct ShardCounters {
     pub push_refused: AtomicU64,
     /// Requests refused because the key lacks the right (PERMISSION_DENIED).
     pub push_denied: AtomicU64,
+    /// Push-port and node-listener connections closed silent before their
+    /// auth deadline (AUTH_TIMEOUT).
+    pub push_auth_timeouts: AtomicU64,
     /// Push-port requests answered at `push.reply_timeout_ms` with answers
     /// missing, and answers that came after that (dropped).
     pub push_timeouts: AtomicU64,
@@ -177,6 +183,8 @@ pub struct ShardConfig {
     pub write_timeout_ms: u64,
     pub read_buffer_bytes: usize,
     pub wheel_tick_ms: u64,
+    /// Per-source limits, one table for the node.
+    pub admission: Arc<crate::admission::Admission>,
     pub max_groups_per_session: u32,
     /// Groups any client may JOIN (`[client_groups] allow`).
     pub join_policy: Arc<[String]>,
@@ -419,6 +427,8 @@ pub(crate) struct State {
     pub(crate) upstream: Upstream,
     /// Wire forms of outbound frames, for links other than plain TCP.
     wrapper: Wrapper,
+    /// Users and devices whose older tokens are refused.
+    pub(crate) revoked: crate::revocation::Revocations,
 }
 
 impl State {
@@ -595,6 +605,13 @@ impl Shard {
                 reliable: Reliable::new(id, cfg.delivery.clone(), store.clone(), counters.reliable.clone()),
                 upstream: Upstream::new(cfg.upstream.clone()),
                 wrapper: Wrapper::default(),
+                revoked: crate::revocation::Revocations::new(
+                    cfg.live
+                        .params
+                        .keyring
+                        .max_lifetime_secs()
+                        .saturating_add(i64::from(cfg.live.params.clock_leeway_secs)),
+                ),
             }),
             scratch: RefCell::new(vec![0; cfg.read_buffer_bytes]),
             plain_scratch: RefCell::new(Vec::new()),
@@ -656,6 +673,8 @@ mod tests {
             heartbeat_ms: 0,
             store_incarnation: 0,
             groups: vec!["room-*".into(), "vip".into()],
+            expires_at: 0,
+            issued_at: 0,
         };
         let mut conn = Conn {
             session: Session::new(Millis(0), &test_params()),

@@ -4,6 +4,8 @@
 
 use super::links::{flush_tls, handshake_token};
 use super::*;
+use crate::admission::{Admitted, Refusal};
+use crate::protocol::limits::{Escaped, MAX_AUTH_BODY_BYTES};
 
 /// The task of one connection, written by hand: an `async` block around
 /// the stream keeps several copies of it in its state (448 bytes against
@@ -15,6 +17,8 @@ pub(super) struct ConnTask {
     socket: Option<Socket>,
     /// A TLS connection's session and sealed records (`None` otherwise).
     tls: Option<Box<TlsLink>>,
+    /// Its charge in the per-source table, released when it closes.
+    admitted: Admitted,
 }
 
 impl std::future::Future for ConnTask {
@@ -36,6 +40,9 @@ impl std::future::Future for ConnTask {
         };
         if let Exit::Handoff(_, transit) = &mut exit {
             transit.tls = this.tls.take();
+            transit.admitted = this.admitted;
+        } else {
+            this.shard.cfg.admission.release(this.admitted);
         }
         if let Some(socket) = this.socket.take() {
             this.shard.finish_conn(this.key, socket, exit);
@@ -59,6 +66,7 @@ pub(super) struct Transit {
     link: Link,
     ws: Option<Box<WsState>>,
     tls: Option<Box<TlsLink>>,
+    admitted: Admitted,
 }
 
 impl Shard {
@@ -72,10 +80,14 @@ impl Shard {
     /// [`Shard::accept_loop`] for a listener of another transport.
     pub async fn accept_link_loop(self: Rc<Self>, listener: glommio::net::TcpListener, link: Link) {
         let mut bucket = AcceptBucket::new(self.live().accept_rate_per_sec);
+        let mut refusals = RefusalLog::default();
         while let Some(accepted) = self.accept_or_stop(&listener).await {
             bucket.set_rate(self.live().accept_rate_per_sec);
             match accepted {
-                Ok(stream) => self.on_accept(stream, link),
+                Ok(stream) => match self.admit(&stream) {
+                    Ok(admitted) => self.on_accept(stream, link, admitted),
+                    Err((refusal, peer)) => refusals.note(self.id, refusal, peer, Instant::now()),
+                },
                 Err(err) => {
                     // EMFILE/ENFILE and friends: back off instead of spinning.
                     warn!(shard = %self.id, error = %err, "accept failed; pausing 100 ms");
@@ -101,8 +113,21 @@ impl Shard {
         .await
     }
 
-    pub(super) fn on_accept(self: &Rc<Self>, stream: TcpStream, link: Link) {
+    /// Charges a fresh connection to its source, or counts its refusal and
+    /// resets it (an RST leaves no TIME_WAIT behind on this side).
+    fn admit(&self, stream: &TcpStream) -> Result<Admitted, (Refusal, std::net::IpAddr)> {
         self.counters.accepted.fetch_add(1, Ordering::Relaxed);
+        // No address (the peer is already gone): nothing to charge it to.
+        let Ok(peer) = stream.peer_addr() else { return Ok(Admitted::NONE) };
+        let now_secs = u64::try_from(self.now().unix_secs()).unwrap_or(0);
+        self.cfg.admission.admit(peer.ip(), now_secs).map_err(|refusal| {
+            self.counters.admission_refused[refusal as usize].fetch_add(1, Ordering::Relaxed);
+            let _ = socket2::SockRef::from(&fd::stream_fd(stream)).set_linger(Some(Duration::ZERO));
+            (refusal, peer.ip())
+        })
+    }
+
+    pub(super) fn on_accept(self: &Rc<Self>, stream: TcpStream, link: Link, admitted: Admitted) {
         let now = self.now();
         let key = {
             let mut st = self.state.borrow_mut();
@@ -116,16 +141,23 @@ impl Shard {
                         Frame::Error(codes::error_body(ErrorCode::ServerError, "connection limit reached")).to_bytes()
                     }
                     Link::WsUpgrade | Link::Ws => Bytes::from_static(SERVICE_UNAVAILABLE),
-                    Link::Tls | Link::WssUpgrade | Link::Wss => return,
+                    Link::Tls | Link::WssUpgrade | Link::Wss => {
+                        self.cfg.admission.release(admitted);
+                        return;
+                    }
                 };
                 let _ = fd::send(fd::stream_fd(&stream), &bytes);
+                self.cfg.admission.release(admitted);
                 return;
             }
             let tls = match link.is_tls() {
                 false => None,
                 true => match self.tls_session(link) {
                     Some(session) => Some(Box::new(TlsLink::new(session))),
-                    None => return,
+                    None => {
+                        self.cfg.admission.release(admitted);
+                        return;
+                    }
                 },
             };
             let session = Session::new(now.mono, &self.live().params);
@@ -143,7 +175,7 @@ impl Shard {
         };
         let (key, socket, tls) = key;
         let shard = self.clone();
-        glommio::spawn_local(ConnTask { shard, key, socket: Some(socket), tls }).detach();
+        glommio::spawn_local(ConnTask { shard, key, socket: Some(socket), tls, admitted }).detach();
     }
 
     // ---- the connection task ----------------------------------------------
@@ -162,12 +194,15 @@ impl Shard {
             Exit::Closed => socket.close(slot_fd),
             Exit::Handoff(owner, transit) => match socket.hand_over(slot_fd) {
                 Ok(fd) => {
-                    let Transit { session, login, leftover, link, ws, tls } = *transit;
+                    let Transit { session, login, leftover, link, ws, tls, admitted } = *transit;
                     self.counters.handed_off.fetch_add(1, Ordering::Relaxed);
-                    let adoption = Adoption { fd, session, login, leftover, link, ws, tls };
+                    let adoption = Adoption { fd, session, login, leftover, link, ws, tls, admitted };
                     self.outbox.send(owner, ShardMsg::Adopt(Box::new(adoption)));
                 }
-                Err(err) => warn!(shard = %self.id, error = %err, "dup failed; dropping connection"),
+                Err(err) => {
+                    self.cfg.admission.release(transit.admitted);
+                    warn!(shard = %self.id, error = %err, "dup failed; dropping connection");
+                }
             },
         }
     }
@@ -376,7 +411,12 @@ impl Shard {
                 break if conn.session.phase() == Phase::Authenticated { pos } else { input.len() };
             }
             let active = conn.is_active();
-            match codec::split_frame(&input[pos..], self.cfg.max_frame_bytes) {
+            // Before Auth nothing longer than an Auth frame is waited for.
+            let max_body = match conn.session.phase() {
+                Phase::Handshaking => MAX_AUTH_BODY_BYTES.min(self.cfg.max_frame_bytes),
+                _ => self.cfg.max_frame_bytes,
+            };
+            match codec::split_frame(&input[pos..], max_body) {
                 Ok(None) => break pos,
                 Ok(Some((header, body))) => {
                     // Rate limit: a Request over the budget stays in the
@@ -414,6 +454,10 @@ impl Shard {
             match action {
                 Action::Send(frame) => self.queue_frame(st, key, &frame),
                 Action::Close(code) => self.on_close(st, key, code),
+                Action::Authenticated(login) if st.revoked.refuses(&login.user, &login.device, login.issued_at) => {
+                    let why = "the token was revoked; get one issued after the revocation".to_owned();
+                    self.close_conn(st, key, now, ErrorCode::Revoked, why);
+                }
                 Action::Authenticated(login) => {
                     self.counters.authenticated.fetch_add(1, Ordering::Relaxed);
                     let owner = owner_shard(&login.device, self.shards);
@@ -455,6 +499,30 @@ impl Shard {
                 }
                 Action::Request(request) => self.on_client_request(st, key, now, request),
                 Action::Ack(seq) => reliable::on_ack(&mut self.ctx(st), key, now, seq),
+                Action::Refresh(refresh) => {
+                    let Some(conn) = st.conn(key) else { continue };
+                    // The same user and device only: a token of another
+                    // identity never takes over a running session.
+                    let same =
+                        conn.field(0) == Some(refresh.user.as_str()) && conn.field(1) == Some(refresh.device.as_str());
+                    let refused = match same {
+                        false => Some((ErrorCode::InvalidToken, "the Refresh token names another user or device")),
+                        true if st.revoked.refuses(&refresh.user, &refresh.device, refresh.issued_at) => {
+                            Some((ErrorCode::Revoked, "the token was revoked"))
+                        }
+                        true => None,
+                    };
+                    let mut more = Vec::new();
+                    if let Some(conn) = st.conn(key) {
+                        match refused {
+                            Some((code, why)) => {
+                                conn.session.close(now, code, why.into(), &self.live().params, &mut more)
+                            }
+                            None => conn.session.refreshed(now, refresh.expires_at, &self.live().params, &mut more),
+                        }
+                    }
+                    self.apply(st, key, now, &mut more);
+                }
             }
         }
     }
@@ -479,7 +547,8 @@ impl Shard {
         }
         let deadline = conn.session.deadline();
         conn.wake();
-        debug!(shard = %self.id, conn = %ConnId::new(self.id, key), device = conn.device().unwrap_or(""), ?code, "closing");
+        let device = Escaped(conn.device().unwrap_or(""));
+        debug!(shard = %self.id, conn = %ConnId::new(self.id, key), %device, ?code, "closing");
         // A closing session leaves the indexes now: a new login of the same
         // device must not see it, and pushes must not count it.
         self.unindex(st, key.index, code);
@@ -550,8 +619,9 @@ impl Shard {
     }
 
     pub(super) fn adopt(self: &Rc<Self>, adoption: Adoption) {
-        let Adoption { fd, session, login, leftover, link, ws, tls } = adoption;
+        let Adoption { fd, session, login, leftover, link, ws, tls, admitted } = adoption;
         if self.stopping.get() {
+            self.cfg.admission.release(admitted);
             return; // dropping the fd closes it; the client reconnects
         }
         // The sending shard closed its own copy.
@@ -574,7 +644,7 @@ impl Shard {
         if !leftover.is_empty() {
             self.on_bytes(key, &leftover);
         }
-        glommio::spawn_local(ConnTask { shard: self.clone(), key, socket: Some(socket), tls }).detach();
+        glommio::spawn_local(ConnTask { shard: self.clone(), key, socket: Some(socket), tls, admitted }).detach();
     }
 }
 
@@ -617,7 +687,9 @@ pub(super) fn take_handoff(conn: &mut Conn) -> Option<(ShardId, Box<Transit>)> {
     let leftover = std::mem::take(&mut io.partial);
     let ws = io.ws.take();
     let link = conn.link;
-    Some((owner, Box::new(Transit { session: conn.session, login: *login, leftover, link, ws, tls: None })))
+    let transit =
+        Transit { session: conn.session, login: *login, leftover, link, ws, tls: None, admitted: Admitted::NONE };
+    Some((owner, Box::new(transit)))
 }
 
 /// The answer to a WebSocket client the node cannot take (connection
@@ -659,4 +731,26 @@ impl AcceptBucket {
 /// The answer to a client's JOIN (`join`) or LEAVE.
 fn group_result(group: String, join: bool, code: ErrorCode, reason: String) -> Frame {
     Frame::GroupResult(proto::GroupResult { group, join, code: code as i32, reason })
+}
+
+/// Refusals at accept, logged at most once per [`RefusalLog::EVERY`] per
+/// listener with how many there were since (an attack must not flood the log).
+#[derive(Default)]
+struct RefusalLog {
+    last: Option<Instant>,
+    since: u64,
+}
+
+impl RefusalLog {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn note(&mut self, shard: ShardId, refusal: Refusal, peer: std::net::IpAddr, now: Instant) {
+        self.since += 1;
+        if self.last.is_some_and(|t| now.saturating_duration_since(t) < Self::EVERY) {
+            return;
+        }
+        warn!(%shard, reason = refusal.as_str(), %peer, refused = self.since, "per-source limit: connections refused at accept");
+        self.last = Some(now);
+        self.since = 0;
+    }
 }

@@ -11,6 +11,7 @@ impl Shard {
         let mut due = Vec::new();
         let mut shutdown_deadline: Option<Instant> = None;
         let liveness = &self.counters.liveness;
+        let mut trim = crate::trim::TrimWatch::new();
         loop {
             liveness.waiting_until(Instant::now() + tick);
             glommio::timer::sleep(tick).await;
@@ -35,6 +36,11 @@ impl Shard {
                 liveness.turned(Instant::now());
             }
             due.clear();
+            let held = {
+                let st = self.state.borrow();
+                st.conns.len() + st.backends.len()
+            };
+            trim.observe(held, Instant::now());
             if let Some(deadline) = shutdown_deadline
                 && (self.state.borrow().conns.is_empty() || Instant::now() >= deadline)
             {

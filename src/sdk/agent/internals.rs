@@ -69,6 +69,8 @@ impl Agent {
             ClientEvent::Connected(ok) => {
                 let State::Up(up) = &mut self.state else { return };
                 up.active = true;
+                up.server_offset_ms = i64::try_from(ok.server_time_ms).unwrap_or(0) - now.0 as i64;
+                up.schedule_refresh(now, ok.token_expires_ms);
                 self.store_incarnation = up.session.store_incarnation();
                 let endpoint = up.endpoint.clone();
                 // The negotiated interval is the longest the server's idle
@@ -103,6 +105,12 @@ impl Agent {
             }
             // The SDK sends no Join or Leave.
             ClientEvent::GroupResult(_) => {}
+            ClientEvent::Refreshed { token_expires_ms } => {
+                if let State::Up(up) = &mut self.state {
+                    up.schedule_refresh(now, token_expires_ms);
+                }
+                self.event(Event::TokenRefreshed { token_expires_ms });
+            }
             ClientEvent::Response(r) => {
                 let id = RequestId(r.request_id);
                 let Some(p) = self.pending.get_mut(&id) else { return }; // late duplicate

@@ -1,0 +1,72 @@
+//! Revoked users and devices: tokens issued at or before a "not before"
+//! time are refused at Auth and Refresh (`REVOKED`, terminal).
+//!
+//! Each shard keeps its own copy (a revocation is sent to every shard), so
+//! the check at Auth takes no lock. An entry is kept only as long as a
+//! token issued before it could still be valid (the node's longest token
+//! lifetime plus the clock leeway), then dropped.
+
+use std::collections::HashMap;
+
+/// One shard's revocations. See the module docs.
+#[derive(Debug, Default)]
+pub struct Revocations {
+    devices: HashMap<String, i64>,
+    users: HashMap<String, i64>,
+    /// How long an entry matters, in seconds.
+    keep_secs: i64,
+}
+
+impl Revocations {
+    pub fn new(keep_secs: i64) -> Revocations {
+        Revocations { keep_secs, ..Revocations::default() }
+    }
+
+    /// Records that tokens of `devices` and `users` issued at or before
+    /// `not_before` (unix seconds) are refused; drops entries that no
+    /// longer matter at `now`.
+    pub fn record(&mut self, devices: &[String], users: &[String], not_before: i64, now: i64) {
+        let keep = |t: &mut i64| t.saturating_add(self.keep_secs) >= now;
+        self.devices.retain(|_, t| keep(t));
+        self.users.retain(|_, t| keep(t));
+        for (map, ids) in [(&mut self.devices, devices), (&mut self.users, users)] {
+            for id in ids {
+                let t = map.entry(id.clone()).or_insert(not_before);
+                *t = (*t).max(not_before);
+            }
+        }
+    }
+
+    /// Whether a token of `user` and `device` issued at `issued_at` is revoked.
+    pub fn refuses(&self, user: &str, device: &str, issued_at: i64) -> bool {
+        let hit = |t: Option<&i64>| t.is_some_and(|&t| issued_at <= t);
+        hit(self.devices.get(device)) || hit(self.users.get(user))
+    }
+
+    pub fn len(&self) -> usize {
+        self.devices.len() + self.users.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_issued_up_to_not_before_are_refused_until_they_expire() {
+        let mut r = Revocations::new(100);
+        r.record(&["phone".into()], &["bob".into()], 1_000, 1_000);
+        assert!(r.refuses("alice", "phone", 1_000));
+        assert!(!r.refuses("alice", "phone", 1_001), "issued after the revocation");
+        assert!(r.refuses("bob", "tablet", 900));
+        assert!(!r.refuses("carol", "tablet", 900));
+        // Later than not_before + the longest lifetime: forgotten.
+        r.record(&[], &["dave".into()], 1_200, 1_200);
+        assert_eq!(r.len(), 1);
+        assert!(!r.refuses("alice", "phone", 1_000));
+    }
+}
