@@ -78,7 +78,8 @@ pub const MAX_TLS_HANDSHAKE_TAIL: usize = 16 * 1024 + 5;
 /// A TLS connection's state, kept by its connection task (it is used only
 /// there: every TLS write goes through the task, which seals at flush).
 pub struct TlsLink {
-    pub session: crate::conn::tls::ServerTls,
+    /// rustls' record layer, or the compact one after a TLS 1.3 handshake.
+    pub session: crate::conn::tls::ServerRecords,
     /// An incomplete record from the last read (at most one record once the
     /// handshake is done: rustls refuses longer record headers).
     pub tail: Vec<u8>,
@@ -93,6 +94,7 @@ pub struct TlsLink {
 
 impl TlsLink {
     pub fn new(session: crate::conn::tls::ServerTls) -> TlsLink {
+        let session = crate::conn::tls::ServerRecords::new(session);
         TlsLink { session, tail: Vec::new(), cipher: super::OutQueue::default(), sent_close: false }
     }
 
@@ -112,8 +114,12 @@ impl TlsLink {
     }
 
     /// Frees the buffers' capacity once they are empty (idle connections
-    /// keep none).
+    /// keep none), and the compact layer's expanded keys once nothing is
+    /// left to seal.
     pub fn release_idle(&mut self) {
+        if self.cipher.is_empty() {
+            self.session.release_idle();
+        }
         if self.tail.is_empty() && self.tail.capacity() > 0 {
             self.tail = Vec::new();
         }

@@ -2,7 +2,10 @@
 //! (`tls_listen`) and WebSocket (`wss_listen`).
 //!
 //! [`session`] wraps the unbuffered API so every buffer belongs to the
-//! driver; [`config`] loads PEM files, sets ALPN and reloads certificates.
+//! driver; [`config`] loads PEM files, sets ALPN and reloads certificates;
+//! [`compact`] runs a TLS 1.3 server connection's records after the
+//! handshake in a few hundred bytes while idle; [`records`] is the one a
+//! connection uses.
 //!
 //! kTLS seam: after the handshake, rustls' `dangerous_into_kernel_connection`
 //! hands the traffic secrets over; with `TCP_ULP "tls"` and `TLS_TX`/`TLS_RX`
@@ -10,8 +13,12 @@
 //! encode-once. This host's kernel has no TLS ULP (ENOENT), so that path is
 //! not written: it could not be tested here.
 
+pub mod compact;
 pub mod config;
+pub mod records;
 pub mod session;
 
 pub use config::{CertStore, ServerTlsSettings, ShardServerConfig, TlsConfigError};
+pub use compact::{CompactTls, RecordError};
+pub use records::ServerRecords;
 pub use session::{ClientTls, Progress, ServerTls, TlsError, TlsSession};
