@@ -352,12 +352,11 @@ fn tls12_stays_on_rustls() {
             roots.add(c.unwrap()).unwrap();
         }
     }
-    let mut ccfg =
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_protocol_versions(&[&rustls::version::TLS12])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+    let mut ccfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     ccfg.alpn_protocols = vec![ALPN_LONGLINK.to_vec()];
     let mut client = ClientConnection::new(Arc::new(ccfg), "localhost".try_into().unwrap()).unwrap();
     let mut server = ServerRecords::new(ServerTls::server(cfg).unwrap());

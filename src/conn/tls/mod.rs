@@ -18,7 +18,7 @@ pub mod config;
 pub mod records;
 pub mod session;
 
-pub use config::{CertStore, ServerTlsSettings, ShardServerConfig, TlsConfigError};
 pub use compact::{CompactTls, RecordError};
+pub use config::{CertStore, ServerTlsSettings, ShardServerConfig, TlsConfigError};
 pub use records::ServerRecords;
 pub use session::{ClientTls, Progress, ServerTls, TlsError, TlsSession};

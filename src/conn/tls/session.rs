@@ -196,7 +196,8 @@ impl<C: Unbuffered> TlsSession<C> {
         let mut fed = 0;
         while !self.peer_closed && self.conn.handshaking() {
             let end = next_record_end(incoming, fed).unwrap_or(incoming.len());
-            let (p, _) = pump(&mut self.conn, &mut incoming[progress.consumed..end], out, Write::Nothing, on_plaintext)?;
+            let (p, _) =
+                pump(&mut self.conn, &mut incoming[progress.consumed..end], out, Write::Nothing, on_plaintext)?;
             self.absorb(&mut progress, p);
             fed = end;
             if end == incoming.len() || p.closed {
