@@ -95,7 +95,7 @@ impl Shard {
     /// closes the connection now, after a best-effort write of what is
     /// queued.
     pub(super) fn on_tls_read(&self, key: ConnKey, t: &mut TlsLink, buf: &mut [u8], draining: bool) -> Result<(), ()> {
-        let mut carried = std::mem::take(&mut t.tail);
+        let mut carried = t.tail.take().map(Vec::from).unwrap_or_default();
         let input: &mut [u8] = if carried.is_empty() {
             buf
         } else {
@@ -117,7 +117,7 @@ impl Shard {
                     debug!(shard = %self.id, carried = rest.len(), "TLS handshake message too large");
                     Err(())
                 } else {
-                    t.tail = rest.to_vec();
+                    t.tail = (!rest.is_empty()).then(|| rest.into());
                     // Input after close_notify is never read (review
                     // finding 2): the connection ends here, with our
                     // close_notify after what is queued (RFC 8446 6.1).
