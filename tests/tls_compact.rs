@@ -440,3 +440,40 @@ fn records_wrapper_refuses_writes_during_the_handshake() {
     let mut server = ServerRecords::new(ServerTls::server(cfg).unwrap());
     assert!(matches!(server.write(b"x", &mut Vec::new()), Err(TlsError::NotReady)));
 }
+
+/// A client that fragments its flights into many small records (more than
+/// are fed to rustls one by one per read) still completes the handshake,
+/// and its data behind the Finished arrives.
+#[test]
+fn handshake_in_many_small_records() {
+    let dir = TempDir::new("tls-fragments");
+    let (cfg, ca) = server_cfg(&dir, true);
+    let mut c = (*client_cfg(&ca, false)).clone();
+    c.max_fragment_size = Some(32);
+    // A ClientHello of about 1 KiB: more than 16 records of 32 bytes.
+    c.alpn_protocols = (0..24).map(|i| format!("padding-protocol-{i:08}").into_bytes()).collect();
+    c.alpn_protocols.push(ALPN_LONGLINK.to_vec());
+    let mut client = ClientConnection::new(Arc::new(c), "localhost".try_into().unwrap()).unwrap();
+    let mut server = ServerRecords::new(ServerTls::server(cfg).unwrap());
+    let (mut carried, mut plain) = (Vec::new(), Vec::new());
+    let mut sent = false;
+    let mut records = 0;
+    for _ in 0..10 {
+        if !client.is_handshaking() && !sent {
+            client.writer().write_all(&[b'z'; 300]).unwrap();
+            sent = true;
+        }
+        let wire = flush(&mut client);
+        records = records.max(wire.len() / 37);
+        carried.extend(wire);
+        let mut out = Vec::new();
+        drive(&mut server, &mut carried, &mut out, &mut plain);
+        deliver(&mut client, &out).unwrap();
+        if plain.len() == 300 {
+            break;
+        }
+    }
+    assert_eq!(plain, vec![b'z'; 300]);
+    assert!(server.is_compact());
+    assert!(records > 16, "the ClientHello came in {records} records");
+}

@@ -194,8 +194,20 @@ impl<C: Unbuffered> TlsSession<C> {
         let mut progress = Progress::default();
         // End of the input fed to rustls so far (a record boundary).
         let mut fed = 0;
+        // rustls parses a handshake message spanning records again from its
+        // first record at each call, so record by record costs the square
+        // of the record count: a real client's flight is a few records, a
+        // peer fragmenting its ClientHello into thousands gets the rest
+        // in one call.
+        let mut singles = MAX_HANDSHAKE_RECORDS_ONE_BY_ONE;
         while !self.peer_closed && self.conn.handshaking() {
-            let end = next_record_end(incoming, fed).unwrap_or(incoming.len());
+            let end = match singles.checked_sub(1) {
+                Some(left) => {
+                    singles = left;
+                    next_record_end(incoming, fed).unwrap_or(incoming.len())
+                }
+                None => incoming.len(),
+            };
             let (p, _) =
                 pump(&mut self.conn, &mut incoming[progress.consumed..end], out, Write::Nothing, on_plaintext)?;
             self.absorb(&mut progress, p);
@@ -267,6 +279,10 @@ impl<C: Unbuffered> TlsSession<C> {
         &self.conn
     }
 }
+
+/// Handshake records of one read given to rustls one at a time (see
+/// [`TlsSession::read`]).
+const MAX_HANDSHAKE_RECORDS_ONE_BY_ONE: u32 = 16;
 
 const TLS13: rustls::ProtocolVersion = rustls::ProtocolVersion::TLSv1_3;
 
