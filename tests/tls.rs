@@ -30,10 +30,14 @@ fn make_pki(dir: &Path, stem: &str) -> Pki {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // Distinct names: OpenSSL takes a leaf named like its issuer for
+    // self-signed.
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, format!("longlink test CA {stem}"));
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let leaf_key = KeyPair::generate().unwrap();
-    let leaf =
-        CertificateParams::new(vec!["localhost".to_owned()]).unwrap().signed_by(&leaf_key, &ca, &ca_key).unwrap();
+    let mut leaf_params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    leaf_params.distinguished_name.push(rcgen::DnType::CommonName, "localhost");
+    let leaf = leaf_params.signed_by(&leaf_key, &ca, &ca_key).unwrap();
     let cert_file = dir.join(format!("{stem}.crt"));
     let key_file = dir.join(format!("{stem}.key"));
     std::fs::write(&cert_file, format!("{}{}", leaf.pem(), ca.pem())).unwrap();
@@ -283,5 +287,127 @@ fn reloaded_certificates_serve_new_connections_and_keep_old_ones() {
     expect_message(&mut old, b"still here");
     cli(&["push", "--server", &push, "--device", "after-reload", "new cert"]);
     expect_message(&mut new, b"new cert");
+    server.shutdown();
+}
+
+/// Interop through a real node with the compact TLS 1.3 record layer (on by
+/// default): a rustls client asks for key updates again and again (our
+/// answer moves our key too), over more rounds than the limit of KeyUpdates
+/// without data; pushes arrive under the new keys, on sessions handed off
+/// to their owner shard too; a TLS 1.2 client stays on rustls' layer. Then
+/// close_notify both ways: the node answers the client's, and sends its own
+/// before closing after a protocol error.
+#[test]
+fn compact_tls13_key_updates_both_ways_pushes_and_close_notify() {
+    let dir = TempDir::new("tls-compact");
+    let pki = make_pki(&dir.0, "a");
+    let cfg = config(&pki);
+    let server = start(&cfg);
+    let push = server.push_addr().to_string();
+    let mut clients: Vec<_> = (0..8).map(|i| tls_client(&server, &cfg, &pki.ca, &format!("ku-{i}"))).collect();
+    let handed: u64 = server.counters().iter().map(|c| c.handed_off.load(std::sync::atomic::Ordering::Relaxed)).sum();
+    assert!(handed > 0, "some TLS sessions moved to their owner shard");
+    for c in &mut clients {
+        assert_eq!(c.s.conn.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+        for _ in 0..40 {
+            c.s.conn.refresh_traffic_keys().unwrap();
+            c.s.write_all(&Frame::Ping.to_bytes()).unwrap();
+            assert!(matches!(c.recv(), Frame::Pong));
+        }
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        cli(&["push", "--server", &push, "--device", &format!("ku-{i}"), "after key updates"]);
+        expect_message(c, b"after key updates");
+    }
+
+    // TLS 1.2: rustls' record layer, same frames.
+    let addr = server.links().tls.unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca.clone()).unwrap();
+    let mut v12 = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    v12.alpn_protocols = vec![b"longlink/1".to_vec()];
+    let sock = TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(WAIT)).unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(v12), ServerName::try_from("localhost").unwrap()).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    tls.write_all(&auth(&token(&cfg, "u", "tls12"))).unwrap();
+    assert_eq!(tls.conn.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_2));
+    let mut old = Frames { s: tls, buf: Vec::new() };
+    assert!(matches!(old.recv(), Frame::AuthOk(_)));
+    cli(&["push", "--server", &push, "--device", "tls12", "over tls 1.2"]);
+    expect_message(&mut old, b"over tls 1.2");
+
+    // The client's close_notify is answered with the node's: a clean end
+    // (rustls reports a close without close_notify as UnexpectedEof).
+    let mut c = clients.pop().unwrap();
+    c.s.conn.send_close_notify();
+    c.s.flush().unwrap();
+    let mut rest = Vec::new();
+    c.s.read_to_end(&mut rest).expect("the node's close_notify");
+    assert!(rest.is_empty());
+
+    // A protocol error: the Error frame, then close_notify.
+    let mut c = clients.pop().unwrap();
+    c.s.write_all(&[0xff; 64]).unwrap();
+    assert!(matches!(c.recv(), Frame::Error(_)));
+    let mut rest = Vec::new();
+    c.s.read_to_end(&mut rest).expect("the node's close_notify after its Error frame");
+    server.shutdown();
+}
+
+/// OpenSSL's client through a real node (TLS 1.3, the compact layer):
+/// authenticates and receives a push.
+#[test]
+fn openssl_s_client_authenticates_and_receives_a_push() {
+    use base64::Engine;
+    use std::process::{Command, Stdio};
+    if Command::new("openssl").arg("version").output().is_err() {
+        eprintln!("openssl not installed; skipped");
+        return;
+    }
+    let dir = TempDir::new("tls-openssl");
+    let pki = make_pki(&dir.0, "a");
+    let cfg = config(&pki);
+    let server = start(&cfg);
+    let addr = server.links().tls.unwrap();
+    let ca_file = dir.0.join("ca.pem");
+    let b64 = base64::engine::general_purpose::STANDARD.encode(pki.ca.as_ref());
+    let lines: Vec<&str> = b64.as_bytes().chunks(64).map(|l| std::str::from_utf8(l).unwrap()).collect();
+    std::fs::write(&ca_file, format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", lines.join("\n")))
+        .unwrap();
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-quiet", "-tls1_3", "-verify_return_error", "-servername", "localhost"])
+        .args(["-alpn", "longlink/1", "-connect", &addr.to_string(), "-CAfile"])
+        .arg(&ca_file)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stdout = child.stdout.take().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let _child = Kill(child);
+    stdin.write_all(&auth(&token(&cfg, "u", "openssl"))).unwrap();
+    stdin.flush().unwrap();
+    let mut f = Frames { s: stdout, buf: Vec::new() };
+    assert!(matches!(f.recv(), Frame::AuthOk(_)));
+    let push = server.push_addr().to_string();
+    cli(&["push", "--server", &push, "--device", "openssl", "to openssl"]);
+    expect_message(&mut f, b"to openssl");
+    stdin.write_all(&Frame::Ping.to_bytes()).unwrap();
+    stdin.flush().unwrap();
+    assert!(matches!(f.recv(), Frame::Pong));
+    drop(stdin);
     server.shutdown();
 }

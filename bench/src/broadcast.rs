@@ -86,6 +86,8 @@ pub fn run(args: &BroadcastArgs) -> anyhow::Result<()> {
         churn_per_sec: 0.0,
         reconnect: false,
         device_prefix: "bc-".into(),
+        transport: crate::links::Transport::Tcp,
+        link_addr: None,
     };
     let mut rig = Rig::start(&mut h, &args.common, &cfg, &key, &load)?;
     match measure(args, &mut h, &mut rig) {

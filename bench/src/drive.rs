@@ -43,6 +43,10 @@ pub struct LoadOptions {
     pub reconnect: bool,
     /// Device ids are `{prefix}{worker}-{n}`.
     pub device_prefix: String,
+    /// How the clients connect (`tcp` or `ws`), and for `ws` the listener
+    /// [`crate::links::configure`] turned on.
+    pub transport: crate::links::Transport,
+    pub link_addr: Option<std::net::SocketAddr>,
 }
 
 /// A server under test and the load workers connected to it.
@@ -105,7 +109,7 @@ impl Rig {
             .map(|(i, &n)| LoadSpec {
                 worker: WorkerSpec {
                     index: i as u32,
-                    server: server.addr(),
+                    server: load.link_addr.unwrap_or_else(|| server.addr()),
                     connections: n,
                     in_flight: common.in_flight,
                     source: SourcePlan { octet: FIRST_WORKER_OCTET + i as u8, per_address: common.conns_per_source },
@@ -114,7 +118,7 @@ impl Rig {
                     connect_timeout_ms: CONNECT_TIMEOUT_MS,
                     auth_timeout_ms: AUTH_TIMEOUT_MS,
                     device_prefix: load.device_prefix.clone(),
-                    transport: Default::default(),
+                    transport: load.transport,
                     ca_der: Vec::new(),
                 },
                 join_group: load.join_group.clone(),

@@ -43,6 +43,10 @@ pub struct FanoutArgs {
     /// Group name.
     #[arg(long, default_value = "bench-fanout")]
     pub group: String,
+    /// How the clients connect: plain TCP or WebSocket (`server.ws_listen`
+    /// on a free loopback port).
+    #[arg(long, value_enum, default_value = "tcp")]
+    pub transport: crate::links::Transport,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -51,6 +55,8 @@ pub struct FanoutArgs {
 #[derive(Debug, Serialize)]
 struct FanoutRecord {
     scenario: &'static str,
+    /// tcp or ws.
+    transport: crate::links::Transport,
     members: u32,
     connected: u32,
     joined: u64,
@@ -90,6 +96,12 @@ pub fn run(args: &FanoutArgs) -> anyhow::Result<()> {
     }
     let mut h = Harness::new(Duration::from_secs(args.common.timeout_s))?;
     let (mut cfg, key) = Rig::config(&args.common)?;
+    let link_dir = std::env::temp_dir().join(format!("longlink-bench-links-{}", std::process::id()));
+    let link_addr = match args.transport {
+        crate::links::Transport::Tcp => None,
+        crate::links::Transport::Ws => crate::links::configure(&mut cfg, args.transport, &link_dir)?.0,
+        other => anyhow::bail!("--transport {other:?}: push scenarios run over tcp or ws"),
+    };
     cfg.session.heartbeat_default_ms = NO_PING_HEARTBEAT_MS;
     let load = LoadOptions {
         connections: args.members,
@@ -98,6 +110,8 @@ pub fn run(args: &FanoutArgs) -> anyhow::Result<()> {
         churn_per_sec: 0.0,
         reconnect: false,
         device_prefix: "fan-".into(),
+        transport: args.transport,
+        link_addr,
     };
     let mut rig = Rig::start(&mut h, &args.common, &cfg, &key, &load)?;
     match measure(args, &mut h, &mut rig) {
@@ -179,6 +193,7 @@ fn measure(args: &FanoutArgs, h: &mut Harness, rig: &mut Rig) -> anyhow::Result<
     h.note(&counted_cpu.line());
     Ok(FanoutRecord {
         scenario: "fanout",
+        transport: args.transport,
         members: args.members,
         connected: rig.connected.connected,
         joined,

@@ -37,6 +37,7 @@ use crate::latency::{self, mono_ns, read_stamp};
 use crate::rng::Rng;
 use crate::sys;
 use crate::worker::{self, WorkerMsg, WorkerSpec, count_reason, emit, unix_us};
+use crate::wsload::WsConn;
 
 /// Least time between two connect progress lines.
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
@@ -190,17 +191,28 @@ impl Ctx {
     }
 
     /// Connects client `n` (and joins the group), `in_flight` at a time.
-    async fn connect(&self, n: u32) -> Result<Connection, ClientError> {
+    async fn connect(&self, n: u32) -> Result<LoadConn, ClientError> {
         // The semaphore is never closed, so acquiring cannot fail.
         let _permit = self.gate.acquire_permit(1).await;
-        let mut conn = worker::connect_one(&self.spec.worker, &self.keyring, n).await?;
+        let w = &self.spec.worker;
+        if w.transport == crate::links::Transport::Ws {
+            let token = worker::token_for(w, &self.keyring, n);
+            let source = std::net::IpAddr::V4(w.source.address(n));
+            let timeout = Duration::from_millis(w.connect_timeout_ms);
+            let mut conn = WsConn::connect(w.server, source, timeout, token, w.heartbeat_ms).await?;
+            if let Some(group) = &self.spec.join_group {
+                conn.join(group).await?;
+            }
+            return Ok(LoadConn::Ws(conn));
+        }
+        let mut conn = worker::connect_one(w, &self.keyring, n).await?;
         if let Some(group) = &self.spec.join_group {
             conn.join(group).await?;
         }
-        Ok(conn)
+        Ok(LoadConn::Native(Box::new(conn)))
     }
 
-    fn first_attempt(&self, result: &Result<Connection, ClientError>) {
+    fn first_attempt(&self, result: &Result<LoadConn, ClientError>) {
         let mut st = self.st.borrow_mut();
         match result {
             Ok(_) => {
@@ -250,6 +262,29 @@ impl Ctx {
             }
             ClientEvent::Pong { .. } => st.counts.pongs += 1,
             _ => {}
+        }
+    }
+}
+
+/// A load client: the SDK's connection over TCP, or the bench's WebSocket
+/// client.
+enum LoadConn {
+    Native(Box<Connection>),
+    Ws(WsConn),
+}
+
+impl LoadConn {
+    async fn next_event(&mut self) -> Result<ClientEvent, ClientError> {
+        match self {
+            LoadConn::Native(c) => c.next_event().await,
+            LoadConn::Ws(c) => c.next_event().await,
+        }
+    }
+
+    async fn close(self) {
+        match self {
+            LoadConn::Native(c) => c.close().await,
+            LoadConn::Ws(c) => c.close().await,
         }
     }
 }
@@ -306,7 +341,7 @@ async fn slot(ctx: Rc<Ctx>, n: u32) {
     }
 }
 
-async fn read_until_error(ctx: &Ctx, conn: &mut Connection) -> ClientError {
+async fn read_until_error(ctx: &Ctx, conn: &mut LoadConn) -> ClientError {
     loop {
         match conn.next_event().await {
             Ok(event) => ctx.on_event(event),

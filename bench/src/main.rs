@@ -48,6 +48,7 @@ mod sys;
 mod unicast;
 mod upstream;
 mod worker;
+mod wsload;
 
 use std::process::ExitCode;
 

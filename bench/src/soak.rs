@@ -127,6 +127,8 @@ pub fn run(args: &SoakArgs) -> anyhow::Result<()> {
         churn_per_sec: args.churn,
         reconnect: true,
         device_prefix: "soak-".into(),
+        transport: crate::links::Transport::Tcp,
+        link_addr: None,
     };
     let mut rig = Rig::start(&mut h, &args.common, &cfg, &key, &load)?;
     match measure(args, &mut h, &mut rig) {

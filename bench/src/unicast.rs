@@ -53,6 +53,10 @@ pub struct UnicastArgs {
     /// generator's do not share a core (needs 2 CPUs; meant for --shards 1).
     #[arg(long)]
     pub pin: bool,
+    /// How the clients connect: plain TCP or WebSocket (`server.ws_listen`
+    /// on a free loopback port).
+    #[arg(long, value_enum, default_value = "tcp")]
+    pub transport: crate::links::Transport,
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -65,6 +69,8 @@ const PIN_SERVER_CPU: usize = 1;
 #[derive(Debug, Serialize)]
 struct UnicastRecord {
     scenario: &'static str,
+    /// tcp or ws.
+    transport: crate::links::Transport,
     connections: u32,
     connected: u32,
     shards: u16,
@@ -119,6 +125,12 @@ pub fn run(args: &UnicastArgs) -> anyhow::Result<()> {
     }
     let mut h = Harness::new(Duration::from_secs(args.common.timeout_s))?;
     let (mut cfg, key) = Rig::config(&args.common)?;
+    let link_dir = std::env::temp_dir().join(format!("longlink-bench-links-{}", std::process::id()));
+    let link_addr = match args.transport {
+        crate::links::Transport::Tcp => None,
+        crate::links::Transport::Ws => crate::links::configure(&mut cfg, args.transport, &link_dir)?.0,
+        other => anyhow::bail!("--transport {other:?}: push scenarios run over tcp or ws"),
+    };
     cfg.session.heartbeat_default_ms = NO_PING_HEARTBEAT_MS;
     let load = LoadOptions {
         connections: args.connections,
@@ -127,6 +139,8 @@ pub fn run(args: &UnicastArgs) -> anyhow::Result<()> {
         churn_per_sec: 0.0,
         reconnect: false,
         device_prefix: "uni-".into(),
+        transport: args.transport,
+        link_addr,
     };
     let mut rig = Rig::start(&mut h, &args.common, &cfg, &key, &load)?;
     if args.pin {
@@ -201,6 +215,7 @@ fn measure(args: &UnicastArgs, rate: f64, h: &mut Harness, rig: &mut Rig) -> any
     h.note(&counted_cpu.line());
     Ok(UnicastRecord {
         scenario: "unicast",
+        transport: args.transport,
         connections: args.connections,
         connected: rig.connected.connected,
         shards: rig.shards,

@@ -286,6 +286,13 @@ pub(crate) fn device_id(spec: &WorkerSpec, n: u32) -> String {
 /// Connects and authenticates the worker's `n`-th client (device
 /// [`device_id`], source address from the spec's plan). Load workers call
 /// it again with the same `n` to reconnect the same device.
+/// The token client `n` authenticates with.
+pub(crate) fn token_for(spec: &WorkerSpec, keyring: &Keyring, n: u32) -> String {
+    let id = device_id(spec, n);
+    let now = token::now_unix_secs();
+    keyring.mint(&id, &id, "bench", now, now + TOKEN_TTL_SECS)
+}
+
 pub(crate) async fn connect_one(spec: &WorkerSpec, keyring: &Keyring, n: u32) -> Result<Connection, ClientError> {
     let id = device_id(spec, n);
     let now = token::now_unix_secs();

@@ -76,7 +76,7 @@ impl LinkListeners {
                 cert_chain: config.tls.cert_file.clone(),
                 private_key: config.tls.key_file.clone(),
                 alpn: vec![alpn.to_vec()],
-                compact_idle: false,
+                compact_idle: config.tls.compact_idle,
             };
             match link {
                 Link::Tls => {

@@ -33,6 +33,11 @@ config_struct! {
         /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1).
         /// Default: "".
         pub key_file: PathBuf = PathBuf::new(),
+        /// TLS 1.3 connections move to the compact record layer after
+        /// the handshake: about 1 KiB per idle connection instead of
+        /// about 3.5 KiB on rustls' record layer. TLS 1.2 stays on
+        /// rustls either way. Default: true.
+        pub compact_idle: bool = true,
     }
 }
 

@@ -77,23 +77,27 @@ pub const MAX_TLS_HANDSHAKE_TAIL: usize = 16 * 1024 + 5;
 
 /// A TLS connection's state, kept by its connection task (it is used only
 /// there: every TLS write goes through the task, which seals at flush).
+/// Idle, it is the record layer and two empty pointers: the buffers exist
+/// only while something is carried or queued.
 pub struct TlsLink {
-    pub session: crate::conn::tls::ServerTls,
+    /// rustls' record layer, or the compact one after a TLS 1.3 handshake.
+    pub session: crate::conn::tls::ServerRecords,
     /// An incomplete record from the last read (at most one record once the
     /// handshake is done: rustls refuses longer record headers).
-    pub tail: Vec<u8>,
+    pub tail: Option<Box<[u8]>>,
     /// Sealed records not yet written, in seal order: handshake records,
     /// alerts and KeyUpdate answers from reads, and sealed frames. A
     /// record's sequence number is spent once sealed, so these are never
     /// dropped or re-sealed. Frames are sealed only when this is empty.
-    pub cipher: super::OutQueue,
+    pub cipher: SealedQueue,
     /// close_notify was queued.
     pub sent_close: bool,
 }
 
 impl TlsLink {
     pub fn new(session: crate::conn::tls::ServerTls) -> TlsLink {
-        TlsLink { session, tail: Vec::new(), cipher: super::OutQueue::default(), sent_close: false }
+        let session = crate::conn::tls::ServerRecords::new(session);
+        TlsLink { session, tail: None, cipher: SealedQueue::default(), sent_close: false }
     }
 
     /// Seals every frame of `plain` (the connection's out-queue) into one
@@ -111,14 +115,47 @@ impl TlsLink {
         Ok(())
     }
 
-    /// Frees the buffers' capacity once they are empty (idle connections
-    /// keep none).
+    /// Frees the sealed queue once it is empty (idle connections keep no
+    /// buffer), and the compact layer's expanded keys with it.
     pub fn release_idle(&mut self) {
-        if self.tail.is_empty() && self.tail.capacity() > 0 {
-            self.tail = Vec::new();
-        }
         if self.cipher.is_empty() {
-            self.cipher = super::OutQueue::default();
+            self.session.release_idle();
+            self.cipher.0 = None;
+        }
+    }
+}
+
+/// A TLS connection's sealed records: an [`super::OutQueue`] made on the
+/// first push and dropped when the connection goes idle (8 bytes then).
+#[derive(Default)]
+pub struct SealedQueue(Option<Box<super::OutQueue>>);
+
+impl SealedQueue {
+    pub fn is_empty(&self) -> bool {
+        self.0.as_ref().is_none_or(|q| q.is_empty())
+    }
+
+    pub fn push(&mut self, records: Bytes) {
+        self.0.get_or_insert_with(Box::default).push(records);
+    }
+
+    /// As [`super::OutQueue::flush`]; `Ok(true)` when empty.
+    pub fn flush(
+        &mut self,
+        stream: &mut glommio::net::TcpStream,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::io::Result<bool> {
+        match self.0.as_mut() {
+            Some(q) => q.flush(stream, cx),
+            None => Ok(true),
+        }
+    }
+
+    /// As [`super::OutQueue::write_now`].
+    pub fn write_now(&mut self, fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<bool> {
+        match self.0.as_mut() {
+            Some(q) => q.write_now(fd),
+            None => Ok(true),
         }
     }
 }

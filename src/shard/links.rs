@@ -95,7 +95,7 @@ impl Shard {
     /// closes the connection now, after a best-effort write of what is
     /// queued.
     pub(super) fn on_tls_read(&self, key: ConnKey, t: &mut TlsLink, buf: &mut [u8], draining: bool) -> Result<(), ()> {
-        let mut carried = std::mem::take(&mut t.tail);
+        let mut carried = t.tail.take().map(Vec::from).unwrap_or_default();
         let input: &mut [u8] = if carried.is_empty() {
             buf
         } else {
@@ -105,6 +105,7 @@ impl Shard {
         let mut plain = std::mem::take(&mut *self.plain_scratch.borrow_mut());
         plain.clear();
         let mut out = Vec::new();
+        let mut peer_closed = false;
         let read = t.session.read(input, &mut out, &mut |p| plain.extend_from_slice(p));
         if !out.is_empty() {
             t.cipher.push(Bytes::from(out));
@@ -116,9 +117,11 @@ impl Shard {
                     debug!(shard = %self.id, carried = rest.len(), "TLS handshake message too large");
                     Err(())
                 } else {
-                    t.tail = rest.to_vec();
+                    t.tail = (!rest.is_empty()).then(|| rest.into());
                     // Input after close_notify is never read (review
-                    // finding 2): the connection ends here.
+                    // finding 2): the connection ends here, with our
+                    // close_notify after what is queued (RFC 8446 6.1).
+                    peer_closed = progress.peer_closed;
                     if progress.peer_closed { Err(()) } else { Ok(()) }
                 }
             }
@@ -147,6 +150,13 @@ impl Shard {
             if let Some(conn) = st.conn(key) {
                 if let Some(io) = conn.io.as_mut() {
                     let _ = t.seal(&mut io.out);
+                }
+                if peer_closed && !t.sent_close {
+                    let mut out = Vec::new();
+                    if t.session.close_notify(&mut out).is_ok() {
+                        t.cipher.push(Bytes::from(out));
+                    }
+                    t.sent_close = true;
                 }
                 let _ = t.cipher.write_now(conn.fd.get());
             }

@@ -44,8 +44,9 @@ pub struct ServerTlsSettings {
     /// offers ALPN but none of these is refused (rustls'
     /// `no_application_protocol` alert).
     pub alpn: Vec<Vec<u8>>,
-    /// Let TLS 1.3 connections move to the compact record layer (not integrated yet) after
-    /// the handshake (sets rustls' `enable_secret_extraction`).
+    /// Let TLS 1.3 connections move to the compact record layer
+    /// ([`super::compact`]) after the handshake (sets rustls'
+    /// `enable_secret_extraction`).
     pub compact_idle: bool,
 }
 

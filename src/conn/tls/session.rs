@@ -46,6 +46,9 @@ pub enum TlsError {
     Closed,
     #[error("TLS record encryption failed: {0}")]
     Encrypt(String),
+    /// The compact TLS 1.3 record layer failed (an alert went to `out`).
+    #[error("TLS record layer: {0}")]
+    Record(#[from] super::compact::RecordError),
     /// Early data is never enabled in our configs; seeing it is a bug.
     #[error("unexpected TLS state {0}")]
     Unexpected(&'static str),
@@ -77,6 +80,7 @@ pub trait Unbuffered {
     type Data;
     /// Until this is false no application data may be written.
     fn handshaking(&self) -> bool;
+    fn version(&self) -> Option<rustls::ProtocolVersion>;
     fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data>;
 }
 
@@ -84,6 +88,9 @@ impl Unbuffered for UnbufferedServerConnection {
     type Data = rustls::server::ServerConnectionData;
     fn handshaking(&self) -> bool {
         self.is_handshaking()
+    }
+    fn version(&self) -> Option<rustls::ProtocolVersion> {
+        self.protocol_version()
     }
     fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data> {
         self.process_tls_records(incoming)
@@ -94,6 +101,9 @@ impl Unbuffered for UnbufferedClientConnection {
     type Data = rustls::client::ClientConnectionData;
     fn handshaking(&self) -> bool {
         self.is_handshaking()
+    }
+    fn version(&self) -> Option<rustls::ProtocolVersion> {
+        self.protocol_version()
     }
     fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data> {
         self.process_tls_records(incoming)
@@ -107,6 +117,8 @@ pub struct TlsSession<C> {
     /// The config allows secret extraction, so the session can move to the
     /// compact record layer.
     extractable: bool,
+    /// The peer's close_notify arrived: later input is swallowed.
+    peer_closed: bool,
 }
 
 pub type ServerTls = TlsSession<UnbufferedServerConnection>;
@@ -115,7 +127,7 @@ pub type ClientTls = TlsSession<UnbufferedClientConnection>;
 impl ServerTls {
     pub fn server(config: Arc<ServerConfig>) -> Result<ServerTls, TlsError> {
         let extractable = config.enable_secret_extraction;
-        Ok(TlsSession { conn: UnbufferedServerConnection::new(config)?, extractable })
+        Ok(TlsSession { conn: UnbufferedServerConnection::new(config)?, extractable, peer_closed: false })
     }
 
     /// The ALPN id both sides agreed on, after the handshake.
@@ -132,9 +144,7 @@ impl ServerTls {
     /// [`super::ServerTlsSettings::compact_idle`]. Check it first:
     /// `from_session` consumes the session even when it refuses.
     pub fn can_compact(&self) -> bool {
-        self.extractable
-            && !self.conn.is_handshaking()
-            && self.conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3)
+        self.extractable && !self.conn.is_handshaking() && self.conn.protocol_version() == Some(TLS13)
     }
 }
 
@@ -146,7 +156,7 @@ impl ClientTls {
         let name = ServerName::try_from(server_name.to_owned())
             .map_err(|_| TlsError::Rustls(rustls::Error::General(format!("bad server name {server_name:?}"))))?;
         let extractable = config.enable_secret_extraction;
-        Ok(TlsSession { conn: UnbufferedClientConnection::new(config, name)?, extractable })
+        Ok(TlsSession { conn: UnbufferedClientConnection::new(config, name)?, extractable, peer_closed: false })
     }
 
     pub fn alpn(&self) -> Option<&[u8]> {
@@ -164,13 +174,73 @@ impl<C: Unbuffered> TlsSession<C> {
     /// sent (handshake records, alerts) to `out`. Call it with empty input
     /// to start a client handshake. Whatever lands in `out` must be sent,
     /// on error too (it may be an alert telling the peer why).
+    ///
+    /// - While the handshake runs, records go to rustls one at a time, and
+    ///   the call returns right after the one that ends it when the session
+    ///   can move to the compact layer ([`ServerTls::can_compact`]): what
+    ///   follows (data, a KeyUpdate sent with the client's Finished) is for
+    ///   that layer. Otherwise rustls would answer such a KeyUpdate itself
+    ///   and park the reply for its next write, which the hand-over drops
+    ///   (security review finding 10).
+    /// - After the peer's close_notify, every input is consumed and dropped
+    ///   (RFC 8446 6.1) and `peer_closed` is reported on every call: the
+    ///   caller carries nothing (finding 2).
     pub fn read(
         &mut self,
         incoming: &mut [u8],
         out: &mut Vec<u8>,
         on_plaintext: &mut dyn FnMut(&[u8]),
     ) -> Result<Progress, TlsError> {
-        pump(&mut self.conn, incoming, out, Write::Nothing, on_plaintext).map(|(p, _)| p)
+        let mut progress = Progress::default();
+        // End of the input fed to rustls so far (a record boundary).
+        let mut fed = 0;
+        // rustls parses a handshake message spanning records again from its
+        // first record at each call, so record by record costs the square
+        // of the record count: a real client's flight is a few records, a
+        // peer fragmenting its ClientHello into thousands gets the rest
+        // in one call.
+        let mut singles = MAX_HANDSHAKE_RECORDS_ONE_BY_ONE;
+        while !self.peer_closed && self.conn.handshaking() {
+            let end = match singles.checked_sub(1) {
+                Some(left) => {
+                    singles = left;
+                    next_record_end(incoming, fed).unwrap_or(incoming.len())
+                }
+                None => incoming.len(),
+            };
+            let (p, _) =
+                pump(&mut self.conn, &mut incoming[progress.consumed..end], out, Write::Nothing, on_plaintext)?;
+            self.absorb(&mut progress, p);
+            fed = end;
+            if end == incoming.len() || p.closed {
+                return Ok(self.finish(progress, incoming.len()));
+            }
+            if !self.conn.handshaking() && self.extractable && self.conn.version() == Some(TLS13) {
+                return Ok(progress);
+            }
+        }
+        if !self.peer_closed {
+            let rest = &mut incoming[progress.consumed..];
+            let (p, _) = pump(&mut self.conn, rest, out, Write::Nothing, on_plaintext)?;
+            self.absorb(&mut progress, p);
+        }
+        Ok(self.finish(progress, incoming.len()))
+    }
+
+    fn absorb(&mut self, progress: &mut Progress, p: Progress) {
+        progress.consumed += p.consumed;
+        progress.established |= p.established;
+        progress.closed |= p.closed;
+        self.peer_closed |= p.peer_closed;
+    }
+
+    /// After close_notify: all of the input is consumed, and said so.
+    fn finish(&self, mut progress: Progress, len: usize) -> Progress {
+        if self.peer_closed {
+            progress.consumed = len;
+            progress.peer_closed = true;
+        }
+        progress
     }
 
     /// Encrypts `plaintext` into `out` (records of at most 16 KiB).
@@ -208,6 +278,20 @@ impl<C: Unbuffered> TlsSession<C> {
     pub fn rustls(&self) -> &C {
         &self.conn
     }
+}
+
+/// Handshake records of one read given to rustls one at a time (see
+/// [`TlsSession::read`]).
+const MAX_HANDSHAKE_RECORDS_ONE_BY_ONE: u32 = 16;
+
+const TLS13: rustls::ProtocolVersion = rustls::ProtocolVersion::TLSv1_3;
+
+/// The end of the complete record that starts at `at` in `input`, if it is
+/// all there.
+fn next_record_end(input: &[u8], at: usize) -> Option<usize> {
+    let header = input.get(at..)?.first_chunk::<5>()?;
+    let end = at + 5 + usize::from(u16::from_be_bytes([header[3], header[4]]));
+    (end <= input.len()).then_some(end)
 }
 
 /// Runs rustls' state machine until it needs more input or has nothing more
