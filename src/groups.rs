@@ -84,6 +84,11 @@ impl Groups {
         true
     }
 
+    /// The groups `slot` joined (the in-place upgrade carries them over).
+    pub fn of(&self, slot: u32) -> impl Iterator<Item = &str> + '_ {
+        self.of_session.get(&slot).into_iter().flatten().map(|g| &**g)
+    }
+
     /// Removes `slot` from every group (the session closed).
     pub fn leave_all(&mut self, slot: u32) {
         for group in self.of_session.remove(&slot).unwrap_or_default() {

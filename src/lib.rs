@@ -63,5 +63,6 @@ pub mod server;
 pub mod session;
 pub mod shard;
 pub mod sidecar;
+pub mod upgrade;
 pub mod upstream;
 pub mod wheel;

@@ -115,6 +115,12 @@ impl Session {
         Session { deadline: now.add_ms(params.auth_timeout_ms), idle_timeout_ms: 0, phase: Phase::Handshaking }
     }
 
+    /// A session carried over from another process by the in-place upgrade
+    /// ([`crate::upgrade`]), in the phase and with the deadline it had there.
+    pub fn restored(phase: Phase, deadline: Millis, idle_timeout_ms: u32) -> Session {
+        Session { deadline, idle_timeout_ms, phase }
+    }
+
     pub fn phase(&self) -> Phase {
         self.phase
     }

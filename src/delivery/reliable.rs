@@ -38,6 +38,9 @@ use crate::protocol::time::{Millis, Now};
 use crate::session::Login;
 use crate::shard::{Shard, State};
 
+// Hook: delivery state across the in-place upgrade.
+mod handover;
+
 /// Reliable-delivery settings of a shard.
 #[derive(Clone, Debug)]
 pub struct DeliverySettings {

@@ -36,6 +36,8 @@ mod links;
 mod output;
 mod task;
 mod timers;
+mod upgrade;
+pub(crate) use upgrade::ShardUpgrade;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -551,6 +553,8 @@ pub struct Shard {
     pub(crate) store: Rc<dyn TimelineStore>,
     /// Cluster mode: routes, forwarding, drain ([`crate::cluster`]).
     pub(crate) cluster: crate::cluster::Slot,
+    /// In-place upgrade: paused, frozen ([`crate::upgrade`]).
+    pub(crate) upgrade: ShardUpgrade,
 }
 
 impl Shard {
@@ -611,6 +615,7 @@ impl Shard {
             flush_rx: RefCell::new(Some(flush_rx)),
             store,
             cluster: Default::default(),
+            upgrade: ShardUpgrade::default(),
         })
     }
 
