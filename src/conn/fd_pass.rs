@@ -26,12 +26,25 @@ pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// Clears close-on-exec on `fd` (the child's end of the hand-over socket,
-/// right before spawning it).
-pub fn inheritable(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: fcntl on a borrowed, open fd.
-    let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0) };
-    if rc != 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+/// Makes `fd` the only descriptor above stderr that the spawned program
+/// inherits: every other one is marked close-on-exec in the child right
+/// before `exec` (some sockets of a running node are not, and a new process
+/// that inherited them would hold every old connection twice).
+pub fn inherit_only(cmd: &mut std::process::Command, fd: BorrowedFd<'_>) {
+    use std::os::unix::process::CommandExt;
+    let raw = fd.as_raw_fd();
+    // SAFETY: the closure runs in the forked child before exec and only
+    // makes two async-signal-safe syscalls on numbers, allocating nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Best effort on kernels without close_range (before 5.11).
+            libc::close_range(3, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC as libc::c_int);
+            if libc::fcntl(raw, libc::F_SETFD, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Takes ownership of an fd number given to this process at `exec` (the

@@ -174,11 +174,13 @@ impl Shard {
         let (phase, login, shard) = match conn.session.phase() {
             Phase::Handshaking => (RecordPhase::Handshaking, None, self.id),
             Phase::Active => (RecordPhase::Active, Some(active_login(conn)), self.id),
-            Phase::Authenticated => match (io.and_then(|io| io.handoff.as_ref()), io.and_then(|io| io.awaiting_dir.as_ref())) {
-                (Some((owner, login)), _) => (RecordPhase::Authenticated, Some((**login).clone()), *owner),
-                (None, Some(login)) => (RecordPhase::Authenticated, Some((**login).clone()), self.id),
-                (None, None) => return None,
-            },
+            Phase::Authenticated => {
+                match (io.and_then(|io| io.handoff.as_ref()), io.and_then(|io| io.awaiting_dir.as_ref())) {
+                    (Some((owner, login)), _) => (RecordPhase::Authenticated, Some((**login).clone()), *owner),
+                    (None, Some(login)) => (RecordPhase::Authenticated, Some((**login).clone()), self.id),
+                    (None, None) => return None,
+                }
+            }
             Phase::Closing | Phase::Closed => return None,
         };
         let mut out = Vec::new();

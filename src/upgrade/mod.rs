@@ -138,7 +138,9 @@ impl ListenerPool {
             .first()
             .and_then(|fd| socket2::SockRef::from(fd).local_addr().ok())
             .and_then(|a| a.as_socket())
-            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "handed-over listener has no address"));
+            .ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "handed-over listener has no address")
+            });
         Some(addr.map(|addr| (addr, fds)))
     }
 }
@@ -218,18 +220,28 @@ impl Upgrader {
         let (mine, theirs) = fd_pass::seqpacket_pair()?;
         let mut child = spawn_child(&theirs)?;
         drop(theirs);
-        let outcome = self.hand_over(&mine, child.id());
-        match &outcome {
-            Ok(_) => {
-                // Reaped by init once we exit.
-            }
-            Err(err) => {
-                warn!(error = %err, "upgrade failed; serving on");
-                // Our own child: it may be alive (silent, slow).
-                let _ = child.kill();
-                let _ = child.wait();
+        let mut outcome = self.hand_over(&mine, child.id());
+        if let Err(err) = &outcome {
+            // A child that died explains a broken socket better than the
+            // socket does.
+            if !matches!(err, UpgradeError::Refused(_)) {
+                let deadline = Instant::now() + Duration::from_millis(500);
+                while Instant::now() < deadline {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        outcome = Err(UpgradeError::Child(format!("exited ({status}) before confirming: {err}")));
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
         }
+        if let Err(err) = &outcome {
+            warn!(error = %err, "upgrade failed; serving on");
+            // Our own child: it may be alive (silent, slow).
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // On success the child is reaped by init once we exit.
         outcome
     }
 
@@ -276,7 +288,12 @@ impl Upgrader {
     }
 
     /// Sends `command` to every shard; waits for all their reports.
-    fn command(&self, command: fn() -> Command, limit: Duration, what: &'static str) -> Result<Vec<Report>, UpgradeError> {
+    fn command(
+        &self,
+        command: fn() -> Command,
+        limit: Duration,
+        what: &'static str,
+    ) -> Result<Vec<Report>, UpgradeError> {
         for tx in &self.commands {
             let _ = tx.unbounded_send(command());
         }
@@ -340,13 +357,12 @@ fn spawn_child(theirs: &OwnedFd) -> Result<std::process::Child, UpgradeError> {
         Some(p) => std::path::PathBuf::from(p),
         None => own_binary()?,
     };
-    fd_pass::inheritable(theirs.as_fd())?;
-    let child = std::process::Command::new(&path)
-        .args(std::env::args_os().skip(1))
+    let mut cmd = std::process::Command::new(&path);
+    cmd.args(std::env::args_os().skip(1))
         .env(FD_ENV, theirs.as_raw_fd().to_string())
-        .stdin(std::process::Stdio::null())
-        .spawn()
-        .map_err(|source| UpgradeError::Spawn { path: path.display().to_string(), source })?;
+        .stdin(std::process::Stdio::null());
+    fd_pass::inherit_only(&mut cmd, theirs.as_fd());
+    let child = cmd.spawn().map_err(|source| UpgradeError::Spawn { path: path.display().to_string(), source })?;
     info!(pid = child.id(), path = %path.display(), "started the new binary");
     Ok(child)
 }
@@ -482,8 +498,12 @@ fn receive_chunks(sock: &OwnedFd, buf: &mut [u8]) -> Result<(Vec<u8>, Vec<OwnedF
         let last = r.u8("last")? != 0;
         let data = &buf[2..n];
         if blob.len() + data.len() > wire::MAX_BLOB || fds.len() + more.len() > wire::MAX_FDS {
-            return Err(codec::DecodeError::TooLong { what: "hand-over", len: blob.len() + data.len(), max: wire::MAX_BLOB }
-                .into());
+            return Err(codec::DecodeError::TooLong {
+                what: "hand-over",
+                len: blob.len() + data.len(),
+                max: wire::MAX_BLOB,
+            }
+            .into());
         }
         blob.extend_from_slice(data);
         fds.extend(more);

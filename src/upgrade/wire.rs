@@ -234,7 +234,11 @@ impl Handover {
         }
         let shards = r.u16("shards")?;
         if shards > max_shards {
-            return Err(DecodeError::TooLong { what: "shards", len: usize::from(shards), max: usize::from(max_shards) });
+            return Err(DecodeError::TooLong {
+                what: "shards",
+                len: usize::from(shards),
+                max: usize::from(max_shards),
+            });
         }
         let mut out = Vec::with_capacity(usize::from(shards));
         for _ in 0..shards {
