@@ -49,6 +49,10 @@ fn mesh_capacity(shards: u16) -> usize {
     let pow2 = if share == 0 { 0 } else { 1 << share.ilog2() };
     pow2.clamp(MIN_MESH_CAPACITY, MESH_CAPACITY)
 }
+/// What an in-place upgrade gives one shard at start: the sessions and
+/// store handed over (new process), its channel to the coordinator.
+type ShardUpgradeStart = (Option<ShardRestore>, Option<ShardLink>);
+
 /// How long start-up may take before it is reported as failed.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -199,7 +203,7 @@ impl Server {
         let upgrader = Arc::new(upgrader);
         let mut restores: Vec<Option<ShardRestore>> = restores.into_iter().map(Some).collect();
         restores.resize_with(usize::from(shards), || None);
-        let per_shard_upgrade: Arc<Mutex<Vec<(Option<ShardRestore>, Option<ShardLink>)>>> =
+        let per_shard_upgrade: Arc<Mutex<Vec<ShardUpgradeStart>>> =
             Arc::new(Mutex::new(restores.into_iter().zip(shard_links.into_iter().map(Some)).collect()));
         let Listeners { client_addr, client: listeners, push_addr, push: push_listeners, node, admin: admin_listener } =
             bound;

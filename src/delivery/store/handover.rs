@@ -97,11 +97,13 @@ mod tests {
     use super::super::{NewMessage, TimelineStore};
     use super::*;
 
+    fn block<T>(f: super::super::StoreFuture<'_, T>) -> T {
+        futures_lite::future::block_on(f).expect("memory store answers")
+    }
+
     #[test]
     fn an_image_rebuilds_the_same_store() {
         let store = MemoryStore::new(Retention::default(), 1_000);
-        let block =
-            |f: super::super::StoreFuture<'_, _>| futures_lite::future::block_on(f).expect("memory store answers");
         for id in 1..=3 {
             let msg = NewMessage { message_id: id, service_id: "s".into(), payload: "p".into(), expires_at_ms: 0 };
             block(store.append("dev", msg, 5));
