@@ -42,7 +42,10 @@ impl Node {
         let path = dir.0.join("longlink.toml");
         std::fs::write(&path, toml::to_string(cfg).expect("config serializes")).expect("write config");
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_longlink"));
-        cmd.args(["serve", "--config"]).arg(&path).env("RUST_LOG", "warn").stdout(std::process::Stdio::piped());
+        cmd.args(["serve", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", std::env::var("LONGLINK_TEST_NODE_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(std::process::Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -406,12 +409,45 @@ fn failed_upgrade_leaves_the_old_process_serving(env: &[(&str, &str)], expect: &
                 let opts = ClientOptions::new(token(&cfg2, "u", "survivor"));
                 let mut conn = Connection::connect(addr, opts).await.expect("client authenticates").0;
                 connected.store(true, Ordering::Relaxed);
-                while !go.load(Ordering::Relaxed) {
-                    glommio::timer::sleep(Duration::from_millis(10)).await;
-                }
-                // The same session still works: a message after the
-                // failed attempt arrives on it.
-                next_message(&mut conn).await.payload
+                // Pings all along, so that some arrive while the node is
+                // frozen for the hand-over: they are answered once it
+                // resumes.
+                let pinging = async {
+                    while !go.load(Ordering::Relaxed) {
+                        conn.ping().await.expect("ping");
+                        loop {
+                            match conn.next_event().await.expect("the session stays up") {
+                                ClientEvent::Pong { .. } => break,
+                                _ => continue,
+                            }
+                        }
+                        glommio::timer::sleep(Duration::from_millis(20)).await;
+                    }
+                };
+                let limit = async {
+                    glommio::timer::sleep(Duration::from_secs(60)).await;
+                    panic!("a Ping went unanswered for 60 s");
+                };
+                futures_lite::future::or(pinging, limit).await;
+                // The same session still works: it is read (a Ping is
+                // answered) and a message after the failed attempt arrives.
+                let work = async {
+                    conn.ping().await.expect("ping");
+                    let (mut pong, mut message) = (false, None);
+                    while !pong || message.is_none() {
+                        match conn.next_event().await.expect("the session stays up") {
+                            ClientEvent::Pong { .. } => pong = true,
+                            ClientEvent::Message(m) => message = Some(m.payload),
+                            _ => {}
+                        }
+                    }
+                    message.unwrap_or_default()
+                };
+                let limit = async {
+                    glommio::timer::sleep(Duration::from_secs(30)).await;
+                    panic!("the session did not answer within 30 s of the failed upgrade");
+                };
+                futures_lite::future::or(work, limit).await
             })
         })
     };

@@ -26,25 +26,36 @@ pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// Makes `fd` the only descriptor above stderr that the spawned program
-/// inherits: every other one is marked close-on-exec in the child right
-/// before `exec` (some sockets of a running node are not, and a new process
-/// that inherited them would hold every old connection twice).
-pub fn inherit_only(cmd: &mut std::process::Command, fd: BorrowedFd<'_>) {
-    use std::os::unix::process::CommandExt;
-    let raw = fd.as_raw_fd();
-    // SAFETY: the closure runs in the forked child before exec and only
-    // makes two async-signal-safe syscalls on numbers, allocating nothing.
+/// Clears close-on-exec on `fd` (the child's end of the hand-over socket,
+/// right before spawning it). The spawn itself is a `posix_spawn` (no
+/// `fork` of the running node: its io_uring rings and threads stay alone).
+pub fn inheritable(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: fcntl on a borrowed, open fd.
+    let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0) };
+    if rc != 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// In a process just started by an upgrade, before it opens anything:
+/// closes every descriptor above stderr but `keep`. Whatever else the old
+/// process let through `exec` (a socket without close-on-exec) would
+/// otherwise stay open here for good, holding that connection open.
+pub fn close_all_but(keep: RawFd) {
+    let keep = keep.max(3) as libc::c_uint;
+    // SAFETY: closes numbers nobody in this process owns yet (called
+    // first thing, single-threaded); `keep` stays open.
     unsafe {
-        cmd.pre_exec(move || {
-            // Best effort on kernels without close_range (before 5.11).
-            libc::close_range(3, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC as libc::c_int);
-            if libc::fcntl(raw, libc::F_SETFD, 0) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
+        if keep > 3 {
+            libc::close_range(3, keep - 1, 0);
+        }
+        libc::close_range(keep + 1, libc::c_uint::MAX, 0);
     }
+}
+
+/// Marks an accepted socket close-on-exec (glommio's fast accept path
+/// uses plain `accept`): a program the node starts inherits none.
+pub fn set_cloexec(fd: BorrowedFd<'_>) {
+    // SAFETY: fcntl on a borrowed, open fd.
+    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
 }
 
 /// Takes ownership of an fd number given to this process at `exec` (the

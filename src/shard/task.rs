@@ -124,6 +124,9 @@ impl Shard {
             })
             .await;
             if let Some(accepted) = accepted {
+                if let Some(Ok(stream)) = &accepted {
+                    crate::conn::fd_pass::set_cloexec(fd::stream_fd(stream));
+                }
                 return accepted;
             }
         }

@@ -50,7 +50,7 @@ pub const EXE_ENV: &str = "LONGLINK_UPGRADE_EXE";
 /// Tests only: the hello announces this format instead of ours.
 pub const FORMAT_ENV: &str = "LONGLINK_UPGRADE_TEST_FORMAT";
 /// Tests only: `after-state` makes the new process exit 1 once it has
-/// received everything (after the old one froze).
+/// received everything (after the old one froze, a second later).
 pub const FAIL_ENV: &str = "LONGLINK_UPGRADE_TEST_FAIL";
 
 /// How long the new binary has to answer the hello.
@@ -357,12 +357,13 @@ fn spawn_child(theirs: &OwnedFd) -> Result<std::process::Child, UpgradeError> {
         Some(p) => std::path::PathBuf::from(p),
         None => own_binary()?,
     };
-    let mut cmd = std::process::Command::new(&path);
-    cmd.args(std::env::args_os().skip(1))
+    fd_pass::inheritable(theirs.as_fd())?;
+    let child = std::process::Command::new(&path)
+        .args(std::env::args_os().skip(1))
         .env(FD_ENV, theirs.as_raw_fd().to_string())
-        .stdin(std::process::Stdio::null());
-    fd_pass::inherit_only(&mut cmd, theirs.as_fd());
-    let child = cmd.spawn().map_err(|source| UpgradeError::Spawn { path: path.display().to_string(), source })?;
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .map_err(|source| UpgradeError::Spawn { path: path.display().to_string(), source })?;
     info!(pid = child.id(), path = %path.display(), "started the new binary");
     Ok(child)
 }
@@ -419,6 +420,7 @@ pub fn receive(config: &Config) -> Result<Option<Inherited>, UpgradeError> {
     let Ok(raw) = std::env::var(FD_ENV) else { return Ok(None) };
     let raw = raw.parse().map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "bad fd number"))?;
     let sock = fd_pass::inherited_socket(raw)?;
+    fd_pass::close_all_but(raw);
     let sref = socket2::SockRef::from(&sock);
     sref.set_read_timeout(Some(CONFIRM_TIMEOUT))?;
     sref.set_write_timeout(Some(CONFIRM_TIMEOUT))?;
@@ -447,6 +449,9 @@ pub fn receive(config: &Config) -> Result<Option<Inherited>, UpgradeError> {
     fd_pass::send(sock.as_fd(), &wire::encode_reply(wire::HELLO_REPLY, &Ok(0)), &[])?;
     let (blob, mut fds) = receive_chunks(&sock, &mut buf)?;
     if std::env::var(FAIL_ENV).is_ok_and(|v| v == "after-state") {
+        // A second in which the old process stays frozen, as with a slow
+        // start, then the failure.
+        std::thread::sleep(Duration::from_secs(1));
         warn!("{FAIL_ENV}=after-state: exiting as a failed new binary would");
         std::process::exit(1);
     }
