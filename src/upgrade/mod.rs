@@ -258,8 +258,14 @@ impl Upgrader {
         info!(pid, "new process accepted the hand-over; quiescing");
 
         let quiesce = self.reply_timeout + QUIESCE_SLACK;
-        let left: usize = self
-            .command(|| Command::Quiesce, quiesce, "quiesce")?
+        let quiesced = match self.command(|| Command::Quiesce, quiesce, "quiesce") {
+            Ok(reports) => reports,
+            Err(err) => {
+                self.resume();
+                return Err(err);
+            }
+        };
+        let left: usize = quiesced
             .into_iter()
             .map(|r| match r {
                 Report::Quiesced { pending_left, .. } => pending_left,
@@ -294,6 +300,9 @@ impl Upgrader {
         limit: Duration,
         what: &'static str,
     ) -> Result<Vec<Report>, UpgradeError> {
+        // Reports left over from a command that timed out (their fds,
+        // duplicates, close here).
+        while self.reports.try_recv().is_ok() {}
         for tx in &self.commands {
             let _ = tx.unbounded_send(command());
         }
