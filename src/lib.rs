@@ -16,8 +16,10 @@
 //!   replies merged and summarized, reply deadlines.
 //! - [`delivery`]: at-least-once delivery: the per-device window and
 //!   resend schedule (`delivery` itself), timelines ([`delivery::store`],
-//!   in memory or [`delivery::store_redis`]), and the shard code that ties
-//!   them to sessions ([`delivery::reliable`]: ACKs, resends, resume).
+//!   in memory or [`delivery::store_redis`]), and the component that ties
+//!   them to sessions ([`delivery::reliable`]: ACKs, resends, resume),
+//!   called through a small `Host` context the shard implements
+//!   (`shard/hosts.rs`); `delivery` does not depend on `shard`.
 //! - [`groups`]: per-shard group membership; [`rate`]: the one token bucket.
 //! - [`server`]: binds the listeners, starts the shards and wires the mesh
 //!   between them, serves the admin port.

@@ -251,6 +251,8 @@ impl MessageIds {
 }
 
 #[cfg(test)]
+mod component_tests;
+#[cfg(test)]
 mod engine_tests;
 
 #[cfg(test)]

@@ -16,30 +16,39 @@
 //! (`replay(after = last sent, limit = room in the window)`) when there is
 //! room. At most one replay per device is in flight.
 //!
-//! Store calls are asynchronous. The memory store answers at once and its
-//! answer is handled inline; a Redis answer comes back to a small task that
+//! A component: [`Reliable`] owns the per-device state, the store and the
+//! settings; its entry points are called with a [`Host`], the small context
+//! the shard gives it (its sessions, its outbox, the store jobs it runs), and
+//! the time. Nothing here reads the clock or knows the shard's types, so
+//! `delivery/` does not depend on `shard/`.
+//!
+//! Store calls are asynchronous: each becomes a [`StoreJob`] the host runs.
+//! The memory store answers at once and the host hands its [`StoreDone`]
+//! back inline ([`done`]); a Redis answer comes back from a small task that
 //! borrows the shard state only after the await.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
 use tracing::warn;
 
-use crate::delivery::store::{Appended, NewMessage, Replay, Status, StoreError};
+use crate::delivery::store::{Appended, NewMessage, Replay, Status, StoreError, TimelineStore};
 use crate::delivery::{DeviceWindow, RetryPolicy};
 use crate::mesh::{CopyResult, Origin, Outgoing, Part};
 use crate::protocol::codec::{self, Flags};
-use crate::protocol::ids::ConnKey;
+use crate::protocol::ids::{ConnKey, ShardId};
 use crate::protocol::proto::{self, FrameKind};
 use crate::protocol::time::{Millis, Now};
 use crate::session::Login;
-use crate::shard::{Shard, State};
 
 // Hook: delivery state across the in-place upgrade.
 mod handover;
+pub(crate) use handover::restore;
 
 /// Reliable-delivery settings of a shard.
 #[derive(Clone, Debug)]
@@ -156,486 +165,552 @@ fn unix_ms(now: Now) -> u64 {
     u64::try_from(now.unix_ms).unwrap_or(0)
 }
 
-impl Shard {
-    /// Runs a store call; `then` gets its output and the shard state: inline
-    /// when the future is ready at once (the memory store), else from a task
-    /// once it resolves (never holding a state borrow across the await).
-    pub(crate) fn after_store<T: 'static>(
-        &self,
-        st: &mut State,
-        fut: impl Future<Output = T> + 'static,
-        then: impl FnOnce(&Shard, &mut State, T) + 'static,
-    ) {
-        let mut fut = Box::pin(fut);
-        let mut cx = Context::from_waker(Waker::noop());
-        match fut.as_mut().poll(&mut cx) {
-            Poll::Ready(value) => then(self, st, value),
-            Poll::Pending => {
-                let Some(shard) = self.me.upgrade() else { return };
-                glommio::spawn_local(async move {
-                    // glommio polls a new task right away, inside the
-                    // caller's borrow of the state: wait for the next turn.
-                    futures_lite::future::yield_now().await;
-                    let value = fut.await;
-                    let mut st = shard.state.borrow_mut();
-                    then(&shard, &mut st, value);
-                })
-                .detach();
-            }
-        }
+/// A store call of the delivery component, for the host to run.
+pub(crate) type StoreJob = Pin<Box<dyn Future<Output = StoreDone>>>;
+
+/// The outcome of a [`StoreJob`], handed back to [`done`].
+pub(crate) enum StoreDone {
+    /// A call whose only outcome worth knowing is a failure.
+    Quiet { what: &'static str, result: Result<(), StoreError> },
+    /// The appends of [`store_copies`].
+    Appended {
+        origin: Origin,
+        copies: Vec<(u32, String, u64)>,
+        results: Vec<Option<Result<Appended, StoreError>>>,
+        msg: Arc<Outgoing>,
+    },
+    /// A replay for an ACK-capable session ([`refill`]).
+    Replayed { key: ConnKey, limit: usize, result: Result<Replay, StoreError> },
+    /// The once-only replay for a client without ACK support.
+    ReplayedUnacked { key: ConnKey, result: Result<Replay, StoreError> },
+    /// The lookups of [`status_part`].
+    Status { origin: Origin, found: Vec<(u32, proto::MessageStatus)>, failures: Vec<StoreError> },
+}
+
+/// What the delivery component needs of the shard that holds it.
+pub(crate) trait Host {
+    /// The component itself (it lives in the shard's state).
+    fn delivery(&mut self) -> &mut Reliable;
+    /// The device of session `key`, whether it is active (AuthOk sent, not
+    /// closing) and whether it ACKs.
+    fn target(&self, key: ConnKey) -> Option<(&str, bool, bool)>;
+    fn device_slot(&self, device: &str) -> Option<u32>;
+    fn key_of(&self, slot: u32) -> ConnKey;
+    /// Files `key` in the timer wheel for `at` (a resend).
+    fn wake_at(&mut self, key: ConnKey, at: Millis);
+    /// Sends a message to the session in `slot`, counted as a delivery;
+    /// false when the session no longer takes frames.
+    fn deliver(&mut self, slot: u32, frame: &Bytes) -> bool;
+    /// The same, not counted (resends, control frames).
+    fn send(&mut self, slot: u32, frame: &Bytes) -> bool;
+    /// Answers the origin of a push with this shard's part.
+    fn answer(&mut self, origin: Origin, part: Part);
+    /// Runs a store call and hands its outcome to [`done`] with the time
+    /// then: inline when it is ready at once, else once it resolves.
+    fn run_store(&mut self, job: StoreJob);
+}
+
+/// The at-least-once delivery of one shard (see the module docs).
+pub(crate) struct Reliable {
+    shard: ShardId,
+    settings: DeliverySettings,
+    store: Rc<dyn TimelineStore>,
+    counters: Arc<ReliableCounters>,
+    /// Delivery state of online devices, by slot: only while a device has
+    /// messages in flight or waiting.
+    tracked: HashMap<u32, Tracked>,
+}
+
+impl Reliable {
+    pub(crate) fn new(
+        shard: ShardId,
+        settings: DeliverySettings,
+        store: Rc<dyn TimelineStore>,
+        counters: Arc<ReliableCounters>,
+    ) -> Reliable {
+        Reliable { shard, settings, store, counters, tracked: HashMap::new() }
     }
 
-    /// A store call whose only outcome worth knowing is a failure.
-    fn store_quietly(
-        &self,
-        st: &mut State,
-        what: &'static str,
-        fut: impl Future<Output = Result<(), StoreError>> + 'static,
-    ) {
-        self.after_store(st, fut, move |shard, _, result| {
-            if let Err(err) = result {
-                shard.store_failed(what, &err);
-            }
-        });
-    }
-
-    /// Counts a store failure; logs the first and then every 1,024th.
-    fn store_failed(&self, what: &'static str, err: &StoreError) {
-        let n = self.counters.reliable.store_errors.fetch_add(1, Ordering::Relaxed);
-        if n.is_multiple_of(1024) {
-            warn!(shard = %self.id, what, error = %err, failures = n + 1, "timeline store call failed");
-        }
-    }
-
-    fn ack_in_store(&self, st: &mut State, device: &str, seq: u64, now: Now) {
-        let (store, device) = (self.store.clone(), device.to_owned());
-        let now_ms = unix_ms(now);
-        self.store_quietly(st, "ack", async move { store.ack(&device, seq, now_ms).await });
-    }
-
-    /// The device state of session `key`, if it has one (a state left by an
-    /// earlier session in the same slot is dropped).
-    fn tracked<'a>(&self, st: &'a mut State, key: ConnKey) -> Option<&'a mut Tracked> {
-        if st.reliable.get(&key.index).is_some_and(|t| t.key != key) {
-            self.forget_delivery(st, key.index);
-        }
-        st.reliable.get_mut(&key.index)
-    }
-
-    fn track(&self, st: &mut State, tracked: Tracked) {
-        if st.reliable.insert(tracked.key.index, tracked).is_none() {
-            self.counters.reliable.tracked_devices.fetch_add(1, Ordering::Relaxed);
-        }
+    /// Whether every shard shares one store (Redis).
+    pub(crate) fn store_is_shared(&self) -> bool {
+        self.settings.shared_store
     }
 
     /// Drops the device state of `slot` (the session ended): nothing is
     /// resent; the timeline keeps every unacknowledged message.
-    pub(crate) fn forget_delivery(&self, st: &mut State, slot: u32) {
-        if st.reliable.remove(&slot).is_some() {
-            self.counters.reliable.tracked_devices.fetch_sub(1, Ordering::Relaxed);
+    pub(crate) fn forget(&mut self, slot: u32) {
+        if self.tracked.remove(&slot).is_some() {
+            self.counters.tracked_devices.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
-    fn forget_if_idle(&self, st: &mut State, key: ConnKey) {
-        if st.reliable.get(&key.index).is_some_and(|t| t.key == key && t.is_idle()) {
-            self.forget_delivery(st, key.index);
+    /// The device state of session `key`, if it has one (a state left by an
+    /// earlier session in the same slot is dropped).
+    fn tracked(&mut self, key: ConnKey) -> Option<&mut Tracked> {
+        if self.tracked.get(&key.index).is_some_and(|t| t.key != key) {
+            self.forget(key.index);
+        }
+        self.tracked.get_mut(&key.index)
+    }
+
+    fn track(&mut self, tracked: Tracked) {
+        if self.tracked.insert(tracked.key.index, tracked).is_none() {
+            self.counters.tracked_devices.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    // ---- new messages ---------------------------------------------------
+    fn forget_if_idle(&mut self, key: ConnKey) {
+        if self.tracked.get(&key.index).is_some_and(|t| t.key == key && t.is_idle()) {
+            self.forget(key.index);
+        }
+    }
 
-    /// Appends one copy per `(target index, device, message id)` to the
-    /// devices' timelines (this shard owns them), sends each to its device
-    /// when it can go out now, and answers the origin with the sequences.
-    /// An empty device stands for a user target with no session here: it is
-    /// answered without a copy.
-    pub(crate) fn store_copies(
-        &self,
-        st: &mut State,
-        origin: Origin,
-        copies: Vec<(u32, String, u64)>,
-        msg: Arc<Outgoing>,
-    ) {
-        let now_ms = unix_ms(self.now());
-        let store = self.store.clone();
-        let m = msg.clone();
-        let appends = async move {
-            let mut results = Vec::with_capacity(copies.len());
-            {
-                // Created (and, for Redis, queued) all at once, in order.
-                let pending: Vec<_> = copies
-                    .iter()
-                    .map(|(_, device, message_id)| {
-                        let new = NewMessage {
-                            message_id: *message_id,
-                            service_id: m.service_id.clone(),
-                            payload: m.payload.clone(),
-                            expires_at_ms: m.expires_at_ms,
-                        };
-                        (!device.is_empty()).then(|| store.append(device, new, now_ms))
-                    })
-                    .collect();
-                for append in pending {
-                    results.push(match append {
-                        Some(append) => Some(append.await),
-                        None => None,
-                    });
-                }
+    /// Counts a store failure; logs the first and then every 1,024th.
+    fn failed(&self, what: &'static str, err: &StoreError) {
+        let n = self.counters.store_errors.fetch_add(1, Ordering::Relaxed);
+        if n.is_multiple_of(1024) {
+            warn!(shard = %self.shard, what, error = %err, failures = n + 1, "timeline store call failed");
+        }
+    }
+
+    fn counters(&self) -> &ReliableCounters {
+        &self.counters
+    }
+}
+
+/// A store call whose only outcome worth knowing is a failure.
+fn store_quietly<H: Host>(h: &mut H, what: &'static str, fut: impl Future<Output = Result<(), StoreError>> + 'static) {
+    h.run_store(Box::pin(async move { StoreDone::Quiet { what, result: fut.await } }));
+}
+
+fn ack_in_store<H: Host>(h: &mut H, device: &str, seq: u64, now: Now) {
+    let (store, device) = (h.delivery().store.clone(), device.to_owned());
+    let now_ms = unix_ms(now);
+    store_quietly(h, "ack", async move { store.ack(&device, seq, now_ms).await });
+}
+
+/// A store call finished: carries on where it was started.
+pub(crate) fn done<H: Host>(h: &mut H, now: Now, done: StoreDone) {
+    match done {
+        StoreDone::Quiet { what, result } => {
+            if let Err(err) = result {
+                h.delivery().failed(what, &err);
             }
-            (copies, results)
+        }
+        StoreDone::Appended { origin, copies, results, msg } => on_stored(h, now, origin, copies, results, &msg),
+        StoreDone::Replayed { key, limit, result } => on_replayed(h, key, now, limit, result),
+        StoreDone::ReplayedUnacked { key, result } => on_replayed_unacked(h, key, now, result),
+        StoreDone::Status { origin, found, failures } => {
+            for err in &failures {
+                h.delivery().failed("status", err);
+            }
+            h.answer(origin, Part::Status(found));
+        }
+    }
+}
+
+// ---- new messages -------------------------------------------------------
+
+/// Appends one copy per `(target index, device, message id)` to the
+/// devices' timelines (this shard owns them), sends each to its device
+/// when it can go out now, and answers the origin with the sequences.
+/// An empty device stands for a user target with no session here: it is
+/// answered without a copy.
+pub(crate) fn store_copies<H: Host>(
+    h: &mut H,
+    now: Now,
+    origin: Origin,
+    copies: Vec<(u32, String, u64)>,
+    msg: Arc<Outgoing>,
+) {
+    let now_ms = unix_ms(now);
+    let store = h.delivery().store.clone();
+    let appends = async move {
+        let mut results = Vec::with_capacity(copies.len());
+        {
+            // Created (and, for Redis, queued) all at once, in order.
+            let pending: Vec<_> = copies
+                .iter()
+                .map(|(_, device, message_id)| {
+                    let new = NewMessage {
+                        message_id: *message_id,
+                        service_id: msg.service_id.clone(),
+                        payload: msg.payload.clone(),
+                        expires_at_ms: msg.expires_at_ms,
+                    };
+                    (!device.is_empty()).then(|| store.append(device, new, now_ms))
+                })
+                .collect();
+            for append in pending {
+                results.push(match append {
+                    Some(append) => Some(append.await),
+                    None => None,
+                });
+            }
+        }
+        StoreDone::Appended { origin, copies, results, msg }
+    };
+    h.run_store(Box::pin(appends));
+}
+
+/// The appends of [`store_copies`] are done: sends and answers.
+fn on_stored<H: Host>(
+    h: &mut H,
+    now: Now,
+    origin: Origin,
+    copies: Vec<(u32, String, u64)>,
+    results: Vec<Option<Result<Appended, StoreError>>>,
+    msg: &Outgoing,
+) {
+    let mut part = Vec::with_capacity(copies.len());
+    for ((idx, device, message_id), result) in copies.into_iter().zip(results) {
+        let Some(result) = result else {
+            part.push(CopyResult { idx, ..Default::default() });
+            continue;
         };
-        self.after_store(st, appends, move |shard, st, (copies, results)| {
-            let mut part = Vec::with_capacity(copies.len());
-            for ((idx, device, message_id), result) in copies.into_iter().zip(results) {
-                let Some(result) = result else {
-                    part.push(CopyResult { idx, ..Default::default() });
-                    continue;
-                };
-                match result {
-                    Ok(appended) => {
-                        shard.counters.reliable.stored.fetch_add(1, Ordering::Relaxed);
-                        let sessions = shard.on_appended(st, &device, appended, message_id, &msg);
-                        part.push(CopyResult {
-                            idx,
-                            device,
-                            seq: appended.seq,
-                            message_id,
-                            sessions,
-                            ..Default::default()
-                        });
-                    }
-                    Err(err) => {
-                        shard.store_failed("append", &err);
-                        let retryable = err.is_retryable();
-                        let error = Some(err.to_string());
-                        part.push(CopyResult { idx, device, message_id, error, retryable, ..Default::default() });
-                    }
-                }
+        match result {
+            Ok(appended) => {
+                h.delivery().counters().stored.fetch_add(1, Ordering::Relaxed);
+                let sessions = on_appended(h, now, &device, appended, message_id, msg);
+                part.push(CopyResult { idx, device, seq: appended.seq, message_id, sessions, ..Default::default() });
             }
-            shard.answer(st, origin, Part::Stored(part));
-        });
-    }
-
-    /// A copy is in the timeline: send it now if the device is online and
-    /// it is next in line. Returns the sessions it was sent to (0 or 1).
-    fn on_appended(&self, st: &mut State, device: &str, appended: Appended, message_id: u64, msg: &Outgoing) -> u32 {
-        let Some(slot) = st.device_slot(device) else { return 0 };
-        let key = st.key_of(slot);
-        // Not active yet: the activation replay will find it.
-        let Some((_, true, acks)) = st.delivery_target(key) else { return 0 };
-        let Appended { seq, oldest, learned_ms } = appended;
-        let now = self.now();
-        let frame = message_frame(seq, message_id, &msg.service_id, &msg.payload);
-        if !acks {
-            // A client without ACK support gets it once, at most once; once
-            // handed to its socket it is acknowledged in the store so no
-            // resume replays it. A send that failed (the session was cut off
-            // as SLOW) leaves it in the timeline for the next connect.
-            let sent = self.deliver(st, slot, &frame);
-            if sent {
-                self.counters.reliable.sent_unacked.fetch_add(1, Ordering::Relaxed);
-                self.ack_in_store(st, device, seq, now);
+            Err(err) => {
+                h.delivery().failed("append", &err);
+                let retryable = err.is_retryable();
+                let error = Some(err.to_string());
+                part.push(CopyResult { idx, device, message_id, error, retryable, ..Default::default() });
             }
-            return u32::from(sent);
         }
-        let window = self.cfg.delivery.window;
-        let Some(t) = self.tracked(st, key) else {
-            if oldest < seq {
-                // Older messages wait (another append still on its way, or a
-                // failed send): read them back in order.
-                let mut t = Tracked::new(key, oldest - 1).learned(learned_ms);
-                t.backlog = true;
-                self.track(st, t);
-                self.refill(st, key, now);
-                return 0;
-            }
-            self.track(st, Tracked::new(key, seq - 1).learned(learned_ms));
-            return u32::from(self.send_new(st, key, (seq, message_id), frame, now));
-        };
-        if t.refilling {
-            t.refill_again = true;
+    }
+    h.answer(origin, Part::Stored(part));
+}
+
+/// A copy is in the timeline: send it now if the device is online and
+/// it is next in line. Returns the sessions it was sent to (0 or 1).
+fn on_appended<H: Host>(h: &mut H, now: Now, device: &str, appended: Appended, message_id: u64, msg: &Outgoing) -> u32 {
+    let Some(slot) = h.device_slot(device) else { return 0 };
+    let key = h.key_of(slot);
+    // Not active yet: the activation replay will find it.
+    let Some((_, true, acks)) = h.target(key) else { return 0 };
+    let Appended { seq, oldest, learned_ms } = appended;
+    let frame = message_frame(seq, message_id, &msg.service_id, &msg.payload);
+    if !acks {
+        // A client without ACK support gets it once, at most once; once
+        // handed to its socket it is acknowledged in the store so no
+        // resume replays it. A send that failed (the session was cut off
+        // as SLOW) leaves it in the timeline for the next connect.
+        let sent = h.deliver(slot, &frame);
+        if sent {
+            h.delivery().counters().sent_unacked.fetch_add(1, Ordering::Relaxed);
+            ack_in_store(h, device, seq, now);
+        }
+        return u32::from(sent);
+    }
+    let r = h.delivery();
+    let window = r.settings.window;
+    let Some(t) = r.tracked(key) else {
+        if oldest < seq {
+            // Older messages wait (another append still on its way, or a
+            // failed send): read them back in order.
+            let mut t = Tracked::new(key, oldest - 1).learned(learned_ms);
+            t.backlog = true;
+            r.track(t);
+            refill(h, key, now);
             return 0;
         }
-        if seq <= t.last_sent {
-            return 0; // a replay already sent it
-        }
-        if seq == t.last_sent + 1 && !t.backlog && !t.stalled && t.window.has_room(window) {
-            return u32::from(self.send_new(st, key, (seq, message_id), frame, now));
-        }
+        r.track(Tracked::new(key, seq - 1).learned(learned_ms));
+        return u32::from(send_new(h, key, (seq, message_id), frame, now));
+    };
+    if t.refilling {
+        t.refill_again = true;
+        return 0;
+    }
+    if seq <= t.last_sent {
+        return 0; // a replay already sent it
+    }
+    if seq == t.last_sent + 1 && !t.backlog && !t.stalled && t.window.has_room(window) {
+        return u32::from(send_new(h, key, (seq, message_id), frame, now));
+    }
+    t.backlog = true;
+    if !t.stalled && t.window.has_room(window) {
+        refill(h, key, now);
+    }
+    0
+}
+
+/// Sends `seq` for the first time on this session and puts it in the
+/// window. False when the session no longer takes frames.
+fn send_new<H: Host>(h: &mut H, key: ConnKey, (seq, message_id): (u64, u64), frame: Bytes, now: Now) -> bool {
+    if !h.deliver(key.index, &frame) {
+        return false;
+    }
+    let Some(device) = h.target(key).map(|(d, _, _)| d.to_owned()) else { return false };
+    let r = h.delivery();
+    let policy = r.settings.policy;
+    let Some(t) = r.tracked(key) else { return false };
+    let was_idle = t.window.is_idle();
+    t.window.on_sent(seq, frame, now.mono, &policy);
+    t.last_sent = seq;
+    let resend_at = t.window.next_deadline();
+    r.counters().sent.fetch_add(1, Ordering::Relaxed);
+    let store = r.store.clone();
+    if was_idle && let Some(at) = resend_at {
+        h.wake_at(key, at);
+    }
+    let now_ms = unix_ms(now);
+    store_quietly(h, "mark_sent", async move { store.mark_sent(&device, seq, message_id, now_ms).await });
+    true
+}
+
+// ---- replays ------------------------------------------------------------
+
+/// Reads the messages after the last one sent back from the timeline,
+/// as many as the window has room for.
+fn refill<H: Host>(h: &mut H, key: ConnKey, now: Now) {
+    let Some(device) = h.target(key).map(|(d, _, _)| d.to_owned()) else { return };
+    let r = h.delivery();
+    let window = r.settings.window;
+    let store = r.store.clone();
+    let Some(t) = r.tracked(key) else { return };
+    if t.refilling {
+        t.refill_again = true;
+        return;
+    }
+    let room = window.saturating_sub(t.window.in_flight());
+    if t.stalled || room == 0 {
         t.backlog = true;
-        if !t.stalled && t.window.has_room(window) {
-            self.refill(st, key, now);
-        }
-        0
+        return;
     }
+    t.refilling = true;
+    t.refill_again = false;
+    let (after, resume) = (t.last_sent, t.resuming);
+    let now_ms = unix_ms(now);
+    let replay = async move {
+        let result = if resume {
+            store.resume(&device, after, room, now_ms).await
+        } else {
+            store.replay(&device, after, room, now_ms).await
+        };
+        StoreDone::Replayed { key, limit: room, result }
+    };
+    h.run_store(Box::pin(replay));
+}
 
-    /// Sends `seq` for the first time on this session and puts it in the
-    /// window. False when the session no longer takes frames.
-    fn send_new(&self, st: &mut State, key: ConnKey, (seq, message_id): (u64, u64), frame: Bytes, now: Now) -> bool {
-        if !self.deliver(st, key.index, &frame) {
-            return false;
-        }
-        let Some(device) = st.delivery_target(key).map(|(d, _, _)| d.to_owned()) else { return false };
-        let policy = self.cfg.delivery.policy;
-        let Some(t) = self.tracked(st, key) else { return false };
-        let was_idle = t.window.is_idle();
-        t.window.on_sent(seq, frame, now.mono, &policy);
-        t.last_sent = seq;
-        let resend_at = t.window.next_deadline();
-        if was_idle && let Some(at) = resend_at {
-            st.wake_at(key, at);
-        }
-        self.counters.reliable.sent.fetch_add(1, Ordering::Relaxed);
-        let store = self.store.clone();
-        let now_ms = unix_ms(now);
-        self.store_quietly(st, "mark_sent", async move { store.mark_sent(&device, seq, message_id, now_ms).await });
-        true
-    }
-
-    // ---- replays --------------------------------------------------------
-
-    /// Reads the messages after the last one sent back from the timeline,
-    /// as many as the window has room for.
-    fn refill(&self, st: &mut State, key: ConnKey, now: Now) {
-        let window = self.cfg.delivery.window;
-        let Some(device) = st.delivery_target(key).map(|(d, _, _)| d.to_owned()) else { return };
-        let Some(t) = self.tracked(st, key) else { return };
-        if t.refilling {
-            t.refill_again = true;
-            return;
-        }
-        let room = window.saturating_sub(t.window.in_flight());
-        if t.stalled || room == 0 {
+/// Sends what a replay found, after announcing a gap if there is one.
+fn on_replayed<H: Host>(h: &mut H, key: ConnKey, now: Now, limit: usize, result: Result<Replay, StoreError>) {
+    let r = h.delivery();
+    let base_delay_ms = r.settings.policy.base_delay_ms;
+    let Some(t) = r.tracked(key) else { return };
+    t.refilling = false;
+    let replay = match result {
+        Ok(replay) => replay,
+        Err(err) => {
+            // Try again from the timer wheel.
             t.backlog = true;
+            r.failed("replay", &err);
+            let retry_at = now.mono.add_ms(u64::from(base_delay_ms));
+            return h.wake_at(key, retry_at);
+        }
+    };
+    let mut missing = replay.missing;
+    if std::mem::take(&mut t.resuming) {
+        // A reconnecting device starts from what its link taught us.
+        t.window.set_learned_ms(replay.learned_ms);
+        t.replayed = !replay.messages.is_empty();
+    }
+    let seen = std::mem::take(&mut t.resume_incarnation);
+    if seen != 0 && replay.incarnation != 0 && seen != replay.incarnation && t.last_sent < replay.base {
+        // The client resumes across a store that lost its contents: all
+        // it may have missed up to this incarnation's first sequence is
+        // unknown, even from sequence 0.
+        let to = missing.map_or(replay.base, |(_, to)| to.max(replay.base));
+        missing = Some((t.last_sent + 1, to));
+    }
+    if let Some((from, to)) = missing
+        && to > t.last_sent
+    {
+        let from = from.max(t.last_sent + 1);
+        t.last_sent = to;
+        let frame = codec::encode(
+            FrameKind::ResyncRequired,
+            Flags::default(),
+            &proto::ResyncRequired { from_seq: from, to_seq: to },
+        );
+        r.counters().resyncs.fetch_add(1, Ordering::Relaxed);
+        if !h.send(key.index, &frame) {
             return;
         }
-        t.refilling = true;
-        t.refill_again = false;
-        let (after, resume) = (t.last_sent, t.resuming);
-        let store = self.store.clone();
-        let now_ms = unix_ms(now);
-        let replay = async move {
-            if resume {
-                store.resume(&device, after, room, now_ms).await
-            } else {
-                store.replay(&device, after, room, now_ms).await
-            }
-        };
-        self.after_store(st, replay, move |shard, st, result| shard.on_replayed(st, key, room, result));
     }
-
-    /// Sends what a replay found, after announcing a gap if there is one.
-    fn on_replayed(&self, st: &mut State, key: ConnKey, limit: usize, result: Result<Replay, StoreError>) {
-        let now = self.now();
-        let Some(t) = self.tracked(st, key) else { return };
-        t.refilling = false;
-        let replay = match result {
-            Ok(replay) => replay,
-            Err(err) => {
-                // Try again from the timer wheel.
-                t.backlog = true;
-                let retry_at = now.mono.add_ms(u64::from(self.cfg.delivery.policy.base_delay_ms));
-                st.wake_at(key, retry_at);
-                return self.store_failed("replay", &err);
-            }
-        };
-        let mut missing = replay.missing;
-        if std::mem::take(&mut t.resuming) {
-            // A reconnecting device starts from what its link taught us.
-            t.window.set_learned_ms(replay.learned_ms);
-            t.replayed = !replay.messages.is_empty();
+    let more = replay.messages.len() >= limit;
+    let mut progressed = false;
+    for m in replay.messages {
+        let Some(t) = h.delivery().tracked(key) else { return };
+        if m.seq <= t.last_sent {
+            continue;
         }
-        let seen = std::mem::take(&mut t.resume_incarnation);
-        if seen != 0 && replay.incarnation != 0 && seen != replay.incarnation && t.last_sent < replay.base {
-            // The client resumes across a store that lost its contents: all
-            // it may have missed up to this incarnation's first sequence is
-            // unknown, even from sequence 0.
-            let to = missing.map_or(replay.base, |(_, to)| to.max(replay.base));
-            missing = Some((t.last_sent + 1, to));
-        }
-        if let Some((from, to)) = missing
-            && to > t.last_sent
-        {
-            let from = from.max(t.last_sent + 1);
-            t.last_sent = to;
-            let frame = codec::encode(
-                FrameKind::ResyncRequired,
-                Flags::default(),
-                &proto::ResyncRequired { from_seq: from, to_seq: to },
-            );
-            self.counters.reliable.resyncs.fetch_add(1, Ordering::Relaxed);
-            if !self.send_to_slot(st, key.index, &frame) {
-                return;
-            }
-        }
-        let more = replay.messages.len() >= limit;
-        let mut progressed = false;
-        for m in replay.messages {
-            let Some(t) = self.tracked(st, key) else { return };
-            if m.seq <= t.last_sent {
-                continue;
-            }
-            let frame = message_frame(m.seq, m.message_id, &m.service_id, &m.payload);
-            if !self.send_new(st, key, (m.seq, m.message_id), frame, now) {
-                return;
-            }
-            progressed = true;
-        }
-        let Some(t) = self.tracked(st, key) else { return };
-        let again = std::mem::take(&mut t.refill_again);
-        t.backlog = more || again;
-        if t.backlog && (progressed || again) {
-            self.refill(st, key, now);
-        }
-        self.forget_if_idle(st, key);
-    }
-
-    /// A session became active: replay what its client has not processed.
-    pub(crate) fn resume_delivery(&self, st: &mut State, key: ConnKey, now: Now, login: &Login) {
-        let device = login.device.clone();
-        if login.capabilities & proto::Capability::Ack as u32 != 0 {
-            if login.last_seq > 0 {
-                // The client says it processed everything up to here.
-                self.ack_in_store(st, &device, login.last_seq, now);
-            }
-            let mut t = Tracked::new(key, login.last_seq);
-            t.resume_incarnation = login.store_incarnation;
-            t.resuming = true;
-            self.track(st, t);
-            return self.refill(st, key, now);
-        }
-        // An old client: whatever waits goes out once, and is acknowledged
-        // in the store (it cannot be resent: the client cannot ACK).
-        let limit = self.cfg.delivery.unacked_replay_limit;
-        let store = self.store.clone();
-        let now_ms = unix_ms(now);
-        let replay = async move { store.replay(&device, 0, limit, now_ms).await };
-        self.after_store(st, replay, move |shard, st, result| {
-            let replay = match result {
-                Ok(replay) => replay,
-                Err(err) => return shard.store_failed("replay", &err),
-            };
-            let Some((device, true, _)) = st.delivery_target(key).map(|(d, a, k)| (d.to_owned(), a, k)) else {
-                return;
-            };
-            let mut last = None;
-            for m in replay.messages {
-                let frame = message_frame(m.seq, m.message_id, &m.service_id, &m.payload);
-                if !shard.deliver(st, key.index, &frame) {
-                    break;
-                }
-                shard.counters.reliable.sent_unacked.fetch_add(1, Ordering::Relaxed);
-                last = Some(m.seq);
-            }
-            if let Some(seq) = last {
-                shard.ack_in_store(st, &device, seq, shard.now());
-            }
-        });
-    }
-
-    // ---- acknowledgements and resends -------------------------------------
-
-    /// The client processed everything up to `seq`.
-    pub(crate) fn on_ack(&self, st: &mut State, key: ConnKey, now: Now, seq: u64) {
-        self.counters.reliable.ack_frames.fetch_add(1, Ordering::Relaxed);
-        let policy = self.cfg.delivery.policy;
-        let window = self.cfg.delivery.window;
-        let Some(device) = st.delivery_target(key).map(|(d, _, _)| d.to_owned()) else { return };
-        // Nothing in flight: a late duplicate, nothing to do.
-        let Some(t) = self.tracked(st, key) else { return };
-        // A client cannot acknowledge what was never sent to it.
-        let seq = seq.min(t.last_sent);
-        let learned_before = t.window.learned_ms();
-        let acked = t.window.on_ack(seq, now.mono, &policy);
-        if acked.stale {
+        let frame = message_frame(m.seq, m.message_id, &m.service_id, &m.payload);
+        if !send_new(h, key, (m.seq, m.message_id), frame, now) {
             return;
         }
-        let learned = t.window.learned_ms();
-        t.stalled = false;
-        // It acknowledges: its replay was not in vain.
-        t.replayed = false;
-        let refill = t.backlog && !t.refilling && t.window.has_room(window);
-        self.counters.reliable.acked.fetch_add(u64::from(acked.messages), Ordering::Relaxed);
-        self.ack_in_store(st, &device, seq, now);
-        if learned != learned_before {
-            // Kept with the timeline: the next window or session starts
-            // from it (written only when it changes).
-            let (store, device, now_ms) = (self.store.clone(), device.clone(), unix_ms(now));
-            self.store_quietly(st, "set_learned", async move { store.set_learned(&device, learned, now_ms).await });
-        }
-        if refill {
-            self.refill(st, key, now);
-        }
-        self.forget_if_idle(st, key);
+        progressed = true;
     }
+    let Some(t) = h.delivery().tracked(key) else { return };
+    let again = std::mem::take(&mut t.refill_again);
+    t.backlog = more || again;
+    if t.backlog && (progressed || again) {
+        refill(h, key, now);
+    }
+    h.delivery().forget_if_idle(key);
+}
 
-    /// Resends what is due for session `key` (from the timer sweep);
-    /// returns when the window next needs the sweep.
-    pub(crate) fn retransmit(&self, st: &mut State, key: ConnKey, now: Now) -> Option<Millis> {
-        let policy = self.cfg.delivery.policy;
-        let window = self.cfg.delivery.window;
-        let t = self.tracked(st, key)?;
-        let due = t.window.due(now.mono, &policy);
-        // A replayed backlog went unacknowledged past a resend: the client
-        // had it and the time to acknowledge it.
-        let unacked_replay = (!due.resend.is_empty() && std::mem::take(&mut t.replayed)).then_some(t.last_sent);
-        let frames: Vec<Bytes> =
-            due.resend.iter().filter_map(|&seq| t.window.payload(seq)).map(as_retransmission).collect();
-        if !due.given_up.is_empty() {
-            self.counters.reliable.given_up.fetch_add(due.given_up.len() as u64, Ordering::Relaxed);
-            t.stalled = true;
-            t.backlog = true;
+/// A session became active: replay what its client has not processed.
+pub(crate) fn resume<H: Host>(h: &mut H, key: ConnKey, now: Now, login: &Login) {
+    let device = login.device.clone();
+    if login.capabilities & proto::Capability::Ack as u32 != 0 {
+        if login.last_seq > 0 {
+            // The client says it processed everything up to here.
+            ack_in_store(h, &device, login.last_seq, now);
         }
-        let refill = t.backlog && !t.refilling && !t.stalled && t.window.has_room(window);
-        for frame in &frames {
-            if self.send_to_slot(st, key.index, frame) {
-                self.counters.reliable.retries.fetch_add(1, Ordering::Relaxed);
+        let mut t = Tracked::new(key, login.last_seq);
+        t.resume_incarnation = login.store_incarnation;
+        t.resuming = true;
+        h.delivery().track(t);
+        return refill(h, key, now);
+    }
+    // An old client: whatever waits goes out once, and is acknowledged
+    // in the store (it cannot be resent: the client cannot ACK).
+    let r = h.delivery();
+    let limit = r.settings.unacked_replay_limit;
+    let store = r.store.clone();
+    let now_ms = unix_ms(now);
+    let replay = async move {
+        let result = store.replay(&device, 0, limit, now_ms).await;
+        StoreDone::ReplayedUnacked { key, result }
+    };
+    h.run_store(Box::pin(replay));
+}
+
+/// The once-only replay of [`resume`] for a client without ACK support.
+fn on_replayed_unacked<H: Host>(h: &mut H, key: ConnKey, now: Now, result: Result<Replay, StoreError>) {
+    let replay = match result {
+        Ok(replay) => replay,
+        Err(err) => return h.delivery().failed("replay", &err),
+    };
+    let Some((device, true, _)) = h.target(key).map(|(d, a, k)| (d.to_owned(), a, k)) else {
+        return;
+    };
+    let mut last = None;
+    for m in replay.messages {
+        let frame = message_frame(m.seq, m.message_id, &m.service_id, &m.payload);
+        if !h.deliver(key.index, &frame) {
+            break;
+        }
+        h.delivery().counters().sent_unacked.fetch_add(1, Ordering::Relaxed);
+        last = Some(m.seq);
+    }
+    if let Some(seq) = last {
+        ack_in_store(h, &device, seq, now);
+    }
+}
+
+// ---- acknowledgements and resends -----------------------------------------
+
+/// The client processed everything up to `seq`.
+pub(crate) fn on_ack<H: Host>(h: &mut H, key: ConnKey, now: Now, seq: u64) {
+    h.delivery().counters().ack_frames.fetch_add(1, Ordering::Relaxed);
+    let Some(device) = h.target(key).map(|(d, _, _)| d.to_owned()) else { return };
+    let r = h.delivery();
+    let policy = r.settings.policy;
+    let window = r.settings.window;
+    // Nothing in flight: a late duplicate, nothing to do.
+    let Some(t) = r.tracked(key) else { return };
+    // A client cannot acknowledge what was never sent to it.
+    let seq = seq.min(t.last_sent);
+    let learned_before = t.window.learned_ms();
+    let acked = t.window.on_ack(seq, now.mono, &policy);
+    if acked.stale {
+        return;
+    }
+    let learned = t.window.learned_ms();
+    t.stalled = false;
+    // It acknowledges: its replay was not in vain.
+    t.replayed = false;
+    let refill_now = t.backlog && !t.refilling && t.window.has_room(window);
+    r.counters().acked.fetch_add(u64::from(acked.messages), Ordering::Relaxed);
+    let store = r.store.clone();
+    ack_in_store(h, &device, seq, now);
+    if learned != learned_before {
+        // Kept with the timeline: the next window or session starts
+        // from it (written only when it changes).
+        let now_ms = unix_ms(now);
+        store_quietly(h, "set_learned", async move { store.set_learned(&device, learned, now_ms).await });
+    }
+    if refill_now {
+        refill(h, key, now);
+    }
+    h.delivery().forget_if_idle(key);
+}
+
+/// Resends what is due for session `key` (from the timer sweep);
+/// returns when the window next needs the sweep.
+pub(crate) fn retransmit<H: Host>(h: &mut H, key: ConnKey, now: Now) -> Option<Millis> {
+    let r = h.delivery();
+    let policy = r.settings.policy;
+    let window = r.settings.window;
+    let counters = r.counters.clone();
+    let t = r.tracked(key)?;
+    let due = t.window.due(now.mono, &policy);
+    // A replayed backlog went unacknowledged past a resend: the client
+    // had it and the time to acknowledge it.
+    let unacked_replay = (!due.resend.is_empty() && std::mem::take(&mut t.replayed)).then_some(t.last_sent);
+    let frames: Vec<Bytes> =
+        due.resend.iter().filter_map(|&seq| t.window.payload(seq)).map(as_retransmission).collect();
+    if !due.given_up.is_empty() {
+        counters.given_up.fetch_add(due.given_up.len() as u64, Ordering::Relaxed);
+        t.stalled = true;
+        t.backlog = true;
+    }
+    let refill_now = t.backlog && !t.refilling && !t.stalled && t.window.has_room(window);
+    for frame in &frames {
+        if h.send(key.index, frame) {
+            counters.retries.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    if let Some(through) = unacked_replay
+        && let Some((device, _, _)) = h.target(key)
+    {
+        let device = device.to_owned();
+        let store = h.delivery().store.clone();
+        store_quietly(h, "count_replay", async move { store.count_replay(&device, through).await });
+    }
+    if refill_now {
+        // A replay that failed earlier.
+        refill(h, key, now);
+    }
+    let r = h.delivery();
+    r.forget_if_idle(key);
+    r.tracked.get(&key.index).filter(|t| t.key == key).and_then(|t| t.window.next_deadline())
+}
+
+// ---- status -------------------------------------------------------------
+
+/// Looks message ids up in this shard's store and answers the origin.
+pub(crate) fn status_part<H: Host>(h: &mut H, origin: Origin, ids: Arc<Vec<u64>>) {
+    let store = h.delivery().store.clone();
+    let lookups = async move {
+        let mut found = Vec::new();
+        let mut failures = Vec::new();
+        let pending: Vec<_> = ids.iter().map(|&id| store.status(id)).collect();
+        for (i, lookup) in pending.into_iter().enumerate() {
+            match lookup.await {
+                Ok(Some(status)) => found.push((i as u32, status_to_proto(ids[i], status))),
+                Ok(None) => {}
+                Err(err) => failures.push(err),
             }
         }
-        if let Some(through) = unacked_replay
-            && let Some((device, _, _)) = st.delivery_target(key)
-        {
-            let (store, device) = (self.store.clone(), device.to_owned());
-            self.store_quietly(st, "count_replay", async move { store.count_replay(&device, through).await });
-        }
-        if refill {
-            // A replay that failed earlier.
-            self.refill(st, key, now);
-        }
-        self.forget_if_idle(st, key);
-        st.reliable.get(&key.index).filter(|t| t.key == key).and_then(|t| t.window.next_deadline())
-    }
-
-    // ---- status ---------------------------------------------------------
-
-    /// Whether every shard shares one store (Redis).
-    pub(crate) fn store_is_shared(&self) -> bool {
-        self.cfg.delivery.shared_store
-    }
-
-    /// Looks message ids up in this shard's store and answers the origin.
-    pub(crate) fn status_part(&self, st: &mut State, origin: Origin, ids: Arc<Vec<u64>>) {
-        let store = self.store.clone();
-        let lookups = async move {
-            let mut found = Vec::new();
-            let mut failures = Vec::new();
-            let pending: Vec<_> = ids.iter().map(|&id| store.status(id)).collect();
-            for (i, lookup) in pending.into_iter().enumerate() {
-                match lookup.await {
-                    Ok(Some(status)) => found.push((i as u32, status_to_proto(ids[i], status))),
-                    Ok(None) => {}
-                    Err(err) => failures.push(err),
-                }
-            }
-            (found, failures)
-        };
-        self.after_store(st, lookups, move |shard, st, (found, failures)| {
-            for err in &failures {
-                shard.store_failed("status", err);
-            }
-            shard.answer(st, origin, Part::Status(found));
-        });
-    }
+        StoreDone::Status { origin, found, failures }
+    };
+    h.run_store(Box::pin(lookups));
 }
 
 fn status_to_proto(message_id: u64, status: Status) -> proto::MessageStatus {

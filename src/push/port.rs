@@ -505,7 +505,8 @@ impl Shard {
         let ids = Arc::new(req.message_ids);
         // A shared store (Redis) knows every id: one shard asks it. Memory
         // stores know the devices of their own shard: ask them all.
-        let shards = if self.store_is_shared() { vec![self.id] } else { (0..self.shards()).map(ShardId).collect() };
+        let shards =
+            if st.reliable.store_is_shared() { vec![self.id] } else { (0..self.shards()).map(ShardId).collect() };
         for shard in shards {
             self.send_part(st, origin, shard, ShardMsg::DeliveryStatus { origin, ids: ids.clone() });
         }

@@ -72,8 +72,10 @@ impl Shard {
         let now = self.now();
         match msg {
             ShardMsg::Adopt(_) => {}
-            ShardMsg::StoreDevices { origin, items, msg } => self.store_copies(st, origin, items, msg),
-            ShardMsg::DeliveryStatus { origin, ids } => self.status_part(st, origin, ids),
+            ShardMsg::StoreDevices { origin, items, msg } => {
+                reliable::store_copies(&mut self.ctx(st), now, origin, items, msg)
+            }
+            ShardMsg::DeliveryStatus { origin, ids } => reliable::status_part(&mut self.ctx(st), origin, ids),
             ShardMsg::Users { origin, items, action: UserAction::Store(msg) } => {
                 let mut copies = Vec::new();
                 for (idx, user) in items {
@@ -88,7 +90,7 @@ impl Shard {
                         copies.push((idx, String::new(), 0));
                     }
                 }
-                self.store_copies(st, origin, copies, msg);
+                reliable::store_copies(&mut self.ctx(st), now, origin, copies, msg);
             }
             ShardMsg::Devices { origin, items, frame } => {
                 let reached = items

@@ -49,7 +49,7 @@ impl Shard {
         self.apply(st, key, now, &mut actions);
         st.actions = actions;
         // Hook: stored messages since the client's last sequence follow AuthOk.
-        self.resume_delivery(st, key, now, login);
+        reliable::resume(&mut self.ctx(st), key, now, login);
         // Hook: subscribed backends learn the session is online.
         self.conn_event(st, key, ConnectionEventKind::Online, ErrorCode::Unspecified);
         // Hook: cluster mode claims the device's route.
@@ -130,7 +130,7 @@ impl Shard {
         st.conns[slot as usize].next_of_user = NO_CONN;
         st.groups.leave_all(slot);
         // Offline: nothing is resent; the timeline keeps what was not acked.
-        self.forget_delivery(st, slot);
+        st.reliable.forget(slot);
         self.publish_group_counts(st);
         self.counters.active.fetch_sub(1, Ordering::Relaxed);
         if user_gone && !st.hash_in_use(user_hash) {

@@ -30,6 +30,7 @@ mod drain;
 pub use drain::DrainPacer;
 pub(crate) use drain::ShardDrain;
 mod fanout;
+mod hosts;
 mod inbox;
 mod index;
 mod links;
@@ -60,7 +61,7 @@ use crate::conn::fd::{self, SlotFd, Socket};
 use crate::conn::transport::{Link, MAX_TLS_HANDSHAKE_TAIL, TlsLink, Wrapper, WsState};
 use crate::conn::ws;
 use crate::delivery::MessageIds;
-use crate::delivery::reliable::{DeliverySettings, ReliableCounters, Tracked};
+use crate::delivery::reliable::{self, DeliverySettings, Reliable, ReliableCounters};
 use crate::delivery::store::TimelineStore;
 use crate::groups::Groups;
 use crate::mesh::{Adoption, Origin, Outbox, Part, PresencePart, PresenceQuery, ShardMsg, UserAction};
@@ -143,7 +144,7 @@ pub struct ShardCounters {
     /// Requests to service backends, events, dedup, rate limit.
     pub upstream: UpstreamCounters,
     /// At-least-once delivery: stored, sent, resent, acknowledged.
-    pub reliable: ReliableCounters,
+    pub reliable: Arc<ReliableCounters>,
     /// Turns of the shard's timer loop and how late it is: a shard that
     /// stops turning while it has work shows here.
     pub liveness: crate::liveness::Liveness,
@@ -413,9 +414,8 @@ pub(crate) struct State {
     flush: VecDeque<ConnKey>,
     next_token: u64,
     pub(crate) message_ids: MessageIds,
-    /// At-least-once delivery state of online devices, by slot: only while
-    /// a device has messages in flight or waiting ([`crate::delivery::reliable`]).
-    pub(crate) reliable: HashMap<u32, Tracked>,
+    /// At-least-once delivery of online devices ([`crate::delivery::reliable`]).
+    pub(crate) reliable: Reliable,
     /// Requests to service backends and connection events ([`crate::upstream`]).
     pub(crate) upstream: Upstream,
     /// Wire forms of outbound frames, for links other than plain TCP.
@@ -591,7 +591,7 @@ impl Shard {
                 flush: VecDeque::new(),
                 next_token: 0,
                 message_ids: MessageIds::new(worker),
-                reliable: HashMap::new(),
+                reliable: Reliable::new(id, cfg.delivery.clone(), store.clone(), counters.reliable.clone()),
                 upstream: Upstream::new(cfg.upstream.clone()),
                 wrapper: Wrapper::default(),
             }),

@@ -485,7 +485,7 @@ impl Shard {
                     self.publish_group_counts(st);
                 }
                 Action::Request(request) => self.on_client_request(st, key, now, request),
-                Action::Ack(seq) => self.on_ack(st, key, now, seq),
+                Action::Ack(seq) => reliable::on_ack(&mut self.ctx(st), key, now, seq),
             }
         }
     }

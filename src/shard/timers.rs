@@ -63,7 +63,7 @@ impl Shard {
                 self.apply(&mut st, key, now, &mut actions);
             }
             // Resends due for the device's window, if it has one.
-            let resend_at = self.retransmit(&mut st, key, now);
+            let resend_at = reliable::retransmit(&mut self.ctx(&mut st), key, now);
             let Some(conn) = st.conn(key) else { continue };
             if conn.session.phase() == Phase::Closed {
                 conn.wake();

@@ -196,7 +196,7 @@ impl Shard {
             connected_at: conn.connected_at,
             login,
             groups: st.groups.of(key.index).map(str::to_owned).collect(),
-            delivery: self.delivery_image(st, key),
+            delivery: st.reliable.image(key),
             out,
             partial: io.map(|io| io.partial.clone()).unwrap_or_default(),
         })
@@ -311,7 +311,7 @@ impl Shard {
         }
         self.publish_group_counts(st);
         if acks && let Some(image) = delivery {
-            self.restore_delivery(st, key, now, image);
+            crate::delivery::reliable::restore(&mut self.ctx(st), key, now, image);
         }
     }
 }

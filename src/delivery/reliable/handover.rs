@@ -6,20 +6,20 @@
 
 use super::*;
 
-impl Shard {
+impl Reliable {
     /// The delivery state of session `key` to carry over, if it has one.
-    pub(crate) fn delivery_image(&self, st: &State, key: ConnKey) -> Option<(u64, Option<u32>)> {
-        let t = st.reliable.get(&key.index).filter(|t| t.key == key)?;
+    pub(crate) fn image(&self, key: ConnKey) -> Option<(u64, Option<u32>)> {
+        let t = self.tracked.get(&key.index).filter(|t| t.key == key)?;
         Some((t.window.acked(), t.window.learned_ms()))
     }
+}
 
-    /// Restores what [`Shard::delivery_image`] took, for a session that is
-    /// active here now: replays the timeline after the client's ACK.
-    pub(crate) fn restore_delivery(&self, st: &mut State, key: ConnKey, now: Now, image: (u64, Option<u32>)) {
-        let (acked, learned) = image;
-        let mut t = Tracked::new(key, acked).learned(learned);
-        t.backlog = true;
-        self.track(st, t);
-        self.refill(st, key, now);
-    }
+/// Restores what [`Reliable::image`] took, for a session that is active
+/// here now: replays the timeline after the client's ACK.
+pub(crate) fn restore<H: Host>(h: &mut H, key: ConnKey, now: Now, image: (u64, Option<u32>)) {
+    let (acked, learned) = image;
+    let mut t = Tracked::new(key, acked).learned(learned);
+    t.backlog = true;
+    h.delivery().track(t);
+    refill(h, key, now);
 }
