@@ -275,6 +275,7 @@ impl Upgrader {
         if left > 0 {
             warn!(left, "push requests still unanswered at the hand-over (their backends see the connection close)");
         }
+        let frozen_at = Instant::now();
         let frozen = match self.command(|| Command::Freeze, FREEZE_TIMEOUT, "freeze") {
             Ok(frozen) => frozen,
             Err(err) => {
@@ -287,8 +288,9 @@ impl Upgrader {
             let n = recv_some(sock, &mut buf, "the confirmation")?;
             wire::decode_reply(wire::CONFIRM, &buf[..n])?.map_err(UpgradeError::Child)
         });
-        if result.is_err() {
-            self.resume();
+        match &result {
+            Ok(pid) => info!(pid, frozen_ms = frozen_at.elapsed().as_millis() as u64, "the new process serves"),
+            Err(_) => self.resume(),
         }
         result
     }
