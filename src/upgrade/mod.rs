@@ -436,7 +436,10 @@ pub fn receive(config: &Config) -> Result<Option<Inherited>, UpgradeError> {
     sref.set_read_timeout(Some(CONFIRM_TIMEOUT))?;
     sref.set_write_timeout(Some(CONFIRM_TIMEOUT))?;
     let mut buf = vec![0u8; wire::MAX_DATAGRAM];
-    let n = recv_some(&sock, &mut buf, "the hello").map_err(|e| UpgradeError::Child(e.to_string()))?;
+    let (n, _) = fd_pass::recv(sock.as_fd(), &mut buf)?;
+    if n == 0 {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the old process sent no hello").into());
+    }
     let hello = Hello::decode(&buf[..n])?;
     let refusal = if hello.format != wire::FORMAT_VERSION {
         Some(format!(
@@ -468,7 +471,8 @@ pub fn receive(config: &Config) -> Result<Option<Inherited>, UpgradeError> {
     }
     let handover = Handover::decode(&blob, hello.shards)?;
     if handover.fd_count() != fds.len() {
-        return Err(UpgradeError::Child(format!("{} fds for {} sockets", fds.len(), handover.fd_count())));
+        let msg = format!("{} fds arrived for {} sockets", fds.len(), handover.fd_count());
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, msg).into());
     }
     let mut rest = fds.split_off(handover.listeners.len());
     let mut listeners = ListenerPool::default();
@@ -504,7 +508,9 @@ fn receive_chunks(sock: &OwnedFd, buf: &mut [u8]) -> Result<(Vec<u8>, Vec<OwnedF
     loop {
         let (n, more) = fd_pass::recv(sock.as_fd(), buf)?;
         if n == 0 {
-            return Err(UpgradeError::Child("the old process closed the hand-over".into()));
+            return Err(
+                std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the old process closed the hand-over").into()
+            );
         }
         let mut r = codec::Reader::new(&buf[..n]);
         let kind = r.u8("kind")?;
