@@ -107,8 +107,22 @@ impl Shard {
         listener: &glommio::net::TcpListener,
     ) -> Option<glommio::Result<TcpStream, ()>> {
         loop {
-            // Hook: accepting pauses during an in-place upgrade.
-            self.upgrade.until_paused(false).await;
+            // Hook: accepting pauses during an in-place upgrade (a stop
+            // still ends it).
+            let stopped = futures_lite::future::or(
+                async {
+                    self.upgrade.until_paused(false).await;
+                    false
+                },
+                async {
+                    let _ = self.stop_accepting.acquire(1).await;
+                    true
+                },
+            )
+            .await;
+            if stopped {
+                return None;
+            }
             let accepted = futures_lite::future::or(async { Some(Some(listener.accept().await)) }, async {
                 futures_lite::future::or(
                     async {
