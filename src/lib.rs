@@ -24,6 +24,9 @@
 //! - [`server`]: binds the listeners, starts the shards and wires the mesh
 //!   between them, serves the admin port.
 //! - [`liveness`]: per-shard turn counter and stall gauge.
+//! - [`observe`]: per-shard series for operators (latencies, codes, queue
+//!   bytes, sessions by platform and version).
+//! - [`reload`]: SIGHUP and `POST /reload`: the config re-read and applied live.
 //! - [`client`]: client session state machine and its glommio driver.
 //! - [`sdk`]: the client SDK: reconnects, drift, smart heartbeat, resume,
 //!   retried requests (sans-IO agent, glommio driver, blocking facade).
@@ -56,9 +59,11 @@ pub mod groups;
 pub mod http;
 pub mod liveness;
 pub mod mesh;
+pub mod observe;
 pub mod protocol;
 pub mod push;
 pub mod rate;
+pub mod reload;
 pub mod router;
 pub mod sdk;
 pub mod server;

@@ -192,10 +192,36 @@ fn main() -> ExitCode {
     }
 }
 
+/// Changes the log filter of the running process (`server.log_level` on
+/// reload). Set once by [`init_tracing`].
+static LOG_FILTER: std::sync::OnceLock<
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>,
+> = std::sync::OnceLock::new();
+
+fn env_filter() -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+}
+
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    use tracing_subscriber::prelude::*;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(env_filter());
+    let _ = LOG_FILTER.set(handle);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .init();
+}
+
+/// Sets the log filter: `level`, or RUST_LOG / "info" when it is empty.
+pub(crate) fn set_log_level(level: &str) -> Result<(), String> {
+    let filter = match level {
+        "" => env_filter(),
+        level => tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?,
+    };
+    match LOG_FILTER.get() {
+        Some(handle) => handle.reload(filter).map_err(|e| e.to_string()),
+        None => Ok(()),
+    }
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {

@@ -22,13 +22,11 @@ use crate::http::HttpServer;
 use crate::http::admin::{self, AdminState};
 use crate::mesh::{MeshEnds, Outbox};
 use crate::protocol::ids::ShardId;
-use crate::protocol::limits::MAX_ID_BYTES;
 use crate::push::auth::{Grant, Listener, PortAuth, PushKeyring};
-use crate::session::Params;
-use crate::shard::{PushLimits, Shard, ShardConfig, ShardCounters};
+use crate::shard::{Shard, ShardConfig, ShardCounters};
 use crate::upgrade::wire::ListenerKind;
 use crate::upgrade::{Inherited, ListenerPool, ShardLink, ShardRestore};
-use crate::upstream::{UpstreamError, UpstreamSettings};
+use crate::upstream::UpstreamError;
 
 /// Messages queued per mesh channel (power of two; small ones are slow).
 const MESH_CAPACITY: usize = 1024;
@@ -99,6 +97,8 @@ pub struct Server {
     tls: crate::conn::links::TlsStores,
     /// The in-place upgrade's coordinator ([`crate::upgrade`]).
     upgrader: Arc<crate::upgrade::Upgrader>,
+    /// SIGHUP and `POST /reload` ([`crate::reload`]).
+    reloader: Arc<crate::reload::Reloader>,
 }
 
 /// Every listener of a node, bound before anything starts (a taken port
@@ -185,7 +185,6 @@ impl Server {
         let server = &config.server;
         let session = &config.session;
 
-        let upstream = UpstreamSettings::resolve(&config.upstream)?;
         let (mut pool, restores) = match inherited {
             Some(i) => (Some(std::mem::take(&mut i.listeners)), std::mem::take(&mut i.shards)),
             None => (None, Vec::new()),
@@ -214,40 +213,21 @@ impl Server {
             }
             None => None,
         };
-        let push_auth = Arc::new(port_auth(config)?);
         let counters: Vec<Arc<ShardCounters>> = (0..shards).map(|_| Arc::default()).collect();
+        let live = crate::reload::LiveSettings::from_config(config, shards)?;
+        let reload = crate::reload::ReloadHub::new(live.clone(), shards);
         let shard_cfg = ShardConfig {
-            params: Params {
-                keyring: keyring.clone(),
-                clock_leeway_secs: config.auth.clock_leeway_secs,
-                auth_timeout_ms: session.auth_timeout_ms,
-                heartbeat_min_ms: session.heartbeat_min_ms,
-                heartbeat_default_ms: session.heartbeat_default_ms,
-                heartbeat_max_ms: session.heartbeat_max_ms,
-                idle_timeout_factor: session.idle_timeout_factor,
-                close_linger_ms: session.close_linger_ms,
-                max_id_bytes: MAX_ID_BYTES,
-            },
+            live: live.clone(),
+            reload: reload.clone(),
             max_frame_bytes: server.max_frame_bytes,
             outbound_queue_bytes: session.outbound_queue_bytes,
             write_timeout_ms: session.write_timeout_ms,
             max_groups_per_session: session.max_groups_per_session,
             join_policy: config.client_groups.allow.clone().into(),
-            push: PushLimits {
-                max_inflight_per_backend: config.push.max_inflight_per_backend,
-                max_targets_per_request: config.push.max_targets_per_request,
-                max_request_bytes: config.push.max_request_bytes,
-                reply_timeout_ms: config.push.reply_timeout_ms,
-                broadcast_rate_per_sec: config.push.broadcast_rate_per_sec.div_ceil(u32::from(shards)),
-                broadcast_queue_bytes: config.push.broadcast_queue_bytes_per_shard,
-            },
             read_buffer_bytes: server.read_buffer_bytes,
             wheel_tick_ms: session.wheel_tick_ms,
-            max_connections: server.max_connections_per_shard,
-            accept_rate_per_sec: server.accept_rate_per_sec,
-            push_auth,
             node: config.node_name_bound(client_addr.port()),
-            upstream,
+            upstream: live.upstream.clone(),
             delivery: DeliverySettings {
                 window: config.delivery.window as usize,
                 policy: config.delivery.retry_policy(),
@@ -479,10 +459,13 @@ impl Server {
             }
         }
         let admin_addr = config.server.admin_listen;
+        let reloader = Arc::new(crate::reload::Reloader::new(config, reload, links.stores.clone(), shards));
         let state = AdminState {
             node: config.node_name_bound(client_addr.port()),
             counters: counters.clone(),
             stop: stop.clone(),
+            drain: Arc::new(drainer(cluster.clone(), drain.clone())),
+            reloader: reloader.clone(),
         };
         let admin = admin::serve(admin_listener, state, config, cluster.clone().map(|c| (c, keyring)))
             .map_err(|source| ServerError::Admin { addr: admin_addr, source })?;
@@ -510,6 +493,7 @@ impl Server {
             links,
             tls,
             upgrader,
+            reloader,
         })
     }
 
@@ -606,15 +590,13 @@ impl Server {
     /// [`Server::request_drain`] as a function another thread can keep
     /// (the signal thread, while the main thread joins the server).
     pub fn drainer(&self) -> impl Fn() + Send + Sync + 'static {
-        let (cluster, drain) = (self.cluster.clone(), self.drain.clone());
-        move || match &cluster {
-            Some(cluster) => cluster.request_drain(),
-            None => {
-                if !drain.swap(true, Ordering::Relaxed) {
-                    info!("drain requested");
-                }
-            }
-        }
+        drainer(self.cluster.clone(), self.drain.clone())
+    }
+
+    /// Re-reads the config and applies what can change live (SIGHUP,
+    /// `POST /reload`); see [`crate::reload`].
+    pub fn reloader(&self) -> Arc<crate::reload::Reloader> {
+        self.reloader.clone()
     }
 
     /// A flag that stops the server when set (for signal handlers).
@@ -641,12 +623,24 @@ impl Server {
     }
 }
 
+/// [`Server::drainer`], for the admin port too.
+fn drainer(cluster: Option<Arc<ClusterShared>>, drain: Arc<AtomicBool>) -> impl Fn() + Send + Sync + 'static {
+    move || match &cluster {
+        Some(cluster) => cluster.request_drain(),
+        None => {
+            if !drain.swap(true, Ordering::Relaxed) {
+                info!("drain requested");
+            }
+        }
+    }
+}
+
 /// Binds `count` listening sockets to one address with SO_REUSEPORT (the
 /// kernel spreads connections over them). With port 0 the first socket
 /// picks the port and the others join it.
 /// The keys of the push port (configured, or the dev push key) and, in
 /// cluster mode, of the node listener (the cluster secret).
-fn port_auth(config: &Config) -> Result<PortAuth, ServerError> {
+pub(crate) fn port_auth(config: &Config) -> Result<PortAuth, ServerError> {
     let pa = &config.push_auth;
     let (push, dev_push) = pa.keyring(&config.data_dir)?;
     if let Some(path) = dev_push {

@@ -1,6 +1,8 @@
 //! The files under deploy/ checked against the real node: every metric the
 //! Grafana dashboard queries is in the /metrics output of a single node
-//! (and, for the panels under the "Cluster" row, of a cluster node).
+//! (and, for the panels under the "Cluster" row, of a cluster node); the
+//! systemd unit (its settings, and `systemd-analyze verify` where
+//! installed); `serve`'s readiness notification to systemd.
 
 mod common;
 
@@ -228,4 +230,94 @@ fn every_metric_on_the_grafana_dashboard_is_exported_by_a_real_node() {
     }
     assert!(missing.is_empty(), "dashboard metrics not exported:\n{}", missing.join("\n"));
     println!("{} dashboard metrics checked against real nodes", distinct.len());
+}
+
+const UNIT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/systemd/longlink.service");
+
+/// `key=value` lines of a unit's `[section]`, comments and blanks skipped.
+fn unit_section(text: &str, section: &str) -> Vec<(String, String)> {
+    let mut current = String::new();
+    let mut out = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            current = name.to_owned();
+        } else if current == section
+            && let Some((k, v)) = line.split_once('=')
+        {
+            out.push((k.trim().to_owned(), v.trim().to_owned()));
+        }
+    }
+    out
+}
+
+#[test]
+fn the_systemd_unit_has_the_limits_restart_reload_and_upgrade_settings() {
+    let text = std::fs::read_to_string(UNIT).expect("unit file");
+    let service = unit_section(&text, "Service");
+    let get = |k: &str| service.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+    assert_eq!(get("Restart"), Some("on-failure"));
+    assert_eq!(get("ExecReload"), Some("/bin/kill -HUP $MAINPID"));
+    // The upgraded process names itself the main one (MAINPID=).
+    assert_eq!(get("Type"), Some("notify"));
+    assert_eq!(get("NotifyAccess"), Some("all"));
+    assert_eq!(get("KillMode"), Some("mixed"), "SIGTERM (drain) to the main process only");
+    assert_eq!(get("LimitMEMLOCK"), Some("infinity"));
+    let nofile: u64 = get("LimitNOFILE").and_then(|v| v.parse().ok()).expect("LimitNOFILE");
+    assert!(nofile >= 1_048_576, "LimitNOFILE {nofile}");
+    let stop_secs: u64 =
+        get("TimeoutStopSec").and_then(|v| v.trim_end_matches('s').parse().ok()).expect("TimeoutStopSec");
+    let drain_ms = longlink::config::Config::default().cluster.drain_deadline_ms;
+    assert!(stop_secs * 1000 > drain_ms, "systemd must not kill a drain before its deadline");
+    assert!(get("ExecStart").is_some_and(|v| v.contains(" serve --config ")));
+    assert!(text.contains("SIGUSR2"), "the upgrade path is documented");
+    assert_eq!(unit_section(&text, "Install"), [("WantedBy".to_owned(), "multi-user.target".to_owned())]);
+
+    // systemd's own check, where it is installed: no warning about the
+    // unit (it exits 0 on unknown keys, so its output is what counts).
+    let Ok(out) = std::process::Command::new("systemd-analyze").arg("--version").output() else {
+        println!("systemd-analyze not installed: the key checks above only");
+        return;
+    };
+    assert!(out.status.success());
+    let dir = TempDir::new("unit");
+    let unit = dir.0.join("longlink.service");
+    // It checks that ExecStart's binary exists: point it at the built one.
+    std::fs::write(&unit, text.replace("/usr/local/bin/longlink", env!("CARGO_BIN_EXE_longlink"))).expect("write");
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&unit)
+        .output()
+        .expect("systemd-analyze verify");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let about_unit: Vec<&str> = stderr.lines().filter(|l| l.contains("longlink.service")).collect();
+    assert!(out.status.success() && about_unit.is_empty(), "systemd-analyze verify:\n{stderr}");
+}
+
+#[test]
+fn serve_tells_systemd_it_is_ready_and_its_pid() {
+    use std::io::BufRead;
+    let dir = TempDir::new("notify");
+    let socket_path = dir.0.join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("bind notify socket");
+    socket.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    let config = dir.0.join("longlink.toml");
+    std::fs::write(&config, toml::to_string(&test_config(1)).expect("toml")).expect("write");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_longlink"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn longlink");
+    let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    assert!(lines.next().and_then(Result::ok).is_some_and(|l| l.starts_with("listening ")));
+    let mut buf = [0u8; 256];
+    let got = socket.recv(&mut buf).map(|n| String::from_utf8_lossy(&buf[..n]).into_owned());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(got.expect("a notification"), format!("READY=1\nMAINPID={}", child.id()));
 }

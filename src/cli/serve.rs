@@ -30,17 +30,24 @@ pub(crate) fn serve(
     redis: Option<String>,
 ) -> anyhow::Result<ExitCode> {
     let mut cfg = Config::load(config.as_deref())?;
-    if let Some(n) = shards {
-        cfg.server.shards = n;
-    }
-    if let Some(addr) = listen {
-        cfg.server.client_listen = addr;
-    }
-    if let Some(url) = redis {
-        cfg.delivery.redis_url = url;
-        cfg.cluster.enabled = true;
-    }
+    // The command line's settings win over the file, on every reload too.
+    let overrides = move |cfg: &mut Config| {
+        if let Some(n) = shards {
+            cfg.server.shards = n;
+        }
+        if let Some(addr) = listen {
+            cfg.server.client_listen = addr;
+        }
+        if let Some(url) = &redis {
+            cfg.delivery.redis_url = url.clone();
+            cfg.cluster.enabled = true;
+        }
+    };
+    overrides(&mut cfg);
     cfg.validate()?;
+    if !cfg.server.log_level.is_empty() {
+        crate::set_log_level(&cfg.server.log_level).map_err(|e| anyhow::anyhow!("server.log_level: {e}"))?;
+    }
     match cfg.keyring()?.1 {
         KeySource::Configured => {}
         KeySource::DevKey { path, created } => tracing::warn!(
@@ -64,6 +71,15 @@ pub(crate) fn serve(
     if let Some(inherited) = inherited {
         inherited.confirm();
     }
+    longlink::upgrade::notify_systemd();
+    let reloader = server.reloader();
+    if let Some(path) = config {
+        reloader.set_source(longlink::reload::file_source(path, overrides));
+    }
+    reloader.set_log(Box::new(crate::set_log_level));
+    // SIGHUP re-reads the config (as POST /reload); the signal thread runs it.
+    let hup = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone()).context("installing signal handlers")?;
     let stop = server.stop_flag();
     let lease = server.cluster().map(|c| c.router.state().clone());
     // SIGTERM drains (a cluster node sends clients to the other nodes, a
@@ -88,6 +104,10 @@ pub(crate) fn serve(
             while !stop.load(Ordering::Relaxed) {
                 if usr2.swap(false, Ordering::Relaxed) {
                     upgrade();
+                }
+                if hup.swap(false, Ordering::Relaxed) {
+                    // The outcome is logged by the reloader.
+                    let _ = reloader.reload();
                 }
                 match term.load(Ordering::Relaxed) {
                     0 => {}
@@ -114,6 +134,7 @@ pub(crate) fn serve(
     if let Some(node) = server.node_addr() {
         say(format!("node {node}"));
     }
+    notify_systemd(&format!("READY=1\nMAINPID={}", std::process::id()));
     server.join();
     if lease.is_some_and(|l| l.is_fenced()) {
         // Not a clean exit: the node gave up its place in the cluster.
@@ -122,6 +143,27 @@ pub(crate) fn serve(
     }
     tracing::info!(stopped = stop.load(Ordering::Relaxed), "longlink stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Tells systemd (`Type=notify`, deploy/systemd/longlink.service) that the
+/// node serves and which process is the main one: after an in-place
+/// upgrade the new process says so itself. Does nothing outside systemd.
+fn notify_systemd(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let sent = std::os::unix::net::UnixDatagram::unbound().and_then(|socket| {
+        use std::os::unix::ffi::OsStrExt;
+        match path.as_bytes().strip_prefix(b"@") {
+            Some(name) => {
+                use std::os::linux::net::SocketAddrExt;
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+                socket.send_to_addr(state.as_bytes(), &addr)
+            }
+            None => socket.send_to(state.as_bytes(), &path),
+        }
+    });
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "cannot notify systemd (NOTIFY_SOCKET)");
+    }
 }
 
 /// Exit status of a cluster node that stopped because it lost its lease.

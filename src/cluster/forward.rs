@@ -120,7 +120,7 @@ impl Shard {
 
     /// Why targets are REJECTED when the deadline passed first.
     pub(super) fn late_reason(&self, who: &str) -> String {
-        format!("{who} did not answer within {} ms", self.cfg.push.reply_timeout_ms)
+        format!("{who} did not answer within {} ms", self.live().push.reply_timeout_ms)
     }
 
     /// Runs `frame` through this node's own request handling and returns
@@ -209,7 +209,7 @@ impl Shard {
         alarm: &Alarm,
     ) -> Frame {
         let devices = req.targets.as_ref().map(|t| t.devices.clone()).unwrap_or_default();
-        if devices.len() > self.cfg.push.max_targets_per_request as usize {
+        if devices.len() > self.live().push.max_targets_per_request as usize {
             // Refused as a whole, as by a single node.
             return self.run_locally(local, Frame::PushRequest(req)).await;
         }

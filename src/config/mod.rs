@@ -304,7 +304,21 @@ config_struct! {
         pub tls_listen: String = String::new(),
         /// WebSocket over TLS ([tls] certificates). Default: "" (off).
         pub wss_listen: String = String::new(),
+        /// Log filter, as RUST_LOG: "info", "warn", "longlink=debug,info".
+        /// A reload (SIGHUP) applies it. Default: "" (RUST_LOG, else "info").
+        pub log_level: String = String::new(),
     }
+}
+
+/// Checks a `server.log_level` filter ("" is always fine).
+pub fn check_log_level(level: &str) -> Result<(), String> {
+    if level.is_empty() {
+        return Ok(());
+    }
+    if level.len() > 1024 {
+        return Err("longer than 1024 bytes".into());
+    }
+    tracing_subscriber::EnvFilter::try_new(level).map(drop).map_err(|e| format!("not a log filter: {e}"))
 }
 
 config_struct! {

@@ -64,6 +64,7 @@ impl ServerConfig {
             ));
         }
         check_range("server.listen_backlog", self.listen_backlog, 1, i32::MAX as u32, "")?;
+        super::check_log_level(&self.log_level).map_err(|e| invalid("server.log_level", e))?;
         crate::conn::tls_config::validate_listeners(self)?;
         check_range("server.max_frame_bytes", self.max_frame_bytes, 64, MAX_FRAME_BYTES_LIMIT, "")?;
         check_min(

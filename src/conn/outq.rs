@@ -15,6 +15,17 @@ use glommio::net::TcpStream;
 
 use super::fd::{self, MAX_IOVECS};
 
+thread_local! {
+    /// Bytes queued in every `OutQueue` of this thread (one shard), for
+    /// the queue-bytes gauge: a plain cell, no atomics per frame.
+    static QUEUED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Bytes waiting in the outbound queues of the calling thread.
+pub fn thread_queued_bytes() -> u64 {
+    QUEUED.with(|q| q.get())
+}
+
 #[derive(Default)]
 pub struct OutQueue {
     frames: VecDeque<Bytes>,
@@ -24,7 +35,20 @@ pub struct OutQueue {
     front_written: usize,
 }
 
+impl Drop for OutQueue {
+    fn drop(&mut self) {
+        self.set_bytes(0);
+    }
+}
+
 impl OutQueue {
+    /// Every change of `bytes` goes through here (the thread's total).
+    fn set_bytes(&mut self, bytes: usize) {
+        let (old, new) = (self.bytes as u64, bytes as u64);
+        QUEUED.with(|q| q.set(q.get().saturating_add(new).saturating_sub(old)));
+        self.bytes = bytes;
+    }
+
     pub fn is_empty(&self) -> bool {
         self.frames.is_empty()
     }
@@ -38,7 +62,7 @@ impl OutQueue {
     }
 
     pub fn push(&mut self, frame: Bytes) {
-        self.bytes += frame.len();
+        self.set_bytes(self.bytes + frame.len());
         self.frames.push_back(frame);
     }
 
@@ -49,7 +73,7 @@ impl OutQueue {
     pub fn push_written(&mut self, frame: Bytes, written: usize) {
         debug_assert!(self.frames.is_empty() && written < frame.len());
         let written = if self.frames.is_empty() { written.min(frame.len()) } else { 0 };
-        self.bytes += frame.len() - written;
+        self.set_bytes(self.bytes + frame.len() - written);
         self.front_written = written;
         self.frames.push_back(frame);
     }
@@ -63,7 +87,7 @@ impl OutQueue {
         let keep = usize::from(self.front_written > 0);
         let dropped = self.frames.len().saturating_sub(keep);
         self.frames.truncate(keep);
-        self.bytes = self.frames.front().map_or(0, |f| f.len() - self.front_written);
+        self.set_bytes(self.frames.front().map_or(0, |f| f.len() - self.front_written));
         if keep == 0 {
             self.front_written = 0;
         }
@@ -76,7 +100,7 @@ impl OutQueue {
         for (i, frame) in self.frames.drain(..).enumerate() {
             dst.extend_from_slice(if i == 0 { &frame[self.front_written..] } else { &frame[..] });
         }
-        self.bytes = 0;
+        self.set_bytes(0);
         self.front_written = 0;
     }
 
@@ -93,7 +117,7 @@ impl OutQueue {
     pub fn clear(&mut self) -> usize {
         let n = self.frames.len();
         self.frames.clear();
-        self.bytes = 0;
+        self.set_bytes(0);
         self.front_written = 0;
         n
     }
@@ -149,7 +173,7 @@ impl OutQueue {
     }
 
     fn advance(&mut self, mut written: usize) {
-        self.bytes -= written.min(self.bytes);
+        self.set_bytes(self.bytes - written.min(self.bytes));
         while written > 0 {
             let Some(front) = self.frames.front() else { break };
             let left = front.len() - self.front_written;

@@ -120,6 +120,11 @@ impl<T> DeviceWindow<T> {
         self.acked
     }
 
+    /// The messages an ACK of `seq` covers, before [`DeviceWindow::on_ack`].
+    pub fn acked_by(&self, seq: u64) -> impl Iterator<Item = &InFlight<T>> {
+        self.inflight.iter().skip_while(move |m| m.seq <= self.acked).take_while(move |m| m.seq <= seq)
+    }
+
     pub fn in_flight(&self) -> usize {
         self.inflight.len()
     }
@@ -234,6 +239,11 @@ const ID_EPOCH_MS: u64 = 1_735_689_600_000;
 impl MessageIds {
     pub fn new(worker: u16) -> MessageIds {
         MessageIds { worker: u64::from(worker) & WORKER_MASK, last: 0 }
+    }
+
+    /// The wall-clock ms an id was handed out at (its store time).
+    pub fn unix_ms_of(id: u64) -> u64 {
+        (id >> 22) + ID_EPOCH_MS
     }
 
     /// The next id at wall-clock `unix_ms`; never repeats, even if the

@@ -88,6 +88,17 @@ pub struct ReliableCounters {
     pub sent_unacked: AtomicU64,
     /// Devices with delivery state right now.
     pub tracked_devices: AtomicU64,
+    /// From stored to acknowledged by the client (`/metrics`).
+    pub ack_latency: crate::cluster::AtomicHistogram,
+}
+
+impl ReliableCounters {
+    /// Message `message_id` was acknowledged at `now_unix_ms`: its time
+    /// since it was stored (the id carries its store time).
+    pub(crate) fn acked_after_store(&self, message_id: u64, now_unix_ms: u64) {
+        let stored = crate::delivery::MessageIds::unix_ms_of(message_id);
+        self.ack_latency.record(std::time::Duration::from_millis(now_unix_ms.saturating_sub(stored)));
+    }
 }
 
 /// Delivery state of one online, ACK-capable device (see the module docs).
@@ -95,7 +106,8 @@ pub struct ReliableCounters {
 pub struct Tracked {
     key: ConnKey,
     /// In flight: sequence, encoded frame, resend schedule.
-    window: DeviceWindow<Bytes>,
+    /// In flight: the frame and its message id (for the ACK latency).
+    window: DeviceWindow<(Bytes, u64)>,
     /// Highest sequence sent on this session, or announced as missing;
     /// the next message to send follows it.
     last_sent: u64,
@@ -449,7 +461,7 @@ fn send_new<H: Host>(h: &mut H, key: ConnKey, (seq, message_id): (u64, u64), fra
     let policy = r.settings.policy;
     let Some(t) = r.tracked(key) else { return false };
     let was_idle = t.window.is_idle();
-    t.window.on_sent(seq, frame, now.mono, &policy);
+    t.window.on_sent(seq, (frame, message_id), now.mono, &policy);
     t.last_sent = seq;
     let resend_at = t.window.next_deadline();
     r.counters().sent.fetch_add(1, Ordering::Relaxed);
@@ -622,11 +634,13 @@ pub(crate) fn on_ack<H: Host>(h: &mut H, key: ConnKey, now: Now, seq: u64) {
     let r = h.delivery();
     let policy = r.settings.policy;
     let window = r.settings.window;
+    let counters = r.counters.clone();
     // Nothing in flight: a late duplicate, nothing to do.
     let Some(t) = r.tracked(key) else { return };
     // A client cannot acknowledge what was never sent to it.
     let seq = seq.min(t.last_sent);
     let learned_before = t.window.learned_ms();
+    t.window.acked_by(seq).for_each(|m| counters.acked_after_store(m.payload.1, unix_ms(now)));
     let acked = t.window.on_ack(seq, now.mono, &policy);
     if acked.stale {
         return;
@@ -664,7 +678,7 @@ pub(crate) fn retransmit<H: Host>(h: &mut H, key: ConnKey, now: Now) -> Option<M
     // had it and the time to acknowledge it.
     let unacked_replay = (!due.resend.is_empty() && std::mem::take(&mut t.replayed)).then_some(t.last_sent);
     let frames: Vec<Bytes> =
-        due.resend.iter().filter_map(|&seq| t.window.payload(seq)).map(as_retransmission).collect();
+        due.resend.iter().filter_map(|&seq| t.window.payload(seq)).map(|(f, _)| as_retransmission(f)).collect();
     if !due.given_up.is_empty() {
         counters.given_up.fetch_add(due.given_up.len() as u64, Ordering::Relaxed);
         t.stalled = true;

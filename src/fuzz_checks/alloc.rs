@@ -20,6 +20,9 @@ pub struct Usage {
     /// The most bytes live at once, counting only what was allocated (or
     /// freed) during the measurement.
     pub peak: usize,
+    /// Bytes allocated during the measurement and still live at its end
+    /// (what the measured code keeps).
+    pub live: usize,
 }
 
 static INSTALLED: AtomicBool = AtomicBool::new(false);
@@ -89,6 +92,7 @@ pub fn measure<R>(f: impl FnOnce() -> R) -> (R, Option<Usage>) {
     let usage = Usage {
         largest: LARGEST.try_with(Cell::get).unwrap_or(0),
         peak: PEAK.try_with(Cell::get).unwrap_or(0).max(0).unsigned_abs(),
+        live: LIVE.try_with(Cell::get).unwrap_or(0).max(0).unsigned_abs(),
     };
     (result, INSTALLED.load(Ordering::Relaxed).then_some(usage))
 }

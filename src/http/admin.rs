@@ -1,8 +1,10 @@
 //! The admin endpoints every node serves on `server.admin_listen`
 //! (127.0.0.1:7102 by default; keep it private):
 //! `GET /metrics` (Prometheus text) and `GET /healthz` (200 while the node
-//! serves) on every node, open; in cluster mode also `POST /drain` (start
-//! a graceful drain; needs the admin token, see [`crate::http::guard`]),
+//! serves) on every node, open; `POST /drain` (start a graceful drain, as
+//! SIGTERM) and `POST /reload` (re-read the config, as SIGHUP; see
+//! [`crate::reload`]), both needing the admin token ([`crate::http::guard`]);
+//! in cluster mode also
 //! `GET /v1/dispatch` ([`crate::http::dispatcher`]) unless it has a
 //! listener of its own (`http.dispatch_listen`), and /healthz answers for
 //! the node's place in the cluster.
@@ -34,6 +36,10 @@ pub struct AdminState {
     pub counters: Vec<Arc<ShardCounters>>,
     /// Set once the node is told to stop.
     pub stop: Arc<AtomicBool>,
+    /// Starts the node's drain (`POST /drain`, as SIGTERM).
+    pub drain: Arc<dyn Fn() + Send + Sync>,
+    /// `POST /reload`, as SIGHUP.
+    pub reloader: Arc<crate::reload::Reloader>,
 }
 
 /// The cluster's part of the admin endpoints.
@@ -104,12 +110,22 @@ pub fn serve(
             (_, "/v1/dispatch", Some(ClusterAdmin { dispatcher: Some(d), .. })) => {
                 return d.dispatch(req, now_unix_secs());
             }
-            (_, "/drain", Some(c)) => match guard.check(req) {
+            (_, "/drain", _) => match guard.check(req) {
                 Some(refusal) => refusal,
                 None => {
                     tracing::info!(peer = ?req.peer, "drain requested over the admin port");
-                    c.cluster.request_drain();
-                    Response::json(202, &json!({"draining": true, "node": c.cluster.node}))
+                    (state.drain)();
+                    Response::json(202, &json!({"draining": true, "node": state.node}))
+                }
+            },
+            (_, "/reload", _) => match guard.check(req) {
+                Some(refusal) => refusal,
+                None => {
+                    tracing::info!(peer = ?req.peer, "reload requested over the admin port");
+                    match state.reloader.reload() {
+                        Ok(report) => Response::json(200, &report.to_json()),
+                        Err(e) => Response::json(422, &json!({"reloaded": false, "error": e.to_string()})),
+                    }
                 }
             },
             _ => Response::json(404, &json!({"error": "not found"})),

@@ -122,6 +122,7 @@ pub fn node_exposition(counters: &[Arc<ShardCounters>], cluster: Option<&Cluster
     let mut e = Exposition::new();
     shard_families(&mut e, counters);
     liveness_families(&mut e, counters);
+    ops_families(&mut e, counters);
     if let Some(cluster) = cluster {
         cluster_families(&mut e, cluster);
     }
@@ -209,6 +210,89 @@ fn liveness_families(e: &mut Exposition, counters: &[Arc<ShardCounters>]) {
     );
 }
 
+/// The families of [`crate::observe`]: latencies, codes, queue bytes and
+/// sessions by platform and version, summed over shards except the queue.
+fn ops_families(e: &mut Exposition, counters: &[Arc<ShardCounters>]) {
+    use crate::observe::{REFUSAL_CODES, SESSION_KINDS, session_kinds};
+    use crate::protocol::proto::ErrorCode;
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let sum = |f: &dyn Fn(&ShardCounters) -> u64| counters.iter().map(|c| f(c)).sum::<u64>();
+    let bounds: Vec<f64> = HIST_BOUNDS_US.iter().map(|&us| us as f64 / 1e6).collect();
+    for (name, help, pick) in [
+        (
+            "longlink_push_latency_seconds",
+            "Push-port requests from read to answer (in cluster mode this node's part).",
+            (|c: &ShardCounters| &c.ops.push_latency) as fn(&ShardCounters) -> &crate::cluster::AtomicHistogram,
+        ),
+        (
+            "longlink_reliable_ack_latency_seconds",
+            "At-least-once messages from stored to acknowledged by the client.",
+            |c: &ShardCounters| &c.reliable.ack_latency,
+        ),
+    ] {
+        let mut merged = crate::cluster::AtomicHistogram::default().snapshot();
+        merged.reset();
+        for c in counters {
+            let _ = merged.add(pick(c).snapshot());
+        }
+        e.histogram(name, help, &[], &merged, 1e6, &bounds);
+    }
+    e.counter(
+        "longlink_reliable_given_up_total",
+        "At-least-once resends given up (max retries reached; left to the timeline for the next session).",
+        [(&[][..], sum(&|c| load(&c.reliable.given_up)))],
+    );
+    e.counter(
+        "longlink_reliable_resyncs_total",
+        "ResyncRequired frames sent (messages expired or dropped before the client got them).",
+        [(&[][..], sum(&|c| load(&c.reliable.resyncs)))],
+    );
+    let codes: Vec<&str> = DISCONNECT_CODES
+        .iter()
+        .map(|c| if *c == ErrorCode::Unspecified { "PEER_CLOSED" } else { c.as_str_name() })
+        .chain(["OTHER"])
+        .collect();
+    let labels: Vec<[(&str, &str); 1]> = codes.iter().map(|c| [("code", *c)]).collect();
+    e.counter(
+        "longlink_disconnects_total",
+        "Sessions ended, by code.",
+        labels.iter().enumerate().map(|(i, l)| (&l[..], sum(&|c| load(&c.ops.disconnects[i])))),
+    );
+    let refusal_names: Vec<&str> = REFUSAL_CODES.iter().map(|c| c.as_str_name()).chain(["OTHER"]).collect();
+    let labels: Vec<[(&str, &str); 1]> = refusal_names.iter().map(|c| [("code", *c)]).collect();
+    let refusals = |i: usize| {
+        sum(&|c| {
+            let extra = match REFUSAL_CODES.get(i) {
+                Some(ErrorCode::Unauthenticated) => load(&c.push_refused),
+                Some(ErrorCode::PermissionDenied) => load(&c.push_denied),
+                _ => 0,
+            };
+            load(&c.ops.request_errors[i]) + extra
+        })
+    };
+    e.counter(
+        "longlink_push_refusals_total",
+        "Push-port connections and requests refused, by code (UNAUTHENTICATED: no valid credential).",
+        labels.iter().enumerate().map(|(i, l)| (&l[..], refusals(i))),
+    );
+    let shards: Vec<String> = (0..counters.len()).map(|i| i.to_string()).collect();
+    let labels: Vec<[(&str, &str); 1]> = shards.iter().map(|s| [("shard", s.as_str())]).collect();
+    e.gauge(
+        "longlink_queued_bytes",
+        "Bytes waiting in the shard's outbound queues (sessions and backend links).",
+        counters.iter().zip(&labels).map(|(c, l)| (&l[..], load(&c.ops.queued_bytes))),
+    );
+    let kinds: Vec<(usize, [(&str, &str); 2])> = session_kinds()
+        .map(|(i, p, v)| (i, [("platform", p), ("app_version", v)]))
+        .chain([(SESSION_KINDS, [("platform", "other"), ("app_version", "other")])])
+        .collect();
+    e.gauge(
+        "longlink_sessions",
+        "Sessions by platform and app version (at most 64 pairs per process, then \"other\").",
+        kinds.iter().map(|(i, l)| (&l[..], sum(&|c| load(&c.ops.sessions_by_kind[*i])))),
+    );
+}
+
 /// The cluster's families (route claims, forwards, drain, latencies).
 fn cluster_families(e: &mut Exposition, cluster: &ClusterShared) {
     let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -248,17 +332,7 @@ fn cluster_families(e: &mut Exposition, cluster: &ClusterShared) {
         ],
     );
     e.counter("longlink_go_away_total", "GoAway frames sent while draining.", one(&k.go_away_sent));
-    let codes: Vec<&str> = DISCONNECT_CODES
-        .iter()
-        .map(|c| if *c == crate::protocol::proto::ErrorCode::Unspecified { "PEER_CLOSED" } else { c.as_str_name() })
-        .chain(["OTHER"])
-        .collect();
-    let labels: Vec<[(&str, &str); 1]> = codes.iter().map(|c| [("code", *c)]).collect();
-    e.counter(
-        "longlink_disconnects_total",
-        "Sessions ended, by code.",
-        labels.iter().zip(&k.disconnects).map(|(l, v)| (&l[..], load(v))),
-    );
+    // Disconnects by code are in `ops_families`, for every node.
     let bounds: Vec<f64> = HIST_BOUNDS_US.iter().map(|&us| us as f64 / 1e6).collect();
     for (name, help, h) in [
         ("longlink_router_latency_seconds", "Router round trips (claims, lookups).", &k.router_latency),

@@ -9,6 +9,11 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 pub struct Millis(pub u64);
 
 impl Millis {
+    /// How long from `self` to `later` (zero if `later` is earlier).
+    pub fn elapsed_to(self, later: Millis) -> std::time::Duration {
+        std::time::Duration::from_millis(later.0.saturating_sub(self.0))
+    }
+
     pub fn add_ms(self, ms: u64) -> Millis {
         Millis(self.0.saturating_add(ms))
     }

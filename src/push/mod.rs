@@ -123,7 +123,8 @@ mod tests {
     use super::*;
 
     fn pending(kind: PendingKind) -> Pending {
-        Pending { backend: ConnKey { index: 0, generation: 0 }, request_id: 9, lookups: 1, expected: 0, done: 0, kind }
+        let (backend, started) = (ConnKey { index: 0, generation: 0 }, Millis(0));
+        Pending { backend, request_id: 9, lookups: 1, expected: 0, done: 0, kind, started }
     }
 
     #[test]

@@ -33,7 +33,8 @@ impl Shard {
     /// A slot for a new backend connection, its challenge queued; `None`
     /// when the shard has `max_unauthenticated` of them authenticating.
     fn admit_backend(&self, listener: auth::Listener) -> Option<ConnKey> {
-        let pa = &self.cfg.push_auth;
+        let live = self.live();
+        let pa = &live.push_auth;
         let mut st = self.state.borrow_mut();
         let authenticating =
             st.backends.iter().filter(|(_, b)| matches!(b.auth, BackendAuth::Challenged { .. })).count();
@@ -77,7 +78,7 @@ impl Shard {
     /// Closes backend connections past their auth or idle deadline (from
     /// the shard's timer tick).
     pub(crate) fn expire_backends(&self, st: &mut State, now: Millis) {
-        let idle_ms = self.cfg.push_auth.idle_timeout_ms;
+        let idle_ms = self.live().push_auth.idle_timeout_ms;
         for (_, b) in st.backends.iter_mut() {
             if b.closing || b.deadline > now {
                 continue;
@@ -99,7 +100,8 @@ impl Shard {
     /// The connection's first frame: a PushAuth that answers its challenge
     /// grants the key's rights; anything else closes it (UNAUTHENTICATED).
     fn on_auth(&self, b: &mut Backend, nonce: &[u8], frame: Result<Frame, CodecError>) {
-        let ring = self.cfg.push_auth.ring(b.listener);
+        let live = self.live();
+        let ring = live.push_auth.ring(b.listener);
         let granted = match (frame, ring) {
             (Ok(Frame::PushAuth(a)), Some(ring)) => ring.verify(nonce, &a).map_err(|e| e.to_string()),
             (Ok(Frame::PushAuth(_)), None) => Err("this listener takes no keys".into()),
@@ -111,7 +113,7 @@ impl Shard {
                 let ok = proto::PushAuthOk { rights: grant.rights.names(), service_ids: grant.service_ids.clone() };
                 b.out.push(Frame::PushAuthOk(ok).to_bytes());
                 b.auth = BackendAuth::Granted { rights: grant.rights, service_ids: grant.service_ids.clone().into() };
-                b.deadline = self.now().mono.add_ms(self.cfg.push_auth.idle_timeout_ms);
+                b.deadline = self.now().mono.add_ms(self.live().push_auth.idle_timeout_ms);
                 debug!(shard = %self.id, key = %grant.key.id(), "backend authenticated");
             }
             Err(reason) => {
@@ -130,7 +132,7 @@ impl Shard {
         rbuf: &mut BytesMut,
         cx: &mut Context<'_>,
     ) -> Poll<()> {
-        let max_inflight = self.cfg.push.max_inflight_per_backend;
+        let max_inflight = self.live().push.max_inflight_per_backend;
         for _ in 0..READS_PER_POLL {
             {
                 let mut st = self.state.borrow_mut();
@@ -160,7 +162,7 @@ impl Shard {
                     }
                     let max_body = match b.auth {
                         BackendAuth::Challenged { .. } => auth::MAX_AUTH_BODY,
-                        BackendAuth::Granted { .. } => self.cfg.push.max_request_bytes,
+                        BackendAuth::Granted { .. } => self.live().push.max_request_bytes,
                     };
                     match codec::split_frame(rbuf, max_body) {
                         Ok(None) => break,
@@ -179,7 +181,7 @@ impl Shard {
                                 }
                                 BackendAuth::Granted { rights, service_ids } => {
                                     let (rights, service_ids) = (*rights, service_ids.clone());
-                                    b.deadline = self.now().mono.add_ms(self.cfg.push_auth.idle_timeout_ms);
+                                    b.deadline = self.now().mono.add_ms(self.live().push_auth.idle_timeout_ms);
                                     self.on_granted_request(&mut st, key, rights, &service_ids, frame);
                                 }
                             }
@@ -253,6 +255,7 @@ impl Shard {
         let frame = match frame {
             Ok(frame) => frame,
             Err(err) => {
+                self.counters.ops.request_error(err.code() as i32);
                 return reply_now(st, backend, Frame::RequestError(request_error(0, err.code(), err.to_string())));
             }
         };
@@ -274,6 +277,7 @@ impl Shard {
             }
         };
         if let Err(error) = accepted {
+            self.counters.ops.request_error(error.code);
             reply_now(st, backend, Frame::RequestError(error));
         }
     }
@@ -282,7 +286,8 @@ impl Shard {
     /// has sent every part, so early answers cannot complete it.
     pub(super) fn begin(&self, st: &mut State, backend: ConnKey, request_id: u64, kind: PendingKind) -> Origin {
         let token = st.next_token();
-        st.pending.insert(token, Pending { backend, request_id, lookups: 1, expected: 0, done: 0, kind });
+        let started = self.now().mono;
+        st.pending.insert(token, Pending { backend, request_id, lookups: 1, expected: 0, done: 0, kind, started });
         self.arm_deadline(st, Expiry::Request(token));
         if let Some(b) = st.backends.get_mut(backend.index as usize) {
             b.inflight += 1;
@@ -292,7 +297,7 @@ impl Shard {
 
     /// Files `what` to end one `push.reply_timeout_ms` from now.
     pub(crate) fn arm_deadline(&self, st: &mut State, what: Expiry) {
-        let at = self.now().mono.add_ms(self.cfg.push.reply_timeout_ms);
+        let at = self.now().mono.add_ms(self.live().push.reply_timeout_ms);
         st.deadlines.sweep(&st.pending);
         st.deadlines.push(at, what);
     }
@@ -309,7 +314,8 @@ impl Shard {
                 Expiry::Request(token) => {
                     let Some(pending) = st.pending.remove(&token) else { continue };
                     self.counters.push_timeouts.fetch_add(1, Ordering::Relaxed);
-                    let (backend, frame) = pending.expire(self.shards(), self.cfg.push.reply_timeout_ms);
+                    self.counters.ops.push_latency.record(pending.started.elapsed_to(now));
+                    let (backend, frame) = pending.expire(self.shards(), self.live().push.reply_timeout_ms);
                     // Hook: the local part of a cluster request goes to its merge.
                     if let Some(frame) = self.cluster_local_reply(backend, frame) {
                         reply(&mut st, backend, frame.to_bytes());
@@ -372,7 +378,7 @@ impl Shard {
     ) -> Result<(), proto::RequestError> {
         let id = req.request_id;
         let targets = req.targets.unwrap_or_default();
-        let reliable = check_push(id, &targets, req.qos, self.cfg.push.max_targets_per_request as usize)?;
+        let reliable = check_push(id, &targets, req.qos, self.live().push.max_targets_per_request as usize)?;
         let message = proto::Message {
             payload: req.payload,
             service_id: req.service_id,
@@ -491,7 +497,7 @@ impl Shard {
         backend: ConnKey,
         req: proto::DeliveryStatusQuery,
     ) -> Result<(), proto::RequestError> {
-        let max_targets = self.cfg.push.max_targets_per_request as usize;
+        let max_targets = self.live().push.max_targets_per_request as usize;
         if req.message_ids.len() > max_targets {
             let reason = format!("more than {max_targets} message ids");
             return Err(request_error(req.request_id, ErrorCode::LimitExceeded, reason));
@@ -521,7 +527,7 @@ impl Shard {
         req: proto::GroupUpdate,
     ) -> Result<(), proto::RequestError> {
         let id = req.request_id;
-        check_group_update(&req, self.cfg.push.max_targets_per_request as usize)?;
+        check_group_update(&req, self.live().push.max_targets_per_request as usize)?;
         let results = target_results(req.add_devices.iter().chain(&req.remove_devices));
         let adds = self.by_shard(&results, 0, &req.add_devices, owner_shard);
         let removes = self.by_shard(&results, req.add_devices.len(), &req.remove_devices, owner_shard);
@@ -546,7 +552,7 @@ impl Shard {
         req: proto::KickRequest,
     ) -> Result<(), proto::RequestError> {
         let id = req.request_id;
-        let max_targets = self.cfg.push.max_targets_per_request as usize;
+        let max_targets = self.live().push.max_targets_per_request as usize;
         if req.devices.len() + req.users.len() > max_targets {
             return Err(request_error(id, ErrorCode::LimitExceeded, format!("more than {max_targets} targets")));
         }
@@ -581,7 +587,7 @@ impl Shard {
         backend: ConnKey,
         req: proto::PresenceQuery,
     ) -> Result<(), proto::RequestError> {
-        let max_targets = self.cfg.push.max_targets_per_request as usize;
+        let max_targets = self.live().push.max_targets_per_request as usize;
         if req.devices.len() + req.users.len() + req.groups.len() > max_targets {
             let reason = format!("more than {max_targets} targets");
             return Err(request_error(req.request_id, ErrorCode::LimitExceeded, reason));

@@ -18,6 +18,8 @@ pub(crate) struct Pending {
     pub(super) expected: u64,
     pub(super) done: u64,
     pub(super) kind: PendingKind,
+    /// When the request was read (for the push latency).
+    pub(crate) started: Millis,
 }
 
 pub(super) enum PendingKind {

@@ -17,7 +17,7 @@ impl Shard {
     }
 
     pub(super) async fn pace_broadcasts(&self) {
-        let rate = f64::from(self.cfg.push.broadcast_rate_per_sec.max(1));
+        let rate = f64::from(self.live().push.broadcast_rate_per_sec.max(1));
         let mut budget = TokenBucket::new(1.0, self.now().mono);
         loop {
             // Bank at most two ticks' worth: a timer that fires late (the

@@ -28,7 +28,7 @@ impl Shard {
     /// Each shard's pacer releases its share when the job is done.
     pub(crate) fn reserve_broadcast(&self, frame_len: usize) -> Result<(), String> {
         let cost = broadcast_cost(frame_len);
-        let limit = self.cfg.push.broadcast_queue_bytes;
+        let limit = self.live().push.broadcast_queue_bytes;
         let shards = &self.cfg.node_counters;
         for (i, counters) in shards.iter().enumerate() {
             let queued = &counters.broadcast_queued_bytes;
@@ -232,6 +232,7 @@ impl Shard {
             return;
         }
         let Some(pending) = st.pending.remove(&token) else { return };
+        self.counters.ops.push_latency.record(pending.started.elapsed_to(self.now().mono));
         let (backend, frame) = pending.finish();
         // Hook: the local part of a cluster request goes to its merge.
         let Some(frame) = self.cluster_local_reply(backend, frame) else { return };

@@ -21,6 +21,7 @@ impl Shard {
         st.devices
             .insert_unique(stable_hash(&login.device), key.index, |&i| slot_device(conns, i).map_or(0, stable_hash));
         self.counters.active.fetch_add(1, Ordering::Relaxed);
+        self.counters.ops.session_up(&login.platform, &login.client_version);
         if self.link_user(st, key, &login.user) {
             if let Some(conn) = st.conn(key) {
                 conn.io().awaiting_dir = Some(Box::new(login.clone()));
@@ -41,7 +42,7 @@ impl Shard {
         };
         let mut actions = std::mem::take(&mut st.actions);
         if let Some(conn) = st.conn(key) {
-            conn.session.activate(now, login, ok, &self.cfg.params, &mut actions);
+            conn.session.activate(now, login, ok, &self.live().params, &mut actions);
             let deadline = conn.session.deadline();
             st.wheel.insert(key, deadline);
         }
@@ -60,7 +61,7 @@ impl Shard {
     pub(super) fn kick(&self, st: &mut State, key: ConnKey, now: Now, code: ErrorCode, reason: String) {
         let mut actions = Vec::new();
         if let Some(conn) = st.conn(key) {
-            conn.session.kick(now, code, reason, &self.cfg.params, &mut actions);
+            conn.session.kick(now, code, reason, &self.live().params, &mut actions);
         }
         self.apply(st, key, now, &mut actions);
     }
@@ -104,6 +105,7 @@ impl Shard {
         entry.remove();
         // Hook: cluster mode releases the device's route.
         self.cluster_on_gone(slot, device, code);
+        self.counters.ops.session_gone(conn.field(3), conn.field(4), code);
         let home = home_shard(user, self.shards);
         let next = conn.next_of_user;
         let mut user_gone = false;

@@ -72,7 +72,7 @@ use crate::protocol::proto::{self, ConnectionEventKind, ErrorCode, FrameKind};
 use crate::protocol::time::{Millis, Now};
 use crate::push::{Backend, Deadlines, Pending};
 use crate::rate::TokenBucket;
-use crate::session::{Action, Login, Params, Phase, Session};
+use crate::session::{Action, Login, Phase, Session};
 use crate::upstream::{Upstream, UpstreamCounters, UpstreamSettings};
 use crate::wheel::Wheel;
 
@@ -148,6 +148,9 @@ pub struct ShardCounters {
     /// Turns of the shard's timer loop and how late it is: a shard that
     /// stops turning while it has work shows here.
     pub liveness: crate::liveness::Liveness,
+    /// Latencies, disconnects and refusals by code, queue bytes, sessions
+    /// by platform and version ([`crate::observe`]).
+    pub ops: crate::observe::OpsCounters,
 }
 
 /// Push-port limits a shard enforces.
@@ -167,20 +170,18 @@ pub struct PushLimits {
 /// Everything a shard needs to start, built on the main thread.
 #[derive(Clone)]
 pub struct ShardConfig {
-    pub params: Params,
+    /// What a reload may change (the shard's copy is [`Shard::live`]).
+    pub live: crate::reload::LiveSettings,
+    /// Where reloads leave new settings ([`crate::reload`]).
+    pub reload: Arc<crate::reload::ReloadHub>,
     pub max_frame_bytes: u32,
     pub outbound_queue_bytes: u32,
     pub write_timeout_ms: u64,
     pub read_buffer_bytes: usize,
     pub wheel_tick_ms: u64,
-    pub max_connections: u32,
-    pub accept_rate_per_sec: u32,
     pub max_groups_per_session: u32,
     /// Groups any client may JOIN (`[client_groups] allow`).
     pub join_policy: Arc<[String]>,
-    pub push: PushLimits,
-    /// Push-port and node-listener credentials and deadlines.
-    pub push_auth: Arc<crate::push::auth::PortAuth>,
     pub node: String,
     /// Services and their backends, dedup and rate-limit settings.
     pub upstream: UpstreamSettings,
@@ -523,6 +524,10 @@ pub struct Shard {
     pub(crate) id: ShardId,
     shards: u16,
     pub(crate) cfg: ShardConfig,
+    /// The reloadable settings in force on this shard, and the reload
+    /// generation they came from ([`crate::reload`]).
+    pub(crate) live: RefCell<Rc<crate::reload::LiveSettings>>,
+    pub(crate) live_generation: Cell<u64>,
     pub(crate) state: RefCell<State>,
     /// Read buffer shared by every connection of the shard.
     scratch: RefCell<Vec<u8>>,
@@ -601,6 +606,8 @@ impl Shard {
                 cfg.tls.tls.as_ref().map(|s| s.shard_handle()),
                 cfg.tls.wss.as_ref().map(|s| s.shard_handle()),
             )),
+            live: RefCell::new(Rc::new(cfg.live.clone())),
+            live_generation: Cell::new(0),
             cfg,
             outbox,
             counters,
@@ -639,6 +646,7 @@ mod tests {
     use super::task::{AcceptBucket, ConnTask};
     use super::*;
     use crate::protocol::limits::MAX_ID_BYTES;
+    use crate::session::Params;
 
     #[test]
     fn ident_packs_fields() {

@@ -36,7 +36,7 @@ impl Shard {
         let now = self.now();
         let mut actions = Vec::new();
         if let Some(conn) = st.conn(key) {
-            conn.session.close(now, ErrorCode::Slow, reason, &self.cfg.params, &mut actions);
+            conn.session.close(now, ErrorCode::Slow, reason, &self.live().params, &mut actions);
         }
         self.apply(st, key, now, &mut actions);
     }

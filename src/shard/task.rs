@@ -84,8 +84,9 @@ impl Shard {
 
     /// [`Shard::accept_loop`] for a listener of another transport.
     pub async fn accept_link_loop(self: Rc<Self>, listener: glommio::net::TcpListener, link: Link) {
-        let mut bucket = AcceptBucket::new(self.cfg.accept_rate_per_sec);
+        let mut bucket = AcceptBucket::new(self.live().accept_rate_per_sec);
         while let Some(accepted) = self.accept_or_stop(&listener).await {
+            bucket.set_rate(self.live().accept_rate_per_sec);
             match accepted {
                 Ok(stream) => self.on_accept(stream, link),
                 Err(err) => {
@@ -151,7 +152,7 @@ impl Shard {
         let now = self.now();
         let key = {
             let mut st = self.state.borrow_mut();
-            if st.conns.len() >= self.cfg.max_connections as usize {
+            if st.conns.len() >= self.live().max_connections as usize {
                 drop(st);
                 debug!(shard = %self.id, "connection limit reached; refusing");
                 // Best effort: the socket is fresh, a small frame fits.
@@ -173,7 +174,7 @@ impl Shard {
                     None => return,
                 },
             };
-            let session = Session::new(now.mono, &self.cfg.params);
+            let session = Session::new(now.mono, &self.live().params);
             let (socket, slot_fd) = Socket::new(stream);
             let key = insert_conn(&mut st, session, slot_fd, now, 0, link);
             if link.form() == Link::WsUpgrade
@@ -437,14 +438,14 @@ impl Shard {
                             if let Frame::Auth(auth) = &mut frame {
                                 handshake_token(conn, auth);
                             }
-                            conn.session.handle_frame(now, frame, &self.cfg.params, &mut actions)
+                            conn.session.handle_frame(now, frame, &self.live().params, &mut actions)
                         }
-                        Err(err) => conn.session.handle_codec_error(now, &err, &self.cfg.params, &mut actions),
+                        Err(err) => conn.session.handle_codec_error(now, &err, &self.live().params, &mut actions),
                     }
                 }
                 Err(err) => {
                     pos = input.len();
-                    conn.session.handle_codec_error(now, &err, &self.cfg.params, &mut actions);
+                    conn.session.handle_codec_error(now, &err, &self.live().params, &mut actions);
                 }
             }
             self.apply(st, key, now, &mut actions);
@@ -485,7 +486,7 @@ impl Shard {
                         self.queue_frame(st, key, &refused);
                         let mut more = Vec::new();
                         if let Some(conn) = st.conn(key) {
-                            conn.session.close(now, ErrorCode::LimitExceeded, reason, &self.cfg.params, &mut more);
+                            conn.session.close(now, ErrorCode::LimitExceeded, reason, &self.live().params, &mut more);
                         }
                         self.apply(st, key, now, &mut more);
                     } else {
@@ -571,7 +572,7 @@ impl Shard {
     pub(crate) fn close_conn(&self, st: &mut State, key: ConnKey, now: Now, code: ErrorCode, reason: String) {
         let mut actions = Vec::new();
         if let Some(conn) = st.conn(key) {
-            conn.session.close(now, code, reason, &self.cfg.params, &mut actions);
+            conn.session.close(now, code, reason, &self.live().params, &mut actions);
         }
         self.apply(st, key, now, &mut actions);
     }
@@ -680,6 +681,13 @@ pub(super) struct AcceptBucket {
 impl AcceptBucket {
     pub(super) fn new(rate: u32) -> AcceptBucket {
         AcceptBucket { rate, bucket: TokenBucket::new(f64::from(rate), Millis(0)), epoch: Instant::now() }
+    }
+
+    /// A reload changed the rate.
+    pub(super) fn set_rate(&mut self, rate: u32) {
+        if rate != self.rate {
+            *self = AcceptBucket::new(rate);
+        }
     }
 
     /// Takes one token; returns how long to wait when the bucket is empty.

@@ -15,6 +15,8 @@ impl Shard {
             liveness.waiting_until(Instant::now() + tick);
             glommio::timer::sleep(tick).await;
             liveness.turned(Instant::now());
+            self.poll_reload();
+            self.publish_ops_gauges();
             if shutdown_deadline.is_none() && stop.load(Ordering::Relaxed) {
                 self.begin_shutdown();
                 shutdown_deadline = Some(Instant::now() + shutdown_grace);
@@ -58,7 +60,7 @@ impl Shard {
                 let reason = format!("socket blocked for {} ms", self.cfg.write_timeout_ms);
                 self.close_slow(&mut st, key, dropped, reason);
             } else if conn.session.deadline() <= now.mono {
-                conn.session.handle_timeout(now, &self.cfg.params, &mut actions);
+                conn.session.handle_timeout(now, &self.live().params, &mut actions);
                 conn.wake();
                 self.apply(&mut st, key, now, &mut actions);
             }
@@ -88,7 +90,7 @@ impl Shard {
         let mut actions = Vec::new();
         for key in keys {
             if let Some(conn) = st.conn(key) {
-                conn.session.close(now, ErrorCode::Shutdown, String::new(), &self.cfg.params, &mut actions);
+                conn.session.close(now, ErrorCode::Shutdown, String::new(), &self.live().params, &mut actions);
             }
             self.apply(&mut st, key, now, &mut actions);
         }

@@ -105,7 +105,7 @@ impl Shard {
     /// the wait ended.
     async fn quiesce(&self) -> usize {
         self.upgrade.set_paused(true);
-        let limit = Duration::from_millis(self.cfg.push.reply_timeout_ms) + QUIESCE_SLACK;
+        let limit = Duration::from_millis(self.live().push.reply_timeout_ms) + QUIESCE_SLACK;
         let deadline = Instant::now() + limit;
         while !self.state.borrow().pending.is_empty() && Instant::now() < deadline {
             glommio::timer::sleep(QUIESCE_POLL).await;

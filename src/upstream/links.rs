@@ -20,9 +20,24 @@ pub(super) struct Link {
     /// Listed in `Upstream::dirty_links`.
     pub(super) dirty: bool,
     pub(super) waker: Option<Waker>,
+    /// A reload removed its backend or service: it closes and stays down.
+    pub(super) retired: bool,
 }
 
 impl Link {
+    pub(super) fn new(service: u16, addr: SocketAddr) -> Link {
+        Link {
+            service,
+            addr,
+            state: LinkState::Down,
+            fd: None,
+            dirty: false,
+            out: OutQueue::default(),
+            waker: None,
+            retired: false,
+        }
+    }
+
     pub(super) fn wake(&self) {
         if let Some(w) = &self.waker {
             w.wake_by_ref();
@@ -91,7 +106,7 @@ impl Shard {
 
     /// Keeps link `idx` connected until shutdown: serves it while up,
     /// reconnects with backoff while down.
-    pub(super) async fn run_link(self: Rc<Self>, idx: u32, mut first: Option<io::Result<TcpStream>>) {
+    pub(crate) async fn run_link(self: Rc<Self>, idx: u32, mut first: Option<io::Result<TcpStream>>) {
         let (addr, service, min, max, timeout) = {
             let st = self.state.borrow();
             let Some(l) = st.upstream.links.get(idx as usize) else { return };
@@ -107,7 +122,7 @@ impl Shard {
         let mut backoff = min;
         let mut failures = 0u64;
         loop {
-            if self.state.borrow().upstream.stopping {
+            if self.state.borrow().upstream.stopping || self.state.borrow().upstream.is_retired(idx) {
                 return;
             }
             let attempt = match first.take() {
@@ -206,7 +221,7 @@ impl Shard {
                 let mut st = self.state.borrow_mut();
                 let stopping = st.upstream.stopping;
                 let Some(link) = st.upstream.links.get_mut(idx as usize) else { return Poll::Ready(()) };
-                if stopping || link.out.flush(stream, cx).is_err() {
+                if stopping || link.retired || link.out.flush(stream, cx).is_err() {
                     return Poll::Ready(());
                 }
                 if !link.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {

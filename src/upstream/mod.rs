@@ -38,6 +38,7 @@ mod dedup;
 mod encode;
 mod links;
 mod rate;
+mod reconfigure;
 mod requests;
 
 use dedup::*;
@@ -302,16 +303,7 @@ impl Upstream {
                 let mut ids = Vec::new();
                 for _ in 0..s.pool_size {
                     for &addr in &s.backends {
-                        let link = Link {
-                            service: i as u16,
-                            addr,
-                            state: LinkState::Down,
-                            fd: None,
-                            dirty: false,
-                            out: OutQueue::default(),
-                            waker: None,
-                        };
-                        ids.push(links.insert(link) as u32);
+                        ids.push(links.insert(Link::new(i as u16, addr)) as u32);
                     }
                 }
                 Service {

@@ -284,6 +284,11 @@ impl NodeProcess {
         NodeProcess { child, client_addr, push_addr, admin_addr, node_addr, _dir: dir }
     }
 
+    /// The config file the node was started with (rewrite it, then reload).
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self._dir.0.join("longlink.toml")
+    }
+
     pub fn rss_bytes(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
         status
@@ -438,10 +443,15 @@ pub fn http_raw(addr: SocketAddr, request: &str) -> (u16, String) {
 
 /// `POST /drain` with the admin token and a JSON content type.
 pub fn drain(admin: SocketAddr) -> (u16, String) {
+    admin_post(admin, "/drain")
+}
+
+/// `POST path` with the admin token and a JSON content type.
+pub fn admin_post(admin: SocketAddr, path: &str) -> (u16, String) {
     http_raw(
         admin,
         &format!(
-            "POST /drain HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ADMIN_TOKEN}\r\n\
+            "POST {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ADMIN_TOKEN}\r\n\
              content-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}"
         ),
     )

@@ -306,10 +306,16 @@ impl SleepNotifier {
     }
 
     pub(crate) fn notify(&self, force: bool) {
-        if self
-            .should_notify
-            .compare_exchange(true, false, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
+        // longlink patch 3 (vendor/glommio/PATCHES.md): the caller published
+        // its message (channel slot, foreign waker) before this call; the
+        // fence orders that before reading `should_notify`, pairing with the
+        // fence in `prepare_to_sleep` (this replaced a membarrier per park).
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if (self.should_notify.load(Ordering::Relaxed)
+            && self
+                .should_notify
+                .compare_exchange(true, false, Ordering::SeqCst, Ordering::Relaxed)
+                .is_ok())
             || force
         {
             write_eventfd(self.eventfd_fd());
@@ -343,7 +349,10 @@ impl SleepNotifier {
         // This will allow this `eventfd` to be notified. This should not happen
         // for the placeholder (disconnected) case.
         assert_ne!(self.id, usize::MAX);
-        self.should_notify.store(true, Ordering::Relaxed);
+        // longlink patch 3: see `notify`; the sleeper re-checks its channels
+        // after this fence.
+        self.should_notify.store(true, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
     }
 
     pub(super) fn wake_up(&self) {

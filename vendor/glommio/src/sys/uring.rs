@@ -37,7 +37,7 @@ use crate::{
         self,
         blocking::{BlockingThreadOp, BlockingThreadPool},
         dma_buffer::{BufferStorage, DmaBuffer},
-        membarrier, DirectIo, EnqueuedSource, EnqueuedStatus, InnerSource, IoBuffer,
+        DirectIo, EnqueuedSource, EnqueuedStatus, InnerSource, IoBuffer,
         PollableStatus, Source, SourceType, Statx, TimeSpec64,
     },
     uring_sys::{self, IoRingOp},
@@ -406,7 +406,8 @@ fn fill_sqe<F>(
                 let mut buf = DmaBuffer::new(len).expect("failed to allocate buffer");
                 source_map.peek_source_mut(from_user_data(op.user_data), |mut src| {
                     match &mut src.source_type {
-                        SourceType::SockRecvMsg(slot, iov, hdr, msg_name) => {
+                        SourceType::SockRecvMsg(boxed) => {
+                            let (slot, iov, hdr, msg_name) = &mut **boxed;
                             iov.iov_base = buf.as_mut_ptr() as *mut libc::c_void;
                             iov.iov_len = len;
 
@@ -1044,12 +1045,24 @@ impl SleepableRing {
         }
     }
 
-    fn sleep(&mut self, link: &Source) -> io::Result<usize> {
+    /// longlink patch 2: `link` is `None` when the link poll of an earlier
+    /// sleep is still armed; then we only wait.
+    fn sleep(&mut self, link: Option<&Source>) -> io::Result<usize> {
         assert_eq!(
             self.waiting_kernel_submission(),
             0,
             "sleeping with pending SQEs"
         );
+        let Some(link) = link else {
+            return self
+                .ring
+                .cq()
+                .wait(1)
+                .map(|_| 1)
+                .or_else(Reactor::busy_ok)
+                .or_else(Reactor::again_ok)
+                .or_else(Reactor::intr_ok);
+        };
         if let Some(mut sqe) = self.ring.sq().prepare_sqe() {
             let sqe_ptr = unsafe { sqe.raw_mut() as *mut _ };
             let op = UringDescriptor {
@@ -1071,29 +1084,32 @@ impl SleepableRing {
 
             // We have now prepared the SQE that links the two rings. We now need to submit
             // it successfully to be able to safely sleep.
-
-            if self
-                .submit_sqes()
+            //
+            // longlink patch 2: submit and wait in one `io_uring_enter`
+            // (was one to submit, one to wait). The kernel waits only once
+            // the SQE is submitted; it returns an error without waiting when
+            // it could not submit, and the submitted count if the wait is
+            // interrupted after submitting.
+            match self
+                .ring
+                .submit_sqes_and_wait(1)
                 .or_else(Reactor::busy_ok)
                 .or_else(Reactor::again_ok)
                 .or_else(Reactor::intr_ok)?
-                != 1
             {
-                // We failed to submit the `SQE` that links the rings. Just can't sleep.
-                // Waiting here is unsafe because we could end up waiting much longer than
-                // needed.
-                // We make the SQE a no-op and return
-                unsafe { crate::uring_sys::io_uring_prep_nop(sqe_ptr) };
-                Err(io::Error::from_raw_os_error(libc::EBUSY))
-            } else {
-                // The rings are linked. Goodnight!
-                self.ring
-                    .cq()
-                    .wait(1)
-                    .map(|_| 1)
-                    .or_else(Reactor::busy_ok)
-                    .or_else(Reactor::again_ok)
-                    .or_else(Reactor::intr_ok)
+                0 => {
+                    // We failed to submit the `SQE` that links the rings. Just can't sleep.
+                    // Waiting here is unsafe because we could end up waiting much longer than
+                    // needed.
+                    // We make the SQE a no-op and return
+                    unsafe { crate::uring_sys::io_uring_prep_nop(sqe_ptr) };
+                    Err(io::Error::from_raw_os_error(libc::EBUSY))
+                }
+                submitted => {
+                    // The rings were linked, and we slept. Goodnight!
+                    self.in_kernel += submitted as usize;
+                    Ok(1)
+                }
             }
         } else {
             // Can't link rings because we ran out of `CQE`s. Just can't sleep.
@@ -1222,7 +1238,12 @@ pub(crate) struct Reactor {
     poll_ring: RefCell<PollRing>,
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
+    /// longlink patch 2: when the armed latency-ring timer fires.
+    latency_preemption_deadline: Cell<Option<Instant>>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
+    /// longlink patch 2: the POLL_ADD of the latency ring's fd on the main
+    /// ring, kept armed across sleeps until it completes.
+    link_rings_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
 
@@ -1353,7 +1374,9 @@ impl Reactor {
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
+            latency_preemption_deadline: Cell::new(None),
             throughput_preemption_timeout_src: Cell::new(None),
+            link_rings_src: Cell::new(None),
             blocking_thread,
             link_fd,
             notifier,
@@ -1471,7 +1494,8 @@ impl Reactor {
 
     pub(crate) fn sendmsg(&self, source: &Source, flags: MsgFlags) {
         let op = match &mut *source.source_type_mut() {
-            SourceType::SockSendMsg(_, iov, hdr, addr) => {
+            SourceType::SockSendMsg(boxed) => {
+                let (_, iov, hdr, addr) = &mut **boxed;
                 let msg_name = addr.as_ptr() as *mut libc::c_void;
                 let msg_namelen = addr.len();
 
@@ -1514,7 +1538,7 @@ impl Reactor {
 
     pub(crate) fn connect(&self, source: &Source) {
         let op = match &*source.source_type() {
-            SourceType::Connect(addr) => UringOpDescriptor::Connect(addr as *const _),
+            SourceType::Connect(addr) => UringOpDescriptor::Connect(&**addr as *const _),
             x => panic!("Unexpected source type for connect: {:?}", x),
         };
         queue_request_into_ring(
@@ -1527,7 +1551,9 @@ impl Reactor {
 
     pub(crate) fn accept(&self, source: &Source) {
         let op = match &mut *source.source_type_mut() {
-            SourceType::Accept(addr) => UringOpDescriptor::Accept(addr as *mut SockAddrStorage),
+            SourceType::Accept(addr) => {
+                UringOpDescriptor::Accept(&mut **addr as *mut SockAddrStorage)
+            }
             x => panic!("Unexpected source type for accept: {:?}", x),
         };
         queue_request_into_ring(
@@ -1726,6 +1752,15 @@ impl Reactor {
     /// We may not be able to register an `SQE` at this point, so we return an
     /// Error and will just not sleep.
     fn link_rings_and_sleep(&self, ring: &mut SleepableRing) -> io::Result<()> {
+        // longlink patch 2: a link poll from an earlier sleep that has not
+        // fired is still armed (we were woken by the main ring): wait on it
+        // instead of cancelling it and submitting a new one each time.
+        if let Some(armed) = self.link_rings_src.take() {
+            if armed.is_in_flight() {
+                self.link_rings_src.set(Some(armed));
+                return ring.sleep(None).or_else(Self::busy_ok).map(|_| {});
+            }
+        }
         let link_rings = Source::new(
             IoRequirements::default(),
             self.link_fd,
@@ -1733,7 +1768,13 @@ impl Reactor {
             None,
             None,
         );
-        ring.sleep(&link_rings).or_else(Self::busy_ok).map(|_| {})
+        let res = ring.sleep(Some(&link_rings));
+        if res.is_ok() {
+            // Kept for the next sleep while it has not fired. On an error
+            // the SQE was made a no-op: dropped as before.
+            self.link_rings_src.set(Some(link_rings));
+        }
+        res.or_else(Self::busy_ok).map(|_| {})
     }
 
     pub(crate) fn poll_io(&self, woke: &mut usize) -> io::Result<()> {
@@ -1814,22 +1855,54 @@ impl Reactor {
         // consume all events from the rings
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
-        // Cancel the old timer regardless of whether we can sleep:
-        // if we won't sleep, we will register the new timer with its new
-        // value.
-        //
-        // But if we will sleep, there might be a timer registered that needs
-        // to be removed otherwise we'll wake up when it expires.
-        drop(self.latency_preemption_timeout_src.take());
+        // longlink patch 2 (vendor/glommio/PATCHES.md): keep the timers armed
+        // across loop turns instead of cancelling and re-arming both on every
+        // call (two cancellations, three new SQEs and the io_uring_enter calls
+        // to submit them, per turn and per park). The latency-ring timer is
+        // kept while it will fire no later than the one this call would arm
+        // (the preemption timer when running, the next user timer when going
+        // to sleep): firing earlier only costs one extra loop turn. A park
+        // with no user timer keeps a pending preemption timer too: it wakes
+        // the thread at most once per preemption period.
+        let now = Instant::now();
+        let preempt = preempt_timer();
+        if let Some(src) = self.latency_preemption_timeout_src.take() {
+            let limit = match (preempt, user_timer) {
+                (Some(p), _) => Some(now + p),
+                (None, Some(u)) => Some(now + u),
+                (None, None) => None,
+            };
+            let keep = src.is_in_flight()
+                && match (limit, self.latency_preemption_deadline.get()) {
+                    (None, _) => true,
+                    (Some(limit), Some(deadline)) => deadline <= limit,
+                    (Some(_), None) => false,
+                };
+            if keep {
+                self.latency_preemption_timeout_src.set(Some(src));
+            } else {
+                // Dropping an in-flight source queues its cancellation,
+                // flushed below.
+                drop(src);
+                self.latency_preemption_deadline.set(None);
+            }
+        }
 
-        // Schedule the throughput-based timeout immediately: it won't matter if we end
-        // up sleeping.
-        self.throughput_preemption_timeout_src.replace(Some(
-            main_ring.prepare_throughput_preemption_timer(
-                self.ring_depth() as u32,
-                self.eventfd_src.raw(),
-            ),
-        ));
+        // The throughput-based timeout completes after `ring_depth` main-ring
+        // completions; kept while it has not.
+        match self.throughput_preemption_timeout_src.take() {
+            Some(src) if src.is_in_flight() => {
+                self.throughput_preemption_timeout_src.set(Some(src));
+            }
+            _ => {
+                self.throughput_preemption_timeout_src.set(Some(
+                    main_ring.prepare_throughput_preemption_timer(
+                        self.ring_depth() as u32,
+                        self.eventfd_src.raw(),
+                    ),
+                ));
+            }
+        }
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
@@ -1841,7 +1914,7 @@ impl Reactor {
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
         // If we generated any event so far, we can't sleep. Need to handle them.
-        let should_sleep = preempt_timer().is_none()
+        let should_sleep = preempt.is_none()
             && (woke == 0)
             && poll_ring.can_sleep()
             && main_ring.can_sleep()
@@ -1851,19 +1924,31 @@ impl Reactor {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
             if let Some(dur) = user_timer {
-                self.latency_preemption_timeout_src
-                    .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
-                assert!(flush_rings!(lat_ring)? > 0);
+                // longlink patch 2: unless a timer that fires no later is armed.
+                let armed = self.latency_preemption_timeout_src.take();
+                if armed.is_some() {
+                    self.latency_preemption_timeout_src.set(armed);
+                } else {
+                    self.latency_preemption_timeout_src
+                        .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
+                    self.latency_preemption_deadline.set(Some(now + dur));
+                    assert!(flush_rings!(lat_ring)? > 0);
+                }
             }
             // From this moment on the remote executors are aware that we are sleeping
             // We have to sweep the remote channels function once more because since
             // last time until now it could be that something happened in a remote executor
             // that opened up room. If it did we bail on sleep and go process it.
+            //
+            // longlink patch 3 (vendor/glommio/PATCHES.md): `prepare_to_sleep`
+            // is a SeqCst store followed by a SeqCst fence, and every notifier
+            // fences before it reads the flag (`SleepNotifier::notify`): a
+            // Dekker pair, so either the producer sees the flag and writes the
+            // eventfd, or we see its message below. This replaces
+            // `membarrier::heavy()` (MEMBARRIER_CMD_PRIVATE_EXPEDITED: a
+            // syscall and an IPI to every other core running this process, on
+            // every park) with one fence here and one per notification.
             self.notifier.prepare_to_sleep();
-            // See https://www.scylladb.com/2018/02/15/memory-barriers-seastar-linux/ for
-            // details. This translates to `sys_membarrier()` /
-            // `MEMBARRIER_CMD_PRIVATE_EXPEDITED`
-            membarrier::heavy();
             let events = process_remote_channels() + self.flush_syscall_thread();
             if events == 0 {
                 if self.eventfd_src.is_installed().unwrap() {
@@ -1879,9 +1964,17 @@ impl Reactor {
             }
         }
 
-        if let Some(preempt) = preempt_timer() {
-            self.latency_preemption_timeout_src
-                .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
+        if let Some(preempt) = preempt {
+            // longlink patch 2: only when no timer that fires no later is armed.
+            let armed = self.latency_preemption_timeout_src.take();
+            if armed.is_some() {
+                self.latency_preemption_timeout_src.set(armed);
+            } else {
+                self.latency_preemption_timeout_src
+                    .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
+                self.latency_preemption_deadline
+                    .set(Some(Instant::now() + preempt));
+            }
             flush_rings!(lat_ring, main_ring)?;
         }
 
@@ -1941,7 +2034,7 @@ impl Reactor {
                 PollableStatus::NonPollable(_) => self.main_ring.borrow_mut(),
             },
             SourceType::SockRecv(_)
-            | SourceType::SockRecvMsg(_, _, _, _)
+            | SourceType::SockRecvMsg(_)
             | SourceType::Accept(_)
             | SourceType::Connect(_) => self.latency_ring.borrow_mut(),
             SourceType::Invalid => {
