@@ -71,7 +71,6 @@ pub(crate) fn serve(
     if let Some(inherited) = inherited {
         inherited.confirm();
     }
-    longlink::upgrade::notify_systemd();
     let reloader = server.reloader();
     if let Some(path) = config {
         reloader.set_source(longlink::reload::file_source(path, overrides));

@@ -555,24 +555,3 @@ pub fn write_status(outcome: &Result<u32, UpgradeError>) {
         warn!(path = %path.display(), "could not write the upgrade status");
     }
 }
-
-/// Tells systemd (`Type=notify`) that this process serves and is the
-/// service's main process: after an upgrade that is the new one. Nothing
-/// without `NOTIFY_SOCKET`.
-pub fn notify_systemd() {
-    use std::os::linux::net::SocketAddrExt;
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
-    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
-    let addr = match bytes.strip_prefix(b"@") {
-        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name),
-        None => std::os::unix::net::SocketAddr::from_pathname(&path),
-    };
-    let state = format!("READY=1\nMAINPID={}\n", std::process::id());
-    let sent = addr.and_then(|addr| {
-        let sock = std::os::unix::net::UnixDatagram::unbound()?;
-        sock.send_to_addr(state.as_bytes(), &addr)
-    });
-    if let Err(err) = sent {
-        warn!(error = %err, "could not notify systemd");
-    }
-}
