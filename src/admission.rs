@@ -149,6 +149,20 @@ impl Admission {
         Ok(Admitted { ip, net })
     }
 
+    /// Charges a connection the previous process admitted (in-place
+    /// upgrade): counted like any other, never refused, no rate taken.
+    pub fn carry_over(&self, peer: IpAddr) -> Admitted {
+        let peer = peer.to_canonical();
+        if self.ip_conns.is_empty() || self.limits.exempt.contains(&peer) {
+            return Admitted::NONE;
+        }
+        let (ip_key, net_key) = keys(peer);
+        let (ip, net) = (self.slot(ip_key), self.slot(net_key));
+        self.ip_conns[usize::from(ip)].fetch_add(1, Ordering::Relaxed);
+        self.net_conns[usize::from(net)].fetch_add(1, Ordering::Relaxed);
+        Admitted { ip, net }
+    }
+
     /// Gives back what [`Admission::admit`] charged (once per connection).
     pub fn release(&self, admitted: Admitted) {
         if admitted == Admitted::NONE {

@@ -128,6 +128,13 @@ impl Groups {
         true
     }
 
+    /// The groups `slot` joined (the in-place upgrade carries them over).
+    pub fn of(&self, slot: u32) -> impl Iterator<Item = &str> + '_ {
+        let first = self.first.get(slot as usize).copied().filter(|m| *m != Membership::NONE);
+        let more = self.more.get(&slot).into_iter().flatten().copied();
+        first.into_iter().chain(more).filter_map(|m| self.groups.get(m.group as usize)).map(|g| &*g.name)
+    }
+
     /// Removes `slot` from every group (the session closed).
     pub fn leave_all(&mut self, slot: u32) {
         let Some(first) = self.first.get_mut(slot as usize) else { return };

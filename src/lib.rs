@@ -76,5 +76,6 @@ pub mod session;
 pub mod shard;
 pub mod sidecar;
 pub mod trim;
+pub mod upgrade;
 pub mod upstream;
 pub mod wheel;

@@ -163,6 +163,18 @@ enum Command {
         /// The request body; its UTF-8 bytes are sent.
         body: String,
     },
+    /// Upgrade a running node in place without disconnecting anyone: sends
+    /// it SIGUSR2 (it starts the binary now at its path and hands every
+    /// listener, session and stored message over), then prints the outcome
+    /// as one JSON line: the new pid, or why the old process serves on.
+    Upgrade {
+        /// The node's process id.
+        #[arg(long)]
+        pid: u32,
+        /// How long to wait for the outcome.
+        #[arg(long, default_value_t = 120)]
+        timeout_secs: u64,
+    },
     /// Run the example service backend: answers every upstream request with
     /// its body and logs connection events. Prints `listening ADDR`, then
     /// runs until SIGINT/SIGTERM and prints its counts as one JSON line.
@@ -292,6 +304,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             run_request(server, token, service, Duration::from_millis(timeout_ms), body)
         }
         Command::EchoBackend { listen } => echo_backend(listen),
+        Command::Upgrade { pid, timeout_secs } => cli::upgrade::upgrade(pid, Duration::from_secs(timeout_secs)),
         Command::Dispatcher { redis, listen, config } => dispatcher(redis, listen, config),
     }
 }

@@ -43,6 +43,22 @@ impl Revocations {
         hit(self.devices.get(device)) || hit(self.users.get(user))
     }
 
+    /// Every entry, `(is_user, id, not_before)`: the in-place upgrade
+    /// hands them to the new process.
+    pub fn entries(&self) -> Vec<(bool, String, i64)> {
+        let devices = self.devices.iter().map(|(id, &t)| (false, id.clone(), t));
+        devices.chain(self.users.iter().map(|(id, &t)| (true, id.clone(), t))).collect()
+    }
+
+    /// Takes in entries from [`Revocations::entries`] of the old process.
+    pub fn restore(&mut self, entries: Vec<(bool, String, i64)>) {
+        for (is_user, id, not_before) in entries {
+            let map = if is_user { &mut self.users } else { &mut self.devices };
+            let t = map.entry(id).or_insert(not_before);
+            *t = (*t).max(not_before);
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.devices.len() + self.users.len()
     }

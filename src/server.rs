@@ -24,6 +24,8 @@ use crate::mesh::{MeshEnds, Outbox};
 use crate::protocol::ids::ShardId;
 use crate::push::auth::{Grant, Listener, PortAuth, PushKeyring};
 use crate::shard::{Shard, ShardConfig, ShardCounters};
+use crate::upgrade::wire::ListenerKind;
+use crate::upgrade::{Inherited, ListenerPool, ShardLink, ShardRestore};
 use crate::upstream::UpstreamError;
 
 /// Messages queued per mesh channel (power of two; small ones are slow).
@@ -45,6 +47,10 @@ fn mesh_capacity(shards: u16) -> usize {
     let pow2 = if share == 0 { 0 } else { 1 << share.ilog2() };
     pow2.clamp(MIN_MESH_CAPACITY, MESH_CAPACITY)
 }
+/// What an in-place upgrade gives one shard at start: the sessions and
+/// store handed over (new process), its channel to the coordinator.
+type ShardUpgradeStart = (Option<ShardRestore>, Option<ShardLink>);
+
 /// How long start-up may take before it is reported as failed.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -89,6 +95,8 @@ pub struct Server {
     drain: Arc<AtomicBool>,
     links: crate::conn::links::LinkAddrs,
     tls: crate::conn::links::TlsStores,
+    /// The in-place upgrade's coordinator ([`crate::upgrade`]).
+    upgrader: Arc<crate::upgrade::Upgrader>,
     /// SIGHUP and `POST /reload` ([`crate::reload`]).
     reloader: Arc<crate::reload::Reloader>,
 }
@@ -107,17 +115,56 @@ struct Listeners {
 }
 
 impl Listeners {
-    fn bind(config: &Config, shards: u16) -> Result<Listeners, ServerError> {
+    /// Binds, or takes the sockets an upgrade handed over (`pool`).
+    fn bind(config: &Config, shards: u16, mut pool: Option<&mut ListenerPool>) -> Result<Listeners, ServerError> {
         let server = &config.server;
-        let (client_addr, client) = bind_reuseport(server.client_listen, shards, server.listen_backlog)?;
-        let (push_addr, push) = bind_reuseport(server.push_listen, shards, server.listen_backlog)?;
+        let mut group = |kind, addr: SocketAddr| match pool.as_mut().and_then(|p| p.take_group(kind, shards)) {
+            Some(taken) => taken.map_err(|source| ServerError::Listen { addr, source }),
+            None => bind_reuseport(addr, shards, server.listen_backlog),
+        };
+        let (client_addr, client) = group(ListenerKind::Client, server.client_listen)?;
+        let (push_addr, push) = group(ListenerKind::Push, server.push_listen)?;
         let node = match config.cluster.enabled {
             true => Some(bind_reuseport(config.cluster.node_listen, shards, server.listen_backlog)?),
             false => None,
         };
-        let admin = std::net::TcpListener::bind(server.admin_listen)
-            .map_err(|source| ServerError::Admin { addr: server.admin_listen, source })?;
+        let admin = match pool.and_then(|p| p.take(ListenerKind::Admin)).and_then(|fds| fds.into_iter().next()) {
+            Some(fd) => std::net::TcpListener::from(fd),
+            None => std::net::TcpListener::bind(server.admin_listen)
+                .map_err(|source| ServerError::Admin { addr: server.admin_listen, source })?,
+        };
         Ok(Listeners { client_addr, client, push_addr, push, node, admin })
+    }
+
+    /// Duplicates of every listening socket, for a later upgrade.
+    fn duplicates(&self, links: &[Vec<(crate::conn::transport::Link, OwnedFd)>]) -> Vec<(ListenerKind, u16, OwnedFd)> {
+        use crate::conn::transport::Link;
+        let mut out = Vec::new();
+        let mut add = |kind, shard: usize, fd: &OwnedFd| match fd.try_clone() {
+            Ok(dup) => out.push((kind, shard as u16, dup)),
+            Err(err) => tracing::warn!(error = %err, ?kind, "cannot keep a listener for upgrades"),
+        };
+        for (i, fd) in self.client.iter().enumerate() {
+            add(ListenerKind::Client, i, fd);
+        }
+        for (i, fd) in self.push.iter().enumerate() {
+            add(ListenerKind::Push, i, fd);
+        }
+        for (i, shard) in links.iter().enumerate() {
+            for (link, fd) in shard {
+                let kind = match link {
+                    Link::Tls => ListenerKind::Tls,
+                    Link::WssUpgrade | Link::Wss => ListenerKind::Wss,
+                    _ => ListenerKind::Ws,
+                };
+                add(kind, i, fd);
+            }
+        }
+        match self.admin.try_clone() {
+            Ok(dup) => out.push((ListenerKind::Admin, 0, OwnedFd::from(dup))),
+            Err(err) => tracing::warn!(error = %err, "cannot keep the admin listener for upgrades"),
+        }
+        out
     }
 }
 
@@ -125,15 +172,40 @@ impl Server {
     /// Binds the listeners and starts every shard; returns once all of them
     /// accept connections.
     pub fn start(config: &Config) -> Result<Server, ServerError> {
+        Server::start_with(config, None)
+    }
+
+    /// [`Server::start`] in a process an in-place upgrade started: the
+    /// listeners, sessions and stores come from `inherited` (confirm it
+    /// once this returns).
+    pub fn start_with(config: &Config, inherited: Option<&mut Inherited>) -> Result<Server, ServerError> {
         config.validate()?;
         let (keyring, _) = config.keyring()?;
         let shards = config.shard_count();
         let server = &config.server;
         let session = &config.session;
 
+        let (mut pool, restores) = match inherited {
+            Some(i) => (Some(std::mem::take(&mut i.listeners)), std::mem::take(&mut i.shards)),
+            None => (None, Vec::new()),
+        };
+        let bound = Listeners::bind(config, shards, pool.as_mut())?;
+        let links = crate::conn::links::LinkListeners::bind_from(config, shards, pool.as_mut())?;
+        // Hook: the in-place upgrade keeps a copy of every listener and
+        // talks to each shard.
+        let (upgrader, shard_links) = crate::upgrade::Upgrader::new(
+            shards,
+            config.cluster.enabled,
+            Duration::from_millis(config.push.reply_timeout_ms),
+            if config.cluster.enabled { Vec::new() } else { bound.duplicates(&links.per_shard) },
+        );
+        let upgrader = Arc::new(upgrader);
+        let mut restores: Vec<Option<ShardRestore>> = restores.into_iter().map(Some).collect();
+        restores.resize_with(usize::from(shards), || None);
+        let per_shard_upgrade: Arc<Mutex<Vec<ShardUpgradeStart>>> =
+            Arc::new(Mutex::new(restores.into_iter().zip(shard_links.into_iter().map(Some)).collect()));
         let Listeners { client_addr, client: listeners, push_addr, push: push_listeners, node, admin: admin_listener } =
-            Listeners::bind(config, shards)?;
-        let links = crate::conn::links::LinkListeners::bind(config, shards)?;
+            bound;
         let node_addr = node.as_ref().map(|(addr, _)| *addr);
         let cluster = match node_addr {
             Some(node_addr) => {
@@ -237,7 +309,9 @@ impl Server {
                 let registered = Arc::new(Rendezvous::default());
                 let cluster = cluster.clone();
                 let drain = drain.clone();
+                let per_shard_upgrade = per_shard_upgrade.clone();
                 move || {
+                    let per_shard_upgrade = per_shard_upgrade.clone();
                     let rendezvous = rendezvous.clone();
                     let registered = registered.clone();
                     let cluster = cluster.clone();
@@ -286,13 +360,37 @@ impl Server {
                             })
                             .await;
                         let outbox = Outbox::new(senders);
+                        // Hook: what an upgrade handed over to this shard.
+                        let (restore, upgrade_link) = per_shard_upgrade
+                            .lock()
+                            .ok()
+                            .and_then(|mut v| v.get_mut(id.index()).map(std::mem::take))
+                            .unwrap_or_default();
+                        let ShardRestore { sessions: restored, store: store_image, revoked } =
+                            restore.unwrap_or_default();
+                        let mut memory = None;
                         let store: Rc<dyn TimelineStore> = match redis {
                             Some(redis) => Rc::new(redis),
                             None => {
-                                Rc::new(MemoryStore::new(retention, boot_unix_ms).with_max_bytes(memory_store_bytes))
+                                let store = match store_image {
+                                    Some(image) => MemoryStore::from_image(retention, image),
+                                    None => MemoryStore::new(retention, boot_unix_ms),
+                                };
+                                let store = Rc::new(store.with_max_bytes(memory_store_bytes));
+                                memory = Some(store.clone());
+                                store
                             }
                         };
                         let shard = Shard::new(id, shards, cfg, outbox.clone(), counters[id.index()].clone(), store);
+                        if let Some(memory) = memory {
+                            shard.upgrade.set_memory_store(memory);
+                        }
+                        if let Some(link) = upgrade_link {
+                            glommio::spawn_local(Rc::clone(&shard).upgrade_loop(link)).detach();
+                        }
+                        // Sessions handed over come back before anyone new.
+                        shard.state.borrow_mut().revoked.restore(revoked);
+                        shard.restore(restored);
                         match cluster {
                             Some(cluster) => crate::cluster::attach(&shard, cluster),
                             None => {
@@ -403,8 +501,44 @@ impl Server {
             drain,
             links,
             tls,
+            upgrader,
             reloader,
         })
+    }
+
+    /// Starts an in-place upgrade on a thread of its own (SIGUSR2): on
+    /// success the process exits 0 once the new one serves; on failure it
+    /// serves on. The outcome goes to [`crate::upgrade::status_path`].
+    pub fn upgrade_in_background(&self) {
+        (self.upgrader())();
+    }
+
+    /// [`Server::upgrade_in_background`] as a function another thread can
+    /// keep (the signal thread).
+    pub fn upgrader(&self) -> impl Fn() + Send + Sync + 'static {
+        let upgrader = self.upgrader.clone();
+        move || Self::spawn_upgrade(upgrader.clone())
+    }
+
+    fn spawn_upgrade(upgrader: Arc<crate::upgrade::Upgrader>) {
+        let spawned = std::thread::Builder::new().name("longlink-upgrade".into()).spawn(move || {
+            let outcome = upgrader.run();
+            if let Err(crate::upgrade::UpgradeError::Busy) = outcome {
+                tracing::warn!("SIGUSR2 while an upgrade is running: ignored");
+                return;
+            }
+            crate::upgrade::write_status(&outcome);
+            if let Ok(pid) = outcome {
+                info!(new_pid = pid, "upgraded: the new process serves every connection; exiting");
+                // Not a shutdown: the sockets are the new process's now, so
+                // nothing may be written to them or shut down (exiting only
+                // closes this process's copies).
+                std::process::exit(0);
+            }
+        });
+        if let Err(err) = spawned {
+            tracing::warn!(error = %err, "cannot start the upgrade thread");
+        }
     }
 
     /// The bound client address (useful with port 0).

@@ -148,6 +148,35 @@ impl Session {
         s
     }
 
+    /// A session carried over from another process by the in-place upgrade
+    /// ([`crate::upgrade`]), in the phase and with the deadline it had there.
+    /// `expires_in_ms`: time left on its token there (`None`: never
+    /// expires, or not authenticated yet).
+    pub fn restored(
+        phase: Phase,
+        now: Millis,
+        deadline: Millis,
+        idle_timeout_ms: u32,
+        expires_in_ms: Option<u64>,
+    ) -> Session {
+        let expires_s = match expires_in_ms {
+            None => NEVER,
+            Some(ms) => {
+                let at_ms = now.0.saturating_add(ms);
+                u32::try_from(at_ms.div_ceil(1000)).unwrap_or(NEVER - 1).min(NEVER - 1)
+            }
+        };
+        let mut s = Session { deadline, packed: idle_timeout_ms & IDLE_MASK, expires_s };
+        s.set_phase(phase);
+        s
+    }
+
+    /// Time left on the token at `now` (`None`: it never expires), for the
+    /// in-place upgrade.
+    pub fn expires_in_ms(&self, now: Millis) -> Option<u64> {
+        (self.expires_s != NEVER).then(|| self.expiry().0.saturating_sub(now.0))
+    }
+
     pub fn phase(&self) -> Phase {
         match self.packed >> IDLE_BITS {
             0 => Phase::Handshaking,

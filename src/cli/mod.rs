@@ -4,3 +4,4 @@
 pub(crate) mod client;
 pub(crate) mod push;
 pub(crate) mod serve;
+pub(crate) mod upgrade;

@@ -56,7 +56,21 @@ pub(crate) fn serve(
             "no auth keys configured: using the dev signing key (fine for trying longlink, not for production)"
         ),
     }
-    let server = Server::start(&cfg)?;
+    // Hook: a process started by an in-place upgrade takes over its
+    // predecessor's listeners and sessions, and confirms once it serves.
+    let mut inherited = longlink::upgrade::receive(&cfg).context("taking over from the old process")?;
+    let server = match Server::start_with(&cfg, inherited.as_mut()) {
+        Ok(server) => server,
+        Err(err) => {
+            if let Some(inherited) = inherited {
+                inherited.fail(&err.to_string());
+            }
+            return Err(err.into());
+        }
+    };
+    if let Some(inherited) = inherited {
+        inherited.confirm();
+    }
     let reloader = server.reloader();
     if let Some(path) = config {
         reloader.set_source(longlink::reload::file_source(path, overrides));
@@ -80,10 +94,16 @@ pub(crate) fn serve(
         })
     }
     .context("installing signal handlers")?;
+    // SIGUSR2: in-place upgrade (the nginx convention).
+    let usr2 = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGUSR2, usr2.clone()).context("installing signal handlers")?;
     {
-        let (drain, stop) = (server.drainer(), stop.clone());
+        let (drain, stop, upgrade) = (server.drainer(), stop.clone(), server.upgrader());
         std::thread::Builder::new().name("longlink-signals".into()).spawn(move || {
             while !stop.load(Ordering::Relaxed) {
+                if usr2.swap(false, Ordering::Relaxed) {
+                    upgrade();
+                }
                 if hup.swap(false, Ordering::Relaxed) {
                     // The outcome is logged by the reloader.
                     let _ = reloader.reload();
@@ -100,12 +120,18 @@ pub(crate) fn serve(
             }
         })?;
     }
-    // Print the address on stdout so scripts (and tests) can read it.
-    println!("listening {}", server.client_addr());
-    println!("push {}", server.push_addr());
-    println!("admin {}", server.admin_addr());
+    // Print the address on stdout so scripts (and tests) can read it. (A
+    // process started by an upgrade inherits a stdout whose reader may be
+    // gone: a failed write is no reason to stop serving.)
+    let say = |line: String| {
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), "{line}");
+    };
+    say(format!("listening {}", server.client_addr()));
+    say(format!("push {}", server.push_addr()));
+    say(format!("admin {}", server.admin_addr()));
     if let Some(node) = server.node_addr() {
-        println!("node {node}");
+        say(format!("node {node}"));
     }
     notify_systemd(&format!("READY=1\nMAINPID={}", std::process::id()));
     server.join();

@@ -57,6 +57,17 @@ impl LinkListeners {
     /// Binds the listeners that are configured and loads their
     /// certificates; logs the `[ws]` warnings.
     pub fn bind(config: &Config, shards: u16) -> Result<LinkListeners, ServerError> {
+        Self::bind_from(config, shards, None)
+    }
+
+    /// [`LinkListeners::bind`], taking the sockets an in-place upgrade
+    /// handed over from `pool` when there are.
+    pub(crate) fn bind_from(
+        config: &Config,
+        shards: u16,
+        mut pool: Option<&mut crate::upgrade::ListenerPool>,
+    ) -> Result<LinkListeners, ServerError> {
+        use crate::upgrade::wire::ListenerKind;
         let server = &config.server;
         let mut per_shard: Vec<Vec<(Link, OwnedFd)>> = (0..shards).map(|_| Vec::new()).collect();
         let mut addrs = LinkAddrs::default();
@@ -68,7 +79,15 @@ impl LinkListeners {
         ];
         for (field, value, link) in listeners {
             let Some(addr) = listen_addr(field, value)? else { continue };
-            let (bound, fds) = crate::server::bind_reuseport(addr, shards, server.listen_backlog)?;
+            let kind = match link {
+                Link::Tls => ListenerKind::Tls,
+                Link::WssUpgrade => ListenerKind::Wss,
+                _ => ListenerKind::Ws,
+            };
+            let (bound, fds) = match pool.as_mut().and_then(|p| p.take_group(kind, shards)) {
+                Some(taken) => taken.map_err(|source| ServerError::Listen { addr, source })?,
+                None => crate::server::bind_reuseport(addr, shards, server.listen_backlog)?,
+            };
             for (shard, fd) in per_shard.iter_mut().zip(fds) {
                 shard.push((link, fd));
             }

@@ -16,6 +16,7 @@
 //! frames) is driven by the shard's connection task (`Shard::poll_conn`).
 
 pub(crate) mod fd;
+pub(crate) mod fd_pass;
 pub mod links;
 pub mod outq;
 pub mod tls;

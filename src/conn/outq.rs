@@ -104,6 +104,14 @@ impl OutQueue {
         self.front_written = 0;
     }
 
+    /// The unwritten bytes of every frame, appended to `dst`; the queue
+    /// stays as it is (the in-place upgrade copies it).
+    pub fn copy_into(&self, dst: &mut Vec<u8>) {
+        for (i, frame) in self.frames.iter().enumerate() {
+            dst.extend_from_slice(if i == 0 { &frame[self.front_written..] } else { &frame[..] });
+        }
+    }
+
     /// Drops everything queued, a partly written frame too (the stream is
     /// abandoned); returns how many frames were dropped.
     pub fn clear(&mut self) -> usize {

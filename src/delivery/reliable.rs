@@ -45,6 +45,11 @@ use crate::protocol::ids::{ConnKey, ShardId};
 use crate::protocol::proto::{self, FrameKind};
 use crate::protocol::time::{Millis, Now};
 use crate::session::Login;
+
+// Hook: delivery state across the in-place upgrade.
+mod handover;
+pub(crate) use handover::restore;
+
 /// Reliable-delivery settings of a shard.
 #[derive(Clone, Debug)]
 pub struct DeliverySettings {

@@ -33,6 +33,10 @@ use std::pin::Pin;
 
 use bytes::Bytes;
 
+// Hook: images of the memory store for the in-place upgrade.
+mod handover;
+pub use handover::{StoreImage, TimelineImage};
+
 /// A message to append.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NewMessage {

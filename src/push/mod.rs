@@ -75,6 +75,13 @@ pub(crate) enum BackendAuth {
 }
 
 impl Backend {
+    /// Queues `frame` (the reason), then closes (the in-place upgrade
+    /// sends backends to the new process this way).
+    pub(crate) fn close_with(&mut self, frame: Bytes) {
+        self.out.push(frame);
+        self.close();
+    }
+
     pub(crate) fn close(&mut self) {
         self.closing = true;
         if let Some(w) = &self.waker {

@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// Why a request is refused while the node hands over to a new process.
+const UPGRADING: &str = "node upgrading; retry";
+
 impl Shard {
     /// Accepts backend connections on the push port (or, `Listener::Node`,
     /// other nodes on the node listener) until shutdown.
@@ -259,6 +262,11 @@ impl Shard {
                 return reply_now(st, backend, Frame::RequestError(request_error(0, err.code(), err.to_string())));
             }
         };
+        // Hook: during an in-place upgrade requests are refused, retryable.
+        if self.upgrade.quiescing() {
+            let error = request_error(crate::cluster::request_id(&frame), ErrorCode::Unavailable, UPGRADING);
+            return reply_now(st, backend, Frame::RequestError(error));
+        }
         // Hook: in cluster mode the cluster answers backends' requests.
         let Some(frame) = self.cluster_intercept(st, backend, frame) else { return };
         let accepted = match frame {

@@ -37,6 +37,8 @@ mod links;
 mod output;
 mod task;
 mod timers;
+mod upgrade;
+pub(crate) use upgrade::ShardUpgrade;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -566,6 +568,8 @@ pub struct Shard {
     pub(crate) store: Rc<dyn TimelineStore>,
     /// Cluster mode: routes, forwarding, drain ([`crate::cluster`]).
     pub(crate) cluster: crate::cluster::Slot,
+    /// In-place upgrade: paused, frozen ([`crate::upgrade`]).
+    pub(crate) upgrade: ShardUpgrade,
 }
 
 impl Shard {
@@ -635,6 +639,7 @@ impl Shard {
             flush_rx: RefCell::new(Some(flush_rx)),
             store,
             cluster: Default::default(),
+            upgrade: ShardUpgrade::default(),
         })
     }
 

@@ -64,7 +64,8 @@ impl Shard {
         let frame = &wire;
         let Some(conn) = st.conn(key) else { return false };
         // Over TLS every record is sealed by the connection's task.
-        let idle = conn.io.as_ref().is_none_or(|io| io.out.is_empty()) && !conn.link.is_tls();
+        // Hook: nothing is written while the session is being handed over.
+        let idle = conn.io.as_ref().is_none_or(|io| io.out.is_empty()) && !conn.link.is_tls() && !self.upgrade.frozen();
         let written = if idle {
             // On an error, let the task find it on its own write.
             fd::send(conn.fd.get(), frame).unwrap_or(0)
@@ -171,7 +172,7 @@ impl Shard {
                 conn.release_io_if_idle();
                 continue;
             }
-            if conn.link.is_tls() {
+            if conn.link.is_tls() || self.upgrade.frozen() {
                 conn.wake();
             } else if let Ok(true) = io.out.write_now(conn.fd.get()) {
                 io.stalled_since = None;

@@ -21,12 +21,25 @@ pub(super) struct ConnTask {
     admitted: Admitted,
 }
 
+impl ConnTask {
+    /// The task of a session taken over from another process.
+    pub(super) fn new(shard: Rc<Shard>, key: ConnKey, socket: Socket, admitted: Admitted) -> ConnTask {
+        ConnTask { shard, key, socket: Some(socket), tls: None, admitted }
+    }
+}
+
 impl std::future::Future for ConnTask {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = &mut *self;
         let Some(socket) = this.socket.as_mut() else { return Poll::Ready(()) };
+        // Hook: handed over in an in-place upgrade; a failed upgrade wakes
+        // the task again (TLS sessions run on to close).
+        if this.shard.upgrade.frozen() && this.tls.is_none() {
+            this.shard.park_conn(this.key, cx.waker());
+            return Poll::Pending;
+        }
         // The connection's span: what is logged while the connection is
         // served (its frames, the session, upstream and delivery work they
         // start) carries the shard and connection id. Made per poll and
@@ -106,11 +119,44 @@ impl Shard {
         &self,
         listener: &glommio::net::TcpListener,
     ) -> Option<glommio::Result<TcpStream, ()>> {
-        futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            let _ = self.stop_accepting.acquire(1).await;
-            None
-        })
-        .await
+        loop {
+            // Hook: accepting pauses during an in-place upgrade (a stop
+            // still ends it).
+            let stopped = futures_lite::future::or(
+                async {
+                    self.upgrade.until_paused(false).await;
+                    false
+                },
+                async {
+                    let _ = self.stop_accepting.acquire(1).await;
+                    true
+                },
+            )
+            .await;
+            if stopped {
+                return None;
+            }
+            let accepted = futures_lite::future::or(async { Some(Some(listener.accept().await)) }, async {
+                futures_lite::future::or(
+                    async {
+                        let _ = self.stop_accepting.acquire(1).await;
+                        Some(None)
+                    },
+                    async {
+                        self.upgrade.until_paused(true).await;
+                        None
+                    },
+                )
+                .await
+            })
+            .await;
+            if let Some(accepted) = accepted {
+                if let Some(Ok(stream)) = &accepted {
+                    crate::conn::fd_pass::set_cloexec(fd::stream_fd(stream));
+                }
+                return accepted;
+            }
+        }
     }
 
     /// Charges a fresh connection to its source, or counts its refusal and

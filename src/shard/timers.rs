@@ -22,6 +22,10 @@ impl Shard {
                 self.begin_shutdown();
                 shutdown_deadline = Some(Instant::now() + shutdown_grace);
             }
+            // Hook: no deadline fires on sessions being handed over.
+            if self.upgrade.frozen() && shutdown_deadline.is_none() {
+                continue;
+            }
             // Push-port requests past their deadline are answered now.
             self.expire_requests();
             self.expire_backends(&mut self.state.borrow_mut(), self.now().mono);

@@ -1925,8 +1925,11 @@ impl Reactor {
             // is a timer set, we need to make sure we wake up to handle it.
             if let Some(dur) = user_timer {
                 // longlink patch 2: unless a timer that fires no later is armed.
+                // Re-check that it is still in flight: it may have fired and
+                // been consumed by the `consume_rings!` above, after the keep
+                // decision; sleeping on it would sleep with no timer.
                 let armed = self.latency_preemption_timeout_src.take();
-                if armed.is_some() {
+                if matches!(&armed, Some(src) if src.is_in_flight()) {
                     self.latency_preemption_timeout_src.set(armed);
                 } else {
                     self.latency_preemption_timeout_src
@@ -1965,9 +1968,10 @@ impl Reactor {
         }
 
         if let Some(preempt) = preempt {
-            // longlink patch 2: only when no timer that fires no later is armed.
+            // longlink patch 2: only when no timer that fires no later is
+            // armed and still in flight (see above).
             let armed = self.latency_preemption_timeout_src.take();
-            if armed.is_some() {
+            if matches!(&armed, Some(src) if src.is_in_flight()) {
                 self.latency_preemption_timeout_src.set(armed);
             } else {
                 self.latency_preemption_timeout_src
