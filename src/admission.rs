@@ -27,6 +27,9 @@
 use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tracing::warn;
 
 /// Slots per table (a power of two; slot indices fit in 16 bits).
 pub const SLOTS: usize = 1 << 15;
@@ -235,6 +238,28 @@ fn take_rate(window: &AtomicU64, rate: u32, now_secs: u64) -> bool {
             }
         })
         .is_ok()
+}
+
+/// Refusals at accept, logged at most once per [`RefusalLog::EVERY`] per
+/// listener with how many there were since (an attack must not flood the log).
+#[derive(Default)]
+pub(crate) struct RefusalLog {
+    last: Option<Instant>,
+    since: u64,
+}
+
+impl RefusalLog {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    pub(crate) fn note(&mut self, shard: crate::protocol::ids::ShardId, refusal: Refusal, peer: IpAddr, now: Instant) {
+        self.since += 1;
+        if self.last.is_some_and(|t| now.saturating_duration_since(t) < Self::EVERY) {
+            return;
+        }
+        warn!(%shard, reason = refusal.as_str(), %peer, refused = self.since, "per-source limit: connections refused at accept");
+        self.last = Some(now);
+        self.since = 0;
+    }
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 
 use super::links::{flush_tls, handshake_token};
 use super::*;
-use crate::admission::{Admitted, Refusal};
+use crate::admission::{Admitted, Refusal, RefusalLog};
 use crate::protocol::limits::{Escaped, MAX_AUTH_BODY_BYTES};
 
 /// The task of one connection, written by hand: an `async` block around
@@ -777,26 +777,4 @@ impl AcceptBucket {
 /// The answer to a client's JOIN (`join`) or LEAVE.
 fn group_result(group: String, join: bool, code: ErrorCode, reason: String) -> Frame {
     Frame::GroupResult(proto::GroupResult { group, join, code: code as i32, reason })
-}
-
-/// Refusals at accept, logged at most once per [`RefusalLog::EVERY`] per
-/// listener with how many there were since (an attack must not flood the log).
-#[derive(Default)]
-struct RefusalLog {
-    last: Option<Instant>,
-    since: u64,
-}
-
-impl RefusalLog {
-    const EVERY: Duration = Duration::from_secs(10);
-
-    fn note(&mut self, shard: ShardId, refusal: Refusal, peer: std::net::IpAddr, now: Instant) {
-        self.since += 1;
-        if self.last.is_some_and(|t| now.saturating_duration_since(t) < Self::EVERY) {
-            return;
-        }
-        warn!(%shard, reason = refusal.as_str(), %peer, refused = self.since, "per-source limit: connections refused at accept");
-        self.last = Some(now);
-        self.since = 0;
-    }
 }
