@@ -14,7 +14,7 @@ import type { Message as Message$1 } from "@bufbuild/protobuf";
  * Describes the file longlink.proto.
  */
 export const file_longlink: GenFile = /*@__PURE__*/
-  fileDesc("Cg5sb25nbGluay5wcm90bxILbG9uZ2xpbmsudjEifwoLVG9rZW5DbGFpbXMSDAoEdXNlchgBIAEoCRIOCgZkZXZpY2UYAiABKAkSCwoDYXBwGAMgASgJEhEKCWlzc3VlZF9hdBgEIAEoAxISCgpleHBpcmVzX2F0GAUgASgDEg4KBmtleV9pZBgGIAEoCRIOCgZncm91cHMYByADKAkiqAEKBEF1dGgSDQoFdG9rZW4YASABKAkSDgoGZGV2aWNlGAIgASgJEhAKCHBsYXRmb3JtGAMgASgJEhYKDmNsaWVudF92ZXJzaW9uGAQgASgJEhQKDGNhcGFiaWxpdGllcxgFIAEoDRIQCghsYXN0X3NlcRgGIAEoBBIUCgxoZWFydGJlYXRfbXMYByABKA0SGQoRc3RvcmVfaW5jYXJuYXRpb24YCCABKAQizAEKBkF1dGhPaxIPCgdjb25uX2lkGAEgASgEEhgKEGhlYXJ0YmVhdF9taW5fbXMYAiABKA0SGAoQaGVhcnRiZWF0X21heF9tcxgDIAEoDRIUCgxoZWFydGJlYXRfbXMYBCABKA0SFwoPaWRsZV90aW1lb3V0X21zGAUgASgNEhYKDnNlcnZlcl90aW1lX21zGAYgASgEEg0KBXNoYXJkGAcgASgNEgwKBG5vZGUYCCABKAkSGQoRc3RvcmVfaW5jYXJuYXRpb24YCSABKAQiUAoFRXJyb3ISJAoEY29kZRgBIAEoDjIWLmxvbmdsaW5rLnYxLkVycm9yQ29kZRIOCgZyZWFzb24YAiABKAkSEQoJcmVjb25uZWN0GAMgASgIIj4KBktpY2tlZBIkCgRjb2RlGAEgASgOMhYubG9uZ2xpbmsudjEuRXJyb3JDb2RlEg4KBnJlYXNvbhgCIAEoCSIqCgZHb0F3YXkSEAoIZW5kcG9pbnQYASABKAkSDgoGcmVhc29uGAIgASgJIk8KB01lc3NhZ2USDwoHcGF5bG9hZBgBIAEoDBISCgpzZXJ2aWNlX2lkGAIgASgJEhIKCm1lc3NhZ2VfaWQYAyABKAQSCwoDc2VxGAQgASgEIhIKA0FjaxILCgNzZXEYASABKAQiMgoOUmVzeW5jUmVxdWlyZWQSEAoIZnJvbV9zZXEYASABKAQSDgoGdG9fc2VxGAIgASgEIiAKD0dyb3VwTWVtYmVyc2hpcBINCgVncm91cBgBIAEoCSJgCgtHcm91cFJlc3VsdBINCgVncm91cBgBIAEoCRIMCgRqb2luGAIgASgIEiQKBGNvZGUYAyABKA4yFi5sb25nbGluay52MS5FcnJvckNvZGUSDgoGcmVhc29uGAQgASgJIksKB1RhcmdldHMSDwoHZGV2aWNlcxgBIAMoCRINCgV1c2VycxgCIAMoCRINCgVncm91cBgDIAEoCRIRCglicm9hZGNhc3QYBCABKAgirwEKC1B1c2hSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAQSJQoHdGFyZ2V0cxgCIAEoCzIULmxvbmdsaW5rLnYxLlRhcmdldHMSDwoHcGF5bG9hZBgDIAEoDBISCgpzZXJ2aWNlX2lkGAQgASgJEg4KBnR0bF9tcxgFIAEoDRIdCgNxb3MYBiABKA4yEC5sb25nbGluay52MS5Rb3MSEQoJZm9yd2FyZGVkGAcgASgIIj0KClN0b3JlZENvcHkSDgoGZGV2aWNlGAEgASgJEgsKA3NlcRgCIAEoBBISCgptZXNzYWdlX2lkGAMgASgEIsYBCgxUYXJnZXRSZXN1bHQSDgoGdGFyZ2V0GAEgASgJEicKBnN0YXR1cxgCIAEoDjIXLmxvbmdsaW5rLnYxLlB1c2hTdGF0dXMSEAoIc2Vzc2lvbnMYAyABKA0SDgoGcmVhc29uGAQgASgJEgsKA3NlcRgFIAEoBBISCgptZXNzYWdlX2lkGAYgASgEEicKBmNvcGllcxgHIAMoCzIXLmxvbmdsaW5rLnYxLlN0b3JlZENvcHkSEQoJcmV0cnlhYmxlGAggASgIIuIBCglQdXNoUmVwbHkSEgoKcmVxdWVzdF9pZBgBIAEoBBIqCgdyZXN1bHRzGAIgAygLMhkubG9uZ2xpbmsudjEuVGFyZ2V0UmVzdWx0EhEKCWRlbGl2ZXJlZBgDIAEoBBISCgpub3Rfb25saW5lGAQgASgEEicKBnN0YXR1cxgFIAEoDjIXLmxvbmdsaW5rLnYxLlB1c2hTdGF0dXMSDgoGcmVhc29uGAYgASgJEhIKCm1lc3NhZ2VfaWQYByABKAQSDgoGc3RvcmVkGAggASgEEhEKCXJldHJ5YWJsZRgJIAEoCCJwCgtHcm91cFVwZGF0ZRISCgpyZXF1ZXN0X2lkGAEgASgEEg0KBWdyb3VwGAIgASgJEhMKC2FkZF9kZXZpY2VzGAMgAygJEhYKDnJlbW92ZV9kZXZpY2VzGAQgAygJEhEKCWZvcndhcmRlZBgFIAEoCCKcAQoLS2lja1JlcXVlc3QSEgoKcmVxdWVzdF9pZBgBIAEoBBIPCgdkZXZpY2VzGAIgAygJEg0KBXVzZXJzGAMgAygJEiQKBGNvZGUYBCABKA4yFi5sb25nbGluay52MS5FcnJvckNvZGUSDgoGcmVhc29uGAUgASgJEhEKCWZvcndhcmRlZBgGIAEoCBIQCghjb25uX2lkcxgHIAMoBCJMCgpBZG1pblJlcGx5EhIKCnJlcXVlc3RfaWQYASABKAQSKgoHcmVzdWx0cxgCIAMoCzIZLmxvbmdsaW5rLnYxLlRhcmdldFJlc3VsdCJmCg1QcmVzZW5jZVF1ZXJ5EhIKCnJlcXVlc3RfaWQYASABKAQSDwoHZGV2aWNlcxgCIAMoCRINCgV1c2VycxgDIAMoCRIOCgZncm91cHMYBCADKAkSEQoJZm9yd2FyZGVkGAUgASgIIqEBCg5EZXZpY2VQcmVzZW5jZRIOCgZkZXZpY2UYASABKAkSDgoGb25saW5lGAIgASgIEg0KBXNoYXJkGAMgASgNEhcKD2Nvbm5lY3RlZF9hdF9tcxgEIAEoBBIWCg5jbGllbnRfdmVyc2lvbhgFIAEoCRIQCghwbGF0Zm9ybRgGIAEoCRIMCgR1c2VyGAcgASgJEg8KB2Nvbm5faWQYCCABKAQiSgoMVXNlclByZXNlbmNlEgwKBHVzZXIYASABKAkSLAoHZGV2aWNlcxgCIAMoCzIbLmxvbmdsaW5rLnYxLkRldmljZVByZXNlbmNlIisKCkdyb3VwQ291bnQSDQoFZ3JvdXAYASABKAkSDgoGb25saW5lGAIgASgEIt4BCg1QcmVzZW5jZVJlcGx5EhIKCnJlcXVlc3RfaWQYASABKAQSLAoHZGV2aWNlcxgCIAMoCzIbLmxvbmdsaW5rLnYxLkRldmljZVByZXNlbmNlEigKBXVzZXJzGAMgAygLMhkubG9uZ2xpbmsudjEuVXNlclByZXNlbmNlEicKBmdyb3VwcxgEIAMoCzIXLmxvbmdsaW5rLnYxLkdyb3VwQ291bnQSHQoVY29ubmVjdGlvbnNfcGVyX3NoYXJkGAUgAygEEhkKEWNvbm5lY3Rpb25zX3RvdGFsGAYgASgEIj4KE0RlbGl2ZXJ5U3RhdHVzUXVlcnkSEgoKcmVxdWVzdF9pZBgBIAEoBBITCgttZXNzYWdlX2lkcxgCIAMoBCK6AQoNTWVzc2FnZVN0YXR1cxISCgptZXNzYWdlX2lkGAEgASgEEikKBXN0YXRlGAIgASgOMhoubG9uZ2xpbmsudjEuRGVsaXZlcnlTdGF0ZRIOCgZkZXZpY2UYAyABKAkSCwoDc2VxGAQgASgEEhQKDHN0b3JlZF9hdF9tcxgFIAEoBBISCgpzZW50X2F0X21zGAYgASgEEhMKC2Fja2VkX2F0X21zGAcgASgEEg4KBnJlYXNvbhgIIAEoCSJXChNEZWxpdmVyeVN0YXR1c1JlcGx5EhIKCnJlcXVlc3RfaWQYASABKAQSLAoIc3RhdHVzZXMYAiADKAsyGi5sb25nbGluay52MS5NZXNzYWdlU3RhdHVzIh4KDVB1c2hDaGFsbGVuZ2USDQoFbm9uY2UYASABKAwiJwoIUHVzaEF1dGgSDgoGa2V5X2lkGAEgASgJEgsKA21hYxgCIAEoDCIxCgpQdXNoQXV0aE9rEg4KBnJpZ2h0cxgBIAMoCRITCgtzZXJ2aWNlX2lkcxgCIAMoCSJYCgxSZXF1ZXN0RXJyb3ISEgoKcmVxdWVzdF9pZBgBIAEoBBIkCgRjb2RlGAIgASgOMhYubG9uZ2xpbmsudjEuRXJyb3JDb2RlEg4KBnJlYXNvbhgDIAEoCSJWCgdSZXF1ZXN0EhIKCnNlcnZpY2VfaWQYASABKAkSEgoKcmVxdWVzdF9pZBgCIAEoBBIVCg1jbGllbnRfbXNnX2lkGAMgASgEEgwKBGJvZHkYBCABKAwiZAoIUmVzcG9uc2USEgoKcmVxdWVzdF9pZBgBIAEoBBImCgZzdGF0dXMYAiABKA4yFi5sb25nbGluay52MS5FcnJvckNvZGUSDAoEYm9keRgDIAEoDBIOCgZyZWFzb24YBCABKAkikwEKCENvbm5JbmZvEgwKBHVzZXIYASABKAkSDgoGZGV2aWNlGAIgASgJEgsKA2FwcBgDIAEoCRIQCghwbGF0Zm9ybRgEIAEoCRIWCg5jbGllbnRfdmVyc2lvbhgFIAEoCRIPCgdjb25uX2lkGAYgASgEEgwKBG5vZGUYByABKAkSEwoLY2xpZW50X2FkZHIYCCABKAkijwEKD1Vwc3RyZWFtUmVxdWVzdBIKCgJpZBgBIAEoBBISCgpzZXJ2aWNlX2lkGAIgASgJEiMKBGNvbm4YAyABKAsyFS5sb25nbGluay52MS5Db25uSW5mbxIVCg1jbGllbnRfbXNnX2lkGAQgASgEEgwKBGJvZHkYBSABKAwSEgoKdGltZW91dF9tcxgGIAEoDSJkChBVcHN0cmVhbVJlc3BvbnNlEgoKAmlkGAEgASgEEiYKBnN0YXR1cxgCIAEoDjIWLmxvbmdsaW5rLnYxLkVycm9yQ29kZRIMCgRib2R5GAMgASgMEg4KBnJlYXNvbhgEIAEoCSKbAQoPQ29ubmVjdGlvbkV2ZW50Ei4KBGtpbmQYASABKA4yIC5sb25nbGluay52MS5Db25uZWN0aW9uRXZlbnRLaW5kEiMKBGNvbm4YAiABKAsyFS5sb25nbGluay52MS5Db25uSW5mbxINCgVhdF9tcxgDIAEoBBIkCgRjb2RlGAQgASgOMhYubG9uZ2xpbmsudjEuRXJyb3JDb2RlImYKEENvbm5lY3Rpb25FdmVudHMSEAoIYmF0Y2hfaWQYASABKAQSEgoKc2VydmljZV9pZBgCIAEoCRIsCgZldmVudHMYAyADKAsyHC5sb25nbGluay52MS5Db25uZWN0aW9uRXZlbnQiHQoJRXZlbnRzQWNrEhAKCGJhdGNoX2lkGAEgASgEKpQHCglGcmFtZUtpbmQSGgoWRlJBTUVfS0lORF9VTlNQRUNJRklFRBAAEhMKD0ZSQU1FX0tJTkRfQVVUSBABEhYKEkZSQU1FX0tJTkRfQVVUSF9PSxACEhQKEEZSQU1FX0tJTkRfRVJST1IQAxITCg9GUkFNRV9LSU5EX1BJTkcQBBITCg9GUkFNRV9LSU5EX1BPTkcQBRIVChFGUkFNRV9LSU5EX0tJQ0tFRBAGEhYKEkZSQU1FX0tJTkRfTUVTU0FHRRAHEhIKDkZSQU1FX0tJTkRfQUNLEAgSFgoSRlJBTUVfS0lORF9SRVFVRVNUEAkSFwoTRlJBTUVfS0lORF9SRVNQT05TRRAKEhMKD0ZSQU1FX0tJTkRfSk9JThALEhQKEEZSQU1FX0tJTkRfTEVBVkUQDBIWChJGUkFNRV9LSU5EX0dPX0FXQVkQDRIeChpGUkFNRV9LSU5EX1JFU1lOQ19SRVFVSVJFRBAOEhsKF0ZSQU1FX0tJTkRfR1JPVVBfUkVTVUxUEA8SGwoXRlJBTUVfS0lORF9QVVNIX1JFUVVFU1QQIBIZChVGUkFNRV9LSU5EX1BVU0hfUkVQTFkQIRIbChdGUkFNRV9LSU5EX0dST1VQX1VQREFURRAiEhsKF0ZSQU1FX0tJTkRfS0lDS19SRVFVRVNUECMSHQoZRlJBTUVfS0lORF9QUkVTRU5DRV9RVUVSWRAkEh0KGUZSQU1FX0tJTkRfUFJFU0VOQ0VfUkVQTFkQJRIaChZGUkFNRV9LSU5EX0FETUlOX1JFUExZECYSHAoYRlJBTUVfS0lORF9SRVFVRVNUX0VSUk9SECcSJAogRlJBTUVfS0lORF9ERUxJVkVSWV9TVEFUVVNfUVVFUlkQKBIkCiBGUkFNRV9LSU5EX0RFTElWRVJZX1NUQVRVU19SRVBMWRApEh0KGUZSQU1FX0tJTkRfUFVTSF9DSEFMTEVOR0UQKhIYChRGUkFNRV9LSU5EX1BVU0hfQVVUSBArEhsKF0ZSQU1FX0tJTkRfUFVTSF9BVVRIX09LECwSHwobRlJBTUVfS0lORF9VUFNUUkVBTV9SRVFVRVNUEEASIAocRlJBTUVfS0lORF9VUFNUUkVBTV9SRVNQT05TRRBBEiAKHEZSQU1FX0tJTkRfQ09OTkVDVElPTl9FVkVOVFMQQhIZChVGUkFNRV9LSU5EX0VWRU5UU19BQ0sQQyqqAwoJRXJyb3JDb2RlEhoKFkVSUk9SX0NPREVfVU5TUEVDSUZJRUQQABINCghTSFVURE9XThDoBxIRCgxJRExFX1RJTUVPVVQQ6QcSEQoMQVVUSF9USU1FT1VUEOoHEhEKDFNFUlZFUl9FUlJPUhDrBxIJCgRTTE9XEOwHEhEKDFJBVEVfTElNSVRFRBDtBxISCg1UT0tFTl9FWFBJUkVEEO4HEhgKE1RPS0VOX05PVF9ZRVRfVkFMSUQQ7wcSDwoKR09JTkdfQVdBWRDwBxIJCgRCVVNZEPEHEhAKC1VOQVZBSUxBQkxFEPIHEgwKB1RJTUVPVVQQ8wcSDgoJQkFEX0ZSQU1FENAPEhQKD0ZSQU1FX1RPT19MQVJHRRDRDxISCg1JTlZBTElEX1RPS0VOENIPEg0KCFJFUExBQ0VEENMPEgsKBktJQ0tFRBDUDxIYChNVTlNVUFBPUlRFRF9WRVJTSU9OENUPEhMKDkxJTUlUX0VYQ0VFREVEENYPEhQKD1VOQVVUSEVOVElDQVRFRBDaDxIWChFQRVJNSVNTSU9OX0RFTklFRBDbDyo1CgpDYXBhYmlsaXR5EhMKD0NBUEFCSUxJVFlfTk9ORRAAEhIKDkNBUEFCSUxJVFlfQUNLEAEqMgoDUW9zEhQKEFFPU19BVF9NT1NUX09OQ0UQABIVChFRT1NfQVRfTEVBU1RfT05DRRABKnAKClB1c2hTdGF0dXMSGwoXUFVTSF9TVEFUVVNfVU5TUEVDSUZJRUQQABINCglERUxJVkVSRUQQARIOCgpOT1RfT05MSU5FEAISDAoIUkVKRUNURUQQAxIMCghBQ0NFUFRFRBAEEgoKBlNUT1JFRBAFKpUBCg1EZWxpdmVyeVN0YXRlEhoKFkRFTElWRVJZX1NUQVRFX1VOS05PV04QABIZChVERUxJVkVSWV9TVEFURV9TVE9SRUQQARIXChNERUxJVkVSWV9TVEFURV9TRU5UEAISGAoUREVMSVZFUllfU1RBVEVfQUNLRUQQAxIaChZERUxJVkVSWV9TVEFURV9FWFBJUkVEEAQqpQEKE0Nvbm5lY3Rpb25FdmVudEtpbmQSJQohQ09OTkVDVElPTl9FVkVOVF9LSU5EX1VOU1BFQ0lGSUVEEAASIAocQ09OTkVDVElPTl9FVkVOVF9LSU5EX09OTElORRABEiEKHUNPTk5FQ1RJT05fRVZFTlRfS0lORF9PRkZMSU5FEAISIgoeQ09OTkVDVElPTl9FVkVOVF9LSU5EX1JFUExBQ0VEEANiBnByb3RvMw");
+  fileDesc("Cg5sb25nbGluay5wcm90bxILbG9uZ2xpbmsudjEifwoLVG9rZW5DbGFpbXMSDAoEdXNlchgBIAEoCRIOCgZkZXZpY2UYAiABKAkSCwoDYXBwGAMgASgJEhEKCWlzc3VlZF9hdBgEIAEoAxISCgpleHBpcmVzX2F0GAUgASgDEg4KBmtleV9pZBgGIAEoCRIOCgZncm91cHMYByADKAkiqAEKBEF1dGgSDQoFdG9rZW4YASABKAkSDgoGZGV2aWNlGAIgASgJEhAKCHBsYXRmb3JtGAMgASgJEhYKDmNsaWVudF92ZXJzaW9uGAQgASgJEhQKDGNhcGFiaWxpdGllcxgFIAEoDRIQCghsYXN0X3NlcRgGIAEoBBIUCgxoZWFydGJlYXRfbXMYByABKA0SGQoRc3RvcmVfaW5jYXJuYXRpb24YCCABKAQi5gEKBkF1dGhPaxIPCgdjb25uX2lkGAEgASgEEhgKEGhlYXJ0YmVhdF9taW5fbXMYAiABKA0SGAoQaGVhcnRiZWF0X21heF9tcxgDIAEoDRIUCgxoZWFydGJlYXRfbXMYBCABKA0SFwoPaWRsZV90aW1lb3V0X21zGAUgASgNEhYKDnNlcnZlcl90aW1lX21zGAYgASgEEg0KBXNoYXJkGAcgASgNEgwKBG5vZGUYCCABKAkSGQoRc3RvcmVfaW5jYXJuYXRpb24YCSABKAQSGAoQdG9rZW5fZXhwaXJlc19tcxgKIAEoBCJQCgVFcnJvchIkCgRjb2RlGAEgASgOMhYubG9uZ2xpbmsudjEuRXJyb3JDb2RlEg4KBnJlYXNvbhgCIAEoCRIRCglyZWNvbm5lY3QYAyABKAgiPgoGS2lja2VkEiQKBGNvZGUYASABKA4yFi5sb25nbGluay52MS5FcnJvckNvZGUSDgoGcmVhc29uGAIgASgJIioKBkdvQXdheRIQCghlbmRwb2ludBgBIAEoCRIOCgZyZWFzb24YAiABKAkiTwoHTWVzc2FnZRIPCgdwYXlsb2FkGAEgASgMEhIKCnNlcnZpY2VfaWQYAiABKAkSEgoKbWVzc2FnZV9pZBgDIAEoBBILCgNzZXEYBCABKAQiEgoDQWNrEgsKA3NlcRgBIAEoBCIyCg5SZXN5bmNSZXF1aXJlZBIQCghmcm9tX3NlcRgBIAEoBBIOCgZ0b19zZXEYAiABKAQiIAoPR3JvdXBNZW1iZXJzaGlwEg0KBWdyb3VwGAEgASgJIhgKB1JlZnJlc2gSDQoFdG9rZW4YASABKAkiJQoJUmVmcmVzaE9rEhgKEHRva2VuX2V4cGlyZXNfbXMYASABKAQiYAoLR3JvdXBSZXN1bHQSDQoFZ3JvdXAYASABKAkSDAoEam9pbhgCIAEoCBIkCgRjb2RlGAMgASgOMhYubG9uZ2xpbmsudjEuRXJyb3JDb2RlEg4KBnJlYXNvbhgEIAEoCSJLCgdUYXJnZXRzEg8KB2RldmljZXMYASADKAkSDQoFdXNlcnMYAiADKAkSDQoFZ3JvdXAYAyABKAkSEQoJYnJvYWRjYXN0GAQgASgIIq8BCgtQdXNoUmVxdWVzdBISCgpyZXF1ZXN0X2lkGAEgASgEEiUKB3RhcmdldHMYAiABKAsyFC5sb25nbGluay52MS5UYXJnZXRzEg8KB3BheWxvYWQYAyABKAwSEgoKc2VydmljZV9pZBgEIAEoCRIOCgZ0dGxfbXMYBSABKA0SHQoDcW9zGAYgASgOMhAubG9uZ2xpbmsudjEuUW9zEhEKCWZvcndhcmRlZBgHIAEoCCI9CgpTdG9yZWRDb3B5Eg4KBmRldmljZRgBIAEoCRILCgNzZXEYAiABKAQSEgoKbWVzc2FnZV9pZBgDIAEoBCLGAQoMVGFyZ2V0UmVzdWx0Eg4KBnRhcmdldBgBIAEoCRInCgZzdGF0dXMYAiABKA4yFy5sb25nbGluay52MS5QdXNoU3RhdHVzEhAKCHNlc3Npb25zGAMgASgNEg4KBnJlYXNvbhgEIAEoCRILCgNzZXEYBSABKAQSEgoKbWVzc2FnZV9pZBgGIAEoBBInCgZjb3BpZXMYByADKAsyFy5sb25nbGluay52MS5TdG9yZWRDb3B5EhEKCXJldHJ5YWJsZRgIIAEoCCLiAQoJUHVzaFJlcGx5EhIKCnJlcXVlc3RfaWQYASABKAQSKgoHcmVzdWx0cxgCIAMoCzIZLmxvbmdsaW5rLnYxLlRhcmdldFJlc3VsdBIRCglkZWxpdmVyZWQYAyABKAQSEgoKbm90X29ubGluZRgEIAEoBBInCgZzdGF0dXMYBSABKA4yFy5sb25nbGluay52MS5QdXNoU3RhdHVzEg4KBnJlYXNvbhgGIAEoCRISCgptZXNzYWdlX2lkGAcgASgEEg4KBnN0b3JlZBgIIAEoBBIRCglyZXRyeWFibGUYCSABKAgicAoLR3JvdXBVcGRhdGUSEgoKcmVxdWVzdF9pZBgBIAEoBBINCgVncm91cBgCIAEoCRITCgthZGRfZGV2aWNlcxgDIAMoCRIWCg5yZW1vdmVfZGV2aWNlcxgEIAMoCRIRCglmb3J3YXJkZWQYBSABKAgirAEKC0tpY2tSZXF1ZXN0EhIKCnJlcXVlc3RfaWQYASABKAQSDwoHZGV2aWNlcxgCIAMoCRINCgV1c2VycxgDIAMoCRIkCgRjb2RlGAQgASgOMhYubG9uZ2xpbmsudjEuRXJyb3JDb2RlEg4KBnJlYXNvbhgFIAEoCRIRCglmb3J3YXJkZWQYBiABKAgSEAoIY29ubl9pZHMYByADKAQSDgoGcmV2b2tlGAggASgIIkwKCkFkbWluUmVwbHkSEgoKcmVxdWVzdF9pZBgBIAEoBBIqCgdyZXN1bHRzGAIgAygLMhkubG9uZ2xpbmsudjEuVGFyZ2V0UmVzdWx0ImYKDVByZXNlbmNlUXVlcnkSEgoKcmVxdWVzdF9pZBgBIAEoBBIPCgdkZXZpY2VzGAIgAygJEg0KBXVzZXJzGAMgAygJEg4KBmdyb3VwcxgEIAMoCRIRCglmb3J3YXJkZWQYBSABKAgioQEKDkRldmljZVByZXNlbmNlEg4KBmRldmljZRgBIAEoCRIOCgZvbmxpbmUYAiABKAgSDQoFc2hhcmQYAyABKA0SFwoPY29ubmVjdGVkX2F0X21zGAQgASgEEhYKDmNsaWVudF92ZXJzaW9uGAUgASgJEhAKCHBsYXRmb3JtGAYgASgJEgwKBHVzZXIYByABKAkSDwoHY29ubl9pZBgIIAEoBCJKCgxVc2VyUHJlc2VuY2USDAoEdXNlchgBIAEoCRIsCgdkZXZpY2VzGAIgAygLMhsubG9uZ2xpbmsudjEuRGV2aWNlUHJlc2VuY2UiKwoKR3JvdXBDb3VudBINCgVncm91cBgBIAEoCRIOCgZvbmxpbmUYAiABKAQi3gEKDVByZXNlbmNlUmVwbHkSEgoKcmVxdWVzdF9pZBgBIAEoBBIsCgdkZXZpY2VzGAIgAygLMhsubG9uZ2xpbmsudjEuRGV2aWNlUHJlc2VuY2USKAoFdXNlcnMYAyADKAsyGS5sb25nbGluay52MS5Vc2VyUHJlc2VuY2USJwoGZ3JvdXBzGAQgAygLMhcubG9uZ2xpbmsudjEuR3JvdXBDb3VudBIdChVjb25uZWN0aW9uc19wZXJfc2hhcmQYBSADKAQSGQoRY29ubmVjdGlvbnNfdG90YWwYBiABKAQiPgoTRGVsaXZlcnlTdGF0dXNRdWVyeRISCgpyZXF1ZXN0X2lkGAEgASgEEhMKC21lc3NhZ2VfaWRzGAIgAygEIroBCg1NZXNzYWdlU3RhdHVzEhIKCm1lc3NhZ2VfaWQYASABKAQSKQoFc3RhdGUYAiABKA4yGi5sb25nbGluay52MS5EZWxpdmVyeVN0YXRlEg4KBmRldmljZRgDIAEoCRILCgNzZXEYBCABKAQSFAoMc3RvcmVkX2F0X21zGAUgASgEEhIKCnNlbnRfYXRfbXMYBiABKAQSEwoLYWNrZWRfYXRfbXMYByABKAQSDgoGcmVhc29uGAggASgJIlcKE0RlbGl2ZXJ5U3RhdHVzUmVwbHkSEgoKcmVxdWVzdF9pZBgBIAEoBBIsCghzdGF0dXNlcxgCIAMoCzIaLmxvbmdsaW5rLnYxLk1lc3NhZ2VTdGF0dXMiHgoNUHVzaENoYWxsZW5nZRINCgVub25jZRgBIAEoDCInCghQdXNoQXV0aBIOCgZrZXlfaWQYASABKAkSCwoDbWFjGAIgASgMIjEKClB1c2hBdXRoT2sSDgoGcmlnaHRzGAEgAygJEhMKC3NlcnZpY2VfaWRzGAIgAygJIlgKDFJlcXVlc3RFcnJvchISCgpyZXF1ZXN0X2lkGAEgASgEEiQKBGNvZGUYAiABKA4yFi5sb25nbGluay52MS5FcnJvckNvZGUSDgoGcmVhc29uGAMgASgJIlYKB1JlcXVlc3QSEgoKc2VydmljZV9pZBgBIAEoCRISCgpyZXF1ZXN0X2lkGAIgASgEEhUKDWNsaWVudF9tc2dfaWQYAyABKAQSDAoEYm9keRgEIAEoDCJkCghSZXNwb25zZRISCgpyZXF1ZXN0X2lkGAEgASgEEiYKBnN0YXR1cxgCIAEoDjIWLmxvbmdsaW5rLnYxLkVycm9yQ29kZRIMCgRib2R5GAMgASgMEg4KBnJlYXNvbhgEIAEoCSKTAQoIQ29ubkluZm8SDAoEdXNlchgBIAEoCRIOCgZkZXZpY2UYAiABKAkSCwoDYXBwGAMgASgJEhAKCHBsYXRmb3JtGAQgASgJEhYKDmNsaWVudF92ZXJzaW9uGAUgASgJEg8KB2Nvbm5faWQYBiABKAQSDAoEbm9kZRgHIAEoCRITCgtjbGllbnRfYWRkchgIIAEoCSKPAQoPVXBzdHJlYW1SZXF1ZXN0EgoKAmlkGAEgASgEEhIKCnNlcnZpY2VfaWQYAiABKAkSIwoEY29ubhgDIAEoCzIVLmxvbmdsaW5rLnYxLkNvbm5JbmZvEhUKDWNsaWVudF9tc2dfaWQYBCABKAQSDAoEYm9keRgFIAEoDBISCgp0aW1lb3V0X21zGAYgASgNImQKEFVwc3RyZWFtUmVzcG9uc2USCgoCaWQYASABKAQSJgoGc3RhdHVzGAIgASgOMhYubG9uZ2xpbmsudjEuRXJyb3JDb2RlEgwKBGJvZHkYAyABKAwSDgoGcmVhc29uGAQgASgJIpsBCg9Db25uZWN0aW9uRXZlbnQSLgoEa2luZBgBIAEoDjIgLmxvbmdsaW5rLnYxLkNvbm5lY3Rpb25FdmVudEtpbmQSIwoEY29ubhgCIAEoCzIVLmxvbmdsaW5rLnYxLkNvbm5JbmZvEg0KBWF0X21zGAMgASgEEiQKBGNvZGUYBCABKA4yFi5sb25nbGluay52MS5FcnJvckNvZGUiZgoQQ29ubmVjdGlvbkV2ZW50cxIQCghiYXRjaF9pZBgBIAEoBBISCgpzZXJ2aWNlX2lkGAIgASgJEiwKBmV2ZW50cxgDIAMoCzIcLmxvbmdsaW5rLnYxLkNvbm5lY3Rpb25FdmVudCIdCglFdmVudHNBY2sSEAoIYmF0Y2hfaWQYASABKAQqxwcKCUZyYW1lS2luZBIaChZGUkFNRV9LSU5EX1VOU1BFQ0lGSUVEEAASEwoPRlJBTUVfS0lORF9BVVRIEAESFgoSRlJBTUVfS0lORF9BVVRIX09LEAISFAoQRlJBTUVfS0lORF9FUlJPUhADEhMKD0ZSQU1FX0tJTkRfUElORxAEEhMKD0ZSQU1FX0tJTkRfUE9ORxAFEhUKEUZSQU1FX0tJTkRfS0lDS0VEEAYSFgoSRlJBTUVfS0lORF9NRVNTQUdFEAcSEgoORlJBTUVfS0lORF9BQ0sQCBIWChJGUkFNRV9LSU5EX1JFUVVFU1QQCRIXChNGUkFNRV9LSU5EX1JFU1BPTlNFEAoSEwoPRlJBTUVfS0lORF9KT0lOEAsSFAoQRlJBTUVfS0lORF9MRUFWRRAMEhYKEkZSQU1FX0tJTkRfR09fQVdBWRANEh4KGkZSQU1FX0tJTkRfUkVTWU5DX1JFUVVJUkVEEA4SGwoXRlJBTUVfS0lORF9HUk9VUF9SRVNVTFQQDxIWChJGUkFNRV9LSU5EX1JFRlJFU0gQEBIZChVGUkFNRV9LSU5EX1JFRlJFU0hfT0sQERIbChdGUkFNRV9LSU5EX1BVU0hfUkVRVUVTVBAgEhkKFUZSQU1FX0tJTkRfUFVTSF9SRVBMWRAhEhsKF0ZSQU1FX0tJTkRfR1JPVVBfVVBEQVRFECISGwoXRlJBTUVfS0lORF9LSUNLX1JFUVVFU1QQIxIdChlGUkFNRV9LSU5EX1BSRVNFTkNFX1FVRVJZECQSHQoZRlJBTUVfS0lORF9QUkVTRU5DRV9SRVBMWRAlEhoKFkZSQU1FX0tJTkRfQURNSU5fUkVQTFkQJhIcChhGUkFNRV9LSU5EX1JFUVVFU1RfRVJST1IQJxIkCiBGUkFNRV9LSU5EX0RFTElWRVJZX1NUQVRVU19RVUVSWRAoEiQKIEZSQU1FX0tJTkRfREVMSVZFUllfU1RBVFVTX1JFUExZECkSHQoZRlJBTUVfS0lORF9QVVNIX0NIQUxMRU5HRRAqEhgKFEZSQU1FX0tJTkRfUFVTSF9BVVRIECsSGwoXRlJBTUVfS0lORF9QVVNIX0FVVEhfT0sQLBIfChtGUkFNRV9LSU5EX1VQU1RSRUFNX1JFUVVFU1QQQBIgChxGUkFNRV9LSU5EX1VQU1RSRUFNX1JFU1BPTlNFEEESIAocRlJBTUVfS0lORF9DT05ORUNUSU9OX0VWRU5UUxBCEhkKFUZSQU1FX0tJTkRfRVZFTlRTX0FDSxBDKrgDCglFcnJvckNvZGUSGgoWRVJST1JfQ09ERV9VTlNQRUNJRklFRBAAEg0KCFNIVVRET1dOEOgHEhEKDElETEVfVElNRU9VVBDpBxIRCgxBVVRIX1RJTUVPVVQQ6gcSEQoMU0VSVkVSX0VSUk9SEOsHEgkKBFNMT1cQ7AcSEQoMUkFURV9MSU1JVEVEEO0HEhIKDVRPS0VOX0VYUElSRUQQ7gcSGAoTVE9LRU5fTk9UX1lFVF9WQUxJRBDvBxIPCgpHT0lOR19BV0FZEPAHEgkKBEJVU1kQ8QcSEAoLVU5BVkFJTEFCTEUQ8gcSDAoHVElNRU9VVBDzBxIOCglCQURfRlJBTUUQ0A8SFAoPRlJBTUVfVE9PX0xBUkdFENEPEhIKDUlOVkFMSURfVE9LRU4Q0g8SDQoIUkVQTEFDRUQQ0w8SCwoGS0lDS0VEENQPEhgKE1VOU1VQUE9SVEVEX1ZFUlNJT04Q1Q8SEwoOTElNSVRfRVhDRUVERUQQ1g8SFAoPVU5BVVRIRU5USUNBVEVEENoPEhYKEVBFUk1JU1NJT05fREVOSUVEENsPEgwKB1JFVk9LRUQQ3A8qNQoKQ2FwYWJpbGl0eRITCg9DQVBBQklMSVRZX05PTkUQABISCg5DQVBBQklMSVRZX0FDSxABKjIKA1FvcxIUChBRT1NfQVRfTU9TVF9PTkNFEAASFQoRUU9TX0FUX0xFQVNUX09OQ0UQASpwCgpQdXNoU3RhdHVzEhsKF1BVU0hfU1RBVFVTX1VOU1BFQ0lGSUVEEAASDQoJREVMSVZFUkVEEAESDgoKTk9UX09OTElORRACEgwKCFJFSkVDVEVEEAMSDAoIQUNDRVBURUQQBBIKCgZTVE9SRUQQBSqVAQoNRGVsaXZlcnlTdGF0ZRIaChZERUxJVkVSWV9TVEFURV9VTktOT1dOEAASGQoVREVMSVZFUllfU1RBVEVfU1RPUkVEEAESFwoTREVMSVZFUllfU1RBVEVfU0VOVBACEhgKFERFTElWRVJZX1NUQVRFX0FDS0VEEAMSGgoWREVMSVZFUllfU1RBVEVfRVhQSVJFRBAEKqUBChNDb25uZWN0aW9uRXZlbnRLaW5kEiUKIUNPTk5FQ1RJT05fRVZFTlRfS0lORF9VTlNQRUNJRklFRBAAEiAKHENPTk5FQ1RJT05fRVZFTlRfS0lORF9PTkxJTkUQARIhCh1DT05ORUNUSU9OX0VWRU5UX0tJTkRfT0ZGTElORRACEiIKHkNPTk5FQ1RJT05fRVZFTlRfS0lORF9SRVBMQUNFRBADYgZwcm90bzM");
 
 /**
  * Claims signed into a connect token. Token text:
@@ -207,6 +207,15 @@ export type AuthOk = Message$1<"longlink.v1.AuthOk"> & {
    * @generated from field: uint64 store_incarnation = 9;
    */
   storeIncarnation: bigint;
+
+  /**
+   * When the session's token expires (unix ms; 0: never). Past it (plus
+   * the node's clock leeway) the session closes with TOKEN_EXPIRED unless
+   * a Refresh moved it.
+   *
+   * @generated from field: uint64 token_expires_ms = 10;
+   */
+  tokenExpiresMs: bigint;
 };
 
 /**
@@ -404,6 +413,46 @@ export const GroupMembershipSchema: GenMessage<GroupMembership> = /*@__PURE__*/
   messageDesc(file_longlink, 9);
 
 /**
+ * client -> server: a new token for the running session (FRAME_KIND_REFRESH).
+ *
+ * @generated from message longlink.v1.Refresh
+ */
+export type Refresh = Message$1<"longlink.v1.Refresh"> & {
+  /**
+   * @generated from field: string token = 1;
+   */
+  token: string;
+};
+
+/**
+ * Describes the message longlink.v1.Refresh.
+ * Use `create(RefreshSchema)` to create a new message.
+ */
+export const RefreshSchema: GenMessage<Refresh> = /*@__PURE__*/
+  messageDesc(file_longlink, 10);
+
+/**
+ * server -> client: the answer to an accepted Refresh.
+ *
+ * @generated from message longlink.v1.RefreshOk
+ */
+export type RefreshOk = Message$1<"longlink.v1.RefreshOk"> & {
+  /**
+   * the session's new expiry, unix ms
+   *
+   * @generated from field: uint64 token_expires_ms = 1;
+   */
+  tokenExpiresMs: bigint;
+};
+
+/**
+ * Describes the message longlink.v1.RefreshOk.
+ * Use `create(RefreshOkSchema)` to create a new message.
+ */
+export const RefreshOkSchema: GenMessage<RefreshOk> = /*@__PURE__*/
+  messageDesc(file_longlink, 11);
+
+/**
  * server -> client: the answer to one Join or Leave, in order.
  *
  * @generated from message longlink.v1.GroupResult
@@ -442,7 +491,7 @@ export type GroupResult = Message$1<"longlink.v1.GroupResult"> & {
  * Use `create(GroupResultSchema)` to create a new message.
  */
 export const GroupResultSchema: GenMessage<GroupResult> = /*@__PURE__*/
-  messageDesc(file_longlink, 10);
+  messageDesc(file_longlink, 12);
 
 /**
  * Exactly one kind of target per request.
@@ -484,7 +533,7 @@ export type Targets = Message$1<"longlink.v1.Targets"> & {
  * Use `create(TargetsSchema)` to create a new message.
  */
 export const TargetsSchema: GenMessage<Targets> = /*@__PURE__*/
-  messageDesc(file_longlink, 11);
+  messageDesc(file_longlink, 13);
 
 /**
  * @generated from message longlink.v1.PushRequest
@@ -540,7 +589,7 @@ export type PushRequest = Message$1<"longlink.v1.PushRequest"> & {
  * Use `create(PushRequestSchema)` to create a new message.
  */
 export const PushRequestSchema: GenMessage<PushRequest> = /*@__PURE__*/
-  messageDesc(file_longlink, 12);
+  messageDesc(file_longlink, 14);
 
 /**
  * One device's stored copy of an at-least-once message.
@@ -569,7 +618,7 @@ export type StoredCopy = Message$1<"longlink.v1.StoredCopy"> & {
  * Use `create(StoredCopySchema)` to create a new message.
  */
 export const StoredCopySchema: GenMessage<StoredCopy> = /*@__PURE__*/
-  messageDesc(file_longlink, 13);
+  messageDesc(file_longlink, 15);
 
 /**
  * @generated from message longlink.v1.TargetResult
@@ -637,7 +686,7 @@ export type TargetResult = Message$1<"longlink.v1.TargetResult"> & {
  * Use `create(TargetResultSchema)` to create a new message.
  */
 export const TargetResultSchema: GenMessage<TargetResult> = /*@__PURE__*/
-  messageDesc(file_longlink, 14);
+  messageDesc(file_longlink, 16);
 
 /**
  * @generated from message longlink.v1.PushReply
@@ -713,7 +762,7 @@ export type PushReply = Message$1<"longlink.v1.PushReply"> & {
  * Use `create(PushReplySchema)` to create a new message.
  */
 export const PushReplySchema: GenMessage<PushReply> = /*@__PURE__*/
-  messageDesc(file_longlink, 15);
+  messageDesc(file_longlink, 17);
 
 /**
  * @generated from message longlink.v1.GroupUpdate
@@ -752,7 +801,7 @@ export type GroupUpdate = Message$1<"longlink.v1.GroupUpdate"> & {
  * Use `create(GroupUpdateSchema)` to create a new message.
  */
 export const GroupUpdateSchema: GenMessage<GroupUpdate> = /*@__PURE__*/
-  messageDesc(file_longlink, 16);
+  messageDesc(file_longlink, 18);
 
 /**
  * @generated from message longlink.v1.KickRequest
@@ -800,6 +849,16 @@ export type KickRequest = Message$1<"longlink.v1.KickRequest"> & {
    * @generated from field: repeated uint64 conn_ids = 7;
    */
   connIds: bigint[];
+
+  /**
+   * Also revoke (needs the key's "revoke" right): tokens of these devices
+   * and users issued until now are refused at Auth and Refresh with
+   * REVOKED (terminal) for as long as they could be valid; live sessions
+   * are kicked with REVOKED (unless `code` names another).
+   *
+   * @generated from field: bool revoke = 8;
+   */
+  revoke: boolean;
 };
 
 /**
@@ -807,7 +866,7 @@ export type KickRequest = Message$1<"longlink.v1.KickRequest"> & {
  * Use `create(KickRequestSchema)` to create a new message.
  */
 export const KickRequestSchema: GenMessage<KickRequest> = /*@__PURE__*/
-  messageDesc(file_longlink, 17);
+  messageDesc(file_longlink, 19);
 
 /**
  * Reply to GroupUpdate and KickRequest: one result per device/user, in order
@@ -832,7 +891,7 @@ export type AdminReply = Message$1<"longlink.v1.AdminReply"> & {
  * Use `create(AdminReplySchema)` to create a new message.
  */
 export const AdminReplySchema: GenMessage<AdminReply> = /*@__PURE__*/
-  messageDesc(file_longlink, 18);
+  messageDesc(file_longlink, 20);
 
 /**
  * @generated from message longlink.v1.PresenceQuery
@@ -873,7 +932,7 @@ export type PresenceQuery = Message$1<"longlink.v1.PresenceQuery"> & {
  * Use `create(PresenceQuerySchema)` to create a new message.
  */
 export const PresenceQuerySchema: GenMessage<PresenceQuery> = /*@__PURE__*/
-  messageDesc(file_longlink, 19);
+  messageDesc(file_longlink, 21);
 
 /**
  * @generated from message longlink.v1.DevicePresence
@@ -927,7 +986,7 @@ export type DevicePresence = Message$1<"longlink.v1.DevicePresence"> & {
  * Use `create(DevicePresenceSchema)` to create a new message.
  */
 export const DevicePresenceSchema: GenMessage<DevicePresence> = /*@__PURE__*/
-  messageDesc(file_longlink, 20);
+  messageDesc(file_longlink, 22);
 
 /**
  * @generated from message longlink.v1.UserPresence
@@ -951,7 +1010,7 @@ export type UserPresence = Message$1<"longlink.v1.UserPresence"> & {
  * Use `create(UserPresenceSchema)` to create a new message.
  */
 export const UserPresenceSchema: GenMessage<UserPresence> = /*@__PURE__*/
-  messageDesc(file_longlink, 21);
+  messageDesc(file_longlink, 23);
 
 /**
  * @generated from message longlink.v1.GroupCount
@@ -973,7 +1032,7 @@ export type GroupCount = Message$1<"longlink.v1.GroupCount"> & {
  * Use `create(GroupCountSchema)` to create a new message.
  */
 export const GroupCountSchema: GenMessage<GroupCount> = /*@__PURE__*/
-  messageDesc(file_longlink, 22);
+  messageDesc(file_longlink, 24);
 
 /**
  * @generated from message longlink.v1.PresenceReply
@@ -1015,7 +1074,7 @@ export type PresenceReply = Message$1<"longlink.v1.PresenceReply"> & {
  * Use `create(PresenceReplySchema)` to create a new message.
  */
 export const PresenceReplySchema: GenMessage<PresenceReply> = /*@__PURE__*/
-  messageDesc(file_longlink, 23);
+  messageDesc(file_longlink, 25);
 
 /**
  * Where at-least-once messages are, by message id (from PushReply or
@@ -1040,7 +1099,7 @@ export type DeliveryStatusQuery = Message$1<"longlink.v1.DeliveryStatusQuery"> &
  * Use `create(DeliveryStatusQuerySchema)` to create a new message.
  */
 export const DeliveryStatusQuerySchema: GenMessage<DeliveryStatusQuery> = /*@__PURE__*/
-  messageDesc(file_longlink, 24);
+  messageDesc(file_longlink, 26);
 
 /**
  * @generated from message longlink.v1.MessageStatus
@@ -1101,7 +1160,7 @@ export type MessageStatus = Message$1<"longlink.v1.MessageStatus"> & {
  * Use `create(MessageStatusSchema)` to create a new message.
  */
 export const MessageStatusSchema: GenMessage<MessageStatus> = /*@__PURE__*/
-  messageDesc(file_longlink, 25);
+  messageDesc(file_longlink, 27);
 
 /**
  * One status per queried id, in query order.
@@ -1125,7 +1184,7 @@ export type DeliveryStatusReply = Message$1<"longlink.v1.DeliveryStatusReply"> &
  * Use `create(DeliveryStatusReplySchema)` to create a new message.
  */
 export const DeliveryStatusReplySchema: GenMessage<DeliveryStatusReply> = /*@__PURE__*/
-  messageDesc(file_longlink, 26);
+  messageDesc(file_longlink, 28);
 
 /**
  * @generated from message longlink.v1.PushChallenge
@@ -1144,7 +1203,7 @@ export type PushChallenge = Message$1<"longlink.v1.PushChallenge"> & {
  * Use `create(PushChallengeSchema)` to create a new message.
  */
 export const PushChallengeSchema: GenMessage<PushChallenge> = /*@__PURE__*/
-  messageDesc(file_longlink, 27);
+  messageDesc(file_longlink, 29);
 
 /**
  * @generated from message longlink.v1.PushAuth
@@ -1168,7 +1227,7 @@ export type PushAuth = Message$1<"longlink.v1.PushAuth"> & {
  * Use `create(PushAuthSchema)` to create a new message.
  */
 export const PushAuthSchema: GenMessage<PushAuth> = /*@__PURE__*/
-  messageDesc(file_longlink, 28);
+  messageDesc(file_longlink, 30);
 
 /**
  * @generated from message longlink.v1.PushAuthOk
@@ -1195,7 +1254,7 @@ export type PushAuthOk = Message$1<"longlink.v1.PushAuthOk"> & {
  * Use `create(PushAuthOkSchema)` to create a new message.
  */
 export const PushAuthOkSchema: GenMessage<PushAuthOk> = /*@__PURE__*/
-  messageDesc(file_longlink, 29);
+  messageDesc(file_longlink, 31);
 
 /**
  * @generated from message longlink.v1.RequestError
@@ -1224,7 +1283,7 @@ export type RequestError = Message$1<"longlink.v1.RequestError"> & {
  * Use `create(RequestErrorSchema)` to create a new message.
  */
 export const RequestErrorSchema: GenMessage<RequestError> = /*@__PURE__*/
-  messageDesc(file_longlink, 30);
+  messageDesc(file_longlink, 32);
 
 /**
  * client -> server: a request to one business service (chat, live, ...).
@@ -1269,7 +1328,7 @@ export type Request = Message$1<"longlink.v1.Request"> & {
  * Use `create(RequestSchema)` to create a new message.
  */
 export const RequestSchema: GenMessage<Request> = /*@__PURE__*/
-  messageDesc(file_longlink, 31);
+  messageDesc(file_longlink, 33);
 
 /**
  * server -> client: the answer to one Request.
@@ -1313,7 +1372,7 @@ export type Response = Message$1<"longlink.v1.Response"> & {
  * Use `create(ResponseSchema)` to create a new message.
  */
 export const ResponseSchema: GenMessage<Response> = /*@__PURE__*/
-  messageDesc(file_longlink, 32);
+  messageDesc(file_longlink, 34);
 
 /**
  * A client connection's common parameters, as the node knows them.
@@ -1374,7 +1433,7 @@ export type ConnInfo = Message$1<"longlink.v1.ConnInfo"> & {
  * Use `create(ConnInfoSchema)` to create a new message.
  */
 export const ConnInfoSchema: GenMessage<ConnInfo> = /*@__PURE__*/
-  messageDesc(file_longlink, 33);
+  messageDesc(file_longlink, 35);
 
 /**
  * node -> backend: a client request.
@@ -1423,7 +1482,7 @@ export type UpstreamRequest = Message$1<"longlink.v1.UpstreamRequest"> & {
  * Use `create(UpstreamRequestSchema)` to create a new message.
  */
 export const UpstreamRequestSchema: GenMessage<UpstreamRequest> = /*@__PURE__*/
-  messageDesc(file_longlink, 34);
+  messageDesc(file_longlink, 36);
 
 /**
  * backend -> node.
@@ -1461,7 +1520,7 @@ export type UpstreamResponse = Message$1<"longlink.v1.UpstreamResponse"> & {
  * Use `create(UpstreamResponseSchema)` to create a new message.
  */
 export const UpstreamResponseSchema: GenMessage<UpstreamResponse> = /*@__PURE__*/
-  messageDesc(file_longlink, 35);
+  messageDesc(file_longlink, 37);
 
 /**
  * @generated from message longlink.v1.ConnectionEvent
@@ -1498,7 +1557,7 @@ export type ConnectionEvent = Message$1<"longlink.v1.ConnectionEvent"> & {
  * Use `create(ConnectionEventSchema)` to create a new message.
  */
 export const ConnectionEventSchema: GenMessage<ConnectionEvent> = /*@__PURE__*/
-  messageDesc(file_longlink, 36);
+  messageDesc(file_longlink, 38);
 
 /**
  * node -> backend: events in the order they happened on one shard of the
@@ -1531,7 +1590,7 @@ export type ConnectionEvents = Message$1<"longlink.v1.ConnectionEvents"> & {
  * Use `create(ConnectionEventsSchema)` to create a new message.
  */
 export const ConnectionEventsSchema: GenMessage<ConnectionEvents> = /*@__PURE__*/
-  messageDesc(file_longlink, 37);
+  messageDesc(file_longlink, 39);
 
 /**
  * backend -> node.
@@ -1550,7 +1609,7 @@ export type EventsAck = Message$1<"longlink.v1.EventsAck"> & {
  * Use `create(EventsAckSchema)` to create a new message.
  */
 export const EventsAckSchema: GenMessage<EventsAck> = /*@__PURE__*/
-  messageDesc(file_longlink, 38);
+  messageDesc(file_longlink, 40);
 
 /**
  * Header byte 2 of every frame. Kinds 1..=31 travel on the client port,
@@ -1672,6 +1731,24 @@ export enum FrameKind {
    * @generated from enum value: FRAME_KIND_GROUP_RESULT = 15;
    */
   GROUP_RESULT = 15,
+
+  /**
+   * client -> server: a new connect token for the same user and device,
+   * sent before AuthOk.token_expires_ms (or RefreshOk's) passes. Checked
+   * like the token of Auth. Body: Refresh. Answer: RefreshOk, or Error and
+   * the connection closes (the token's code, INVALID_TOKEN for another
+   * user or device).
+   *
+   * @generated from enum value: FRAME_KIND_REFRESH = 16;
+   */
+  REFRESH = 16,
+
+  /**
+   * server -> client: the Refresh was accepted. Body: RefreshOk.
+   *
+   * @generated from enum value: FRAME_KIND_REFRESH_OK = 17;
+   */
+  REFRESH_OK = 17,
 
   /**
    * Push port (backend <-> node). Every request carries a request_id that
@@ -1978,6 +2055,14 @@ export enum ErrorCode {
    * @generated from enum value: PERMISSION_DENIED = 2011;
    */
   PERMISSION_DENIED = 2011,
+
+  /**
+   * The user's or device's tokens issued until some time were revoked by a
+   * backend (KickRequest.revoke): a new token is needed, issued after it.
+   *
+   * @generated from enum value: REVOKED = 2012;
+   */
+  REVOKED = 2012,
 }
 
 /**
