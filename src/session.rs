@@ -159,13 +159,7 @@ impl Session {
         idle_timeout_ms: u32,
         expires_in_ms: Option<u64>,
     ) -> Session {
-        let expires_s = match expires_in_ms {
-            None => NEVER,
-            Some(ms) => {
-                let at_ms = now.0.saturating_add(ms);
-                u32::try_from(at_ms.div_ceil(1000)).unwrap_or(NEVER - 1).min(NEVER - 1)
-            }
-        };
+        let expires_s = expires_in_ms.map_or(NEVER, |ms| mono_secs(now.0.saturating_add(ms)));
         let mut s = Session { deadline, packed: idle_timeout_ms & IDLE_MASK, expires_s };
         s.set_phase(phase);
         s
@@ -205,6 +199,12 @@ impl Session {
             Phase::Active => self.deadline.min(self.expiry()),
             _ => self.deadline,
         }
+    }
+
+    /// The phase's own deadline (auth, idle, linger), without the token's
+    /// expiry: what the in-place upgrade carries beside the expiry.
+    pub fn phase_deadline(&self) -> Millis {
+        self.deadline
     }
 
     /// When the token expires on the monotonic clock (far away: never).
@@ -465,7 +465,12 @@ fn expiry_secs(now: Now, expires_at: i64, params: &Params) -> u32 {
         .saturating_mul(1000)
         .saturating_sub(now.unix_ms)
         .max(0);
-    let at_ms = now.mono.0.saturating_add(u64::try_from(until_ms).unwrap_or(0));
+    mono_secs(now.mono.0.saturating_add(u64::try_from(until_ms).unwrap_or(0)))
+}
+
+/// A monotonic ms instant as `expires_s`: whole seconds rounded up, never
+/// [`NEVER`] (that means no expiry).
+fn mono_secs(at_ms: u64) -> u32 {
     u32::try_from(at_ms.div_ceil(1000)).unwrap_or(NEVER - 1).min(NEVER - 1)
 }
 

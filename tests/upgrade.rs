@@ -705,3 +705,35 @@ fn a_revocation_outlives_an_upgrade() {
         other => panic!("expected REVOKED, got {other:?}"),
     }
 }
+
+#[test]
+fn a_token_still_expires_after_an_upgrade() {
+    use longlink::protocol::codes::from_wire;
+    use longlink::protocol::proto::ErrorCode;
+    use longlink::protocol::token::now_unix_secs;
+    use std::io::Write;
+    let mut cfg = config();
+    cfg.auth.clock_leeway_secs = 0;
+    let mut node = Node::start(&cfg, &[]);
+    let now = now_unix_secs();
+    let short = keyring(&cfg).mint("u", "short", "test", now - 1, now + 3);
+    let mut s = std::net::TcpStream::connect(node.client_addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut buf = Vec::new();
+    s.write_all(&Frame::Auth(proto::Auth { token: short, ..Default::default() }).to_bytes()).unwrap();
+    let expires_ms = match recv_plain(&mut s, &mut buf) {
+        Frame::AuthOk(ok) => ok.token_expires_ms,
+        other => panic!("expected AuthOk, got {other:?}"),
+    };
+
+    let (ok, outcome) = node.upgrade();
+    assert!(ok, "{outcome}");
+
+    // The new process knows the session's token expiry: it closes the
+    // session when it passes (without it the session would live on).
+    match recv_plain(&mut s, &mut buf) {
+        Frame::Error(e) => assert_eq!(from_wire(e.code), ErrorCode::TokenExpired, "{e:?}"),
+        other => panic!("expected TOKEN_EXPIRED, got {other:?}"),
+    }
+    assert!(now_unix_secs() * 1000 >= expires_ms as i64, "not before the expiry");
+}

@@ -192,7 +192,7 @@ impl Shard {
             shard: shard.0,
             ws,
             phase,
-            deadline_in_ms: conn.session.deadline().0.saturating_sub(now.mono.0),
+            deadline_in_ms: conn.session.phase_deadline().0.saturating_sub(now.mono.0),
             idle_timeout_ms: conn.session.idle_timeout_ms(),
             expires_in_ms: conn.session.expires_in_ms(now.mono),
             connected_at: conn.connected_at,
