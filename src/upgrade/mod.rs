@@ -544,8 +544,12 @@ pub fn status_path(pid: u32) -> std::path::PathBuf {
 }
 
 /// Writes the outcome for `longlink upgrade` (atomically: a temp file
-/// renamed).
+/// renamed). The temp dir is shared with other users: the file is created
+/// new (`O_EXCL` never follows a planted symlink) and readable by the
+/// owner only; `rename` replaces a planted link itself, not its target.
 pub fn write_status(outcome: &Result<u32, UpgradeError>) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let pid = std::process::id();
     let body = match outcome {
         Ok(new_pid) => serde_json::json!({"ok": true, "old_pid": pid, "new_pid": new_pid}),
@@ -553,7 +557,15 @@ pub fn write_status(outcome: &Result<u32, UpgradeError>) {
     };
     let path = status_path(pid);
     let tmp = path.with_extension("tmp");
-    if std::fs::write(&tmp, body.to_string()).and_then(|()| std::fs::rename(&tmp, &path)).is_err() {
+    let _ = std::fs::remove_file(&tmp);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(body.to_string().as_bytes()))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if written.is_err() {
         warn!(path = %path.display(), "could not write the upgrade status");
     }
 }
