@@ -410,10 +410,10 @@ impl Server {
                             })
                             .collect();
                         glommio::spawn_local(Rc::clone(&shard).accept_loop(listener)).detach();
-                        let push_port = Rc::clone(&shard).push_accept_loop(push_listener, Listener::Push);
+                        let push_port = crate::push::accept_loop(Rc::clone(&shard), push_listener, Listener::Push);
                         glommio::spawn_local(push_port).detach();
                         if let Some(fd) = node_fd {
-                            let nodes = Rc::clone(&shard).push_accept_loop(fd::listener(fd), Listener::Node);
+                            let nodes = crate::push::accept_loop(Rc::clone(&shard), fd::listener(fd), Listener::Node);
                             glommio::spawn_local(nodes).detach();
                         }
                         for (link, fd) in extra {

@@ -24,9 +24,9 @@ impl Shard {
             return match frame {
                 Frame::KickRequest(kick) if !kick.conn_ids.is_empty() => {
                     let shard = self.me.upgrade()?;
-                    crate::push::hold(st, backend);
+                    st.port.hold(backend);
                     let alarm = Rc::new(Alarm::default());
-                    self.arm_deadline(st, Expiry::Alarm(alarm.clone()));
+                    crate::push::arm_deadline(&mut self.ctx(st), Expiry::Alarm(alarm.clone()));
                     glommio::spawn_local(async move {
                         futures_lite::future::yield_now().await;
                         let request_id = kick.request_id;
@@ -35,7 +35,7 @@ impl Shard {
                             None => Frame::AdminReply(proto::AdminReply { request_id, results: Vec::new() }),
                         };
                         let mut st = shard.state.borrow_mut();
-                        crate::push::reply(&mut st, backend, reply.to_bytes());
+                        st.port.reply(backend, reply.to_bytes());
                     })
                     .detach();
                     None
@@ -44,10 +44,10 @@ impl Shard {
             };
         }
         let shard = self.me.upgrade()?;
-        crate::push::hold(st, backend);
+        st.port.hold(backend);
         // The reply goes out by the push-port deadline, whatever is missing.
         let alarm = Rc::new(Alarm::default());
-        self.arm_deadline(st, Expiry::Alarm(alarm.clone()));
+        crate::push::arm_deadline(&mut self.ctx(st), Expiry::Alarm(alarm.clone()));
         glommio::spawn_local(async move {
             // Spawned inside the caller's state borrow: start on the next turn.
             futures_lite::future::yield_now().await;
@@ -61,7 +61,7 @@ impl Shard {
             counters.requests.fetch_add(1, Ordering::Relaxed);
             counters.count_reply(&reply);
             let mut st = shard.state.borrow_mut();
-            crate::push::reply(&mut st, backend, reply.to_bytes());
+            st.port.reply(backend, reply.to_bytes());
         })
         .detach();
         None
@@ -133,11 +133,12 @@ impl Shard {
         let pseudo = ConnKey { index: LOCAL_PART, generation: token };
         let accepted = {
             let mut st = self.state.borrow_mut();
+            let h = &mut self.ctx(&mut st);
             match frame {
-                Frame::PushRequest(r) => self.start_push(&mut st, pseudo, r),
-                Frame::GroupUpdate(r) => self.start_group_update(&mut st, pseudo, r),
-                Frame::KickRequest(r) => self.start_kick(&mut st, pseudo, r),
-                Frame::PresenceQuery(r) => self.start_presence(&mut st, pseudo, r),
+                Frame::PushRequest(r) => crate::push::start_push(h, pseudo, r),
+                Frame::GroupUpdate(r) => crate::push::start_group_update(h, pseudo, r),
+                Frame::KickRequest(r) => crate::push::start_kick(h, pseudo, r),
+                Frame::PresenceQuery(r) => crate::push::start_presence(h, pseudo, r),
                 other => Err(request_error(0, ErrorCode::BadFrame, format!("{:?} is not clustered", other.kind()))),
             }
         };
@@ -495,21 +496,6 @@ pub(super) fn blank_reply(request: &Frame) -> Frame {
             ErrorCode::ServerError,
             format!("{:?} is not clustered", other.kind()),
         )),
-    }
-}
-
-pub(crate) fn request_id(frame: &Frame) -> u64 {
-    match frame {
-        Frame::DeliveryStatusQuery(r) => r.request_id,
-        Frame::PushRequest(r) => r.request_id,
-        Frame::GroupUpdate(r) => r.request_id,
-        Frame::KickRequest(r) => r.request_id,
-        Frame::PresenceQuery(r) => r.request_id,
-        Frame::PresenceReply(r) => r.request_id,
-        Frame::PushReply(r) => r.request_id,
-        Frame::AdminReply(r) => r.request_id,
-        Frame::RequestError(r) => r.request_id,
-        _ => 0,
     }
 }
 

@@ -31,6 +31,7 @@ pub use drain::DrainPacer;
 pub(crate) use drain::ShardDrain;
 mod fanout;
 mod hosts;
+mod hosts_features;
 mod inbox;
 mod index;
 mod links;
@@ -70,7 +71,8 @@ use crate::protocol::codes;
 use crate::protocol::ids::{ConnId, ConnKey, ShardId, home_shard, owner_shard, stable_hash};
 use crate::protocol::proto::{self, ConnectionEventKind, ErrorCode, FrameKind};
 use crate::protocol::time::{Millis, Now};
-use crate::push::{Backend, Deadlines, Pending};
+pub use crate::push::PushLimits;
+use crate::push::PushPort;
 use crate::rate::TokenBucket;
 use crate::session::{Action, Login, Phase, Session};
 use crate::upstream::{Upstream, UpstreamCounters, UpstreamSettings};
@@ -157,20 +159,6 @@ pub struct ShardCounters {
     /// Latencies, disconnects and refusals by code, queue bytes, sessions
     /// by platform and version ([`crate::observe`]).
     pub ops: crate::observe::OpsCounters,
-}
-
-/// Push-port limits a shard enforces.
-#[derive(Clone, Debug)]
-pub struct PushLimits {
-    pub max_inflight_per_backend: u32,
-    pub max_targets_per_request: u32,
-    pub max_request_bytes: u32,
-    /// Every request is answered within this, in ms.
-    pub reply_timeout_ms: u64,
-    /// This shard's share of the node's broadcast rate, deliveries/s.
-    pub broadcast_rate_per_sec: u32,
-    /// Bytes of broadcasts each shard may hold ([`broadcast_cost`]).
-    pub broadcast_queue_bytes: u64,
 }
 
 /// Everything a shard needs to start, built on the main thread.
@@ -413,11 +401,8 @@ pub(crate) struct State {
     /// Reused action buffer.
     actions: Vec<Action>,
     broadcasts: VecDeque<BroadcastJob>,
-    pub(crate) backends: Slab<Backend>,
-    /// Requests from this shard's backends waiting for parts of their answer.
-    pub(crate) pending: HashMap<u64, Pending>,
-    /// When each of those must be answered at the latest.
-    pub(crate) deadlines: Deadlines,
+    /// Backend connections and their requests ([`crate::push`]).
+    pub(crate) port: PushPort,
     /// Sessions with frames queued by a fan-out, in the order they were
     /// queued, for the flusher task ([`Shard::deliver_batched`]).
     flush: VecDeque<ConnKey>,
@@ -600,9 +585,7 @@ impl Shard {
                 next_gen: 0,
                 actions: Vec::new(),
                 broadcasts: VecDeque::new(),
-                backends: Slab::new(),
-                pending: HashMap::new(),
-                deadlines: Deadlines::default(),
+                port: PushPort::default(),
                 flush: VecDeque::new(),
                 next_token: 0,
                 message_ids: MessageIds::new(worker),

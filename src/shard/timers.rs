@@ -27,8 +27,7 @@ impl Shard {
                 continue;
             }
             // Push-port requests past their deadline are answered now.
-            self.expire_requests();
-            self.expire_backends(&mut self.state.borrow_mut(), self.now().mono);
+            crate::push::expire(&mut self.ctx(&mut self.state.borrow_mut()));
             self.state.borrow_mut().wheel.expire(self.now().mono, &mut due);
             // A session may be filed more than once (its deadline moved
             // earlier); visiting it once re-files it once, so copies merge.
@@ -42,7 +41,7 @@ impl Shard {
             due.clear();
             let held = {
                 let st = self.state.borrow();
-                st.conns.len() + st.backends.len()
+                st.conns.len() + st.port.connections()
             };
             trim.observe(held, Instant::now());
             if let Some(deadline) = shutdown_deadline
@@ -100,9 +99,7 @@ impl Shard {
             }
             self.apply(&mut st, key, now, &mut actions);
         }
-        for (_, backend) in st.backends.iter_mut() {
-            backend.close();
-        }
+        st.port.close_all();
         st.upstream.stop();
     }
 
