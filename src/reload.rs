@@ -117,7 +117,7 @@ impl Shard {
         let added = self.state.borrow_mut().upstream.apply_live(&live.upstream);
         if let Some(me) = self.me.upgrade() {
             for idx in added {
-                glommio::spawn_local(Rc::clone(&me).run_link(idx, None)).detach();
+                glommio::spawn_local(crate::upstream::run_link(Rc::clone(&me), idx, None)).detach();
             }
         }
         *self.live.borrow_mut() = Rc::new(live);

@@ -422,7 +422,7 @@ impl Server {
                         glommio::spawn_local(Rc::clone(&shard).pacer_loop()).detach();
                         glommio::spawn_local(Rc::clone(&shard).flusher_loop()).detach();
                         // Ready once every service backend was tried once.
-                        shard.start_upstream().await;
+                        crate::upstream::start(&shard).await;
                         let _ = ready_tx.send(Ok(id));
                         starting.set(false);
                         shard.timer_loop(stop, grace).await;

@@ -1,10 +1,11 @@
-//! The contexts the shard gives the feature components that are not core
-//! paths (the push port): each borrows the shard and its state for one
+//! The contexts the shard gives its feature components beside delivery
+//! (the push port, upstream): each borrows the shard and its state for one
 //! call, like [`super::hosts`].
 
 use super::hosts::ShardCtx;
 use super::*;
 use crate::push::{PortEvent, PortHost, PortShard};
+use crate::upstream::{UpstreamHost, UpstreamShard};
 
 impl PortHost for ShardCtx<'_> {
     fn port(&mut self) -> &mut PushPort {
@@ -100,5 +101,71 @@ impl PortShard for Shard {
         listener: &glommio::net::TcpListener,
     ) -> impl Future<Output = Option<glommio::Result<TcpStream, ()>>> {
         Shard::accept_or_stop(self, listener)
+    }
+}
+
+impl UpstreamHost for ShardCtx<'_> {
+    fn upstream(&mut self) -> &mut Upstream {
+        &mut self.st.upstream
+    }
+
+    fn counters(&self) -> &UpstreamCounters {
+        &self.shard.counters.upstream
+    }
+
+    fn parts(&mut self) -> (&mut Upstream, &UpstreamCounters) {
+        (&mut self.st.upstream, &self.shard.counters.upstream)
+    }
+
+    fn with_device(&mut self, key: ConnKey) -> (&mut Upstream, Option<&str>) {
+        let st = &mut *self.st;
+        let device = st.conns.get(key.index as usize).filter(|c| c.generation == key.generation).and_then(Conn::device);
+        (&mut st.upstream, device)
+    }
+
+    fn device_of(&self, key: ConnKey) -> Option<&str> {
+        self.st.device_of(key)
+    }
+
+    fn shard_id(&self) -> ShardId {
+        self.shard.id
+    }
+
+    fn now(&self) -> Now {
+        self.shard.now()
+    }
+
+    fn max_frame_bytes(&self) -> u32 {
+        self.shard.cfg.max_frame_bytes
+    }
+
+    fn conn_info(&self, key: ConnKey) -> Option<proto::ConnInfo> {
+        self.shard.conn_info(self.st, key)
+    }
+
+    fn respond(&mut self, key: ConnKey, frame: Bytes) -> bool {
+        self.shard.respond(self.st, key, frame)
+    }
+
+    fn flush_responses(&mut self, keys: &[ConnKey]) {
+        self.shard.flush_responses(self.st, keys);
+    }
+
+    fn resume(&mut self, key: ConnKey) {
+        self.shard.resume_input(self.st, key);
+        self.st.wake_conn(key);
+    }
+
+    fn close_conn(&mut self, key: ConnKey, now: Now, code: ErrorCode, reason: String) {
+        self.shard.close_conn(self.st, key, now, code, reason);
+    }
+}
+
+impl UpstreamShard for Shard {
+    type Host<'a> = ShardCtx<'a>;
+
+    fn enter<R>(&self, f: impl FnOnce(&mut ShardCtx<'_>) -> R) -> R {
+        let mut st = self.state.borrow_mut();
+        f(&mut self.ctx(&mut st))
     }
 }
