@@ -64,6 +64,7 @@ use forward::*;
 use merge::*;
 pub use metrics::{AtomicHistogram, ClusterCounters, DISCONNECT_CODES, HIST_BOUNDS_US, PUSH_RESULTS};
 use peers::*;
+use routes::*;
 
 /// The slot index of the pseudo backend that collects the local part of a
 /// cluster request (no real backend slot gets near it).
@@ -217,7 +218,7 @@ fn reachable_ip(redis_url: &str) -> std::net::IpAddr {
 }
 
 /// A session's claim on its device's route.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum Claim {
     Pending,
     Held(u64),
@@ -229,7 +230,7 @@ pub(crate) struct Local {
     shared: Arc<ClusterShared>,
     /// Claims of this shard's active sessions, by slot (with the slot's
     /// generation).
-    routes: RefCell<HashMap<u32, (u32, Claim)>>,
+    routes: RefCell<Routes>,
     /// Live nodes as of the last refresh.
     nodes: RefCell<Vec<NodeInfo>>,
     peers: RefCell<HashMap<String, Rc<PeerLink>>>,
