@@ -187,7 +187,7 @@ fn link_up<H: UpstreamHost>(h: &mut H, idx: u32, fd: SlotFd) {
 /// may have been processed, so they are not re-sent), its event batch
 /// is re-sent on another link.
 /// Returns the link's socket handle.
-fn link_down<H: UpstreamHost>(h: &mut H, idx: u32) -> Option<SlotFd> {
+pub(super) fn link_down<H: UpstreamHost>(h: &mut H, idx: u32) -> Option<SlotFd> {
     let now = h.now().mono;
     let (up, c) = h.parts();
     let link = up.links.get_mut(idx as usize)?;
@@ -252,7 +252,7 @@ fn poll_link<S: UpstreamShard>(
 
 /// Handles every whole frame in `input`; returns the bytes consumed. An
 /// error means the backend broke the protocol: drop the link.
-fn on_link_bytes<H: UpstreamHost>(h: &mut H, idx: u32, input: &[u8], max_body: u32) -> Result<usize, ()> {
+pub(super) fn on_link_bytes<H: UpstreamHost>(h: &mut H, idx: u32, input: &[u8], max_body: u32) -> Result<usize, ()> {
     let now = h.now().mono;
     let id = h.shard_id();
     let mut pos = 0;

@@ -34,6 +34,8 @@
 //! An idle connection costs nothing here: every table is keyed by
 //! connections that sent a request recently.
 
+#[cfg(test)]
+mod component_tests;
 mod dedup;
 mod encode;
 mod links;
