@@ -23,48 +23,65 @@ impl Shard {
             local.shared.counters.forwarded_in.fetch_add(1, Ordering::Relaxed);
             return match frame {
                 Frame::KickRequest(kick) if !kick.conn_ids.is_empty() => {
-                    let shard = self.me.upgrade()?;
-                    st.port.hold(backend);
-                    let alarm = Rc::new(Alarm::default());
-                    crate::push::arm_deadline(&mut self.ctx(st), Expiry::Alarm(alarm.clone()));
-                    glommio::spawn_local(async move {
-                        futures_lite::future::yield_now().await;
-                        let request_id = kick.request_id;
-                        let reply = match alarm.before(shard.kick_if_same_session(&local, kick)).await {
-                            Some(reply) => reply,
-                            None => Frame::AdminReply(proto::AdminReply { request_id, results: Vec::new() }),
-                        };
-                        let mut st = shard.state.borrow_mut();
-                        st.port.reply(backend, reply.to_bytes());
-                    })
-                    .detach();
+                    self.queue_request(st, &local, backend, Queued::Kick(kick));
                     None
                 }
                 other => Some(other),
             };
         }
-        let shard = self.me.upgrade()?;
+        self.queue_request(st, &local, backend, Queued::Request(frame));
+        None
+    }
+
+    /// Holds `backend`'s request and arms its deadline; the task that
+    /// answers it starts once the caller's state borrow has ended
+    /// ([`Shard::cluster_start_queued`]).
+    fn queue_request(&self, st: &mut State, local: &Rc<Local>, backend: ConnKey, what: Queued) {
         st.port.hold(backend);
         // The reply goes out by the push-port deadline, whatever is missing.
         let alarm = Rc::new(Alarm::default());
         crate::push::arm_deadline(&mut self.ctx(st), Expiry::Alarm(alarm.clone()));
-        glommio::spawn_local(async move {
-            // Spawned inside the caller's state borrow: start on the next turn.
-            futures_lite::future::yield_now().await;
-            let started = Instant::now();
-            let reply = shard.cluster_request(&local, frame, &alarm).await;
-            if alarm.rang() {
-                shard.counters.push_timeouts.fetch_add(1, Ordering::Relaxed);
+        local.queued.borrow_mut().push((backend, what, alarm));
+    }
+
+    /// Starts the tasks of the requests [`Shard::cluster_intercept`] took,
+    /// outside any state borrow (glommio polls a new task at once, so one
+    /// spawned inside the borrow would have to wait a turn first).
+    pub(crate) fn cluster_start_queued(&self) {
+        let Some(local) = self.local() else { return };
+        if local.queued.borrow().is_empty() {
+            return;
+        }
+        let Some(shard) = self.me.upgrade() else { return };
+        let queued = std::mem::take(&mut *local.queued.borrow_mut());
+        for (backend, what, alarm) in queued {
+            let (shard, local) = (shard.clone(), local.clone());
+            match what {
+                Queued::Kick(kick) => glommio::spawn_local(async move {
+                    let request_id = kick.request_id;
+                    let reply = match alarm.before(shard.kick_if_same_session(&local, kick)).await {
+                        Some(reply) => reply,
+                        None => Frame::AdminReply(proto::AdminReply { request_id, results: Vec::new() }),
+                    };
+                    let mut st = shard.state.borrow_mut();
+                    st.port.reply(backend, reply.to_bytes());
+                }),
+                Queued::Request(frame) => glommio::spawn_local(async move {
+                    let started = Instant::now();
+                    let reply = shard.cluster_request(&local, frame, &alarm).await;
+                    if alarm.rang() {
+                        shard.counters.push_timeouts.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let counters = &local.shared.counters;
+                    counters.request_latency.record(started.elapsed());
+                    counters.requests.fetch_add(1, Ordering::Relaxed);
+                    counters.count_reply(&reply);
+                    let mut st = shard.state.borrow_mut();
+                    st.port.reply(backend, reply.to_bytes());
+                }),
             }
-            let counters = &local.shared.counters;
-            counters.request_latency.record(started.elapsed());
-            counters.requests.fetch_add(1, Ordering::Relaxed);
-            counters.count_reply(&reply);
-            let mut st = shard.state.borrow_mut();
-            st.port.reply(backend, reply.to_bytes());
-        })
-        .detach();
-        None
+            .detach();
+        }
     }
 
     /// Hook: the reply of a finished request; the local part of a cluster

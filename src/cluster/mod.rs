@@ -217,6 +217,13 @@ fn reachable_ip(redis_url: &str) -> std::net::IpAddr {
         .unwrap_or(loopback)
 }
 
+/// A backend request the cluster answers from a task.
+enum Queued {
+    /// A replaced login's kick, for the sessions it names only.
+    Kick(proto::KickRequest),
+    Request(Frame),
+}
+
 /// A session's claim on its device's route.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Claim {
@@ -237,6 +244,8 @@ pub(crate) struct Local {
     /// Local parts of cluster requests waiting for their reply.
     merges: RefCell<HashMap<u32, oneshot::Sender<Frame>>>,
     next_merge: Cell<u32>,
+    /// Backend requests taken by the cluster, waiting for their task.
+    queued: RefCell<Vec<(ConnKey, Queued, Rc<Alarm>)>>,
     reregistered_seen: Cell<u64>,
     /// This shard's drain progress (used once the drain starts).
     drain: crate::shard::ShardDrain,
@@ -253,6 +262,7 @@ pub fn attach(shard: &Rc<Shard>, shared: Arc<ClusterShared>) {
         peers: RefCell::default(),
         merges: RefCell::default(),
         next_merge: Cell::new(0),
+        queued: RefCell::default(),
     };
     if shard.cluster.set(Rc::new(local)).is_err() {
         warn!(shard = %shard.id(), "shard already joined the cluster");

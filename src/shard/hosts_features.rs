@@ -92,8 +92,11 @@ impl PortShard for Shard {
     type Host<'a> = ShardCtx<'a>;
 
     fn enter<R>(&self, f: impl FnOnce(&mut ShardCtx<'_>) -> R) -> R {
-        let mut st = self.state.borrow_mut();
-        f(&mut self.ctx(&mut st))
+        let out = f(&mut self.ctx(&mut self.state.borrow_mut()));
+        // The cluster's tasks for requests taken in `f`, now that the
+        // state is free.
+        self.cluster_start_queued();
+        out
     }
 
     fn accept_or_stop(
