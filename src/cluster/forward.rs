@@ -53,8 +53,8 @@ impl Shard {
             return;
         }
         let Some(shard) = self.me.upgrade() else { return };
-        let queued = std::mem::take(&mut *local.queued.borrow_mut());
-        for (backend, what, alarm) in queued {
+        let mut queued = std::mem::take(&mut *local.queued.borrow_mut());
+        for (backend, what, alarm) in queued.drain(..) {
             let (shard, local) = (shard.clone(), local.clone());
             match what {
                 Queued::Kick(kick) => glommio::spawn_local(async move {
@@ -81,6 +81,11 @@ impl Shard {
                 }),
             }
             .detach();
+        }
+        // The emptied queue goes back, its room kept for the next requests.
+        let mut slot = local.queued.borrow_mut();
+        if slot.is_empty() {
+            *slot = queued;
         }
     }
 
