@@ -24,14 +24,15 @@
 //! - `task`: accepting, the connection task, hand-off and adoption;
 //! - `index`: registering authenticated sessions (device, user, directory);
 //! - `inbox`: messages from other shards;
-//! - `fanout`: broadcast pacing;
-//! - `timers`: the timer loop and shutdown.
+//! - `fanout`: the broadcast queue's pacing (`State`);
+//! - `drain`: the drain component (who gets GoAway in each tick);
 
 mod drain;
 pub use drain::DrainPacer;
 pub(crate) use drain::ShardDrain;
 mod fanout;
 mod hosts;
+use hosts::ShardCtx;
 mod inbox;
 mod index;
 mod links;
@@ -40,7 +41,6 @@ mod state;
 use state::{BroadcastJob, Conn, UserDir, slot_device, slot_user};
 pub(crate) use state::{State, broadcast_cost};
 mod task;
-mod timers;
 mod upgrade;
 pub(crate) use upgrade::ShardUpgrade;
 
@@ -336,6 +336,238 @@ impl Shard {
         let mono = Millis(self.epoch.elapsed().as_millis() as u64);
         let unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
         Now { mono, unix_ms }
+    }
+
+    // ---- reload ------------------------------------------------------------
+
+    /// The shard's current copy of the reloadable settings.
+    pub(crate) fn live(&self) -> Rc<crate::reload::LiveSettings> {
+        self.live.borrow().clone()
+    }
+
+    /// Takes new settings from the hub, if a reload published some (the
+    /// timer loop calls it every tick).
+    pub(crate) fn poll_reload(&self) {
+        let Some((generation, live)) = self.cfg.reload.poll(self.live_generation.get()) else { return };
+        let added = self.state.borrow_mut().upstream.apply_live(&live.upstream);
+        if let Some(me) = self.me.upgrade() {
+            for idx in added {
+                glommio::spawn_local(Rc::clone(&me).run_link(idx, None)).detach();
+            }
+        }
+        *self.live.borrow_mut() = Rc::new(live);
+        self.live_generation.set(generation);
+        self.cfg.reload.mark_applied(self.id.index(), generation);
+    }
+
+    // ---- the shard loop: timers and shutdown --------------------------------
+
+    /// Drives every deadline of the shard; returns after shutdown completes.
+    pub async fn timer_loop(self: Rc<Self>, stop: Arc<AtomicBool>, shutdown_grace: Duration) {
+        let tick = Duration::from_millis(self.cfg.wheel_tick_ms);
+        let mut due = Vec::new();
+        let mut shutdown_deadline: Option<Instant> = None;
+        let liveness = &self.counters.liveness;
+        let mut trim = crate::trim::TrimWatch::new();
+        loop {
+            liveness.waiting_until(Instant::now() + tick);
+            glommio::timer::sleep(tick).await;
+            liveness.turned(Instant::now());
+            self.poll_reload();
+            self.publish_ops_gauges();
+            if shutdown_deadline.is_none() && stop.load(Ordering::Relaxed) {
+                self.begin_shutdown();
+                shutdown_deadline = Some(Instant::now() + shutdown_grace);
+            }
+            // Hook: no deadline fires on sessions being handed over.
+            if self.upgrade.frozen() && shutdown_deadline.is_none() {
+                continue;
+            }
+            // Push-port requests past their deadline are answered now.
+            self.expire_requests();
+            self.expire_backends(&mut self.state.borrow_mut(), self.now().mono);
+            self.state.borrow_mut().wheel.expire(self.now().mono, &mut due);
+            // A session may be filed more than once (its deadline moved
+            // earlier); visiting it once re-files it once, so copies merge.
+            due.sort_unstable_by_key(|k| (k.index, k.generation));
+            due.dedup();
+            for chunk in due.chunks(SWEEP_BATCH) {
+                self.sweep(chunk);
+                glommio::yield_if_needed().await;
+                liveness.turned(Instant::now());
+            }
+            due.clear();
+            let held = {
+                let st = self.state.borrow();
+                st.conns.len() + st.backends.len()
+            };
+            trim.observe(held, Instant::now());
+            if let Some(deadline) = shutdown_deadline
+                && (self.state.borrow().conns.is_empty() || Instant::now() >= deadline)
+            {
+                break;
+            }
+        }
+    }
+
+    pub(super) fn sweep(&self, keys: &[ConnKey]) {
+        let now = self.now();
+        let mut st = self.state.borrow_mut();
+        let mut actions = std::mem::take(&mut st.actions);
+        for &key in keys {
+            let Some(conn) = st.conn(key) else { continue };
+            let stalled = conn.io.as_ref().and_then(|io| io.stalled_since);
+            if stalled.is_some_and(|t| now.mono.0 >= t.0 + self.cfg.write_timeout_ms) && conn.is_active() {
+                // As in `enqueue`: a frame already on the wire is finished.
+                let dropped = conn.io().out.cut();
+                let reason = format!("socket blocked for {} ms", self.cfg.write_timeout_ms);
+                self.close_slow(&mut st, key, dropped, reason);
+            } else if conn.session.deadline() <= now.mono {
+                conn.session.handle_timeout(now, &self.live().params, &mut actions);
+                conn.wake();
+                self.apply(&mut st, key, now, &mut actions);
+            }
+            // Resends due for the device's window, if it has one.
+            let resend_at = reliable::retransmit(&mut self.ctx(&mut st), key, now);
+            let Some(conn) = st.conn(key) else { continue };
+            if conn.session.phase() == Phase::Closed {
+                conn.wake();
+            } else {
+                let deadline = conn.session.deadline();
+                let deadline = resend_at.map_or(deadline, |r| r.min(deadline));
+                st.wheel.insert(key, deadline);
+            }
+        }
+        st.actions = actions;
+    }
+
+    /// Stops accepting and closes every session with SHUTDOWN.
+    pub(super) fn begin_shutdown(&self) {
+        self.stopping.set(true);
+        self.stop_accepting.close();
+        let now = self.now();
+        let mut st = self.state.borrow_mut();
+        let keys: Vec<ConnKey> =
+            st.conns.iter().map(|(i, c)| ConnKey { index: i as u32, generation: c.generation }).collect();
+        info!(shard = %self.id, sessions = keys.len(), "shutting down");
+        let mut actions = Vec::new();
+        for key in keys {
+            if let Some(conn) = st.conn(key) {
+                conn.session.close(now, ErrorCode::Shutdown, String::new(), &self.live().params, &mut actions);
+            }
+            self.apply(&mut st, key, now, &mut actions);
+        }
+        for (_, backend) in st.backends.iter_mut() {
+            backend.close();
+        }
+        st.upstream.stop();
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.get()
+    }
+
+    // ---- broadcast pacing and drain: the components' drivers ----------------
+
+    /// Delivers queued broadcasts at this shard's share of the node rate;
+    /// sleeps while none is queued.
+    pub async fn pacer_loop(self: Rc<Self>) {
+        let Some(wake) = self.pacer_rx.borrow_mut().take() else { return };
+        while wake.recv().await.is_some() {
+            self.pacing.set(true);
+            self.pace_broadcasts().await;
+            self.pacing.set(false);
+        }
+    }
+
+    pub(super) async fn pace_broadcasts(&self) {
+        let rate = f64::from(self.live().push.broadcast_rate_per_sec.max(1));
+        let mut budget = TokenBucket::new(1.0, self.now().mono);
+        loop {
+            // Bank at most two ticks' worth: a timer that fires late (the
+            // sleep below overshoots by up to a tick under load) is made up
+            // for, but a longer stall does not turn into a burst. With one
+            // tick's cap the node reached 63-89 % of its configured rate.
+            budget.refill(self.now().mono, rate, 2.0 * rate * PACER_TICK.as_secs_f64() + 1.0);
+            let done = {
+                let mut st = self.state.borrow_mut();
+                st.pace_step(&mut budget, Instant::now(), &self.counters, |st, slot, frame| {
+                    self.deliver(st, slot, frame)
+                })
+            };
+            if done {
+                break;
+            }
+            glommio::timer::sleep(PACER_TICK).await;
+        }
+    }
+
+    /// One tick of a drain: stop accepting once, then GoAway + close the
+    /// sessions the drain component picks for this tick ([`ShardDrain::tick`]).
+    /// `endpoint` names where a user should reconnect ("" lets the client
+    /// pick, e.g. through a load balancer). Returns how many sessions were
+    /// sent away.
+    pub(crate) fn drain_step(&self, drain: &ShardDrain, tick: Duration, endpoint: impl Fn(&str) -> String) -> u32 {
+        let mut st = self.state.borrow_mut();
+        let batch = drain.tick(tick, || st.active_keys(), |key| st.user_of(key).map(str::to_owned));
+        if batch.stop_accepting {
+            info!(shard = %self.id, sessions = batch.queued, "draining: stop accepting, sending GoAway");
+            self.stop_accepting.close();
+        }
+        let now = self.now();
+        for (key, user) in &batch.goaway {
+            let frame = Frame::GoAway(proto::GoAway { endpoint: endpoint(user), reason: "node draining".into() });
+            self.send_to_slot(&mut st, key.index, &frame.to_bytes());
+            self.close_conn(&mut st, *key, now, ErrorCode::GoingAway, "node draining; reconnect elsewhere".into());
+        }
+        batch.goaway.len() as u32
+    }
+
+    /// Single node: waits for `drain`, then sends every session away at
+    /// the drain's rate until the node stops.
+    pub async fn single_drain_loop(self: Rc<Self>, drain: Arc<AtomicBool>, rate_per_shard: f64) {
+        let pacing = ShardDrain::new(rate_per_shard);
+        while !self.is_stopping() {
+            if drain.load(Ordering::Relaxed) {
+                self.drain_step(&pacing, drain::DRAIN_TICK, |_| String::new());
+            }
+            glommio::timer::sleep(drain::DRAIN_TICK).await;
+        }
+    }
+
+    // ---- contexts for the feature components -------------------------------
+
+    /// The context for a component call on `st`.
+    pub(crate) fn ctx<'a>(&'a self, st: &'a mut State) -> ShardCtx<'a> {
+        ShardCtx { shard: self, st }
+    }
+
+    /// Runs a sidecar call (Redis); `then` gets its output and the shard
+    /// state: inline when the future is ready at once, else from a task
+    /// once it resolves (never holding a state borrow across the await).
+    pub(crate) fn after_store<T: 'static>(
+        &self,
+        st: &mut State,
+        fut: impl std::future::Future<Output = T> + 'static,
+        then: impl FnOnce(&Shard, &mut State, T) + 'static,
+    ) {
+        let mut fut = Box::pin(fut);
+        let mut cx = Context::from_waker(Waker::noop());
+        match fut.as_mut().poll(&mut cx) {
+            Poll::Ready(value) => then(self, st, value),
+            Poll::Pending => {
+                let Some(shard) = self.me.upgrade() else { return };
+                glommio::spawn_local(async move {
+                    // glommio polls a new task right away, inside the
+                    // caller's borrow of the state: wait for the next turn.
+                    futures_lite::future::yield_now().await;
+                    let value = fut.await;
+                    let mut st = shard.state.borrow_mut();
+                    then(&shard, &mut st, value);
+                })
+                .detach();
+            }
+        }
     }
 }
 
