@@ -177,7 +177,7 @@ impl Shard {
                     });
                     reached.push((idx, u32::from(ok)));
                 }
-                self.publish_group_counts(st);
+                st.publish_group_counts(&self.counters);
                 self.answer(st, origin, Part::Sessions(reached));
             }
             ShardMsg::KickDevices { origin, items, code, reason } => {
@@ -196,7 +196,7 @@ impl Shard {
                 st.revoked.record(&devices, &users, not_before, now.unix_secs());
             }
             ShardMsg::Presence { origin, query } => {
-                let part = self.presence(st, &query);
+                let part = st.presence(self.id, &query);
                 self.answer(st, origin, Part::Presence(Box::new(part)));
             }
             ShardMsg::UserDir { user_hash, shard, present, ack } => {
@@ -241,35 +241,39 @@ impl Shard {
         let Some(frame) = self.cluster_local_reply(backend, frame) else { return };
         crate::push::reply(st, backend, frame.to_bytes());
     }
+}
 
-    pub(super) fn presence(&self, st: &mut State, query: &PresenceQuery) -> PresencePart {
+impl State {
+    /// This shard's part of a presence answer: the queried devices, users
+    /// and groups it holds.
+    pub(super) fn presence(&self, shard: ShardId, query: &PresenceQuery) -> PresencePart {
         let describe = |conn: &Conn, slot: u32, generation: u32| proto::DevicePresence {
             device: conn.device().unwrap_or_default().to_owned(),
             online: true,
-            shard: u32::from(self.id.0),
+            shard: u32::from(shard.0),
             connected_at_ms: u64::from(conn.connected_at) * 1000,
             client_version: conn.field(4).unwrap_or_default().to_owned(),
             platform: conn.field(3).unwrap_or_default().to_owned(),
             user: conn.user().unwrap_or_default().to_owned(),
-            conn_id: ConnId::new(self.id, ConnKey { index: slot, generation }).0,
+            conn_id: ConnId::new(shard, ConnKey { index: slot, generation }).0,
         };
         let mut part = PresencePart {
-            shard: self.id,
-            connections: st.conns.iter().filter(|(_, c)| c.is_active()).count() as u64,
+            shard,
+            connections: self.conns.iter().filter(|(_, c)| c.is_active()).count() as u64,
             ..Default::default()
         };
         for (i, device) in query.devices.iter().enumerate() {
-            if let Some(slot) = st.device_slot(device) {
-                let conn = &st.conns[slot as usize];
+            if let Some(slot) = self.device_slot(device) {
+                let conn = &self.conns[slot as usize];
                 part.devices.push((i as u32, describe(conn, slot, conn.generation)));
             }
         }
         for (i, user) in query.users.iter().enumerate() {
-            let sessions: Vec<_> = st
+            let sessions: Vec<_> = self
                 .user_slots(user)
                 .into_iter()
                 .map(|slot| {
-                    let conn = &st.conns[slot as usize];
+                    let conn = &self.conns[slot as usize];
                     describe(conn, slot, conn.generation)
                 })
                 .collect();
@@ -278,15 +282,8 @@ impl Shard {
             }
         }
         for (i, group) in query.groups.iter().enumerate() {
-            part.groups.push((i as u32, st.groups.count(group) as u64));
+            part.groups.push((i as u32, self.groups.count(group) as u64));
         }
         part
-    }
-
-    /// Allocates a message id, unique across shards, restarts and (with
-    /// distinct `delivery.node_index`) nodes.
-    pub(crate) fn next_message_id(&self, st: &mut State) -> u64 {
-        let unix_ms = self.now().unix_ms.max(0) as u64;
-        st.message_ids.next(unix_ms)
     }
 }

@@ -163,6 +163,14 @@ pub struct ShardCounters {
     pub ops: crate::observe::OpsCounters,
 }
 
+impl ShardCounters {
+    /// One frame of `bytes` sent to a client (written or queued).
+    pub(crate) fn count_out(&self, bytes: usize) {
+        self.frames_out.fetch_add(1, Ordering::Relaxed);
+        self.bytes_out.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+}
+
 /// Push-port limits a shard enforces.
 #[derive(Clone, Debug)]
 pub struct PushLimits {
@@ -336,6 +344,13 @@ impl Shard {
         let mono = Millis(self.epoch.elapsed().as_millis() as u64);
         let unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
         Now { mono, unix_ms }
+    }
+
+    /// Allocates a message id, unique across shards, restarts and (with
+    /// distinct `delivery.node_index`) nodes.
+    pub(crate) fn next_message_id(&self, st: &mut State) -> u64 {
+        let unix_ms = self.now().unix_ms.max(0) as u64;
+        st.message_ids.next(unix_ms)
     }
 
     // ---- reload ------------------------------------------------------------

@@ -59,7 +59,7 @@ impl Shard {
         if !conn.is_active() {
             return false;
         }
-        self.count_out(frame.len());
+        self.counters.count_out(frame.len());
         let Some(wire) = st.wrapper.wrap(conn.link, frame) else { return false };
         let frame = &wire;
         let Some(conn) = st.conn(key) else { return false };
@@ -99,7 +99,7 @@ impl Shard {
         if !st.conn(key).is_some_and(|c| c.is_active()) || !self.enqueue(st, key, frame.clone()) {
             return false;
         }
-        self.count_out(frame.len());
+        self.counters.count_out(frame.len());
         if let Some(io) = st.conn(key).and_then(|c| c.io.as_mut())
             && !io.in_flush
         {
@@ -152,13 +152,8 @@ impl Shard {
     /// upstream code writes every answer of one pass with one `writev` per
     /// session at the end of the pass ([`Shard::flush_responses`]).
     pub(crate) fn respond(&self, st: &mut State, key: ConnKey, frame: Bytes) -> bool {
-        self.count_out(frame.len());
+        self.counters.count_out(frame.len());
         st.conn(key).is_some_and(|c| c.is_active()) && self.enqueue(st, key, frame)
-    }
-
-    pub(super) fn count_out(&self, bytes: usize) {
-        self.counters.frames_out.fetch_add(1, Ordering::Relaxed);
-        self.counters.bytes_out.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
     /// Writes what [`Shard::respond`] queued for `keys`; a socket that is
