@@ -4,69 +4,6 @@
 use super::*;
 
 impl Shard {
-    // ---- mesh -------------------------------------------------------------
-
-    /// Handles a message from another shard.
-    pub fn on_message(self: &Rc<Self>, msg: ShardMsg) {
-        match msg {
-            ShardMsg::Adopt(adoption) => self.adopt(*adoption),
-            other => {
-                let mut st = self.state.borrow_mut();
-                self.handle(&mut st, other);
-            }
-        }
-    }
-
-    /// Sends `msg` to shard `to`, or handles it right here when `to` is us.
-    pub(crate) fn route(&self, st: &mut State, to: ShardId, msg: ShardMsg) {
-        if to == self.id { self.handle(st, msg) } else { self.outbox.send(to, msg) }
-    }
-
-    /// Reserves room for a broadcast of `frame_len` bytes in the queue of
-    /// every shard, or in none: a broadcast refused by one shard must not
-    /// reach the sessions of the others, so that sending it again is safe.
-    /// Each shard's pacer releases its share when the job is done.
-    pub(crate) fn reserve_broadcast(&self, frame_len: usize) -> Result<(), String> {
-        let cost = broadcast_cost(frame_len);
-        let limit = self.live().push.broadcast_queue_bytes;
-        let shards = &self.cfg.node_counters;
-        for (i, counters) in shards.iter().enumerate() {
-            let queued = &counters.broadcast_queued_bytes;
-            if let Err(held) =
-                queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| (q + cost <= limit).then_some(q + cost))
-            {
-                for earlier in &shards[..i] {
-                    earlier.broadcast_queued_bytes.fetch_sub(cost, Ordering::AcqRel);
-                }
-                self.counters.broadcast_rejected.fetch_add(1, Ordering::Relaxed);
-                return Err(format!(
-                    "broadcast queue of shard {i} is full ({held} of {limit} bytes queued \
-                     (push.broadcast_queue_bytes_per_shard)); send it again later"
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// Whether the mesh toward other shards is too backed up to read more
-    /// push-port requests; if so, `waker` is woken when it has drained.
-    pub(crate) fn mesh_congested(&self, waker: &Waker) -> bool {
-        let congested = self.outbox.congested(waker);
-        if congested {
-            self.counters.mesh_backpressure.fetch_add(1, Ordering::Relaxed);
-        }
-        congested
-    }
-
-    /// Sends part of an answer back to the request's origin.
-    pub(crate) fn answer(&self, st: &mut State, origin: Origin, part: Part) {
-        if origin.shard == self.id {
-            self.merge_part(st, origin.token, part);
-        } else {
-            self.outbox.send(origin.shard, ShardMsg::Part { token: origin.token, part });
-        }
-    }
-
     /// Every message but `Adopt` (which needs to spawn a task).
     pub(super) fn handle(&self, st: &mut State, msg: ShardMsg) {
         let now = self.now();

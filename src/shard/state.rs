@@ -327,3 +327,108 @@ pub(super) fn slot_device(conns: &Slab<Conn>, i: u32) -> Option<&str> {
 pub(super) fn slot_user(conns: &Slab<Conn>, i: u32) -> Option<&str> {
     conns.get(i as usize).and_then(Conn::user)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::task::{AcceptBucket, ConnTask};
+    use super::*;
+    use crate::protocol::limits::MAX_ID_BYTES;
+    use crate::session::Params;
+
+    #[test]
+    fn ident_packs_fields() {
+        let login = Login {
+            user: "alice".into(),
+            device: "phone-1".into(),
+            app: "chat".into(),
+            platform: "ios".into(),
+            client_version: "2.0.1".into(),
+            capabilities: 0,
+            last_seq: 0,
+            heartbeat_ms: 0,
+            store_incarnation: 0,
+            groups: vec!["room-*".into(), "vip".into()],
+            expires_at: 0,
+            issued_at: 0,
+        };
+        let mut conn = Conn {
+            session: Session::new(Millis(0), &test_params()),
+            waker: None,
+            ident: None,
+            io: None,
+            generation: 0,
+            next_of_user: NO_CONN,
+            fd: SlotFd::unused(),
+            connected_at: 0,
+            lens: [0; 4],
+            capabilities: 0,
+            write_shut: false,
+            link: Link::Plain,
+        };
+        conn.set_ident(&login);
+        let fields: Vec<_> = (0..5).map(|i| conn.field(i).unwrap()).collect();
+        assert_eq!(fields, ["alice", "phone-1", "chat", "ios", "2.0.1"]);
+        assert_eq!(conn.group_claims().collect::<Vec<_>>(), ["room-*", "vip"]);
+    }
+
+    fn test_params() -> Params {
+        let key = crate::protocol::token::Key::new("k", vec![1; 32]).unwrap();
+        Params {
+            keyring: crate::protocol::token::Keyring::new(vec![key], None).unwrap(),
+            clock_leeway_secs: 0,
+            auth_timeout_ms: 1000,
+            heartbeat_min_ms: 1,
+            heartbeat_default_ms: 1,
+            heartbeat_max_ms: 1,
+            idle_timeout_factor: 2,
+            close_linger_ms: 1,
+            max_id_bytes: MAX_ID_BYTES,
+        }
+    }
+
+    #[test]
+    fn accept_bucket_paces() {
+        let t0 = Instant::now();
+        let mut b = AcceptBucket::new(10);
+        for _ in 0..10 {
+            assert_eq!(b.take(t0), None);
+        }
+        let wait = b.take(t0).expect("empty bucket waits");
+        assert!(wait > Duration::ZERO && wait <= Duration::from_millis(100));
+        assert_eq!(AcceptBucket::new(0).take(t0), None);
+    }
+
+    #[test]
+    fn user_directory_holds_every_shard_of_a_large_host() {
+        let mut dir = UserDir::default();
+        for shard in [0, 5, 63, 64, 130, 255] {
+            dir.set(7, ShardId(shard), true);
+        }
+        dir.set(8, ShardId(64), true);
+        let ids = |v: Vec<ShardId>| v.into_iter().map(|s| s.0).collect::<Vec<_>>();
+        assert_eq!(ids(dir.shards(7, 256)), [0, 5, 63, 64, 130, 255]);
+        assert_eq!(ids(dir.shards(7, 64)), [0, 5, 63], "a 64-shard node looks at one word");
+        for shard in [0, 64, 255] {
+            dir.set(7, ShardId(shard), false);
+        }
+        assert_eq!(ids(dir.shards(7, 256)), [5, 63, 130]);
+        assert_eq!(ids(dir.shards(8, 256)), [64]);
+        for shard in [5, 63, 130] {
+            dir.set(7, ShardId(shard), false);
+        }
+        dir.set(8, ShardId(64), false);
+        assert!(dir.low.is_empty() && dir.high.is_empty(), "nothing left behind");
+    }
+
+    #[test]
+    fn conn_task_is_small() {
+        // Every idle connection holds one.
+        assert!(std::mem::size_of::<ConnTask>() <= 160, "{}", std::mem::size_of::<ConnTask>());
+    }
+
+    #[test]
+    fn conn_slot_is_small() {
+        // Each byte here is multiplied by every idle connection.
+        assert!(std::mem::size_of::<Conn>() <= 80, "{}", std::mem::size_of::<Conn>());
+    }
+}
