@@ -479,7 +479,9 @@ impl Server {
         let admin = admin::serve(admin_listener, state, config, cluster.clone().map(|c| (c, keyring)))
             .map_err(|source| ServerError::Admin { addr: admin_addr, source })?;
         if let Some(cluster) = &cluster {
-            crate::cluster::spawn_drain_coordinator(cluster.clone(), counters.clone(), stop.clone())
+            let active = counters.clone();
+            let sessions = move || active.iter().map(|c| c.active.load(Ordering::Relaxed)).sum::<u64>();
+            crate::cluster::spawn_drain_coordinator(cluster.clone(), sessions, stop.clone())
                 .map_err(ServerError::Cluster)?;
             info!(node = %cluster.node, admin = %admin.addr(), client = %cluster.client_endpoint, "cluster mode");
         } else {

@@ -8,7 +8,7 @@ use super::*;
 /// the node is told to stop (by this or by `stop` being set elsewhere).
 pub fn spawn_drain_coordinator(
     shared: Arc<ClusterShared>,
-    active: Vec<Arc<crate::shard::ShardCounters>>,
+    sessions: impl Fn() -> u64 + Send + 'static,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<()> {
     std::thread::Builder::new().name("longlink-drain".into()).spawn(move || {
@@ -22,7 +22,6 @@ pub fn spawn_drain_coordinator(
         if let Err(e) = futures_lite::future::block_on(shared.router.announce_draining()) {
             warn!(error = %e, "could not mark the node as draining in the registry");
         }
-        let sessions = || active.iter().map(|c| c.active.load(Ordering::Relaxed)).sum::<u64>();
         info!(node = %shared.node, sessions = sessions(), deadline_ms = shared.drain_deadline.as_millis() as u64, "draining");
         while sessions() > 0 && started.elapsed() < shared.drain_deadline && !stop.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(20));
@@ -39,56 +38,52 @@ pub fn spawn_drain_coordinator(
     Ok(())
 }
 
-impl Shard {
-    // ---- the shard's cluster task ----------------------------------------
+// ---- the shard's cluster task ----------------------------------------
 
-    pub(super) async fn cluster_loop(self: Rc<Self>) {
-        let Some(local) = self.local() else { return };
-        let mut tick = 0u32;
-        let mut reasserted = Instant::now();
-        while !self.is_stopping() {
-            if tick.is_multiple_of(NODES_EVERY) {
-                self.refresh_nodes(&local).await;
-            }
-            let rereg = local.shared.reregistered.load(Ordering::Relaxed);
-            if rereg != local.reregistered_seen.get() {
-                local.reregistered_seen.set(rereg);
-                info!(shard = %self.id, "re-registered: re-asserting routes");
-                self.reassert_routes(&local, true);
-                reasserted = Instant::now();
-            } else if reasserted.elapsed() >= local.shared.route_ttl / 2 {
-                // Route keys expire (so devices that never return are
-                // forgotten): those of long sessions are written again.
-                self.reassert_routes(&local, true);
-                reasserted = Instant::now();
-            } else if tick.is_multiple_of(RETRY_EVERY) {
-                self.reassert_routes(&local, false);
-            }
-            if local.shared.is_draining() {
-                self.cluster_drain_step(&local);
-            }
-            tick = tick.wrapping_add(1);
-            glommio::timer::sleep(TICK).await;
+pub(super) async fn cluster_loop<S: ClusterShard>(shard: Rc<S>) {
+    let Some(local) = local(&*shard) else { return };
+    let mut tick = 0u32;
+    let mut reasserted = Instant::now();
+    while !shard.is_stopping() {
+        if tick.is_multiple_of(NODES_EVERY) {
+            refresh_nodes(&*shard, &local).await;
         }
-    }
-
-    pub(super) async fn refresh_nodes(&self, local: &Rc<Local>) {
-        match local.shared.router.nodes().await {
-            Ok(nodes) => *local.nodes.borrow_mut() = nodes,
-            Err(err) => debug!(shard = %self.id, %err, "node table not refreshed"),
+        let rereg = local.shared.reregistered.load(Ordering::Relaxed);
+        if rereg != local.reregistered_seen.get() {
+            local.reregistered_seen.set(rereg);
+            info!(shard = %shard.id(), "re-registered: re-asserting routes");
+            reassert_routes(&*shard, &local, true);
+            reasserted = Instant::now();
+        } else if reasserted.elapsed() >= local.shared.route_ttl / 2 {
+            // Route keys expire (so devices that never return are
+            // forgotten): those of long sessions are written again.
+            reassert_routes(&*shard, &local, true);
+            reasserted = Instant::now();
+        } else if tick.is_multiple_of(RETRY_EVERY) {
+            reassert_routes(&*shard, &local, false);
         }
+        if local.shared.is_draining() {
+            cluster_drain_step(&*shard, &local);
+        }
+        tick = tick.wrapping_add(1);
+        glommio::timer::sleep(TICK).await;
     }
+}
 
-    /// One tick of the drain: each user is sent to the node ranked first
-    /// for it among the live, non-draining others (the pacing is the
-    /// shard's, shared with single-node drain).
-    pub(super) fn cluster_drain_step(&self, local: &Rc<Local>) {
-        let nodes = local.nodes.borrow();
-        let others: Vec<NodeInfo> =
-            nodes.iter().filter(|n| n.name != local.shared.node && !n.draining).cloned().collect();
-        let endpoint =
-            |user: &str| rank(user, &others, 1).first().map(|n| n.client_endpoint.clone()).unwrap_or_default();
-        let sent = self.drain_step(&local.drain, TICK, endpoint);
-        local.shared.counters.go_away_sent.fetch_add(u64::from(sent), Ordering::Relaxed);
+pub(super) async fn refresh_nodes<S: ClusterShard>(shard: &S, local: &Rc<Local<S>>) {
+    match local.shared.router.nodes().await {
+        Ok(nodes) => *local.nodes.borrow_mut() = nodes,
+        Err(err) => debug!(shard = %shard.id(), %err, "node table not refreshed"),
     }
+}
+
+/// One tick of the drain: each user is sent to the node ranked first
+/// for it among the live, non-draining others (the pacing is the
+/// shard's, shared with single-node drain).
+pub(super) fn cluster_drain_step<S: ClusterShard>(shard: &S, local: &Rc<Local<S>>) {
+    let nodes = local.nodes.borrow();
+    let others: Vec<NodeInfo> = nodes.iter().filter(|n| n.name != local.shared.node && !n.draining).cloned().collect();
+    let endpoint = |user: &str| rank(user, &others, 1).first().map(|n| n.client_endpoint.clone()).unwrap_or_default();
+    let sent = shard.drain_step(&local.drain, TICK, endpoint);
+    local.shared.counters.go_away_sent.fetch_add(u64::from(sent), Ordering::Relaxed);
 }

@@ -36,6 +36,7 @@ mod routes;
 
 use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::HashMap;
+use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -52,19 +53,22 @@ use crate::config::Config;
 use crate::conn::OutQueue;
 use crate::protocol::codec::{self, Frame};
 use crate::protocol::codes::request_error;
-use crate::protocol::ids::{ConnId, ConnKey};
+use crate::protocol::ids::{ConnId, ConnKey, ShardId};
 use crate::protocol::proto::{self, ErrorCode, PushStatus};
+use crate::protocol::time::Now;
 pub(crate) use crate::push::request_id;
-use crate::push::{Alarm, Expiry, summarize};
+use crate::push::{Alarm, Expiry, PortEvent, PortHost, PushLimits, summarize};
 use crate::router::{NodeInfo, Route, Router, RouterConfig, rank};
 use crate::session::Login;
-use crate::shard::{Shard, State};
 pub use drain::spawn_drain_coordinator;
+use drain::{cluster_loop, refresh_nodes};
 use forward::*;
+pub(crate) use forward::{intercept, local_reply, start_queued};
 use merge::*;
 pub use metrics::{AtomicHistogram, ClusterCounters, DISCONNECT_CODES, HIST_BOUNDS_US, PUSH_RESULTS};
 use peers::*;
 use routes::*;
+pub(crate) use routes::{on_active, on_gone};
 
 /// The slot index of the pseudo backend that collects the local part of a
 /// cluster request (no real backend slot gets near it).
@@ -232,8 +236,56 @@ enum Claim {
     Failed,
 }
 
+/// What the cluster needs of the shard during one call (its state
+/// borrowed): the push port's context, and the sessions.
+pub(crate) trait ClusterHost: PortHost {
+    /// The device of the active session `key`.
+    fn device_of(&self, key: ConnKey) -> Option<&str>;
+    /// Ends session `key` (`code` and `reason` tell the client why).
+    fn close_conn(&mut self, key: ConnKey, now: Now, code: ErrorCode, reason: String);
+}
+
+/// The shard as the cluster's tasks see it: entered (its state borrowed)
+/// for each step, never across an await.
+pub(crate) trait ClusterShard: Sized + 'static {
+    type Host<'a>: ClusterHost
+    where
+        Self: 'a;
+    /// One shard's drain pacing (GoAway at a bounded rate), kept in the
+    /// cluster state and handed back to [`ClusterShard::drain_step`].
+    type Drain;
+    fn enter<R>(&self, f: impl FnOnce(&mut Self::Host<'_>) -> R) -> R;
+    /// Where the shard keeps its cluster state.
+    fn slot(&self) -> &Slot<Self>;
+    /// The shard itself, for the tasks it starts (`None` once it is gone).
+    fn me(&self) -> Option<Rc<Self>>;
+    fn id(&self) -> ShardId;
+    /// This node's name.
+    fn node(&self) -> &str;
+    fn is_stopping(&self) -> bool;
+    /// The live (reloadable) push-port limits.
+    fn limits(&self) -> PushLimits;
+    /// Counts a peer's reply that came after its caller gave up.
+    fn late_answers(&self) -> LateAnswers;
+    /// Runs a sidecar call (Redis); `then` gets its output with the state
+    /// entered: inline when the future is ready at once, else from a task.
+    fn after_store<T: 'static>(
+        &self,
+        h: &mut Self::Host<'_>,
+        fut: impl Future<Output = T> + 'static,
+        then: impl for<'b> FnOnce(&Self, &mut Self::Host<'b>, T) + 'static,
+    );
+    fn new_drain(rate_per_shard: f64) -> Self::Drain;
+    /// One drain tick: GoAway (with `endpoint(user)`) and close to the
+    /// sessions `drain` picks; returns how many were sent away.
+    fn drain_step(&self, drain: &Self::Drain, tick: Duration, endpoint: impl Fn(&str) -> String) -> u32;
+}
+
+/// Counts a late reply from a peer (built once per link).
+pub(crate) type LateAnswers = Rc<dyn Fn()>;
+
 /// One shard's cluster state.
-pub(crate) struct Local {
+pub(crate) struct Local<S: ClusterShard> {
     shared: Arc<ClusterShared>,
     /// Claims of this shard's active sessions, by slot (with the slot's
     /// generation).
@@ -248,14 +300,14 @@ pub(crate) struct Local {
     queued: RefCell<Vec<(ConnKey, Queued, Rc<Alarm>)>>,
     reregistered_seen: Cell<u64>,
     /// This shard's drain progress (used once the drain starts).
-    drain: crate::shard::ShardDrain,
+    drain: S::Drain,
 }
 
 /// Joins a shard to the cluster and starts its cluster task.
-pub fn attach(shard: &Rc<Shard>, shared: Arc<ClusterShared>) {
+pub(crate) fn attach<S: ClusterShard>(shard: &Rc<S>, shared: Arc<ClusterShared>) {
     let local = Local {
         reregistered_seen: Cell::new(shared.reregistered.load(Ordering::Relaxed)),
-        drain: crate::shard::ShardDrain::new(shared.drain_rate_per_shard),
+        drain: S::new_drain(shared.drain_rate_per_shard),
         shared,
         routes: RefCell::default(),
         nodes: RefCell::default(),
@@ -264,20 +316,19 @@ pub fn attach(shard: &Rc<Shard>, shared: Arc<ClusterShared>) {
         next_merge: Cell::new(0),
         queued: RefCell::default(),
     };
-    if shard.cluster.set(Rc::new(local)).is_err() {
+    if shard.slot().set(Rc::new(local)).is_err() {
         warn!(shard = %shard.id(), "shard already joined the cluster");
         return;
     }
-    glommio::spawn_local(Rc::clone(shard).cluster_loop()).detach();
+    glommio::spawn_local(cluster_loop(Rc::clone(shard))).detach();
 }
 
 /// The cluster state of a shard, when the node runs in cluster mode.
-pub(crate) type Slot = OnceCell<Rc<Local>>;
+pub(crate) type Slot<S> = OnceCell<Rc<Local<S>>>;
 
-impl Shard {
-    fn local(&self) -> Option<Rc<Local>> {
-        self.cluster.get().cloned()
-    }
+/// The shard's cluster state, in cluster mode.
+fn local<S: ClusterShard>(shard: &S) -> Option<Rc<Local<S>>> {
+    shard.slot().get().cloned()
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ pub(crate) struct PeerLink {
     pub(super) incarnation: u64,
     inner: RefCell<PeerInner>,
     /// Where replies that come after their caller gave up are counted.
-    counters: Arc<crate::shard::ShardCounters>,
+    late_answers: LateAnswers,
 }
 
 #[derive(Default)]
@@ -40,8 +40,8 @@ pub(super) struct PeerInner {
 }
 
 impl PeerLink {
-    pub(super) fn new(node: String, incarnation: u64, counters: Arc<crate::shard::ShardCounters>) -> PeerLink {
-        PeerLink { node, incarnation, inner: RefCell::default(), counters }
+    pub(super) fn new(node: String, incarnation: u64, late_answers: LateAnswers) -> PeerLink {
+        PeerLink { node, incarnation, inner: RefCell::default(), late_answers }
     }
 
     pub(super) fn is_usable(&self) -> bool {
@@ -141,7 +141,7 @@ impl PeerLink {
                                 }
                                 // Its caller stopped waiting (forward timeout).
                                 None => {
-                                    self.counters.push_late_answers.fetch_add(1, Ordering::Relaxed);
+                                    (self.late_answers)();
                                 }
                             }
                         }

@@ -115,114 +115,120 @@ impl Routes {
     }
 }
 
-impl Shard {
-    // ---- routes ---------------------------------------------------------
+// ---- routes ---------------------------------------------------------
 
-    /// Hook: session `key` became active: claim its device's route.
-    pub(crate) fn cluster_on_active(&self, st: &mut State, key: ConnKey, login: &Login) {
-        let Some(local) = self.local() else { return };
-        local.routes.borrow_mut().claiming(key);
-        self.claim(st, &local, key, login.device.clone());
-    }
+/// Hook: session `key` became active: claim its device's route.
+pub(crate) fn on_active<S: ClusterShard>(shard: &S, h: &mut S::Host<'_>, key: ConnKey, login: &Login) {
+    let Some(local) = local(shard) else { return };
+    local.routes.borrow_mut().claiming(key);
+    claim(shard, h, &local, key, login.device.clone());
+}
 
-    pub(super) fn claim(&self, st: &mut State, local: &Rc<Local>, key: ConnKey, device: String) {
-        let router = local.shared.router.clone();
-        let conn_id = ConnId::new(self.id, key).0;
-        let shard = self.id.0;
-        let local = local.clone();
-        let started = Instant::now();
-        let fut = async move {
-            let claimed = router.claim(&device, shard, conn_id).await;
-            (device, claimed)
-        };
-        self.after_store(st, fut, move |this, _st, (device, claimed)| {
-            let counters = &local.shared.counters;
-            counters.router_latency.record(started.elapsed());
-            let result = claimed.map_err(|err| {
-                debug!(error = %err, device = %crate::protocol::limits::Escaped(&device), "route claim failed; retrying later");
-            });
-            let outcome = local.routes.borrow_mut().claimed(key, result);
-            match outcome {
-                Claimed::Held { previous } => {
-                    counters.claims.fetch_add(1, Ordering::Relaxed);
-                    if let Some(previous) = previous.filter(|p| p.node != local.shared.node) {
-                        this.kick_remote(&local, previous, device);
-                    }
-                }
-                // The session ended while its claim was on the way.
-                Claimed::Release(epoch) => release(&local, device, epoch),
-                Claimed::Failed => {
-                    counters.claim_failures.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+pub(super) fn claim<S: ClusterShard>(
+    shard: &S,
+    h: &mut S::Host<'_>,
+    local: &Rc<Local<S>>,
+    key: ConnKey,
+    device: String,
+) {
+    let router = local.shared.router.clone();
+    let conn_id = ConnId::new(shard.id(), key).0;
+    let shard_index = shard.id().0;
+    let local = local.clone();
+    let started = Instant::now();
+    let fut = async move {
+        let claimed = router.claim(&device, shard_index, conn_id).await;
+        (device, claimed)
+    };
+    shard.after_store(h, fut, move |this, _h, (device, claimed)| {
+        let counters = &local.shared.counters;
+        counters.router_latency.record(started.elapsed());
+        let result = claimed.map_err(|err| {
+            debug!(error = %err, device = %crate::protocol::limits::Escaped(&device), "route claim failed; retrying later");
         });
-    }
-
-    /// The device logged in here while a session of it lived on another
-    /// node: end that one as REPLACED.
-    pub(super) fn kick_remote(&self, local: &Rc<Local>, previous: Route, device: String) {
-        let Some(shard) = self.me.upgrade() else { return };
-        let local = local.clone();
-        local.shared.counters.remote_kicks.fetch_add(1, Ordering::Relaxed);
-        glommio::spawn_local(async move {
-            let kick = Frame::KickRequest(proto::KickRequest {
-                devices: vec![device],
-                code: ErrorCode::Replaced as i32,
-                reason: "logged in on another node".into(),
-                forwarded: true,
-                conn_ids: vec![previous.conn_id],
-                ..Default::default()
-            });
-            if let Err(err) = shard.forward(&local, &previous.node, previous.incarnation, kick).await {
-                debug!(node = %previous.node, %err, "could not kick the replaced session on its node");
+        let outcome = local.routes.borrow_mut().claimed(key, result);
+        match outcome {
+            Claimed::Held { previous } => {
+                counters.claims.fetch_add(1, Ordering::Relaxed);
+                if let Some(previous) = previous.filter(|p| p.node != local.shared.node) {
+                    kick_remote(this, &local, previous, device);
+                }
             }
-        })
-        .detach();
-    }
-
-    /// Hook: the session in `slot` left the indexes (`code`: why).
-    pub(crate) fn cluster_on_gone(&self, slot: u32, device: &str, code: ErrorCode) {
-        let Some(local) = self.local() else { return };
-        local.shared.count_disconnect(code);
-        let held = local.routes.borrow_mut().gone(slot);
-        if let Some(epoch) = held {
-            release(&local, device.to_owned(), epoch);
+            // The session ended while its claim was on the way.
+            Claimed::Release(epoch) => release(&local, device, epoch),
+            Claimed::Failed => {
+                counters.claim_failures.fetch_add(1, Ordering::Relaxed);
+            }
         }
-    }
+    });
+}
 
-    /// Re-asserts every held route (after a re-registration) and retries
-    /// failed claims.
-    pub(super) fn reassert_routes(&self, local: &Rc<Local>, all: bool) {
-        let mut st = self.state.borrow_mut();
+/// The device logged in here while a session of it lived on another
+/// node: end that one as REPLACED.
+pub(super) fn kick_remote<S: ClusterShard>(shard: &S, local: &Rc<Local<S>>, previous: Route, device: String) {
+    let Some(shard) = shard.me() else { return };
+    let local = local.clone();
+    local.shared.counters.remote_kicks.fetch_add(1, Ordering::Relaxed);
+    glommio::spawn_local(async move {
+        let kick = Frame::KickRequest(proto::KickRequest {
+            devices: vec![device],
+            code: ErrorCode::Replaced as i32,
+            reason: "logged in on another node".into(),
+            forwarded: true,
+            conn_ids: vec![previous.conn_id],
+            ..Default::default()
+        });
+        if let Err(err) = forward(&*shard, &local, &previous.node, previous.incarnation, kick).await {
+            debug!(node = %previous.node, %err, "could not kick the replaced session on its node");
+        }
+    })
+    .detach();
+}
+
+/// Hook: the session in `slot` left the indexes (`code`: why).
+pub(crate) fn on_gone<S: ClusterShard>(shard: &S, slot: u32, device: &str, code: ErrorCode) {
+    let Some(local) = local(shard) else { return };
+    local.shared.count_disconnect(code);
+    let held = local.routes.borrow_mut().gone(slot);
+    if let Some(epoch) = held {
+        release(&local, device.to_owned(), epoch);
+    }
+}
+
+/// Re-asserts every held route (after a re-registration) and retries
+/// failed claims.
+pub(super) fn reassert_routes<S: ClusterShard>(shard: &S, local: &Rc<Local<S>>, all: bool) {
+    shard.enter(|h| {
         let entries = local.routes.borrow().to_reassert(all);
-        for (key, claim) in entries {
-            let Some(device) = st.device_of(key).map(str::to_owned) else { continue };
-            match claim {
+        for (key, state) in entries {
+            let Some(device) = h.device_of(key).map(str::to_owned) else { continue };
+            match state {
                 Claim::Held(epoch) => {
                     let router = local.shared.router.clone();
-                    let (shard, conn_id) = (self.id.0, ConnId::new(self.id, key).0);
+                    let (shard_index, conn_id) = (shard.id().0, ConnId::new(shard.id(), key).0);
                     local.shared.counters.reasserts.fetch_add(1, Ordering::Relaxed);
                     let l = local.clone();
-                    let fut = async move { router.reassert(&device, shard, conn_id, epoch).await };
-                    self.after_store(&mut st, fut, move |this, st, result| {
+                    let fut = async move { router.reassert(&device, shard_index, conn_id, epoch).await };
+                    shard.after_store(h, fut, move |_this, h, result| {
                         let outcome = l.routes.borrow_mut().reasserted(key, result.map_err(|_| ()));
                         if let Reasserted::Yield(key) = outcome {
                             let reason = "the device logged in elsewhere".to_owned();
-                            this.close_conn(st, key, this.now(), ErrorCode::Replaced, reason);
+                            let now = h.now();
+                            h.close_conn(key, now, ErrorCode::Replaced, reason);
                         }
                     });
                 }
                 Claim::Failed => {
                     local.routes.borrow_mut().retrying(key);
-                    self.claim(&mut st, local, key, device);
+                    claim(shard, h, local, key, device);
                 }
                 Claim::Pending => {}
             }
         }
-    }
+    });
 }
 
-pub(super) fn release(local: &Rc<Local>, device: String, epoch: u64) {
+pub(super) fn release<S: ClusterShard>(local: &Rc<Local<S>>, device: String, epoch: u64) {
     let router = local.shared.router.clone();
     local.shared.counters.releases.fetch_add(1, Ordering::Relaxed);
     glommio::spawn_local(async move {

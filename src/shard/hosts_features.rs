@@ -1,9 +1,10 @@
 //! The contexts the shard gives its feature components beside delivery
-//! (the push port, upstream): each borrows the shard and its state for one
-//! call, like [`super::hosts`].
+//! (the push port, upstream, cluster): each borrows the shard and its state
+//! for one call, like [`super::hosts`].
 
 use super::hosts::ShardCtx;
 use super::*;
+use crate::cluster::{ClusterHost, ClusterShard, LateAnswers};
 use crate::push::{PortEvent, PortHost, PortShard};
 use crate::upstream::{UpstreamHost, UpstreamShard};
 
@@ -80,11 +81,12 @@ impl PortHost for ShardCtx<'_> {
     }
 
     fn cluster_takes(&mut self, backend: ConnKey, frame: Frame) -> Option<Frame> {
-        self.shard.cluster_intercept(self.st, backend, frame)
+        let shard = self.shard;
+        crate::cluster::intercept(shard, self, backend, frame)
     }
 
     fn local_part(&mut self, backend: ConnKey, frame: Frame) -> Option<Frame> {
-        self.shard.cluster_local_reply(backend, frame)
+        crate::cluster::local_reply(self.shard, backend, frame)
     }
 }
 
@@ -95,7 +97,7 @@ impl PortShard for Shard {
         let out = f(&mut self.ctx(&mut self.state.borrow_mut()));
         // The cluster's tasks for requests taken in `f`, now that the
         // state is free.
-        self.cluster_start_queued();
+        crate::cluster::start_queued(self);
         out
     }
 
@@ -170,5 +172,73 @@ impl UpstreamShard for Shard {
     fn enter<R>(&self, f: impl FnOnce(&mut ShardCtx<'_>) -> R) -> R {
         let mut st = self.state.borrow_mut();
         f(&mut self.ctx(&mut st))
+    }
+}
+
+impl ClusterHost for ShardCtx<'_> {
+    fn device_of(&self, key: ConnKey) -> Option<&str> {
+        self.st.device_of(key)
+    }
+
+    fn close_conn(&mut self, key: ConnKey, now: Now, code: ErrorCode, reason: String) {
+        self.shard.close_conn(self.st, key, now, code, reason);
+    }
+}
+
+impl ClusterShard for Shard {
+    type Host<'a> = ShardCtx<'a>;
+    type Drain = ShardDrain;
+
+    fn enter<R>(&self, f: impl FnOnce(&mut ShardCtx<'_>) -> R) -> R {
+        let mut st = self.state.borrow_mut();
+        f(&mut self.ctx(&mut st))
+    }
+
+    fn slot(&self) -> &crate::cluster::Slot<Shard> {
+        &self.cluster
+    }
+
+    fn me(&self) -> Option<Rc<Shard>> {
+        self.me.upgrade()
+    }
+
+    fn id(&self) -> ShardId {
+        self.id
+    }
+
+    fn node(&self) -> &str {
+        &self.cfg.node
+    }
+
+    fn is_stopping(&self) -> bool {
+        Shard::is_stopping(self)
+    }
+
+    fn limits(&self) -> PushLimits {
+        self.live().push
+    }
+
+    fn late_answers(&self) -> LateAnswers {
+        let counters = self.counters.clone();
+        Rc::new(move || {
+            counters.push_late_answers.fetch_add(1, Ordering::Relaxed);
+        })
+    }
+
+    fn after_store<T: 'static>(
+        &self,
+        h: &mut ShardCtx<'_>,
+        fut: impl Future<Output = T> + 'static,
+        then: impl for<'b> FnOnce(&Shard, &mut ShardCtx<'b>, T) + 'static,
+    ) {
+        Shard::after_store(self, h.st, fut, move |shard, st, value| then(shard, &mut shard.ctx(st), value));
+    }
+
+    fn new_drain(rate_per_shard: f64) -> ShardDrain {
+        ShardDrain::new(rate_per_shard)
+    }
+
+    fn drain_step(&self, drain: &ShardDrain, tick: Duration, endpoint: impl Fn(&str) -> String) -> u32 {
+        Shard::drain_step(self, drain, tick, endpoint)
     }
 }

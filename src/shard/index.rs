@@ -53,7 +53,7 @@ impl Shard {
         // Subscribed backends learn the session is online.
         crate::upstream::conn_event(&mut self.ctx(st), key, ConnectionEventKind::Online, ErrorCode::Unspecified);
         // Hook: cluster mode claims the device's route.
-        self.cluster_on_active(st, key, login);
+        crate::cluster::on_active(self, &mut self.ctx(st), key, login);
     }
 
     /// Ends a session with a Kicked frame; it leaves the indexes at once.
@@ -89,7 +89,7 @@ impl Shard {
         };
         entry.remove();
         // Hook: cluster mode releases the device's route.
-        self.cluster_on_gone(slot, device, code);
+        crate::cluster::on_gone(self, slot, device, code);
         self.counters.ops.session_gone(conn.field(3), conn.field(4), code);
         let home = home_shard(user, self.shards);
         let next = conn.next_of_user;

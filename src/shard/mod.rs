@@ -244,7 +244,7 @@ pub struct Shard {
     /// handle to the node's Redis store.
     pub(crate) store: Rc<dyn TimelineStore>,
     /// Cluster mode: routes, forwarding, drain ([`crate::cluster`]).
-    pub(crate) cluster: crate::cluster::Slot,
+    pub(crate) cluster: crate::cluster::Slot<Shard>,
     /// In-place upgrade: paused, frozen ([`crate::upgrade`]).
     pub(crate) upgrade: ShardUpgrade,
 }
