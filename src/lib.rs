@@ -34,6 +34,8 @@
 //!   bytes, sessions by platform and version).
 //! - [`reload`]: SIGHUP and `POST /reload`: the config re-read and applied live.
 //! - [`revocation`]: revoked users and devices, per shard.
+//! - [`stats`]: metric primitives every layer records into (latency
+//!   histogram, counted codes and results); a leaf.
 //! - [`trim`]: freed memory given back after many connections closed.
 //! - [`client`]: client session state machine and its glommio driver.
 //! - [`sdk`]: the client SDK: reconnects, drift, smart heartbeat, resume,
@@ -50,9 +52,10 @@
 //!   on it.
 //! - Cluster mode: [`router`] (routes with epochs, node leases, in Redis, on
 //!   sidecar threads; [`router::lease`] on its own thread), [`cluster`] (route claims, pushes
-//!   forwarded between nodes, merged replies, drain, cluster counters; the
-//!   claim bookkeeping is a component, `cluster::Routes`; the rest is still
-//!   `impl Shard` and imports `shard`).
+//!   forwarded between nodes, merged replies, drain, cluster counters; a
+//!   component called through `ClusterHost`/`ClusterShard`
+//!   (`shard/hosts_features.rs`), with the claim bookkeeping in
+//!   `cluster::Routes`; `cluster` does not depend on `shard`).
 //! - [`http`]: beside the shards, on threads: the admin port of every node
 //!   (/metrics, /healthz; /v1/dispatch and /drain in cluster mode), the
 //!   dispatcher, the Prometheus writer.
@@ -83,6 +86,7 @@ pub mod server;
 pub mod session;
 pub mod shard;
 pub mod sidecar;
+pub mod stats;
 pub mod trim;
 pub mod upgrade;
 pub mod upstream;

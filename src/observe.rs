@@ -10,8 +10,8 @@
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::cluster::{AtomicHistogram, DISCONNECT_CODES};
 use crate::protocol::proto::ErrorCode;
+use crate::stats::{AtomicHistogram, DISCONNECT_CODES};
 
 /// Distinct (platform, app version) pairs counted per process.
 pub const SESSION_KINDS: usize = 64;

@@ -26,8 +26,8 @@ use crate::config::{Config, ConfigError};
 use crate::conn::links::TlsStores;
 use crate::push::auth::PortAuth;
 use crate::session::Params;
-use crate::shard::PushLimits;
-use crate::upstream::UpstreamSettings;
+use crate::push::PushLimits;
+use crate::upstream::{UpstreamError, UpstreamSettings};
 
 /// The settings a shard reads on its per-message paths that a reload may
 /// change. Each shard keeps its own copy.
@@ -103,9 +103,18 @@ impl ReloadHub {
     }
 }
 
+/// Why a config gives no live settings.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+}
+
 impl LiveSettings {
     /// The live settings of `config` for a node of `shards` shards.
-    pub fn from_config(config: &Config, shards: u16) -> Result<LiveSettings, crate::server::ServerError> {
+    pub fn from_config(config: &Config, shards: u16) -> Result<LiveSettings, SettingsError> {
         let (keyring, _) = config.keyring()?;
         let session = &config.session;
         Ok(LiveSettings {
@@ -120,7 +129,7 @@ impl LiveSettings {
                 close_linger_ms: session.close_linger_ms,
                 max_id_bytes: crate::protocol::limits::MAX_ID_BYTES,
             },
-            push_auth: Arc::new(crate::server::port_auth(config)?),
+            push_auth: Arc::new(crate::push::auth::port_auth(config)?),
             push: PushLimits {
                 max_inflight_per_backend: config.push.max_inflight_per_backend,
                 max_targets_per_request: config.push.max_targets_per_request,

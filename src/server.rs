@@ -9,12 +9,13 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement, PoolThreadHandles};
-use socket2::{Domain, Protocol, Socket, Type};
 use tracing::info;
 
 use crate::cluster::ClusterShared;
 use crate::config::Config;
 use crate::conn::fd;
+use crate::conn::links::LinkError;
+use crate::conn::listen::{ListenError, bind_reuseport};
 use crate::delivery::reliable::DeliverySettings;
 use crate::delivery::store::{MemoryStore, TimelineStore};
 use crate::delivery::store_redis::{RedisStore, RedisStoreConfig};
@@ -22,7 +23,7 @@ use crate::http::HttpServer;
 use crate::http::admin::{self, AdminState};
 use crate::mesh::{MeshEnds, Outbox};
 use crate::protocol::ids::ShardId;
-use crate::push::auth::{Grant, Listener, PortAuth, PushKeyring};
+use crate::push::auth::Listener;
 use crate::shard::{Shard, ShardConfig, ShardCounters};
 use crate::upgrade::wire::ListenerKind;
 use crate::upgrade::{Inherited, ListenerPool, ShardLink, ShardRestore};
@@ -76,6 +77,31 @@ pub enum ServerError {
     Tls(crate::conn::tls::TlsConfigError),
 }
 
+impl From<ListenError> for ServerError {
+    fn from(ListenError { addr, source }: ListenError) -> ServerError {
+        ServerError::Listen { addr, source }
+    }
+}
+
+impl From<crate::reload::SettingsError> for ServerError {
+    fn from(err: crate::reload::SettingsError) -> ServerError {
+        match err {
+            crate::reload::SettingsError::Config(e) => ServerError::Config(e),
+            crate::reload::SettingsError::Upstream(e) => ServerError::Upstream(e),
+        }
+    }
+}
+
+impl From<LinkError> for ServerError {
+    fn from(err: LinkError) -> ServerError {
+        match err {
+            LinkError::Config(e) => ServerError::Config(e),
+            LinkError::Listen(e) => e.into(),
+            LinkError::Tls(e) => ServerError::Tls(e),
+        }
+    }
+}
+
 /// A running node. Dropping it does not stop it; call [`Server::shutdown`].
 pub struct Server {
     handles: Option<PoolThreadHandles<()>>,
@@ -120,7 +146,7 @@ impl Listeners {
         let server = &config.server;
         let mut group = |kind, addr: SocketAddr| match pool.as_mut().and_then(|p| p.take_group(kind, shards)) {
             Some(taken) => taken.map_err(|source| ServerError::Listen { addr, source }),
-            None => bind_reuseport(addr, shards, server.listen_backlog),
+            None => bind_reuseport(addr, shards, server.listen_backlog).map_err(ServerError::from),
         };
         let (client_addr, client) = group(ListenerKind::Client, server.client_listen)?;
         let (push_addr, push) = group(ListenerKind::Push, server.push_listen)?;
@@ -644,68 +670,6 @@ fn drainer(cluster: Option<Arc<ClusterShared>>, drain: Arc<AtomicBool>) -> impl 
             }
         }
     }
-}
-
-/// Binds `count` listening sockets to one address with SO_REUSEPORT (the
-/// kernel spreads connections over them). With port 0 the first socket
-/// picks the port and the others join it.
-/// The keys of the push port (configured, or the dev push key) and, in
-/// cluster mode, of the node listener (the cluster secret).
-pub(crate) fn port_auth(config: &Config) -> Result<PortAuth, ServerError> {
-    let pa = &config.push_auth;
-    let (push, dev_push) = pa.keyring(&config.data_dir)?;
-    if let Some(path) = dev_push {
-        tracing::warn!(
-            path = %path.display(),
-            "no push keys configured: using the dev push key (fine for trying longlink, not for production)"
-        );
-    }
-    let node = match config.cluster.enabled {
-        true => {
-            let (key, dev) = crate::push::auth::cluster_key_or_dev(&config.cluster.secret_hex, &config.data_dir)?;
-            if let Some(path) = dev {
-                tracing::warn!(
-                    path = %path.display(),
-                    "no cluster.secret_hex: using a dev cluster secret (only nodes sharing this data_dir can talk)"
-                );
-            }
-            Some(PushKeyring::new(vec![Grant::cluster(key)]))
-        }
-        false => None,
-    };
-    Ok(PortAuth {
-        push,
-        node,
-        auth_timeout_ms: pa.auth_timeout_ms,
-        idle_timeout_ms: pa.idle_timeout_ms,
-        max_unauthenticated: pa.max_unauthenticated_per_shard,
-    })
-}
-
-pub(crate) fn bind_reuseport(
-    addr: SocketAddr,
-    count: u16,
-    backlog: u32,
-) -> Result<(SocketAddr, Vec<OwnedFd>), ServerError> {
-    let err = |source| ServerError::Listen { addr, source };
-    let mut bound = addr;
-    let mut fds = Vec::with_capacity(usize::from(count));
-    for _ in 0..count {
-        let socket =
-            Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP)).map_err(err)?;
-        socket.set_reuse_address(true).map_err(err)?;
-        socket.set_reuse_port(true).map_err(err)?;
-        // Inherited by accepted sockets: frames are small and latency matters.
-        socket.set_nodelay(true).map_err(err)?;
-        socket.set_nonblocking(true).map_err(err)?;
-        socket.bind(&bound.into()).map_err(err)?;
-        socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX)).map_err(err)?;
-        if let Some(local) = socket.local_addr().map_err(err)?.as_socket() {
-            bound = local;
-        }
-        fds.push(OwnedFd::from(socket));
-    }
-    Ok((bound, fds))
 }
 
 /// Where the shards meet: once their mesh ends are registered (at start),

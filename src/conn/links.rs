@@ -8,11 +8,22 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use crate::config::Config;
+use crate::conn::listen::{ListenError, ListenerKind, ListenerPool, bind_reuseport};
 use crate::conn::tls::config::{ALPN_HTTP1, ALPN_LONGLINK};
 use crate::conn::tls::{CertStore, ServerTlsSettings, TlsConfigError};
 use crate::conn::tls_config::listen_addr;
 use crate::conn::transport::Link;
-use crate::server::ServerError;
+
+/// Why the transport listeners could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    #[error(transparent)]
+    Tls(TlsConfigError),
+}
 
 /// Bound addresses of the transport listeners that are on.
 #[derive(Clone, Copy, Debug, Default)]
@@ -56,7 +67,7 @@ impl TlsStores {
 impl LinkListeners {
     /// Binds the listeners that are configured and loads their
     /// certificates; logs the `[ws]` warnings.
-    pub fn bind(config: &Config, shards: u16) -> Result<LinkListeners, ServerError> {
+    pub fn bind(config: &Config, shards: u16) -> Result<LinkListeners, LinkError> {
         Self::bind_from(config, shards, None)
     }
 
@@ -65,9 +76,8 @@ impl LinkListeners {
     pub(crate) fn bind_from(
         config: &Config,
         shards: u16,
-        mut pool: Option<&mut crate::upgrade::ListenerPool>,
-    ) -> Result<LinkListeners, ServerError> {
-        use crate::upgrade::wire::ListenerKind;
+        mut pool: Option<&mut ListenerPool>,
+    ) -> Result<LinkListeners, LinkError> {
         let server = &config.server;
         let mut per_shard: Vec<Vec<(Link, OwnedFd)>> = (0..shards).map(|_| Vec::new()).collect();
         let mut addrs = LinkAddrs::default();
@@ -85,8 +95,8 @@ impl LinkListeners {
                 _ => ListenerKind::Ws,
             };
             let (bound, fds) = match pool.as_mut().and_then(|p| p.take_group(kind, shards)) {
-                Some(taken) => taken.map_err(|source| ServerError::Listen { addr, source })?,
-                None => crate::server::bind_reuseport(addr, shards, server.listen_backlog)?,
+                Some(taken) => taken.map_err(|source| ListenError { addr, source })?,
+                None => bind_reuseport(addr, shards, server.listen_backlog)?,
             };
             for (shard, fd) in per_shard.iter_mut().zip(fds) {
                 shard.push((link, fd));
@@ -100,11 +110,11 @@ impl LinkListeners {
             match link {
                 Link::Tls => {
                     addrs.tls = Some(bound);
-                    stores.tls = Some(CertStore::load(settings(ALPN_LONGLINK)).map_err(ServerError::Tls)?);
+                    stores.tls = Some(CertStore::load(settings(ALPN_LONGLINK)).map_err(LinkError::Tls)?);
                 }
                 Link::WssUpgrade => {
                     addrs.wss = Some(bound);
-                    stores.wss = Some(CertStore::load(settings(ALPN_HTTP1)).map_err(ServerError::Tls)?);
+                    stores.wss = Some(CertStore::load(settings(ALPN_HTTP1)).map_err(LinkError::Tls)?);
                 }
                 _ => addrs.ws = Some(bound),
             }

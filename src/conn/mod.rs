@@ -18,6 +18,7 @@
 pub(crate) mod fd;
 pub(crate) mod fd_pass;
 pub mod links;
+pub mod listen;
 pub mod outq;
 pub mod tls;
 pub mod tls_config;

@@ -92,7 +92,7 @@ pub struct ReliableCounters {
     /// Devices with delivery state right now.
     pub tracked_devices: AtomicU64,
     /// From stored to acknowledged by the client (`/metrics`).
-    pub ack_latency: crate::cluster::AtomicHistogram,
+    pub ack_latency: crate::stats::AtomicHistogram,
 }
 
 impl ReliableCounters {

@@ -393,6 +393,39 @@ pub fn parse_credential(text: &str) -> Result<Key, String> {
     Key::new(id, secret).map_err(|e| e.to_string())
 }
 
+/// The keys of the push port (configured, or the dev push key) and, in
+/// cluster mode, of the node listener (the cluster secret).
+pub(crate) fn port_auth(config: &crate::config::Config) -> Result<PortAuth, ConfigError> {
+    let pa = &config.push_auth;
+    let (push, dev_push) = pa.keyring(&config.data_dir)?;
+    if let Some(path) = dev_push {
+        tracing::warn!(
+            path = %path.display(),
+            "no push keys configured: using the dev push key (fine for trying longlink, not for production)"
+        );
+    }
+    let node = match config.cluster.enabled {
+        true => {
+            let (key, dev) = cluster_key_or_dev(&config.cluster.secret_hex, &config.data_dir)?;
+            if let Some(path) = dev {
+                tracing::warn!(
+                    path = %path.display(),
+                    "no cluster.secret_hex: using a dev cluster secret (only nodes sharing this data_dir can talk)"
+                );
+            }
+            Some(PushKeyring::new(vec![Grant::cluster(key)]))
+        }
+        false => None,
+    };
+    Ok(PortAuth {
+        push,
+        node,
+        auth_timeout_ms: pa.auth_timeout_ms,
+        idle_timeout_ms: pa.idle_timeout_ms,
+        max_unauthenticated: pa.max_unauthenticated_per_shard,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,7 +31,6 @@
 pub(crate) mod codec;
 pub mod wire;
 
-use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
@@ -39,6 +38,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::conn::fd_pass;
+pub(crate) use crate::conn::listen::ListenerPool;
 use crate::delivery::store::StoreImage;
 use wire::{Handover, Hello, ListenerKind, SessionRecord, ShardImage};
 
@@ -109,41 +109,6 @@ pub(crate) struct ShardRestore {
     pub sessions: Vec<(SessionRecord, OwnedFd)>,
     pub store: Option<StoreImage>,
     pub revoked: Vec<(bool, String, i64)>,
-}
-
-/// Listening sockets by kind, one per shard (one for the admin port).
-#[derive(Default)]
-pub(crate) struct ListenerPool {
-    by_kind: HashMap<ListenerKind, Vec<OwnedFd>>,
-}
-
-impl ListenerPool {
-    /// The sockets of `kind`; `None` when none were handed over.
-    pub fn take(&mut self, kind: ListenerKind) -> Option<Vec<OwnedFd>> {
-        self.by_kind.remove(&kind)
-    }
-
-    /// The sockets of `kind`, checked to be `count` listening TCP sockets,
-    /// with their bound address.
-    pub fn take_group(
-        &mut self,
-        kind: ListenerKind,
-        count: u16,
-    ) -> Option<std::io::Result<(std::net::SocketAddr, Vec<OwnedFd>)>> {
-        let fds = self.take(kind)?;
-        if fds.len() != usize::from(count) {
-            let msg = format!("{} {kind:?} listeners handed over for {count} shards", fds.len());
-            return Some(Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)));
-        }
-        let addr = fds
-            .first()
-            .and_then(|fd| socket2::SockRef::from(fd).local_addr().ok())
-            .and_then(|a| a.as_socket())
-            .ok_or_else(|| {
-                std::io::Error::new(std::io::ErrorKind::InvalidInput, "handed-over listener has no address")
-            });
-        Some(addr.map(|addr| (addr, fds)))
-    }
 }
 
 /// The new process's inheritance, and the way to confirm it.
@@ -478,7 +443,7 @@ pub fn receive(config: &Config) -> Result<Option<Inherited>, UpgradeError> {
     let mut rest = fds.split_off(handover.listeners.len());
     let mut listeners = ListenerPool::default();
     for ((kind, _), fd) in handover.listeners.into_iter().zip(fds) {
-        listeners.by_kind.entry(kind).or_default().push(fd);
+        listeners.add(kind, fd);
     }
     let mut shards: Vec<ShardRestore> = (0..hello.shards).map(|_| ShardRestore::default()).collect();
     for (index, image) in handover.shards.into_iter().enumerate() {

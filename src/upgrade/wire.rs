@@ -108,16 +108,9 @@ fn expect_kind(r: &mut Reader<'_>, kind: u8) -> Result<(), DecodeError> {
     Ok(())
 }
 
-/// Which listener an fd is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ListenerKind {
-    Client,
-    Push,
-    Admin,
-    Ws,
-    Tls,
-    Wss,
-}
+/// Which listener an fd is: defined with the listeners ([`crate::conn::listen`]),
+/// encoded here.
+pub use crate::conn::listen::ListenerKind;
 
 impl ListenerKind {
     fn to_u8(self) -> u8 {
