@@ -127,10 +127,11 @@ fn kind_index(platform: &str, version: &str) -> usize {
     SESSION_KINDS
 }
 
-impl crate::shard::Shard {
-    /// Publishes the gauges a shard keeps locally (each timer tick).
+impl OpsCounters {
+    /// Publishes the gauges a shard keeps locally (each timer tick, on the
+    /// shard's thread).
     pub(crate) fn publish_ops_gauges(&self) {
-        self.counters.ops.queued_bytes.store(crate::conn::outq::thread_queued_bytes(), Ordering::Relaxed);
+        self.queued_bytes.store(crate::conn::outq::thread_queued_bytes(), Ordering::Relaxed);
     }
 }
 

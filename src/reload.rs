@@ -24,9 +24,9 @@ use serde_json::{Value, json};
 
 use crate::config::{Config, ConfigError};
 use crate::conn::links::TlsStores;
+use crate::push::PushLimits;
 use crate::push::auth::PortAuth;
 use crate::session::Params;
-use crate::push::PushLimits;
 use crate::upstream::{UpstreamError, UpstreamSettings};
 
 /// The settings a shard reads on its per-message paths that a reload may

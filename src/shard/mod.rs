@@ -375,7 +375,7 @@ impl Shard {
             glommio::timer::sleep(tick).await;
             liveness.turned(Instant::now());
             self.poll_reload();
-            self.publish_ops_gauges();
+            self.counters.ops.publish_ops_gauges();
             if shutdown_deadline.is_none() && stop.load(Ordering::Relaxed) {
                 self.begin_shutdown();
                 shutdown_deadline = Some(Instant::now() + shutdown_grace);
