@@ -16,7 +16,6 @@ const KNOWN: &[(&str, &str, &str)] = &[
     ("config", "http", "[http]/[dispatch_auth] settings types live in http/; to move into config/"),
     ("config", "push", "[push_auth] settings type and cluster_key live in push/auth.rs; to move into config/"),
     ("config", "groups", "[client_groups] settings type lives in groups.rs; to move into config/"),
-    ("config", "delivery", "validate builds delivery's RetryPolicy/Retention; delivery should build them"),
 ];
 
 /// Not part of the library's module graph.

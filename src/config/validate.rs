@@ -261,28 +261,6 @@ impl DeliveryConfig {
         check_range("delivery.node_index", self.node_index, 0, MAX_NODE_INDEX, " (4 bits of every message id)")?;
         Ok(())
     }
-
-    /// The retransmission schedule.
-    pub fn retry_policy(&self) -> crate::delivery::RetryPolicy {
-        crate::delivery::RetryPolicy {
-            base_delay_ms: self.retry_base_ms,
-            fast_retries: self.retry_fast,
-            step_ms: self.retry_step_ms,
-            max_delay_ms: self.retry_max_delay_ms,
-            max_retries: self.max_retries,
-        }
-    }
-
-    /// Timeline retention.
-    pub fn retention(&self) -> crate::delivery::store::Retention {
-        crate::delivery::store::Retention {
-            max_messages: self.retention_messages as usize,
-            max_age_ms: self.retention_age_ms,
-            max_status_records: self.status_records as usize,
-            max_unacked_replays: self.max_replays,
-            learned_ttl_ms: self.learned_ttl_secs.saturating_mul(1000),
-        }
-    }
 }
 
 impl ClusterConfig {

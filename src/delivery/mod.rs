@@ -260,6 +260,32 @@ impl MessageIds {
     }
 }
 
+/// The delivery settings as the engine and the stores take them (built
+/// here so `config` does not import `delivery`).
+impl crate::config::DeliveryConfig {
+    /// The retransmission schedule.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            base_delay_ms: self.retry_base_ms,
+            fast_retries: self.retry_fast,
+            step_ms: self.retry_step_ms,
+            max_delay_ms: self.retry_max_delay_ms,
+            max_retries: self.max_retries,
+        }
+    }
+
+    /// Timeline retention.
+    pub fn retention(&self) -> store::Retention {
+        store::Retention {
+            max_messages: self.retention_messages as usize,
+            max_age_ms: self.retention_age_ms,
+            max_status_records: self.status_records as usize,
+            max_unacked_replays: self.max_replays,
+            learned_ttl_ms: self.learned_ttl_secs.saturating_mul(1000),
+        }
+    }
+}
+
 #[cfg(test)]
 mod component_tests;
 #[cfg(test)]
