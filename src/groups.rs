@@ -6,20 +6,7 @@
 
 use std::collections::HashMap;
 
-crate::config::config_struct! {
-    /// `[client_groups]`: which groups clients may JOIN by their own frame
-    /// (backends add devices to any group with a push key's `groups`
-    /// right). A JOIN is allowed when the group matches a pattern here or
-    /// in the connect token's `groups` claim; every other JOIN is answered
-    /// `GroupResult{PERMISSION_DENIED}`.
-    pub struct ClientGroupsConfig {
-        /// Groups any authenticated client may join: exact names, or
-        /// prefixes written with a trailing '*' ("lobby-*"; "*" allows
-        /// every group). Default: none (client JOIN off unless the token
-        /// allows the group).
-        pub allow: Vec<String> = Vec::new(),
-    }
-}
+pub use crate::config::ClientGroupsConfig;
 
 /// Groups a token's claim may name, at most.
 pub const MAX_GROUP_CLAIMS: usize = 64;

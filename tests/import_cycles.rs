@@ -15,7 +15,6 @@ const KNOWN: &[(&str, &str, &str)] = &[
     ("config", "conn", "[ws]/[tls] settings types live in conn/tls_config.rs; to move into config/"),
     ("config", "http", "[http]/[dispatch_auth] settings types live in http/; to move into config/"),
     ("config", "push", "[push_auth] settings type and cluster_key live in push/auth.rs; to move into config/"),
-    ("config", "groups", "[client_groups] settings type lives in groups.rs; to move into config/"),
 ];
 
 /// Not part of the library's module graph.

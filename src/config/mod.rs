@@ -108,7 +108,7 @@ config_struct! {
         /// Push-port credentials: keys, their rights, deadlines.
         pub push_auth: crate::push::auth::PushAuthConfig = Default::default(),
         /// Which groups clients may JOIN themselves.
-        pub client_groups: crate::groups::ClientGroupsConfig = Default::default(),
+        pub client_groups: ClientGroupsConfig = Default::default(),
         /// WebSocket handshake: path, subprotocol, Origin allow-list, limits.
         pub ws: crate::conn::tls_config::WsConfig = Default::default(),
         /// Certificates for server.tls_listen and server.wss_listen.
@@ -722,6 +722,21 @@ impl Config {
             return self.server.shards;
         }
         std::thread::available_parallelism().map_or(1, |n| u16::try_from(n.get()).unwrap_or(u16::MAX))
+    }
+}
+
+config_struct! {
+    /// `[client_groups]`: which groups clients may JOIN by their own frame
+    /// (backends add devices to any group with a push key's `groups`
+    /// right). A JOIN is allowed when the group matches a pattern here or
+    /// in the connect token's `groups` claim; every other JOIN is answered
+    /// `GroupResult{PERMISSION_DENIED}`.
+    pub struct ClientGroupsConfig {
+        /// Groups any authenticated client may join: exact names, or
+        /// prefixes written with a trailing '*' ("lobby-*"; "*" allows
+        /// every group). Default: none (client JOIN off unless the token
+        /// allows the group).
+        pub allow: Vec<String> = Vec::new(),
     }
 }
 

@@ -112,7 +112,7 @@ pub(super) fn section_fields(name: &str) -> &'static [FieldDoc] {
         "http" => crate::http::guard::HttpConfig::FIELDS,
         "dispatch" => crate::http::dispatch_auth::DispatchAuthConfig::FIELDS,
         "push_auth" => crate::push::auth::PushAuthConfig::FIELDS,
-        "client_groups" => crate::groups::ClientGroupsConfig::FIELDS,
+        "client_groups" => ClientGroupsConfig::FIELDS,
         "ws" => crate::conn::tls_config::WsConfig::FIELDS,
         "tls" => crate::conn::tls_config::TlsConfig::FIELDS,
         // A new section must be listed here; the round-trip test fails

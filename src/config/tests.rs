@@ -57,7 +57,7 @@ fn default_toml_documents_every_field() {
         + crate::http::guard::HttpConfig::FIELDS.len()
         + crate::http::dispatch_auth::DispatchAuthConfig::FIELDS.len()
         + crate::push::auth::PushAuthConfig::FIELDS.len()
-        + crate::groups::ClientGroupsConfig::FIELDS.len()
+        + ClientGroupsConfig::FIELDS.len()
         + ServerConfig::FIELDS.len()
         + SessionConfig::FIELDS.len()
         + AuthConfig::FIELDS.len()
