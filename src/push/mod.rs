@@ -25,7 +25,6 @@ pub(crate) use reply::{Pending, summarize};
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::Future;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -33,11 +32,11 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use glommio::net::TcpStream;
 use prost::Message as _;
 use tracing::{debug, warn};
 
 use crate::conn::OutQueue;
+use crate::conn::tls::PipeStream;
 use crate::mesh::{Origin, Outgoing, Part, PresencePart, PresenceQuery, ShardMsg, UserAction};
 use crate::protocol::codec::{self, CodecError, Flags, Frame, Peer};
 use crate::protocol::codes::{self, request_error};

@@ -9,17 +9,35 @@ const UPGRADING: &str = "node upgrading; retry";
 impl Shard {
     /// Accepts backend connections on the push port (or, `Listener::Node`,
     /// other nodes on the node listener) until shutdown.
-    pub async fn push_accept_loop(self: Rc<Self>, listener: glommio::net::TcpListener, role: auth::Listener) {
+    /// With `tls` (`push.tls_listen`, or the node listener with
+    /// `cluster.tls`) each connection is served over TLS with the
+    /// certificate in force at accept.
+    pub async fn push_accept_loop(
+        self: Rc<Self>,
+        listener: glommio::net::TcpListener,
+        role: auth::Listener,
+        mut tls: Option<crate::conn::tls::ShardServerConfig>,
+    ) {
         while let Some(accepted) = self.accept_or_stop(&listener).await {
             match accepted {
                 Ok(stream) => {
+                    let stream = match tls.as_mut() {
+                        None => PipeStream::plain(stream),
+                        Some(tls) => match PipeStream::tls_server(stream, tls.current().clone()) {
+                            Ok(stream) => stream,
+                            Err(err) => {
+                                warn!(shard = %self.id, error = %err, "cannot start a TLS session");
+                                continue;
+                            }
+                        },
+                    };
                     let Some(key) = self.admit_backend(role) else {
                         // Too many still authenticating: the newcomer waits
                         // for nothing and costs nothing.
                         self.counters.push_refused.fetch_add(1, Ordering::Relaxed);
                         continue;
                     };
-                    debug!(shard = %self.id, peer = ?stream.peer_addr().ok(), ?role, "backend connected");
+                    debug!(shard = %self.id, peer = ?stream.tcp().peer_addr().ok(), ?role, "backend connected");
                     glommio::spawn_local(Rc::clone(&self).run_backend(key, stream)).detach();
                 }
                 Err(err) => {
@@ -65,12 +83,14 @@ impl Shard {
         Some(ConnKey { index: index as u32, generation })
     }
 
-    pub(super) async fn run_backend(self: Rc<Self>, key: ConnKey, mut stream: TcpStream) {
+    pub(super) async fn run_backend(self: Rc<Self>, key: ConnKey, mut stream: PipeStream) {
         let mut rbuf = BytesMut::new();
         std::future::poll_fn(|cx| self.poll_backend(key, &mut stream, &mut rbuf, cx)).await;
         let mut st = self.state.borrow_mut();
         if st.backends.get(key.index as usize).is_some_and(|b| b.generation == key.generation) {
-            st.backends.remove(key.index as usize);
+            let mut b = st.backends.remove(key.index as usize);
+            // TLS: close_notify after what is left, as far as it goes now.
+            stream.close(&mut b.out);
         }
         debug!(shard = %self.id, "backend disconnected");
     }
@@ -131,7 +151,7 @@ impl Shard {
     pub(super) fn poll_backend(
         &self,
         key: ConnKey,
-        stream: &mut TcpStream,
+        stream: &mut PipeStream,
         rbuf: &mut BytesMut,
         cx: &mut Context<'_>,
     ) -> Poll<()> {
@@ -142,7 +162,7 @@ impl Shard {
                 let Some(b) = st.backends.get_mut(key.index as usize).filter(|b| b.generation == key.generation) else {
                     return Poll::Ready(());
                 };
-                if b.out.flush(stream, cx).is_err() || (b.closing && b.out.is_empty()) {
+                if stream.flush(&mut b.out, cx).is_err() || (b.closing && stream.flushed(&b.out)) {
                     return Poll::Ready(());
                 }
                 if !b.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
@@ -204,28 +224,30 @@ impl Shard {
                         }
                     }
                 }
-                if st.backends.get(key.index as usize).is_some_and(|b| b.closing || !b.out.is_empty()) {
+                // Over TLS, what rustls answered (alerts, KeyUpdates) counts
+                // as queued: nothing more is read until it is written.
+                if st.backends.get(key.index as usize).is_some_and(|b| b.closing || !stream.flushed(&b.out)) {
                     // Flush replies (or the error) before reading more.
                     drop(st);
                     cx.waker().wake_by_ref();
                     return Poll::Pending;
                 }
             }
-            let mut chunk = [0u8; 16 * 1024];
-            // Before auth, read no more than the largest PushAuth frame.
+            // Before auth, read no more than the largest PushAuth frame
+            // (over TLS: one record, read whole to be decrypted).
             let want = {
                 let st = self.state.borrow();
                 match st.backends.get(key.index as usize).map(|b| &b.auth) {
                     Some(BackendAuth::Challenged { .. }) => {
                         (codec::HEADER_LEN + auth::MAX_AUTH_BODY as usize).saturating_sub(rbuf.len()).max(1)
                     }
-                    _ => chunk.len(),
+                    _ => 16 * 1024,
                 }
             };
-            match futures_lite::AsyncRead::poll_read(Pin::new(&mut *stream), cx, &mut chunk[..want]) {
+            match stream.poll_read(cx, rbuf, want) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
-                Poll::Ready(Ok(n)) => rbuf.extend_from_slice(&chunk[..n]),
+                Poll::Ready(Ok(false)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Ready(Ok(true)) => {}
             }
         }
         cx.waker().wake_by_ref();
