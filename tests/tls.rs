@@ -651,3 +651,94 @@ fn a_push_client_with_a_bad_ca_is_refused() {
     assert_eq!(refused, 0);
     server.shutdown();
 }
+
+/// A cluster node (a real `longlink serve` process) with node links over
+/// TLS (`cluster.tls`) or not.
+fn cluster_node(redis: &RedisServer, pki: &Pki, name: &str, index: u16, tls: bool) -> (NodeProcess, Config) {
+    let mut cfg = test_config(2);
+    cfg.node_name = name.into();
+    cfg.delivery.redis_url = redis.url();
+    cfg.delivery.node_index = index;
+    cfg.cluster.enabled = true;
+    cfg.cluster.forward_timeout_ms = 2_000;
+    cfg.push.reply_timeout_ms = 10_000;
+    cfg.push_auth.auth_timeout_ms = 1_000;
+    cfg.server.ws_listen = String::new();
+    cfg.tls.cert_file = pki.cert_file.clone();
+    cfg.tls.key_file = pki.key_file.clone();
+    cfg.cluster.tls = tls;
+    cfg.cluster.tls_ca_file = pki.ca_file.clone();
+    // The nodes advertise 127.0.0.1; the test certificate names localhost.
+    cfg.cluster.tls_server_name = "localhost".into();
+    (NodeProcess::start(&cfg), cfg)
+}
+
+/// A plain-TCP client of `device` on `addr`, authenticated.
+fn plain_client(addr: SocketAddr, cfg: &Config, device: &str) -> Frames<TcpStream> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(&auth(&token(cfg, "u", device))).unwrap();
+    let mut f = Frames { s, buf: Vec::new() };
+    assert!(matches!(f.recv(), Frame::AuthOk(_)));
+    f
+}
+
+/// Pushes to `device` through `push` until the reply says `want` (the
+/// device's route reaches Redis shortly after its login); the last status.
+fn push_until(push: SocketAddr, device: &str, payload: &str, want: proto::PushStatus) -> proto::PushStatus {
+    let mut client = push_client(push);
+    client.set_read_timeout(Some(WAIT)).unwrap();
+    let mut last = proto::PushStatus::Unspecified;
+    wait_until(WAIT, || {
+        let reply = client.push_devices(&[device], payload.to_owned().into()).expect("push reply");
+        last = reply.results[0].status();
+        last == want
+    });
+    last
+}
+
+/// `cluster.tls`: node a forwards a push from its backend to a client on
+/// node b over a TLS node link that verified b's certificate; a node link
+/// without TLS (node c, `cluster.tls` off) gets nothing through b's TLS
+/// node listener, and a plain link opened by hand is closed unauthenticated.
+#[test]
+fn cluster_node_links_over_tls_forward_pushes_and_refuse_plain_links() {
+    let dir = TempDir::new("cluster-tls");
+    let pki = make_pki(&dir.0, "a");
+    let redis = RedisServer::start();
+    let (a, _) = cluster_node(&redis, &pki, "a", 0, true);
+    let (b, cfg) = cluster_node(&redis, &pki, "b", 1, true);
+    let (c, _) = cluster_node(&redis, &pki, "c", 2, false);
+    let mut on_b = plain_client(b.client_addr, &cfg, "on-b");
+    let status = push_until(a.push_addr, "on-b", "via a", proto::PushStatus::Delivered);
+    assert_eq!(status, proto::PushStatus::Delivered);
+    // Attempts made before the route reached Redis were not delivered.
+    loop {
+        match on_b.recv() {
+            Frame::Message(m) if &m.payload[..] == b"via a" => break,
+            other => panic!("expected the forwarded push, got {other:?}"),
+        }
+    }
+    // Node c dials b without TLS: b's listener waits for a ClientHello and
+    // closes the link at its auth deadline; c answers retryable.
+    let mut from_c = push_client(c.push_addr);
+    from_c.set_read_timeout(Some(WAIT)).unwrap();
+    let reply = from_c.push_devices(&["on-b"], "via c".into()).expect("reply");
+    assert_ne!(reply.results[0].status(), proto::PushStatus::Delivered, "{reply:?}");
+    assert!(reply.results[0].retryable, "{reply:?}");
+    // By hand, with the right cluster secret but no TLS: refused.
+    let node_b = b.node_addr.expect("node listener");
+    let err = longlink::backend::PushClient::connect(node_b, WAIT, &cluster_key()).expect_err("plain link refused");
+    assert!(matches!(err, longlink::backend::BackendError::Eof), "{err}");
+    // Still forwarding over TLS.
+    let status = push_until(a.push_addr, "on-b", "again", proto::PushStatus::Delivered);
+    assert_eq!(status, proto::PushStatus::Delivered);
+    loop {
+        match on_b.recv() {
+            Frame::Message(m) if &m.payload[..] == b"again" => break,
+            Frame::Message(m) if &m.payload[..] == b"via a" => {}
+            other => panic!("expected the forwarded push, got {other:?}"),
+        }
+    }
+    drop((a, b, c));
+}

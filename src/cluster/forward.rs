@@ -197,7 +197,8 @@ impl Shard {
         };
         let link = Rc::new(PeerLink::new(node.to_owned(), incarnation, self.counters.clone()));
         local.peers.borrow_mut().insert(node.to_owned(), link.clone());
-        glommio::spawn_local(link.clone().run(endpoint, local.shared.node_key.clone())).detach();
+        let (key, tls) = (local.shared.node_key.clone(), local.shared.node_tls.clone());
+        glommio::spawn_local(link.clone().run(endpoint, key, tls)).detach();
         Some(link)
     }
 

@@ -335,3 +335,42 @@ impl PipeStream {
         .await
     }
 }
+
+/// How a node dials the other nodes' listeners over TLS (`cluster.tls`):
+/// the CAs that sign their certificates and the name to check.
+#[derive(Clone)]
+pub struct DialTls {
+    config: Arc<ClientConfig>,
+    /// `cluster.tls_server_name`; `None`: the host of each endpoint.
+    server_name: Option<String>,
+}
+
+impl DialTls {
+    /// Trusts the CAs in `ca_file`, offers ALPN [`ALPN_NODE`].
+    pub fn load(ca_file: &std::path::Path, server_name: &str) -> Result<DialTls, super::TlsConfigError> {
+        let config = super::config::load_client_config(ca_file, vec![ALPN_NODE.to_vec()])?;
+        let server_name = (!server_name.is_empty()).then(|| server_name.to_owned());
+        Ok(DialTls { config, server_name })
+    }
+
+    /// Starts TLS on a connection to `endpoint` (`host:port`).
+    pub fn start(&self, stream: TcpStream, endpoint: &str) -> Result<PipeStream, TlsError> {
+        let name = match &self.server_name {
+            Some(name) => name.as_str(),
+            None => host_of(endpoint),
+        };
+        PipeStream::tls_client(stream, Arc::clone(&self.config), name)
+    }
+}
+
+impl std::fmt::Debug for DialTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DialTls").field("server_name", &self.server_name).finish()
+    }
+}
+
+/// The host of `host:port` (`[v6]:port` too).
+pub fn host_of(endpoint: &str) -> &str {
+    let host = endpoint.rsplit_once(':').map_or(endpoint, |(host, _)| host);
+    host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host)
+}
