@@ -742,3 +742,31 @@ fn cluster_node_links_over_tls_forward_pushes_and_refuse_plain_links() {
     }
     drop((a, b, c));
 }
+
+/// The push port's certificate is reloaded with the others: new push
+/// connections get the new one, an open one keeps working.
+#[test]
+fn the_tls_push_port_reloads_its_certificate() {
+    let dir = TempDir::new("push-tls-reload");
+    let first = make_pki(&dir.0, "first");
+    let cfg = push_tls_config(&first);
+    let server = start(&cfg);
+    let addr = server.links().push_tls.unwrap();
+    let mut c = tls_client(&server, &cfg, &first.ca, "reload");
+    let mut old =
+        longlink::backend::PushClient::connect_tls(addr, WAIT, &push_key(), &push_tls(&first.ca_file)).unwrap();
+    let second = make_pki(&dir.0, "second");
+    std::fs::copy(&second.cert_file, &first.cert_file).unwrap();
+    std::fs::copy(&second.key_file, &first.key_file).unwrap();
+    server.reload_tls().expect("reload");
+    let err = longlink::backend::PushClient::connect_tls(addr, WAIT, &push_key(), &push_tls(&first.ca_file))
+        .expect_err("new connections get the new certificate");
+    assert!(matches!(err, longlink::backend::BackendError::Tls(_)), "{err}");
+    let mut new =
+        longlink::backend::PushClient::connect_tls(addr, WAIT, &push_key(), &push_tls(&second.ca_file)).unwrap();
+    new.push_devices(&["reload"], "new cert".into()).unwrap();
+    expect_message(&mut c, b"new cert");
+    old.push_devices(&["reload"], "old cert".into()).unwrap();
+    expect_message(&mut c, b"old cert");
+    server.shutdown();
+}

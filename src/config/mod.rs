@@ -111,7 +111,8 @@ config_struct! {
         pub client_groups: crate::groups::ClientGroupsConfig = Default::default(),
         /// WebSocket handshake: path, subprotocol, Origin allow-list, limits.
         pub ws: crate::conn::tls_config::WsConfig = Default::default(),
-        /// Certificates for server.tls_listen and server.wss_listen.
+        /// Certificates for server.tls_listen, server.wss_listen,
+        /// push.tls_listen and (cluster.tls) the node listener.
         pub tls: crate::conn::tls_config::TlsConfig = Default::default(),
     }
 }

@@ -93,3 +93,27 @@ pub fn handshake_config(config: &Config) -> HandshakeConfig {
         timeout_ms: config.session.auth_timeout_ms.clamp(100, 60_000),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    fn field_of(toml: &str) -> String {
+        match Config::from_toml_str(toml).and_then(|c| c.validate()) {
+            Ok(()) => String::new(),
+            Err(err) => err.to_string(),
+        }
+    }
+
+    #[test]
+    fn push_and_node_tls_need_their_files() {
+        assert!(field_of("[push]\ntls_listen = \"127.0.0.1:7111\"").contains("tls.cert_file"));
+        assert!(field_of("[push]\ntls_listen = \"nowhere\"").contains("push.tls_listen"));
+        let cluster = "[delivery]\nredis_url = \"redis://127.0.0.1:1/\"\n[cluster]\nenabled = true\ntls = true\n";
+        let files = "[tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n";
+        assert!(field_of(cluster).contains("tls.cert_file"));
+        assert!(field_of(&format!("{cluster}{files}")).contains("cluster.tls_ca_file"));
+        // Off unless the node is a cluster node.
+        assert_eq!(field_of("[cluster]\ntls = true\n"), "");
+    }
+}
