@@ -655,6 +655,18 @@ fn a_push_client_with_a_bad_ca_is_refused() {
 /// A cluster node (a real `longlink serve` process) with node links over
 /// TLS (`cluster.tls`) or not.
 fn cluster_node(redis: &RedisServer, pki: &Pki, name: &str, index: u16, tls: bool) -> (NodeProcess, Config) {
+    cluster_node_trusting(redis, pki, &pki.ca_file, name, index, tls)
+}
+
+/// As [`cluster_node`], verifying the other nodes against `ca_file`.
+fn cluster_node_trusting(
+    redis: &RedisServer,
+    pki: &Pki,
+    ca_file: &Path,
+    name: &str,
+    index: u16,
+    tls: bool,
+) -> (NodeProcess, Config) {
     let mut cfg = test_config(2);
     cfg.node_name = name.into();
     cfg.delivery.redis_url = redis.url();
@@ -667,7 +679,7 @@ fn cluster_node(redis: &RedisServer, pki: &Pki, name: &str, index: u16, tls: boo
     cfg.tls.cert_file = pki.cert_file.clone();
     cfg.tls.key_file = pki.key_file.clone();
     cfg.cluster.tls = tls;
-    cfg.cluster.tls_ca_file = pki.ca_file.clone();
+    cfg.cluster.tls_ca_file = ca_file.to_owned();
     // The nodes advertise 127.0.0.1; the test certificate names localhost.
     cfg.cluster.tls_server_name = "localhost".into();
     (NodeProcess::start(&cfg), cfg)
@@ -700,7 +712,8 @@ fn push_until(push: SocketAddr, device: &str, payload: &str, want: proto::PushSt
 /// `cluster.tls`: node a forwards a push from its backend to a client on
 /// node b over a TLS node link that verified b's certificate; a node link
 /// without TLS (node c, `cluster.tls` off) gets nothing through b's TLS
-/// node listener, and a plain link opened by hand is closed unauthenticated.
+/// node listener, nor does a TLS node that trusts another CA (node d), and
+/// a plain link opened by hand is closed unauthenticated.
 #[test]
 fn cluster_node_links_over_tls_forward_pushes_and_refuse_plain_links() {
     let dir = TempDir::new("cluster-tls");
@@ -709,6 +722,8 @@ fn cluster_node_links_over_tls_forward_pushes_and_refuse_plain_links() {
     let (a, _) = cluster_node(&redis, &pki, "a", 0, true);
     let (b, cfg) = cluster_node(&redis, &pki, "b", 1, true);
     let (c, _) = cluster_node(&redis, &pki, "c", 2, false);
+    let other = make_pki(&dir.0, "other");
+    let (d, _) = cluster_node_trusting(&redis, &pki, &other.ca_file, "d", 3, true);
     let mut on_b = plain_client(b.client_addr, &cfg, "on-b");
     let status = push_until(a.push_addr, "on-b", "via a", proto::PushStatus::Delivered);
     assert_eq!(status, proto::PushStatus::Delivered);
@@ -724,6 +739,12 @@ fn cluster_node_links_over_tls_forward_pushes_and_refuse_plain_links() {
     let reply = from_c.push_devices(&["on-b"], "via c".into()).expect("reply");
     assert_ne!(reply.results[0].status(), proto::PushStatus::Delivered, "{reply:?}");
     assert!(reply.results[0].retryable, "{reply:?}");
+    // Node d does not trust b's certificate: its link fails the handshake.
+    let mut from_d = push_client(d.push_addr);
+    from_d.set_read_timeout(Some(WAIT)).unwrap();
+    let reply = from_d.push_devices(&["on-b"], "via d".into()).expect("reply");
+    assert_ne!(reply.results[0].status(), proto::PushStatus::Delivered, "{reply:?}");
+    assert!(reply.results[0].retryable, "{reply:?}");
     // By hand, with the right cluster secret but no TLS: refused.
     let node_b = b.node_addr.expect("node listener");
     let err = longlink::backend::PushClient::connect(node_b, WAIT, &cluster_key()).expect_err("plain link refused");
@@ -731,14 +752,11 @@ fn cluster_node_links_over_tls_forward_pushes_and_refuse_plain_links() {
     // Still forwarding over TLS.
     let status = push_until(a.push_addr, "on-b", "again", proto::PushStatus::Delivered);
     assert_eq!(status, proto::PushStatus::Delivered);
-    loop {
-        match on_b.recv() {
-            Frame::Message(m) if &m.payload[..] == b"again" => break,
-            Frame::Message(m) if &m.payload[..] == b"via a" => {}
-            other => panic!("expected the forwarded push, got {other:?}"),
-        }
+    match on_b.recv() {
+        Frame::Message(m) => assert_eq!(&m.payload[..], b"again"),
+        other => panic!("expected the forwarded push, got {other:?}"),
     }
-    drop((a, b, c));
+    drop((a, b, c, d));
 }
 
 /// The push port's certificate is reloaded with the others: new push
