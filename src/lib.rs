@@ -7,8 +7,11 @@
 //! - [`config`]: TOML config with documented defaults and `validate()`.
 //! - [`session`]: the server's per-connection protocol state machine (no I/O, no clock).
 //! - [`wheel`]: the per-shard coarse timer wheel that drives every deadline.
-//! - [`shard`]: one executor's world: sessions, indexes, the connection
-//!   task, hand-off, messages from other shards, pacing, timers.
+//! - [`shard`]: one executor's world: the `Shard` and its loops (timers,
+//!   reload, shutdown, pacer and drain drivers) in `shard/mod.rs`, its
+//!   `State` (sessions, indexes, user directory, broadcast queue) in
+//!   `shard/state.rs`, the connection task, hand-off, messages from other
+//!   shards; the drain is a component (`shard/drain.rs`) with no I/O.
 //! - [`conn`]: the only code that touches socket fds: the task's socket and
 //!   the slot's handle, the outbound queue, the transport seam below framing.
 //! - [`mesh`]: messages between shards.

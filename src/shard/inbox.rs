@@ -4,69 +4,6 @@
 use super::*;
 
 impl Shard {
-    // ---- mesh -------------------------------------------------------------
-
-    /// Handles a message from another shard.
-    pub fn on_message(self: &Rc<Self>, msg: ShardMsg) {
-        match msg {
-            ShardMsg::Adopt(adoption) => self.adopt(*adoption),
-            other => {
-                let mut st = self.state.borrow_mut();
-                self.handle(&mut st, other);
-            }
-        }
-    }
-
-    /// Sends `msg` to shard `to`, or handles it right here when `to` is us.
-    pub(crate) fn route(&self, st: &mut State, to: ShardId, msg: ShardMsg) {
-        if to == self.id { self.handle(st, msg) } else { self.outbox.send(to, msg) }
-    }
-
-    /// Reserves room for a broadcast of `frame_len` bytes in the queue of
-    /// every shard, or in none: a broadcast refused by one shard must not
-    /// reach the sessions of the others, so that sending it again is safe.
-    /// Each shard's pacer releases its share when the job is done.
-    pub(crate) fn reserve_broadcast(&self, frame_len: usize) -> Result<(), String> {
-        let cost = broadcast_cost(frame_len);
-        let limit = self.live().push.broadcast_queue_bytes;
-        let shards = &self.cfg.node_counters;
-        for (i, counters) in shards.iter().enumerate() {
-            let queued = &counters.broadcast_queued_bytes;
-            if let Err(held) =
-                queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| (q + cost <= limit).then_some(q + cost))
-            {
-                for earlier in &shards[..i] {
-                    earlier.broadcast_queued_bytes.fetch_sub(cost, Ordering::AcqRel);
-                }
-                self.counters.broadcast_rejected.fetch_add(1, Ordering::Relaxed);
-                return Err(format!(
-                    "broadcast queue of shard {i} is full ({held} of {limit} bytes queued \
-                     (push.broadcast_queue_bytes_per_shard)); send it again later"
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// Whether the mesh toward other shards is too backed up to read more
-    /// push-port requests; if so, `waker` is woken when it has drained.
-    pub(crate) fn mesh_congested(&self, waker: &Waker) -> bool {
-        let congested = self.outbox.congested(waker);
-        if congested {
-            self.counters.mesh_backpressure.fetch_add(1, Ordering::Relaxed);
-        }
-        congested
-    }
-
-    /// Sends part of an answer back to the request's origin.
-    pub(crate) fn answer(&self, st: &mut State, origin: Origin, part: Part) {
-        if origin.shard == self.id {
-            self.merge_part(st, origin.token, part);
-        } else {
-            self.outbox.send(origin.shard, ShardMsg::Part { token: origin.token, part });
-        }
-    }
-
     /// Every message but `Adopt` (which needs to spawn a task).
     pub(super) fn handle(&self, st: &mut State, msg: ShardMsg) {
         let now = self.now();
@@ -177,7 +114,7 @@ impl Shard {
                     });
                     reached.push((idx, u32::from(ok)));
                 }
-                self.publish_group_counts(st);
+                st.publish_group_counts(&self.counters);
                 self.answer(st, origin, Part::Sessions(reached));
             }
             ShardMsg::KickDevices { origin, items, code, reason } => {
@@ -196,7 +133,7 @@ impl Shard {
                 st.revoked.record(&devices, &users, not_before, now.unix_secs());
             }
             ShardMsg::Presence { origin, query } => {
-                let part = self.presence(st, &query);
+                let part = st.presence(self.id, &query);
                 self.answer(st, origin, Part::Presence(Box::new(part)));
             }
             ShardMsg::UserDir { user_hash, shard, present, ack } => {
@@ -241,35 +178,39 @@ impl Shard {
         let Some(frame) = self.cluster_local_reply(backend, frame) else { return };
         crate::push::reply(st, backend, frame.to_bytes());
     }
+}
 
-    pub(super) fn presence(&self, st: &mut State, query: &PresenceQuery) -> PresencePart {
+impl State {
+    /// This shard's part of a presence answer: the queried devices, users
+    /// and groups it holds.
+    pub(super) fn presence(&self, shard: ShardId, query: &PresenceQuery) -> PresencePart {
         let describe = |conn: &Conn, slot: u32, generation: u32| proto::DevicePresence {
             device: conn.device().unwrap_or_default().to_owned(),
             online: true,
-            shard: u32::from(self.id.0),
+            shard: u32::from(shard.0),
             connected_at_ms: u64::from(conn.connected_at) * 1000,
             client_version: conn.field(4).unwrap_or_default().to_owned(),
             platform: conn.field(3).unwrap_or_default().to_owned(),
             user: conn.user().unwrap_or_default().to_owned(),
-            conn_id: ConnId::new(self.id, ConnKey { index: slot, generation }).0,
+            conn_id: ConnId::new(shard, ConnKey { index: slot, generation }).0,
         };
         let mut part = PresencePart {
-            shard: self.id,
-            connections: st.conns.iter().filter(|(_, c)| c.is_active()).count() as u64,
+            shard,
+            connections: self.conns.iter().filter(|(_, c)| c.is_active()).count() as u64,
             ..Default::default()
         };
         for (i, device) in query.devices.iter().enumerate() {
-            if let Some(slot) = st.device_slot(device) {
-                let conn = &st.conns[slot as usize];
+            if let Some(slot) = self.device_slot(device) {
+                let conn = &self.conns[slot as usize];
                 part.devices.push((i as u32, describe(conn, slot, conn.generation)));
             }
         }
         for (i, user) in query.users.iter().enumerate() {
-            let sessions: Vec<_> = st
+            let sessions: Vec<_> = self
                 .user_slots(user)
                 .into_iter()
                 .map(|slot| {
-                    let conn = &st.conns[slot as usize];
+                    let conn = &self.conns[slot as usize];
                     describe(conn, slot, conn.generation)
                 })
                 .collect();
@@ -278,15 +219,8 @@ impl Shard {
             }
         }
         for (i, group) in query.groups.iter().enumerate() {
-            part.groups.push((i as u32, st.groups.count(group) as u64));
+            part.groups.push((i as u32, self.groups.count(group) as u64));
         }
         part
-    }
-
-    /// Allocates a message id, unique across shards, restarts and (with
-    /// distinct `delivery.node_index`) nodes.
-    pub(crate) fn next_message_id(&self, st: &mut State) -> u64 {
-        let unix_ms = self.now().unix_ms.max(0) as u64;
-        st.message_ids.next(unix_ms)
     }
 }

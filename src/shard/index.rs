@@ -15,12 +15,9 @@ impl Shard {
             self.counters.replaced.fetch_add(1, Ordering::Relaxed);
             self.kick(st, old_key, now, ErrorCode::Replaced, String::new());
         }
-        let Some(conn) = st.conn(key) else { return };
-        conn.set_ident(login);
-        conn.capabilities = login.capabilities as u8;
-        let conns = &st.conns;
-        st.devices
-            .insert_unique(stable_hash(&login.device), key.index, |&i| slot_device(conns, i).map_or(0, stable_hash));
+        if !st.index_device(key, login) {
+            return;
+        }
         self.counters.active.fetch_add(1, Ordering::Relaxed);
         self.counters.ops.session_up(&login.platform, &login.client_version);
         if self.link_user(st, key, &login.user) {
@@ -72,21 +69,7 @@ impl Shard {
     /// user's home shard (another shard) must first record this shard in
     /// its directory; it acknowledges with `UserDirAck`.
     pub(super) fn link_user(&self, st: &mut State, key: ConnKey, user: &str) -> bool {
-        let slot = key.index;
-        let hash = stable_hash(user);
-        let conns = &st.conns;
-        if let Some(head) = st.users.find_mut(hash, |&i| slot_user(conns, i) == Some(user)) {
-            let old_head = std::mem::replace(head, slot);
-            st.conns[slot as usize].next_of_user = old_head;
-            return false;
-        }
-        let first_of_hash = !st.hash_in_use(hash);
-        st.conns[slot as usize].next_of_user = NO_CONN;
-        let conns = &st.conns;
-        st.users.insert_unique(hash, slot, |&i| slot_user(conns, i).map_or(0, stable_hash));
-        if !first_of_hash {
-            return false;
-        }
+        let Some(hash) = st.link_user(key, user) else { return false };
         let home = home_shard(user, self.shards);
         let remote = home != self.id;
         let ack = remote.then_some(key);
@@ -135,7 +118,7 @@ impl Shard {
         st.groups.leave_all(slot);
         // Offline: nothing is resent; the timeline keeps what was not acked.
         st.reliable.forget(slot);
-        self.publish_group_counts(st);
+        st.publish_group_counts(&self.counters);
         self.counters.active.fetch_sub(1, Ordering::Relaxed);
         if user_gone && !st.hash_in_use(user_hash) {
             self.route(st, home, ShardMsg::UserDir { user_hash, shard: self.id, present: false, ack: None });
@@ -150,11 +133,6 @@ impl Shard {
         }
     }
 
-    pub(super) fn publish_group_counts(&self, st: &State) {
-        self.counters.groups.store(st.groups.group_count() as u64, Ordering::Relaxed);
-        self.counters.group_sessions.store(st.groups.session_count() as u64, Ordering::Relaxed);
-    }
-
     /// Removes the slot of `key`; returns its socket handle.
     pub(super) fn remove_conn(&self, key: ConnKey) -> Option<SlotFd> {
         let mut st = self.state.borrow_mut();
@@ -164,5 +142,44 @@ impl Shard {
         let conn = st.conns.remove(key.index as usize);
         self.counters.closed.fetch_add(1, Ordering::Relaxed);
         Some(conn.fd)
+    }
+}
+
+impl State {
+    /// Gives slot `key` its identity and indexes it by device (an older
+    /// session of the device is replaced first); false when the slot is gone.
+    pub(super) fn index_device(&mut self, key: ConnKey, login: &Login) -> bool {
+        let Some(conn) = self.conn(key) else { return false };
+        conn.set_ident(login);
+        conn.capabilities = login.capabilities as u8;
+        let conns = &self.conns;
+        self.devices
+            .insert_unique(stable_hash(&login.device), key.index, |&i| slot_device(conns, i).map_or(0, stable_hash));
+        true
+    }
+
+    /// Links the session into its user's list. Returns the user's hash
+    /// when no session of that hash was on this shard before: the user's
+    /// home shard must then record this shard in its directory.
+    pub(super) fn link_user(&mut self, key: ConnKey, user: &str) -> Option<u64> {
+        let slot = key.index;
+        let hash = stable_hash(user);
+        let conns = &self.conns;
+        if let Some(head) = self.users.find_mut(hash, |&i| slot_user(conns, i) == Some(user)) {
+            let old_head = std::mem::replace(head, slot);
+            self.conns[slot as usize].next_of_user = old_head;
+            return None;
+        }
+        let first_of_hash = !self.hash_in_use(hash);
+        self.conns[slot as usize].next_of_user = NO_CONN;
+        let conns = &self.conns;
+        self.users.insert_unique(hash, slot, |&i| slot_user(conns, i).map_or(0, stable_hash));
+        first_of_hash.then_some(hash)
+    }
+
+    /// Publishes the group gauges.
+    pub(super) fn publish_group_counts(&self, counters: &ShardCounters) {
+        counters.groups.store(self.groups.group_count() as u64, Ordering::Relaxed);
+        counters.group_sessions.store(self.groups.session_count() as u64, Ordering::Relaxed);
     }
 }

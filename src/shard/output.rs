@@ -59,7 +59,7 @@ impl Shard {
         if !conn.is_active() {
             return false;
         }
-        self.count_out(frame.len());
+        self.counters.count_out(frame.len());
         let Some(wire) = st.wrapper.wrap(conn.link, frame) else { return false };
         let frame = &wire;
         let Some(conn) = st.conn(key) else { return false };
@@ -99,7 +99,7 @@ impl Shard {
         if !st.conn(key).is_some_and(|c| c.is_active()) || !self.enqueue(st, key, frame.clone()) {
             return false;
         }
-        self.count_out(frame.len());
+        self.counters.count_out(frame.len());
         if let Some(io) = st.conn(key).and_then(|c| c.io.as_mut())
             && !io.in_flush
         {
@@ -110,55 +110,13 @@ impl Shard {
         true
     }
 
-    /// Starts the flusher task if sessions wait in the flush list.
-    pub(super) fn kick_flusher(&self, st: &State) {
-        if !st.flush.is_empty() && !self.flushing.get() {
-            let _ = self.flush_wake.try_send(());
-        }
-    }
-
-    /// Writes the queues of listed sessions, a chunk at a time, until the
-    /// list is empty; then waits to be woken again.
-    pub async fn flusher_loop(self: Rc<Self>) {
-        let Some(wake) = self.flush_rx.borrow_mut().take() else { return };
-        let mut chunk = Vec::with_capacity(FLUSH_CHUNK);
-        while wake.recv().await.is_some() {
-            self.flushing.set(true);
-            loop {
-                {
-                    let mut st = self.state.borrow_mut();
-                    let n = st.flush.len().min(FLUSH_CHUNK);
-                    chunk.extend(st.flush.drain(..n));
-                    self.flush_responses(&mut st, &chunk);
-                    self.counters.fanout_writes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                }
-                if chunk.is_empty() {
-                    break;
-                }
-                chunk.clear();
-                // Other tasks run before the next chunk; fan-outs that arrive
-                // meanwhile (the executor polls its rings at the latest when
-                // its preemption timer fires) join the queues being written.
-                // Measured: a zero timer here instead polls more often and
-                // coalesces less (p99 ~710 ms instead of ~390 ms at 1M/s).
-                futures_lite::future::yield_now().await;
-            }
-            self.flushing.set(false);
-        }
-    }
-
     /// Queues an upstream `Response` frame for session `key` (dropped if
     /// the session is gone or closing) without waking its task: the
     /// upstream code writes every answer of one pass with one `writev` per
     /// session at the end of the pass ([`Shard::flush_responses`]).
     pub(crate) fn respond(&self, st: &mut State, key: ConnKey, frame: Bytes) -> bool {
-        self.count_out(frame.len());
+        self.counters.count_out(frame.len());
         st.conn(key).is_some_and(|c| c.is_active()) && self.enqueue(st, key, frame)
-    }
-
-    pub(super) fn count_out(&self, bytes: usize) {
-        self.counters.frames_out.fetch_add(1, Ordering::Relaxed);
-        self.counters.bytes_out.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
     /// Writes what [`Shard::respond`] queued for `keys`; a socket that is

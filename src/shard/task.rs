@@ -37,7 +37,7 @@ impl std::future::Future for ConnTask {
         // Hook: handed over in an in-place upgrade; a failed upgrade wakes
         // the task again (TLS sessions run on to close).
         if this.shard.upgrade.frozen() && this.tls.is_none() {
-            this.shard.park_conn(this.key, cx.waker());
+            this.shard.state.borrow_mut().park_conn(this.key, cx.waker());
             return Poll::Pending;
         }
         // The connection's span: what is logged while the connection is
@@ -536,12 +536,12 @@ impl Shard {
                     } else {
                         self.queue_frame(st, key, &group_result(group, true, ErrorCode::Unspecified, String::new()));
                     }
-                    self.publish_group_counts(st);
+                    st.publish_group_counts(&self.counters);
                 }
                 Action::Leave(group) => {
                     st.groups.leave(key.index, &group);
                     self.queue_frame(st, key, &group_result(group, false, ErrorCode::Unspecified, String::new()));
-                    self.publish_group_counts(st);
+                    st.publish_group_counts(&self.counters);
                 }
                 Action::Request(request) => self.on_client_request(st, key, now, request),
                 Action::Ack(seq) => reliable::on_ack(&mut self.ctx(st), key, now, seq),
@@ -606,7 +606,7 @@ impl Shard {
             Frame::Pong => Bytes::from_static(&PONG),
             other => other.to_bytes(),
         };
-        self.count_out(bytes.len());
+        self.counters.count_out(bytes.len());
         self.queue_bytes(st, key, bytes);
     }
 

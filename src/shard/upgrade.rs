@@ -137,7 +137,7 @@ impl Shard {
                 }
                 continue;
             }
-            let Some(record) = self.session_image(&st, key, now) else {
+            let Some(record) = st.session_image(self.id, key, now) else {
                 skipped += 1;
                 continue;
             };
@@ -157,61 +157,6 @@ impl Shard {
         image.revoked = st.revoked.entries();
         info!(shard = %self.id, sessions = image.sessions.len(), skipped, "frozen for the hand-over");
         (image, fds)
-    }
-
-    /// One session as the new process needs it, or `None` for one that
-    /// cannot move (closing, a WebSocket mid-upgrade or mid-frame).
-    fn session_image(&self, st: &State, key: ConnKey, now: Now) -> Option<SessionRecord> {
-        let conn = st.conn_ref(key)?;
-        let ws = match conn.link {
-            Link::Plain => false,
-            Link::Ws => true,
-            _ => return None,
-        };
-        let io = conn.io.as_deref();
-        if io.and_then(|io| io.ws.as_ref()).is_some_and(|ws| !ws.is_idle()) {
-            return None;
-        }
-        let (phase, login, shard) = match conn.session.phase() {
-            Phase::Handshaking => (RecordPhase::Handshaking, None, self.id),
-            Phase::Active => (RecordPhase::Active, Some(active_login(conn)), self.id),
-            Phase::Authenticated => {
-                match (io.and_then(|io| io.handoff.as_ref()), io.and_then(|io| io.awaiting_dir.as_ref())) {
-                    (Some((owner, login)), _) => (RecordPhase::Authenticated, Some((**login).clone()), *owner),
-                    (None, Some(login)) => (RecordPhase::Authenticated, Some((**login).clone()), self.id),
-                    (None, None) => return None,
-                }
-            }
-            Phase::Closing | Phase::Closed => return None,
-        };
-        let mut out = Vec::new();
-        if let Some(io) = io {
-            io.out.copy_into(&mut out);
-        }
-        Some(SessionRecord {
-            shard: shard.0,
-            ws,
-            phase,
-            deadline_in_ms: conn.session.phase_deadline().0.saturating_sub(now.mono.0),
-            idle_timeout_ms: conn.session.idle_timeout_ms(),
-            expires_in_ms: conn.session.expires_in_ms(now.mono),
-            connected_at: conn.connected_at,
-            login,
-            groups: st.groups.of(key.index).map(str::to_owned).collect(),
-            delivery: st.reliable.image(key),
-            out,
-            partial: io.map(|io| io.partial.clone()).unwrap_or_default(),
-        })
-    }
-
-    /// Keeps the waker of a connection task that found the shard frozen,
-    /// so that [`Shard::resume`] reaches it.
-    pub(super) fn park_conn(&self, key: ConnKey, waker: &Waker) {
-        if let Some(conn) = self.state.borrow_mut().conn(key)
-            && !conn.waker.as_ref().is_some_and(|w| w.will_wake(waker))
-        {
-            conn.waker = Some(waker.clone());
-        }
     }
 
     /// The new process failed: serve on as if nothing happened.
@@ -303,13 +248,10 @@ impl Shard {
             let old_key = st.key_of(old);
             self.kick(st, old_key, now, ErrorCode::Replaced, String::new());
         }
-        let Some(conn) = st.conn(key) else { return };
-        conn.set_ident(login);
-        conn.capabilities = login.capabilities as u8;
-        let acks = conn.acks();
-        let conns = &st.conns;
-        st.devices
-            .insert_unique(stable_hash(&login.device), key.index, |&i| slot_device(conns, i).map_or(0, stable_hash));
+        if !st.index_device(key, login) {
+            return;
+        }
+        let acks = st.conn_ref(key).is_some_and(Conn::acks);
         self.counters.active.fetch_add(1, Ordering::Relaxed);
         // The home shard records the user; its ack finds nothing to activate.
         self.link_user(st, key, &login.user);
@@ -317,9 +259,66 @@ impl Shard {
             // The old process enforced the limit when they were joined.
             let _ = st.groups.join(key.index, group, usize::MAX);
         }
-        self.publish_group_counts(st);
+        st.publish_group_counts(&self.counters);
         if acks && let Some(image) = delivery {
             crate::delivery::reliable::restore(&mut self.ctx(st), key, now, image);
+        }
+    }
+}
+
+impl State {
+    /// One session as the new process needs it, or `None` for one that
+    /// cannot move (closing, a WebSocket mid-upgrade or mid-frame).
+    pub(super) fn session_image(&self, here: ShardId, key: ConnKey, now: Now) -> Option<SessionRecord> {
+        let conn = self.conn_ref(key)?;
+        let ws = match conn.link {
+            Link::Plain => false,
+            Link::Ws => true,
+            _ => return None,
+        };
+        let io = conn.io.as_deref();
+        if io.and_then(|io| io.ws.as_ref()).is_some_and(|ws| !ws.is_idle()) {
+            return None;
+        }
+        let (phase, login, shard) = match conn.session.phase() {
+            Phase::Handshaking => (RecordPhase::Handshaking, None, here),
+            Phase::Active => (RecordPhase::Active, Some(active_login(conn)), here),
+            Phase::Authenticated => {
+                match (io.and_then(|io| io.handoff.as_ref()), io.and_then(|io| io.awaiting_dir.as_ref())) {
+                    (Some((owner, login)), _) => (RecordPhase::Authenticated, Some((**login).clone()), *owner),
+                    (None, Some(login)) => (RecordPhase::Authenticated, Some((**login).clone()), here),
+                    (None, None) => return None,
+                }
+            }
+            Phase::Closing | Phase::Closed => return None,
+        };
+        let mut out = Vec::new();
+        if let Some(io) = io {
+            io.out.copy_into(&mut out);
+        }
+        Some(SessionRecord {
+            shard: shard.0,
+            ws,
+            phase,
+            deadline_in_ms: conn.session.phase_deadline().0.saturating_sub(now.mono.0),
+            idle_timeout_ms: conn.session.idle_timeout_ms(),
+            expires_in_ms: conn.session.expires_in_ms(now.mono),
+            connected_at: conn.connected_at,
+            login,
+            groups: self.groups.of(key.index).map(str::to_owned).collect(),
+            delivery: self.reliable.image(key),
+            out,
+            partial: io.map(|io| io.partial.clone()).unwrap_or_default(),
+        })
+    }
+
+    /// Keeps the waker of a connection task that found the shard frozen,
+    /// so that [`Shard::resume`] reaches it.
+    pub(super) fn park_conn(&mut self, key: ConnKey, waker: &Waker) {
+        if let Some(conn) = self.conn(key)
+            && !conn.waker.as_ref().is_some_and(|w| w.will_wake(waker))
+        {
+            conn.waker = Some(waker.clone());
         }
     }
 }
