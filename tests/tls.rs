@@ -786,3 +786,49 @@ fn the_tls_push_port_reloads_its_certificate() {
     expect_message(&mut c, b"old cert");
     server.shutdown();
 }
+
+/// Memory of unauthenticated connections on the TLS push port, measured on
+/// a real node process: 1,500 backends that finished the TLS handshake and
+/// hold the challenge unanswered cost a few KB each (the handshake's
+/// buffers are gone; the compact record layer and the pending challenge
+/// stay), far below the one-record bound SECURITY.md states.
+#[test]
+fn unauthenticated_tls_push_connections_cost_a_few_kb() {
+    const CONNS: usize = 1_500;
+    let dir = TempDir::new("push-tls-memory");
+    let pki = make_pki(&dir.0, "a");
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = free.local_addr().unwrap();
+    drop(free);
+    let mut cfg = push_tls_config(&pki);
+    cfg.server.tls_listen = String::new();
+    cfg.server.wss_listen = String::new();
+    cfg.server.ws_listen = String::new();
+    cfg.push.tls_listen = port.to_string();
+    cfg.push_auth.max_unauthenticated_per_shard = 4_000;
+    cfg.push_auth.auth_timeout_ms = 120_000;
+    let node = NodeProcess::start(&cfg);
+    let tls = client_config(&pki.ca, &[b"longlink-push/1"]);
+    // Warm up (first connections allocate per-shard state), then measure.
+    let mut open = Vec::with_capacity(CONNS + 10);
+    let handshake = |open: &mut Vec<_>| {
+        let sock = TcpStream::connect(port).unwrap();
+        sock.set_read_timeout(Some(WAIT)).unwrap();
+        let conn = rustls::ClientConnection::new(tls.clone(), ServerName::try_from("localhost").unwrap()).unwrap();
+        let mut f = Frames { s: rustls::StreamOwned::new(conn, sock), buf: Vec::new() };
+        assert!(matches!(f.recv(), Frame::PushChallenge(_)));
+        open.push(f);
+    };
+    for _ in 0..10 {
+        handshake(&mut open);
+    }
+    let before = node.rss_bytes();
+    for _ in 0..CONNS {
+        handshake(&mut open);
+    }
+    let after = node.rss_bytes();
+    let per = after.saturating_sub(before) / CONNS as u64;
+    eprintln!("{CONNS} unauthenticated TLS push connections: RSS {before} -> {after} bytes, {per} bytes each");
+    assert!(per < 16 * 1024, "{per} bytes per unauthenticated TLS push connection");
+    drop(open);
+}
