@@ -418,17 +418,20 @@ impl Server {
                             })
                             .collect();
                         glommio::spawn_local(Rc::clone(&shard).accept_loop(listener)).detach();
-                        let push_port = Rc::clone(&shard).push_accept_loop(push_listener, Listener::Push, None);
+                        let push_port =
+                            crate::push::accept_loop(Rc::clone(&shard), push_listener, Listener::Push, None);
                         glommio::spawn_local(push_port).detach();
                         let tls = shard.cfg.tls.clone();
                         if let Some(fd) = node_fd {
                             let node_tls = tls.node.as_ref().map(|s| s.shard_handle());
-                            let nodes = Rc::clone(&shard).push_accept_loop(fd::listener(fd), Listener::Node, node_tls);
+                            let nodes =
+                                crate::push::accept_loop(Rc::clone(&shard), fd::listener(fd), Listener::Node, node_tls);
                             glommio::spawn_local(nodes).detach();
                         }
                         if let (Some(fd), Some(store)) = (push_tls_fd, tls.push.as_ref()) {
                             let push_tls = Some(store.shard_handle());
-                            let port = Rc::clone(&shard).push_accept_loop(fd::listener(fd), Listener::Push, push_tls);
+                            let port =
+                                crate::push::accept_loop(Rc::clone(&shard), fd::listener(fd), Listener::Push, push_tls);
                             glommio::spawn_local(port).detach();
                         }
                         for (link, fd) in extra {
@@ -437,7 +440,7 @@ impl Server {
                         glommio::spawn_local(Rc::clone(&shard).pacer_loop()).detach();
                         glommio::spawn_local(Rc::clone(&shard).flusher_loop()).detach();
                         // Ready once every service backend was tried once.
-                        shard.start_upstream().await;
+                        crate::upstream::start(&shard).await;
                         let _ = ready_tx.send(Ok(id));
                         starting.set(false);
                         shard.timer_loop(stop, grace).await;

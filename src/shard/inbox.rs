@@ -152,31 +152,8 @@ impl Shard {
                     self.resume_input(st, key);
                 }
             }
-            ShardMsg::Part { token, part } => self.merge_part(st, token, part),
+            ShardMsg::Part { token, part } => crate::push::merge_part(&mut self.ctx(st), token, part),
         }
-    }
-
-    /// Merges part of an answer into a pending request; replies when whole.
-    pub(crate) fn merge_part(&self, st: &mut State, token: u64, part: Part) {
-        let Some(pending) = st.pending.get_mut(&token) else {
-            // Answered at its deadline already.
-            self.counters.push_late_answers.fetch_add(1, Ordering::Relaxed);
-            return;
-        };
-        pending.merge(part);
-        self.finish_if_done(st, token);
-    }
-
-    pub(crate) fn finish_if_done(&self, st: &mut State, token: u64) {
-        if !st.pending.get(&token).is_some_and(Pending::is_done) {
-            return;
-        }
-        let Some(pending) = st.pending.remove(&token) else { return };
-        self.counters.ops.push_latency.record(pending.started.elapsed_to(self.now().mono));
-        let (backend, frame) = pending.finish();
-        // Hook: the local part of a cluster request goes to its merge.
-        let Some(frame) = self.cluster_local_reply(backend, frame) else { return };
-        crate::push::reply(st, backend, frame.to_bytes());
     }
 }
 

@@ -50,8 +50,8 @@ impl Shard {
         st.actions = actions;
         // Hook: stored messages since the client's last sequence follow AuthOk.
         reliable::resume(&mut self.ctx(st), key, now, login);
-        // Hook: subscribed backends learn the session is online.
-        self.conn_event(st, key, ConnectionEventKind::Online, ErrorCode::Unspecified);
+        // Subscribed backends learn the session is online.
+        crate::upstream::conn_event(&mut self.ctx(st), key, ConnectionEventKind::Online, ErrorCode::Unspecified);
         // Hook: cluster mode claims the device's route.
         self.cluster_on_active(st, key, login);
     }
@@ -123,13 +123,13 @@ impl Shard {
         if user_gone && !st.hash_in_use(user_hash) {
             self.route(st, home, ShardMsg::UserDir { user_hash, shard: self.id, present: false, ack: None });
         }
-        // Hook: this point is reached once per indexed session, so
+        // This point is reached once per indexed session, so
         // subscribed backends get exactly one end event for each ONLINE.
         let key = st.key_of(slot);
         if st.conn_ref(key).is_some_and(|c| c.session.was_activated()) {
             let kind =
                 if code == ErrorCode::Replaced { ConnectionEventKind::Replaced } else { ConnectionEventKind::Offline };
-            self.conn_event(st, key, kind, code);
+            crate::upstream::conn_event(&mut self.ctx(st), key, kind, code);
         }
     }
 

@@ -32,6 +32,7 @@ pub use drain::DrainPacer;
 pub(crate) use drain::ShardDrain;
 mod fanout;
 mod hosts;
+mod hosts_features;
 use hosts::ShardCtx;
 mod inbox;
 mod index;
@@ -74,7 +75,8 @@ use crate::protocol::codes;
 use crate::protocol::ids::{ConnId, ConnKey, ShardId, home_shard, owner_shard, stable_hash};
 use crate::protocol::proto::{self, ConnectionEventKind, ErrorCode, FrameKind};
 use crate::protocol::time::{Millis, Now};
-use crate::push::{Backend, Deadlines, Pending};
+pub use crate::push::PushLimits;
+use crate::push::PushPort;
 use crate::rate::TokenBucket;
 use crate::session::{Action, Login, Phase, Session};
 use crate::upstream::{Upstream, UpstreamCounters, UpstreamSettings};
@@ -169,20 +171,6 @@ impl ShardCounters {
         self.frames_out.fetch_add(1, Ordering::Relaxed);
         self.bytes_out.fetch_add(bytes as u64, Ordering::Relaxed);
     }
-}
-
-/// Push-port limits a shard enforces.
-#[derive(Clone, Debug)]
-pub struct PushLimits {
-    pub max_inflight_per_backend: u32,
-    pub max_targets_per_request: u32,
-    pub max_request_bytes: u32,
-    /// Every request is answered within this, in ms.
-    pub reply_timeout_ms: u64,
-    /// This shard's share of the node's broadcast rate, deliveries/s.
-    pub broadcast_rate_per_sec: u32,
-    /// Bytes of broadcasts each shard may hold ([`broadcast_cost`]).
-    pub broadcast_queue_bytes: u64,
 }
 
 /// Everything a shard needs to start, built on the main thread.
@@ -289,9 +277,7 @@ impl Shard {
                 next_gen: 0,
                 actions: Vec::new(),
                 broadcasts: VecDeque::new(),
-                backends: Slab::new(),
-                pending: HashMap::new(),
-                deadlines: Deadlines::default(),
+                port: PushPort::default(),
                 flush: VecDeque::new(),
                 next_token: 0,
                 message_ids: MessageIds::new(worker),
@@ -367,7 +353,7 @@ impl Shard {
         let added = self.state.borrow_mut().upstream.apply_live(&live.upstream);
         if let Some(me) = self.me.upgrade() {
             for idx in added {
-                glommio::spawn_local(Rc::clone(&me).run_link(idx, None)).detach();
+                glommio::spawn_local(crate::upstream::run_link(Rc::clone(&me), idx, None)).detach();
             }
         }
         *self.live.borrow_mut() = Rc::new(live);
@@ -399,8 +385,7 @@ impl Shard {
                 continue;
             }
             // Push-port requests past their deadline are answered now.
-            self.expire_requests();
-            self.expire_backends(&mut self.state.borrow_mut(), self.now().mono);
+            crate::push::expire(&mut self.ctx(&mut self.state.borrow_mut()));
             self.state.borrow_mut().wheel.expire(self.now().mono, &mut due);
             // A session may be filed more than once (its deadline moved
             // earlier); visiting it once re-files it once, so copies merge.
@@ -414,7 +399,7 @@ impl Shard {
             due.clear();
             let held = {
                 let st = self.state.borrow();
-                st.conns.len() + st.backends.len()
+                st.conns.len() + st.port.connections()
             };
             trim.observe(held, Instant::now());
             if let Some(deadline) = shutdown_deadline
@@ -472,9 +457,7 @@ impl Shard {
             }
             self.apply(&mut st, key, now, &mut actions);
         }
-        for (_, backend) in st.backends.iter_mut() {
-            backend.close();
-        }
+        st.port.close_all();
         st.upstream.stop();
     }
 
@@ -646,7 +629,7 @@ impl Shard {
     /// Sends part of an answer back to the request's origin.
     pub(crate) fn answer(&self, st: &mut State, origin: Origin, part: Part) {
         if origin.shard == self.id {
-            self.merge_part(st, origin.token, part);
+            crate::push::merge_part(&mut self.ctx(st), origin.token, part);
         } else {
             self.outbox.send(origin.shard, ShardMsg::Part { token: origin.token, part });
         }

@@ -424,9 +424,9 @@ impl Shard {
             }
             conn.release_io_if_idle();
         }
-        // Hook: upstream requests (and immediate answers) of this read go
+        // Upstream requests (and immediate answers) of this read go
         // out together.
-        self.flush_upstream(&mut st);
+        crate::upstream::flush(&mut self.ctx(&mut st));
     }
 
     /// Handles frames that waited in the input leftovers: behind Auth for
@@ -442,7 +442,7 @@ impl Shard {
             }
             conn.release_io_if_idle();
         }
-        self.flush_upstream(st);
+        crate::upstream::flush(&mut self.ctx(st));
     }
 
     /// Returns how many bytes of `input` were consumed.
@@ -467,7 +467,10 @@ impl Shard {
                 Ok(Some((header, body))) => {
                     // Rate limit: a Request over the budget stays in the
                     // leftovers, and reading pauses.
-                    if header.kind == FrameKind::Request && active && !self.admit_request(st, key, now.mono) {
+                    if header.kind == FrameKind::Request
+                        && active
+                        && !crate::upstream::admit_request(&mut self.ctx(st), key, now.mono)
+                    {
                         break pos;
                     }
                     let Some(conn) = st.conn(key) else { break input.len() };
@@ -543,7 +546,7 @@ impl Shard {
                     self.queue_frame(st, key, &group_result(group, false, ErrorCode::Unspecified, String::new()));
                     st.publish_group_counts(&self.counters);
                 }
-                Action::Request(request) => self.on_client_request(st, key, now, request),
+                Action::Request(request) => crate::upstream::on_client_request(&mut self.ctx(st), key, now, request),
                 Action::Ack(seq) => reliable::on_ack(&mut self.ctx(st), key, now, seq),
                 Action::Refresh(refresh) => {
                     let Some(conn) = st.conn(key) else { continue };

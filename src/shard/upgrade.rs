@@ -107,15 +107,13 @@ impl Shard {
         self.upgrade.set_paused(true);
         let limit = Duration::from_millis(self.live().push.reply_timeout_ms) + QUIESCE_SLACK;
         let deadline = Instant::now() + limit;
-        while !self.state.borrow().pending.is_empty() && Instant::now() < deadline {
+        while self.state.borrow().port.in_flight() > 0 && Instant::now() < deadline {
             glommio::timer::sleep(QUIESCE_POLL).await;
         }
         let mut st = self.state.borrow_mut();
         let bye = Frame::Error(codes::error_body(ErrorCode::GoingAway, "node upgrading; reconnect")).to_bytes();
-        for (_, backend) in st.backends.iter_mut() {
-            backend.close_with(bye.clone());
-        }
-        st.pending.len()
+        st.port.close_all_with(bye);
+        st.port.in_flight()
     }
 
     /// The hand-over point: freezes the shard and copies its sessions out.
