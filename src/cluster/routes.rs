@@ -121,7 +121,7 @@ impl Shard {
                                 routes.remove(&slot);
                                 drop(routes);
                                 let reason = "the device logged in elsewhere".to_owned();
-                                this.close_conn(st, key, this.now(), ErrorCode::Replaced, reason);
+                                this.ctx(st).close_conn(key, this.now(), ErrorCode::Replaced, reason);
                             }
                         }
                     });

@@ -334,7 +334,7 @@ impl Shard {
         if let Some(p) = st.pending.get_mut(&origin.token) {
             p.lookups -= 1;
         }
-        self.finish_if_done(st, origin.token);
+        self.ctx(st).finish_if_done(origin.token);
     }
 
     /// Sends one part that will be answered with one [`Part`].

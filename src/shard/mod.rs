@@ -33,6 +33,7 @@ pub(crate) use drain::ShardDrain;
 mod fanout;
 mod hosts;
 use hosts::ShardCtx;
+mod actions;
 mod inbox;
 mod index;
 mod links;
@@ -436,11 +437,11 @@ impl Shard {
                 // As in `enqueue`: a frame already on the wire is finished.
                 let dropped = conn.io().out.cut();
                 let reason = format!("socket blocked for {} ms", self.cfg.write_timeout_ms);
-                self.close_slow(&mut st, key, dropped, reason);
+                self.ctx(&mut st).close_slow(key, dropped, reason);
             } else if conn.session.deadline() <= now.mono {
                 conn.session.handle_timeout(now, &self.live().params, &mut actions);
                 conn.wake();
-                self.apply(&mut st, key, now, &mut actions);
+                self.ctx(&mut st).apply(key, now, &mut actions);
             }
             // Resends due for the device's window, if it has one.
             let resend_at = reliable::retransmit(&mut self.ctx(&mut st), key, now);
@@ -470,7 +471,7 @@ impl Shard {
             if let Some(conn) = st.conn(key) {
                 conn.session.close(now, ErrorCode::Shutdown, String::new(), &self.live().params, &mut actions);
             }
-            self.apply(&mut st, key, now, &mut actions);
+            self.ctx(&mut st).apply(key, now, &mut actions);
         }
         for (_, backend) in st.backends.iter_mut() {
             backend.close();
@@ -507,7 +508,7 @@ impl Shard {
             let done = {
                 let mut st = self.state.borrow_mut();
                 st.pace_step(&mut budget, Instant::now(), &self.counters, |st, slot, frame| {
-                    self.deliver(st, slot, frame)
+                    self.ctx(st).deliver(slot, frame)
                 })
             };
             if done {
@@ -532,8 +533,9 @@ impl Shard {
         let now = self.now();
         for (key, user) in &batch.goaway {
             let frame = Frame::GoAway(proto::GoAway { endpoint: endpoint(user), reason: "node draining".into() });
-            self.send_to_slot(&mut st, key.index, &frame.to_bytes());
-            self.close_conn(&mut st, *key, now, ErrorCode::GoingAway, "node draining; reconnect elsewhere".into());
+            let mut ctx = self.ctx(&mut st);
+            ctx.send_to_slot(key.index, &frame.to_bytes());
+            ctx.close_conn(*key, now, ErrorCode::GoingAway, "node draining; reconnect elsewhere".into());
         }
         batch.goaway.len() as u32
     }
@@ -571,7 +573,7 @@ impl Shard {
                     let mut st = self.state.borrow_mut();
                     let n = st.flush.len().min(FLUSH_CHUNK);
                     chunk.extend(st.flush.drain(..n));
-                    self.flush_responses(&mut st, &chunk);
+                    self.ctx(&mut st).flush_responses(&chunk);
                     self.counters.fanout_writes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                 }
                 if chunk.is_empty() {
@@ -597,14 +599,14 @@ impl Shard {
             ShardMsg::Adopt(adoption) => self.adopt(*adoption),
             other => {
                 let mut st = self.state.borrow_mut();
-                self.handle(&mut st, other);
+                self.ctx(&mut st).handle(other);
             }
         }
     }
 
     /// Sends `msg` to shard `to`, or handles it right here when `to` is us.
     pub(crate) fn route(&self, st: &mut State, to: ShardId, msg: ShardMsg) {
-        if to == self.id { self.handle(st, msg) } else { self.outbox.send(to, msg) }
+        if to == self.id { self.ctx(st).handle(msg) } else { self.outbox.send(to, msg) }
     }
 
     /// Reserves room for a broadcast of `frame_len` bytes in the queue of
@@ -646,7 +648,7 @@ impl Shard {
     /// Sends part of an answer back to the request's origin.
     pub(crate) fn answer(&self, st: &mut State, origin: Origin, part: Part) {
         if origin.shard == self.id {
-            self.merge_part(st, origin.token, part);
+            self.ctx(st).merge_part(origin.token, part);
         } else {
             self.outbox.send(origin.shard, ShardMsg::Part { token: origin.token, part });
         }

@@ -318,6 +318,24 @@ impl State {
             conn.wake();
         }
     }
+
+    /// The common parameters of session `key`, for upstream requests and
+    /// connection events. The client address comes from the socket (it is
+    /// not kept per connection).
+    pub(crate) fn conn_info(&self, here: ShardId, node: &str, key: ConnKey) -> Option<proto::ConnInfo> {
+        let conn = self.conn_ref(key)?;
+        let field = |i| conn.field(i).unwrap_or_default().to_owned();
+        Some(proto::ConnInfo {
+            user: field(0),
+            device: field(1),
+            app: field(2),
+            platform: field(3),
+            client_version: field(4),
+            conn_id: ConnId::new(here, key).0,
+            node: node.to_owned(),
+            client_addr: fd::peer_addr(conn.fd.get()).map(|a| a.to_string()).unwrap_or_default(),
+        })
+    }
 }
 
 pub(super) fn slot_device(conns: &Slab<Conn>, i: u32) -> Option<&str> {

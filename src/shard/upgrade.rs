@@ -18,6 +18,7 @@
 
 use std::os::fd::OwnedFd;
 
+use super::hosts::ShardCtx;
 use super::task::{ConnTask, insert_conn};
 use super::*;
 use crate::delivery::store::MemoryStore;
@@ -87,11 +88,11 @@ impl Shard {
             let report = match command {
                 Command::Quiesce => Report::Quiesced { pending_left: self.quiesce().await },
                 Command::Freeze => {
-                    let (image, fds) = self.freeze();
+                    let (image, fds) = self.ctx(&mut self.state.borrow_mut()).freeze();
                     Report::Frozen { shard, image, fds }
                 }
                 Command::Resume => {
-                    self.resume();
+                    self.ctx(&mut self.state.borrow_mut()).resume();
                     Report::Resumed
                 }
             };
@@ -116,59 +117,6 @@ impl Shard {
             backend.close_with(bye.clone());
         }
         st.pending.len()
-    }
-
-    /// The hand-over point: freezes the shard and copies its sessions out.
-    fn freeze(&self) -> (ShardImage, Vec<OwnedFd>) {
-        self.upgrade.frozen.set(true);
-        let now = self.now();
-        let mut st = self.state.borrow_mut();
-        let keys: Vec<ConnKey> =
-            st.conns.iter().map(|(i, c)| ConnKey { index: i as u32, generation: c.generation }).collect();
-        let mut image = ShardImage::default();
-        let mut fds = Vec::with_capacity(keys.len());
-        let mut skipped = 0usize;
-        for key in keys {
-            let Some(conn) = st.conn_ref(key) else { continue };
-            if conn.link.is_tls() {
-                if matches!(conn.session.phase(), Phase::Handshaking | Phase::Active) {
-                    let reason = "node upgrading; reconnect".to_owned();
-                    self.close_conn(&mut st, key, now, ErrorCode::GoingAway, reason);
-                }
-                continue;
-            }
-            let Some(record) = st.session_image(self.id, key, now) else {
-                skipped += 1;
-                continue;
-            };
-            match st.conn_ref(key).map(|c| c.fd.get().try_clone_to_owned()) {
-                Some(Ok(fd)) => {
-                    image.sessions.push(record);
-                    fds.push(fd);
-                }
-                Some(Err(err)) => {
-                    skipped += 1;
-                    warn!(shard = %self.id, error = %err, "dup failed; session not handed over");
-                }
-                None => {}
-            }
-        }
-        image.store = self.upgrade.memory.borrow().as_ref().map(|m| m.image());
-        image.revoked = st.revoked.entries();
-        info!(shard = %self.id, sessions = image.sessions.len(), skipped, "frozen for the hand-over");
-        (image, fds)
-    }
-
-    /// The new process failed: serve on as if nothing happened.
-    fn resume(&self) {
-        self.upgrade.frozen.set(false);
-        self.upgrade.set_paused(false);
-        let st = self.state.borrow();
-        for (_, conn) in st.conns.iter() {
-            conn.wake();
-        }
-        self.kick_flusher(&st);
-        info!(shard = %self.id, "upgrade abandoned; serving on");
     }
 
     /// New process: takes in the sessions the old one handed over (before
@@ -208,10 +156,10 @@ impl Shard {
                 match (record.phase, record.login) {
                     (RecordPhase::Handshaking, _) => {}
                     (RecordPhase::Active, Some(login)) => {
-                        self.restore_active(&mut st, key, now, &login, &record.groups, record.delivery)
+                        self.ctx(&mut st).restore_active(key, now, &login, &record.groups, record.delivery)
                     }
                     // As an adoption: registered, then activated (AuthOk).
-                    (RecordPhase::Authenticated, Some(login)) => self.register(&mut st, key, now, &login),
+                    (RecordPhase::Authenticated, Some(login)) => self.ctx(&mut st).register(key, now, &login),
                     (_, None) => {
                         // Not a record the old process writes; let the
                         // session time out rather than guess who it is.
@@ -222,7 +170,7 @@ impl Shard {
                 }
                 // Whole frames waiting behind a pause, if any.
                 if st.conn_ref(key).is_some_and(|c| c.is_active()) {
-                    self.resume_input(&mut st, key);
+                    self.ctx(&mut st).resume_input(key);
                 }
                 key
             };
@@ -232,36 +180,91 @@ impl Shard {
             info!(shard = %self.id, sessions = count, "sessions taken over");
         }
     }
+}
+
+impl ShardCtx<'_> {
+    /// The hand-over point: freezes the shard and copies its sessions out.
+    fn freeze(&mut self) -> (ShardImage, Vec<OwnedFd>) {
+        let shard = self.shard;
+        shard.upgrade.frozen.set(true);
+        let now = shard.now();
+        let keys: Vec<ConnKey> =
+            self.st.conns.iter().map(|(i, c)| ConnKey { index: i as u32, generation: c.generation }).collect();
+        let mut image = ShardImage::default();
+        let mut fds = Vec::with_capacity(keys.len());
+        let mut skipped = 0usize;
+        for key in keys {
+            let Some(conn) = self.st.conn_ref(key) else { continue };
+            if conn.link.is_tls() {
+                if matches!(conn.session.phase(), Phase::Handshaking | Phase::Active) {
+                    let reason = "node upgrading; reconnect".to_owned();
+                    self.close_conn(key, now, ErrorCode::GoingAway, reason);
+                }
+                continue;
+            }
+            let Some(record) = self.st.session_image(shard.id, key, now) else {
+                skipped += 1;
+                continue;
+            };
+            match self.st.conn_ref(key).map(|c| c.fd.get().try_clone_to_owned()) {
+                Some(Ok(fd)) => {
+                    image.sessions.push(record);
+                    fds.push(fd);
+                }
+                Some(Err(err)) => {
+                    skipped += 1;
+                    warn!(shard = %shard.id, error = %err, "dup failed; session not handed over");
+                }
+                None => {}
+            }
+        }
+        image.store = shard.upgrade.memory.borrow().as_ref().map(|m| m.image());
+        image.revoked = self.st.revoked.entries();
+        info!(shard = %shard.id, sessions = image.sessions.len(), skipped, "frozen for the hand-over");
+        (image, fds)
+    }
+
+    /// The new process failed: serve on as if nothing happened.
+    fn resume(&mut self) {
+        let shard = self.shard;
+        shard.upgrade.frozen.set(false);
+        shard.upgrade.set_paused(false);
+        let st = &*self.st;
+        for (_, conn) in st.conns.iter() {
+            conn.wake();
+        }
+        shard.kick_flusher(st);
+        info!(shard = %shard.id, "upgrade abandoned; serving on");
+    }
 
     /// Indexes a session that was active in the old process, without a
     /// second AuthOk.
     fn restore_active(
-        &self,
-        st: &mut State,
+        &mut self,
         key: ConnKey,
         now: Now,
         login: &Login,
         groups: &[String],
         delivery: Option<(u64, Option<u32>)>,
     ) {
-        if let Some(old) = st.device_slot(&login.device) {
-            let old_key = st.key_of(old);
-            self.kick(st, old_key, now, ErrorCode::Replaced, String::new());
+        if let Some(old) = self.st.device_slot(&login.device) {
+            let old_key = self.st.key_of(old);
+            self.kick(old_key, now, ErrorCode::Replaced, String::new());
         }
-        if !st.index_device(key, login) {
+        if !self.st.index_device(key, login) {
             return;
         }
-        let acks = st.conn_ref(key).is_some_and(Conn::acks);
-        self.counters.active.fetch_add(1, Ordering::Relaxed);
+        let acks = self.st.conn_ref(key).is_some_and(Conn::acks);
+        self.shard.counters.active.fetch_add(1, Ordering::Relaxed);
         // The home shard records the user; its ack finds nothing to activate.
-        self.link_user(st, key, &login.user);
+        self.link_user(key, &login.user);
         for group in groups {
             // The old process enforced the limit when they were joined.
-            let _ = st.groups.join(key.index, group, usize::MAX);
+            let _ = self.st.groups.join(key.index, group, usize::MAX);
         }
-        st.publish_group_counts(&self.counters);
+        self.st.publish_group_counts(&self.shard.counters);
         if acks && let Some(image) = delivery {
-            crate::delivery::reliable::restore(&mut self.ctx(st), key, now, image);
+            crate::delivery::reliable::restore(self, key, now, image);
         }
     }
 }

@@ -14,7 +14,7 @@ impl Shard {
     }
 
     pub(super) fn encoded_conn_info(&self, st: &State, key: ConnKey) -> Bytes {
-        self.conn_info(st, key).map(|i| Bytes::from(i.encode_to_vec())).unwrap_or_default()
+        st.conn_info(self.id, &self.cfg.node, key).map(|i| Bytes::from(i.encode_to_vec())).unwrap_or_default()
     }
 
     /// Handles a client's Request: answers it at once (unknown service,
@@ -83,7 +83,7 @@ impl Shard {
     /// Queues a Response for session `key`, to be written at the end of the
     /// pass ([`Shard::flush_upstream`]).
     pub(super) fn answer_to(&self, st: &mut State, key: ConnKey, frame: Bytes) {
-        if self.respond(st, key, frame) {
+        if self.ctx(st).respond(key, frame) {
             st.upstream.dirty_conns.push(key);
         }
     }
@@ -98,7 +98,7 @@ impl Shard {
         let mut keys = std::mem::take(&mut st.upstream.dirty_conns);
         keys.sort_unstable_by_key(|k| (k.index, k.generation));
         keys.dedup();
-        self.flush_responses(st, &keys);
+        self.ctx(st).flush_responses(&keys);
         keys.clear();
         st.upstream.dirty_conns = keys;
     }
@@ -163,7 +163,7 @@ impl Shard {
         if !st.upstream.wants_events() {
             return;
         }
-        let Some(info) = self.conn_info(st, key) else { return };
+        let Some(info) = st.conn_info(self.id, &self.cfg.node, key) else { return };
         let at_ms = u64::try_from(self.now().unix_ms).unwrap_or(0);
         let event = proto::ConnectionEvent { kind: kind as i32, conn: Some(info), at_ms, code: code as i32 };
         st.upstream.push_event(event, &self.counters.upstream);
@@ -222,13 +222,13 @@ impl Shard {
         for action in st.upstream.check_paused(now.mono) {
             match action {
                 Unpause::Resume(key) => {
-                    self.resume_input(st, key);
+                    self.ctx(st).resume_input(key);
                     st.wake_conn(key);
                 }
                 Unpause::Close(key, paused_ms) => {
                     bump(&c.rate_closed);
                     let reason = format!("paused {paused_ms} ms by the request rate limit");
-                    self.close_conn(st, key, now, ErrorCode::RateLimited, reason);
+                    self.ctx(st).close_conn(key, now, ErrorCode::RateLimited, reason);
                 }
             }
         }
