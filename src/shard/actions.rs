@@ -2,8 +2,8 @@
 //! ([`ShardCtx`]): frames handed to the session and what it asks back
 //! (send, close, register, join, leave, requests, acks, refresh).
 
+use super::driver::{PONG, SERVICE_UNAVAILABLE};
 use super::links::handshake_token;
-use super::task::{PONG, SERVICE_UNAVAILABLE};
 use super::*;
 use crate::protocol::limits::{Escaped, MAX_AUTH_BODY_BYTES};
 

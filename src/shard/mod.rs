@@ -18,16 +18,25 @@
 //! Users: the shard `home_shard(user)` keeps a directory of which shards
 //! hold sessions of the user, so a push to a user visits only those.
 //!
-//! Here: the `Shard` (what one executor holds besides its state) and its
-//! construction. The state (the session slab, `Conn`, the indexes) is in
-//! `state`. The rest of the shard's own work is in
-//! - `task`: accepting, the connection task, hand-off and adoption;
+//! Here: the `Shard` (what one executor holds besides its state), its
+//! construction and its loops (timers, reload, shutdown, pacer, flusher,
+//! drain, upgrade commands, the mesh's sending side). The state (the
+//! session slab, `Conn`, the indexes) is in `state`. `impl Shard` is here
+//! and in `driver` only: what runs outside a borrow of the state (tasks,
+//! loops). What runs inside one borrow is `ShardCtx`'s (`hosts`: the
+//! shard's surroundings and `&mut State`), by feature:
+//! - `driver`: accepting, the connection task, hand-off, adoption and the
+//!   sessions an upgrade hands over; `links` has its WebSocket/TLS helpers;
+//! - `actions`: a session's frames and the actions it asks for (`apply`);
+//! - `output`: queueing, direct sends, batched deliveries;
 //! - `index`: registering authenticated sessions (device, user, directory);
 //! - `inbox`: what messages from other shards ask (`handle`), replies merged;
+//! - `upgrade`: freeze and resume for an in-place upgrade;
 //! - `fanout`: the broadcast queue's pacing (`State`);
 //! - `drain`: the drain component (who gets GoAway in each tick);
 
 mod drain;
+mod driver;
 pub use drain::DrainPacer;
 pub(crate) use drain::ShardDrain;
 mod fanout;
@@ -41,9 +50,9 @@ mod output;
 mod state;
 use state::{BroadcastJob, Conn, UserDir, slot_device, slot_user};
 pub(crate) use state::{State, broadcast_cost};
-mod task;
 mod upgrade;
 pub(crate) use upgrade::ShardUpgrade;
+use upgrade::{QUIESCE_POLL, QUIESCE_SLACK};
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -78,6 +87,7 @@ use crate::protocol::time::{Millis, Now};
 use crate::push::{Backend, Deadlines, Pending};
 use crate::rate::TokenBucket;
 use crate::session::{Action, Login, Phase, Session};
+use crate::upgrade::{Command, Report, ShardLink};
 use crate::upstream::{Upstream, UpstreamCounters, UpstreamSettings};
 use crate::wheel::Wheel;
 
@@ -589,6 +599,47 @@ impl Shard {
             }
             self.flushing.set(false);
         }
+    }
+
+    // ---- in-place upgrade: the coordinator's commands ([`crate::upgrade`]) ---
+
+    /// Carries out the coordinator's commands until the node stops.
+    pub(crate) async fn upgrade_loop(self: Rc<Self>, link: ShardLink) {
+        let ShardLink { mut commands, reports } = link;
+        while let Some(command) = futures_lite::StreamExt::next(&mut commands).await {
+            let shard = self.id.0;
+            let report = match command {
+                Command::Quiesce => Report::Quiesced { pending_left: self.quiesce_upgrade().await },
+                Command::Freeze => {
+                    let (image, fds) = self.ctx(&mut self.state.borrow_mut()).freeze();
+                    Report::Frozen { shard, image, fds }
+                }
+                Command::Resume => {
+                    self.ctx(&mut self.state.borrow_mut()).resume();
+                    Report::Resumed
+                }
+            };
+            if reports.send(report).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Quiesce (see `upgrade`'s module doc). Returns the push requests
+    /// still unanswered when the wait ended.
+    async fn quiesce_upgrade(&self) -> usize {
+        self.upgrade.set_paused(true);
+        let limit = Duration::from_millis(self.live().push.reply_timeout_ms) + QUIESCE_SLACK;
+        let deadline = Instant::now() + limit;
+        while !self.state.borrow().pending.is_empty() && Instant::now() < deadline {
+            glommio::timer::sleep(QUIESCE_POLL).await;
+        }
+        let mut st = self.state.borrow_mut();
+        let bye = Frame::Error(codes::error_body(ErrorCode::GoingAway, "node upgrading; reconnect")).to_bytes();
+        for (_, backend) in st.backends.iter_mut() {
+            backend.close_with(bye.clone());
+        }
+        st.pending.len()
     }
 
     // ---- the mesh: sending to other shards, and what they send ---------------

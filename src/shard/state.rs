@@ -18,7 +18,7 @@ pub(super) struct ConnIo {
     /// Registered, waiting for the user's home shard to record it before
     /// `AuthOk` goes out.
     pub(super) awaiting_dir: Option<Box<Login>>,
-    /// Listed in the shard's flush list ([`Shard::deliver_batched`]).
+    /// Listed in the shard's flush list ([`ShardCtx::deliver_batched`]).
     pub(super) in_flush: bool,
     /// WebSocket upgrade, decoder mid-frame, handshake token.
     pub(super) ws: Option<Box<WsState>>,
@@ -220,7 +220,7 @@ pub(crate) struct State {
     /// When each of those must be answered at the latest.
     pub(crate) deadlines: Deadlines,
     /// Sessions with frames queued by a fan-out, in the order they were
-    /// queued, for the flusher task ([`Shard::deliver_batched`]).
+    /// queued, for the flusher task ([`ShardCtx::deliver_batched`]).
     pub(super) flush: VecDeque<ConnKey>,
     pub(super) next_token: u64,
     pub(crate) message_ids: MessageIds,
@@ -348,7 +348,7 @@ pub(super) fn slot_user(conns: &Slab<Conn>, i: u32) -> Option<&str> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::task::{AcceptBucket, ConnTask};
+    use super::super::driver::{AcceptBucket, ConnTask};
     use super::*;
     use crate::protocol::limits::MAX_ID_BYTES;
     use crate::session::Params;

@@ -19,16 +19,14 @@
 use std::os::fd::OwnedFd;
 
 use super::hosts::ShardCtx;
-use super::task::{ConnTask, insert_conn};
 use super::*;
 use crate::delivery::store::MemoryStore;
 use crate::upgrade::wire::{RecordPhase, SessionRecord, ShardImage};
-use crate::upgrade::{Command, Report, ShardLink};
 
 /// Slack on top of the push reply deadline when waiting for requests in
 /// flight to be answered.
-const QUIESCE_SLACK: Duration = Duration::from_secs(1);
-const QUIESCE_POLL: Duration = Duration::from_millis(5);
+pub(super) const QUIESCE_SLACK: Duration = Duration::from_secs(1);
+pub(super) const QUIESCE_POLL: Duration = Duration::from_millis(5);
 
 /// A shard's upgrade state (one per shard, not per connection).
 #[derive(Default)]
@@ -56,7 +54,7 @@ impl ShardUpgrade {
         *self.memory.borrow_mut() = Some(store);
     }
 
-    fn set_paused(&self, paused: bool) {
+    pub(super) fn set_paused(&self, paused: bool) {
         self.quiescing.set(paused);
         for w in self.waiters.borrow_mut().drain(..) {
             w.wake();
@@ -79,112 +77,9 @@ impl ShardUpgrade {
     }
 }
 
-impl Shard {
-    /// Carries out the coordinator's commands until the node stops.
-    pub(crate) async fn upgrade_loop(self: Rc<Self>, link: ShardLink) {
-        let ShardLink { mut commands, reports } = link;
-        while let Some(command) = futures_lite::StreamExt::next(&mut commands).await {
-            let shard = self.id.0;
-            let report = match command {
-                Command::Quiesce => Report::Quiesced { pending_left: self.quiesce().await },
-                Command::Freeze => {
-                    let (image, fds) = self.ctx(&mut self.state.borrow_mut()).freeze();
-                    Report::Frozen { shard, image, fds }
-                }
-                Command::Resume => {
-                    self.ctx(&mut self.state.borrow_mut()).resume();
-                    Report::Resumed
-                }
-            };
-            if reports.send(report).is_err() {
-                return;
-            }
-        }
-    }
-
-    /// See the module doc. Returns the push requests still unanswered when
-    /// the wait ended.
-    async fn quiesce(&self) -> usize {
-        self.upgrade.set_paused(true);
-        let limit = Duration::from_millis(self.live().push.reply_timeout_ms) + QUIESCE_SLACK;
-        let deadline = Instant::now() + limit;
-        while !self.state.borrow().pending.is_empty() && Instant::now() < deadline {
-            glommio::timer::sleep(QUIESCE_POLL).await;
-        }
-        let mut st = self.state.borrow_mut();
-        let bye = Frame::Error(codes::error_body(ErrorCode::GoingAway, "node upgrading; reconnect")).to_bytes();
-        for (_, backend) in st.backends.iter_mut() {
-            backend.close_with(bye.clone());
-        }
-        st.pending.len()
-    }
-
-    /// New process: takes in the sessions the old one handed over (before
-    /// this shard accepts anything).
-    pub(crate) fn restore(self: &Rc<Self>, sessions: Vec<(SessionRecord, OwnedFd)>) {
-        let count = sessions.len();
-        for (record, fd) in sessions {
-            let now = self.now();
-            // Counted against its source's limits here too, so that an
-            // upgrade does not hand a source a fresh allowance.
-            let admitted = match socket2::SockRef::from(&fd).peer_addr().ok().and_then(|a| a.as_socket()) {
-                Some(peer) => self.cfg.admission.carry_over(peer.ip()),
-                None => crate::admission::Admitted::NONE,
-            };
-            let (socket, slot_fd) = Socket::adopt(fd);
-            let link = if record.ws { Link::Ws } else { Link::Plain };
-            let phase = match record.phase {
-                RecordPhase::Handshaking => Phase::Handshaking,
-                RecordPhase::Active => Phase::Active,
-                RecordPhase::Authenticated => Phase::Authenticated,
-            };
-            let deadline = now.mono.add_ms(record.deadline_in_ms);
-            let session = Session::restored(phase, now.mono, deadline, record.idle_timeout_ms, record.expires_in_ms);
-            let capabilities = record.login.as_ref().map_or(0, |l| l.capabilities);
-            let key = {
-                let mut st = self.state.borrow_mut();
-                let key = insert_conn(&mut st, session, slot_fd, now, capabilities, link);
-                if let Some(conn) = st.conn(key) {
-                    conn.connected_at = record.connected_at;
-                    if !record.out.is_empty() {
-                        conn.io().out.push(Bytes::from(record.out));
-                    }
-                    if !record.partial.is_empty() {
-                        conn.io().partial = record.partial;
-                    }
-                }
-                match (record.phase, record.login) {
-                    (RecordPhase::Handshaking, _) => {}
-                    (RecordPhase::Active, Some(login)) => {
-                        self.ctx(&mut st).restore_active(key, now, &login, &record.groups, record.delivery)
-                    }
-                    // As an adoption: registered, then activated (AuthOk).
-                    (RecordPhase::Authenticated, Some(login)) => self.ctx(&mut st).register(key, now, &login),
-                    (_, None) => {
-                        // Not a record the old process writes; let the
-                        // session time out rather than guess who it is.
-                        if let Some(conn) = st.conn(key) {
-                            conn.session.closed_by_peer();
-                        }
-                    }
-                }
-                // Whole frames waiting behind a pause, if any.
-                if st.conn_ref(key).is_some_and(|c| c.is_active()) {
-                    self.ctx(&mut st).resume_input(key);
-                }
-                key
-            };
-            glommio::spawn_local(ConnTask::new(self.clone(), key, socket, admitted)).detach();
-        }
-        if count > 0 {
-            info!(shard = %self.id, sessions = count, "sessions taken over");
-        }
-    }
-}
-
 impl ShardCtx<'_> {
     /// The hand-over point: freezes the shard and copies its sessions out.
-    fn freeze(&mut self) -> (ShardImage, Vec<OwnedFd>) {
+    pub(super) fn freeze(&mut self) -> (ShardImage, Vec<OwnedFd>) {
         let shard = self.shard;
         shard.upgrade.frozen.set(true);
         let now = shard.now();
@@ -225,7 +120,7 @@ impl ShardCtx<'_> {
     }
 
     /// The new process failed: serve on as if nothing happened.
-    fn resume(&mut self) {
+    pub(super) fn resume(&mut self) {
         let shard = self.shard;
         shard.upgrade.frozen.set(false);
         shard.upgrade.set_paused(false);
@@ -239,7 +134,7 @@ impl ShardCtx<'_> {
 
     /// Indexes a session that was active in the old process, without a
     /// second AuthOk.
-    fn restore_active(
+    pub(super) fn restore_active(
         &mut self,
         key: ConnKey,
         now: Now,
@@ -316,7 +211,7 @@ impl State {
     }
 
     /// Keeps the waker of a connection task that found the shard frozen,
-    /// so that [`Shard::resume`] reaches it.
+    /// so that [`ShardCtx::resume`] reaches it.
     pub(super) fn park_conn(&mut self, key: ConnKey, waker: &Waker) {
         if let Some(conn) = self.conn(key)
             && !conn.waker.as_ref().is_some_and(|w| w.will_wake(waker))

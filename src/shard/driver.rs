@@ -2,9 +2,12 @@
 //! shard's scratch buffer, frames, the session's actions, writes, the
 //! hand-off of a connection to its owner shard and its adoption there.
 
-use super::links::flush_tls;
+use std::os::fd::OwnedFd;
+
+use super::links::{flush_tls, on_tls_read, on_ws_read, tls_session};
 use super::*;
 use crate::admission::{Admitted, Refusal, RefusalLog};
+use crate::upgrade::wire::{RecordPhase, SessionRecord};
 
 /// The task of one connection, written by hand: an `async` block around
 /// the stream keeps several copies of it in its state (448 bytes against
@@ -197,7 +200,7 @@ impl Shard {
             }
             let tls = match link.is_tls() {
                 false => None,
-                true => match self.tls_session(link) {
+                true => match tls_session(self, link) {
                     Some(session) => Some(Box::new(TlsLink::new(session))),
                     None => {
                         self.cfg.admission.release(admitted);
@@ -368,14 +371,14 @@ impl Shard {
                 Poll::Pending => None,
                 Poll::Ready(Ok(0)) => Some(Err(())),
                 Poll::Ready(Ok(n)) => match link {
-                    _ if let Some(t) = tls.as_deref_mut() => Some(self.on_tls_read(key, t, &mut buf[..n], draining)),
+                    _ if let Some(t) = tls.as_deref_mut() => Some(on_tls_read(self, key, t, &mut buf[..n], draining)),
                     Link::Plain if !draining => {
                         self.on_bytes(key, &buf[..n]);
                         Some(Ok(()))
                     }
                     Link::Plain => Some(Ok(())),
                     Link::WsUpgrade | Link::Ws | Link::Tls | Link::WssUpgrade | Link::Wss => {
-                        Some(self.on_ws_read(key, &mut buf[..n], draining))
+                        Some(on_ws_read(self, key, &mut buf[..n], draining))
                     }
                 },
                 Poll::Ready(Err(err)) => {
@@ -437,6 +440,68 @@ impl Shard {
         let conn = st.conns.remove(key.index as usize);
         self.counters.closed.fetch_add(1, Ordering::Relaxed);
         Some(conn.fd)
+    }
+
+    /// New process: takes in the sessions the old one handed over (before
+    /// this shard accepts anything).
+    pub(crate) fn restore(self: &Rc<Self>, sessions: Vec<(SessionRecord, OwnedFd)>) {
+        let count = sessions.len();
+        for (record, fd) in sessions {
+            let now = self.now();
+            // Counted against its source's limits here too, so that an
+            // upgrade does not hand a source a fresh allowance.
+            let admitted = match socket2::SockRef::from(&fd).peer_addr().ok().and_then(|a| a.as_socket()) {
+                Some(peer) => self.cfg.admission.carry_over(peer.ip()),
+                None => crate::admission::Admitted::NONE,
+            };
+            let (socket, slot_fd) = Socket::adopt(fd);
+            let link = if record.ws { Link::Ws } else { Link::Plain };
+            let phase = match record.phase {
+                RecordPhase::Handshaking => Phase::Handshaking,
+                RecordPhase::Active => Phase::Active,
+                RecordPhase::Authenticated => Phase::Authenticated,
+            };
+            let deadline = now.mono.add_ms(record.deadline_in_ms);
+            let session = Session::restored(phase, now.mono, deadline, record.idle_timeout_ms, record.expires_in_ms);
+            let capabilities = record.login.as_ref().map_or(0, |l| l.capabilities);
+            let key = {
+                let mut st = self.state.borrow_mut();
+                let key = insert_conn(&mut st, session, slot_fd, now, capabilities, link);
+                if let Some(conn) = st.conn(key) {
+                    conn.connected_at = record.connected_at;
+                    if !record.out.is_empty() {
+                        conn.io().out.push(Bytes::from(record.out));
+                    }
+                    if !record.partial.is_empty() {
+                        conn.io().partial = record.partial;
+                    }
+                }
+                match (record.phase, record.login) {
+                    (RecordPhase::Handshaking, _) => {}
+                    (RecordPhase::Active, Some(login)) => {
+                        self.ctx(&mut st).restore_active(key, now, &login, &record.groups, record.delivery)
+                    }
+                    // As an adoption: registered, then activated (AuthOk).
+                    (RecordPhase::Authenticated, Some(login)) => self.ctx(&mut st).register(key, now, &login),
+                    (_, None) => {
+                        // Not a record the old process writes; let the
+                        // session time out rather than guess who it is.
+                        if let Some(conn) = st.conn(key) {
+                            conn.session.closed_by_peer();
+                        }
+                    }
+                }
+                // Whole frames waiting behind a pause, if any.
+                if st.conn_ref(key).is_some_and(|c| c.is_active()) {
+                    self.ctx(&mut st).resume_input(key);
+                }
+                key
+            };
+            glommio::spawn_local(ConnTask::new(self.clone(), key, socket, admitted)).detach();
+        }
+        if count > 0 {
+            info!(shard = %self.id, sessions = count, "sessions taken over");
+        }
     }
 
     pub(super) fn adopt(self: &Rc<Self>, adoption: Adoption) {
