@@ -189,15 +189,23 @@ local MSGP = '{MSGP}'
 local INCARNATION = '{INCK}'
 -- The store's incarnation, made once (candidate: a random number of the
 -- caller) when Redis has none: a Redis that lost its data gets a new one.
--- Its start time (ms) is kept beside it: every sequence it issues is above
+-- Its start time (ms) is kept beside it, set by the first read that finds
+-- none: every sequence it issues for a device without a counter yet is above
 -- start * 1000, a bound that does not move (a resumed client past it has
--- missed nothing). Returns {incarnation, start ('0': unknown)}.
+-- missed nothing). A start recorded late only widens a reported gap.
+-- Returns {incarnation, start}.
 local function incarnation(candidate, now)
   local cur = redis.call('GET', INCARNATION)
-  if cur then return {cur, redis.call('GET', INCARNATION .. ':since') or '0'} end
-  redis.call('SET', INCARNATION, candidate)
-  redis.call('SET', INCARNATION .. ':since', now)
-  return {candidate, now}
+  if not cur then
+    redis.call('SET', INCARNATION, candidate)
+    cur = candidate
+  end
+  local since = redis.call('GET', INCARNATION .. ':since')
+  if not since then
+    redis.call('SET', INCARNATION .. ':since', now)
+    since = now
+  end
+  return {cur, since}
 end
 -- Drops the n oldest entries of a timeline, marking them expired (why: 1
 -- retention count, 2 age, 3 the push's TTL, 4 replays without an ACK).
@@ -538,11 +546,6 @@ fn learn_incarnation(link: &mut RedisLink, prefix: &str, candidate: u64, into: &
     let key = format!("{}:incarnation", quoted_prefix(prefix));
     let mut pipe = redis::pipe();
     pipe.cmd("SET").arg(&key).arg(candidate).arg("NX").ignore();
-    // The start beside it (see PRELUDE_LUA); NX: an incarnation made by an
-    // older node without one gets a later start, which only widens a gap
-    // reported to a resuming client.
-    let now_ms = crate::protocol::time::unix_ms_now();
-    pipe.cmd("SET").arg(format!("{key}:since")).arg(now_ms).arg("NX").ignore();
     pipe.cmd("GET").arg(&key);
     if let Ok(values) = link.query(&pipe)
         && let Some(inc) = values.last().and_then(as_u64)
