@@ -22,7 +22,7 @@ impl ShardCtx<'_> {
             }
             conn.release_io_if_idle();
         }
-        self.shard.flush_upstream(self.st);
+        crate::upstream::flush(self);
     }
 
     /// Returns how many bytes of `input` were consumed.
@@ -47,7 +47,9 @@ impl ShardCtx<'_> {
                 Ok(Some((header, body))) => {
                     // Rate limit: a Request over the budget stays in the
                     // leftovers, and reading pauses.
-                    if header.kind == FrameKind::Request && active && !self.shard.admit_request(self.st, key, now.mono)
+                    if header.kind == FrameKind::Request
+                        && active
+                        && !crate::upstream::admit_request(self, key, now.mono)
                     {
                         break pos;
                     }
@@ -132,7 +134,7 @@ impl ShardCtx<'_> {
                     self.queue_frame(key, &group_result(group, false, ErrorCode::Unspecified, String::new()));
                     self.st.publish_group_counts(&self.shard.counters);
                 }
-                Action::Request(request) => self.shard.on_client_request(self.st, key, now, request),
+                Action::Request(request) => crate::upstream::on_client_request(self, key, now, request),
                 Action::Ack(seq) => reliable::on_ack(self, key, now, seq),
                 Action::Refresh(refresh) => {
                     let Some(conn) = self.st.conn(key) else { continue };

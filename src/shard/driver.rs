@@ -426,9 +426,9 @@ impl Shard {
             }
             conn.release_io_if_idle();
         }
-        // Hook: upstream requests (and immediate answers) of this read go
+        // Upstream requests (and immediate answers) of this read go
         // out together.
-        self.flush_upstream(&mut st);
+        crate::upstream::flush(&mut self.ctx(&mut st));
     }
 
     /// Removes the slot of `key`; returns its socket handle.

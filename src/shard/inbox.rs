@@ -154,31 +154,8 @@ impl ShardCtx<'_> {
                     self.resume_input(key);
                 }
             }
-            ShardMsg::Part { token, part } => self.merge_part(token, part),
+            ShardMsg::Part { token, part } => crate::push::merge_part(self, token, part),
         }
-    }
-
-    /// Merges part of an answer into a pending request; replies when whole.
-    pub(crate) fn merge_part(&mut self, token: u64, part: Part) {
-        let Some(pending) = self.st.pending.get_mut(&token) else {
-            // Answered at its deadline already.
-            self.shard.counters.push_late_answers.fetch_add(1, Ordering::Relaxed);
-            return;
-        };
-        pending.merge(part);
-        self.finish_if_done(token);
-    }
-
-    pub(crate) fn finish_if_done(&mut self, token: u64) {
-        if !self.st.pending.get(&token).is_some_and(Pending::is_done) {
-            return;
-        }
-        let Some(pending) = self.st.pending.remove(&token) else { return };
-        self.shard.counters.ops.push_latency.record(pending.started.elapsed_to(self.shard.now().mono));
-        let (backend, frame) = pending.finish();
-        // Hook: the local part of a cluster request goes to its merge.
-        let Some(frame) = self.shard.cluster_local_reply(backend, frame) else { return };
-        crate::push::reply(self.st, backend, frame.to_bytes());
     }
 }
 

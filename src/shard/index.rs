@@ -51,8 +51,8 @@ impl ShardCtx<'_> {
         self.st.actions = actions;
         // Hook: stored messages since the client's last sequence follow AuthOk.
         reliable::resume(self, key, now, login);
-        // Hook: subscribed backends learn the session is online.
-        shard.conn_event(self.st, key, ConnectionEventKind::Online, ErrorCode::Unspecified);
+        // Subscribed backends learn the session is online.
+        crate::upstream::conn_event(self, key, ConnectionEventKind::Online, ErrorCode::Unspecified);
         // Hook: cluster mode claims the device's route.
         shard.cluster_on_active(self.st, key, login);
     }
@@ -127,13 +127,13 @@ impl ShardCtx<'_> {
         if user_gone && !st.hash_in_use(user_hash) {
             shard.route(st, home, ShardMsg::UserDir { user_hash, shard: shard.id, present: false, ack: None });
         }
-        // Hook: this point is reached once per indexed session, so
+        // This point is reached once per indexed session, so
         // subscribed backends get exactly one end event for each ONLINE.
         let key = st.key_of(slot);
         if st.conn_ref(key).is_some_and(|c| c.session.was_activated()) {
             let kind =
                 if code == ErrorCode::Replaced { ConnectionEventKind::Replaced } else { ConnectionEventKind::Offline };
-            shard.conn_event(st, key, kind, code);
+            crate::upstream::conn_event(self, key, kind, code);
         }
     }
 }

@@ -41,6 +41,7 @@ pub use drain::DrainPacer;
 pub(crate) use drain::ShardDrain;
 mod fanout;
 mod hosts;
+mod hosts_features;
 use hosts::ShardCtx;
 mod actions;
 mod inbox;
@@ -84,7 +85,8 @@ use crate::protocol::codes;
 use crate::protocol::ids::{ConnId, ConnKey, ShardId, home_shard, owner_shard, stable_hash};
 use crate::protocol::proto::{self, ConnectionEventKind, ErrorCode, FrameKind};
 use crate::protocol::time::{Millis, Now};
-use crate::push::{Backend, Deadlines, Pending};
+pub use crate::push::PushLimits;
+use crate::push::PushPort;
 use crate::rate::TokenBucket;
 use crate::session::{Action, Login, Phase, Session};
 use crate::upgrade::{Command, Report, ShardLink};
@@ -180,20 +182,6 @@ impl ShardCounters {
         self.frames_out.fetch_add(1, Ordering::Relaxed);
         self.bytes_out.fetch_add(bytes as u64, Ordering::Relaxed);
     }
-}
-
-/// Push-port limits a shard enforces.
-#[derive(Clone, Debug)]
-pub struct PushLimits {
-    pub max_inflight_per_backend: u32,
-    pub max_targets_per_request: u32,
-    pub max_request_bytes: u32,
-    /// Every request is answered within this, in ms.
-    pub reply_timeout_ms: u64,
-    /// This shard's share of the node's broadcast rate, deliveries/s.
-    pub broadcast_rate_per_sec: u32,
-    /// Bytes of broadcasts each shard may hold ([`broadcast_cost`]).
-    pub broadcast_queue_bytes: u64,
 }
 
 /// Everything a shard needs to start, built on the main thread.
@@ -300,9 +288,7 @@ impl Shard {
                 next_gen: 0,
                 actions: Vec::new(),
                 broadcasts: VecDeque::new(),
-                backends: Slab::new(),
-                pending: HashMap::new(),
-                deadlines: Deadlines::default(),
+                port: PushPort::default(),
                 flush: VecDeque::new(),
                 next_token: 0,
                 message_ids: MessageIds::new(worker),
@@ -378,7 +364,7 @@ impl Shard {
         let added = self.state.borrow_mut().upstream.apply_live(&live.upstream);
         if let Some(me) = self.me.upgrade() {
             for idx in added {
-                glommio::spawn_local(Rc::clone(&me).run_link(idx, None)).detach();
+                glommio::spawn_local(crate::upstream::run_link(Rc::clone(&me), idx, None)).detach();
             }
         }
         *self.live.borrow_mut() = Rc::new(live);
@@ -410,8 +396,7 @@ impl Shard {
                 continue;
             }
             // Push-port requests past their deadline are answered now.
-            self.expire_requests();
-            self.expire_backends(&mut self.state.borrow_mut(), self.now().mono);
+            crate::push::expire(&mut self.ctx(&mut self.state.borrow_mut()));
             self.state.borrow_mut().wheel.expire(self.now().mono, &mut due);
             // A session may be filed more than once (its deadline moved
             // earlier); visiting it once re-files it once, so copies merge.
@@ -425,7 +410,7 @@ impl Shard {
             due.clear();
             let held = {
                 let st = self.state.borrow();
-                st.conns.len() + st.backends.len()
+                st.conns.len() + st.port.connections()
             };
             trim.observe(held, Instant::now());
             if let Some(deadline) = shutdown_deadline
@@ -483,9 +468,7 @@ impl Shard {
             }
             self.ctx(&mut st).apply(key, now, &mut actions);
         }
-        for (_, backend) in st.backends.iter_mut() {
-            backend.close();
-        }
+        st.port.close_all();
         st.upstream.stop();
     }
 
@@ -631,15 +614,13 @@ impl Shard {
         self.upgrade.set_paused(true);
         let limit = Duration::from_millis(self.live().push.reply_timeout_ms) + QUIESCE_SLACK;
         let deadline = Instant::now() + limit;
-        while !self.state.borrow().pending.is_empty() && Instant::now() < deadline {
+        while self.state.borrow().port.in_flight() > 0 && Instant::now() < deadline {
             glommio::timer::sleep(QUIESCE_POLL).await;
         }
         let mut st = self.state.borrow_mut();
         let bye = Frame::Error(codes::error_body(ErrorCode::GoingAway, "node upgrading; reconnect")).to_bytes();
-        for (_, backend) in st.backends.iter_mut() {
-            backend.close_with(bye.clone());
-        }
-        st.pending.len()
+        st.port.close_all_with(bye);
+        st.port.in_flight()
     }
 
     // ---- the mesh: sending to other shards, and what they send ---------------
@@ -699,7 +680,7 @@ impl Shard {
     /// Sends part of an answer back to the request's origin.
     pub(crate) fn answer(&self, st: &mut State, origin: Origin, part: Part) {
         if origin.shard == self.id {
-            self.ctx(st).merge_part(origin.token, part);
+            crate::push::merge_part(&mut self.ctx(st), origin.token, part);
         } else {
             self.outbox.send(origin.shard, ShardMsg::Part { token: origin.token, part });
         }

@@ -214,11 +214,8 @@ pub(crate) struct State {
     /// Reused action buffer.
     pub(super) actions: Vec<Action>,
     pub(super) broadcasts: VecDeque<BroadcastJob>,
-    pub(crate) backends: Slab<Backend>,
-    /// Requests from this shard's backends waiting for parts of their answer.
-    pub(crate) pending: HashMap<u64, Pending>,
-    /// When each of those must be answered at the latest.
-    pub(crate) deadlines: Deadlines,
+    /// Backend connections and their requests ([`crate::push`]).
+    pub(crate) port: PushPort,
     /// Sessions with frames queued by a fan-out, in the order they were
     /// queued, for the flusher task ([`ShardCtx::deliver_batched`]).
     pub(super) flush: VecDeque<ConnKey>,
