@@ -208,7 +208,7 @@ impl Shard {
                         let outcome = l.routes.borrow_mut().reasserted(key, result.map_err(|_| ()));
                         if let Reasserted::Yield(key) = outcome {
                             let reason = "the device logged in elsewhere".to_owned();
-                            this.close_conn(st, key, this.now(), ErrorCode::Replaced, reason);
+                            this.ctx(st).close_conn(key, this.now(), ErrorCode::Replaced, reason);
                         }
                     });
                 }
