@@ -10,6 +10,10 @@
 //! reply, keeping replies to other requests for later `recv` calls.
 //! [`PushClient::split`] gives a sender and a receiver for two threads.
 //!
+//! Over TLS (a node's `push.tls_listen`), [`PushClient::connect_tls`]
+//! verifies the node's certificate against a CA file ([`PushTls`]) before
+//! the push key is used; the push auth handshake then runs inside TLS.
+//!
 //! ```no_run
 //! use longlink::backend::PushClient;
 //! # fn main() -> Result<(), longlink::backend::BackendError> {
@@ -28,6 +32,8 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -59,6 +65,10 @@ const READ_CHUNK: usize = 64 * 1024;
 pub enum BackendError {
     #[error("i/o error: {0}")]
     Io(#[from] io::Error),
+    /// TLS failed: the CA file, the node's certificate (another CA, another
+    /// name), or a peer that does not speak TLS (a plain push port).
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The node sent bytes that are not a frame (or a body that does not
     /// decode). Nothing after it can be trusted.
     #[error("bad frame from the node: {0}")]
@@ -228,7 +238,7 @@ impl Writer {
         }
     }
 
-    fn send(&mut self, stream: &mut TcpStream, mut req: Request) -> Result<u64, BackendError> {
+    fn send(&mut self, stream: &mut impl Write, mut req: Request) -> Result<u64, BackendError> {
         let len = req.body_len();
         if len > self.max_request_bytes as usize {
             return Err(BackendError::RequestTooLarge { len, max: self.max_request_bytes });
@@ -243,7 +253,7 @@ impl Writer {
         Ok(id)
     }
 
-    fn flush(&mut self, stream: &mut TcpStream) -> Result<(), BackendError> {
+    fn flush(&mut self, stream: &mut impl Write) -> Result<(), BackendError> {
         if !self.wbuf.is_empty() {
             stream.write_all(&self.wbuf)?;
             self.wbuf.clear();
@@ -280,7 +290,7 @@ impl Reader {
         }
     }
 
-    fn recv(&mut self, stream: &mut TcpStream) -> Result<Reply, BackendError> {
+    fn recv(&mut self, stream: &mut impl Read) -> Result<Reply, BackendError> {
         match self.backlog.pop_front() {
             Some(reply) => Ok(reply),
             None => self.read_reply(stream),
@@ -288,7 +298,7 @@ impl Reader {
     }
 
     /// Reads until the reply to `id` arrives, keeping the others.
-    fn wait_for(&mut self, stream: &mut TcpStream, id: u64) -> Result<Reply, BackendError> {
+    fn wait_for(&mut self, stream: &mut impl Read, id: u64) -> Result<Reply, BackendError> {
         if let Some(pos) = self.backlog.iter().position(|r| r.request_id() == id)
             && let Some(reply) = self.backlog.remove(pos)
         {
@@ -306,11 +316,11 @@ impl Reader {
         }
     }
 
-    fn read_reply(&mut self, stream: &mut TcpStream) -> Result<Reply, BackendError> {
+    fn read_reply(&mut self, stream: &mut impl Read) -> Result<Reply, BackendError> {
         Reply::from_frame(self.read_frame(stream)?)
     }
 
-    fn read_frame(&mut self, stream: &mut TcpStream) -> Result<Frame, BackendError> {
+    fn read_frame(&mut self, stream: &mut impl Read) -> Result<Frame, BackendError> {
         loop {
             match codec::decode_header(&self.rbuf, self.max_reply_bytes)? {
                 Some(header) if self.rbuf.len() >= header.frame_len() => {
@@ -329,7 +339,7 @@ impl Reader {
         }
     }
 
-    fn fill(&mut self, stream: &mut TcpStream) -> Result<(), BackendError> {
+    fn fill(&mut self, stream: &mut impl Read) -> Result<(), BackendError> {
         let start = self.rbuf.len();
         self.rbuf.resize(start + READ_CHUNK, 0);
         loop {
@@ -345,7 +355,9 @@ impl Reader {
                         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
                             BackendError::Timeout(self.read_timeout.unwrap_or_default())
                         }
-                        _ => BackendError::Io(e),
+                        // TLS: the socket closed without close_notify.
+                        io::ErrorKind::UnexpectedEof => BackendError::Eof,
+                        _ => tls_error(e),
                     });
                 }
             }
@@ -353,9 +365,86 @@ impl Reader {
     }
 }
 
+/// How to reach a node's push port over TLS: the CAs that may sign its
+/// certificate and the name it must carry.
+#[derive(Clone)]
+pub struct PushTls {
+    config: Arc<rustls::ClientConfig>,
+    server_name: rustls::pki_types::ServerName<'static>,
+}
+
+impl PushTls {
+    /// Trusts the CA certificates in the PEM file `ca_file`; the node's
+    /// certificate must name `server_name` (a DNS name or an IP address).
+    /// Offers ALPN "longlink-push/1".
+    pub fn from_ca_file(ca_file: &Path, server_name: &str) -> Result<PushTls, BackendError> {
+        let alpn = vec![crate::conn::tls::pipe::ALPN_PUSH.to_vec()];
+        let config = crate::conn::tls::config::load_client_config(ca_file, alpn)
+            .map_err(|e| BackendError::Tls(e.to_string()))?;
+        let server_name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
+            .map_err(|_| BackendError::Tls(format!("{server_name:?} is not a DNS name or IP address")))?;
+        Ok(PushTls { config, server_name })
+    }
+}
+
+impl fmt::Debug for PushTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PushTls").field("server_name", &self.server_name).finish()
+    }
+}
+
+/// A push-port socket: plain TCP, or rustls' client over it.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Conn {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Conn::Plain(s) => s,
+            Conn::Tls(t) => &t.sock,
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read(buf),
+            Conn::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.write(buf),
+            Conn::Tls(t) => t.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.flush(),
+            Conn::Tls(t) => t.flush(),
+        }
+    }
+}
+
+/// An i/o error that carries a rustls error (a bad certificate, a peer
+/// that is not TLS) as [`BackendError::Tls`].
+fn tls_error(e: io::Error) -> BackendError {
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+        Some(tls) => BackendError::Tls(tls.to_string()),
+        None => BackendError::Io(e),
+    }
+}
+
 /// A connection to a node's push port.
 pub struct PushClient {
-    stream: TcpStream,
+    stream: Conn,
     writer: Writer,
     reader: Reader,
 }
@@ -366,12 +455,37 @@ impl PushClient {
     /// for up to `timeout` too). Name resolution itself is not bounded by
     /// `timeout`.
     pub fn connect(addr: impl ToSocketAddrs, timeout: Duration, key: &PushKey) -> Result<PushClient, BackendError> {
+        PushClient::connect_with(addr, timeout, key, None)
+    }
+
+    /// [`PushClient::connect`] over TLS (a node's `push.tls_listen`): the
+    /// TLS handshake, bounded by `timeout` too, verifies the node's
+    /// certificate before the key is used.
+    pub fn connect_tls(
+        addr: impl ToSocketAddrs,
+        timeout: Duration,
+        key: &PushKey,
+        tls: &PushTls,
+    ) -> Result<PushClient, BackendError> {
+        PushClient::connect_with(addr, timeout, key, Some(tls))
+    }
+
+    /// [`PushClient::connect`], over TLS when `tls` is given.
+    pub fn connect_with(
+        addr: impl ToSocketAddrs,
+        timeout: Duration,
+        key: &PushKey,
+        tls: Option<&PushTls>,
+    ) -> Result<PushClient, BackendError> {
         let mut last_err = None;
         for a in addr.to_socket_addrs()? {
             match TcpStream::connect_timeout(&a, timeout) {
                 Ok(stream) => {
                     let mut client = PushClient::from_stream(stream)?;
                     client.set_read_timeout(Some(timeout))?;
+                    if let Some(tls) = tls {
+                        client.start_tls(tls, timeout)?;
+                    }
                     client.authenticate(key)?;
                     client.set_read_timeout(None)?;
                     return Ok(client);
@@ -407,13 +521,40 @@ impl PushClient {
         // Requests are small and latency matters more than packet count;
         // pipelined sends are batched by the write buffer instead.
         stream.set_nodelay(true)?;
-        Ok(PushClient { stream, writer: Writer::new(), reader: Reader::new() })
+        Ok(PushClient { stream: Conn::Plain(stream), writer: Writer::new(), reader: Reader::new() })
+    }
+
+    /// Runs the TLS handshake on a fresh plain connection (before
+    /// [`PushClient::authenticate`]); reads and writes are bounded by
+    /// `timeout` meanwhile.
+    fn start_tls(&mut self, tls: &PushTls, timeout: Duration) -> Result<(), BackendError> {
+        let Conn::Plain(sock) = &self.stream else {
+            return Err(BackendError::Protocol("TLS is already on".into()));
+        };
+        let sock = sock.try_clone()?;
+        sock.set_write_timeout(Some(timeout))?;
+        let conn = rustls::ClientConnection::new(Arc::clone(&tls.config), tls.server_name.clone())
+            .map_err(|e| BackendError::Tls(e.to_string()))?;
+        let mut tls = rustls::StreamOwned::new(conn, sock);
+        while tls.conn.is_handshaking() {
+            match tls.conn.complete_io(&mut tls.sock) {
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    return Err(BackendError::Timeout(timeout));
+                }
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(BackendError::Eof),
+                Err(e) => return Err(tls_error(e)),
+            }
+        }
+        tls.sock.set_write_timeout(None)?;
+        self.stream = Conn::Tls(Box::new(tls));
+        Ok(())
     }
 
     /// How long one read may wait; `None` waits forever. A call that times
     /// out returns [`BackendError::Timeout`] and can be retried.
     pub fn set_read_timeout(&mut self, timeout: Option<Duration>) -> Result<(), BackendError> {
-        set_read_timeout(&self.stream, &mut self.reader, timeout)
+        set_read_timeout(self.stream.tcp(), &mut self.reader, timeout)
     }
 
     /// Limit on one reply body (default [`DEFAULT_MAX_REPLY_BYTES`]).
@@ -455,12 +596,14 @@ impl PushClient {
 
     /// A sender and a receiver on the same connection, for two threads. Any
     /// buffered requests and kept replies move with them.
+    /// Not over TLS (one TLS session cannot be driven from two threads
+    /// without a lock): use a connection per thread there.
     pub fn split(self) -> Result<(PushSender, PushReceiver), BackendError> {
-        let read_half = self.stream.try_clone()?;
-        Ok((
-            PushSender { stream: self.stream, writer: self.writer },
-            PushReceiver { stream: read_half, reader: self.reader },
-        ))
+        let Conn::Plain(stream) = self.stream else {
+            return Err(BackendError::Protocol("split is not available over TLS; use a connection per thread".into()));
+        };
+        let read_half = stream.try_clone()?;
+        Ok((PushSender { stream, writer: self.writer }, PushReceiver { stream: read_half, reader: self.reader }))
     }
 
     /// Pushes `payload` to `targets` and waits for the per-target results.
@@ -660,7 +803,8 @@ impl PushClient {
 impl fmt::Debug for PushClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PushClient")
-            .field("peer", &self.stream.peer_addr().ok())
+            .field("peer", &self.stream.tcp().peer_addr().ok())
+            .field("tls", &matches!(self.stream, Conn::Tls(_)))
             .field("next_id", &self.writer.next_id)
             .field("unsent_bytes", &self.writer.wbuf.len())
             .field("kept_replies", &self.reader.backlog.len())

@@ -8,10 +8,14 @@
 //! - [`session`]: the server's per-connection protocol state machine (no I/O, no clock).
 //! - [`wheel`]: the per-shard coarse timer wheel that drives every deadline.
 //! - [`shard`]: one executor's world: the `Shard` and its loops (timers,
-//!   reload, shutdown, pacer and drain drivers) in `shard/mod.rs`, its
-//!   `State` (sessions, indexes, user directory, broadcast queue) in
-//!   `shard/state.rs`, the connection task, hand-off, messages from other
-//!   shards; the drain is a component (`shard/drain.rs`) with no I/O.
+//!   reload, shutdown, pacer, flusher, drain and upgrade drivers) in
+//!   `shard/mod.rs`, the connection driver (accept, the connection task,
+//!   hand-off, adoption) in `shard/driver.rs`: the only two files with
+//!   `impl Shard`. What runs inside one borrow of its `State` (sessions,
+//!   indexes, user directory, broadcast queue; `shard/state.rs`) is
+//!   `impl ShardCtx`, by feature: a session's actions, output,
+//!   registration, messages from other shards, the upgrade's freeze; the
+//!   drain is a component (`shard/drain.rs`) with no I/O.
 //! - [`conn`]: the only code that touches socket fds: the task's socket and
 //!   the slot's handle, the outbound queue, the transport seam below framing.
 //! - [`mesh`]: messages between shards.

@@ -305,14 +305,22 @@ impl Server {
         // Each executor takes one (client, push) listener pair and its own
         // ends of the mesh, made here, on one thread, before any executor
         // runs (the channels' shared state must not be built concurrently).
-        type ShardStart = (OwnedFd, OwnedFd, Option<OwnedFd>, MeshEnds, Vec<(crate::conn::transport::Link, OwnedFd)>);
+        type ShardStart = (
+            OwnedFd,
+            OwnedFd,
+            Option<OwnedFd>,
+            MeshEnds,
+            Vec<(crate::conn::transport::Link, OwnedFd)>,
+            Option<OwnedFd>,
+        );
         let (fd_tx, fd_rx) = crossbeam_channel::bounded::<ShardStart>(listeners.len());
         let mesh = crate::mesh::full_mesh(shards, mesh_capacity(shards));
         let mut node_fds = node.map(|(_, fds)| fds.into_iter());
+        let mut push_tls_fds = links.push_tls.into_iter();
         for (((client, push), ends), extra) in listeners.into_iter().zip(push_listeners).zip(mesh).zip(links.per_shard)
         {
             let node_fd = node_fds.as_mut().and_then(Iterator::next);
-            let _ = fd_tx.send((client, push, node_fd, ends, extra));
+            let _ = fd_tx.send((client, push, node_fd, ends, extra, push_tls_fds.next()));
         }
         let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<ShardId, String>>(usize::from(shards));
         let grace = Duration::from_millis(session.close_linger_ms) + Duration::from_secs(1);
@@ -351,7 +359,7 @@ impl Server {
                         redis.clone(),
                     );
                     async move {
-                        let Ok((client_fd, push_fd, node_fd, mesh, extra)) = fd_rx.try_recv() else {
+                        let Ok((client_fd, push_fd, node_fd, mesh, extra, push_tls_fd)) = fd_rx.try_recv() else {
                             let _ = ready_tx.send(Err("no listener left for this executor".into()));
                             return;
                         };
@@ -436,11 +444,21 @@ impl Server {
                             })
                             .collect();
                         glommio::spawn_local(Rc::clone(&shard).accept_loop(listener)).detach();
-                        let push_port = crate::push::accept_loop(Rc::clone(&shard), push_listener, Listener::Push);
+                        let push_port =
+                            crate::push::accept_loop(Rc::clone(&shard), push_listener, Listener::Push, None);
                         glommio::spawn_local(push_port).detach();
+                        let tls = shard.cfg.tls.clone();
                         if let Some(fd) = node_fd {
-                            let nodes = crate::push::accept_loop(Rc::clone(&shard), fd::listener(fd), Listener::Node);
+                            let node_tls = tls.node.as_ref().map(|s| s.shard_handle());
+                            let nodes =
+                                crate::push::accept_loop(Rc::clone(&shard), fd::listener(fd), Listener::Node, node_tls);
                             glommio::spawn_local(nodes).detach();
+                        }
+                        if let (Some(fd), Some(store)) = (push_tls_fd, tls.push.as_ref()) {
+                            let push_tls = Some(store.shard_handle());
+                            let port =
+                                crate::push::accept_loop(Rc::clone(&shard), fd::listener(fd), Listener::Push, push_tls);
+                            glommio::spawn_local(port).detach();
                         }
                         for (link, fd) in extra {
                             glommio::spawn_local(Rc::clone(&shard).accept_link_loop(fd::listener(fd), link)).detach();

@@ -477,3 +477,53 @@ fn handshake_in_many_small_records() {
     assert!(server.is_compact());
     assert!(records > 16, "the ClientHello came in {records} records");
 }
+
+/// A dialing side (node links) that refuses the server's certificate:
+/// rustls stops in the middle of the server's flight with the rest of it
+/// still in its deframer; the alert must come out without rustls being
+/// shown an empty input (it panicked there, killing the node's shard).
+#[test]
+fn a_refused_certificate_mid_flight_is_an_error_with_an_alert() {
+    let dir = TempDir::new("tls-refused-cert");
+    let (server_config, _) = server_cfg(&dir, true);
+    let other = TempDir::new("tls-refused-cert-other");
+    let (other_ca, _) = write_cert(&other.0);
+    let mut server = ServerTls::server(server_config).unwrap();
+    let client_config = config::load_client_config(&other_ca, vec![ALPN_LONGLINK.to_vec()]).unwrap();
+    let mut client = longlink::conn::tls::ClientTls::client(client_config, "localhost").unwrap();
+    let mut hello = Vec::new();
+    client.read(&mut [], &mut hello, &mut |_| {}).unwrap();
+    let mut flight = Vec::new();
+    server.read(&mut hello, &mut flight, &mut |_| {}).unwrap();
+    let mut alert = Vec::new();
+    let err = client.read(&mut flight, &mut alert, &mut |_| {}).expect_err("unknown issuer");
+    assert!(err.to_string().contains("certificate"), "{err}");
+    // The alert, encrypted under the handshake keys (after the
+    // middlebox-compatibility ChangeCipherSpec).
+    assert_eq!(alert.get(6), Some(&0x17), "an alert record for the server: {alert:?}");
+}
+
+/// A ClientHello (offering no common ALPN) with another handshake message
+/// behind it in the same record: rustls' deframer still points at
+/// that message when the alert is collected, which must not panic (it
+/// did when rustls was shown an empty input: a remote crash of a shard
+/// from one record, before any credential).
+#[test]
+fn a_refused_client_hello_with_a_message_behind_it_in_its_record() {
+    let dir = TempDir::new("tls-refused-hello");
+    let (server_config, cert) = server_cfg(&dir, true);
+    let h2 = config::load_client_config(&cert, vec![b"h2".to_vec()]).unwrap();
+    let mut client = ClientConnection::new(h2, "localhost".try_into().unwrap()).unwrap();
+    let mut record = flush(&mut client);
+    assert_eq!(record[0], 0x16, "one handshake record: {:?}", &record[..5]);
+    // A Finished of length 0 behind the ClientHello, in the same record.
+    record.extend_from_slice(&[20, 0, 0, 0]);
+    let len = u16::from_be_bytes([record[3], record[4]]) + 4;
+    record[3..5].copy_from_slice(&len.to_be_bytes());
+    let mut server = ServerTls::server(server_config).unwrap();
+    let mut alert = Vec::new();
+    // rustls refuses a message left behind the ClientHello when its keys
+    // change (KeyEpochWithPendingFragment) or the ALPN: either way an alert.
+    server.read(&mut record, &mut alert, &mut |_| {}).expect_err("refused");
+    assert_eq!(alert.first(), Some(&0x15), "the alert: {alert:?}");
+}

@@ -17,6 +17,18 @@ pub(crate) struct PushPort {
     /// is the dev push key of a node started in this directory.
     #[arg(long, env = "LONGLINK_PUSH_KEY_FILE", default_value = ".longlink/push-key")]
     pub(crate) key_file: std::path::PathBuf,
+    /// Connect over TLS (a node's push.tls_listen) and verify the node's
+    /// certificate against --ca before the key is used.
+    #[arg(long, env = "LONGLINK_PUSH_TLS", requires = "ca")]
+    pub(crate) tls: bool,
+    /// PEM file with the CA certificates that sign the node's certificate
+    /// (with --tls).
+    #[arg(long, env = "LONGLINK_PUSH_CA", value_name = "FILE", requires = "tls")]
+    pub(crate) ca: Option<std::path::PathBuf>,
+    /// Name the node's certificate must carry (with --tls). Default: the
+    /// host part of --server.
+    #[arg(long, env = "LONGLINK_PUSH_SERVER_NAME", value_name = "NAME", requires = "tls")]
+    pub(crate) server_name: Option<String>,
 }
 
 impl PushPort {
@@ -28,6 +40,24 @@ impl PushPort {
                 .map_err(|e| anyhow::anyhow!("reading the push key (--key-file {}): {e}", self.key_file.display())),
         }
     }
+
+    /// With --tls: the CA and the name to verify the node against.
+    fn tls(&self) -> anyhow::Result<Option<longlink::backend::PushTls>> {
+        let Some(ca) = self.ca.as_deref().filter(|_| self.tls) else { return Ok(None) };
+        let name = match &self.server_name {
+            Some(name) => name.clone(),
+            None => host_of(&self.server).to_owned(),
+        };
+        longlink::backend::PushTls::from_ca_file(ca, &name)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("--ca {} / --server-name {name:?}: {e}", ca.display()))
+    }
+}
+
+/// The host of `host:port` (`[v6]:port` too), for the certificate name.
+fn host_of(server: &str) -> &str {
+    let host = server.rsplit_once(':').map_or(server, |(host, _)| host);
+    host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host)
 }
 
 /// How long the push-port commands wait for the TCP connection.
@@ -160,7 +190,9 @@ pub(crate) fn with_push_port(
     call: impl FnOnce(&mut PushClient) -> Result<(), BackendError>,
 ) -> anyhow::Result<ExitCode> {
     let key = port.credential()?;
-    let result = PushClient::connect(port.server.as_str(), PUSH_CONNECT_TIMEOUT, &key).and_then(|mut client| {
+    let tls = port.tls()?;
+    let connected = PushClient::connect_with(port.server.as_str(), PUSH_CONNECT_TIMEOUT, &key, tls.as_ref());
+    let result = connected.and_then(|mut client| {
         client.set_read_timeout(Some(PUSH_REPLY_TIMEOUT))?;
         call(&mut client)
     });

@@ -230,7 +230,8 @@ pub(super) async fn peer<S: ClusterShard>(
     };
     let link = Rc::new(PeerLink::new(node.to_owned(), incarnation, shard.late_answers()));
     local.peers.borrow_mut().insert(node.to_owned(), link.clone());
-    glommio::spawn_local(link.clone().run(endpoint, local.shared.node_key.clone())).detach();
+    let (key, tls) = (local.shared.node_key.clone(), local.shared.node_tls.clone());
+    glommio::spawn_local(link.clone().run(endpoint, key, tls)).detach();
     Some(link)
 }
 

@@ -37,7 +37,6 @@ mod routes;
 use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -97,6 +96,8 @@ pub struct ClusterShared {
     /// The cluster secret: links to other nodes' listeners authenticate
     /// with it.
     node_key: crate::protocol::token::Key,
+    /// `cluster.tls`: links to the other nodes run TLS and verify them.
+    node_tls: Option<crate::conn::tls::pipe::DialTls>,
     pub counters: ClusterCounters,
     /// A drain was asked for (SIGTERM, /drain).
     drain: AtomicBool,
@@ -137,6 +138,13 @@ impl ClusterShared {
         let node_endpoint = endpoint(&c.node_endpoint, node_addr);
         let (node_key, _) = crate::push::auth::cluster_key_or_dev(&c.secret_hex, &config.data_dir)
             .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let node_tls = match c.tls {
+            true => Some(
+                crate::conn::tls::pipe::DialTls::load(&c.tls_ca_file, &c.tls_server_name)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?,
+            ),
+            false => None,
+        };
         let mut seed = [0u8; 8];
         getrandom::fill(&mut seed).map_err(|e| std::io::Error::other(e.to_string()))?;
         // Later runs of a node have larger incarnations (start time in the
@@ -174,6 +182,7 @@ impl ClusterShared {
             client_endpoint,
             node_endpoint,
             node_key,
+            node_tls,
             counters: ClusterCounters::default(),
             drain: AtomicBool::new(false),
             reregistered,

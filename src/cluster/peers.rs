@@ -1,7 +1,9 @@
 //! One pipelined connection from a shard to another node's node listener,
-//! authenticated with the cluster secret.
+//! authenticated with the cluster secret (over TLS with `cluster.tls`: the
+//! other node's certificate is verified first).
 
 use super::*;
+use crate::conn::tls::PipeStream;
 
 /// Why a forwarded request got no reply. Every case may pass: the
 /// backend may send the push again.
@@ -84,9 +86,14 @@ impl PeerLink {
         }
     }
 
-    pub(super) async fn run(self: Rc<Self>, endpoint: String, key: crate::protocol::token::Key) {
+    pub(super) async fn run(
+        self: Rc<Self>,
+        endpoint: String,
+        key: crate::protocol::token::Key,
+        tls: Option<crate::conn::tls::pipe::DialTls>,
+    ) {
         let connected = TcpStream::connect_timeout(endpoint.as_str(), Duration::from_secs(2)).await;
-        let mut stream = match connected {
+        let stream = match connected {
             Ok(s) => s,
             Err(err) => {
                 warn!(node = %self.node, %endpoint, error = %err, "cannot connect to node");
@@ -94,6 +101,16 @@ impl PeerLink {
             }
         };
         let _ = stream.set_nodelay(true);
+        let mut stream = match &tls {
+            None => PipeStream::plain(stream),
+            Some(tls) => match tls.start(stream, &endpoint) {
+                Ok(stream) => stream,
+                Err(err) => {
+                    warn!(node = %self.node, %endpoint, error = %err, "cannot start TLS to node");
+                    return self.fail();
+                }
+            },
+        };
         let mut rbuf = BytesMut::new();
         let handshake = futures_lite::future::or(authenticate(&mut stream, &key, &mut rbuf), async {
             glommio::timer::sleep(AUTH_TIMEOUT).await;
@@ -117,11 +134,11 @@ impl PeerLink {
         inner.out.clear();
     }
 
-    pub(super) fn poll(&self, stream: &mut TcpStream, rbuf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<()> {
+    pub(super) fn poll(&self, stream: &mut PipeStream, rbuf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<()> {
         for _ in 0..8 {
             {
                 let mut inner = self.inner.borrow_mut();
-                if inner.out.flush(stream, cx).is_err() {
+                if stream.flush(&mut inner.out, cx).is_err() {
                     return Poll::Ready(());
                 }
                 if !inner.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
@@ -152,11 +169,10 @@ impl PeerLink {
                     }
                 }
             }
-            let mut chunk = [0u8; 16 * 1024];
-            match futures_lite::AsyncRead::poll_read(Pin::new(&mut *stream), cx, &mut chunk) {
+            match stream.poll_read(cx, rbuf, 16 * 1024) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
-                Poll::Ready(Ok(n)) => rbuf.extend_from_slice(&chunk[..n]),
+                Poll::Ready(Ok(false)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Ready(Ok(true)) => {}
             }
         }
         cx.waker().wake_by_ref();
@@ -167,18 +183,21 @@ impl PeerLink {
 /// Time a node has to accept a link's credential.
 const AUTH_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Answers the node listener's challenge with the cluster secret.
+/// Answers the node listener's challenge with the cluster secret (after
+/// the TLS handshake, with `cluster.tls`).
 async fn authenticate(
-    stream: &mut TcpStream,
+    stream: &mut PipeStream,
     key: &crate::protocol::token::Key,
     rbuf: &mut BytesMut,
 ) -> Result<(), String> {
-    use futures_lite::AsyncWriteExt as _;
+    if stream.is_tls() {
+        stream.handshake(rbuf).await.map_err(|e| format!("TLS: {e}"))?;
+    }
     let Frame::PushChallenge(challenge) = read_frame(stream, rbuf).await? else {
         return Err("the node sent no challenge".into());
     };
     let auth = Frame::PushAuth(crate::push::auth::answer(key, &challenge));
-    stream.write_all(&auth.to_bytes()).await.map_err(|e| e.to_string())?;
+    stream.write_all(auth.to_bytes()).await.map_err(|e| e.to_string())?;
     match read_frame(stream, rbuf).await? {
         Frame::PushAuthOk(_) => Ok(()),
         Frame::Error(e) => {
@@ -189,8 +208,7 @@ async fn authenticate(
 }
 
 /// The next whole frame of a handshake.
-async fn read_frame(stream: &mut TcpStream, rbuf: &mut BytesMut) -> Result<Frame, String> {
-    use futures_lite::AsyncReadExt as _;
+async fn read_frame(stream: &mut PipeStream, rbuf: &mut BytesMut) -> Result<Frame, String> {
     loop {
         if let Some((header, body)) = codec::split_frame(rbuf, PEER_MAX_FRAME).map_err(|e| e.to_string())? {
             let len = header.frame_len();
@@ -198,10 +216,9 @@ async fn read_frame(stream: &mut TcpStream, rbuf: &mut BytesMut) -> Result<Frame
             let _ = rbuf.split_to(len);
             return frame;
         }
-        let mut chunk = [0u8; 1024];
-        match stream.read(&mut chunk).await {
-            Ok(0) => return Err("connection closed".into()),
-            Ok(n) => rbuf.extend_from_slice(&chunk[..n]),
+        match stream.read_some(rbuf).await {
+            Ok(false) => return Err("connection closed".into()),
+            Ok(true) => {}
             Err(e) => return Err(e.to_string()),
         }
     }

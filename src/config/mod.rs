@@ -111,7 +111,8 @@ config_struct! {
         pub client_groups: ClientGroupsConfig = Default::default(),
         /// WebSocket handshake: path, subprotocol, Origin allow-list, limits.
         pub ws: crate::conn::tls_config::WsConfig = Default::default(),
-        /// Certificates for server.tls_listen and server.wss_listen.
+        /// Certificates for server.tls_listen, server.wss_listen,
+        /// push.tls_listen and (cluster.tls) the node listener.
         pub tls: crate::conn::tls_config::TlsConfig = Default::default(),
     }
 }
@@ -164,6 +165,18 @@ config_struct! {
         /// A route not re-asserted for this long is deleted from Redis
         /// (devices that never come back), in seconds. Default: 604800.
         pub route_ttl_secs: u64 = 7 * 24 * 3600,
+        /// Node-to-node links over TLS: node_listen serves TLS with the
+        /// [tls] certificate (ALPN "longlink-node/1") and links to the other
+        /// nodes verify theirs against tls_ca_file. Every node of a cluster
+        /// must agree. Default: false.
+        pub tls: bool = false,
+        /// PEM file with the CA certificates that sign the nodes'
+        /// certificates (required with tls). Default: "".
+        pub tls_ca_file: std::path::PathBuf = std::path::PathBuf::new(),
+        /// Name the other nodes' certificates must carry. Default: "" (the
+        /// host of each node's node_endpoint: a DNS name, or an IP address
+        /// the certificate lists).
+        pub tls_server_name: String = String::new(),
     }
 }
 
@@ -403,6 +416,10 @@ config_struct! {
         /// 8388608 (8 MiB: 140 broadcasts of 60 KB, 50,000 of 100 bytes).
         /// Minimum: server.max_frame_bytes + 4096.
         pub broadcast_queue_bytes_per_shard: u64 = 8 << 20,
+        /// The push port over TLS ([tls] certificates, ALPN
+        /// "longlink-push/1"), a listener beside server.push_listen; the
+        /// push auth handshake runs inside TLS. Default: "" (off).
+        pub tls_listen: String = String::new(),
     }
 }
 

@@ -1,7 +1,8 @@
 //! The listeners of the transports beside plain TCP: WebSocket
 //! (`server.ws_listen`), TLS (`server.tls_listen`) and WebSocket over TLS
 //! (`server.wss_listen`), one SO_REUSEPORT socket per shard like the client
-//! port; and the certificate stores of the TLS ones.
+//! port; the push port over TLS (`push.tls_listen`); and the certificate
+//! stores of the TLS ones (the node listener's too, with `cluster.tls`).
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
@@ -10,6 +11,7 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::conn::listen::{ListenError, ListenerKind, ListenerPool, bind_reuseport};
 use crate::conn::tls::config::{ALPN_HTTP1, ALPN_LONGLINK};
+use crate::conn::tls::pipe::{ALPN_NODE, ALPN_PUSH};
 use crate::conn::tls::{CertStore, ServerTlsSettings, TlsConfigError};
 use crate::conn::tls_config::listen_addr;
 use crate::conn::transport::Link;
@@ -31,6 +33,8 @@ pub struct LinkAddrs {
     pub ws: Option<SocketAddr>,
     pub tls: Option<SocketAddr>,
     pub wss: Option<SocketAddr>,
+    /// `push.tls_listen`.
+    pub push_tls: Option<SocketAddr>,
 }
 
 /// Every transport listener, one socket per shard.
@@ -40,6 +44,8 @@ pub struct LinkListeners {
     pub per_shard: Vec<Vec<(Link, OwnedFd)>>,
     /// Certificates of `tls_listen` and `wss_listen`.
     pub stores: TlsStores,
+    /// By shard: the `push.tls_listen` socket (empty when off).
+    pub push_tls: Vec<OwnedFd>,
 }
 
 /// The certificate stores of the TLS listeners; [`TlsStores::reload`]
@@ -48,6 +54,10 @@ pub struct LinkListeners {
 pub struct TlsStores {
     pub tls: Option<Arc<CertStore>>,
     pub wss: Option<Arc<CertStore>>,
+    /// `push.tls_listen`.
+    pub push: Option<Arc<CertStore>>,
+    /// The node listener, with `cluster.tls`.
+    pub node: Option<Arc<CertStore>>,
 }
 
 impl TlsStores {
@@ -57,7 +67,7 @@ impl TlsStores {
     /// force and the error names the file. (What triggers it, a signal or an
     /// admin call, is the caller's.)
     pub fn reload(&self) -> Result<(), TlsConfigError> {
-        for store in [&self.tls, &self.wss].into_iter().flatten() {
+        for store in [&self.tls, &self.wss, &self.push, &self.node].into_iter().flatten() {
             store.reload()?;
         }
         Ok(())
@@ -82,6 +92,12 @@ impl LinkListeners {
         let mut per_shard: Vec<Vec<(Link, OwnedFd)>> = (0..shards).map(|_| Vec::new()).collect();
         let mut addrs = LinkAddrs::default();
         let mut stores = TlsStores::default();
+        let settings = |alpn: &[u8]| ServerTlsSettings {
+            cert_chain: config.tls.cert_file.clone(),
+            private_key: config.tls.key_file.clone(),
+            alpn: vec![alpn.to_vec()],
+            compact_idle: config.tls.compact_idle,
+        };
         let listeners = [
             ("server.ws_listen", &server.ws_listen, Link::WsUpgrade),
             ("server.tls_listen", &server.tls_listen, Link::Tls),
@@ -101,12 +117,6 @@ impl LinkListeners {
             for (shard, fd) in per_shard.iter_mut().zip(fds) {
                 shard.push((link, fd));
             }
-            let settings = |alpn: &[u8]| ServerTlsSettings {
-                cert_chain: config.tls.cert_file.clone(),
-                private_key: config.tls.key_file.clone(),
-                alpn: vec![alpn.to_vec()],
-                compact_idle: config.tls.compact_idle,
-            };
             match link {
                 Link::Tls => {
                     addrs.tls = Some(bound);
@@ -122,11 +132,24 @@ impl LinkListeners {
             // that scripts and tests read.
             tracing::info!(%bound, ?link, "transport listener");
         }
+        // The push port over TLS: not handed over by an in-place upgrade
+        // (the new process binds its own socket beside the old one).
+        let mut push_tls = Vec::new();
+        if let Some(addr) = listen_addr("push.tls_listen", &config.push.tls_listen)? {
+            let (bound, fds) = bind_reuseport(addr, shards, server.listen_backlog)?;
+            addrs.push_tls = Some(bound);
+            push_tls = fds;
+            stores.push = Some(CertStore::load(settings(ALPN_PUSH)).map_err(LinkError::Tls)?);
+            tracing::info!(%bound, "push port over TLS");
+        }
+        if config.cluster.enabled && config.cluster.tls {
+            stores.node = Some(CertStore::load(settings(ALPN_NODE)).map_err(LinkError::Tls)?);
+        }
         if addrs.ws.is_some() || addrs.wss.is_some() {
             for warning in crate::conn::tls_config::handshake_config(config).warnings() {
                 tracing::warn!("{warning}");
             }
         }
-        Ok(LinkListeners { addrs, per_shard, stores })
+        Ok(LinkListeners { addrs, per_shard, stores, push_tls })
     }
 }

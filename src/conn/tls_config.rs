@@ -1,5 +1,6 @@
 //! Config sections `[ws]` and `[tls]`, and the checks of the transport
-//! listeners in `[server]` (`ws_listen`, `tls_listen`, `wss_listen`).
+//! listeners in `[server]` (`ws_listen`, `tls_listen`, `wss_listen`), of
+//! `push.tls_listen` and of `cluster.tls`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -26,7 +27,8 @@ config_struct! {
 }
 
 config_struct! {
-    /// `[tls]`: certificates for server.tls_listen and server.wss_listen.
+    /// `[tls]`: certificates for server.tls_listen, server.wss_listen,
+    /// push.tls_listen and (cluster.tls) cluster.node_listen.
     pub struct TlsConfig {
         /// PEM file with the certificate chain, leaf first. Default: "".
         pub cert_file: PathBuf = PathBuf::new(),
@@ -61,12 +63,21 @@ pub(crate) fn validate_listeners(server: &ServerConfig) -> Result<(), ConfigErro
 /// listener is on (their contents are read at start).
 pub(crate) fn validate(config: &Config) -> Result<(), ConfigError> {
     handshake_config(config).validate().map_err(|message| invalid("ws", message))?;
-    let tls_on = !config.server.tls_listen.is_empty() || !config.server.wss_listen.is_empty();
+    listen_addr("push.tls_listen", &config.push.tls_listen)?;
+    let node_tls = config.cluster.enabled && config.cluster.tls;
+    let tls_on = !config.server.tls_listen.is_empty()
+        || !config.server.wss_listen.is_empty()
+        || !config.push.tls_listen.is_empty()
+        || node_tls;
+    const WHEN: &str = "required when server.tls_listen, server.wss_listen, push.tls_listen or cluster.tls is set";
     if tls_on && config.tls.cert_file.as_os_str().is_empty() {
-        return Err(invalid("tls.cert_file", "required when server.tls_listen or server.wss_listen is set"));
+        return Err(invalid("tls.cert_file", WHEN));
     }
     if tls_on && config.tls.key_file.as_os_str().is_empty() {
-        return Err(invalid("tls.key_file", "required when server.tls_listen or server.wss_listen is set"));
+        return Err(invalid("tls.key_file", WHEN));
+    }
+    if node_tls && config.cluster.tls_ca_file.as_os_str().is_empty() {
+        return Err(invalid("cluster.tls_ca_file", "required with cluster.tls (the CA that signs the nodes)"));
     }
     Ok(())
 }
@@ -80,5 +91,29 @@ pub fn handshake_config(config: &Config) -> HandshakeConfig {
         allowed_origins: config.ws.allowed_origins.clone(),
         max_head_bytes: config.ws.max_head_bytes,
         timeout_ms: config.session.auth_timeout_ms.clamp(100, 60_000),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    fn field_of(toml: &str) -> String {
+        match Config::from_toml_str(toml).and_then(|c| c.validate()) {
+            Ok(()) => String::new(),
+            Err(err) => err.to_string(),
+        }
+    }
+
+    #[test]
+    fn push_and_node_tls_need_their_files() {
+        assert!(field_of("[push]\ntls_listen = \"127.0.0.1:7111\"").contains("tls.cert_file"));
+        assert!(field_of("[push]\ntls_listen = \"nowhere\"").contains("push.tls_listen"));
+        let cluster = "[delivery]\nredis_url = \"redis://127.0.0.1:1/\"\n[cluster]\nenabled = true\ntls = true\n";
+        let files = "[tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n";
+        assert!(field_of(cluster).contains("tls.cert_file"));
+        assert!(field_of(&format!("{cluster}{files}")).contains("cluster.tls_ca_file"));
+        // Off unless the node is a cluster node.
+        assert_eq!(field_of("[cluster]\ntls = true\n"), "");
     }
 }

@@ -30,7 +30,6 @@ pub(crate) use reply::{Pending, request_id, summarize};
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
@@ -43,6 +42,7 @@ use slab::Slab;
 use tracing::{debug, warn};
 
 use crate::conn::OutQueue;
+use crate::conn::tls::PipeStream;
 use crate::mesh::{Origin, Outgoing, Part, PresencePart, PresenceQuery, ShardMsg, UserAction};
 use crate::protocol::codec::{self, CodecError, Flags, Frame, Peer};
 use crate::protocol::codes::{self, request_error};

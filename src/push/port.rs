@@ -9,11 +9,29 @@ use super::*;
 const UPGRADING: &str = "node upgrading; retry";
 
 /// Accepts backend connections on the push port (or, `Listener::Node`,
-/// other nodes on the node listener) until shutdown.
-pub(crate) async fn accept_loop<S: PortShard>(shard: Rc<S>, listener: TcpListener, role: auth::Listener) {
+/// other nodes on the node listener) until shutdown. With `tls`
+/// (`push.tls_listen`, or the node listener with `cluster.tls`) each
+/// connection is served over TLS with the certificate in force at accept.
+pub(crate) async fn accept_loop<S: PortShard>(
+    shard: Rc<S>,
+    listener: TcpListener,
+    role: auth::Listener,
+    mut tls: Option<crate::conn::tls::ShardServerConfig>,
+) {
     while let Some(accepted) = shard.accept_or_stop(&listener).await {
         match accepted {
             Ok(stream) => {
+                let stream = match tls.as_mut() {
+                    None => PipeStream::plain(stream),
+                    Some(tls) => match PipeStream::tls_server(stream, tls.current().clone()) {
+                        Ok(stream) => stream,
+                        Err(err) => {
+                            let id = shard.enter(|h| h.shard_id());
+                            warn!(shard = %id, error = %err, "cannot start a TLS session");
+                            continue;
+                        }
+                    },
+                };
                 let Some(key) = shard.enter(|h| admit_backend(h, role)) else {
                     // Too many still authenticating: the newcomer waits
                     // for nothing and costs nothing.
@@ -21,7 +39,7 @@ pub(crate) async fn accept_loop<S: PortShard>(shard: Rc<S>, listener: TcpListene
                     continue;
                 };
                 let id = shard.enter(|h| h.shard_id());
-                debug!(shard = %id, peer = ?stream.peer_addr().ok(), ?role, "backend connected");
+                debug!(shard = %id, peer = ?stream.tcp().peer_addr().ok(), ?role, "backend connected");
                 glommio::spawn_local(run_backend(Rc::clone(&shard), key, stream)).detach();
             }
             Err(err) => {
@@ -67,13 +85,15 @@ pub(super) fn admit_backend<H: PortHost>(h: &mut H, listener: auth::Listener) ->
     Some(ConnKey { index: index as u32, generation })
 }
 
-async fn run_backend<S: PortShard>(shard: Rc<S>, key: ConnKey, mut stream: TcpStream) {
+async fn run_backend<S: PortShard>(shard: Rc<S>, key: ConnKey, mut stream: PipeStream) {
     let mut rbuf = BytesMut::new();
     std::future::poll_fn(|cx| poll_backend(&*shard, key, &mut stream, &mut rbuf, cx)).await;
     let id = shard.enter(|h| {
         let port = h.port();
         if port.backends.get(key.index as usize).is_some_and(|b| b.generation == key.generation) {
-            port.backends.remove(key.index as usize);
+            let mut b = port.backends.remove(key.index as usize);
+            // TLS: close_notify after what is left, as far as it goes now.
+            stream.close(&mut b.out);
         }
         h.shard_id()
     });
@@ -163,21 +183,21 @@ enum Step {
 fn poll_backend<S: PortShard>(
     shard: &S,
     key: ConnKey,
-    stream: &mut TcpStream,
+    stream: &mut PipeStream,
     rbuf: &mut BytesMut,
     cx: &mut Context<'_>,
 ) -> Poll<()> {
-    let mut chunk = [0u8; 16 * 1024];
     for _ in 0..READS_PER_POLL {
-        let want = match shard.enter(|h| backend_step(h, key, stream, rbuf, cx, chunk.len())) {
+        let want = match shard.enter(|h| backend_step(h, key, stream, rbuf, cx, 16 * 1024)) {
             Step::Done => return Poll::Ready(()),
             Step::Wait => return Poll::Pending,
             Step::Read(want) => want,
         };
-        match futures_lite::AsyncRead::poll_read(Pin::new(&mut *stream), cx, &mut chunk[..want]) {
+        // Over TLS: one record, read whole to be decrypted.
+        match stream.poll_read(cx, rbuf, want) {
             Poll::Pending => return Poll::Pending,
-            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
-            Poll::Ready(Ok(n)) => rbuf.extend_from_slice(&chunk[..n]),
+            Poll::Ready(Ok(false)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
+            Poll::Ready(Ok(true)) => {}
         }
     }
     cx.waker().wake_by_ref();
@@ -189,7 +209,7 @@ fn poll_backend<S: PortShard>(
 fn backend_step<H: PortHost>(
     h: &mut H,
     key: ConnKey,
-    stream: &mut TcpStream,
+    stream: &mut PipeStream,
     rbuf: &mut BytesMut,
     cx: &mut Context<'_>,
     chunk: usize,
@@ -198,7 +218,7 @@ fn backend_step<H: PortHost>(
     let Some(b) = h.port().backend(key) else {
         return Step::Done;
     };
-    if b.out.flush(stream, cx).is_err() || (b.closing && b.out.is_empty()) {
+    if stream.flush(&mut b.out, cx).is_err() || (b.closing && stream.flushed(&b.out)) {
         return Step::Done;
     }
     if !b.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
@@ -269,7 +289,9 @@ fn backend_step<H: PortHost>(
         }
     }
     match h.port().backends.get(key.index as usize) {
-        Some(b) if b.closing || !b.out.is_empty() => {
+        // Over TLS, what rustls answered (alerts, KeyUpdates) counts as
+        // queued: nothing more is read until it is written.
+        Some(b) if b.closing || !stream.flushed(&b.out) => {
             // Flush replies (or the error) before reading more.
             cx.waker().wake_by_ref();
             Step::Wait

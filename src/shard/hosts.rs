@@ -35,11 +35,11 @@ impl Host for ShardCtx<'_> {
     }
 
     fn deliver(&mut self, slot: u32, frame: &Bytes) -> bool {
-        self.shard.deliver(self.st, slot, frame)
+        ShardCtx::deliver(self, slot, frame)
     }
 
     fn send(&mut self, slot: u32, frame: &Bytes) -> bool {
-        self.shard.send_to_slot(self.st, slot, frame)
+        ShardCtx::send_to_slot(self, slot, frame)
     }
 
     fn answer(&mut self, origin: Origin, part: Part) {

@@ -145,24 +145,24 @@ impl UpstreamHost for ShardCtx<'_> {
     }
 
     fn conn_info(&self, key: ConnKey) -> Option<proto::ConnInfo> {
-        self.shard.conn_info(self.st, key)
+        self.st.conn_info(self.shard.id, &self.shard.cfg.node, key)
     }
 
     fn respond(&mut self, key: ConnKey, frame: Bytes) -> bool {
-        self.shard.respond(self.st, key, frame)
+        ShardCtx::respond(self, key, frame)
     }
 
     fn flush_responses(&mut self, keys: &[ConnKey]) {
-        self.shard.flush_responses(self.st, keys);
+        ShardCtx::flush_responses(self, keys);
     }
 
     fn resume(&mut self, key: ConnKey) {
-        self.shard.resume_input(self.st, key);
+        ShardCtx::resume_input(self, key);
         self.st.wake_conn(key);
     }
 
     fn close_conn(&mut self, key: ConnKey, now: Now, code: ErrorCode, reason: String) {
-        self.shard.close_conn(self.st, key, now, code, reason);
+        ShardCtx::close_conn(self, key, now, code, reason);
     }
 }
 
@@ -181,7 +181,7 @@ impl ClusterHost for ShardCtx<'_> {
     }
 
     fn close_conn(&mut self, key: ConnKey, now: Now, code: ErrorCode, reason: String) {
-        self.shard.close_conn(self.st, key, now, code, reason);
+        ShardCtx::close_conn(self, key, now, code, reason);
     }
 }
 

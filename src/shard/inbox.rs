@@ -3,23 +3,21 @@
 
 use super::*;
 
-impl Shard {
+impl ShardCtx<'_> {
     /// Every message but `Adopt` (which needs to spawn a task).
-    pub(super) fn handle(&self, st: &mut State, msg: ShardMsg) {
-        let now = self.now();
+    pub(super) fn handle(&mut self, msg: ShardMsg) {
+        let now = self.shard.now();
         match msg {
             ShardMsg::Adopt(_) => {}
-            ShardMsg::StoreDevices { origin, items, msg } => {
-                reliable::store_copies(&mut self.ctx(st), now, origin, items, msg)
-            }
-            ShardMsg::DeliveryStatus { origin, ids } => reliable::status_part(&mut self.ctx(st), origin, ids),
+            ShardMsg::StoreDevices { origin, items, msg } => reliable::store_copies(self, now, origin, items, msg),
+            ShardMsg::DeliveryStatus { origin, ids } => reliable::status_part(self, origin, ids),
             ShardMsg::Users { origin, items, action: UserAction::Store(msg) } => {
                 let mut copies = Vec::new();
                 for (idx, user) in items {
                     let before = copies.len();
-                    for slot in st.user_slots(&user) {
-                        let Some(device) = slot_device(&st.conns, slot).map(str::to_owned) else { continue };
-                        let message_id = self.next_message_id(st);
+                    for slot in self.st.user_slots(&user) {
+                        let Some(device) = slot_device(&self.st.conns, slot).map(str::to_owned) else { continue };
+                        let message_id = self.shard.next_message_id(self.st);
                         copies.push((idx, device, message_id));
                     }
                     if copies.len() == before {
@@ -27,24 +25,24 @@ impl Shard {
                         copies.push((idx, String::new(), 0));
                     }
                 }
-                reliable::store_copies(&mut self.ctx(st), now, origin, copies, msg);
+                reliable::store_copies(self, now, origin, copies, msg);
             }
             ShardMsg::Devices { origin, items, frame } => {
                 let reached = items
                     .iter()
                     .map(|(idx, device)| {
-                        let slot = st.device_slot(device);
-                        (*idx, u32::from(slot.is_some_and(|slot| self.deliver(st, slot, &frame))))
+                        let slot = self.st.device_slot(device);
+                        (*idx, u32::from(slot.is_some_and(|slot| self.deliver(slot, &frame))))
                     })
                     .collect();
-                self.answer(st, origin, Part::Sessions(reached));
+                self.shard.answer(self.st, origin, Part::Sessions(reached));
             }
             ShardMsg::UserLookup { origin, items, action } => {
-                let mut per_shard: Vec<Vec<(u32, String)>> = vec![Vec::new(); usize::from(self.shards)];
+                let mut per_shard: Vec<Vec<(u32, String)>> = vec![Vec::new(); usize::from(self.shard.shards)];
                 let mut targets = Vec::with_capacity(items.len());
                 for (idx, user) in items {
                     let mut holders = 0;
-                    for shard in st.user_dir.shards(stable_hash(&user), self.shards) {
+                    for shard in self.st.user_dir.shards(stable_hash(&user), self.shard.shards) {
                         if let Some(batch) = per_shard.get_mut(shard.index()) {
                             batch.push((idx, user.clone()));
                             holders += 1;
@@ -53,11 +51,11 @@ impl Shard {
                     targets.push((idx, holders));
                 }
                 let parts = per_shard.iter().filter(|b| !b.is_empty()).count() as u32;
-                self.answer(st, origin, Part::Expect { parts, targets });
+                self.shard.answer(self.st, origin, Part::Expect { parts, targets });
                 for (shard, items) in per_shard.into_iter().enumerate() {
                     if !items.is_empty() {
                         let msg = ShardMsg::Users { origin, items, action: action.clone() };
-                        self.route(st, ShardId(shard as u16), msg);
+                        self.shard.route(self.st, ShardId(shard as u16), msg);
                     }
                 }
             }
@@ -65,12 +63,12 @@ impl Shard {
                 let mut reached = Vec::new();
                 for (idx, user) in items {
                     let mut n = 0;
-                    for slot in st.user_slots(&user) {
+                    for slot in self.st.user_slots(&user) {
                         let ok = match &action {
-                            UserAction::Deliver(frame) => self.deliver(st, slot, frame),
+                            UserAction::Deliver(frame) => self.deliver(slot, frame),
                             UserAction::Kick { code, reason } => {
-                                let key = st.key_of(slot);
-                                self.kick(st, key, now, *code, reason.clone());
+                                let key = self.st.key_of(slot);
+                                self.kick(key, now, *code, reason.clone());
                                 true
                             }
                             // Handled above; nothing reaches here.
@@ -80,79 +78,83 @@ impl Shard {
                     }
                     reached.push((idx, n));
                 }
-                self.answer(st, origin, Part::Sessions(reached));
+                self.shard.answer(self.st, origin, Part::Sessions(reached));
             }
             ShardMsg::Group { origin, group, frame } => {
                 // A shard-local copy: the refcount of a shared buffer would
                 // bounce between cores on every member.
-                let frame = if origin.shard == self.id { frame } else { Bytes::copy_from_slice(&frame) };
-                let members: Vec<u32> = st.groups.members(&group).collect();
-                let reached = if members.len() <= INLINE_FANOUT && st.flush.is_empty() {
-                    members.into_iter().filter(|&slot| self.deliver(st, slot, &frame)).count()
+                let frame = if origin.shard == self.shard.id { frame } else { Bytes::copy_from_slice(&frame) };
+                let members: Vec<u32> = self.st.groups.members(&group).collect();
+                let reached = if members.len() <= INLINE_FANOUT && self.st.flush.is_empty() {
+                    members.into_iter().filter(|&slot| self.deliver(slot, &frame)).count()
                 } else {
-                    let n = members.into_iter().filter(|&slot| self.deliver_batched(st, slot, &frame)).count();
-                    self.kick_flusher(st);
+                    let n = members.into_iter().filter(|&slot| self.deliver_batched(slot, &frame)).count();
+                    self.shard.kick_flusher(self.st);
                     n
                 };
-                self.answer(st, origin, Part::Count(reached as u64));
+                self.shard.answer(self.st, origin, Part::Count(reached as u64));
             }
             ShardMsg::Broadcast { origin, frame, expires_at } => {
-                let frame = if origin.shard == self.id { frame } else { Bytes::copy_from_slice(&frame) };
-                let targeted = st.conns.iter().filter(|(_, c)| c.is_active()).count();
-                st.broadcasts.push_back(BroadcastJob { frame, cursor: 0, expires_at });
-                self.answer(st, origin, Part::Count(targeted as u64));
-                if !self.pacing.get() {
-                    let _ = self.pacer_wake.try_send(());
+                let frame = if origin.shard == self.shard.id { frame } else { Bytes::copy_from_slice(&frame) };
+                let targeted = self.st.conns.iter().filter(|(_, c)| c.is_active()).count();
+                self.st.broadcasts.push_back(BroadcastJob { frame, cursor: 0, expires_at });
+                self.shard.answer(self.st, origin, Part::Count(targeted as u64));
+                if !self.shard.pacing.get() {
+                    let _ = self.shard.pacer_wake.try_send(());
                 }
             }
             ShardMsg::GroupUpdate { origin, group, items, add } => {
-                let limit = self.cfg.max_groups_per_session as usize;
+                let limit = self.shard.cfg.max_groups_per_session as usize;
                 let mut reached = Vec::new();
                 for (idx, device) in items {
-                    let ok = st.device_slot(&device).is_some_and(|slot| {
-                        if add { st.groups.join(slot, &group, limit).is_ok() } else { st.groups.leave(slot, &group) }
+                    let ok = self.st.device_slot(&device).is_some_and(|slot| {
+                        if add {
+                            self.st.groups.join(slot, &group, limit).is_ok()
+                        } else {
+                            self.st.groups.leave(slot, &group)
+                        }
                     });
                     reached.push((idx, u32::from(ok)));
                 }
-                st.publish_group_counts(&self.counters);
-                self.answer(st, origin, Part::Sessions(reached));
+                self.st.publish_group_counts(&self.shard.counters);
+                self.shard.answer(self.st, origin, Part::Sessions(reached));
             }
             ShardMsg::KickDevices { origin, items, code, reason } => {
                 let mut reached = Vec::new();
                 for (idx, device) in items {
-                    let slot = st.device_slot(&device);
+                    let slot = self.st.device_slot(&device);
                     if let Some(slot) = slot {
-                        let key = st.key_of(slot);
-                        self.kick(st, key, now, code, reason.clone());
+                        let key = self.st.key_of(slot);
+                        self.kick(key, now, code, reason.clone());
                     }
                     reached.push((idx, u32::from(slot.is_some())));
                 }
-                self.answer(st, origin, Part::Sessions(reached));
+                self.shard.answer(self.st, origin, Part::Sessions(reached));
             }
             ShardMsg::Revoke { devices, users, not_before } => {
-                st.revoked.record(&devices, &users, not_before, now.unix_secs());
+                self.st.revoked.record(&devices, &users, not_before, now.unix_secs());
             }
             ShardMsg::Presence { origin, query } => {
-                let part = st.presence(self.id, &query);
-                self.answer(st, origin, Part::Presence(Box::new(part)));
+                let part = self.st.presence(self.shard.id, &query);
+                self.shard.answer(self.st, origin, Part::Presence(Box::new(part)));
             }
             ShardMsg::UserDir { user_hash, shard, present, ack } => {
-                st.user_dir.set(user_hash, shard, present);
+                self.st.user_dir.set(user_hash, shard, present);
                 if let Some(key) = ack {
-                    self.route(st, shard, ShardMsg::UserDirAck { key });
+                    self.shard.route(self.st, shard, ShardMsg::UserDirAck { key });
                 }
             }
             ShardMsg::UserDirAck { key } => {
-                let login = st.conn(key).and_then(|c| c.io.as_mut()).and_then(|io| io.awaiting_dir.take());
+                let login = self.st.conn(key).and_then(|c| c.io.as_mut()).and_then(|io| io.awaiting_dir.take());
                 // A session kicked or closed meanwhile has nothing to activate.
                 if let Some(login) = login
-                    && st.conn(key).is_some_and(|c| c.session.phase() == Phase::Authenticated)
+                    && self.st.conn(key).is_some_and(|c| c.session.phase() == Phase::Authenticated)
                 {
-                    self.activate(st, key, now, &login);
-                    self.resume_input(st, key);
+                    self.activate(key, now, &login);
+                    self.resume_input(key);
                 }
             }
-            ShardMsg::Part { token, part } => crate::push::merge_part(&mut self.ctx(st), token, part),
+            ShardMsg::Part { token, part } => crate::push::merge_part(self, token, part),
         }
     }
 }

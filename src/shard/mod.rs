@@ -18,22 +18,32 @@
 //! Users: the shard `home_shard(user)` keeps a directory of which shards
 //! hold sessions of the user, so a push to a user visits only those.
 //!
-//! Here: the `Shard` (what one executor holds besides its state) and its
-//! construction. The state (the session slab, `Conn`, the indexes) is in
-//! `state`. The rest of the shard's own work is in
-//! - `task`: accepting, the connection task, hand-off and adoption;
+//! Here: the `Shard` (what one executor holds besides its state), its
+//! construction and its loops (timers, reload, shutdown, pacer, flusher,
+//! drain, upgrade commands, the mesh's sending side). The state (the
+//! session slab, `Conn`, the indexes) is in `state`. `impl Shard` is here
+//! and in `driver` only: what runs outside a borrow of the state (tasks,
+//! loops). What runs inside one borrow is `ShardCtx`'s (`hosts`: the
+//! shard's surroundings and `&mut State`), by feature:
+//! - `driver`: accepting, the connection task, hand-off, adoption and the
+//!   sessions an upgrade hands over; `links` has its WebSocket/TLS helpers;
+//! - `actions`: a session's frames and the actions it asks for (`apply`);
+//! - `output`: queueing, direct sends, batched deliveries;
 //! - `index`: registering authenticated sessions (device, user, directory);
 //! - `inbox`: what messages from other shards ask (`handle`), replies merged;
+//! - `upgrade`: freeze and resume for an in-place upgrade;
 //! - `fanout`: the broadcast queue's pacing (`State`);
 //! - `drain`: the drain component (who gets GoAway in each tick);
 
 mod drain;
+mod driver;
 pub use drain::DrainPacer;
 pub(crate) use drain::ShardDrain;
 mod fanout;
 mod hosts;
 mod hosts_features;
 use hosts::ShardCtx;
+mod actions;
 mod inbox;
 mod index;
 mod links;
@@ -41,9 +51,9 @@ mod output;
 mod state;
 use state::{BroadcastJob, Conn, UserDir, slot_device, slot_user};
 pub(crate) use state::{State, broadcast_cost};
-mod task;
 mod upgrade;
 pub(crate) use upgrade::ShardUpgrade;
+use upgrade::{QUIESCE_POLL, QUIESCE_SLACK};
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -79,6 +89,7 @@ pub use crate::push::PushLimits;
 use crate::push::PushPort;
 use crate::rate::TokenBucket;
 use crate::session::{Action, Login, Phase, Session};
+use crate::upgrade::{Command, Report, ShardLink};
 use crate::upstream::{Upstream, UpstreamCounters, UpstreamSettings};
 use crate::wheel::Wheel;
 
@@ -421,11 +432,11 @@ impl Shard {
                 // As in `enqueue`: a frame already on the wire is finished.
                 let dropped = conn.io().out.cut();
                 let reason = format!("socket blocked for {} ms", self.cfg.write_timeout_ms);
-                self.close_slow(&mut st, key, dropped, reason);
+                self.ctx(&mut st).close_slow(key, dropped, reason);
             } else if conn.session.deadline() <= now.mono {
                 conn.session.handle_timeout(now, &self.live().params, &mut actions);
                 conn.wake();
-                self.apply(&mut st, key, now, &mut actions);
+                self.ctx(&mut st).apply(key, now, &mut actions);
             }
             // Resends due for the device's window, if it has one.
             let resend_at = reliable::retransmit(&mut self.ctx(&mut st), key, now);
@@ -455,7 +466,7 @@ impl Shard {
             if let Some(conn) = st.conn(key) {
                 conn.session.close(now, ErrorCode::Shutdown, String::new(), &self.live().params, &mut actions);
             }
-            self.apply(&mut st, key, now, &mut actions);
+            self.ctx(&mut st).apply(key, now, &mut actions);
         }
         st.port.close_all();
         st.upstream.stop();
@@ -490,7 +501,7 @@ impl Shard {
             let done = {
                 let mut st = self.state.borrow_mut();
                 st.pace_step(&mut budget, Instant::now(), &self.counters, |st, slot, frame| {
-                    self.deliver(st, slot, frame)
+                    self.ctx(st).deliver(slot, frame)
                 })
             };
             if done {
@@ -515,8 +526,9 @@ impl Shard {
         let now = self.now();
         for (key, user) in &batch.goaway {
             let frame = Frame::GoAway(proto::GoAway { endpoint: endpoint(user), reason: "node draining".into() });
-            self.send_to_slot(&mut st, key.index, &frame.to_bytes());
-            self.close_conn(&mut st, *key, now, ErrorCode::GoingAway, "node draining; reconnect elsewhere".into());
+            let mut ctx = self.ctx(&mut st);
+            ctx.send_to_slot(key.index, &frame.to_bytes());
+            ctx.close_conn(*key, now, ErrorCode::GoingAway, "node draining; reconnect elsewhere".into());
         }
         batch.goaway.len() as u32
     }
@@ -554,7 +566,7 @@ impl Shard {
                     let mut st = self.state.borrow_mut();
                     let n = st.flush.len().min(FLUSH_CHUNK);
                     chunk.extend(st.flush.drain(..n));
-                    self.flush_responses(&mut st, &chunk);
+                    self.ctx(&mut st).flush_responses(&chunk);
                     self.counters.fanout_writes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                 }
                 if chunk.is_empty() {
@@ -572,6 +584,45 @@ impl Shard {
         }
     }
 
+    // ---- in-place upgrade: the coordinator's commands ([`crate::upgrade`]) ---
+
+    /// Carries out the coordinator's commands until the node stops.
+    pub(crate) async fn upgrade_loop(self: Rc<Self>, link: ShardLink) {
+        let ShardLink { mut commands, reports } = link;
+        while let Some(command) = futures_lite::StreamExt::next(&mut commands).await {
+            let shard = self.id.0;
+            let report = match command {
+                Command::Quiesce => Report::Quiesced { pending_left: self.quiesce_upgrade().await },
+                Command::Freeze => {
+                    let (image, fds) = self.ctx(&mut self.state.borrow_mut()).freeze();
+                    Report::Frozen { shard, image, fds }
+                }
+                Command::Resume => {
+                    self.ctx(&mut self.state.borrow_mut()).resume();
+                    Report::Resumed
+                }
+            };
+            if reports.send(report).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Quiesce (see `upgrade`'s module doc). Returns the push requests
+    /// still unanswered when the wait ended.
+    async fn quiesce_upgrade(&self) -> usize {
+        self.upgrade.set_paused(true);
+        let limit = Duration::from_millis(self.live().push.reply_timeout_ms) + QUIESCE_SLACK;
+        let deadline = Instant::now() + limit;
+        while self.state.borrow().port.in_flight() > 0 && Instant::now() < deadline {
+            glommio::timer::sleep(QUIESCE_POLL).await;
+        }
+        let mut st = self.state.borrow_mut();
+        let bye = Frame::Error(codes::error_body(ErrorCode::GoingAway, "node upgrading; reconnect")).to_bytes();
+        st.port.close_all_with(bye);
+        st.port.in_flight()
+    }
+
     // ---- the mesh: sending to other shards, and what they send ---------------
 
     /// Handles a message from another shard.
@@ -580,14 +631,14 @@ impl Shard {
             ShardMsg::Adopt(adoption) => self.adopt(*adoption),
             other => {
                 let mut st = self.state.borrow_mut();
-                self.handle(&mut st, other);
+                self.ctx(&mut st).handle(other);
             }
         }
     }
 
     /// Sends `msg` to shard `to`, or handles it right here when `to` is us.
     pub(crate) fn route(&self, st: &mut State, to: ShardId, msg: ShardMsg) {
-        if to == self.id { self.handle(st, msg) } else { self.outbox.send(to, msg) }
+        if to == self.id { self.ctx(st).handle(msg) } else { self.outbox.send(to, msg) }
     }
 
     /// Reserves room for a broadcast of `frame_len` bytes in the queue of

@@ -18,7 +18,7 @@ pub(super) struct ConnIo {
     /// Registered, waiting for the user's home shard to record it before
     /// `AuthOk` goes out.
     pub(super) awaiting_dir: Option<Box<Login>>,
-    /// Listed in the shard's flush list ([`Shard::deliver_batched`]).
+    /// Listed in the shard's flush list ([`ShardCtx::deliver_batched`]).
     pub(super) in_flush: bool,
     /// WebSocket upgrade, decoder mid-frame, handshake token.
     pub(super) ws: Option<Box<WsState>>,
@@ -217,7 +217,7 @@ pub(crate) struct State {
     /// Backend connections and their requests ([`crate::push`]).
     pub(crate) port: PushPort,
     /// Sessions with frames queued by a fan-out, in the order they were
-    /// queued, for the flusher task ([`Shard::deliver_batched`]).
+    /// queued, for the flusher task ([`ShardCtx::deliver_batched`]).
     pub(super) flush: VecDeque<ConnKey>,
     pub(super) next_token: u64,
     pub(crate) message_ids: MessageIds,
@@ -315,6 +315,24 @@ impl State {
             conn.wake();
         }
     }
+
+    /// The common parameters of session `key`, for upstream requests and
+    /// connection events. The client address comes from the socket (it is
+    /// not kept per connection).
+    pub(crate) fn conn_info(&self, here: ShardId, node: &str, key: ConnKey) -> Option<proto::ConnInfo> {
+        let conn = self.conn_ref(key)?;
+        let field = |i| conn.field(i).unwrap_or_default().to_owned();
+        Some(proto::ConnInfo {
+            user: field(0),
+            device: field(1),
+            app: field(2),
+            platform: field(3),
+            client_version: field(4),
+            conn_id: ConnId::new(here, key).0,
+            node: node.to_owned(),
+            client_addr: fd::peer_addr(conn.fd.get()).map(|a| a.to_string()).unwrap_or_default(),
+        })
+    }
 }
 
 pub(super) fn slot_device(conns: &Slab<Conn>, i: u32) -> Option<&str> {
@@ -327,7 +345,7 @@ pub(super) fn slot_user(conns: &Slab<Conn>, i: u32) -> Option<&str> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::task::{AcceptBucket, ConnTask};
+    use super::super::driver::{AcceptBucket, ConnTask};
     use super::*;
     use crate::protocol::limits::MAX_ID_BYTES;
     use crate::session::Params;

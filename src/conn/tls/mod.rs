@@ -1,8 +1,10 @@
 //! TLS with rustls 0.23 (ring provider) for the client TCP port
-//! (`tls_listen`) and WebSocket (`wss_listen`).
+//! (`tls_listen`), WebSocket (`wss_listen`), the push port
+//! (`push.tls_listen`) and node-to-node links (`cluster.tls`).
 //!
 //! [`session`] wraps the unbuffered API so every buffer belongs to the
 //! driver; [`config`] loads PEM files, sets ALPN and reloads certificates;
+//! [`pipe`] is the socket of a push-port or node link, plain or TLS;
 //! [`compact`] runs a TLS 1.3 server connection's records after the
 //! handshake in a few hundred bytes while idle; [`records`] is the one a
 //! connection uses.
@@ -25,10 +27,12 @@
 
 pub mod compact;
 pub mod config;
+pub mod pipe;
 pub mod records;
 pub mod session;
 
 pub use compact::{CompactTls, RecordError};
 pub use config::{CertStore, ServerTlsSettings, ShardServerConfig, TlsConfigError};
+pub use pipe::PipeStream;
 pub use records::ServerRecords;
 pub use session::{ClientTls, Progress, ServerTls, TlsError, TlsSession};

@@ -311,7 +311,12 @@ fn pump<C: Unbuffered>(
             Ok(state) => state,
             Err(err) => {
                 // rustls may have queued an alert: let it out before closing.
-                drain_alert(conn, out);
+                // Its deframer may still hold messages that point into this
+                // input (the rest of a flight after a certificate it
+                // refused): it must see the same input again, never an
+                // empty one (rustls panics on that).
+                progress.consumed += discard;
+                drain_alert(conn, &mut incoming[progress.consumed..], out);
                 return Err(err.into());
             }
         };
@@ -408,23 +413,46 @@ fn encrypt(
     }
 }
 
-/// After an error, rustls answers further calls with the same error; the
-/// alert it queued (if any) comes out as EncodeTlsData first. Bounded: a
-/// few records at most.
-fn drain_alert<C: Unbuffered>(conn: &mut C, out: &mut Vec<u8>) {
+/// After an error, rustls hands out what it queued (records of the
+/// flight it was building, then its alert) as EncodeTlsData, one chunk per
+/// call, before it looks at any input. The calls stop at the alert (the
+/// last record of a chunk is an alert, or encrypted): one more would
+/// deframe again, which re-reads a bad record (a second fatal alert, which
+/// rustls asserts against). `incoming` is what is left of the failed
+/// call's input: a call that does deframe must see it, never an empty
+/// input, because rustls' deframer may still point at handshake messages
+/// in it (the rest of a flight after a refused certificate; rustls panics
+/// on an input that no longer holds them). Bounded: four calls.
+fn drain_alert<C: Unbuffered>(conn: &mut C, incoming: &mut [u8], out: &mut Vec<u8>) {
+    let (len, mut at) = (incoming.len(), 0);
     for _ in 0..4 {
-        let UnbufferedStatus { state, .. } = conn.process(&mut []);
-        match state {
-            Ok(ConnectionState::EncodeTlsData(mut encode)) => {
-                let start = out.len();
-                out.resize(start + HANDSHAKE_GUESS, 0);
-                match encode.encode(&mut out[start..]) {
-                    Ok(n) => out.truncate(start + n),
-                    Err(_) => out.truncate(start),
-                }
+        let UnbufferedStatus { discard, state } = conn.process(&mut incoming[at..]);
+        at = (at + discard).min(len);
+        let Ok(ConnectionState::EncodeTlsData(mut encode)) = state else { return };
+        let start = out.len();
+        out.resize(start + HANDSHAKE_GUESS, 0);
+        match encode.encode(&mut out[start..]) {
+            Ok(n) => out.truncate(start + n),
+            Err(_) => {
+                out.truncate(start);
+                return;
             }
-            Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
-            _ => return,
+        }
+        if matches!(last_record_type(&out[start..]), None | Some(ALERT | APPLICATION_DATA)) {
+            return;
         }
     }
+}
+
+const ALERT: u8 = 21;
+const APPLICATION_DATA: u8 = 23;
+
+/// The content type of the last whole record in `records`.
+fn last_record_type(records: &[u8]) -> Option<u8> {
+    let (mut at, mut last) = (0, None);
+    while let Some(end) = next_record_end(records, at) {
+        last = records.get(at).copied();
+        at = end;
+    }
+    last
 }
