@@ -137,7 +137,11 @@ impl Listeners {
     }
 
     /// Duplicates of every listening socket, for a later upgrade.
-    fn duplicates(&self, links: &[Vec<(crate::conn::transport::Link, OwnedFd)>]) -> Vec<(ListenerKind, u16, OwnedFd)> {
+    fn duplicates(
+        &self,
+        links: &[Vec<(crate::conn::transport::Link, OwnedFd)>],
+        push_tls: &[OwnedFd],
+    ) -> Vec<(ListenerKind, u16, OwnedFd)> {
         use crate::conn::transport::Link;
         let mut out = Vec::new();
         let mut add = |kind, shard: usize, fd: &OwnedFd| match fd.try_clone() {
@@ -149,6 +153,9 @@ impl Listeners {
         }
         for (i, fd) in self.push.iter().enumerate() {
             add(ListenerKind::Push, i, fd);
+        }
+        for (i, fd) in push_tls.iter().enumerate() {
+            add(ListenerKind::PushTls, i, fd);
         }
         for (i, shard) in links.iter().enumerate() {
             for (link, fd) in shard {
@@ -197,7 +204,7 @@ impl Server {
             shards,
             config.cluster.enabled,
             Duration::from_millis(config.push.reply_timeout_ms),
-            if config.cluster.enabled { Vec::new() } else { bound.duplicates(&links.per_shard) },
+            if config.cluster.enabled { Vec::new() } else { bound.duplicates(&links.per_shard, &links.push_tls) },
         );
         let upgrader = Arc::new(upgrader);
         let mut restores: Vec<Option<ShardRestore>> = restores.into_iter().map(Some).collect();

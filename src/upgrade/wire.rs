@@ -117,6 +117,8 @@ pub enum ListenerKind {
     Ws,
     Tls,
     Wss,
+    /// The push port over TLS (`push.tls_listen`).
+    PushTls,
 }
 
 impl ListenerKind {
@@ -128,6 +130,7 @@ impl ListenerKind {
             ListenerKind::Ws => 3,
             ListenerKind::Tls => 4,
             ListenerKind::Wss => 5,
+            ListenerKind::PushTls => 6,
         }
     }
 
@@ -139,6 +142,7 @@ impl ListenerKind {
             3 => ListenerKind::Ws,
             4 => ListenerKind::Tls,
             5 => ListenerKind::Wss,
+            6 => ListenerKind::PushTls,
             _ => return Err(DecodeError::Unknown { what: "listener kind", value: u64::from(v) }),
         })
     }
