@@ -466,6 +466,15 @@ impl Server {
             if !cluster.router.state().is_live() {
                 tracing::warn!(node = %cluster.node, "not registered in the cluster yet; serving anyway");
             }
+            while !cluster.revocations_loaded() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if !cluster.revocations_loaded() {
+                tracing::warn!(
+                    node = %cluster.node,
+                    "the cluster's revocations could not be read yet; logins are refused (UNAVAILABLE) until they are"
+                );
+            }
         }
         let admin_addr = config.server.admin_listen;
         let reloader = Arc::new(crate::reload::Reloader::new(config, reload, links.stores.clone(), shards));

@@ -75,6 +75,10 @@ const NODES_EVERY: u32 = 5;
 /// Failed claims are retried every this many ticks, this many at a time.
 const RETRY_EVERY: u32 = 10;
 const RETRY_BATCH: usize = 1024;
+/// Revocations stored by other nodes are read every this many ticks (every
+/// tick until the first complete read), this many at a time.
+const REVOCATIONS_EVERY: u32 = 10;
+const REVOCATIONS_BATCH: usize = 1000;
 /// Cluster-wide requests use a node table at most this old.
 const FRESH_NODES: Duration = Duration::from_millis(50);
 /// Bytes queued to one peer before further forwards fail fast.
@@ -104,6 +108,9 @@ pub struct ClusterShared {
     route_ttl: Duration,
     /// GoAway frames per second per shard.
     drain_rate_per_shard: f64,
+    /// Every shard has recorded the revocations stored in Redis (logins are
+    /// refused until then).
+    revocations_loaded: AtomicBool,
 }
 
 impl ClusterShared {
@@ -176,6 +183,7 @@ impl ClusterShared {
             drain_deadline: Duration::from_millis(c.drain_deadline_ms),
             route_ttl: Duration::from_secs(c.route_ttl_secs),
             drain_rate_per_shard: f64::from(c.drain_rate_per_sec) / f64::from(shards.max(1)),
+            revocations_loaded: AtomicBool::new(false),
         }))
     }
 
@@ -184,6 +192,12 @@ impl ClusterShared {
         if !self.drain.swap(true, Ordering::Relaxed) {
             info!(node = %self.node, "drain requested");
         }
+    }
+
+    /// Whether the revocations stored in Redis were read (logins are refused
+    /// with UNAVAILABLE until then).
+    pub fn revocations_loaded(&self) -> bool {
+        self.revocations_loaded.load(Ordering::Relaxed)
     }
 
     /// Draining: asked to, or fenced because the lease lapsed.
@@ -237,6 +251,8 @@ pub(crate) struct Local {
     merges: RefCell<HashMap<u32, oneshot::Sender<Frame>>>,
     next_merge: Cell<u32>,
     reregistered_seen: Cell<u64>,
+    /// Shard 0: the last revocation read from Redis (its sequence number).
+    revocations_seen: Cell<u64>,
     /// This shard's drain progress (used once the drain starts).
     drain: crate::shard::ShardDrain,
 }
@@ -252,7 +268,10 @@ pub fn attach(shard: &Rc<Shard>, shared: Arc<ClusterShared>) {
         peers: RefCell::default(),
         merges: RefCell::default(),
         next_merge: Cell::new(0),
+        revocations_seen: Cell::new(0),
     };
+    // Logins wait until the revocations stored in Redis are read.
+    shard.state.borrow_mut().revoked.await_load();
     if shard.cluster.set(Rc::new(local)).is_err() {
         warn!(shard = %shard.id(), "shard already joined the cluster");
         return;

@@ -572,7 +572,8 @@ impl Shard {
             let (devices, users): (Arc<[String]>, Arc<[String]>) =
                 (req.devices.clone().into(), req.users.clone().into());
             for shard in 0..self.shards() {
-                let msg = ShardMsg::Revoke { devices: devices.clone(), users: users.clone(), not_before };
+                let msg =
+                    ShardMsg::Revoke { devices: devices.clone(), users: users.clone(), not_before, loaded: false };
                 self.route(st, ShardId(shard), msg);
             }
         }

@@ -192,8 +192,11 @@ impl Shard {
                 }
                 self.answer(st, origin, Part::Sessions(reached));
             }
-            ShardMsg::Revoke { devices, users, not_before } => {
+            ShardMsg::Revoke { devices, users, not_before, loaded } => {
                 st.revoked.record(&devices, &users, not_before, now.unix_secs());
+                if loaded {
+                    st.revoked.loaded();
+                }
             }
             ShardMsg::Presence { origin, query } => {
                 let part = self.presence(st, &query);

@@ -500,6 +500,12 @@ impl Shard {
             match action {
                 Action::Send(frame) => self.queue_frame(st, key, &frame),
                 Action::Close(code) => self.on_close(st, key, code),
+                Action::Authenticated(_) if !st.revoked.is_loaded() => {
+                    // Cluster mode, the stored revocations not read yet
+                    // (Redis unreachable since the start): fail closed.
+                    let why = "the node has not read the cluster's revocations yet; try again".to_owned();
+                    self.close_conn(st, key, now, ErrorCode::Unavailable, why);
+                }
                 Action::Authenticated(login) if st.revoked.refuses(&login.user, &login.device, login.issued_at) => {
                     let why = "the token was revoked; get one issued after the revocation".to_owned();
                     self.close_conn(st, key, now, ErrorCode::Revoked, why);
