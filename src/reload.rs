@@ -142,6 +142,10 @@ impl LiveSettings {
                 idle_timeout_factor: session.idle_timeout_factor,
                 close_linger_ms: session.close_linger_ms,
                 max_id_bytes: crate::protocol::limits::MAX_ID_BYTES,
+                control: crate::session::ControlBudget::new(
+                    session.control_frames_per_sec,
+                    session.control_frames_burst,
+                ),
             },
             push_auth: Arc::new(crate::server::port_auth(config)?),
             push: PushLimits {
