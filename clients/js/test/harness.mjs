@@ -172,6 +172,9 @@ heartbeat_min_ms = 100
 heartbeat_default_ms = 10000
 wheel_tick_ms = 20
 close_linger_ms = 300
+# Tests ping faster than real clients; the budget stays on, loose.
+control_frames_per_sec = 1000
+control_frames_burst = 1000
 [auth]
 clock_leeway_secs = ${o.clockLeewaySecs ?? 30}
 [[auth.keys]]
