@@ -91,7 +91,13 @@ impl Shard {
     pub(super) async fn sync_revocations(&self, local: &Rc<Local>) {
         let after = local.revocations_seen.get();
         let entries = match local.shared.router.revocations_since(after, REVOCATIONS_BATCH).await {
-            Ok(entries) => entries,
+            Ok((_, counter)) if counter < after => {
+                // Redis lost the log (a restart without persistence): its
+                // counter started again; read what it holds from the start.
+                local.revocations_seen.set(0);
+                return;
+            }
+            Ok((entries, _)) => entries,
             Err(err) => {
                 local.shared.counters.revocation_sync_failures.fetch_add(1, Ordering::Relaxed);
                 debug!(%err, "could not read the cluster's revocations; trying again");

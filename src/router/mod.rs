@@ -221,7 +221,8 @@ enum Answer {
     Done(bool),
     Routes(Vec<Option<Route>>),
     Nodes(Vec<NodeInfo>),
-    Revocations(Vec<StoredRevocation>),
+    /// Entries, and the log's sequence counter now.
+    Revocations(Vec<StoredRevocation>, u64),
 }
 
 /// A revocation as the cluster keeps it in Redis.
@@ -405,10 +406,15 @@ impl Router {
     }
 
     /// The cluster's revocations stored after sequence number `after`
-    /// (0: all), oldest first, at most `limit`.
-    pub async fn revocations_since(&self, after: u64, limit: usize) -> Result<Vec<StoredRevocation>, RouterError> {
+    /// (0: all), oldest first, at most `limit`; and the log's sequence
+    /// counter (below `after`: Redis lost its data, read again from 0).
+    pub async fn revocations_since(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<StoredRevocation>, u64), RouterError> {
         match self.call(Op::Revocations { after, limit }).await? {
-            Answer::Revocations(r) => Ok(r),
+            Answer::Revocations(r, counter) => Ok((r, counter)),
             _ => Err(RouterError::Protocol("revocations".into())),
         }
     }
@@ -609,7 +615,8 @@ impl RouterSidecar {
                         .arg("LIMIT")
                         .arg(0)
                         .arg(*limit);
-                    1
+                    pipe.cmd("GET").arg(self.p("{revocations}:seq"));
+                    2
                 }
                 Op::Deregister => {
                     // Before the script: the lease thread must not renew or
@@ -689,7 +696,9 @@ impl RouterSidecar {
                         parse_revocation(&as_string(kv.first()?)?, seq)
                     })
                     .collect();
-                Ok(Answer::Revocations(entries))
+                // Nil: nothing was ever revoked (or Redis lost it).
+                let counter = values.get(1).and_then(as_u64).unwrap_or(0);
+                Ok(Answer::Revocations(entries, counter))
             }
             Op::Reassert { .. } | Op::Release { .. } => {
                 Ok(Answer::Done(values.first().and_then(as_u64).ok_or_else(|| bad("cas"))? == 1))
