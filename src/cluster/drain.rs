@@ -118,7 +118,7 @@ impl Shard {
                 self.route(&mut st, ShardId(shard), msg);
             }
         }
-        if complete && !local.shared.revocations_loaded.swap(true, Ordering::Relaxed) {
+        if complete && !local.revocations_marked.replace(true) {
             // After the entries on the same ordered links.
             for shard in 0..self.shards() {
                 let msg = ShardMsg::Revoke { devices: Arc::new([]), users: Arc::new([]), not_before: 0, loaded: true };

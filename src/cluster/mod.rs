@@ -108,9 +108,10 @@ pub struct ClusterShared {
     route_ttl: Duration,
     /// GoAway frames per second per shard.
     drain_rate_per_shard: f64,
-    /// Every shard has recorded the revocations stored in Redis (logins are
-    /// refused until then).
-    revocations_loaded: AtomicBool,
+    /// Shards that recorded the revocations stored in Redis (logins are
+    /// refused until then), of `shards`.
+    revocations_loaded: std::sync::atomic::AtomicU16,
+    shards: u16,
 }
 
 impl ClusterShared {
@@ -183,7 +184,8 @@ impl ClusterShared {
             drain_deadline: Duration::from_millis(c.drain_deadline_ms),
             route_ttl: Duration::from_secs(c.route_ttl_secs),
             drain_rate_per_shard: f64::from(c.drain_rate_per_sec) / f64::from(shards.max(1)),
-            revocations_loaded: AtomicBool::new(false),
+            revocations_loaded: std::sync::atomic::AtomicU16::new(0),
+            shards,
         }))
     }
 
@@ -197,7 +199,7 @@ impl ClusterShared {
     /// Whether the revocations stored in Redis were read (logins are refused
     /// with UNAVAILABLE until then).
     pub fn revocations_loaded(&self) -> bool {
-        self.revocations_loaded.load(Ordering::Relaxed)
+        self.revocations_loaded.load(Ordering::Acquire) >= self.shards
     }
 
     /// Draining: asked to, or fenced because the lease lapsed.
@@ -251,8 +253,10 @@ pub(crate) struct Local {
     merges: RefCell<HashMap<u32, oneshot::Sender<Frame>>>,
     next_merge: Cell<u32>,
     reregistered_seen: Cell<u64>,
-    /// Shard 0: the last revocation read from Redis (its sequence number).
+    /// Shard 0: the last revocation read from Redis (its sequence number),
+    /// and whether every shard was told the whole log was read.
     revocations_seen: Cell<u64>,
+    revocations_marked: Cell<bool>,
     /// This shard's drain progress (used once the drain starts).
     drain: crate::shard::ShardDrain,
 }
@@ -269,6 +273,7 @@ pub fn attach(shard: &Rc<Shard>, shared: Arc<ClusterShared>) {
         merges: RefCell::default(),
         next_merge: Cell::new(0),
         revocations_seen: Cell::new(0),
+        revocations_marked: Cell::new(false),
     };
     // Logins wait until the revocations stored in Redis are read.
     shard.state.borrow_mut().revoked.await_load();
@@ -285,6 +290,13 @@ pub(crate) type Slot = OnceCell<Rc<Local>>;
 impl Shard {
     fn local(&self) -> Option<Rc<Local>> {
         self.cluster.get().cloned()
+    }
+
+    /// Hook: this shard recorded the whole stored revocation log.
+    pub(crate) fn cluster_on_revocations_loaded(&self) {
+        if let Some(local) = self.local() {
+            local.shared.revocations_loaded.fetch_add(1, Ordering::Release);
+        }
     }
 }
 

@@ -196,6 +196,7 @@ impl Shard {
                 st.revoked.record(&devices, &users, not_before, now.unix_secs());
                 if loaded {
                     st.revoked.loaded();
+                    self.cluster_on_revocations_loaded();
                 }
             }
             ShardMsg::Presence { origin, query } => {
