@@ -15,10 +15,9 @@
 //!
 //! Shards take the new settings from a [`ReloadHub`] in their timer loop:
 //! one atomic load per tick, the hub's lock only once per reload, and a
-//! shard-local copy ([`Shard::live`]) on every per-message path.
+//! shard-local copy ([`crate::shard::Shard::live`]) on every per-message path.
 
 use std::path::PathBuf;
-use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -29,7 +28,7 @@ use crate::config::{Config, ConfigError};
 use crate::conn::links::TlsStores;
 use crate::push::auth::PortAuth;
 use crate::session::Params;
-use crate::shard::{PushLimits, Shard};
+use crate::shard::PushLimits;
 use crate::upstream::UpstreamSettings;
 
 /// The settings a shard reads on its per-message paths that a reload may
@@ -103,28 +102,6 @@ impl ReloadHub {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-    }
-}
-
-impl Shard {
-    /// The shard's current copy of the reloadable settings.
-    pub(crate) fn live(&self) -> Rc<LiveSettings> {
-        self.live.borrow().clone()
-    }
-
-    /// Takes new settings from the hub, if a reload published some (the
-    /// timer loop calls it every tick).
-    pub(crate) fn poll_reload(&self) {
-        let Some((generation, live)) = self.cfg.reload.poll(self.live_generation.get()) else { return };
-        let added = self.state.borrow_mut().upstream.apply_live(&live.upstream);
-        if let Some(me) = self.me.upgrade() {
-            for idx in added {
-                glommio::spawn_local(Rc::clone(&me).run_link(idx, None)).detach();
-            }
-        }
-        *self.live.borrow_mut() = Rc::new(live);
-        self.live_generation.set(generation);
-        self.cfg.reload.mark_applied(self.id.index(), generation);
     }
 }
 

@@ -405,10 +405,10 @@ impl Server {
                             })
                             .collect();
                         glommio::spawn_local(Rc::clone(&shard).accept_loop(listener)).detach();
-                        let push_port = Rc::clone(&shard).push_accept_loop(push_listener, Listener::Push);
+                        let push_port = crate::push::accept_loop(Rc::clone(&shard), push_listener, Listener::Push);
                         glommio::spawn_local(push_port).detach();
                         if let Some(fd) = node_fd {
-                            let nodes = Rc::clone(&shard).push_accept_loop(fd::listener(fd), Listener::Node);
+                            let nodes = crate::push::accept_loop(Rc::clone(&shard), fd::listener(fd), Listener::Node);
                             glommio::spawn_local(nodes).detach();
                         }
                         for (link, fd) in extra {
@@ -417,7 +417,7 @@ impl Server {
                         glommio::spawn_local(Rc::clone(&shard).pacer_loop()).detach();
                         glommio::spawn_local(Rc::clone(&shard).flusher_loop()).detach();
                         // Ready once every service backend was tried once.
-                        shard.start_upstream().await;
+                        crate::upstream::start(&shard).await;
                         let _ = ready_tx.send(Ok(id));
                         starting.set(false);
                         shard.timer_loop(stop, grace).await;

@@ -362,6 +362,7 @@ fn redis_store_that_lost_its_data_a_resuming_device_is_told_what_it_may_have_mis
     let mut push = backend(server.push_addr());
     let opts = options(&cfg, "inc-r", 0);
     let before = run(seen_incarnation(addr, opts.clone()));
+    let srv = &server;
     let stored: Vec<u64> = (0..3).map(|i| push_one(&mut push, "inc-r", format!("lost {i}")).seq).collect();
     // Redis loses everything (a restart without persistence, a flush).
     let mut conn = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
@@ -382,12 +383,32 @@ fn redis_store_that_lost_its_data_a_resuming_device_is_told_what_it_may_have_mis
         conn.ack_now().await.unwrap();
         conn.close().await;
         // The store's new incarnation is what AuthOk names from now on; the
-        // client, resumed past the gap, is not told again.
+        // client, resumed past the gap, is not told again (the gap's upper
+        // bound once was "now", so a resume a millisecond later was).
+        let replays = total(srv, |c| &c.replays);
         let mut o = options(&cfg, "inc-r", to_seq);
         o.store_incarnation = before;
         let (mut conn, ok) = Connection::connect(addr, o).await.unwrap();
         assert!(ok.store_incarnation != before && ok.store_incarnation != 0);
+        // Whatever the resume sends is queued once its timeline read is done.
+        let started = Instant::now();
+        while total(srv, |c| &c.replays) == replays {
+            assert!(started.elapsed() < WAIT, "the resume's timeline read never completed");
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
         assert_nothing_queued(&mut conn).await;
+        conn.close().await;
+        // A client that took the new incarnation, with a message stored
+        // since: the message, and no gap between the one it was told of and
+        // the device's new counter (nothing was issued there).
+        let seq = push_one(&mut push, "inc-r", "after the loss".into()).seq;
+        let mut o = options(&cfg, "inc-r", to_seq);
+        o.store_incarnation = ok.store_incarnation;
+        let mut conn = connect(addr, o).await;
+        match next_delivery(&mut conn).await {
+            ClientEvent::Message(m) => assert_eq!((m.seq, &m.payload[..]), (seq, &b"after the loss"[..])),
+            other => panic!("expected the new message, got {other:?}"),
+        }
     });
     server.shutdown();
 }

@@ -23,48 +23,70 @@ impl Shard {
             local.shared.counters.forwarded_in.fetch_add(1, Ordering::Relaxed);
             return match frame {
                 Frame::KickRequest(kick) if !kick.conn_ids.is_empty() => {
-                    let shard = self.me.upgrade()?;
-                    crate::push::hold(st, backend);
-                    let alarm = Rc::new(Alarm::default());
-                    self.arm_deadline(st, Expiry::Alarm(alarm.clone()));
-                    glommio::spawn_local(async move {
-                        futures_lite::future::yield_now().await;
-                        let request_id = kick.request_id;
-                        let reply = match alarm.before(shard.kick_if_same_session(&local, kick)).await {
-                            Some(reply) => reply,
-                            None => Frame::AdminReply(proto::AdminReply { request_id, results: Vec::new() }),
-                        };
-                        let mut st = shard.state.borrow_mut();
-                        crate::push::reply(&mut st, backend, reply.to_bytes());
-                    })
-                    .detach();
+                    self.queue_request(st, &local, backend, Queued::Kick(kick));
                     None
                 }
                 other => Some(other),
             };
         }
-        let shard = self.me.upgrade()?;
-        crate::push::hold(st, backend);
+        self.queue_request(st, &local, backend, Queued::Request(frame));
+        None
+    }
+
+    /// Holds `backend`'s request and arms its deadline; the task that
+    /// answers it starts once the caller's state borrow has ended
+    /// ([`Shard::cluster_start_queued`]).
+    fn queue_request(&self, st: &mut State, local: &Rc<Local>, backend: ConnKey, what: Queued) {
+        st.port.hold(backend);
         // The reply goes out by the push-port deadline, whatever is missing.
         let alarm = Rc::new(Alarm::default());
-        self.arm_deadline(st, Expiry::Alarm(alarm.clone()));
-        glommio::spawn_local(async move {
-            // Spawned inside the caller's state borrow: start on the next turn.
-            futures_lite::future::yield_now().await;
-            let started = Instant::now();
-            let reply = shard.cluster_request(&local, frame, &alarm).await;
-            if alarm.rang() {
-                shard.counters.push_timeouts.fetch_add(1, Ordering::Relaxed);
+        crate::push::arm_deadline(&mut self.ctx(st), Expiry::Alarm(alarm.clone()));
+        local.queued.borrow_mut().push((backend, what, alarm));
+    }
+
+    /// Starts the tasks of the requests [`Shard::cluster_intercept`] took,
+    /// outside any state borrow (glommio polls a new task at once, so one
+    /// spawned inside the borrow would have to wait a turn first).
+    pub(crate) fn cluster_start_queued(&self) {
+        let Some(local) = self.local() else { return };
+        if local.queued.borrow().is_empty() {
+            return;
+        }
+        let Some(shard) = self.me.upgrade() else { return };
+        let mut queued = std::mem::take(&mut *local.queued.borrow_mut());
+        for (backend, what, alarm) in queued.drain(..) {
+            let (shard, local) = (shard.clone(), local.clone());
+            match what {
+                Queued::Kick(kick) => glommio::spawn_local(async move {
+                    let request_id = kick.request_id;
+                    let reply = match alarm.before(shard.kick_if_same_session(&local, kick)).await {
+                        Some(reply) => reply,
+                        None => Frame::AdminReply(proto::AdminReply { request_id, results: Vec::new() }),
+                    };
+                    let mut st = shard.state.borrow_mut();
+                    st.port.reply(backend, reply.to_bytes());
+                }),
+                Queued::Request(frame) => glommio::spawn_local(async move {
+                    let started = Instant::now();
+                    let reply = shard.cluster_request(&local, frame, &alarm).await;
+                    if alarm.rang() {
+                        shard.counters.push_timeouts.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let counters = &local.shared.counters;
+                    counters.request_latency.record(started.elapsed());
+                    counters.requests.fetch_add(1, Ordering::Relaxed);
+                    counters.count_reply(&reply);
+                    let mut st = shard.state.borrow_mut();
+                    st.port.reply(backend, reply.to_bytes());
+                }),
             }
-            let counters = &local.shared.counters;
-            counters.request_latency.record(started.elapsed());
-            counters.requests.fetch_add(1, Ordering::Relaxed);
-            counters.count_reply(&reply);
-            let mut st = shard.state.borrow_mut();
-            crate::push::reply(&mut st, backend, reply.to_bytes());
-        })
-        .detach();
-        None
+            .detach();
+        }
+        // The emptied queue goes back, its room kept for the next requests.
+        let mut slot = local.queued.borrow_mut();
+        if slot.is_empty() {
+            *slot = queued;
+        }
     }
 
     /// Hook: the reply of a finished request; the local part of a cluster
@@ -176,11 +198,12 @@ impl Shard {
         let pseudo = ConnKey { index: LOCAL_PART, generation: token };
         let accepted = {
             let mut st = self.state.borrow_mut();
+            let h = &mut self.ctx(&mut st);
             match frame {
-                Frame::PushRequest(r) => self.start_push(&mut st, pseudo, r),
-                Frame::GroupUpdate(r) => self.start_group_update(&mut st, pseudo, r),
-                Frame::KickRequest(r) => self.start_kick(&mut st, pseudo, r),
-                Frame::PresenceQuery(r) => self.start_presence(&mut st, pseudo, r),
+                Frame::PushRequest(r) => crate::push::start_push(h, pseudo, r),
+                Frame::GroupUpdate(r) => crate::push::start_group_update(h, pseudo, r),
+                Frame::KickRequest(r) => crate::push::start_kick(h, pseudo, r),
+                Frame::PresenceQuery(r) => crate::push::start_presence(h, pseudo, r),
                 other => Err(request_error(0, ErrorCode::BadFrame, format!("{:?} is not clustered", other.kind()))),
             }
         };
@@ -538,21 +561,6 @@ pub(super) fn blank_reply(request: &Frame) -> Frame {
             ErrorCode::ServerError,
             format!("{:?} is not clustered", other.kind()),
         )),
-    }
-}
-
-pub(crate) fn request_id(frame: &Frame) -> u64 {
-    match frame {
-        Frame::DeliveryStatusQuery(r) => r.request_id,
-        Frame::PushRequest(r) => r.request_id,
-        Frame::GroupUpdate(r) => r.request_id,
-        Frame::KickRequest(r) => r.request_id,
-        Frame::PresenceQuery(r) => r.request_id,
-        Frame::PresenceReply(r) => r.request_id,
-        Frame::PushReply(r) => r.request_id,
-        Frame::AdminReply(r) => r.request_id,
-        Frame::RequestError(r) => r.request_id,
-        _ => 0,
     }
 }
 

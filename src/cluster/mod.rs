@@ -54,16 +54,17 @@ use crate::protocol::codec::{self, Frame};
 use crate::protocol::codes::request_error;
 use crate::protocol::ids::{ConnId, ConnKey};
 use crate::protocol::proto::{self, ErrorCode, PushStatus};
+pub(crate) use crate::push::request_id;
 use crate::push::{Alarm, Expiry, summarize};
 use crate::router::{NodeInfo, Route, Router, RouterConfig, rank};
 use crate::session::Login;
 use crate::shard::{Shard, State};
 pub use drain::spawn_drain_coordinator;
-pub(crate) use forward::request_id;
 use forward::*;
 use merge::*;
 pub use metrics::{AtomicHistogram, ClusterCounters, DISCONNECT_CODES, HIST_BOUNDS_US, PUSH_RESULTS};
 use peers::*;
+use routes::*;
 
 /// The slot index of the pseudo backend that collects the local part of a
 /// cluster request (no real backend slot gets near it).
@@ -232,8 +233,15 @@ fn reachable_ip(redis_url: &str) -> std::net::IpAddr {
         .unwrap_or(loopback)
 }
 
+/// A backend request the cluster answers from a task.
+enum Queued {
+    /// A replaced login's kick, for the sessions it names only.
+    Kick(proto::KickRequest),
+    Request(Frame),
+}
+
 /// A session's claim on its device's route.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum Claim {
     Pending,
     Held(u64),
@@ -245,13 +253,15 @@ pub(crate) struct Local {
     shared: Arc<ClusterShared>,
     /// Claims of this shard's active sessions, by slot (with the slot's
     /// generation).
-    routes: RefCell<HashMap<u32, (u32, Claim)>>,
+    routes: RefCell<Routes>,
     /// Live nodes as of the last refresh.
     nodes: RefCell<Vec<NodeInfo>>,
     peers: RefCell<HashMap<String, Rc<PeerLink>>>,
     /// Local parts of cluster requests waiting for their reply.
     merges: RefCell<HashMap<u32, oneshot::Sender<Frame>>>,
     next_merge: Cell<u32>,
+    /// Backend requests taken by the cluster, waiting for their task.
+    queued: RefCell<Vec<(ConnKey, Queued, Rc<Alarm>)>>,
     reregistered_seen: Cell<u64>,
     /// Shard 0: the last revocation read from Redis (its sequence number),
     /// and whether every shard was told the whole log was read.
@@ -272,6 +282,7 @@ pub fn attach(shard: &Rc<Shard>, shared: Arc<ClusterShared>) {
         peers: RefCell::default(),
         merges: RefCell::default(),
         next_merge: Cell::new(0),
+        queued: RefCell::default(),
         revocations_seen: Cell::new(0),
         revocations_marked: Cell::new(false),
     };

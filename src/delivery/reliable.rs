@@ -84,6 +84,9 @@ pub struct ReliableCounters {
     pub acked: AtomicU64,
     /// ResyncRequired frames sent.
     pub resyncs: AtomicU64,
+    /// Timeline reads answered and handled (the gap announced and the
+    /// messages sent): a session's resume is complete once its read is.
+    pub replays: AtomicU64,
     /// Stored messages sent once to clients without ACK support.
     pub sent_unacked: AtomicU64,
     /// Devices with delivery state right now.
@@ -566,6 +569,7 @@ fn on_replayed<H: Host>(h: &mut H, key: ConnKey, now: Now, limit: usize, result:
         }
         progressed = true;
     }
+    h.delivery().counters().replays.fetch_add(1, Ordering::Relaxed);
     let Some(t) = h.delivery().tracked(key) else { return };
     let again = std::mem::take(&mut t.refill_again);
     t.backlog = more || again;

@@ -15,7 +15,9 @@
 //! query: it lives as long as the message may stay in its timeline, then
 //! `status_ttl_secs` once the message is acknowledged or dropped.
 //! `P:incarnation` names the store's contents: made once (SET NX) by the
-//! first sidecar to miss it, so a Redis that lost its data gets a new one;
+//! first sidecar to miss it, so a Redis that lost its data gets a new one,
+//! with its start time in `P:incarnation:since` (a device without a counter
+//! gets nothing below start * 1000, so a resume past that missed nothing);
 //! a counter records the sequence it started above (`base`), and the
 //! sessions that replayed messages the device did not acknowledge
 //! (`replays`, up to sequence `through`). `P:lrn:{device}` holds the
@@ -187,11 +189,23 @@ local MSGP = '{MSGP}'
 local INCARNATION = '{INCK}'
 -- The store's incarnation, made once (candidate: a random number of the
 -- caller) when Redis has none: a Redis that lost its data gets a new one.
-local function incarnation(candidate)
+-- Its start time (ms) is kept beside it, set by the first read that finds
+-- none: every sequence it issues for a device without a counter yet is above
+-- start * 1000, a bound that does not move (a resumed client past it has
+-- missed nothing). A start recorded late only widens a reported gap.
+-- Returns {incarnation, start}.
+local function incarnation(candidate, now)
   local cur = redis.call('GET', INCARNATION)
-  if cur then return cur end
-  redis.call('SET', INCARNATION, candidate)
-  return candidate
+  if not cur then
+    redis.call('SET', INCARNATION, candidate)
+    cur = candidate
+  end
+  local since = redis.call('GET', INCARNATION .. ':since')
+  if not since then
+    redis.call('SET', INCARNATION .. ':since', now)
+    since = now
+  end
+  return {cur, since}
 end
 -- Drops the n oldest entries of a timeline, marking them expired (why: 1
 -- retention count, 2 age, 3 the push's TTL, 4 replays without an ACK).
@@ -245,7 +259,7 @@ return {s, first[2] or s, learned}
 /// KEYS: seq, tl, learned. ARGV: after, limit, now, incarnation candidate,
 /// resume (1: a session starts: expire what was replayed MAXREPLAYS times
 /// without an ACK). Returns {counter, floor, acked, incarnation, base,
-/// learned, members...} ('0' = absent).
+/// learned, incarnation start ms, members...} ('0' = absent).
 const REPLAY_LUA: &str = r#"
 local seqkey, tl = KEYS[1], KEYS[2]
 local now = tonumber(ARGV[3])
@@ -277,7 +291,8 @@ if resume then
   end
 end
 local c = redis.call('HMGET', seqkey, 'last', 'floor', 'acked', 'base')
-local out = {c[1] or '0', c[2] or '0', c[3] or '0', incarnation(ARGV[4]), c[4] or '0', redis.call('GET', KEYS[3]) or '0'}
+local inc = incarnation(ARGV[4], ARGV[3])
+local out = {c[1] or '0', c[2] or '0', c[3] or '0', inc[1], c[4] or '0', redis.call('GET', KEYS[3]) or '0', inc[2]}
 -- No timeline (all acknowledged, or expired when idle): nothing up to the
 -- counter can be replayed.
 if c[1] and redis.call('EXISTS', tl) == 0 then out[2] = string.format('%.0f', tonumber(c[1]) + 1) end
@@ -478,27 +493,38 @@ impl Sidecar {
                 };
                 self.incarnation.store(incarnation, Ordering::Relaxed);
                 let learned_ms = learned(items.get(5));
+                // No counter: nothing this incarnation issued for the device,
+                // and whatever it issues later starts above its start (or,
+                // when that is unknown, above now).
+                let start = field(6).filter(|&s| s > 0).map(|s| s.saturating_mul(1000));
+                let horizon = start.unwrap_or(now_ms.saturating_mul(1000));
                 let mut messages = Vec::new();
-                for item in items.iter().skip(6) {
+                for item in items.iter().skip(7) {
                     messages.push(parse_member(item).ok_or_else(|| bad("replay member"))?);
                 }
                 let missing = if counter == 0 {
                     // No counter: this device never had at-least-once
-                    // messages, or Redis lost them.
-                    (*after > 0).then_some((after + 1, now_ms.saturating_mul(1000)))
+                    // messages, or Redis lost them. A client resumed past
+                    // the horizon (told of the gap already) missed nothing.
+                    (*after > 0 && *after < horizon).then_some((after + 1, horizon))
                 } else {
                     // No floor recorded: all of the timeline is gone.
                     let floor = if floor == 0 { counter + 1 } else { floor };
                     let gone_up_to = floor.saturating_sub(1);
-                    // A sequence from before this counter (an earlier life
-                    // of the store) was never acknowledged here.
-                    let known = if *after > 0 && *after < base { *after } else { (*after).max(acked) };
+                    // A sequence from before this counter was never
+                    // acknowledged here: from an earlier life of the store,
+                    // the client may have missed what followed it; from this
+                    // life (a gap's end it was told of), nothing was issued
+                    // between it and the counter's start.
+                    let known = if *after > 0 && *after < base {
+                        if start.is_some_and(|s| *after >= s) { base.max(acked) } else { *after }
+                    } else {
+                        (*after).max(acked)
+                    };
                     let from = known + 1;
                     (from <= gone_up_to).then_some((from, gone_up_to))
                 };
-                // No counter: whatever this incarnation issues later for the
-                // device starts above now.
-                let base = if counter == 0 { now_ms.saturating_mul(1000) } else { base };
+                let base = if counter == 0 { horizon } else { base };
                 Ok(Answer::Replay(Replay { messages, missing, incarnation, base, learned_ms }))
             }
             Op::Status { .. } => Ok(Answer::Status(parse_status(&value, self.cfg.retention.max_unacked_replays))),

@@ -111,7 +111,7 @@ fn check_header(buf: &[u8], max_body: u32, header: Header, body: &[u8]) {
     }
 }
 
-/// What the client port does with a client's frame (`Shard::handle_input`).
+/// What the client port does with a client's frame (`ShardCtx::handle_input`).
 fn decode_from_client(header: Header, body: &[u8]) -> Result<Frame, CodecError> {
     Frame::decode_from(Peer::Client, header, body)
 }

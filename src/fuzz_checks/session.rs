@@ -3,7 +3,7 @@
 //! does to a session (activate it, kick it, close it, lose the peer).
 //!
 //! Input: a program of one-byte opcodes with their operands (see
-//! [`check`]). The harness plays the shard's part as `Shard::handle_input`
+//! [`check`]). The harness plays the shard's part as `ShardCtx::handle_input`
 //! does: split frames off the bytes read, decode them, feed them in, stop
 //! reading while the session waits for activation, discard input once it
 //! is closing. A fuzzer cannot forge an HMAC, so the program may ask the
@@ -219,7 +219,7 @@ impl Harness {
     }
 
     /// One read from the socket, handled as `Shard::poll_conn` and
-    /// `Shard::handle_input` do.
+    /// `ShardCtx::handle_input` do.
     fn read(&mut self, bytes: &[u8]) {
         match self.session.phase() {
             // The shard does not read until activation; the bytes wait.

@@ -278,6 +278,11 @@ fn ops_families(e: &mut Exposition, counters: &[Arc<ShardCounters>]) {
         "ResyncRequired frames sent (messages expired or dropped before the client got them).",
         [(&[][..], sum(&|c| load(&c.reliable.resyncs)))],
     );
+    e.counter(
+        "longlink_reliable_replays_total",
+        "Timeline reads handled (a session's resume, or a refill of its window).",
+        [(&[][..], sum(&|c| load(&c.reliable.replays)))],
+    );
     let codes: Vec<&str> = DISCONNECT_CODES
         .iter()
         .map(|c| if *c == ErrorCode::Unspecified { "PEER_CLOSED" } else { c.as_str_name() })

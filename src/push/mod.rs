@@ -12,6 +12,8 @@
 //! it (backpressure).
 
 pub mod auth;
+#[cfg(test)]
+mod component_tests;
 mod deadlines;
 mod plan;
 mod port;
@@ -19,22 +21,25 @@ mod reply;
 
 pub(crate) use deadlines::{Alarm, Deadlines, Expiry};
 pub(crate) use plan::{check_group_update, check_push, target_results};
+pub(crate) use port::{
+    accept_loop, arm_deadline, expire, merge_part, start_group_update, start_kick, start_presence, start_push,
+};
 use reply::*;
-pub(crate) use reply::{Pending, summarize};
+pub(crate) use reply::{Pending, request_id, summarize};
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use glommio::net::TcpStream;
+use glommio::net::{TcpListener, TcpStream};
 use prost::Message as _;
+use slab::Slab;
 use tracing::{debug, warn};
 
 use crate::conn::OutQueue;
@@ -45,11 +50,162 @@ use crate::protocol::ids::home_shard;
 use crate::protocol::ids::{ConnKey, ShardId, owner_shard};
 use crate::protocol::limits::{MAX_ID_BYTES, check_id};
 use crate::protocol::proto::{self, ErrorCode, FrameKind, PushStatus};
-use crate::protocol::time::Millis;
-use crate::shard::{Shard, State};
+use crate::protocol::time::{Millis, Now};
 
 /// Reads handled in one poll of a backend connection before yielding.
 const READS_PER_POLL: usize = 8;
+
+/// Push-port limits a shard enforces.
+#[derive(Clone, Copy, Debug)]
+pub struct PushLimits {
+    pub max_inflight_per_backend: u32,
+    pub max_targets_per_request: u32,
+    pub max_request_bytes: u32,
+    /// Every request is answered within this, in ms.
+    pub reply_timeout_ms: u64,
+    /// This shard's share of the node's broadcast rate, deliveries/s.
+    pub broadcast_rate_per_sec: u32,
+    /// Bytes of broadcasts each shard may hold (`shard::broadcast_cost`).
+    pub broadcast_queue_bytes: u64,
+}
+
+/// The push port of one shard: its backend connections, the requests they
+/// have in flight (merged here as their parts come in) and when each must
+/// be answered. It lives in the shard's state; its entry points (in
+/// `port.rs`) take a [`PortHost`], the small context the shard gives it.
+#[derive(Default)]
+pub(crate) struct PushPort {
+    backends: Slab<Backend>,
+    /// Requests from this shard's backends waiting for parts of their answer.
+    pending: HashMap<u64, Pending>,
+    /// When each of those must be answered at the latest.
+    deadlines: Deadlines,
+}
+
+impl PushPort {
+    fn backend(&mut self, key: ConnKey) -> Option<&mut Backend> {
+        self.backends.get_mut(key.index as usize).filter(|b| b.generation == key.generation)
+    }
+
+    /// Queues the reply to a finished request on its backend connection.
+    pub(crate) fn reply(&mut self, backend: ConnKey, frame: Bytes) {
+        let Some(b) = self.backend(backend) else {
+            return; // the backend went away; its answer has nowhere to go
+        };
+        b.out.push(frame);
+        b.inflight = b.inflight.saturating_sub(1);
+        if let Some(w) = &b.waker {
+            w.wake_by_ref();
+        }
+    }
+
+    /// Counts a request answered later through [`PushPort::reply`] by other
+    /// code (the cluster) as in flight on its backend connection.
+    pub(crate) fn hold(&mut self, backend: ConnKey) {
+        if let Some(b) = self.backend(backend) {
+            b.inflight += 1;
+        }
+    }
+
+    /// Answers that cannot wait for other shards (bad requests).
+    fn reply_now(&mut self, backend: ConnKey, frame: Frame) {
+        if let Some(b) = self.backend(backend) {
+            b.out.push(frame.to_bytes());
+        }
+    }
+
+    /// Backend (and node-listener) connections held.
+    pub(crate) fn connections(&self) -> usize {
+        self.backends.len()
+    }
+
+    /// Requests of this shard's backends not answered yet.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Closes every backend connection once its queue is flushed.
+    pub(crate) fn close_all(&mut self) {
+        for (_, b) in self.backends.iter_mut() {
+            b.close();
+        }
+    }
+
+    /// Queues `frame` (the reason) on every backend connection, then closes
+    /// it (the in-place upgrade sends backends to the new process this way).
+    pub(crate) fn close_all_with(&mut self, frame: Bytes) {
+        for (_, b) in self.backends.iter_mut() {
+            b.close_with(frame.clone());
+        }
+    }
+}
+
+/// What the push port counts, for the host's counters.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum PortEvent {
+    /// A request read from a backend.
+    Request,
+    /// A connection refused before or at authentication.
+    Refused,
+    /// A request the key has no right to (PERMISSION_DENIED).
+    Denied,
+    /// A connection silent past its auth deadline.
+    AuthTimeout,
+    /// A request answered at its deadline with answers missing.
+    Timeout,
+    /// An answer that came after its request was answered.
+    LateAnswer,
+    /// A request refused with this error code.
+    RequestError(i32),
+    /// A request answered this long after it was read.
+    Answered(Duration),
+}
+
+/// What the push port needs of the shard that holds it.
+pub(crate) trait PortHost {
+    /// The component itself (it lives in the shard's state).
+    fn port(&mut self) -> &mut PushPort;
+    fn shard_id(&self) -> ShardId;
+    fn shards(&self) -> u16;
+    fn now(&self) -> Now;
+    /// The live (reloadable) limits and credentials.
+    fn limits(&self) -> PushLimits;
+    fn port_auth(&self) -> Arc<auth::PortAuth>;
+    /// The client frame limit (a message must fit in it).
+    fn max_frame_bytes(&self) -> u32;
+    fn count(&self, event: PortEvent);
+    /// A token unique on this shard (request tokens, backend generations).
+    fn next_token(&mut self) -> u64;
+    fn next_message_id(&mut self) -> u64;
+    /// Sends `msg` to shard `to`, or handles it at once when it is this one.
+    fn route(&mut self, to: ShardId, msg: ShardMsg);
+    /// Room for a broadcast of `frame_len` bytes on every shard, or none.
+    fn reserve_broadcast(&self, frame_len: usize) -> Result<(), String>;
+    /// Whether every shard shares one timeline store (Redis).
+    fn store_is_shared(&mut self) -> bool;
+    /// Whether the mesh is too backed up to read more requests; if so,
+    /// `waker` is woken once it drained.
+    fn mesh_congested(&self, waker: &Waker) -> bool;
+    /// Requests are refused (retryable) during an in-place upgrade.
+    fn upgrading(&self) -> bool;
+    /// In cluster mode the cluster answers backends' requests: returns the
+    /// frame when this shard should handle it alone.
+    fn cluster_takes(&mut self, backend: ConnKey, frame: Frame) -> Option<Frame>;
+    /// The reply of a finished request: the local part of a cluster request
+    /// goes back to its merge; returns the frame when it is for a backend.
+    fn local_part(&mut self, backend: ConnKey, frame: Frame) -> Option<Frame>;
+}
+
+/// The shard as the backend connection tasks see it: entered (its state
+/// borrowed) for each step, never across an await.
+pub(crate) trait PortShard: 'static {
+    type Host<'a>: PortHost
+    where
+        Self: 'a;
+    fn enter<R>(&self, f: impl FnOnce(&mut Self::Host<'_>) -> R) -> R;
+    /// The next accepted connection, or `None` once the shard stops.
+    fn accept_or_stop(&self, listener: &TcpListener) -> impl Future<Output = Option<glommio::Result<TcpStream, ()>>>;
+}
 
 /// One backend connection's state on its shard.
 pub(crate) struct Backend {
@@ -75,45 +231,17 @@ pub(crate) enum BackendAuth {
 }
 
 impl Backend {
-    /// Queues `frame` (the reason), then closes (the in-place upgrade
-    /// sends backends to the new process this way).
-    pub(crate) fn close_with(&mut self, frame: Bytes) {
+    /// Queues `frame` (the reason), then closes.
+    fn close_with(&mut self, frame: Bytes) {
         self.out.push(frame);
         self.close();
     }
 
-    pub(crate) fn close(&mut self) {
+    fn close(&mut self) {
         self.closing = true;
         if let Some(w) = &self.waker {
             w.wake_by_ref();
         }
-    }
-}
-
-/// Queues the reply to a finished request on its backend connection.
-pub(crate) fn reply(st: &mut State, backend: ConnKey, frame: Bytes) {
-    let Some(b) = st.backends.get_mut(backend.index as usize).filter(|b| b.generation == backend.generation) else {
-        return; // the backend went away; its answer has nowhere to go
-    };
-    b.out.push(frame);
-    b.inflight = b.inflight.saturating_sub(1);
-    if let Some(w) = &b.waker {
-        w.wake_by_ref();
-    }
-}
-
-/// Counts a request answered later through [`reply`] by other code (the
-/// cluster) as in flight on its backend connection.
-pub(crate) fn hold(st: &mut State, backend: ConnKey) {
-    if let Some(b) = st.backends.get_mut(backend.index as usize).filter(|b| b.generation == backend.generation) {
-        b.inflight += 1;
-    }
-}
-
-/// Answers that cannot wait for other shards (bad requests).
-fn reply_now(st: &mut State, backend: ConnKey, frame: Frame) {
-    if let Some(b) = st.backends.get_mut(backend.index as usize).filter(|b| b.generation == backend.generation) {
-        b.out.push(frame.to_bytes());
     }
 }
 

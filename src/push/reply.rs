@@ -328,3 +328,19 @@ pub(crate) fn summarize(results: Vec<proto::TargetResult>, users: bool, message_
         retryable: false,
     }
 }
+
+/// The request id a request or reply frame carries (0 for other frames).
+pub(crate) fn request_id(frame: &Frame) -> u64 {
+    match frame {
+        Frame::DeliveryStatusQuery(r) => r.request_id,
+        Frame::PushRequest(r) => r.request_id,
+        Frame::GroupUpdate(r) => r.request_id,
+        Frame::KickRequest(r) => r.request_id,
+        Frame::PresenceQuery(r) => r.request_id,
+        Frame::PresenceReply(r) => r.request_id,
+        Frame::PushReply(r) => r.request_id,
+        Frame::AdminReply(r) => r.request_id,
+        Frame::RequestError(r) => r.request_id,
+        _ => 0,
+    }
+}

@@ -1,6 +1,9 @@
 //! Paced drain: GoAway then close with GOING_AWAY, a bounded number per
 //! tick, so the clients' reconnects reach the load balancer (or the other
 //! nodes) spread over time. Cluster drain and single-node drain both use it.
+//! The component (`ShardDrain`, its `DrainPacer`) decides who goes in each
+//! tick with no I/O and no clock; the shard's driver (`Shard::drain_step`
+//! in `shard/mod.rs`) sends the frames.
 
 use super::*;
 
@@ -21,45 +24,41 @@ impl ShardDrain {
     }
 }
 
-impl Shard {
-    /// One tick of a drain: stop accepting once, then GoAway + close the
-    /// next sessions within this tick's share of the rate. `endpoint` names
-    /// where a user should reconnect ("" lets the client pick, e.g. through
-    /// a load balancer). Returns how many sessions were sent away.
-    pub(crate) fn drain_step(&self, drain: &ShardDrain, tick: Duration, endpoint: impl Fn(&str) -> String) -> u32 {
-        let mut pacer = drain.pacer.borrow_mut();
-        let mut st = self.state.borrow_mut();
-        let per_tick = drain.rate_per_shard * tick.as_secs_f64();
-        // Sessions that became active since the queue ran dry (hand-offs in
-        // flight) are queued at the next tick.
-        if pacer.begin_tick(per_tick, || st.active_keys()) {
-            info!(shard = %self.id, sessions = pacer.queued(), "draining: stop accepting, sending GoAway");
-            self.stop_accepting.close();
-        }
-        let now = self.now();
-        let mut sent = 0u32;
-        while let Some(key) = pacer.next_session() {
-            // A session that left since it was queued costs no budget.
-            let Some(user) = st.user_of(key).map(str::to_owned) else { continue };
-            let frame = Frame::GoAway(proto::GoAway { endpoint: endpoint(&user), reason: "node draining".into() });
-            self.send_to_slot(&mut st, key.index, &frame.to_bytes());
-            self.close_conn(&mut st, key, now, ErrorCode::GoingAway, "node draining; reconnect elsewhere".into());
-            pacer.sent();
-            sent += 1;
-        }
-        sent
-    }
+/// One drain tick's work, decided without I/O: whether the shard stops
+/// accepting now, and which sessions get GoAway (with their user, for the
+/// endpoint). The shard's driver sends the frames and closes the sessions.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct DrainBatch {
+    /// The drain's first tick: the shard stops accepting.
+    pub(crate) stop_accepting: bool,
+    /// Sessions still queued after this tick's share was taken.
+    pub(crate) queued: usize,
+    pub(crate) goaway: Vec<(ConnKey, String)>,
+}
 
-    /// Single node: waits for `drain`, then sends every session away at
-    /// the pacer's rate until the node stops.
-    pub async fn single_drain_loop(self: Rc<Self>, drain: Arc<AtomicBool>, rate_per_shard: f64) {
-        let pacing = ShardDrain::new(rate_per_shard);
-        while !self.is_stopping() {
-            if drain.load(Ordering::Relaxed) {
-                self.drain_step(&pacing, DRAIN_TICK, |_| String::new());
-            }
-            glommio::timer::sleep(DRAIN_TICK).await;
+impl ShardDrain {
+    /// Which sessions to send GoAway now: one tick of `tick` at this
+    /// shard's rate. `active` lists the shard's active sessions (asked when
+    /// the queue ran dry, so hand-offs that became active since are drained
+    /// too); `user_of` gives a queued session's user, or `None` when it left
+    /// since it was queued (it costs no budget).
+    pub(crate) fn tick(
+        &self,
+        tick: Duration,
+        active: impl FnOnce() -> Vec<ConnKey>,
+        mut user_of: impl FnMut(ConnKey) -> Option<String>,
+    ) -> DrainBatch {
+        let mut pacer = self.pacer.borrow_mut();
+        let per_tick = self.rate_per_shard * tick.as_secs_f64();
+        let stop_accepting = pacer.begin_tick(per_tick, active);
+        let queued = pacer.queued();
+        let mut goaway = Vec::new();
+        while let Some(key) = pacer.next_session() {
+            let Some(user) = user_of(key) else { continue };
+            goaway.push((key, user));
+            pacer.sent();
         }
+        DrainBatch { stop_accepting, queued, goaway }
     }
 }
 
@@ -141,6 +140,27 @@ mod tests {
                 n
             })
             .collect()
+    }
+
+    #[test]
+    fn drain_component_picks_sessions_at_the_rate_without_sockets() {
+        // 20 GoAways/s per shard at a 100 ms tick: two per tick.
+        let drain = ShardDrain::new(20.0);
+        let gone = ConnKey { index: 1, generation: 1 };
+        let user_of = |key: ConnKey| (key != gone).then(|| format!("u{}", key.index));
+        let first = drain.tick(DRAIN_TICK, || keys(0..5), user_of);
+        assert!(first.stop_accepting, "the first tick stops accepting");
+        assert_eq!(first.queued, 5);
+        // Session 1 left since it was queued: it costs no budget.
+        let sent: Vec<_> = first.goaway.iter().map(|(k, u)| (k.index, u.as_str())).collect();
+        assert_eq!(sent, [(0, "u0"), (2, "u2")]);
+        let second = drain.tick(DRAIN_TICK, Vec::new, user_of);
+        assert!(!second.stop_accepting, "only the first tick stops accepting");
+        assert_eq!(second.goaway.iter().map(|(k, _)| k.index).collect::<Vec<_>>(), [3, 4]);
+        // The queue ran dry: a session that became active since is drained.
+        let third = drain.tick(DRAIN_TICK, || keys(9..10), user_of);
+        assert_eq!(third.goaway.iter().map(|(k, _)| k.index).collect::<Vec<_>>(), [9]);
+        assert_eq!(drain.tick(DRAIN_TICK, Vec::new, user_of), DrainBatch::default());
     }
 
     #[test]

@@ -2,7 +2,6 @@
 //! shard and its state for one call and carries out what the component
 //! asks (send to a slot, answer an origin, run a store job).
 
-use std::future::Future;
 use std::task::{Context, Poll, Waker};
 
 use super::*;
@@ -12,41 +11,6 @@ use crate::delivery::reliable::{self, Host, Reliable, StoreJob};
 pub(crate) struct ShardCtx<'a> {
     pub(crate) shard: &'a Shard,
     pub(crate) st: &'a mut State,
-}
-
-impl Shard {
-    /// The context for a component call on `st`.
-    pub(crate) fn ctx<'a>(&'a self, st: &'a mut State) -> ShardCtx<'a> {
-        ShardCtx { shard: self, st }
-    }
-
-    /// Runs a sidecar call (Redis); `then` gets its output and the shard
-    /// state: inline when the future is ready at once, else from a task
-    /// once it resolves (never holding a state borrow across the await).
-    pub(crate) fn after_store<T: 'static>(
-        &self,
-        st: &mut State,
-        fut: impl Future<Output = T> + 'static,
-        then: impl FnOnce(&Shard, &mut State, T) + 'static,
-    ) {
-        let mut fut = Box::pin(fut);
-        let mut cx = Context::from_waker(Waker::noop());
-        match fut.as_mut().poll(&mut cx) {
-            Poll::Ready(value) => then(self, st, value),
-            Poll::Pending => {
-                let Some(shard) = self.me.upgrade() else { return };
-                glommio::spawn_local(async move {
-                    // glommio polls a new task right away, inside the
-                    // caller's borrow of the state: wait for the next turn.
-                    futures_lite::future::yield_now().await;
-                    let value = fut.await;
-                    let mut st = shard.state.borrow_mut();
-                    then(&shard, &mut st, value);
-                })
-                .detach();
-            }
-        }
-    }
 }
 
 impl Host for ShardCtx<'_> {
@@ -71,11 +35,11 @@ impl Host for ShardCtx<'_> {
     }
 
     fn deliver(&mut self, slot: u32, frame: &Bytes) -> bool {
-        self.shard.deliver(self.st, slot, frame)
+        ShardCtx::deliver(self, slot, frame)
     }
 
     fn send(&mut self, slot: u32, frame: &Bytes) -> bool {
-        self.shard.send_to_slot(self.st, slot, frame)
+        ShardCtx::send_to_slot(self, slot, frame)
     }
 
     fn answer(&mut self, origin: Origin, part: Part) {

@@ -18,16 +18,15 @@
 
 use std::os::fd::OwnedFd;
 
-use super::task::{ConnTask, insert_conn};
+use super::hosts::ShardCtx;
 use super::*;
 use crate::delivery::store::MemoryStore;
 use crate::upgrade::wire::{RecordPhase, SessionRecord, ShardImage};
-use crate::upgrade::{Command, Report, ShardLink};
 
 /// Slack on top of the push reply deadline when waiting for requests in
 /// flight to be answered.
-const QUIESCE_SLACK: Duration = Duration::from_secs(1);
-const QUIESCE_POLL: Duration = Duration::from_millis(5);
+pub(super) const QUIESCE_SLACK: Duration = Duration::from_secs(1);
+pub(super) const QUIESCE_POLL: Duration = Duration::from_millis(5);
 
 /// A shard's upgrade state (one per shard, not per connection).
 #[derive(Default)]
@@ -55,7 +54,7 @@ impl ShardUpgrade {
         *self.memory.borrow_mut() = Some(store);
     }
 
-    fn set_paused(&self, paused: bool) {
+    pub(super) fn set_paused(&self, paused: bool) {
         self.quiescing.set(paused);
         for w in self.waiters.borrow_mut().drain(..) {
             w.wake();
@@ -78,91 +77,98 @@ impl ShardUpgrade {
     }
 }
 
-impl Shard {
-    /// Carries out the coordinator's commands until the node stops.
-    pub(crate) async fn upgrade_loop(self: Rc<Self>, link: ShardLink) {
-        let ShardLink { mut commands, reports } = link;
-        while let Some(command) = futures_lite::StreamExt::next(&mut commands).await {
-            let shard = self.id.0;
-            let report = match command {
-                Command::Quiesce => Report::Quiesced { pending_left: self.quiesce().await },
-                Command::Freeze => {
-                    let (image, fds) = self.freeze();
-                    Report::Frozen { shard, image, fds }
-                }
-                Command::Resume => {
-                    self.resume();
-                    Report::Resumed
-                }
-            };
-            if reports.send(report).is_err() {
-                return;
-            }
-        }
-    }
-
-    /// See the module doc. Returns the push requests still unanswered when
-    /// the wait ended.
-    async fn quiesce(&self) -> usize {
-        self.upgrade.set_paused(true);
-        let limit = Duration::from_millis(self.live().push.reply_timeout_ms) + QUIESCE_SLACK;
-        let deadline = Instant::now() + limit;
-        while !self.state.borrow().pending.is_empty() && Instant::now() < deadline {
-            glommio::timer::sleep(QUIESCE_POLL).await;
-        }
-        let mut st = self.state.borrow_mut();
-        let bye = Frame::Error(codes::error_body(ErrorCode::GoingAway, "node upgrading; reconnect")).to_bytes();
-        for (_, backend) in st.backends.iter_mut() {
-            backend.close_with(bye.clone());
-        }
-        st.pending.len()
-    }
-
+impl ShardCtx<'_> {
     /// The hand-over point: freezes the shard and copies its sessions out.
-    fn freeze(&self) -> (ShardImage, Vec<OwnedFd>) {
-        self.upgrade.frozen.set(true);
-        let now = self.now();
-        let mut st = self.state.borrow_mut();
+    pub(super) fn freeze(&mut self) -> (ShardImage, Vec<OwnedFd>) {
+        let shard = self.shard;
+        shard.upgrade.frozen.set(true);
+        let now = shard.now();
         let keys: Vec<ConnKey> =
-            st.conns.iter().map(|(i, c)| ConnKey { index: i as u32, generation: c.generation }).collect();
+            self.st.conns.iter().map(|(i, c)| ConnKey { index: i as u32, generation: c.generation }).collect();
         let mut image = ShardImage::default();
         let mut fds = Vec::with_capacity(keys.len());
         let mut skipped = 0usize;
         for key in keys {
-            let Some(conn) = st.conn_ref(key) else { continue };
+            let Some(conn) = self.st.conn_ref(key) else { continue };
             if conn.link.is_tls() {
                 if matches!(conn.session.phase(), Phase::Handshaking | Phase::Active) {
                     let reason = "node upgrading; reconnect".to_owned();
-                    self.close_conn(&mut st, key, now, ErrorCode::GoingAway, reason);
+                    self.close_conn(key, now, ErrorCode::GoingAway, reason);
                 }
                 continue;
             }
-            let Some(record) = self.session_image(&st, key, now) else {
+            let Some(record) = self.st.session_image(shard.id, key, now) else {
                 skipped += 1;
                 continue;
             };
-            match st.conn_ref(key).map(|c| c.fd.get().try_clone_to_owned()) {
+            match self.st.conn_ref(key).map(|c| c.fd.get().try_clone_to_owned()) {
                 Some(Ok(fd)) => {
                     image.sessions.push(record);
                     fds.push(fd);
                 }
                 Some(Err(err)) => {
                     skipped += 1;
-                    warn!(shard = %self.id, error = %err, "dup failed; session not handed over");
+                    warn!(shard = %shard.id, error = %err, "dup failed; session not handed over");
                 }
                 None => {}
             }
         }
-        image.store = self.upgrade.memory.borrow().as_ref().map(|m| m.image());
-        image.revoked = st.revoked.entries();
-        info!(shard = %self.id, sessions = image.sessions.len(), skipped, "frozen for the hand-over");
+        image.store = shard.upgrade.memory.borrow().as_ref().map(|m| m.image());
+        image.revoked = self.st.revoked.entries();
+        info!(shard = %shard.id, sessions = image.sessions.len(), skipped, "frozen for the hand-over");
         (image, fds)
     }
 
+    /// The new process failed: serve on as if nothing happened.
+    pub(super) fn resume(&mut self) {
+        let shard = self.shard;
+        shard.upgrade.frozen.set(false);
+        shard.upgrade.set_paused(false);
+        let st = &*self.st;
+        for (_, conn) in st.conns.iter() {
+            conn.wake();
+        }
+        shard.kick_flusher(st);
+        info!(shard = %shard.id, "upgrade abandoned; serving on");
+    }
+
+    /// Indexes a session that was active in the old process, without a
+    /// second AuthOk.
+    pub(super) fn restore_active(
+        &mut self,
+        key: ConnKey,
+        now: Now,
+        login: &Login,
+        groups: &[String],
+        delivery: Option<(u64, Option<u32>)>,
+    ) {
+        if let Some(old) = self.st.device_slot(&login.device) {
+            let old_key = self.st.key_of(old);
+            self.kick(old_key, now, ErrorCode::Replaced, String::new());
+        }
+        if !self.st.index_device(key, login) {
+            return;
+        }
+        let acks = self.st.conn_ref(key).is_some_and(Conn::acks);
+        self.shard.counters.active.fetch_add(1, Ordering::Relaxed);
+        // The home shard records the user; its ack finds nothing to activate.
+        self.link_user(key, &login.user);
+        for group in groups {
+            // The old process enforced the limit when they were joined.
+            let _ = self.st.groups.join(key.index, group, usize::MAX);
+        }
+        self.st.publish_group_counts(&self.shard.counters);
+        if acks && let Some(image) = delivery {
+            crate::delivery::reliable::restore(self, key, now, image);
+        }
+    }
+}
+
+impl State {
     /// One session as the new process needs it, or `None` for one that
     /// cannot move (closing, a WebSocket mid-upgrade or mid-frame).
-    fn session_image(&self, st: &State, key: ConnKey, now: Now) -> Option<SessionRecord> {
-        let conn = st.conn_ref(key)?;
+    pub(super) fn session_image(&self, here: ShardId, key: ConnKey, now: Now) -> Option<SessionRecord> {
+        let conn = self.conn_ref(key)?;
         let ws = match conn.link {
             Link::Plain => false,
             Link::Ws => true,
@@ -173,12 +179,12 @@ impl Shard {
             return None;
         }
         let (phase, login, shard) = match conn.session.phase() {
-            Phase::Handshaking => (RecordPhase::Handshaking, None, self.id),
-            Phase::Active => (RecordPhase::Active, Some(active_login(conn)), self.id),
+            Phase::Handshaking => (RecordPhase::Handshaking, None, here),
+            Phase::Active => (RecordPhase::Active, Some(active_login(conn)), here),
             Phase::Authenticated => {
                 match (io.and_then(|io| io.handoff.as_ref()), io.and_then(|io| io.awaiting_dir.as_ref())) {
                     (Some((owner, login)), _) => (RecordPhase::Authenticated, Some((**login).clone()), *owner),
-                    (None, Some(login)) => (RecordPhase::Authenticated, Some((**login).clone()), self.id),
+                    (None, Some(login)) => (RecordPhase::Authenticated, Some((**login).clone()), here),
                     (None, None) => return None,
                 }
             }
@@ -197,129 +203,20 @@ impl Shard {
             expires_in_ms: conn.session.expires_in_ms(now.mono),
             connected_at: conn.connected_at,
             login,
-            groups: st.groups.of(key.index).map(str::to_owned).collect(),
-            delivery: st.reliable.image(key),
+            groups: self.groups.of(key.index).map(str::to_owned).collect(),
+            delivery: self.reliable.image(key),
             out,
             partial: io.map(|io| io.partial.clone()).unwrap_or_default(),
         })
     }
 
     /// Keeps the waker of a connection task that found the shard frozen,
-    /// so that [`Shard::resume`] reaches it.
-    pub(super) fn park_conn(&self, key: ConnKey, waker: &Waker) {
-        if let Some(conn) = self.state.borrow_mut().conn(key)
+    /// so that [`ShardCtx::resume`] reaches it.
+    pub(super) fn park_conn(&mut self, key: ConnKey, waker: &Waker) {
+        if let Some(conn) = self.conn(key)
             && !conn.waker.as_ref().is_some_and(|w| w.will_wake(waker))
         {
             conn.waker = Some(waker.clone());
-        }
-    }
-
-    /// The new process failed: serve on as if nothing happened.
-    fn resume(&self) {
-        self.upgrade.frozen.set(false);
-        self.upgrade.set_paused(false);
-        let st = self.state.borrow();
-        for (_, conn) in st.conns.iter() {
-            conn.wake();
-        }
-        self.kick_flusher(&st);
-        info!(shard = %self.id, "upgrade abandoned; serving on");
-    }
-
-    /// New process: takes in the sessions the old one handed over (before
-    /// this shard accepts anything).
-    pub(crate) fn restore(self: &Rc<Self>, sessions: Vec<(SessionRecord, OwnedFd)>) {
-        let count = sessions.len();
-        for (record, fd) in sessions {
-            let now = self.now();
-            // Counted against its source's limits here too, so that an
-            // upgrade does not hand a source a fresh allowance.
-            let admitted = match socket2::SockRef::from(&fd).peer_addr().ok().and_then(|a| a.as_socket()) {
-                Some(peer) => self.cfg.admission.carry_over(peer.ip()),
-                None => crate::admission::Admitted::NONE,
-            };
-            let (socket, slot_fd) = Socket::adopt(fd);
-            let link = if record.ws { Link::Ws } else { Link::Plain };
-            let phase = match record.phase {
-                RecordPhase::Handshaking => Phase::Handshaking,
-                RecordPhase::Active => Phase::Active,
-                RecordPhase::Authenticated => Phase::Authenticated,
-            };
-            let deadline = now.mono.add_ms(record.deadline_in_ms);
-            let session = Session::restored(phase, now.mono, deadline, record.idle_timeout_ms, record.expires_in_ms);
-            let capabilities = record.login.as_ref().map_or(0, |l| l.capabilities);
-            let key = {
-                let mut st = self.state.borrow_mut();
-                let key = insert_conn(&mut st, session, slot_fd, now, capabilities, link);
-                if let Some(conn) = st.conn(key) {
-                    conn.connected_at = record.connected_at;
-                    if !record.out.is_empty() {
-                        conn.io().out.push(Bytes::from(record.out));
-                    }
-                    if !record.partial.is_empty() {
-                        conn.io().partial = record.partial;
-                    }
-                }
-                match (record.phase, record.login) {
-                    (RecordPhase::Handshaking, _) => {}
-                    (RecordPhase::Active, Some(login)) => {
-                        self.restore_active(&mut st, key, now, &login, &record.groups, record.delivery)
-                    }
-                    // As an adoption: registered, then activated (AuthOk).
-                    (RecordPhase::Authenticated, Some(login)) => self.register(&mut st, key, now, &login),
-                    (_, None) => {
-                        // Not a record the old process writes; let the
-                        // session time out rather than guess who it is.
-                        if let Some(conn) = st.conn(key) {
-                            conn.session.closed_by_peer();
-                        }
-                    }
-                }
-                // Whole frames waiting behind a pause, if any.
-                if st.conn_ref(key).is_some_and(|c| c.is_active()) {
-                    self.resume_input(&mut st, key);
-                }
-                key
-            };
-            glommio::spawn_local(ConnTask::new(self.clone(), key, socket, admitted)).detach();
-        }
-        if count > 0 {
-            info!(shard = %self.id, sessions = count, "sessions taken over");
-        }
-    }
-
-    /// Indexes a session that was active in the old process, without a
-    /// second AuthOk.
-    fn restore_active(
-        &self,
-        st: &mut State,
-        key: ConnKey,
-        now: Now,
-        login: &Login,
-        groups: &[String],
-        delivery: Option<(u64, Option<u32>)>,
-    ) {
-        if let Some(old) = st.device_slot(&login.device) {
-            let old_key = st.key_of(old);
-            self.kick(st, old_key, now, ErrorCode::Replaced, String::new());
-        }
-        let Some(conn) = st.conn(key) else { return };
-        conn.set_ident(login);
-        conn.capabilities = login.capabilities as u8;
-        let acks = conn.acks();
-        let conns = &st.conns;
-        st.devices
-            .insert_unique(stable_hash(&login.device), key.index, |&i| slot_device(conns, i).map_or(0, stable_hash));
-        self.counters.active.fetch_add(1, Ordering::Relaxed);
-        // The home shard records the user; its ack finds nothing to activate.
-        self.link_user(st, key, &login.user);
-        for group in groups {
-            // The old process enforced the limit when they were joined.
-            let _ = st.groups.join(key.index, group, usize::MAX);
-        }
-        self.publish_group_counts(st);
-        if acks && let Some(image) = delivery {
-            crate::delivery::reliable::restore(&mut self.ctx(st), key, now, image);
         }
     }
 }

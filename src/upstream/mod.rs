@@ -15,7 +15,7 @@
 //! ```
 //!
 //! - Timeouts: a service's timeout is uniform, so its deadlines are a FIFO
-//!   checked by one periodic task per shard ([`Shard::upstream_loop`]); no
+//!   checked by one periodic task per shard (`upstream_loop`); no
 //!   timer per request.
 //! - Failover: requests go round-robin to links that are up; a link that
 //!   breaks fails its requests in flight with UNAVAILABLE (they may have been
@@ -34,6 +34,8 @@
 //! An idle connection costs nothing here: every table is keyed by
 //! connections that sent a request recently.
 
+#[cfg(test)]
+mod component_tests;
 mod dedup;
 mod encode;
 mod links;
@@ -45,6 +47,10 @@ use dedup::*;
 use encode::*;
 use links::*;
 use rate::*;
+use requests::*;
+
+pub(crate) use links::{run_link, start};
+pub(crate) use requests::{admit_request, conn_event, flush, on_client_request};
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -66,10 +72,10 @@ use crate::config::UpstreamConfig;
 use crate::conn::OutQueue;
 use crate::conn::fd::{SlotFd, Socket};
 use crate::protocol::codec::{self, Flags, Frame};
+use crate::protocol::ids::ShardId;
 use crate::protocol::ids::{ConnKey, stable_hash};
 use crate::protocol::proto::{self, ConnectionEventKind, ErrorCode, FrameKind};
 use crate::protocol::time::{Millis, Now};
-use crate::shard::{Shard, State};
 
 /// How often the upstream task checks deadlines, paused connections and
 /// event batches while any of them exists.
@@ -94,6 +100,41 @@ pub enum UpstreamError {
     Resolve { service: String, backend: String, source: io::Error },
     #[error("upstream service {service:?}: backend {backend:?} resolves to no address")]
     NoAddress { service: String, backend: String },
+}
+
+/// What the upstream component needs of the shard that holds it.
+pub(crate) trait UpstreamHost {
+    /// The component itself (it lives in the shard's state).
+    fn upstream(&mut self) -> &mut Upstream;
+    fn counters(&self) -> &UpstreamCounters;
+    /// The component and the counters beside it.
+    fn parts(&mut self) -> (&mut Upstream, &UpstreamCounters);
+    /// The component and the device of session `key` beside it.
+    fn with_device(&mut self, key: ConnKey) -> (&mut Upstream, Option<&str>);
+    fn device_of(&self, key: ConnKey) -> Option<&str>;
+    fn shard_id(&self) -> ShardId;
+    fn now(&self) -> Now;
+    /// The client frame limit (an answer must fit in it).
+    fn max_frame_bytes(&self) -> u32;
+    /// Who session `key` is, for backends (once authenticated).
+    fn conn_info(&self, key: ConnKey) -> Option<proto::ConnInfo>;
+    /// Queues a Response for session `key`; true when it waits for
+    /// [`UpstreamHost::flush_responses`].
+    fn respond(&mut self, key: ConnKey, frame: Bytes) -> bool;
+    /// Writes what [`UpstreamHost::respond`] queued: one write per session.
+    fn flush_responses(&mut self, keys: &[ConnKey]);
+    /// Reading from session `key` resumes (its rate-limit pause ended).
+    fn resume(&mut self, key: ConnKey);
+    fn close_conn(&mut self, key: ConnKey, now: Now, code: ErrorCode, reason: String);
+}
+
+/// The shard as the upstream tasks (links, the periodic task) see it:
+/// entered (its state borrowed) for each step, never across an await.
+pub(crate) trait UpstreamShard: 'static {
+    type Host<'a>: UpstreamHost
+    where
+        Self: 'a;
+    fn enter<R>(&self, f: impl FnOnce(&mut Self::Host<'_>) -> R) -> R;
 }
 
 /// One service, with its backends resolved.
@@ -278,7 +319,7 @@ pub(crate) struct Upstream {
     conns: HashMap<ConnKey, ConnUp>,
     paused: Vec<ConnKey>,
     /// Links and sessions with frames queued in this pass, written at its
-    /// end with one `writev` each ([`Shard::flush_upstream`]).
+    /// end with one `writev` each ([`flush`]).
     dirty_links: Vec<u32>,
     dirty_conns: Vec<ConnKey>,
     last_sweep: Millis,

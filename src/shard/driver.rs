@@ -2,10 +2,12 @@
 //! shard's scratch buffer, frames, the session's actions, writes, the
 //! hand-off of a connection to its owner shard and its adoption there.
 
-use super::links::{flush_tls, handshake_token};
+use std::os::fd::OwnedFd;
+
+use super::links::{flush_tls, on_tls_read, on_ws_read, tls_session};
 use super::*;
 use crate::admission::{Admitted, Refusal, RefusalLog};
-use crate::protocol::limits::{Escaped, MAX_AUTH_BODY_BYTES};
+use crate::upgrade::wire::{RecordPhase, SessionRecord};
 
 /// The task of one connection, written by hand: an `async` block around
 /// the stream keeps several copies of it in its state (448 bytes against
@@ -37,7 +39,7 @@ impl std::future::Future for ConnTask {
         // Hook: handed over in an in-place upgrade; a failed upgrade wakes
         // the task again (TLS sessions run on to close).
         if this.shard.upgrade.frozen() && this.tls.is_none() {
-            this.shard.park_conn(this.key, cx.waker());
+            this.shard.state.borrow_mut().park_conn(this.key, cx.waker());
             return Poll::Pending;
         }
         // The connection's span: what is logged while the connection is
@@ -198,7 +200,7 @@ impl Shard {
             }
             let tls = match link.is_tls() {
                 false => None,
-                true => match self.tls_session(link) {
+                true => match tls_session(self, link) {
                     Some(session) => Some(Box::new(TlsLink::new(session))),
                     None => {
                         self.cfg.admission.release(admitted);
@@ -369,14 +371,14 @@ impl Shard {
                 Poll::Pending => None,
                 Poll::Ready(Ok(0)) => Some(Err(())),
                 Poll::Ready(Ok(n)) => match link {
-                    _ if let Some(t) = tls.as_deref_mut() => Some(self.on_tls_read(key, t, &mut buf[..n], draining)),
+                    _ if let Some(t) = tls.as_deref_mut() => Some(on_tls_read(self, key, t, &mut buf[..n], draining)),
                     Link::Plain if !draining => {
                         self.on_bytes(key, &buf[..n]);
                         Some(Ok(()))
                     }
                     Link::Plain => Some(Ok(())),
                     Link::WsUpgrade | Link::Ws | Link::Tls | Link::WssUpgrade | Link::Wss => {
-                        Some(self.on_ws_read(key, &mut buf[..n], draining))
+                        Some(on_ws_read(self, key, &mut buf[..n], draining))
                     }
                 },
                 Poll::Ready(Err(err)) => {
@@ -414,7 +416,7 @@ impl Shard {
             carried.extend_from_slice(data);
             &carried
         };
-        let consumed = self.handle_input(&mut st, key, input);
+        let consumed = self.ctx(&mut st).handle_input(key, input);
         let rest = &input[consumed..];
         if let Some(conn) = st.conn(key) {
             if !rest.is_empty() && conn.session.phase() != Phase::Closing {
@@ -424,250 +426,82 @@ impl Shard {
             }
             conn.release_io_if_idle();
         }
-        // Hook: upstream requests (and immediate answers) of this read go
+        // Upstream requests (and immediate answers) of this read go
         // out together.
-        self.flush_upstream(&mut st);
+        crate::upstream::flush(&mut self.ctx(&mut st));
     }
 
-    /// Handles frames that waited in the input leftovers: behind Auth for
-    /// activation, or behind a rate-limited Request.
-    pub(crate) fn resume_input(&self, st: &mut State, key: ConnKey) {
-        let Some(partial) = st.conn(key).and_then(|c| c.io.as_mut()).map(|io| std::mem::take(&mut io.partial)) else {
-            return;
-        };
-        let consumed = self.handle_input(st, key, &partial);
-        if let Some(conn) = st.conn(key) {
-            if consumed < partial.len() && conn.session.phase() != Phase::Closing {
-                conn.io().partial.extend_from_slice(&partial[consumed..]);
-            }
-            conn.release_io_if_idle();
-        }
-        self.flush_upstream(st);
+    /// Removes the slot of `key`; returns its socket handle.
+    pub(super) fn remove_conn(&self, key: ConnKey) -> Option<SlotFd> {
+        let mut st = self.state.borrow_mut();
+        st.conn(key)?;
+        self.ctx(&mut st).unindex(key.index, ErrorCode::Unspecified);
+        st.upstream.forget_conn(key);
+        let conn = st.conns.remove(key.index as usize);
+        self.counters.closed.fetch_add(1, Ordering::Relaxed);
+        Some(conn.fd)
     }
 
-    /// Returns how many bytes of `input` were consumed.
-    pub(super) fn handle_input(&self, st: &mut State, key: ConnKey, input: &[u8]) -> usize {
-        let mut pos = 0;
-        let now = self.now();
-        let mut actions = std::mem::take(&mut st.actions);
-        let consumed = loop {
-            let Some(conn) = st.conn(key) else { break input.len() };
-            if !conn.session.wants_input() {
-                // Closing: discard the rest. Authenticated (hand-off): keep it.
-                break if conn.session.phase() == Phase::Authenticated { pos } else { input.len() };
-            }
-            let active = conn.is_active();
-            // Before Auth nothing longer than an Auth frame is waited for.
-            let max_body = match conn.session.phase() {
-                Phase::Handshaking => MAX_AUTH_BODY_BYTES.min(self.cfg.max_frame_bytes),
-                _ => self.cfg.max_frame_bytes,
+    /// New process: takes in the sessions the old one handed over (before
+    /// this shard accepts anything).
+    pub(crate) fn restore(self: &Rc<Self>, sessions: Vec<(SessionRecord, OwnedFd)>) {
+        let count = sessions.len();
+        for (record, fd) in sessions {
+            let now = self.now();
+            // Counted against its source's limits here too, so that an
+            // upgrade does not hand a source a fresh allowance.
+            let admitted = match socket2::SockRef::from(&fd).peer_addr().ok().and_then(|a| a.as_socket()) {
+                Some(peer) => self.cfg.admission.carry_over(peer.ip()),
+                None => crate::admission::Admitted::NONE,
             };
-            match codec::split_frame(&input[pos..], max_body) {
-                Ok(None) => break pos,
-                Ok(Some((header, body))) => {
-                    // Rate limit: a Request over the budget stays in the
-                    // leftovers, and reading pauses.
-                    if header.kind == FrameKind::Request && active && !self.admit_request(st, key, now.mono) {
-                        break pos;
+            let (socket, slot_fd) = Socket::adopt(fd);
+            let link = if record.ws { Link::Ws } else { Link::Plain };
+            let phase = match record.phase {
+                RecordPhase::Handshaking => Phase::Handshaking,
+                RecordPhase::Active => Phase::Active,
+                RecordPhase::Authenticated => Phase::Authenticated,
+            };
+            let deadline = now.mono.add_ms(record.deadline_in_ms);
+            let session = Session::restored(phase, now.mono, deadline, record.idle_timeout_ms, record.expires_in_ms);
+            let capabilities = record.login.as_ref().map_or(0, |l| l.capabilities);
+            let key = {
+                let mut st = self.state.borrow_mut();
+                let key = insert_conn(&mut st, session, slot_fd, now, capabilities, link);
+                if let Some(conn) = st.conn(key) {
+                    conn.connected_at = record.connected_at;
+                    if !record.out.is_empty() {
+                        conn.io().out.push(Bytes::from(record.out));
                     }
-                    let Some(conn) = st.conn(key) else { break input.len() };
-                    pos += header.frame_len();
-                    self.counters.frames_in.fetch_add(1, Ordering::Relaxed);
-                    match Frame::decode_from(Peer::Client, header, body) {
-                        Ok(mut frame) => {
-                            if let Frame::Auth(auth) = &mut frame {
-                                handshake_token(conn, auth);
-                            }
-                            conn.session.handle_frame(now, frame, &self.live().params, &mut actions)
-                        }
-                        Err(err) => conn.session.handle_codec_error(now, &err, &self.live().params, &mut actions),
-                    }
-                }
-                Err(err) => {
-                    pos = input.len();
-                    conn.session.handle_codec_error(now, &err, &self.live().params, &mut actions);
-                }
-            }
-            self.apply(st, key, now, &mut actions);
-        };
-        st.actions = actions;
-        consumed
-    }
-
-    /// Carries out a session's actions for connection `key`.
-    pub(super) fn apply(&self, st: &mut State, key: ConnKey, now: Now, actions: &mut Vec<Action>) {
-        for action in actions.drain(..) {
-            match action {
-                Action::Send(frame) => self.queue_frame(st, key, &frame),
-                Action::Close(code) => self.on_close(st, key, code),
-                Action::Authenticated(_) if !st.revoked.is_loaded() => {
-                    // Cluster mode, the stored revocations not read yet
-                    // (Redis unreachable since the start): fail closed.
-                    let why = "the node has not read the cluster's revocations yet; try again".to_owned();
-                    self.close_conn(st, key, now, ErrorCode::Unavailable, why);
-                }
-                Action::Authenticated(login) if st.revoked.refuses(&login.user, &login.device, login.issued_at) => {
-                    let why = "the token was revoked; get one issued after the revocation".to_owned();
-                    self.close_conn(st, key, now, ErrorCode::Revoked, why);
-                }
-                Action::Authenticated(login) => {
-                    self.counters.authenticated.fetch_add(1, Ordering::Relaxed);
-                    let owner = owner_shard(&login.device, self.shards);
-                    if owner == self.id {
-                        self.register(st, key, now, &login);
-                    } else if let Some(conn) = st.conn(key) {
-                        conn.io().handoff = Some((owner, login));
+                    if !record.partial.is_empty() {
+                        conn.io().partial = record.partial;
                     }
                 }
-                Action::Join(group) => {
-                    let allowed = st
-                        .conn(key)
-                        .is_some_and(|c| crate::groups::join_allowed(&group, &self.cfg.join_policy, c.group_claims()));
-                    if !allowed {
-                        let reason = "neither the token nor the node's policy allows this group".to_owned();
-                        let denied = group_result(group, true, ErrorCode::PermissionDenied, reason);
-                        self.queue_frame(st, key, &denied);
-                        continue;
+                match (record.phase, record.login) {
+                    (RecordPhase::Handshaking, _) => {}
+                    (RecordPhase::Active, Some(login)) => {
+                        self.ctx(&mut st).restore_active(key, now, &login, &record.groups, record.delivery)
                     }
-                    let limit = self.cfg.max_groups_per_session as usize;
-                    if st.groups.join(key.index, &group, limit).is_err() {
-                        let reason = format!("at most {limit} groups per session");
-                        let refused = group_result(group, true, ErrorCode::LimitExceeded, reason.clone());
-                        self.queue_frame(st, key, &refused);
-                        let mut more = Vec::new();
+                    // As an adoption: registered, then activated (AuthOk).
+                    (RecordPhase::Authenticated, Some(login)) => self.ctx(&mut st).register(key, now, &login),
+                    (_, None) => {
+                        // Not a record the old process writes; let the
+                        // session time out rather than guess who it is.
                         if let Some(conn) = st.conn(key) {
-                            conn.session.close(now, ErrorCode::LimitExceeded, reason, &self.live().params, &mut more);
-                        }
-                        self.apply(st, key, now, &mut more);
-                    } else {
-                        self.queue_frame(st, key, &group_result(group, true, ErrorCode::Unspecified, String::new()));
-                    }
-                    self.publish_group_counts(st);
-                }
-                Action::Leave(group) => {
-                    st.groups.leave(key.index, &group);
-                    self.queue_frame(st, key, &group_result(group, false, ErrorCode::Unspecified, String::new()));
-                    self.publish_group_counts(st);
-                }
-                Action::Request(request) => self.on_client_request(st, key, now, request),
-                Action::Ack(seq) => reliable::on_ack(&mut self.ctx(st), key, now, seq),
-                Action::Refresh(refresh) => {
-                    let Some(conn) = st.conn(key) else { continue };
-                    // The same user and device only: a token of another
-                    // identity never takes over a running session.
-                    let same =
-                        conn.field(0) == Some(refresh.user.as_str()) && conn.field(1) == Some(refresh.device.as_str());
-                    let refused = match same {
-                        false => Some((ErrorCode::InvalidToken, "the Refresh token names another user or device")),
-                        true if st.revoked.refuses(&refresh.user, &refresh.device, refresh.issued_at) => {
-                            Some((ErrorCode::Revoked, "the token was revoked"))
-                        }
-                        true => None,
-                    };
-                    let mut more = Vec::new();
-                    if let Some(conn) = st.conn(key) {
-                        match refused {
-                            Some((code, why)) => {
-                                conn.session.close(now, code, why.into(), &self.live().params, &mut more)
-                            }
-                            None => conn.session.refreshed(now, refresh.expires_at, &self.live().params, &mut more),
+                            conn.session.closed_by_peer();
                         }
                     }
-                    self.apply(st, key, now, &mut more);
                 }
-            }
+                // Whole frames waiting behind a pause, if any.
+                if st.conn_ref(key).is_some_and(|c| c.is_active()) {
+                    self.ctx(&mut st).resume_input(key);
+                }
+                key
+            };
+            glommio::spawn_local(ConnTask::new(self.clone(), key, socket, admitted)).detach();
         }
-    }
-
-    pub(super) fn on_close(&self, st: &mut State, key: ConnKey, code: ErrorCode) {
-        let Some(conn) = st.conn(key) else { return };
-        // After the longlink Error or Kicked frame, the WebSocket close that
-        // carries the code (an upgrade still in progress gets an HTTP error).
-        match conn.link.form() {
-            Link::Plain | Link::Tls | Link::WssUpgrade | Link::Wss => {}
-            Link::WsUpgrade => {
-                let status = match code {
-                    ErrorCode::AuthTimeout => ws::HandshakeError::Timeout.response(),
-                    _ => SERVICE_UNAVAILABLE.to_vec(),
-                };
-                conn.io().out.push(Bytes::from(status));
-            }
-            Link::Ws => {
-                // Reason "<code> <NAME>", e.g. "2003 REPLACED".
-                conn.io().out.push(ws::encode::encode_longlink_close(code as i32, code.as_str_name()));
-            }
+        if count > 0 {
+            info!(shard = %self.id, sessions = count, "sessions taken over");
         }
-        let deadline = conn.session.deadline();
-        conn.wake();
-        let device = Escaped(conn.device().unwrap_or(""));
-        debug!(shard = %self.id, conn = %ConnId::new(self.id, key), %device, ?code, "closing");
-        // A closing session leaves the indexes now: a new login of the same
-        // device must not see it, and pushes must not count it.
-        self.unindex(st, key.index, code);
-        st.wheel.insert(key, deadline);
-    }
-
-    pub(super) fn queue_frame(&self, st: &mut State, key: ConnKey, frame: &Frame) {
-        let bytes = match frame {
-            Frame::Pong => Bytes::from_static(&PONG),
-            other => other.to_bytes(),
-        };
-        self.count_out(bytes.len());
-        self.queue_bytes(st, key, bytes);
-    }
-
-    /// Queues an encoded frame; a full queue closes the session with SLOW.
-    /// Returns whether the frame was queued.
-    pub(super) fn queue_bytes(&self, st: &mut State, key: ConnKey, bytes: Bytes) -> bool {
-        let queued = self.enqueue(st, key, bytes);
-        if queued && let Some(conn) = st.conn(key) {
-            conn.wake();
-        }
-        queued
-    }
-
-    /// Queues bytes already in their wire form (a WebSocket control frame,
-    /// the upgrade's answer, a frame partly written by a direct send), with
-    /// the queue's bound. Wakes the task.
-    pub(super) fn queue_raw(&self, st: &mut State, key: ConnKey, bytes: Bytes) -> bool {
-        let limit = self.cfg.outbound_queue_bytes as usize;
-        let Some(conn) = st.conn(key) else { return false };
-        let io = conn.io();
-        if io.out.bytes() + bytes.len() > limit && !io.out.is_empty() {
-            let dropped = io.out.cut();
-            self.close_slow(st, key, dropped, format!("outbound queue above {limit} bytes"));
-            return false;
-        }
-        io.out.push(bytes);
-        conn.wake();
-        true
-    }
-
-    /// Closes session `key` from the server side with an `Error` frame.
-    pub(crate) fn close_conn(&self, st: &mut State, key: ConnKey, now: Now, code: ErrorCode, reason: String) {
-        let mut actions = Vec::new();
-        if let Some(conn) = st.conn(key) {
-            conn.session.close(now, code, reason, &self.live().params, &mut actions);
-        }
-        self.apply(st, key, now, &mut actions);
-    }
-
-    /// The common parameters of session `key`, for upstream requests and
-    /// connection events. The client address comes from the socket (it is
-    /// not kept per connection).
-    pub(crate) fn conn_info(&self, st: &State, key: ConnKey) -> Option<proto::ConnInfo> {
-        let conn = st.conn_ref(key)?;
-        let field = |i| conn.field(i).unwrap_or_default().to_owned();
-        Some(proto::ConnInfo {
-            user: field(0),
-            device: field(1),
-            app: field(2),
-            platform: field(3),
-            client_version: field(4),
-            conn_id: ConnId::new(self.id, key).0,
-            node: self.cfg.node.clone(),
-            client_addr: fd::peer_addr(conn.fd.get()).map(|a| a.to_string()).unwrap_or_default(),
-        })
     }
 
     pub(super) fn adopt(self: &Rc<Self>, adoption: Adoption) {
@@ -688,7 +522,7 @@ impl Shard {
             {
                 conn.io().ws = Some(ws);
             }
-            self.register(&mut st, key, now, &login);
+            self.ctx(&mut st).register(key, now, &login);
             key
         };
         // Frames that arrived right behind Auth on the old shard; their
@@ -746,7 +580,7 @@ pub(super) fn take_handoff(conn: &mut Conn) -> Option<(ShardId, Box<Transit>)> {
 
 /// The answer to a WebSocket client the node cannot take (connection
 /// limit, shutting down before the upgrade finished).
-const SERVICE_UNAVAILABLE: &[u8] =
+pub(super) const SERVICE_UNAVAILABLE: &[u8] =
     b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
 
 /// Token bucket capping accepts per second on one shard.
@@ -778,9 +612,4 @@ impl AcceptBucket {
         self.bucket.refill(ms, rate, rate);
         self.bucket.take_or_owe(rate)
     }
-}
-
-/// The answer to a client's JOIN (`join`) or LEAVE.
-fn group_result(group: String, join: bool, code: ErrorCode, reason: String) -> Frame {
-    Frame::GroupResult(proto::GroupResult { group, join, code: code as i32, reason })
 }
