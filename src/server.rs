@@ -223,6 +223,7 @@ impl Server {
         let counters: Vec<Arc<ShardCounters>> = (0..shards).map(|_| Arc::default()).collect();
         let live = crate::reload::LiveSettings::from_config(config, shards)?;
         let reload = crate::reload::ReloadHub::new(live.clone(), shards);
+        let admission = Arc::new(crate::admission::Admission::new(crate::admission::AdmissionLimits::of(server)));
         let shard_cfg = ShardConfig {
             live: live.clone(),
             reload: reload.clone(),
@@ -233,13 +234,7 @@ impl Server {
             join_policy: config.client_groups.allow.clone().into(),
             read_buffer_bytes: server.read_buffer_bytes,
             wheel_tick_ms: session.wheel_tick_ms,
-            admission: Arc::new(crate::admission::Admission::new(crate::admission::AdmissionLimits {
-                max_connections_per_ip: server.max_connections_per_ip,
-                max_connections_per_net: server.max_connections_per_net,
-                accepts_per_ip_per_sec: server.accepts_per_ip_per_sec,
-                accepts_per_net_per_sec: server.accepts_per_net_per_sec,
-                exempt: server.admission_exempt.clone(),
-            })),
+            admission: admission.clone(),
             node: config.node_name_bound(client_addr.port()),
             upstream: live.upstream.clone(),
             delivery: DeliverySettings {
@@ -491,9 +486,19 @@ impl Server {
             if !cluster.router.state().is_live() {
                 tracing::warn!(node = %cluster.node, "not registered in the cluster yet; serving anyway");
             }
+            while !cluster.revocations_loaded() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if !cluster.revocations_loaded() {
+                tracing::warn!(
+                    node = %cluster.node,
+                    "the cluster's revocations could not be read yet; logins are refused (UNAVAILABLE) until they are"
+                );
+            }
         }
         let admin_addr = config.server.admin_listen;
         let reloader = Arc::new(crate::reload::Reloader::new(config, reload, links.stores.clone(), shards));
+        reloader.set_admission(admission);
         let state = AdminState {
             node: config.node_name_bound(client_addr.port()),
             counters: counters.clone(),

@@ -2,6 +2,8 @@
 //! steps) and the node's drain coordinator.
 
 use super::*;
+use crate::mesh::ShardMsg;
+use crate::protocol::ids::ShardId;
 
 /// Runs the drain when asked: announce it, wait until every session left
 /// (or the deadline), leave the registry, then stop the node. Returns when
@@ -67,6 +69,9 @@ impl Shard {
             if local.shared.is_draining() {
                 self.cluster_drain_step(&local);
             }
+            if self.id.0 == 0 && (tick.is_multiple_of(REVOCATIONS_EVERY) || !local.shared.revocations_loaded()) {
+                self.sync_revocations(&local).await;
+            }
             tick = tick.wrapping_add(1);
             glommio::timer::sleep(TICK).await;
         }
@@ -76,6 +81,50 @@ impl Shard {
         match local.shared.router.nodes().await {
             Ok(nodes) => *local.nodes.borrow_mut() = nodes,
             Err(err) => debug!(shard = %self.id, %err, "node table not refreshed"),
+        }
+    }
+
+    /// Shard 0 reads the revocations other nodes stored since its last read
+    /// and hands them to every shard (the whole log at start: logins wait
+    /// for it). Redis unreachable: counted, tried again next time; shards
+    /// keep what they have.
+    pub(super) async fn sync_revocations(&self, local: &Rc<Local>) {
+        let after = local.revocations_seen.get();
+        let entries = match local.shared.router.revocations_since(after, REVOCATIONS_BATCH).await {
+            Ok((_, counter)) if counter < after => {
+                // Redis lost the log (a restart without persistence): its
+                // counter started again; read what it holds from the start.
+                local.revocations_seen.set(0);
+                return;
+            }
+            Ok((entries, _)) => entries,
+            Err(err) => {
+                local.shared.counters.revocation_sync_failures.fetch_add(1, Ordering::Relaxed);
+                debug!(%err, "could not read the cluster's revocations; trying again");
+                return;
+            }
+        };
+        // Fewer than asked for: nothing more is stored now.
+        let complete = entries.len() < REVOCATIONS_BATCH;
+        if let Some(last) = entries.last() {
+            local.revocations_seen.set(last.seq);
+        }
+        let mut st = self.state.borrow_mut();
+        for (not_before, devices, users) in crate::revocation::by_time(entries) {
+            let (devices, users): (Arc<[String]>, Arc<[String]>) = (devices.into(), users.into());
+            for shard in 0..self.shards() {
+                let msg =
+                    ShardMsg::Revoke { devices: devices.clone(), users: users.clone(), not_before, loaded: false };
+                self.route(&mut st, ShardId(shard), msg);
+            }
+        }
+        if complete && !local.revocations_marked.replace(true) {
+            // After the entries on the same ordered links.
+            for shard in 0..self.shards() {
+                let msg = ShardMsg::Revoke { devices: Arc::new([]), users: Arc::new([]), not_before: 0, loaded: true };
+                self.route(&mut st, ShardId(shard), msg);
+            }
+            info!(node = %local.shared.node, "cluster revocations read; taking logins");
         }
     }
 

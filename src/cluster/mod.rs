@@ -75,6 +75,10 @@ const NODES_EVERY: u32 = 5;
 /// Failed claims are retried every this many ticks, this many at a time.
 const RETRY_EVERY: u32 = 10;
 const RETRY_BATCH: usize = 1024;
+/// Revocations stored by other nodes are read every this many ticks (every
+/// tick until the first complete read), this many at a time.
+const REVOCATIONS_EVERY: u32 = 10;
+const REVOCATIONS_BATCH: usize = 1000;
 /// Cluster-wide requests use a node table at most this old.
 const FRESH_NODES: Duration = Duration::from_millis(50);
 /// Bytes queued to one peer before further forwards fail fast.
@@ -106,6 +110,10 @@ pub struct ClusterShared {
     route_ttl: Duration,
     /// GoAway frames per second per shard.
     drain_rate_per_shard: f64,
+    /// Shards that recorded the revocations stored in Redis (logins are
+    /// refused until then), of `shards`.
+    revocations_loaded: std::sync::atomic::AtomicU16,
+    shards: u16,
 }
 
 impl ClusterShared {
@@ -186,6 +194,8 @@ impl ClusterShared {
             drain_deadline: Duration::from_millis(c.drain_deadline_ms),
             route_ttl: Duration::from_secs(c.route_ttl_secs),
             drain_rate_per_shard: f64::from(c.drain_rate_per_sec) / f64::from(shards.max(1)),
+            revocations_loaded: std::sync::atomic::AtomicU16::new(0),
+            shards,
         }))
     }
 
@@ -194,6 +204,12 @@ impl ClusterShared {
         if !self.drain.swap(true, Ordering::Relaxed) {
             info!(node = %self.node, "drain requested");
         }
+    }
+
+    /// Whether the revocations stored in Redis were read (logins are refused
+    /// with UNAVAILABLE until then).
+    pub fn revocations_loaded(&self) -> bool {
+        self.revocations_loaded.load(Ordering::Acquire) >= self.shards
     }
 
     /// Draining: asked to, or fenced because the lease lapsed.
@@ -256,6 +272,10 @@ pub(crate) struct Local {
     /// Backend requests taken by the cluster, waiting for their task.
     queued: RefCell<Vec<(ConnKey, Queued, Rc<Alarm>)>>,
     reregistered_seen: Cell<u64>,
+    /// Shard 0: the last revocation read from Redis (its sequence number),
+    /// and whether every shard was told the whole log was read.
+    revocations_seen: Cell<u64>,
+    revocations_marked: Cell<bool>,
     /// This shard's drain progress (used once the drain starts).
     drain: crate::shard::ShardDrain,
 }
@@ -272,7 +292,11 @@ pub fn attach(shard: &Rc<Shard>, shared: Arc<ClusterShared>) {
         merges: RefCell::default(),
         next_merge: Cell::new(0),
         queued: RefCell::default(),
+        revocations_seen: Cell::new(0),
+        revocations_marked: Cell::new(false),
     };
+    // Logins wait until the revocations stored in Redis are read.
+    shard.state.borrow_mut().revoked.await_load();
     if shard.cluster.set(Rc::new(local)).is_err() {
         warn!(shard = %shard.id(), "shard already joined the cluster");
         return;
@@ -286,6 +310,13 @@ pub(crate) type Slot = OnceCell<Rc<Local>>;
 impl Shard {
     fn local(&self) -> Option<Rc<Local>> {
         self.cluster.get().cloned()
+    }
+
+    /// Hook: this shard recorded the whole stored revocation log.
+    pub(crate) fn cluster_on_revocations_loaded(&self) {
+        if let Some(local) = self.local() {
+            local.shared.revocations_loaded.fetch_add(1, Ordering::Release);
+        }
     }
 }
 
