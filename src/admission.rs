@@ -23,9 +23,16 @@
 //! count against its own rate even when refused; its network's rate and
 //! count are charged only once the address's own limits let it in, so one
 //! noisy address cannot lock its neighbours out.
+//!
+//! A reload (SIGHUP, `POST /reload`) changes the four limits in place
+//! ([`Admission::set_limits`]: atomics, read with relaxed loads at accept).
+//! A node started with every limit off has no table; a reload that turns
+//! one on allocates it then, and connections opened before are not
+//! counted. The exempt list needs a restart.
 
 use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -47,6 +54,17 @@ pub struct AdmissionLimits {
 }
 
 impl AdmissionLimits {
+    /// The limits of `[server]`.
+    pub fn of(server: &crate::config::ServerConfig) -> AdmissionLimits {
+        AdmissionLimits {
+            max_connections_per_ip: server.max_connections_per_ip,
+            max_connections_per_net: server.max_connections_per_net,
+            accepts_per_ip_per_sec: server.accepts_per_ip_per_sec,
+            accepts_per_net_per_sec: server.accepts_per_net_per_sec,
+            exempt: server.admission_exempt.clone(),
+        }
+    }
+
     fn is_off(&self) -> bool {
         self.max_connections_per_ip == 0
             && self.max_connections_per_net == 0
@@ -93,9 +111,20 @@ impl Admitted {
 
 /// The node's admission table. See the module docs.
 pub struct Admission {
-    limits: AdmissionLimits,
+    /// The four limits (0 = none), changed in place by a reload.
+    max_ip: AtomicU32,
+    max_net: AtomicU32,
+    rate_ip: AtomicU32,
+    rate_net: AtomicU32,
+    exempt: Vec<IpAddr>,
     /// Random per process: sources cannot be chosen to collide.
     hasher: RandomState,
+    /// Allocated once some limit is on.
+    tables: OnceLock<Tables>,
+}
+
+/// The counters, [`SLOTS`] of each.
+struct Tables {
     ip_conns: Box<[AtomicU32]>,
     net_conns: Box<[AtomicU32]>,
     /// (window second << 32) | attempts in that second.
@@ -103,50 +132,89 @@ pub struct Admission {
     net_rate: Box<[AtomicU64]>,
 }
 
+impl Tables {
+    fn new() -> Tables {
+        Tables {
+            ip_conns: (0..SLOTS).map(|_| AtomicU32::new(0)).collect(),
+            net_conns: (0..SLOTS).map(|_| AtomicU32::new(0)).collect(),
+            ip_rate: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            net_rate: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
 impl std::fmt::Debug for Admission {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Admission").field("limits", &self.limits).finish_non_exhaustive()
+        f.debug_struct("Admission").field("limits", &self.limits()).finish_non_exhaustive()
     }
 }
 
 impl Admission {
     pub fn new(limits: AdmissionLimits) -> Admission {
-        // With every limit off nothing is ever charged: no table.
-        let slots = if limits.is_off() { 0 } else { SLOTS };
-        Admission {
-            limits,
+        let admission = Admission {
+            max_ip: AtomicU32::new(0),
+            max_net: AtomicU32::new(0),
+            rate_ip: AtomicU32::new(0),
+            rate_net: AtomicU32::new(0),
+            exempt: limits.exempt.clone(),
             hasher: RandomState::new(),
-            ip_conns: (0..slots).map(|_| AtomicU32::new(0)).collect(),
-            net_conns: (0..slots).map(|_| AtomicU32::new(0)).collect(),
-            ip_rate: (0..slots).map(|_| AtomicU64::new(0)).collect(),
-            net_rate: (0..slots).map(|_| AtomicU64::new(0)).collect(),
+            tables: OnceLock::new(),
+        };
+        admission.set_limits(&limits);
+        admission
+    }
+
+    /// New limits (a reload); the exempt list stays as started. With every
+    /// limit off nothing is charged until one is on: no table until then.
+    pub fn set_limits(&self, limits: &AdmissionLimits) {
+        if !limits.is_off() {
+            self.tables.get_or_init(Tables::new);
         }
+        self.max_ip.store(limits.max_connections_per_ip, Ordering::Relaxed);
+        self.max_net.store(limits.max_connections_per_net, Ordering::Relaxed);
+        self.rate_ip.store(limits.accepts_per_ip_per_sec, Ordering::Relaxed);
+        self.rate_net.store(limits.accepts_per_net_per_sec, Ordering::Relaxed);
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> AdmissionLimits {
+        AdmissionLimits {
+            max_connections_per_ip: self.max_ip.load(Ordering::Relaxed),
+            max_connections_per_net: self.max_net.load(Ordering::Relaxed),
+            accepts_per_ip_per_sec: self.rate_ip.load(Ordering::Relaxed),
+            accepts_per_net_per_sec: self.rate_net.load(Ordering::Relaxed),
+            exempt: self.exempt.clone(),
+        }
+    }
+
+    /// The table, unless `peer` is never charged (exempt, or no limit was
+    /// ever on).
+    fn tables_for(&self, peer: IpAddr) -> Option<&Tables> {
+        self.tables.get().filter(|_| !self.exempt.contains(&peer))
     }
 
     /// Charges a new connection from `peer` at `now_secs` (any clock in
     /// seconds), or says why it is refused (nothing stays charged then).
     pub fn admit(&self, peer: IpAddr, now_secs: u64) -> Result<Admitted, Refusal> {
         let peer = peer.to_canonical();
-        if self.ip_conns.is_empty() || self.limits.exempt.contains(&peer) {
-            return Ok(Admitted::NONE);
-        }
+        let Some(t) = self.tables_for(peer) else { return Ok(Admitted::NONE) };
         let (ip_key, net_key) = keys(peer);
         let ip = self.slot(ip_key);
         let net = self.slot(net_key);
-        let l = &self.limits;
-        if !take_rate(&self.ip_rate[usize::from(ip)], l.accepts_per_ip_per_sec, now_secs) {
+        let load = |limit: &AtomicU32| limit.load(Ordering::Relaxed);
+        if !take_rate(&t.ip_rate[usize::from(ip)], load(&self.rate_ip), now_secs) {
             return Err(Refusal::IpRate);
         }
-        if !take_conn(&self.ip_conns[usize::from(ip)], l.max_connections_per_ip) {
+        if !take_conn(&t.ip_conns[usize::from(ip)], load(&self.max_ip)) {
             return Err(Refusal::IpConnections);
         }
-        if !take_conn(&self.net_conns[usize::from(net)], l.max_connections_per_net) {
-            self.ip_conns[usize::from(ip)].fetch_sub(1, Ordering::Relaxed);
+        if !take_conn(&t.net_conns[usize::from(net)], load(&self.max_net)) {
+            t.ip_conns[usize::from(ip)].fetch_sub(1, Ordering::Relaxed);
             return Err(Refusal::NetConnections);
         }
-        if !take_rate(&self.net_rate[usize::from(net)], l.accepts_per_net_per_sec, now_secs) {
-            self.ip_conns[usize::from(ip)].fetch_sub(1, Ordering::Relaxed);
-            self.net_conns[usize::from(net)].fetch_sub(1, Ordering::Relaxed);
+        if !take_rate(&t.net_rate[usize::from(net)], load(&self.rate_net), now_secs) {
+            t.ip_conns[usize::from(ip)].fetch_sub(1, Ordering::Relaxed);
+            t.net_conns[usize::from(net)].fetch_sub(1, Ordering::Relaxed);
             return Err(Refusal::NetRate);
         }
         Ok(Admitted { ip, net })
@@ -156,22 +224,18 @@ impl Admission {
     /// upgrade): counted like any other, never refused, no rate taken.
     pub fn carry_over(&self, peer: IpAddr) -> Admitted {
         let peer = peer.to_canonical();
-        if self.ip_conns.is_empty() || self.limits.exempt.contains(&peer) {
-            return Admitted::NONE;
-        }
+        let Some(t) = self.tables_for(peer) else { return Admitted::NONE };
         let (ip_key, net_key) = keys(peer);
         let (ip, net) = (self.slot(ip_key), self.slot(net_key));
-        self.ip_conns[usize::from(ip)].fetch_add(1, Ordering::Relaxed);
-        self.net_conns[usize::from(net)].fetch_add(1, Ordering::Relaxed);
+        t.ip_conns[usize::from(ip)].fetch_add(1, Ordering::Relaxed);
+        t.net_conns[usize::from(net)].fetch_add(1, Ordering::Relaxed);
         Admitted { ip, net }
     }
 
     /// Gives back what [`Admission::admit`] charged (once per connection).
     pub fn release(&self, admitted: Admitted) {
-        if admitted == Admitted::NONE {
-            return;
-        }
-        for (table, slot) in [(&self.ip_conns, admitted.ip), (&self.net_conns, admitted.net)] {
+        let Some(t) = self.tables.get().filter(|_| admitted != Admitted::NONE) else { return };
+        for (table, slot) in [(&t.ip_conns, admitted.ip), (&t.net_conns, admitted.net)] {
             if let Some(count) = table.get(usize::from(slot)) {
                 // Never below zero, even if a bug released twice.
                 let _ = count.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
@@ -181,13 +245,11 @@ impl Admission {
 
     /// Connections charged to `peer`'s address and network now (tests).
     pub fn held(&self, peer: IpAddr) -> (u32, u32) {
-        if self.ip_conns.is_empty() {
-            return (0, 0);
-        }
+        let Some(t) = self.tables.get() else { return (0, 0) };
         let (ip_key, net_key) = keys(peer.to_canonical());
         let ip = usize::from(self.slot(ip_key));
         let net = usize::from(self.slot(net_key));
-        (self.ip_conns[ip].load(Ordering::Relaxed), self.net_conns[net].load(Ordering::Relaxed))
+        (t.ip_conns[ip].load(Ordering::Relaxed), t.net_conns[net].load(Ordering::Relaxed))
     }
 
     fn slot(&self, key: (u8, u128)) -> u16 {
@@ -328,6 +390,26 @@ mod tests {
     fn off_means_no_table() {
         let a = Admission::new(AdmissionLimits::default());
         assert_eq!(a.admit(ip("10.0.0.2"), 0), Ok(Admitted::NONE));
-        assert!(a.ip_conns.is_empty());
+        assert!(a.tables.get().is_none());
+    }
+
+    #[test]
+    fn a_reload_changes_the_limits_in_place() {
+        let a = Admission::new(AdmissionLimits::default());
+        let off = a.admit(ip("10.0.0.2"), 0).unwrap();
+        assert_eq!(off, Admitted::NONE, "not counted: no limit yet");
+        a.set_limits(&AdmissionLimits { max_connections_per_ip: 1, ..AdmissionLimits::default() });
+        let first = a.admit(ip("10.0.0.2"), 0).unwrap();
+        assert_eq!(a.admit(ip("10.0.0.2"), 0), Err(Refusal::IpConnections));
+        a.set_limits(&AdmissionLimits { max_connections_per_ip: 2, ..AdmissionLimits::default() });
+        assert!(a.admit(ip("10.0.0.2"), 0).is_ok());
+        assert_eq!(a.admit(ip("10.0.0.2"), 0), Err(Refusal::IpConnections));
+        a.release(first);
+        a.release(off);
+        assert_eq!(a.held(ip("10.0.0.2")), (1, 1));
+        // Off again: counted still (a later limit sees them), never refused.
+        a.set_limits(&AdmissionLimits::default());
+        assert!(a.admit(ip("10.0.0.2"), 0).is_ok() && a.admit(ip("10.0.0.2"), 0).is_ok());
+        assert_eq!(a.held(ip("10.0.0.2")), (3, 3));
     }
 }

@@ -69,8 +69,10 @@ pub enum ShardMsg {
     KickDevices { origin: Origin, items: Vec<(u32, String)>, code: proto::ErrorCode, reason: String },
     /// Report presence of devices, users, groups and connection counts.
     Presence { origin: Origin, query: Arc<PresenceQuery> },
-    /// Record a revocation (sent to every shard; no answer).
-    Revoke { devices: Arc<[String]>, users: Arc<[String]>, not_before: i64 },
+    /// Record a revocation (sent to every shard; no answer). `loaded`: the
+    /// last part of the cluster's stored revocations (cluster mode waits
+    /// for it before taking logins).
+    Revoke { devices: Arc<[String]>, users: Arc<[String]>, not_before: i64, loaded: bool },
     /// A user gained its first session on `shard` (or lost its last one).
     /// Sent to the user's home shard, which keeps the user directory. With
     /// `ack`, the home shard answers [`ShardMsg::UserDirAck`] so the new

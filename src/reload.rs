@@ -7,7 +7,9 @@
 //! ([`crate::session::Params`]), push keys and push-port deadlines, push
 //! limits, the connection limit and accept rate, upstream services and
 //! backends (added, removed, their timeouts and budgets), the upstream rate
-//! limit and dedup window, TLS certificates (same files, new contents) and
+//! limit and dedup window, the per-source admission limits
+//! ([`crate::admission::Admission::set_limits`]; not the exempt list), the
+//! control-frame budget, TLS certificates (same files, new contents) and
 //! the log level. Everything else (listen addresses, shard count, store,
 //! cluster) is reported as needing an upgrade (SIGUSR2) and left as it runs.
 //!
@@ -128,6 +130,10 @@ impl LiveSettings {
                 idle_timeout_factor: session.idle_timeout_factor,
                 close_linger_ms: session.close_linger_ms,
                 max_id_bytes: crate::protocol::limits::MAX_ID_BYTES,
+                control: crate::session::ControlBudget::new(
+                    session.control_frames_per_sec,
+                    session.control_frames_burst,
+                ),
             },
             push_auth: Arc::new(crate::push::auth::port_auth(config)?),
             push: PushLimits {
@@ -161,6 +167,10 @@ const LIVE: &[&str] = &[
     "push.broadcast_queue_bytes_per_shard",
     "server.max_connections_per_shard",
     "server.accept_rate_per_sec",
+    "server.max_connections_per_ip",
+    "server.max_connections_per_net",
+    "server.accepts_per_ip_per_sec",
+    "server.accepts_per_net_per_sec",
     "server.log_level",
     "session.auth_timeout_ms",
     "session.heartbeat_min_ms",
@@ -168,6 +178,8 @@ const LIVE: &[&str] = &[
     "session.heartbeat_max_ms",
     "session.idle_timeout_factor",
     "session.close_linger_ms",
+    "session.control_frames_per_sec",
+    "session.control_frames_burst",
     "upstream.services",
     "upstream.dedup_window_ms",
     "upstream.rate_limit_per_sec",
@@ -262,6 +274,8 @@ pub struct Reloader {
     log: OnceLock<LogSetter>,
     hub: Arc<ReloadHub>,
     tls: TlsStores,
+    /// The node's per-source admission table, whose limits a reload sets.
+    admission: OnceLock<Arc<crate::admission::Admission>>,
     shards: u16,
 }
 
@@ -277,8 +291,14 @@ impl Reloader {
             log: OnceLock::new(),
             hub,
             tls,
+            admission: OnceLock::new(),
             shards,
         }
+    }
+
+    /// The admission table whose limits reloads change.
+    pub fn set_admission(&self, admission: Arc<crate::admission::Admission>) {
+        let _ = self.admission.set(admission);
     }
 
     /// Where reloads read the config from (`serve --config`).
@@ -339,6 +359,9 @@ impl Reloader {
         {
             // Checked above, so this cannot fail on the filter's syntax.
             set(&level).map_err(ReloadError::LogLevel)?;
+        }
+        if let Some(admission) = self.admission.get() {
+            admission.set_limits(&crate::admission::AdmissionLimits::of(&new.server));
         }
         let generation = self.hub.publish(live);
         let shards_applied = self.hub.wait_applied(generation, APPLY_WAIT);

@@ -5,6 +5,13 @@
 //! the check at Auth takes no lock. An entry is kept only as long as a
 //! token issued before it could still be valid (the node's longest token
 //! lifetime plus the clock leeway), then dropped.
+//!
+//! In cluster mode the revocations are also kept in Redis (the router's
+//! revocation log, [`crate::router::Router::revoke`]) for as long: a node
+//! reads the whole log before it takes logins (until then they are refused
+//! with `UNAVAILABLE`, retryable) and then reads what was added every
+//! second, so a node started after a revocation, or one the revoking node
+//! could not reach, refuses the old tokens too.
 
 use std::collections::HashMap;
 
@@ -15,11 +22,35 @@ pub struct Revocations {
     users: HashMap<String, i64>,
     /// How long an entry matters, in seconds.
     keep_secs: i64,
+    /// Cluster mode: the revocations stored in Redis have not been read
+    /// yet, so no login can be judged.
+    awaiting_load: bool,
 }
 
 impl Revocations {
     pub fn new(keep_secs: i64) -> Revocations {
         Revocations { keep_secs, ..Revocations::default() }
+    }
+
+    /// The longest time an entry matters (the longest token lifetime plus
+    /// the clock leeway), in seconds.
+    pub fn keep_secs(&self) -> i64 {
+        self.keep_secs
+    }
+
+    /// Cluster mode: logins wait for [`Revocations::loaded`].
+    pub fn await_load(&mut self) {
+        self.awaiting_load = true;
+    }
+
+    /// The revocations stored in the cluster have all been recorded here.
+    pub fn loaded(&mut self) {
+        self.awaiting_load = false;
+    }
+
+    /// Whether logins can be judged (see [`Revocations::await_load`]).
+    pub fn is_loaded(&self) -> bool {
+        !self.awaiting_load
     }
 
     /// Records that tokens of `devices` and `users` issued at or before
@@ -66,6 +97,24 @@ impl Revocations {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Stored revocations grouped by their time, `(not_before, devices,
+/// users)`, for [`Revocations::record`].
+pub fn by_time(entries: Vec<crate::router::StoredRevocation>) -> Vec<(i64, Vec<String>, Vec<String>)> {
+    let mut groups: Vec<(i64, Vec<String>, Vec<String>)> = Vec::new();
+    for e in entries {
+        let i = match groups.iter().position(|g| g.0 == e.not_before) {
+            Some(i) => i,
+            None => {
+                groups.push((e.not_before, Vec::new(), Vec::new()));
+                groups.len() - 1
+            }
+        };
+        let group = &mut groups[i];
+        if e.is_user { group.2.push(e.id) } else { group.1.push(e.id) }
+    }
+    groups
 }
 
 #[cfg(test)]

@@ -163,7 +163,11 @@ impl Listeners {
     }
 
     /// Duplicates of every listening socket, for a later upgrade.
-    fn duplicates(&self, links: &[Vec<(crate::conn::transport::Link, OwnedFd)>]) -> Vec<(ListenerKind, u16, OwnedFd)> {
+    fn duplicates(
+        &self,
+        links: &[Vec<(crate::conn::transport::Link, OwnedFd)>],
+        push_tls: &[OwnedFd],
+    ) -> Vec<(ListenerKind, u16, OwnedFd)> {
         use crate::conn::transport::Link;
         let mut out = Vec::new();
         let mut add = |kind, shard: usize, fd: &OwnedFd| match fd.try_clone() {
@@ -175,6 +179,9 @@ impl Listeners {
         }
         for (i, fd) in self.push.iter().enumerate() {
             add(ListenerKind::Push, i, fd);
+        }
+        for (i, fd) in push_tls.iter().enumerate() {
+            add(ListenerKind::PushTls, i, fd);
         }
         for (i, shard) in links.iter().enumerate() {
             for (link, fd) in shard {
@@ -223,7 +230,7 @@ impl Server {
             shards,
             config.cluster.enabled,
             Duration::from_millis(config.push.reply_timeout_ms),
-            if config.cluster.enabled { Vec::new() } else { bound.duplicates(&links.per_shard) },
+            if config.cluster.enabled { Vec::new() } else { bound.duplicates(&links.per_shard, &links.push_tls) },
         );
         let upgrader = Arc::new(upgrader);
         let mut restores: Vec<Option<ShardRestore>> = restores.into_iter().map(Some).collect();
@@ -242,6 +249,7 @@ impl Server {
         let counters: Vec<Arc<ShardCounters>> = (0..shards).map(|_| Arc::default()).collect();
         let live = crate::reload::LiveSettings::from_config(config, shards)?;
         let reload = crate::reload::ReloadHub::new(live.clone(), shards);
+        let admission = Arc::new(crate::admission::Admission::new(crate::admission::AdmissionLimits::of(server)));
         let shard_cfg = ShardConfig {
             live: live.clone(),
             reload: reload.clone(),
@@ -252,13 +260,7 @@ impl Server {
             join_policy: config.client_groups.allow.clone().into(),
             read_buffer_bytes: server.read_buffer_bytes,
             wheel_tick_ms: session.wheel_tick_ms,
-            admission: Arc::new(crate::admission::Admission::new(crate::admission::AdmissionLimits {
-                max_connections_per_ip: server.max_connections_per_ip,
-                max_connections_per_net: server.max_connections_per_net,
-                accepts_per_ip_per_sec: server.accepts_per_ip_per_sec,
-                accepts_per_net_per_sec: server.accepts_per_net_per_sec,
-                exempt: server.admission_exempt.clone(),
-            })),
+            admission: admission.clone(),
             node: config.node_name_bound(client_addr.port()),
             upstream: live.upstream.clone(),
             delivery: DeliverySettings {
@@ -510,9 +512,19 @@ impl Server {
             if !cluster.router.state().is_live() {
                 tracing::warn!(node = %cluster.node, "not registered in the cluster yet; serving anyway");
             }
+            while !cluster.revocations_loaded() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if !cluster.revocations_loaded() {
+                tracing::warn!(
+                    node = %cluster.node,
+                    "the cluster's revocations could not be read yet; logins are refused (UNAVAILABLE) until they are"
+                );
+            }
         }
         let admin_addr = config.server.admin_listen;
         let reloader = Arc::new(crate::reload::Reloader::new(config, reload, links.stores.clone(), shards));
+        reloader.set_admission(admission);
         let state = AdminState {
             node: config.node_name_bound(client_addr.port()),
             counters: counters.clone(),

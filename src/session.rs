@@ -16,6 +16,12 @@
 //! The token's expiry is kept (in seconds of the monotonic clock): once it
 //! passes, an active session closes with `TOKEN_EXPIRED`, unless the client
 //! sent a `Refresh` with a newer token, which moves it.
+//!
+//! Control frames (Ping, Refresh, Join, Leave) draw on a per-session
+//! budget ([`ControlBudget`]): a leaky bucket whose level (16 bits) shares a
+//! word with the deadline and leaks from the last frame's time, which the
+//! idle deadline already tells. A client over it is closed with
+//! `RATE_LIMITED`; upstream Requests have their own limit in the shard.
 
 use crate::protocol::codec::{CodecError, Frame};
 use crate::protocol::codes;
@@ -38,6 +44,35 @@ pub struct Params {
     pub close_linger_ms: u64,
     /// Longest accepted user, device, app, platform or version string.
     pub max_id_bytes: usize,
+    /// The per-session budget of control frames.
+    pub control: ControlBudget,
+}
+
+/// How many control frames (Ping, Refresh, Join, Leave) a session may
+/// send: `burst` at once, then `per_sec` a second. Kept as a leaky bucket
+/// in ms: each frame adds `interval_ms`, the level leaks 1 per ms, and a
+/// frame that would take it over `burst_ms` is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ControlBudget {
+    interval_ms: u32,
+    burst_ms: u32,
+}
+
+impl ControlBudget {
+    /// No limit.
+    pub const OFF: ControlBudget = ControlBudget { interval_ms: 0, burst_ms: 0 };
+
+    /// `per_sec` frames a second (0: no limit) after a burst of `burst`.
+    /// The level must fit its 16 bits: the config checks
+    /// `burst x ceil(1000 / per_sec) <= 65535`; more is clamped.
+    pub fn new(per_sec: u32, burst: u32) -> ControlBudget {
+        if per_sec == 0 {
+            return ControlBudget::OFF;
+        }
+        let interval_ms = 1000u32.div_ceil(per_sec.min(1000));
+        let burst_ms = burst.max(1).saturating_mul(interval_ms).min(u32::from(u16::MAX));
+        ControlBudget { interval_ms, burst_ms }
+    }
 }
 
 impl Params {
@@ -122,6 +157,10 @@ pub struct Refreshed {
 
 /// `expires_s` of a session whose token never expires.
 const NEVER: u32 = u32::MAX;
+/// The low bits of `deadline_word` hold the deadline (ms of the monotonic
+/// clock: 8,900 years fit), the high 16 the control budget's level.
+const DEADLINE_BITS: u32 = 48;
+const DEADLINE_MASK: u64 = (1 << DEADLINE_BITS) - 1;
 /// The low bits of `packed` hold the idle timeout, the high ones the phase.
 const IDLE_BITS: u32 = 29;
 const IDLE_MASK: u32 = (1 << IDLE_BITS) - 1;
@@ -130,8 +169,9 @@ const IDLE_MASK: u32 = (1 << IDLE_BITS) - 1;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Session {
     /// When the current phase times out: auth deadline, idle deadline or
-    /// end of the closing linger.
-    deadline: Millis,
+    /// end of the closing linger; and in the top 16 bits the control
+    /// budget's level (ms of debt). Packed so the budget costs no byte.
+    deadline_word: u64,
     /// Silence allowed once active, in ms (factor x negotiated heartbeat,
     /// at most 2^29 - 1, six days), and the phase in the top 3 bits: packed
     /// so the token's expiry fits without growing the struct.
@@ -143,7 +183,8 @@ pub struct Session {
 
 impl Session {
     pub fn new(now: Millis, params: &Params) -> Session {
-        let mut s = Session { deadline: now.add_ms(params.auth_timeout_ms), packed: 0, expires_s: NEVER };
+        let mut s = Session { deadline_word: 0, packed: 0, expires_s: NEVER };
+        s.set_deadline(now.add_ms(params.auth_timeout_ms));
         s.set_phase(Phase::Handshaking);
         s
     }
@@ -160,7 +201,8 @@ impl Session {
         expires_in_ms: Option<u64>,
     ) -> Session {
         let expires_s = expires_in_ms.map_or(NEVER, |ms| mono_secs(now.0.saturating_add(ms)));
-        let mut s = Session { deadline, packed: idle_timeout_ms & IDLE_MASK, expires_s };
+        let mut s = Session { deadline_word: 0, packed: idle_timeout_ms & IDLE_MASK, expires_s };
+        s.set_deadline(deadline);
         s.set_phase(phase);
         s
     }
@@ -196,15 +238,44 @@ impl Session {
     /// deadline or, once active, its token's expiry if that comes first.
     pub fn deadline(&self) -> Millis {
         match self.phase() {
-            Phase::Active => self.deadline.min(self.expiry()),
-            _ => self.deadline,
+            Phase::Active => self.phase_deadline().min(self.expiry()),
+            _ => self.phase_deadline(),
         }
+    }
+
+    fn set_deadline(&mut self, at: Millis) {
+        self.deadline_word = (self.deadline_word & !DEADLINE_MASK) | at.0.min(DEADLINE_MASK);
+    }
+
+    /// The control budget's level: ms of debt, leaking one per ms.
+    fn control_level(&self) -> u64 {
+        self.deadline_word >> DEADLINE_BITS
+    }
+
+    fn set_control_level(&mut self, level: u64) {
+        self.deadline_word = (self.deadline_word & DEADLINE_MASK) | (level.min(u64::from(u16::MAX)) << DEADLINE_BITS);
+    }
+
+    /// Charges a control frame to the budget (see [`ControlBudget`]);
+    /// false when it is over.
+    fn admit_control(&mut self, now: Millis, budget: ControlBudget) -> bool {
+        if budget.interval_ms == 0 {
+            return true;
+        }
+        // Leaks the level up to now.
+        self.touch(now);
+        let level = self.control_level() + u64::from(budget.interval_ms);
+        if level > u64::from(budget.burst_ms) {
+            return false;
+        }
+        self.set_control_level(level);
+        true
     }
 
     /// The phase's own deadline (auth, idle, linger), without the token's
     /// expiry: what the in-place upgrade carries beside the expiry.
     pub fn phase_deadline(&self) -> Millis {
-        self.deadline
+        Millis(self.deadline_word & DEADLINE_MASK)
     }
 
     /// When the token expires on the monotonic clock (far away: never).
@@ -230,6 +301,11 @@ impl Session {
 
     /// Feeds one decoded frame.
     pub fn handle_frame(&mut self, now: Now, frame: Frame, params: &Params, out: &mut Vec<Action>) {
+        let control = matches!(frame, Frame::Ping | Frame::Refresh(_) | Frame::Join(_) | Frame::Leave(_));
+        if control && self.phase() == Phase::Active && !self.admit_control(now.mono, params.control) {
+            let why = "too many Ping, Refresh, Join or Leave frames; slow down";
+            return self.fail(now, ErrorCode::RateLimited, why.into(), params, out);
+        }
         match (self.phase(), frame) {
             (Phase::Handshaking, Frame::Auth(auth)) => self.on_auth(now, auth, params, out),
             (Phase::Handshaking, other) => self.fail(
@@ -376,8 +452,14 @@ impl Session {
         self.set_phase(Phase::Closed);
     }
 
+    /// A frame arrived: the idle deadline moves, and the control budget
+    /// leaks for the time since the previous frame (the old deadline minus
+    /// the idle timeout).
     fn touch(&mut self, now: Millis) {
-        self.deadline = now.add_ms(u64::from(self.idle_timeout_ms()));
+        let idle = u64::from(self.idle_timeout_ms());
+        let last = self.phase_deadline().0.saturating_sub(idle);
+        self.set_control_level(self.control_level().saturating_sub(now.0.saturating_sub(last)));
+        self.set_deadline(now.add_ms(idle));
     }
 
     fn begin_close(&mut self, now: Now, params: &Params) -> bool {
@@ -385,7 +467,7 @@ impl Session {
             return false;
         }
         self.set_phase(Phase::Closing);
-        self.deadline = now.mono.add_ms(params.close_linger_ms);
+        self.set_deadline(now.mono.add_ms(params.close_linger_ms));
         true
     }
 
@@ -435,7 +517,7 @@ impl Session {
         self.expires_s = expiry_secs(now, claims.expires_at, params);
         // The client has done its part; registration (a hand-off, the user
         // directory) gets a fresh deadline of its own.
-        self.deadline = now.mono.add_ms(params.auth_timeout_ms);
+        self.set_deadline(now.mono.add_ms(params.auth_timeout_ms));
         out.push(Action::Authenticated(Box::new(Login {
             user: claims.user,
             device: claims.device,
@@ -498,6 +580,7 @@ mod tests {
             idle_timeout_factor: 3,
             close_linger_ms: 2_000,
             max_id_bytes: 128,
+            control: ControlBudget::OFF,
         }
     }
 
@@ -542,6 +625,45 @@ mod tests {
         assert_eq!((ok.conn_id, ok.heartbeat_ms, ok.idle_timeout_ms), (9, 20_000, 60_000));
         assert_eq!(ok.server_time_ms, (T0_UNIX * 1000 + 6) as u64);
         assert_eq!(s.phase(), Phase::Active);
+    }
+
+    #[test]
+    fn control_frames_past_the_budget_close_with_rate_limited() {
+        // 10 a second (one per 100 ms) after a burst of 3.
+        let p = Params { control: ControlBudget::new(10, 3), ..params() };
+        let mut s = Session::new(Millis(0), &p);
+        let login = authenticate(&p, &mut s, at(5));
+        let mut out = Vec::new();
+        s.activate(at(6), &login, proto::AuthOk::default(), &p, &mut out);
+        let idle_deadline = |s: &Session, now: u64| s.deadline() == Millis(now + 60_000);
+        let join = || Frame::Join(proto::GroupMembership { group: "g".into() });
+        for (t, frame) in [(1_000, Frame::Ping), (1_000, join()), (1_000, Frame::Ping)] {
+            out.clear();
+            s.handle_frame(at(t), frame, &p, &mut out);
+            assert_eq!(closed_with(&out), None, "within the burst");
+        }
+        // The level leaks one frame per 100 ms, from the last frame on; an
+        // Ack in between is no control frame and leaks as well.
+        out.clear();
+        s.handle_frame(at(1_050), Frame::Ack(proto::Ack { seq: 1 }), &p, &mut out);
+        s.handle_frame(at(1_100), Frame::Ping, &p, &mut out);
+        assert_eq!(closed_with(&out), None);
+        assert!(idle_deadline(&s, 1_100), "the deadline is intact: {:?}", s.deadline());
+        // Another one 50 ms later is too soon.
+        out.clear();
+        s.handle_frame(at(1_150), Frame::Ping, &p, &mut out);
+        assert_eq!(closed_with(&out), Some(ErrorCode::RateLimited));
+        assert!(matches!(&out[0], Action::Send(Frame::Error(e)) if e.reconnect));
+
+        // Spread out, any number passes.
+        let mut s = Session::new(Millis(0), &p);
+        let login = authenticate(&p, &mut s, at(5));
+        s.activate(at(6), &login, proto::AuthOk::default(), &p, &mut out);
+        for i in 0..1_000u64 {
+            out.clear();
+            s.handle_frame(at(1_000 + i * 100), Frame::Ping, &p, &mut out);
+            assert_eq!(out, vec![Action::Send(Frame::Pong)], "ping {i}");
+        }
     }
 
     #[test]

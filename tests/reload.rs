@@ -347,3 +347,51 @@ fn a_reload_moves_a_service_to_another_backend_and_adds_and_removes_services() {
     let unavailable = longlink::protocol::proto::ErrorCode::Unavailable as i32;
     assert_eq!(ask(&["echo", "echo2"], "d4"), [0, unavailable], "a removed service is unknown");
 }
+
+/// Auth from the loopback address `from` (not exempt from admission
+/// limits, unlike 127.0.0.1); the socket if the node answered AuthOk.
+fn login_from(from: &str, node: &NodeProcess, device: &str) -> Option<std::net::TcpStream> {
+    use longlink::protocol::codec::Frame;
+    use std::io::Write;
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).ok()?;
+    let from: std::net::IpAddr = from.parse().expect("source address");
+    socket.bind(&std::net::SocketAddr::new(from, 0).into()).ok()?;
+    socket.connect_timeout(&node.client_addr.into(), Duration::from_secs(10)).ok()?;
+    let mut s: std::net::TcpStream = socket.into();
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let token = token_with("k1", KEY_HEX, device);
+    s.write_all(&Frame::Auth(longlink::protocol::proto::Auth { token, ..Default::default() }).to_bytes()).ok()?;
+    matches!(read_frame_blocking(&mut s, &mut Vec::new()), Some(Frame::AuthOk(_))).then_some(s)
+}
+
+#[test]
+fn a_reload_changes_the_per_source_admission_limits() {
+    // Started with no per-address limit at all.
+    let mut cfg = node_config();
+    cfg.server.max_connections_per_ip = 0;
+    cfg.server.max_connections_per_net = 0;
+    cfg.server.accepts_per_ip_per_sec = 0;
+    cfg.server.accepts_per_net_per_sec = 0;
+    let node = NodeProcess::start(&cfg);
+    let admin = node.admin_addr.expect("admin port");
+    let early: Vec<_> = (0..3).map(|i| login_from("127.0.0.3", &node, &format!("early-{i}"))).collect();
+    assert!(early.iter().all(Option::is_some), "no limit yet");
+
+    let mut limited = cfg.clone();
+    limited.server.max_connections_per_ip = 2;
+    write_config(&node, &limited);
+    let (status, body) = admin_post(admin, "/reload");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("server.max_connections_per_ip") && !body.contains("needs_upgrade\":[\""), "{body}");
+    let mut held: Vec<_> = (0..2).map(|i| login_from("127.0.0.4", &node, &format!("a-{i}"))).collect();
+    assert!(held.iter().all(Option::is_some), "two are let in");
+    assert!(login_from("127.0.0.4", &node, "a-2").is_none(), "the third is refused at the new limit");
+
+    limited.server.max_connections_per_ip = 3;
+    write_config(&node, &limited);
+    let (status, body) = admin_post(admin, "/reload");
+    assert_eq!(status, 200, "{body}");
+    held.push(login_from("127.0.0.4", &node, "a-3"));
+    assert!(held.last().is_some_and(Option::is_some), "a third now");
+    assert!(login_from("127.0.0.4", &node, "a-4").is_none(), "not a fourth");
+}

@@ -151,3 +151,87 @@ fn in_a_cluster_a_revocation_sent_to_one_node_reaches_the_session_on_another() {
         assert_eq!(code(&answer), Some(ErrorCode::Revoked), "{answer:?}");
     }
 }
+
+/// The node's metric line `name` (with its labels), as a number.
+fn metric(node: &NodeProcess, name: &str) -> Option<f64> {
+    let (_, body) = http(node.admin_addr.expect("admin"), "GET", "/metrics");
+    body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[test]
+fn in_a_cluster_a_node_started_after_a_revocation_refuses_the_old_tokens() {
+    let redis = RedisServer::start();
+    let cfg = cluster_node(&redis, "a", 0);
+    let a = NodeProcess::start(&cfg);
+    let ring = keyring(&cfg);
+    let now = now_unix_secs();
+    let of_user = ring.mint("erin", "pad", "test", now - 5, now + 600);
+    let of_device = ring.mint("fay", "glass", "test", now - 5, now + 600);
+    let reply = push_client(a.push_addr).revoke(&["glass"], &["erin"], "").expect("revoke through node a");
+    assert!(reply.results.iter().all(|r| !r.retryable), "stored: {reply:?}");
+    // Kept in Redis as long as a token issued before it can be valid.
+    let keep_ms = (cfg.auth.max_token_lifetime_secs + u64::from(cfg.auth.clock_leeway_secs)) * 1000;
+    let mut redis_conn = redis::Client::open(redis.url()).expect("redis url");
+    let pttl: i64 = redis::cmd("PTTL").arg("ll:{revocations}").query(&mut redis_conn).expect("pttl");
+    assert!(pttl > 0 && pttl as u64 <= keep_ms, "PTTL {pttl}, keep {keep_ms}");
+
+    // Node b starts after the revocation: it reads it before taking logins.
+    let b = NodeProcess::start(&cluster_node(&redis, "b", 1));
+    for token in [of_user, of_device] {
+        let (_, _, answer) = auth(&b, token);
+        assert_eq!(code(&answer), Some(ErrorCode::Revoked), "{answer:?}");
+    }
+    let fresh = ring.mint("erin", "pad", "test", now_unix_secs() + 1, now + 600);
+    let (_, _, answer) = auth(&b, fresh);
+    assert!(matches!(answer, Some(Frame::AuthOk(_))), "{answer:?}");
+    assert_eq!(metric(&b, "longlink_revocations_loaded"), Some(1.0));
+}
+
+#[test]
+fn in_a_cluster_a_revocation_redis_cannot_store_is_applied_live_and_answered_retryable() {
+    let redis = RedisServer::start();
+    let cfg = cluster_node(&redis, "a", 0);
+    let a = NodeProcess::start(&cfg);
+    let ring = keyring(&cfg);
+    let now = now_unix_secs();
+    let old = ring.mint("gus", "ring", "test", now - 5, now + 600);
+    let (mut live, mut buf, answer) = auth(&a, old.clone());
+    assert!(matches!(answer, Some(Frame::AuthOk(_))), "{answer:?}");
+    drop(redis);
+    let reply = push_client(a.push_addr).revoke(&["ring"], &[], "").expect("answered");
+    // Applied on the live node all the same.
+    let kicked = read_frame_blocking(&mut live, &mut buf);
+    assert_eq!(code(&kicked), Some(ErrorCode::Revoked), "{kicked:?}");
+    let (_, _, answer) = auth(&a, old);
+    assert_eq!(code(&answer), Some(ErrorCode::Revoked), "{answer:?}");
+    // But not stored: the backend is told to send it again.
+    assert_eq!(reply.results.len(), 1);
+    let r = &reply.results[0];
+    assert!(r.retryable && r.status == proto::PushStatus::Rejected as i32, "{r:?}");
+    assert!(r.reason.contains("not stored in Redis"), "{r:?}");
+    assert_eq!(metric(&a, "longlink_revocations_stored_total{result=\"failed\"}"), Some(1.0));
+}
+
+#[test]
+fn in_a_cluster_a_node_that_cannot_read_the_revocations_refuses_logins_until_it_can() {
+    // No Redis on this port yet.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+    let mut cfg = config(2);
+    cfg.node_name = "lonely".into();
+    cfg.delivery.redis_url = format!("redis://127.0.0.1:{port}/");
+    cfg.cluster.enabled = true;
+    cfg.cluster.lease_ms = 3_000;
+    let node = NodeProcess::start(&cfg);
+    let ring = keyring(&cfg);
+    let now = now_unix_secs();
+    let token = ring.mint("hal", "desk", "test", now - 5, now + 600);
+    // Fail closed, retryable.
+    let (_, _, answer) = auth(&node, token.clone());
+    assert_eq!(code(&answer), Some(ErrorCode::Unavailable), "{answer:?}");
+    assert!(matches!(&answer, Some(Frame::Error(e)) if e.reconnect), "retryable");
+    assert!(metric(&node, "longlink_revocation_sync_failures_total").is_some_and(|n| n >= 1.0));
+    assert_eq!(metric(&node, "longlink_revocations_loaded"), Some(0.0));
+    // Redis comes up: logins are taken once the (empty) list is read.
+    let _redis = RedisServer::start_on(port);
+    assert!(wait_until(Duration::from_secs(20), || matches!(auth(&node, token.clone()).2, Some(Frame::AuthOk(_)))));
+}

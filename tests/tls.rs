@@ -832,3 +832,61 @@ fn unauthenticated_tls_push_connections_cost_a_few_kb() {
     assert!(per < 16 * 1024, "{per} bytes per unauthenticated TLS push connection");
     drop(open);
 }
+
+/// The inodes of the sockets listening on `port` (IPv4, from /proc/net/tcp).
+fn listening_inodes(port: u16) -> Vec<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let mut inodes: Vec<u64> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local_port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
+            (local_port == port && *f.get(3)? == "0A").then(|| f.get(9)?.parse().ok())?
+        })
+        .collect();
+    inodes.sort_unstable();
+    inodes
+}
+
+/// The push port over TLS is handed over by an in-place upgrade like the
+/// plain listeners: the new process accepts on the very sockets the old one
+/// listened on (not new ones bound beside them, whose old neighbours would
+/// drop what waited in their accept queues), and serves on them.
+#[test]
+fn an_upgrade_hands_over_the_tls_push_port() {
+    let dir = TempDir::new("push-tls-upgrade");
+    let pki = make_pki(&dir.0, "a");
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = free.local_addr().unwrap();
+    drop(free);
+    let mut cfg = push_tls_config(&pki);
+    cfg.server.tls_listen = String::new();
+    cfg.server.wss_listen = String::new();
+    cfg.push.tls_listen = port.to_string();
+    let node = NodeProcess::start(&cfg);
+    let before = listening_inodes(port.port());
+    assert_eq!(before.len(), cfg.shard_count() as usize, "one socket per shard: {before:?}");
+    let out = cli_output(&["upgrade", "--pid", &node.child.id().to_string(), "--timeout-secs", "90"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "upgrade: {text} {}", String::from_utf8_lossy(&out.stderr));
+    let outcome: serde_json::Value = serde_json::from_str(text.trim()).expect("upgrade prints JSON");
+    let new_pid = outcome["new_pid"].as_u64().expect("new pid") as i32;
+    struct Kill(i32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) of the process our upgrade started.
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
+    let _new = Kill(new_pid);
+    assert_eq!(listening_inodes(port.port()), before, "the same listening sockets after the upgrade");
+    // And the new process serves on them: the TLS handshake, then the
+    // push port's challenge.
+    let tls = client_config(&pki.ca, &[b"longlink-push/1"]);
+    let sock = TcpStream::connect(port).unwrap();
+    sock.set_read_timeout(Some(WAIT)).unwrap();
+    let conn = rustls::ClientConnection::new(tls, ServerName::try_from("localhost").unwrap()).unwrap();
+    let mut f = Frames { s: rustls::StreamOwned::new(conn, sock), buf: Vec::new() };
+    assert!(matches!(f.recv(), Frame::PushChallenge(_)));
+}

@@ -143,7 +143,12 @@ fn start_hook(slow: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
                 }
                 let text = String::from_utf8_lossy(&buf).to_lowercase();
                 let auth = text.lines().find_map(|l| l.strip_prefix("authorization: bearer ")).unwrap_or("").trim();
-                let (status, body) = if let Some(uid) = auth.strip_prefix("good-") {
+                let (status, body) = if let Some(uid) = auth.strip_prefix("grouped-") {
+                    ("200 OK", format!("{{\"uid\":\"{uid}\",\"groups\":[\"team-*\"]}}"))
+                } else if auth == "too-many-groups" {
+                    let groups: Vec<String> = (0..65).map(|i| format!("\"g{i}\"")).collect();
+                    ("200 OK", format!("{{\"uid\":\"greedy\",\"groups\":[{}]}}", groups.join(",")))
+                } else if let Some(uid) = auth.strip_prefix("good-") {
                     ("200 OK", format!("{{\"uid\":\"{uid}\"}}"))
                 } else if auth == "slow" {
                     std::thread::sleep(slow);
@@ -197,6 +202,81 @@ fn dispatch_through_the_auth_hook() {
     assert_eq!(status, 200);
     let (status, body) = slow.join().unwrap();
     assert_eq!((status, body["code"].as_str()), (504, Some("HOOK_TIMEOUT")), "{body}");
+    server.stop();
+}
+
+/// A JOIN of `group` on a live session: the node's answer code.
+fn join(s: &mut TcpStream, buf: &mut Vec<u8>, group: &str) -> ErrorCode {
+    use longlink::protocol::codec::Frame;
+    let frame = Frame::Join(longlink::protocol::proto::GroupMembership { group: group.into() });
+    s.write_all(&frame.to_bytes()).unwrap();
+    match read_frame_blocking(s, buf) {
+        Some(Frame::GroupResult(r)) => longlink::protocol::codes::from_wire(r.code),
+        other => panic!("no GroupResult: {other:?}"),
+    }
+}
+
+#[test]
+fn the_dispatcher_mints_the_groups_its_ticket_or_hook_names_and_the_node_honours_them() {
+    use longlink::protocol::codec::Frame;
+    let cfg = test_config(1);
+    let live = NodeProcess::start(&cfg);
+    let (hook, _) = start_hook(Duration::from_secs(3));
+    let mut dispatch = trusted(test_config(1)).dispatch;
+    dispatch.hook_url = format!("http://{hook}/auth");
+    let auth = DispatchAuth::new(&dispatch, ReplayStore::memory(16)).unwrap();
+    let d = Arc::new(
+        Dispatcher::new(
+            dispatch_config(),
+            keyring(&cfg),
+            Arc::new(StaticNodes(vec![node(&live.client_addr.to_string())])),
+        )
+        .with_auth(auth),
+    );
+    let handler = move |req: &Request| -> Reply { d.dispatch(req, now_unix_secs()) };
+    let server =
+        HttpServer::serve_with(TcpListener::bind("127.0.0.1:0").unwrap(), Limits::default(), Arc::new(handler))
+            .unwrap();
+    let groups_of = |body: &Value| {
+        let token = body["token"].as_str().unwrap_or_else(|| panic!("no token in {body}"));
+        keyring(&cfg).verify(token, now_unix_secs(), 0).unwrap().groups
+    };
+
+    // A ticket naming groups: the token carries them.
+    let secret = longlink::protocol::token::decode_hex(APP_KEY_HEX).unwrap();
+    let claims = serde_json::json!({
+        "kid": "app-1", "uid": "gina", "exp": now_unix_secs() + 60, "nonce": "groups-ticket-1",
+        "groups": ["room-*", "vip"],
+    });
+    let t = longlink::http::dispatch_auth::sign_ticket(&secret, &claims);
+    let (status, body) = get(server.addr(), &format!("/v1/dispatch?ticket={t}&device=gphone"), "");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(groups_of(&body), ["room-*", "vip"]);
+
+    // The node lets that client JOIN what they name, and nothing else
+    // (client JOIN is off by default).
+    let mut s = TcpStream::connect(live.client_addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let token = body["token"].as_str().unwrap().to_owned();
+    s.write_all(&Frame::Auth(longlink::protocol::proto::Auth { token, ..Default::default() }).to_bytes()).unwrap();
+    let mut buf = Vec::new();
+    assert!(matches!(read_frame_blocking(&mut s, &mut buf), Some(Frame::AuthOk(_))));
+    assert_eq!(join(&mut s, &mut buf, "room-7"), ErrorCode::Unspecified);
+    assert_eq!(join(&mut s, &mut buf, "vip"), ErrorCode::Unspecified);
+    assert_eq!(join(&mut s, &mut buf, "staff"), ErrorCode::PermissionDenied);
+
+    // The hook's answer names groups the same way.
+    let (status, body) = get(server.addr(), "/v1/dispatch?device=hphone", "authorization: Bearer grouped-hank\r\n");
+    assert_eq!(status, 200, "{body}");
+    token_for(&body, "hank", "hphone");
+    assert_eq!(groups_of(&body), ["team-*"]);
+    // More groups than a token may carry: not a usable answer.
+    let (status, body) = get(server.addr(), "/v1/dispatch?device=x", "authorization: Bearer too-many-groups\r\n");
+    assert_eq!((status, body["code"].as_str()), (502, Some("HOOK_UNAVAILABLE")), "{body}");
+    // A plain proof: no groups claim.
+    let (status, body) = get(server.addr(), "/v1/dispatch?device=iphone", "authorization: Bearer good-ivy\r\n");
+    assert_eq!(status, 200, "{body}");
+    assert!(groups_of(&body).is_empty());
     server.stop();
 }
 

@@ -2,6 +2,7 @@
 //! steps) and the node's drain coordinator.
 
 use super::*;
+use crate::mesh::ShardMsg;
 
 /// Runs the drain when asked: announce it, wait until every session left
 /// (or the deadline), leave the registry, then stop the node. Returns when
@@ -65,6 +66,9 @@ pub(super) async fn cluster_loop<S: ClusterShard>(shard: Rc<S>) {
         if local.shared.is_draining() {
             cluster_drain_step(&*shard, &local);
         }
+        if shard.id().0 == 0 && (tick.is_multiple_of(REVOCATIONS_EVERY) || !local.shared.revocations_loaded()) {
+            sync_revocations(&*shard, &local).await;
+        }
         tick = tick.wrapping_add(1);
         glommio::timer::sleep(TICK).await;
     }
@@ -75,6 +79,51 @@ pub(super) async fn refresh_nodes<S: ClusterShard>(shard: &S, local: &Rc<Local<S
         Ok(nodes) => *local.nodes.borrow_mut() = nodes,
         Err(err) => debug!(shard = %shard.id(), %err, "node table not refreshed"),
     }
+}
+
+/// Shard 0 reads the revocations other nodes stored since its last read
+/// and hands them to every shard (the whole log at start: logins wait
+/// for it). Redis unreachable: counted, tried again next time; shards
+/// keep what they have.
+pub(super) async fn sync_revocations<S: ClusterShard>(shard: &S, local: &Rc<Local<S>>) {
+    let after = local.revocations_seen.get();
+    let entries = match local.shared.router.revocations_since(after, REVOCATIONS_BATCH).await {
+        Ok((_, counter)) if counter < after => {
+            // Redis lost the log (a restart without persistence): its
+            // counter started again; read what it holds from the start.
+            local.revocations_seen.set(0);
+            return;
+        }
+        Ok((entries, _)) => entries,
+        Err(err) => {
+            local.shared.counters.revocation_sync_failures.fetch_add(1, Ordering::Relaxed);
+            debug!(%err, "could not read the cluster's revocations; trying again");
+            return;
+        }
+    };
+    // Fewer than asked for: nothing more is stored now.
+    let complete = entries.len() < REVOCATIONS_BATCH;
+    if let Some(last) = entries.last() {
+        local.revocations_seen.set(last.seq);
+    }
+    shard.enter(|h| {
+        for (not_before, devices, users) in crate::revocation::by_time(entries) {
+            let (devices, users): (Arc<[String]>, Arc<[String]>) = (devices.into(), users.into());
+            for to in 0..h.shards() {
+                let msg =
+                    ShardMsg::Revoke { devices: devices.clone(), users: users.clone(), not_before, loaded: false };
+                h.route(ShardId(to), msg);
+            }
+        }
+        if complete && !local.revocations_marked.replace(true) {
+            // After the entries on the same ordered links.
+            for to in 0..h.shards() {
+                let msg = ShardMsg::Revoke { devices: Arc::new([]), users: Arc::new([]), not_before: 0, loaded: true };
+                h.route(ShardId(to), msg);
+            }
+            info!(node = %local.shared.node, "cluster revocations read; taking logins");
+        }
+    });
 }
 
 /// One tick of the drain: each user is sent to the node ranked first

@@ -144,9 +144,52 @@ pub(super) async fn cluster_request<S: ClusterShard>(
     let request_id = request_id(&frame);
     let reply = match frame {
         Frame::PushRequest(req) if is_device_push(&req) => push_devices(shard, local, req, alarm).await,
+        Frame::KickRequest(req) if req.revoke => revoke_everywhere(shard, local, req, alarm).await,
         other => everywhere(shard, local, other, alarm).await,
     };
     with_request_id(reply, request_id)
+}
+
+/// A revocation: stored in Redis first (nodes started later, and any
+/// the kick below does not reach, read it from there), then recorded
+/// and its sessions kicked on every live node. Not stored (Redis
+/// unreachable): still applied on the live nodes, but every target is
+/// answered REJECTED, retryable, so the backend sends it again (a
+/// revocation sent twice covers the same tokens and more).
+pub(super) async fn revoke_everywhere<S: ClusterShard>(
+    shard: &Rc<S>,
+    local: &Rc<Local<S>>,
+    req: proto::KickRequest,
+    alarm: &Alarm,
+) -> Frame {
+    if req.devices.len() + req.users.len() > shard.limits().max_targets_per_request as usize {
+        // Refused as a whole, as by a single node; nothing stored.
+        return run_locally(shard, local, Frame::KickRequest(req)).await;
+    }
+    let keep_secs = shard.enter(|h| h.revocation_keep_secs());
+    let not_before = crate::protocol::token::now_unix_secs();
+    let store = local.shared.router.revoke(req.devices.clone(), req.users.clone(), not_before, keep_secs);
+    let failure = match alarm.before(store).await {
+        Some(Ok(())) => None,
+        Some(Err(err)) => Some(err.to_string()),
+        None => Some("the router did not answer in time".to_owned()),
+    };
+    let counters = &local.shared.counters;
+    if let Some(err) = &failure {
+        counters.revocation_store_failures.fetch_add(1, Ordering::Relaxed);
+        warn!(%err, "revocation not stored in Redis; applied on the live nodes only");
+    } else {
+        counters.revocations_stored.fetch_add(1, Ordering::Relaxed);
+    }
+    let mut reply = everywhere(shard, local, Frame::KickRequest(req), alarm).await;
+    if let (Some(err), Frame::AdminReply(r)) = (failure, &mut reply) {
+        for result in &mut r.results {
+            result.status = PushStatus::Rejected as i32;
+            result.reason = format!("revocation not stored in Redis ({err}); send it again");
+            result.retryable = true;
+        }
+    }
+    reply
 }
 
 /// Why targets are REJECTED when the deadline passed first.

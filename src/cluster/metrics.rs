@@ -43,6 +43,11 @@ pub struct ClusterCounters {
     pub requests: AtomicU64,
     pub request_errors: AtomicU64,
     pub go_away_sent: AtomicU64,
+    /// Revocations stored in Redis, and those that could not be.
+    pub revocations_stored: AtomicU64,
+    pub revocation_store_failures: AtomicU64,
+    /// Reads of the stored revocations that failed (retried).
+    pub revocation_sync_failures: AtomicU64,
     /// Push targets by result ([`PUSH_RESULTS`] order); group and
     /// broadcast pushes count once.
     pub push_results: [AtomicU64; PUSH_RESULTS.len()],

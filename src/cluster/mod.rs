@@ -79,6 +79,10 @@ const NODES_EVERY: u32 = 5;
 /// Failed claims are retried every this many ticks, this many at a time.
 const RETRY_EVERY: u32 = 10;
 const RETRY_BATCH: usize = 1024;
+/// Revocations stored by other nodes are read every this many ticks (every
+/// tick until the first complete read), this many at a time.
+const REVOCATIONS_EVERY: u32 = 10;
+const REVOCATIONS_BATCH: usize = 1000;
 /// Cluster-wide requests use a node table at most this old.
 const FRESH_NODES: Duration = Duration::from_millis(50);
 /// Bytes queued to one peer before further forwards fail fast.
@@ -110,6 +114,10 @@ pub struct ClusterShared {
     route_ttl: Duration,
     /// GoAway frames per second per shard.
     drain_rate_per_shard: f64,
+    /// Shards that recorded the revocations stored in Redis (logins are
+    /// refused until then), of `shards`.
+    revocations_loaded: std::sync::atomic::AtomicU16,
+    shards: u16,
 }
 
 impl ClusterShared {
@@ -190,6 +198,8 @@ impl ClusterShared {
             drain_deadline: Duration::from_millis(c.drain_deadline_ms),
             route_ttl: Duration::from_secs(c.route_ttl_secs),
             drain_rate_per_shard: f64::from(c.drain_rate_per_sec) / f64::from(shards.max(1)),
+            revocations_loaded: std::sync::atomic::AtomicU16::new(0),
+            shards,
         }))
     }
 
@@ -198,6 +208,12 @@ impl ClusterShared {
         if !self.drain.swap(true, Ordering::Relaxed) {
             info!(node = %self.node, "drain requested");
         }
+    }
+
+    /// Whether the revocations stored in Redis were read (logins are refused
+    /// with UNAVAILABLE until then).
+    pub fn revocations_loaded(&self) -> bool {
+        self.revocations_loaded.load(Ordering::Acquire) >= self.shards
     }
 
     /// Draining: asked to, or fenced because the lease lapsed.
@@ -252,6 +268,11 @@ pub(crate) trait ClusterHost: PortHost {
     fn device_of(&self, key: ConnKey) -> Option<&str>;
     /// Ends session `key` (`code` and `reason` tell the client why).
     fn close_conn(&mut self, key: ConnKey, now: Now, code: ErrorCode, reason: String);
+    /// How long a revocation must be kept (the longest token lifetime and
+    /// the clock leeway), in seconds.
+    fn revocation_keep_secs(&self) -> i64;
+    /// Logins wait until the stored revocations are read.
+    fn await_revocations(&mut self);
 }
 
 /// The shard as the cluster's tasks see it: entered (its state borrowed)
@@ -308,6 +329,10 @@ pub(crate) struct Local<S: ClusterShard> {
     /// Backend requests taken by the cluster, waiting for their task.
     queued: RefCell<Vec<(ConnKey, Queued, Rc<Alarm>)>>,
     reregistered_seen: Cell<u64>,
+    /// Shard 0: the last revocation read from Redis (its sequence number),
+    /// and whether every shard was told the whole log was read.
+    revocations_seen: Cell<u64>,
+    revocations_marked: Cell<bool>,
     /// This shard's drain progress (used once the drain starts).
     drain: S::Drain,
 }
@@ -324,7 +349,11 @@ pub(crate) fn attach<S: ClusterShard>(shard: &Rc<S>, shared: Arc<ClusterShared>)
         merges: RefCell::default(),
         next_merge: Cell::new(0),
         queued: RefCell::default(),
+        revocations_seen: Cell::new(0),
+        revocations_marked: Cell::new(false),
     };
+    // Logins wait until the revocations stored in Redis are read.
+    shard.enter(|h| h.await_revocations());
     if shard.slot().set(Rc::new(local)).is_err() {
         warn!(shard = %shard.id(), "shard already joined the cluster");
         return;
@@ -338,6 +367,13 @@ pub(crate) type Slot<S> = OnceCell<Rc<Local<S>>>;
 /// The shard's cluster state, in cluster mode.
 fn local<S: ClusterShard>(shard: &S) -> Option<Rc<Local<S>>> {
     shard.slot().get().cloned()
+}
+
+/// Hook: this shard recorded the whole stored revocation log.
+pub(crate) fn on_revocations_loaded<S: ClusterShard>(shard: &S) {
+    if let Some(local) = local(shard) {
+        local.shared.revocations_loaded.fetch_add(1, Ordering::Release);
+    }
 }
 
 #[cfg(test)]

@@ -385,6 +385,14 @@ config_struct! {
         pub write_timeout_ms: u64 = 10_000,
         /// Groups one session may be a member of. Default: 64.
         pub max_groups_per_session: u32 = 64,
+        /// Control frames (Ping, Refresh, Join, Leave) one session may send
+        /// per second after a burst of `control_frames_burst`; more close
+        /// it with RATE_LIMITED. 0: no limit. Default: 10. At most 1000.
+        pub control_frames_per_sec: u32 = 10,
+        /// Control frames one session may send at once (joining every
+        /// group at login is one burst). Default: 100. At most
+        /// 65535 / ceil(1000 / control_frames_per_sec).
+        pub control_frames_burst: u32 = 100,
     }
 }
 

@@ -131,6 +131,16 @@ impl SessionConfig {
             max_factor,
             " (factor x session.heartbeat_max_ms must fit in u32 ms)",
         )?;
+        check_range("session.control_frames_per_sec", self.control_frames_per_sec, 0, 1000, "")?;
+        // The budget's level is 16 bits of ms.
+        let interval_ms = 1000u32.div_ceil(self.control_frames_per_sec.max(1));
+        check_range(
+            "session.control_frames_burst",
+            self.control_frames_burst,
+            1,
+            u32::from(u16::MAX) / interval_ms,
+            " (burst x ceil(1000 / session.control_frames_per_sec) must fit in 65535 ms)",
+        )?;
         // A queue that cannot hold one maximum frame would call every
         // client that receives one slow.
         let one_frame = server.max_frame_bytes.saturating_add(codec::HEADER_LEN as u32);

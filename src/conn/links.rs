@@ -132,11 +132,14 @@ impl LinkListeners {
             // that scripts and tests read.
             tracing::info!(%bound, ?link, "transport listener");
         }
-        // The push port over TLS: not handed over by an in-place upgrade
-        // (the new process binds its own socket beside the old one).
+        // The push port over TLS (its sockets handed over by an in-place
+        // upgrade like the others, so nothing in its accept queue is lost).
         let mut push_tls = Vec::new();
         if let Some(addr) = listen_addr("push.tls_listen", &config.push.tls_listen)? {
-            let (bound, fds) = bind_reuseport(addr, shards, server.listen_backlog)?;
+            let (bound, fds) = match pool.as_mut().and_then(|p| p.take_group(ListenerKind::PushTls, shards)) {
+                Some(taken) => taken.map_err(|source| ListenError { addr, source })?,
+                None => bind_reuseport(addr, shards, server.listen_backlog)?,
+            };
             addrs.push_tls = Some(bound);
             push_tls = fds;
             stores.push = Some(CertStore::load(settings(ALPN_PUSH)).map_err(LinkError::Tls)?);

@@ -17,6 +17,8 @@ pub enum ListenerKind {
     Ws,
     Tls,
     Wss,
+    /// The push port over TLS (`push.tls_listen`).
+    PushTls,
 }
 
 /// Listening sockets by kind, one per shard (one for the admin port).

@@ -67,6 +67,7 @@ fn fixture() -> &'static Fixture {
             close_linger_ms: 2_000,
             // Small, so the fuzzer reaches the limit easily.
             max_id_bytes: 40,
+            control: crate::session::ControlBudget::new(10, 20),
         };
         Fixture {
             current: params.keyring.clone(),

@@ -11,13 +11,19 @@
 //!   ```text
 //!   ticket = base64url(claims JSON) "." base64url(HMAC-SHA256(app key, base64url(claims JSON)))
 //!   claims = {"kid": "app-1", "uid": "alice", "exp": <unix secs>, "nonce": "<random>",
-//!             "dev": "<optional: the only device it is good for>", "app": "<optional>"}
+//!             "dev": "<optional: the only device it is good for>", "app": "<optional>",
+//!             "groups": ["<optional: groups the client may JOIN, names or prefixes*>"]}
 //!   ```
 //!
 //!   valid until `exp` (at most `ticket_max_ttl_secs` ahead) and once: the
 //!   dispatcher remembers each ticket it took until it expires (in memory,
 //!   or in Redis with `SET NX PX` in cluster mode, so every dispatcher
 //!   agrees).
+//!
+//! The hook's answer may carry `"groups"` too. Either way the list becomes
+//! the token's `groups` claim (at most [`crate::groups::MAX_GROUP_CLAIMS`]
+//! printable names of at most 255 bytes, 2 KiB in all, so the token stays
+//! under the node's 4 KiB; more is refused), which the node checks at JOIN.
 //!
 //! With neither configured the dispatcher answers endpoints and heartbeat
 //! bounds without a token. Credentials are never logged nor echoed.
@@ -48,7 +54,8 @@ config_struct! {
         /// The business endpoint that names the user behind a credential,
         /// "http://host:port/path". The dispatcher POSTs JSON {"ticket",
         /// "device", "app"} with the client's Authorization header; a 200
-        /// answer {"uid": "..."} proves that uid, 401/403 refuses. Keep it
+        /// answer {"uid": "...", "groups": [...] (optional: the token's
+        /// groups claim)} proves that uid, 401/403 refuses. Keep it
         /// on a private network (plain HTTP). Default: "" (no hook).
         pub hook_url: String = String::new(),
         /// Time the hook has to answer, in ms. Default: 1000. Allowed: 10 to
@@ -120,10 +127,31 @@ pub fn printable_or_empty(s: &str) -> bool {
     s.is_empty() || printable_id(s)
 }
 
+/// Total bytes of a proof's group names (the token carries them; a node
+/// refuses tokens over 4 KiB).
+const MAX_GROUP_CLAIM_BYTES: usize = 2048;
+
+/// Whether `groups` may become a token's groups claim (see the module docs).
+fn valid_groups(groups: &[String]) -> bool {
+    groups.len() <= crate::groups::MAX_GROUP_CLAIMS
+        && groups.iter().map(String::len).sum::<usize>() <= MAX_GROUP_CLAIM_BYTES
+        && groups.iter().all(|g| printable_id(g))
+}
+
+/// Who the hook says the client is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Proven {
+    pub uid: String,
+    /// The token's groups claim (empty: none).
+    pub groups: Vec<String>,
+}
+
 /// A ticket whose signature and times are good; not yet consumed.
 #[derive(Debug)]
 pub struct Ticket {
     pub uid: String,
+    /// The token's groups claim (empty: none).
+    pub groups: Vec<String>,
     pub app: Option<String>,
     pub expires_at: i64,
     /// Remembered until `expires_at` so the ticket works once.
@@ -140,6 +168,8 @@ struct TicketClaims {
     dev: Option<String>,
     #[serde(default)]
     app: Option<String>,
+    #[serde(default)]
+    groups: Vec<String>,
 }
 
 /// Longest ticket read.
@@ -170,6 +200,7 @@ impl TicketKeys {
         if !printable_id(&claims.uid)
             || claims.nonce.len() < MIN_NONCE_BYTES
             || !claims.app.as_deref().is_none_or(printable_or_empty)
+            || !valid_groups(&claims.groups)
         {
             return Err(BAD_TICKET);
         }
@@ -185,7 +216,13 @@ impl TicketKeys {
         let digest = Sha256::digest(&tag);
         let mut replay_id = [0u8; 16];
         replay_id.copy_from_slice(&digest[..16]);
-        Ok(Ticket { uid: claims.uid, app: claims.app.filter(|a| !a.is_empty()), expires_at: claims.exp, replay_id })
+        Ok(Ticket {
+            uid: claims.uid,
+            groups: claims.groups,
+            app: claims.app.filter(|a| !a.is_empty()),
+            expires_at: claims.exp,
+            replay_id,
+        })
     }
 }
 
@@ -313,10 +350,10 @@ struct Hook {
 }
 
 /// A hook answer and until when it is reused.
-type CachedAnswer = (Instant, Result<String, Refusal>);
+type CachedAnswer = (Instant, Result<Proven, Refusal>);
 
 impl Hook {
-    fn ask(&self, authorization: &str, ticket: &str, device: &str, app: &str) -> Result<String, Refusal> {
+    fn ask(&self, authorization: &str, ticket: &str, device: &str, app: &str) -> Result<Proven, Refusal> {
         let mut h = Sha256::new();
         h.update(authorization.as_bytes());
         h.update([0]);
@@ -351,7 +388,7 @@ impl Hook {
         answer
     }
 
-    fn call(&self, authorization: &str, ticket: &str, device: &str, app: &str) -> Result<String, Refusal> {
+    fn call(&self, authorization: &str, ticket: &str, device: &str, app: &str) -> Result<Proven, Refusal> {
         let deadline = Instant::now() + self.timeout;
         let left = || deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero());
         let io_error = |e: std::io::Error| match e.kind() {
@@ -397,10 +434,18 @@ impl Hook {
             _ => return Err(HOOK_UNAVAILABLE),
         }
         let json: serde_json::Value = serde_json::from_slice(&reply[head_len..]).map_err(|_| HOOK_UNAVAILABLE)?;
-        match json["uid"].as_str() {
-            Some(uid) if printable_id(uid) => Ok(uid.to_owned()),
-            _ => Err(HOOK_UNAVAILABLE),
+        let uid = json["uid"].as_str().filter(|uid| printable_id(uid)).ok_or(HOOK_UNAVAILABLE)?;
+        let groups: Vec<String> = match &json["groups"] {
+            serde_json::Value::Null => Vec::new(),
+            serde_json::Value::Array(names) => {
+                names.iter().map(|g| g.as_str().map(str::to_owned)).collect::<Option<_>>().ok_or(HOOK_UNAVAILABLE)?
+            }
+            _ => return Err(HOOK_UNAVAILABLE),
+        };
+        if !valid_groups(&groups) {
+            return Err(HOOK_UNAVAILABLE);
         }
+        Ok(Proven { uid: uid.to_owned(), groups })
     }
 }
 
@@ -487,7 +532,7 @@ impl DispatchAuth {
     }
 
     /// Asks the hook (blocks up to its timeout; cached answers return at once).
-    pub fn ask_hook(&self, authorization: &str, ticket: &str, device: &str, app: &str) -> Result<String, Refusal> {
+    pub fn ask_hook(&self, authorization: &str, ticket: &str, device: &str, app: &str) -> Result<Proven, Refusal> {
         self.hook.as_ref().ok_or(NO_PROOF)?.ask(authorization, ticket, device, app)
     }
 }

@@ -19,6 +19,7 @@ use serde_json::json;
 use crate::config::Config;
 use crate::http::dispatch_auth::{BAD_ID, DispatchAuth, Proof, Refusal, printable_id, printable_or_empty};
 use crate::http::{Reply, Request, Response};
+use crate::protocol::proto::TokenClaims;
 use crate::protocol::token::Keyring;
 use crate::router::{NodeInfo, rank};
 
@@ -166,7 +167,7 @@ impl Dispatcher {
                 let finish = move || match this.auth.replay().consume(&ticket, now_unix_secs) {
                     Ok(()) => {
                         let app = ticket.app.clone().unwrap_or(app);
-                        this.answer(&ticket.uid, Some((&device, &app)), &echo, now_unix_secs)
+                        this.answer(&ticket.uid, Some((&device, &app, &ticket.groups)), &echo, now_unix_secs)
                     }
                     Err(why) => refuse(&why),
                 };
@@ -176,16 +177,22 @@ impl Dispatcher {
                 let (authorization, ticket) = (authorization.to_owned(), ticket.to_owned());
                 let this = self.clone();
                 Reply::Blocking(Box::new(move || match this.auth.ask_hook(&authorization, &ticket, &device, &app) {
-                    Ok(uid) => this.answer(&uid, Some((&device, &app)), &echo, now_unix_secs),
+                    Ok(who) => this.answer(&who.uid, Some((&device, &app, &who.groups)), &echo, now_unix_secs),
                     Err(why) => refuse(&why),
                 }))
             }
         }
     }
 
-    /// Endpoints for `uid`, and a token for (`uid`, device, app) when
-    /// `mint` is given (a proven user).
-    fn answer(&self, uid: &str, mint: Option<(&str, &str)>, echo: &(String, String), now_unix_secs: i64) -> Response {
+    /// Endpoints for `uid`, and a token for (`uid`, device, app) with the
+    /// groups claim the proof gave when `mint` is given (a proven user).
+    fn answer(
+        &self,
+        uid: &str,
+        mint: Option<(&str, &str, &[String])>,
+        echo: &(String, String),
+        now_unix_secs: i64,
+    ) -> Response {
         let nodes = rank(uid, &self.nodes.nodes(), self.cfg.endpoints.max(1));
         if nodes.is_empty() {
             return Response::json(
@@ -194,7 +201,17 @@ impl Dispatcher {
             );
         }
         let expires_at = now_unix_secs.saturating_add(i64::try_from(self.cfg.token_ttl_secs).unwrap_or(i64::MAX));
-        let token = mint.map(|(device, app)| self.keyring.mint(uid, device, app, now_unix_secs, expires_at));
+        let token = mint.map(|(device, app, groups)| {
+            self.keyring.mint_claims(TokenClaims {
+                user: uid.to_owned(),
+                device: device.to_owned(),
+                app: app.to_owned(),
+                issued_at: now_unix_secs,
+                expires_at,
+                groups: groups.to_vec(),
+                ..Default::default()
+            })
+        });
         Response::json(
             200,
             &json!({

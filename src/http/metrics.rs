@@ -368,6 +368,24 @@ fn cluster_families(e: &mut Exposition, cluster: &ClusterShared) {
         ],
     );
     e.counter("longlink_go_away_total", "GoAway frames sent while draining.", one(&k.go_away_sent));
+    e.counter(
+        "longlink_revocations_stored_total",
+        "Revocations taken here, by whether Redis stored them (failed: applied on the live nodes only).",
+        [
+            (&[("result", "ok")][..], load(&k.revocations_stored)),
+            (&[("result", "failed")][..], load(&k.revocation_store_failures)),
+        ],
+    );
+    e.counter(
+        "longlink_revocation_sync_failures_total",
+        "Reads of the cluster's stored revocations that failed (retried every second).",
+        one(&k.revocation_sync_failures),
+    );
+    e.gauge(
+        "longlink_revocations_loaded",
+        "1 once the cluster's stored revocations were read (logins are refused UNAVAILABLE before).",
+        [(&[][..], u64::from(cluster.revocations_loaded()))],
+    );
     // Disconnects by code are in `ops_families`, for every node.
     let bounds: Vec<f64> = HIST_BOUNDS_US.iter().map(|&us| us as f64 / 1e6).collect();
     for (name, help, h) in [

@@ -657,7 +657,7 @@ pub(crate) fn start_kick<H: PortHost>(
         let not_before = crate::protocol::token::now_unix_secs();
         let (devices, users): (Arc<[String]>, Arc<[String]>) = (req.devices.clone().into(), req.users.clone().into());
         for shard in 0..h.shards() {
-            let msg = ShardMsg::Revoke { devices: devices.clone(), users: users.clone(), not_before };
+            let msg = ShardMsg::Revoke { devices: devices.clone(), users: users.clone(), not_before, loaded: false };
             h.route(ShardId(shard), msg);
         }
     }

@@ -202,6 +202,18 @@ enum Op {
     },
     /// Leave the registry (clean exit): routes naming us turn invalid now.
     Deregister,
+    /// Record a revocation for every node, now and later.
+    Revoke {
+        devices: Vec<String>,
+        users: Vec<String>,
+        not_before: i64,
+        keep_secs: i64,
+    },
+    /// Revocations recorded after sequence number `after`, at most `limit`.
+    Revocations {
+        after: u64,
+        limit: usize,
+    },
 }
 
 enum Answer {
@@ -209,6 +221,19 @@ enum Answer {
     Done(bool),
     Routes(Vec<Option<Route>>),
     Nodes(Vec<NodeInfo>),
+    /// Entries, and the log's sequence counter now.
+    Revocations(Vec<StoredRevocation>, u64),
+}
+
+/// A revocation as the cluster keeps it in Redis.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredRevocation {
+    /// Its place in the cluster's revocation log (grows with every entry).
+    pub seq: u64,
+    pub is_user: bool,
+    pub id: String,
+    /// Tokens issued at or before this (unix seconds) are refused.
+    pub not_before: i64,
 }
 
 type Job = redis_link::Job<Op, Answer, RouterError>;
@@ -226,6 +251,7 @@ const CLAIM: usize = 0;
 const REASSERT: usize = 1;
 const RELEASE: usize = 2;
 const DEREGISTER: usize = 3;
+const REVOKE: usize = 4;
 
 /// KEYS: epoch, route. ARGV: node, incarnation, shard, conn, ttl_ms.
 /// Returns {epoch, previous node, inc, shard, conn, epoch}.
@@ -266,6 +292,28 @@ if redis.call('HGET', KEYS[1], 'inc') == ARGV[1] then
   return 1
 end
 return 0
+"#;
+
+/// KEYS: revocation log (sorted set), its sequence counter. ARGV: keep_ms,
+/// expired_before (unix s), then members `d:<not_before>:<device>` or
+/// `u:<not_before>:<user>`. Each member is scored with the next sequence
+/// number; the oldest members no token can still need are dropped (they
+/// were appended in time order; at most 1000 per call, so the script stays
+/// short), and the log expires `keep_ms` after its last write. The counter
+/// never expires: nodes read the log from where they stopped.
+const REVOKE_LUA: &str = r#"
+for i = 3, #ARGV do
+  redis.call('ZADD', KEYS[1], redis.call('INCR', KEYS[2]), ARGV[i])
+end
+for _ = 1, 1000 do
+  local first = redis.call('ZRANGE', KEYS[1], 0, 0)
+  if #first == 0 then break end
+  local nb = tonumber(string.match(first[1], '^[du]:(%-?%d+):'))
+  if nb ~= nil and nb >= tonumber(ARGV[2]) then break end
+  redis.call('ZREM', KEYS[1], first[1])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
 "#;
 
 impl Router {
@@ -337,6 +385,37 @@ impl Router {
         match self.call(Op::Nodes { max_age }).await? {
             Answer::Nodes(n) => Ok(n),
             _ => Err(RouterError::Protocol("nodes".into())),
+        }
+    }
+
+    /// Stores a revocation in Redis for every node, including those started
+    /// later: tokens of `devices` and `users` issued at or before
+    /// `not_before` are refused for `keep_secs` (the longest token
+    /// lifetime), after which no such token is valid anyway.
+    pub async fn revoke(
+        &self,
+        devices: Vec<String>,
+        users: Vec<String>,
+        not_before: i64,
+        keep_secs: i64,
+    ) -> Result<(), RouterError> {
+        match self.call(Op::Revoke { devices, users, not_before, keep_secs }).await? {
+            Answer::Done(_) => Ok(()),
+            _ => Err(RouterError::Protocol("revoke".into())),
+        }
+    }
+
+    /// The cluster's revocations stored after sequence number `after`
+    /// (0: all), oldest first, at most `limit`; and the log's sequence
+    /// counter (below `after`: Redis lost its data, read again from 0).
+    pub async fn revocations_since(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<StoredRevocation>, u64), RouterError> {
+        match self.call(Op::Revocations { after, limit }).await? {
+            Answer::Revocations(r, counter) => Ok((r, counter)),
+            _ => Err(RouterError::Protocol("revocations".into())),
         }
     }
 
@@ -417,7 +496,8 @@ struct RouterSidecar {
 
 impl RouterSidecar {
     fn new(cfg: RouterConfig, state: Arc<NodeState>) -> RouterSidecar {
-        let scripts = [CLAIM_LUA, REASSERT_LUA, RELEASE_LUA, DEREGISTER_LUA].map(redis::Script::new).to_vec();
+        let scripts =
+            [CLAIM_LUA, REASSERT_LUA, RELEASE_LUA, DEREGISTER_LUA, REVOKE_LUA].map(redis::Script::new).to_vec();
         let link = RedisLink::new("router", &cfg.url, cfg.connect_timeout, cfg.io_timeout, scripts);
         RouterSidecar { cfg, link, state, nodes: HashMap::new(), nodes_refreshed: None }
     }
@@ -513,6 +593,31 @@ impl RouterSidecar {
                     devices.len()
                 }
                 Op::Nodes { .. } => 0,
+                Op::Revoke { devices, users, not_before, keep_secs } => {
+                    let mut inv = self.link.script(REVOKE).prepare_invoke();
+                    inv.key(self.p("{revocations}")).key(self.p("{revocations}:seq"));
+                    let keep_ms = keep_secs.saturating_mul(1000).max(1);
+                    inv.arg(keep_ms).arg(unix_ms() as i64 / 1000 - keep_secs);
+                    for (kind, ids) in [("d", devices), ("u", users)] {
+                        for id in ids {
+                            inv.arg(format!("{kind}:{not_before}:{id}"));
+                        }
+                    }
+                    pipe.invoke_script(&inv);
+                    1
+                }
+                Op::Revocations { after, limit } => {
+                    pipe.cmd("ZRANGEBYSCORE")
+                        .arg(self.p("{revocations}"))
+                        .arg(format!("({after}"))
+                        .arg("+inf")
+                        .arg("WITHSCORES")
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(*limit);
+                    pipe.cmd("GET").arg(self.p("{revocations}:seq"));
+                    2
+                }
                 Op::Deregister => {
                     // Before the script: the lease thread must not renew or
                     // register the node again once it is gone.
@@ -581,7 +686,20 @@ impl RouterSidecar {
                 let previous = parse_route(&f[1..]).filter(|r| self.route_valid(r));
                 Ok(Answer::Claimed(Claimed { epoch, previous }))
             }
-            Op::Deregister => Ok(Answer::Done(true)),
+            Op::Deregister | Op::Revoke { .. } => Ok(Answer::Done(true)),
+            Op::Revocations { .. } => {
+                let Some(Value::Array(flat)) = values.first() else { return Err(bad("revocations")) };
+                let entries = flat
+                    .chunks(2)
+                    .filter_map(|kv| {
+                        let seq = as_string(kv.get(1)?)?.parse::<f64>().ok()? as u64;
+                        parse_revocation(&as_string(kv.first()?)?, seq)
+                    })
+                    .collect();
+                // Nil: nothing was ever revoked (or Redis lost it).
+                let counter = values.get(1).and_then(as_u64).unwrap_or(0);
+                Ok(Answer::Revocations(entries, counter))
+            }
             Op::Reassert { .. } | Op::Release { .. } => {
                 Ok(Answer::Done(values.first().and_then(as_u64).ok_or_else(|| bad("cas"))? == 1))
             }
@@ -610,6 +728,19 @@ pub(crate) fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// A member of the revocation log, `d:<not_before>:<device>` or
+/// `u:<not_before>:<user>` (the id may contain ':').
+fn parse_revocation(member: &str, seq: u64) -> Option<StoredRevocation> {
+    let (kind, rest) = member.split_once(':')?;
+    let (not_before, id) = rest.split_once(':')?;
+    let is_user = match kind {
+        "d" => false,
+        "u" => true,
+        _ => return None,
+    };
+    Some(StoredRevocation { seq, is_user, id: id.to_owned(), not_before: not_before.parse().ok()? })
+}
+
 /// node, inc, shard, conn, epoch (nil fields: no route).
 fn parse_route(f: &[Value]) -> Option<Route> {
     Some(Route {
@@ -619,4 +750,18 @@ fn parse_route(f: &[Value]) -> Option<Route> {
         conn_id: f.get(3).and_then(as_u64)?,
         epoch: f.get(4).and_then(as_u64)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revocation_log_members_parse_with_colons_in_ids() {
+        let r = parse_revocation("u:1700000000:team:alice", 7).expect("parses");
+        assert_eq!((r.seq, r.is_user, r.id.as_str(), r.not_before), (7, true, "team:alice", 1_700_000_000));
+        assert!(parse_revocation("d:-5:x", 1).is_some_and(|r| !r.is_user && r.not_before == -5));
+        assert_eq!(parse_revocation("x:1:a", 1), None);
+        assert_eq!(parse_revocation("d:soon:a", 1), None);
+    }
 }

@@ -42,6 +42,7 @@ fn params() -> Params {
         idle_timeout_factor: 3,
         close_linger_ms: 1_000,
         max_id_bytes: 128,
+        control: session::ControlBudget::OFF,
     }
 }
 

@@ -83,6 +83,12 @@ impl ShardCtx<'_> {
             match action {
                 Action::Send(frame) => self.queue_frame(key, &frame),
                 Action::Close(code) => self.on_close(key, code),
+                Action::Authenticated(_) if !self.st.revoked.is_loaded() => {
+                    // Cluster mode, the stored revocations not read yet
+                    // (Redis unreachable since the start): fail closed.
+                    let why = "the node has not read the cluster's revocations yet; try again".to_owned();
+                    self.close_conn(key, now, ErrorCode::Unavailable, why);
+                }
                 Action::Authenticated(login)
                     if self.st.revoked.refuses(&login.user, &login.device, login.issued_at) =>
                 {

@@ -180,6 +180,14 @@ impl ClusterHost for ShardCtx<'_> {
         self.st.device_of(key)
     }
 
+    fn revocation_keep_secs(&self) -> i64 {
+        self.st.revoked.keep_secs()
+    }
+
+    fn await_revocations(&mut self) {
+        self.st.revoked.await_load();
+    }
+
     fn close_conn(&mut self, key: ConnKey, now: Now, code: ErrorCode, reason: String) {
         ShardCtx::close_conn(self, key, now, code, reason);
     }

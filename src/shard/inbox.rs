@@ -131,8 +131,12 @@ impl ShardCtx<'_> {
                 }
                 self.shard.answer(self.st, origin, Part::Sessions(reached));
             }
-            ShardMsg::Revoke { devices, users, not_before } => {
+            ShardMsg::Revoke { devices, users, not_before, loaded } => {
                 self.st.revoked.record(&devices, &users, not_before, now.unix_secs());
+                if loaded {
+                    self.st.revoked.loaded();
+                    crate::cluster::on_revocations_loaded(self.shard);
+                }
             }
             ShardMsg::Presence { origin, query } => {
                 let part = self.st.presence(self.shard.id, &query);

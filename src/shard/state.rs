@@ -398,6 +398,7 @@ mod tests {
             idle_timeout_factor: 2,
             close_linger_ms: 1,
             max_id_bytes: MAX_ID_BYTES,
+            control: crate::session::ControlBudget::OFF,
         }
     }
 

@@ -121,6 +121,7 @@ impl ListenerKind {
             ListenerKind::Ws => 3,
             ListenerKind::Tls => 4,
             ListenerKind::Wss => 5,
+            ListenerKind::PushTls => 6,
         }
     }
 
@@ -132,6 +133,7 @@ impl ListenerKind {
             3 => ListenerKind::Ws,
             4 => ListenerKind::Tls,
             5 => ListenerKind::Wss,
+            6 => ListenerKind::PushTls,
             _ => return Err(DecodeError::Unknown { what: "listener kind", value: u64::from(v) }),
         })
     }

@@ -33,6 +33,10 @@ pub fn test_config(shards: u16) -> Config {
         heartbeat_default_ms = 10000
         wheel_tick_ms = 20
         close_linger_ms = 500
+        # Tests ping much faster than clients do (every few ms); the
+        # budget stays on, loose (tests/control_budget.rs sets its own).
+        control_frames_per_sec = 1000
+        control_frames_burst = 1000
         [auth]
         clock_leeway_secs = 30
         [[auth.keys]]

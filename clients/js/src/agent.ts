@@ -126,7 +126,11 @@ export type AgentEvent =
   | { type: "response"; id: bigint; response?: Response; failure?: RequestFailure }
   | { type: "kicked"; code: ErrorCode; reason: string }
   | { type: "disconnected"; reason: Disconnect; retryInMs: number | undefined }
-  | { type: "group_result"; group: string; join: boolean; code: ErrorCode; reason: string };
+  | { type: "group_result"; group: string; join: boolean; code: ErrorCode; reason: string }
+  /** The token expires at `tokenExpiresMs` (unix ms): refreshToken(), or the node ends the session (TOKEN_EXPIRED). */
+  | { type: "token_expiring"; tokenExpiresMs: bigint }
+  /** The node took the new token. */
+  | { type: "token_refreshed"; tokenExpiresMs: bigint };
 
 export type Action =
   | { type: "lookup"; net: string }
@@ -161,6 +165,10 @@ interface Up {
   session: ClientSession;
   reader: FrameReader;
   active: boolean;
+  /** When to ask for a new token ("token_expiring"), on our clock. */
+  refreshAt: number | undefined;
+  /** The node's clock minus ours (AuthOk.server_time_ms). */
+  serverOffsetMs: number;
 }
 
 type State =
@@ -191,6 +199,8 @@ export class Agent {
   private nextMsgId: bigint;
   private duplicatesEnded = 0;
   private rushed = false;
+  /** The session's token expiry (unix ms, 0: never), from AuthOk or RefreshOk. */
+  private tokenExpiresMs = 0n;
   private readonly out: Action[] = [];
 
   constructor(cfg: AgentConfig, now: number) {
@@ -229,7 +239,7 @@ export class Agent {
         t = s.deadline;
         break;
       case "up":
-        t = s.up.session.pollTimeout();
+        t = Math.min(s.up.session.pollTimeout(), s.up.refreshAt ?? Number.POSITIVE_INFINITY);
         break;
       case "stopped":
         return undefined;
@@ -321,7 +331,7 @@ export class Agent {
     session.skipThrough(this.deliveredSeq);
     this.state = {
       type: "up",
-      up: { link, endpoint: s.endpoint, session, reader: new FrameReader(this.cfg.maxFrameBytes), active: false },
+      up: { link, endpoint: s.endpoint, session, reader: new FrameReader(this.cfg.maxFrameBytes), active: false, refreshAt: undefined, serverOffsetMs: 0 },
     };
     this.out.push({ type: "send", link, bytes: session.authFrame() });
   }
@@ -386,6 +396,10 @@ export class Agent {
         break;
       case "up": {
         const up = s.up;
+        if (up.refreshAt !== undefined && now >= up.refreshAt) {
+          up.refreshAt = undefined;
+          this.event({ type: "token_expiring", tokenExpiresMs: this.tokenExpiresMs });
+        }
         const t = up.session.pollTimer(now);
         if (t.err) {
           this.fail(now, fromSession(t.err), true);
@@ -485,6 +499,13 @@ export class Agent {
     this.cfg.session.token = token;
   }
 
+  /** A new token ("token_expiring"'s answer): for the next connects, and in a Refresh to a running session. */
+  refreshToken(_now: number, token: string): void {
+    this.cfg.session.token = token;
+    const up = this.up();
+    if (up && up.active) this.send(up.link, up.session.refreshFrame(token));
+  }
+
   close(): void {
     const link = this.link();
     if (link !== undefined) this.out.push({ type: "close", link });
@@ -529,6 +550,21 @@ export class Agent {
     if (up && interval > 0) up.session.setHeartbeat(now, interval);
   }
 
+  /** Asks for a new token when a fifth of the time to `tokenExpiresMs` is left (at least a second ahead). */
+  private scheduleRefresh(up: Up, now: number, tokenExpiresMs: bigint): void {
+    up.refreshAt = undefined;
+    this.tokenExpiresMs = tokenExpiresMs;
+    if (tokenExpiresMs === 0n) return;
+    const left = Math.max(0, this.expiresIn(up, now));
+    const lead = Math.min(Math.max(left / 5, 1_000), left);
+    up.refreshAt = now + left - lead;
+  }
+
+  /** Milliseconds until the session's token expires, on the node's clock. */
+  private expiresIn(up: Up, now: number): number {
+    return Number(this.tokenExpiresMs) - (now + up.serverOffsetMs);
+  }
+
   private attempt(now: number): void {
     if (this.needLookup || this.endpoints.length === 0) {
       this.state = { type: "looking_up", deadline: now + this.cfg.connectTimeoutMs };
@@ -561,6 +597,8 @@ export class Agent {
         // The negotiated interval is the longest the server's idle timeout covers.
         this.adoptHeartbeatBounds(ok.heartbeatMinMs, Math.max(ok.heartbeatMs, ok.heartbeatMinMs));
         this.rearmHeartbeat(now);
+        up.serverOffsetMs = Number(ok.serverTimeMs) - now;
+        this.scheduleRefresh(up, now, ok.tokenExpiresMs);
         this.event({ type: "connected", endpoint: up.endpoint, authOk: ok });
         // Handled while authenticating (after Auth.last_seq was sent).
         this.flushAck(true);
@@ -591,6 +629,12 @@ export class Agent {
           reason: ev.result.reason,
         });
         break;
+      case "refreshed": {
+        const up = this.up();
+        if (up) this.scheduleRefresh(up, now, ev.tokenExpiresMs);
+        this.event({ type: "token_refreshed", tokenExpiresMs: ev.tokenExpiresMs });
+        break;
+      }
       case "resync":
         this.deliveredSeq = maxBig(this.deliveredSeq, ev.toSeq);
         this.event({ type: "resync_required", fromSeq: ev.fromSeq, toSeq: ev.toSeq });

@@ -72,6 +72,16 @@ export interface ClientOptions {
    */
   onResyncRequired?: (range: ResyncRange) => void | Promise<void>;
   handlerRetryMs?: number;
+  /**
+   * Gets a new token for the same user and device when the session's token
+   * nears its expiry (a fifth of its lifetime left, at least a second): it
+   * goes to the node in a Refresh frame, so the session outlives the old
+   * token, and is used by later connects. A throw or rejection emits
+   * "token_refresh_failed"; the node then closes the session with
+   * TOKEN_EXPIRED when the token expires. Without it, listen for
+   * "token_expiring" and call refreshToken().
+   */
+  onTokenRefresh?: (tokenExpiresMs: bigint) => string | Promise<string>;
   /** Stop reading from the link while this many messages wait for the handler (default 1,024). */
   maxQueuedMessages?: number;
 }
@@ -82,6 +92,12 @@ export type ClientEvent =
   | { type: "kicked"; code: ErrorCode; reason: string }
   | { type: "resync_required"; fromSeq: bigint; toSeq: bigint }
   | { type: "handler_error"; error: unknown; seq: bigint }
+  /** The session's token expires at `tokenExpiresMs` (unix ms): refresh it (onTokenRefresh does). */
+  | { type: "token_expiring"; tokenExpiresMs: bigint }
+  /** The node took the new token: the session now ends at `tokenExpiresMs` (0: never). */
+  | { type: "token_refreshed"; tokenExpiresMs: bigint }
+  /** onTokenRefresh threw or rejected. */
+  | { type: "token_refresh_failed"; error: unknown }
   /** The node's answer to a JOIN or LEAVE: `code` 0 = done (a refused JOIN joined nothing). */
   | { type: "group_result"; group: string; join: boolean; code: ErrorCode; reason: string };
 
@@ -226,6 +242,12 @@ export class LonglinkClient {
   /** A new token for the next connects. */
   setToken(token: string): void {
     this.agent.setToken(token);
+  }
+
+  /** A new token for the running session (sent in a Refresh) and the next connects. */
+  refreshToken(token: string): void {
+    this.agent.refreshToken(now(), token);
+    this.pump();
   }
 
   /** Stops for good; resolves once stopped. Requests in flight reject. */
@@ -417,7 +439,12 @@ export class LonglinkClient {
       case "kicked":
       case "disconnected":
       case "group_result":
+      case "token_refreshed":
         this.emit(ev);
+        break;
+      case "token_expiring":
+        this.emit(ev);
+        if (this.opts.onTokenRefresh) this.fetchToken(this.opts.onTokenRefresh, ev.tokenExpiresMs);
         break;
       case "message":
         this.enqueue({ kind: "message", message: ev.message });
@@ -435,6 +462,26 @@ export class LonglinkClient {
         break;
       }
     }
+  }
+
+  private fetchToken(fetch: (expiresMs: bigint) => string | Promise<string>, expiresMs: bigint): void {
+    let p: Promise<string>;
+    try {
+      p = Promise.resolve(fetch(expiresMs));
+    } catch (e) {
+      p = Promise.reject(e);
+    }
+    p.then(
+      (token) => {
+        if (this.agent.isStopped) return;
+        if (typeof token !== "string" || token === "") {
+          this.emit({ type: "token_refresh_failed", error: new Error("onTokenRefresh returned no token") });
+          return;
+        }
+        this.refreshToken(token);
+      },
+      (error: unknown) => this.emit({ type: "token_refresh_failed", error }),
+    );
   }
 
   // ---- handlers, in order, ACK after each ---------------------------------------------

@@ -14,6 +14,8 @@ import {
   GroupResultSchema,
   KickedSchema,
   MessageSchema,
+  RefreshOkSchema,
+  RefreshSchema,
   ResponseSchema,
   ResyncRequiredSchema,
 } from "./gen/longlink_pb.js";
@@ -42,7 +44,9 @@ export type SessionEvent =
   | { type: "message"; message: Message }
   | { type: "resync"; fromSeq: bigint; toSeq: bigint }
   | { type: "response"; response: Response }
-  | { type: "group_result"; result: GroupResult };
+  | { type: "group_result"; result: GroupResult }
+  /** The node took a Refresh: the session's token now expires then (unix ms). */
+  | { type: "refreshed"; tokenExpiresMs: bigint };
 
 /** Why the session ended (mapped to a Disconnect by the agent). */
 export type SessionError =
@@ -194,6 +198,8 @@ export class ClientSession {
       }
       case FrameKind.RESPONSE:
         return { event: { type: "response", response: decodeBody(ResponseSchema, f.body) } };
+      case FrameKind.REFRESH_OK:
+        return { event: { type: "refreshed", tokenExpiresMs: decodeBody(RefreshOkSchema, f.body).tokenExpiresMs } };
       case FrameKind.GROUP_RESULT:
         // The answer to a JOIN or LEAVE (a refused JOIN joined nothing).
         return { event: { type: "group_result", result: decodeBody(GroupResultSchema, f.body) } };
@@ -239,6 +245,11 @@ export class ClientSession {
 
   get isAwaitingPong(): boolean {
     return this.awaitingPong !== undefined;
+  }
+
+  /** A Refresh frame carrying a new token for this session. */
+  refreshFrame(token: string): Uint8Array {
+    return encodeFrame(FrameKind.REFRESH, RefreshSchema, { token });
   }
 
   /** Messages up to `seq` already reached the application: their replay is a duplicate. */

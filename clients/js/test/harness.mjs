@@ -172,8 +172,11 @@ heartbeat_min_ms = 100
 heartbeat_default_ms = 10000
 wheel_tick_ms = 20
 close_linger_ms = 300
+# Tests ping faster than real clients; the budget stays on, loose.
+control_frames_per_sec = 1000
+control_frames_burst = 1000
 [auth]
-clock_leeway_secs = 30
+clock_leeway_secs = ${o.clockLeewaySecs ?? 30}
 [[auth.keys]]
 id = "k1"
 secret_hex = "${KEY_HEX}"
@@ -370,7 +373,8 @@ export function recording(transport, FrameReader) {
 export function collect(client) {
   const events = [];
   const waiters = [];
-  for (const t of ["connected", "disconnected", "kicked", "resync_required", "handler_error"]) {
+  const types = ["connected", "disconnected", "kicked", "resync_required", "handler_error"];
+  for (const t of [...types, "token_expiring", "token_refreshed", "token_refresh_failed"]) {
     client.on(t, (ev) => {
       events.push(ev);
       for (const w of waiters.splice(0)) w();
