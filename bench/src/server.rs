@@ -115,7 +115,7 @@ impl BenchKey {
 }
 
 /// A node config for benchmarks: loopback on a port the kernel picks, no
-/// accept rate limit, the bench key, `shards` shards. Scenarios adjust it
+/// accept rate or per-source admission limit, the bench key, `shards` shards. Scenarios adjust it
 /// further before [`ServerProcess::start`].
 pub fn bench_config(shards: u16, key: &BenchKey) -> Config {
     let loopback_any_port = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -127,6 +127,13 @@ pub fn bench_config(shards: u16, key: &BenchKey) -> Config {
             admin_listen: loopback_any_port,
             shards,
             accept_rate_per_sec: 0,
+            // Load clients spread over many 127.x.y.z sources, thousands
+            // from each: the per-source admission limits are for the
+            // internet, not for a bench (they reset most connects).
+            max_connections_per_ip: 0,
+            max_connections_per_net: 0,
+            accepts_per_ip_per_sec: 0,
+            accepts_per_net_per_sec: 0,
             ..ServerConfig::default()
         },
         auth: AuthConfig { keys: vec![key.config()], ..AuthConfig::default() },
