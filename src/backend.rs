@@ -32,7 +32,6 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,6 +43,12 @@ use crate::protocol::proto::{self, ErrorCode, FrameKind};
 /// A push key: its id and secret (`id:hexsecret` in files and env vars,
 /// [`crate::push::auth::parse_credential`]).
 pub use crate::protocol::token::Key as PushKey;
+pub use split::{PushReceiver, PushSender};
+pub use tls::PushTls;
+use tls::{Conn, tls_error};
+
+mod split;
+mod tls;
 
 /// Default limit on a reply body. Presence replies for many targets are far
 /// larger than anything a client sends, hence more than the node's 64 KiB.
@@ -362,83 +367,6 @@ impl Reader {
                 }
             }
         }
-    }
-}
-
-/// How to reach a node's push port over TLS: the CAs that may sign its
-/// certificate and the name it must carry.
-#[derive(Clone)]
-pub struct PushTls {
-    config: Arc<rustls::ClientConfig>,
-    server_name: rustls::pki_types::ServerName<'static>,
-}
-
-impl PushTls {
-    /// Trusts the CA certificates in the PEM file `ca_file`; the node's
-    /// certificate must name `server_name` (a DNS name or an IP address).
-    /// Offers ALPN "longlink-push/1".
-    pub fn from_ca_file(ca_file: &Path, server_name: &str) -> Result<PushTls, BackendError> {
-        let alpn = vec![crate::conn::tls::pipe::ALPN_PUSH.to_vec()];
-        let config = crate::conn::tls::config::load_client_config(ca_file, alpn)
-            .map_err(|e| BackendError::Tls(e.to_string()))?;
-        let server_name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
-            .map_err(|_| BackendError::Tls(format!("{server_name:?} is not a DNS name or IP address")))?;
-        Ok(PushTls { config, server_name })
-    }
-}
-
-impl fmt::Debug for PushTls {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PushTls").field("server_name", &self.server_name).finish()
-    }
-}
-
-/// A push-port socket: plain TCP, or rustls' client over it.
-enum Conn {
-    Plain(TcpStream),
-    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
-}
-
-impl Conn {
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            Conn::Plain(s) => s,
-            Conn::Tls(t) => &t.sock,
-        }
-    }
-}
-
-impl Read for Conn {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Conn::Plain(s) => s.read(buf),
-            Conn::Tls(t) => t.read(buf),
-        }
-    }
-}
-
-impl Write for Conn {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Conn::Plain(s) => s.write(buf),
-            Conn::Tls(t) => t.write(buf),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Conn::Plain(s) => s.flush(),
-            Conn::Tls(t) => t.flush(),
-        }
-    }
-}
-
-/// An i/o error that carries a rustls error (a bad certificate, a peer
-/// that is not TLS) as [`BackendError::Tls`].
-fn tls_error(e: io::Error) -> BackendError {
-    match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
-        Some(tls) => BackendError::Tls(tls.to_string()),
-        None => BackendError::Io(e),
     }
 }
 
@@ -809,56 +737,6 @@ impl fmt::Debug for PushClient {
             .field("unsent_bytes", &self.writer.wbuf.len())
             .field("kept_replies", &self.reader.backlog.len())
             .finish()
-    }
-}
-
-/// The sending half of a split [`PushClient`].
-#[derive(Debug)]
-pub struct PushSender {
-    stream: TcpStream,
-    writer: Writer,
-}
-
-impl PushSender {
-    /// As [`PushClient::send`]: buffers one request and returns its id.
-    pub fn send(&mut self, req: Request) -> Result<u64, BackendError> {
-        self.writer.send(&mut self.stream, req)
-    }
-
-    /// Writes out every buffered request. Call it when a burst ends: a
-    /// dropped sender does not flush.
-    pub fn flush(&mut self) -> Result<(), BackendError> {
-        self.writer.flush(&mut self.stream)
-    }
-
-    /// See [`PushClient::set_max_request_bytes`].
-    pub fn set_max_request_bytes(&mut self, max: u32) {
-        self.writer.max_request_bytes = max;
-    }
-}
-
-/// The receiving half of a split [`PushClient`].
-#[derive(Debug)]
-pub struct PushReceiver {
-    stream: TcpStream,
-    reader: Reader,
-}
-
-impl PushReceiver {
-    /// As [`PushClient::recv`]: the next reply in completion order.
-    pub fn recv(&mut self) -> Result<Reply, BackendError> {
-        self.reader.recv(&mut self.stream)
-    }
-
-    /// See [`PushClient::set_read_timeout`]. The socket option is shared
-    /// with the sender's half, where it has no effect.
-    pub fn set_read_timeout(&mut self, timeout: Option<Duration>) -> Result<(), BackendError> {
-        set_read_timeout(&self.stream, &mut self.reader, timeout)
-    }
-
-    /// See [`PushClient::set_max_reply_bytes`].
-    pub fn set_max_reply_bytes(&mut self, max: u32) {
-        self.reader.max_reply_bytes = max;
     }
 }
 
