@@ -270,28 +270,18 @@ impl Shard {
                     return Poll::Ready(Exit::Closed);
                 };
                 let mut stalled_now = false;
-                if let Some(t) = tls.as_deref_mut() {
+                let flushed = if let Some(t) = tls.as_deref_mut() {
                     // Sealed records first, then the frames queued since,
                     // sealed as one batch once those are out.
                     let io = conn.io.get_or_insert_with(Box::default);
-                    match flush_tls(t, &mut io.out, stream, cx) {
+                    Some(flush_tls(t, &mut io.out, stream, cx))
+                } else {
+                    conn.io.as_mut().map(|io| io.out.flush(stream, cx))
+                };
+                if let (Some(flushed), Some(io)) = (flushed, conn.io.as_mut()) {
+                    match flushed {
                         Err(err) => {
-                            debug!(shard = %self.id, error = %err, "TLS write failed");
-                            conn.session.closed_by_peer();
-                            return Poll::Ready(Exit::Closed);
-                        }
-                        Ok(true) => io.stalled_since = None,
-                        Ok(false) if io.stalled_since.is_none() => {
-                            io.stalled_since = Some(now);
-                            stalled_now = true;
-                        }
-                        Ok(false) => {}
-                    }
-                    conn.release_io_if_idle();
-                } else if let Some(io) = conn.io.as_mut() {
-                    match io.out.flush(stream, cx) {
-                        Err(err) => {
-                            debug!(shard = %self.id, error = %err, "write failed");
+                            debug!(shard = %self.id, tls = tls.is_some(), error = %err, "write failed");
                             conn.session.closed_by_peer();
                             return Poll::Ready(Exit::Closed);
                         }
